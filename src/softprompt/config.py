@@ -1,0 +1,110 @@
+"""Configuration: small dataclasses whose fields map one-to-one onto CLI flags.
+
+`field_name` becomes `--field-name`; the help text lives in the field's metadata so that the
+Python API and `--help` never drift apart. Every run and every saved prompt stores the resolved
+dataclasses as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt(BUILTIN_MODEL, "Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'")
+    dtype: str = opt("float32", "weights dtype: float32 (use on CPU), bfloat16 or float16 (GPUs)")
+    device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
+
+
+@dataclass
+class DataConfig:
+    data: str = opt("", "Hub dataset id or local .csv/.tsv/.json/.jsonl file")
+    template: str = opt("", "input template naming columns in braces, e.g. 'Review: {sentence}\\nSentiment:'")
+    target: str = opt("", "target template appended after --template (loss on target tokens only)")
+    text_col: str = opt("", "train on this plain text column as language modelling (the classic recipe)")
+    labels: str = opt("", "comma-separated label words; the row's --label-col value picks the target word")
+    label_col: str = opt("label", "column holding the label (an index into --labels or the word itself)")
+    max_length: int = opt(256, "truncate each example to this many tokens (virtual tokens not counted)")
+    eval_data: str = opt("", "held-out file or dataset id; default: hold out --eval-fraction of --data")
+    eval_fraction: float = opt(0.1, "fraction of --data held out for evaluation when --eval-data is not given")
+    split: str = opt("train", "split to read from a Hub dataset")
+    limit: int = opt(0, "use at most this many training rows (0 = all), taken after a seeded shuffle")
+    eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all)")
+    chat: bool = opt(False, "wrap the input in the model's chat template (instruct models)")
+
+
+@dataclass
+class PromptConfig:
+    virtual_tokens: int = opt(20, "number of virtual tokens P in the soft prompt")
+    init: str = opt("text", "initialisation", choices=["random", "vocab", "text", "labels", "file"])
+    init_text: str = opt("", "text for --init text (default: a task description derived from the data)")
+    init_file: str = opt("", "prompt folder to start from for --init file")
+
+
+@dataclass
+class TrainConfig:
+    out: str = opt("runs/prompt", "run folder: prompt, config, metrics.jsonl, loss curve, checkpoints")
+    lr: float = opt(3e-2, "peak learning rate")
+    batch_size: int = opt(8, "examples per optimiser step (across all processes)")
+    epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = opt(0, "optimiser steps (0 = use --epochs)")
+    optimizer: str = opt("adamw", "optimiser", choices=["adamw", "adafactor"])
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    grad_clip: float = opt(1.0, "clip the prompt's gradient norm (0 = off)")
+    loss: str = opt("lm", "lm: cross-entropy over the vocabulary; classes: over the label words only",
+                    choices=["lm", "classes"])
+    eval_every: int = opt(50, "evaluate on held-out data every N steps (0 = only at the end)")
+    patience: int = opt(0, "stop after N evaluations without improvement (0 = never)")
+    keep_best: bool = opt(True, "save the prompt with the best held-out score, not the last one")
+    save_every: int = opt(50, "write a resumable checkpoint every N steps (0 = never)")
+    resume: bool = opt(False, "continue from the checkpoint in --out")
+    seed: int = opt(0, "random seed for init, shuffling and sampling")
+    shared_prefix: bool = opt(True, "compute the prompt's keys/values once per step, shared by all rows")
+    log_every: int = opt(10, "append to metrics.jsonl every N steps")
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = opt(48, "tokens to generate per input")
+    sample: bool = opt(False, "sample instead of greedy decoding")
+    temperature: float = opt(0.8, "sampling temperature")
+    top_p: float = opt(0.95, "nucleus sampling threshold")
+    repetition_penalty: float = opt(1.0, "penalise tokens already present (1.0 = off)")
+    seed: int = opt(0, "sampling seed")
+
+
+def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field; booleans get --flag / --no-flag."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__.replace("Config", "").lower())
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        helptext = f.metadata.get("help", "") + (f" (default: {f.default!r})" if f.default != "" else "")
+        if typ is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f.metadata.get("help", ""))
+        else:
+            group.add_argument(flag, dest=f.name, type=typ, default=f.default, help=helptext,
+                               choices=f.metadata.get("choices"))
+
+
+def from_args(cls: type, ns: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+def to_dict(*configs: Any) -> dict[str, Any]:
+    return {type(c).__name__: dataclasses.asdict(c) for c in configs}

@@ -1,0 +1,320 @@
+"""Data: read rows from a local CSV/TSV/JSON/JSONL file or a Hub dataset, format them with a
+template, tokenise them once, and batch them with dynamic padding.
+
+Three ways to turn a row into a training example:
+- plain language modelling: `--text-col C`, or a `--template` with no target; loss on every token;
+- input/target: `--template` plus `--target` (also a template); loss on the target tokens only;
+- classification: `--template` plus `--labels a,b`; the row's label word is the target.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DataConfig
+from .utils import SoftpromptError
+
+LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
+
+
+# ---------------------------------------------------------------- reading rows
+
+def read_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local file (by extension) or of a Hub dataset split."""
+    if not spec:
+        raise SoftpromptError("no data given: pass --data FILE_OR_DATASET_ID")
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in LOCAL_EXTS or path.exists() or spec.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise SoftpromptError(f"missing data file: {path}")
+        rows = _read_local(path)
+    else:
+        rows = _read_hub(spec, split)
+    if not rows:
+        raise SoftpromptError(f"no rows in {spec}")
+    return rows
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    ext = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SoftpromptError(f"{path} is not UTF-8 text: {e}") from None
+    if ext in (".csv", ".tsv"):
+        # TSV as in GLUE: no quoting at all (sentences contain bare quotes).
+        reader = (csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
+                  else csv.DictReader(text.splitlines()))
+        try:
+            rows = [dict(r) for r in reader]
+        except csv.Error as e:
+            raise SoftpromptError(f"corrupt {ext[1:].upper()} file {path}: {e}") from None
+        if reader.fieldnames is None:
+            raise SoftpromptError(f"no rows in {path}")
+        for i, r in enumerate(rows):
+            if None in r or any(v is None for v in r.values()):
+                raise SoftpromptError(f"{path} line {i + 2}: wrong number of fields (expected {len(reader.fieldnames)})")
+        return rows
+    if ext == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SoftpromptError(f"corrupt JSONL in {path} line {i + 1}: {e}") from None
+    else:
+        try:
+            obj = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise SoftpromptError(f"corrupt JSON in {path}: {e}") from None
+        if isinstance(obj, dict):  # {"data": [...]} or {"col": [values...]}
+            lists = [v for v in obj.values() if isinstance(v, list)]
+            if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
+                obj = lists[0]
+            elif lists and all(isinstance(v, list) and len(v) == len(lists[0]) for v in obj.values()):
+                obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+        rows = obj
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SoftpromptError(f"{path}: expected a list of objects, one per example")
+    return rows
+
+
+def _read_hub(spec: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec, split=split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError, ValueError) as e:
+        raise SoftpromptError(
+            f"cannot load dataset {spec!r} (split {split!r}) from the Hugging Face Hub (unreachable or "
+            f"unknown: {str(e).splitlines()[0][:160]}); pass a local .csv/.tsv/.json/.jsonl file instead") from None
+    return [dict(r) for r in ds]
+
+
+# ---------------------------------------------------------------- formatting
+
+def unescape(s: str) -> str:
+    # Shells pass "\n" literally inside double quotes; templates mean a newline.
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+@dataclass
+class Example:
+    ids: list[int]          # prompt tokens followed by target tokens
+    loss_start: int         # ids[loss_start:] are supervised (0 = every token: language modelling)
+    label: int = -1         # class index for classification data
+    text: str = ""          # the input part, for display and generation
+
+
+@dataclass
+class Formatter:
+    """Turns rows into tokenised Examples according to a DataConfig."""
+
+    cfg: DataConfig
+    tok: Any
+    label_words: list[str] = field(default_factory=list)
+    truncated: int = 0
+
+    def __post_init__(self):
+        c = self.cfg
+        self.template = unescape(c.template)
+        self.target = unescape(c.target)
+        self.label_words = [w.strip() for w in c.labels.split(",") if w.strip()] if c.labels else []
+        if c.labels and len(self.label_words) < 2:
+            raise SoftpromptError(f"--labels needs at least two comma-separated words (got {c.labels!r})")
+        if not (self.template or c.text_col):
+            raise SoftpromptError("say how to read each row: --text-col COLUMN or --template 'text with {column}'")
+        if self.label_words and not self.template:
+            raise SoftpromptError("--labels needs --template (the input the label word follows)")
+
+    @property
+    def task(self) -> str:
+        return "classify" if self.label_words else ("target" if self.target else "lm")
+
+    def columns(self) -> list[str]:
+        cols = template_fields(self.template) + template_fields(self.target)
+        if self.cfg.text_col and not self.template:
+            cols.append(self.cfg.text_col)
+        if self.label_words:
+            cols.append(self.cfg.label_col)
+        return cols
+
+    def check_columns(self, rows: list[dict], where: str) -> None:
+        have = set(rows[0])
+        for col in self.columns():
+            if col not in have:
+                raise SoftpromptError(f"column {col!r} not found in {where} (columns: {', '.join(map(str, have))})")
+
+    def input_text(self, row: dict) -> str:
+        if not self.template:
+            return str(row[self.cfg.text_col])
+        return self.template.format_map({k: "" if v is None else v for k, v in row.items()})
+
+    def render_input(self, text: str) -> str:
+        if self.cfg.chat:
+            if not getattr(self.tok, "chat_template", None):
+                raise SoftpromptError("--chat: this model's tokenizer has no chat template")
+            return self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+        return text
+
+    def encode_input(self, text: str) -> list[int]:
+        rendered = self.render_input(text)
+        # A chat template already holds its special tokens.
+        return self.tok(rendered, add_special_tokens=not self.cfg.chat).input_ids
+
+    def label_text(self, k: int, rendered_input: str) -> str:
+        # " positive" after "Sentiment:", but no extra space after a newline or a trailing space.
+        w = self.label_words[k]
+        return w if (not rendered_input or rendered_input[-1].isspace()) else " " + w
+
+    def label_index(self, value: Any, where: str) -> int:
+        s = str(value).strip()
+        if s in self.label_words:
+            return self.label_words.index(s)
+        try:
+            k = int(float(s))
+        except ValueError:
+            k = -1
+        if 0 <= k < len(self.label_words) and float(s) == k:
+            return k
+        raise SoftpromptError(f"unknown label {value!r} at {where}: expected one of {self.label_words} "
+                              f"or an index 0..{len(self.label_words) - 1}")
+
+    def label_ids(self, rendered_input: str = " ") -> list[list[int]]:
+        return [self.tok(self.label_text(k, rendered_input), add_special_tokens=False).input_ids
+                for k in range(len(self.label_words))]
+
+    def encode(self, row: dict, where: str = "") -> Example:
+        text = self.input_text(row)
+        max_len = self.cfg.max_length
+        if self.task == "lm":
+            ids = self.tok(self.render_input(text), add_special_tokens=not self.cfg.chat).input_ids
+            if len(ids) > max_len:
+                ids, self.truncated = ids[:max_len], self.truncated + 1
+            return Example(ids, 0, -1, text)
+        prompt_ids = self.encode_input(text)
+        rendered = self.render_input(text)
+        label = -1
+        if self.task == "classify":
+            label = self.label_index(row[self.cfg.label_col], where)
+            tgt = self.tok(self.label_text(label, rendered), add_special_tokens=False).input_ids
+        else:
+            tgt_text = self.target.format_map({k: "" if v is None else v for k, v in row.items()})
+            tgt = self.tok(tgt_text, add_special_tokens=False).input_ids
+            if self.tok.eos_token_id is not None:
+                tgt = tgt + [self.tok.eos_token_id]  # teach the model to stop
+        if len(prompt_ids) + len(tgt) > max_len:
+            self.truncated += 1
+            tgt = tgt[: max(1, max_len // 2)]
+            # Keep the end of the input: it holds the cue ("Sentiment:") the target follows.
+            prompt_ids = prompt_ids[len(prompt_ids) + len(tgt) - max_len:] if max_len > len(tgt) else []
+        if not tgt:
+            raise SoftpromptError(f"empty target at {where}")
+        return Example(prompt_ids + tgt, len(prompt_ids), label, text)
+
+    def encode_rows(self, rows: list[dict], where: str) -> list[Example]:
+        if not rows:
+            raise SoftpromptError(f"no rows in {where}")
+        self.check_columns(rows, where)
+        out = []
+        for i, r in enumerate(rows):
+            ex = self.encode(r, f"{where} row {i + 1}")
+            if len(ex.ids) == 0:
+                continue
+            out.append(ex)
+        if not out:
+            raise SoftpromptError(f"no usable examples in {where} (every row tokenised to nothing)")
+        return out
+
+
+def load_splits(cfg: DataConfig, tok, seed: int = 0) -> tuple[Formatter, list[Example], list[Example]]:
+    """Formatter plus tokenised (train, eval) examples; eval is --eval-data or a held-out fraction."""
+    fmt = Formatter(cfg, tok)
+    rows = read_rows(cfg.data, cfg.split)
+    random.Random(seed).shuffle(rows)
+    if cfg.eval_data:
+        eval_rows = read_rows(cfg.eval_data, "validation" if cfg.split == "train" else cfg.split)
+    elif cfg.eval_fraction > 0:
+        n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
+        if n_eval >= len(rows):
+            raise SoftpromptError(f"{cfg.data} has {len(rows)} rows: too few to hold out --eval-fraction {cfg.eval_fraction}")
+        eval_rows, rows = rows[:n_eval], rows[n_eval:]
+    else:
+        eval_rows = []
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    if cfg.eval_limit:
+        eval_rows = eval_rows[: cfg.eval_limit]
+    train = fmt.encode_rows(rows, cfg.data)
+    evals = fmt.encode_rows(eval_rows, cfg.eval_data or f"{cfg.data} (held out)") if eval_rows else []
+    return fmt, train, evals
+
+
+# ---------------------------------------------------------------- batching
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, T] right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    targets: torch.Tensor         # [B, T] token to predict at each position, -100 where unsupervised
+    labels: torch.Tensor          # [B] class index or -1
+    loss_start: torch.Tensor      # [B] first supervised position
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets,
+                                               self.labels, self.loss_start)))
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.targets != -100).sum())
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    T = max(len(e.ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        mask[i, :n] = 1
+        targets[i, e.loss_start:n] = ids[i, e.loss_start:n]
+    labels = torch.tensor([e.label for e in examples])
+    starts = torch.tensor([e.loss_start for e in examples])
+    return Batch(ids, mask, targets, labels, starts)
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, group: bool = True) -> list[list[int]]:
+    """Index batches for one epoch: shuffled, and length-grouped inside mega-batches of 50 batches
+    so that padding stays small while the order stays random (as HF's group_by_length)."""
+    idx = list(range(len(lengths)))
+    rng = random.Random(seed)
+    rng.shuffle(idx)
+    if group:
+        mega = 50 * batch_size
+        idx = [i for s in range(0, len(idx), mega)
+               for i in sorted(idx[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    if group:
+        rng.shuffle(batches)
+    return batches
+
+
+def eval_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

