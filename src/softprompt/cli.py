@@ -1,0 +1,169 @@
+"""The `softprompt` command line: one sub-command per job, flags generated from the config dataclasses.
+
+Errors the user can fix are printed as one line (`softprompt: error: ...`) with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
+                     from_args)
+from .utils import SoftpromptError
+
+
+# ---------------------------------------------------------------- Python API behind each command
+
+def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
+                model=None, tok=None) -> dict[str, Any]:
+    """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`."""
+    from dataclasses import replace
+
+    from .data import load_splits
+    from .evaluate import evaluate
+    from .models import load_model
+    from .prompt import load_prompt
+
+    if model is None:
+        model, tok = load_model(mcfg)
+    p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)
+    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data=""), tok)
+    return {"prompt": prompt, "model": mcfg.model, "data": dcfg.data,
+            **evaluate(model, tok, p, fmt, rows, batch_size=batch_size, progress=True)}
+
+
+def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prompt: str = "",
+                 compare: bool = False, chat: bool = False, model=None, tok=None) -> list[dict[str, str]]:
+    """Continuations of `texts`; with `compare`, the untuned model's beside the tuned one's."""
+    from .generate import PromptKV, encode_for_generation, generate_batch
+    from .models import load_model
+    from .prompt import load_prompt
+
+    if not texts:
+        raise SoftpromptError("give at least one TEXT to continue")
+    if model is None:
+        model, tok = load_model(mcfg)
+    if compare and not prompt:
+        raise SoftpromptError("--compare needs --prompt DIR")
+    p = load_prompt(prompt, model).embeds.detach() if prompt and prompt != "none" else None
+    chat = chat or bool(p is not None and load_prompt(prompt).meta.get("chat"))
+    variants = [("baseline", None), ("tuned", p)] if compare else [("tuned" if p is not None else "baseline", p)]
+    rows = [(q, encode_for_generation(tok, t, chat)) for t in texts for _, q in variants]
+    outs = generate_batch(model, tok, rows, gcfg, PromptKV(model))  # baseline and tuned share one batch
+    res = []
+    for i, t in enumerate(texts):
+        r = {"input": t}
+        for j, (name, _) in enumerate(variants):
+            r[name] = tok.decode(outs[i * len(variants) + j], skip_special_tokens=True)
+        res.append(r)
+    return res
+
+
+# ---------------------------------------------------------------- argument parsing
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen causal language models.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a soft prompt", description="Train a soft prompt on a frozen model.")
+    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig):
+        add_args(p, cls)
+
+    p = sub.add_parser("eval", help="score a prompt (or the untuned model) on data",
+                       description="Held-out loss, perplexity and (with --labels) rank-classification accuracy.")
+    add_args(p, ModelConfig)
+    add_args(p, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit"))
+    p.add_argument("--prompt", default="none", help="prompt folder, or 'none' for the untuned model")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    p = sub.add_parser("generate", help="generate text, optionally baseline vs tuned",
+                       description="Continue each TEXT; greedy unless --sample.")
+    add_args(p, ModelConfig)
+    add_args(p, GenerateConfig)
+    p.add_argument("--prompt", default="", help="prompt folder (default: none, the untuned model)")
+    p.add_argument("--compare", action="store_true", help="show the untuned model's output beside the tuned one")
+    p.add_argument("--chat", action="store_true", help="wrap TEXT in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="inputs to continue")
+
+    p = sub.add_parser("export-peft", help="write a prompt as a PEFT prompt-tuning adapter")
+    p.add_argument("prompt_dir", metavar="DIR", help="softprompt prompt folder")
+    p.add_argument("out", metavar="OUT", help="PEFT adapter folder to write")
+    p.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the prompt's)")
+
+    p = sub.add_parser("import-peft", help="convert a PEFT prompt-tuning adapter into a softprompt folder")
+    p.add_argument("peft_dir", metavar="PEFT_DIR", help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("out", metavar="OUT", help="softprompt prompt folder to write")
+    p.add_argument("--model", default=None, help="model name to record (default: the adapter's base model)")
+
+    p = sub.add_parser("demo", help="train and compare a prompt on the built-in model, offline",
+                       description="Offline demo: train a soft prompt on the built-in model and the bundled "
+                                   "countries data, then compare held-out loss and generations.")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--max-steps", type=int, default=120, help="training steps")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the built-in one)")
+    return ap
+
+
+def _print_eval(m: dict[str, Any]) -> None:
+    line = f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
+    if "accuracy" in m:
+        line += f"  accuracy {100 * m['accuracy']:.2f}% of {m['n']}"
+    print(line)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "train":
+        from .train import train
+
+        s = train(from_args(ModelConfig, args), from_args(DataConfig, args), from_args(PromptConfig, args),
+                  from_args(TrainConfig, args))
+        if "final_eval" in s:
+            print(json.dumps({k: s[k] for k in ("steps", "train_seconds", "tokens_per_second", "final_eval",
+                                                "best_eval_score", "base_weights_unchanged", "prompt_dir")}))
+    elif args.cmd == "eval":
+        m = eval_prompt(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompt, args.batch_size)
+        print(json.dumps(m)) if args.json else _print_eval(m)
+    elif args.cmd == "generate":
+        res = generate_cmd(from_args(ModelConfig, args), from_args(GenerateConfig, args), args.texts,
+                           args.prompt, args.compare, args.chat)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        for r in [] if args.json else res:
+            print(f"=== {r['input']!r}")
+            for k in ("baseline", "tuned"):
+                if k in r:
+                    print(f"--- {k}: {r[k]!r}")
+    elif args.cmd == "export-peft":
+        from .peft_io import export_peft
+
+        print(export_peft(args.prompt_dir, args.out, args.base_model))
+    elif args.cmd == "import-peft":
+        from .peft_io import import_peft
+
+        print(import_peft(args.peft_dir, args.out, args.model))
+    elif args.cmd == "demo":
+        from .demo import demo
+
+        demo(out=args.out, max_steps=args.max_steps, model=args.model)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except SoftpromptError as e:
+        print(f"softprompt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softprompt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""`softprompt demo`: the whole workflow offline in a few minutes on 2 CPU cores.
+
+Trains a 20-token prompt on the built-in SmolLM2-135M-Instruct with the bundled countries data
+(written for this project) so that "Country: X\\nFacts:" is answered as
+" capital=...; continent=...; language=...", then prints held-out loss before and after and the
+untuned model's generations beside the tuned model's for held-out countries.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .data import load_splits
+from .evaluate import eval_loss
+from .generate import PromptKV, encode_for_generation, generate_batch
+from .models import load_model
+from .prompt import load_prompt
+from .train import train
+
+EXAMPLE_DATA = Path(__file__).parent / "examples" / "countries.jsonl"
+
+
+def demo_configs(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135m-instruct"):
+    mcfg = ModelConfig(model=model, device="cpu")
+    dcfg = DataConfig(data=str(EXAMPLE_DATA), template="Country: {country}\nFacts:",
+                      target=" capital={capital}; continent={continent}; language={language}",
+                      eval_fraction=0.15, max_length=64)
+    pcfg = PromptConfig(virtual_tokens=20, init="text",
+                        init_text="Give the country's capital, continent and main language as key=value pairs.")
+    tcfg = TrainConfig(out=out, lr=3e-2, batch_size=8, max_steps=max_steps, warmup_steps=10, eval_every=40,
+                       save_every=40, seed=0)
+    return mcfg, dcfg, pcfg, tcfg
+
+
+def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135m-instruct",
+         show: int = 6) -> dict:
+    mcfg, dcfg, pcfg, tcfg = demo_configs(out, max_steps, model)
+    t0 = time.perf_counter()
+    m, tok = load_model(mcfg)
+    fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
+    print(f"model {mcfg.model} ({sum(p.numel() for p in m.parameters()) / 1e6:.0f}M params, frozen); "
+          f"{len(train_ex)} training / {len(eval_ex)} held-out examples from {EXAMPLE_DATA.name}")
+    before = eval_loss(m, tok, None, eval_ex)
+    print(f"held-out loss of the untuned model: {before['loss']:.4f} (perplexity {before['perplexity']:.2f})")
+    summary = train(mcfg, dcfg, pcfg, tcfg, model=m, tok=tok)
+    prompt = load_prompt(out, m)
+    after = eval_loss(m, tok, prompt, eval_ex)
+    print(f"held-out loss with the tuned prompt: {after['loss']:.4f} (perplexity {after['perplexity']:.2f}); "
+          f"{summary['steps']} steps in {summary['train_seconds']:.0f} s, "
+          f"base weights unchanged: {summary['base_weights_unchanged']}")
+    texts = [ex.text for ex in eval_ex[:show]]
+    gcfg = GenerateConfig(max_new_tokens=24)
+    rows = [(q, encode_for_generation(tok, t)) for t in texts for q in (None, prompt.embeds.detach())]
+    outs = generate_batch(m, tok, rows, gcfg, PromptKV(m))
+    print("\nbaseline (untuned) vs tuned, greedy, held-out countries:")
+    for i, t in enumerate(texts):
+        print(f"=== {t!r}")
+        print(f"--- baseline: {tok.decode(outs[2 * i], skip_special_tokens=True)!r}")
+        print(f"--- tuned:    {tok.decode(outs[2 * i + 1], skip_special_tokens=True)!r}")
+    print(f"\nprompt, metrics.jsonl and loss.png in {out}/ ({time.perf_counter() - t0:.0f} s in all)")
+    return {"before": before, "after": after, "summary": summary}

@@ -1,0 +1,100 @@
+"""PEFT interoperability: read and write PEFT's prompt-tuning adapter layout.
+
+A PEFT prompt-tuning adapter is `adapter_config.json` (peft_type PROMPT_TUNING) plus
+`adapter_model.safetensors` holding one tensor, `prompt_embeddings` [P, H] — the same tensor a
+softprompt folder holds, so conversion is exact both ways. No `peft` import is needed here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .prompt import CONFIG_FILE, TENSOR_NAME, load_prompt
+from .utils import SoftpromptError, atomic_dir, read_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _model_geometry(name: str) -> dict:
+    """num_layers / num_attention_heads for PEFT's config, read from a local model folder if we can."""
+    from .config import BUILTIN_MODEL
+    from .models import builtin_model_dir
+
+    try:
+        folder = builtin_model_dir() if name == BUILTIN_MODEL else Path(name)
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, SoftpromptError):
+        return {}
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    return {"num_layers": layers, "num_attention_heads": heads}
+
+
+def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None = None) -> Path:
+    """softprompt folder -> PEFT adapter folder (written atomically)."""
+    from safetensors.torch import save_file
+
+    prompt = load_prompt(prompt_dir)
+    meta = prompt.meta
+    model = base_model or meta.get("model", "")
+    init = meta.get("init", "random")
+    cfg = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": model,
+        "num_virtual_tokens": prompt.num_tokens,
+        "token_dim": prompt.hidden_size,
+        "num_transformer_submodules": 1,
+        **_model_geometry(model),
+        "prompt_tuning_init": "TEXT" if init == "text" else "RANDOM",
+        "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
+        "tokenizer_name_or_path": model if init == "text" else None,
+        "tokenizer_kwargs": None,
+        "inference_mode": True,
+        "revision": None,
+        "modules_to_save": None,
+        "auto_mapping": None,
+    }
+    with atomic_dir(out) as tmp:
+        save_file({TENSOR_NAME: prompt.embeds.detach().contiguous()}, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        # Keep our own record beside PEFT's so a round trip loses nothing.
+        (tmp / "softprompt_config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return Path(out)
+
+
+def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = None) -> Path:
+    """PEFT prompt-tuning adapter folder -> softprompt folder (written atomically)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    peft_dir = Path(peft_dir)
+    cfg = read_json(peft_dir / ADAPTER_CONFIG)
+    if cfg.get("peft_type") != "PROMPT_TUNING":
+        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: peft_type is {cfg.get('peft_type')!r}, "
+                              "only PROMPT_TUNING adapters can be imported")
+    weights = peft_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (peft_dir / "adapter_model.bin").is_file():
+            raise SoftpromptError(f"{peft_dir}: adapter_model.bin is a pickle file, which softprompt does not "
+                                  "read; re-save the adapter with safe_serialization=True")
+        raise SoftpromptError(f"missing adapter file: {weights}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SoftpromptError(f"corrupt adapter file {weights}: {e}") from None
+    if TENSOR_NAME not in tensors:
+        raise SoftpromptError(f"{weights} holds no '{TENSOR_NAME}' tensor (found: {sorted(tensors)})")
+    t = tensors[TENSOR_NAME]
+    P = cfg.get("num_virtual_tokens", t.shape[0]) * cfg.get("num_transformer_submodules", 1)
+    if t.ndim != 2 or t.shape[0] != P:
+        raise SoftpromptError(f"{weights}: prompt_embeddings has shape {list(t.shape)}, expected [{P}, hidden]")
+    ours = peft_dir / "softprompt_config.json"
+    meta = read_json(ours) if ours.is_file() else {"init": "peft"}
+    meta.update({"format": "softprompt/1", "model": model_name or cfg.get("base_model_name_or_path", ""),
+                 "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": str(peft_dir)})
+    with atomic_dir(out) as tmp:
+        save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return Path(out)
