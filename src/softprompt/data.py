@@ -9,9 +9,11 @@ Three ways to turn a row into a training example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,17 +52,23 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise SoftpromptError(f"{path} is not UTF-8 text: {e}") from None
     if ext in (".csv", ".tsv"):
         # TSV as in GLUE: no quoting at all (sentences contain bare quotes).
-        reader = (csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
-                  else csv.DictReader(text.splitlines()))
+        csv.field_size_limit(sys.maxsize)  # some prompts run to 100k+ characters
+        buf = io.StringIO(text, newline="")  # quoted fields may span lines
+        reader = (csv.DictReader(buf, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
+                  else csv.DictReader(buf))
         try:
             rows = [dict(r) for r in reader]
         except csv.Error as e:
             raise SoftpromptError(f"corrupt {ext[1:].upper()} file {path}: {e}") from None
         if reader.fieldnames is None:
             raise SoftpromptError(f"no rows in {path}")
-        for i, r in enumerate(rows):
-            if None in r or any(v is None for v in r.values()):
-                raise SoftpromptError(f"{path} line {i + 2}: wrong number of fields (expected {len(reader.fieldnames)})")
+        bad = [i + 1 for i, r in enumerate(rows) if None in r or any(v is None for v in r.values())]
+        if bad and len(bad) == len(rows):
+            raise SoftpromptError(f"{path}: wrong number of fields in every row (expected {len(reader.fieldnames)})")
+        if bad:  # real files have the odd broken row (awesome-chatgpt-prompts row 210): skip it, say so
+            print(f"[softprompt] warning: skipped {len(bad)} row(s) of {path} with the wrong number of fields "
+                  f"(rows {bad[:5]})", file=sys.stderr)
+            rows = [r for r in rows if None not in r and all(v is not None for v in r.values())]
         return rows
     if ext == ".jsonl":
         rows = []

@@ -1,0 +1,65 @@
+"""Soft prompt initialisation strategies, file format and its error cases."""
+import pytest
+import torch
+
+from softprompt.config import PromptConfig
+from softprompt.prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
+from softprompt.utils import SoftpromptError
+
+
+def test_every_init_strategy(tiny, tmp_path):
+    model, tok = tiny
+    emb = model.get_input_embeddings().weight.detach()
+    P = 7
+    rnd = init_prompt(model, tok, PromptConfig(P, "random"), seed=1)
+    assert rnd.embeds.shape == (P, emb.shape[1])
+    assert abs(float(rnd.embeds.std()) - float(emb.std())) < 0.5 * float(emb.std())
+    assert not torch.equal(rnd.embeds, init_prompt(model, tok, PromptConfig(P, "random"), seed=2).embeds)
+
+    voc = init_prompt(model, tok, PromptConfig(P, "vocab"), seed=1)
+    for row in voc.embeds:  # every row is some real token's embedding
+        assert (emb == row).all(1).any()
+
+    txt = init_prompt(model, tok, PromptConfig(P, "text", init_text="Country facts"))
+    ids = tok("Country facts", add_special_tokens=False).input_ids
+    want = (ids * P)[:P]
+    assert torch.equal(txt.embeds, emb[want])
+
+    lab = init_prompt(model, tok, PromptConfig(P, "labels"), label_words=["negative", "positive"])
+    lids = [i for w in ["negative", "positive"] for i in tok(" " + w, add_special_tokens=False).input_ids]
+    n = min(len(lids), P)
+    assert torch.equal(lab.embeds[:n], emb[lids[:n]])
+
+    save_prompt(txt, tmp_path / "p", {"model": "tiny"})
+    f = init_prompt(model, tok, PromptConfig(P, "file", init_file=str(tmp_path / "p")))
+    assert torch.equal(f.embeds, txt.embeds)
+    with pytest.raises(SoftpromptError, match="has 7 virtual tokens but --virtual-tokens is 3"):
+        init_prompt(model, tok, PromptConfig(3, "file", init_file=str(tmp_path / "p")))
+
+
+def test_save_load_round_trip_records_metadata(tiny, tmp_path):
+    model, tok = tiny
+    p = init_prompt(model, tok, PromptConfig(4, "vocab"))
+    save_prompt(p, tmp_path / "p", {"model": "m", "template": "{x}"})
+    q = load_prompt(tmp_path / "p", model)
+    assert torch.equal(p.embeds, q.embeds)
+    assert q.meta["model"] == "m" and q.meta["hidden_size"] == model.config.hidden_size
+    assert q.meta["num_virtual_tokens"] == 4 and q.meta["init"] == "vocab"
+    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == ["prompt.safetensors", "prompt_config.json"]
+
+
+def test_wrong_hidden_size_is_refused(tiny, tmp_path):
+    model, _ = tiny
+    save_prompt(SoftPrompt(torch.zeros(3, 48)), tmp_path / "p", {"model": "other-model"})
+    with pytest.raises(SoftpromptError, match=r"hidden size 48 but the model's is 32 \(it was trained for other-model\)"):
+        load_prompt(tmp_path / "p", model)
+
+
+def test_corrupt_and_missing_prompt_files(tmp_path):
+    d = tmp_path / "p"
+    save_prompt(SoftPrompt(torch.zeros(3, 8)), d, {"model": "m"})
+    (d / "prompt.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(SoftpromptError, match="corrupt prompt file .*prompt.safetensors"):
+        load_prompt(d)
+    with pytest.raises(SoftpromptError, match="missing prompt file"):
+        load_prompt(tmp_path / "nowhere")

@@ -1,0 +1,103 @@
+"""The training loop: only the prompt learns, the base is bit-identical, resume equals uninterrupted,
+the shared-prefix path follows the straightforward one, and bad input leaves nothing behind."""
+import json
+
+import pytest
+import torch
+
+from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.prompt import load_prompt
+from softprompt.train import train
+from softprompt.utils import SoftpromptError, weights_hash
+
+
+def _cfgs(model_dir, data, out, **tkw):
+    m = ModelConfig(model=str(model_dir), device="cpu")
+    d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
+                   eval_fraction=0.1, max_length=32)
+    p = PromptConfig(virtual_tokens=4, init="vocab")
+    t = TrainConfig(out=str(out), lr=0.05, batch_size=8, max_steps=12, eval_every=6, save_every=4, log_every=1,
+                    warmup_steps=2, seed=0)
+    for k, v in tkw.items():
+        setattr(t, k, v)
+    return m, d, p, t
+
+
+def test_training_learns_and_leaves_base_untouched(model_dir, countries_csv, tmp_path):
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(model_dir))
+    before = weights_hash(model)
+    s = train(*_cfgs(model_dir, countries_csv, tmp_path / "run"), model=model, tok=tok, quiet=True)
+    assert s["base_weights_unchanged"] and weights_hash(model) == before
+    assert s["base_weights_sha256_before"] == s["base_weights_sha256_after"] == before
+    assert s["trainable_params"] == 4 * model.config.hidden_size
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tr = [r["loss"] for r in recs if r["split"] == "train"]
+    ev = [r for r in recs if r["split"] == "eval"]
+    assert len(tr) == 12 and len(ev) == 2
+    if "llama" in str(model_dir):  # the tiny random BLOOM is near-uniform: too little signal to check
+        assert sum(tr[-3:]) < sum(tr[:3])  # it learned something
+    out = tmp_path / "run"
+    for f in ("prompt.safetensors", "prompt_config.json", "run_config.json", "summary.json", "loss.png"):
+        assert (out / f).is_file(), f
+    meta = load_prompt(out, model).meta
+    assert meta["model"] == str(model_dir) and meta["template"] == "Country: {country}\\nFacts:"
+    assert meta["config"]["PromptConfig"]["virtual_tokens"] == 4
+
+
+def test_resume_equals_uninterrupted(llama_dir, countries_csv, tmp_path):
+    full = train(*_cfgs(llama_dir, countries_csv, tmp_path / "a", keep_best=False), quiet=True)
+    part = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False), stop_after=5, quiet=True)
+    assert part == {"interrupted_at": 5}  # checkpoint at step 4 is the latest; steps 5.. redone
+    resumed = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False, resume=True), quiet=True)
+    assert resumed["steps"] == full["steps"] == 12
+    a, b = load_prompt(tmp_path / "a").embeds, load_prompt(tmp_path / "b").embeds
+    assert torch.equal(a, b)
+    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in ls]
+    assert strip(la) == strip(lb)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bloom"])
+def test_shared_prefix_trajectory_matches_straightforward(kind, llama_dir, bloom_dir, countries_csv, tmp_path):
+    d = llama_dir if kind == "llama" else bloom_dir
+    runs = {}
+    for shared in (True, False):
+        train(*_cfgs(d, countries_csv, tmp_path / str(shared), max_steps=20, eval_every=0, save_every=0,
+                     keep_best=False, shared_prefix=shared), quiet=True)
+        runs[shared] = [json.loads(l)["loss"] for l in (tmp_path / str(shared) / "metrics.jsonl").read_text()
+                        .splitlines() if json.loads(l)["split"] == "train"]
+    a, b = runs[True], runs[False]
+    assert abs(a[0] - b[0]) / b[0] < 1e-5
+    assert all(abs(x - y) / y < 1e-3 for x, y in zip(a, b))
+
+
+def test_classes_loss_and_adafactor(llama_dir, countries_csv, tmp_path):
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "c", loss="classes", optimizer="adafactor",
+                       max_steps=6)
+    d.template, d.target, d.labels, d.label_col = "Country: {country}\\nEurope:", "", "capital,language", "europe"
+    p.init = "labels"
+    s = train(m, d, p, t, quiet=True)
+    assert s["steps"] == 6 and 0 <= s["final_eval"]["accuracy"] <= 1
+
+
+def test_early_stopping(llama_dir, countries_csv, tmp_path):
+    s = train(*_cfgs(llama_dir, countries_csv, tmp_path / "e", lr=1e-9, eval_every=1, patience=2, max_steps=50),
+              quiet=True)
+    assert s["stopped_early"] and s["steps"] < 50
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda d, p, t: setattr(d, "data", "/nonexistent/x.csv"), "missing data file"),
+    (lambda d, p, t: setattr(d, "template", "{nope}"), "column 'nope' not found"),
+    (lambda d, p, t: setattr(p, "init", "file") or setattr(p, "init_file", "/nonexistent"), "missing prompt file"),
+    (lambda d, p, t: setattr(t, "resume", True), "no checkpoint"),
+])
+def test_bad_input_leaves_no_output(llama_dir, countries_csv, tmp_path, change, msg):
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "out")
+    change(d, p, t)
+    with pytest.raises(SoftpromptError, match=msg):
+        train(m, d, p, t, quiet=True)
+    assert not (tmp_path / "out").exists()
