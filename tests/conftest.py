@@ -63,7 +63,8 @@ def _save_model(kind: str, tok_dir: Path, root: Path) -> Path:
         model = LlamaForCausalLM(cfg)
     else:
         cfg = BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, bos_token_id=None)
+                          eos_token_id=tok.eos_token_id, bos_token_id=None,
+                          initializer_range=0.2)  # the default 0.02 gives a near-uniform model
         model = BloomForCausalLM(cfg)
     d = root / kind
     model.save_pretrained(d)

@@ -1,0 +1,71 @@
+"""The command line: --help of every command, the full train/eval/generate/PEFT cycle on a tiny
+model, and one clear error line with a non-zero exit for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from softprompt.cli import build_parser, main
+
+COMMANDS = ["train", "eval", "generate", "export-peft", "import-peft", "demo"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_of_every_command(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: softprompt " + cmd in out
+    for action in build_parser()._subparsers._group_actions[0].choices[cmd]._actions:
+        if action.option_strings and action.help is None:
+            pytest.fail(f"{cmd} {action.option_strings} has no help text")
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "softprompt", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS)
+
+
+def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    data = ["--data", str(countries_csv), "--template", "Country: {country}\\nEurope:", "--labels", "no,yes",
+            "--label-col", "europe"]
+    rc = main(["train", "--model", str(llama_dir), *data, "--virtual-tokens", "3", "--init", "labels",
+               "--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--out", str(out), "--device", "cpu"])
+    assert rc == 0 and (out / "prompt.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(llama_dir), *data, "--prompt", str(out), "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", str(llama_dir), *data, "--prompt", "none", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    for m in (tuned, base):
+        assert set(m) >= {"loss", "perplexity", "accuracy"} and m["n"] == 194
+    assert tuned["loss"] != base["loss"]
+    assert main(["generate", "--model", str(llama_dir), "--prompt", str(out), "--compare", "--max-new-tokens",
+                 "5", "--json", "Country: Chile\nEurope:"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res[0]) == {"input", "baseline", "tuned"}
+    assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
+    assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "prompt.safetensors").read_bytes() != b""
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["eval", "--data", "/no/such.csv", "--text-col", "t"], "missing data file: /no/such.csv"),
+    (["eval", "--prompt", "/no/prompt", "--data", "x.csv", "--text-col", "t"], "missing prompt file"),
+    (["export-peft", "/no/prompt", "OUT"], "missing prompt file"),
+    (["import-peft", "/no/adapter", "OUT"], "missing file: /no/adapter/adapter_config.json"),
+    (["generate", "--model", "/no/model/dir", "hello"], "missing model path"),
+    (["train", "--model", "no-such-org/no-such-model", "--data", "d.csv", "--text-col", "t"],
+     "cannot load model 'no-such-org/no-such-model' from the Hugging Face Hub"),
+])
+def test_errors_are_one_line_and_nonzero(argv, msg, llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "eval":
+        argv = [argv[0], "--model", str(llama_dir), *argv[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("softprompt: error: ") and msg in err[-1], err
+    assert not (tmp_path / "OUT").exists()

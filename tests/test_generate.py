@@ -1,0 +1,52 @@
+"""Generation: cached prompt KV and mixed-prompt batches give the same tokens as one request alone,
+and the no-prompt path equals transformers' own greedy generate."""
+import torch
+
+from softprompt.config import GenerateConfig
+from softprompt.generate import PromptKV, generate_batch
+
+
+def test_mixed_batch_equals_one_at_a_time_and_reference(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    H = model.config.hidden_size
+    prompts = [None, torch.randn(4, H) * 0.5, torch.randn(7, H) * 0.5]
+    texts = ["Country: France\nFacts:", "Review: a dull", "Act as"]
+    rows = [(p, tok(t).input_ids) for p in prompts for t in texts]
+    cfg = GenerateConfig(max_new_tokens=10)
+    kv = PromptKV(model)
+    batched = generate_batch(model, tok, rows, cfg, kv)
+    single = [generate_batch(model, tok, [r], cfg, kv)[0] for r in rows]
+    assert batched == single
+    assert len({tuple(b) for b in batched}) > 3  # prompts really change the output
+    # Reference: transformers' generate on the hand-built inputs_embeds, one row at a time.
+    for p, ids in rows:
+        ids_t = torch.tensor([ids])
+        emb = model.get_input_embeddings()(ids_t)
+        if p is not None:
+            emb = torch.cat([p[None], emb], 1)
+        ref = model.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                             max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)[0].tolist()
+        assert generate_batch(model, tok, [(p, ids)], cfg, kv)[0] == [t for t in ref if t != tok.eos_token_id]
+
+
+def test_prompt_kv_is_computed_once(tiny):
+    model, tok = tiny
+    p = torch.randn(3, model.config.hidden_size)
+    kv = PromptKV(model)
+    generate_batch(model, tok, [(p, tok("a").input_ids)] * 2, GenerateConfig(max_new_tokens=2), kv)
+    first = kv.store[id(p)]
+    generate_batch(model, tok, [(p, tok("b").input_ids)], GenerateConfig(max_new_tokens=2), kv)
+    assert len(kv.store) == 1 and kv.store[id(p)] is first
+
+
+def test_sampling_is_seeded_and_penalty_changes_output(tiny):
+    model, tok = tiny
+    rows = [(None, tok("Country: Peru\nFacts:").input_ids)]
+    s1 = generate_batch(model, tok, rows, GenerateConfig(max_new_tokens=12, sample=True, seed=5))
+    s2 = generate_batch(model, tok, rows, GenerateConfig(max_new_tokens=12, sample=True, seed=5))
+    assert s1 == s2
+    g = generate_batch(model, tok, rows, GenerateConfig(max_new_tokens=12))[0]
+    r = generate_batch(model, tok, rows, GenerateConfig(max_new_tokens=12, repetition_penalty=5.0))[0]
+    if len(set(g)) < len(g):  # greedy repeated itself: a strong penalty must repeat less
+        assert len(set(r)) > len(set(g))
