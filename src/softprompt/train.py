@@ -150,8 +150,14 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         t0 = time.perf_counter()
         step = state["step"]
         order = batch_order(lengths, tcfg.batch_size, tcfg.seed + step // per_epoch)
-        idx = order[step % per_epoch][rank::world]
-        batch = collate([train_ex[i] for i in idx], pad).to(acc.device)
+        full = order[step % per_epoch]
+        idx = full[rank::world]
+        # A short last batch can leave a rank with no rows: it still joins every collective, with a
+        # stand-in row whose targets are all masked (zero loss, zero gradient).
+        batch = collate([train_ex[i] for i in idx or full[:1]], pad)
+        if not idx:
+            batch.targets.fill_(-100)
+        batch = batch.to(acc.device)
         # Normalise by the global token count so N processes average to the 1-process loss.
         n_local = torch.tensor(float(batch.num_targets), device=acc.device)
         n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
@@ -164,10 +170,14 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         sched.step()
         opt.zero_grad(set_to_none=True)
         state["step"] = step = step + 1
-        state["tokens"] += int(batch.attention_mask.sum()) * world
+        stats = torch.stack([loss.detach() / world,
+                             batch.attention_mask.sum().float() if idx else loss.new_zeros(())])
+        if world > 1:
+            stats = acc.reduce(stats, reduction="sum")
+        state["tokens"] += int(stats[1])
         # Optimiser-step time only: evaluation and checkpoints are not training throughput.
         state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
-        train_loss = float(loss.detach()) / world
+        train_loss = float(stats[0])
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
         bar.update(1)
         if step % tcfg.log_every == 0 or step == total:

