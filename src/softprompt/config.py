@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int = opt(0, "random seed for init, shuffling and sampling")
     shared_prefix: bool = opt(True, "compute the prompt's keys/values once per step, shared by all rows")
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
+    eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
 
 
 @dataclass

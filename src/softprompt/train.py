@@ -142,6 +142,11 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             state["bad_evals"] += 1
         return m
 
+    untuned = None
+    if tcfg.eval_untuned and eval_ex and not tcfg.resume:
+        untuned = evaluate(model, tok, None, fmt, eval_ex, batch_size=max(tcfg.batch_size, 16))
+        log({"step": 0, "split": "eval_untuned", **untuned})
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     lengths = [len(e.ids) for e in train_ex]
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=not main or quiet, dynamic_ncols=True)
@@ -210,7 +215,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
                    "base_weights_sha256_before": hash_before, "base_weights_sha256_after": hash_after,
                    "base_weights_unchanged": hash_before == hash_after,
                    "best_eval_score": state["best"] if state["best"] != -math.inf else None,
-                   "final_eval": last_eval, "world_size": world, "prompt_dir": str(out)}
+                   "final_eval": last_eval, "untuned_eval": untuned, "world_size": world, "prompt_dir": str(out)}
         write_json(out / "summary.json", summary)
         plot_metrics(out)
     else:
