@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .prompt import CONFIG_FILE, TENSOR_NAME, load_prompt
+from .prompt import CONFIG_FILE, TENSOR_NAME, load_prompt, read_prompt_tensor
 from .utils import SoftpromptError, atomic_dir, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -66,8 +66,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
 
 def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = None) -> Path:
     """PEFT prompt-tuning adapter folder -> softprompt folder (written atomically)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     peft_dir = Path(peft_dir)
     cfg = read_json(peft_dir / ADAPTER_CONFIG)
@@ -80,15 +79,9 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
             raise SoftpromptError(f"{peft_dir}: adapter_model.bin is a pickle file, which softprompt does not "
                                   "read; re-save the adapter with safe_serialization=True")
         raise SoftpromptError(f"missing adapter file: {weights}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SoftpromptError(f"corrupt adapter file {weights}: {e}") from None
-    if TENSOR_NAME not in tensors:
-        raise SoftpromptError(f"{weights} holds no '{TENSOR_NAME}' tensor (found: {sorted(tensors)})")
-    t = tensors[TENSOR_NAME]
+    t = read_prompt_tensor(weights, "adapter")
     P = cfg.get("num_virtual_tokens", t.shape[0]) * cfg.get("num_transformer_submodules", 1)
-    if t.ndim != 2 or t.shape[0] != P:
+    if t.shape[0] != P:
         raise SoftpromptError(f"{weights}: prompt_embeddings has shape {list(t.shape)}, expected [{P}, hidden]")
     ours = peft_dir / "softprompt_config.json"
     meta = read_json(ours) if ours.is_file() else {"init": "peft"}

@@ -127,11 +127,25 @@ def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Pa
     return out
 
 
-def load_prompt(path: str | Path, model=None) -> SoftPrompt:
-    """Load a prompt folder (or a bare .safetensors file); check it fits `model` when given."""
+def read_prompt_tensor(weights: Path, kind: str) -> torch.Tensor:
+    """The [P, H] `prompt_embeddings` tensor of a safetensors file (ours or PEFT's `kind` of file)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SoftpromptError(f"corrupt {kind} file {weights}: {e}") from None
+    if TENSOR_NAME not in tensors:
+        raise SoftpromptError(f"{weights} holds no '{TENSOR_NAME}' tensor (found: {sorted(tensors)})")
+    t = tensors[TENSOR_NAME]
+    if t.ndim != 2:
+        raise SoftpromptError(f"{weights}: '{TENSOR_NAME}' must be [virtual_tokens, hidden], got {list(t.shape)}")
+    return t
+
+
+def load_prompt(path: str | Path, model=None) -> SoftPrompt:
+    """Load a prompt folder (or a bare .safetensors file); check it fits `model` when given."""
     path = Path(path)
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():
@@ -139,15 +153,7 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
             raise SoftpromptError(f"{path} is a PEFT adapter: convert it with `softprompt import-peft {path} OUT`")
         raise SoftpromptError(f"missing prompt file: {weights}")
     meta = read_json(weights.parent / CONFIG_FILE) if (weights.parent / CONFIG_FILE).is_file() else {}
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SoftpromptError(f"corrupt prompt file {weights}: {e}") from None
-    if TENSOR_NAME not in tensors:
-        raise SoftpromptError(f"{weights} holds no '{TENSOR_NAME}' tensor (found: {sorted(tensors)})")
-    t = tensors[TENSOR_NAME]
-    if t.ndim != 2:
-        raise SoftpromptError(f"{weights}: '{TENSOR_NAME}' must be [virtual_tokens, hidden], got {list(t.shape)}")
+    t = read_prompt_tensor(weights, "prompt")
     if model is not None:
         check_fits(t.shape[1], model, f"prompt {path}", meta.get("model"))
     return SoftPrompt(t, meta)
