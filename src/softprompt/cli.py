@@ -48,8 +48,9 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
         model, tok = load_model(mcfg)
     if compare and not prompt:
         raise SoftpromptError("--compare needs --prompt DIR")
-    p = load_prompt(prompt, model).embeds.detach() if prompt and prompt != "none" else None
-    chat = chat or bool(p is not None and load_prompt(prompt).meta.get("chat"))
+    sp = load_prompt(prompt, model) if prompt and prompt != "none" else None
+    p = sp.embeds.detach() if sp is not None else None
+    chat = chat or bool(sp is not None and sp.meta.get("chat"))
     variants = [("baseline", None), ("tuned", p)] if compare else [("tuned" if p is not None else "baseline", p)]
     rows = [(q, encode_for_generation(tok, t, chat)) for t in texts for _, q in variants]
     outs = generate_batch(model, tok, rows, gcfg, PromptKV(model))  # baseline and tuned share one batch

@@ -119,6 +119,13 @@ def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
+def chat_wrap(tok, text: str) -> str:
+    """`text` as the user's turn in the model's chat template, ready for the assistant's answer."""
+    if not getattr(tok, "chat_template", None):
+        raise SoftpromptError("--chat: this model's tokenizer has no chat template")
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
 @dataclass
 class Example:
     ids: list[int]          # prompt tokens followed by target tokens
@@ -172,15 +179,9 @@ class Formatter:
         return self.template.format_map({k: "" if v is None else v for k, v in row.items()})
 
     def render_input(self, text: str) -> str:
-        if self.cfg.chat:
-            if not getattr(self.tok, "chat_template", None):
-                raise SoftpromptError("--chat: this model's tokenizer has no chat template")
-            return self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                add_generation_prompt=True)
-        return text
+        return chat_wrap(self.tok, text) if self.cfg.chat else text
 
-    def encode_input(self, text: str) -> list[int]:
-        rendered = self.render_input(text)
+    def tokenize_rendered(self, rendered: str) -> list[int]:
         # A chat template already holds its special tokens.
         return self.tok(rendered, add_special_tokens=not self.cfg.chat).input_ids
 
@@ -206,16 +207,20 @@ class Formatter:
         return [self.tok(self.label_text(k, rendered_input), add_special_tokens=False).input_ids
                 for k in range(len(self.label_words))]
 
+    def candidates(self, ex: Example) -> list[list[int]]:
+        """Token ids of every label word as they would follow `ex`'s input."""
+        return self.label_ids(self.render_input(ex.text))
+
     def encode(self, row: dict, where: str = "") -> Example:
         text = self.input_text(row)
         max_len = self.cfg.max_length
         if self.task == "lm":
-            ids = self.tok(self.render_input(text), add_special_tokens=not self.cfg.chat).input_ids
+            ids = self.tokenize_rendered(self.render_input(text))
             if len(ids) > max_len:
                 ids, self.truncated = ids[:max_len], self.truncated + 1
             return Example(ids, 0, -1, text)
-        prompt_ids = self.encode_input(text)
         rendered = self.render_input(text)
+        prompt_ids = self.tokenize_rendered(rendered)
         label = -1
         if self.task == "classify":
             label = self.label_index(row[self.cfg.label_col], where)
@@ -289,6 +294,10 @@ class Batch:
     @property
     def num_targets(self) -> int:
         return int((self.targets != -100).sum())
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from .config import GenerateConfig
+from .data import chat_wrap, pad_id
 from .forward import decoder, prefix_kv, _logits
 from .models import max_positions
 from .utils import SoftpromptError
@@ -89,7 +90,7 @@ def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]]
     if limit and Pm + Tm + cfg.max_new_tokens > limit:
         raise SoftpromptError(f"input too long: {Pm} virtual + {Tm} text + {cfg.max_new_tokens} new tokens "
                               f"exceed the model's {limit} positions")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     ids = torch.full((B, Tm), pad, dtype=torch.long)
     mask = torch.zeros(B, Pm + Tm, dtype=torch.long)
     for i, (_, t) in enumerate(rows):
@@ -112,7 +113,8 @@ def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]]
         cache = DynamicCache(ddp_cache_data=layers)
     # Each row's positions count only its own real tokens (prompt included).
     pos = (mask.cumsum(1) - 1).clamp(min=0)[:, Pm:]
-    kw = {"position_ids": pos} if _accepts_positions(model) else {}
+    with_pos = _accepts_positions(model)  # BLOOM derives positions (ALiBi) from the mask instead
+    kw = {"position_ids": pos} if with_pos else {}
     out = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, cache=cache,
                          use_cache=True, **kw)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.sample else None
@@ -136,21 +138,10 @@ def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]]
             seen = torch.cat([seen, torch.where(done, -1, nxt)[:, None]], 1)
         mask = torch.cat([mask, (~done).long()[:, None]], 1)
         last_pos = last_pos + 1
-        kw = {"position_ids": last_pos[:, None]} if _accepts_positions(model) else {}
+        kw = {"position_ids": last_pos[:, None]} if with_pos else {}
         out = decoder(model)(inputs_embeds=model.get_input_embeddings()(nxt[:, None]), attention_mask=mask,
                              cache=out.cache, use_cache=True, **kw)
     return [[t for t in r if t not in eos] for r in new]
-
-
-def generate_text(model, tok, prompt, texts: list[str], cfg: GenerateConfig, chat: bool = False,
-                  kv: PromptKV | None = None, batch_size: int = 16) -> list[str]:
-    """Decode continuations of `texts` after `prompt` (a SoftPrompt, a tensor, or None)."""
-    p = prompt.embeds.detach() if hasattr(prompt, "embeds") else prompt
-    outs = []
-    for s in range(0, len(texts), batch_size):
-        rows = [(p, encode_for_generation(tok, t, chat)) for t in texts[s:s + batch_size]]
-        outs += [tok.decode(ids, skip_special_tokens=True) for ids in generate_batch(model, tok, rows, cfg, kv)]
-    return outs
 
 
 def eos_ids(model, tok) -> set[int]:
@@ -161,10 +152,6 @@ def eos_ids(model, tok) -> set[int]:
 
 
 def encode_for_generation(tok, text: str, chat: bool = False) -> list[int]:
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise SoftpromptError("--chat: this model's tokenizer has no chat template")
-        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                       add_generation_prompt=True)
-        return tok(text, add_special_tokens=False).input_ids
+    if chat:  # the chat template already holds its special tokens
+        return tok(chat_wrap(tok, text), add_special_tokens=False).input_ids
     return tok(text).input_ids

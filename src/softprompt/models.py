@@ -102,7 +102,6 @@ def load_model(cfg: ModelConfig | str):
     model.requires_grad_(False)
     model.eval()
     model.to(resolve_device(cfg.device))
-    model.name_or_path_for_prompt = name  # recorded in every prompt's config
     return model, tok
 
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, to_dict
-from .data import Example, Formatter, batch_order, collate, load_splits
+from .data import Example, Formatter, batch_order, collate, load_splits, pad_id
 from .evaluate import evaluate
 from .forward import batch_loss
 from .models import load_model
@@ -56,7 +56,7 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def class_token_ids(fmt: Formatter, examples: list[Example]) -> torch.Tensor:
-    cand = fmt.label_ids(fmt.render_input(examples[0].text))
+    cand = fmt.candidates(examples[0])
     if any(len(c) != 1 for c in cand):
         raise SoftpromptError("--loss classes needs label words that are one token each "
                               f"(got {[len(c) for c in cand]} tokens)")
@@ -88,9 +88,9 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         raise SoftpromptError(f"--resume: no checkpoint in {ckpt}")
     prompt = init_prompt(model, tok, pcfg, fmt.label_words, default_init_text(fmt), tcfg.seed)
     prompt.to(acc.device)
-    class_ids = class_token_ids(fmt, train_ex).to(acc.device) if tcfg.loss == "classes" else None
     if tcfg.loss == "classes" and fmt.task != "classify":
         raise SoftpromptError("--loss classes needs classification data (--labels)")
+    class_ids = class_token_ids(fmt, train_ex).to(acc.device) if tcfg.loss == "classes" else None
 
     world, rank = acc.num_processes, acc.process_index
     if tcfg.batch_size % world:
@@ -147,7 +147,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         untuned = evaluate(model, tok, None, fmt, eval_ex, batch_size=max(tcfg.batch_size, 16))
         log({"step": 0, "split": "eval_untuned", **untuned})
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     lengths = [len(e.ids) for e in train_ex]
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=not main or quiet, dynamic_ncols=True)
     last_eval, stopped_early = None, False
