@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
 from .data import load_splits
-from .evaluate import eval_loss
 from .generate import PromptKV, encode_for_generation, generate_batch
 from .models import load_model
 from .prompt import load_prompt
@@ -41,11 +40,11 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     print(f"model {mcfg.model} ({sum(p.numel() for p in m.parameters()) / 1e6:.0f}M params, frozen); "
           f"{len(train_ex)} training / {len(eval_ex)} held-out examples from {EXAMPLE_DATA.name}")
-    before = eval_loss(m, tok, None, eval_ex)
-    print(f"held-out loss of the untuned model: {before['loss']:.4f} (perplexity {before['perplexity']:.2f})")
     summary = train(mcfg, dcfg, pcfg, tcfg, model=m, tok=tok)
     prompt = load_prompt(out, m)
-    after = eval_loss(m, tok, prompt, eval_ex)
+    # train() scored the untuned model first, and the kept prompt records its held-out score.
+    before, after = summary["untuned_eval"], prompt.meta["eval"]
+    print(f"held-out loss of the untuned model: {before['loss']:.4f} (perplexity {before['perplexity']:.2f})")
     print(f"held-out loss with the tuned prompt: {after['loss']:.4f} (perplexity {after['perplexity']:.2f}); "
           f"{summary['steps']} steps in {summary['train_seconds']:.0f} s, "
           f"base weights unchanged: {summary['base_weights_unchanged']}")

@@ -12,12 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, Formatter, collate, eval_batches
+from .data import Example, Formatter, collate, eval_batches, pad_id
 from .forward import next_token_logprobs, row_logprobs
-
-
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 @torch.no_grad()
@@ -28,7 +24,7 @@ def eval_loss(model, tok, prompt, examples: list[Example], batch_size: int = 16,
     p = prompt() if prompt is not None else None
     total, count = 0.0, 0.0
     for idx in tqdm(eval_batches(examples, batch_size), desc="eval loss", disable=not progress, leave=False):
-        batch = collate([examples[i] for i in idx], _pad_id(tok)).to(dev)
+        batch = collate([examples[i] for i in idx], pad_id(tok)).to(dev)
         s, n = row_logprobs(model, p, batch, shared_prefix)
         total -= float(s.sum())
         count += float(n.sum())
@@ -42,11 +38,11 @@ def label_scores(model, tok, prompt, fmt: Formatter, examples: list[Example], ba
     """Log-probability [N, C] of each label word after each example's input."""
     dev = model.device
     p = prompt() if prompt is not None else None
-    cand = fmt.label_ids(fmt.render_input(examples[0].text))
+    cand = fmt.candidates(examples[0])
     inputs = [Example(e.ids[:e.loss_start], 0, e.label, e.text) for e in examples]
     scores = torch.zeros(len(examples), len(cand))
     single = all(len(c) == 1 for c in cand)
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     for idx in tqdm(eval_batches(inputs, batch_size), desc="classify", disable=not progress, leave=False):
         if single:
             batch = collate([inputs[i] for i in idx], pad).to(dev)
@@ -61,17 +57,27 @@ def label_scores(model, tok, prompt, fmt: Formatter, examples: list[Example], ba
     return scores
 
 
-def accuracy(model, tok, prompt, fmt: Formatter, examples: list[Example], **kw: Any) -> dict[str, float]:
-    scores = label_scores(model, tok, prompt, fmt, examples, **kw)
+def _accuracy(scores: torch.Tensor, examples: list[Example]) -> dict[str, float]:
     gold = torch.tensor([e.label for e in examples])
-    pred = scores.argmax(-1)
-    return {"accuracy": float((pred == gold).float().mean()), "n": len(examples)}
+    return {"accuracy": float((scores.argmax(-1) == gold).float().mean()), "n": len(examples)}
+
+
+def accuracy(model, tok, prompt, fmt: Formatter, examples: list[Example], **kw: Any) -> dict[str, float]:
+    return _accuracy(label_scores(model, tok, prompt, fmt, examples, **kw), examples)
 
 
 def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_size: int = 16,
              shared_prefix: bool = True, progress: bool = False) -> dict[str, float]:
-    out = eval_loss(model, tok, prompt, examples, batch_size, shared_prefix, progress)
-    if fmt.task == "classify":
-        out.update(accuracy(model, tok, prompt, fmt, examples, batch_size=batch_size,
-                            shared_prefix=shared_prefix, progress=progress))
-    return out
+    if fmt.task != "classify":
+        return eval_loss(model, tok, prompt, examples, batch_size, shared_prefix, progress)
+    scores = label_scores(model, tok, prompt, fmt, examples, batch_size, shared_prefix, progress)
+    cand = fmt.candidates(examples[0])
+    if all(e.ids[e.loss_start:] == cand[e.label] for e in examples):
+        # Each example's target is its gold label word, whose score is already its log-likelihood:
+        # the loss needs no second pass over the data.
+        tokens = sum(len(cand[e.label]) for e in examples)
+        loss = -float(scores[torch.arange(len(examples)), [e.label for e in examples]].sum()) / tokens
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    else:  # a truncated target, or label words tokenised differently after some inputs
+        out = eval_loss(model, tok, prompt, examples, batch_size, shared_prefix, progress)
+    return {**out, **_accuracy(scores, examples)}
