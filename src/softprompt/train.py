@@ -151,10 +151,13 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     lengths = [len(e.ids) for e in train_ex]
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=not main or quiet, dynamic_ncols=True)
     last_eval, stopped_early = None, False
+    epoch, order = -1, []
     while state["step"] < total:
         t0 = time.perf_counter()
         step = state["step"]
-        order = batch_order(lengths, tcfg.batch_size, tcfg.seed + step // per_epoch)
+        if step // per_epoch != epoch:  # one shuffle per epoch (seeded by it, so resume sees the same)
+            epoch = step // per_epoch
+            order = batch_order(lengths, tcfg.batch_size, tcfg.seed + epoch)
         full = order[step % per_epoch]
         idx = full[rank::world]
         # A short last batch can leave a rank with no rows: it still joins every collective, with a
