@@ -54,6 +54,8 @@ def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, caps
 
 @pytest.mark.parametrize("argv,msg", [
     (["eval", "--data", "/no/such.csv", "--text-col", "t"], "missing data file: /no/such.csv"),
+    (["eval", "--data", "no-such-org/no-such-dataset", "--text-col", "t"],
+     "cannot load dataset 'no-such-org/no-such-dataset' (split 'train') from the Hugging Face Hub"),
     (["eval", "--prompt", "/no/prompt", "--data", "x.csv", "--text-col", "t"], "missing prompt file"),
     (["export-peft", "/no/prompt", "OUT"], "missing prompt file"),
     (["import-peft", "/no/adapter", "OUT"], "missing file: /no/adapter/adapter_config.json"),
