@@ -96,3 +96,34 @@ def test_next_token_logprobs_match_row_logprobs(tiny):
     lengths = b.attention_mask.sum(1)
     for i in range(len(TEXTS)):
         assert torch.allclose(lp[i], ref[i, lengths[i] - 1], atol=1e-5)
+
+
+def test_frozen_head_cross_entropy_matches_autograd(monkeypatch):
+    """The fused output-layer cross-entropy (gradient formed in forward, chunked) gives autograd's
+    loss and input gradient, with and without logit soft-capping."""
+    import types
+
+    import torch.nn.functional as F
+
+    from softprompt import forward
+
+    torch.manual_seed(0)
+    N, H, V = 37, 16, 50
+    head = torch.nn.Linear(H, V, bias=True).requires_grad_(False)
+    for cap in (None, 3.0):
+        model = types.SimpleNamespace(get_output_embeddings=lambda: head,
+                                      config=types.SimpleNamespace(final_logit_softcapping=cap))
+        h = torch.randn(N, H, requires_grad=True)
+        y = torch.randint(0, V, (N,))
+        up = torch.rand(N)  # a non-uniform upstream gradient
+        monkeypatch.setattr(forward, "CHUNK_ELEMENTS", 10 * V)  # 4 chunks
+        (forward.token_losses(model, h, y) * up).sum().backward()
+        g_fused, h.grad = h.grad, None
+        z = head(h)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        ref = F.cross_entropy(z, y, reduction="none")
+        (ref * up).sum().backward()
+        with torch.no_grad():
+            assert torch.allclose(forward.token_losses(model, h, y), ref, atol=1e-6)
+        assert torch.allclose(g_fused, h.grad, atol=1e-6), (g_fused - h.grad).abs().max()

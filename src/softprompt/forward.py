@@ -6,8 +6,8 @@ Two equivalent paths:
 - shared prefix (default): under a causal mask the prompt's keys/values do not depend on the text,
   so run the prompt once as a batch of 1, broadcast its KV cache to the B rows (a view, so the
   gradient of every row flows back into the one prompt), and run only the [B, T] text.
-Vocabulary logits are computed only at supervised positions, in checkpointed chunks when large,
-instead of at every position of [B, P+T] as PEFT does.
+Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
+formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
 """
 from __future__ import annotations
 
@@ -84,12 +84,53 @@ def _ce_sum(model, h, y):
     return F.cross_entropy(_logits(model, h), y, reduction="none")
 
 
+class _FrozenHeadCE(torch.autograd.Function):
+    """Per-token cross-entropy through a frozen output layer, its input gradient computed in forward.
+
+    With the head frozen, backward only needs dL/dh = (softmax - onehot) @ W per token, scaled by the
+    upstream gradient. Computing it chunk by chunk while the logits are at hand means the [N, V]
+    logits are never stored nor recomputed: the output layer costs two matmuls, as in a plain
+    forward/backward, in the memory of one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, cap, n):
+        losses, grads = [], []
+        for s in range(0, h.shape[0], n):
+            z = F.linear(h[s:s + n], w, b).float()  # [n, V]
+            t = None
+            if cap:
+                t = torch.tanh(z / cap)
+                z = t * cap
+            lse = torch.logsumexp(z, -1)
+            yy = y[s:s + n, None]
+            losses.append(lse - z.gather(1, yy).squeeze(1))
+            g = torch.exp(z.sub_(lse[:, None]))  # softmax, in place of the logits
+            g.scatter_add_(1, yy, torch.full_like(yy, -1, dtype=g.dtype))
+            if t is not None:
+                g.mul_(1 - t * t)
+            grads.append(g.to(w.dtype) @ w)  # [n, H]
+        ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (dh,) = ctx.saved_tensors
+        return grad_out[:, None].to(dh.dtype) * dh, None, None, None, None, None
+
+
 def token_losses(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [N] for states h [N, H] and targets y [N]; chunked when big."""
-    V = model.get_output_embeddings().weight.shape[0]
-    n = max(1, CHUNK_ELEMENTS // V)
-    if h.shape[0] <= n:
-        return _ce_sum(model, h, y)
+    head = model.get_output_embeddings()
+    w, b = head.weight, getattr(head, "bias", None)
+    n = max(1, CHUNK_ELEMENTS // w.shape[0])
+    frozen = not w.requires_grad and (b is None or not b.requires_grad)
+    if torch.is_grad_enabled() and h.requires_grad and frozen:
+        cap = getattr(model.config, "final_logit_softcapping", None) or 0.0
+        return _FrozenHeadCE.apply(h, w, b, y, cap, n)
+    if h.shape[0] <= n or not torch.is_grad_enabled():
+        return torch.cat([_ce_sum(model, h[s:s + n], y[s:s + n]) for s in range(0, h.shape[0], n)])
+    # A trainable head (full fine-tuning): recompute each chunk's logits in backward instead of keeping them.
     return torch.cat([checkpoint(_ce_sum, model, h[s:s + n], y[s:s + n], use_reentrant=False)
                       for s in range(0, h.shape[0], n)])
 
