@@ -1,0 +1,174 @@
+"""What the benchmarks share: the models they run on, the data, the machine's matmul peak, peak
+memory readings and result files.
+
+Models (`--model`):
+- `smollm2-135m-instruct`: the built-in model, real weights;
+- `bloom-560m-random`: bloomz-560m's geometry (vocabulary 250,880, hidden 1,024, 24 layers,
+  16 heads) with random weights, so BLOOM's cost profile (ALiBi, a huge output layer) is covered
+  without downloading it; it borrows the built-in tokenizer (its ids fit in BLOOM's vocabulary);
+- `random:DIR`: the architecture and tokenizer in DIR (a config.json plus tokenizer files) with
+  random weights, for machines that cannot hold the real weights.
+Speed does not depend on the weights' values, so random weights give honest timings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SOFTPROMPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+RESULTS = ROOT / "bench" / "results"
+BLOOM_560M = dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+
+ACTS = dict(data=str(SHARED / "awesome-chatgpt-prompts" / "prompts.csv"),
+            template="Act as a {act}.\nPrompt: {prompt}", max_length=128)
+SST2 = dict(data=str(SHARED / "sst2" / "train.tsv"), template="Review: {sentence}\nSentiment:",
+            labels="negative,positive", max_length=128)
+
+
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    return dev, getattr(torch, dtype)
+
+
+def load_bench_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(model, tokenizer), frozen and in eval mode, as softprompt.models.load_model returns them."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BloomConfig
+
+    from softprompt.models import builtin_model_dir, load_model
+    from softprompt.config import ModelConfig
+
+    if name == "bloom-560m-random" or name.startswith("random:"):
+        torch.manual_seed(seed)
+        if name.startswith("random:"):
+            src = name.split(":", 1)[1]
+            cfg = AutoConfig.from_pretrained(src)
+        else:
+            src = os.environ.get("SOFTPROMPT_BENCH_TOKENIZER") or builtin_model_dir()
+            cfg = BloomConfig(**BLOOM_560M)
+        tok = AutoTokenizer.from_pretrained(src)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        with torch.device(device):  # initialise on the device: 560M fp32 weights init faster there
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.requires_grad_(False).eval()
+        return model, tok
+    return load_model(ModelConfig(model=name, dtype=str(dtype).replace("torch.", ""), device=str(device)))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best achieved GFLOP/s of a large square matmul: the ceiling the model runs are judged against."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of fn, counted by PyTorch's FlopCounterMode (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+# ---------------------------------------------------------------- peak memory
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory used on top of what was resident when the reading started.
+
+    CUDA: the caching allocator's exact peak. CPU: the kernel's resident high-water mark (VmHWM),
+    reset through /proc/self/clear_refs; run each path in its own process, since freed memory
+    that the allocator keeps would hide the second path's peak.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.base = _status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.total = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.total = _status_kb("VmHWM") * 1024
+        self.delta = self.total - self.base
+        return False
+
+    def as_dict(self) -> dict[str, float]:
+        return {"peak_total_mb": self.total / 2 ** 20, "peak_over_model_mb": self.delta / 2 ** 20}
+
+
+# ---------------------------------------------------------------- reporting
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine() -> dict[str, Any]:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
+            platform.machine(), "cores": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    import transformers
+    info["transformers"] = transformers.__version__
+    try:
+        import peft
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_result(path: str | Path, obj: dict[str, Any]) -> Path:
+    from softprompt.utils import write_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj)  # atomic
+    return path
+
+
+def fmt_row(cells: list[Any], widths: list[int]) -> str:
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1)

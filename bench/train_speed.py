@@ -1,0 +1,268 @@
+"""Training speed, softprompt against PEFT, side by side in one process.
+
+Both train a 20-token soft prompt on the same frozen model, the same batches in the same order,
+from the same initial prompt, with the same optimiser (AdamW, constant lr, gradient clipping):
+- PEFT: `get_peft_model(model, PromptTuningConfig(...))` and `model(input_ids, attention_mask,
+  labels).loss`, the forward that PEFT + Trainer run (prompt prepended to every row, logits and
+  log-softmax at every position);
+- softprompt: `forward.batch_loss` (prompt KV computed once per step and shared by the rows,
+  logits only at supervised positions, chunked cross-entropy).
+Steps alternate (PEFT, softprompt, PEFT, ...) so that both see the same machine state. Each path
+batches the same examples its own way (PEFT as its recipe does: random order, padded to the
+batch's longest row; softprompt: length-grouped). The script prints medians, tokens/s, achieved
+GFLOP/s against the measured matmul peak, peak memory (each path in a fresh process on CPU) and
+the softprompt/PEFT ratios. A second phase runs both on identical batches from the same prompt:
+the loss trajectories must agree, and its time ratio isolates the compute path from batching.
+
+    python bench/train_speed.py --model smollm2-135m-instruct --task acts sst2 --steps 20
+    python bench/train_speed.py --model bloom-560m-random --task acts sst2 --steps 6 --check-steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (ACTS, RESULTS, SST2, PeakMemory, count_flops, device_and_dtype, fmt_row,  # noqa: E402
+                    load_bench_model, machine, matmul_peak_gflops, median, sync, write_result)
+
+from softprompt.config import DataConfig  # noqa: E402
+from softprompt.data import batch_order, collate, load_splits, pad_id  # noqa: E402
+from softprompt.forward import batch_loss  # noqa: E402
+
+TASKS = {"acts": ACTS, "sst2": SST2}
+
+
+def task_examples(name: str, tok, limit: int, seed: int):
+    dcfg = DataConfig(**TASKS[name], eval_fraction=0.0, limit=limit)
+    return load_splits(dcfg, tok, seed)[1]
+
+
+def batches_for(name: str, tok, batch_size: int, n: int, seed: int, limit: int, trainer_style: bool = False):
+    """n batches over the same n * batch_size examples (a seeded sample of the data): length-grouped
+    as softprompt trains, or in random order padded to each batch's longest row, as PEFT's recipe
+    (Trainer's random sampler and DataCollatorForLanguageModeling) does."""
+    examples = task_examples(name, tok, limit, seed)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(examples), generator=g)[: n * batch_size].tolist()
+    examples = [examples[i] for i in pick]
+    if trainer_style:
+        order = [list(range(i, i + batch_size)) for i in range(0, len(examples), batch_size)]
+    else:
+        order = batch_order([len(e.ids) for e in examples], batch_size, seed, group=True)
+    pad = pad_id(tok)
+    return [collate([examples[i] for i in idx], pad) for idx in order]
+
+
+class Path_:
+    """One way of training the prompt: a step function over a Batch, and its own optimiser."""
+
+    def __init__(self, name: str, model, init: torch.Tensor, lr: float, device: torch.device):
+        self.name, self.model, self.device = name, model, device
+        if name == "peft":
+            from peft import PromptTuningConfig, get_peft_model
+
+            cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=init.shape[0])
+            self.peft = get_peft_model(model, cfg)
+            emb = self.peft.prompt_encoder["default"].embedding.weight
+            emb.data.copy_(init)
+            self.params = [emb]
+        else:
+            self.prompt = torch.nn.Parameter(init.clone())
+            self.params = [self.prompt]
+        self.opt = torch.optim.AdamW(self.params, lr=lr)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.tokens: list[int] = []
+
+    def loss(self, batch):
+        if self.name == "peft":
+            return self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             labels=batch.targets).loss
+        total, n = batch_loss(self.model, self.prompt, batch)
+        return total / n
+
+    def step(self, batch, record: bool = True) -> float:
+        batch = batch.to(self.device)
+        sync(self.device)
+        t = time.perf_counter()
+        loss = self.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        value = float(loss)
+        sync(self.device)
+        if record:
+            self.times.append(time.perf_counter() - t)
+            self.losses.append(value)
+            self.tokens.append(int(batch.attention_mask.sum()))
+        return value
+
+    def flops(self, batch) -> int:
+        batch = batch.to(self.device)
+
+        def f():
+            self.loss(batch).backward()
+        n = count_flops(f)
+        self.opt.zero_grad(set_to_none=True)
+        return n
+
+
+def initial_prompt(model, P: int, seed: int) -> torch.Tensor:
+    # Sampled vocabulary rows: a realistic scale for both paths (values do not change the speed).
+    emb = model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    return emb[torch.randint(0, min(emb.shape[0], 5000), (P,), generator=g).to(emb.device)].detach().float().clone()
+
+
+def memory_child(args) -> None:
+    """Run in a fresh process: peak memory of a few training steps of one path."""
+    dev, dtype = device_and_dtype(args.device, args.dtype)
+    model, tok = load_bench_model(args.model, dev, dtype)
+    batches = batches_for(args.task[0], tok, args.batch_size, 3, args.seed, args.limit,
+                          trainer_style=args.memory_child == "peft")
+    path = Path_(args.memory_child, model, initial_prompt(model, args.virtual_tokens, args.seed).to(dtype),
+                 args.lr, dev)
+    with PeakMemory(dev) as pm:
+        for b in batches:
+            path.step(b, record=False)
+    print("MEMORY " + json.dumps(pm.as_dict()))
+
+
+def measure_memory(args, task: str, name: str) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--memory-child", name, "--task", task, "--model", args.model,
+           "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+           "--virtual-tokens", str(args.virtual_tokens), "--limit", str(args.limit), "--seed", str(args.seed)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("MEMORY ")]
+    if out.returncode or not line:
+        raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
+    return json.loads(line[0][7:])
+
+
+def alternate(paths, batches_per_path, record_from: int = 0) -> None:
+    # Interleave the paths step by step, so that slow phases of the machine hit both alike.
+    for i in range(len(batches_per_path[0])):
+        for p, bs in zip(paths, batches_per_path):
+            p.step(bs[i], record=i >= record_from)
+
+
+def summarise(p, peak: float, flops_batch) -> dict:
+    med = median(p.times)
+    flops = p.flops(flops_batch) if flops_batch is not None else 0
+    return {"median_step_s": med, "total_s": sum(p.times), "steps_per_s": 1 / med,
+            "text_tokens_per_s": sum(p.tokens) / sum(p.times), "gflop_per_step": flops / 1e9,
+            "gflop_per_s": flops / 1e9 / med, "fraction_of_matmul_peak": flops / 1e9 / med / peak,
+            "losses": p.losses}
+
+
+def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
+    init = initial_prompt(model, args.virtual_tokens, args.seed).to(dtype)
+    res = {"task": task, "steps": args.steps, "batch_size": args.batch_size, "virtual_tokens": args.virtual_tokens}
+    # 1. Throughput: each as its recipe batches the same examples (PEFT: random order padded to the
+    #    batch's longest row; softprompt: length-grouped).
+    trainer = batches_for(task, tok, args.batch_size, args.steps, args.seed, args.limit, trainer_style=True)
+    grouped = batches_for(task, tok, args.batch_size, args.steps, args.seed, args.limit)
+    paths = [Path_(name, model, init, args.lr, dev) for name in ("peft", "softprompt")]
+    alternate(paths, [trainer[:1], grouped[:1]], record_from=1)  # warm-up step, untimed
+    alternate(paths, [trainer, grouped])
+    for p, bs in zip(paths, [trainer, grouped]):
+        res[p.name] = summarise(p, peak, bs[len(bs) // 2] if args.flops else None)
+        res[p.name]["padded_tokens_per_step"] = sum(b.input_ids.numel() for b in bs) / len(bs)
+    res["speedup"] = res["peft"]["total_s"] / res["softprompt"]["total_s"]
+    # 2. Same numbers: identical batches in the same order from the same prompt; the loss
+    #    trajectories must agree, and the time ratio isolates the compute path from the batching.
+    if args.check_steps:
+        check = batches_for(task, tok, args.batch_size, args.check_steps, args.seed + 1, args.limit)
+        paths = [Path_(name, model, init, args.lr, dev) for name in ("peft", "softprompt")]
+        alternate(paths, [check, check])
+        rel = [abs(a - b) / abs(a) for a, b in zip(paths[0].losses, paths[1].losses)]
+        res["same_batches"] = {"steps": args.check_steps, "loss_rel_diff_step1": rel[0],
+                               "loss_rel_diff_max": max(rel),
+                               "compute_speedup": sum(paths[0].times) / sum(paths[1].times),
+                               "peft_losses": paths[0].losses, "softprompt_losses": paths[1].losses}
+    if args.memory:
+        for name in ("peft", "softprompt"):
+            if dev.type == "cpu":  # a fresh process each: see common.PeakMemory
+                res[name].update(measure_memory(args, task, name))
+            else:
+                p = Path_(name, model, init, args.lr, dev)
+                bs = trainer if name == "peft" else grouped
+                with PeakMemory(dev) as pm:
+                    for b in bs[:3]:
+                        p.step(b, record=False)
+                res[name].update(pm.as_dict())
+        res["memory_ratio_over_model"] = res["softprompt"]["peak_over_model_mb"] / res["peft"]["peak_over_model_mb"]
+        res["memory_ratio_total"] = res["softprompt"]["peak_total_mb"] / res["peft"]["peak_total_mb"]
+    return res
+
+
+def report(r: dict) -> None:
+    w = [11, 9, 8, 11, 11, 8, 9, 10]
+    print(f"\n== {r['task']}: {r['steps']} steps each over the same examples, batch {r['batch_size']}, "
+          f"P={r['virtual_tokens']}")
+    print(fmt_row(["path", "median s", "steps/s", "text tok/s", "padded tok", "GFLOP/s", "of peak", "peak MB*"], w))
+    for name in ("peft", "softprompt"):
+        x = r[name]
+        print(fmt_row([name, f"{x['median_step_s']:.3f}", f"{x['steps_per_s']:.2f}", f"{x['text_tokens_per_s']:.0f}",
+                       f"{x['padded_tokens_per_step']:.0f}", f"{x['gflop_per_s']:.1f}",
+                       f"{100 * x['fraction_of_matmul_peak']:.0f}%", f"{x.get('peak_over_model_mb', float('nan')):.0f}"], w))
+    print(f"throughput ratio softprompt/PEFT: {r['speedup']:.2f}x (same examples, total time)")
+    if "memory_ratio_over_model" in r:
+        print(f"peak memory ratio softprompt/PEFT: {r['memory_ratio_over_model']:.2f}x over the model, "
+              f"{r['memory_ratio_total']:.2f}x in total")
+    if "same_batches" in r:
+        s = r["same_batches"]
+        print(f"identical batches, {s['steps']} AdamW steps: loss relative difference {s['loss_rel_diff_step1']:.1e} "
+              f"at step 1, at most {s['loss_rel_diff_max']:.1e}; compute-only ratio {s['compute_speedup']:.2f}x")
+    print("* peak memory over the loaded model")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--task", nargs="+", default=["acts", "sst2"], choices=sorted(TASKS))
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per path")
+    ap.add_argument("--check-steps", type=int, default=20, help="steps on identical batches for the loss check (0 = skip)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--virtual-tokens", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=3e-2)
+    ap.add_argument("--limit", type=int, default=2000, help="rows read from each dataset")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument("--no-flops", dest="flops", action="store_false")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args)
+    dev, dtype = device_and_dtype(args.device, args.dtype)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # keep fp32 fp32, so the loss check means something
+    peak = matmul_peak_gflops(dev, dtype)
+    print(f"matmul peak ({dtype}, {dev}): {peak:.0f} GFLOP/s")
+    t = time.time()
+    model, tok = load_bench_model(args.model, dev, dtype, args.seed)
+    print(f"model {args.model} loaded in {time.time() - t:.0f}s")
+    results = {"bench": "train_speed", "model": args.model, "device": str(dev), "dtype": args.dtype,
+               "matmul_peak_gflops": peak, "machine": machine(), "tasks": []}
+    for task in args.task:
+        r = run_task(args, task, model, tok, dev, dtype, peak)
+        report(r)
+        results["tasks"].append(r)
+    tag = args.model.replace("/", "_").replace(":", "_")
+    out = write_result(args.out or RESULTS / f"train_speed_{tag}_{dev.type}.json", results)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
