@@ -363,3 +363,15 @@ def test_admin_token_load_and_unload(srv, monkeypatch):
     monkeypatch.setattr(srv.cfg, "admin_token", "")
     r = c.post("/v1/admin/prompts", json=body, headers=auth)
     assert r.status_code == 403 and "admin endpoints are off" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("spec,msg", [("facts", "--prompt 'facts': expected NAME=DIR"),
+                                      ("a=/no/prompt", "missing prompt file: /no/prompt/prompt.safetensors"),
+                                      ("wrong=WRONG", "hidden size 40 but the model's is 32")])
+def test_serve_command_refuses_bad_prompts_in_one_line(spec, msg, llama_dir, tmp_path, capsys):
+    from softprompt.cli import main
+
+    wrong = save_prompt(SoftPrompt(torch.zeros(2, 40)), tmp_path / "wrong", {})
+    assert main(["serve", "--model", str(llama_dir), "--device", "cpu", "--prompt", spec.replace("WRONG", str(wrong))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("softprompt: error: ") and msg in err[-1], err
