@@ -8,7 +8,7 @@ import pytest
 
 from softprompt.cli import build_parser, main
 
-COMMANDS = ["train", "eval", "generate", "export-peft", "import-peft", "demo"]
+COMMANDS = ["train", "eval", "generate", "serve", "export-peft", "import-peft", "demo"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

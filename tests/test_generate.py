@@ -50,3 +50,35 @@ def test_sampling_is_seeded_and_penalty_changes_output(tiny):
     r = generate_batch(model, tok, rows, GenerateConfig(max_new_tokens=12, repetition_penalty=5.0))[0]
     assert len(set(g)) < len(g)  # the tiny random model's greedy output repeats itself...
     assert len(set(r)) > len(set(g))  # ...and a strong penalty makes it repeat less
+
+
+def test_step_wise_decoding_per_row_budgets_seeds_and_early_stop(tiny):
+    from softprompt.generate import Decoding
+
+    model, tok = tiny
+    torch.manual_seed(1)
+    p = torch.randn(4, model.config.hidden_size) * 0.5
+    rows = [(None, tok("Country: Peru\nFacts:").input_ids), (p, tok("Act as").input_ids)]
+    greedy = GenerateConfig(max_new_tokens=9)
+    alone = [generate_batch(model, tok, [r], GenerateConfig(max_new_tokens=n))[0] for r, n in zip(rows, (3, 9))]
+    dec = Decoding(model, tok, rows, greedy, max_new=[3, 9])
+    steps = []
+    while not dec.finished:
+        steps.append(dec.step())
+    assert [t for t in dec.new[0] if t not in dec.eos] == alone[0] and len(dec.new[0]) <= 3
+    assert [t for t in dec.new[1] if t not in dec.eos] == alone[1]
+    assert all(s[0] is None for s in steps[3:])  # row 0 finished after its own budget
+    # Per-row seeds: a sampled row draws the same tokens whatever else shares its batch.
+    samp = GenerateConfig(max_new_tokens=8, sample=True, temperature=1.5, top_p=1.0)
+    solo = Decoding(model, tok, rows[1:], samp, seeds=[7])
+    pair = Decoding(model, tok, rows, samp, seeds=[3, 7])
+    while not (solo.finished and pair.finished):
+        solo.step(), pair.step()
+    assert solo.new[0] == pair.new[1]
+    # stop(i) ends one row at once and leaves the others running to the same result.
+    dec = Decoding(model, tok, rows, greedy)
+    dec.step()
+    dec.stop(0)
+    while not dec.finished:
+        dec.step()
+    assert len(dec.new[0]) == 1 and [t for t in dec.new[1] if t not in dec.eos] == alone[1]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
+from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig, add_args,
                      from_args)
 from .utils import SoftpromptError
 
@@ -63,6 +63,40 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
     return res
 
 
+def parse_prompt_specs(specs: list[str]) -> dict[str, str]:
+    """`NAME=DIR` pairs from repeated --prompt flags."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SoftpromptError(f"--prompt {spec!r}: expected NAME=DIR")
+        if name in out:
+            raise SoftpromptError(f"--prompt {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def serve_cmd(mcfg: ModelConfig, scfg: ServeConfig, prompt_specs: list[str]) -> None:
+    """Serve the prompts from one frozen model over HTTP until interrupted."""
+    import importlib.util
+    import os
+    from dataclasses import replace
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SoftpromptError(f"softprompt serve needs {' and '.join(missing)}: pip install 'softprompt[serve]'")
+    prompts = parse_prompt_specs(prompt_specs)
+    if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
+        scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
+    from .models import load_model
+    from .serve import serve
+
+    model, tok = load_model(mcfg)
+    # Clients pass this as `model` for no prompt: a Hub id or the built-in name as is, a local path's last part.
+    local = Path(mcfg.model).expanduser().exists()
+    serve(model, tok, prompts, scfg, Path(mcfg.model).name if local else mcfg.model)
+
+
 # ---------------------------------------------------------------- argument parsing
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap TEXT in the model's chat template")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="inputs to continue")
+
+    p = sub.add_parser("serve", help="serve prompts over HTTP (OpenAI-compatible, batched)",
+                       description="Serve many soft prompts from one frozen model over HTTP: OpenAI-compatible "
+                                   "/v1/completions and /v1/chat/completions (model = prompt name), /v1/classify, "
+                                   "/v1/models, /health, /metrics; API docs at /docs. Needs the serve extra.")
+    add_args(p, ModelConfig)
+    add_args(p, ServeConfig)
+    p.add_argument("--prompt", action="append", default=[], metavar="NAME=DIR",
+                   help="a prompt folder to serve under NAME (repeatable)")
 
     p = sub.add_parser("export-peft", help="write a prompt as a PEFT prompt-tuning adapter")
     p.add_argument("prompt_dir", metavar="DIR", help="softprompt prompt folder")
@@ -140,6 +183,8 @@ def run(argv: list[str] | None = None) -> int:
             for k in ("baseline", "tuned"):
                 if k in r:
                     print(f"--- {k}: {r[k]!r}")
+    elif args.cmd == "serve":
+        serve_cmd(from_args(ModelConfig, args), from_args(ServeConfig, args), args.prompt)
     elif args.cmd == "export-peft":
         from .peft_io import export_peft
 

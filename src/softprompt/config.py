@@ -85,6 +85,23 @@ class GenerateConfig:
     seed: int = opt(0, "sampling seed")
 
 
+@dataclass
+class ServeConfig:
+    host: str = opt("127.0.0.1", "address to bind (loopback by default; 0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "TCP port")
+    max_batch: int = opt(16, "most requests (rows) decoded together in one batch")
+    max_queue: int = opt(64, "most requests waiting for a batch; beyond it the server answers 503 with Retry-After")
+    batch_wait_ms: float = opt(5.0, "after a request arrives, wait this long for others to share its batch")
+    max_input_tokens: int = opt(1024, "longest accepted input in tokens (soft prompt not counted)")
+    max_new_tokens: int = opt(256, "cap on max_tokens a request may ask for")
+    default_max_tokens: int = opt(16, "max_tokens when a completion request gives none (OpenAI's default)")
+    max_body_bytes: int = opt(1_000_000, "largest accepted request body")
+    max_n: int = opt(8, "most choices (n) per completion request")
+    retry_after: int = opt(1, "seconds a 503 (queue full) tells clients to wait")
+    admin_token: str = opt("", "token for loading/unloading prompts at run time (default: env SOFTPROMPT_ADMIN_TOKEN; "
+                               "none = admin endpoints off)")
+
+
 def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per dataclass field; booleans get --flag / --no-flag."""
     hints = get_type_hints(cls)

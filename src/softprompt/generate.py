@@ -5,6 +5,9 @@ Row layout in a mixed batch (left padding on both parts, holes masked out):
     [pad .. prompt_i keys/values | pad .. text_i] then generated tokens
 Positions continue from each row's own prompt length, so every row sees exactly what it would
 see alone; greedy outputs match one-request-at-a-time decoding token for token.
+
+`Decoding` runs such a batch one step at a time (the server streams from it and stops rows
+early); `generate_batch` drives it to the end.
 """
 from __future__ import annotations
 
@@ -25,10 +28,14 @@ from .utils import SoftpromptError
 class PrefixState:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [1, heads, P, d]
     length: int
+    # The prompt tensor itself: keeps it alive so that its id() cannot be reused by another tensor
+    # while this entry exists (a server loads and unloads prompts at run time).
+    source: torch.Tensor | None = None
 
 
 class PromptKV:
-    """Per-prompt KV caches, computed on first use and kept (a prompt is a few KB; its KV a few MB)."""
+    """Per-prompt KV caches, computed on first use and kept (a prompt is a few KB; its KV a few MB).
+    Not thread-safe: the server touches it from its one scheduler thread only."""
 
     def __init__(self, model):
         self.model = model
@@ -39,21 +46,28 @@ class PromptKV:
         if prompt is None or prompt.shape[0] == 0:
             return None
         key = id(prompt)
-        if key not in self.store:
+        if key not in self.store or self.store[key].source is not prompt:
             dtype = self.model.get_input_embeddings().weight.dtype
             layers, _ = prefix_kv(self.model, prompt.to(self.model.device, dtype))
-            self.store[key] = PrefixState([(k.detach(), v.detach()) for k, v in layers], prompt.shape[0])
+            self.store[key] = PrefixState([(k.detach(), v.detach()) for k, v in layers], prompt.shape[0], prompt)
         return self.store[key]
 
     def drop(self, prompt: torch.Tensor) -> None:
         self.store.pop(id(prompt), None)
+
+    def retain(self, prompts: list[torch.Tensor]) -> None:
+        """Forget every cached prompt not in `prompts` (the server's unloaded ones)."""
+        keep = {id(p): p for p in prompts}
+        for key in [k for k, s in self.store.items() if keep.get(k) is not s.source]:
+            del self.store[key]
 
 
 def _accepts_positions(model) -> bool:
     return "position_ids" in inspect.signature(decoder(model).forward).parameters
 
 
-def _pick(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | None):
+def _pick(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig,
+          gen: torch.Generator | list[torch.Generator] | None):
     """Next token per row from logits [B, V]; `seen` [B, L] holds ids already in each row (-1 = none)."""
     if cfg.repetition_penalty != 1.0:
         valid = seen >= 0
@@ -69,79 +83,133 @@ def _pick(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig, gen: to
         drop = sp.cumsum(-1) - sp > cfg.top_p  # keep the smallest set whose mass reaches top_p
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(1, si, sp)
+    if isinstance(gen, list):  # one generator per row: a row's draws do not depend on its batch
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gen)])
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
-@torch.no_grad()
+class Decoding:
+    """Step-wise decoding of one batch of rows: the prompts' cached KV and the texts are run once
+    (prefill) on construction, then each `step()` returns every row's next token (None for a
+    finished row). The server streams from it and stops rows early (stop strings, gone clients).
+
+    Per row: its own token budget (`max_new`) and, when sampling, its own seeded generator
+    (`seeds`), so a row's output does not depend on which other rows share its batch. Without
+    `seeds` one generator seeded with `cfg.seed` serves the whole batch (generate_batch's way).
+    The step's tokens reach the host once per step (one sync), not once per row.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
+                 kv: PromptKV | None = None, max_new: list[int] | None = None, seeds: list[int] | None = None):
+        self.model, self.cfg = model, cfg
+        kv = kv or PromptKV(model)
+        dev = self.dev = model.device
+        prefixes = [kv.get(p) for p, _ in rows]
+        plen = [s.length if s else 0 for s in prefixes]
+        tlen = [len(ids) for _, ids in rows]
+        self.max_new = list(max_new) if max_new is not None else [cfg.max_new_tokens] * len(rows)
+        if min(tlen) == 0:
+            raise SoftpromptError("empty input text: give at least one token to continue")
+        B, Pm, Tm = len(rows), max(plen), max(tlen)
+        limit = max_positions(model)
+        # Positions count per row, so each row must fit on its own (not the batch's longest prompt + text).
+        for i in range(B):
+            if limit and plen[i] + tlen[i] + self.max_new[i] > limit:
+                raise SoftpromptError(f"input too long: {plen[i]} virtual + {tlen[i]} text + {self.max_new[i]} "
+                                      f"new tokens exceed the model's {limit} positions")
+        self.pad = pad = pad_id(tok)
+        ids = torch.full((B, Tm), pad, dtype=torch.long)
+        mask = torch.zeros(B, Pm + Tm, dtype=torch.long)
+        for i, (_, t) in enumerate(rows):
+            ids[i, Tm - len(t):] = torch.tensor(t)
+            mask[i, Pm - plen[i]:Pm] = 1
+            mask[i, Pm + Tm - len(t):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = DynamicCache()
+        if Pm:
+            ref = next(s for s in prefixes if s)
+            layers = []
+            for li, (k0, v0) in enumerate(ref.layers):
+                K = k0.new_zeros(B, k0.shape[1], Pm, k0.shape[3])
+                V = v0.new_zeros(B, v0.shape[1], Pm, v0.shape[3])
+                for i, s in enumerate(prefixes):
+                    if s:
+                        K[i, :, Pm - s.length:] = s.layers[li][0][0]
+                        V[i, :, Pm - s.length:] = s.layers[li][1][0]
+                layers.append((K, V))
+            cache = DynamicCache(ddp_cache_data=layers)
+        # Each row's positions count only its own real tokens (prompt included).
+        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, Pm:]
+        self.with_pos = _accepts_positions(model)  # BLOOM derives positions (ALiBi) from the mask instead
+        kw = {"position_ids": pos} if self.with_pos else {}
+        self.out = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
+                                  cache=cache, use_cache=True, **kw)
+        self.mask, self.last_pos = mask, pos[:, -1]
+        if not cfg.sample:
+            self.gen = None
+        elif seeds is None:
+            self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        else:
+            self.gen = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+        self.eos = eos_ids(model, tok)
+        self.seen = torch.where(ids == pad, -1, ids) if cfg.repetition_penalty != 1.0 else ids
+        self.new: list[list[int]] = [[] for _ in range(B)]
+        self.done = [m <= 0 for m in self.max_new]
+        self.stopped_by_eos = [False] * B
+        self._fed: torch.Tensor | None = None  # last step's tokens, fed to the model on the next step
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def stop(self, i: int) -> None:
+        """End row i now (its caller saw a stop string, or its client left); it stops costing compute
+        in the sense that its later tokens are masked padding."""
+        self.done[i] = True
+
+    @torch.no_grad()
+    def step(self) -> list[int | None]:
+        """Each live row's next token (None for rows already finished); [] once all are finished."""
+        if self.finished:
+            return []
+        model, cfg = self.model, self.cfg
+        done_t = torch.tensor(self.done, device=self.dev)
+        if self._fed is not None:  # feed the previous step's tokens (padding for finished rows)
+            nxt = torch.where(done_t, torch.full_like(self._fed, self.pad), self._fed)
+            if cfg.repetition_penalty != 1.0:
+                self.seen = torch.cat([self.seen, torch.where(done_t, -1, nxt)[:, None]], 1)
+            self.mask = torch.cat([self.mask, (~done_t).long()[:, None]], 1)
+            self.last_pos = self.last_pos + 1
+            kw = {"position_ids": self.last_pos[:, None]} if self.with_pos else {}
+            self.out = decoder(model)(inputs_embeds=model.get_input_embeddings()(nxt[:, None]),
+                                      attention_mask=self.mask, cache=self.out.cache, use_cache=True, **kw)
+        logits = _logits(model, self.out.last_hidden_state[:, -1])
+        self._fed = _pick(logits, self.seen, cfg, self.gen)
+        picked = self._fed.tolist()  # the step's one host sync
+        res: list[int | None] = []
+        for i, t in enumerate(picked):
+            if self.done[i]:
+                res.append(None)
+                continue
+            self.new[i].append(t)
+            res.append(t)
+            if t in self.eos:
+                self.done[i] = self.stopped_by_eos[i] = True
+            elif len(self.new[i]) >= self.max_new[i]:
+                self.done[i] = True
+        return res
+
+
 def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
                    kv: PromptKV | None = None) -> list[list[int]]:
     """Generate for rows of (soft prompt [P, H] or None, input token ids); returns new token ids."""
     if not rows:
         return []
-    kv = kv or PromptKV(model)
-    dev = model.device
-    prefixes = [kv.get(p) for p, _ in rows]
-    plen = [s.length if s else 0 for s in prefixes]
-    tlen = [len(ids) for _, ids in rows]
-    if min(tlen) == 0:
-        raise SoftpromptError("empty input text: give at least one token to continue")
-    B, Pm, Tm = len(rows), max(plen), max(tlen)
-    limit = max_positions(model)
-    if limit and Pm + Tm + cfg.max_new_tokens > limit:
-        raise SoftpromptError(f"input too long: {Pm} virtual + {Tm} text + {cfg.max_new_tokens} new tokens "
-                              f"exceed the model's {limit} positions")
-    pad = pad_id(tok)
-    ids = torch.full((B, Tm), pad, dtype=torch.long)
-    mask = torch.zeros(B, Pm + Tm, dtype=torch.long)
-    for i, (_, t) in enumerate(rows):
-        ids[i, Tm - len(t):] = torch.tensor(t)
-        mask[i, Pm - plen[i]:Pm] = 1
-        mask[i, Pm + Tm - len(t):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    cache = DynamicCache()
-    if Pm:
-        ref = next(s for s in prefixes if s)
-        layers = []
-        for li, (k0, v0) in enumerate(ref.layers):
-            K = k0.new_zeros(B, k0.shape[1], Pm, k0.shape[3])
-            V = v0.new_zeros(B, v0.shape[1], Pm, v0.shape[3])
-            for i, s in enumerate(prefixes):
-                if s:
-                    K[i, :, Pm - s.length:] = s.layers[li][0][0]
-                    V[i, :, Pm - s.length:] = s.layers[li][1][0]
-            layers.append((K, V))
-        cache = DynamicCache(ddp_cache_data=layers)
-    # Each row's positions count only its own real tokens (prompt included).
-    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, Pm:]
-    with_pos = _accepts_positions(model)  # BLOOM derives positions (ALiBi) from the mask instead
-    kw = {"position_ids": pos} if with_pos else {}
-    out = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, cache=cache,
-                         use_cache=True, **kw)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.sample else None
-    eos = eos_ids(model, tok)
-    seen = torch.where(ids == pad, -1, ids) if cfg.repetition_penalty != 1.0 else ids
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    last_pos = pos[:, -1]
-    for step in range(cfg.max_new_tokens):
-        logits = _logits(model, out.last_hidden_state[:, -1])
-        nxt = _pick(logits, seen, cfg, gen)
-        for i in range(B):
-            if not done[i]:
-                new[i].append(int(nxt[i]))
-                if int(nxt[i]) in eos:
-                    done[i] = True
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
-            break
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        if cfg.repetition_penalty != 1.0:
-            seen = torch.cat([seen, torch.where(done, -1, nxt)[:, None]], 1)
-        mask = torch.cat([mask, (~done).long()[:, None]], 1)
-        last_pos = last_pos + 1
-        kw = {"position_ids": last_pos[:, None]} if with_pos else {}
-        out = decoder(model)(inputs_embeds=model.get_input_embeddings()(nxt[:, None]), attention_mask=mask,
-                             cache=out.cache, use_cache=True, **kw)
-    return [[t for t in r if t not in eos] for r in new]
+    dec = Decoding(model, tok, rows, cfg, kv)
+    while not dec.finished:
+        dec.step()
+    return [[t for t in r if t not in dec.eos] for r in dec.new]
 
 
 def eos_ids(model, tok) -> set[int]:

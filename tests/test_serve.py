@@ -1,0 +1,377 @@
+"""The HTTP server, tested over real HTTP (httpx and the official openai client) against uvicorn on a
+loopback port with the tiny Llama and three random soft prompts: every endpoint, OpenAI shapes,
+streaming, mixed-prompt batches equal to requests served alone, each error case, the 503 path,
+failure isolation and the admin token."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from softprompt.config import GenerateConfig, ServeConfig  # noqa: E402
+from softprompt.data import Example, collate  # noqa: E402
+from softprompt.forward import row_logprobs  # noqa: E402
+from softprompt.generate import generate_batch  # noqa: E402
+from softprompt.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
+
+TOKEN = "test-admin-token"
+TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a teacher.\nPrompt:",
+         "Country: Peru\nFacts: capital"]
+
+
+@pytest.fixture(scope="module")
+def srv(llama_dir, tmp_path_factory):
+    from softprompt.models import load_model
+    from softprompt.serve import Running, create_app
+
+    model, tok = load_model(str(llama_dir))
+    root = tmp_path_factory.mktemp("prompts")
+    H = model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    dirs = {}
+    for name, P, meta in [("facts", 4, {}), ("reviews", 7, {"labels": ["negative", "positive"]}), ("acts", 5, {})]:
+        dirs[name] = save_prompt(SoftPrompt(torch.randn(P, H, generator=gen) * 0.5), root / name,
+                                 {"model": "tiny", **meta})
+    cfg = ServeConfig(max_batch=16, max_queue=32, batch_wait_ms=2, max_input_tokens=64, max_new_tokens=300,
+                      default_max_tokens=8, max_body_bytes=20_000, admin_token=TOKEN)
+    app = create_app(model, tok, {k: str(v) for k, v in dirs.items()}, cfg, model_name="tiny-base")
+    run = Running(app)
+    client = httpx.Client(base_url=run.url, timeout=30)
+
+    class S:
+        pass
+
+    s = S()
+    s.model, s.tok, s.app, s.url, s.client, s.root, s.cfg = model, tok, app, run.url, client, root, cfg
+    s.sched = app.state.scheduler
+    s.prompts = {k: load_prompt(v, model).embeds.detach() for k, v in dirs.items()}
+    s.prompts["tiny-base"] = None
+    yield s
+    client.close()
+    run.stop()
+
+
+def ref(s, model_name: str, ids: list[int], max_new: int) -> str:
+    """The answer generate_batch gives this request alone."""
+    out = generate_batch(s.model, s.tok, [(s.prompts[model_name], ids)], GenerateConfig(max_new_tokens=max_new))
+    return s.tok.decode(out[0], skip_special_tokens=True)
+
+
+def gated(s, monkeypatch):
+    """Hold the worker inside its next batch until `gate` is set; records every batch's size."""
+    gate, entered, sizes = threading.Event(), threading.Event(), []
+    orig = s.sched._run_batch
+
+    def run(jobs):
+        sizes.append(len(jobs))
+        entered.set()
+        gate.wait(20)
+        orig(jobs)
+
+    monkeypatch.setattr(s.sched, "_run_batch", run)
+    return gate, entered, sizes
+
+
+def in_threads(fn, args: list) -> list:
+    out = [None] * len(args)
+
+    def go(i):
+        out[i] = fn(args[i])
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(len(args))]
+    for t in ts:
+        t.start()
+    return ts, out
+
+
+def wait_depth(s, n: int) -> None:
+    t0 = time.monotonic()
+    while s.sched.depth < n:
+        assert time.monotonic() - t0 < 10, f"queue depth {s.sched.depth} never reached {n}"
+        time.sleep(0.005)
+
+
+def test_models_health_openapi_metrics(srv):
+    c = srv.client
+    ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert ids == ["tiny-base", "facts", "reviews", "acts"]
+    cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert cards["reviews"]["virtual_tokens"] == 7 and cards["reviews"]["labels"] == ["negative", "positive"]
+    h = c.get("/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["prompts"] == 3
+    paths = c.get("/openapi.json").json()["paths"]
+    for p in ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/health", "/metrics",
+              "/v1/admin/prompts", "/v1/admin/prompts/{name}"):
+        assert p in paths
+    assert "max_tokens" in json.dumps(c.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"])
+    assert c.get("/docs").status_code == 200
+    c.post("/v1/completions", json={"model": "facts", "prompt": "Country: Chile\nFacts:", "max_tokens": 2})
+    m = c.get("/metrics").text
+    assert 'softprompt_requests_total{endpoint="/v1/completions",code="200"}' in m
+    assert "softprompt_request_seconds_bucket" in m and "softprompt_queue_depth 0" in m
+    assert "softprompt_prompts_loaded 3" in m and "softprompt_generated_tokens_total" in m
+
+
+@pytest.mark.parametrize("name", ["tiny-base", "facts", "reviews", "acts"])
+def test_completion_equals_generate_alone(srv, name):
+    r = srv.client.post("/v1/completions", json={"model": name, "prompt": TEXTS[0], "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = srv.tok(TEXTS[0]).input_ids
+    assert body["object"] == "text_completion" and body["model"] == name
+    assert body["choices"][0]["text"] == ref(srv, name, ids, 12)
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_openai_client_completions_chat_and_streaming(srv):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny-base", "facts", "reviews", "acts"]
+    ids = srv.tok(TEXTS[1]).input_ids
+    want = ref(srv, "reviews", ids, 10)
+    c = client.completions.create(model="reviews", prompt=TEXTS[1], max_tokens=10, temperature=0)
+    assert c.choices[0].text == want and c.usage.completion_tokens > 0
+    chunks = list(client.completions.create(model="reviews", prompt=TEXTS[1], max_tokens=10, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # Chat: the messages rendered by the tokenizer's chat template, then the soft prompt's decoding.
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Country: Peru?"}]
+    chat_ids = srv.tok(srv.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False).input_ids
+    want = ref(srv, "acts", chat_ids, 9)
+    r = client.chat.completions.create(model="acts", messages=msgs, max_tokens=9)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    parts = list(client.chat.completions.create(model="acts", messages=msgs, max_tokens=9, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == want
+    with pytest.raises(openai.NotFoundError, match="unknown model 'nope'"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_raw_sse_stream_and_stop_strings(srv):
+    ids = srv.tok(TEXTS[0]).input_ids
+    full = ref(srv, "facts", ids, 16)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = full[:full.find(stop)]
+    body = {"model": "facts", "prompt": TEXTS[0], "max_tokens": 16, "stop": [stop]}
+    r = srv.client.post("/v1/completions", json=body)
+    assert r.json()["choices"][0]["text"] == cut and r.json()["choices"][0]["finish_reason"] == "stop"
+    with srv.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+    events = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert "".join(e["choices"][0]["text"] for e in events) == cut
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_mixed_prompt_batch_equals_single_requests(srv, monkeypatch):
+    """Requests for every prompt (and none), with different lengths and budgets, classification
+    among them, decoded in one shared batch: each answer equals the request served alone."""
+    gate, entered, sizes = gated(srv, monkeypatch)
+    names = ["tiny-base", "facts", "reviews", "acts"]
+    reqs = [("/v1/completions", {"model": names[i % 4], "prompt": TEXTS[(i * 3) % 4], "max_tokens": 4 + i % 7})
+            for i in range(12)]
+    reqs += [("/v1/classify", {"task": "reviews", "text": "Review: a great movie\nSentiment:"}),
+             ("/v1/classify", {"task": "facts", "text": TEXTS[0], "labels": ["yes", "no", "maybe"]})]
+    post = lambda a: httpx.post(srv.url + a[0], json=a[1], timeout=30)  # noqa: E731
+    t0, _ = in_threads(post, [("/v1/completions", {"model": "facts", "prompt": "x", "max_tokens": 1})])
+    assert entered.wait(10)  # the worker is busy with that one; the others queue up behind it
+    ts, out = in_threads(post, reqs)
+    wait_depth(srv, len(reqs))
+    gate.set()
+    for t in t0 + ts:
+        t.join(30)
+    assert sizes == [1, len(reqs)]  # all of them shared one batch
+    for (path, body), r in zip(reqs, out):
+        assert r.status_code == 200, r.text
+        if path == "/v1/completions":
+            want = ref(srv, body["model"], srv.tok(body["prompt"]).input_ids, body["max_tokens"])
+            assert r.json()["choices"][0]["text"] == want, body
+        else:
+            alone = srv.client.post(path, json=body).json()  # now served alone
+            assert r.json()["label"] == alone["label"]
+            for k, v in alone["scores"].items():
+                assert r.json()["scores"][k] == pytest.approx(v, abs=1e-4)
+
+
+def test_classify_matches_direct_scoring(srv):
+    text, labels = "Review: a dull film\nSentiment:", ["negative", "positive", "so so"]
+    r = srv.client.post("/v1/classify", json={"task": "reviews", "text": text, "labels": labels})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = srv.tok(text).input_ids
+    p = srv.prompts["reviews"]
+    want = []
+    for w in labels:
+        c = srv.tok(" " + w, add_special_tokens=False).input_ids
+        s, _ = row_logprobs(srv.model, p, collate([Example(ids + c, len(ids))], srv.tok.pad_token_id))
+        want.append(float(s[0]))
+    assert [body["scores"][w] for w in labels] == pytest.approx(want, abs=1e-4)
+    assert body["label"] == labels[max(range(3), key=lambda k: want[k])]
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0)
+    # Labels default to the prompt's own (recorded when it was trained).
+    d = srv.client.post("/v1/classify", json={"task": "reviews", "text": text}).json()
+    assert set(d["scores"]) == {"negative", "positive"}
+
+
+def test_sampling_is_seeded_per_request(srv):
+    body = {"model": "acts", "prompt": TEXTS[2], "max_tokens": 8, "temperature": 1.5, "seed": 3, "n": 2}
+    a = srv.client.post("/v1/completions", json=body).json()
+    b = srv.client.post("/v1/completions", json=body).json()
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]] and len(a["choices"]) == 2
+
+
+ERRORS = [
+    ("/v1/completions", b'{"model": "facts", "prompt": ', 400, "malformed JSON"),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "unknown model 'nope'"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model: Field required"),
+    ("/v1/completions", {"model": "facts", "prompt": ""}, 400, "prompt is empty"),
+    ("/v1/completions", {"model": "facts", "prompt": []}, 400, "prompt is empty"),
+    ("/v1/completions", {"model": "facts", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "facts", "prompt": "Country " * 80}, 400, "over this server's limit of 64"),
+    ("/v1/completions", {"model": "facts", "prompt": "x" * 30_000}, 413, "over the 20000-byte limit"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "max_tokens": 301}, 400, "cap of 300"),
+    ("/v1/completions", {"model": "facts", "prompt": "Act as", "max_tokens": 260}, 400, "model's 256 positions"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "n": 9}, 400, "n 9 is over"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "logprobs": 2}, 400, "logprobs are not supported"),
+    ("/v1/chat/completions", {"model": "facts", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "unknown"),
+    ("/v1/classify", {"task": "facts", "text": "x"}, 400, "at least two label words"),
+    ("/v1/classify", {"task": "reviews", "text": ""}, 400, "text is empty"),
+    ("/v1/classify", {"task": "nope", "text": "x", "labels": ["a", "b"]}, 404, "unknown model 'nope'"),
+    ("/v1/classify", {"task": "facts", "text": "x", "labels": ["a", "a"]}, 400, "distinct"),
+    ("/v1/nowhere", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,msg", ERRORS, ids=[f"{e[2]}-{e[3][:24]}" for e in ERRORS])
+def test_errors_are_json_naming_the_problem(srv, path, body, status, msg):
+    if isinstance(body, bytes):
+        r = srv.client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = srv.client.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert msg in err["message"] and err["type"]
+
+
+def test_chat_without_template_is_a_clear_400(srv, monkeypatch):
+    monkeypatch.setattr(srv.tok, "chat_template", None)
+    r = srv.client.post("/v1/chat/completions", json={"model": "facts", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+
+
+def test_full_queue_answers_503_with_retry_after(srv, monkeypatch):
+    monkeypatch.setattr(srv.sched, "max_queue", 2)
+    monkeypatch.setattr(srv.sched, "max_batch", 1)
+    gate, entered, _ = gated(srv, monkeypatch)
+    body = {"model": "facts", "prompt": TEXTS[0], "max_tokens": 3}
+    ts, out = in_threads(lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30), [body])
+    assert entered.wait(10)  # the worker holds one request...
+    ts2, out2 = in_threads(lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30), [body, body])
+    wait_depth(srv, 2)  # ...and two wait: the queue is full
+    r = srv.client.post("/v1/completions", json=body)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "queue_full" and "server busy" in r.json()["error"]["message"]
+    s = srv.client.post("/v1/completions", json={**body, "stream": True})
+    assert s.status_code == 503  # refused before any event is sent
+    gate.set()
+    for t in ts + ts2:
+        t.join(30)
+    want = ref(srv, "facts", srv.tok(TEXTS[0]).input_ids, 3)
+    assert all(r.status_code == 200 and r.json()["choices"][0]["text"] == want for r in out + out2)
+    assert "softprompt_rejected_jobs_total 2" in srv.client.get("/metrics").text
+
+
+def test_one_failing_request_does_not_take_down_others(srv, monkeypatch):
+    """A batch that raises is retried job by job: only the request that fails alone gets the error."""
+    import softprompt.scheduler as sch
+
+    poison = srv.tok("Act as a teacher.\nPrompt:").input_ids
+
+    class Flaky(sch.Decoding):
+        def __init__(self, model, tok, rows, *a, **kw):
+            if any(ids == poison for _, ids in rows):
+                raise RuntimeError("simulated kernel failure")
+            super().__init__(model, tok, rows, *a, **kw)
+
+    monkeypatch.setattr(sch, "Decoding", Flaky)
+    gate, entered, sizes = gated(srv, monkeypatch)
+    reqs = [{"model": m, "prompt": t, "max_tokens": 5} for m in ("facts", "acts") for t in TEXTS]
+    post = lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30)  # noqa: E731
+    t0, _ = in_threads(post, [{"model": "facts", "prompt": "x", "max_tokens": 1}])
+    assert entered.wait(10)
+    ts, out = in_threads(post, reqs)
+    wait_depth(srv, len(reqs))
+    retries = srv.sched.stats["batch_retries"]
+    gate.set()
+    for t in t0 + ts:
+        t.join(30)
+    assert sizes == [1, len(reqs)] and srv.sched.stats["batch_retries"] > retries
+    for b, r in zip(reqs, out):
+        if b["prompt"] == TEXTS[2]:
+            assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
+        else:
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["text"] == ref(srv, b["model"], srv.tok(b["prompt"]).input_ids, 5)
+    assert srv.client.get("/health").json()["status"] == "ok"
+
+
+def test_admin_token_load_and_unload(srv, monkeypatch):
+    c, H = srv.client, srv.model.config.hidden_size
+    good = save_prompt(SoftPrompt(torch.randn(3, H, generator=torch.Generator().manual_seed(9))), srv.root / "new", {})
+    wrong = save_prompt(SoftPrompt(torch.zeros(3, H + 8)), srv.root / "wrong", {"model": "other"})
+    (srv.root / "pickled").mkdir()
+    torch.save({"prompt_embeddings": torch.zeros(3, H)}, srv.root / "pickled" / "prompt.bin")
+    body = {"name": "new", "path": str(good)}
+    assert c.post("/v1/admin/prompts", json=body).status_code == 401
+    assert c.post("/v1/admin/prompts", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c.delete("/v1/admin/prompts/facts").status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = c.post("/v1/admin/prompts", json=body, headers=auth)
+    assert r.status_code == 201 and r.json()["virtual_tokens"] == 3
+    assert "new" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+    srv.prompts["new"] = load_prompt(good).embeds.detach()
+    got = c.post("/v1/completions", json={"model": "new", "prompt": TEXTS[3], "max_tokens": 6}).json()
+    assert got["choices"][0]["text"] == ref(srv, "new", srv.tok(TEXTS[3]).input_ids, 6)
+    assert c.post("/v1/admin/prompts", json=body, headers=auth).status_code == 409
+    bad = c.post("/v1/admin/prompts", json={"name": "w", "path": str(wrong)}, headers=auth)
+    assert bad.status_code == 400 and "hidden size 40 but the model's is 32" in bad.json()["error"]["message"]
+    pk = c.post("/v1/admin/prompts", json={"name": "p", "path": str(srv.root / "pickled")}, headers=auth)
+    assert pk.status_code == 400 and "missing prompt file" in pk.json()["error"]["message"]
+    assert c.post("/v1/admin/prompts", json={"name": "bad name!", "path": str(good)}, headers=auth).status_code == 400
+    loaded = srv.app.state.registry.items["new"].tensor
+    assert c.delete("/v1/admin/prompts/new", headers=auth).status_code == 200
+    assert c.post("/v1/completions", json={"model": "new", "prompt": "x"}).status_code == 404
+    assert c.delete("/v1/admin/prompts/new", headers=auth).status_code == 404
+    c.get("/health")  # the worker drops the unloaded prompt's KV after its next batch
+    c.post("/v1/completions", json={"model": "facts", "prompt": "x", "max_tokens": 1})
+    assert all(s.source is not loaded for s in srv.sched.kv.store.values())
+    monkeypatch.setattr(srv.cfg, "admin_token", "")
+    r = c.post("/v1/admin/prompts", json=body, headers=auth)
+    assert r.status_code == 403 and "admin endpoints are off" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("spec,msg", [("facts", "--prompt 'facts': expected NAME=DIR"),
+                                      ("a=/no/prompt", "missing prompt file: /no/prompt/prompt.safetensors"),
+                                      ("wrong=WRONG", "hidden size 40 but the model's is 32")])
+def test_serve_command_refuses_bad_prompts_in_one_line(spec, msg, llama_dir, tmp_path, capsys):
+    from softprompt.cli import main
+
+    wrong = save_prompt(SoftPrompt(torch.zeros(2, 40)), tmp_path / "wrong", {})
+    assert main(["serve", "--model", str(llama_dir), "--device", "cpu", "--prompt", spec.replace("WRONG", str(wrong))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("softprompt: error: ") and msg in err[-1], err
