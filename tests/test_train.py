@@ -101,3 +101,30 @@ def test_bad_input_leaves_no_output(llama_dir, countries_csv, tmp_path, change, 
     with pytest.raises(SoftpromptError, match=msg):
         train(m, d, p, t, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
+    """--init auto / --loss auto: label-word init and the label softmax for classification with
+    one-token words; text init and the LM loss otherwise. The run records the resolved values."""
+    from softprompt.data import Formatter
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(model_dir))
+    rows = "".join(f"{t},{l}\n" for t, l in [("good fun", 1), ("bad film", 0), ("fine work", 1), ("dull plot", 0)] * 5)
+    data = tmp_path / "cls.csv"
+    data.write_text("text,label\n" + rows)
+    d = DataConfig(data=str(data), template="Review: {text}\\nSentiment:", labels="b,a", eval_fraction=0.2)
+    cand = Formatter(d, tok).label_ids("Sentiment:")
+    assert all(len(c) == 1 for c in cand), "premise: the label words are one token each"
+    run = tmp_path / "cls"
+    train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
+          TrainConfig(out=str(run), max_steps=2, save_every=0, batch_size=4), model=model, tok=tok, quiet=True)
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert cfg["PromptConfig"]["init"] == "labels" and cfg["TrainConfig"]["loss"] == "classes"
+    assert load_prompt(run).meta["init"] == "labels"
+    lm = DataConfig(data=str(data), template="Review: {text}", eval_fraction=0.2)
+    train(ModelConfig(model=str(model_dir), device="cpu"), lm, PromptConfig(virtual_tokens=3),
+          TrainConfig(out=str(tmp_path / "lm"), max_steps=1, save_every=0, batch_size=4), model=model, tok=tok,
+          quiet=True)
+    cfg = json.loads((tmp_path / "lm" / "run_config.json").read_text())
+    assert cfg["PromptConfig"]["init"] == "text" and cfg["TrainConfig"]["loss"] == "lm"

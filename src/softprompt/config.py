@@ -45,7 +45,8 @@ class DataConfig:
 @dataclass
 class PromptConfig:
     virtual_tokens: int = opt(20, "number of virtual tokens P in the soft prompt")
-    init: str = opt("text", "initialisation", choices=["random", "vocab", "text", "labels", "file"])
+    init: str = opt("auto", "initialisation (auto: the label words' embeddings for classification, text otherwise)",
+                    choices=["auto", "random", "vocab", "text", "labels", "file"])
     init_text: str = opt("", "text for --init text (default: a task description derived from the data)")
     init_file: str = opt("", "prompt folder to start from for --init file")
 
@@ -62,8 +63,9 @@ class TrainConfig:
     warmup_steps: int = opt(10, "linear warm-up steps")
     schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
     grad_clip: float = opt(1.0, "clip the prompt's gradient norm (0 = off)")
-    loss: str = opt("lm", "lm: cross-entropy over the vocabulary; classes: over the label words only",
-                    choices=["lm", "classes"])
+    loss: str = opt("auto", "lm: cross-entropy over the vocabulary; classes: over the label words only "
+                    "(auto: classes for classification with one-token label words, lm otherwise)",
+                    choices=["auto", "lm", "classes"])
     eval_every: int = opt(50, "evaluate on held-out data every N steps (0 = only at the end)")
     patience: int = opt(0, "stop after N evaluations without improvement (0 = never)")
     keep_best: bool = opt(True, "save the prompt with the best held-out score, not the last one")

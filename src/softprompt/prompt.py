@@ -64,13 +64,19 @@ def _repeat_to(ids: list[int], n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def resolve_init(init: str, label_words: list[str] | None) -> str:
+    # Label words are the strongest start for classification (Lester et al. 2021, section 7).
+    return ("labels" if label_words else "text") if init == "auto" else init
+
+
 def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = None,
                 default_text: str = "", seed: int = 0) -> SoftPrompt:
     emb = model.get_input_embeddings().weight.detach().float()  # [V, H]
     P, H = cfg.virtual_tokens, emb.shape[1]
     gen = torch.Generator().manual_seed(seed)
-    meta: dict[str, Any] = {"init": cfg.init}
-    if cfg.init == "file":
+    init = resolve_init(cfg.init, label_words)
+    meta: dict[str, Any] = {"init": init}
+    if init == "file":
         if not cfg.init_file:
             raise SoftpromptError("--init file needs --init-file DIR")
         prompt = load_prompt(cfg.init_file, model)
@@ -81,12 +87,12 @@ def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = N
         return SoftPrompt(prompt.embeds.data, meta)
     if P < 1:
         raise SoftpromptError(f"--virtual-tokens must be at least 1 (got {P})")
-    if cfg.init == "random":
+    if init == "random":
         # Match the scale of real token embeddings; N(0, 1) (PEFT's default) is far off for most models.
         embeds = torch.randn(P, H, generator=gen) * emb.std()
-    elif cfg.init == "vocab":
+    elif init == "vocab":
         embeds = _sample_vocab(emb, tok, P, gen)
-    elif cfg.init == "text":
+    elif init == "text":
         text = cfg.init_text or default_text
         if not text:
             raise SoftpromptError("--init text needs --init-text TEXT")
@@ -95,14 +101,14 @@ def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = N
             raise SoftpromptError(f"--init-text {text!r} tokenises to nothing")
         embeds = emb[_repeat_to(ids, P)]
         meta["init_text"] = text
-    elif cfg.init == "labels":
+    elif init == "labels":
         if not label_words:
             raise SoftpromptError("--init labels needs --labels a,b,...")
         ids = [i for w in label_words for i in tok(" " + w, add_special_tokens=False).input_ids][:P]
         rest = _sample_vocab(emb, tok, P - len(ids), gen)
         embeds = torch.cat([emb[ids], rest]) if ids else rest
     else:
-        raise SoftpromptError(f"unknown --init {cfg.init!r}: use random, vocab, text, labels or file")
+        raise SoftpromptError(f"unknown --init {init!r}: use auto, random, vocab, text, labels or file")
     return SoftPrompt(embeds, meta)
 
 

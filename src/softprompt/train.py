@@ -63,6 +63,20 @@ def class_token_ids(fmt: Formatter, examples: list[Example]) -> torch.Tensor:
     return torch.tensor([c[0] for c in cand])
 
 
+def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex: list[Example]):
+    """Replace the 'auto' choices by what they mean for this data."""
+    from dataclasses import replace
+
+    from .prompt import resolve_init
+
+    pcfg = replace(pcfg, init=resolve_init(pcfg.init, fmt.label_words))
+    if tcfg.loss == "auto":
+        # The label-word softmax trains only what rank classification scores; it needs one-token words.
+        single = fmt.task == "classify" and all(len(c) == 1 for c in fmt.candidates(train_ex[0]))
+        tcfg = replace(tcfg, loss="classes" if single else "lm")
+    return pcfg, tcfg
+
+
 def _score(metrics: dict[str, float]) -> float:
     # Higher is better: accuracy for classification, negative loss otherwise.
     return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
@@ -86,6 +100,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     ckpt = out / "checkpoint"
     if tcfg.resume and not (ckpt / "state.json").is_file():
         raise SoftpromptError(f"--resume: no checkpoint in {ckpt}")
+    pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
     prompt = init_prompt(model, tok, pcfg, fmt.label_words, default_init_text(fmt), tcfg.seed)
     prompt.to(acc.device)
     if tcfg.loss == "classes" and fmt.task != "classify":
@@ -132,7 +147,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             return None
         m = evaluate(model, tok, prompt, fmt, eval_ex, batch_size=max(tcfg.batch_size, 16),
                      shared_prefix=tcfg.shared_prefix)
-        log({"step": step, "split": "eval", **m})
+        log({"step": step, "split": "eval", "seconds": round(state["train_seconds"], 3), **m})
         score = _score(m)
         if score > state["best"]:
             state["best"], state["bad_evals"] = score, 0
