@@ -56,7 +56,13 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def class_token_ids(fmt: Formatter, examples: list[Example]) -> torch.Tensor:
-    cand = fmt.candidates(examples[0])
+    from .evaluate import row_candidates
+
+    sets = {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
+    if len(sets) > 1:  # one shared class softmax per batch needs one token per label word for every row
+        raise SoftpromptError("--loss classes: the label words tokenise differently after different inputs "
+                              "(e.g. some inputs end in a space); make the template end the same way for all rows")
+    cand = list(next(iter(sets)))
     if any(len(c) != 1 for c in cand):
         raise SoftpromptError("--loss classes needs label words that are one token each "
                               f"(got {[len(c) for c in cand]} tokens)")
