@@ -71,6 +71,15 @@ def _release_memory() -> None:
         pass
 
 
+@torch.no_grad()
+def resident(model):
+    """Read every weight once: safetensors are memory-mapped, so pages of an untouched model become
+    resident only on first use, which would otherwise count as the first phase's memory."""
+    for t in model.state_dict().values():
+        t.float().sum() if t.is_floating_point() else t.sum()
+    return model
+
+
 class PeakMemory:
     """Peak memory of the enclosed block above its start, in bytes (see the module docstring)."""
 
@@ -142,7 +151,7 @@ def shot_text(fmt: Formatter, tok, ex: Example) -> str:
 
 def pick_shots(fmt: Formatter, train_ex: list[Example], k: int, seed: int) -> list[Example]:
     """K training examples, seeded; for classification taken round-robin over the labels, so that a
-    small K does not show only one class (which would bias the model towards it)."""
+    small K does not show only one class (which would bias the model towards it), then shuffled."""
     order = list(range(len(train_ex)))
     random.Random(seed).shuffle(order)
     if fmt.task != "classify":
@@ -153,6 +162,8 @@ def pick_shots(fmt: Formatter, train_ex: list[Example], k: int, seed: int) -> li
         for b in buckets:
             if b and len(picked) < k:
                 picked.append(b.pop(0))
+    # Shuffled, so that the last shot (which small models tend to copy) is not always the same label.
+    random.Random(seed + 1).shuffle(picked)
     return [train_ex[i] for i in picked]
 
 
@@ -189,6 +200,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
         raise SoftpromptError("--k-shot must be >= 1 (zero-shot is its own method)")
     if model is None:
         model, tok = load_model(mcfg)
+    resident(model)
     seed_everything(tcfg.seed)
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     if not eval_ex:
@@ -248,7 +260,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             del ft
             _release_memory()
             mdir = out / "full" / MODEL_DIR
-            ft, _ = load_model(replace(mcfg, model=str(mdir)))  # scored from the saved files
+            ft = resident(load_model(replace(mcfg, model=str(mdir)))[0])  # scored from the saved files
             m, sec, mem = timed_eval(ft, tok, None, fmt, eval_ex, bs)
             del ft
             row(method, eval=m, eval_seconds=round(sec, 2), eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
