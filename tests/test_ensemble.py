@@ -79,3 +79,20 @@ def test_ensemble_cli(llama_dir, countries_csv, tmp_path, capsys):
     assert "ensemble: majority vote" in capsys.readouterr().out
     assert main(["ensemble", "--model", str(llama_dir), *data, dirs[0]]) == 2
     assert "at least two prompt folders" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_batch_equals_alone_on_the_builtin_model():
+    from conftest import SHARED
+    from softprompt.config import ModelConfig
+    from softprompt.models import load_model
+
+    model, tok = load_model(ModelConfig(device="cpu"))
+    fmt, ex, _ = load_splits(DataConfig(data=str(SHARED / "sst2" / "dev.tsv"), template="Review: {sentence}\\nSentiment:",
+                                        labels="negative,positive", eval_fraction=0, limit=12), tok)
+    emb = model.get_input_embeddings().weight.detach()
+    prompts = [emb[torch.randint(0, 5000, (P,), generator=torch.Generator().manual_seed(P))] for P in (4, 20)]
+    together = ensemble_scores(model, prompts, fmt, ex)
+    for k, p in enumerate(prompts):
+        alone = label_scores(model, tok, lambda p=p: p, fmt, ex)
+        assert torch.allclose(together[k], alone, atol=2e-4), (together[k] - alone).abs().max()
