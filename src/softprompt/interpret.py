@@ -21,7 +21,8 @@ def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, k: int = 5) -
 
 def inspect_prompt(model, tok, prompt: torch.Tensor, k: int = 5) -> dict[str, Any]:
     emb = model.get_input_embeddings().weight.detach()
-    sims, ids = nearest_tokens(prompt.detach().to(emb.device), emb, k)
+    prompt = prompt.detach()
+    sims, ids = nearest_tokens(prompt.to(emb.device), emb, k)
     mean_norm = float(emb.float().norm(dim=-1).mean())
     tokens = []
     for p in range(prompt.shape[0]):
