@@ -152,6 +152,7 @@ def plot(r: dict, args, dest: Path) -> None:
     a.plot([p for p, _ in lens], [v for _, v in lens], "o-", label=f"prompt tuning (init {args.length_init})")
     a.axhline(100 * r["untuned"]["accuracy"], color="gray", ls="--", label="untuned model")
     a.set_xscale("log"), a.set_xlabel("prompt length P (virtual tokens)"), a.set_ylabel("accuracy (%)")
+    a.set_xticks([p for p, _ in lens], [str(p) for p, _ in lens]), a.minorticks_off()
     a.set_title("prompt length"), a.grid(alpha=0.3), a.legend(fontsize=8)
     ini = [x for x in r["runs"] if x["virtual_tokens"] == args.ensemble_length]
     bars = b.bar([x["init"] for x in ini], [100 * x["accuracy"] for x in ini], color=[f"C{i}" for i in range(len(ini))])
@@ -161,7 +162,7 @@ def plot(r: dict, args, dest: Path) -> None:
         b.legend(fontsize=8)
     b.axhline(100 * r["untuned"]["accuracy"], color="gray", ls="--")
     lo = min([100 * r["untuned"]["accuracy"]] + [100 * x["accuracy"] for x in r["runs"]])
-    b.set_ylim(max(0, lo - 5), 100), a.set_ylim(max(0, lo - 5), 100)
+    b.set_ylim(max(0, lo - 5), 101), a.set_ylim(max(0, lo - 5), 101)
     b.set_title(f"initialisation (P = {args.ensemble_length})"), b.set_ylabel("accuracy (%)"), b.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{Path(r['data']).parent.name or r['data']}: prompt tuning ablations ({r['model']})", fontsize=10)
     fig.tight_layout()
