@@ -13,7 +13,8 @@ the last training step's weights: no checkpoint is picked on the data it is scor
 
 Measured per row: trainable parameters, artifact bytes on disk (the instruction/context text, the
 prompt.safetensors, or the fine-tuned model's safetensors), peak memory, training seconds
-(optimiser steps only, as `train` counts them), and inference time per example (wall time of
+(optimiser steps only, as `train` counts them; the JSON also has the whole call's wall time, with
+weight hashing and saving, as train_wall_seconds), and inference time per example (wall time of
 scoring the held-out set divided by its rows, batch `--eval-batch-size`).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the phase's start;
@@ -242,11 +243,14 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             cfg = replace(tcfg, out=str(out / "prompt"), method="prompt", eval_untuned=False, keep_best=False,
                           save_every=0, eval_every=0, resume=False)
             with PeakMemory(model.device) as tmem:
+                t0 = time.perf_counter()
                 s = train(mcfg, dcfg, pcfg, cfg, model=model, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
+                wall = round(time.perf_counter() - t0, 2)
             prompt = load_prompt(out / "prompt", model).to(model.device)  # scored from the saved file
             m, sec, mem = timed_eval(model, tok, prompt, fmt, eval_ex, bs)
             row(method, eval=m, eval_seconds=round(sec, 2), eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
-                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], steps=s["steps"],
+                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
+                steps=s["steps"],
                 lr=cfg.lr, artifact=str(out / "prompt" / WEIGHTS_FILE),
                 artifact_bytes=_bytes(out / "prompt" / WEIGHTS_FILE),
                 base_weights_unchanged=s["base_weights_unchanged"])
@@ -256,7 +260,9 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
                           max_steps=ccfg.ft_steps or tcfg.max_steps, batch_size=ccfg.ft_batch_size or tcfg.batch_size)
             ft = copy.deepcopy(model)  # the caller's model stays the frozen base for the other rows
             with PeakMemory(model.device) as tmem:
+                t0 = time.perf_counter()
                 s = train(mcfg, dcfg, pcfg, cfg, model=ft, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
+                wall = round(time.perf_counter() - t0, 2)
             del ft
             _release_memory()
             mdir = out / "full" / MODEL_DIR
@@ -264,7 +270,8 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             m, sec, mem = timed_eval(ft, tok, None, fmt, eval_ex, bs)
             del ft
             row(method, eval=m, eval_seconds=round(sec, 2), eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
-                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], steps=s["steps"],
+                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
+                steps=s["steps"],
                 lr=cfg.lr, artifact=str(mdir), artifact_bytes=_bytes(mdir))
     result = {"model": mcfg.model, "data": dcfg.data, "eval_data": dcfg.eval_data or f"{dcfg.data} (held out)",
               "task": fmt.task, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
