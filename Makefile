@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench ablations clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Prompt length / init ablations and the prompt ensemble on SST-2 (~45 min on 2 cores).
+ablations: setup
+	$(BIN)/python experiments/ablations.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -20,3 +20,28 @@ def test_classification_loss_from_scores_equals_loss_pass(tiny):
     assert got["tokens"] == ref["tokens"]
     assert abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-6
     assert got["accuracy"] == accuracy(model, tok, prompt, fmt, ex)["accuracy"]
+
+
+def test_label_candidates_are_per_row(tiny, tmp_path):
+    """A label word after a trailing space tokenises differently from one after a word: each row is
+    scored with its own candidates, exactly as when scored alone (not with the first row's)."""
+    import json
+
+    from softprompt.evaluate import label_scores, row_candidates
+
+    model, tok = tiny
+    rows = [{"t": "Review: a great movie\nSentiment:", "y": 1}, {"t": "Review: a dull film\nSentiment: ", "y": 0},
+            {"t": "Review: a dull film\nSentiment:", "y": 0}, {"t": "Review: a great movie ", "y": 1}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmt, ex, _ = load_splits(DataConfig(data=str(data), template="{t}", labels="negative,positive", label_col="y",
+                                        eval_fraction=0), tok)
+    cands = row_candidates(fmt, ex)
+    assert len({tuple(map(tuple, c)) for c in cands}) == 2  # the premise: two different candidate sets
+    p = torch.randn(2, model.config.hidden_size) * 0.1
+    together = label_scores(model, tok, lambda: p, fmt, ex, batch_size=4)
+    alone = torch.cat([label_scores(model, tok, lambda: p, fmt, [e]) for e in ex])
+    assert torch.allclose(together, alone, atol=1e-5)
+    # The loss read off the scores agrees with the separate loss pass for mixed candidates too.
+    got, ref = evaluate(model, tok, lambda: p, fmt, ex), eval_loss(model, tok, lambda: p, ex)
+    assert got["tokens"] == ref["tokens"] and abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-5

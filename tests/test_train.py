@@ -113,7 +113,7 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
     rows = "".join(f"{t},{l}\n" for t, l in [("good fun", 1), ("bad film", 0), ("fine work", 1), ("dull plot", 0)] * 5)
     data = tmp_path / "cls.csv"
     data.write_text("text,label\n" + rows)
-    d = DataConfig(data=str(data), template="Review: {text}\\nSentiment:", labels="b,a", eval_fraction=0.2)
+    d = DataConfig(data=str(data), template="Review: {text}\\nSentiment:", labels="America,language", eval_fraction=0.2)
     cand = Formatter(d, tok).label_ids("Sentiment:")
     assert all(len(c) == 1 for c in cand), "premise: the label words are one token each"
     run = tmp_path / "cls"

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig, add_args,
-                     from_args)
+from .config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig,
+                     TrainConfig, add_args, from_args)
 from .utils import SoftpromptError
 
 
@@ -144,6 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="softprompt prompt folder to write")
     p.add_argument("--model", default=None, help="model name to record (default: the adapter's base model)")
 
+    p = sub.add_parser("compare", help="prompt engineering vs prompt tuning vs full fine-tuning, measured",
+                       description="Run prompt engineering (zero-/k-shot), prompt tuning and full fine-tuning on one "
+                                   "split; report trainable parameters, artifact size, peak memory, training time, "
+                                   "inference time per example and quality as compare.md, compare.json and "
+                                   "compare.png in --out. Prompt tuning takes the train flags (--max-steps, --lr, ...); "
+                                   "full fine-tuning the same ones with --ft-lr/--ft-steps/--ft-batch-size.")
+    for cls in (ModelConfig, DataConfig, PromptConfig):
+        add_args(p, cls)
+    add_args(p, TrainConfig, skip=("out", "method", "resume", "keep_best", "save_every", "eval_every", "patience",
+                                   "eval_untuned"))
+    add_args(p, CompareConfig)
+
+    p = sub.add_parser("ensemble", help="score K prompts together: each alone, majority vote, mean log-prob",
+                       description="Score every row of --data with K prompt folders in one batch per group of rows; "
+                                   "report each prompt's accuracy, the best single one, and the ensemble's by "
+                                   "majority vote and by mean log-probability.")
+    add_args(p, ModelConfig)
+    add_args(p, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit"))
+    p.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders (two or more)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    p = sub.add_parser("inspect", help="nearest vocabulary tokens of each virtual token",
+                       description="For each virtual token of a prompt, its nearest vocabulary tokens by cosine "
+                                   "similarity to the model's input embeddings.")
+    p.add_argument("prompt_dir", metavar="DIR", help="prompt folder")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the model the prompt was trained for")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--top-k", type=int, default=5, help="neighbours per virtual token")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("demo", help="train and compare a prompt on the built-in model, offline",
                        description="Offline demo: train a soft prompt on the built-in model and the bundled "
                                    "countries data, then compare held-out loss and generations.")
@@ -193,6 +223,23 @@ def run(argv: list[str] | None = None) -> int:
         from .peft_io import import_peft
 
         print(import_peft(args.peft_dir, args.out, args.model))
+    elif args.cmd == "compare":
+        from .compare import compare, markdown_table
+
+        # --out is the comparison's folder; each method's run folder is made inside it.
+        r = compare(from_args(ModelConfig, args), from_args(DataConfig, args), from_args(PromptConfig, args),
+                    from_args(TrainConfig, args), from_args(CompareConfig, args))
+        print(markdown_table(r))
+    elif args.cmd == "ensemble":
+        from .ensemble import ensemble_cmd, format_report
+
+        r = ensemble_cmd(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompts)
+        print(json.dumps(r)) if args.json else print(format_report(r), end="")
+    elif args.cmd == "inspect":
+        from .interpret import format_inspection, inspect_cmd
+
+        r = inspect_cmd(args.prompt_dir, args.model, args.top_k, args.device)
+        print(json.dumps(r, indent=2)) if args.json else print(format_inspection(r), end="")
     elif args.cmd == "demo":
         from .demo import demo
 

@@ -75,6 +75,26 @@ class TrainConfig:
     shared_prefix: bool = opt(True, "compute the prompt's keys/values once per step, shared by all rows")
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
+    method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "
+                      "weight instead (no prompt; saves the whole model in OUT/model; use a small --lr "
+                      "such as 2e-5; one process, no --resume)", choices=["prompt", "full"])
+
+
+@dataclass
+class CompareConfig:
+    """The comparison's own flags; prompt tuning takes the train flags (--max-steps, --lr, ...)."""
+    out: str = opt("runs/compare", "output folder: compare.md, compare.json, compare.png, one folder per method")
+    methods: str = opt("untuned,zero-shot,k-shot,prompt,full",
+                       "comma-separated methods to run: untuned (bare input), zero-shot (written instruction), "
+                       "k-shot (instruction + K training examples), prompt (prompt tuning), full (fine-tuning)")
+    instruction: str = opt("", "written instruction for zero-/k-shot (default: 'Classify the text as A or B.' "
+                               "for --labels data, else a generic one)")
+    k_shot: int = opt(4, "training examples (with their answers) placed before the input for k-shot; "
+                         "label-balanced for classification")
+    ft_lr: float = opt(2e-5, "full fine-tuning peak learning rate (prompt tuning uses --lr)")
+    ft_steps: int = opt(0, "full fine-tuning steps (0 = the same as --max-steps)")
+    ft_batch_size: int = opt(0, "full fine-tuning batch size (0 = the same as --batch-size)")
+    eval_batch_size: int = opt(16, "rows per forward pass when scoring (the same for every method)")
 
 
 @dataclass

@@ -32,28 +32,49 @@ def eval_loss(model, tok, prompt, examples: list[Example], batch_size: int = 16,
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
 
 
+def row_candidates(fmt: Formatter, examples: list[Example]) -> list[list[list[int]]]:
+    """Each example's own label-word token ids: a label word's tokens can depend on the text before
+    it (" positive" after "Sentiment:", "positive" after a trailing space or newline)."""
+    memo: dict[str, list[list[int]]] = {}
+    out = []
+    for e in examples:
+        rendered = fmt.render_input(e.text)
+        key = rendered[-1:]  # label_text depends only on the input's last character
+        if key not in memo:
+            memo[key] = fmt.label_ids(rendered)
+        out.append(memo[key])
+    return out
+
+
 @torch.no_grad()
 def label_scores(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_size: int = 16,
                  shared_prefix: bool = True, progress: bool = False) -> torch.Tensor:
     """Log-probability [N, C] of each label word after each example's input."""
     dev = model.device
     p = prompt() if prompt is not None else None
-    cand = fmt.candidates(examples[0])
+    cands = row_candidates(fmt, examples)
     inputs = [Example(e.ids[:e.loss_start], 0, e.label, e.text) for e in examples]
-    scores = torch.zeros(len(examples), len(cand))
-    single = all(len(c) == 1 for c in cand)
+    scores = torch.zeros(len(examples), len(fmt.label_words))
     pad = pad_id(tok)
-    for idx in tqdm(eval_batches(inputs, batch_size), desc="classify", disable=not progress, leave=False):
-        if single:
-            batch = collate([inputs[i] for i in idx], pad).to(dev)
-            ids = torch.tensor([c[0] for c in cand], device=dev)
-            scores[idx] = next_token_logprobs(model, p, batch.input_ids, batch.attention_mask, ids,
-                                              shared_prefix).float().cpu()
-            continue
-        for k, c in enumerate(cand):  # multi-token label words: score each candidate's tokens
-            exs = [Example(inputs[i].ids + c, len(inputs[i].ids)) for i in idx]
-            s, _ = row_logprobs(model, p, collate(exs, pad).to(dev), shared_prefix)
-            scores[idx, k] = s.float().cpu()
+    # Rows sharing one candidate set are scored together; usually there is just one such group.
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cands):
+        groups.setdefault(tuple(map(tuple, c)), []).append(i)
+    for cand, members in groups.items():
+        single = all(len(c) == 1 for c in cand)
+        sub = [inputs[i] for i in members]
+        for bidx in tqdm(eval_batches(sub, batch_size), desc="classify", disable=not progress, leave=False):
+            idx = [members[j] for j in bidx]
+            if single:  # one forward pass: the next-token distribution holds every label word
+                batch = collate([inputs[i] for i in idx], pad).to(dev)
+                ids = torch.tensor([c[0] for c in cand], device=dev)
+                scores[idx] = next_token_logprobs(model, p, batch.input_ids, batch.attention_mask, ids,
+                                                  shared_prefix).float().cpu()
+                continue
+            for k, c in enumerate(cand):  # multi-token label words: score each candidate's tokens
+                exs = [Example(inputs[i].ids + list(c), len(inputs[i].ids)) for i in idx]
+                s, _ = row_logprobs(model, p, collate(exs, pad).to(dev), shared_prefix)
+                scores[idx, k] = s.float().cpu()
     return scores
 
 
@@ -71,11 +92,11 @@ def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_
     if fmt.task != "classify":
         return eval_loss(model, tok, prompt, examples, batch_size, shared_prefix, progress)
     scores = label_scores(model, tok, prompt, fmt, examples, batch_size, shared_prefix, progress)
-    cand = fmt.candidates(examples[0])
-    if all(e.ids[e.loss_start:] == cand[e.label] for e in examples):
+    cands = row_candidates(fmt, examples)
+    if all(e.ids[e.loss_start:] == c[e.label] for e, c in zip(examples, cands)):
         # Each example's target is its gold label word, whose score is already its log-likelihood:
         # the loss needs no second pass over the data.
-        tokens = sum(len(cand[e.label]) for e in examples)
+        tokens = sum(len(c[e.label]) for e, c in zip(examples, cands))
         loss = -float(scores[torch.arange(len(examples)), [e.label for e in examples]].sum()) / tokens
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
     else:  # a truncated target, or label words tokenised differently after some inputs

@@ -1,4 +1,5 @@
-"""Training: one explicit loop that updates only the soft prompt.
+"""Training: one explicit loop that updates only the soft prompt (or, with `method="full"`, every
+model weight instead: the full fine-tuning baseline, trained by the same loop on the same batches).
 
 Data-parallel through Accelerate: under `accelerate launch`/`torchrun` each process takes its share
 of every global batch and the prompt's gradient is all-reduced, so N processes produce the prompt
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import string
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,13 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def class_token_ids(fmt: Formatter, examples: list[Example]) -> torch.Tensor:
-    cand = fmt.candidates(examples[0])
+    from .evaluate import row_candidates
+
+    sets = {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
+    if len(sets) > 1:  # one shared class softmax per batch needs one token per label word for every row
+        raise SoftpromptError("--loss classes: the label words tokenise differently after different inputs "
+                              "(e.g. some inputs end in a space); make the template end the same way for all rows")
+    cand = list(next(iter(sets)))
     if any(len(c) != 1 for c in cand):
         raise SoftpromptError("--loss classes needs label words that are one token each "
                               f"(got {[len(c) for c in cand]} tokens)")
@@ -82,10 +90,25 @@ def _score(metrics: dict[str, float]) -> float:
     return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
 
 
+MODEL_DIR = "model"  # where a full fine-tuning run saves its model, inside the run folder
+
+
+def save_model(model, tok, dest: Path, meta: dict[str, Any]) -> Path:
+    """The whole fine-tuned model as safetensors (+ tokenizer), loadable with --model DEST; atomic."""
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "softprompt_run.json", meta)
+    return dest
+
+
 def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig,
-          model=None, tok=None, stop_after: int = 0, quiet: bool = False) -> dict[str, Any]:
-    """Train a soft prompt; return the run summary. `stop_after` > 0 simulates an interruption
-    after that many steps (for resume tests)."""
+          model=None, tok=None, stop_after: int = 0, quiet: bool = False,
+          splits: tuple[Formatter, list[Example], list[Example]] | None = None) -> dict[str, Any]:
+    """Train a soft prompt (or fine-tune the model: `tcfg.method == "full"`); return the run summary.
+    `stop_after` > 0 simulates an interruption after that many steps (for resume tests). `splits`
+    gives already loaded (formatter, train, eval) examples instead of loading `dcfg`: the method
+    comparison passes one split to every method (an empty eval list skips evaluation)."""
     from accelerate import Accelerator
 
     if tcfg.batch_size < 1 or tcfg.lr <= 0:
@@ -95,14 +118,28 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     if model is None:
         model, tok = load_model(mcfg)
     model.to(acc.device)
-    fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
+    fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
     out = Path(tcfg.out)
     ckpt = out / "checkpoint"
+    finetune = tcfg.method == "full"
+    if finetune and (tcfg.resume or acc.num_processes > 1):
+        # Its checkpoint would be the whole model plus 2x its size of optimiser state, and the
+        # forward pass below calls the decoder directly, which DDP's hooks would not see.
+        raise SoftpromptError("--method full runs in one process and cannot --resume")
     if tcfg.resume and not (ckpt / "state.json").is_file():
         raise SoftpromptError(f"--resume: no checkpoint in {ckpt}")
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
-    prompt = init_prompt(model, tok, pcfg, fmt.label_words, default_init_text(fmt), tcfg.seed)
-    prompt.to(acc.device)
+    if finetune:
+        if tcfg.lr > 1e-3:
+            print(f"[softprompt] warning: --lr {tcfg.lr} is a prompt-tuning rate; full fine-tuning wants ~1e-5..5e-5",
+                  file=sys.stderr)
+        prompt = None  # P = 0: the text alone, through weights that all learn
+        model.requires_grad_(True)
+        params = list(model.parameters())
+    else:
+        prompt = init_prompt(model, tok, pcfg, fmt.label_words, default_init_text(fmt), tcfg.seed)
+        prompt.to(acc.device)
+        params = list(prompt.parameters())
     if tcfg.loss == "classes" and fmt.task != "classify":
         raise SoftpromptError("--loss classes needs classification data (--labels)")
     class_ids = class_token_ids(fmt, train_ex).to(acc.device) if tcfg.loss == "classes" else None
@@ -112,9 +149,10 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         raise SoftpromptError(f"--batch-size {tcfg.batch_size} is not divisible by {world} processes")
     per_epoch = math.ceil(len(train_ex) / tcfg.batch_size)
     total = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * per_epoch))
-    opt = make_optimizer(tcfg, prompt.parameters())
+    opt = make_optimizer(tcfg, params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg, total))
-    ddp_prompt = acc.prepare_model(prompt) if world > 1 else prompt
+    ddp_prompt = acc.prepare_model(prompt) if world > 1 and not finetune else prompt
+    trainable = count_params(model, trainable_only=True) if finetune else count_params(prompt)
 
     hash_before = weights_hash(model)
     meta = {"model": mcfg.model, "template": dcfg.template, "target": dcfg.target, "text_col": dcfg.text_col,
@@ -142,6 +180,12 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def save_artifact(dest: Path, step: int, m: dict[str, float] | None) -> None:
+        if finetune:
+            save_model(model, tok, dest / MODEL_DIR, {**meta, "step": step, "eval": m})
+        else:
+            save_prompt(prompt, dest, {**meta, "step": step, "eval": m})
+
     def run_eval(step: int) -> dict[str, float] | None:
         if not eval_ex:
             return None
@@ -152,7 +196,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         if score > state["best"]:
             state["best"], state["bad_evals"] = score, 0
             if tcfg.keep_best and main:
-                save_prompt(prompt, out, {**meta, "step": step, "eval": m})
+                save_artifact(out, step, m)
         else:
             state["bad_evals"] += 1
         return m
@@ -184,11 +228,12 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         # Normalise by the global token count so N processes average to the 1-process loss.
         n_local = torch.tensor(float(batch.num_targets), device=acc.device)
         n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
-        loss_sum, _ = batch_loss(model, ddp_prompt(), batch, tcfg.shared_prefix, class_ids)
+        loss_sum, _ = batch_loss(model, ddp_prompt() if prompt is not None else None, batch, tcfg.shared_prefix,
+                                 class_ids)
         loss = loss_sum / n_global.clamp(min=1) * world
         acc.backward(loss)
         if tcfg.grad_clip > 0:
-            acc.clip_grad_norm_(prompt.parameters(), tcfg.grad_clip)
+            acc.clip_grad_norm_(params, tcfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -210,7 +255,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             last_eval = run_eval(step)
             if tcfg.patience and state["bad_evals"] >= tcfg.patience:
                 stopped_early = True
-        if main and tcfg.save_every and (step % tcfg.save_every == 0 or step == total or stopped_early):
+        if main and tcfg.save_every and not finetune and (step % tcfg.save_every == 0 or step == total or stopped_early):
             with atomic_dir(ckpt) as tmp:
                 save_prompt(prompt, tmp, meta)
                 torch.save(opt.state_dict(), tmp / "optimizer.pt")
@@ -223,17 +268,21 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     if stop_after and state["step"] < total and not stopped_early:
         return {"interrupted_at": state["step"]}
     hash_after = weights_hash(model)
+    if finetune:  # leave the (now fine-tuned) model frozen again, like every model this package hands out
+        model.requires_grad_(False)
+        del opt
     if main:
         if not (tcfg.keep_best and eval_ex) or state["best"] == -math.inf:
-            save_prompt(prompt, out, {**meta, "step": state["step"], "eval": last_eval})
+            save_artifact(out, state["step"], last_eval)
         summary = {"steps": state["step"], "total_steps": total, "stopped_early": stopped_early,
                    "train_seconds": round(train_seconds, 2), "tokens": state["tokens"],
                    "tokens_per_second": round(state["tokens"] / max(train_seconds, 1e-9), 1),
-                   "trainable_params": count_params(prompt), "base_params": count_params(model),
+                   "method": tcfg.method, "trainable_params": trainable, "base_params": count_params(model),
                    "base_weights_sha256_before": hash_before, "base_weights_sha256_after": hash_after,
                    "base_weights_unchanged": hash_before == hash_after,
                    "best_eval_score": state["best"] if state["best"] != -math.inf else None,
-                   "final_eval": last_eval, "untuned_eval": untuned, "world_size": world, "prompt_dir": str(out)}
+                   "final_eval": last_eval, "untuned_eval": untuned, "world_size": world,
+                   "prompt_dir": str(out / MODEL_DIR if finetune else out)}
         write_json(out / "summary.json", summary)
         plot_metrics(out)
     else:

@@ -1,0 +1,53 @@
+"""Reading a soft prompt: for each virtual token, its nearest vocabulary tokens by cosine similarity
+to the model's input embeddings (Lester et al. 2021, section 7: learned prompts often sit near
+label words and task words, though many virtual tokens have no close token at all).
+
+Named `interpret` rather than `inspect`, which would shadow the standard library module.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities [P, k] and token ids [P, k] of each prompt row's k nearest embedding rows."""
+    sims = F.normalize(prompt.float(), dim=-1) @ F.normalize(embeddings.float(), dim=-1).T  # [P, V]
+    return sims.topk(min(k, sims.shape[1]), dim=-1)
+
+
+def inspect_prompt(model, tok, prompt: torch.Tensor, k: int = 5) -> dict[str, Any]:
+    emb = model.get_input_embeddings().weight.detach()
+    prompt = prompt.detach()
+    sims, ids = nearest_tokens(prompt.to(emb.device), emb, k)
+    mean_norm = float(emb.float().norm(dim=-1).mean())
+    tokens = []
+    for p in range(prompt.shape[0]):
+        tokens.append({"position": p, "norm": round(float(prompt[p].float().norm()), 4),
+                       "nearest": [{"id": int(i), "token": tok.decode([int(i)]), "cosine": round(float(s), 4)}
+                                   for s, i in zip(sims[p], ids[p])]})
+    return {"virtual_tokens": prompt.shape[0], "vocab_size": emb.shape[0],
+            "mean_vocab_embedding_norm": round(mean_norm, 4), "tokens": tokens}
+
+
+def inspect_cmd(prompt_dir: str, model_name: str, k: int = 5, device: str = "cpu", model=None, tok=None) -> dict:
+    from .config import ModelConfig
+    from .models import load_model
+    from .prompt import load_prompt
+
+    if model is None:
+        model, tok = load_model(ModelConfig(model=model_name, device=device))
+    sp = load_prompt(prompt_dir, model)
+    return {"prompt": prompt_dir, "model": model_name, **inspect_prompt(model, tok, sp.embeds, k)}
+
+
+def format_inspection(r: dict[str, Any]) -> str:
+    lines = [f"{r['prompt']}: {r['virtual_tokens']} virtual tokens; nearest of {r['vocab_size']} vocabulary "
+             f"embeddings by cosine (mean vocabulary embedding norm {r['mean_vocab_embedding_norm']:.3f})"]
+    for t in r["tokens"]:
+        near = "  ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"])
+        lines.append(f"{t['position']:>4}  norm {t['norm']:7.3f}  {near}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,126 @@
+"""The method comparison on the tiny Llama: every row present with exact trainable-parameter counts,
+its files written, the base untouched by prompt tuning; full fine-tuning through the same loop; the
+prompt-engineering context; the CLI and the ablation script end to end."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT
+from softprompt.cli import main
+from softprompt.compare import build_context, compare, pick_shots, shot_text, with_context
+from softprompt.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.data import load_splits
+from softprompt.models import load_model
+from softprompt.train import train
+from softprompt.utils import SoftpromptError, count_params, weights_hash
+
+
+def _cls_cfgs(model_dir, data, out, **ckw):
+    m = ModelConfig(model=str(model_dir), device="cpu")
+    d = DataConfig(data=str(data), template="Country: {country}\\nEurope:", labels="no,yes", label_col="europe",
+                   eval_fraction=0.2, eval_limit=12, max_length=32)
+    p = PromptConfig(virtual_tokens=3, init="labels")
+    t = TrainConfig(lr=0.05, batch_size=4, max_steps=3, warmup_steps=1, seed=0)  # no,yes: several tokens each here
+    c = CompareConfig(out=str(out), k_shot=2, ft_steps=2, ft_lr=1e-3, **ckw)
+    return m, d, p, t, c
+
+
+def test_compare_rows_params_files(llama_dir, countries_csv, tmp_path):
+    model, tok = load_model(str(llama_dir))
+    before = weights_hash(model)
+    out = tmp_path / "cmp"
+    r = compare(*_cls_cfgs(llama_dir, countries_csv, out), model=model, tok=tok, quiet=True)
+    rows = {x["method"]: x for x in r["rows"]}
+    assert list(rows) == ["untuned", "zero-shot", "k-shot", "prompt", "full"]
+    H, N = model.config.hidden_size, count_params(model)
+    assert rows["prompt"]["trainable_params"] == 3 * H
+    assert rows["full"]["trainable_params"] == N == r["base_params"]
+    assert all(rows[m]["trainable_params"] == 0 for m in ("untuned", "zero-shot", "k-shot"))
+    # Prompt tuning left the base bit-identical; full fine-tuning worked on a copy.
+    assert rows["prompt"]["base_weights_unchanged"] and weights_hash(model) == before
+    for m, x in rows.items():
+        assert x["eval"]["n"] == 12 and 0 <= x["eval"]["accuracy"] <= 1 and x["ms_per_example"] > 0, m
+    assert rows["prompt"]["steps"] == 3 and rows["full"]["steps"] == 2 and rows["full"]["lr"] == 1e-3
+    # Artifacts: the context text, the prompt tensor (P*H fp32 + header), the whole model.
+    assert (out / "k-shot" / "context.txt").read_text().count("\n\n") == 3  # instruction + 2 shots
+    assert rows["zero-shot"]["artifact_bytes"] == len((out / "zero-shot" / "context.txt").read_bytes())
+    assert 3 * H * 4 < rows["prompt"]["artifact_bytes"] < 3 * H * 4 + 1024
+    assert rows["full"]["artifact_bytes"] > N * 4
+    assert (out / "full" / "model" / "model.safetensors").is_file() and (out / "prompt" / "prompt.safetensors").is_file()
+    for f in ("compare.json", "compare.md", "compare.png"):
+        assert (out / f).stat().st_size > 100, f
+    md = (out / "compare.md").read_text()
+    assert md.count("\n|") == 2 + 5 and "prompt tuning (P=3)" in md and "full fine-tuning" in md
+    assert json.loads((out / "compare.json").read_text())["rows"][3]["method"] == "prompt"
+
+
+def test_full_finetuning_uses_the_same_loop(llama_dir, countries_csv, tmp_path):
+    model, tok = load_model(str(llama_dir))
+    m, d, p, t, _ = _cls_cfgs(llama_dir, countries_csv, tmp_path)
+    t.out, t.method, t.lr, t.max_steps, t.eval_every, t.save_every = str(tmp_path / "ft"), "full", 1e-3, 3, 0, 0
+    s = train(m, d, p, t, model=model, tok=tok, quiet=True)
+    assert s["method"] == "full" and s["trainable_params"] == count_params(model)
+    assert not s["base_weights_unchanged"]  # every weight learned
+    assert not any(q.requires_grad for q in model.parameters())  # handed back frozen
+    saved, _ = load_model(str(tmp_path / "ft" / "model"))
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
+    t.resume = True
+    with pytest.raises(SoftpromptError, match="cannot --resume"):
+        train(m, d, p, t, model=model, tok=tok, quiet=True)
+
+
+def test_prompt_engineering_context(tiny, countries_csv):
+    model, tok = tiny
+    d = DataConfig(data=str(countries_csv), template="Country: {country}\\nEurope:", labels="no,yes",
+                   label_col="europe", eval_fraction=0.2)
+    fmt, train_ex, eval_ex = load_splits(d, tok)
+    shots = pick_shots(fmt, train_ex, 4, seed=0)
+    assert sorted(e.label for e in shots) == [0, 0, 1, 1]  # label-balanced
+    assert shot_text(fmt, tok, shots[0]).endswith(" no" if shots[0].label == 0 else " yes")
+    ctx = build_context("Is the country in Europe?", [shot_text(fmt, tok, e) for e in shots])
+    ex = with_context(fmt, eval_ex[0], ctx)
+    # Same supervised tokens and label as without the context; the input starts with the context.
+    assert ex.ids[ex.loss_start:] == eval_ex[0].ids[eval_ex[0].loss_start:] and ex.label == eval_ex[0].label
+    assert tok.decode(ex.ids[:ex.loss_start]).startswith("Is the country in Europe?\n\nCountry: ")
+
+
+def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys):
+    out = tmp_path / "gen"
+    rc = main(["compare", "--model", str(llama_dir), "--device", "cpu", "--data", str(countries_csv),
+               "--template", "Country: {country}\\nCapital:", "--target", " {capital}", "--eval-limit", "8",
+               "--max-length", "32", "--virtual-tokens", "2", "--init", "vocab", "--max-steps", "2",
+               "--batch-size", "4", "--methods", "zero-shot,k-shot,prompt", "--k-shot", "1", "--out", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "held-out loss" in table and "perplexity" in table and "1-shot" in table
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [x["method"] for x in rows] == ["zero-shot", "k-shot", "prompt"]
+    assert all(x["eval"]["tokens"] == rows[0]["eval"]["tokens"] for x in rows)  # same scored tokens
+    assert main(["compare", "--model", str(llama_dir), "--data", str(countries_csv), "--text-col", "country",
+                 "--methods", "prompt,nope", "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown --methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["compare", "ensemble", "inspect"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: softprompt " + cmd in capsys.readouterr().out
+
+
+def test_ablation_script(llama_dir, countries_csv, tmp_path):
+    spec = importlib.util.spec_from_file_location("ablations", ROOT / "experiments" / "ablations.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "abl"
+    res = mod.main(["--model", str(llama_dir), "--data", str(countries_csv), "--template",
+                    "Country: {country}\\nEurope:", "--labels", "no,yes", "--label-col", "europe",
+                    "--eval-data", "", "--eval-fraction", "0.2", "--eval-limit", "10", "--max-length", "32", "--lengths", "1,2",
+                    "--inits", "random,labels", "--ensemble-length", "2", "--max-steps", "2", "--batch-size", "4", "--loss", "lm",
+                    "--out", str(out)])
+    assert [(r["virtual_tokens"], r["init"]) for r in res["runs"]] == [(1, "labels"), (2, "labels"), (2, "random")]
+    assert res["ensemble"]["n"] == 10 and len(res["ensemble"]["prompts"]) == 2
+    for f in ("ablations.md", "ablations.json", "ablations.png"):
+        assert (out / f).stat().st_size > 100, f

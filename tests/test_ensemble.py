@@ -1,0 +1,98 @@
+"""Prompt ensembling: K prompts (of different lengths) scored together in one batch give each
+prompt's scores alone; majority vote and mean log-probability are combined correctly."""
+import json
+
+import pytest
+import torch
+
+from conftest import EXAMPLES
+from softprompt import ensemble
+from softprompt.cli import main
+from softprompt.config import DataConfig
+from softprompt.data import load_splits
+from softprompt.ensemble import combine, ensemble_report, ensemble_scores
+from softprompt.evaluate import label_scores, row_candidates
+from softprompt.prompt import SoftPrompt, save_prompt
+
+# Continent names: one to several tokens each (both scoring paths); capital/language: one token each.
+LABELS = {"multi": ("Continent:", "Europe,Asia,Africa,Oceania,North America,South America", "continent"),
+          "single": ("Capital or language?", "capital,language", "country")}
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+def test_one_batch_equals_each_prompt_alone(tiny, kind, tmp_path, monkeypatch):
+    model, tok = tiny
+    cue, labels, col = LABELS[kind]
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()][:20]
+    if kind == "single":  # give the rows a label column whose values are those label words
+        rows = [{**r, "country": ("capital", "language")[i % 2]} for i, r in enumerate(rows)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmt, ex, _ = load_splits(DataConfig(data=str(data), template="Capital: {capital}\\n" + cue, labels=labels,
+                                        label_col=col, eval_fraction=0), tok)
+    lens = {len(w) for c in row_candidates(fmt, ex) for w in c}
+    assert (lens == {1}) == (kind == "single")  # the premise: the path this case means to test
+    torch.manual_seed(0)
+    prompts = [torch.randn(P, model.config.hidden_size) * 0.2 for P in (2, 3, 5)]
+    seen = []
+    real = ensemble.per_row_hidden
+    monkeypatch.setattr(ensemble, "per_row_hidden", lambda m, ps, seqs, which: seen.append(set(which)) or
+                        real(m, ps, seqs, which))
+    together = ensemble_scores(model, prompts, fmt, ex)
+    assert seen and all(s == {0, 1, 2} for s in seen)  # every forward pass holds rows of all K prompts
+    for k, p in enumerate(prompts):
+        alone = label_scores(model, tok, lambda p=p: p, fmt, ex, batch_size=7)
+        assert torch.allclose(together[k], alone, atol=1e-5), (k, (together[k] - alone).abs().max())
+
+
+def test_vote_and_mean_logprob_on_constructed_scores():
+    s = torch.tensor([
+        # prompt 0                         prompt 1                        prompt 2
+        [[-0.8, -0.6, -9.0], [-0.1, -1.0, -1.2], [-5.0, -4.0, -0.1]],
+        [[-0.8, -0.6, -9.0], [-3.0, -0.2, -2.5], [-5.0, -4.0, -0.1]],
+        [[-0.01, -5.0, -9.0], [-2.0, -2.0, -0.3], [-0.2, -4.0, -0.3]],
+    ])  # [K=3, N=3, C=3]
+    p = combine(s)
+    assert p["single"].tolist() == [[1, 0, 2], [1, 1, 2], [0, 2, 0]]
+    # Row 0: two prompts vote 1, but prompt 2's confidence makes class 0 the best mean log-prob.
+    # Row 1: a three-way tie, broken by the mean log-probability (class 1). Row 2: 2 of 3 vote 2.
+    assert p["vote"].tolist() == [1, 1, 2]
+    assert p["mean_logprob"].tolist() == [0, 1, 2]
+    r = ensemble_report(s, torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    assert [x["accuracy"] for x in r["prompts"]] == pytest.approx([1 / 3, 2 / 3, 1 / 3])
+    assert r["best_single"]["prompt"] == "b"
+    assert r["majority_vote_accuracy"] == pytest.approx(2 / 3) and r["mean_logprob_accuracy"] == 1.0
+
+
+def test_ensemble_cli(llama_dir, countries_csv, tmp_path, capsys):
+    dirs = []
+    for k, P in enumerate((2, 4)):
+        d = tmp_path / f"p{k}"
+        save_prompt(SoftPrompt(torch.randn(P, 32) * 0.2), d, {"model": str(llama_dir)})
+        dirs.append(str(d))
+    data = ["--data", str(countries_csv), "--template", "Country: {country}\\nEurope:", "--labels", "no,yes",
+            "--label-col", "europe"]
+    assert main(["ensemble", "--model", str(llama_dir), *data, *dirs, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n"] == 194 and len(r["prompts"]) == 2 and 0 <= r["mean_logprob_accuracy"] <= 1
+    assert main(["ensemble", "--model", str(llama_dir), *data, *dirs]) == 0
+    assert "ensemble: majority vote" in capsys.readouterr().out
+    assert main(["ensemble", "--model", str(llama_dir), *data, dirs[0]]) == 2
+    assert "at least two prompt folders" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_batch_equals_alone_on_the_builtin_model():
+    from conftest import SHARED
+    from softprompt.config import ModelConfig
+    from softprompt.models import load_model
+
+    model, tok = load_model(ModelConfig(device="cpu"))
+    fmt, ex, _ = load_splits(DataConfig(data=str(SHARED / "sst2" / "dev.tsv"), template="Review: {sentence}\\nSentiment:",
+                                        labels="negative,positive", eval_fraction=0, limit=12), tok)
+    emb = model.get_input_embeddings().weight.detach()
+    prompts = [emb[torch.randint(0, 5000, (P,), generator=torch.Generator().manual_seed(P))] for P in (4, 20)]
+    together = ensemble_scores(model, prompts, fmt, ex)
+    for k, p in enumerate(prompts):
+        alone = label_scores(model, tok, lambda p=p: p, fmt, ex)
+        assert torch.allclose(together[k], alone, atol=2e-4), (together[k] - alone).abs().max()
