@@ -20,6 +20,7 @@ the loss trajectories must agree, and its time ratio isolates the compute path f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ACTS, RESULTS, SST2, PeakMemory, count_flops, device_and_dtype, fmt_row,  # noqa: E402
@@ -71,7 +73,7 @@ class Path_:
             cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=init.shape[0])
             self.peft = get_peft_model(model, cfg)
             emb = self.peft.prompt_encoder["default"].embedding.weight
-            emb.data.copy_(init)
+            emb.data = init.clone()  # same values and dtype as softprompt's prompt
             self.params = [emb]
         else:
             self.prompt = torch.nn.Parameter(init.clone())
@@ -82,6 +84,13 @@ class Path_:
         self.tokens: list[int] = []
 
     def loss(self, batch):
+        if self.name == "peft" and self.params[0].dtype == torch.float64:
+            # transformers' loss casts logits to float32; for the float64 parity check take PEFT's
+            # logits and apply the same shifted cross-entropy in float64.
+            logits = self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            P = logits.shape[1] - batch.input_ids.shape[1]
+            labels = torch.cat([batch.targets.new_full((batch.targets.shape[0], P), -100), batch.targets], 1)
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         if self.name == "peft":
             return self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              labels=batch.targets).loss
@@ -181,10 +190,17 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     #    trajectories must agree, and the time ratio isolates the compute path from the batching.
     if args.check_steps:
         check = batches_for(task, tok, args.batch_size, args.check_steps, args.seed + 1, args.limit)
-        paths = [Path_(name, model, init, args.lr, dev) for name in ("peft", "softprompt")]
+        # In float64 by default: Adam's first steps move every coordinate by about +-lr whatever the
+        # gradient's size, so float32 rounding (1e-7) in near-zero gradient entries grows into
+        # visibly different trajectories within a few steps. Float64 shows whether the two paths
+        # compute the same function; float32 (--check-dtype float32) shows how fast rounding grows.
+        cdtype = getattr(torch, args.check_dtype)
+        cmodel = model if cdtype == dtype else copy.deepcopy(model).to(cdtype)
+        paths = [Path_(name, cmodel, init.to(cdtype), args.lr, dev) for name in ("peft", "softprompt")]
         alternate(paths, [check, check])
         rel = [abs(a - b) / abs(a) for a, b in zip(paths[0].losses, paths[1].losses)]
-        res["same_batches"] = {"steps": args.check_steps, "loss_rel_diff_step1": rel[0],
+        del cmodel, paths[0].peft
+        res["same_batches"] = {"steps": args.check_steps, "dtype": args.check_dtype, "loss_rel_diff_step1": rel[0],
                                "loss_rel_diff_max": max(rel),
                                "compute_speedup": sum(paths[0].times) / sum(paths[1].times),
                                "peft_losses": paths[0].losses, "softprompt_losses": paths[1].losses}
@@ -220,7 +236,7 @@ def report(r: dict) -> None:
               f"{r['memory_ratio_total']:.2f}x in total")
     if "same_batches" in r:
         s = r["same_batches"]
-        print(f"identical batches, {s['steps']} AdamW steps: loss relative difference {s['loss_rel_diff_step1']:.1e} "
+        print(f"identical batches, {s['steps']} AdamW steps in {s['dtype']}: loss relative difference {s['loss_rel_diff_step1']:.1e} "
               f"at step 1, at most {s['loss_rel_diff_max']:.1e}; compute-only ratio {s['compute_speedup']:.2f}x")
     print("* peak memory over the loaded model")
 
@@ -231,6 +247,7 @@ def main() -> None:
     ap.add_argument("--task", nargs="+", default=["acts", "sst2"], choices=sorted(TASKS))
     ap.add_argument("--steps", type=int, default=20, help="timed steps per path")
     ap.add_argument("--check-steps", type=int, default=20, help="steps on identical batches for the loss check (0 = skip)")
+    ap.add_argument("--check-dtype", default="float64", help="dtype of the loss check")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-2)

@@ -68,12 +68,17 @@ def predictor_states(h: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor
     return torch.cat([first, h[:, :-1]], dim=1)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    # Softmax statistics in at least float32; float64 stays float64 (parity checks run in it).
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _logits(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     head = model.get_output_embeddings()
     w, b = head.weight, getattr(head, "bias", None)
     if rows is not None:  # logits of a few candidate tokens only
         w, b = w[rows], (b[rows] if b is not None else None)
-    logits = F.linear(h, w, b).float()
+    logits = _upcast(F.linear(h, w, b))
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -97,7 +102,7 @@ class _FrozenHeadCE(torch.autograd.Function):
     def forward(ctx, h, w, b, y, cap, n):
         losses, grads = [], []
         for s in range(0, h.shape[0], n):
-            z = F.linear(h[s:s + n], w, b).float()  # [n, V]
+            z = _upcast(F.linear(h[s:s + n], w, b))  # [n, V]
             t = None
             if cap:
                 t = torch.tanh(z / cap)
