@@ -148,7 +148,12 @@ def main() -> None:
     # Warm up each code path once on a small batch so that no path pays one-off costs in its timing.
     generate_batch(model, tok, rows[:2], GenerateConfig(max_new_tokens=2), PromptKV(model))
     pm = peft_model_with(model, prompts)
-    run_peft(pm, tok, inputs[:R], 1, R, GenerateConfig(max_new_tokens=2), dev, eos)
+    try:
+        run_peft(pm, tok, inputs[:R], 1, R, GenerateConfig(max_new_tokens=2), dev, eos)
+        peft_error = None
+    except Exception as e:  # PEFT's prompt-tuning generate fails on some architectures (BLOOM)
+        peft_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(f"peft generate failed: {peft_error}")
 
     def with_mem(fn):
         if mem is None:
@@ -157,7 +162,10 @@ def main() -> None:
             out, secs = timed(dev, fn)
         return out, secs, m
 
-    peft_out = record("peft (adapter per batch)", *with_mem(lambda: run_peft(pm, tok, inputs, T, R, gcfg, dev, eos)))
+    peft_out = None
+    if peft_error is None:
+        peft_out = record("peft (adapter per batch)", *with_mem(lambda: run_peft(pm, tok, inputs, T, R, gcfg, dev, eos)))
+    res["peft_error"] = peft_error
     base = pm.get_base_model()  # the same frozen model, without PEFT's wrapper
     kv = PromptKV(base)
     per_task = record("softprompt (batch per task)", *with_mem(lambda: sum(
@@ -166,22 +174,29 @@ def main() -> None:
     mixed = record("softprompt (one mixed batch)", *with_mem(lambda: generate_batch(base, tok, rows, gcfg, kv)))
     record("plain model, no prompt", *with_mem(lambda: run_plain(base, tok, inputs, gcfg, dev, eos)))
     p = res["paths"]
-    res["ratio_mixed_vs_peft"] = p["softprompt (one mixed batch)"]["new_tokens_per_s"] / p["peft (adapter per batch)"]["new_tokens_per_s"]
-    res["ratio_per_task_vs_peft"] = p["softprompt (batch per task)"]["new_tokens_per_s"] / p["peft (adapter per batch)"]["new_tokens_per_s"]
+    ref = p.get("peft (adapter per batch)", {}).get("new_tokens_per_s")
+    res["ratio_mixed_vs_peft"] = p["softprompt (one mixed batch)"]["new_tokens_per_s"] / ref if ref else None
+    res["ratio_per_task_vs_peft"] = p["softprompt (batch per task)"]["new_tokens_per_s"] / ref if ref else None
+    res["ratio_mixed_vs_plain"] = p["softprompt (one mixed batch)"]["new_tokens_per_s"] / p["plain model, no prompt"]["new_tokens_per_s"]
     res["mixed_equals_per_task"] = mixed == per_task
-    res["agreement_with_peft"] = sum(a == b for a, b in zip(mixed, peft_out)) / n_req
+    res["agreement_with_peft"] = sum(a == b for a, b in zip(mixed, peft_out)) / n_req if peft_out else None
     if args.single:
         kv = PromptKV(base)
         single = record("softprompt (one at a time)", *with_mem(
             lambda: [generate_batch(base, tok, [r], gcfg, kv)[0] for r in rows]))
         res["mixed_equals_single"] = mixed == single
         res["rows_differing_from_single"] = sum(a != b for a, b in zip(mixed, single))
-    print(f"\nnew tokens/s ratio softprompt/PEFT: mixed batch {res['ratio_mixed_vs_peft']:.1f}x, "
-          f"batch per task {res['ratio_per_task_vs_peft']:.1f}x")
+    if ref:
+        print(f"\nnew tokens/s ratio softprompt/PEFT: mixed batch {res['ratio_mixed_vs_peft']:.1f}x, "
+              f"batch per task {res['ratio_per_task_vs_peft']:.1f}x")
+    print(f"mixed batch against the plain model without prompts: {res['ratio_mixed_vs_plain']:.2f}x")
     if args.single:
         print(f"mixed batch equals one-at-a-time greedy: {res['mixed_equals_single']} "
               f"({res['rows_differing_from_single']} of {n_req} rows differ)")
-    print(f"requests whose output equals PEFT's: {100 * res['agreement_with_peft']:.0f}%")
+    if peft_out:
+        # PEFT's cached generation is known to drift after the first token (huggingface/peft#1391);
+        # the reference is transformers' generate on the hand-built inputs_embeds (tests/test_generate.py).
+        print(f"requests whose output equals PEFT's: {100 * res['agreement_with_peft']:.0f}%")
     tag = args.model.replace("/", "_").replace(":", "_")
     print(f"wrote {write_result(args.out or RESULTS / f'generate_speed_{tag}_{dev.type}.json', res)}")
 

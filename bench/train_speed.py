@@ -67,7 +67,7 @@ class Path_:
 
     def __init__(self, name: str, model, init: torch.Tensor, lr: float, device: torch.device):
         self.name, self.model, self.device = name, model, device
-        if name == "peft":
+        if name.startswith("peft"):
             from peft import PromptTuningConfig, get_peft_model
 
             cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=init.shape[0])
@@ -84,14 +84,14 @@ class Path_:
         self.tokens: list[int] = []
 
     def loss(self, batch):
-        if self.name == "peft" and self.params[0].dtype == torch.float64:
+        if self.name.startswith("peft") and self.params[0].dtype == torch.float64:
             # transformers' loss casts logits to float32; for the float64 parity check take PEFT's
             # logits and apply the same shifted cross-entropy in float64.
             logits = self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             P = logits.shape[1] - batch.input_ids.shape[1]
             labels = torch.cat([batch.targets.new_full((batch.targets.shape[0], P), -100), batch.targets], 1)
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        if self.name == "peft":
+        if self.name.startswith("peft"):
             return self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              labels=batch.targets).loss
         total, n = batch_loss(self.model, self.prompt, batch)
@@ -197,11 +197,18 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
         cdtype = getattr(torch, args.check_dtype)
         cmodel = model if cdtype == dtype else copy.deepcopy(model).to(cdtype)
         paths = [Path_(name, cmodel, init.to(cdtype), args.lr, dev) for name in ("peft", "softprompt")]
-        alternate(paths, [check, check])
+        # Control: PEFT against itself from a prompt perturbed by 1e-7 (float32 rounding's size).
+        # How far that drifts is how sensitive the optimisation itself is, whatever the path.
+        g = torch.Generator().manual_seed(1)
+        nudged = init * (1 + 1e-7 * torch.randn(init.shape, generator=g).to(init.device, init.dtype))
+        paths.append(Path_("peft_perturbed", cmodel, nudged.to(cdtype), args.lr, dev))
+        alternate(paths, [check, check, check])
         rel = [abs(a - b) / abs(a) for a, b in zip(paths[0].losses, paths[1].losses)]
-        del cmodel, paths[0].peft
+        ctrl = [abs(a - b) / abs(a) for a, b in zip(paths[0].losses, paths[2].losses)]
+        del cmodel, paths[0].peft, paths[2].peft
         res["same_batches"] = {"steps": args.check_steps, "dtype": args.check_dtype, "loss_rel_diff_step1": rel[0],
-                               "loss_rel_diff_max": max(rel),
+                               "loss_rel_diff_max": max(rel), "control_rel_diff_max": max(ctrl),
+                               "control_rel_diffs": ctrl,
                                "compute_speedup": sum(paths[0].times) / sum(paths[1].times),
                                "peft_losses": paths[0].losses, "softprompt_losses": paths[1].losses}
     if args.memory:
@@ -238,6 +245,7 @@ def report(r: dict) -> None:
         s = r["same_batches"]
         print(f"identical batches, {s['steps']} AdamW steps in {s['dtype']}: loss relative difference {s['loss_rel_diff_step1']:.1e} "
               f"at step 1, at most {s['loss_rel_diff_max']:.1e}; compute-only ratio {s['compute_speedup']:.2f}x")
+        print(f"control, PEFT against PEFT from a prompt perturbed by 1e-7: at most {s['control_rel_diff_max']:.1e}")
     print("* peak memory over the loaded model")
 
 
