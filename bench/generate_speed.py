@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, fmt_row, load_bench_model, machine,  # noqa: E402
+from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, load_bench_model, machine,  # noqa: E402
                     sync, write_result)
 
 from softprompt.config import GenerateConfig, PromptConfig  # noqa: E402

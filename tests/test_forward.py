@@ -3,7 +3,7 @@ import torch
 
 from softprompt.config import DataConfig, PromptConfig
 from softprompt.data import Formatter, collate
-from softprompt.forward import batch_loss, next_token_logprobs, row_logprobs, text_hidden
+from softprompt.forward import batch_loss, next_token_logprobs, text_hidden
 from softprompt.prompt import SoftPrompt, init_prompt
 
 

@@ -34,6 +34,9 @@ from .config import ServeConfig
 from .data import chat_wrap
 from .models import max_positions
 from .prompt import SoftPrompt, load_prompt
+from .metrics import Metrics, _Guard
+from .protocol import (ApiError, ChatCompletionRequest, ClassifyRequest, CompletionRequest, LoadPromptRequest,
+                       _validation_message, error_body)
 from .scheduler import ClassifyJob, GenJob, QueueFull, Scheduler
 from .utils import SoftpromptError
 
@@ -41,97 +44,14 @@ try:  # the `serve` extra; the rest of softprompt works without it
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise SoftpromptError(f"softprompt serve needs the serve extra: pip install 'softprompt[serve]' ({e})") from None
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/health", "/metrics",
-             "/v1/admin/prompts")
 
 
-# ---------------------------------------------------------------- request shapes (documented by OpenAPI)
-
-class CompletionRequest(BaseModel):
-    model: str = Field(description="a loaded soft prompt's name, or the base model's name for no prompt")
-    prompt: str | list[str] = Field(description="text to continue (a list gives one choice set per text)")
-    max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default 16; capped by the server)")
-    temperature: float | None = Field(None, ge=0, le=10, description="0 or absent: greedy; > 0: sampling")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold (sampling only)")
-    n: int = Field(1, ge=1, description="choices per prompt")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end a choice (not included)")
-    seed: int | None = Field(None, description="sampling seed; choice k uses seed + k")
-    stream: bool = Field(False, description="send server-sent events as tokens come, ending with data: [DONE]")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="penalise tokens already present (1 = off)")
-    logprobs: int | None = Field(None, description="not supported (must be absent)")
-    echo: bool = Field(False, description="not supported (must be false)")
-    user: str | None = None
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str | list[dict[str, Any]] = Field(description="text, or OpenAI's list of {type: 'text', text} parts")
-
-
-class ChatCompletionRequest(BaseModel):
-    model: str = Field(description="a loaded soft prompt's name, or the base model's name for no prompt")
-    messages: list[ChatMessage] = Field(min_length=1, description="rendered with the tokenizer's chat template")
-    max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default 16; capped by the server)")
-    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
-    temperature: float | None = Field(None, ge=0, le=10, description="0 or absent: greedy; > 0: sampling")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    logprobs: bool | None = Field(None, description="not supported (must be absent or false)")
-    user: str | None = None
-
-
-class ClassifyRequest(BaseModel):
-    task: str = Field(description="a loaded soft prompt's name (or the base model's name)")
-    text: str = Field(description="the input, formatted as the prompt was trained on (e.g. 'Review: ...\\nSentiment:')")
-    labels: list[str] | None = Field(None, description="label words (default: the prompt's own, from its training)")
-
-
-class LoadPromptRequest(BaseModel):
-    name: str = Field(description="the name clients will pass as `model`")
-    path: str = Field(description="prompt folder (or .safetensors file) on the server's disk")
-
-
-# ---------------------------------------------------------------- errors
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = ("invalid_request_error" if status < 500 and status not in (401, 403, 404, 429)
-            else {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                  429: "rate_limit_error", 503: "overloaded_error"}.get(status, "server_error"))
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errs = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errs):
-        e = next(e for e in errs if e.get("type") == "json_invalid")
-        return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    parts, first = [], None
-    for e in errs[:3]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        first = first or loc or None
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
-    return "invalid request: " + "; ".join(parts), first
-
-
-# ---------------------------------------------------------------- prompts and metrics
+# ---------------------------------------------------------------- prompts
 
 @dataclass
 class Loaded:
@@ -183,93 +103,6 @@ class Registry:
 
     def tensors(self) -> list[torch.Tensor]:
         return [e.tensor for e in self.items.values() if e.tensor is not None]
-
-
-class Metrics:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.hist: dict[str, list[float]] = {}  # endpoint -> bucket counts + [sum, count]
-
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
-            h = self.hist.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
-            for i, b in enumerate(LATENCY_BUCKETS):
-                if seconds <= b:
-                    h[i] += 1
-            h[-2] += seconds
-            h[-1] += 1
-
-    def render(self, gauges: dict[str, float], counters: dict[str, float]) -> str:
-        out = ["# HELP softprompt_requests_total HTTP requests by endpoint and status code.",
-               "# TYPE softprompt_requests_total counter"]
-        with self.lock:
-            for (ep, code), n in sorted(self.requests.items()):
-                out.append(f'softprompt_requests_total{{endpoint="{ep}",code="{code}"}} {n}')
-            out += ["# HELP softprompt_request_seconds Time to the end of the response (streams included).",
-                    "# TYPE softprompt_request_seconds histogram"]
-            for ep, h in sorted(self.hist.items()):
-                for i, b in enumerate(LATENCY_BUCKETS):
-                    out.append(f'softprompt_request_seconds_bucket{{endpoint="{ep}",le="{b}"}} {int(h[i])}')
-                out.append(f'softprompt_request_seconds_bucket{{endpoint="{ep}",le="+Inf"}} {int(h[-1])}')
-                out.append(f'softprompt_request_seconds_sum{{endpoint="{ep}"}} {h[-2]:.6f}')
-                out.append(f'softprompt_request_seconds_count{{endpoint="{ep}"}} {int(h[-1])}')
-        for name, v in counters.items():
-            out += [f"# TYPE softprompt_{name}_total counter", f"softprompt_{name}_total {int(v)}"]
-        for name, v in gauges.items():
-            out += [f"# TYPE softprompt_{name} gauge", f"softprompt_{name} {v:g}"]
-        return "\n".join(out) + "\n"
-
-
-class _Guard:
-    """ASGI middleware: refuses bodies over the limit (413) and records each request's status and
-    time to its last byte (so streams count whole) in the metrics."""
-
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, path = time.perf_counter(), scope["path"]
-        ep = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
-        state = {"status": 500, "started": False, "seen": 0}
-
-        async def send_(msg):
-            if msg["type"] == "http.response.start":
-                state["status"], state["started"] = msg["status"], True
-            await send(msg)
-            if msg["type"] == "http.response.body" and not msg.get("more_body"):
-                self.metrics.observe(ep, state["status"], time.perf_counter() - t0)
-
-        async def reply(status: int, message: str):
-            body = json.dumps(error_body(status, message)).encode()
-            await send_({"type": "http.response.start", "status": status,
-                         "headers": [(b"content-type", b"application/json")]})
-            await send_({"type": "http.response.body", "body": body})
-
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await reply(413, f"request body of {int(length)} bytes is over the {self.limit}-byte limit")
-
-        async def receive_():  # bodies without a Content-Length are counted as they arrive
-            msg = await receive()
-            if msg["type"] == "http.request":
-                state["seen"] += len(msg.get("body", b""))
-                if state["seen"] > self.limit:
-                    raise _TooLarge()
-            return msg
-
-        try:
-            await self.app(scope, receive_, send_)
-        except _TooLarge:
-            if not state["started"]:
-                await reply(413, f"request body is over the {self.limit}-byte limit")
-
-
-class _TooLarge(Exception):
-    pass
 
 
 # ---------------------------------------------------------------- the app

@@ -24,7 +24,7 @@ from .data import Example, Formatter, batch_order, collate, load_splits, pad_id
 from .evaluate import evaluate
 from .forward import batch_loss
 from .models import load_model
-from .prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
+from .prompt import init_prompt, load_prompt, save_prompt
 from .utils import SoftpromptError, atomic_dir, count_params, seed_everything, weights_hash, write_json
 
 
