@@ -218,17 +218,17 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
         r = {"method": method, "name": LABELS[method].format(k=ccfg.k_shot, P=pcfg.virtual_tokens),
              "trainable_params": 0, "artifact": None, "artifact_bytes": 0, "train_seconds": 0.0,
              "train_peak_mb": None, **kw}
-        r["ms_per_example"] = round(1000 * r["eval_seconds"] / len(eval_ex), 2)
+        r["ms_per_example"] = 1000 * r["eval_seconds"] / len(eval_ex)  # unrounded: tiny models score in microseconds
         rows.append(r)
         q = r["eval"]
         say(f"{r['name']}: " + (f"accuracy {100 * q['accuracy']:.2f}%  " if "accuracy" in q else "")
-            + f"loss {q['loss']:.4f}  ({r['ms_per_example']} ms/example, {r['train_seconds']} s training)")
+            + f"loss {q['loss']:.4f}  ({r['ms_per_example']:.2f} ms/example, {r['train_seconds']} s training)")
         return r
 
     for method in methods:
         if method == "untuned":
             m, sec, mem = timed_eval(model, tok, None, fmt, eval_ex, bs)
-            row(method, eval=m, eval_seconds=round(sec, 2), eval_peak_mb=mem)
+            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem)
         elif method in ("zero-shot", "k-shot"):
             shots = [shot_text(fmt, tok, e) for e in pick_shots(fmt, train_ex, ccfg.k_shot, tcfg.seed)] \
                 if method == "k-shot" else []
@@ -237,7 +237,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             atomic_write_text(path, context)
             exs = [with_context(fmt, e, context) for e in eval_ex]
             m, sec, mem = timed_eval(model, tok, None, fmt, exs, bs)
-            row(method, eval=m, eval_seconds=round(sec, 2), eval_peak_mb=mem, artifact=str(path),
+            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, artifact=str(path),
                 artifact_bytes=_bytes(path), context_tokens=len(tok(context, add_special_tokens=False).input_ids))
         elif method == "prompt":
             cfg = replace(tcfg, out=str(out / "prompt"), method="prompt", eval_untuned=False, keep_best=False,
@@ -248,7 +248,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
                 wall = round(time.perf_counter() - t0, 2)
             prompt = load_prompt(out / "prompt", model).to(model.device)  # scored from the saved file
             m, sec, mem = timed_eval(model, tok, prompt, fmt, eval_ex, bs)
-            row(method, eval=m, eval_seconds=round(sec, 2), eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
+            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
                 trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
                 steps=s["steps"],
                 lr=cfg.lr, artifact=str(out / "prompt" / WEIGHTS_FILE),
@@ -269,7 +269,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             ft = resident(load_model(replace(mcfg, model=str(mdir)))[0])  # scored from the saved files
             m, sec, mem = timed_eval(ft, tok, None, fmt, eval_ex, bs)
             del ft
-            row(method, eval=m, eval_seconds=round(sec, 2), eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
+            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
                 trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
                 steps=s["steps"],
                 lr=cfg.lr, artifact=str(mdir), artifact_bytes=_bytes(mdir))
