@@ -128,3 +128,27 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
           quiet=True)
     cfg = json.loads((tmp_path / "lm" / "run_config.json").read_text())
     assert cfg["PromptConfig"]["init"] == "text" and cfg["TrainConfig"]["loss"] == "lm"
+
+
+def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, tmp_path):
+    """Inputs that end differently (a trailing space on some) tokenise the label words differently,
+    so one shared label softmax does not exist: auto picks the LM loss instead of failing."""
+    from softprompt.data import Formatter, load_splits
+    from softprompt.evaluate import row_candidates
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(model_dir))
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n"
+                            for t, l in [("good fun", 1), ("bad film ", 0), ("fine work", 1), ("dull plot ", 0)] * 5))
+    d = DataConfig(data=str(data), template="{text}", labels="America,language", eval_fraction=0.2)
+    _, train_ex, _ = load_splits(d, tok)
+    assert len({tuple(map(tuple, c)) for c in row_candidates(Formatter(d, tok), train_ex)}) == 2, "premise"
+    run = tmp_path / "mixed"
+    train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
+          TrainConfig(out=str(run), max_steps=1, save_every=0, batch_size=4), model=model, tok=tok, quiet=True)
+    assert json.loads((run / "run_config.json").read_text())["TrainConfig"]["loss"] == "lm"
+    with pytest.raises(SoftpromptError, match="tokenise differently"):
+        train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
+              TrainConfig(out=str(tmp_path / "cls"), max_steps=1, save_every=0, batch_size=4, loss="classes"),
+              model=model, tok=tok, quiet=True)

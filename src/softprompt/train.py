@@ -57,10 +57,15 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def class_token_ids(fmt: Formatter, examples: list[Example]) -> torch.Tensor:
+def _candidate_sets(fmt: Formatter, examples: list[Example]) -> set[tuple[tuple[int, ...], ...]]:
+    """The distinct label-word tokenisations over the rows (one set when every input ends alike)."""
     from .evaluate import row_candidates
 
-    sets = {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
+    return {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
+
+
+def class_token_ids(fmt: Formatter, examples: list[Example]) -> torch.Tensor:
+    sets = _candidate_sets(fmt, examples)
     if len(sets) > 1:  # one shared class softmax per batch needs one token per label word for every row
         raise SoftpromptError("--loss classes: the label words tokenise differently after different inputs "
                               "(e.g. some inputs end in a space); make the template end the same way for all rows")
@@ -79,8 +84,10 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
 
     pcfg = replace(pcfg, init=resolve_init(pcfg.init, fmt.label_words))
     if tcfg.loss == "auto":
-        # The label-word softmax trains only what rank classification scores; it needs one-token words.
-        single = fmt.task == "classify" and all(len(c) == 1 for c in fmt.candidates(train_ex[0]))
+        # The label-word softmax trains only what rank classification scores; it needs one-token
+        # words, tokenised the same after every input (what class_token_ids demands).
+        sets = _candidate_sets(fmt, train_ex) if fmt.task == "classify" else set()
+        single = len(sets) == 1 and all(len(c) == 1 for c in next(iter(sets)))
         tcfg = replace(tcfg, loss="classes" if single else "lm")
     return pcfg, tcfg
 
