@@ -48,11 +48,13 @@ def row_candidates(fmt: Formatter, examples: list[Example]) -> list[list[list[in
 
 @torch.no_grad()
 def label_scores(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_size: int = 16,
-                 shared_prefix: bool = True, progress: bool = False) -> torch.Tensor:
-    """Log-probability [N, C] of each label word after each example's input."""
+                 shared_prefix: bool = True, progress: bool = False,
+                 cands: list[list[list[int]]] | None = None) -> torch.Tensor:
+    """Log-probability [N, C] of each label word after each example's input (`cands`: the rows'
+    `row_candidates`, when the caller already has them)."""
     dev = model.device
     p = prompt() if prompt is not None else None
-    cands = row_candidates(fmt, examples)
+    cands = cands if cands is not None else row_candidates(fmt, examples)
     inputs = [Example(e.ids[:e.loss_start], 0, e.label, e.text) for e in examples]
     scores = torch.zeros(len(examples), len(fmt.label_words))
     pad = pad_id(tok)
@@ -91,8 +93,8 @@ def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_
              shared_prefix: bool = True, progress: bool = False) -> dict[str, float]:
     if fmt.task != "classify":
         return eval_loss(model, tok, prompt, examples, batch_size, shared_prefix, progress)
-    scores = label_scores(model, tok, prompt, fmt, examples, batch_size, shared_prefix, progress)
     cands = row_candidates(fmt, examples)
+    scores = label_scores(model, tok, prompt, fmt, examples, batch_size, shared_prefix, progress, cands)
     if all(e.ids[e.loss_start:] == c[e.label] for e, c in zip(examples, cands)):
         # Each example's target is its gold label word, whose score is already its log-likelihood:
         # the loss needs no second pass over the data.
