@@ -12,7 +12,6 @@ Speed does not depend on the weights' values, so random weights give honest timi
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -168,7 +167,3 @@ def write_result(path: str | Path, obj: dict[str, Any]) -> Path:
 
 def fmt_row(cells: list[Any], widths: list[int]) -> str:
     return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=1)

@@ -46,11 +46,10 @@ def task_examples(name: str, tok, limit: int, seed: int):
     return load_splits(dcfg, tok, seed)[1]
 
 
-def batches_for(name: str, tok, batch_size: int, n: int, seed: int, limit: int, trainer_style: bool = False):
-    """n batches over the same n * batch_size examples (a seeded sample of the data): length-grouped
+def batches_for(examples, tok, batch_size: int, n: int, seed: int, trainer_style: bool = False):
+    """n batches over the same n * batch_size examples (a seeded sample of `examples`): length-grouped
     as softprompt trains, or in random order padded to each batch's longest row, as PEFT's recipe
     (Trainer's random sampler and DataCollatorForLanguageModeling) does."""
-    examples = task_examples(name, tok, limit, seed)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(examples), generator=g)[: n * batch_size].tolist()
     examples = [examples[i] for i in pick]
@@ -135,8 +134,8 @@ def memory_child(args) -> None:
     """Run in a fresh process: peak memory of a few training steps of one path."""
     dev, dtype = device_and_dtype(args.device, args.dtype)
     model, tok = load_bench_model(args.model, dev, dtype)
-    batches = batches_for(args.task[0], tok, args.batch_size, 3, args.seed, args.limit,
-                          trainer_style=args.memory_child == "peft")
+    batches = batches_for(task_examples(args.task[0], tok, args.limit, args.seed), tok, args.batch_size, 3,
+                          args.seed, trainer_style=args.memory_child == "peft")
     path = Path_(args.memory_child, model, initial_prompt(model, args.virtual_tokens, args.seed).to(dtype),
                  args.lr, dev)
     with PeakMemory(dev) as pm:
@@ -177,8 +176,9 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     res = {"task": task, "steps": args.steps, "batch_size": args.batch_size, "virtual_tokens": args.virtual_tokens}
     # 1. Throughput: each as its recipe batches the same examples (PEFT: random order padded to the
     #    batch's longest row; softprompt: length-grouped).
-    trainer = batches_for(task, tok, args.batch_size, args.steps, args.seed, args.limit, trainer_style=True)
-    grouped = batches_for(task, tok, args.batch_size, args.steps, args.seed, args.limit)
+    examples = task_examples(task, tok, args.limit, args.seed)  # tokenised once for every phase
+    trainer = batches_for(examples, tok, args.batch_size, args.steps, args.seed, trainer_style=True)
+    grouped = batches_for(examples, tok, args.batch_size, args.steps, args.seed)
     paths = [Path_(name, model, init, args.lr, dev) for name in ("peft", "softprompt")]
     alternate(paths, [trainer[:1], grouped[:1]], record_from=1)  # warm-up step, untimed
     alternate(paths, [trainer, grouped])
@@ -189,11 +189,11 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     # 2. Same numbers: identical batches in the same order from the same prompt; the loss
     #    trajectories must agree, and the time ratio isolates the compute path from the batching.
     if args.check_steps:
-        check = batches_for(task, tok, args.batch_size, args.check_steps, args.seed + 1, args.limit)
-        # In float64 by default: Adam's first steps move every coordinate by about +-lr whatever the
-        # gradient's size, so float32 rounding (1e-7) in near-zero gradient entries grows into
-        # visibly different trajectories within a few steps. Float64 shows whether the two paths
-        # compute the same function; float32 (--check-dtype float32) shows how fast rounding grows.
+        check = batches_for(examples, tok, args.batch_size, args.check_steps, args.seed + 1)
+        # In float64 by default, so that rounding in the two paths' different summation orders is
+        # ~1e-16, not float32's 1e-7, which AdamW at a high lr amplifies within a few steps.
+        # (transformers' Llama RMSNorm still rounds to float32 inside; the control below measures
+        # how far such a 1e-7 difference alone carries.)
         cdtype = getattr(torch, args.check_dtype)
         cmodel = model if cdtype == dtype else copy.deepcopy(model).to(cdtype)
         paths = [Path_(name, cmodel, init.to(cdtype), args.lr, dev) for name in ("peft", "softprompt")]
