@@ -162,13 +162,19 @@ def alternate(paths, batches_per_path, record_from: int = 0) -> None:
             p.step(bs[i], record=i >= record_from)
 
 
-def summarise(p, peak: float, flops_batch) -> dict:
+def summarise(p, peak: float, batches, flop_samples: int) -> dict:
     med = median(p.times)
-    flops = p.flops(flops_batch) if flops_batch is not None else 0
-    return {"median_step_s": med, "total_s": sum(p.times), "steps_per_s": 1 / med,
-            "text_tokens_per_s": sum(p.tokens) / sum(p.times), "gflop_per_step": flops / 1e9,
-            "gflop_per_s": flops / 1e9 / med, "fraction_of_matmul_peak": flops / 1e9 / med / peak,
-            "losses": p.losses}
+    out = {"median_step_s": med, "total_s": sum(p.times), "steps_per_s": 1 / med,
+           "text_tokens_per_s": sum(p.tokens) / sum(p.times), "losses": p.losses}
+    if flop_samples:
+        # FLOPs of evenly spaced batches against those same batches' measured times: batches differ
+        # in length, so one batch's FLOPs over the median step would mislead.
+        pick = sorted({round(i * (len(batches) - 1) / max(1, flop_samples - 1)) for i in range(flop_samples)})
+        flops = sum(p.flops(batches[i]) for i in pick) / 1e9
+        secs = sum(p.times[i] for i in pick)
+        out.update(gflop_per_step=flops / len(pick), gflop_per_s=flops / secs,
+                   fraction_of_matmul_peak=flops / secs / peak)
+    return out
 
 
 def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
@@ -183,7 +189,7 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     alternate(paths, [trainer[:1], grouped[:1]], record_from=1)  # warm-up step, untimed
     alternate(paths, [trainer, grouped])
     for p, bs in zip(paths, [trainer, grouped]):
-        res[p.name] = summarise(p, peak, bs[len(bs) // 2] if args.flops else None)
+        res[p.name] = summarise(p, peak, bs, args.flop_samples)
         res[p.name]["padded_tokens_per_step"] = sum(b.input_ids.numel() for b in bs) / len(bs)
     res["speedup"] = res["peft"]["total_s"] / res["softprompt"]["total_s"]
     # 2. Same numbers: identical batches in the same order from the same prompt; the loss
@@ -228,6 +234,7 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
 
 
 def report(r: dict) -> None:
+    nan = float("nan")
     w = [11, 9, 8, 11, 11, 8, 9, 10]
     print(f"\n== {r['task']}: {r['steps']} steps each over the same examples, batch {r['batch_size']}, "
           f"P={r['virtual_tokens']}")
@@ -235,9 +242,12 @@ def report(r: dict) -> None:
     for name in ("peft", "softprompt"):
         x = r[name]
         print(fmt_row([name, f"{x['median_step_s']:.3f}", f"{x['steps_per_s']:.2f}", f"{x['text_tokens_per_s']:.0f}",
-                       f"{x['padded_tokens_per_step']:.0f}", f"{x['gflop_per_s']:.1f}",
-                       f"{100 * x['fraction_of_matmul_peak']:.0f}%", f"{x.get('peak_over_model_mb', float('nan')):.0f}"], w))
+                       f"{x['padded_tokens_per_step']:.0f}", f"{x.get('gflop_per_s', nan):.1f}",
+                       f"{100 * x.get('fraction_of_matmul_peak', nan):.0f}%", f"{x.get('peak_over_model_mb', float('nan')):.0f}"], w))
     print(f"throughput ratio softprompt/PEFT: {r['speedup']:.2f}x (same examples, total time)")
+    if "gflop_per_step" in r["softprompt"]:
+        print(f"work ratio PEFT/softprompt: {r['peft']['gflop_per_step'] / r['softprompt']['gflop_per_step']:.2f}x "
+              "GFLOP per step (sampled batches): the speed-up if both ran at the same GFLOP/s")
     if "memory_ratio_over_model" in r:
         print(f"peak memory ratio softprompt/PEFT: {r['memory_ratio_over_model']:.2f}x over the model, "
               f"{r['memory_ratio_total']:.2f}x in total")
@@ -264,7 +274,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", dest="memory", action="store_false")
-    ap.add_argument("--no-flops", dest="flops", action="store_false")
+    ap.add_argument("--flop-samples", type=int, default=5, help="batches whose FLOPs are counted (0 = skip)")
     ap.add_argument("--out", default="")
     ap.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()

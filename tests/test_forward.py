@@ -127,3 +127,45 @@ def test_frozen_head_cross_entropy_matches_autograd(monkeypatch):
         with torch.no_grad():
             assert torch.allclose(forward.token_losses(model, h, y), ref, atol=1e-6)
         assert torch.allclose(g_fused, h.grad, atol=1e-6), (g_fused - h.grad).abs().max()
+
+
+def _three_paths(model, tok, monkeypatch):
+    """(hidden states at real tokens, prompt's last state, loss, prompt gradient) of the straightforward,
+    packed and prompt-KV paths on ragged rows."""
+    import softprompt.forward as fw
+
+    b = _batch(tok, TEXTS + ["x"])
+    m = b.attention_mask.bool()
+    out = {}
+    for name, shared, pack in (("straight", False, True), ("packed", True, True), ("kv", True, False)):
+        monkeypatch.setattr(fw, "PACK", pack)
+        torch.manual_seed(4)
+        p = SoftPrompt(torch.randn(5, model.config.hidden_size) * 0.05)
+        h, last = text_hidden(model, p(), b.input_ids, b.attention_mask, shared_prefix=shared)
+        s, n = batch_loss(model, p(), b, shared_prefix=shared)
+        (s / n).backward()
+        out[name] = (h[m], last[:1], s / n, p.embeds.grad)
+    return out
+
+
+def test_packed_and_prompt_kv_paths_equal_straightforward(tiny, monkeypatch):
+    from softprompt.packing import packable
+
+    model, tok = tiny
+    attn = model.config._attn_implementation
+    out = _three_paths(model, tok, monkeypatch)
+    assert model.config._attn_implementation == attn  # the packed pass restores the model's attention
+    assert out["straight"][3].abs().sum() > 0
+    for name in ("packed", "kv"):
+        for got, ref in zip(out[name], out["straight"]):
+            assert torch.allclose(got, ref, atol=2e-6, rtol=1e-4), name
+    b = _batch(tok, TEXTS)
+    # Llama packs; BLOOM (ALiBi built from the 2D mask) keeps the prompt-KV path.
+    assert packable(model, b.attention_mask) == (model.config.model_type == "llama")
+
+
+def test_packing_refuses_left_padding(tiny):
+    from softprompt.packing import packable
+
+    model, _ = tiny
+    assert not packable(model, torch.tensor([[0, 1, 1], [1, 1, 1]]))

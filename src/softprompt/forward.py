@@ -1,11 +1,13 @@
 """The prompt-aware forward pass: hidden states of the text after a soft prompt, and losses
 computed only where they are needed.
 
-Two equivalent paths:
+Equivalent paths:
 - straightforward (PEFT's): prepend the prompt to every row's input embeddings, run [B, P+T];
 - shared prefix (default): under a causal mask the prompt's keys/values do not depend on the text,
-  so run the prompt once as a batch of 1, broadcast its KV cache to the B rows (a view, so the
-  gradient of every row flows back into the one prompt), and run only the [B, T] text.
+  so the prompt is computed once for all rows. Where the model's attention allows it, the prompt
+  and all rows run as one padding-free packed sequence (packing.py); otherwise (BLOOM) the prompt
+  runs once as a batch of 1, its KV cache is broadcast to the B rows (a view, so the gradient of
+  every row flows back into the one prompt), and only the [B, T] text runs after it.
 Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
 formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
 """
@@ -15,6 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
+
+from .packing import packable, packed_hidden
+
+# The shared prefix as one padding-free packed sequence where the model allows it (packing.py);
+# False forces the prompt-KV path (tests compare the two).
+PACK = True
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
@@ -50,6 +58,8 @@ def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, att
         return h, None
     prompt = prompt.to(x.dtype)
     P = prompt.shape[0]
+    if shared_prefix and PACK and packable(model, attention_mask):
+        return packed_hidden(decoder(model), model, prompt, x, attention_mask)
     mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # [B, P+T]
     if shared_prefix:
         layers, last = prefix_kv(model, prompt)
