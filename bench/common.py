@@ -101,12 +101,30 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _live_tensor_peak(prof) -> int:
+    """Peak of live tensor bytes during a profiled region, from its allocation/free events."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    cur = peak = 0
+    for _, nbytes in sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]"):
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
 class PeakMemory:
     """Peak memory used on top of what was resident when the reading started.
 
-    CUDA: the caching allocator's exact peak. CPU: the kernel's resident high-water mark (VmHWM),
-    reset through /proc/self/clear_refs; run each path in its own process, since freed memory
-    that the allocator keeps would hide the second path's peak.
+    CUDA: the caching allocator's exact peak of allocated tensors. CPU: two readings.
+    - tensors: the peak of live tensor bytes (allocations minus frees, from the profiler), the CPU
+      counterpart of CUDA's max_memory_allocated, so CPU and GPU ratios mean the same thing;
+    - RSS: the kernel's resident high-water mark (VmHWM), reset through /proc/self/clear_refs.
+      It also counts what glibc's allocator keeps after frees (fragmentation, often half of it),
+      so run each path in its own process.
     """
 
     def __init__(self, device: torch.device):
@@ -120,19 +138,34 @@ class PeakMemory:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             self.base = _status_kb("VmRSS") * 1024
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.total = torch.cuda.max_memory_allocated(self.device)
+            self.total = torch.cuda.max_memory_allocated(self.device)
+            self.tensors = self.delta = self.total - self.base
         else:
             self.total = _status_kb("VmHWM") * 1024
-        self.delta = self.total - self.base
+            self.delta = self.total - self.base
+            self.prof.__exit__(None, None, None)
+            self.tensors = _live_tensor_peak(self.prof)
         return False
 
     def as_dict(self) -> dict[str, float]:
-        return {"peak_total_mb": self.total / 2 ** 20, "peak_over_model_mb": self.delta / 2 ** 20}
+        """peak_over_model_mb: tensors allocated on top of the model (CUDA and CPU alike);
+        rss_*: CPU only, the process's resident memory."""
+        out = {"peak_over_model_mb": self.tensors / 2 ** 20}
+        if self.device.type == "cuda":
+            out["peak_total_mb"] = self.total / 2 ** 20
+        else:
+            out.update(rss_peak_total_mb=self.total / 2 ** 20, rss_peak_over_model_mb=self.delta / 2 ** 20)
+        return out
 
 
 # ---------------------------------------------------------------- reporting

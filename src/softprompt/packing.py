@@ -77,13 +77,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if lay is None:  # not a packed call: behave exactly like sdpa
         return AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask,
                                                           scaling=scaling, dropout=dropout, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key head serves `groups` query heads
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
     P = lay.P
     q, k, v = query[0], key[0], value[0]  # [H, N, d]
-    head = F.scaled_dot_product_attention(q[None, :, :P], k[None, :, :P], v[None, :, :P],
-                                          is_causal=True, scale=scaling)  # [1, H, P, d]
+    # clone(): SDPA saves its inputs for backward, and a slice would keep the whole [H, N, d] alive.
+    head = F.scaled_dot_product_attention(q[None, :, :P].clone(), k[None, :, :P].clone(), v[None, :, :P].clone(),
+                                          is_causal=True, scale=scaling, enable_gqa=gqa)  # [1, H, P, d]
 
     B, T = lay.valid.shape
     # index_select both ways: its backward is an index_add, far cheaper on CPU than the
@@ -97,7 +96,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return torch.cat([x[None, :, :P].expand(B, -1, -1, -1), rows(x)], dim=2)
 
     out = F.scaled_dot_product_attention(rows(q), with_prompt(k), with_prompt(v), attn_mask=lay.mask,
-                                         scale=scaling)  # [B, H, T, d]
+                                         scale=scaling, enable_gqa=gqa)  # [B, H, T, d]
     H, d = out.shape[1], out.shape[3]
     out = out.transpose(1, 2).reshape(B * T, H, d).index_select(0, lay.unpad)  # [L, H, d]
     out = torch.cat([head[0].transpose(0, 1), out])  # [N, H, d]
