@@ -148,7 +148,6 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.total = torch.cuda.max_memory_allocated(self.device)
-            self.total = torch.cuda.max_memory_allocated(self.device)
             self.tensors = self.delta = self.total - self.base
         else:
             self.total = _status_kb("VmHWM") * 1024

@@ -245,7 +245,7 @@ def report(r: dict) -> None:
         x = r[name]
         print(fmt_row([name, f"{x['median_step_s']:.3f}", f"{x['steps_per_s']:.2f}", f"{x['text_tokens_per_s']:.0f}",
                        f"{x['padded_tokens_per_step']:.0f}", f"{x.get('gflop_per_s', nan):.1f}",
-                       f"{100 * x.get('fraction_of_matmul_peak', nan):.0f}%", f"{x.get('peak_over_model_mb', float('nan')):.0f}"], w))
+                       f"{100 * x.get('fraction_of_matmul_peak', nan):.0f}%", f"{x.get('peak_over_model_mb', nan):.0f}"], w))
     print(f"throughput ratio softprompt/PEFT: {r['speedup']:.2f}x (same examples, total time)")
     if "gflop_per_step" in r["softprompt"]:
         print(f"work ratio PEFT/softprompt: {r['peft']['gflop_per_step'] / r['softprompt']['gflop_per_step']:.2f}x "

@@ -11,9 +11,9 @@ attention's small share of the work.
 
 Positions are those of the unpacked layout (prompt 0..P-1, every row P..P+L_b-1), so RoPE sees
 exactly what the straightforward path sees. This needs models whose attention goes through
-transformers' attention interface and whose positions come from `position_ids` (Llama, Qwen,
-Mistral, Gemma, ...). BLOOM builds ALiBi from the 2D mask inside its own attention, so it keeps
-the prompt-KV path.
+transformers' attention interface and whose positions come from `position_ids` (Llama, Qwen2,
+Gemma, ...). BLOOM builds ALiBi from the 2D mask inside its own attention, and models with
+sliding-window layers (Mistral, Gemma 2) need their own masks, so they keep the prompt-KV path.
 """
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def packable(model, attention_mask: torch.Tensor) -> bool:
     """True when this model and mask can take the packed path (see the module docstring)."""
     if not getattr(model, "_supports_attention_backend", False):
         return False
-    if getattr(model.config, "sliding_window", None) or getattr(model.config, "layer_types", None) and \
-            any(t != "full_attention" for t in model.config.layer_types):
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
         return False  # local-attention layers need their own masks
     m = attention_mask.bool()
     right_padded = (m.cumsum(1) == m.sum(1, keepdim=True)) | m  # no real token after a pad
