@@ -63,6 +63,42 @@ def test_loss_equals_hf_labels_loss(tiny):
         assert abs(float(s / n) - float(ref)) / float(ref) < 1e-5
 
 
+def test_trailing_target_is_not_run_and_loss_is_unchanged(tiny):
+    """A row's last supervised token (the label word here) is only a target: the decoder never
+    sees it, and the loss still equals the full-logits HF loss over the untrimmed batch."""
+    from softprompt.forward import needed_inputs
+
+    model, tok = tiny
+    fmt = Formatter(DataConfig(template="Review: {s}\\nSentiment:", labels="negative,positive", label_col="y"), tok)
+    b = collate([fmt.encode({"s": s, "y": y}) for s, y in (("a dull film", "negative"), ("a great movie", "positive"),
+                                                          ("fine", "positive"))], tok.pad_token_id)
+    keep = needed_inputs(b.targets, b.attention_mask)
+    lengths = b.attention_mask.sum(1)
+    n_label = (b.targets != -100).sum(1)
+    assert keep.sum(1).tolist() == (lengths - 1).tolist()  # one label token each: only it is dropped
+    assert keep.shape[1] == int(lengths.max()) - 1
+    assert n_label.min() >= 1
+    torch.manual_seed(4)
+    P, H = 3, model.config.hidden_size
+    prompt = torch.randn(P, H) * 0.05
+    B = b.input_ids.shape[0]
+    emb = model.get_input_embeddings()(b.input_ids)
+    ref = model(inputs_embeds=torch.cat([prompt.expand(B, P, H), emb], 1),
+                attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), b.attention_mask], 1),
+                labels=torch.cat([torch.full((B, P), -100), b.targets], 1)).loss
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(int(i[0].ne(-1).sum())))
+    try:
+        for shared in (False, True):
+            seen.clear()
+            s, n = batch_loss(model, prompt, b, shared_prefix=shared)
+            assert int(n) == int(n_label.sum())
+            assert abs(float(s / n) - float(ref)) / float(ref) < 1e-5, shared
+            assert seen == [B * keep.shape[1]]  # embedded ids: trimmed columns only
+    finally:
+        hook.remove()
+
+
 def test_shared_prefix_gradient_equals_straightforward(tiny):
     model, tok = tiny
     b = _batch(tok, TEXTS)

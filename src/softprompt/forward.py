@@ -71,13 +71,6 @@ def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, att
     return h[:, P:], h[:, P - 1]
 
 
-def predictor_states(h: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """[B, T, H]: row t holds the state that predicts token t (the prompt's last state for t = 0)."""
-    B, T, H = h.shape
-    first = last.expand(B, H)[:, None] if last is not None else h.new_zeros(B, 1, H)
-    return torch.cat([first, h[:, :-1]], dim=1)
-
-
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     # Softmax statistics in at least float32; float64 stays float64 (parity checks run in it).
     return x if x.dtype == torch.float64 else x.float()
@@ -150,15 +143,32 @@ def token_losses(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                       for s in range(0, h.shape[0], n)])
 
 
+def needed_inputs(targets: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T'] mask of the input tokens the loss depends on: each row up to, not including, its
+    last supervised token. That token is only ever a target (with a causal mask nothing before it
+    looks at it), so running it through the model is wasted work: on classification it is the label
+    word, one of about 20 tokens per row. T' drops columns no row needs."""
+    T = targets.shape[1]
+    t = torch.arange(T, device=targets.device)
+    last = torch.where(targets != -100, t, -1).amax(1)  # [B], -1 for a row with no target
+    keep = attention_mask.bool() & (t[None] < last[:, None])
+    width = int(last.max().clamp(min=1))
+    return keep[:, :width]
+
+
 def supervised(model, prompt, batch, shared_prefix: bool = True):
     """Predictor states [N, H], targets [N] and row index [N] of every supervised token."""
-    h, last = text_hidden(model, prompt, batch.input_ids, batch.attention_mask, shared_prefix)
-    states = predictor_states(h, last)
-    sel = batch.targets != -100
+    keep = needed_inputs(batch.targets, batch.attention_mask)  # [B, T'], T' < T
+    T = keep.shape[1]
+    h, last = text_hidden(model, prompt, batch.input_ids[:, :T], keep.long(), shared_prefix)
+    # States for tokens 0..T' (the last one predicted by the last kept input).
+    first = last.expand(h.shape[0], -1)[:, None] if last is not None else h.new_zeros(h.shape[0], 1, h.shape[2])
+    states = torch.cat([first, h], dim=1)  # [B, T'+1, H]
+    sel = batch.targets[:, :T + 1] != -100
     if last is None:
         sel[:, 0] = False  # nothing predicts the first token without a prompt
     rows = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
-    return states[sel], batch.targets[sel], rows
+    return states[sel], batch.targets[:, :T + 1][sel], rows
 
 
 def batch_loss(model, prompt, batch, shared_prefix: bool = True, class_ids: torch.Tensor | None = None):
