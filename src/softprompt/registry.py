@@ -1,0 +1,72 @@
+"""The named soft prompts a server holds: loaded once onto the model's device, swapped at run time.
+
+Each entry's tensor is what the scheduler puts in front of a request's row; the base model is an
+entry without one. Loading checks the prompt against the model; the dict is replaced, never edited
+in place, so request threads read it without a lock.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .prompt import SoftPrompt, check_fits, load_prompt
+from .protocol import ApiError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+@dataclass
+class Loaded:
+    name: str
+    tensor: torch.Tensor | None  # [P, H] on the model's device and dtype; None for the base model
+    meta: dict[str, Any]
+    path: str
+    created: int
+
+
+class Registry:
+    """Name -> loaded prompt. Reads are lock-free dict lookups; loads and unloads take the lock."""
+
+    def __init__(self, model, base_name: str):
+        self.model, self.base_name = model, base_name
+        self.lock = threading.Lock()
+        self.items: dict[str, Loaded] = {base_name: Loaded(base_name, None, {}, "", int(time.time()))}
+
+    def add(self, name: str, prompt: SoftPrompt | str | Path) -> Loaded:
+        if not NAME_RE.match(name):
+            raise ApiError(400, f"invalid prompt name {name!r}: use letters, digits, '.', '_', ':' or '-' "
+                                "(at most 64)", "name")
+        sp = prompt if isinstance(prompt, SoftPrompt) else load_prompt(prompt, self.model)  # safetensors only
+        w = self.model.get_input_embeddings().weight
+        check_fits(sp.hidden_size, self.model, f"prompt {name}", sp.meta.get("model"))
+        entry = Loaded(name, sp.embeds.detach().to(w.device, w.dtype), dict(sp.meta),
+                       "" if isinstance(prompt, SoftPrompt) else str(prompt), int(time.time()))
+        with self.lock:
+            if name in self.items:
+                raise ApiError(409, f"a model named {name!r} is already loaded: unload it first", "name")
+            self.items = {**self.items, name: entry}  # copy-on-write: readers never see a half update
+        return entry
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            if name == self.base_name:
+                raise ApiError(400, f"{name!r} is the base model; it cannot be unloaded", "name")
+            if name not in self.items:
+                raise ApiError(404, f"no prompt named {name!r} is loaded", "name", "model_not_found")
+            self.items = {k: v for k, v in self.items.items() if k != name}
+
+    def get(self, name: str, param: str = "model") -> Loaded:
+        entry = self.items.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.items))
+            raise ApiError(404, f"unknown model {name!r}: loaded are {known}", param, "model_not_found")
+        return entry
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [e.tensor for e in self.items.values() if e.tensor is not None]
