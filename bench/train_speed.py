@@ -106,7 +106,7 @@ class Path_:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        value = float(loss)
+        value = loss.item()
         sync(self.device)
         if record:
             self.times.append(time.perf_counter() - t)

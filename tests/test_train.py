@@ -94,6 +94,7 @@ def test_early_stopping(llama_dir, countries_csv, tmp_path):
     (lambda d, p, t: setattr(d, "template", "{nope}"), "column 'nope' not found"),
     (lambda d, p, t: setattr(p, "init", "file") or setattr(p, "init_file", "/nonexistent"), "missing prompt file"),
     (lambda d, p, t: setattr(t, "resume", True), "no checkpoint"),
+    (lambda d, p, t: setattr(t, "lr", -1e-3), "--lr >= 0"),
 ])
 def test_bad_input_leaves_no_output(llama_dir, countries_csv, tmp_path, change, msg):
     m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "out")
@@ -104,8 +105,9 @@ def test_bad_input_leaves_no_output(llama_dir, countries_csv, tmp_path, change, 
 
 
 def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
-    """--init auto / --loss auto: label-word init and the label softmax for classification with
-    one-token words; text init and the LM loss otherwise. The run records the resolved values."""
+    """--init auto / --loss auto / --lr 0: label-word init, the label softmax and lr 1e-2 for
+    classification with one-token words; text init, the LM loss and lr 3e-2 otherwise; 2e-5 for full
+    fine-tuning; an explicit --lr stays. The run records the resolved values."""
     from softprompt.data import Formatter
     from softprompt.models import load_model
 
@@ -117,10 +119,11 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
     cand = Formatter(d, tok).label_ids("Sentiment:")
     assert all(len(c) == 1 for c in cand), "premise: the label words are one token each"
     run = tmp_path / "cls"
-    train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
-          TrainConfig(out=str(run), max_steps=2, save_every=0, batch_size=4), model=model, tok=tok, quiet=True)
+    s = train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
+              TrainConfig(out=str(run), max_steps=2, save_every=0, batch_size=4), model=model, tok=tok, quiet=True)
     cfg = json.loads((run / "run_config.json").read_text())
     assert cfg["PromptConfig"]["init"] == "labels" and cfg["TrainConfig"]["loss"] == "classes"
+    assert cfg["TrainConfig"]["lr"] == s["lr"] == 1e-2
     assert load_prompt(run).meta["init"] == "labels"
     lm = DataConfig(data=str(data), template="Review: {text}", eval_fraction=0.2)
     train(ModelConfig(model=str(model_dir), device="cpu"), lm, PromptConfig(virtual_tokens=3),
@@ -128,6 +131,16 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
           quiet=True)
     cfg = json.loads((tmp_path / "lm" / "run_config.json").read_text())
     assert cfg["PromptConfig"]["init"] == "text" and cfg["TrainConfig"]["loss"] == "lm"
+    assert cfg["TrainConfig"]["lr"] == 3e-2
+    s = train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
+              TrainConfig(out=str(tmp_path / "own"), max_steps=1, save_every=0, batch_size=4, lr=0.2),
+              model=model, tok=tok, quiet=True)
+    assert s["lr"] == 0.2
+    import copy
+    s = train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
+              TrainConfig(out=str(tmp_path / "full"), max_steps=1, save_every=0, batch_size=4, method="full"),
+              model=copy.deepcopy(model), tok=tok, quiet=True)
+    assert s["lr"] == 2e-5
 
 
 def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, tmp_path):

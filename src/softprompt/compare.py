@@ -251,7 +251,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
                 trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
                 steps=s["steps"],
-                lr=cfg.lr, artifact=str(out / "prompt" / WEIGHTS_FILE),
+                lr=s["lr"], artifact=str(out / "prompt" / WEIGHTS_FILE),
                 artifact_bytes=_bytes(out / "prompt" / WEIGHTS_FILE),
                 base_weights_unchanged=s["base_weights_unchanged"])
         elif method == "full":
@@ -272,7 +272,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
                 trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
                 steps=s["steps"],
-                lr=cfg.lr, artifact=str(mdir), artifact_bytes=_bytes(mdir))
+                lr=s["lr"], artifact=str(mdir), artifact_bytes=_bytes(mdir))
     result = {"model": mcfg.model, "data": dcfg.data, "eval_data": dcfg.eval_data or f"{dcfg.data} (held out)",
               "task": fmt.task, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
               "instruction": instruction, "base_params": count_params(model),

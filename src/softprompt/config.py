@@ -54,7 +54,8 @@ class PromptConfig:
 @dataclass
 class TrainConfig:
     out: str = opt("runs/prompt", "run folder: prompt, config, metrics.jsonl, loss curve, checkpoints")
-    lr: float = opt(3e-2, "peak learning rate")
+    lr: float = opt(0.0, "peak learning rate (0 = auto: 1e-2 for --loss classes, 3e-2 for other prompt "
+                         "tuning, 2e-5 for --method full)")
     batch_size: int = opt(8, "examples per optimiser step (across all processes)")
     epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps > 0)")
     max_steps: int = opt(0, "optimiser steps (0 = use --epochs)")
