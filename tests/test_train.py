@@ -1,5 +1,6 @@
 """The training loop: only the prompt learns, the base is bit-identical, resume equals uninterrupted,
 the shared-prefix path follows the straightforward one, and bad input leaves nothing behind."""
+import copy
 import json
 
 import pytest
@@ -136,7 +137,6 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
               TrainConfig(out=str(tmp_path / "own"), max_steps=1, save_every=0, batch_size=4, lr=0.2),
               model=model, tok=tok, quiet=True)
     assert s["lr"] == 0.2
-    import copy
     s = train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
               TrainConfig(out=str(tmp_path / "full"), max_steps=1, save_every=0, batch_size=4, method="full"),
               model=copy.deepcopy(model), tok=tok, quiet=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -92,7 +93,7 @@ class CompareConfig:
                                "for --labels data, else a generic one)")
     k_shot: int = opt(4, "training examples (with their answers) placed before the input for k-shot; "
                          "label-balanced for classification")
-    ft_lr: float = opt(2e-5, "full fine-tuning peak learning rate (prompt tuning uses --lr)")
+    ft_lr: float = opt(FULL_FT_LR, "full fine-tuning peak learning rate (prompt tuning uses --lr)")
     ft_steps: int = opt(0, "full fine-tuning steps (0 = the same as --max-steps)")
     ft_batch_size: int = opt(0, "full fine-tuning batch size (0 = the same as --batch-size)")
     eval_batch_size: int = opt(16, "rows per forward pass when scoring (the same for every method)")

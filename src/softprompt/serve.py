@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-
 from .config import ServeConfig
 from .data import chat_wrap
 from .models import max_positions

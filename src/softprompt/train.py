@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, to_dict
+from .config import FULL_FT_LR, DataConfig, ModelConfig, PromptConfig, TrainConfig, to_dict
 from .data import Example, Formatter, batch_order, collate, load_splits, pad_id
 from .evaluate import evaluate
 from .forward import batch_loss
@@ -93,7 +93,7 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
         # PEFT's classic 3e-2 moves an Adam step ~0.03 per coordinate, a quarter of SmolLM2's
         # embedding RMS (0.136): from the label words' embeddings, with the two-way softmax, that
         # threw one SST-2 seed in three onto the majority class; 1e-2 trained all three to ~88%.
-        tcfg = replace(tcfg, lr=2e-5 if tcfg.method == "full" else 1e-2 if tcfg.loss == "classes" else 3e-2)
+        tcfg = replace(tcfg, lr=FULL_FT_LR if tcfg.method == "full" else 1e-2 if tcfg.loss == "classes" else 3e-2)
     return pcfg, tcfg
 
 
@@ -289,7 +289,8 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         summary = {"steps": state["step"], "total_steps": total, "stopped_early": stopped_early,
                    "train_seconds": round(train_seconds, 2), "tokens": state["tokens"],
                    "tokens_per_second": round(state["tokens"] / max(train_seconds, 1e-9), 1),
-                   "method": tcfg.method, "lr": tcfg.lr, "trainable_params": trainable, "base_params": count_params(model),
+                   "method": tcfg.method, "lr": tcfg.lr, "trainable_params": trainable,
+                   "base_params": count_params(model),
                    "base_weights_sha256_before": hash_before, "base_weights_sha256_after": hash_after,
                    "base_weights_unchanged": hash_before == hash_after,
                    "best_eval_score": state["best"] if state["best"] != -math.inf else None,
