@@ -4,7 +4,8 @@ import json
 import pytest
 
 from softprompt.config import DataConfig
-from softprompt.data import Formatter, batch_order, collate, load_splits, read_rows
+from softprompt.batching import batch_order, collate
+from softprompt.data import Formatter, load_splits, read_rows
 from softprompt.utils import SoftpromptError
 
 

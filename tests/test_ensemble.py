@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import EXAMPLES
-from softprompt import ensemble
+from softprompt import classify
 from softprompt.cli import main
 from softprompt.config import DataConfig
 from softprompt.data import load_splits
 from softprompt.ensemble import combine, ensemble_report, ensemble_scores
-from softprompt.evaluate import label_scores, row_candidates
+from softprompt.classify import row_candidates
+from softprompt.evaluate import example_scores
 from softprompt.prompt import SoftPrompt, save_prompt
 
 # Continent names: one to several tokens each (both scoring paths); capital/language: one token each.
@@ -35,13 +36,14 @@ def test_one_batch_equals_each_prompt_alone(tiny, kind, tmp_path, monkeypatch):
     torch.manual_seed(0)
     prompts = [torch.randn(P, model.config.hidden_size) * 0.2 for P in (2, 3, 5)]
     seen = []
-    real = ensemble.per_row_hidden
-    monkeypatch.setattr(ensemble, "per_row_hidden", lambda m, ps, seqs, which: seen.append(set(which)) or
-                        real(m, ps, seqs, which))
+    real = classify.mixed_hidden
+    monkeypatch.setattr(classify, "mixed_hidden", lambda m, ps, seqs: seen.append({id(p) for p in ps}) or
+                        real(m, ps, seqs))
     together = ensemble_scores(model, prompts, fmt, ex)
-    assert seen and all(s == {0, 1, 2} for s in seen)  # every forward pass holds rows of all K prompts
+    # every forward pass holds rows of all K prompts
+    assert seen and all(s == {id(p) for p in prompts} for s in seen)
     for k, p in enumerate(prompts):
-        alone = label_scores(model, tok, lambda p=p: p, fmt, ex, batch_size=7)
+        alone = example_scores(model, tok, lambda p=p: p, fmt, ex, batch_size=7)
         assert torch.allclose(together[k], alone, atol=1e-5), (k, (together[k] - alone).abs().max())
 
 
@@ -94,5 +96,5 @@ def test_one_batch_equals_alone_on_the_builtin_model():
     prompts = [emb[torch.randint(0, 5000, (P,), generator=torch.Generator().manual_seed(P))] for P in (4, 20)]
     together = ensemble_scores(model, prompts, fmt, ex)
     for k, p in enumerate(prompts):
-        alone = label_scores(model, tok, lambda p=p: p, fmt, ex)
+        alone = example_scores(model, tok, lambda p=p: p, fmt, ex)
         assert torch.allclose(together[k], alone, atol=2e-4), (together[k] - alone).abs().max()

@@ -27,7 +27,8 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     scored with its own candidates, exactly as when scored alone (not with the first row's)."""
     import json
 
-    from softprompt.evaluate import label_scores, row_candidates
+    from softprompt.classify import row_candidates
+    from softprompt.evaluate import example_scores
 
     model, tok = tiny
     rows = [{"t": "Review: a great movie\nSentiment:", "y": 1}, {"t": "Review: a dull film\nSentiment: ", "y": 0},
@@ -39,8 +40,8 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     cands = row_candidates(fmt, ex)
     assert len({tuple(map(tuple, c)) for c in cands}) == 2  # the premise: two different candidate sets
     p = torch.randn(2, model.config.hidden_size) * 0.1
-    together = label_scores(model, tok, lambda: p, fmt, ex, batch_size=4)
-    alone = torch.cat([label_scores(model, tok, lambda: p, fmt, [e]) for e in ex])
+    together = example_scores(model, tok, lambda: p, fmt, ex, batch_size=4)
+    alone = torch.cat([example_scores(model, tok, lambda: p, fmt, [e]) for e in ex])
     assert torch.allclose(together, alone, atol=1e-5)
     # The loss read off the scores agrees with the separate loss pass for mixed candidates too.
     got, ref = evaluate(model, tok, lambda: p, fmt, ex), eval_loss(model, tok, lambda: p, ex)

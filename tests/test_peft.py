@@ -44,7 +44,7 @@ def _ours_logits(model, embeds: torch.Tensor, ids, mask) -> dict[bool, torch.Ten
     """softprompt's logits on the text positions, for both forward paths."""
     head = model.get_output_embeddings()
     with torch.no_grad():
-        return {shared: head(text_hidden(model, embeds, ids, mask, shared_prefix=shared)[0]).float()
+        return {shared: head(text_hidden(model, embeds, ids, mask, path="auto" if shared else "concat")[0]).float()
                 for shared in (True, False)}
 
 

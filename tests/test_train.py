@@ -67,7 +67,7 @@ def test_shared_prefix_trajectory_matches_straightforward(kind, llama_dir, bloom
     runs = {}
     for shared in (True, False):
         train(*_cfgs(d, countries_csv, tmp_path / str(shared), max_steps=20, eval_every=0, save_every=0,
-                     keep_best=False, shared_prefix=shared), quiet=True)
+                     keep_best=False, forward_path="auto" if shared else "concat"), quiet=True)
         runs[shared] = [json.loads(l)["loss"] for l in (tmp_path / str(shared) / "metrics.jsonl").read_text()
                         .splitlines() if json.loads(l)["split"] == "train"]
     a, b = runs[True], runs[False]
@@ -147,7 +147,7 @@ def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, t
     """Inputs that end differently (a trailing space on some) tokenise the label words differently,
     so one shared label softmax does not exist: auto picks the LM loss instead of failing."""
     from softprompt.data import Formatter, load_splits
-    from softprompt.evaluate import row_candidates
+    from softprompt.classify import row_candidates
     from softprompt.models import load_model
 
     model, tok = load_model(str(model_dir))

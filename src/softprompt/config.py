@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+FORWARD_PATHS = ("auto", "packed", "kv", "concat")  # forward.text_hidden's paths
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 
 
@@ -74,7 +75,10 @@ class TrainConfig:
     save_every: int = opt(50, "write a resumable checkpoint every N steps (0 = never)")
     resume: bool = opt(False, "continue from the checkpoint in --out")
     seed: int = opt(0, "random seed for init, shuffling and sampling")
-    shared_prefix: bool = opt(True, "compute the prompt's keys/values once per step, shared by all rows")
+    forward_path: str = opt("auto", "how the prompt meets the rows: packed (prompt and rows as one padding-free "
+                            "sequence), kv (the prompt's keys/values computed once, shared by the rows), concat "
+                            "(the prompt prepended to every row, as PEFT does); auto: packed where the model "
+                            "allows it, else kv", choices=list(FORWARD_PATHS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "

@@ -1,5 +1,5 @@
 """Data: read rows from a local CSV/TSV/JSON/JSONL file or a Hub dataset, format them with a
-template, tokenise them once, and batch them with dynamic padding.
+template, and tokenise them once into Examples (batching.py batches them).
 
 Three ways to turn a row into a training example:
 - plain language modelling: `--text-col C`, or a `--template` with no target; loss on every token;
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .batching import Example
+from .classify import label_text
 from .config import DataConfig
 from .utils import SoftpromptError
 
@@ -127,14 +127,6 @@ def chat_wrap(tok, text: str) -> str:
 
 
 @dataclass
-class Example:
-    ids: list[int]          # prompt tokens followed by target tokens
-    loss_start: int         # ids[loss_start:] are supervised (0 = every token: language modelling)
-    label: int = -1         # class index for classification data
-    text: str = ""          # the input part, for display and generation
-
-
-@dataclass
 class Formatter:
     """Turns rows into tokenised Examples according to a DataConfig."""
 
@@ -186,9 +178,7 @@ class Formatter:
         return self.tok(rendered, add_special_tokens=not self.cfg.chat).input_ids
 
     def label_text(self, k: int, rendered_input: str) -> str:
-        # " positive" after "Sentiment:", but no extra space after a newline or a trailing space.
-        w = self.label_words[k]
-        return w if (not rendered_input or rendered_input[-1].isspace()) else " " + w
+        return label_text(self.label_words[k], rendered_input)
 
     def label_index(self, value: Any, where: str) -> int:
         s = str(value).strip()
@@ -275,63 +265,3 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0) -> tuple[Formatter, list[Ex
     train = fmt.encode_rows(rows, cfg.data)
     evals = fmt.encode_rows(eval_rows, cfg.eval_data or f"{cfg.data} (held out)") if eval_rows else []
     return fmt, train, evals
-
-
-# ---------------------------------------------------------------- batching
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor       # [B, T] right-padded
-    attention_mask: torch.Tensor  # [B, T]
-    targets: torch.Tensor         # [B, T] token to predict at each position, -100 where unsupervised
-    labels: torch.Tensor          # [B] class index or -1
-    loss_start: torch.Tensor      # [B] first supervised position
-
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets,
-                                               self.labels, self.loss_start)))
-
-    @property
-    def num_targets(self) -> int:
-        return int((self.targets != -100).sum())
-
-
-def pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else 0
-
-
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    T = max(len(e.ids) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    targets = torch.full((B, T), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        mask[i, :n] = 1
-        targets[i, e.loss_start:n] = ids[i, e.loss_start:n]
-    labels = torch.tensor([e.label for e in examples])
-    starts = torch.tensor([e.loss_start for e in examples])
-    return Batch(ids, mask, targets, labels, starts)
-
-
-def batch_order(lengths: list[int], batch_size: int, seed: int, group: bool = True) -> list[list[int]]:
-    """Index batches for one epoch: shuffled, and length-grouped inside mega-batches of 50 batches
-    so that padding stays small while the order stays random (as HF's group_by_length)."""
-    idx = list(range(len(lengths)))
-    rng = random.Random(seed)
-    rng.shuffle(idx)
-    if group:
-        mega = 50 * batch_size
-        idx = [i for s in range(0, len(idx), mega)
-               for i in sorted(idx[s:s + mega], key=lambda i: -lengths[i])]
-    batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
-    if group:
-        rng.shuffle(batches)
-    return batches
-
-
-def eval_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

@@ -1,10 +1,11 @@
 """Prompt ensembling (Lester et al. 2021, section 6): K soft prompts for one task, scored together
 in a single batch over the frozen model, combined by majority vote or by mean log-probability.
 
-One batch holds every example once per prompt: row (k, i) is [prompt_k ; input_i (; label tokens)],
+A batch holds rows (prompt k, example i) of several prompts: [prompt_k ; input_i (; label tokens)],
 right-padded, so each row keeps positions 0.. from its own first virtual token and sees exactly
-what it would see alone (prompts may differ in length). The model is stored once; only the
-batch grows K-fold, which is the paper's point against an ensemble of K fine-tuned models.
+what it would see alone (prompts may differ in length); classify.label_scores scores them. The
+model is stored once; only the batches grow K-fold, which is the paper's point against an ensemble
+of K fine-tuned models.
 """
 from __future__ import annotations
 
@@ -13,73 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from .batching import Example, pad_id
+from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig
-from .data import Example, Formatter, eval_batches
-from .evaluate import row_candidates
-from .forward import _logits, decoder
+from .data import Formatter
 
-MAX_ROWS = 64  # rows per forward pass: examples per batch = max(1, MAX_ROWS // K)
+MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
 
-def per_row_hidden(model, prompts: list[torch.Tensor], seqs: list[list[int]], which: list[int]) -> torch.Tensor:
-    """Hidden states [B, L, H] of rows [prompts[which[b]] ; seqs[b]], right-padded (pads masked,
-    after every real token, so a causal model's real positions are untouched by them)."""
-    embed = model.get_input_embeddings()
-    dtype = embed.weight.dtype
-    dev = embed.weight.device
-    parts = [torch.cat([prompts[k].to(dev, dtype), embed(torch.tensor(s, dtype=torch.long, device=dev))])
-             for k, s in zip(which, seqs)]
-    L = max(p.shape[0] for p in parts)
-    x = torch.zeros(len(parts), L, parts[0].shape[1], dtype=dtype, device=dev)
-    mask = torch.zeros(len(parts), L, dtype=torch.long, device=dev)
-    for b, p in enumerate(parts):
-        x[b, :p.shape[0]] = p
-        mask[b, :p.shape[0]] = 1
-    return decoder(model)(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
-
-
-@torch.no_grad()
 def ensemble_scores(model, prompts: list[torch.Tensor], fmt: Formatter, examples: list[Example],
                     progress: bool = False) -> torch.Tensor:
-    """Log-probability [K, N, C] of every label word after every example under every prompt; the K
-    prompts' rows of a group of examples share one forward pass."""
-    K = len(prompts)
+    """Log-probability [K, N, C] of every label word after every example under every prompt; rows
+    (prompt k, example i) of similar length share forward passes, whatever their prompts."""
+    K, N = len(prompts), len(examples)
     cands = row_candidates(fmt, examples)
-    C = len(fmt.label_words)
-    scores = torch.zeros(K, len(examples), C)
-    inputs = [Example(e.ids[:e.loss_start], 0, e.label, e.text) for e in examples]
-    per = max(1, MAX_ROWS // K)
-    for idx in tqdm(eval_batches(inputs, per), desc="ensemble", disable=not progress, leave=False):
-        single = all(len(w) == 1 for i in idx for w in cands[i])
-        # Single-token label words: one row per (prompt, example), read the next-token distribution.
-        # Otherwise one row per (prompt, example, label word), summing the word's token log-probs.
-        variants = [None] if single else list(range(C))
-        seqs, which, meta = [], [], []
-        for k in range(K):
-            for i in idx:
-                for c in variants:
-                    seqs.append(inputs[i].ids + (cands[i][c] if c is not None else []))
-                    which.append(k)
-                    meta.append((k, i, c))
-        h = per_row_hidden(model, prompts, seqs, which)
-        # Gather the states that predict each scored token, then one vocabulary projection for all.
-        rows, pos, toks, dest = [], [], [], []
-        for b, (k, i, c) in enumerate(meta):
-            start = prompts[k].shape[0] + len(inputs[i].ids) - 1  # state after the input's last token
-            words = [(c2, cands[i][c2]) for c2 in range(C)] if c is None else [(c, cands[i][c])]
-            for c2, w in words:
-                n = 1 if c is None else len(w)  # token t of a word is predicted by the state before it
-                rows += [b] * n
-                pos += range(start, start + n)
-                toks += w[:n]
-                dest += [(k, i, c2)] * n
-        lp = torch.log_softmax(_logits(model, h[rows, pos]), -1)
-        lp = lp[torch.arange(len(toks)), torch.tensor(toks, device=lp.device)].float().cpu()
-        for (k, i, c), v in zip(dest, lp.tolist()):
-            scores[k, i, c] += v
-    return scores
+    # Example-major: an input's K rows are neighbours, so they share a forward pass.
+    rows = [(p, e.ids[:e.loss_start]) for e in examples for p in prompts]
+    scores = label_scores(model, rows, [c for c in cands for _ in prompts], pad_id(fmt.tok), MAX_ROWS,
+                          progress=progress)
+    return scores.view(N, K, -1).transpose(0, 1)
 
 
 def combine(scores: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,6 +8,9 @@ Equivalent paths:
   and all rows run as one padding-free packed sequence (packing.py); otherwise (BLOOM) the prompt
   runs once as a batch of 1, its KV cache is broadcast to the B rows (a view, so the gradient of
   every row flows back into the one prompt), and only the [B, T] text runs after it.
+The `path` argument names one of them: "concat" (PEFT's), "kv" (prompt KV shared), "packed", or
+"auto" (packed where the model and batch allow it, else kv). Rows that each carry their own prompt
+(ensembles, mixed requests) go through `mixed_hidden` instead.
 Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
 formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
 """
@@ -18,19 +21,25 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from .config import FORWARD_PATHS as PATHS
+from .families import decoder, logit_softcap
 from .packing import packable, packed_hidden
-
-# The shared prefix as one padding-free packed sequence where the model allows it (packing.py);
-# False forces the prompt-KV path (tests compare the two).
-PACK = True
+from .utils import SoftpromptError
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
 
 
-def decoder(model):
-    """The transformer stack without the LM head (LlamaModel, BloomModel, ...)."""
-    return model.base_model
+def choose_path(model, attention_mask: torch.Tensor, path: str = "auto") -> str:
+    """The concrete path ("packed", "kv" or "concat") that `path` means for this model and batch."""
+    if path not in PATHS:
+        raise SoftpromptError(f"unknown forward path {path!r}: use {', '.join(PATHS)}")
+    if path == "auto":
+        return "packed" if packable(model, attention_mask) else "kv"
+    if path == "packed" and not packable(model, attention_mask):
+        raise SoftpromptError(f"the packed path needs a {model.config.model_type} model with full attention "
+                              "through the attention interface and right-padded rows; use --forward-path kv")
+    return path
 
 
 def prefix_kv(model, prompt: torch.Tensor):
@@ -47,7 +56,7 @@ def expand_kv(layers, batch: int) -> DynamicCache:
 
 
 def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                path: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states [B, T, H] of the text after the prompt, and the prompt's last hidden state
     ([1 or B, H], None when there is no prompt), which predicts the first text token."""
     embed = model.get_input_embeddings()
@@ -58,10 +67,11 @@ def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, att
         return h, None
     prompt = prompt.to(x.dtype)
     P = prompt.shape[0]
-    if shared_prefix and PACK and packable(model, attention_mask):
-        return packed_hidden(decoder(model), model, prompt, x, attention_mask)
+    path = choose_path(model, attention_mask, path)
+    if path == "packed":
+        return packed_hidden(model, prompt, x, attention_mask)
     mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # [B, P+T]
-    if shared_prefix:
+    if path == "kv":
         layers, last = prefix_kv(model, prompt)
         h = decoder(model)(inputs_embeds=x, attention_mask=mask, cache=expand_kv(layers, B),
                            use_cache=True).last_hidden_state
@@ -76,20 +86,38 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _logits(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def mixed_hidden(model, prompts: list[torch.Tensor | None], seqs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Hidden states [B, L, H] of rows [prompts[b] ; seqs[b]], each with a prompt of its own (or
+    none), right-padded: pads come after every real token, so a causal model's real positions are
+    untouched by them. Also each row's prompt length, where its text starts."""
+    embed = model.get_input_embeddings()
+    dtype, dev = embed.weight.dtype, embed.weight.device
+    text = [embed(torch.tensor(s, dtype=torch.long, device=dev)) for s in seqs]
+    parts = [t if p is None else torch.cat([p.to(dev, dtype), t]) for p, t in zip(prompts, text)]
+    L = max(p.shape[0] for p in parts)
+    x = torch.zeros(len(parts), L, parts[0].shape[1], dtype=dtype, device=dev)
+    mask = torch.zeros(len(parts), L, dtype=torch.long, device=dev)
+    for b, p in enumerate(parts):
+        x[b, :p.shape[0]] = p
+        mask[b, :p.shape[0]] = 1
+    h = decoder(model)(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+    return h, [0 if p is None else p.shape[0] for p in prompts]
+
+
+def logits(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Vocabulary logits of states h [..., H] (float32 or wider, soft-capped where the family does);
+    `rows` [C] limits them to a few candidate tokens."""
     head = model.get_output_embeddings()
     w, b = head.weight, getattr(head, "bias", None)
     if rows is not None:  # logits of a few candidate tokens only
         w, b = w[rows], (b[rows] if b is not None else None)
-    logits = _upcast(F.linear(h, w, b))
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    z = _upcast(F.linear(h, w, b))
+    cap = logit_softcap(model)
+    return torch.tanh(z / cap) * cap if cap else z
 
 
 def _ce_sum(model, h, y):
-    return F.cross_entropy(_logits(model, h), y, reduction="none")
+    return F.cross_entropy(logits(model, h), y, reduction="none")
 
 
 class _FrozenHeadCE(torch.autograd.Function):
@@ -127,15 +155,15 @@ class _FrozenHeadCE(torch.autograd.Function):
         return grad_out[:, None].to(dh.dtype) * dh, None, None, None, None, None
 
 
-def token_losses(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [N] for states h [N, H] and targets y [N]; chunked when big."""
+def token_losses(model, h: torch.Tensor, y: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Per-token cross-entropy [N] for states h [N, H] and targets y [N]; chunked above
+    `chunk_elements` logits."""
     head = model.get_output_embeddings()
     w, b = head.weight, getattr(head, "bias", None)
-    n = max(1, CHUNK_ELEMENTS // w.shape[0])
+    n = max(1, chunk_elements // w.shape[0])
     frozen = not w.requires_grad and (b is None or not b.requires_grad)
     if torch.is_grad_enabled() and h.requires_grad and frozen:
-        cap = getattr(model.config, "final_logit_softcapping", None) or 0.0
-        return _FrozenHeadCE.apply(h, w, b, y, cap, n)
+        return _FrozenHeadCE.apply(h, w, b, y, logit_softcap(model) or 0.0, n)
     if h.shape[0] <= n or not torch.is_grad_enabled():
         return torch.cat([_ce_sum(model, h[s:s + n], y[s:s + n]) for s in range(0, h.shape[0], n)])
     # A trainable head (full fine-tuning): recompute each chunk's logits in backward instead of keeping them.
@@ -156,11 +184,11 @@ def needed_inputs(targets: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     return keep[:, :width]
 
 
-def supervised(model, prompt, batch, shared_prefix: bool = True):
+def supervised(model, prompt, batch, path: str = "auto"):
     """Predictor states [N, H], targets [N] and row index [N] of every supervised token."""
     keep = needed_inputs(batch.targets, batch.attention_mask)  # [B, T'], T' < T
     T = keep.shape[1]
-    h, last = text_hidden(model, prompt, batch.input_ids[:, :T], keep.long(), shared_prefix)
+    h, last = text_hidden(model, prompt, batch.input_ids[:, :T], keep.long(), path)
     # States for tokens 0..T' (the last one predicted by the last kept input).
     first = last.expand(h.shape[0], -1)[:, None] if last is not None else h.new_zeros(h.shape[0], 1, h.shape[2])
     states = torch.cat([first, h], dim=1)  # [B, T'+1, H]
@@ -171,20 +199,20 @@ def supervised(model, prompt, batch, shared_prefix: bool = True):
     return states[sel], batch.targets[:, :T + 1][sel], rows
 
 
-def batch_loss(model, prompt, batch, shared_prefix: bool = True, class_ids: torch.Tensor | None = None):
+def batch_loss(model, prompt, batch, path: str = "auto", class_ids: torch.Tensor | None = None):
     """Summed loss and the number of supervised tokens. With `class_ids` [C] (single-token label
     words) the softmax runs over the label words only; otherwise over the whole vocabulary."""
-    states, y, _ = supervised(model, prompt, batch, shared_prefix)
+    states, y, _ = supervised(model, prompt, batch, path)
     if class_ids is not None:
-        logits = _logits(model, states, class_ids)  # [N, C]
+        z = logits(model, states, class_ids)  # [N, C]
         y = (y[:, None] == class_ids[None]).float().argmax(-1)
-        return F.cross_entropy(logits, y, reduction="sum"), y.numel()
+        return F.cross_entropy(z, y, reduction="sum"), y.numel()
     return token_losses(model, states, y).sum(), y.numel()
 
 
-def row_logprobs(model, prompt, batch, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def row_logprobs(model, prompt, batch, path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed log-probability of the supervised tokens [B] and their count [B]."""
-    states, y, rows = supervised(model, prompt, batch, shared_prefix)
+    states, y, rows = supervised(model, prompt, batch, path)
     lp = -token_losses(model, states, y)
     B = batch.input_ids.shape[0]
     sums = torch.zeros(B, device=lp.device).index_add_(0, rows, lp)
@@ -193,14 +221,14 @@ def row_logprobs(model, prompt, batch, shared_prefix: bool = True) -> tuple[torc
 
 
 def next_token_logprobs(model, prompt, input_ids, attention_mask, candidates: torch.Tensor | None = None,
-                        shared_prefix: bool = True) -> torch.Tensor:
+                        path: str = "auto") -> torch.Tensor:
     """Log-probabilities [B, V] (or [B, C] of `candidates`, normalised over the full vocabulary)
     of the token after each right-padded row's last real token."""
-    h, last = text_hidden(model, prompt, input_ids, attention_mask, shared_prefix)
+    h, last = text_hidden(model, prompt, input_ids, attention_mask, path)
     lengths = attention_mask.sum(1)
     B = h.shape[0]
     state = h[torch.arange(B, device=h.device), (lengths - 1).clamp(min=0)]
     if last is not None:  # empty rows are predicted by the prompt itself
         state = torch.where((lengths == 0)[:, None], last.expand(B, -1), state)
-    lp = torch.log_softmax(_logits(model, state), dim=-1)
+    lp = torch.log_softmax(logits(model, state), dim=-1)
     return lp if candidates is None else lp[:, candidates]

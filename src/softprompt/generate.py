@@ -11,16 +11,16 @@ early); `generate_batch` drives it to the end.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from .config import GenerateConfig
-from .data import chat_wrap, pad_id
-from .forward import decoder, prefix_kv, _logits
-from .models import max_positions
+from .batching import pad_id
+from .data import chat_wrap
+from .families import decoder, max_positions, takes_position_ids
+from .forward import logits, prefix_kv
 from .utils import SoftpromptError
 
 
@@ -60,10 +60,6 @@ class PromptKV:
         keep = {id(p): p for p in prompts}
         for key in [k for k, s in self.store.items() if keep.get(k) is not s.source]:
             del self.store[key]
-
-
-def _accepts_positions(model) -> bool:
-    return "position_ids" in inspect.signature(decoder(model).forward).parameters
 
 
 def _pick(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig,
@@ -141,7 +137,7 @@ class Decoding:
             cache = DynamicCache(ddp_cache_data=layers)
         # Each row's positions count only its own real tokens (prompt included).
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, Pm:]
-        self.with_pos = _accepts_positions(model)  # BLOOM derives positions (ALiBi) from the mask instead
+        self.with_pos = takes_position_ids(model)  # BLOOM derives positions (ALiBi) from the mask instead
         kw = {"position_ids": pos} if self.with_pos else {}
         self.out = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
                                   cache=cache, use_cache=True, **kw)
@@ -184,8 +180,8 @@ class Decoding:
             kw = {"position_ids": self.last_pos[:, None]} if self.with_pos else {}
             self.out = decoder(model)(inputs_embeds=model.get_input_embeddings()(nxt[:, None]),
                                       attention_mask=self.mask, cache=self.out.cache, use_cache=True, **kw)
-        logits = _logits(model, self.out.last_hidden_state[:, -1])
-        self._fed = _pick(logits, self.seen, cfg, self.gen)
+        z = logits(model, self.out.last_hidden_state[:, -1])
+        self._fed = _pick(z, self.seen, cfg, self.gen)
         picked = self._fed.tolist()  # the step's one host sync
         res: list[int | None] = []
         for i, t in enumerate(picked):

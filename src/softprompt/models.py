@@ -103,16 +103,3 @@ def load_model(cfg: ModelConfig | str):
     model.eval()
     model.to(resolve_device(cfg.device))
     return model, tok
-
-
-def hidden_size(model) -> int:
-    return model.get_input_embeddings().weight.shape[1]
-
-
-def max_positions(model) -> int | None:
-    """Longest sequence the model was built for, or None when it has no fixed limit (ALiBi)."""
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    return None

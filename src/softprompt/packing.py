@@ -13,19 +13,22 @@ Positions are those of the unpacked layout (prompt 0..P-1, every row P..P+L_b-1)
 exactly what the straightforward path sees. This needs models whose attention goes through
 transformers' attention interface and whose positions come from `position_ids` (Llama, Qwen2,
 Gemma, ...). BLOOM builds ALiBi from the 2D mask inside its own attention, and models with
-sliding-window layers (Mistral, Gemma 2) need their own masks, so they keep the prompt-KV path.
+sliding-window layers (Mistral, Gemma 2) need their own masks, so they keep the prompt-KV path
+(families.can_pack decides).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-IMPL = "softprompt_packed"
+from .families import can_pack, decoder
+
+IMPL = "softprompt_packed"  # prefix of the registered attention names
 
 
 @dataclass
@@ -60,23 +63,20 @@ class Layout:
 
 def packable(model, attention_mask: torch.Tensor) -> bool:
     """True when this model and mask can take the packed path (see the module docstring)."""
-    if not getattr(model, "_supports_attention_backend", False):
+    if not can_pack(model):
         return False
-    cfg = model.config
-    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
-        return False  # local-attention layers need their own masks
     m = attention_mask.bool()
     right_padded = (m.cumsum(1) == m.sum(1, keepdim=True)) | m  # no real token after a pad
     return bool(right_padded.all())
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-               softprompt_layout: Layout | None = None, **kwargs):
+               softprompt_layout: Layout | None = None, softprompt_fallback: str = "sdpa", **kwargs):
     """query [1, Hq, N, d], key/value [1, Hkv, N, d] of the packed sequence -> [1, N, Hq, d]."""
     lay = softprompt_layout
-    if lay is None:  # not a packed call: behave exactly like sdpa
-        return AttentionInterface._global_mapping["sdpa"](module, query, key, value, attention_mask,
-                                                          scaling=scaling, dropout=dropout, **kwargs)
+    if lay is None:  # not a packed call: exactly the model's own attention
+        return ALL_ATTENTION_FUNCTIONS[softprompt_fallback](module, query, key, value, attention_mask,
+                                                            scaling=scaling, dropout=dropout, **kwargs)
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
     P = lay.P
     q, k, v = query[0], key[0], value[0]  # [H, N, d]
@@ -103,31 +103,29 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out[None], None
 
 
-AttentionInterface.register(IMPL, _attention)
-# sdpa's masks for anything else that runs while a packed pass has the attention switched.
-ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL, sdpa_mask)
+def enable_packing(model) -> None:
+    """Route the model's attention through `_attention`, once: with no packed layout in the call it
+    runs the model's own implementation unchanged, so only packed passes behave differently. Uses
+    transformers' public set_attn_implementation, one registered name per original implementation."""
+    impl = model.config._attn_implementation
+    if impl.startswith(IMPL):
+        return
+    name = f"{IMPL}_{impl}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(_attention, softprompt_fallback=impl))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl]
+                                              if impl in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask)
+    model.set_attn_implementation(name)
 
 
-@contextlib.contextmanager
-def _packed_attention(model):
-    # The attention function is chosen from the config at call time; switch it for this pass only.
-    cfg = model.config
-    old = cfg._attn_implementation
-    cfg._attn_implementation = IMPL
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = old
-
-
-def packed_hidden(decoder, model, prompt: torch.Tensor, x: torch.Tensor, attention_mask: torch.Tensor):
+def packed_hidden(model, prompt: torch.Tensor, x: torch.Tensor, attention_mask: torch.Tensor):
     """Text hidden states [B, T, H] (zeros at pads) and the prompt's last state [1, H], from one
     packed pass of prompt [P, H] and text embeddings x [B, T, H]."""
+    enable_packing(model)
     P = prompt.shape[0]
     lay = Layout.build(P, attention_mask)
     seq = torch.cat([prompt, x[lay.valid]])[None]  # [1, N, H]
-    with _packed_attention(model):
-        h = decoder(inputs_embeds=seq, position_ids=lay.position_ids(), use_cache=False,
-                    softprompt_layout=lay).last_hidden_state[0]  # [N, H]
+    h = decoder(model)(inputs_embeds=seq, position_ids=lay.position_ids(), use_cache=False,
+                       softprompt_layout=lay).last_hidden_state[0]  # [N, H]
     out = h.new_zeros(x.shape).masked_scatter(lay.valid[..., None], h[P:])
     return out, h[P - 1][None]

@@ -166,7 +166,7 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:
-    from .models import hidden_size
+    from .families import hidden_size
 
     H = hidden_size(model)
     if hidden != H:

@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import torch
 
+from .batching import pad_id
+from .classify import label_scores
 from .config import GenerateConfig
-from .data import Example, collate, pad_id
-from .forward import next_token_logprobs, row_logprobs
 from .generate import Decoding, PromptKV
 
 log = logging.getLogger("softprompt.serve")
@@ -298,19 +298,9 @@ class Scheduler:
 
     @torch.no_grad()
     def _classify(self, jobs: list[ClassifyJob]) -> None:
-        dev, pad, p = self.model.device, pad_id(self.tok), jobs[0].prompt
         self.stats["classify_rows"] += len(jobs)
-        if all(len(c) == 1 for j in jobs for c in j.candidates):  # one position per job
-            batch = collate([Example(j.ids, len(j.ids)) for j in jobs], pad).to(dev)
-            lp = next_token_logprobs(self.model, p, batch.input_ids, batch.attention_mask).float().cpu()
-            for i, j in enumerate(jobs):
-                j.future.set_result([float(lp[i, c[0]]) for c in j.candidates])
-            return
-        # Multi-token labels: one row per (job, label), scoring the label's tokens after the input.
-        rows = [(j, Example(j.ids + c, len(j.ids))) for j in jobs for c in j.candidates]
-        sums, _ = row_logprobs(self.model, p, collate([e for _, e in rows], pad).to(dev))
-        sums = sums.float().cpu().tolist()
-        k = 0
-        for j in jobs:
-            j.future.set_result(sums[k:k + len(j.candidates)])
-            k += len(j.candidates)
+        rows = [(j.prompt, j.ids) for j in jobs]
+        scores = label_scores(self.model, rows, [j.candidates for j in jobs], pad_id(self.tok),
+                              batch_size=sum(len(j.candidates) for j in jobs))
+        for j, s in zip(jobs, scores.tolist()):
+            j.future.set_result(s[:len(j.candidates)])

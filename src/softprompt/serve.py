@@ -26,9 +26,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from .classify import label_token_ids
 from .config import ServeConfig
 from .data import chat_wrap
-from .models import max_positions
+from .families import max_positions
 from .prompt import SoftPrompt
 from .registry import Loaded, Registry
 from .metrics import Metrics, _Guard
@@ -280,8 +281,7 @@ def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: Ser
         chat = bool(entry.meta.get("chat"))
         rendered = chat_wrap(tok, req.text) if chat and req.text else req.text
         ids = encode(rendered, chat, "text", req.text)
-        # As data.Formatter.label_text: " positive" after "Sentiment:", no extra space after whitespace.
-        cands = [tok(w if rendered[-1:].isspace() else " " + w, add_special_tokens=False).input_ids for w in labels]
+        cands = label_token_ids(tok, labels, rendered)
         fits(entry, ids, max(len(c) for c in cands), "text")
         job = ClassifyJob(entry.tensor, ids, candidates=cands)
         try:

@@ -20,7 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import FULL_FT_LR, DataConfig, ModelConfig, PromptConfig, TrainConfig, to_dict
-from .data import Example, Formatter, batch_order, collate, load_splits, pad_id
+from .batching import Example, batch_order, collate, pad_id
+from .classify import class_token_ids, single_token_classes
+from .data import Formatter, load_splits
 from .evaluate import evaluate
 from .forward import batch_loss
 from .models import load_model
@@ -57,25 +59,6 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _candidate_sets(fmt: Formatter, examples: list[Example]) -> set[tuple[tuple[int, ...], ...]]:
-    """The distinct label-word tokenisations over the rows (one set when every input ends alike)."""
-    from .evaluate import row_candidates
-
-    return {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
-
-
-def class_token_ids(fmt: Formatter, examples: list[Example]) -> torch.Tensor:
-    sets = _candidate_sets(fmt, examples)
-    if len(sets) > 1:  # one shared class softmax per batch needs one token per label word for every row
-        raise SoftpromptError("--loss classes: the label words tokenise differently after different inputs "
-                              "(e.g. some inputs end in a space); make the template end the same way for all rows")
-    cand = list(next(iter(sets)))
-    if any(len(c) != 1 for c in cand):
-        raise SoftpromptError("--loss classes needs label words that are one token each "
-                              f"(got {[len(c) for c in cand]} tokens)")
-    return torch.tensor([c[0] for c in cand])
-
-
 def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex: list[Example]):
     """Replace the 'auto' choices by what they mean for this data."""
     from dataclasses import replace
@@ -86,8 +69,7 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
     if tcfg.loss == "auto":
         # The label-word softmax trains only what rank classification scores; it needs one-token
         # words, tokenised the same after every input (what class_token_ids demands).
-        sets = _candidate_sets(fmt, train_ex) if fmt.task == "classify" else set()
-        single = len(sets) == 1 and all(len(c) == 1 for c in next(iter(sets)))
+        single = fmt.task == "classify" and single_token_classes(fmt, train_ex) is not None
         tcfg = replace(tcfg, loss="classes" if single else "lm")
     if tcfg.lr == 0:
         # PEFT's classic 3e-2 moves an Adam step ~0.03 per coordinate, a quarter of SmolLM2's
@@ -202,7 +184,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         if not eval_ex:
             return None
         m = evaluate(model, tok, prompt, fmt, eval_ex, batch_size=max(tcfg.batch_size, 16),
-                     shared_prefix=tcfg.shared_prefix)
+                     path=tcfg.forward_path)
         log({"step": step, "split": "eval", "seconds": round(state["train_seconds"], 3), **m})
         score = _score(m)
         if score > state["best"]:
@@ -240,7 +222,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         # Normalise by the global token count so N processes average to the 1-process loss.
         n_local = torch.tensor(float(batch.num_targets), device=acc.device)
         n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
-        loss_sum, _ = batch_loss(model, ddp_prompt() if prompt is not None else None, batch, tcfg.shared_prefix,
+        loss_sum, _ = batch_loss(model, ddp_prompt() if prompt is not None else None, batch, tcfg.forward_path,
                                  class_ids)
         loss = loss_sum / n_global.clamp(min=1) * world
         acc.backward(loss)
