@@ -29,7 +29,8 @@ from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, load_bench_mode
 
 from softprompt.config import GenerateConfig, PromptConfig  # noqa: E402
 from softprompt.data import read_rows  # noqa: E402
-from softprompt.generate import PromptKV, eos_ids, generate_batch  # noqa: E402
+from softprompt.decode import PromptKV, eos_ids  # noqa: E402
+from softprompt.generate import generate_batch  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 
 TASK_TEXTS = [

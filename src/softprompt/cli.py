@@ -38,7 +38,8 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
 def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prompt: str = "",
                  compare: bool = False, chat: bool = False, model=None, tok=None) -> list[dict[str, str]]:
     """Continuations of `texts`; with `compare`, the untuned model's beside the tuned one's."""
-    from .generate import PromptKV, encode_for_generation, generate_batch
+    from .decode import PromptKV
+    from .generate import encode_for_generation, generate_batch
     from .models import load_model
     from .prompt import load_prompt
 

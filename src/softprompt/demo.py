@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
 from .data import load_splits
-from .generate import PromptKV, encode_for_generation, generate_batch
+from .decode import PromptKV
+from .generate import encode_for_generation, generate_batch
 from .models import load_model
 from .prompt import load_prompt
 from .train import train

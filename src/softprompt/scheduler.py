@@ -30,7 +30,7 @@ import torch
 from .batching import pad_id
 from .classify import label_scores
 from .config import GenerateConfig
-from .generate import Decoding, PromptKV
+from .decode import Decoding, PromptKV
 
 log = logging.getLogger("softprompt.serve")
 
