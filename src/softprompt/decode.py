@@ -1,25 +1,31 @@
-"""Decoding with soft prompts: each prompt's KV cache is computed once and reused, and one
-batch may mix rows with different prompts (or none).
+"""Decoding with soft prompts, continuously batched: each prompt's KV cache is computed once and
+reused, one batch mixes rows with different prompts (or none), rows join a running batch between
+steps and leave it as soon as they finish.
 
-Row layout in a mixed batch (left padding on both parts, holes masked out):
+Row layout (left padding, holes masked out):
     [pad .. prompt_i keys/values | pad .. text_i] then generated tokens
 Positions continue from each row's own prompt length, so every row sees exactly what it would
-see alone; greedy outputs match one-request-at-a-time decoding token for token.
+see alone; greedy outputs match one-request-at-a-time decoding token for token. Rows that join
+are prefilled as a group of their own; at the next step their cache is left-padded to the running
+batch's length (or the batch's to theirs) and stacked under it.
 
-`Decoding` runs such a batch one step at a time (the server streams from it and stops rows
-early); generate.generate_batch drives it to the end.
+`DecodeBatch` is the engine (the server's scheduler feeds it, generate.generate_batch drives it);
+`Decoding` is its fixed-batch view, for callers that start all rows at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+import torch.nn.functional as F
 
 from .batching import pad_id
 from .config import GenerateConfig
 from .families import decoder, max_positions, takes_position_ids
 from .forward import logits, prefix_kv
+from .sampling import Sampling, pick
 from .utils import SoftpromptError
 
 
@@ -61,62 +67,123 @@ class PromptKV:
             del self.store[key]
 
 
-def _pick(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig,
-          gen: torch.Generator | list[torch.Generator] | None):
-    """Next token per row from logits [B, V]; `seen` [B, L] holds ids already in each row (-1 = none)."""
-    if cfg.repetition_penalty != 1.0:
-        valid = seen >= 0
-        idx = seen.clamp(min=0)
-        vals = logits.gather(1, idx)
-        vals = torch.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
-        logits = logits.scatter(1, idx, torch.where(valid, vals, logits.gather(1, idx)))
-    if not cfg.sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / max(cfg.temperature, 1e-5), -1)
-    if cfg.top_p < 1.0:
-        sp, si = probs.sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > cfg.top_p  # keep the smallest set whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(1, si, sp)
-    if isinstance(gen, list):  # one generator per row: a row's draws do not depend on its batch
-        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gen)])
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+@dataclass(eq=False)
+class Row:
+    """One request's state while it decodes, and its result once it has finished."""
+    id: int
+    max_new: int
+    sampling: Sampling
+    gen: torch.Generator | None
+    seen: list[int]                         # input ids then new ones (for the repetition penalty)
+    new: list[int] = field(default_factory=list)
+    done: bool = False
+    stopped_by_eos: bool = False
 
 
-class Decoding:
-    """Step-wise decoding of one batch of rows: the prompts' cached KV and the texts are run once
-    (prefill) on construction, then each `step()` returns every row's next token (None for a
-    finished row). The server streams from it and stops rows early (stop strings, gone clients).
+@dataclass
+class _Group:
+    """Rows in one batch: their cache, mask [B, L], last positions [B], next-token logits [B, V]
+    and the tokens they feed at the next step [B]."""
+    rows: list[Row]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [B, heads, L, d]
+    mask: torch.Tensor
+    pos: torch.Tensor
+    z: torch.Tensor
+    fed: torch.Tensor | None = None
 
-    Per row: its own token budget (`max_new`) and, when sampling, its own seeded generator
-    (`seeds`), so a row's output does not depend on which other rows share its batch. Without
-    `seeds` one generator seeded with `cfg.seed` serves the whole batch (generate_batch's way).
-    The step's tokens reach the host once per step (one sync), not once per row.
-    """
+    def select(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.layers]
+        self.mask, self.pos, self.z = (t.index_select(0, idx) for t in (self.mask, self.pos, self.z))
+        if self.fed is not None:
+            self.fed = self.fed.index_select(0, idx)
+
+    def stack(self, other: "_Group") -> None:
+        """Append `other`'s rows, left-padding the shorter cache so both end at the same column."""
+        L = max(self.mask.shape[1], other.mask.shape[1])
+        pad4 = lambda t: F.pad(t, (0, 0, L - t.shape[2], 0))  # noqa: E731 - left-pad [B, H, L, d]
+        pad2 = lambda m: F.pad(m, (L - m.shape[1], 0))  # noqa: E731
+        self.layers = [(torch.cat([pad4(k), pad4(k2)]), torch.cat([pad4(v), pad4(v2)]))
+                       for (k, v), (k2, v2) in zip(self.layers, other.layers)]
+        self.mask = torch.cat([pad2(self.mask), pad2(other.mask)])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.z = torch.cat([self.z, other.z])
+        self.rows += other.rows
+        self.fed = None  # picked for all rows after stacking
+
+    def trim(self) -> None:
+        """Drop leading columns no row attends to (left by rows that have left)."""
+        first = int(self.mask.any(0).int().argmax())
+        if first:
+            self.layers = [(k[:, :, first:], v[:, :, first:]) for k, v in self.layers]
+            self.mask = self.mask[:, first:]
+
+
+class DecodeBatch:
+    """Rows decoding together. `add` prefills new rows (they join at the next `step`); `step` gives
+    every live row one token and returns {row id: token}; finished rows (EOS, budget, `stop`)
+    leave the batch at once and wait in `results` until `pop`ped. One host sync per step."""
+
+    def __init__(self, model, tok, kv: PromptKV | None = None):
+        self.model, self.tok = model, tok
+        self.kv = kv or PromptKV(model)
+        self.dev = model.device
+        self.pad, self.eos = pad_id(tok), eos_ids(model, tok)
+        self.with_pos = takes_position_ids(model)  # BLOOM derives positions (ALiBi) from the mask instead
+        self.limit = max_positions(model)
+        self.live: _Group | None = None
+        self.joining: list[_Group] = []
+        self.results: dict[int, Row] = {}
+        self.next_id = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.live is None and not self.joining
+
+    @property
+    def size(self) -> int:
+        return (len(self.live.rows) if self.live else 0) + sum(len(g.rows) for g in self.joining)
+
+    def _check(self, rows, max_new: list[int]) -> list[PrefixState | None]:
+        prefixes = [self.kv.get(p) for p, _ in rows]
+        for (_, ids), pre, n in zip(rows, prefixes, max_new):
+            if not ids:
+                raise SoftpromptError("empty input text: give at least one token to continue")
+            P = pre.length if pre else 0
+            # Positions count per row, so each row must fit on its own.
+            if self.limit and P + len(ids) + n > self.limit:
+                raise SoftpromptError(f"input too long: {P} virtual + {len(ids)} text + {n} new tokens exceed "
+                                      f"the model's {self.limit} positions")
+        return prefixes
 
     @torch.no_grad()
-    def __init__(self, model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
-                 kv: PromptKV | None = None, max_new: list[int] | None = None, seeds: list[int] | None = None):
-        self.model, self.cfg = model, cfg
-        kv = kv or PromptKV(model)
-        dev = self.dev = model.device
-        prefixes = [kv.get(p) for p, _ in rows]
+    def add(self, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
+            max_new: list[int] | None = None, seeds: list[int] | None = None) -> list[int]:
+        """Prefill rows of (soft prompt [P, H] or None, input ids); returns their row ids. Each row
+        has its own budget (`max_new`, default cfg.max_new_tokens) and, when sampling, its own
+        generator (seeds[i], default cfg.seed + i)."""
+        if not rows:
+            return []
+        max_new = list(max_new) if max_new is not None else [cfg.max_new_tokens] * len(rows)
+        prefixes = self._check(rows, max_new)
+        sampling = Sampling.of(cfg)
+        seeds = seeds if seeds is not None else [cfg.seed + i for i in range(len(rows))]
+        states = []
+        for (_, ids), n, seed in zip(rows, max_new, seeds):
+            gen = torch.Generator(device=self.dev).manual_seed(seed) if cfg.sample else None
+            states.append(Row(self.next_id, n, sampling, gen, list(ids), done=n <= 0))
+            self.next_id += 1
+        self.joining.append(self._prefill(states, prefixes, [ids for _, ids in rows]))
+        return [s.id for s in states]
+
+    def _prefill(self, states: list[Row], prefixes: list[PrefixState | None], texts: list[list[int]]) -> _Group:
+        B, dev = len(texts), self.dev
         plen = [s.length if s else 0 for s in prefixes]
-        tlen = [len(ids) for _, ids in rows]
-        self.max_new = list(max_new) if max_new is not None else [cfg.max_new_tokens] * len(rows)
-        if min(tlen) == 0:
-            raise SoftpromptError("empty input text: give at least one token to continue")
-        B, Pm, Tm = len(rows), max(plen), max(tlen)
-        limit = max_positions(model)
-        # Positions count per row, so each row must fit on its own (not the batch's longest prompt + text).
-        for i in range(B):
-            if limit and plen[i] + tlen[i] + self.max_new[i] > limit:
-                raise SoftpromptError(f"input too long: {plen[i]} virtual + {tlen[i]} text + {self.max_new[i]} "
-                                      f"new tokens exceed the model's {limit} positions")
-        self.pad = pad = pad_id(tok)
-        ids = torch.full((B, Tm), pad, dtype=torch.long)
+        Pm, Tm = max(plen), max(len(t) for t in texts)
+        ids = torch.full((B, Tm), self.pad, dtype=torch.long)
         mask = torch.zeros(B, Pm + Tm, dtype=torch.long)
-        for i, (_, t) in enumerate(rows):
+        for i, t in enumerate(texts):
             ids[i, Tm - len(t):] = torch.tensor(t)
             mask[i, Pm - plen[i]:Pm] = 1
             mask[i, Pm + Tm - len(t):] = 1
@@ -136,64 +203,115 @@ class Decoding:
             cache = DynamicCache(ddp_cache_data=layers)
         # Each row's positions count only its own real tokens (prompt included).
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, Pm:]
-        self.with_pos = takes_position_ids(model)  # BLOOM derives positions (ALiBi) from the mask instead
         kw = {"position_ids": pos} if self.with_pos else {}
-        self.out = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
+        out = decoder(self.model)(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask,
                                   cache=cache, use_cache=True, **kw)
-        self.mask, self.last_pos = mask, pos[:, -1]
-        if not cfg.sample:
-            self.gen = None
-        elif seeds is None:
-            self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-        else:
-            self.gen = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
-        self.eos = eos_ids(model, tok)
-        self.seen = torch.where(ids == pad, -1, ids) if cfg.repetition_penalty != 1.0 else ids
-        self.new: list[list[int]] = [[] for _ in range(B)]
-        self.done = [m <= 0 for m in self.max_new]
-        self.stopped_by_eos = [False] * B
-        self._fed: torch.Tensor | None = None  # last step's tokens, fed to the model on the next step
+        layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        return _Group(states, layers, mask, pos[:, -1], logits(self.model, out.last_hidden_state[:, -1]))
+
+    def stop(self, row_id: int) -> None:
+        """End a row now (its caller saw a stop string, or its client left): it leaves at the next step."""
+        for g in ([self.live] if self.live else []) + self.joining:
+            for r in g.rows:
+                if r.id == row_id:
+                    r.done = True
+
+    def pop(self, row_id: int) -> Row:
+        return self.results.pop(row_id)
+
+    def _retire(self, g: _Group) -> _Group | None:
+        """Move finished rows out of `g` into `results`; None when none is left."""
+        keep = [i for i, r in enumerate(g.rows) if not r.done]
+        for r in g.rows:
+            if r.done:
+                self.results[r.id] = r
+        if not keep:
+            return None
+        if len(keep) < len(g.rows):
+            g.select(keep)
+            g.trim()
+        return g
+
+    def _forward_live(self) -> None:
+        """Feed the live rows' last tokens: one new column of cache and fresh logits."""
+        g = self.live
+        g.mask = torch.cat([g.mask, g.mask.new_ones(g.mask.shape[0], 1)], 1)
+        g.pos = g.pos + 1
+        kw = {"position_ids": g.pos[:, None]} if self.with_pos else {}
+        out = decoder(self.model)(inputs_embeds=self.model.get_input_embeddings()(g.fed[:, None]),
+                                  attention_mask=g.mask, cache=DynamicCache(ddp_cache_data=g.layers),
+                                  use_cache=True, **kw)
+        g.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        g.z = logits(self.model, out.last_hidden_state[:, -1])
+
+    @torch.no_grad()
+    def step(self) -> dict[int, int]:
+        """One token for every live row: {row id: token}."""
+        if self.live is not None:
+            self.live = self._retire(self.live)  # rows stopped since the last step leave first
+        if self.live is not None:
+            self._forward_live()
+        for g in self.joining:
+            g = self._retire(g)
+            if g is None:
+                continue
+            if self.live is None:
+                self.live = g
+            else:
+                self.live.stack(g)
+        self.joining = []
+        if self.live is None:
+            return {}
+        g = self.live
+        picks = pick(g.z, [r.sampling for r in g.rows], [r.seen for r in g.rows], [r.gen for r in g.rows])
+        out = {}
+        for r, t in zip(g.rows, picks.tolist()):  # the step's one host sync
+            out[r.id] = t
+            r.new.append(t)
+            r.seen.append(t)
+            if t in self.eos:
+                r.done = r.stopped_by_eos = True
+            elif len(r.new) >= r.max_new:
+                r.done = True
+        g.fed = picks
+        return out
+
+
+class Decoding:
+    """A DecodeBatch whose rows all start together, indexed 0..n-1: `step()` returns a list with
+    each row's token (None once it has finished)."""
+
+    def __init__(self, model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
+                 kv: PromptKV | None = None, max_new: list[int] | None = None, seeds: list[int] | None = None):
+        self.batch = DecodeBatch(model, tok, kv)
+        self.ids = self.batch.add(rows, cfg, max_new, seeds)
+        self.eos = self.batch.eos
+        self.rows = {r.id: r for g in self.batch.joining for r in g.rows}
 
     @property
     def finished(self) -> bool:
-        return all(self.done)
+        return self.batch.finished
+
+    @property
+    def done(self) -> list[bool]:
+        return [self.rows[i].done for i in self.ids]
+
+    @property
+    def new(self) -> list[list[int]]:
+        return [self.rows[i].new for i in self.ids]
+
+    @property
+    def stopped_by_eos(self) -> list[bool]:
+        return [self.rows[i].stopped_by_eos for i in self.ids]
 
     def stop(self, i: int) -> None:
-        """End row i now (its caller saw a stop string, or its client left); it stops costing compute
-        in the sense that its later tokens are masked padding."""
-        self.done[i] = True
+        self.batch.stop(self.ids[i])
 
-    @torch.no_grad()
     def step(self) -> list[int | None]:
-        """Each live row's next token (None for rows already finished); [] once all are finished."""
         if self.finished:
             return []
-        model, cfg = self.model, self.cfg
-        done_t = torch.tensor(self.done, device=self.dev)
-        if self._fed is not None:  # feed the previous step's tokens (padding for finished rows)
-            nxt = torch.where(done_t, torch.full_like(self._fed, self.pad), self._fed)
-            if cfg.repetition_penalty != 1.0:
-                self.seen = torch.cat([self.seen, torch.where(done_t, -1, nxt)[:, None]], 1)
-            self.mask = torch.cat([self.mask, (~done_t).long()[:, None]], 1)
-            self.last_pos = self.last_pos + 1
-            kw = {"position_ids": self.last_pos[:, None]} if self.with_pos else {}
-            self.out = decoder(model)(inputs_embeds=model.get_input_embeddings()(nxt[:, None]),
-                                      attention_mask=self.mask, cache=self.out.cache, use_cache=True, **kw)
-        z = logits(model, self.out.last_hidden_state[:, -1])
-        self._fed = _pick(z, self.seen, cfg, self.gen)
-        picked = self._fed.tolist()  # the step's one host sync
-        res: list[int | None] = []
-        for i, t in enumerate(picked):
-            if self.done[i]:
-                res.append(None)
-                continue
-            self.new[i].append(t)
-            res.append(t)
-            if t in self.eos:
-                self.done[i] = self.stopped_by_eos[i] = True
-            elif len(self.new[i]) >= self.max_new[i]:
-                self.done[i] = True
-        return res
+        out = self.batch.step()
+        return [out.get(i) for i in self.ids]
 
 
 def eos_ids(model, tok) -> set[int]:
