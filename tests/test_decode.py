@@ -71,3 +71,46 @@ def test_mixed_sampling_settings_in_one_batch_equal_alone(tiny):
         dec.step()
     assert [dec.pop(i).new for i in ids] == alone
     assert alone[1] != alone[0]  # premise: sampling changed the tokens
+
+
+def test_static_slots_equal_the_growing_cache(llama_dir):
+    """The static-slot engine (CUDA-graph replay on GPUs; run eagerly here) gives DecodeBatch's
+    tokens, with rows joining mid-decode and the slots and columns growing into larger buckets."""
+    from softprompt.models import load_model
+    from softprompt.static_decode import StaticDecodeBatch, supported
+
+    model, tok = load_model(str(llama_dir))
+    assert supported(model)
+    rows = _rows(model, tok)
+    budgets = [3, 12, 7, 10, 1, 9, 12, 5, 8, 12, 2, 70]  # the last one outgrows the first column bucket
+    kv = PromptKV(model)
+    cfg = GenerateConfig(max_new_tokens=70)
+    results = []
+    for engine in (DecodeBatch(model, tok, kv), StaticDecodeBatch(model, tok, kv, graphs=False)):
+        ids, step = [], 0
+        while len(ids) < len(rows) or not engine.finished:
+            if step % 3 == 0 and len(ids) < len(rows):
+                k = len(ids)
+                ids += engine.add(rows[k:k + 5], cfg, max_new=budgets[k:k + 5])
+            engine.step()
+            step += 1
+        results.append([engine.pop(i).new for i in ids])
+    assert results[0] == results[1]
+    assert engine.S >= 8 and engine.L >= 70 + len(rows[-1][1]) + 7
+    assert len(results[1][-1]) > 1 and sum(map(len, results[1])) > 60
+
+
+def test_static_step_runs_on_the_meta_device(llama_dir):
+    """The captured step has no data-dependent host operations (they fail on meta tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.static_decode import StaticDecodeBatch
+
+    cfg = AutoConfig.from_pretrained(llama_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg).requires_grad_(False)
+    dec = StaticDecodeBatch(model, AutoTokenizer.from_pretrained(llama_dir), graphs=False)
+    dec._allocate(8, 64)
+    with torch.no_grad():
+        dec._body()
+    assert dec.z_out.device.type == "meta" and dec.z_out.shape == (8, cfg.vocab_size)

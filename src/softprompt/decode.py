@@ -81,7 +81,7 @@ class Row:
 
 
 @dataclass
-class _Group:
+class Group:
     """Rows in one batch: their cache, mask [B, L], last positions [B], next-token logits [B, V]
     and the tokens they feed at the next step [B]."""
     rows: list[Row]
@@ -99,7 +99,7 @@ class _Group:
         if self.fed is not None:
             self.fed = self.fed.index_select(0, idx)
 
-    def stack(self, other: "_Group") -> None:
+    def stack(self, other: "Group") -> None:
         """Append `other`'s rows, left-padding the shorter cache so both end at the same column."""
         L = max(self.mask.shape[1], other.mask.shape[1])
         pad4 = lambda t: F.pad(t, (0, 0, L - t.shape[2], 0))  # noqa: E731 - left-pad [B, H, L, d]
@@ -132,8 +132,8 @@ class DecodeBatch:
         self.pad, self.eos = pad_id(tok), eos_ids(model, tok)
         self.with_pos = takes_position_ids(model)  # BLOOM derives positions (ALiBi) from the mask instead
         self.limit = max_positions(model)
-        self.live: _Group | None = None
-        self.joining: list[_Group] = []
+        self.live: Group | None = None
+        self.joining: list[Group] = []
         self.results: dict[int, Row] = {}
         self.next_id = 0
 
@@ -174,10 +174,10 @@ class DecodeBatch:
             gen = torch.Generator(device=self.dev).manual_seed(seed) if cfg.sample else None
             states.append(Row(self.next_id, n, sampling, gen, list(ids), done=n <= 0))
             self.next_id += 1
-        self.joining.append(self._prefill(states, prefixes, [ids for _, ids in rows]))
+        self.joining.append(self.prefill(states, prefixes, [ids for _, ids in rows]))
         return [s.id for s in states]
 
-    def _prefill(self, states: list[Row], prefixes: list[PrefixState | None], texts: list[list[int]]) -> _Group:
+    def prefill(self, states: list[Row], prefixes: list[PrefixState | None], texts: list[list[int]]) -> Group:
         B, dev = len(texts), self.dev
         plen = [s.length if s else 0 for s in prefixes]
         Pm, Tm = max(plen), max(len(t) for t in texts)
@@ -207,7 +207,7 @@ class DecodeBatch:
         out = decoder(self.model)(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask,
                                   cache=cache, use_cache=True, **kw)
         layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-        return _Group(states, layers, mask, pos[:, -1], logits(self.model, out.last_hidden_state[:, -1]))
+        return Group(states, layers, mask, pos[:, -1], logits(self.model, out.last_hidden_state[:, -1]))
 
     def stop(self, row_id: int) -> None:
         """End a row now (its caller saw a stop string, or its client left): it leaves at the next step."""
@@ -219,7 +219,7 @@ class DecodeBatch:
     def pop(self, row_id: int) -> Row:
         return self.results.pop(row_id)
 
-    def _retire(self, g: _Group) -> _Group | None:
+    def retire(self, g: Group) -> Group | None:
         """Move finished rows out of `g` into `results`; None when none is left."""
         keep = [i for i, r in enumerate(g.rows) if not r.done]
         for r in g.rows:
@@ -248,11 +248,11 @@ class DecodeBatch:
     def step(self) -> dict[int, int]:
         """One token for every live row: {row id: token}."""
         if self.live is not None:
-            self.live = self._retire(self.live)  # rows stopped since the last step leave first
+            self.live = self.retire(self.live)  # rows stopped since the last step leave first
         if self.live is not None:
             self._forward_live()
         for g in self.joining:
-            g = self._retire(g)
+            g = self.retire(g)
             if g is None:
                 continue
             if self.live is None:
