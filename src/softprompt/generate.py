@@ -6,7 +6,8 @@ import torch
 
 from .config import GenerateConfig
 from .data import chat_wrap
-from .decode import Decoding, PromptKV
+from .decode import PromptKV
+from .static_decode import decode_batch_for
 
 
 def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
@@ -14,10 +15,11 @@ def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]]
     """Generate for rows of (soft prompt [P, H] or None, input token ids); returns new token ids."""
     if not rows:
         return []
-    dec = Decoding(model, tok, rows, cfg, kv)
+    dec = decode_batch_for(model, tok, kv)
+    ids = dec.add(rows, cfg)
     while not dec.finished:
         dec.step()
-    return [[t for t in r if t not in dec.eos] for r in dec.new]
+    return [[t for t in dec.pop(i).new if t not in dec.eos] for i in ids]
 
 
 def encode_for_generation(tok, text: str, chat: bool = False) -> list[int]:

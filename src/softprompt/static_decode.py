@@ -205,3 +205,11 @@ class StaticDecodeBatch(DecodeBatch):
         for r in [r for r in self.slots if r is not None] + [r for g in self.joining for r in g.rows]:
             if r.id == row_id:
                 r.done = True
+
+
+def decode_batch_for(model, tok, kv=None) -> DecodeBatch:
+    """The engine for this model and device: static slots replayed as CUDA graphs on a GPU where the
+    family allows it; the growing cache otherwise (on a CPU it computes only live rows and columns)."""
+    if model.device.type == "cuda" and supported(model):
+        return StaticDecodeBatch(model, tok, kv)
+    return DecodeBatch(model, tok, kv)
