@@ -298,7 +298,7 @@ def test_full_queue_answers_503_with_retry_after(srv, monkeypatch):
 
 def test_one_failing_request_does_not_take_down_others(srv, monkeypatch):
     """A batch that raises is retried job by job: only the request that fails alone gets the error."""
-    import softprompt.scheduler as sch
+    import softprompt.serve.scheduler as sch
 
     poison = srv.tok("Act as a teacher.\nPrompt:").input_ids
 
@@ -369,9 +369,20 @@ def test_admin_token_load_and_unload(srv, monkeypatch):
                                       ("a=/no/prompt", "missing prompt file: /no/prompt/prompt.safetensors"),
                                       ("wrong=WRONG", "hidden size 40 but the model's is 32")])
 def test_serve_command_refuses_bad_prompts_in_one_line(spec, msg, llama_dir, tmp_path, capsys):
+    import argparse
+
     from softprompt.cli import main
+    from softprompt.serve import add_arguments, run
+    from softprompt.utils import SoftpromptError
 
     wrong = save_prompt(SoftPrompt(torch.zeros(2, 40)), tmp_path / "wrong", {})
-    assert main(["serve", "--model", str(llama_dir), "--device", "cpu", "--prompt", spec.replace("WRONG", str(wrong))]) == 2
+    argv = ["--model", str(llama_dir), "--device", "cpu", "--prompt", spec.replace("WRONG", str(wrong))]
+    assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("softprompt: error: ") and msg in err[-1], err
+    # The command's own module (what the CLI's command table calls) raises the same one-line error.
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SoftpromptError) as e:
+        run(parser.parse_args(argv))
+    assert msg in str(e.value)

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .utils import SoftpromptError
-
-try:  # the `serve` extra
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import BaseModel, Field
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise SoftpromptError(f"softprompt serve needs the serve extra: pip install 'softprompt[serve]' ({e})") from None
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 
 
 # ---------------------------------------------------------------- request shapes (documented by OpenAPI)
@@ -79,7 +74,8 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """pydantic's errors as one message naming the first bad field, and that field (OpenAI's `param`)."""
     errs = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errs):
         e = next(e for e in errs if e.get("type") == "json_invalid")

@@ -5,7 +5,7 @@ A bounded queue feeds one worker thread (the only thread that touches the model)
 takes up to `max_batch` waiting jobs (after waiting `batch_wait_ms` for company), groups them by
 what must be shared inside one batch, and runs each group:
 - generation jobs with the same decoding settings (greedy; or sampling with the same temperature,
-  top_p and penalty) become one `generate.Decoding`, whatever their prompts, inputs, budgets and
+  top_p and penalty) become one `decode.Decoding`, whatever their prompts, inputs, budgets and
   seeds: each prompt's KV is computed once and cached in one `PromptKV`, and a row's greedy (or
   per-row seeded) output equals what it gets alone;
 - classification jobs with the same prompt become one rank-classification forward pass.
@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from .batching import pad_id
-from .classify import label_scores
-from .config import GenerateConfig
-from .decode import Decoding, PromptKV
+from ..batching import pad_id
+from ..classify import label_scores
+from ..config import GenerateConfig
+from ..decode import Decoding, PromptKV
 
 log = logging.getLogger("softprompt.serve")
 

@@ -1,16 +1,21 @@
 """Server metrics in Prometheus' text format, and the ASGI middleware that records every request
-(status, time to its last byte) and refuses oversized bodies with 413."""
+(status, time to its last byte) and refuses oversized bodies with 413.
+
+A request is counted under the path template of the route it matches ("/v1/classify",
+"/v1/admin/prompts/{name}"), or "other": labels stay few whatever paths clients send. The app
+passes its routes' templates in, so a new route is counted without being listed here.
+"""
 from __future__ import annotations
 
 import json
 import threading
 import time
 
+from starlette.routing import compile_path
+
 from .protocol import error_body
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/health", "/metrics",
-             "/v1/admin/prompts")
 
 
 class Metrics:
@@ -50,18 +55,23 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-class _Guard:
+class RequestGuard:
     """ASGI middleware: refuses bodies over the limit (413) and records each request's status and
     time to its last byte (so streams count whole) in the metrics."""
 
-    def __init__(self, app, limit: int, metrics: Metrics):
+    def __init__(self, app, limit: int, metrics: Metrics, endpoints: list[str]):
         self.app, self.limit, self.metrics = app, limit, metrics
+        self.endpoints = [(compile_path(p)[0], p) for p in endpoints]  # (regex, template) per route
+
+    def endpoint(self, path: str) -> str:
+        """The template of the route `path` matches (whatever the method), or 'other'."""
+        return next((p for regex, p in self.endpoints if regex.match(path)), "other")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, path = time.perf_counter(), scope["path"]
-        ep = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        t0 = time.perf_counter()
+        ep = self.endpoint(scope["path"])
         state = {"status": 500, "started": False, "seen": 0}
 
         async def send_(msg):
@@ -97,4 +107,4 @@ class _Guard:
 
 
 class _TooLarge(Exception):
-    pass
+    """Raised inside the app's body read once the body passes the limit; the guard answers 413."""

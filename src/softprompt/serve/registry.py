@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .prompt import SoftPrompt, check_fits, load_prompt
+from ..prompt import SoftPrompt, check_fits, load_prompt
 from .protocol import ApiError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")

@@ -1,0 +1,90 @@
+"""The FastAPI app: one ServerContext, the routers of routes/, one JSON error shape, the guard.
+
+`create_app(model, tok, prompts, ServeConfig)` loads the prompts into a Registry, builds the
+Scheduler (started and stopped with the app's lifespan) and includes each concern's router.
+Every error leaves as OpenAI's {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import ServeConfig
+from ..families import max_positions
+from ..prompt import SoftPrompt
+from ..utils import SoftpromptError
+from .context import ServerContext
+from .metrics import Metrics, RequestGuard
+from .protocol import ApiError, error_body, validation_message
+from .registry import Registry
+from .routes import admin, classify, openai, ops
+from .scheduler import Scheduler
+
+DESCRIPTION = ("Many soft prompts served from one frozen model, with mixed-prompt batching. "
+               "OpenAI-compatible: `model` names a soft prompt, or the base model for none.")
+
+
+def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: ServeConfig | None = None,
+               model_name: str | None = None) -> FastAPI:
+    """The server for `model` with `prompts` (name -> SoftPrompt or prompt folder) loaded."""
+    cfg = cfg or ServeConfig()
+    base = model_name or Path(str(getattr(model.config, "_name_or_path", "") or "base")).name or "base"
+    reg = Registry(model, base)
+    for name, p in prompts.items():
+        if name == base:
+            raise SoftpromptError(f"prompt name {name!r} is the base model's name: choose another")
+        try:
+            reg.add(name, p)
+        except ApiError as e:
+            raise SoftpromptError(e.message) from None
+    sched = Scheduler(model, tok, cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, live_prompts=reg.tensors)
+    ctx = ServerContext(model, tok, cfg, base, reg, sched, Metrics(), max_positions(model))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        sched.start()
+        yield
+        sched.close()
+
+    app = FastAPI(title="softprompt", version="1", lifespan=lifespan, description=DESCRIPTION)
+    app.state.ctx = ctx
+    # The parts tests and bench/load_test.py reach for, by their old names.
+    app.state.scheduler, app.state.registry, app.state.config, app.state.metrics = sched, reg, cfg, ctx.metrics
+    routers = [m.router for m in (openai, classify, admin, ops)]
+    for r in routers:
+        app.include_router(r)
+    app.add_middleware(RequestGuard, limit=cfg.max_body_bytes, metrics=ctx.metrics,
+                       endpoints=[route.path for r in routers for route in r.routes])
+    add_error_handlers(app)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """One JSON shape for every error, whoever raises it."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        msg, param = validation_message(exc)
+        return JSONResponse(error_body(400, msg, param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(SoftpromptError)
+    async def _user_error(request, exc: SoftpromptError):
+        return JSONResponse(error_body(400, str(exc)), 400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)

@@ -1,0 +1,111 @@
+"""What every route shares: one `ServerContext` per app and the request helpers built on it.
+
+The context holds the model, tokenizer, config, base model name, prompt registry, scheduler,
+metrics and position limit. Its helpers are the steps every route takes: tokenise and bound an
+input (`encode`, `fits`), read OpenAI's decoding fields (`gen_params`), queue jobs or answer 503
+(`submit`), and wait for their results (`results`). Routes receive it as a FastAPI dependency
+(`Ctx`), so a route module needs nothing but its own endpoints.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from ..config import ServeConfig
+from ..utils import SoftpromptError
+from .metrics import Metrics
+from .protocol import ApiError
+from .registry import Loaded, Registry
+from .scheduler import Job, QueueFull, Scheduler
+
+
+@dataclass
+class ServerContext:
+    model: Any
+    tok: Any
+    cfg: ServeConfig
+    base: str  # the base model's name: clients pass it as `model` for no prompt
+    registry: Registry
+    scheduler: Scheduler
+    metrics: Metrics
+    limit: int | None  # the model's position limit (None: no fixed limit)
+
+    def encode(self, text: str, chat: bool, param: str, raw: str | None = None) -> list[int]:
+        """Token ids of `text` (`raw`: what the client sent, before any chat template)."""
+        cfg = self.cfg
+        if not (text if raw is None else raw):
+            raise ApiError(400, f"{param} is empty: give at least one token of input", param)
+        if len(text) > cfg.max_input_tokens * 64:  # do not even tokenise absurd inputs
+            raise ApiError(400, f"{param} is too long ({len(text)} characters)", param, "context_length_exceeded")
+        ids = self.tok(text, add_special_tokens=not chat).input_ids
+        if not ids:
+            raise ApiError(400, f"{param} is empty: give at least one token of input", param)
+        if len(ids) > cfg.max_input_tokens:
+            raise ApiError(400, f"{param} has {len(ids)} tokens, over this server's limit of "
+                                f"{cfg.max_input_tokens}", param, "context_length_exceeded")
+        return ids
+
+    def fits(self, entry: Loaded, ids: list[int], new: int, param: str) -> None:
+        """Refuse a request whose prompt, input and new tokens pass the model's positions."""
+        P = 0 if entry.tensor is None else entry.tensor.shape[0]
+        if self.limit and P + len(ids) + new > self.limit:
+            raise ApiError(400, f"{param}: {P} virtual + {len(ids)} input + {new} new tokens exceed the "
+                                f"model's {self.limit} positions", param, "context_length_exceeded")
+
+    def gen_params(self, req) -> dict[str, Any]:
+        """A completion or chat request's decoding settings, checked against this server's caps."""
+        cfg = self.cfg
+        mt = getattr(req, "max_completion_tokens", None) or req.max_tokens or cfg.default_max_tokens
+        if mt > cfg.max_new_tokens:
+            raise ApiError(400, f"max_tokens {mt} is over this server's cap of {cfg.max_new_tokens}", "max_tokens")
+        if req.n > cfg.max_n:
+            raise ApiError(400, f"n {req.n} is over this server's cap of {cfg.max_n}", "n")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "stop takes at most 4 non-empty strings", "stop")
+        if req.logprobs:
+            raise ApiError(400, "logprobs are not supported by this server", "logprobs")
+        sample = bool(req.temperature)
+        seed = req.seed if req.seed is not None else secrets.randbits(31)
+        return {"max_new": mt, "sample": sample, "temperature": req.temperature or 1.0,
+                "top_p": req.top_p if sample else 1.0, "repetition_penalty": req.repetition_penalty,
+                "seed": seed, "stop": stop}
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of `jobs`, or answer 503 with Retry-After when the queue is full."""
+        try:
+            self.scheduler.submit(jobs)
+        except QueueFull as e:
+            raise ApiError(503, f"server busy: {e}; retry after {self.cfg.retry_after} s", None, "queue_full",
+                           headers={"Retry-After": str(self.cfg.retry_after)}) from None
+
+    async def results(self, jobs: list[Job]) -> list:
+        """The jobs' results in order; a client that goes away cancels its jobs."""
+        try:
+            return await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+        except asyncio.CancelledError:  # the client went away: stop spending compute on it
+            for j in jobs:
+                j.cancelled = True
+            raise
+        except SoftpromptError as e:
+            raise ApiError(400, str(e)) from None
+        except Exception as e:
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
+
+    def model_card(self, e: Loaded) -> dict[str, Any]:
+        """A loaded prompt (or the base model) as /v1/models lists it."""
+        return {"id": e.name, "object": "model", "created": e.created, "owned_by": "softprompt",
+                "virtual_tokens": 0 if e.tensor is None else int(e.tensor.shape[0]),
+                "base_model": self.base, "task": e.meta.get("task"), "labels": e.meta.get("labels"),
+                "chat": bool(e.meta.get("chat"))}
+
+
+def get_context(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+Ctx = Annotated[ServerContext, Depends(get_context)]  # a route's parameter `ctx: Ctx` receives the context

@@ -1,0 +1,47 @@
+"""Admin: load and unload soft prompts at run time, behind a bearer token.
+
+Off unless the server was started with a token (--admin-token or SOFTPROMPT_ADMIN_TOKEN); the
+token is compared in constant time. Only safetensors files are read, and a prompt's hidden size
+is checked against the model before it is served.
+"""
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Request
+
+from ...utils import SoftpromptError
+from ..context import Ctx
+from ..protocol import ApiError, LoadPromptRequest
+
+
+def require_admin(request: Request, ctx: Ctx) -> None:
+    token = ctx.cfg.admin_token
+    if not token:
+        raise ApiError(403, "admin endpoints are off: start the server with --admin-token or "
+                            "SOFTPROMPT_ADMIN_TOKEN")
+    got = request.headers.get("authorization", "")
+    sent = got[7:] if got.lower().startswith("bearer ") else request.headers.get("x-admin-token", "")
+    if not sent or not hmac.compare_digest(sent.encode(), token.encode()):
+        raise ApiError(401, "missing or wrong admin token (send Authorization: Bearer TOKEN)",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+@router.post("/v1/admin/prompts", status_code=201,
+             summary="Load a prompt folder from the server's disk (safetensors only, hidden size checked)")
+def load(req: LoadPromptRequest, ctx: Ctx):
+    if req.name in ctx.registry.items:
+        raise ApiError(409, f"a model named {req.name!r} is already loaded: unload it first", "name")
+    try:
+        return ctx.model_card(ctx.registry.add(req.name, req.path))
+    except SoftpromptError as e:
+        raise ApiError(400, str(e), "path") from None
+
+
+@router.delete("/v1/admin/prompts/{name}", summary="Unload a prompt (requests already queued with it still finish)")
+def unload(name: str, ctx: Ctx):
+    ctx.registry.remove(name)
+    return {"id": name, "object": "model", "deleted": True}
