@@ -14,9 +14,10 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads this module before any command runs
+    import torch
 
 
 class SoftpromptError(Exception):
@@ -73,8 +74,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise SoftpromptError(f"corrupt JSON in {path}: {e}") from None
 
 
-def weights_hash(model: torch.nn.Module) -> str:
+def weights_hash(model: "torch.nn.Module") -> str:
     """sha256 over every parameter and buffer, in name order: proves the base model is untouched."""
+    import torch
+
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -83,6 +86,8 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     with contextlib.suppress(ImportError):
@@ -91,5 +96,5 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
 
 
-def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
+def count_params(module: "torch.nn.Module", trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
