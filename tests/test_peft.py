@@ -192,3 +192,40 @@ def test_import_rejects_corrupt_adapter_weights(tmp_path, capsys):
     assert cli_main(["import-peft", str(src), str(out)]) == 2
     assert str(weights) in capsys.readouterr().err
     _no_output(out)
+
+
+@pytest.mark.parametrize("init", ["vocab", "text", "random", "labels"])
+def test_each_init_exports_as_its_peft_init_and_round_trips(init, llama_dir, tmp_path):
+    """The init table's PEFT name reaches adapter_config.json, PEFT loads the adapter with it, and the
+    tensor PEFT holds comes back into softprompt bit-identical (vocab was once exported as RANDOM)."""
+    from peft import PeftModel, PromptTuningInit
+
+    from softprompt.config import PromptConfig
+    from softprompt.inits import INITS
+    from softprompt.models import load_model
+    from softprompt.prompt import init_prompt
+
+    model, tok = load_model(str(llama_dir))
+    prompt = init_prompt(model, tok, PromptConfig(6, init, init_text="Country facts"), ["no", "yes"], seed=3)
+    src = save_prompt(prompt, tmp_path / "ours", {"model": str(llama_dir)})
+    out = export_peft(src, tmp_path / "peft")
+    want = {"vocab": "SAMPLE_VOCAB", "text": "TEXT", "random": "RANDOM", "labels": "RANDOM"}[init]
+    assert INITS[init].peft == want and json.loads((out / ADAPTER_CONFIG).read_text())["prompt_tuning_init"] == want
+
+    peft_model = PeftModel.from_pretrained(_base(llama_dir), out)
+    assert peft_model.peft_config["default"].prompt_tuning_init == PromptTuningInit(want)
+    held = peft_model.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.equal(held, prompt.embeds.detach())
+    peft_model.save_pretrained(tmp_path / "peft_saved")  # PEFT's own writing of what it loaded
+    for adapter in (out, tmp_path / "peft_saved"):
+        back = load_prompt(import_peft(adapter, tmp_path / f"back_{adapter.name}"))
+        assert torch.equal(back.embeds.detach(), prompt.embeds.detach())
+    assert load_prompt(tmp_path / "back_peft").meta["init"] == init
+
+
+def test_init_table_names_only_peft_inits():
+    from peft import PromptTuningInit
+
+    from softprompt.inits import INITS
+
+    assert {i.peft for i in INITS.values()} <= {m.value for m in PromptTuningInit}

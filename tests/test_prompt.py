@@ -63,3 +63,36 @@ def test_corrupt_and_missing_prompt_files(tmp_path):
         load_prompt(d)
     with pytest.raises(SoftpromptError, match="missing prompt file"):
         load_prompt(tmp_path / "nowhere")
+
+
+def test_init_flag_choices_and_error_come_from_the_table(tiny):
+    """--init's choices, its unknown-name error and the strategies init_prompt runs are one table."""
+    from softprompt.cli import build_parser
+    from softprompt.inits import CHOICES, INITS
+
+    model, tok = tiny
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flag = next(a for a in train._actions if "--init" in a.option_strings)
+    assert tuple(flag.choices) == CHOICES == ("auto", *INITS)
+    msg = "unknown --init 'nope': use auto, random, vocab, text, labels or file"
+    with pytest.raises(SoftpromptError, match=msg):
+        PromptConfig(3, "nope")
+    cfg = PromptConfig(3, "random")
+    cfg.init = "nope"  # changed after the config's own check: init_prompt still refuses it
+    with pytest.raises(SoftpromptError, match=msg):
+        init_prompt(model, tok, cfg)
+
+
+def test_labels_init_follows_the_label_spacing_rule(tiny):
+    """The labels init takes the label words' tokens as rank classification does: after an input
+    ending in a non-space with a leading space, after a newline without."""
+    from softprompt.classify import label_token_ids
+
+    model, tok = tiny
+    emb = model.get_input_embeddings().weight.detach()
+    words = ["negative", "positive"]
+    for rendered in ("Sentiment:", "Sentiment:\n"):
+        ids = [i for w in label_token_ids(tok, words, rendered) for i in w][:7]
+        p = init_prompt(model, tok, PromptConfig(7, "labels"), label_words=words, label_input=rendered)
+        assert torch.equal(p.embeds[:len(ids)], emb[ids])
+    assert label_token_ids(tok, words, ":") != label_token_ids(tok, words, "\n"), "premise: the two differ"

@@ -46,7 +46,6 @@ from .prompt import WEIGHTS_FILE, load_prompt
 from .train import MODEL_DIR, default_init_text, train
 from .utils import SoftpromptError, atomic_write_text, count_params, seed_everything, write_json
 
-METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",
           "full": "full fine-tuning"}
@@ -193,12 +192,8 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             model=None, tok=None, quiet: bool = False) -> dict[str, Any]:
     """Run the chosen methods on one split; write compare.json, compare.md and compare.png into
     `ccfg.out`; return the JSON object."""
-    methods = [m.strip() for m in ccfg.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise SoftpromptError(f"unknown --methods {bad or ccfg.methods!r}: choose from {', '.join(METHODS)}")
-    if ccfg.k_shot < 1 and "k-shot" in methods:
-        raise SoftpromptError("--k-shot must be >= 1 (zero-shot is its own method)")
+    ccfg = replace(ccfg)  # its own checks again, in case a field was changed since
+    methods = ccfg.method_list
     if model is None:
         model, tok = load_model(mcfg)
     resident(model)

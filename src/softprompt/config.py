@@ -1,23 +1,66 @@
 """Configuration: small dataclasses whose fields map one-to-one onto CLI flags.
 
 `field_name` becomes `--field-name`; the help text lives in the field's metadata so that the
-Python API and `--help` never drift apart. Every run and every saved prompt stores the resolved
-dataclasses as JSON.
+Python API and `--help` never drift apart. Each dataclass checks its own fields, and how they go
+together, in `__post_init__` (as litgpt's args and PEFT's PromptTuningConfig do), raising a
+one-line SoftpromptError that names the flag; `dataclasses.replace(cfg)` checks a config again
+after its fields were changed. Every run and every saved prompt stores the resolved dataclasses
+as JSON.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import string
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
+
+from . import inits
+from .utils import SoftpromptError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 FORWARD_PATHS = ("auto", "packed", "kv", "concat")  # forward.text_hidden's paths
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
+DTYPES = ("float32", "bfloat16", "float16")
+COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise `message` as the user's error unless `ok` (written so that NaN fails every check)."""
+    if not ok:
+        raise SoftpromptError(message)
+
+
+def check_fields(cfg: Any, at_least: dict[str, float] | None = None) -> None:
+    """Every field has one of its `choices`, every float is finite, and each field named in
+    `at_least` is at least its value."""
+    for f in dataclasses.fields(cfg):
+        v, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        require(not choices or v in choices, f"unknown {flag(f.name)} {v!r}: choose from {', '.join(choices or [])}")
+        require(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} must be a finite number (got {v})")
+        if at_least and f.name in at_least:
+            require(v >= at_least[f.name], f"{flag(f.name)} must be at least {at_least[f.name]} (got {v})")
+
+
+def check_template(name: str, template: str) -> None:
+    """A template parses, and names its columns: `{}` and `{0}` name none."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise SoftpromptError(f"{flag(name)} {template!r}: {e} (write {{{{ and }}}} for literal braces)") from None
+    for _, col, _, conv in parts:
+        require(col is None or (col != "" and not col.isdigit()),
+                f"{flag(name)} {template!r}: every {{...}} must name a column")
+        require(conv in (None, "r", "s", "a"), f"{flag(name)} {template!r}: unknown conversion '!{conv}'")
 
 
 @dataclass
@@ -25,6 +68,9 @@ class ModelConfig:
     model: str = opt(BUILTIN_MODEL, "Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'")
     dtype: str = opt("float32", "weights dtype: float32 (use on CPU), bfloat16 or float16 (GPUs)")
     device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
+
+    def __post_init__(self):
+        require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use float32, bfloat16 or float16")
 
 
 @dataclass
@@ -43,14 +89,33 @@ class DataConfig:
     eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all)")
     chat: bool = opt(False, "wrap the input in the model's chat template (instruct models)")
 
+    def __post_init__(self):
+        check_fields(self, {"max_length": 1, "limit": 0, "eval_limit": 0})
+        require(0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
+        check_template("template", self.template)
+        check_template("target", self.target)
+        words = self.label_words
+        if self.labels:
+            require(len(words) >= 2, f"--labels needs at least two comma-separated words (got {self.labels!r})")
+            require(len(set(words)) == len(words), f"--labels {self.labels!r} names a word twice")
+            require(bool(self.template), "--labels needs --template (the input the label word follows)")
+
+    @property
+    def label_words(self) -> list[str]:
+        return [w.strip() for w in self.labels.split(",") if w.strip()]
+
 
 @dataclass
 class PromptConfig:
     virtual_tokens: int = opt(20, "number of virtual tokens P in the soft prompt")
-    init: str = opt("auto", "initialisation (auto: the label words' embeddings for classification, text otherwise)",
-                    choices=["auto", "random", "vocab", "text", "labels", "file"])
+    init: str = opt("auto", inits.HELP, choices=list(inits.CHOICES))
     init_text: str = opt("", "text for --init text (default: a task description derived from the data)")
     init_file: str = opt("", "prompt folder to start from for --init file")
+
+    def __post_init__(self):
+        inits.check(self.init)
+        check_fields(self, {"virtual_tokens": 1})
+        require(self.init != "file" or bool(self.init_file), "--init file needs --init-file DIR")
 
 
 @dataclass
@@ -85,6 +150,15 @@ class TrainConfig:
                       "weight instead (no prompt; saves the whole model in OUT/model; use a small --lr "
                       "such as 2e-5; one process, no --resume)", choices=["prompt", "full"])
 
+    def __post_init__(self):
+        require(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
+        require(self.lr >= 0, f"--lr {self.lr}: need --lr >= 0 (0 = auto)")
+        check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
+                            "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1})
+        require(self.max_steps > 0 or self.epochs > 0, "--epochs must be > 0 when --max-steps is 0")
+        # Its checkpoint would be the whole model plus 2x its size of optimiser state.
+        require(not (self.method == "full" and self.resume), "--method full runs in one process and cannot --resume")
+
 
 @dataclass
 class CompareConfig:
@@ -102,6 +176,18 @@ class CompareConfig:
     ft_batch_size: int = opt(0, "full fine-tuning batch size (0 = the same as --batch-size)")
     eval_batch_size: int = opt(16, "rows per forward pass when scoring (the same for every method)")
 
+    def __post_init__(self):
+        check_fields(self, {"ft_lr": 0, "ft_steps": 0, "ft_batch_size": 0, "eval_batch_size": 1})
+        bad = [m for m in self.method_list if m not in COMPARE_METHODS]
+        require(not bad and bool(self.method_list),
+                f"unknown --methods {bad or self.methods!r}: choose from {', '.join(COMPARE_METHODS)}")
+        require(self.k_shot >= 1 or "k-shot" not in self.method_list,
+                "--k-shot must be >= 1 (zero-shot is its own method)")
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
 
 @dataclass
 class GenerateConfig:
@@ -111,6 +197,12 @@ class GenerateConfig:
     top_p: float = opt(0.95, "nucleus sampling threshold")
     repetition_penalty: float = opt(1.0, "penalise tokens already present (1.0 = off)")
     seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self):
+        check_fields(self, {"max_new_tokens": 1})
+        require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
+        require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
 
 
 @dataclass
@@ -137,14 +229,14 @@ def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] =
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        name = flag(f.name)
         typ = hints[f.name]
         helptext = f.metadata.get("help", "") + (f" (default: {f.default!r})" if f.default != "" else "")
         if typ is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+            group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=f.metadata.get("help", ""))
         else:
-            group.add_argument(flag, dest=f.name, type=typ, default=f.default, help=helptext,
+            group.add_argument(name, dest=f.name, type=typ, default=f.default, help=helptext,
                                choices=f.metadata.get("choices"))
 
 

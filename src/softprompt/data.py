@@ -14,7 +14,7 @@ import json
 import random
 import string
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,16 +136,12 @@ class Formatter:
     truncated: int = 0
 
     def __post_init__(self):
-        c = self.cfg
+        c = self.cfg = replace(self.cfg)  # the config's own checks again, in case a field was changed since
         self.template = unescape(c.template)
         self.target = unescape(c.target)
-        self.label_words = [w.strip() for w in c.labels.split(",") if w.strip()] if c.labels else []
-        if c.labels and len(self.label_words) < 2:
-            raise SoftpromptError(f"--labels needs at least two comma-separated words (got {c.labels!r})")
+        self.label_words = c.label_words
         if not (self.template or c.text_col):
             raise SoftpromptError("say how to read each row: --text-col COLUMN or --template 'text with {column}'")
-        if self.label_words and not self.template:
-            raise SoftpromptError("--labels needs --template (the input the label word follows)")
 
     @property
     def task(self) -> str:

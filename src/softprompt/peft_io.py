@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .inits import peft_init
 from .prompt import CONFIG_FILE, TENSOR_NAME, load_prompt, read_prompt_tensor
 from .utils import SoftpromptError, atomic_dir, read_json
 
@@ -47,7 +48,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
         **_model_geometry(model),
-        "prompt_tuning_init": "TEXT" if init == "text" else "RANDOM",
+        "prompt_tuning_init": peft_init(init),
         "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
         "tokenizer_name_or_path": model if init == "text" else None,
         "tokenizer_kwargs": None,

@@ -1,6 +1,6 @@
 """The soft prompt: a `P x hidden` trainable tensor prepended to the input embeddings.
 
-Also its initialisation strategies (random, vocab, text, labels, file) and its file format:
+Also how a new prompt is made (by one of the strategies in inits.py) and its file format:
 `prompt.safetensors` (one tensor, `prompt_embeddings`, shape [P, H], as PEFT names it) plus
 `prompt_config.json` recording the model it was trained for, its hidden size, the init and the
 data template. Files are read only through safetensors (never pickle).
@@ -16,15 +16,13 @@ import torch
 from torch import nn
 
 from .config import PromptConfig
+from .inits import INITS, InitInputs, resolve
 from .utils import SoftpromptError, read_json
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
 WEIGHTS_FILE = "prompt.safetensors"
 CONFIG_FILE = "prompt_config.json"
-# Lester et al. sample vocabulary inits from the 5,000 most common tokens; BPE ids are roughly
-# ordered by merge frequency, so the lowest ids stand in for "most common".
-VOCAB_POOL = 5000
 
 
 class SoftPrompt(nn.Module):
@@ -47,69 +45,17 @@ class SoftPrompt(nn.Module):
         return self.embeds if dtype is None else self.embeds.to(dtype)
 
 
-def _vocab_pool(tok, vocab_size: int) -> torch.Tensor:
-    special = set(getattr(tok, "all_special_ids", []) or [])
-    pool = [i for i in range(min(VOCAB_POOL, vocab_size)) if i not in special]
-    return torch.tensor(pool)
-
-
-def _sample_vocab(emb: torch.Tensor, tok, n: int, gen: torch.Generator) -> torch.Tensor:
-    pool = _vocab_pool(tok, emb.shape[0])
-    idx = pool[torch.randint(len(pool), (n,), generator=gen)]
-    return emb[idx]
-
-
-def _repeat_to(ids: list[int], n: int) -> list[int]:
-    # PEFT's text init: repeat the text's tokens until P are filled, then cut to P.
-    return (ids * (n // len(ids) + 1))[:n]
-
-
-def resolve_init(init: str, label_words: list[str] | None) -> str:
-    # Label words are the strongest start for classification (Lester et al. 2021, section 7).
-    return ("labels" if label_words else "text") if init == "auto" else init
-
-
 def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = None,
-                default_text: str = "", seed: int = 0) -> SoftPrompt:
+                default_text: str = "", seed: int = 0, label_input: str = ":") -> SoftPrompt:
+    """A new prompt, made by the strategy `cfg.init` names (inits.py). `label_input`: a rendered
+    input the label words follow, for `labels` (its last character decides their leading space,
+    classify.label_text); the default stands for one ending in a non-space, as "Sentiment:" does."""
     emb = model.get_input_embeddings().weight.detach().float()  # [V, H]
-    P, H = cfg.virtual_tokens, emb.shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    init = resolve_init(cfg.init, label_words)
-    meta: dict[str, Any] = {"init": init}
-    if init == "file":
-        if not cfg.init_file:
-            raise SoftpromptError("--init file needs --init-file DIR")
-        prompt = load_prompt(cfg.init_file, model)
-        if prompt.num_tokens != P:
-            raise SoftpromptError(
-                f"--init-file {cfg.init_file} has {prompt.num_tokens} virtual tokens but --virtual-tokens is {P}")
-        meta["init_file"] = cfg.init_file
-        return SoftPrompt(prompt.embeds.data, meta)
-    if P < 1:
-        raise SoftpromptError(f"--virtual-tokens must be at least 1 (got {P})")
-    if init == "random":
-        # Match the scale of real token embeddings; N(0, 1) (PEFT's default) is far off for most models.
-        embeds = torch.randn(P, H, generator=gen) * emb.std()
-    elif init == "vocab":
-        embeds = _sample_vocab(emb, tok, P, gen)
-    elif init == "text":
-        text = cfg.init_text or default_text
-        if not text:
-            raise SoftpromptError("--init text needs --init-text TEXT")
-        ids = tok(text, add_special_tokens=False).input_ids
-        if not ids:
-            raise SoftpromptError(f"--init-text {text!r} tokenises to nothing")
-        embeds = emb[_repeat_to(ids, P)]
-        meta["init_text"] = text
-    elif init == "labels":
-        if not label_words:
-            raise SoftpromptError("--init labels needs --labels a,b,...")
-        ids = [i for w in label_words for i in tok(" " + w, add_special_tokens=False).input_ids][:P]
-        rest = _sample_vocab(emb, tok, P - len(ids), gen)
-        embeds = torch.cat([emb[ids], rest]) if ids else rest
-    else:
-        raise SoftpromptError(f"unknown --init {init!r}: use auto, random, vocab, text, labels or file")
-    return SoftPrompt(embeds, meta)
+    init = resolve(cfg.init, label_words)
+    x = InitInputs(model, tok, cfg, emb, torch.Generator().manual_seed(seed), label_words or [], label_input,
+                   default_text)
+    embeds, meta = INITS[init].make(x)
+    return SoftPrompt(embeds, {"init": init, **meta})
 
 
 def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Path:

@@ -63,9 +63,9 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
     """Replace the 'auto' choices by what they mean for this data."""
     from dataclasses import replace
 
-    from .prompt import resolve_init
+    from .inits import resolve
 
-    pcfg = replace(pcfg, init=resolve_init(pcfg.init, fmt.label_words))
+    pcfg = replace(pcfg, init=resolve(pcfg.init, fmt.label_words))
     if tcfg.loss == "auto":
         # The label-word softmax trains only what rank classification scores; it needs one-token
         # words, tokenised the same after every input (what class_token_ids demands).
@@ -105,8 +105,9 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     comparison passes one split to every method (an empty eval list skips evaluation)."""
     from accelerate import Accelerator
 
-    if tcfg.batch_size < 1 or tcfg.lr < 0:
-        raise SoftpromptError("--batch-size must be >= 1 and --lr >= 0 (0 = auto)")
+    from dataclasses import replace
+
+    mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
     acc = Accelerator(cpu=mcfg.device == "cpu")
     seed_everything(tcfg.seed)
     if model is None:
@@ -131,7 +132,8 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         model.requires_grad_(True)
         params = list(model.parameters())
     else:
-        prompt = init_prompt(model, tok, pcfg, fmt.label_words, default_init_text(fmt), tcfg.seed)
+        prompt = init_prompt(model, tok, pcfg, fmt.label_words, default_init_text(fmt), tcfg.seed,
+                             fmt.render_input(train_ex[0].text))
         prompt.to(acc.device)
         params = list(prompt.parameters())
     if tcfg.loss == "classes" and fmt.task != "classify":

@@ -1,0 +1,82 @@
+"""Config checks live in the dataclasses (`__post_init__`): each bad value or combination is one
+SoftpromptError naming the flag, raised when the config is built, again by `dataclasses.replace`
+after a field was changed, and as a one-line CLI error with exit status 2."""
+import dataclasses
+
+import pytest
+
+from softprompt.cli import main
+from softprompt.config import CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.utils import SoftpromptError
+
+NAN = float("nan")
+
+CASES = [
+    (ModelConfig, {"dtype": "int8"}, "unknown --dtype 'int8'"),
+    (DataConfig, {"max_length": 0}, "--max-length must be at least 1 (got 0)"),
+    (DataConfig, {"eval_fraction": 1.0}, "--eval-fraction must be in [0, 1)"),
+    (DataConfig, {"eval_fraction": NAN}, "--eval-fraction must be a finite number"),
+    (DataConfig, {"limit": -1}, "--limit must be at least 0"),
+    (DataConfig, {"template": "{sentence"}, "--template '{sentence': expected '}' before end of string"),
+    (DataConfig, {"target": "x}"}, "--target 'x}': Single '}' encountered"),
+    (DataConfig, {"template": "a {} b"}, "every {...} must name a column"),
+    (DataConfig, {"template": "{0}"}, "every {...} must name a column"),
+    (DataConfig, {"template": "{x!z}"}, "unknown conversion '!z'"),
+    (DataConfig, {"template": "{x}", "labels": "yes"}, "--labels needs at least two comma-separated words"),
+    (DataConfig, {"template": "{x}", "labels": "yes,no,yes"}, "names a word twice"),
+    (DataConfig, {"labels": "no,yes", "text_col": "t"}, "--labels needs --template"),
+    (PromptConfig, {"virtual_tokens": 0}, "--virtual-tokens must be at least 1 (got 0)"),
+    (PromptConfig, {"init": "zeros"}, "unknown --init 'zeros': use auto, random"),
+    (PromptConfig, {"init": "file"}, "--init file needs --init-file DIR"),
+    (TrainConfig, {"batch_size": 0}, "--batch-size must be >= 1"),
+    (TrainConfig, {"lr": NAN}, "--lr >= 0"),
+    (TrainConfig, {"log_every": 0}, "--log-every must be at least 1"),
+    (TrainConfig, {"grad_clip": float("inf")}, "--grad-clip must be a finite number"),
+    (TrainConfig, {"max_steps": 0, "epochs": 0.0}, "--epochs must be > 0 when --max-steps is 0"),
+    (TrainConfig, {"optimizer": "sgd"}, "unknown --optimizer 'sgd'"),
+    (TrainConfig, {"method": "full", "resume": True}, "--method full runs in one process and cannot --resume"),
+    (GenerateConfig, {"max_new_tokens": -1}, "--max-new-tokens must be at least 1 (got -1)"),
+    (GenerateConfig, {"temperature": 0.0}, "--temperature must be > 0"),
+    (GenerateConfig, {"top_p": 1.5}, "--top-p must be in (0, 1]"),
+    (GenerateConfig, {"repetition_penalty": NAN}, "--repetition-penalty must be a finite number"),
+    (GenerateConfig, {"repetition_penalty": 0.0}, "--repetition-penalty must be > 0"),
+    (CompareConfig, {"methods": "prompt,lora"}, "unknown --methods ['lora']"),
+    (CompareConfig, {"methods": " , "}, "unknown --methods"),
+    (CompareConfig, {"k_shot": 0}, "--k-shot must be >= 1"),
+    (CompareConfig, {"eval_batch_size": 0}, "--eval-batch-size must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,msg", CASES, ids=[f"{c.__name__}-{'-'.join(k)}" for c, k, _ in CASES])
+def test_each_check_names_the_flag(cls, kw, msg):
+    with pytest.raises(SoftpromptError) as e:
+        cls(**kw)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+    cfg = cls()  # the defaults pass; a field changed afterwards is caught by replace()
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    with pytest.raises(SoftpromptError) as e:
+        dataclasses.replace(cfg)
+    assert msg in str(e.value)
+
+
+def test_defaults_and_good_values_pass():
+    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig, CompareConfig):
+        cls()
+    DataConfig(template="Review: {sentence}\\nSentiment: {{literal}}", labels="negative, positive")
+    PromptConfig(init="file", init_file="runs/p")
+    assert DataConfig(labels=" a,, b ", template="{x}").label_words == ["a", "b"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["generate", "--max-new-tokens", "-1", "hi"], "--max-new-tokens must be at least 1 (got -1)"),
+    (["train", "--max-length", "0", "--data", "x.csv", "--text-col", "t"], "--max-length must be at least 1"),
+    (["eval", "--template", "{sentence", "--data", "x.csv"], "--template '{sentence'"),
+    (["compare", "--methods", "lora"], "unknown --methods ['lora']"),
+])
+def test_cli_reports_config_errors_in_one_line(argv, msg, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("softprompt: error: ") and msg in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing made
