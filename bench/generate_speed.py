@@ -5,7 +5,8 @@ The workload: T tasks (soft prompts) x R requests each, greedy, up to N new toke
 - peft: one PeftModel holding the T prompt adapters; for each task `set_adapter` and one
   `generate()` over that task's R requests (left padded), as PEFT serves several adapters;
 - softprompt, per task: the same T batches of R rows through `generate_batch` (each prompt's KV
-  computed once and reused);
+  computed once and reused), on one long-lived decode engine (static slots replayed as CUDA graphs
+  on a GPU, as the server keeps one);
 - softprompt, mixed: all T x R requests in one batch, every row with its own prompt;
 - plain model: `model.generate` at batch T x R with no prompt, the ceiling of the machine;
 - softprompt, one at a time: each request alone; the mixed batch must equal it token for token.
@@ -30,6 +31,8 @@ from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, load_bench_mode
 from softprompt.config import GenerateConfig, PromptConfig  # noqa: E402
 from softprompt.data import read_rows  # noqa: E402
 from softprompt.decode import PromptKV, eos_ids  # noqa: E402
+from softprompt.decode import DecodeBatch  # noqa: E402
+from softprompt.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 
@@ -118,6 +121,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-single", dest="single", action="store_false", help="skip the one-at-a-time check")
+    ap.add_argument("--engine", default="auto", choices=["auto", "static", "growing"],
+                    help="softprompt's decode engine (auto: static CUDA-graph slots on a GPU where the model allows)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dev, dtype = device_and_dtype(args.device, args.dtype)
@@ -146,8 +151,13 @@ def main() -> None:
         return outs
 
     mem = PeakMemory(dev) if dev.type == "cuda" else None
-    # Warm up each code path once on a small batch so that no path pays one-off costs in its timing.
-    generate_batch(model, tok, rows[:2], GenerateConfig(max_new_tokens=2), PromptKV(model))
+    # One engine for every softprompt run, as a server keeps one: on a GPU it captures a CUDA graph
+    # per (slots, columns) bucket once. Warm-up: the whole mixed workload once, untimed, so that no
+    # path pays one-off costs (captures, cuBLAS handles) in its timing; PEFT on a small batch.
+    engine = (StaticDecodeBatch(model, tok, PromptKV(model)) if args.engine == "static" else
+              DecodeBatch(model, tok, PromptKV(model)) if args.engine == "growing" else
+              decode_batch_for(model, tok, PromptKV(model)))
+    generate_batch(model, tok, rows, gcfg, engine=engine)
     pm = peft_model_with(model, prompts)
     try:
         run_peft(pm, tok, inputs[:R], 1, R, GenerateConfig(max_new_tokens=2), dev, eos)
@@ -168,11 +178,10 @@ def main() -> None:
         peft_out = record("peft (adapter per batch)", *with_mem(lambda: run_peft(pm, tok, inputs, T, R, gcfg, dev, eos)))
     res["peft_error"] = peft_error
     base = pm.get_base_model()  # the same frozen model, without PEFT's wrapper
-    kv = PromptKV(base)
     per_task = record("softprompt (batch per task)", *with_mem(lambda: sum(
-        (generate_batch(base, tok, rows[k * R:(k + 1) * R], gcfg, kv) for k in range(T)), [])))
-    kv = PromptKV(base)
-    mixed = record("softprompt (one mixed batch)", *with_mem(lambda: generate_batch(base, tok, rows, gcfg, kv)))
+        (generate_batch(base, tok, rows[k * R:(k + 1) * R], gcfg, engine=engine) for k in range(T)), [])))
+    mixed = record("softprompt (one mixed batch)", *with_mem(lambda: generate_batch(base, tok, rows, gcfg,
+                                                                                   engine=engine)))
     record("plain model, no prompt", *with_mem(lambda: run_plain(base, tok, inputs, gcfg, dev, eos)))
     p = res["paths"]
     ref = p.get("peft (adapter per batch)", {}).get("new_tokens_per_s")
@@ -182,15 +191,18 @@ def main() -> None:
     res["mixed_equals_per_task"] = mixed == per_task
     res["agreement_with_peft"] = sum(a == b for a, b in zip(mixed, peft_out)) / n_req if peft_out else None
     if args.single:
-        kv = PromptKV(base)
         single = record("softprompt (one at a time)", *with_mem(
-            lambda: [generate_batch(base, tok, [r], gcfg, kv)[0] for r in rows]))
+            lambda: [generate_batch(base, tok, [r], gcfg, engine=engine)[0] for r in rows]))
         res["mixed_equals_single"] = mixed == single
         res["rows_differing_from_single"] = sum(a != b for a, b in zip(mixed, single))
     if ref:
         print(f"\nnew tokens/s ratio softprompt/PEFT: mixed batch {res['ratio_mixed_vs_peft']:.1f}x, "
               f"batch per task {res['ratio_per_task_vs_peft']:.1f}x")
     print(f"mixed batch against the plain model without prompts: {res['ratio_mixed_vs_plain']:.2f}x")
+    res["engine"] = {"kind": type(engine).__name__, "cuda_graph_replays": getattr(engine, "replays", 0),
+                     "cuda_graph_error": getattr(engine, "graph_error", None),
+                     "slots": getattr(engine, "S", None), "columns": getattr(engine, "L", None)}
+    print(f"engine: {res['engine']}")
     if args.single:
         print(f"mixed batch equals one-at-a-time greedy: {res['mixed_equals_single']} "
               f"({res['rows_differing_from_single']} of {n_req} rows differ)")

@@ -2,8 +2,9 @@
 
 On a GPU a small model's step is often bound by the host (Python, kernel launches), not by the
 kernels: the step's wall time then far exceeds the summed kernel time. This script profiles a few
-steps of each path with torch.profiler on the same batches as bench/train_speed.py and prints, per
-step: wall time, summed device-kernel time, the number of kernel launches, and the top kernels.
+steps of each path with torch.profiler on the same batches as bench/train_speed.py (after one
+untimed pass over them: warm-up and, on CUDA, the graph captures) and prints, per step: wall time,
+summed device-kernel time, the number of kernel launches, and the top kernels.
 
     python bench/profile_step.py --model random:DIR --task sst2 --dtype bfloat16 --steps 5
 """
@@ -21,9 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_and_dtype, load_bench_model, machine, sync, write_result  # noqa: E402
 from train_speed import TASKS, Path_, batches_for, initial_prompt, task_examples  # noqa: E402
 
+from softprompt.batching import pad_id  # noqa: E402
+
 
 def profile_path(path: Path_, batches, dev) -> dict:
-    path.step(batches[0], record=False)  # warm-up (untimed): allocator, cuBLAS handles, autotuning
+    for b in batches:  # warm-up (untimed): allocator, cuBLAS handles, each bucket's graph capture
+        path.step(b, record=False)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sync(dev)
     t = time.perf_counter()
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="profile softprompt's eager step on CUDA")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dev, dtype = device_and_dtype(args.device, args.dtype)
@@ -66,8 +71,8 @@ def main() -> None:
         out = {}
         for name, trainer_style in (("peft", True), ("softprompt", False)):
             bs = batches_for(ex, tok, args.batch_size, args.steps + 1, args.seed, trainer_style=trainer_style)
-            p = Path_(name, model, init, 1e-3, dev)
-            out[name] = r = profile_path(p, [b.to(dev) for b in bs], dev)
+            p = Path_(name, model, init, 1e-3, dev, args.graphs, pad_id(tok))
+            out[name] = r = profile_path(p, bs, dev)
             print(f"{task} {name:10s} wall {r['wall_ms']:7.1f} ms  kernels {r['kernel_ms']:7.1f} ms "
                   f"({100 * r['kernel_fraction']:.0f}%)  launches {r['kernels_per_step']:.0f}")
             for k in r["top_kernels"][:4]:

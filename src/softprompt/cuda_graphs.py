@@ -20,6 +20,7 @@ the step off for the run (`disabled` says why) and the caller goes on with the e
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,7 @@ class GraphedStep:
         self.pool = torch.cuda.graph_pool_handle()
         self.disabled: str | None = None
         self.replays = 0
+        self.capture_seconds = 0.0  # warm-up, capture and check of every bucket (part of the step time)
 
     def _compute(self, c: _Captured) -> tuple[torch.Tensor, torch.Tensor]:
         loss = dense_loss(self.model, self.prompt, *c.inputs, c.scale, self.class_ids)
@@ -163,7 +165,9 @@ class GraphedStep:
         c = self.graphs.get(lay.shape)
         try:
             if c is None:
+                t = time.perf_counter()
                 c = self.graphs[lay.shape] = self._capture(lay, scale)
+                self.capture_seconds += time.perf_counter() - t  # _capture ends in a sync (the check)
             else:
                 c.load(lay, scale)
                 c.graph.replay()

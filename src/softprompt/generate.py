@@ -11,11 +11,12 @@ from .static_decode import decode_batch_for
 
 
 def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
-                   kv: PromptKV | None = None) -> list[list[int]]:
-    """Generate for rows of (soft prompt [P, H] or None, input token ids); returns new token ids."""
+                   kv: PromptKV | None = None, engine=None) -> list[list[int]]:
+    """Generate for rows of (soft prompt [P, H] or None, input token ids); returns new token ids.
+    `engine`: an idle decode engine to reuse (its CUDA graphs are captured once, not per call)."""
     if not rows:
         return []
-    dec = decode_batch_for(model, tok, kv)
+    dec = engine if engine is not None else decode_batch_for(model, tok, kv)
     ids = dec.add(rows, cfg)
     while not dec.finished:
         dec.step()
