@@ -262,10 +262,15 @@ class DecodeBatch:
         self.joining = []
         if self.live is None:
             return {}
-        g = self.live
-        picks = pick(g.z, [r.sampling for r in g.rows], [r.seen for r in g.rows], [r.gen for r in g.rows])
+        self.live.fed, out = self.pick_and_record(self.live.z, self.live.rows)
+        return out
+
+    def pick_and_record(self, z: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, dict[int, int]]:
+        """Each row's next token from logits z [B, V], appended to the row (which is done at EOS or
+        at its budget): the picks [B] on the device, and {row id: token}."""
+        picks = pick(z, [r.sampling for r in rows], [r.seen for r in rows], [r.gen for r in rows])
         out = {}
-        for r, t in zip(g.rows, picks.tolist()):  # the step's one host sync
+        for r, t in zip(rows, picks.tolist()):  # the step's one host sync
             out[r.id] = t
             r.new.append(t)
             r.seen.append(t)
@@ -273,8 +278,7 @@ class DecodeBatch:
                 r.done = r.stopped_by_eos = True
             elif len(r.new) >= r.max_new:
                 r.done = True
-        g.fed = picks
-        return out
+        return picks, out
 
 
 class Decoding:

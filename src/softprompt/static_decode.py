@@ -23,7 +23,6 @@ from .cuda_graphs import bucket
 from .decode import DecodeBatch, Row, Group
 from .families import can_pack, decoder, takes_position_ids
 from .forward import logits
-from .sampling import pick
 
 
 def supported(model) -> bool:
@@ -179,18 +178,8 @@ class StaticDecodeBatch(DecodeBatch):
         for g in joining:
             zs.append(g.z)
             slots += self._place(g)
-        rows = [self.slots[s] for s in slots]
-        picks = pick(torch.cat(zs), [r.sampling for r in rows], [r.seen for r in rows], [r.gen for r in rows])
+        picks, out = self.pick_and_record(torch.cat(zs), [self.slots[s] for s in slots])
         self.tok.index_copy_(0, torch.tensor(slots, device=self.dev), picks)
-        out = {}
-        for r, t in zip(rows, picks.tolist()):  # the step's one host sync
-            out[r.id] = t
-            r.new.append(t)
-            r.seen.append(t)
-            if t in self.eos:
-                r.done = r.stopped_by_eos = True
-            elif len(r.new) >= r.max_new:
-                r.done = True
         return out
 
     @property
