@@ -165,3 +165,42 @@ def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, t
         train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
               TrainConfig(out=str(tmp_path / "cls"), max_steps=1, save_every=0, batch_size=4, loss="classes"),
               model=model, tok=tok, quiet=True)
+
+
+def test_used_out_is_refused_unless_resume_or_overwrite(llama_dir, countries_csv, tmp_path, capsys):
+    """Issue 17 row 10: a folder holding a finished run is not overwritten silently; --overwrite
+    replaces all of it (no old checkpoint left beside the new prompt); --resume continues it."""
+    from softprompt.cli import main
+
+    out = tmp_path / "run"
+    m, d, p, t = _cfgs(llama_dir, countries_csv, out, max_steps=4, eval_every=0, save_every=2)
+    train(m, d, p, t, quiet=True)
+    before = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert (out / "checkpoint" / "state.json").is_file() and len(before) > 6
+    with pytest.raises(SoftpromptError, match="already holds files .*--resume .*--overwrite"):
+        train(m, d, p, t, quiet=True)
+    argv = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "Country: {country}",
+            "--max-steps", "1", "--out", str(out), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("softprompt: error: --out ") and "already holds files" in err[0]
+    assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # untouched
+
+    # --overwrite: a new run with another prompt length and no checkpoint replaces every old file.
+    p6 = PromptConfig(virtual_tokens=6, init="vocab")
+    train(m, d, p6, TrainConfig(**{**t.__dict__, "overwrite": True, "save_every": 0, "max_steps": 2}), quiet=True)
+    assert not (out / "checkpoint").exists()
+    assert load_prompt(out).num_tokens == 6
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2] and max(r["step"] for r in recs) == 2
+    with pytest.raises(SoftpromptError, match="no checkpoint"):  # was: a shape mismatch on the stale one
+        train(m, d, p6, TrainConfig(**{**t.__dict__, "resume": True}), quiet=True)
+
+    # A file no run writes is never deleted.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SoftpromptError, match="holds notes.txt, which no run writes"):
+        train(m, d, p6, TrainConfig(**{**t.__dict__, "overwrite": True}), quiet=True)
+    assert (out / "notes.txt").read_text() == "mine" and load_prompt(out).num_tokens == 6
+    with pytest.raises(SoftpromptError, match="give one of them"):
+        TrainConfig(out=str(out), resume=True, overwrite=True)

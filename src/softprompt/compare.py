@@ -7,6 +7,8 @@ Rows (any subset, `--methods`):
 - k-shot: the instruction plus K training examples with their answers, in the same template;
 - prompt: prompt tuning by the core trainer (`train(method="prompt")`);
 - full: every weight trained by the same loop and batches (`train(method="full")`), its own lr.
+The two trained rows differ only in their method object (methods.py): what it saves where, and
+whether it changes the model (then it trains a copy, so the other rows keep the frozen base).
 Every row is scored by the same `evaluate()` on the same held-out examples (accuracy by rank
 classification for --labels data, held-out loss/perplexity of the target tokens otherwise), with
 the last training step's weights: no checkpoint is picked on the data it is scored on.
@@ -17,20 +19,15 @@ prompt.safetensors, or the fine-tuned model's safetensors), peak memory, trainin
 weight hashing and saving, as train_wall_seconds), and inference time per example (wall time of
 scoring the held-out set divided by its rows, batch `--eval-batch-size`).
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the phase's start;
-on CPU, the process's resident set size sampled every 10 ms from /proc, peak minus the value at
-the phase's start (after gc and malloc_trim), i.e. what the phase needs beyond the loaded base
-model: activations, gradients, optimiser state. RSS sampling can miss a spike shorter than 10 ms.
+Peak memory is measure.PeakMemory's: CUDA's allocation, or on CPU the process's resident memory,
+above the phase's start.
 """
 from __future__ import annotations
 
+import argparse
 import copy
-import ctypes
-import gc
 import json
-import os
 import random
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,12 +35,14 @@ from typing import Any
 
 import torch
 
-from .config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, to_dict
-from .data import Example, Formatter, load_splits
+from .batching import Example
+from .config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args, to_dict
+from .data import Formatter, load_splits
 from .evaluate import evaluate
+from .measure import PeakMemory, release_memory, resident
+from .methods import METHODS
 from .models import load_model
-from .prompt import WEIGHTS_FILE, load_prompt
-from .train import MODEL_DIR, default_init_text, train
+from .train import default_init_text, train
 from .utils import SoftpromptError, atomic_write_text, count_params, seed_everything, write_json
 
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
@@ -52,71 +51,6 @@ LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineeri
 
 
 # ---------------------------------------------------------------- measuring
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the lifetime peak is the best there is
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _release_memory() -> None:
-    gc.collect()
-    try:  # hand freed heap pages back to the OS so the next phase starts from a true baseline
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-@torch.no_grad()
-def resident(model):
-    """Read every weight once: safetensors are memory-mapped, so pages of an untouched model become
-    resident only on first use, which would otherwise count as the first phase's memory."""
-    for t in model.state_dict().values():
-        t.float().sum() if t.is_floating_point() else t.sum()
-    return model
-
-
-class PeakMemory:
-    """Peak memory of the enclosed block above its start, in bytes (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __enter__(self) -> "PeakMemory":
-        _release_memory()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = self.peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def extra_mb(self) -> float:
-        return round((self.peak - self.start) / 2**20, 1)
-
 
 def timed_eval(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_size: int):
     """evaluate() plus its peak memory and wall seconds."""
@@ -184,6 +118,34 @@ def with_context(fmt: Formatter, ex: Example, context: str) -> Example:
 
 # ---------------------------------------------------------------- the runner
 
+def trained_row(kind, mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig,
+                ccfg: CompareConfig, model, tok, quiet: bool, split, run_dir: Path) -> dict[str, Any]:
+    """Train method `kind` (methods.py) on the split's training rows with the last step's result kept,
+    then score what it saved on the held-out rows."""
+    fmt, train_ex, eval_ex = split
+    # --out is the comparison's own folder: its per-method runs are replaced on a rerun.
+    cfg = replace(tcfg, out=str(run_dir), method=kind.name, eval_untuned=False, keep_best=False, save_every=0,
+                  eval_every=0, resume=False, overwrite=True)
+    if kind.name == "full":  # full fine-tuning has its own rate, steps and batch size
+        cfg = replace(cfg, lr=ccfg.ft_lr, max_steps=ccfg.ft_steps or tcfg.max_steps,
+                      batch_size=ccfg.ft_batch_size or tcfg.batch_size)
+    trained = copy.deepcopy(model) if kind.changes_model else model  # the other rows keep the frozen base
+    with PeakMemory(model.device) as tmem:
+        t0 = time.perf_counter()
+        s = train(mcfg, dcfg, pcfg, cfg, model=trained, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
+        wall = round(time.perf_counter() - t0, 2)
+    del trained
+    release_memory()
+    scored, prompt = kind.load_trained(run_dir, model, mcfg)  # scored from the saved files
+    m, sec, mem = timed_eval(resident(scored), tok, prompt, fmt, eval_ex, ccfg.eval_batch_size)
+    del scored
+    artifact = kind.artifact(run_dir)
+    return dict(eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
+                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
+                steps=s["steps"], lr=s["lr"], artifact=str(artifact), artifact_bytes=_bytes(artifact),
+                **({} if kind.changes_model else {"base_weights_unchanged": s["base_weights_unchanged"]}))
+
+
 def _bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -234,40 +196,9 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             m, sec, mem = timed_eval(model, tok, None, fmt, exs, bs)
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, artifact=str(path),
                 artifact_bytes=_bytes(path), context_tokens=len(tok(context, add_special_tokens=False).input_ids))
-        elif method == "prompt":
-            cfg = replace(tcfg, out=str(out / "prompt"), method="prompt", eval_untuned=False, keep_best=False,
-                          save_every=0, eval_every=0, resume=False)
-            with PeakMemory(model.device) as tmem:
-                t0 = time.perf_counter()
-                s = train(mcfg, dcfg, pcfg, cfg, model=model, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
-                wall = round(time.perf_counter() - t0, 2)
-            prompt = load_prompt(out / "prompt", model).to(model.device)  # scored from the saved file
-            m, sec, mem = timed_eval(model, tok, prompt, fmt, eval_ex, bs)
-            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
-                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
-                steps=s["steps"],
-                lr=s["lr"], artifact=str(out / "prompt" / WEIGHTS_FILE),
-                artifact_bytes=_bytes(out / "prompt" / WEIGHTS_FILE),
-                base_weights_unchanged=s["base_weights_unchanged"])
-        elif method == "full":
-            cfg = replace(tcfg, out=str(out / "full"), method="full", lr=ccfg.ft_lr, eval_untuned=False,
-                          keep_best=False, save_every=0, eval_every=0, resume=False,
-                          max_steps=ccfg.ft_steps or tcfg.max_steps, batch_size=ccfg.ft_batch_size or tcfg.batch_size)
-            ft = copy.deepcopy(model)  # the caller's model stays the frozen base for the other rows
-            with PeakMemory(model.device) as tmem:
-                t0 = time.perf_counter()
-                s = train(mcfg, dcfg, pcfg, cfg, model=ft, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
-                wall = round(time.perf_counter() - t0, 2)
-            del ft
-            _release_memory()
-            mdir = out / "full" / MODEL_DIR
-            ft = resident(load_model(replace(mcfg, model=str(mdir)))[0])  # scored from the saved files
-            m, sec, mem = timed_eval(ft, tok, None, fmt, eval_ex, bs)
-            del ft
-            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
-                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
-                steps=s["steps"],
-                lr=s["lr"], artifact=str(mdir), artifact_bytes=_bytes(mdir))
+        else:  # a trained method: prompt tuning or full fine-tuning
+            row(method, **trained_row(METHODS[method], mcfg, dcfg, pcfg, tcfg, ccfg, model, tok, quiet,
+                                      (fmt, train_ex, eval_ex), out / method))
     result = {"model": mcfg.model, "data": dcfg.data, "eval_data": dcfg.eval_data or f"{dcfg.data} (held out)",
               "task": fmt.task, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
               "instruction": instruction, "base_params": count_params(model),
@@ -359,3 +290,20 @@ def plot_compare(result: dict[str, Any], dest: Path) -> Path | None:
 
 def load_result(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "compare.json").read_text())
+
+
+# ---------------------------------------------------------------- the `compare` command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for cls in (ModelConfig, DataConfig, PromptConfig):
+        add_args(parser, cls)
+    add_args(parser, TrainConfig, skip=("out", "method", "resume", "overwrite", "keep_best", "save_every",
+                                        "eval_every", "patience", "eval_untuned"))
+    add_args(parser, CompareConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    # --out is the comparison's folder; each method's run folder is made inside it.
+    print(markdown_table(compare(*(from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig,
+                                                                     TrainConfig, CompareConfig)))))
+    return 0

@@ -22,7 +22,7 @@ from .utils import SoftpromptError
 BUILTIN_MODEL = "smollm2-135m-instruct"
 FORWARD_PATHS = ("auto", "packed", "kv", "concat")  # forward.text_hidden's paths
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 
 
@@ -66,11 +66,12 @@ def check_template(name: str, template: str) -> None:
 @dataclass
 class ModelConfig:
     model: str = opt(BUILTIN_MODEL, "Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'")
-    dtype: str = opt("float32", "weights dtype: float32 (use on CPU), bfloat16 or float16 (GPUs)")
+    dtype: str = opt("float32", "weights dtype: float32 (use on CPU), bfloat16 or float16 (GPUs), or auto "
+                                "(bfloat16 on GPUs that support it, float32 elsewhere)")
     device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
 
     def __post_init__(self):
-        require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use float32, bfloat16 or float16")
+        require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
 
 
 @dataclass
@@ -139,6 +140,8 @@ class TrainConfig:
     keep_best: bool = opt(True, "save the prompt with the best held-out score, not the last one")
     save_every: int = opt(50, "write a resumable checkpoint every N steps (0 = never)")
     resume: bool = opt(False, "continue from the checkpoint in --out")
+    overwrite: bool = opt(False, "replace the previous run in --out (all of its files); without it or --resume a "
+                                 "folder that holds files is refused")
     seed: int = opt(0, "random seed for init, shuffling and sampling")
     forward_path: str = opt("auto", "how the prompt meets the rows: packed (prompt and rows as one padding-free "
                             "sequence), kv (the prompt's keys/values computed once, shared by the rows), concat "
@@ -158,6 +161,8 @@ class TrainConfig:
         require(self.max_steps > 0 or self.epochs > 0, "--epochs must be > 0 when --max-steps is 0")
         # Its checkpoint would be the whole model plus 2x its size of optimiser state.
         require(not (self.method == "full" and self.resume), "--method full runs in one process and cannot --resume")
+        require(not (self.resume and self.overwrite),
+                "--resume continues the run in --out and --overwrite replaces it: give one of them")
 
 
 @dataclass

@@ -7,6 +7,7 @@ untuned model's generations beside the tuned model's for held-out countries.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from .train import train
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "countries.jsonl"
 
 
-def demo_configs(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135m-instruct"):
+def demo_configs(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135m-instruct",
+                 overwrite: bool = False):
     mcfg = ModelConfig(model=model, device="cpu")
     dcfg = DataConfig(data=str(EXAMPLE_DATA), template="Country: {country}\nFacts:",
                       target=" capital={capital}; continent={continent}; language={language}",
@@ -29,13 +31,13 @@ def demo_configs(out: str = "runs/demo", max_steps: int = 120, model: str = "smo
     pcfg = PromptConfig(virtual_tokens=20, init="text",
                         init_text="Give the country's capital, continent and main language as key=value pairs.")
     tcfg = TrainConfig(out=out, lr=3e-2, batch_size=8, max_steps=max_steps, warmup_steps=10, eval_every=40,
-                       save_every=40, seed=0)
+                       save_every=40, seed=0, overwrite=overwrite)
     return mcfg, dcfg, pcfg, tcfg
 
 
 def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135m-instruct",
-         show: int = 6) -> dict:
-    mcfg, dcfg, pcfg, tcfg = demo_configs(out, max_steps, model)
+         show: int = 6, overwrite: bool = False) -> dict:
+    mcfg, dcfg, pcfg, tcfg = demo_configs(out, max_steps, model, overwrite)
     t0 = time.perf_counter()
     m, tok = load_model(mcfg)
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
@@ -60,3 +62,17 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
         print(f"--- tuned:    {tok.decode(outs[2 * i + 1], skip_special_tokens=True)!r}")
     print(f"\nprompt, metrics.jsonl and loss.png in {out}/ ({time.perf_counter() - t0:.0f} s in all)")
     return {"before": before, "after": after, "summary": summary}
+
+
+# ---------------------------------------------------------------- the `demo` command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="run folder")
+    parser.add_argument("--max-steps", type=int, default=120, help="training steps")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the built-in one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    demo(out=args.out, max_steps=args.max_steps, model=args.model, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,80 @@
+"""Measuring a phase of work: its peak memory above its start, and a model made resident first.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the phase's start;
+on CPU, the process's resident set size sampled every 10 ms from /proc, peak minus the value at
+the phase's start (after gc and malloc_trim), i.e. what the phase needs beyond the loaded base
+model: activations, gradients, optimiser state. RSS sampling can miss a spike shorter than 10 ms.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import threading
+
+import torch
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the lifetime peak is the best there is
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:  # hand freed heap pages back to the OS so the next phase starts from a true baseline
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@torch.no_grad()
+def resident(model):
+    """Read every weight once: safetensors are memory-mapped, so pages of an untouched model become
+    resident only on first use, which would otherwise count as the first phase's memory."""
+    for t in model.state_dict().values():
+        t.float().sum() if t.is_floating_point() else t.sum()
+    return model
+
+
+class PeakMemory:
+    """Peak memory of the enclosed block above its start, in bytes (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        release_memory()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def extra_mb(self) -> float:
+        return round((self.peak - self.start) / 2**20, 1)

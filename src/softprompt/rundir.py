@@ -1,0 +1,119 @@
+"""The run folder `train --out` writes: its files, the rule for reusing one, the metrics log, the
+resumable checkpoint and the loss plot.
+
+A folder that holds anything is never reused silently: `--resume` continues the run in it,
+`--overwrite` replaces a previous run (all of its files, so no old checkpoint is left beside a new
+prompt), and anything else is refused before any work starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .utils import SoftpromptError, atomic_dir
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+# Everything a run writes into its folder (the prompt or the fine-tuned model, records, checkpoint).
+RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METRICS, "summary.json", "loss.png",
+             CHECKPOINT, "model"}
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a used --out unless told what to do with it; before any work, so nothing is lost."""
+    if out.exists() and not out.is_dir():
+        raise SoftpromptError(f"--out {out} is a file, not a folder")
+    used = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / CHECKPOINT / "state.json").is_file():
+            raise SoftpromptError(f"--resume: no checkpoint in {out / CHECKPOINT}")
+    elif used and not overwrite:
+        raise SoftpromptError(f"--out {out} already holds files (a previous run?): pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+    elif used:
+        foreign = sorted(p.name for p in out.iterdir() if not _is_run_file(p.name))
+        if foreign:
+            raise SoftpromptError(f"--overwrite: {out} holds {', '.join(foreign[:3])}, which no run writes; "
+                                  "not deleting it (remove it yourself, or choose another --out)")
+
+
+def _is_run_file(name: str) -> bool:
+    # A run's own files, and the temporary siblings (".prompt.safetensors.tmp", ".checkpoint.tmp-x")
+    # that an interrupted write of one of them leaves.
+    return name in RUN_FILES or any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+def clear_run(out: Path) -> None:
+    """Delete a previous run's files from `out` (check_out has vouched that it holds nothing else)."""
+    for p in out.iterdir() if out.is_dir() else []:
+        if _is_run_file(p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def start_metrics(out: Path, keep_until: int | None) -> None:
+    """A fresh metrics log, or on resume the old one cut back to the checkpoint's step (the steps
+    after it are redone)."""
+    path = out / METRICS
+    kept = [line for line in (path.read_text().splitlines() if keep_until is not None and path.exists() else [])
+            if json.loads(line).get("step", 0) <= keep_until]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_metrics(out: Path, rec: dict[str, Any]) -> None:
+    with open(out / METRICS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The trained part, optimiser, schedule and loop state, replaced in one rename."""
+    with atomic_dir(out / CHECKPOINT) as tmp:
+        method.save_checkpoint(tmp, meta)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; return the loop state (step, best score, ...)."""
+    ckpt = out / CHECKPOINT
+    state = json.loads((ckpt / "state.json").read_text())
+    method.load_checkpoint(ckpt)
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return state
+
+
+def plot_metrics(out: Path) -> Path | None:
+    """loss.png: training loss and held-out metrics against steps (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
+    tr = [r for r in recs if r["split"] == "train"]
+    ev = [r for r in recs if r["split"] == "eval"]
+    fig, ax = plt.subplots(1, 2 if ev and "accuracy" in ev[0] else 1, figsize=(10, 4), squeeze=False)
+    a = ax[0][0]
+    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss", alpha=0.7)
+    if ev:
+        a.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="held-out loss")
+    a.set_xlabel("step"), a.set_ylabel("cross-entropy"), a.legend(), a.grid(alpha=0.3)
+    a.set_title("soft prompt training")
+    if ev and "accuracy" in ev[0]:
+        b = ax[0][1]
+        b.plot([r["step"] for r in ev], [100 * r["accuracy"] for r in ev], "o-", color="tab:green")
+        b.set_xlabel("step"), b.set_ylabel("held-out accuracy (%)"), b.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out / "loss.png")
+    return out / "loss.png"
