@@ -7,7 +7,9 @@ Row layout (left padding, holes masked out):
 Positions continue from each row's own prompt length, so every row sees exactly what it would
 see alone; greedy outputs match one-request-at-a-time decoding token for token. Rows that join
 are prefilled as a group of their own; at the next step their cache is left-padded to the running
-batch's length (or the batch's to theirs) and stacked under it.
+batch's length (or the batch's to theirs) and stacked under it. Families whose window or
+positions follow the key's column (families.needs_contiguous_rows) prefill each row alone, so
+that its prompt and text stay adjacent.
 
 `DecodeBatch` is the engine (the server's scheduler feeds it, generate.generate_batch drives it);
 `Decoding` is its fixed-batch view, for callers that start all rows at once.
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from .batching import pad_id
 from .config import GenerateConfig
-from .families import decoder, max_positions, takes_position_ids
+from .families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
 from .forward import logits, prefix_kv
 from .sampling import Sampling, pick
 from .utils import SoftpromptError
@@ -174,7 +176,11 @@ class DecodeBatch:
             gen = torch.Generator(device=self.dev).manual_seed(seed) if cfg.sample else None
             states.append(Row(self.next_id, n, sampling, gen, list(ids), done=n <= 0))
             self.next_id += 1
-        self.joining.append(self.prefill(states, prefixes, [ids for _, ids in rows]))
+        texts = [ids for _, ids in rows]
+        if needs_contiguous_rows(self.model):  # no padding between a row's prompt and its text
+            self.joining += [self.prefill([s], [p], [t]) for s, p, t in zip(states, prefixes, texts)]
+        else:
+            self.joining.append(self.prefill(states, prefixes, texts))
         return [s.id for s in states]
 
     def prefill(self, states: list[Row], prefixes: list[PrefixState | None], texts: list[list[int]]) -> Group:

@@ -6,7 +6,11 @@ Hugging Face causal LMs differ in a handful of ways that matter to a soft prompt
   which decides how a left-padded mixed batch keeps each row's positions (`takes_position_ids`);
 - whether the attention goes through transformers' attention interface with full (not sliding
   window) attention in every layer, which the packed shared prefix needs (`can_pack`);
-- final-logit soft-capping (Gemma 2), which every logit computation must apply (`logit_softcap`);
+- final-logit scaling (Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`) and
+  soft-capping (Gemma 2): every logit computation must apply them (`logit_scale`, `logit_softcap`);
+- sliding-window attention (Mistral, Gemma 2/3, Phi-3, Starcoder2, GPT-OSS) or positions taken from
+  the key's column (MPT's ALiBi): a row's real tokens must then be contiguous, with no padding
+  between its prompt and its text (`needs_contiguous_rows`);
 - the longest sequence it was built for (`max_positions`).
 A new family with a quirk of its own adds it here, plus its tiny model in tests/conftest.py.
 """
@@ -24,19 +28,44 @@ def takes_position_ids(model) -> bool:
     return "position_ids" in inspect.signature(decoder(model).forward).parameters
 
 
-def can_pack(model) -> bool:
-    """True when the attention goes through the attention interface, with full attention in every
-    layer: local (sliding-window) layers would need their own masks in the packed layout."""
+def packing_obstacle(model) -> str | None:
+    """Why the packed shared prefix cannot run on this model (None when it can): it needs the
+    attention interface and full attention in every layer (local layers need masks of their own)."""
     if not getattr(model, "_supports_attention_backend", False):
-        return False
+        return f"{model.config.model_type} computes attention itself (not through the attention interface)"
     cfg = model.config
-    if getattr(cfg, "sliding_window", None):
-        return False
-    return all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or ())
+    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return f"{model.config.model_type} has sliding-window layers"
+    return None
+
+
+def can_pack(model) -> bool:
+    return packing_obstacle(model) is None
 
 
 def logit_softcap(model) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None) or None
+
+
+def logit_scale(model) -> float:
+    """The factor the family's LM head applies to its logits (before any soft-capping)."""
+    cfg = model.config
+    if getattr(cfg, "logits_scaling", None):  # Granite divides
+        return 1.0 / cfg.logits_scaling
+    return float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
+
+
+def sliding_window(model) -> int | None:
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ()
+    return window if window and (not types or any(t != "full_attention" for t in types)) else None
+
+
+def needs_contiguous_rows(model) -> bool:
+    """Padding between a row's prompt and its text would shift what a window or a column-based
+    position sees: such rows are prefilled one at a time (no holes) instead of in a padded batch."""
+    return sliding_window(model) is not None or model.config.model_type == "mpt"
 
 
 def max_positions(model) -> int | None:

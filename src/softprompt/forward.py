@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from .config import FORWARD_PATHS as PATHS
-from .families import decoder, logit_softcap
+from .families import decoder, logit_scale, logit_softcap, packing_obstacle
 from .packing import packable, packed_hidden
 from .utils import SoftpromptError
 
@@ -37,14 +37,16 @@ def choose_path(model, attention_mask: torch.Tensor, path: str = "auto") -> str:
     if path == "auto":
         return "packed" if packable(model, attention_mask) else "kv"
     if path == "packed" and not packable(model, attention_mask):
-        raise SoftpromptError(f"the packed path needs a {model.config.model_type} model with full attention "
-                              "through the attention interface and right-padded rows; use --forward-path kv")
+        why = packing_obstacle(model) or "the rows are not right-padded"
+        raise SoftpromptError(f"--forward-path packed: {why}; use --forward-path kv or auto")
     return path
 
 
 def prefix_kv(model, prompt: torch.Tensor):
     """Run the prompt [P, H] alone: per-layer (keys, values) with batch 1, and its last hidden state [1, H]."""
-    out = decoder(model)(inputs_embeds=prompt[None], use_cache=True)
+    # A plain (full) cache keeps all P keys in every layer: the config's own would give sliding-window
+    # layers only their last window-1, while the text after the prompt may see more of them.
+    out = decoder(model)(inputs_embeds=prompt[None], cache=DynamicCache(), use_cache=True)
     layers = [(layer.keys, layer.values) for layer in out.cache.layers]
     return layers, out.last_hidden_state[:, -1]
 
@@ -112,7 +114,9 @@ def logits(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Te
     if rows is not None:  # logits of a few candidate tokens only
         w, b = w[rows], (b[rows] if b is not None else None)
     z = _upcast(F.linear(h, w, b))
-    cap = logit_softcap(model)
+    scale, cap = logit_scale(model), logit_softcap(model)
+    if scale != 1.0:
+        z = z * scale
     return torch.tanh(z / cap) * cap if cap else z
 
 
@@ -130,10 +134,12 @@ class _FrozenHeadCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, y, cap, n):
+    def forward(ctx, h, w, b, y, cap, n, scale=1.0):
         losses, grads = [], []
         for s in range(0, h.shape[0], n):
             z = _upcast(F.linear(h[s:s + n], w, b))  # [n, V]
+            if scale != 1.0:
+                z = z * scale
             t = None
             if cap:
                 t = torch.tanh(z / cap)
@@ -145,6 +151,8 @@ class _FrozenHeadCE(torch.autograd.Function):
             g.scatter_add_(1, yy, torch.full_like(yy, -1, dtype=g.dtype))
             if t is not None:
                 g.mul_(1 - t * t)
+            if scale != 1.0:
+                g.mul_(scale)
             grads.append(g.to(w.dtype) @ w)  # [n, H]
         ctx.save_for_backward(torch.cat(grads))
         return torch.cat(losses)
@@ -152,7 +160,7 @@ class _FrozenHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (dh,) = ctx.saved_tensors
-        return grad_out[:, None].to(dh.dtype) * dh, None, None, None, None, None
+        return grad_out[:, None].to(dh.dtype) * dh, None, None, None, None, None, None
 
 
 def token_losses(model, h: torch.Tensor, y: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
@@ -163,7 +171,7 @@ def token_losses(model, h: torch.Tensor, y: torch.Tensor, chunk_elements: int = 
     n = max(1, chunk_elements // w.shape[0])
     frozen = not w.requires_grad and (b is None or not b.requires_grad)
     if torch.is_grad_enabled() and h.requires_grad and frozen:
-        return _FrozenHeadCE.apply(h, w, b, y, logit_softcap(model) or 0.0, n)
+        return _FrozenHeadCE.apply(h, w, b, y, logit_softcap(model) or 0.0, n, logit_scale(model))
     if h.shape[0] <= n or not torch.is_grad_enabled():
         return torch.cat([_ce_sum(model, h[s:s + n], y[s:s + n]) for s in range(0, h.shape[0], n)])
     # A trainable head (full fine-tuning): recompute each chunk's logits in backward instead of keeping them.

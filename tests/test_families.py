@@ -1,0 +1,111 @@
+"""Every supported model family, as a tiny random model (tests/families.py), passes the same four
+checks: the prompt path equals the hand-built `inputs_embeds` reference (and its loss equals
+transformers' own), a zero-length prompt equals the base model, an exported prompt gives PEFT the
+same logits, and mixed-prompt generation over rows of different lengths equals one at a time."""
+import pytest
+import torch
+
+from families import FAMILIES, tiny_config
+from softprompt.batching import collate
+from softprompt.config import DataConfig, GenerateConfig
+from softprompt.data import Formatter
+from softprompt.forward import batch_loss, logits, text_hidden
+from softprompt.generate import generate_batch
+
+TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.", "x"]
+P = 5
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tok_dir, tmp_path_factory):
+    """Each family saved once (as a user's model folder), loaded per test through load_model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name in FAMILIES:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(name, len(tok), tok.pad_token_id, tok.eos_token_id))
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _load(family_dirs, name):
+    from softprompt.models import load_model
+
+    return load_model(str(family_dirs[name]))
+
+
+def _batch(tok):
+    fmt = Formatter(DataConfig(text_col="t", max_length=64), tok)
+    return collate([fmt.encode({"t": t}) for t in TEXTS], tok.pad_token_id)
+
+
+def _reference_logits(model, prompt, b):
+    B = b.input_ids.shape[0]
+    emb = model.get_input_embeddings()(b.input_ids)
+    x = torch.cat([prompt.expand(B, *prompt.shape), emb], 1)
+    mask = torch.cat([torch.ones(B, prompt.shape[0], dtype=torch.long), b.attention_mask], 1)
+    return model(inputs_embeds=x, attention_mask=mask).logits[:, prompt.shape[0]:]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_prompt_path_equals_reference_and_zero_prompt_equals_base(family_dirs, name):
+    model, tok = _load(family_dirs, name)
+    b = _batch(tok)
+    m = b.attention_mask.bool()
+    base = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    h, _ = text_hidden(model, None, b.input_ids, b.attention_mask)
+    assert (logits(model, h)[m] - base[m]).abs().max() < 1e-5
+    torch.manual_seed(1)
+    prompt = torch.randn(P, model.config.hidden_size) * 0.5
+    ref = _reference_logits(model, prompt, b)
+    for path in ("auto", "kv", "concat"):
+        h, _ = text_hidden(model, prompt, b.input_ids, b.attention_mask, path=path)
+        diff = (logits(model, h)[m] - ref[m]).abs().max()
+        assert diff < 1e-5 * max(1.0, float(ref[m].abs().max())), (path, float(diff))
+    labels = torch.cat([torch.full((len(TEXTS), P), -100), b.targets], 1)
+    B = b.input_ids.shape[0]
+    hf = model(inputs_embeds=torch.cat([prompt.expand(B, P, -1), model.get_input_embeddings()(b.input_ids)], 1),
+               attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), b.attention_mask], 1), labels=labels).loss
+    s, n = batch_loss(model, prompt, b)
+    assert abs(float(s / n) - float(hf)) < 1e-5 * float(hf)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_exported_prompt_gives_peft_the_same_logits(family_dirs, name, tmp_path):
+    from peft import PeftModel
+
+    from softprompt.peft_io import export_peft
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    model, tok = _load(family_dirs, name)
+    torch.manual_seed(2)
+    prompt = SoftPrompt(torch.randn(P, model.config.hidden_size) * 0.5)
+    save_prompt(prompt, tmp_path / "p", {"model": str(family_dirs[name])})
+    export_peft(tmp_path / "p", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "peft")
+    b = _batch(tok)
+    m = b.attention_mask.bool()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, P:]
+        h, _ = text_hidden(peft_model.get_base_model(), prompt.embeds, b.input_ids, b.attention_mask)
+        ours = logits(peft_model.get_base_model(), h)
+    assert (ours[m] - theirs[m]).abs().max() < 1e-5 * max(1.0, float(theirs[m].abs().max()))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_mixed_prompt_generation_equals_one_at_a_time(family_dirs, name):
+    model, tok = _load(family_dirs, name)
+    torch.manual_seed(3)
+    Hd = model.config.hidden_size
+    prompts = [None, torch.randn(P, Hd) * 0.5, torch.randn(2, Hd) * 0.5]
+    rows = [(p, tok(t).input_ids) for p in prompts for t in TEXTS]
+    cfg = GenerateConfig(max_new_tokens=6)
+    batched = generate_batch(model, tok, rows, cfg)
+    alone = [generate_batch(model, tok, [r], cfg)[0] for r in rows]
+    assert batched == alone
+    assert len({tuple(o) for o in alone}) > 2  # premise: the prompts change what the model writes
