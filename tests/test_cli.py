@@ -71,3 +71,33 @@ def test_errors_are_one_line_and_nonzero(argv, msg, llama_dir, tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("softprompt: error: ") and msg in err[-1], err
     assert not (tmp_path / "OUT").exists()
+
+
+def test_command_table_and_lazy_imports():
+    """Each command is a table entry whose module has the two functions; listing the commands
+    imports none of them (nor torch), and one command's --help imports only its own module."""
+    import importlib
+
+    from softprompt.cli import COMMANDS
+
+    assert set(COMMANDS) == {
+        "train", "eval", "generate", "serve", "export-peft", "import-peft", "compare", "ensemble", "inspect", "demo"}
+    for name, cmd in COMMANDS.items():
+        mod = importlib.import_module(cmd.module)
+        assert all(callable(getattr(mod, f)) for f in cmd.functions), name
+    code = ("import sys\nfrom softprompt.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('softprompt.')))")
+    top = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=True)
+    assert eval(top.stdout.strip().splitlines()[-1]) == ["softprompt.cli", "softprompt.utils"]
+    sub = subprocess.run([sys.executable, "-c", code, "export-peft", "--help"], capture_output=True, text=True,
+                         check=True)
+    loaded = eval(sub.stdout.strip().splitlines()[-1])
+    assert "softprompt.peft_io" in loaded and "softprompt.train" not in loaded and "softprompt.serve" not in loaded
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert main(["train", "--max-length", "x"]) == 2
+    assert capsys.readouterr().err == "softprompt: error: train: argument --max-length: invalid int value: 'x'\n"
+    assert main(["nope"]) == 2
+    assert capsys.readouterr().err.startswith("softprompt: error: argument COMMAND: invalid choice: 'nope'")

@@ -9,6 +9,8 @@ of K fine-tuned models.
 """
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 
 from .batching import Example, pad_id
 from .classify import label_scores, row_candidates
-from .config import DataConfig, ModelConfig
+from .config import DataConfig, ModelConfig, add_args, from_args
 from .data import Formatter
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
@@ -87,3 +89,18 @@ def format_report(r: dict[str, Any]) -> str:
               f"| ensemble: majority vote | {100 * r['majority_vote_accuracy']:.2f}% |",
               f"| ensemble: mean log-probability | {100 * r['mean_logprob_accuracy']:.2f}% |"]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the `ensemble` command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_args(parser, ModelConfig)
+    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit"))
+    parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders (two or more)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    r = ensemble_cmd(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompts)
+    print(json.dumps(r)) if args.json else print(format_report(r), end="")
+    return 0

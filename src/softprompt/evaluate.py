@@ -1,11 +1,15 @@
-"""Evaluation: held-out loss and perplexity, and rank-classification accuracy over label words.
+"""Evaluation: held-out loss and perplexity, and rank-classification accuracy over label words;
+also the `eval` command, which scores a prompt folder on every row of a data file.
 
 The untuned model (`prompt=None`) and a tuned one are scored by exactly the same code, so the
 numbers compare. Accuracy is rank classification over the label words (classify.py).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,8 +17,10 @@ from tqdm.auto import tqdm
 
 from .batching import Example, collate, eval_batches, pad_id
 from .classify import label_scores, row_candidates
-from .data import Formatter
+from .config import DataConfig, ModelConfig, add_args, from_args
+from .data import Formatter, load_splits
 from .forward import row_logprobs
+from .utils import SoftpromptError
 
 
 @torch.no_grad()
@@ -68,3 +74,42 @@ def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_
     else:  # a truncated target, or label words tokenised differently after some inputs
         out = eval_loss(model, tok, prompt, examples, batch_size, path, progress)
     return {**out, **_accuracy(scores, examples)}
+
+
+def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
+                model=None, tok=None) -> dict[str, Any]:
+    """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`."""
+    from .models import load_model
+    from .prompt import load_prompt
+
+    if model is None:
+        model, tok = load_model(mcfg)
+    p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)
+    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data=""), tok)
+    return {"prompt": prompt, "model": mcfg.model, "data": dcfg.data,
+            **evaluate(model, tok, p, fmt, rows, batch_size=batch_size, progress=True)}
+
+
+# ---------------------------------------------------------------- the `eval` command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_args(parser, ModelConfig)
+    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit"))
+    parser.add_argument("--prompt", default="none", help="prompt folder, or 'none' for the untuned model")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def format_eval(m: dict[str, Any]) -> str:
+    line = f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
+    if "accuracy" in m:
+        line += f"  accuracy {100 * m['accuracy']:.2f}% of {m['n']}"
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise SoftpromptError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    m = eval_prompt(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompt, args.batch_size)
+    print(json.dumps(m) if args.json else format_eval(m))
+    return 0

@@ -6,6 +6,8 @@ Named `interpret` rather than `inspect`, which would shadow the standard library
 """
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any
 
 import torch
@@ -51,3 +53,23 @@ def format_inspection(r: dict[str, Any]) -> str:
         near = "  ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"])
         lines.append(f"{t['position']:>4}  norm {t['norm']:7.3f}  {near}")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the `inspect` command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="the model the prompt was trained for")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--top-k", type=int, default=5, help="neighbours per virtual token")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .utils import SoftpromptError
+
+    if args.top_k < 1:
+        raise SoftpromptError(f"--top-k must be >= 1 (got {args.top_k})")
+    r = inspect_cmd(args.prompt_dir, args.model, args.top_k, args.device)
+    print(json.dumps(r, indent=2)) if args.json else print(format_inspection(r), end="")
+    return 0

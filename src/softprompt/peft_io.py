@@ -6,6 +6,7 @@ softprompt folder holds, so conversion is exact both ways. No `peft` import is n
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -27,8 +28,9 @@ def _model_geometry(name: str) -> dict:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, SoftpromptError):
         return {}
-    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    # The names differ by family: num_hidden_layers (Llama...), n_layer (GPT-2, BLOOM), n_layers (MPT).
+    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if cfg.get(k)), None)
+    heads = next((cfg[k] for k in ("num_attention_heads", "n_head", "n_heads") if cfg.get(k)), None)
     return {"num_layers": layers, "num_attention_heads": heads}
 
 
@@ -92,3 +94,28 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return Path(out)
+
+
+# ---------------------------------------------------------------- the `export-peft` and `import-peft` commands
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt_dir", metavar="DIR", help="softprompt prompt folder")
+    parser.add_argument("out", metavar="OUT", help="PEFT adapter folder to write")
+    parser.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the prompt's)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    print(export_peft(args.prompt_dir, args.out, args.base_model))
+    return 0
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("peft_dir", metavar="PEFT_DIR",
+                        help="folder with adapter_config.json + adapter_model.safetensors")
+    parser.add_argument("out", metavar="OUT", help="softprompt prompt folder to write")
+    parser.add_argument("--model", default=None, help="model name to record (default: the adapter's base model)")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    print(import_peft(args.peft_dir, args.out, args.model))
+    return 0
