@@ -58,9 +58,9 @@ FAMILIES: dict[str, tuple[type, dict]] = {
 }
 
 
-def tiny_config(name: str, vocab_size: int, pad_id: int, eos_id: int):
+def tiny_config(name: str, vocab_size: int, pad_id: int, eos_id: int, **overrides):
     cls, kw = FAMILIES[name]
     # Wider initial weights than the default 0.02, so that outputs depend clearly on the prompt.
-    extra = {} if "initializer_range" in kw else {"initializer_range": 0.2}
+    kw = {"initializer_range": 0.2, **kw, **overrides}
     return cls(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
-               tie_word_embeddings=False, **extra, **kw)
+               tie_word_embeddings=False, **kw)
