@@ -101,3 +101,45 @@ def test_usage_errors_are_one_line(capsys):
     assert capsys.readouterr().err == "softprompt: error: train: argument --max-length: invalid int value: 'x'\n"
     assert main(["nope"]) == 2
     assert capsys.readouterr().err.startswith("softprompt: error: argument COMMAND: invalid choice: 'nope'")
+
+
+@pytest.mark.parametrize("case", ["jsonl_row2_lacks_column", "unbalanced_brace", "max_length_0"])
+def test_row11_bad_data_is_one_clear_line_and_makes_nothing(case, llama_dir, tmp_path, monkeypatch, capsys):
+    """Issue 17 row 11: each was a traceback (and --max-length 0 a half-made run folder)."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    rows = [{"sentence": "a great movie", "label": 1}, {"text": "a dull film", "label": 0}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"sentence": f"fine {i}", "label": 1}
+                                                                      for i in range(8)]))
+    template, extra, msg = {
+        "jsonl_row2_lacks_column": ("Review: {sentence}", [], f"column 'sentence' not found in {data} row 2 "
+                                                             "(columns: 'text', 'label')"),
+        "unbalanced_brace": ("{sentence", [], "--template '{sentence': expected '}' before end of string "
+                                              "(write {{ and }} for literal braces)"),
+        "max_length_0": ("Review: {sentence}", ["--max-length", "0"], "--max-length must be at least 1 (got 0)"),
+    }[case]
+    for cmd in (["train", "--out", "run"], ["eval"]):
+        rc = main([*cmd, "--model", str(llama_dir), "--device", "cpu", "--data", str(data), "--template", template,
+                   "--labels", "negative,positive", *extra])
+        err = capsys.readouterr().err
+        # Only the model's loading bar may come first (on stderr); the error is the last line.
+        assert rc == 2 and err.splitlines()[-1] == f"softprompt: error: {msg}" and "Traceback" not in err, err
+        assert not (tmp_path / "run").exists()
+
+
+def test_row12_generate_refuses_bad_budget_and_nan_prompt(llama_dir, tmp_path, capsys):
+    """Issue 17 row 12: both exited 0 with empty output."""
+    import torch
+
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    assert main(["generate", "--model", str(llama_dir), "--max-new-tokens", "-1", "hello"]) == 2
+    assert capsys.readouterr().err == "softprompt: error: --max-new-tokens must be at least 1 (got -1)\n"
+    embeds = torch.zeros(3, 32)
+    embeds[1, 5] = float("nan")
+    save_prompt(SoftPrompt(embeds), tmp_path / "nan", {"model": str(llama_dir)})
+    capsys.readouterr()
+    assert main(["generate", "--model", str(llama_dir), "--prompt", str(tmp_path / "nan"), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"softprompt: error: {tmp_path / 'nan' / 'prompt.safetensors'}: "
+                                    "'prompt_embeddings' holds 1 NaN or infinite value(s)") and "Traceback" not in err

@@ -134,3 +134,27 @@ def test_batch_order_is_a_seeded_permutation_grouped_by_length():
     assert sorted(i for bt in a for i in bt) == list(range(1000))
     spread = sum(max(lengths[i] for i in bt) - min(lengths[i] for i in bt) for bt in a) / len(a)
     assert spread < 10  # random batches would spread over ~80
+
+
+def test_row_errors_name_the_files_row_after_the_shuffle(tiny, tmp_path):
+    """Issue 17 row 11: a row that lacks a column, or whose value the template cannot format, is an
+    error naming the file's own row number (rows are shuffled before they are read)."""
+    _, tok = tiny
+    rows = [{"s": f"text {i}", "n": i, "label": i % 2} for i in range(20)]
+    rows[13] = {"n": 13, "label": 1}
+    p = _write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(data=str(p), template="{s}", labels="no,yes", eval_fraction=0.2)
+    with pytest.raises(SoftpromptError, match=rf"^column 's' not found in .*d\.jsonl(?: \(held out\))? row 14 "
+                                              r"\(columns: 'n', 'label'\)$"):
+        load_splits(cfg, tok, seed=3)
+    rows[13] = {"s": "fine", "n": "thirteen", "label": 1}
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SoftpromptError, match=r"^--template '\{s\} \{n:d\}' at .* row 14: ValueError: "):
+        load_splits(DataConfig(data=str(p), template="{s} {n:d}", labels="no,yes", eval_fraction=0.2), tok, seed=3)
+    # The row numbers only label errors: the examples and their order are the same as before.
+    _, tr, ev = load_splits(DataConfig(data=str(p), template="{s}", labels="no,yes", eval_fraction=0.2), tok, seed=3)
+    import random
+
+    want = list(rows)
+    random.Random(3).shuffle(want)
+    assert [e.text for e in ev + tr] == [r["s"] for r in want]

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except SoftpromptError as e:
-        print(f"softprompt: error: {e}", file=sys.stderr)
+        # One line whatever the message quotes (a column name or a path may hold a newline).
+        print("softprompt: error: " + str(e).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import random
+import re
 import string
 import sys
 from dataclasses import dataclass, field, replace
@@ -142,29 +143,38 @@ class Formatter:
         self.label_words = c.label_words
         if not (self.template or c.text_col):
             raise SoftpromptError("say how to read each row: --text-col COLUMN or --template 'text with {column}'")
+        self.needed = self.columns()
 
     @property
     def task(self) -> str:
         return "classify" if self.label_words else ("target" if self.target else "lm")
 
     def columns(self) -> list[str]:
-        cols = template_fields(self.template) + template_fields(self.target)
+        """The columns every row needs (a template field's name up to any .attribute or [index])."""
+        cols = [re.split(r"[.\[]", f)[0] for f in template_fields(self.template) + template_fields(self.target)]
         if self.cfg.text_col and not self.template:
             cols.append(self.cfg.text_col)
         if self.label_words:
             cols.append(self.cfg.label_col)
         return cols
 
-    def check_columns(self, rows: list[dict], where: str) -> None:
-        have = set(rows[0])
-        for col in self.columns():
-            if col not in have:
-                raise SoftpromptError(f"column {col!r} not found in {where} (columns: {', '.join(map(str, have))})")
+    def check_columns(self, row: dict, where: str) -> None:
+        for col in self.needed:
+            if col not in row:
+                have = ", ".join(map(repr, list(row)[:10])) + (", ..." if len(row) > 10 else "")
+                raise SoftpromptError(f"column {col!r} not found in {where} (columns: {have})")
 
-    def input_text(self, row: dict) -> str:
+    def input_text(self, row: dict, where: str = "") -> str:
         if not self.template:
             return str(row[self.cfg.text_col])
-        return self.template.format_map({k: "" if v is None else v for k, v in row.items()})
+        return self.fill(self.template, "--template", row, where)
+
+    def fill(self, template: str, flag: str, row: dict, where: str) -> str:
+        """`template` with `row`'s values; a value the template cannot format is the user's error."""
+        try:
+            return template.format_map({k: "" if v is None else v for k, v in row.items()})
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+            raise SoftpromptError(f"{flag} {template!r} at {where}: {type(e).__name__}: {e}") from None
 
     def render_input(self, text: str) -> str:
         return chat_wrap(self.tok, text) if self.cfg.chat else text
@@ -182,7 +192,7 @@ class Formatter:
             return self.label_words.index(s)
         try:
             k = int(float(s))
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or "inf"
             k = -1
         if 0 <= k < len(self.label_words) and float(s) == k:
             return k
@@ -198,7 +208,8 @@ class Formatter:
         return self.label_ids(self.render_input(ex.text))
 
     def encode(self, row: dict, where: str = "") -> Example:
-        text = self.input_text(row)
+        self.check_columns(row, where)
+        text = self.input_text(row, where)
         max_len = self.cfg.max_length
         if self.task == "lm":
             ids = self.tokenize_rendered(self.render_input(text))
@@ -212,7 +223,7 @@ class Formatter:
             label = self.label_index(row[self.cfg.label_col], where)
             tgt = self.tok(self.label_text(label, rendered), add_special_tokens=False).input_ids
         else:
-            tgt_text = self.target.format_map({k: "" if v is None else v for k, v in row.items()})
+            tgt_text = self.fill(self.target, "--target", row, where)
             tgt = self.tok(tgt_text, add_special_tokens=False).input_ids
             if self.tok.eos_token_id is not None:
                 tgt = tgt + [self.tok.eos_token_id]  # teach the model to stop
@@ -225,13 +236,13 @@ class Formatter:
             raise SoftpromptError(f"empty target at {where}")
         return Example(prompt_ids + tgt, len(prompt_ids), label, text)
 
-    def encode_rows(self, rows: list[dict], where: str) -> list[Example]:
+    def encode_rows(self, rows: list[dict], where: str, numbers: list[int] | None = None) -> list[Example]:
+        """Examples of `rows`; `numbers`: their 1-based row numbers in the file, for error messages."""
         if not rows:
             raise SoftpromptError(f"no rows in {where}")
-        self.check_columns(rows, where)
         out = []
         for i, r in enumerate(rows):
-            ex = self.encode(r, f"{where} row {i + 1}")
+            ex = self.encode(r, f"{where} row {numbers[i] if numbers else i + 1}")
             if len(ex.ids) == 0:
                 continue
             out.append(ex)
@@ -244,20 +255,23 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0) -> tuple[Formatter, list[Ex
     """Formatter plus tokenised (train, eval) examples; eval is --eval-data or a held-out fraction."""
     fmt = Formatter(cfg, tok)
     rows = read_rows(cfg.data, cfg.split)
-    random.Random(seed).shuffle(rows)
+    order = list(range(len(rows)))  # shuffled as row numbers, so that errors name the file's rows
+    random.Random(seed).shuffle(order)
     if cfg.eval_data:
         eval_rows = read_rows(cfg.eval_data, "validation" if cfg.split == "train" else cfg.split)
+        eval_order = list(range(len(eval_rows)))
     elif cfg.eval_fraction > 0:
         n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
         if n_eval >= len(rows):
             raise SoftpromptError(f"{cfg.data} has {len(rows)} rows: too few to hold out --eval-fraction {cfg.eval_fraction}")
-        eval_rows, rows = rows[:n_eval], rows[n_eval:]
+        eval_rows, eval_order, order = rows, order[:n_eval], order[n_eval:]
     else:
-        eval_rows = []
+        eval_rows, eval_order = [], []
     if cfg.limit:
-        rows = rows[: cfg.limit]
+        order = order[: cfg.limit]
     if cfg.eval_limit:
-        eval_rows = eval_rows[: cfg.eval_limit]
-    train = fmt.encode_rows(rows, cfg.data)
-    evals = fmt.encode_rows(eval_rows, cfg.eval_data or f"{cfg.data} (held out)") if eval_rows else []
+        eval_order = eval_order[: cfg.eval_limit]
+    train = fmt.encode_rows([rows[i] for i in order], cfg.data, [i + 1 for i in order])
+    evals = fmt.encode_rows([eval_rows[i] for i in eval_order], cfg.eval_data or f"{cfg.data} (held out)",
+                            [i + 1 for i in eval_order]) if eval_order else []
     return fmt, train, evals

@@ -93,6 +93,11 @@ def read_prompt_tensor(weights: Path, kind: str) -> torch.Tensor:
     t = tensors[TENSOR_NAME]
     if t.ndim != 2:
         raise SoftpromptError(f"{weights}: '{TENSOR_NAME}' must be [virtual_tokens, hidden], got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise SoftpromptError(f"{weights}: '{TENSOR_NAME}' holds {t.dtype} values, not floating point")
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:  # such a prompt makes every output NaN: generation stops at once, classification is arbitrary
+        raise SoftpromptError(f"{weights}: '{TENSOR_NAME}' holds {bad} NaN or infinite value(s)")
     return t
 
 
