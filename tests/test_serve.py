@@ -5,8 +5,6 @@ failure isolation and the admin token."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from softprompt.batching import Example, collate  # noqa: E402
 from softprompt.forward import row_logprobs  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
+from serve_helpers import gated, in_threads, metric, wait_depth  # noqa: E402
 
 TOKEN = "test-admin-token"
 TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a teacher.\nPrompt:",
@@ -63,40 +62,6 @@ def ref(s, model_name: str, ids: list[int], max_new: int) -> str:
     return s.tok.decode(out[0], skip_special_tokens=True)
 
 
-def gated(s, monkeypatch):
-    """Hold the worker inside its next batch until `gate` is set; records every batch's size."""
-    gate, entered, sizes = threading.Event(), threading.Event(), []
-    orig = s.sched._run_batch
-
-    def run(jobs):
-        sizes.append(len(jobs))
-        entered.set()
-        gate.wait(20)
-        orig(jobs)
-
-    monkeypatch.setattr(s.sched, "_run_batch", run)
-    return gate, entered, sizes
-
-
-def in_threads(fn, args: list) -> list:
-    out = [None] * len(args)
-
-    def go(i):
-        out[i] = fn(args[i])
-
-    ts = [threading.Thread(target=go, args=(i,)) for i in range(len(args))]
-    for t in ts:
-        t.start()
-    return ts, out
-
-
-def wait_depth(s, n: int) -> None:
-    t0 = time.monotonic()
-    while s.sched.depth < n:
-        assert time.monotonic() - t0 < 10, f"queue depth {s.sched.depth} never reached {n}"
-        time.sleep(0.005)
-
-
 def test_models_health_openapi_metrics(srv):
     c = srv.client
     ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
@@ -113,9 +78,10 @@ def test_models_health_openapi_metrics(srv):
     assert c.get("/docs").status_code == 200
     c.post("/v1/completions", json={"model": "facts", "prompt": "Country: Chile\nFacts:", "max_tokens": 2})
     m = c.get("/metrics").text
-    assert 'softprompt_requests_total{endpoint="/v1/completions",code="200"}' in m
-    assert "softprompt_request_seconds_bucket" in m and "softprompt_queue_depth 0" in m
-    assert "softprompt_prompts_loaded 3" in m and "softprompt_generated_tokens_total" in m
+    assert metric(m, "softprompt_requests_total", endpoint="/v1/completions", code="200") >= 1
+    assert metric(m, "softprompt_request_seconds_count", endpoint="/v1/completions") >= 1
+    assert metric(m, "softprompt_queue_depth") == 0 and metric(m, "softprompt_prompts_loaded") == 3
+    assert metric(m, "softprompt_generated_tokens_total") >= 2
 
 
 @pytest.mark.parametrize("name", ["tiny-base", "facts", "reviews", "acts"])
@@ -176,7 +142,7 @@ def test_raw_sse_stream_and_stop_strings(srv):
 def test_mixed_prompt_batch_equals_single_requests(srv, monkeypatch):
     """Requests for every prompt (and none), with different lengths and budgets, classification
     among them, decoded in one shared batch: each answer equals the request served alone."""
-    gate, entered, sizes = gated(srv, monkeypatch)
+    gate, entered, sizes = gated(srv.sched, monkeypatch)
     names = ["tiny-base", "facts", "reviews", "acts"]
     reqs = [("/v1/completions", {"model": names[i % 4], "prompt": TEXTS[(i * 3) % 4], "max_tokens": 4 + i % 7})
             for i in range(12)]
@@ -186,7 +152,7 @@ def test_mixed_prompt_batch_equals_single_requests(srv, monkeypatch):
     t0, _ = in_threads(post, [("/v1/completions", {"model": "facts", "prompt": "x", "max_tokens": 1})])
     assert entered.wait(10)  # the worker is busy with that one; the others queue up behind it
     ts, out = in_threads(post, reqs)
-    wait_depth(srv, len(reqs))
+    wait_depth(srv.sched, len(reqs))
     gate.set()
     for t in t0 + ts:
         t.join(30)
@@ -246,7 +212,7 @@ ERRORS = [
     ("/v1/completions", {"model": "facts", "prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": "facts", "prompt": "x", "n": 9}, 400, "n 9 is over"),
     ("/v1/completions", {"model": "facts", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("/v1/completions", {"model": "facts", "prompt": "x", "logprobs": 2}, 400, "logprobs are not supported"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "logprobs": 2}, 400, "logprobs is not supported"),
     ("/v1/chat/completions", {"model": "facts", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "unknown"),
     ("/v1/classify", {"task": "facts", "text": "x"}, 400, "at least two label words"),
@@ -277,12 +243,12 @@ def test_chat_without_template_is_a_clear_400(srv, monkeypatch):
 def test_full_queue_answers_503_with_retry_after(srv, monkeypatch):
     monkeypatch.setattr(srv.sched, "max_queue", 2)
     monkeypatch.setattr(srv.sched, "max_batch", 1)
-    gate, entered, _ = gated(srv, monkeypatch)
+    gate, entered, _ = gated(srv.sched, monkeypatch)
     body = {"model": "facts", "prompt": TEXTS[0], "max_tokens": 3}
     ts, out = in_threads(lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30), [body])
     assert entered.wait(10)  # the worker holds one request...
     ts2, out2 = in_threads(lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30), [body, body])
-    wait_depth(srv, 2)  # ...and two wait: the queue is full
+    wait_depth(srv.sched, 2)  # ...and two wait: the queue is full
     r = srv.client.post("/v1/completions", json=body)
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "queue_full" and "server busy" in r.json()["error"]["message"]
@@ -293,7 +259,7 @@ def test_full_queue_answers_503_with_retry_after(srv, monkeypatch):
         t.join(30)
     want = ref(srv, "facts", srv.tok(TEXTS[0]).input_ids, 3)
     assert all(r.status_code == 200 and r.json()["choices"][0]["text"] == want for r in out + out2)
-    assert "softprompt_rejected_jobs_total 2" in srv.client.get("/metrics").text
+    assert metric(srv.client.get("/metrics").text, "softprompt_rejected_jobs_total") == 2
 
 
 def test_one_failing_request_does_not_take_down_others(srv, monkeypatch):
@@ -309,13 +275,13 @@ def test_one_failing_request_does_not_take_down_others(srv, monkeypatch):
             super().__init__(model, tok, rows, *a, **kw)
 
     monkeypatch.setattr(sch, "Decoding", Flaky)
-    gate, entered, sizes = gated(srv, monkeypatch)
+    gate, entered, sizes = gated(srv.sched, monkeypatch)
     reqs = [{"model": m, "prompt": t, "max_tokens": 5} for m in ("facts", "acts") for t in TEXTS]
     post = lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30)  # noqa: E731
     t0, _ = in_threads(post, [{"model": "facts", "prompt": "x", "max_tokens": 1}])
     assert entered.wait(10)
     ts, out = in_threads(post, reqs)
-    wait_depth(srv, len(reqs))
+    wait_depth(srv.sched, len(reqs))
     retries = srv.sched.stats["batch_retries"]
     gate.set()
     for t in t0 + ts:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
@@ -20,7 +19,7 @@ from ..prompt import SoftPrompt
 from ..utils import SoftpromptError
 from .context import ServerContext
 from .metrics import Metrics, RequestGuard
-from .protocol import ApiError, error_body, validation_message
+from .protocol import ApiError, error_response, validation_message
 from .registry import Registry
 from .routes import admin, classify, openai, ops
 from .scheduler import Scheduler
@@ -30,8 +29,9 @@ DESCRIPTION = ("Many soft prompts served from one frozen model, with mixed-promp
 
 
 def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: ServeConfig | None = None,
-               model_name: str | None = None) -> FastAPI:
-    """The server for `model` with `prompts` (name -> SoftPrompt or prompt folder) loaded."""
+               model_name: str | None = None, read_timeout: float = 30.0) -> FastAPI:
+    """The server for `model` with `prompts` (name -> SoftPrompt or prompt folder) loaded; a
+    request body must arrive within `read_timeout` seconds (408 after)."""
     cfg = cfg or ServeConfig()
     base = model_name or Path(str(getattr(model.config, "_name_or_path", "") or "base")).name or "base"
     reg = Registry(model, base)
@@ -44,6 +44,7 @@ def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: Ser
             raise SoftpromptError(e.message) from None
     sched = Scheduler(model, tok, cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, live_prompts=reg.tensors)
     ctx = ServerContext(model, tok, cfg, base, reg, sched, Metrics(), max_positions(model))
+    ctx.metrics.watch(lambda: ops.server_state(ctx))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -58,33 +59,28 @@ def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: Ser
     routers = [m.router for m in (openai, classify, admin, ops)]
     for r in routers:
         app.include_router(r)
-    app.add_middleware(RequestGuard, limit=cfg.max_body_bytes, metrics=ctx.metrics,
+    app.add_middleware(RequestGuard, limit=cfg.max_body_bytes, metrics=ctx.metrics, read_timeout=read_timeout,
                        endpoints=[route.path for r in routers for route in r.routes])
     add_error_handlers(app)
     return app
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """One JSON shape for every error, whoever raises it."""
+    """One JSON shape for every error, whoever raises it (RequestGuard answers what escapes these)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         msg, param = validation_message(exc)
-        return JSONResponse(error_body(400, msg, param), 400)
+        return error_response(400, msg, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(SoftpromptError)
     async def _user_error(request, exc: SoftpromptError):
-        return JSONResponse(error_body(400, str(exc)), 400)
-
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+        return error_response(400, str(exc))

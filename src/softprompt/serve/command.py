@@ -56,6 +56,6 @@ def parse_prompt_specs(specs: list[str]) -> dict[str, str]:
 
 def require_extra() -> None:
     """Fail in one line, before any model loads, when the serve extra is not installed."""
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise SoftpromptError(f"softprompt serve needs {' and '.join(missing)}: pip install 'softprompt[serve]'")

@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 
 from ..config import ServeConfig
 from ..utils import SoftpromptError
-from .metrics import Metrics
+from .metrics import CLIENT_GONE, Metrics
 from .protocol import ApiError
 from .registry import Loaded, Registry
 from .scheduler import Job, QueueFull, Scheduler
@@ -59,6 +59,11 @@ class ServerContext:
     def gen_params(self, req) -> dict[str, Any]:
         """A completion or chat request's decoding settings, checked against this server's caps."""
         cfg = self.cfg
+        refused = req.unsupported_field()
+        if refused:
+            name, off = refused
+            raise ApiError(400, f"{name} is not supported by this server: leave it out (or send "
+                                f"{' or '.join(map(repr, off))})", name, "unsupported_parameter")
         mt = getattr(req, "max_completion_tokens", None) or req.max_tokens or cfg.default_max_tokens
         if mt > cfg.max_new_tokens:
             raise ApiError(400, f"max_tokens {mt} is over this server's cap of {cfg.max_new_tokens}", "max_tokens")
@@ -67,30 +72,46 @@ class ServerContext:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", "stop")
-        if req.logprobs:
-            raise ApiError(400, "logprobs are not supported by this server", "logprobs")
         sample = bool(req.temperature)
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         return {"max_new": mt, "sample": sample, "temperature": req.temperature or 1.0,
                 "top_p": req.top_p if sample else 1.0, "repetition_penalty": req.repetition_penalty,
                 "seed": seed, "stop": stop}
 
-    def submit(self, jobs: list[Job]) -> None:
+    def queueable(self, count: int, param: str | None) -> None:
+        """Refuse (400) a request of `count` jobs that the queue could never hold at once: a 503
+        would send its client back to retry for ever. `param` names the field to change."""
+        most = self.scheduler.max_queue
+        if count > most:
+            raise ApiError(400, f"{param}: this request needs {count} queue places (prompts x n), more than the "
+                                f"{most} this server has: send fewer per request", param, "request_too_large")
+
+    def submit(self, jobs: list[Job], param: str | None = None) -> None:
         """Queue all of `jobs`, or answer 503 with Retry-After when the queue is full."""
+        self.queueable(len(jobs), param)
         try:
             self.scheduler.submit(jobs)
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry after {self.cfg.retry_after} s", None, "queue_full",
                            headers={"Retry-After": str(self.cfg.retry_after)}) from None
 
-    async def results(self, jobs: list[Job]) -> list:
-        """The jobs' results in order; a client that goes away cancels its jobs."""
+    async def results(self, jobs: list[Job], request: Request) -> list:
+        """The jobs' results in order. A client that disconnects meanwhile (or a shutdown that
+        cancels the request) cancels its jobs: the scheduler drops them at its next step."""
+        waiting = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
-            return await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
-        except asyncio.CancelledError:  # the client went away: stop spending compute on it
-            for j in jobs:
-                j.cancelled = True
-            raise
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not waiting.done():
+                for j in jobs:  # the scheduler ends them ("cancelled") and counts them
+                    j.cancelled = True
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: asyncio warns otherwise
+        if not waiting.done():
+            raise ApiError(CLIENT_GONE, "the client closed the request")
+        try:
+            return waiting.result()
         except SoftpromptError as e:
             raise ApiError(400, str(e)) from None
         except Exception as e:
@@ -102,6 +123,12 @@ class ServerContext:
                 "virtual_tokens": 0 if e.tensor is None else int(e.tensor.shape[0]),
                 "base_model": self.base, "task": e.meta.get("task"), "labels": e.meta.get("labels"),
                 "chat": bool(e.meta.get("chat"))}
+
+
+async def disconnected(request: Request) -> None:
+    """Returns once the client has gone (its connection's next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def get_context(request: Request) -> ServerContext:

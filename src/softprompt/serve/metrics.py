@@ -1,5 +1,9 @@
-"""Server metrics in Prometheus' text format, and the ASGI middleware that records every request
-(status, time to its last byte) and refuses oversized bodies with 413.
+"""Server metrics (prometheus_client, one registry per app) and the ASGI guard around every request.
+
+The guard reads each request body before the app sees it: at most `limit` bytes (413 beyond,
+chunked bodies included), within `read_timeout` seconds (408 for a client that sends less than it
+announced), in UTF-8 (400 otherwise). It answers whatever escapes the app with a logged JSON 500,
+and counts every request once: its status code, or 499 when the client left first (streams too).
 
 A request is counted under the path template of the route it matches ("/v1/classify",
 "/v1/admin/prompts/{name}"), or "other": labels stay few whatever paths clients send. The app
@@ -7,60 +11,65 @@ passes its routes' templates in, so a new route is counted without being listed 
 """
 from __future__ import annotations
 
-import json
-import threading
+import asyncio
+import logging
 import time
+from typing import Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
-from .protocol import error_body
+from .protocol import ApiError, error_response
+
+log = logging.getLogger("softprompt.serve")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CLIENT_GONE = 499  # nginx's code for "client closed the request"; no response reached anyone
 
 
 class Metrics:
+    """Request counts and latencies, plus the server's state read at each scrape (`watch`).
+    Its own registry, not prometheus_client's global one: a process may hold several apps (tests)."""
+
     def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.hist: dict[str, list[float]] = {}  # endpoint -> bucket counts + [sum, count]
+        self.registry = CollectorRegistry()
+        self.requests = Counter("softprompt_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "code"], registry=self.registry)
+        self.seconds = Histogram("softprompt_request_seconds", "Time to the end of the response (streams included).",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
-            h = self.hist.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
-            for i, b in enumerate(LATENCY_BUCKETS):
-                if seconds <= b:
-                    h[i] += 1
-            h[-2] += seconds
-            h[-1] += 1
+        self.requests.labels(endpoint, str(status)).inc()
+        self.seconds.labels(endpoint).observe(seconds)
 
-    def render(self, gauges: dict[str, float], counters: dict[str, float]) -> str:
-        out = ["# HELP softprompt_requests_total HTTP requests by endpoint and status code.",
-               "# TYPE softprompt_requests_total counter"]
-        with self.lock:
-            for (ep, code), n in sorted(self.requests.items()):
-                out.append(f'softprompt_requests_total{{endpoint="{ep}",code="{code}"}} {n}')
-            out += ["# HELP softprompt_request_seconds Time to the end of the response (streams included).",
-                    "# TYPE softprompt_request_seconds histogram"]
-            for ep, h in sorted(self.hist.items()):
-                for i, b in enumerate(LATENCY_BUCKETS):
-                    out.append(f'softprompt_request_seconds_bucket{{endpoint="{ep}",le="{b}"}} {int(h[i])}')
-                out.append(f'softprompt_request_seconds_bucket{{endpoint="{ep}",le="+Inf"}} {int(h[-1])}')
-                out.append(f'softprompt_request_seconds_sum{{endpoint="{ep}"}} {h[-2]:.6f}')
-                out.append(f'softprompt_request_seconds_count{{endpoint="{ep}"}} {int(h[-1])}')
+    def watch(self, state: Callable[[], tuple[dict[str, float], dict[str, float]]]) -> None:
+        """Report `state()`'s (counters, gauges) as softprompt_NAME_total and softprompt_NAME at each scrape."""
+        self.registry.register(_StateCollector(state))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector:
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        counters, gauges = self.state()
         for name, v in counters.items():
-            out += [f"# TYPE softprompt_{name}_total counter", f"softprompt_{name}_total {int(v)}"]
+            yield CounterMetricFamily(f"softprompt_{name}", name.replace("_", " "), value=v)
         for name, v in gauges.items():
-            out += [f"# TYPE softprompt_{name} gauge", f"softprompt_{name} {v:g}"]
-        return "\n".join(out) + "\n"
+            yield GaugeMetricFamily(f"softprompt_{name}", name.replace("_", " "), value=v)
 
 
 class RequestGuard:
-    """ASGI middleware: refuses bodies over the limit (413) and records each request's status and
-    time to its last byte (so streams count whole) in the metrics."""
+    """ASGI middleware: bounded body reads, a JSON 500 for anything the app lets escape, and one
+    metrics observation per request."""
 
-    def __init__(self, app, limit: int, metrics: Metrics, endpoints: list[str]):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int, metrics: Metrics, endpoints: list[str], read_timeout: float):
+        self.app, self.limit, self.metrics, self.read_timeout = app, limit, metrics, read_timeout
         self.endpoints = [(compile_path(p)[0], p) for p in endpoints]  # (regex, template) per route
 
     def endpoint(self, path: str) -> str:
@@ -70,41 +79,76 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        ep = self.endpoint(scope["path"])
-        state = {"status": 500, "started": False, "seen": 0}
+        t0, seen = time.perf_counter(), {"status": None, "done": False}
 
         async def send_(msg):
             if msg["type"] == "http.response.start":
-                state["status"], state["started"] = msg["status"], True
+                seen["status"] = msg["status"]
             await send(msg)
             if msg["type"] == "http.response.body" and not msg.get("more_body"):
-                self.metrics.observe(ep, state["status"], time.perf_counter() - t0)
+                seen["done"] = True
 
-        async def reply(status: int, message: str):
-            body = json.dumps(error_body(status, message)).encode()
-            await send_({"type": "http.response.start", "status": status,
-                         "headers": [(b"content-type", b"application/json")]})
-            await send_({"type": "http.response.body", "body": body})
-
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await reply(413, f"request body of {int(length)} bytes is over the {self.limit}-byte limit")
-
-        async def receive_():  # bodies without a Content-Length are counted as they arrive
-            msg = await receive()
-            if msg["type"] == "http.request":
-                state["seen"] += len(msg.get("body", b""))
-                if state["seen"] > self.limit:
-                    raise _TooLarge()
-            return msg
-
+        status = CLIENT_GONE  # unless a response is finished below
         try:
-            await self.app(scope, receive_, send_)
-        except _TooLarge:
-            if not state["started"]:
-                await reply(413, f"request body is over the {self.limit}-byte limit")
+            body = await self.read_body(scope, receive)
+            await self.app(scope, replay(body, receive), send_)
+        except (ClientGone, ClientDisconnect):
+            pass  # counted as 499
+        except ApiError as e:  # 413, 408 or 400 from read_body
+            if seen["status"] is None:
+                await error_response(e.status, e.message, headers=e.headers)(scope, receive, send_)
+        except Exception:  # nothing a client sends should get here; if it does, log it and say little
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if seen["status"] is None:
+                await error_response(500, "internal server error (logged on the server)")(scope, receive, send_)
+            status = 500
+        finally:
+            if seen["done"]:
+                status = seen["status"]
+            self.metrics.observe(self.endpoint(scope["path"]), status, time.perf_counter() - t0)
+
+    async def read_body(self, scope, receive) -> bytes:
+        """The whole request body, refused at `limit` bytes (413) or after `read_timeout` seconds (408)."""
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            raise ApiError(413, f"request body of {int(length)} bytes is over the {self.limit}-byte limit")
+        chunks, size, deadline = [], 0, time.monotonic() + self.read_timeout
+        while True:
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"request body not received within {self.read_timeout:g} s",
+                               headers={"Connection": "close"}) from None
+            if msg["type"] == "http.disconnect":
+                raise ClientGone()
+            size += len(msg.get("body", b""))
+            if size > self.limit:  # chunked bodies announce no length: count as they come
+                raise ApiError(413, f"request body is over the {self.limit}-byte limit",
+                               headers={"Connection": "close"})
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                body = b"".join(chunks)
+                try:  # every body here is JSON, which is UTF-8 (RFC 8259)
+                    body.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ApiError(400, f"request body is not UTF-8 (byte {e.start}): send JSON as UTF-8") from None
+                return body
 
 
-class _TooLarge(Exception):
-    """Raised inside the app's body read once the body passes the limit; the guard answers 413."""
+class ClientGone(Exception):
+    """The client disconnected: nobody is left to answer."""
+
+
+def replay(body: bytes, receive):
+    """An ASGI receive that gives the app `body` in one message, then passes on to the client's
+    (whose next message is the disconnect, which streams and long waits listen for)."""
+    sent = False
+
+    async def receive_():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_

@@ -1,61 +1,117 @@
 """The server's wire protocol: OpenAI-shaped request bodies (pydantic, so the OpenAPI page
-documents them) and OpenAI-shaped JSON errors, {"error": {"message", "type", "param", "code"}}."""
+documents them) and OpenAI-shaped JSON errors, {"error": {"message", "type", "param", "code"}}.
+
+Bodies are strict where leniency would hide a mistake. An unknown field is refused by name. So is
+a field of OpenAI's API that this server does not implement (`logit_bias`, `tools`...), unless it
+holds the value that means "off", which some clients always send. Every string must be valid
+Unicode: a lone surrogate (JSON allows "\\ud800") would fail the tokenizer.
+"""
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _unicode(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start})") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # OpenAI's seeds are 64-bit; torch's generators take these
+
+
+def unsupported(*off: Any) -> Any:
+    """An OpenAI field this server does not implement: refused unless absent, null or one of `off`."""
+    shown = " or ".join(json.dumps(v) for v in off)
+    return Field(None, description=f"not supported: leave it out (or send {shown})",
+                 json_schema_extra={"x-off": list(off)})
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def unsupported_field(self) -> tuple[str, list] | None:
+        """The first unsupported field set to something other than 'off', with its 'off' values."""
+        for name, f in type(self).model_fields.items():
+            off = (f.json_schema_extra or {}).get("x-off")
+            value = getattr(self, name)
+            if off is not None and value is not None and value not in off:  # 0.0 and false count as 0
+                return name, off
+        return None
 
 
 # ---------------------------------------------------------------- request shapes (documented by OpenAPI)
 
-class CompletionRequest(BaseModel):
-    model: str = Field(description="a loaded soft prompt's name, or the base model's name for no prompt")
-    prompt: str | list[str] = Field(description="text to continue (a list gives one choice set per text)")
+class StreamOptions(Body):
+    include_usage: bool = Field(False, description="end the stream with a chunk holding the usage")
+
+
+class Sampling(Body):
+    """The decoding fields completions and chat share."""
+    model: Text = Field(description="a loaded soft prompt's name, or the base model's name for no prompt")
     max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default 16; capped by the server)")
     temperature: float | None = Field(None, ge=0, le=10, description="0 or absent: greedy; > 0: sampling")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold (sampling only)")
     n: int = Field(1, ge=1, description="choices per prompt")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end a choice (not included)")
-    seed: int | None = Field(None, description="sampling seed; choice k uses seed + k")
+    stop: Text | list[Text] | None = Field(None, description="up to 4 strings that end a choice (not included)")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+                             description="sampling seed (64-bit); choice k uses seed + k")
     stream: bool = Field(False, description="send server-sent events as tokens come, ending with data: [DONE]")
+    stream_options: StreamOptions | None = None
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="penalise tokens already present (1 = off)")
-    logprobs: int | None = Field(None, description="not supported (must be absent)")
-    echo: bool = Field(False, description="not supported (must be false)")
-    user: str | None = None
+    user: Text | None = None
+    presence_penalty: Any = unsupported(0)
+    frequency_penalty: Any = unsupported(0)
+    logit_bias: Any = unsupported({})
 
 
-class ChatMessage(BaseModel):
-    role: str
-    content: str | list[dict[str, Any]] = Field(description="text, or OpenAI's list of {type: 'text', text} parts")
+class CompletionRequest(Sampling):
+    prompt: Text | list[Text] = Field(description="text to continue (a list gives one choice set per text)")
+    logprobs: Any = unsupported(0)
+    echo: Any = unsupported(False)
+    suffix: Any = unsupported("")
+    best_of: Any = unsupported(1)
 
 
-class ChatCompletionRequest(BaseModel):
-    model: str = Field(description="a loaded soft prompt's name, or the base model's name for no prompt")
+class TextPart(Body):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(Body):
+    role: Text
+    content: Text | list[TextPart] = Field(description="text, or OpenAI's list of {type: 'text', text} parts")
+
+
+class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="rendered with the tokenizer's chat template")
-    max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default 16; capped by the server)")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
-    temperature: float | None = Field(None, ge=0, le=10, description="0 or absent: greedy; > 0: sampling")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    logprobs: bool | None = Field(None, description="not supported (must be absent or false)")
-    user: str | None = None
+    logprobs: Any = unsupported(False)
+    top_logprobs: Any = unsupported(0)
+    tools: Any = unsupported([])
+    tool_choice: Any = unsupported("none")
+    functions: Any = unsupported([])
+    function_call: Any = unsupported("none")
+    response_format: Any = unsupported({"type": "text"})
 
 
-class ClassifyRequest(BaseModel):
-    task: str = Field(description="a loaded soft prompt's name (or the base model's name)")
-    text: str = Field(description="the input, formatted as the prompt was trained on (e.g. 'Review: ...\\nSentiment:')")
-    labels: list[str] | None = Field(None, description="label words (default: the prompt's own, from its training)")
+class ClassifyRequest(Body):
+    task: Text = Field(description="a loaded soft prompt's name (or the base model's name)")
+    text: Text = Field(description="the input, formatted as the prompt was trained on (e.g. 'Review: ...\\nSentiment:')")
+    labels: list[Text] | None = Field(None, description="label words (default: the prompt's own, from its training)")
 
 
-class LoadPromptRequest(BaseModel):
-    name: str = Field(description="the name clients will pass as `model`")
-    path: str = Field(description="prompt folder (or .safetensors file) on the server's disk")
+class LoadPromptRequest(Body):
+    name: Text = Field(description="the name clients will pass as `model`")
+    path: Text = Field(description="prompt folder (or .safetensors file) on the server's disk")
 
 
 # ---------------------------------------------------------------- errors
@@ -74,6 +130,18 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class ErrorResponse(JSONResponse):
+    """An error as JSON in ASCII: a message may quote the client's own text, lone surrogates included."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> ErrorResponse:
+    return ErrorResponse(error_body(status, message, param, code), status, headers=headers)
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """pydantic's errors as one message naming the first bad field, and that field (OpenAI's `param`)."""
     errs = exc.errors()
@@ -82,7 +150,23 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None
     parts, first = [], None
     for e in errs[:3]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        loc = ".".join(map(str, field_path(e)))
         first = first or loc or None
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        msg = "unknown field (this server does not take it)" if e.get("type") == "extra_forbidden" else e.get("msg")
+        parts.append(f"{loc or 'body'}: {msg}")
     return "invalid request: " + "; ".join(parts), first
+
+
+def field_path(error: dict) -> list:
+    """An error's location as the client wrote it: field names and list indexes, without
+    pydantic's union-branch tags ('str', 'list[str]'...) and the leading 'body'."""
+    names = {n for cls in _models(Body) for n in cls.model_fields}
+    loc = list(error.get("loc", ()))
+    keep = [x for x in loc[:-1] if isinstance(x, int) or x in names]
+    last = loc[-1:] if loc and (isinstance(loc[-1], int) or loc[-1] in names
+                                or error.get("type") == "extra_forbidden") else []
+    return keep + last
+
+
+def _models(cls) -> list[type]:
+    return [cls] + [m for sub in cls.__subclasses__() for m in _models(sub)]

@@ -1,12 +1,15 @@
 """The named soft prompts a server holds: loaded once onto the model's device, swapped at run time.
 
 Each entry's tensor is what the scheduler puts in front of a request's row; the base model is an
-entry without one. Loading checks the prompt against the model; the dict is replaced, never edited
-in place, so request threads read it without a lock.
+entry without one. Loading checks the prompt before it is served: its hidden size against the
+model, finite values, and a typed config (`labels` a list of distinct words, `chat` a boolean...),
+so that a bad file fails its load with a 400 instead of failing later requests. The dict is
+replaced, never edited in place, so request threads read it without a lock.
 """
 from __future__ import annotations
 
 import re
+import reprlib
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..prompt import SoftPrompt, check_fits, load_prompt
+from ..prompt import CONFIG_FILE, SoftPrompt, check_fits, load_prompt
+from ..utils import SoftpromptError, read_json
 from .protocol import ApiError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -42,9 +46,10 @@ class Registry:
         if not NAME_RE.match(name):
             raise ApiError(400, f"invalid prompt name {name!r}: use letters, digits, '.', '_', ':' or '-' "
                                 "(at most 64)", "name")
-        sp = prompt if isinstance(prompt, SoftPrompt) else load_prompt(prompt, self.model)  # safetensors only
+        sp = prompt if isinstance(prompt, SoftPrompt) else read(Path(prompt), self.model)
         w = self.model.get_input_embeddings().weight
         check_fits(sp.hidden_size, self.model, f"prompt {name}", sp.meta.get("model"))
+        check_prompt(sp, f"prompt {name}")
         entry = Loaded(name, sp.embeds.detach().to(w.device, w.dtype), dict(sp.meta),
                        "" if isinstance(prompt, SoftPrompt) else str(prompt), int(time.time()))
         with self.lock:
@@ -70,3 +75,46 @@ class Registry:
 
     def tensors(self) -> list[torch.Tensor]:
         return [e.tensor for e in self.items.values() if e.tensor is not None]
+
+
+def read(path: Path, model) -> SoftPrompt:
+    """load_prompt (safetensors only), with what the server's disk may hold turned into one-line errors."""
+    config = (path.parent if path.suffix == ".safetensors" else path) / CONFIG_FILE
+    try:
+        # load_prompt reads the config as a dict: check first that it is one.
+        if config.is_file() and not isinstance(read_json(config), dict):
+            raise SoftpromptError(f"{config} must hold a JSON object")
+        return load_prompt(path, model)
+    except OSError as e:  # too long, not readable...
+        raise SoftpromptError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def check_prompt(sp: SoftPrompt, what: str) -> None:
+    """Finite values, and the config fields the server reads of the types it reads them as."""
+    if not torch.isfinite(sp.embeds).all():
+        raise SoftpromptError(f"{what} holds NaN or infinite values")
+    meta = sp.meta
+    labels = meta.get("labels")
+    if labels is not None and not (isinstance(labels, list) and 2 <= len(labels) <= 64
+                                   and all(_text(w) and w.strip() for w in labels)
+                                   and len(set(labels)) == len(labels)):
+        raise SoftpromptError(f"{what}: labels in its {CONFIG_FILE} must be a list of 2 to 64 distinct "
+                              f"non-empty words, got {reprlib.repr(labels)}")
+    if not isinstance(meta.get("chat", False), bool):
+        raise SoftpromptError(f"{what}: chat in its {CONFIG_FILE} must be true or false, "
+                              f"got {reprlib.repr(meta['chat'])}")
+    for key in ("task", "model"):
+        if meta.get(key) is not None and not _text(meta[key]):
+            raise SoftpromptError(f"{what}: {key} in its {CONFIG_FILE} must be a string, "
+                                  f"got {reprlib.repr(meta[key])}")
+
+
+def _text(v) -> bool:
+    """A string the tokenizer and the JSON answers can take (no lone surrogates)."""
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

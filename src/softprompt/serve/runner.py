@@ -1,7 +1,14 @@
 """Running the app under uvicorn: in the foreground (`softprompt serve`) or on a background thread
-(`Running`, for tests and bench/load_test.py)."""
+(`Running`, for tests and bench/load_test.py).
+
+Shutdown is graceful either way (SIGTERM or Ctrl-C in the foreground, `stop()` on a thread):
+uvicorn closes the listening socket first, waits up to `shutdown_timeout` seconds for the
+requests in flight to finish, then cancels those left, which cancels their jobs in the
+scheduler; the app's lifespan then stops the scheduler thread. A SIGTERM so handled exits 0.
+"""
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -13,15 +20,16 @@ from .app import create_app
 
 
 class Running:
-    """A uvicorn server on a background thread; `stop()` ends it."""
+    """A uvicorn server on a background thread; `stop()` ends it gracefully."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 10.0):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=shutdown_timeout))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         t0 = time.monotonic()
@@ -30,16 +38,27 @@ class Running:
                 raise RuntimeError("the server did not start")
             time.sleep(0.01)
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 30.0) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(wait)
         self.sock.close()
 
 
-def serve(model, tok, prompts: dict[str, str], cfg: ServeConfig, model_name: str) -> None:
-    """Run the server in the foreground until interrupted (`softprompt serve`)."""
-    app = create_app(model, tok, prompts, cfg, model_name)
+def serve(model, tok, prompts: dict[str, str], cfg: ServeConfig, model_name: str, shutdown_timeout: float = 30.0,
+          read_timeout: float = 30.0) -> None:
+    """Run the server in the foreground until SIGTERM or Ctrl-C (`softprompt serve`)."""
+    app = create_app(model, tok, prompts, cfg, model_name, read_timeout=read_timeout)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                                           timeout_graceful_shutdown=shutdown_timeout))
     names = ", ".join(prompts) or "none"
     print(f"[softprompt] serving {model_name} with prompts: {names} on http://{cfg.host}:{cfg.port} "
           f"(API docs at /docs)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return server.run()
+    # After its graceful shutdown uvicorn raises the signal again, for the default action (exit 143).
+    # A SIGTERM it has handled is a clean stop, so that second one meets a handler that does nothing.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,7 +9,10 @@ what must be shared inside one batch, and runs each group:
   seeds: each prompt's KV is computed once and cached in one `PromptKV`, and a row's greedy (or
   per-row seeded) output equals what it gets alone;
 - classification jobs with the same prompt become one rank-classification forward pass.
-Batches are static per tick (requests arriving mid-decode wait for the next tick).
+Batches are static per tick (requests arriving mid-decode wait for the next tick). The decoding
+engine is touched in one method, `_generate`: continuous batching (rows joining a running decode
+between steps) replaces it with one that keeps the engine's slots across ticks and returns to
+`_loop` after each step, so that `_take` can hand it the jobs queued meanwhile.
 
 Failures stay with their request: inputs are validated before they are queued, and if a batch
 still raises, each of its jobs is retried alone so that only the offending one fails. Every job
@@ -216,7 +219,8 @@ class Scheduler:
                 batch.append(self._queue.popleft())
         out = []
         for j in batch:
-            if j.cancelled:
+            if j.cancelled:  # its client left while it waited: it costs nothing more
+                self.stats["cancelled_jobs"] += 1
                 (j.finish("cancelled") if isinstance(j, GenJob) else j.fail(RuntimeError("cancelled")))
             else:
                 out.append(j)
@@ -293,6 +297,7 @@ class Scheduler:
                     dec.stop(i)
             for i, j in enumerate(jobs):
                 if dec.done[i] and not j.finished:
+                    self.stats["cancelled_jobs"] += j.cancelled
                     j.finish("cancelled" if j.cancelled else
                              "stop" if (dec.stopped_by_eos[i] or j.finish_reason) else "length")
 

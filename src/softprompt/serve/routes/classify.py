@@ -2,16 +2,19 @@
 
 The label is the word whose tokens the model finds most probable after the text; the tokens
 follow classify.label_token_ids' rule and are scored by classify.label_scores on the scheduler.
+One request may cost at most one full batch's prefill (max_batch x max_input_tokens positions):
+multi-token labels take one pass each over text + label, and without that bound a few dozen
+long labels on a long text held the scheduler thread for tens of seconds.
 """
 from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from ...classify import label_token_ids
 from ...data import chat_wrap
-from ..context import Ctx
+from ..context import Ctx, ServerContext
 from ..protocol import ApiError, ClassifyRequest
 from ..scheduler import ClassifyJob
 
@@ -19,7 +22,7 @@ router = APIRouter(tags=["softprompt"])
 
 
 @router.post("/v1/classify", summary="Rank-classify a text over label words")
-async def classify(req: ClassifyRequest, ctx: Ctx):
+async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     """The label whose tokens the model finds most probable after the text (with the task's prompt);
     `scores` are log-probabilities of each label's tokens, `probabilities` their softmax."""
     entry = ctx.registry.get(req.task, "task")
@@ -28,17 +31,31 @@ async def classify(req: ClassifyRequest, ctx: Ctx):
         raise ApiError(400, "labels: give at least two label words (this task has none of its own)", "labels")
     if len(labels) > 64 or len(set(labels)) != len(labels) or any(not w.strip() for w in labels):
         raise ApiError(400, "labels must be 2 to 64 distinct non-empty words", "labels")
+    if sum(map(len, labels)) > ctx.cfg.max_input_tokens * 64:  # as encode: do not even tokenise absurd labels
+        raise ApiError(400, f"labels are too long ({sum(map(len, labels))} characters)", "labels")
     chat = bool(entry.meta.get("chat"))
     rendered = chat_wrap(ctx.tok, req.text) if chat and req.text else req.text
     ids = ctx.encode(rendered, chat, "text", req.text)
     cands = label_token_ids(ctx.tok, labels, rendered)
     ctx.fits(entry, ids, max(len(c) for c in cands), "text")
+    within_budget(ctx, ids, cands)
     job = ClassifyJob(entry.tensor, ids, candidates=cands)
     ctx.submit([job])
-    (scores,) = await ctx.results([job])
+    (scores,) = await ctx.results([job], request)
     m = max(scores)
     z = sum(math.exp(s - m) for s in scores)
     best = max(range(len(labels)), key=lambda k: scores[k])
     return {"task": req.task, "label": labels[best], "scores": dict(zip(labels, scores)),
             "probabilities": {w: math.exp(s - m) / z for w, s in zip(labels, scores)},
             "usage": {"prompt_tokens": len(ids)}}
+
+
+def within_budget(ctx: ServerContext, ids: list[int], cands: list[list[int]]) -> None:
+    """Refuse labels whose scoring would run more token positions than one full batch's prefill.
+    label_scores runs single-token labels as one pass over the text, others as one pass per label."""
+    cost = len(ids) if all(len(c) == 1 for c in cands) else sum(len(ids) + len(c) for c in cands)
+    budget = ctx.cfg.max_batch * ctx.cfg.max_input_tokens
+    if cost > budget:
+        raise ApiError(400, f"labels: scoring {len(cands)} labels of up to {max(map(len, cands))} tokens after a "
+                            f"{len(ids)}-token text runs {cost} token positions, over this server's {budget} per "
+                            "request: use fewer or shorter labels, or a shorter text", "labels", "request_too_large")

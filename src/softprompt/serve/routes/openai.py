@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ...data import chat_wrap
@@ -26,14 +26,13 @@ router = APIRouter(tags=["openai"])
 
 
 @router.post("/v1/completions", summary="Complete text (OpenAI shape)")
-async def completions(req: CompletionRequest, ctx: Ctx):
+async def completions(req: CompletionRequest, ctx: Ctx, request: Request):
     entry = ctx.registry.get(req.model)
     p = ctx.gen_params(req)
-    if req.echo:
-        raise ApiError(400, "echo is not supported by this server", "echo")
     texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not texts:
         raise ApiError(400, "prompt is empty: give a string or a non-empty list of strings", "prompt")
+    ctx.queueable(len(texts) * req.n, queue_param(ctx, len(texts)))  # before tokenising a long list
     chat = bool(entry.meta.get("chat"))  # a prompt trained on chat-wrapped inputs gets them here too
     inputs = [ctx.encode(chat_wrap(ctx.tok, t) if chat and t else t, chat, "prompt", t) for t in texts]
     for ids in inputs:
@@ -44,9 +43,14 @@ async def completions(req: CompletionRequest, ctx: Ctx):
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": [{"index": idx, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 
+    def usage_chunk(res):
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
+                "usage": usage(inputs, res)}
+
     if req.stream:
-        return stream(lambda lis: make_jobs(ctx, entry, inputs, req.n, p, lis), chunk)
-    res = await ctx.results(make_jobs(ctx, entry, inputs, req.n, p))
+        return stream(lambda lis: make_jobs(ctx, entry, inputs, req.n, p, lis), chunk,
+                      usage_chunk=usage_chunk if include_usage(req) else None)
+    res = await ctx.results(make_jobs(ctx, entry, inputs, req.n, p), request)
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
                         for i, r in enumerate(res)],
@@ -54,7 +58,7 @@ async def completions(req: CompletionRequest, ctx: Ctx):
 
 
 @router.post("/v1/chat/completions", summary="Chat (OpenAI shape)")
-async def chat_completions(req: ChatCompletionRequest, ctx: Ctx):
+async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Request):
     entry = ctx.registry.get(req.model)
     p = ctx.gen_params(req)
     ids = ctx.encode(render_chat(ctx.tok, req), True, "messages")
@@ -71,9 +75,14 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Ctx):
                  "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]} for i in range(n)]
 
+    def usage_chunk(res):
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                "choices": [], "usage": usage([ids], res)}
+
     if req.stream:
-        return stream(lambda lis: make_jobs(ctx, entry, [ids], req.n, p, lis), chunk, first)
-    res = await ctx.results(make_jobs(ctx, entry, [ids], req.n, p))
+        return stream(lambda lis: make_jobs(ctx, entry, [ids], req.n, p, lis), chunk, first,
+                      usage_chunk if include_usage(req) else None)
+    res = await ctx.results(make_jobs(ctx, entry, [ids], req.n, p), request)
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
                          "finish_reason": r["finish_reason"]} for i, r in enumerate(res)],
@@ -87,7 +96,7 @@ def render_chat(tok, req: ChatCompletionRequest) -> str:
     msgs = []
     for m in req.messages:
         content = m.content if isinstance(m.content, str) else "".join(
-            part.get("text", "") for part in m.content if part.get("type") == "text")
+            part.text for part in m.content)
         msgs.append({"role": m.role, "content": content})
     try:
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -100,8 +109,16 @@ def make_jobs(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], n: int
     """n choices per input, queued together; choice k is seeded with seed + k."""
     jobs = [GenJob(entry.tensor, ids, index=i * n + k, listener=listener, **{**p, "seed": p["seed"] + k})
             for i, ids in enumerate(inputs) for k in range(n)]
-    ctx.submit(jobs)
+    ctx.submit(jobs, queue_param(ctx, len(inputs)))
     return jobs
+
+
+def queue_param(ctx: ServerContext, prompts: int) -> str:
+    return "prompt" if prompts > ctx.scheduler.max_queue else "n"
+
+
+def include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
 
 
 def usage(inputs: list[list[int]], res: list[dict]) -> dict[str, int]:
@@ -110,8 +127,10 @@ def usage(inputs: list[list[int]], res: list[dict]) -> dict[str, int]:
     return {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
 
 
-def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = None) -> StreamingResponse:
-    """SSE: `jobs_for(listener)` queues the jobs; `chunk(index, delta, finish)` shapes each event."""
+def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = None,
+           usage_chunk: Callable | None = None) -> StreamingResponse:
+    """SSE: `jobs_for(listener)` queues the jobs; `chunk(index, delta, finish)` shapes each event;
+    `usage_chunk(results)`, when given, shapes a last event with the usage (stream_options)."""
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
 
     def listener(job, kind, payload):  # called on the scheduler thread
@@ -123,18 +142,21 @@ def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = 
         try:
             for c in first_chunks(len(jobs)) if first_chunks else ():
                 yield f"data: {json.dumps(c)}\n\n"
-            left = len(jobs)
+            left, done = len(jobs), []
             while left:
                 idx, kind, payload = await q.get()
                 if kind == "delta":
                     yield f"data: {json.dumps(chunk(idx, payload, None))}\n\n"
                 elif kind == "done":
                     left -= 1
+                    done.append(payload)
                     yield f"data: {json.dumps(chunk(idx, None, payload['finish_reason']))}\n\n"
                 else:
                     left -= 1
                     status = 400 if isinstance(payload, SoftpromptError) else 500
                     yield f"data: {json.dumps(error_body(status, f'choice {idx} failed: {payload}'))}\n\n"
+            if usage_chunk is not None:
+                yield f"data: {json.dumps(usage_chunk(done))}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also runs when the client disconnects mid-stream
             for j in jobs:

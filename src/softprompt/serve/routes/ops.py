@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 
-from ..context import Ctx
+from ..context import Ctx, ServerContext
 
 router = APIRouter()
 
 SCHEDULER_COUNTERS = ("batches", "batch_jobs", "gen_rows", "classify_rows", "generated_tokens", "failed_jobs",
-                      "batch_retries", "rejected_jobs")
+                      "batch_retries", "rejected_jobs", "cancelled_jobs")
 
 
 @router.get("/v1/models", tags=["openai"], summary="The loaded prompts and the base model")
@@ -25,12 +25,17 @@ async def health(ctx: Ctx):
     return JSONResponse(body, 200 if ok else 503)
 
 
-@router.get("/metrics", tags=["ops"], summary="Prometheus text metrics", response_class=PlainTextResponse)
+@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
 async def metrics_page(ctx: Ctx):
-    sched, s = ctx.scheduler, ctx.scheduler.stats
-    text = ctx.metrics.render(
-        gauges={"queue_depth": sched.depth, "queue_limit": ctx.cfg.max_queue,
-                "prompts_loaded": len(ctx.registry.items) - 1, "prompt_kv_cached": len(sched.kv.store),
-                "scheduler_up": int(sched.alive)},
-        counters={k: s[k] for k in SCHEDULER_COUNTERS})
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    body, content_type = ctx.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def server_state(ctx: ServerContext) -> tuple[dict[str, float], dict[str, float]]:
+    """The scheduler's counters and the server's gauges, as /metrics reports them at each scrape."""
+    sched = ctx.scheduler
+    counters = {k: sched.stats[k] for k in SCHEDULER_COUNTERS}
+    gauges = {"queue_depth": sched.depth, "queue_limit": sched.max_queue,
+              "prompts_loaded": len(ctx.registry.items) - 1, "prompt_kv_cached": len(sched.kv.store),
+              "scheduler_up": int(sched.alive)}
+    return counters, gauges

@@ -1,0 +1,92 @@
+"""Helpers shared by the server tests: a server on a loopback port, a worker held at a gate,
+raw sockets for clients that misbehave, and Prometheus samples read with prometheus_client."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+
+@contextmanager
+def running(model, tok, prompts: dict, cfg, read_timeout: float = 30.0, shutdown_timeout: float = 10.0):
+    """create_app + Running on 127.0.0.1; yields (app, Running), stops the server afterwards."""
+    from softprompt.serve import Running, create_app
+
+    app = create_app(model, tok, prompts, cfg, model_name="tiny-base", read_timeout=read_timeout)
+    run = Running(app, shutdown_timeout=shutdown_timeout)
+    try:
+        yield app, run
+    finally:
+        run.stop()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of sample `name` with exactly `labels` in Prometheus text (0 when absent),
+    read with prometheus_client's own parser (which also checks the format)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def gated(sched, monkeypatch):
+    """Hold the worker inside its next batch until `gate` is set; records every batch's size."""
+    gate, entered, sizes = threading.Event(), threading.Event(), []
+    orig = sched._run_batch
+
+    def run(jobs):
+        sizes.append(len(jobs))
+        entered.set()
+        gate.wait(20)
+        orig(jobs)
+
+    monkeypatch.setattr(sched, "_run_batch", run)
+    return gate, entered, sizes
+
+
+def in_threads(fn, args: list) -> tuple[list[threading.Thread], list]:
+    out = [None] * len(args)
+
+    def go(i):
+        out[i] = fn(args[i])
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(len(args))]
+    for t in ts:
+        t.start()
+    return ts, out
+
+
+def wait_until(cond, what: str, limit: float = 15.0) -> None:
+    """Poll `cond()` until true; fail naming `what` if it never is (a hang, not a timing check)."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < limit, f"never happened: {what}"
+        time.sleep(0.005)
+
+
+def wait_depth(sched, n: int) -> None:
+    wait_until(lambda: sched.depth >= n, f"queue depth {n}")
+
+
+def raw_request(port: int, path: str, body: bytes | dict, headers: dict[str, str] | None = None,
+                send_body: bool = True) -> socket.socket:
+    """An HTTP/1.1 POST written by hand on a fresh socket (for clients that break the rules)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(data)),
+            **(headers or {})}
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"POST {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+              + b"\r\n" + (data if send_body else b""))
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
