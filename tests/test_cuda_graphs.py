@@ -67,3 +67,29 @@ def test_dense_step_runs_on_the_meta_device(llama_dir, classes):
     loss = dense_loss(model, prompt, *args, class_ids=class_ids)
     (grad,) = torch.autograd.grad(loss, [prompt])
     assert grad.shape == prompt.shape and grad.device.type == "meta"
+
+
+def test_the_training_path_and_why_are_chosen_and_recorded(tiny, countries_csv, tmp_path):
+    """auto: graphed only on a CUDA device, else packed where the family packs, else kv; an
+    impossible request is one clear error; the run records what it took and why."""
+    import json
+
+    from softprompt.config import ModelConfig, PromptConfig, TrainConfig
+    from softprompt.cuda_graphs import training_path
+    from softprompt.train import train
+    from softprompt.utils import SoftpromptError
+
+    model, tok = tiny
+    packs = model.config.model_type == "llama"
+    path, why = training_path(model, "auto")
+    assert path == ("packed" if packs else "kv")
+    assert ("no CUDA device" in why) if packs else ("attention" in why)
+    with pytest.raises(SoftpromptError, match="--forward-path graphed: no CUDA device"):
+        training_path(model, "graphed")
+    assert training_path(model, "concat") == ("concat", "as requested")
+    data = DataConfig(data=str(countries_csv), template="Country: {country}\\nFacts:", target=" {capital}",
+                      eval_fraction=0)
+    s = train(ModelConfig(model=model.name_or_path, device="cpu"), data, PromptConfig(virtual_tokens=3),
+              TrainConfig(out=str(tmp_path / "run"), max_steps=1, save_every=0), model=model, tok=tok, quiet=True)
+    cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert cfg["forward_path_taken"] == s["forward_path"] == path and cfg["forward_path_reason"] == why

@@ -34,6 +34,8 @@ def choose_path(model, attention_mask: torch.Tensor, path: str = "auto") -> str:
     """The concrete path ("packed", "kv" or "concat") that `path` means for this model and batch."""
     if path not in PATHS:
         raise SoftpromptError(f"unknown forward path {path!r}: use {', '.join(PATHS)}")
+    if path == "graphed":  # a training-step mode (cuda_graphs.py); a single forward pass packs as auto does
+        path = "auto"
     if path == "auto":
         return "packed" if packable(model, attention_mask) else "kv"
     if path == "packed" and not packable(model, attention_mask):

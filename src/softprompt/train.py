@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
 from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args, to_dict
+from .cuda_graphs import GraphedStep, training_path
 from .data import Formatter, load_splits
 from .evaluate import evaluate
 from .forward import batch_loss
@@ -99,6 +100,9 @@ class Run:
     hash_before: str
     # What a checkpoint restores: step, best score, evaluations without improvement, time, tokens.
     state: dict[str, Any]
+    path: str = "auto"                   # the forward path taken (cuda_graphs.training_path) ...
+    path_reason: str = ""                # ... and why
+    graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
 
     @property
     def out(self) -> Path:
@@ -145,8 +149,10 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             "labels": fmt.label_words, "label_col": dcfg.label_col, "chat": dcfg.chat, "task": fmt.task,
             "config": to_dict(mcfg, dcfg, pcfg, tcfg)}
     state = {"step": 0, "best": -math.inf, "bad_evals": 0, "train_seconds": 0.0, "tokens": 0}
+    path, why = training_path(model, tcfg.forward_path, acc.num_processes, tcfg.method == "prompt")
+    graphed = GraphedStep(model, method.prompt.embeds, pad_id(tok), class_ids) if path == "graphed" else None
     run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
-              total, meta, weights_hash(model), state)
+              total, meta, weights_hash(model), state, path, why, graphed)
     if tcfg.resume:
         run.state = load_checkpoint(run.out, method, opt, sched)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
@@ -156,14 +162,17 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         run.out.mkdir(parents=True, exist_ok=True)
         write_json(run.out / "run_config.json", {
             **to_dict(mcfg, dcfg, pcfg, tcfg), "world_size": acc.num_processes, "train_examples": len(train_ex),
-            "eval_examples": len(eval_ex), "total_steps": total, "truncated": fmt.truncated})
+            "eval_examples": len(eval_ex), "total_steps": total, "truncated": fmt.truncated,
+            "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
+            "dtype": str(model.dtype).replace("torch.", "")})
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
     return run
 
 
 def batches(run: Run) -> Iterator[tuple[Batch, bool]]:
-    """This process's share of each global batch from the run's current step on, and whether it
-    holds any rows. One shuffle per epoch, seeded by it, so a resumed run sees the same batches."""
+    """This process's share of each global batch from the run's current step on (on the host), and
+    whether it holds any rows. One shuffle per epoch, seeded by it, so a resumed run sees the same
+    batches."""
     lengths = [len(e.ids) for e in run.train_ex]
     world, rank = run.acc.num_processes, run.acc.process_index
     step = run.state["step"]
@@ -176,25 +185,33 @@ def batches(run: Run) -> Iterator[tuple[Batch, bool]]:
             batch = collate([run.train_ex[i] for i in idx or full[:1]], pad_id(run.tok))
             if not idx:
                 batch.targets.fill_(-100)
-            yield batch.to(run.acc.device), bool(idx)
+            yield batch, bool(idx)
             step += 1
 
 
 def loss_step(run: Run, batch: Batch, has_rows: bool) -> tuple[float, int]:
-    """One optimiser step; returns the global batch's mean loss and its tokens (all processes)."""
+    """One optimiser step on a host batch; returns the global batch's mean loss and its tokens (all
+    processes). The CUDA-graph step computes loss and gradient in one replay; a batch it cannot
+    take (too long for its dense mask) goes the eager way."""
     acc, world = run.acc, run.acc.num_processes
-    # Normalise by the global token count so N processes average to the 1-process loss.
-    n_local = torch.tensor(float(batch.num_targets), device=acc.device)
-    n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
-    loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch, run.cfg.forward_path, run.class_ids)
-    loss = loss_sum / n_global.clamp(min=1) * world
-    acc.backward(loss)
+    loss = None
+    if run.graphed is not None:  # one process: the local token count is the global one
+        loss = run.graphed(batch.input_ids, batch.attention_mask, batch.targets, 1.0 / max(batch.num_targets, 1))
+    if loss is None:
+        # Normalise by the global token count so N processes average to the 1-process loss.
+        n_local = torch.tensor(float(batch.num_targets), device=acc.device)
+        n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
+        path = "auto" if run.path == "graphed" else run.path
+        loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch.to(acc.device), path, run.class_ids)
+        loss = loss_sum / n_global.clamp(min=1) * world
+        acc.backward(loss)
     if run.cfg.grad_clip > 0:
         acc.clip_grad_norm_(run.params, run.cfg.grad_clip)
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
-    stats = torch.stack([loss.detach() / world, batch.attention_mask.sum().float() if has_rows else loss.new_zeros(())])
+    tokens = float(batch.attention_mask.sum()) if has_rows else 0.0
+    stats = torch.stack([loss.detach() / world, loss.new_tensor(tokens)])
     if world > 1:
         stats = acc.reduce(stats, reduction="sum")
     return float(stats[0]), int(stats[1])
@@ -282,7 +299,11 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
                    "base_weights_unchanged": run.hash_before == hash_after,
                    "best_eval_score": state["best"] if state["best"] != -math.inf else None,
                    "final_eval": last_eval, "untuned_eval": untuned, "world_size": run.acc.num_processes,
-                   "prompt_dir": str(run.method.saved_in(run.out))}
+                   "forward_path": run.path, "prompt_dir": str(run.method.saved_in(run.out))}
+        if run.graphed is not None:
+            g = run.graphed
+            summary["cuda_graphs"] = {"buckets": len(g.graphs), "replays": g.replays,
+                                      "capture_seconds": round(g.capture_seconds, 3), "disabled": g.disabled}
         write_json(run.out / "summary.json", summary)
         plot_metrics(run.out)
     run.acc.wait_for_everyone()
