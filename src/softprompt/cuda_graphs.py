@@ -33,6 +33,15 @@ from .utils import SoftpromptError
 MAX_TOKENS = 4096  # the dense mask is [N, N]: past this the eager packed path (per-row attention) wins
 
 
+def capturable_attention():
+    """SDPA restricted to the memory-efficient kernel (masks, float32 and bfloat16) and the math
+    fallback while capturing: the choice is recorded into the graph, and it keeps out kernels whose
+    graph capture this project has not tried (cuDNN's)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def graph_obstacle(model, processes: int, prompt_tuning: bool) -> str | None:
     """Why this run's step cannot be a CUDA graph (None when it can)."""
     if model.device.type != "cuda":
@@ -169,8 +178,9 @@ class GraphedStep:
         self.capture_seconds = 0.0  # warm-up, capture and check of every bucket (part of the step time)
 
     def _compute(self, c: _Captured) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = dense_loss(self.model, self.prompt, *c.inputs, c.scale, self.class_ids)
-        (grad,) = torch.autograd.grad(loss, [self.prompt])
+        with capturable_attention():
+            loss = dense_loss(self.model, self.prompt, *c.inputs, c.scale, self.class_ids)
+            (grad,) = torch.autograd.grad(loss, [self.prompt])
         return loss.detach(), grad
 
     def _capture(self, lay: DenseLayout, scale: float) -> _Captured:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .cuda_graphs import bucket
+from .cuda_graphs import bucket, capturable_attention
 from .decode import DecodeBatch, Row, Group
 from .families import can_pack, decoder, takes_position_ids
 from .forward import logits
@@ -121,8 +121,10 @@ class StaticDecodeBatch(DecodeBatch):
         """One decode step of every slot; fixed shapes and no host syncs, so it can be captured."""
         self.mask.scatter_(1, self.col[:, None], self.alive[:, None].bool() | self.mask.gather(1, self.col[:, None]))
         x = self.model.get_input_embeddings()(self.tok[:, None])
-        h = decoder(self.model)(inputs_embeds=x, position_ids=self.pos[:, None], attention_mask=self.mask[:, None, None],
-                                cache=self.cache, use_cache=True).last_hidden_state[:, -1]
+        with capturable_attention():
+            h = decoder(self.model)(inputs_embeds=x, position_ids=self.pos[:, None],
+                                    attention_mask=self.mask[:, None, None], cache=self.cache,
+                                    use_cache=True).last_hidden_state[:, -1]
         self.z_out.copy_(logits(self.model, h))
         self.col += self.alive
         self.pos += self.alive
