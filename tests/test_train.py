@@ -204,3 +204,17 @@ def test_used_out_is_refused_unless_resume_or_overwrite(llama_dir, countries_csv
     assert (out / "notes.txt").read_text() == "mine" and load_prompt(out).num_tokens == 6
     with pytest.raises(SoftpromptError, match="give one of them"):
         TrainConfig(out=str(out), resume=True, overwrite=True)
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(llama_dir, countries_csv, tmp_path):
+    """--resume with another prompt length, or over a damaged checkpoint: one clear error, not a
+    shape mismatch or a JSON traceback."""
+    out = tmp_path / "run"
+    m, d, p, t = _cfgs(llama_dir, countries_csv, out, max_steps=4, eval_every=0, save_every=2)
+    train(m, d, p, t, stop_after=2, quiet=True)
+    resume = TrainConfig(**{**t.__dict__, "resume": True})
+    with pytest.raises(SoftpromptError, match=r"holds a prompt of shape \[4, 32\], this run's is \[6, 32\]"):
+        train(m, d, PromptConfig(virtual_tokens=6, init="vocab"), resume, quiet=True)
+    (out / "checkpoint" / "state.json").write_text("{not json")
+    with pytest.raises(SoftpromptError, match="corrupt JSON in .*state.json"):
+        train(m, d, p, resume, quiet=True)

@@ -20,7 +20,7 @@ from . import inits
 from .utils import SoftpromptError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
-FORWARD_PATHS = ("auto", "packed", "kv", "concat")  # forward.text_hidden's paths
+FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")  # forward.py's paths, and the CUDA-graph step
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
@@ -49,6 +49,21 @@ def check_fields(cfg: Any, at_least: dict[str, float] | None = None) -> None:
         require(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} must be a finite number (got {v})")
         if at_least and f.name in at_least:
             require(v >= at_least[f.name], f"{flag(f.name)} must be at least {at_least[f.name]} (got {v})")
+
+
+def check_text(cfg: Any, *names: str) -> None:
+    """Text fields hold valid Unicode: argv decodes undecodable bytes to lone surrogates, which no
+    tokenizer takes."""
+    for name in names:
+        require(is_unicode(getattr(cfg, name)), f"{flag(name)} {getattr(cfg, name)!r} is not valid Unicode text")
+
+
+def is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_template(name: str, template: str) -> None:
@@ -92,6 +107,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_fields(self, {"max_length": 1, "limit": 0, "eval_limit": 0})
+        check_text(self, "template", "target", "text_col", "labels", "label_col")
         require(0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
         check_template("template", self.template)
         check_template("target", self.target)
@@ -116,6 +132,7 @@ class PromptConfig:
     def __post_init__(self):
         inits.check(self.init)
         check_fields(self, {"virtual_tokens": 1})
+        check_text(self, "init_text")
         require(self.init != "file" or bool(self.init_file), "--init file needs --init-file DIR")
 
 
@@ -144,9 +161,10 @@ class TrainConfig:
                                  "folder that holds files is refused")
     seed: int = opt(0, "random seed for init, shuffling and sampling")
     forward_path: str = opt("auto", "how the prompt meets the rows: packed (prompt and rows as one padding-free "
-                            "sequence), kv (the prompt's keys/values computed once, shared by the rows), concat "
-                            "(the prompt prepended to every row, as PEFT does); auto: packed where the model "
-                            "allows it, else kv", choices=list(FORWARD_PATHS))
+                            "sequence), graphed (the packed step replayed as a CUDA graph: GPUs, one process), kv "
+                            "(the prompt's keys/values computed once, shared by the rows), concat (the prompt "
+                            "prepended to every row, as PEFT does); auto: graphed on a GPU, else packed where the "
+                            "model allows it, else kv (the run records the choice and why)", choices=list(FORWARD_PATHS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "
@@ -183,6 +201,7 @@ class CompareConfig:
 
     def __post_init__(self):
         check_fields(self, {"ft_lr": 0, "ft_steps": 0, "ft_batch_size": 0, "eval_batch_size": 1})
+        check_text(self, "instruction")
         bad = [m for m in self.method_list if m not in COMPARE_METHODS]
         require(not bad and bool(self.method_list),
                 f"unknown --methods {bad or self.methods!r}: choose from {', '.join(COMPARE_METHODS)}")
@@ -225,6 +244,9 @@ class ServeConfig:
     retry_after: int = opt(1, "seconds a 503 (queue full) tells clients to wait")
     admin_token: str = opt("", "token for loading/unloading prompts at run time (default: env SOFTPROMPT_ADMIN_TOKEN; "
                                "none = admin endpoints off)")
+    read_timeout: float = opt(30.0, "seconds a client has to send its whole request body (408 after)")
+    shutdown_timeout: float = opt(30.0, "on SIGTERM or Ctrl-C, seconds the requests in flight have to finish before "
+                                        "they are cancelled")
 
 
 def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

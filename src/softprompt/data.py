@@ -21,7 +21,7 @@ from typing import Any
 
 from .batching import Example
 from .classify import label_text
-from .config import DataConfig
+from .config import DataConfig, is_unicode
 from .utils import SoftpromptError
 
 LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
@@ -210,6 +210,8 @@ class Formatter:
     def encode(self, row: dict, where: str = "") -> Example:
         self.check_columns(row, where)
         text = self.input_text(row, where)
+        if not is_unicode(text):  # JSON may escape a lone surrogate ("\ud800"); no tokenizer takes one
+            raise SoftpromptError(f"the input at {where} is not valid Unicode text: {text!r}")
         max_len = self.cfg.max_length
         if self.task == "lm":
             ids = self.tokenize_rendered(self.render_input(text))
@@ -224,6 +226,8 @@ class Formatter:
             tgt = self.tok(self.label_text(label, rendered), add_special_tokens=False).input_ids
         else:
             tgt_text = self.fill(self.target, "--target", row, where)
+            if not is_unicode(tgt_text):
+                raise SoftpromptError(f"the target at {where} is not valid Unicode text: {tgt_text!r}")
             tgt = self.tok(tgt_text, add_special_tokens=False).input_ids
             if self.tok.eos_token_id is not None:
                 tgt = tgt + [self.tok.eos_token_id]  # teach the model to stop

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from .config import GenerateConfig, ModelConfig, add_args, from_args
+from .config import GenerateConfig, ModelConfig, add_args, from_args, is_unicode
 from .data import chat_wrap
 from .decode import PromptKV
 from .static_decode import decode_batch_for
@@ -42,6 +42,9 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
 
     if not texts:
         raise SoftpromptError("give at least one TEXT to continue")
+    bad = [i + 1 for i, t in enumerate(texts) if not is_unicode(t)]
+    if bad:
+        raise SoftpromptError(f"TEXT {bad[0]} is not valid Unicode text: {texts[bad[0] - 1]!r}")
     if model is None:
         model, tok = load_model(mcfg)
     if compare and not prompt:

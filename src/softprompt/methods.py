@@ -67,7 +67,12 @@ class PromptTuning:
         save_prompt(self.prompt, folder, meta)
 
     def load_checkpoint(self, folder: Path) -> None:
-        self.prompt.embeds.data.copy_(load_prompt(folder).embeds.data)
+        saved = load_prompt(folder).embeds.data
+        if saved.shape != self.prompt.embeds.shape:
+            raise SoftpromptError(f"--resume: the checkpoint in {folder} holds a prompt of shape {list(saved.shape)}, "
+                                  f"this run's is {list(self.prompt.embeds.shape)}: resume with the same "
+                                  "--virtual-tokens and model, or start over with --overwrite")
+        self.prompt.embeds.data.copy_(saved)
 
     def finish(self) -> None:
         pass

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .utils import SoftpromptError, atomic_dir
+from .utils import SoftpromptError, atomic_dir, read_json
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -81,10 +82,16 @@ def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: 
 def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
     """Restore what save_checkpoint wrote; return the loop state (step, best score, ...)."""
     ckpt = out / CHECKPOINT
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_json(ckpt / "state.json")
     method.load_checkpoint(ckpt)
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    try:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise SoftpromptError(f"--resume: cannot restore the optimiser from {ckpt} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise SoftpromptError(f"--resume: {ckpt / 'state.json'} holds no step count")
     return state
 
 
