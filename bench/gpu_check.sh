@@ -10,8 +10,8 @@
 #   SmolLM2-135M and Llama-3.2-1B geometries (speed does not depend on the weights' values), with
 #   the float64 loss check of softprompt's CUDA-graph step against PEFT, and a profile.
 # `quality` (carry .gpu2, right after, on the same machine): rebuilds the real built-in model, then
-#   generation (8 tasks x 8 requests) in bf16 and fp32 with the one-at-a-time identity check, and
-#   time to quality on SST-2 dev (2 seeds).
+#   generation (8 tasks x 8 requests) in bf16 with the one-at-a-time identity check, time to
+#   quality on SST-2 dev (3 seeds, each kept as it finishes; TTQ_LIMIT seconds), and generation in fp32.
 # Results land in $OUT as bench/results-style JSON plus the logs; each step has a time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,11 +58,11 @@ speed)
  "tie_word_embeddings": true, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
 EOF
     $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-    step train_smol 130 $PY bench/train_speed.py --model random:/tmp/tok --dtype bfloat16 --task sst2 acts --steps 30 \
+    step train_smol 100 $PY bench/train_speed.py --model random:/tmp/tok --dtype bfloat16 --task sst2 acts --steps 30 \
         --check-steps 5 --flop-samples 0 --out "$OUT/train_speed_smollm2-135m-geometry_bf16_cuda.json"
-    step train_l1b 120 $PY bench/train_speed.py --model random:/tmp/llama1b --dtype bfloat16 --task sst2 acts --steps 20 \
+    step train_l1b 90 $PY bench/train_speed.py --model random:/tmp/llama1b --dtype bfloat16 --task sst2 acts --steps 20 \
         --check-steps 0 --flop-samples 0 --out "$OUT/train_speed_llama-3.2-1b-geometry_bf16_cuda.json"
-    step profile 60 $PY bench/profile_step.py --model random:/tmp/tok --dtype bfloat16 --task sst2 acts --steps 4 \
+    step profile 45 $PY bench/profile_step.py --model random:/tmp/tok --dtype bfloat16 --task sst2 --steps 3 \
         --out "$OUT/profile_step_smollm2-135m-geometry_bf16_cuda.json"
     finish speed
     ;;
@@ -71,9 +71,9 @@ quality)
     $PY -c "
 import torch; from pathlib import Path; from softprompt.models import load_gguf
 m, t = load_gguf(Path('/tmp/smol.gguf'), torch.float32); m.save_pretrained('/tmp/smol'); t.save_pretrained('/tmp/smol')" || exit 1
-    step gen_bf16 100 $PY bench/generate_speed.py --model /tmp/smol --dtype bfloat16 --out "$OUT/generate_speed_smollm2-135m-instruct_bf16_cuda.json"
-    step gen_fp32 90 $PY bench/generate_speed.py --model /tmp/smol --dtype float32 --out "$OUT/generate_speed_smollm2-135m-instruct_fp32_cuda.json"
-    step ttq 220 $PY bench/time_to_quality.py --model /tmp/smol --dtype bfloat16 --seeds 0 1 --out "$OUT/time_to_quality_bf16_cuda.json"
+    step gen_bf16 80 $PY bench/generate_speed.py --model /tmp/smol --dtype bfloat16 --out "$OUT/generate_speed_smollm2-135m-instruct_bf16_cuda.json"
+    step ttq "${TTQ_LIMIT:-200}" $PY bench/time_to_quality.py --model /tmp/smol --dtype bfloat16 --seeds 0 1 2 --out "$OUT/time_to_quality_bf16_cuda.json"
+    step gen_fp32 70 $PY bench/generate_speed.py --model /tmp/smol --dtype float32 --out "$OUT/generate_speed_smollm2-135m-instruct_fp32_cuda.json"
     finish quality
     ;;
 *) echo "usage: bench/gpu_check.sh pack|speed|quality"; exit 2 ;;

@@ -126,9 +126,11 @@ def main() -> None:
     model, tok = load_bench_model(args.model, dev, dtype)
     res = {"bench": "time_to_quality", "model": args.model, "device": str(dev), "machine": machine(),
            "seeds": args.seeds, "runs": []}
+    out = args.out or RESULTS / f"time_to_quality_{dev.type}.json"
     for seed in args.seeds:  # both recipes per seed, so that a slow spell of the machine hits both
         res["runs"].append({"seed": seed, "peft": peft_recipe(model, tok, args, dev, seed),
                             "softprompt": softprompt_recipe(model, tok, args, seed)})
+        write_result(out, res)  # each finished seed is kept, should a time limit stop the next
     runs = res["runs"]
     target = mean(r["peft"]["final_accuracy"] for r in runs)
     peft_s = mean(r["peft"]["train_seconds"] for r in runs)
@@ -154,7 +156,7 @@ def main() -> None:
               f"{res['time_ratio']:.2f}x PEFT's time ({1 / res['time_ratio']:.1f}x faster; target: at most 0.33x)")
     else:
         print(f"does not reach {100 * target:.2f}% within {args.sp_steps} steps")
-    print(f"wrote {write_result(args.out or RESULTS / f'time_to_quality_{dev.type}.json', res)}")
+    print(f"wrote {write_result(out, res)}")
 
 
 if __name__ == "__main__":

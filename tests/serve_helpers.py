@@ -10,12 +10,12 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def running(model, tok, prompts: dict, cfg, read_timeout: float = 30.0, shutdown_timeout: float = 10.0):
+def running(model, tok, prompts: dict, cfg):
     """create_app + Running on 127.0.0.1; yields (app, Running), stops the server afterwards."""
     from softprompt.serve import Running, create_app
 
-    app = create_app(model, tok, prompts, cfg, model_name="tiny-base", read_timeout=read_timeout)
-    run = Running(app, shutdown_timeout=shutdown_timeout)
+    app = create_app(model, tok, prompts, cfg, model_name="tiny-base")
+    run = Running(app)
     try:
         yield app, run
     finally:

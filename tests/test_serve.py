@@ -352,3 +352,23 @@ def test_serve_command_refuses_bad_prompts_in_one_line(spec, msg, llama_dir, tmp
     with pytest.raises(SoftpromptError) as e:
         run(parser.parse_args(argv))
     assert msg in str(e.value)
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--read-timeout", "0", "--read-timeout must be a finite number"),
+                                            ("--read-timeout", "nan", "--read-timeout must be a finite number"),
+                                            ("--shutdown-timeout", "-1", "--shutdown-timeout must be a finite")])
+def test_serve_command_refuses_bad_timeouts_before_loading(flag, value, msg, tmp_path, capsys):
+    import argparse
+
+    from softprompt.cli import main
+    from softprompt.config import from_args
+    from softprompt.serve import add_arguments
+
+    # A model that does not exist: the timeouts are refused before anything loads.
+    assert main(["serve", "--model", str(tmp_path / "no-model"), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("softprompt: error: ") and msg in err[-1], err
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = from_args(ServeConfig, parser.parse_args(["--read-timeout", "2.5", "--shutdown-timeout", "0"]))
+    assert (cfg.read_timeout, cfg.shutdown_timeout) == (2.5, 0.0)

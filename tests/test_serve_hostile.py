@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def hs(llama_dir, tmp_path_factory):
     prompts = {"facts": str(save_prompt(SoftPrompt(torch.randn(4, H, generator=gen)), root / "facts", {})),
                "reviews": str(save_prompt(SoftPrompt(torch.randn(3, H, generator=gen)), root / "reviews",
                                           {"labels": ["negative", "positive"]}))}
-    with running(model, tok, prompts, CFG, read_timeout=1.0) as (app, run):
+    with running(model, tok, prompts, replace(CFG, read_timeout=1.0)) as (app, run):
         client = httpx.Client(base_url=run.url, timeout=30)
 
         class S:
@@ -294,7 +295,7 @@ def test_shutdown_stops_accepting_then_finishes_or_cancels_in_flight_work(hs, mo
     """What SIGTERM does to a running server (uvicorn's own handler, called here directly):
     the socket closes at once; a request in flight finishes, or is cancelled at the deadline."""
     prompts = {"facts": str(hs.root / "facts")}
-    with running(hs.model, hs.tok, prompts, CFG, shutdown_timeout=30 if finish else 0.5) as (app, run):
+    with running(hs.model, hs.tok, prompts, replace(CFG, shutdown_timeout=30 if finish else 0.5)) as (app, run):
         sched = app.state.scheduler
         gate, entered, _ = gated(sched, monkeypatch)
         body = {"model": "facts", "prompt": "Country: Peru", "max_tokens": 6}

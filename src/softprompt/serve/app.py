@@ -6,6 +6,7 @@ Every error leaves as OpenAI's {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,10 +30,10 @@ DESCRIPTION = ("Many soft prompts served from one frozen model, with mixed-promp
 
 
 def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: ServeConfig | None = None,
-               model_name: str | None = None, read_timeout: float = 30.0) -> FastAPI:
-    """The server for `model` with `prompts` (name -> SoftPrompt or prompt folder) loaded; a
-    request body must arrive within `read_timeout` seconds (408 after)."""
+               model_name: str | None = None) -> FastAPI:
+    """The server for `model` with `prompts` (name -> SoftPrompt or prompt folder) loaded."""
     cfg = cfg or ServeConfig()
+    check_config(cfg)
     base = model_name or Path(str(getattr(model.config, "_name_or_path", "") or "base")).name or "base"
     reg = Registry(model, base)
     for name, p in prompts.items():
@@ -59,10 +60,19 @@ def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: Ser
     routers = [m.router for m in (openai, classify, admin, ops)]
     for r in routers:
         app.include_router(r)
-    app.add_middleware(RequestGuard, limit=cfg.max_body_bytes, metrics=ctx.metrics, read_timeout=read_timeout,
+    app.add_middleware(RequestGuard, limit=cfg.max_body_bytes, metrics=ctx.metrics, read_timeout=cfg.read_timeout,
                        endpoints=[route.path for r in routers for route in r.routes])
     add_error_handlers(app)
     return app
+
+
+def check_config(cfg: ServeConfig) -> None:
+    """The timeouts, refused in one line naming the flag (NaN fails every comparison)."""
+    if not 0 < cfg.read_timeout < math.inf:
+        raise SoftpromptError(f"--read-timeout must be a finite number of seconds > 0 (got {cfg.read_timeout})")
+    if not 0 <= cfg.shutdown_timeout < math.inf:
+        raise SoftpromptError(f"--shutdown-timeout must be a finite number of seconds >= 0 "
+                              f"(got {cfg.shutdown_timeout})")
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -32,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
     if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
         scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
     from ..models import load_model
+    from .app import check_config
     from .runner import serve
 
+    check_config(scfg)  # before the model loads
     model, tok = load_model(mcfg)
     # Clients pass this as `model` for no prompt: a Hub id or the built-in name as is, a local path's last part.
     local = Path(mcfg.model).expanduser().exists()

@@ -2,7 +2,7 @@
 (`Running`, for tests and bench/load_test.py).
 
 Shutdown is graceful either way (SIGTERM or Ctrl-C in the foreground, `stop()` on a thread):
-uvicorn closes the listening socket first, waits up to `shutdown_timeout` seconds for the
+uvicorn closes the listening socket first, waits up to ServeConfig.shutdown_timeout seconds for the
 requests in flight to finish, then cancels those left, which cancels their jobs in the
 scheduler; the app's lifespan then stops the scheduler thread. A SIGTERM so handled exits 0.
 """
@@ -22,14 +22,14 @@ from .app import create_app
 class Running:
     """A uvicorn server on a background thread; `stop()` ends it gracefully."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 10.0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=shutdown_timeout))
+                                                    timeout_graceful_shutdown=app.state.config.shutdown_timeout))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         t0 = time.monotonic()
@@ -44,12 +44,11 @@ class Running:
         self.sock.close()
 
 
-def serve(model, tok, prompts: dict[str, str], cfg: ServeConfig, model_name: str, shutdown_timeout: float = 30.0,
-          read_timeout: float = 30.0) -> None:
+def serve(model, tok, prompts: dict[str, str], cfg: ServeConfig, model_name: str) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C (`softprompt serve`)."""
-    app = create_app(model, tok, prompts, cfg, model_name, read_timeout=read_timeout)
+    app = create_app(model, tok, prompts, cfg, model_name)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                                           timeout_graceful_shutdown=shutdown_timeout))
+                                           timeout_graceful_shutdown=cfg.shutdown_timeout))
     names = ", ".join(prompts) or "none"
     print(f"[softprompt] serving {model_name} with prompts: {names} on http://{cfg.host}:{cfg.port} "
           f"(API docs at /docs)", flush=True)
