@@ -35,18 +35,38 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 def gated(sched, monkeypatch):
-    """Hold the worker inside its next batch until `gate` is set; records every batch's size."""
+    """Hold the worker as it next admits jobs from the queue, until `gate` is set; records how many
+    jobs each admission takes."""
     gate, entered, sizes = threading.Event(), threading.Event(), []
-    orig = sched._run_batch
+    orig = sched._admit
 
-    def run(jobs):
+    def admit(jobs):
         sizes.append(len(jobs))
         entered.set()
         gate.wait(20)
         orig(jobs)
 
-    monkeypatch.setattr(sched, "_run_batch", run)
+    monkeypatch.setattr(sched, "_admit", admit)
     return gate, entered, sizes
+
+
+def held_step(sched, monkeypatch):
+    """Hold the engine's next step until `go` is set (`stepped` is set once it has run); records
+    the engine's rows (live and joining) at every step."""
+    stepped, go, sizes = threading.Event(), threading.Event(), []
+    engine = sched.batch.engine
+    orig = engine.step
+
+    def step():
+        sizes.append(engine.size)
+        out = orig()
+        if not stepped.is_set():
+            stepped.set()
+            go.wait(20)
+        return out
+
+    monkeypatch.setattr(engine, "step", step)
+    return stepped, go, sizes
 
 
 def in_threads(fn, args: list) -> tuple[list[threading.Thread], list]:

@@ -17,7 +17,7 @@ from softprompt.batching import Example, collate  # noqa: E402
 from softprompt.forward import row_logprobs  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
-from serve_helpers import gated, in_threads, metric, wait_depth  # noqa: E402
+from serve_helpers import gated, held_step, in_threads, metric, wait_depth  # noqa: E402
 
 TOKEN = "test-admin-token"
 TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a teacher.\nPrompt:",
@@ -263,18 +263,17 @@ def test_full_queue_answers_503_with_retry_after(srv, monkeypatch):
 
 
 def test_one_failing_request_does_not_take_down_others(srv, monkeypatch):
-    """A batch that raises is retried job by job: only the request that fails alone gets the error."""
-    import softprompt.serve.scheduler as sch
-
+    """An admission that raises is retried job by job: only the request that fails alone gets the error."""
     poison = srv.tok("Act as a teacher.\nPrompt:").input_ids
+    engine = srv.sched.batch.engine
+    orig = engine.add
 
-    class Flaky(sch.Decoding):
-        def __init__(self, model, tok, rows, *a, **kw):
-            if any(ids == poison for _, ids in rows):
-                raise RuntimeError("simulated kernel failure")
-            super().__init__(model, tok, rows, *a, **kw)
+    def flaky(rows, *a, **kw):
+        if any(ids == poison for _, ids in rows):
+            raise RuntimeError("simulated kernel failure")
+        return orig(rows, *a, **kw)
 
-    monkeypatch.setattr(sch, "Decoding", Flaky)
+    monkeypatch.setattr(engine, "add", flaky)
     gate, entered, sizes = gated(srv.sched, monkeypatch)
     reqs = [{"model": m, "prompt": t, "max_tokens": 5} for m in ("facts", "acts") for t in TEXTS]
     post = lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30)  # noqa: E731
@@ -294,6 +293,65 @@ def test_one_failing_request_does_not_take_down_others(srv, monkeypatch):
             assert r.status_code == 200
             assert r.json()["choices"][0]["text"] == ref(srv, b["model"], srv.tok(b["prompt"]).input_ids, 5)
     assert srv.client.get("/health").json()["status"] == "ok"
+
+
+def test_a_failing_step_is_retried_alone_in_a_new_engine(srv, monkeypatch):
+    """A step that raises mid-decode leaves the engine's state unknown: the scheduler replaces the
+    engine and decodes each of its requests again from the start, alone (their partial output
+    forgotten), so every answer still equals the request served alone."""
+    old = srv.sched.batch.engine
+    orig, calls = old.step, []
+
+    def step():
+        calls.append(old.size)
+        if len(calls) == 3:  # the four requests below have one token each by now
+            raise RuntimeError("simulated step failure")
+        return orig()
+
+    monkeypatch.setattr(old, "step", step)
+    gate, entered, sizes = gated(srv.sched, monkeypatch)
+    reqs = [{"model": m, "prompt": TEXTS[k], "max_tokens": 6} for k, m in enumerate(["tiny-base", "facts", "reviews",
+                                                                                       "acts"])]
+    post = lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30)  # noqa: E731
+    t0, _ = in_threads(post, [{"model": "facts", "prompt": "x", "max_tokens": 1}])
+    assert entered.wait(10)
+    ts, out = in_threads(post, reqs)
+    wait_depth(srv.sched, len(reqs))
+    gate.set()
+    for t in t0 + ts:
+        t.join(30)
+    assert sizes == [1, len(reqs)] and calls[2] == len(reqs)  # the failed step held all four
+    assert srv.sched.batch.engine is not old
+    for b, r in zip(reqs, out):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref(srv, b["model"], srv.tok(b["prompt"]).input_ids, 6)
+    again = srv.client.post("/v1/completions", json=reqs[1]).json()  # served by the new engine
+    assert again["choices"][0]["text"] == out[1].json()["choices"][0]["text"]
+
+
+def test_a_request_arriving_mid_decode_joins_the_running_batch(srv, monkeypatch):
+    """Continuous batching: a request sent while a long one decodes joins it at the next step (the
+    engine holds both rows), leaves as soon as it is done while the long one goes on, and both
+    answers equal the requests served alone."""
+    stepped, go, sizes = held_step(srv.sched, monkeypatch)
+    long, short = ({"model": "facts", "prompt": TEXTS[0], "max_tokens": 40},
+                   {"model": "acts", "prompt": TEXTS[2], "max_tokens": 5})
+    post = lambda b: httpx.post(srv.url + "/v1/completions", json=b, timeout=30)  # noqa: E731
+    t1, out1 = in_threads(post, [long])
+    assert stepped.wait(20)  # the long request has its first token; the worker waits inside that step
+    t2, out2 = in_threads(post, [short])
+    wait_depth(srv.sched, 1)
+    go.set()
+    for t in t1 + t2:
+        t.join(30)
+    for body, r in ((long, out1[0]), (short, out2[0])):
+        assert r.status_code == 200, r.text
+        want = ref(srv, body["model"], srv.tok(body["prompt"]).input_ids, body["max_tokens"])
+        assert r.json()["choices"][0]["text"] == want
+    assert out1[0].json()["usage"]["completion_tokens"] == 40  # premise: the long one decoded throughout
+    # Step 1: the long row alone; step 2: the short one joined; it gives its 5 tokens, leaves at the
+    # step after its last, and the long one finishes alone.
+    assert sizes[:2] == [1, 2] and sizes.count(2) == 6 and set(sizes[7:]) == {1}, sizes
 
 
 def test_admin_token_load_and_unload(srv, monkeypatch):

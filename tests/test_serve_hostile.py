@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from dataclasses import replace
 
 import pytest
@@ -21,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 from softprompt.config import ServeConfig  # noqa: E402
 from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
-from serve_helpers import gated, in_threads, metric, raw_request, read_all, running, wait_until  # noqa: E402
+from serve_helpers import gated, held_step, in_threads, metric, raw_request, read_all, running, wait_until  # noqa: E402
 
 TOKEN = "hostile-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -186,39 +185,19 @@ def test_row5_a_chunked_body_over_the_limit_is_413(hs):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # read whole; refused as empty
 
 
-class Held:
-    """Replaces the scheduler's Decoding: its first step waits for `go`, so a client can leave
-    while its request is being decoded."""
-
-    def __init__(self, monkeypatch):
-        import softprompt.serve.scheduler as sch
-
-        self.stepped, self.go = threading.Event(), threading.Event()
-        held = self
-
-        class Slow(sch.Decoding):
-            def step(self):
-                out = super().step()
-                held.stepped.set()
-                held.go.wait(20)
-                return out
-
-        monkeypatch.setattr(sch, "Decoding", Slow)
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_row6_row7_a_client_that_leaves_mid_decode_is_cancelled_and_counted(hs, monkeypatch, stream):
-    held = Held(monkeypatch)
+    stepped, go, _ = held_step(hs.sched, monkeypatch)  # its first step waits, so the client can leave mid-decode
     m0 = metrics(hs)
     gone0 = metric(m0, "softprompt_requests_total", endpoint="/v1/completions", code="499")
     cancelled0, tokens0 = hs.sched.stats["cancelled_jobs"], hs.sched.stats["generated_tokens"]
     sock = raw_request(hs.port, "/v1/completions", {"model": "facts", "prompt": "Country: Peru", "max_tokens": 200,
                                                     "stream": stream})
-    assert held.stepped.wait(20)
+    assert stepped.wait(20)
     sock.close()  # the client gives up while its first token is being made
     wait_until(lambda: metric(metrics(hs), "softprompt_requests_total", endpoint="/v1/completions",
                               code="499") == gone0 + 1, "the server notices the client left")
-    held.go.set()
+    go.set()
     wait_until(lambda: hs.sched.stats["cancelled_jobs"] == cancelled0 + 1, "the job is cancelled")
     assert hs.sched.stats["generated_tokens"] - tokens0 < 5  # of the 200 asked for
     assert metric(metrics(hs), "softprompt_cancelled_jobs_total") == cancelled0 + 1

@@ -1,22 +1,25 @@
-"""The batching scheduler behind the server: concurrent requests, for any mix of soft prompts,
-share forward passes.
+"""The scheduler behind the server: concurrent requests, for any mix of soft prompts, decode
+together in one continuously batched engine.
 
-A bounded queue feeds one worker thread (the only thread that touches the model). Each tick it
-takes up to `max_batch` waiting jobs (after waiting `batch_wait_ms` for company), groups them by
-what must be shared inside one batch, and runs each group:
-- generation jobs with the same decoding settings (greedy; or sampling with the same temperature,
-  top_p and penalty) become one `decode.Decoding`, whatever their prompts, inputs, budgets and
-  seeds: each prompt's KV is computed once and cached in one `PromptKV`, and a row's greedy (or
-  per-row seeded) output equals what it gets alone;
-- classification jobs with the same prompt become one rank-classification forward pass.
-Batches are static per tick (requests arriving mid-decode wait for the next tick). The decoding
-engine is touched in one method, `_generate`: continuous batching (rows joining a running decode
-between steps) replaces it with one that keeps the engine's slots across ticks and returns to
-`_loop` after each step, so that `_take` can hand it the jobs queued meanwhile.
+A bounded queue feeds one worker thread (the only thread that touches the model). The worker
+keeps one decode engine (`static_decode.decode_batch_for`: static slots replayed as CUDA graphs
+on a GPU, a growing cache on a CPU) for the server's life and loops:
+1. take what waits in the queue, up to `max_batch` rows in flight (when nothing is decoding, first
+   wait `batch_wait_ms` for company; when rows are decoding, wait for nothing);
+2. admit it: generation jobs are prefilled into the engine (one `add` per set of decoding
+   settings, each prompt's KV computed once and cached in one `PromptKV`) and join the running
+   rows at the next step; classification jobs with the same prompt run as one rank-classification
+   forward pass, between two steps;
+3. step the engine once (one token for every live row) and hand each token to its job (stop
+   strings, streaming, the budget). A finished, stopped or cancelled row leaves before the next
+   forward, so its place is free for whoever waits.
+A request arriving mid-decode thus waits at most one step, not for the batch ahead to finish, and
+a row's greedy (or per-row seeded) output equals what it gets alone.
 
-Failures stay with their request: inputs are validated before they are queued, and if a batch
-still raises, each of its jobs is retried alone so that only the offending one fails. Every job
-always ends (result, error or cancellation) so that no client waits forever.
+Failures stay with their request: inputs are validated before they are queued; if an admission
+still raises, its jobs are admitted one by one so that only the offending one fails; if a step
+raises, the engine is replaced and each of its jobs that has sent nothing yet is decoded again
+alone. Every job always ends (result, error or cancellation) so that no client waits forever.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import torch
 from ..batching import pad_id
 from ..classify import label_scores
 from ..config import GenerateConfig
-from ..decode import Decoding, PromptKV
+from ..decode import DecodeBatch, PromptKV
+from ..static_decode import decode_batch_for
 
 log = logging.getLogger("softprompt.serve")
 
@@ -77,7 +81,7 @@ class GenJob(Job):
     finish_reason: str | None = field(default=None, init=False)
 
     def key(self) -> tuple:
-        """Jobs with equal keys can share one Decoding (one GenerateConfig)."""
+        """Jobs with equal keys join the engine in one `add` (one GenerateConfig)."""
         if not self.sample:
             return ("greedy", self.repetition_penalty)
         return ("sample", self.temperature, self.top_p, self.repetition_penalty)
@@ -129,10 +133,16 @@ class GenJob(Job):
             self.future.set_exception(exc)
             self._tell("error", exc)
 
+    def config(self) -> GenerateConfig:
+        """The engine's settings for this job's row (the budget is passed per row)."""
+        return GenerateConfig(max_new_tokens=self.max_new, sample=self.sample, temperature=self.temperature,
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+
     def reset(self) -> bool:
-        """Forget partial output before a retry; False if some was already sent (a retry would repeat it)."""
-        if self.emitted:
+        """Forget partial output before a retry; False if some was already streamed (a retry would repeat it)."""
+        if self.emitted and self.listener is not None:
             return False
+        self.emitted = 0
         self.tokens, self.text, self.finish_reason = [], "", None
         return True
 
@@ -151,6 +161,71 @@ class ClassifyJob(Job):
         return True
 
 
+class LiveBatch:
+    """One decode engine and the generation jobs whose rows it holds: `add` prefills jobs into the
+    engine (they join at its next step); `step` drops cancelled rows, gives every live row one
+    token and hands each token to its job, ending the jobs it finishes. The scheduler keeps one
+    for the server's life; after a failed step, each job is retried in a LiveBatch of its own."""
+
+    def __init__(self, engine: DecodeBatch, tok, stats: collections.Counter):
+        self.engine, self.tok, self.stats = engine, tok, stats
+        self.jobs: dict[int, GenJob] = {}  # row id -> job, until the engine hands the row back
+
+    @property
+    def finished(self) -> bool:
+        """Nothing decoding or joining (rows that finished at the last step still leave at the next)."""
+        return self.engine.finished
+
+    @property
+    def live(self) -> int:
+        """Jobs still decoding: the rows that count against max_batch."""
+        return sum(not j.finished for j in self.jobs.values())
+
+    def add(self, jobs: list[GenJob]) -> None:
+        """Prefill `jobs` (one key: the same decoding settings) now; they join at the next step.
+        Raises as the engine does, having added none of them."""
+        t0 = time.perf_counter()
+        cfg = jobs[0].config()
+        ids = self.engine.add([(j.prompt, j.ids) for j in jobs], cfg, max_new=[j.max_new for j in jobs],
+                              seeds=[j.seed for j in jobs] if cfg.sample else None)
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
+        self.stats["gen_rows"] += len(jobs)
+        self.jobs.update(zip(ids, jobs))
+
+    def step(self) -> None:
+        for rid, j in self.jobs.items():
+            if j.cancelled and not j.finished:  # its client left: the row leaves before the forward
+                self.engine.stop(rid)
+                self.stats["cancelled_jobs"] += 1
+                j.finish("cancelled")
+        t0 = time.perf_counter()
+        out = self.engine.step()
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        self.stats["decode_steps"] += bool(out)
+        self.stats["decode_rows"] += len(out)
+        self.stats["generated_tokens"] += len(out)
+        for rid, t in out.items():
+            j = self.jobs[rid]
+            if j.finished:
+                continue
+            if j.push(self.tok, t, t in self.engine.eos):
+                self.engine.stop(rid)  # a stop string (EOS has already ended the row)
+                j.finish("stop")
+            elif len(j.tokens) >= j.max_new:  # the engine ends the row at the same count
+                j.finish("length")
+        for rid in list(self.engine.results):  # rows that left at this step: forget them
+            row = self.engine.pop(rid)
+            j = self.jobs.pop(rid, None)
+            if j is not None and not j.finished:  # ended by the engine for a reason not handled above
+                j.finish("stop" if row.stopped_by_eos else "length")
+
+    def abandon(self) -> list[GenJob]:
+        """Forget every row (the engine failed, or the server is closing): the jobs not yet finished."""
+        left = [j for j in self.jobs.values() if not j.finished]
+        self.jobs = {}
+        return left
+
+
 class Scheduler:
     def __init__(self, model, tok, max_batch: int = 16, max_queue: int = 64, batch_wait_ms: float = 5.0,
                  live_prompts: Callable[[], list[torch.Tensor]] | None = None):
@@ -159,10 +234,16 @@ class Scheduler:
         self.live_prompts = live_prompts
         self.kv = PromptKV(model)
         self.stats: collections.Counter = collections.Counter()
+        # One engine for the server's life: on a GPU its CUDA graphs are captured once per bucket.
+        self.batch = self.new_batch()
+        self.in_flight = 0  # rows decoding, as of the worker's last step (read by /metrics)
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+
+    def new_batch(self) -> LiveBatch:
+        return LiveBatch(decode_batch_for(self.model, self.tok, self.kv), self.tok, self.stats)
 
     # ------------------------------------------------------------ the server's side
 
@@ -201,56 +282,70 @@ class Scheduler:
 
     # ------------------------------------------------------------ the worker thread
 
+    def _loop(self) -> None:
+        try:
+            while not self._closing:
+                jobs = self._take()
+                try:
+                    if jobs:
+                        self._retain()
+                        self._admit(jobs)
+                    if not self.batch.finished:
+                        self._step()
+                except Exception as e:  # a bug, not a request's fault: the worker must outlive it
+                    log.exception("scheduler iteration failed")
+                    for j in jobs + self.batch.abandon():
+                        j.fail(e)
+                    self.batch = self.new_batch()
+                self.in_flight = self.batch.live
+        finally:
+            for j in self.batch.abandon():  # closing: nobody waits for these any more
+                self.stats["cancelled_jobs"] += j.cancelled
+                j.finish("cancelled") if j.cancelled else j.fail(RuntimeError("the server is shutting down"))
+            self.in_flight = 0
+
     def _take(self) -> list[Job]:
+        """The jobs to admit now, in arrival order, up to max_batch rows in flight. Waits only when
+        nothing is decoding: for a first job, then `batch_wait` for company (a step of many rows
+        costs about as much as one of a few)."""
         with self._cv:
-            while not self._queue and not self._closing:
-                self._cv.wait(0.5)
+            if self.batch.finished:
+                while not self._queue and not self._closing:
+                    self._cv.wait(0.5)
+                deadline = time.monotonic() + self.batch_wait
+                while len(self._queue) < self.max_batch and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
             if self._closing:
                 return []
-            # Wait a little for company: a batch of many costs about as much per step as one alone.
-            deadline = time.monotonic() + self.batch_wait
-            while len(self._queue) < self.max_batch and not self._closing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            batch = []
-            while self._queue and len(batch) < self.max_batch:
-                batch.append(self._queue.popleft())
-        out = []
-        for j in batch:
+            room, taken = self.max_batch - self.batch.live, []
+            while self._queue and len(taken) < room:
+                taken.append(self._queue.popleft())
+        return taken
+
+    def _retain(self) -> None:
+        """Drop the cached KV of prompts unloaded meanwhile (rows already decoding hold their own copy)."""
+        if self.live_prompts is not None:
+            self.kv.retain(self.live_prompts())
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Classification jobs run now; generation jobs are prefilled and join at the next step."""
+        self.stats["batches"] += 1
+        self.stats["batch_jobs"] += len(jobs)
+        groups: dict[tuple, list[Job]] = {}
+        for j in jobs:
             if j.cancelled:  # its client left while it waited: it costs nothing more
                 self.stats["cancelled_jobs"] += 1
                 (j.finish("cancelled") if isinstance(j, GenJob) else j.fail(RuntimeError("cancelled")))
             else:
-                out.append(j)
-        return out
-
-    def _loop(self) -> None:
-        while not self._closing:
-            jobs = self._take()
-            if not jobs:
-                continue
-            try:
-                self._run_batch(jobs)
-            except BaseException as e:  # the worker must outlive anything a batch does
-                log.exception("batch failed")
-                for j in jobs:
-                    j.fail(e)
-            if self.live_prompts is not None:
-                self.kv.retain(self.live_prompts())  # drop the KV of prompts unloaded meanwhile
-
-    def _run_batch(self, jobs: list[Job]) -> None:
-        groups: dict[tuple, list[Job]] = {}
-        for j in jobs:
-            groups.setdefault(j.key(), []).append(j)  # dicts keep arrival order
-        self.stats["batches"] += 1
-        self.stats["batch_jobs"] += len(jobs)
+                groups.setdefault(j.key(), []).append(j)  # dicts keep arrival order
         for key, group in groups.items():
-            run = self._generate if key[0] != "classify" else self._classify
-            self._isolated(run, group)
+            self._isolated(self._classify if key[0] == "classify" else self.batch.add, group)
 
     def _isolated(self, run: Callable[[list], None], group: list[Job]) -> None:
+        """run(group); if it raises, run each job alone, so that only one that fails alone fails."""
         try:
             run(group)
             return
@@ -276,36 +371,44 @@ class Scheduler:
                 self.stats["failed_jobs"] += 1
                 j.fail(e)
 
-    @torch.no_grad()
-    def _generate(self, jobs: list[GenJob]) -> None:
-        j0 = jobs[0]
-        cfg = GenerateConfig(max_new_tokens=max(j.max_new for j in jobs), sample=j0.sample,
-                             temperature=j0.temperature, top_p=j0.top_p, repetition_penalty=j0.repetition_penalty)
-        dec = Decoding(self.model, self.tok, [(j.prompt, j.ids) for j in jobs], cfg, self.kv,
-                       max_new=[j.max_new for j in jobs], seeds=[j.seed for j in jobs] if j0.sample else None)
-        self.stats["gen_rows"] += len(jobs)
-        while not dec.finished:
-            for i, j in enumerate(jobs):
-                if j.cancelled:
-                    dec.stop(i)
-            step = dec.step()
-            for i, t in enumerate(step):
-                if t is None:
-                    continue
-                self.stats["generated_tokens"] += 1
-                if jobs[i].push(self.tok, t, t in dec.eos):
-                    dec.stop(i)
-            for i, j in enumerate(jobs):
-                if dec.done[i] and not j.finished:
-                    self.stats["cancelled_jobs"] += j.cancelled
-                    j.finish("cancelled" if j.cancelled else
-                             "stop" if (dec.stopped_by_eos[i] or j.finish_reason) else "length")
+    def _step(self) -> None:
+        try:
+            self.batch.step()
+        except Exception as e:  # the engine's state is unknown now: start a new one
+            jobs, self.batch = self.batch.abandon(), self.new_batch()
+            log.warning("a decode step of %d rows failed (%s: %s); retrying them one by one", len(jobs),
+                        type(e).__name__, e)
+            self.stats["batch_retries"] += 1
+            for j in jobs:
+                self._alone(j, e)
+
+    def _alone(self, job: GenJob, exc: Exception) -> None:
+        """Decode `job` again from its start in an engine of its own (the growing cache: nothing to
+        capture); it fails with `exc` if it already streamed text, or with its own error."""
+        if job.cancelled:
+            self.stats["cancelled_jobs"] += 1
+            job.finish("cancelled")
+            return
+        if not job.reset():
+            self.stats["failed_jobs"] += 1
+            job.fail(exc)
+            return
+        own = LiveBatch(DecodeBatch(self.model, self.tok, self.kv), self.tok, self.stats)
+        try:
+            own.add([job])
+            while not own.finished:
+                own.step()
+        except Exception as e:
+            self.stats["failed_jobs"] += 1
+            job.fail(e)
 
     @torch.no_grad()
     def _classify(self, jobs: list[ClassifyJob]) -> None:
+        t0 = time.perf_counter()
         self.stats["classify_rows"] += len(jobs)
         rows = [(j.prompt, j.ids) for j in jobs]
         scores = label_scores(self.model, rows, [j.candidates for j in jobs], pad_id(self.tok),
                               batch_size=sum(len(j.candidates) for j in jobs))
         for j, s in zip(jobs, scores.tolist()):
             j.future.set_result(s[:len(j.candidates)])
+        self.stats["classify_seconds"] += time.perf_counter() - t0

@@ -1,0 +1,59 @@
+"""The scheduler without HTTP, over both decode engines (the growing cache a CPU server runs, and
+the static slots a GPU server runs as CUDA graphs, here eagerly): jobs that arrive while a long
+one decodes join it, each with its own settings, and every result equals the job run alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.config import GenerateConfig
+from softprompt.decode import DecodeBatch
+from softprompt.generate import generate_batch
+from softprompt.serve.scheduler import GenJob, LiveBatch, Scheduler
+from softprompt.static_decode import StaticDecodeBatch
+from serve_helpers import held_step, wait_until
+
+
+def alone(model, tok, job: GenJob) -> list[int]:
+    """The job's tokens when it is the only row of a fresh engine (EOS dropped, as jobs do)."""
+    if not job.sample:
+        cfg = GenerateConfig(max_new_tokens=job.max_new, repetition_penalty=job.repetition_penalty)
+        return generate_batch(model, tok, [(job.prompt, job.ids)], cfg)[0]
+    engine = DecodeBatch(model, tok)
+    (i,) = engine.add([(job.prompt, job.ids)], job.config(), seeds=[job.seed])
+    while not engine.finished:
+        engine.step()
+    return [t for t in engine.pop(i).new if t not in engine.eos]
+
+
+@pytest.mark.parametrize("engine", ["growing", "static"])
+def test_jobs_joining_a_running_decode_equal_each_job_alone(llama_dir, monkeypatch, engine):
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(llama_dir))
+    sched = Scheduler(model, tok, max_batch=8)
+    if engine == "static":
+        sched.batch = LiveBatch(StaticDecodeBatch(model, tok, sched.kv, graphs=False), tok, sched.stats)
+    gen = torch.Generator().manual_seed(3)
+    p4, p7 = (torch.randn(n, model.config.hidden_size, generator=gen) * 0.5 for n in (4, 7))
+    ids = [tok(t).input_ids for t in ("Country: France\nFacts:", "Review: a dull", "Act as", "Country: Peru")]
+    first = GenJob(p4, ids[0], max_new=60)
+    later = [GenJob(None, ids[1], max_new=5), GenJob(p7, ids[2], max_new=9, sample=True, temperature=1.3, seed=11),
+             GenJob(p4, ids[3], max_new=12, repetition_penalty=3.0), GenJob(p7, ids[1], max_new=7, sample=True,
+                                                                              top_p=0.8, seed=5)]
+    stepped, go, sizes = held_step(sched, monkeypatch)
+    sched.start()
+    try:
+        sched.submit([first])
+        assert stepped.wait(20)  # the first job is decoding; the others arrive now
+        sched.submit(later)
+        go.set()
+        wait_until(lambda: all(j.finished for j in [first, *later]), "every job ends", limit=60)
+    finally:
+        sched.close()
+    for j in [first, *later]:
+        assert j.future.result()["tokens"] == alone(model, tok, j)
+    assert len(first.tokens) == 60  # premise: it decoded throughout
+    assert sizes[:2] == [1, 5]  # all four joined the running row at its second step...
+    assert sizes[-1] == 1 and sched.stats["decode_rows"] > sched.stats["decode_steps"]  # ...and left before it
+    assert sched.batch.finished and not sched.batch.jobs  # every row handed back and forgotten
