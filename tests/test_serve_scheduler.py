@@ -57,3 +57,28 @@ def test_jobs_joining_a_running_decode_equal_each_job_alone(llama_dir, monkeypat
     assert sizes[:2] == [1, 5]  # all four joined the running row at its second step...
     assert sizes[-1] == 1 and sched.stats["decode_rows"] > sched.stats["decode_steps"]  # ...and left before it
     assert sched.batch.finished and not sched.batch.jobs  # every row handed back and forgotten
+
+
+def test_close_ends_every_job_it_holds(llama_dir, monkeypatch):
+    """Closing with rows decoding and jobs queued: each job ends (an error, or 'cancelled' for one
+    whose client left), none is left waiting."""
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(llama_dir))
+    sched = Scheduler(model, tok, max_batch=2)
+    ids = tok("Country: Peru").input_ids
+    jobs = [GenJob(None, ids, max_new=200) for _ in range(4)]  # two decode, two wait for room
+    stepped, go, _ = held_step(sched, monkeypatch)
+    sched.start()
+    sched.submit(jobs)
+    assert stepped.wait(20)
+    jobs[1].cancelled = True
+    sched.close(timeout=0)  # while the worker is inside its step: the queued jobs end now...
+    assert jobs[2].finished and jobs[3].finished and not jobs[0].finished
+    go.set()
+    sched.close()  # ...and the decoding ones once the step returns
+    assert not sched.alive and all(j.finished for j in jobs)
+    assert jobs[1].future.result()["finish_reason"] == "cancelled"
+    for j in (jobs[0], jobs[2], jobs[3]):
+        with pytest.raises(RuntimeError, match="shutting down"):
+            j.future.result()

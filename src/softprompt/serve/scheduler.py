@@ -300,8 +300,11 @@ class Scheduler:
                 self.in_flight = self.batch.live
         finally:
             for j in self.batch.abandon():  # closing: nobody waits for these any more
-                self.stats["cancelled_jobs"] += j.cancelled
-                j.finish("cancelled") if j.cancelled else j.fail(RuntimeError("the server is shutting down"))
+                if j.cancelled:
+                    self.stats["cancelled_jobs"] += 1
+                    j.finish("cancelled")
+                else:
+                    j.fail(RuntimeError("the server is shutting down"))
             self.in_flight = 0
 
     def _take(self) -> list[Job]:
