@@ -168,6 +168,8 @@ class _FrozenHeadCE(torch.autograd.Function):
 def token_losses(model, h: torch.Tensor, y: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Per-token cross-entropy [N] for states h [N, H] and targets y [N]; chunked above
     `chunk_elements` logits."""
+    if h.shape[0] == 0:  # nothing supervised (rows of one token and no prompt to predict it)
+        return h.new_zeros(0, dtype=torch.float32).requires_grad_(h.requires_grad)
     head = model.get_output_embeddings()
     w, b = head.weight, getattr(head, "bias", None)
     n = max(1, chunk_elements // w.shape[0])
@@ -201,12 +203,13 @@ def supervised(model, prompt, batch, path: str = "auto"):
     h, last = text_hidden(model, prompt, batch.input_ids[:, :T], keep.long(), path)
     # States for tokens 0..T' (the last one predicted by the last kept input).
     first = last.expand(h.shape[0], -1)[:, None] if last is not None else h.new_zeros(h.shape[0], 1, h.shape[2])
-    states = torch.cat([first, h], dim=1)  # [B, T'+1, H]
-    sel = batch.targets[:, :T + 1] != -100
+    # [B, T'+1, H]; T' keeps at least one column, so rows of one token would give one state too many
+    states = torch.cat([first, h], dim=1)[:, :batch.targets.shape[1]]
+    sel = batch.targets[:, :states.shape[1]] != -100
     if last is None:
         sel[:, 0] = False  # nothing predicts the first token without a prompt
     rows = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
-    return states[sel], batch.targets[:, :T + 1][sel], rows
+    return states[sel], batch.targets[:, :states.shape[1]][sel], rows
 
 
 def batch_loss(model, prompt, batch, path: str = "auto", class_ids: torch.Tensor | None = None):
