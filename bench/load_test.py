@@ -9,8 +9,14 @@ It checks every concurrent answer equals its one-at-a-time answer (greedy decodi
 and prints requests/s and p50/p99 latency of both, writing them as JSON. Bounded: a fixed number of
 requests and a wall-clock limit per phase; loopback only.
 
+Where the time goes: each phase reports the scheduler thread's seconds in prefill and in decode
+steps, its mean rows per step and step time, and the latency Little's law predicts for C clients
+that always wait (C / throughput): when the scheduler is busy throughout and the measured mean
+latency matches that figure, latency is set by the compute per second, not by the scheduling.
+Each phase also records the machine's load (other people's jobs on a shared machine).
+
     python bench/load_test.py --model smollm2-135m-instruct --prompts 8 --clients 32 --requests 64 \\
-        --max-new-tokens 16 --out bench/results/load_test.json
+        --max-new-tokens 16 --threads 1 --out bench/results/load_test.json
 """
 from __future__ import annotations
 
@@ -25,21 +31,12 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from serve_common import MachineLoad, describe_load, make_prompts, percentile  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TASKS = [
-    "Classify the sentiment of the movie review as negative or positive.",
-    "Give the country's capital, continent and main language as key=value pairs.",
-    "Translate the English sentence into French.",
-    "Summarise the news article in one sentence.",
-    "Answer the trivia question with a short fact.",
-    "Act as a helpful travel guide and suggest places to visit.",
-    "Rewrite the sentence in a formal business tone.",
-    "Extract the person names mentioned in the text.",
-    "Write a short poem about the given topic.",
-    "Explain the programming concept to a beginner.",
-]
 INPUTS = [
     "Review: a dull, lifeless film with no surprises.\nSentiment:", "Country: Peru\nFacts:",
     "English: The weather is nice today.\nFrench:", "Article: The city council approved a new park budget.\nSummary:",
@@ -48,11 +45,6 @@ INPUTS = [
     "Topic: autumn leaves\nPoem:", "Concept: recursion\nExplanation:",
     "Review: a warm, funny and moving story.\nSentiment:", "Country: Kenya\nFacts:",
 ]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))]
 
 
 def run_phase(url: str, reqs: list[dict], clients: int, time_limit: float) -> dict:
@@ -96,6 +88,28 @@ def run_phase(url: str, reqs: list[dict], clients: int, time_limit: float) -> di
             "mean_seconds": statistics.fmean(lat) if lat else None}
 
 
+SCHED_STATS = ("batches", "batch_jobs", "decode_steps", "decode_rows", "prefill_seconds", "decode_seconds",
+               "classify_seconds", "generated_tokens")
+
+
+def measured(sched, url: str, reqs: list[dict], clients: int, time_limit: float) -> dict:
+    """run_phase, plus where the scheduler thread spent the phase and what else the machine ran."""
+    before = {k: sched.stats[k] for k in SCHED_STATS}
+    load = MachineLoad()
+    out = run_phase(url, reqs, clients, time_limit)
+    out["machine"] = load.stop()
+    d = {k: sched.stats[k] - before[k] for k in SCHED_STATS}
+    wall = out["wall_seconds"]
+    out["scheduler"] = {
+        **d, "busy_fraction": (d["prefill_seconds"] + d["decode_seconds"]) / wall if wall else None,
+        "mean_rows_per_step": d["decode_rows"] / d["decode_steps"] if d["decode_steps"] else None,
+        "mean_step_ms": 1000 * d["decode_seconds"] / d["decode_steps"] if d["decode_steps"] else None,
+        "mean_jobs_per_admission": d["batch_jobs"] / d["batches"] if d["batches"] else None}
+    rps = out["requests_per_second"]
+    out["littles_law_mean_seconds"] = clients / rps if rps else None  # C clients always waiting
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -107,29 +121,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase before it stops sending")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch's default; 1 is steadier on a machine shared with other jobs)")
     ap.add_argument("--out", default="bench/results/load_test.json")
     a = ap.parse_args(argv)
-    if a.prompts > len(TASKS):
-        ap.error(f"--prompts at most {len(TASKS)}")
+    if a.prompts > 10:
+        ap.error("--prompts at most 10")
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from softprompt.config import PromptConfig, ServeConfig
+    from softprompt.config import ServeConfig
     from softprompt.models import load_model
-    from softprompt.prompt import init_prompt, save_prompt
     from softprompt.serve import Running, create_app
 
     if a.threads:
         torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     tmp = Path(tempfile.mkdtemp(prefix="softprompt-load-"))
-    names = []
-    for k in range(a.prompts):
-        sp = init_prompt(model, tok, PromptConfig(a.virtual_tokens, "text", init_text=TASKS[k]))
-        save_prompt(sp, tmp / f"task{k}", {"model": a.model})
-        names.append(f"task{k}")
+    names = make_prompts(model, tok, tmp, a.prompts, a.virtual_tokens, a.model)
     cfg = ServeConfig(max_batch=a.max_batch, max_queue=max(64, 2 * a.clients), batch_wait_ms=a.batch_wait_ms,
                       max_new_tokens=max(256, a.max_new_tokens))
     app = create_app(model, tok, {n: str(tmp / n) for n in names}, cfg, model_name=a.model)
@@ -137,45 +146,64 @@ def main(argv: list[str] | None = None) -> int:
     # Every prompt gets requests with several different inputs; the list is fixed, so both phases match.
     reqs = [{"model": names[i % len(names)], "prompt": INPUTS[(i * 5 + i // len(names)) % len(INPUTS)],
              "max_tokens": a.max_new_tokens, "temperature": 0} for i in range(a.requests)]
+    sched = app.state.scheduler
     try:
         run_phase(server.url, reqs[:2], 1, a.time_limit)  # warm-up (first-use costs), not measured
-        sched = app.state.scheduler
-        b0, j0 = sched.stats["batches"], sched.stats["batch_jobs"]
-        batched = run_phase(server.url, reqs, a.clients, a.time_limit)
-        rows_per_batch = (sched.stats["batch_jobs"] - j0) / max(1, sched.stats["batches"] - b0)
-        single = run_phase(server.url, reqs, 1, a.time_limit)
+        batched = measured(sched, server.url, reqs, a.clients, a.time_limit)
+        single = measured(sched, server.url, reqs, 1, a.time_limit)
     finally:
         server.stop()
-    pairs = [(b, s) for b, s in zip(batched["results"], single["results"]) if b and s and b["ok"] and s["ok"]]
-    mismatches = sum(b["text"] != s["text"] for b, s in pairs)
-    strip = lambda p: {k: v for k, v in p.items() if k != "results"}  # noqa: E731
-    report = {
-        "model": a.model, "prompts": a.prompts, "virtual_tokens": a.virtual_tokens, "clients": a.clients,
-        "requests": a.requests, "max_new_tokens": a.max_new_tokens, "max_batch": a.max_batch,
-        "torch_threads": torch.get_num_threads(), "device": str(model.device),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
-        "batched": strip(batched), "one_at_a_time": strip(single), "mean_rows_per_batch": rows_per_batch,
-        "compared": len(pairs), "mismatches": mismatches,
-        "speedup_requests_per_second": (batched["requests_per_second"] / single["requests_per_second"]
-                                        if single["requests_per_second"] else None),
-        "examples": [{"model": r["model"], "prompt": r["prompt"], "text": s["text"]}
-                     for r, s in list(zip(reqs, single["results"]))[:3] if s],
-    }
-    print(f"{a.requests} requests, {a.prompts} prompts, {a.clients} clients, {a.max_new_tokens} new tokens each, "
-          f"model {a.model} on {report['machine']} ({report['torch_threads']} torch threads)")
-    for name, p in (("batched (concurrent)", batched), ("one at a time", single)):
-        fmt = lambda x: f"{1000 * x:.0f} ms" if x is not None else "n/a"  # noqa: E731
-        print(f"  {name:22s} {p['requests_per_second']:7.2f} req/s  p50 {fmt(p['p50_seconds'])}  "
-              f"p99 {fmt(p['p99_seconds'])}  errors {p['errors']}  not sent {p['not_sent']}  "
-              f"wall {p['wall_seconds']:.1f} s")
-    print(f"  speedup {report['speedup_requests_per_second'] or 0:.2f}x requests/s; {rows_per_batch:.1f} requests per "
-          f"batch on average; {len(pairs)} answers compared, {mismatches} differ from one-at-a-time")
+    report = summary(a, torch, model, reqs, batched, single)
+    print_report(a, report, batched, single)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"  wrote {a.out}")
-    ok = (batched["errors"] == 0 and single["errors"] == 0 and mismatches == 0
+    ok = (batched["errors"] == 0 and single["errors"] == 0 and report["mismatches"] == 0
           and batched["not_sent"] == 0 and single["not_sent"] == 0)
     return 0 if ok else 1
+
+
+def summary(a, torch, model, reqs: list[dict], batched: dict, single: dict) -> dict:
+    pairs = [(b, s) for b, s in zip(batched["results"], single["results"]) if b and s and b["ok"] and s["ok"]]
+    strip = lambda p: {k: v for k, v in p.items() if k != "results"}  # noqa: E731
+    ratio = lambda x, y: x / y if x and y else None  # noqa: E731
+    return {
+        "model": a.model, "prompts": a.prompts, "virtual_tokens": a.virtual_tokens, "clients": a.clients,
+        "requests": a.requests, "max_new_tokens": a.max_new_tokens, "max_batch": a.max_batch,
+        "scheduler": "continuous batching", "torch_threads": torch.get_num_threads(), "device": str(model.device),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
+        "batched": strip(batched), "one_at_a_time": strip(single),
+        "compared": len(pairs), "mismatches": sum(b["text"] != s["text"] for b, s in pairs),
+        "speedup_requests_per_second": ratio(batched["requests_per_second"], single["requests_per_second"]),
+        "p50_ratio": ratio(batched["p50_seconds"], single["p50_seconds"]),
+        "p99_ratio": ratio(batched["p99_seconds"], single["p99_seconds"]),
+        # The throughput at which C clients that always wait would see 1.5x the one-at-a-time p50.
+        "speedup_needed_for_p50_1_5x": ratio(a.clients / (1.5 * single["p50_seconds"]),
+                                             single["requests_per_second"]) if single["p50_seconds"] else None,
+        "examples": [{"model": r["model"], "prompt": r["prompt"], "text": s["text"]}
+                     for r, s in list(zip(reqs, single["results"]))[:3] if s],
+    }
+
+
+def print_report(a, report: dict, batched: dict, single: dict) -> None:
+    fmt = lambda x: f"{1000 * x:.0f} ms" if x is not None else "n/a"  # noqa: E731
+    print(f"{a.requests} requests, {a.prompts} prompts, {a.clients} clients, {a.max_new_tokens} new tokens each, "
+          f"model {a.model} on {report['machine']} ({report['torch_threads']} torch threads)")
+    for name, p in (("batched (concurrent)", batched), ("one at a time", single)):
+        sc = p["scheduler"]
+        print(f"  {name:22s} {p['requests_per_second']:7.2f} req/s  p50 {fmt(p['p50_seconds'])}  "
+              f"p99 {fmt(p['p99_seconds'])}  mean {fmt(p['mean_seconds'])}  errors {p['errors']}  "
+              f"not sent {p['not_sent']}  wall {p['wall_seconds']:.1f} s")
+        print(f"  {'':22s} scheduler: prefill {sc['prefill_seconds']:.1f} s, decode {sc['decode_seconds']:.1f} s "
+              f"({sc['decode_steps']} steps of {sc['mean_rows_per_step'] or 0:.1f} rows, "
+              f"{sc['mean_step_ms'] or 0:.0f} ms each), busy {100 * (sc['busy_fraction'] or 0):.0f}% of the wall; "
+              f"Little's law mean {fmt(p['littles_law_mean_seconds'])}")
+        print(f"  {'':22s} machine: {describe_load(p['machine'])}")
+    print(f"  speedup {report['speedup_requests_per_second'] or 0:.2f}x requests/s; "
+          f"p50 {report['p50_ratio'] or 0:.2f}x and p99 {report['p99_ratio'] or 0:.2f}x one-at-a-time; "
+          f"{report['compared']} answers compared, {report['mismatches']} differ from one-at-a-time")
+    print(f"  p50 at 1.5x one-at-a-time with {a.clients} clients always waiting needs "
+          f"{report['speedup_needed_for_p50_1_5x'] or 0:.1f}x the one-at-a-time throughput (Little's law)")
 
 
 if __name__ == "__main__":
