@@ -218,3 +218,40 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(llama_dir, countries_csv,
     (out / "checkpoint" / "state.json").write_text("{not json")
     with pytest.raises(SoftpromptError, match="corrupt JSON in .*state.json"):
         train(m, d, p, resume, quiet=True)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_schedule_is_transformers_entered_one_step_in(schedule, warmup):
+    """train.make_scheduler (transformers.get_scheduler) gives the schedule softprompt has always
+    used: warm-up (s+1)/(W+1) of the peak, never a step at lr 0, then linear/cosine decay to 0 at
+    the last step; a scheduler restored from its state_dict goes on with the same values."""
+    import math
+
+    from softprompt.train import make_scheduler
+
+    total, peak = 12, 0.1
+
+    def want(s):
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        frac = (s - warmup) / max(1, total - warmup)
+        return {"linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac)), "constant": 1.0}[schedule]
+
+    cfg = TrainConfig(schedule=schedule, warmup_steps=warmup, save_every=0)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=peak)
+    sched = make_scheduler(cfg, opt, total)
+    got = []
+    for s in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if s == 4:  # a resumed run builds a fresh scheduler and loads the saved state
+            opt2 = torch.optim.AdamW([p], lr=peak)
+            sched2 = make_scheduler(cfg, opt2, total)
+            opt2.load_state_dict(opt.state_dict())  # in rundir.load_checkpoint's order
+            sched2.load_state_dict(sched.state_dict())
+            opt, sched = opt2, sched2
+    assert got == pytest.approx([peak * want(s) for s in range(total)], rel=1e-12, abs=1e-15)
+    assert min(got) > 0

@@ -16,6 +16,7 @@ import json
 import math
 import string
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,15 +46,22 @@ def default_init_text(fmt: Formatter) -> str:
     return literal or "Continue the text in the same style."
 
 
-def lr_lambda(cfg: TrainConfig, total: int):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return max(0.0, 1 - frac) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-    return f
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # --schedule -> HF's name
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int):
+    """transformers' schedule (`get_scheduler`) entered one step in. Its warm-up starts at lr 0, which
+    would spend the first step on nothing; with W+1 warm-up steps out of total+1, entered at step 1,
+    step s gets (s+1)/(W+1) of the peak during warm-up and then HF's decay unchanged, the schedule
+    softprompt always had (the drift test's recorded losses). A checkpoint restores it exactly."""
+    from transformers import get_scheduler
+
+    sched = get_scheduler(SCHEDULES[cfg.schedule], opt, num_warmup_steps=cfg.warmup_steps + 1,
+                          num_training_steps=total + 1)
+    with warnings.catch_warnings():  # the step before any optimiser step is the point here
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        sched.step()
+    return sched
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -143,7 +151,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     total = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * per_epoch))
     params = method.parameters()
     opt = make_optimizer(tcfg, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg, total))
+    sched = make_scheduler(tcfg, opt, total)
     method.distribute(acc)
     meta = {"model": mcfg.model, "template": dcfg.template, "target": dcfg.target, "text_col": dcfg.text_col,
             "labels": fmt.label_words, "label_col": dcfg.label_col, "chat": dcfg.chat, "task": fmt.task,
