@@ -1,28 +1,20 @@
 """Measuring a phase of work: its peak memory above its start, and a model made resident first.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the phase's start;
-on CPU, the process's resident set size sampled every 10 ms from /proc, peak minus the value at
-the phase's start (after gc and malloc_trim), i.e. what the phase needs beyond the loaded base
-model: activations, gradients, optimiser state. RSS sampling can miss a spike shorter than 10 ms.
+on CPU, the process's resident set size (psutil) sampled every 10 ms, peak minus the value at the
+phase's start (after gc and malloc_trim), i.e. what the phase needs beyond the loaded base model:
+activations, gradients, optimiser state. RSS sampling can miss a spike shorter than 10 ms.
+malloc_trim stays a ctypes call: psutil reads memory but cannot make glibc hand freed heap pages
+back, and without that the next phase's baseline would include the last phase's garbage.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import threading
 
+import psutil
 import torch
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the lifetime peak is the best there is
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def release_memory() -> None:
@@ -48,11 +40,12 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.start = self.peak = 0
+        self.process = psutil.Process()
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, self.process.memory_info().rss)
 
     def __enter__(self) -> "PeakMemory":
         release_memory()
@@ -61,7 +54,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            self.start = self.peak = _rss_bytes()
+            self.start = self.peak = self.process.memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -73,7 +66,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, self.process.memory_info().rss)
 
     @property
     def extra_mb(self) -> float:
