@@ -9,7 +9,8 @@ import torch
 from softprompt.config import GenerateConfig
 from softprompt.decode import DecodeBatch
 from softprompt.generate import generate_batch
-from softprompt.serve.scheduler import GenJob, LiveBatch, Scheduler
+from softprompt.serve.jobs import GenJob
+from softprompt.serve.scheduler import LiveBatch, Scheduler
 from softprompt.static_decode import StaticDecodeBatch
 from serve_helpers import held_step, wait_until
 

@@ -20,7 +20,8 @@ from ..utils import SoftpromptError
 from .metrics import CLIENT_GONE, Metrics
 from .protocol import ApiError
 from .registry import Loaded, Registry
-from .scheduler import Job, QueueFull, Scheduler
+from .jobs import Job, QueueFull
+from .scheduler import Scheduler
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ...classify import label_token_ids
 from ...data import chat_wrap
 from ..context import Ctx, ServerContext
 from ..protocol import ApiError, ClassifyRequest
-from ..scheduler import ClassifyJob
+from ..jobs import ClassifyJob
 
 router = APIRouter(tags=["softprompt"])
 

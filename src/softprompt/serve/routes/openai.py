@@ -20,7 +20,7 @@ from ...utils import SoftpromptError
 from ..context import Ctx, ServerContext
 from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
 from ..registry import Loaded
-from ..scheduler import GenJob
+from ..jobs import GenJob
 
 router = APIRouter(tags=["openai"])
 
