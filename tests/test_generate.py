@@ -54,7 +54,15 @@ def test_sampling_is_seeded_and_penalty_changes_output(tiny):
 
 
 def test_step_wise_decoding_per_row_budgets_seeds_and_early_stop(tiny):
-    from softprompt.decode import Decoding
+    from softprompt.decode import DecodeBatch
+
+    def run(rows, cfg, **kw):
+        dec = DecodeBatch(model, tok)
+        ids = dec.add(rows, cfg, **kw)
+        steps = []
+        while not dec.finished:
+            steps.append(dec.step())
+        return dec, ids, steps
 
     model, tok = tiny
     torch.manual_seed(1)
@@ -62,24 +70,21 @@ def test_step_wise_decoding_per_row_budgets_seeds_and_early_stop(tiny):
     rows = [(None, tok("Country: Peru\nFacts:").input_ids), (p, tok("Act as").input_ids)]
     greedy = GenerateConfig(max_new_tokens=9)
     alone = [generate_batch(model, tok, [r], GenerateConfig(max_new_tokens=n))[0] for r, n in zip(rows, (3, 9))]
-    dec = Decoding(model, tok, rows, greedy, max_new=[3, 9])
-    steps = []
-    while not dec.finished:
-        steps.append(dec.step())
-    assert [t for t in dec.new[0] if t not in dec.eos] == alone[0] and len(dec.new[0]) <= 3
-    assert [t for t in dec.new[1] if t not in dec.eos] == alone[1]
-    assert all(s[0] is None for s in steps[3:])  # row 0 finished after its own budget
+    dec, ids, steps = run(rows, greedy, max_new=[3, 9])
+    new = [dec.pop(i).new for i in ids]
+    assert [t for t in new[0] if t not in dec.eos] == alone[0] and len(new[0]) <= 3
+    assert [t for t in new[1] if t not in dec.eos] == alone[1]
+    assert all(ids[0] not in s for s in steps[3:])  # row 0 finished after its own budget
     # Per-row seeds: a sampled row draws the same tokens whatever else shares its batch.
     samp = GenerateConfig(max_new_tokens=8, sample=True, temperature=1.5, top_p=1.0)
-    solo = Decoding(model, tok, rows[1:], samp, seeds=[7])
-    pair = Decoding(model, tok, rows, samp, seeds=[3, 7])
-    while not (solo.finished and pair.finished):
-        solo.step(), pair.step()
-    assert solo.new[0] == pair.new[1]
-    # stop(i) ends one row at once and leaves the others running to the same result.
-    dec = Decoding(model, tok, rows, greedy)
+    solo, (s1,), _ = run(rows[1:], samp, seeds=[7])
+    pair, (_, s2), _ = run(rows, samp, seeds=[3, 7])
+    assert solo.pop(s1).new == pair.pop(s2).new
+    # stop(id) ends one row at once and leaves the others running to the same result.
+    dec = DecodeBatch(model, tok)
+    ids = dec.add(rows, greedy)
     dec.step()
-    dec.stop(0)
+    dec.stop(ids[0])
     while not dec.finished:
         dec.step()
-    assert len(dec.new[0]) == 1 and [t for t in dec.new[1] if t not in dec.eos] == alone[1]
+    assert len(dec.pop(ids[0]).new) == 1 and [t for t in dec.pop(ids[1]).new if t not in dec.eos] == alone[1]

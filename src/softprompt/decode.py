@@ -11,8 +11,7 @@ batch's length (or the batch's to theirs) and stacked under it. Families whose w
 positions follow the key's column (families.needs_contiguous_rows) prefill each row alone, so
 that its prompt and text stay adjacent.
 
-`DecodeBatch` is the engine (the server's scheduler feeds it, generate.generate_batch drives it);
-`Decoding` is its fixed-batch view, for callers that start all rows at once.
+`DecodeBatch` is the engine (the server's scheduler feeds it, generate.generate_batch drives it).
 """
 from __future__ import annotations
 
@@ -285,43 +284,6 @@ class DecodeBatch:
             elif len(r.new) >= r.max_new:
                 r.done = True
         return picks, out
-
-
-class Decoding:
-    """A DecodeBatch whose rows all start together, indexed 0..n-1: `step()` returns a list with
-    each row's token (None once it has finished)."""
-
-    def __init__(self, model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
-                 kv: PromptKV | None = None, max_new: list[int] | None = None, seeds: list[int] | None = None):
-        self.batch = DecodeBatch(model, tok, kv)
-        self.ids = self.batch.add(rows, cfg, max_new, seeds)
-        self.eos = self.batch.eos
-        self.rows = {r.id: r for g in self.batch.joining for r in g.rows}
-
-    @property
-    def finished(self) -> bool:
-        return self.batch.finished
-
-    @property
-    def done(self) -> list[bool]:
-        return [self.rows[i].done for i in self.ids]
-
-    @property
-    def new(self) -> list[list[int]]:
-        return [self.rows[i].new for i in self.ids]
-
-    @property
-    def stopped_by_eos(self) -> list[bool]:
-        return [self.rows[i].stopped_by_eos for i in self.ids]
-
-    def stop(self, i: int) -> None:
-        self.batch.stop(self.ids[i])
-
-    def step(self) -> list[int | None]:
-        if self.finished:
-            return []
-        out = self.batch.step()
-        return [out.get(i) for i in self.ids]
 
 
 def eos_ids(model, tok) -> set[int]:
