@@ -69,21 +69,37 @@ class Parser(argparse.ArgumentParser):
         raise SoftpromptError((f"{command}: " if command else "") + " ".join(message.split()))
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every command listed; the flags of `only` (all commands' when None) added."""
+def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser with every command listed, and each command's own parser; the flags of
+    `only` (all commands' when None) added, `--config FILE` among them."""
     ap = Parser(prog="softprompt", description="Prompt tuning for frozen causal language models.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    parsers = {}
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
+        p = parsers[name] = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
         if only is None or only == name:
             cmd.load()[0](p)
-    return ap
+            p.add_argument("--config", metavar="FILE", default="",
+                           help="YAML or JSON file of this command's flags, in sections as a run's run_config.json "
+                                "(ModelConfig, DataConfig, ...; its other flags under the command's name); flags "
+                                "given here override it")
+    return ap, parsers
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    return build_parsers(only)[0]
 
 
 def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and argv[0] in COMMANDS else ""  # the top-level parser has no options but --help
-    args = build_parser(only=name).parse_args(argv)
+    ap, parsers = build_parsers(only=name)
+    args = ap.parse_args(argv)
+    if args.config:  # the file's values become defaults, then argv is parsed again over them
+        from .configfile import apply_config
+
+        apply_config(parsers[args.cmd], args.cmd, args)
+        args = ap.parse_args(argv)
     return COMMANDS[args.cmd].load()[1](args)
 
 

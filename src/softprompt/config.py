@@ -250,9 +250,17 @@ class ServeConfig:
 
 
 def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per dataclass field; booleans get --flag / --no-flag."""
+    """Add one flag per dataclass field; booleans get --flag / --no-flag. The parser's `config_fields`
+    default records which class each flag fills, for config files (configfile.py).
+
+    Kept rather than transformers' HfArgumentParser: that one is a whole parser built from a fixed
+    list of dataclasses (no subset of a class per command, as eval and compare take, inside a
+    sub-command table), and its parse_yaml_file/parse_json_file replace the flags instead of sitting
+    under them; ours is these twenty lines."""
     hints = get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__.replace("Config", "").lower())
+    parser.set_defaults(config_fields={**(parser.get_default("config_fields") or {}),
+                                       **{f.name: cls.__name__ for f in dataclasses.fields(cls) if f.name not in skip}})
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue

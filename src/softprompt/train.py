@@ -168,9 +168,11 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         if tcfg.overwrite:
             clear_run(run.out)
         run.out.mkdir(parents=True, exist_ok=True)
+        # Replayable (`train --config RUN/run_config.json --out NEW`): how --out was treated is not the run's.
         write_json(run.out / "run_config.json", {
-            **to_dict(mcfg, dcfg, pcfg, tcfg), "world_size": acc.num_processes, "train_examples": len(train_ex),
-            "eval_examples": len(eval_ex), "total_steps": total, "truncated": fmt.truncated,
+            **to_dict(mcfg, dcfg, pcfg, replace(tcfg, resume=False, overwrite=False)),
+            "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+            "total_steps": total, "truncated": fmt.truncated,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", "")})
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)

@@ -1,0 +1,81 @@
+"""Config files (`--config FILE.yaml|json`): a run's run_config.json replays it bit for bit, flags
+override the file, a command's own flags sit under its name, and a bad file is one error line."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt.cli import main
+
+
+def _train_argv(llama_dir, data, out):
+    return ["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(data),
+            "--template", "Country: {country}\\nEurope:", "--labels", "no,yes", "--label-col", "europe",
+            "--virtual-tokens", "3", "--max-steps", "3", "--batch-size", "4", "--eval-every", "2", "--lr", "0.05",
+            "--seed", "3", "--out", str(out)]
+
+
+def test_run_config_replays_the_run_bit_for_bit(llama_dir, countries_csv, tmp_path):
+    assert main(_train_argv(llama_dir, countries_csv, tmp_path / "a")) == 0
+    cfg = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    assert cfg["forward_path_taken"] and cfg["device"] == "cpu"  # top-level records, ignored on replay
+    assert main(["train", "--config", str(tmp_path / "a" / "run_config.json"), "--out", str(tmp_path / "b")]) == 0
+    a = load_file(tmp_path / "a" / "prompt.safetensors")["prompt_embeddings"]
+    b = load_file(tmp_path / "b" / "prompt.safetensors")["prompt_embeddings"]
+    assert a.numpy().tobytes() == b.numpy().tobytes()
+    # The replay's own record is the original's but for where it was written.
+    again = json.loads((tmp_path / "b" / "run_config.json").read_text())
+    again["TrainConfig"]["out"] = cfg["TrainConfig"]["out"]
+    assert again == cfg
+    # Without --out the replay would write into the original's folder: refused, nothing lost.
+    assert main(["train", "--config", str(tmp_path / "a" / "run_config.json")]) == 2
+    assert torch.equal(load_file(tmp_path / "a" / "prompt.safetensors")["prompt_embeddings"], a)
+
+
+def test_yaml_sections_command_flags_and_overrides(llama_dir, countries_csv, tmp_path, capsys):
+    f = tmp_path / "eval.yaml"
+    f.write_text(f"""
+ModelConfig: {{model: {llama_dir}, device: cpu}}
+DataConfig:
+  data: {countries_csv}
+  template: "Country: {{country}}\\nEurope:"
+  labels: no,yes
+  label_col: europe
+  limit: 20
+TrainConfig: {{lr: 0.5}}     # a section eval does not take: ignored
+eval: {{json: true, batch_size: 7}}
+notes: anything at the top level is ignored
+""")
+    assert main(["eval", "--config", str(f)]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["n"] == 20 and m["data"] == str(countries_csv)
+    assert main(["eval", "--config", str(f), "--limit", "5"]) == 0  # the flag wins
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('{"DataConfig": {"dataa": "x.csv"}}', "--config {f}: DataConfig: unknown key 'dataa' (known: "),
+    ('{"DataConfig": {"max_length": "many"}}', "--config {f}: DataConfig.max_length: expected int, got 'many'"),
+    ('{"DataConfig": {"max_length": 2.5}}', "--config {f}: DataConfig.max_length: expected int, got float 2.5"),
+    ('{"DataConfig": {"chat": "false"}}', "--config {f}: DataConfig.chat: expected bool, got str 'false'"),
+    ('{"DataConfig": [1]}', "--config {f}: DataConfig: expected a mapping"),
+    ('{"TrainingConfig": {}}', "--config {f}: unknown section 'TrainingConfig' (known: ModelConfig, "),
+    ('{"eval": {"promt": "x"}}', "--config {f}: eval: unknown key 'promt'"),
+    ('[1, 2]', "--config {f}: expected a mapping of sections"),
+    ('{"DataConfig": ', "--config: corrupt JSON in {f}"),
+])
+def test_a_bad_file_is_one_error_line(tmp_path, capsys, text, msg):
+    f = tmp_path / "c.json"
+    f.write_text(text)
+    assert main(["eval", "--config", str(f), "--text-col", "t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("softprompt: error: " + msg.format(f=f)), err
+
+
+def test_missing_and_unsupported_files(tmp_path, capsys):
+    assert main(["eval", "--config", str(tmp_path / "no.yaml")]) == 2
+    assert "--config: missing file" in capsys.readouterr().err
+    (tmp_path / "c.toml").write_text("")
+    assert main(["eval", "--config", str(tmp_path / "c.toml")]) == 2
+    assert "expected a .yaml, .yml or .json file" in capsys.readouterr().err
