@@ -22,6 +22,7 @@ class Example:
     loss_start: int         # ids[loss_start:] are supervised (0 = every token: language modelling)
     label: int = -1         # class index for classification data
     text: str = ""          # the input part, for display and generation
+    spans: tuple[tuple[int, int], ...] = ()  # supervised [start, end) ranges instead of ids[loss_start:] (chat)
 
 
 @dataclass
@@ -55,7 +56,8 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         n = len(e.ids)
         ids[i, :n] = torch.tensor(e.ids)
         mask[i, :n] = 1
-        targets[i, e.loss_start:n] = ids[i, e.loss_start:n]
+        for a, b in e.spans or ((e.loss_start, n),):
+            targets[i, a:b] = ids[i, a:b]
     labels = torch.tensor([e.label for e in examples])
     starts = torch.tensor([e.loss_start for e in examples])
     return Batch(ids, mask, targets, labels, starts)

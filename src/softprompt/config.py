@@ -91,7 +91,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = opt("", "Hub dataset id or local .csv/.tsv/.json/.jsonl file")
+    data: str = opt("", "Hub dataset id (NAME or NAME:CONFIG, e.g. stanfordnlp/sst2, nyu-mll/glue:sst2), a builder "
+                        "such as parquet or json with --data-files, a local folder of data files, or a local "
+                        ".csv/.tsv/.json/.jsonl/.parquet/.arrow file")
+    data_config: str = opt("", "configuration (subset) of the Hub dataset, e.g. sst2 for nyu-mll/glue (same as "
+                               "NAME:CONFIG)")
+    data_files: str = opt("", "comma-separated files or glob patterns that --data reads (a Hub dataset's files, or "
+                              "local ones for a builder: --data parquet --data-files 'train-*.parquet')")
     template: str = opt("", "input template naming columns in braces, e.g. 'Review: {sentence}\\nSentiment:'")
     target: str = opt("", "target template appended after --template (loss on target tokens only)")
     text_col: str = opt("", "train on this plain text column as language modelling (the classic recipe)")
@@ -101,13 +107,22 @@ class DataConfig:
     eval_data: str = opt("", "held-out file or dataset id; default: hold out --eval-fraction of --data")
     eval_fraction: float = opt(0.1, "fraction of --data held out for evaluation when --eval-data is not given")
     split: str = opt("train", "split to read from a Hub dataset")
+    eval_split: str = opt("", "split for evaluation: of --eval-data (default: validation when --split is train, "
+                              "else --split), or without --eval-data of --data itself instead of holding rows out")
     limit: int = opt(0, "use at most this many training rows (0 = all), taken after a seeded shuffle")
     eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all)")
     chat: bool = opt(False, "wrap the input in the model's chat template (instruct models)")
+    messages_col: str = opt("", "column of chat turns ([{role, content}, ...], as OpenAI's fine-tuning files): "
+                                "trains through the model's chat template with the loss on the assistant turns "
+                                "only (default: a 'messages' column, when no --template or --text-col is given)")
 
     def __post_init__(self):
         check_fields(self, {"max_length": 1, "limit": 0, "eval_limit": 0})
-        check_text(self, "template", "target", "text_col", "labels", "label_col")
+        check_text(self, "template", "target", "text_col", "labels", "label_col", "messages_col")
+        require(bool(self.eval_data) or not self.eval_split or self.eval_split != self.split,
+                f"--eval-split {self.eval_split!r} is the training --split: evaluate on another split")
+        require(not (self.messages_col and (self.template or self.text_col)),
+                "--messages-col trains on whole conversations: give it without --template or --text-col")
         require(0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
         check_template("template", self.template)
         check_template("target", self.target)

@@ -1,112 +1,30 @@
-"""Data: read rows from a local CSV/TSV/JSON/JSONL file or a Hub dataset, format them with a
-template, and tokenise them once into Examples (batching.py batches them).
+"""Data: rows (datasource.py reads them from files or the Hub) formatted with a template and
+tokenised once into Examples (batching.py batches them).
 
-Three ways to turn a row into a training example:
+Four ways to turn a row into a training example:
 - plain language modelling: `--text-col C`, or a `--template` with no target; loss on every token;
 - input/target: `--template` plus `--target` (also a template); loss on the target tokens only;
-- classification: `--template` plus `--labels a,b`; the row's label word is the target.
+- classification: `--template` plus `--labels a,b`; the row's label word is the target;
+- chat: a `messages` column (`--messages-col`), through the chat template, loss on the assistant
+  turns only (chat.py).
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 import re
 import string
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .batching import Example
+from .chat import chat_example
 from .classify import label_text
 from .config import DataConfig, is_unicode
+from .datasource import column_names, read_rows, take
 from .utils import SoftpromptError
 
-LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
-
-
-# ---------------------------------------------------------------- reading rows
-
-def read_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local file (by extension) or of a Hub dataset split."""
-    if not spec:
-        raise SoftpromptError("no data given: pass --data FILE_OR_DATASET_ID")
-    path = Path(spec).expanduser()
-    if path.suffix.lower() in LOCAL_EXTS or path.exists() or spec.startswith((".", "/", "~")):
-        if not path.is_file():
-            raise SoftpromptError(f"missing data file: {path}")
-        rows = _read_local(path)
-    else:
-        rows = _read_hub(spec, split)
-    if not rows:
-        raise SoftpromptError(f"no rows in {spec}")
-    return rows
-
-
-def _read_local(path: Path) -> list[dict[str, Any]]:
-    ext = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SoftpromptError(f"{path} is not UTF-8 text: {e}") from None
-    if ext in (".csv", ".tsv"):
-        # TSV as in GLUE: no quoting at all (sentences contain bare quotes).
-        csv.field_size_limit(sys.maxsize)  # some prompts run to 100k+ characters
-        buf = io.StringIO(text, newline="")  # quoted fields may span lines
-        reader = (csv.DictReader(buf, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
-                  else csv.DictReader(buf))
-        try:
-            rows = [dict(r) for r in reader]
-        except csv.Error as e:
-            raise SoftpromptError(f"corrupt {ext[1:].upper()} file {path}: {e}") from None
-        if reader.fieldnames is None:
-            raise SoftpromptError(f"no rows in {path}")
-        bad = [i + 1 for i, r in enumerate(rows) if None in r or any(v is None for v in r.values())]
-        if bad and len(bad) == len(rows):
-            raise SoftpromptError(f"{path}: wrong number of fields in every row (expected {len(reader.fieldnames)})")
-        if bad:  # real files have the odd broken row (awesome-chatgpt-prompts row 210): skip it, say so
-            print(f"[softprompt] warning: skipped {len(bad)} row(s) of {path} with the wrong number of fields "
-                  f"(rows {bad[:5]})", file=sys.stderr)
-            rows = [r for r in rows if None not in r and all(v is not None for v in r.values())]
-        return rows
-    if ext == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SoftpromptError(f"corrupt JSONL in {path} line {i + 1}: {e}") from None
-    else:
-        try:
-            obj = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise SoftpromptError(f"corrupt JSON in {path}: {e}") from None
-        if isinstance(obj, dict):  # {"data": [...]} or {"col": [values...]}
-            lists = [v for v in obj.values() if isinstance(v, list)]
-            if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
-                obj = lists[0]
-            elif lists and all(isinstance(v, list) and len(v) == len(lists[0]) for v in obj.values()):
-                obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
-        rows = obj
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise SoftpromptError(f"{path}: expected a list of objects, one per example")
-    return rows
-
-
-def _read_hub(spec: str, split: str) -> list[dict[str, Any]]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(spec, split=split)
-    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError, ValueError) as e:
-        raise SoftpromptError(
-            f"cannot load dataset {spec!r} (split {split!r}) from the Hugging Face Hub (unreachable or "
-            f"unknown: {str(e).splitlines()[0][:160]}); pass a local .csv/.tsv/.json/.jsonl file instead") from None
-    return [dict(r) for r in ds]
+__all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
 
 
 # ---------------------------------------------------------------- formatting
@@ -135,18 +53,24 @@ class Formatter:
     tok: Any
     label_words: list[str] = field(default_factory=list)
     truncated: int = 0
+    dropped: int = 0  # conversations with no assistant token within --max-length
 
     def __post_init__(self):
         c = self.cfg = replace(self.cfg)  # the config's own checks again, in case a field was changed since
+        if c.messages_col and not c.chat:  # a chat prompt: generation and serving wrap inputs the same way
+            c = self.cfg = replace(c, chat=True)
         self.template = unescape(c.template)
         self.target = unescape(c.target)
         self.label_words = c.label_words
-        if not (self.template or c.text_col):
-            raise SoftpromptError("say how to read each row: --text-col COLUMN or --template 'text with {column}'")
+        if not (self.template or c.text_col or c.messages_col):
+            raise SoftpromptError("say how to read each row: --text-col COLUMN, --template 'text with {column}' "
+                                  "or --messages-col COLUMN")
         self.needed = self.columns()
 
     @property
     def task(self) -> str:
+        if self.cfg.messages_col:
+            return "chat"
         return "classify" if self.label_words else ("target" if self.target else "lm")
 
     def columns(self) -> list[str]:
@@ -154,6 +78,8 @@ class Formatter:
         cols = [re.split(r"[.\[]", f)[0] for f in template_fields(self.template) + template_fields(self.target)]
         if self.cfg.text_col and not self.template:
             cols.append(self.cfg.text_col)
+        if self.cfg.messages_col:
+            cols.append(self.cfg.messages_col)
         if self.label_words:
             cols.append(self.cfg.label_col)
         return cols
@@ -207,8 +133,13 @@ class Formatter:
         """Token ids of every label word as they would follow `ex`'s input."""
         return self.label_ids(self.render_input(ex.text))
 
-    def encode(self, row: dict, where: str = "") -> Example:
+    def encode(self, row: dict, where: str = "") -> Example | None:
         self.check_columns(row, where)
+        if self.task == "chat":
+            ex, cut = chat_example(self.tok, row[self.cfg.messages_col], self.cfg.max_length, where)
+            self.truncated += cut
+            self.dropped += ex is None
+            return ex
         text = self.input_text(row, where)
         if not is_unicode(text):  # JSON may escape a lone surrogate ("\ud800"); no tokenizer takes one
             raise SoftpromptError(f"the input at {where} is not valid Unicode text: {text!r}")
@@ -240,29 +171,41 @@ class Formatter:
             raise SoftpromptError(f"empty target at {where}")
         return Example(prompt_ids + tgt, len(prompt_ids), label, text)
 
-    def encode_rows(self, rows: list[dict], where: str, numbers: list[int] | None = None) -> list[Example]:
+    def encode_rows(self, rows: Iterable[dict], where: str, numbers: list[int]) -> list[Example]:
         """Examples of `rows`; `numbers`: their 1-based row numbers in the file, for error messages."""
-        if not rows:
-            raise SoftpromptError(f"no rows in {where}")
         out = []
-        for i, r in enumerate(rows):
-            ex = self.encode(r, f"{where} row {numbers[i] if numbers else i + 1}")
-            if len(ex.ids) == 0:
-                continue
-            out.append(ex)
+        for r, n in zip(rows, numbers):
+            ex = self.encode(r, f"{where} row {n}")
+            if ex is not None and len(ex.ids):
+                out.append(ex)
+        if not numbers:
+            raise SoftpromptError(f"no rows in {where}")
         if not out:
-            raise SoftpromptError(f"no usable examples in {where} (every row tokenised to nothing)")
+            raise SoftpromptError(f"no usable examples in {where} (every row tokenised to nothing"
+                                  + (", or to no assistant token within --max-length)" if self.dropped else ")"))
         return out
 
 
+def resolve_columns(cfg: DataConfig, rows) -> DataConfig:
+    """A `messages` column trains a chat prompt when nothing else says how to read a row."""
+    if not (cfg.template or cfg.text_col or cfg.messages_col) and "messages" in column_names(rows):
+        return replace(cfg, messages_col="messages")
+    return cfg
+
+
 def load_splits(cfg: DataConfig, tok, seed: int = 0) -> tuple[Formatter, list[Example], list[Example]]:
-    """Formatter plus tokenised (train, eval) examples; eval is --eval-data or a held-out fraction."""
-    fmt = Formatter(cfg, tok)
-    rows = read_rows(cfg.data, cfg.split)
+    """Formatter plus tokenised (train, eval) examples; eval is --eval-data, --eval-split of --data,
+    or a held-out fraction. Rows are taken by index, so a Hub or Arrow dataset is never copied."""
+    rows = read_rows(cfg.data, cfg.split, cfg.data_config, cfg.data_files)
+    fmt = Formatter(resolve_columns(cfg, rows), tok)
     order = list(range(len(rows)))  # shuffled as row numbers, so that errors name the file's rows
     random.Random(seed).shuffle(order)
-    if cfg.eval_data:
-        eval_rows = read_rows(cfg.eval_data, "validation" if cfg.split == "train" else cfg.split)
+    eval_name = cfg.eval_data or (f"{cfg.data} ({cfg.eval_split})" if cfg.eval_split else f"{cfg.data} (held out)")
+    if cfg.eval_data or cfg.eval_split:
+        split = cfg.eval_split or ("validation" if cfg.split == "train" else cfg.split)
+        # --eval-data's own config and files are not --data's; the same dataset's other split shares them.
+        eval_rows = (read_rows(cfg.eval_data, split) if cfg.eval_data
+                     else read_rows(cfg.data, split, cfg.data_config, cfg.data_files))
         eval_order = list(range(len(eval_rows)))
     elif cfg.eval_fraction > 0:
         n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
@@ -275,7 +218,9 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0) -> tuple[Formatter, list[Ex
         order = order[: cfg.limit]
     if cfg.eval_limit:
         eval_order = eval_order[: cfg.eval_limit]
-    train = fmt.encode_rows([rows[i] for i in order], cfg.data, [i + 1 for i in order])
-    evals = fmt.encode_rows([eval_rows[i] for i in eval_order], cfg.eval_data or f"{cfg.data} (held out)",
-                            [i + 1 for i in eval_order]) if eval_order else []
+    train = fmt.encode_rows(take(rows, order), cfg.data, [i + 1 for i in order])
+    evals = fmt.encode_rows(take(eval_rows, eval_order), eval_name, [i + 1 for i in eval_order]) if eval_order else []
+    if fmt.dropped:
+        print(f"[softprompt] warning: skipped {fmt.dropped} conversation(s) with no assistant token within "
+              f"--max-length {cfg.max_length}", file=sys.stderr)
     return fmt, train, evals

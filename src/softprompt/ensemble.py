@@ -73,7 +73,7 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
     if model is None:
         model, tok = load_model(mcfg)
     prompts = [load_prompt(d, model).embeds.detach() for d in prompt_dirs]
-    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data=""), tok)
+    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")
     scores = ensemble_scores(model, prompts, fmt, rows, progress=progress)
@@ -95,7 +95,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
-    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit"))
+    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
     parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders (two or more)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 

@@ -85,7 +85,7 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
     if model is None:
         model, tok = load_model(mcfg)
     p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)
-    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data=""), tok)
+    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok)
     return {"prompt": prompt, "model": mcfg.model, "data": dcfg.data,
             **evaluate(model, tok, p, fmt, rows, batch_size=batch_size, progress=True)}
 
@@ -94,7 +94,7 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
-    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit"))
+    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
     parser.add_argument("--prompt", default="none", help="prompt folder, or 'none' for the untuned model")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")

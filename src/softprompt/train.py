@@ -139,6 +139,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
         model, tok = load_model(mcfg)
     model.to(acc.device)
     fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
+    dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
     method = METHODS[tcfg.method].setup(model, tok, pcfg, tcfg, fmt.label_words, default_init_text(fmt),
                                         fmt.render_input(train_ex[0].text))

@@ -1,0 +1,100 @@
+"""Data through `datasets`: parquet and arrow files, a builder over --data-files, a Hub-style dataset
+folder with named configs (NAME:CONFIG / --data-config) and splits (--split, --eval-split), all
+giving the same examples as the same rows in a JSONL file; Arrow data stays Arrow (no second copy
+as Python lists); offline, a Hub id is one error line."""
+import json
+
+import datasets
+import pyarrow as pa
+import pytest
+
+from softprompt.config import DataConfig
+from softprompt.data import load_splits
+from softprompt.datasource import read_rows, take
+from softprompt.utils import SoftpromptError
+
+ROWS = [{"sentence": f"film number {i} was {'good' if i % 3 else 'bad'}", "label": int(i % 3 != 0)} for i in range(30)]
+DEV = [{"sentence": f"dev film {i} was {'fine' if i % 2 else 'dull'}", "label": i % 2} for i in range(8)]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(data, **kw):
+    return DataConfig(data=str(data), template="Review: {sentence}\\nSentiment:", labels="negative,positive", **kw)
+
+
+def _ids(examples):
+    return [(e.ids, e.loss_start, e.label) for e in examples]
+
+
+@pytest.fixture
+def tok(tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def test_parquet_arrow_and_builder_files_equal_jsonl(tmp_path, tok):
+    ref = load_splits(_cfg(_jsonl(tmp_path / "d.jsonl", ROWS), eval_fraction=0.2), tok, seed=1)
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_stream(sink, ds.data.schema) as w:
+        w.write_table(ds.data.table)
+    ds.select(range(12)).to_parquet(str(tmp_path / "a.parquet"))
+    ds.select(range(12, 30)).to_parquet(str(tmp_path / "b.parquet"))
+    for data, kw in [(tmp_path / "d.parquet", {}), (tmp_path / "d.arrow", {}),
+                     ("parquet", {"data_files": f"{tmp_path / 'a.parquet'},{tmp_path / 'b.parquet'}"})]:
+        fmt, tr, ev = load_splits(_cfg(data, eval_fraction=0.2, **kw), tok, seed=1)
+        assert _ids(tr) == _ids(ref[1]) and _ids(ev) == _ids(ref[2]), data
+    rows = read_rows(str(tmp_path / "d.parquet"))
+    assert isinstance(rows, datasets.Dataset)  # memory-mapped Arrow, rows built one at a time
+    assert list(take(rows, [3, 1])) == [ROWS[3], ROWS[1]]
+
+
+def _hub_style_folder(root):
+    """A dataset repository as the Hub holds one: data files per config and split, the configs
+    declared in the README's YAML header."""
+    for config, rows, dev in (("sst2", ROWS, DEV), ("tiny", ROWS[:4], DEV[:2])):
+        d = root / "data" / config
+        d.mkdir(parents=True)
+        datasets.Dataset.from_list(rows).to_parquet(str(d / "train.parquet"))
+        datasets.Dataset.from_list(dev).to_parquet(str(d / "validation.parquet"))
+    (root / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: data/{c}/train.parquet\n"
+        f"  - split: validation\n    path: data/{c}/validation.parquet\n" for c in ("sst2", "tiny")) + "---\n")
+    return root
+
+
+def test_named_config_and_eval_split_of_a_dataset_repository(tmp_path, tok):
+    repo = _hub_style_folder(tmp_path / "glue")
+    ref_train = load_splits(_cfg(_jsonl(tmp_path / "t.jsonl", ROWS), eval_fraction=0), tok, seed=2)[1]
+    ref_dev = load_splits(_cfg(_jsonl(tmp_path / "v.jsonl", DEV), eval_fraction=0), tok)[1]
+    for cfg in (_cfg(f"{repo}:sst2", eval_split="validation"), _cfg(repo, data_config="sst2", eval_split="validation")):
+        _, tr, ev = load_splits(cfg, tok, seed=2)
+        assert _ids(tr) == _ids(ref_train) and sorted(_ids(ev)) == sorted(_ids(ref_dev))
+    _, tr, _ = load_splits(_cfg(f"{repo}:tiny", eval_fraction=0), tok)
+    assert len(tr) == 4
+    # The eval side's --split: `eval` reads one split of the dataset.
+    _, dev, _ = load_splits(_cfg(f"{repo}:sst2", split="validation", eval_fraction=0), tok)
+    assert sorted(_ids(dev)) == sorted(_ids(ref_dev))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"data": "x.csv", "eval_split": "train"}, "--eval-split 'train' is the training --split"),
+    ({"data": "org/set:a", "data_config": "b"}, "--data 'org/set:a' names config 'a' but --data-config says 'b'"),
+    ({"data": "no-such-org/no-such-set:cfg"},
+     "cannot load dataset 'no-such-org/no-such-set' (config 'cfg', split 'train') from the Hugging Face Hub"),
+])
+def test_refused_with_one_line(tok, kw, msg):
+    with pytest.raises(SoftpromptError) as e:
+        load_splits(DataConfig(text_col="t", **kw), tok)
+    assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+def test_a_corrupt_parquet_file(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SoftpromptError, match="cannot read .*bad.parquet"):
+        read_rows(str(tmp_path / "bad.parquet"))
