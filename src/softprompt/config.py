@@ -24,6 +24,7 @@ FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")  # forward.py's pa
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -185,9 +186,14 @@ class TrainConfig:
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "
                       "weight instead (no prompt; saves the whole model in OUT/model; use a small --lr "
                       "such as 2e-5; one process, no --resume)", choices=["prompt", "full"])
+    report_to: str = opt("none", "experiment trackers, through accelerate's: none, tensorboard (event files in "
+                                 "OUT/tensorboard), wandb, mlflow, a comma-separated list, or all (every one of the "
+                                 "three installed); metrics.jsonl is written either way")
 
     def __post_init__(self):
         require(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
+        bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        require(not bad, f"unknown --report-to {','.join(bad)!r}: choose from {', '.join(TRACKERS)}")
         require(self.lr >= 0, f"--lr {self.lr}: need --lr >= 0 (0 = auto)")
         check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
                             "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1})

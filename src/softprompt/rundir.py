@@ -22,7 +22,7 @@ CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 # Everything a run writes into its folder (the prompt or the fine-tuned model, records, checkpoint).
 RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METRICS, "summary.json", "loss.png",
-             CHECKPOINT, "model"}
+             CHECKPOINT, "model", "tensorboard", "wandb", "mlflow"}  # the last three: --report-to's trackers
 
 
 def check_out(out: Path, resume: bool, overwrite: bool) -> None:

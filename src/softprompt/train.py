@@ -17,7 +17,7 @@ import math
 import string
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +33,7 @@ from .evaluate import evaluate
 from .forward import batch_loss
 from .inits import resolve
 from .methods import METHODS
+from . import trackers as tracking
 from .models import load_model
 from .rundir import append_metrics, check_out, clear_run, load_checkpoint, plot_metrics, save_checkpoint, start_metrics
 from .utils import SoftpromptError, count_params, seed_everything, weights_hash, write_json
@@ -111,6 +112,7 @@ class Run:
     path: str = "auto"                   # the forward path taken (cuda_graphs.training_path) ...
     path_reason: str = ""                # ... and why
     graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
+    trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
 
     @property
     def out(self) -> Path:
@@ -123,6 +125,7 @@ class Run:
     def log(self, rec: dict[str, Any]) -> None:
         if self.main:
             append_metrics(self.out, rec)
+            tracking.log(self.acc, self.trackers, rec)
 
 
 def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig, model=None, tok=None,
@@ -133,7 +136,9 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
 
     mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
     check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)
-    acc = Accelerator(cpu=mcfg.device == "cpu")
+    trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
+    acc = Accelerator(cpu=mcfg.device == "cpu",
+                      **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
     seed_everything(tcfg.seed)
     if model is None:
         model, tok = load_model(mcfg)
@@ -161,7 +166,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     path, why = training_path(model, tcfg.forward_path, acc.num_processes, tcfg.method == "prompt")
     graphed = GraphedStep(model, method.prompt.embeds, pad_id(tok), class_ids) if path == "graphed" else None
     run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
-              total, meta, weights_hash(model), state, path, why, graphed)
+              total, meta, weights_hash(model), state, path, why, graphed, trackers)
     if tcfg.resume:
         run.state = load_checkpoint(run.out, method, opt, sched)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
@@ -170,13 +175,15 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             clear_run(run.out)
         run.out.mkdir(parents=True, exist_ok=True)
         # Replayable (`train --config RUN/run_config.json --out NEW`): how --out was treated is not the run's.
-        write_json(run.out / "run_config.json", {
+        record = {
             **to_dict(mcfg, dcfg, pcfg, replace(tcfg, resume=False, overwrite=False)),
             "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
             "total_steps": total, "truncated": fmt.truncated,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
-            "dtype": str(model.dtype).replace("torch.", "")})
+            "dtype": str(model.dtype).replace("torch.", "")}
+        write_json(run.out / "run_config.json", record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
+        tracking.start(acc, trackers, run.out, record)
     return run
 
 
@@ -317,6 +324,8 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
                                       "capture_seconds": round(g.capture_seconds, 3), "disabled": g.disabled}
         write_json(run.out / "summary.json", summary)
         plot_metrics(run.out)
+        if run.trackers:
+            run.acc.end_training()
     run.acc.wait_for_everyone()
     return summary
 
