@@ -255,3 +255,17 @@ def test_schedule_is_transformers_entered_one_step_in(schedule, warmup):
             opt, sched = opt2, sched2
     assert got == pytest.approx([peak * want(s) for s in range(total)], rel=1e-12, abs=1e-15)
     assert min(got) > 0
+
+
+def test_resume_of_a_checkpoint_saved_before_the_shifted_schedule(llama_dir, countries_csv, tmp_path):
+    """Checkpoints written before train.make_scheduler counted the scheduler one step fewer (same
+    learning rate in the optimiser): resuming one still gives the uninterrupted run's prompt."""
+    full = train(*_cfgs(llama_dir, countries_csv, tmp_path / "a", keep_best=False), quiet=True)
+    train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False), stop_after=5, quiet=True)
+    f = tmp_path / "b" / "checkpoint" / "scheduler.pt"
+    sd = torch.load(f, weights_only=True)
+    sd["last_epoch"] -= 1  # the old layout: last_epoch == step
+    torch.save(sd, f)
+    resumed = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False, resume=True), quiet=True)
+    assert resumed["steps"] == full["steps"]
+    assert torch.equal(load_prompt(tmp_path / "a").embeds, load_prompt(tmp_path / "b").embeds)

@@ -92,6 +92,8 @@ def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise SoftpromptError(f"--resume: {ckpt / 'state.json'} holds no step count")
+    if sched.last_epoch == state["step"]:  # saved before the schedule was entered one step in (train.make_scheduler)
+        sched.last_epoch += 1
     return state
 
 
