@@ -42,6 +42,11 @@ COMMANDS: dict[str, Command] = {
                            functions=("add_export_arguments", "run_export")),
     "import-peft": Command("softprompt.peft_io", "convert a PEFT prompt-tuning adapter into a softprompt folder",
                            functions=("add_import_arguments", "run_import")),
+    "push": Command("softprompt.hub", "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
+                    "Upload a prompt folder to a Hub model repository: softprompt's files and the run's records, "
+                    "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
+                    "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "
+                    "prompt folder also takes hf://REPO_ID[@REVISION]."),
     "compare": Command("softprompt.compare", "prompt engineering vs prompt tuning vs full fine-tuning, measured",
                        "Run prompt engineering (zero-/k-shot), prompt tuning and full fine-tuning on one split; "
                        "report trainable parameters, artifact size, peak memory, training time, inference time per "

@@ -96,7 +96,7 @@ def format_report(r: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
     add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders (two or more)")
+    parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders or hf://REPO_ID[@REV] (two or more)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 

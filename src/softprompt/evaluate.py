@@ -95,7 +95,7 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
     add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("--prompt", default="none", help="prompt folder, or 'none' for the untuned model")
+    parser.add_argument("--prompt", default="none", help="prompt folder or hf://REPO_ID[@REV], or 'none' for the untuned model")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 

@@ -69,7 +69,8 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
     add_args(parser, GenerateConfig)
-    parser.add_argument("--prompt", default="", help="prompt folder (default: none, the untuned model)")
+    parser.add_argument("--prompt", default="", help="prompt folder or hf://REPO_ID[@REV] (default: none, the "
+                                                     "untuned model)")
     parser.add_argument("--compare", action="store_true", help="show the untuned model's output beside the tuned one")
     parser.add_argument("--chat", action="store_true", help="wrap TEXT in the model's chat template")
     parser.add_argument("--json", action="store_true", help="print JSON")

@@ -58,7 +58,7 @@ def format_inspection(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- the `inspect` command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder")
+    parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder or hf://REPO_ID[@REV]")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the model the prompt was trained for")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--top-k", type=int, default=5, help="neighbours per virtual token")

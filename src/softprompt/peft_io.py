@@ -68,10 +68,13 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
 
 
 def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = None) -> Path:
-    """PEFT prompt-tuning adapter folder -> softprompt folder (written atomically)."""
+    """PEFT prompt-tuning adapter folder (or `hf://REPO_ID[@REV]`) -> softprompt folder (written atomically)."""
     from safetensors.torch import save_file
 
-    peft_dir = Path(peft_dir)
+    from .hub import download, is_hub
+
+    source = str(peft_dir)
+    peft_dir = download(peft_dir) if is_hub(peft_dir) else Path(peft_dir)
     cfg = read_json(peft_dir / ADAPTER_CONFIG)
     if cfg.get("peft_type") != "PROMPT_TUNING":
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: peft_type is {cfg.get('peft_type')!r}, "
@@ -89,7 +92,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     ours = peft_dir / "softprompt_config.json"
     meta = read_json(ours) if ours.is_file() else {"init": "peft"}
     meta.update({"format": "softprompt/1", "model": model_name or cfg.get("base_model_name_or_path", ""),
-                 "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": str(peft_dir)})
+                 "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": source})
     with atomic_dir(out) as tmp:
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -99,7 +102,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
 # ---------------------------------------------------------------- the `export-peft` and `import-peft` commands
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt_dir", metavar="DIR", help="softprompt prompt folder")
+    parser.add_argument("prompt_dir", metavar="DIR", help="softprompt prompt folder or hf://REPO_ID[@REV]")
     parser.add_argument("out", metavar="OUT", help="PEFT adapter folder to write")
     parser.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the prompt's)")
 
@@ -111,7 +114,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("peft_dir", metavar="PEFT_DIR",
-                        help="folder with adapter_config.json + adapter_model.safetensors")
+                        help="folder with adapter_config.json + adapter_model.safetensors, or hf://REPO_ID[@REV]")
     parser.add_argument("out", metavar="OUT", help="softprompt prompt folder to write")
     parser.add_argument("--model", default=None, help="model name to record (default: the adapter's base model)")
 

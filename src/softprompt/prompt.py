@@ -102,8 +102,11 @@ def read_prompt_tensor(weights: Path, kind: str) -> torch.Tensor:
 
 
 def load_prompt(path: str | Path, model=None) -> SoftPrompt:
-    """Load a prompt folder (or a bare .safetensors file); check it fits `model` when given."""
-    path = Path(path)
+    """Load a prompt folder (or a bare .safetensors file, or `hf://REPO_ID[@REV]`, hub.py); check it
+    fits `model` when given."""
+    from .hub import download, is_hub
+
+    path = download(path) if is_hub(path) else Path(path)
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():
         if (path / "adapter_model.safetensors").is_file():

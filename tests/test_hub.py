@@ -1,0 +1,116 @@
+"""The Hub, offline: `push`'s upload (softprompt files + PEFT layout + card) written to a local folder
+and read by both softprompt and PEFT; `hf://REPO_ID[@REV]` and PEFT's own from_pretrained read the
+same files from huggingface_hub's cache layout; the network's absence is one error line."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from softprompt.cli import main
+from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.hub import prepare_upload
+from softprompt.prompt import load_prompt
+from softprompt.train import train
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def run_dir(llama_dir, tmp_path_factory):
+    import csv
+
+    from conftest import EXAMPLES
+
+    root = tmp_path_factory.mktemp("hub")
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()]
+    data = root / "c.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["country", "europe"])
+        w.writerows([r["country"], int(r["continent"] == "Europe")] for r in rows)
+    out = root / "run"
+    train(ModelConfig(model=str(llama_dir), device="cpu"),
+          DataConfig(data=str(data), template="Country: {country}\\nEurope:", labels="no,yes", label_col="europe"),
+          PromptConfig(virtual_tokens=3, init="labels"),
+          TrainConfig(out=str(out), max_steps=2, batch_size=4, eval_every=2, save_every=0), quiet=True)
+    return out
+
+
+def test_upload_layout_and_card(run_dir, llama_dir, tmp_path):
+    up = prepare_upload(run_dir, tmp_path / "up", "someone/countries-europe")
+    names = {p.name for p in up.iterdir()}
+    assert {"prompt.safetensors", "prompt_config.json", "adapter_config.json", "adapter_model.safetensors",
+            "README.md", "run_config.json", "summary.json", "metrics.jsonl"} <= names
+    assert "checkpoint" not in names
+    ours = load_prompt(run_dir).embeds
+    assert torch.equal(load_prompt(up).embeds, ours)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(up / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == str(llama_dir)
+    assert {"softprompt", "prompt-tuning", "peft"} <= set(card.data.tags)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    acc = f"{100 * summary['final_eval']['accuracy']:.2f}%"
+    base_acc = f"{100 * summary['untuned_eval']['accuracy']:.2f}%"
+    assert f"| accuracy | {base_acc} | {acc} |" in card.text
+    assert "| task | classify |" in card.text and '"Country: {country}\\\\nEurope:"' in card.text
+    assert "PeftModel.from_pretrained(base, 'someone/countries-europe')" in card.text
+    # PEFT reads the same folder: its prompt is ours, bit for bit.
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(up))
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight.detach(), ours)
+
+
+def _cache(root, repo_id, folder, ref="main", sha="a" * 40):
+    """huggingface_hub's cache layout: models--org--name/{refs/REF, snapshots/SHA/...}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(sha)
+    return repo
+
+
+def test_hf_uri_and_peft_read_the_hub_cache(run_dir, llama_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    up = prepare_upload(run_dir, tmp_path / "up", "someone/countries-europe")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    _cache(tmp_path / "cache", "someone/countries-europe", up)
+    _cache(tmp_path / "cache", "someone/countries-europe", up, ref="v1", sha="b" * 40)
+    ours = load_prompt(run_dir).embeds
+    for uri in ("hf://someone/countries-europe", "hf://someone/countries-europe@v1", "hf:/someone/countries-europe"):
+        assert torch.equal(load_prompt(uri).embeds, ours), uri
+    # The CLI: eval scores the cached prompt as it scores the run folder.
+    data = ["--model", str(llama_dir), "--device", "cpu", "--data", str(run_dir.parent / "c.csv"), "--template",
+            "Country: {country}\\nEurope:", "--labels", "no,yes", "--label-col", "europe", "--json"]
+    assert main(["eval", *data, "--prompt", str(run_dir)]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(["eval", *data, "--prompt", "hf://someone/countries-europe"]) == 0
+    hub = json.loads(capsys.readouterr().out)
+    assert hub["accuracy"] == local["accuracy"] and hub["loss"] == local["loss"]
+    assert main(["import-peft", "hf://someone/countries-europe@v1", str(tmp_path / "back")]) == 0
+    assert torch.equal(load_prompt(tmp_path / "back").embeds, ours)
+    # PEFT's own loader, given the repository id, finds the same files in the cache.
+    from transformers import AutoModelForCausalLM
+
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), "someone/countries-europe")
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight.detach(), ours)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["export-peft", "hf://someone/not-cached", "OUT"],
+     "cannot download prompt hf://someone/not-cached from the Hugging Face Hub"),
+    (["export-peft", "hf://a/b/c", "OUT"], "hf://a/b/c: expected hf://REPO_ID or hf://REPO_ID@REVISION"),
+    (["push", "{run}", "someone/x"], "cannot push to the Hugging Face Hub as someone/x (offline, unreachable"),
+])
+def test_offline_is_one_error_line(run_dir, argv, msg, capsys):
+    assert main([a.format(run=run_dir) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("softprompt: error: " + msg), err
+
+
+def test_push_local_dir_from_the_command_line(run_dir, tmp_path, capsys):
+    assert main(["push", str(run_dir), "someone/x", "--local-dir", str(tmp_path / "up")]) == 0
+    assert (tmp_path / "up" / "adapter_model.safetensors").is_file()
