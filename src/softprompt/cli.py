@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
                     "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
                     "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "
                     "prompt folder also takes hf://REPO_ID[@REVISION]."),
+    "lm-eval": Command("softprompt.lmeval", "score a prompt on lm-evaluation-harness tasks",
+                       "lm-evaluation-harness with the softprompt model: lm_eval's own flags (--model_args "
+                       "pretrained=MODEL,prompt=DIR --tasks T --include_path FOLDER ...), its Python API, "
+                       "softprompt's scoring. Needs the lm-eval extra."),
     "compare": Command("softprompt.compare", "prompt engineering vs prompt tuning vs full fine-tuning, measured",
                        "Run prompt engineering (zero-/k-shot), prompt tuning and full fine-tuning on one split; "
                        "report trainable parameters, artifact size, peak memory, training time, inference time per "
