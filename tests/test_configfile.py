@@ -79,3 +79,23 @@ def test_missing_and_unsupported_files(tmp_path, capsys):
     (tmp_path / "c.toml").write_text("")
     assert main(["eval", "--config", str(tmp_path / "c.toml")]) == 2
     assert "expected a .yaml, .yml or .json file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sst2.yaml", "awesome-chatgpt-prompts.yaml", "bloomz-560m-classic.yaml"])
+def test_shipped_example_configs_are_valid_train_configs(name):
+    """Every key of the examples is a flag of `train`, of its type, and the configs pass their checks."""
+    from conftest import ROOT
+
+    from softprompt.cli import build_parsers
+    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, from_args
+    from softprompt.configfile import apply_config, read_config
+
+    path = ROOT / "examples" / name
+    ap, parsers = build_parsers("train")
+    argv = ["train", "--config", str(path)]
+    apply_config(parsers["train"], "train", ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig):
+        cfg = from_args(cls, args)
+        for key, value in read_config(path).get(cls.__name__, {}).items():
+            assert getattr(cfg, key) == value, (cls.__name__, key)
