@@ -82,6 +82,13 @@ def test_hf_uri_and_peft_read_the_hub_cache(run_dir, llama_dir, tmp_path, monkey
     ours = load_prompt(run_dir).embeds
     for uri in ("hf://someone/countries-europe", "hf://someone/countries-europe@v1", "hf:/someone/countries-europe"):
         assert torch.equal(load_prompt(uri).embeds, ours), uri
+    # The server's prompt loader (serve --prompt NAME=hf://...) wraps the spec in a Path, which folds "//".
+    from pathlib import Path
+
+    from softprompt.models import load_model
+    from softprompt.serve.registry import read
+
+    assert torch.equal(read(Path("hf://someone/countries-europe"), load_model(str(llama_dir))[0]).embeds, ours)
     # The CLI: eval scores the cached prompt as it scores the run folder.
     data = ["--model", str(llama_dir), "--device", "cpu", "--data", str(run_dir.parent / "c.csv"), "--template",
             "Country: {country}\\nEurope:", "--labels", "no,yes", "--label-col", "europe", "--json"]
