@@ -117,17 +117,20 @@ class StaticDecodeBatch(DecodeBatch):
 
     # ------------------------------------------------------------ the step
 
-    def _body(self) -> None:
-        """One decode step of every slot; fixed shapes and no host syncs, so it can be captured."""
-        self.mask.scatter_(1, self.col[:, None], self.alive[:, None].bool() | self.mask.gather(1, self.col[:, None]))
-        x = self.model.get_input_embeddings()(self.tok[:, None])
+    def _body(self, k: int | None = None) -> None:
+        """One decode step of the first k slots (all of them when captured); fixed shapes and no
+        host syncs, so it can be captured. Views of the buffers: every write lands in them."""
+        k = k or self.S
+        mask, col, pos, tok, alive = (t[:k] for t in (self.mask, self.col, self.pos, self.tok, self.alive))
+        cache = self.cache if k == self.S else SlotCache([(K[:k], V[:k]) for K, V in self.kv_layers], col)
+        mask.scatter_(1, col[:, None], alive[:, None].bool() | mask.gather(1, col[:, None]))
+        x = self.model.get_input_embeddings()(tok[:, None])
         with capturable_attention():
-            h = decoder(self.model)(inputs_embeds=x, position_ids=self.pos[:, None],
-                                    attention_mask=self.mask[:, None, None], cache=self.cache,
-                                    use_cache=True).last_hidden_state[:, -1]
-        self.z_out.copy_(logits(self.model, h))
-        self.col += self.alive
-        self.pos += self.alive
+            h = decoder(self.model)(inputs_embeds=x, position_ids=pos[:, None], attention_mask=mask[:, None, None],
+                                    cache=cache, use_cache=True).last_hidden_state[:, -1]
+        self.z_out[:k].copy_(logits(self.model, h))
+        col += alive
+        pos += alive
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         alive = self.alive.clone()
@@ -156,7 +159,8 @@ class StaticDecodeBatch(DecodeBatch):
             except RuntimeError as e:  # an op that cannot be captured: decode eagerly from now on
                 self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 self.captured.clear()
-        self._body()
+        # Eagerly, only up to the last occupied slot: rows take the lowest free slots.
+        self._body(max(s for s, r in enumerate(self.slots) if r is not None) + 1)
 
     @torch.no_grad()
     def step(self) -> dict[int, int]:
