@@ -8,7 +8,7 @@ import pytest
 
 from softprompt.cli import build_parser, main
 
-COMMANDS = ["train", "eval", "generate", "serve", "export-peft", "import-peft", "demo"]
+COMMANDS = ["train", "eval", "generate", "serve", "export-peft", "import-peft", "push", "lm-eval", "demo"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -81,7 +81,8 @@ def test_command_table_and_lazy_imports():
     from softprompt.cli import COMMANDS
 
     assert set(COMMANDS) == {
-        "train", "eval", "generate", "serve", "export-peft", "import-peft", "compare", "ensemble", "inspect", "demo"}
+        "train", "eval", "generate", "serve", "export-peft", "import-peft", "push", "lm-eval", "compare", "ensemble",
+        "inspect", "demo"}
     for name, cmd in COMMANDS.items():
         mod = importlib.import_module(cmd.module)
         assert all(callable(getattr(mod, f)) for f in cmd.functions), name
