@@ -187,6 +187,15 @@ class TrainConfig:
                             "model allows it, else kv (the run records the choice and why)", choices=list(FORWARD_PATHS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
+    grad_accum: int = opt(1, "run each batch as N micro-batches of --batch-size/N rows, one after another, and take "
+                             "one optimiser step on their summed gradient: the same prompt in less activation "
+                             "memory (--batch-size stays the global batch)")
+    gradient_checkpointing: bool = opt(False, "keep only each decoder layer's input and recompute the layer in "
+                                              "backward (non-reentrant): less activation memory, about one more "
+                                              "forward pass of time")
+    shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
+                             "start several with torchrun or accelerate launch), the prompt replicated",
+                     choices=["none", "fsdp"])
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "
                       "weight instead (no prompt; saves the whole model in OUT/model; use a small --lr "
                       "such as 2e-5; one process, no --resume)", choices=["prompt", "full"])
@@ -200,10 +209,14 @@ class TrainConfig:
         require(not bad, f"unknown --report-to {','.join(bad)!r}: choose from {', '.join(TRACKERS)}")
         require(self.lr >= 0, f"--lr {self.lr}: need --lr >= 0 (0 = auto)")
         check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
-                            "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1})
+                            "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1})
+        require(self.batch_size >= self.grad_accum,
+                f"--grad-accum {self.grad_accum} needs --batch-size >= {self.grad_accum} (one row per micro-batch)")
         require(self.max_steps > 0 or self.epochs > 0, "--epochs must be > 0 when --max-steps is 0")
         # Its checkpoint would be the whole model plus 2x its size of optimiser state.
         require(not (self.method == "full" and self.resume), "--method full runs in one process and cannot --resume")
+        require(not (self.method == "full" and self.shard != "none"), "--shard fsdp shards the frozen base of "
+                "prompt tuning; --method full runs in one process")
         require(not (self.resume and self.overwrite),
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
 

@@ -60,6 +60,10 @@ class PromptTuning:
     def embeds(self) -> torch.Tensor:
         return self.forward_prompt()  # [P, H]
 
+    def synced(self) -> torch.nn.Module:
+        """What holds the gradient all-reduce (accelerate's accumulate skips it between micro-batches)."""
+        return self.forward_prompt
+
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
         save_prompt(self.prompt, run_dir, meta)
 
@@ -131,6 +135,9 @@ class FullFineTuning:
 
     def embeds(self) -> None:
         return None
+
+    def synced(self) -> torch.nn.Module:
+        return self.model
 
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
         save_model(self.model, self.tok, run_dir / MODEL_DIR, meta)

@@ -34,7 +34,8 @@ from .forward import batch_loss
 from .inits import resolve
 from .methods import METHODS
 from . import trackers as tracking
-from .models import load_model
+from .models import load_model, set_checkpointing
+from .shard import local_bytes, shard_decoder
 from .rundir import append_metrics, check_out, clear_run, load_checkpoint, plot_metrics, save_checkpoint, start_metrics
 from .utils import SoftpromptError, count_params, seed_everything, weights_hash, write_json
 
@@ -113,6 +114,7 @@ class Run:
     path_reason: str = ""                # ... and why
     graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
     trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
+    scaler: Any = None  # torch.amp.GradScaler: loss scaling over a float16 base, else a pass-through
 
     @property
     def out(self) -> Path:
@@ -137,7 +139,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
     check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)
     trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
-    acc = Accelerator(cpu=mcfg.device == "cpu",
+    acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
                       **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
     seed_everything(tcfg.seed)
     if model is None:
@@ -153,6 +155,9 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     class_ids = class_token_ids(fmt, train_ex).to(acc.device) if tcfg.loss == "classes" else None
     if tcfg.batch_size % acc.num_processes:
         raise SoftpromptError(f"--batch-size {tcfg.batch_size} is not divisible by {acc.num_processes} processes")
+    if tcfg.batch_size < acc.num_processes * tcfg.grad_accum:
+        raise SoftpromptError(f"--batch-size {tcfg.batch_size} gives fewer rows than {acc.num_processes} processes x "
+                              f"--grad-accum {tcfg.grad_accum} micro-batches")
     per_epoch = math.ceil(len(train_ex) / tcfg.batch_size)
     total = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * per_epoch))
     params = method.parameters()
@@ -163,10 +168,20 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             "labels": fmt.label_words, "label_col": dcfg.label_col, "chat": dcfg.chat, "task": fmt.task,
             "config": to_dict(mcfg, dcfg, pcfg, tcfg)}
     state = {"step": 0, "best": -math.inf, "bad_evals": 0, "train_seconds": 0.0, "tokens": 0}
+    hash_before = weights_hash(model)  # before any sharding
+    if tcfg.shard == "fsdp":
+        shard_decoder(model, acc.num_processes)
     path, why = training_path(model, tcfg.forward_path, acc.num_processes, tcfg.method == "prompt")
+    if tcfg.gradient_checkpointing:
+        set_checkpointing(model, True)
+        if path == "kv":  # transformers' checkpointed layers drop the cache that carries the prompt's keys
+            path, why = "concat", f"{why}; --gradient-checkpointing: concat (checkpointed layers take no prompt cache)"
+    # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
+    fp16 = model.dtype == torch.float16 and all(p.dtype == torch.float32 for p in params)
+    scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
     graphed = GraphedStep(model, method.prompt.embeds, pad_id(tok), class_ids) if path == "graphed" else None
     run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
-              total, meta, weights_hash(model), state, path, why, graphed, trackers)
+              total, meta, hash_before, state, path, why, graphed, trackers, scaler)
     if tcfg.resume:
         run.state = load_checkpoint(run.out, method, opt, sched)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
@@ -180,56 +195,74 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
             "total_steps": total, "truncated": fmt.truncated,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
-            "dtype": str(model.dtype).replace("torch.", "")}
+            "dtype": str(model.dtype).replace("torch.", ""), "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / "run_config.json", record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
         tracking.start(acc, trackers, run.out, record)
     return run
 
 
-def batches(run: Run) -> Iterator[tuple[Batch, bool]]:
-    """This process's share of each global batch from the run's current step on (on the host), and
-    whether it holds any rows. One shuffle per epoch, seeded by it, so a resumed run sees the same
-    batches."""
+def batches(run: Run) -> Iterator[list[tuple[Batch, bool]]]:
+    """This process's share of each global batch from the run's current step on (on the host), as
+    --grad-accum micro-batches, each with whether it holds any rows. One shuffle per epoch, seeded by
+    it, so a resumed run sees the same batches."""
     lengths = [len(e.ids) for e in run.train_ex]
-    world, rank = run.acc.num_processes, run.acc.process_index
+    world, rank, n = run.acc.num_processes, run.acc.process_index, run.cfg.grad_accum
     step = run.state["step"]
     while True:
         order = batch_order(lengths, run.cfg.batch_size, run.cfg.seed + step // run.per_epoch)
         for full in order[step % run.per_epoch:]:
             idx = full[rank::world]
-            # A short last batch can leave a rank with no rows: it still joins every collective, with
-            # a stand-in row whose targets are all masked (zero loss, zero gradient).
-            batch = collate([run.train_ex[i] for i in idx or full[:1]], pad_id(run.tok))
-            if not idx:
-                batch.targets.fill_(-100)
-            yield batch, bool(idx)
+            micro = []
+            for k in range(n):  # contiguous slices: batch_order keeps rows of similar length together
+                part = idx[k * len(idx) // n:(k + 1) * len(idx) // n]
+                # A short last batch can leave a rank or a micro-batch with no rows: it still joins every
+                # collective, with a stand-in row whose targets are all masked (zero loss, zero gradient).
+                batch = collate([run.train_ex[i] for i in part or full[:1]], pad_id(run.tok))
+                if not part:
+                    batch.targets.fill_(-100)
+                micro.append((batch, bool(part)))
+            yield micro
             step += 1
 
 
-def loss_step(run: Run, batch: Batch, has_rows: bool) -> tuple[float, int]:
-    """One optimiser step on a host batch; returns the global batch's mean loss and its tokens (all
-    processes). The CUDA-graph step computes loss and gradient in one replay; a batch it cannot
-    take (too long for its dense mask) goes the eager way."""
-    acc, world = run.acc, run.acc.num_processes
-    loss = None
+def micro_loss(run: Run, batch: Batch, n_global: torch.Tensor) -> torch.Tensor:
+    """Backward of one micro-batch's share of the global mean loss; returns that share. The gradients
+    add up in the prompt's .grad; under several processes the last micro-batch all-reduces them
+    (accelerate's accumulate: no_sync before it)."""
+    acc, world, scale = run.acc, run.acc.num_processes, run.scaler.get_scale() if run.scaler.is_enabled() else 1.0
     if run.graphed is not None:  # one process: the local token count is the global one
-        loss = run.graphed(batch.input_ids, batch.attention_mask, batch.targets, 1.0 / max(batch.num_targets, 1))
-    if loss is None:
-        # Normalise by the global token count so N processes average to the 1-process loss.
-        n_local = torch.tensor(float(batch.num_targets), device=acc.device)
-        n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
+        loss = run.graphed(batch.input_ids, batch.attention_mask, batch.targets, scale / float(n_global.clamp(min=1)))
+        if loss is not None:
+            return loss / scale
+    with acc.accumulate(run.method.synced()):
         path = "auto" if run.path == "graphed" else run.path
         loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch.to(acc.device), path, run.class_ids)
+        # Normalised by the global token count so that micro-batches and N processes add up to the
+        # 1-process loss of the whole batch (DDP averages over processes: hence x world; accelerate's
+        # backward divides by the accumulation steps, which these shares already are: hence x steps).
         loss = loss_sum / n_global.clamp(min=1) * world
-        acc.backward(loss)
+        acc.backward(run.scaler.scale(loss) * acc.gradient_accumulation_steps)
+    return loss.detach()
+
+
+def loss_step(run: Run, micro: list[tuple[Batch, bool]]) -> tuple[float, int]:
+    """One optimiser step on a global batch's host micro-batches; returns the global batch's mean loss
+    and its tokens (all processes). The CUDA-graph step computes loss and gradient in one replay; a
+    batch it cannot take (too long for its dense mask) goes the eager way."""
+    acc, world = run.acc, run.acc.num_processes
+    n_local = torch.tensor(float(sum(b.num_targets for b, _ in micro)), device=acc.device)
+    n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
+    loss = sum(micro_loss(run, batch, n_global) for batch, _ in micro)
+    run.scaler.unscale_(run.opt)
     if run.cfg.grad_clip > 0:
         acc.clip_grad_norm_(run.params, run.cfg.grad_clip)
-    run.opt.step()
+    run.scaler.step(run.opt)  # skipped when a scaled float16 gradient overflowed
+    run.scaler.update()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
-    tokens = float(batch.attention_mask.sum()) if has_rows else 0.0
-    stats = torch.stack([loss.detach() / world, loss.new_tensor(tokens)])
+    tokens = float(sum(b.attention_mask.sum() for b, rows in micro if rows))
+    stats = torch.stack([loss / world, loss.new_tensor(tokens)])
     if world > 1:
         stats = acc.reduce(stats, reduction="sum")
     return float(stats[0]), int(stats[1])
@@ -271,7 +304,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     stream = batches(run)
     while state["step"] < run.total:
         t0 = time.perf_counter()
-        train_loss, tokens = loss_step(run, *next(stream))
+        train_loss, tokens = loss_step(run, next(stream))
         state["step"] = step = state["step"] + 1
         state["tokens"] += tokens
         # Optimiser-step time only: evaluation and checkpoints are not training throughput.
@@ -302,6 +335,8 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
     hash_after = weights_hash(run.model)
     trainable = run.method.trainable_params()
     run.method.finish()
+    if run.cfg.gradient_checkpointing:  # hand the model back as it came (compare trains on it again)
+        set_checkpointing(run.model, False)
     run.opt = run.sched = None  # the optimiser state (twice the model, for full fine-tuning) is not needed to save
     summary = {"steps": state["step"]}
     if run.main:

@@ -81,6 +81,8 @@ def weights_hash(model: "torch.nn.Module") -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
+        if hasattr(t, "full_tensor"):  # a layer sharded with --shard fsdp: the whole tensor (all processes call)
+            t = t.full_tensor()
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # a buffer: hashed without a copy
     return h.hexdigest()
 

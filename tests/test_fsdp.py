@@ -1,0 +1,43 @@
+"""A sharded frozen base (`--shard fsdp`): 2 processes (torchrun, gloo on CPU), each holding half of
+every decoder layer, train the same prompt as 1 process with the whole model and the same global
+batch, on the packed and the prompt-KV paths. Real CLI subprocesses, as in test_ddp.py."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from softprompt.config import PromptConfig
+from softprompt.models import load_model
+from softprompt.prompt import init_prompt, load_prompt
+from test_ddp import _run
+
+
+@pytest.mark.parametrize("path", ["packed", "kv"])
+def test_two_sharded_processes_train_the_same_prompt_as_one(path, llama_dir, countries_csv, tmp_path):
+    args = ["train", "--model", str(llama_dir), "--data", str(countries_csv),
+            "--template", "Country: {country}\nFacts:", "--target", " capital={capital}", "--forward-path", path,
+            "--device", "cpu", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
+            "--virtual-tokens", "3", "--init", "vocab", "--eval-fraction", "0", "--no-eval-untuned"]
+    one, two = tmp_path / "OUT1", tmp_path / "OUT2"
+    _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "softprompt", *args, "--shard", "fsdp", "--out", str(two)], tmp_path)
+
+    c1 = json.loads((one / "run_config.json").read_text())
+    c2 = json.loads((two / "run_config.json").read_text())
+    assert (c1["world_size"], c2["world_size"], c2["TrainConfig"]["shard"]) == (1, 2, "fsdp")
+    assert c2["forward_path_taken"] == path
+    # Each process holds half of every decoder layer; the embeddings (here 400 x 32, twice) stay whole.
+    layers = c1["base_bytes_per_process"] - 2 * 400 * 32 * 4 - 32 * 4
+    assert c2["base_bytes_per_process"] == pytest.approx(c1["base_bytes_per_process"] - layers / 2, abs=64)
+    s2 = json.loads((two / "summary.json").read_text())
+    assert s2["steps"] == 3 and s2["base_weights_unchanged"]
+
+    p1, p2 = load_prompt(one).embeds.detach(), load_prompt(two).embeds.detach()
+    diff = (p1 - p2).abs().max().item()
+    assert diff <= 1e-5, f"1-process and 2-process sharded prompts differ by {diff:.3g}"
+    model, tok = load_model(str(llama_dir))
+    init = init_prompt(model, tok, PromptConfig(virtual_tokens=3, init="vocab"), seed=0).embeds.detach()
+    assert (p1 - init).abs().max().item() > 100 * max(diff, 1e-8)  # training moved it: the check can fail
