@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from softprompt.cli import main
-from softprompt.config import CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig,
+                               TrainConfig)
 from softprompt.utils import SoftpromptError
 
 NAN = float("nan")
@@ -44,6 +45,17 @@ CASES = [
     (CompareConfig, {"methods": " , "}, "unknown --methods"),
     (CompareConfig, {"k_shot": 0}, "--k-shot must be >= 1"),
     (CompareConfig, {"eval_batch_size": 0}, "--eval-batch-size must be at least 1"),
+    (ServeConfig, {"max_batch": 0}, "--max-batch must be at least 1 (got 0)"),
+    (ServeConfig, {"max_queue": 0}, "--max-queue must be at least 1 (got 0)"),
+    (ServeConfig, {"max_n": 0}, "--max-n must be at least 1 (got 0)"),
+    (ServeConfig, {"max_input_tokens": 0}, "--max-input-tokens must be at least 1"),
+    (ServeConfig, {"batch_wait_ms": -1.0}, "--batch-wait-ms must be at least 0"),
+    (ServeConfig, {"batch_wait_ms": NAN}, "--batch-wait-ms must be a finite number"),
+    (ServeConfig, {"port": 70000}, "--port must be at most 65535"),
+    (ServeConfig, {"default_max_tokens": 300}, "--default-max-tokens 300 is over --max-new-tokens 256"),
+    (ServeConfig, {"read_timeout": 0.0}, "--read-timeout must be a finite number of seconds > 0"),
+    (ServeConfig, {"shutdown_timeout": -1.0}, "--shutdown-timeout must be a finite number of seconds >= 0"),
+    (ServeConfig, {"admin_token": "\ud800"}, r"--admin-token '\ud800' is not valid Unicode"),
 ]
 
 
@@ -61,8 +73,9 @@ def test_each_check_names_the_flag(cls, kw, msg):
 
 
 def test_defaults_and_good_values_pass():
-    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig, CompareConfig):
+    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig, CompareConfig, ServeConfig):
         cls()
+    ServeConfig(max_batch=1, max_queue=1, batch_wait_ms=0.0, port=0, shutdown_timeout=0.0)
     DataConfig(template="Review: {sentence}\\nSentiment: {{literal}}", labels="negative, positive")
     PromptConfig(init="file", init_file="runs/p")
     assert DataConfig(labels=" a,, b ", template="{x}").label_words == ["a", "b"]
@@ -73,6 +86,8 @@ def test_defaults_and_good_values_pass():
     (["train", "--max-length", "0", "--data", "x.csv", "--text-col", "t"], "--max-length must be at least 1"),
     (["eval", "--template", "{sentence", "--data", "x.csv"], "--template '{sentence'"),
     (["compare", "--methods", "lora"], "unknown --methods ['lora']"),
+    (["serve", "--max-batch", "0"], "--max-batch must be at least 1 (got 0)"),
+    (["serve", "--max-queue", "0"], "--max-queue must be at least 1 (got 0)"),
 ])
 def test_cli_reports_config_errors_in_one_line(argv, msg, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -286,6 +286,22 @@ class ServeConfig:
     shutdown_timeout: float = opt(30.0, "on SIGTERM or Ctrl-C, seconds the requests in flight have to finish before "
                                         "they are cancelled")
 
+    def __post_init__(self):
+        # Each bound is where a smaller value breaks the server quietly: --max-batch 0 decoded one row
+        # at a time anyway, --max-queue 0 refused every request with a 400.
+        check_fields(self, {"port": 0, "max_batch": 1, "max_queue": 1, "batch_wait_ms": 0, "max_input_tokens": 1,
+                            "max_new_tokens": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_n": 1,
+                            "retry_after": 0})
+        check_text(self, "host", "admin_token")
+        require(self.port <= 65535, f"--port must be at most 65535 (got {self.port})")
+        require(self.read_timeout > 0,
+                f"--read-timeout must be a finite number of seconds > 0 (got {self.read_timeout})")
+        require(self.shutdown_timeout >= 0,
+                f"--shutdown-timeout must be a finite number of seconds >= 0 (got {self.shutdown_timeout})")
+        require(self.default_max_tokens <= self.max_new_tokens,
+                f"--default-max-tokens {self.default_max_tokens} is over --max-new-tokens {self.max_new_tokens}: "
+                "every request without max_tokens would be refused")
+
 
 def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per dataclass field; booleans get --flag / --no-flag. The parser's `config_fields`
