@@ -212,7 +212,7 @@ ERRORS = [
     ("/v1/completions", {"model": "facts", "prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": "facts", "prompt": "x", "n": 9}, 400, "n 9 is over"),
     ("/v1/completions", {"model": "facts", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("/v1/completions", {"model": "facts", "prompt": "x", "logprobs": 2}, 400, "logprobs is not supported"),
+    ("/v1/completions", {"model": "facts", "prompt": "x", "logprobs": 6}, 400, "logprobs: Input should be less"),
     ("/v1/chat/completions", {"model": "facts", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "unknown"),
     ("/v1/classify", {"task": "facts", "text": "x"}, 400, "at least two label words"),

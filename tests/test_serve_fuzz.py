@@ -50,18 +50,22 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
 # scheduling, decoding and streaming; each field also gets any JSON value now and then.
 words = (st.text(st.characters(codec="utf-8"), min_size=1, max_size=24) | NASTY
          | st.sampled_from(["Country: Peru\nFacts:", "Review: a great movie\nSentiment:", "é 🤖", "\n", "positive"]))
+# Prompts as token ids (lm_eval sends them): in and out of the tiny vocabulary of 400, negative, huge.
+token_ids = st.lists(st.integers(0, 399) | st.sampled_from([-1, 400, 2 ** 64]), max_size=6)
 content = words | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": words}), max_size=2)
 PLAUSIBLE = {
     "model": st.sampled_from(NAMES), "task": st.sampled_from(["reviews", "reviews"] + NAMES),
-    "prompt": words | st.lists(words, max_size=3),
+    "prompt": words | st.lists(words, max_size=3) | token_ids | st.lists(token_ids, max_size=3),
     "text": words, "labels": st.none() | st.lists(words, min_size=2, max_size=4, unique=True),
     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
                                                 "content": content}), min_size=1, max_size=3),
-    "max_tokens": st.none() | st.integers(1, 6), "max_completion_tokens": st.none() | st.integers(1, 6),
+    "max_tokens": st.none() | st.integers(0, 6), "max_completion_tokens": st.none() | st.integers(1, 6),
     "temperature": st.none() | st.floats(0, 2), "top_p": st.floats(0.01, 1), "n": st.integers(1, 2),
     "stop": st.none() | words | st.lists(words, max_size=4), "seed": st.none() | st.integers(-2 ** 63, 2 ** 63 - 1),
     "stream": st.booleans(), "stream_options": st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}),
     "repetition_penalty": st.floats(0.5, 2), "user": words,
+    "logprobs": st.none() | st.integers(-1, 6) | st.booleans(), "echo": st.none() | st.booleans(),
+    "top_logprobs": st.none() | st.integers(-1, 21),
     "presence_penalty": st.sampled_from([0, 0.0, 0.5]), "logit_bias": st.sampled_from([{}, None, {"1": 2}]),
     "name": st.sampled_from(["fuzzed", "facts", "tiny-base"]) | words,
     "path": st.sampled_from(["PROMPT", "/nonexistent", "", "/"]),

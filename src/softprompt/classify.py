@@ -9,6 +9,8 @@ server's /v1/classify and training's label-word loss:
   (the next-token distribution holds them all); multi-token ones one pass per (row, candidate),
   summing the candidate's token log-probabilities. A batch whose rows share one prompt takes the
   shared-prefix forward; rows with different prompts (ensembles) run each as [prompt ; text].
+`token_logprobs` reads the same states token by token (with the most probable tokens at each
+position): the server's OpenAI `logprobs` and `echo`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import Example, collate
-from .forward import logits, mixed_hidden, next_token_logprobs, row_logprobs
+from .forward import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
 from .utils import SoftpromptError
 
 Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, input token ids)
@@ -89,19 +91,59 @@ def next_logprobs(model, rows: list[Row], pad: int, path: str = "auto") -> torch
     return torch.log_softmax(logits(model, h[torch.arange(len(rows), device=h.device), last]), -1)
 
 
+def continuation_states(model, rows: list[Row], conts: list[list[int]], pad: int,
+                        path: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictor states [N, H] of every token of every continuation, those tokens [N] and their
+    row [N], row by row and in order: token t of conts[b] is predicted after row b's prompt, its
+    input and conts[b][:t]."""
+    prompts = [p for p, _ in rows]
+    if _shared(prompts):
+        b = collate([Example(ids + c, len(ids)) for (_, ids), c in zip(rows, conts)], pad).to(model.device)
+        return supervised(model, prompts[0], b, path)
+    h, starts = mixed_hidden(model, prompts, [ids + c for (_, ids), c in zip(rows, conts)])
+    # Token t of a continuation is predicted by the state just before it.
+    bi = [b for b, c in enumerate(conts) for _ in c]
+    pos = [starts[b] + len(rows[b][1]) - 1 + t for b, c in enumerate(conts) for t in range(len(c))]
+    tgt = torch.tensor([t for c in conts for t in c], dtype=torch.long, device=h.device)
+    return h[bi, pos], tgt, torch.tensor(bi, dtype=torch.long, device=h.device)
+
+
 def continuation_logprobs(model, rows: list[Row], conts: list[list[int]], pad: int, path: str = "auto") -> torch.Tensor:
     """Summed log-probability [B] of tokens conts[b] right after row b's input."""
     prompts = [p for p, _ in rows]
     if _shared(prompts):
         b = collate([Example(ids + c, len(ids)) for (_, ids), c in zip(rows, conts)], pad).to(model.device)
         return row_logprobs(model, prompts[0], b, path)[0]
-    h, starts = mixed_hidden(model, prompts, [ids + c for (_, ids), c in zip(rows, conts)])
-    # Token t of a continuation is predicted by the state just before it.
-    bi = [b for b, c in enumerate(conts) for _ in c]
-    pos = [starts[b] + len(rows[b][1]) - 1 + t for b, c in enumerate(conts) for t in range(len(c))]
-    tgt = torch.tensor([t for c in conts for t in c], device=h.device)
-    lp = torch.log_softmax(logits(model, h[bi, pos]), -1).gather(1, tgt[:, None])[:, 0]
-    return torch.zeros(len(rows), dtype=lp.dtype, device=lp.device).index_add_(0, torch.tensor(bi, device=lp.device), lp)
+    states, tgt, bi = continuation_states(model, rows, conts, pad, path)
+    lp = torch.log_softmax(logits(model, states), -1).gather(1, tgt[:, None])[:, 0]
+    return torch.zeros(len(rows), dtype=lp.dtype, device=lp.device).index_add_(0, bi, lp)
+
+
+@torch.no_grad()
+def token_logprobs(model, rows: list[Row], conts: list[list[int]], pad: int, top: int = 0,
+                   path: str = "auto") -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+    """Per row b: the log-probability of each token of conts[b] where it stands (after row b's
+    input and the continuation before it), and the `top` most probable tokens there as (id,
+    log-probability), most probable first. Vocabulary logits are formed a chunk of positions at
+    a time, so that a long continuation never holds [N, V] of them."""
+    states, tgt, bi = continuation_states(model, rows, conts, pad, path)
+    n = max(1, CHUNK_ELEMENTS // max(1, model.get_output_embeddings().weight.shape[0]))
+    lps, top_v, top_i = [], [], []
+    for s in range(0, states.shape[0], n):
+        lp = torch.log_softmax(logits(model, states[s:s + n]), -1)
+        lps.append(lp.gather(1, tgt[s:s + n, None])[:, 0].float().cpu())
+        if top:
+            v, i = lp.topk(min(top, lp.shape[1]), -1)
+            top_v.append(v.float().cpu())
+            top_i.append(i.cpu())
+    lp_all = torch.cat(lps).tolist() if lps else []
+    tv = torch.cat(top_v).tolist() if top_v else [[] for _ in lp_all]
+    ti = torch.cat(top_i).tolist() if top_i else [[] for _ in lp_all]
+    out: list[tuple[list[float], list[list[tuple[int, float]]]]] = [([], []) for _ in rows]
+    for k, b in enumerate(bi.tolist()):  # row by row, in order
+        out[b][0].append(lp_all[k])
+        out[b][1].append(list(zip(ti[k], tv[k])))
+    return out
 
 
 @torch.no_grad()

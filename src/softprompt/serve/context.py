@@ -2,9 +2,10 @@
 
 The context holds the model, tokenizer, config, base model name, prompt registry, scheduler,
 metrics and position limit. Its helpers are the steps every route takes: tokenise and bound an
-input (`encode`, `fits`), read OpenAI's decoding fields (`gen_params`), queue jobs or answer 503
-(`submit`), and wait for their results (`results`). Routes receive it as a FastAPI dependency
-(`Ctx`), so a route module needs nothing but its own endpoints.
+input (`encode`, or `token_ids` for ids the client tokenised itself; `fits`), read OpenAI's
+decoding fields (`gen_params`), queue jobs or answer 503 (`submit`), and wait for their results
+(`results`). Routes receive it as a FastAPI dependency (`Ctx`), so a route module needs nothing
+but its own endpoints.
 """
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ class ServerContext:
                                 f"{cfg.max_input_tokens}", param, "context_length_exceeded")
         return ids
 
+    def token_ids(self, ids: list[int], param: str) -> list[int]:
+        """A prompt sent as token ids, checked as `encode` checks text, and against the vocabulary."""
+        if not ids:
+            raise ApiError(400, f"{param} is empty: give at least one token of input", param)
+        if len(ids) > self.cfg.max_input_tokens:
+            raise ApiError(400, f"{param} has {len(ids)} tokens, over this server's limit of "
+                                f"{self.cfg.max_input_tokens}", param, "context_length_exceeded")
+        # Both bounds: an id the tokenizer knows but the embedding lacks would fail inside the model.
+        vocab = min(len(self.tok), self.model.get_input_embeddings().num_embeddings)
+        bad = next((i for i in ids if i >= vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"{param}: token id {bad} is out of range (this model's vocabulary has {vocab} "
+                                "tokens)", param)
+        return list(ids)
+
     def fits(self, entry: Loaded, ids: list[int], new: int, param: str) -> None:
         """Refuse a request whose prompt, input and new tokens pass the model's positions."""
         P = 0 if entry.tensor is None else entry.tensor.shape[0]
@@ -65,7 +81,10 @@ class ServerContext:
             name, off = refused
             raise ApiError(400, f"{name} is not supported by this server: leave it out (or send "
                                 f"{' or '.join(map(repr, off))})", name, "unsupported_parameter")
-        mt = getattr(req, "max_completion_tokens", None) or req.max_tokens or cfg.default_max_tokens
+        given = [v for v in (getattr(req, "max_completion_tokens", None), req.max_tokens) if v is not None]
+        mt = given[0] if given else cfg.default_max_tokens
+        if mt == 0 and not getattr(req, "echo", None):  # nothing to generate and nothing to return
+            raise ApiError(400, "max_tokens 0 scores the prompt only: it needs echo: true", "max_tokens")
         if mt > cfg.max_new_tokens:
             raise ApiError(400, f"max_tokens {mt} is over this server's cap of {cfg.max_new_tokens}", "max_tokens")
         if req.n > cfg.max_n:

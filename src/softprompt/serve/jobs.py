@@ -1,5 +1,6 @@
-"""What the scheduler runs: one job per completion choice (GenJob) or classification (ClassifyJob),
-each with the future its request awaits, and the queue-full signal the server turns into a 503.
+"""What the scheduler runs: one job per completion choice (GenJob), classification (ClassifyJob) or
+scoring of a sequence's tokens (ScoreJob: OpenAI's `logprobs`), each with the future its request
+awaits, and the queue-full signal the server turns into a 503.
 
 A GenJob takes its tokens one at a time as the engine produces them: it decodes its text, cuts it
 at stop strings, holds back what may still change (a partial UTF-8 character, the start of a stop
@@ -56,6 +57,7 @@ class GenJob(Job):
     text: str = field(default="", init=False)
     emitted: int = field(default=0, init=False)  # characters of `text` already passed to the listener
     finish_reason: str | None = field(default=None, init=False)
+    eos: int | None = field(default=None, init=False)  # the end-of-sequence token that ended it, if one did
 
     def key(self) -> tuple:
         """Jobs with equal keys join the engine in one `add` (one GenerateConfig)."""
@@ -73,6 +75,7 @@ class GenJob(Job):
     def push(self, tok, token: int, is_eos: bool) -> bool:
         """Take one new token; True when a stop string ends this job (the text is cut before it)."""
         if is_eos:
+            self.eos = token  # not part of the text, but scored when the client asks for logprobs
             return True
         self.tokens.append(token)
         full = tok.decode(self.tokens, skip_special_tokens=True)
@@ -101,7 +104,7 @@ class GenJob(Job):
             self._tell("delta", self.text[self.emitted:])
             self.emitted = len(self.text)
         res = {"text": self.text, "tokens": list(self.tokens), "finish_reason": self.finish_reason,
-               "prompt_tokens": len(self.ids)}
+               "prompt_tokens": len(self.ids), "eos": self.eos}
         self.future.set_result(res)
         self._tell("done", res)
 
@@ -120,7 +123,7 @@ class GenJob(Job):
         if self.emitted and self.listener is not None:
             return False
         self.emitted = 0
-        self.tokens, self.text, self.finish_reason = [], "", None
+        self.tokens, self.text, self.finish_reason, self.eos = [], "", None, None
         return True
 
 
@@ -133,6 +136,20 @@ class ClassifyJob(Job):
         # One forward pass per prompt; single-token labels take the one-position fast path, and a
         # job always takes the same path whatever shares its batch (so its scores do too).
         return ("classify", id(self.prompt), all(len(c) == 1 for c in self.candidates))
+
+    def reset(self) -> bool:
+        return True
+
+
+@dataclass(eq=False)
+class ScoreJob(Job):
+    """Scores `cont` after `ids`: each token's log-probability and the `top` most probable tokens at
+    its position (classify.token_logprobs' result for one row)."""
+    cont: list[int] = field(default_factory=list)
+    top: int = 0
+
+    def key(self) -> tuple:
+        return ("score",)  # any prompts: token_logprobs runs rows with different prompts together
 
     def reset(self) -> bool:
         return True

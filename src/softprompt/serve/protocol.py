@@ -25,6 +25,7 @@ def _unicode(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
+TokenId = Annotated[int, Field(strict=True, ge=0)]  # strict: JSON's true and 1.0 are not token ids
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # OpenAI's seeds are 64-bit; torch's generators take these
 
 
@@ -74,9 +75,16 @@ class Sampling(Body):
 
 
 class CompletionRequest(Sampling):
-    prompt: Text | list[Text] = Field(description="text to continue (a list gives one choice set per text)")
-    logprobs: Any = unsupported(0)
-    echo: Any = unsupported(False)
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
+        description="text to continue, or its token ids (taken as they are: no BOS, no chat template); "
+                    "a list of texts or of id lists gives one choice set per prompt")
+    max_tokens: int | None = Field(None, ge=0, description="new tokens per choice (default 16; capped by the "
+                                                           "server); 0 with echo scores the prompt only")
+    logprobs: Annotated[int, Field(strict=True)] | None = Field(
+        None, ge=0, le=5, description="return each token's log-probability and the N most probable tokens at "
+                                      "its position (OpenAI's legacy shape), as the soft prompt's model sees them")
+    echo: bool | None = Field(None, description="return the prompt before the completion (with logprobs: its "
+                                                "tokens' log-probabilities too, the first one null)")
     suffix: Any = unsupported("")
     best_of: Any = unsupported(1)
 
@@ -94,8 +102,9 @@ class ChatMessage(Body):
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="rendered with the tokenizer's chat template")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
-    logprobs: Any = unsupported(False)
-    top_logprobs: Any = unsupported(0)
+    logprobs: bool | None = Field(None, description="return each generated token's log-probability")
+    top_logprobs: Annotated[int, Field(strict=True)] | None = Field(
+        None, ge=0, le=20, description="with logprobs: the N most probable tokens at each position")
     tools: Any = unsupported([])
     tool_choice: Any = unsupported("none")
     functions: Any = unsupported([])

@@ -9,7 +9,7 @@ on a GPU, a growing cache on a CPU) for the server's life and loops:
 2. admit it: generation jobs are prefilled into the engine (one `add` per set of decoding
    settings, each prompt's KV computed once and cached in one `PromptKV`) and join the running
    rows at the next step; classification jobs with the same prompt run as one rank-classification
-   forward pass, between two steps;
+   forward pass, and scoring jobs (logprobs) as one pass of classify.token_logprobs, between two steps;
 3. step the engine once (one token for every live row) and hand each token to its job (stop
    strings, streaming, the budget). A finished, stopped or cancelled row leaves before the next
    forward, so its place is free for whoever waits.
@@ -32,10 +32,10 @@ from typing import Callable
 import torch
 
 from ..batching import pad_id
-from ..classify import label_scores
+from ..classify import label_scores, token_logprobs
 from ..decode import DecodeBatch, PromptKV
 from ..static_decode import decode_batch_for
-from .jobs import ClassifyJob, GenJob, Job, QueueFull
+from .jobs import ClassifyJob, GenJob, Job, QueueFull, ScoreJob
 
 log = logging.getLogger("softprompt.serve")
 
@@ -223,8 +223,9 @@ class Scheduler:
                 (j.finish("cancelled") if isinstance(j, GenJob) else j.fail(RuntimeError("cancelled")))
             else:
                 groups.setdefault(j.key(), []).append(j)  # dicts keep arrival order
+        runs = {"classify": self._classify, "score": self._score}
         for key, group in groups.items():
-            self._isolated(self._classify if key[0] == "classify" else self.batch.add, group)
+            self._isolated(runs.get(key[0], self.batch.add), group)
 
     def _isolated(self, run: Callable[[list], None], group: list[Job]) -> None:
         """run(group); if it raises, run each job alone, so that only one that fails alone fails."""
@@ -294,3 +295,14 @@ class Scheduler:
         for j, s in zip(jobs, scores.tolist()):
             j.future.set_result(s[:len(j.candidates)])
         self.stats["classify_seconds"] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _score(self, jobs: list[ScoreJob]) -> None:
+        """One pass over all the jobs' rows (at most max_batch, each within the model's positions)."""
+        t0 = time.perf_counter()
+        self.stats["score_rows"] += len(jobs)
+        out = token_logprobs(self.model, [(j.prompt, j.ids) for j in jobs], [j.cont for j in jobs],
+                             pad_id(self.tok), top=max(j.top for j in jobs))
+        for j, (lps, tops) in zip(jobs, out):
+            j.future.set_result((lps, [t[:j.top] for t in tops]))
+        self.stats["score_seconds"] += time.perf_counter() - t0

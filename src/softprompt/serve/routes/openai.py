@@ -3,6 +3,14 @@
 OpenAI's request and response shapes; `model` names a soft prompt, or the base model for none.
 Greedy unless `temperature` > 0. With `stream: true` the answer comes as server-sent events, one
 per new piece of text, ending with `data: [DONE]`.
+
+`logprobs` (and `echo`, and chat's `logprobs`/`top_logprobs`) are the soft prompt's: after
+generation, one ScoreJob per distinct choice runs [prompt ; input ; generated tokens] through
+classify.token_logprobs (the scoring pass, rather than the decode steps' logits: the engine's
+CUDA-graph steps stay as they are). `echo` with `max_tokens: 0` scores the prompt alone, as
+lm-evaluation-harness's `local-completions` asks. Neither streams: both are refused by name there.
+A prompt of token ids is taken as sent (no BOS, no chat template), so that the client's own
+token count (lm_eval's context length) indexes the echoed tokens.
 """
 from __future__ import annotations
 
@@ -18,9 +26,10 @@ from fastapi.responses import StreamingResponse
 from ...data import chat_wrap
 from ...utils import SoftpromptError
 from ..context import Ctx, ServerContext
+from ..jobs import GenJob, ScoreJob
+from ..logprobs import chat_logprobs, completion_logprobs
 from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
 from ..registry import Loaded
-from ..jobs import GenJob
 
 router = APIRouter(tags=["openai"])
 
@@ -29,12 +38,15 @@ router = APIRouter(tags=["openai"])
 async def completions(req: CompletionRequest, ctx: Ctx, request: Request):
     entry = ctx.registry.get(req.model)
     p = ctx.gen_params(req)
-    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not texts:
-        raise ApiError(400, "prompt is empty: give a string or a non-empty list of strings", "prompt")
-    ctx.queueable(len(texts) * req.n, queue_param(ctx, len(texts)))  # before tokenising a long list
-    chat = bool(entry.meta.get("chat"))  # a prompt trained on chat-wrapped inputs gets them here too
-    inputs = [ctx.encode(chat_wrap(ctx.tok, t) if chat and t else t, chat, "prompt", t) for t in texts]
+    if req.stream and (req.logprobs is not None or req.echo):
+        name = "logprobs" if req.logprobs is not None else "echo"
+        raise ApiError(400, f"{name} is not supported with stream: true: leave one of them out", name,
+                       "unsupported_parameter")
+    prompts = prompt_list(req.prompt)
+    if not prompts:
+        raise ApiError(400, "prompt is empty: give a string, token ids, or a non-empty list of them", "prompt")
+    ctx.queueable(len(prompts) * req.n, queue_param(ctx, len(prompts)))  # before tokenising a long list
+    inputs = [prompt_ids(ctx, entry, t) for t in prompts]
     for ids in inputs:
         ctx.fits(entry, ids, p["max_new"], "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -50,17 +62,84 @@ async def completions(req: CompletionRequest, ctx: Ctx, request: Request):
     if req.stream:
         return stream(lambda lis: make_jobs(ctx, entry, inputs, req.n, p, lis), chunk,
                       usage_chunk=usage_chunk if include_usage(req) else None)
-    res = await ctx.results(make_jobs(ctx, entry, inputs, req.n, p), request)
+    res = await generated(ctx, entry, inputs, req.n, p, request)
+    shown = [t if isinstance(t, str) else ctx.tok.decode(t, skip_special_tokens=False) for t in prompts]
+    lps = (await completion_scores(ctx, entry, inputs, shown, res, req, request) if req.logprobs is not None
+           else [None] * len(res))
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
-                        for i, r in enumerate(res)],
+            "choices": [{"index": i, "text": (shown[i // req.n] if req.echo else "") + r["text"], "logprobs": lp,
+                         "finish_reason": r["finish_reason"]} for i, (r, lp) in enumerate(zip(res, lps))],
             "usage": usage(inputs, res)}
+
+
+def prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """The prompts of a request: one text, one list of token ids, or a list of either."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+        return [prompt]
+    return list(prompt)
+
+
+def prompt_ids(ctx: ServerContext, entry: Loaded, prompt: str | list[int]) -> list[int]:
+    """A prompt's input ids: token ids as sent; text chat-wrapped for a prompt trained on
+    chat-wrapped inputs (as generation and /v1/classify do), then tokenised."""
+    if isinstance(prompt, list):
+        return ctx.token_ids(prompt, "prompt")
+    chat = bool(entry.meta.get("chat"))
+    return ctx.encode(chat_wrap(ctx.tok, prompt) if chat and prompt else prompt, chat, "prompt", prompt)
+
+
+async def generated(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], n: int, p: dict[str, Any],
+                    request: Request) -> list[dict]:
+    """Each choice's result; with max_tokens 0 (echo only) nothing is generated."""
+    if p["max_new"] == 0:
+        return [{"text": "", "tokens": [], "finish_reason": "length", "eos": None} for _ in range(len(inputs) * n)]
+    return await ctx.results(make_jobs(ctx, entry, inputs, n, p), request)
+
+
+async def completion_scores(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], shown: list[str],
+                            res: list[dict], req: CompletionRequest, request: Request) -> list[dict]:
+    """Each choice's legacy logprobs: its generated tokens (the end-of-sequence token included, when
+    one ended it: a max_tokens 1 scoring request then still gets one token after the prompt), after
+    the prompt's tokens with echo (the first one null: nothing is scored before it)."""
+    seqs, starts = [], []
+    for i, r in enumerate(res):
+        ids = inputs[i // req.n]
+        seqs.append(ids + r["tokens"] + ([r["eos"]] if r["eos"] is not None else []))
+        starts.append(1 if req.echo else len(ids))
+    scores = await score(ctx, entry, [(s[:k], s[k:]) for s, k in zip(seqs, starts)], req.logprobs, request,
+                         queue_param(ctx, len(inputs)))
+    out = []
+    for i, (seq, k, (lps, tops)) in enumerate(zip(seqs, starts, scores)):
+        first = 0 if req.echo else k
+        offset = 0 if req.echo else len(shown[i // req.n])
+        out.append(completion_logprobs(ctx.tok, seq, first, k, lps, tops, offset))
+    return out
+
+
+async def score(ctx: ServerContext, entry: Loaded, rows: list[tuple[list[int], list[int]]], top: int,
+                request: Request, param: str | None) -> list[tuple[list, list]]:
+    """(log-probabilities, top tokens) of each row's continuation after its input, with the entry's
+    prompt: one ScoreJob per distinct row (greedy choices of one prompt are alike)."""
+    jobs: dict[tuple, ScoreJob] = {}
+    for ids, cont in rows:
+        key = (tuple(ids), tuple(cont))
+        if cont and key not in jobs:
+            jobs[key] = ScoreJob(entry.tensor, list(ids), cont=list(cont), top=top)
+    if jobs:
+        ctx.submit(list(jobs.values()), param)
+    done = dict(zip(jobs, await ctx.results(list(jobs.values()), request))) if jobs else {}
+    return [done.get((tuple(ids), tuple(cont)), ([], [])) for ids, cont in rows]
 
 
 @router.post("/v1/chat/completions", summary="Chat (OpenAI shape)")
 async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Request):
     entry = ctx.registry.get(req.model)
     p = ctx.gen_params(req)
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if req.logprobs and req.stream:
+        raise ApiError(400, "logprobs is not supported with stream: true: leave one of them out", "logprobs",
+                       "unsupported_parameter")
     ids = ctx.encode(render_chat(ctx.tok, req), True, "messages")
     ctx.fits(entry, ids, p["max_new"], "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -83,9 +162,13 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Reques
         return stream(lambda lis: make_jobs(ctx, entry, [ids], req.n, p, lis), chunk, first,
                       usage_chunk if include_usage(req) else None)
     res = await ctx.results(make_jobs(ctx, entry, [ids], req.n, p), request)
+    lps: list[dict | None] = [None] * len(res)
+    if req.logprobs:  # the content's tokens: the end-of-sequence token is not part of it
+        scores = await score(ctx, entry, [(ids, r["tokens"]) for r in res], req.top_logprobs or 0, request, "n")
+        lps = [chat_logprobs(ctx.tok, ids, r["tokens"], *s) for r, s in zip(res, scores)]
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
-                         "finish_reason": r["finish_reason"]} for i, r in enumerate(res)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": lp,
+                         "finish_reason": r["finish_reason"]} for i, (r, lp) in enumerate(zip(res, lps))],
             "usage": usage([ids], res)}
 
 

@@ -10,9 +10,9 @@ router = APIRouter()
 
 # batches: admissions (jobs taken from the queue at once); decode_steps and decode_rows: engine steps and the
 # rows they advanced (their ratio is the mean batch); *_seconds: the scheduler thread's time by phase.
-SCHEDULER_COUNTERS = ("batches", "batch_jobs", "gen_rows", "classify_rows", "generated_tokens", "decode_steps",
-                      "decode_rows", "prefill_seconds", "decode_seconds", "classify_seconds", "failed_jobs",
-                      "batch_retries", "rejected_jobs", "cancelled_jobs")
+SCHEDULER_COUNTERS = ("batches", "batch_jobs", "gen_rows", "classify_rows", "score_rows", "generated_tokens",
+                      "decode_steps", "decode_rows", "prefill_seconds", "decode_seconds", "classify_seconds",
+                      "score_seconds", "failed_jobs", "batch_retries", "rejected_jobs", "cancelled_jobs")
 
 
 @router.get("/v1/models", tags=["openai"], summary="The loaded prompts and the base model")
