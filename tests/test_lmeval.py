@@ -87,5 +87,6 @@ def test_lm_eval_accuracy_equals_softprompt_eval_on_sst2_rows(tmp_path):
     res = evaluate_tasks(f"pretrained=smollm2-135m-instruct,prompt={tmp_path / 'p'},device=cpu", ["sst2_local"],
                          str(tasks), batch_size=16)
     right = lambda acc: round(acc * 48, 3)  # rows classified right (softprompt's mean is a float32's)
+    print(f"lm_eval acc {res['results']['sst2_local']['acc,none']:.4f}, softprompt eval {ours['accuracy']:.4f} on 48 rows")
     assert right(res["results"]["sst2_local"]["acc,none"]) == right(ours["accuracy"])
     assert ours["n"] == 48 and 14 < right(ours["accuracy"]) < 48
