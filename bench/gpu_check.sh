@@ -72,7 +72,7 @@ quality)
 import torch; from pathlib import Path; from softprompt.models import load_gguf
 m, t = load_gguf(Path('/tmp/smol.gguf'), torch.float32); m.save_pretrained('/tmp/smol'); t.save_pretrained('/tmp/smol')" || exit 1
     step gen_bf16 80 $PY bench/generate_speed.py --model /tmp/smol --dtype bfloat16 --out "$OUT/generate_speed_smollm2-135m-instruct_bf16_cuda.json"
-    step ttq "${TTQ_LIMIT:-200}" $PY bench/time_to_quality.py --model /tmp/smol --dtype bfloat16 --seeds 0 1 2 --out "$OUT/time_to_quality_bf16_cuda.json"
+    step ttq "${TTQ_LIMIT:-200}" $PY bench/time_to_quality.py --model /tmp/smol --dtype bfloat16 --seeds 0 1 2 --sp-steps 500 --sp-eval-every 50 --out "$OUT/time_to_quality_bf16_cuda.json"
     step gen_fp32 70 $PY bench/generate_speed.py --model /tmp/smol --dtype float32 --out "$OUT/generate_speed_smollm2-135m-instruct_fp32_cuda.json"
     finish quality
     ;;
