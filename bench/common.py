@@ -94,7 +94,7 @@ def count_flops(fn) -> int:
 
 # ---------------------------------------------------------------- peak memory
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -137,7 +137,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
         else:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self.base = _status_kb("VmRSS") * 1024
+            self.base = status_kb("VmRSS") * 1024
             from torch.profiler import ProfilerActivity, profile
 
             self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -150,7 +150,7 @@ class PeakMemory:
             self.total = torch.cuda.max_memory_allocated(self.device)
             self.tensors = self.delta = self.total - self.base
         else:
-            self.total = _status_kb("VmHWM") * 1024
+            self.total = status_kb("VmHWM") * 1024
             self.delta = self.total - self.base
             self.prof.__exit__(None, None, None)
             self.tensors = _live_tensor_peak(self.prof)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -108,16 +106,10 @@ def random_checkpoint(name: str) -> Path:
     return dest
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def cell(spec: dict) -> dict:
     """One cell, in this (fresh) process: load, then `steps` optimiser steps; the first is a warm-up."""
     import torch
+    from common import status_kb
 
     from softprompt.batching import Batch
     from softprompt.config import BUILTIN_MODEL, ModelConfig
@@ -135,7 +127,7 @@ def cell(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     if spec["ckpt"]:
         set_checkpointing(model, True)
-    B, H = spec["batch"], model.config.hidden_size
+    B = spec["batch"]
     ids = torch.randint(0, len(tok), (B, T), generator=torch.Generator().manual_seed(1))
     batch = Batch(ids, torch.ones_like(ids), torch.cat([ids[:, 1:], ids.new_full((B, 1), -100)], 1),
                   ids.new_full((B,), -1), ids.new_zeros(B))
@@ -155,9 +147,9 @@ def cell(spec: dict) -> dict:
             s, n = batch_loss(model, prompt, batch)
             return s / n
     opt = torch.optim.AdamW(params, lr=1e-3)
-    loaded_mb = _status_mb("VmHWM")
+    loaded_mb = status_kb("VmHWM") / 1024
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
-    base_mb = _status_mb("VmRSS")
+    base_mb = status_kb("VmRSS") / 1024
     times, losses = [], []
     for _ in range(spec["steps"]):
         t = time.perf_counter()
@@ -167,7 +159,7 @@ def cell(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
-    train_peak = _status_mb("VmHWM")
+    train_peak = status_kb("VmHWM") / 1024
     timed = times[1:] or times
     return {"load_seconds": round(load_s, 1), "weights_mb": round(weight_bytes(model) / 2**20, 1),
             "peak_rss_mb": round(max(loaded_mb, train_peak), 1), "train_extra_mb": round(train_peak - base_mb, 1),
