@@ -1,9 +1,11 @@
 """Measuring a phase of work: its peak memory above its start, and a model made resident first.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the phase's start;
-on CPU, the process's resident set size (psutil) sampled every 10 ms, peak minus the value at the
-phase's start (after gc and malloc_trim), i.e. what the phase needs beyond the loaded base model:
-activations, gradients, optimiser state. RSS sampling can miss a spike shorter than 10 ms.
+on CPU, the process's resident set size peak minus its value at the phase's start (after gc and
+malloc_trim), i.e. what the phase needs beyond the loaded base model: activations, gradients,
+optimiser state. On Linux the peak is the kernel's own high-water mark (VmHWM, reset at the phase's
+start through /proc/self/clear_refs), exact however short the spike; elsewhere psutil samples RSS
+every 10 ms, which can miss a spike shorter than that.
 malloc_trim stays a ctypes call: psutil reads memory but cannot make glibc hand freed heap pages
 back, and without that the next phase's baseline would include the last phase's garbage.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import threading
+from pathlib import Path
 
 import psutil
 import torch
@@ -34,6 +37,26 @@ def resident(model):
     return model
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark to the current RSS; False where it can't be."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """The kernel's resident high-water mark in bytes (Linux's VmHWM), or None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PeakMemory:
     """Peak memory of the enclosed block above its start, in bytes (see the module docstring)."""
 
@@ -42,6 +65,7 @@ class PeakMemory:
         self.start = self.peak = 0
         self.process = psutil.Process()
         self._stop = threading.Event()
+        self._thread = None
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
@@ -54,9 +78,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            self.kernel_peak = reset_peak_rss() and peak_rss() is not None
             self.start = self.peak = self.process.memory_info().rss
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            if not self.kernel_peak:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -64,9 +90,10 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join()
+            self.peak = max(self.peak, self.process.memory_info().rss, peak_rss() if self.kernel_peak else 0)
 
     @property
     def extra_mb(self) -> float:
