@@ -173,9 +173,22 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def cpu_model() -> str:
+    """The CPU's model name: float results can differ in the last bits between CPUs (the math
+    libraries pick kernels per instruction set), and over hundreds of steps so can a curve."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-            platform.machine(), "cores": os.cpu_count()}
+            platform.machine(), "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     import transformers

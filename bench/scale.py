@@ -7,15 +7,26 @@ a bfloat16 safetensors checkpoint (norms 1, the rest N(0, 0.02)) beside the buil
 loaded through softprompt.models.load_model, the path a user's `--model DIR --dtype --quantize`
 takes (transformers quantizes each tensor as it is read, so an 8B base never exists in full
 precision). Each cell runs in a fresh process: B=8 rows of 128 tokens, P=20, the LM loss on every
-token, AdamW; B=1 where B=8 cannot fit. Memory: the process's peak resident set (VmHWM, loading
-included) and the training's part of it (the peak during the steps above the resident set before
-them). A cell whose weights alone exceed the memory available is skipped with the arithmetic; one
-that overruns its time is reported as such; one the kernel kills reports that.
+token, AdamW; B=1 where B=8 cannot fit. A one-row, 16-token warm-up step (lazy kernels, optimiser
+state) comes first and is not timed; then the timed full-size steps. Memory: the process's peak
+resident set (VmHWM, loading included) and the training's part of it (the peak during the timed
+steps above the resident set before them). A cell whose weights alone exceed the memory available
+is skipped with the arithmetic; one that overruns its time is reported as such; one the kernel
+kills reports that.
 
+With no flags it runs PLAN, sized to about an hour on this 2-core machine: every setting with and
+without checkpointing on the built-in model and the 1B geometry, and the smallest setting
+(4-bit, checkpointed, B=1) on the 3B and 8B geometries. bfloat16 cells are skipped, with the
+measured matmul rates, on a CPU whose bfloat16 input-gradient matmul runs at under 1/20 of
+float32's (no native bf16: a 2-step bf16 cell takes ~9 minutes on the built-in model and over an
+hour on the 1B geometry); naming `--settings bf16` runs them anyway. Flags replace the plan:
+
+    python bench/scale.py                                       # the plan, about an hour
     python bench/scale.py --models builtin,llama-1b --settings fp32,8bit --steps 2
     python bench/scale.py --models llama-8b --settings 8bit --ckpt on --batch 1 --methods softprompt,peft
 
-Results: bench/results/scale_<model>.json (cells merged into what the file already holds).
+Results: bench/results/scale_<model>.json (cells merged into what the file already holds) and
+bench/results/scale_plan.json (the cells run and the whole run's wall time).
 """
 from __future__ import annotations
 
@@ -45,6 +56,14 @@ SETTINGS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "8bit": (
             "4bit": ("float32", "4bit")}
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "8bit": 1.0, "4bit": 0.55}  # 4-bit: NF4 plus its scales
 P, T = 20, 128
+WARMUP_T = 16
+# model -> (settings, checkpointing, batch, timed steps): about an hour here (see the docstring)
+PLAN = {
+    "builtin": ("fp32,bf16,8bit,4bit", "off,on", 8, 2),
+    "llama-1b": ("fp32,bf16,8bit,4bit", "off,on", 8, 1),
+    "llama-3b": ("4bit", "on", 1, 1),
+    "llama-8b": ("4bit", "on", 1, 2),
+}
 
 
 def params_of(name: str) -> tuple[int, int]:
@@ -127,10 +146,12 @@ def cell(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     if spec["ckpt"]:
         set_checkpointing(model, True)
-    B = spec["batch"]
-    ids = torch.randint(0, len(tok), (B, T), generator=torch.Generator().manual_seed(1))
-    batch = Batch(ids, torch.ones_like(ids), torch.cat([ids[:, 1:], ids.new_full((B, 1), -100)], 1),
-                  ids.new_full((B,), -1), ids.new_zeros(B))
+    def make_batch(B: int, T: int) -> Batch:
+        ids = torch.randint(0, len(tok), (B, T), generator=torch.Generator().manual_seed(1))
+        return Batch(ids, torch.ones_like(ids), torch.cat([ids[:, 1:], ids.new_full((B, 1), -100)], 1),
+                     ids.new_full((B,), -1), ids.new_zeros(B))
+
+    warmup, full = make_batch(1, WARMUP_T), make_batch(spec["batch"], T)
     init = model.get_input_embeddings().weight[:P].detach().float().clone()
     if spec["method"] == "peft":
         from peft import PromptTuningConfig, get_peft_model
@@ -138,33 +159,35 @@ def cell(spec: dict) -> dict:
         net = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
         params = [net.prompt_encoder["default"].embedding.weight]
         params[0].data.copy_(init)
-        loss_fn = lambda: net(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=ids).loss
+        loss_fn = lambda b: net(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.input_ids).loss
     else:
         prompt = torch.nn.Parameter(init)
         params = [prompt]
 
-        def loss_fn():
-            s, n = batch_loss(model, prompt, batch)
+        def loss_fn(b):
+            s, n = batch_loss(model, prompt, b)
             return s / n
     opt = torch.optim.AdamW(params, lr=1e-3)
-    loaded_mb = status_kb("VmHWM") / 1024
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
-    base_mb = status_kb("VmRSS") / 1024
-    times, losses = [], []
-    for _ in range(spec["steps"]):
+
+    def step(b) -> tuple[float, float]:
         t = time.perf_counter()
-        loss = loss_fn()
+        loss = loss_fn(b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss.detach()))
+        return time.perf_counter() - t, float(loss.detach())
+
+    warmup_s, _ = step(warmup)
+    loaded_mb = status_kb("VmHWM") / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
+    base_mb = status_kb("VmRSS") / 1024
+    times, losses = zip(*(step(full) for _ in range(spec["steps"])))
     train_peak = status_kb("VmHWM") / 1024
-    timed = times[1:] or times
     return {"load_seconds": round(load_s, 1), "weights_mb": round(weight_bytes(model) / 2**20, 1),
             "peak_rss_mb": round(max(loaded_mb, train_peak), 1), "train_extra_mb": round(train_peak - base_mb, 1),
-            "seconds_per_step": round(sum(timed) / len(timed), 2), "step_seconds": [round(x, 2) for x in times],
-            "losses": [round(x, 4) for x in losses], "tokens_per_step": int(batch.attention_mask.sum()),
+            "seconds_per_step": round(sum(times) / len(times), 2), "step_seconds": [round(x, 2) for x in times],
+            "warmup_seconds": round(warmup_s, 2),
+            "losses": [round(x, 4) for x in losses], "tokens_per_step": int(full.attention_mask.sum()),
             "prompt_dtype": str(params[0].dtype), "threads": torch.get_num_threads(),
             "status": "ok"}
 
@@ -229,33 +252,62 @@ def show(r: dict) -> str:
             f"training +{r['train_extra_mb'] / 1024:6.2f} GiB  weights {r['weights_mb'] / 1024:5.2f} GiB")
 
 
+def plan(args) -> list[dict]:
+    """The cells to run: PLAN, or the flags' grid when any of --models/--settings/--ckpt/--batch/--steps
+    is given (the others then take the plan's value for each model, or 8 rows and 2 steps)."""
+    cells = []
+    for model in (args.models or ",".join(PLAN)).split(","):
+        settings, ckpts, batch, steps = PLAN.get(model, ("fp32", "off", 8, 2))
+        for setting in (args.settings or settings).split(","):
+            for ckpt in (args.ckpt or ckpts).split(","):
+                for method in args.methods.split(","):
+                    cells.append(dict(model=model, setting=setting, ckpt=ckpt == "on", method=method,
+                                      batch=args.batch or batch, steps=args.steps or steps))
+    return cells
+
+
+def bf16_too_slow(rates: dict[str, float]) -> str:
+    """Why a bf16 cell is left out here, or '' where bf16 matmuls run at a useful rate."""
+    if rates["bfloat16_input_grad"] * 20 >= rates["float32_input_grad"]:
+        return ""
+    return (f"no native bf16 matmul on this CPU: the input-gradient matmul runs at {rates['bfloat16_input_grad']} "
+            f"GFLOP/s in bf16 against {rates['float32_input_grad']} in fp32; run it with --settings bf16")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="builtin,llama-1b,llama-3b,llama-8b")
-    ap.add_argument("--settings", default="fp32,bf16,8bit,4bit")
-    ap.add_argument("--ckpt", default="off,on", help="activation checkpointing: off, on or off,on")
+    ap.add_argument("--models", help=f"default: {','.join(PLAN)}")
+    ap.add_argument("--settings", help="fp32, bf16, 8bit, 4bit, comma-separated; default: the plan's")
+    ap.add_argument("--ckpt", help="activation checkpointing: off, on or off,on; default: the plan's")
     ap.add_argument("--methods", default="softprompt,peft")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3, help="optimiser steps per cell; the first is a warm-up")
+    ap.add_argument("--batch", type=int, help="rows per step; default: the plan's (8, or 1 for 3B/8B)")
+    ap.add_argument("--steps", type=int, help="timed optimiser steps per cell, after the warm-up; default: the plan's")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
         print(json.dumps(cell(json.loads(args.cell))))
         return
-    results = []
-    for model in args.models.split(","):
-        if model != "builtin":
-            random_checkpoint(model)  # written once, outside any cell's time
-        for setting in args.settings.split(","):
-            for ckpt in args.ckpt.split(","):
-                for method in args.methods.split(","):
-                    spec = dict(model=model, setting=setting, ckpt=ckpt == "on", method=method, batch=args.batch,
-                                steps=args.steps)
-                    r = run_cell(spec, args.timeout)
-                    print(show(r), flush=True)
-                    results.append(r)
-                    save(results)
+    t0 = time.perf_counter()
+    skip_bf16 = "" if args.settings else bf16_too_slow(matmul_rates())
+    results, lines = [], []
+    for spec in plan(args):
+        if spec["model"] != "builtin":
+            random_checkpoint(spec["model"])  # written once, outside any cell's time
+        if spec["setting"] == "bf16" and skip_bf16:
+            r = {**spec, "status": "skipped", "why": skip_bf16}
+        else:
+            r = run_cell(spec, args.timeout)
+            results.append(r)
+            save(results)
+        lines.append(show(r))
+        print(lines[-1], flush=True)
+    wall = round(time.perf_counter() - t0, 1)
+    summary = {"command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]), "wall_seconds": wall,
+               "bf16_skipped": skip_bf16, "cells": lines}
+    (ROOT / "bench" / "results" / ("scale_plan.json" if len(sys.argv) == 1 else "scale_last_run.json")).write_text(
+        json.dumps(summary, indent=2) + "\n")
+    print(f"{len(results)} cells in {wall / 60:.1f} minutes")
 
 
 if __name__ == "__main__":
