@@ -11,8 +11,8 @@ from softprompt.batching import collate
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss
-from softprompt.models import load_model
-from softprompt.prompt import SoftPrompt, load_prompt
+from softprompt.models import cpu_has_native_half, load_model, resolve_dtype
+from softprompt.prompt import SoftPrompt
 from softprompt.train import loss_step, batches, setup
 from test_train import _cfgs
 
@@ -71,3 +71,20 @@ def test_half_precision_training_keeps_the_prompt_float32(dtype, llama_dir, coun
     step, ref_step = run.method.prompt.embeds.detach() - init, ref.method.prompt.embeds.detach() - init
     assert loss == pytest.approx(ref_loss, rel=TOL[dtype][0])
     assert ref_step.abs().max() > 1e-2 and float((step - ref_step).norm() / ref_step.norm()) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_precision_support_is_read_from_the_cpu_flags(dtype):
+    name = {torch.bfloat16: "avx512_bf16", torch.float16: "avx512_fp16"}[dtype]
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
+    assert not cpu_has_native_half(dtype, avx2)
+    assert cpu_has_native_half(dtype, avx2.replace("f16c", f"f16c {name}"))
+    assert cpu_has_native_half(dtype, "processor\t: 0\n")  # no flags to read: no warning
+
+
+def test_half_precision_on_a_cpu_without_it_warns_and_float32_does_not(capsys):
+    resolve_dtype("float32", torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+    resolve_dtype("bfloat16", torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert ("tens of times slower" in err) != cpu_has_native_half(torch.bfloat16), err
