@@ -18,6 +18,7 @@ reported too.
 
     python bench/time_to_quality.py                 # 3 seeds, about 50 minutes on 2 CPU cores
     python bench/time_to_quality.py --seeds 0       # one seed
+    python bench/time_to_quality.py --merge A.json B.json --out C.json   # seeds run apart, summarised
 """
 from __future__ import annotations
 
@@ -107,30 +108,8 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--virtual-tokens", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=3e-2)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--peft-steps", type=int, default=300)
-    ap.add_argument("--peft-eval-every", type=int, default=100)
-    ap.add_argument("--sp-steps", type=int, default=300, help="softprompt's step budget (its linear decay ends there)")
-    ap.add_argument("--sp-eval-every", type=int, default=30)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    dev, dtype = device_and_dtype(args.device, args.dtype)
-    model, tok = load_bench_model(args.model, dev, dtype)
-    res = {"bench": "time_to_quality", "model": args.model, "device": str(dev), "machine": machine(),
-           "seeds": args.seeds, "runs": []}
-    out = args.out or RESULTS / f"time_to_quality_{dev.type}.json"
-    for seed in args.seeds:  # both recipes per seed, so that a slow spell of the machine hits both
-        res["runs"].append({"seed": seed, "peft": peft_recipe(model, tok, args, dev, seed),
-                            "softprompt": softprompt_recipe(model, tok, args, seed)})
-        write_result(out, res)  # each finished seed is kept, should a time limit stop the next
+def summarize(res: dict, peft_steps: int, sp_steps: int) -> None:
+    """Add the mean-over-seeds target, curve and time ratio to `res` and print them."""
     runs = res["runs"]
     target = mean(r["peft"]["final_accuracy"] for r in runs)
     peft_s = mean(r["peft"]["train_seconds"] for r in runs)
@@ -147,7 +126,7 @@ def main() -> None:
         r["softprompt"]["reached_own_seed_target_at"] = own
         at = f"{100 * own['accuracy']:.2f}% at step {own['step']}, {own['seconds']:.0f} s" if own else "not reached"
         print(f"{r['seed']:>5} {100 * pe['final_accuracy']:>10.2f}% {pe['train_seconds']:>7.0f}   {at}")
-    print(f"\nPEFT's recipe, mean of {len(runs)} seeds: {100 * target:.2f}% after {args.peft_steps} steps, "
+    print(f"\nPEFT's recipe, mean of {len(runs)} seeds: {100 * target:.2f}% after {peft_steps} steps, "
           f"{peft_s:.0f} s of training (a third: {peft_s / 3:.0f} s)")
     print("softprompt's default recipe, mean curve: " + ", ".join(
         f"{100 * c['accuracy']:.2f}% at {c['seconds']:.0f} s" for c in curve))
@@ -155,7 +134,43 @@ def main() -> None:
         print(f"reaches {100 * target:.2f}% at step {hit['step']}, {hit['seconds']:.0f} s: "
               f"{res['time_ratio']:.2f}x PEFT's time ({1 / res['time_ratio']:.1f}x faster; target: at most 0.33x)")
     else:
-        print(f"does not reach {100 * target:.2f}% within {args.sp_steps} steps")
+        print(f"does not reach {100 * target:.2f}% within {sp_steps} steps")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--virtual-tokens", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=3e-2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--peft-steps", type=int, default=300)
+    ap.add_argument("--peft-eval-every", type=int, default=100)
+    ap.add_argument("--sp-steps", type=int, default=300, help="softprompt's step budget (its linear decay ends there)")
+    ap.add_argument("--sp-eval-every", type=int, default=30)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="")
+    ap.add_argument("--merge", nargs="+", metavar="RESULT", help="summarise the runs of these result files "
+                    "together (e.g. seeds run in separate processes) into --out, running nothing")
+    args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        res = {**parts[0], "runs": [r for part in parts for r in part["runs"]], "merged_from": args.merge}
+        res["seeds"] = [r["seed"] for r in res["runs"]]
+        summarize(res, args.peft_steps, args.sp_steps)
+        print(f"wrote {write_result(args.out or RESULTS / 'time_to_quality_merged.json', res)}")
+        return
+    dev, dtype = device_and_dtype(args.device, args.dtype)
+    model, tok = load_bench_model(args.model, dev, dtype)
+    res = {"bench": "time_to_quality", "model": args.model, "device": str(dev), "machine": machine(),
+           "seeds": args.seeds, "runs": []}
+    out = args.out or RESULTS / f"time_to_quality_{dev.type}.json"
+    for seed in args.seeds:  # both recipes per seed, so that a slow spell of the machine hits both
+        res["runs"].append({"seed": seed, "peft": peft_recipe(model, tok, args, dev, seed),
+                            "softprompt": softprompt_recipe(model, tok, args, seed)})
+        write_result(out, res)  # each finished seed is kept, should a time limit stop the next
+    summarize(res, args.peft_steps, args.sp_steps)
     print(f"wrote {write_result(out, res)}")
 
 
