@@ -126,13 +126,14 @@ def random_checkpoint(name: str) -> Path:
 
 
 def cell(spec: dict) -> dict:
-    """One cell, in this (fresh) process: load, then `steps` optimiser steps; the first is a warm-up."""
+    """One cell, in this (fresh) process: load, a one-row warm-up step, then `steps` timed steps."""
     import torch
     from common import status_kb
 
     from softprompt.batching import Batch
     from softprompt.config import BUILTIN_MODEL, ModelConfig
     from softprompt.forward import batch_loss
+    from softprompt.measure import peak_rss, reset_peak_rss
     from softprompt.models import load_model, set_checkpointing
     from softprompt.quantize import weight_bytes
 
@@ -178,11 +179,11 @@ def cell(spec: dict) -> dict:
         return time.perf_counter() - t, float(loss.detach())
 
     warmup_s, _ = step(warmup)
-    loaded_mb = status_kb("VmHWM") / 1024
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
+    loaded_mb = peak_rss() / 2**20
+    reset_peak_rss()  # the high-water mark := the resident set now
     base_mb = status_kb("VmRSS") / 1024
     times, losses = zip(*(step(full) for _ in range(spec["steps"])))
-    train_peak = status_kb("VmHWM") / 1024
+    train_peak = peak_rss() / 2**20
     return {"load_seconds": round(load_s, 1), "weights_mb": round(weight_bytes(model) / 2**20, 1),
             "peak_rss_mb": round(max(loaded_mb, train_peak), 1), "train_extra_mb": round(train_peak - base_mb, 1),
             "seconds_per_step": round(sum(times) / len(times), 2), "step_seconds": [round(x, 2) for x in times],

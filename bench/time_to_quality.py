@@ -108,9 +108,11 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-def summarize(res: dict, peft_steps: int, sp_steps: int) -> None:
+def summarize(res: dict) -> None:
     """Add the mean-over-seeds target, curve and time ratio to `res` and print them."""
     runs = res["runs"]
+    peft_steps = runs[0]["peft"]["steps"]
+    sp_steps = runs[0]["softprompt"]["resolved_config"]["TrainConfig"]["max_steps"]
     target = mean(r["peft"]["final_accuracy"] for r in runs)
     peft_s = mean(r["peft"]["train_seconds"] for r in runs)
     steps = [c["step"] for c in runs[0]["softprompt"]["curve"]]
@@ -158,7 +160,7 @@ def main() -> None:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         res = {**parts[0], "runs": [r for part in parts for r in part["runs"]], "merged_from": args.merge}
         res["seeds"] = [r["seed"] for r in res["runs"]]
-        summarize(res, args.peft_steps, args.sp_steps)
+        summarize(res)
         print(f"wrote {write_result(args.out or RESULTS / 'time_to_quality_merged.json', res)}")
         return
     dev, dtype = device_and_dtype(args.device, args.dtype)
@@ -170,7 +172,7 @@ def main() -> None:
         res["runs"].append({"seed": seed, "peft": peft_recipe(model, tok, args, dev, seed),
                             "softprompt": softprompt_recipe(model, tok, args, seed)})
         write_result(out, res)  # each finished seed is kept, should a time limit stop the next
-    summarize(res, args.peft_steps, args.sp_steps)
+    summarize(res)
     print(f"wrote {write_result(out, res)}")
 
 
