@@ -95,11 +95,12 @@ def check_prompt(sp: SoftPrompt, what: str) -> None:
         raise SoftpromptError(f"{what} holds NaN or infinite values")
     meta = sp.meta
     labels = meta.get("labels")
-    if labels is not None and not (isinstance(labels, list) and 2 <= len(labels) <= 64
+    # train writes [] for language-modelling, input/target and chat prompts: no label words, like null.
+    if labels not in (None, []) and not (isinstance(labels, list) and 2 <= len(labels) <= 64
                                    and all(_text(w) and w.strip() for w in labels)
                                    and len(set(labels)) == len(labels)):
-        raise SoftpromptError(f"{what}: labels in its {CONFIG_FILE} must be a list of 2 to 64 distinct "
-                              f"non-empty words, got {reprlib.repr(labels)}")
+        raise SoftpromptError(f"{what}: labels in its {CONFIG_FILE} must be empty or a list of 2 to 64 "
+                              f"distinct non-empty words, got {reprlib.repr(labels)}")
     if not isinstance(meta.get("chat", False), bool):
         raise SoftpromptError(f"{what}: chat in its {CONFIG_FILE} must be true or false, "
                               f"got {reprlib.repr(meta['chat'])}")
