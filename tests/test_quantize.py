@@ -19,9 +19,11 @@ from softprompt.utils import SoftpromptError
 needs_bnb = pytest.mark.skipif(not available(), reason="bitsandbytes is not installed (pip install 'softprompt[quant]')")
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
 # Against the float32 base, relative: the loss (measured 1.0e-5 for 8-bit, 2.9e-5 for 4-bit on the
-# tiny Llama, whose random logits are nearly uniform) and the prompt gradient's norm (6.5e-3, 0.11).
+# tiny Llama, whose random logits are nearly uniform) and the prompt gradient's norm (6.5e-3 for
+# 8-bit; 0.11 for 4-bit on an AVX2 CPU, 0.27 on an AVX-512 one: NF4's rounding error on a tiny random
+# model, not the computation, which the dequantized-weights reference below pins exactly).
 LOSS_TOL = {"8bit": 1e-3, "4bit": 1e-3}
-GRAD_TOL = {"8bit": 0.02, "4bit": 0.25}
+GRAD_TOL = {"8bit": 0.02, "4bit": 0.4}
 
 
 def _batch(tok):
@@ -60,6 +62,41 @@ def test_every_path_runs_on_the_quantized_base(bits, llama_dir):
     assert grad.abs().sum() > 0 and not torch.equal(grad, ref_grad)  # quantized, and still a gradient
     assert float((grad - ref_grad).norm() / ref_grad.norm()) < GRAD_TOL[bits]
     assert all(q.grad is None and not q.requires_grad for q in model.parameters())
+    if bits == "4bit":  # the float32 model holding the NF4 weights dequantized computes the same numbers
+        deq_loss, deq_grad = _loss_and_grad(_dequantized_copy(full, model), b, "concat")
+        assert loss == pytest.approx(deq_loss, rel=1e-6)
+        assert torch.allclose(grad, deq_grad, atol=1e-7, rtol=1e-4)
+
+
+def _dequantized_copy(full, quantized):
+    import copy
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    ref, layers = copy.deepcopy(full), dict(quantized.named_modules())
+    for name, m in ref.named_modules():
+        q = layers.get(name)
+        if isinstance(q, bnb.nn.Linear4bit):
+            with torch.no_grad():
+                m.weight.copy_(dequantize_4bit(q.weight.data, q.weight.quant_state).to(m.weight.dtype))
+    return ref
+
+
+@needs_bnb
+def test_4bit_layers_the_avx512_kernel_cannot_pack_take_the_generic_path(llama_dir):
+    """bitsandbytes' AVX-512 bf16 CPU kernel packs NF4 weights in 32-row x 64-column blocks and fails
+    (shape '[32, 0]' is invalid) on smaller layers in inference mode; load_model routes those layers to
+    the generic CPU path, so an untuned forward without gradients runs on every CPU."""
+    import bitsandbytes as bnb
+
+    model, tok = load_model(ModelConfig(model=str(llama_dir), device="cpu", quantize="4bit"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    misfits = [m for m in layers if m.out_features % 32 or m.in_features % 64]
+    assert misfits and not any(m.support_avx512bf16_for_cpu for m in misfits)
+    with torch.no_grad():  # the inference-mode forward that repacks weights on AVX-512 CPUs
+        out = model(**tok(["Review: a dull film"], return_tensors="pt")).logits
+    assert torch.isfinite(out).all()
 
 
 @needs_bnb

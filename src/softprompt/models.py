@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import BUILTIN_MODEL, ModelConfig
-from .quantize import quantization_config
+from .quantize import keep_cpu_kernels_in_range, quantization_config
 from .utils import SoftpromptError, atomic_dir
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,6 +148,8 @@ def load_model(cfg: ModelConfig | str):
     model.eval()
     if quant is None:
         model.to(device)
+    else:
+        keep_cpu_kernels_in_range(model)
     return model, tok
 
 

@@ -47,6 +47,26 @@ def quantization_config(name: str, dtype: torch.dtype):
     raise SoftpromptError(f"unknown --quantize {name!r}: choose from {', '.join(CHOICES)}")
 
 
+def keep_cpu_kernels_in_range(model) -> int:
+    """Send 4-bit layers whose shapes bitsandbytes' AVX-512 bf16 CPU kernel cannot pack to its generic
+    CPU path; returns how many. On a CPU with avx512_bf16 an inference-mode forward repacks each NF4
+    weight [N, K] in blocks of 32 rows and `blocksize` (64) columns, and fails with "shape '[N, 0]'
+    is invalid" unless N % 32 == 0 and K % blocksize == 0. Real models' layers fit; tiny ones may not."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    sent = 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
+            state = getattr(m.weight, "quant_state", None)
+            block = getattr(state, "blocksize", 64) or 64
+            if m.out_features % 32 or m.in_features % block:
+                m.support_avx512bf16_for_cpu = False
+                sent += 1
+    return sent
+
+
 def quantized_bits(model) -> int | None:
     """8 or 4 for a model loaded with `--quantize`, None for a plain one."""
     qc = getattr(model, "hf_quantizer", None) and model.hf_quantizer.quantization_config
