@@ -1,0 +1,185 @@
+"""User journeys through the installed `softprompt` command, on the built-in model with a few steps.
+
+Each prompt kind that `train` writes (classification, input/target, plain language modelling and
+chat) is trained by the command in a subprocess, and its output folder is handed on as a user hands
+it: to `serve` (then the HTTP requests the README shows), hot load, `eval`, `generate`,
+`export-peft` (then PEFT's own loader), `push --local-dir` and `--config` replay. Unit and parity
+tests passed while `serve` refused every generation prompt `train` writes; these tests run the
+commands the way a user does, so that a break between two parts fails here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED
+
+pytestmark = pytest.mark.slow
+SP = str(Path(sys.executable).parent / "softprompt")
+SST2, ACTS = SHARED / "sst2", SHARED / "awesome-chatgpt-prompts" / "prompts.csv"
+FEW = ["--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--eval-limit", "8", "--save-every", "0"]
+KINDS = {
+    "sst2": ["--data", str(SST2 / "train.tsv"), "--eval-data", str(SST2 / "dev.tsv"), "--template",
+             r"Review: {sentence}\nSentiment:", "--labels", "negative,positive", "--loss", "classes",
+             "--init", "labels"],
+    "acts": ["--data", str(ACTS), "--template", r"Act as a {act}.\nPrompt:", "--target", " {prompt}"],
+    "lm": ["--data", str(ACTS), "--text-col", "prompt"],
+    "chat": ["--data", "CHATS"],  # written by the fixture: a messages column
+}
+
+
+def sp(*args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([SP, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"softprompt {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
+def write_chats(path: Path) -> Path:
+    import csv
+
+    with open(ACTS, newline="", encoding="utf-8") as f:
+        rows = [r for r, _ in zip(csv.DictReader(f), range(40))]
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            msgs = [{"role": "user", "content": f"Act as a {r['act']}."},
+                    {"role": "assistant", "content": r["prompt"][:200]}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One folder per prompt kind, each written by `softprompt train` in a subprocess."""
+    root = tmp_path_factory.mktemp("journeys")
+    chats = write_chats(root / "chats.jsonl")
+    for name, flags in KINDS.items():
+        flags = [str(chats) if f == "CHATS" else f for f in flags]
+        sp("train", *flags, *FEW, "--out", root / "runs" / name, cwd=root)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    """`softprompt serve` with every kind of prompt train wrote; yields its base URL."""
+    import httpx
+
+    port = free_port()
+    args = [SP, "serve", "--port", str(port), "--admin-token", "tok"]
+    for name in ("sst2", "acts", "lm"):
+        args += ["--prompt", f"{name}=runs/{name}"]
+    proc = subprocess.Popen(args, cwd=runs, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("serve did not answer /health within 300 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_train_writes_every_prompt_kind_and_serve_loads_them(server, runs):
+    import httpx
+
+    # chat is hot-loaded through the admin API, as a running server takes a new prompt.
+    r = httpx.post(server + "/v1/admin/prompts", json={"name": "chat", "path": str(runs / "runs" / "chat")},
+                   headers={"Authorization": "Bearer tok"}, timeout=60)
+    assert r.status_code == 201, r.text
+    models = {m["id"] for m in httpx.get(server + "/v1/models", timeout=10).json()["data"]}
+    assert {"sst2", "acts", "lm", "chat"} <= models
+
+
+def test_the_readme_requests_answer_for_every_kind(server, runs):
+    import httpx
+
+    for name in ("acts", "lm"):
+        r = httpx.post(server + "/v1/completions", timeout=120,
+                       json={"model": name, "prompt": "Act as a travel guide.\nPrompt:", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    r = httpx.post(server + "/v1/chat/completions", timeout=120, json={
+        "model": "chat", "messages": [{"role": "user", "content": "Act as a poet."}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["choices"][0]["message"]["content"], str)
+    r = httpx.post(server + "/v1/classify", timeout=120,
+                   json={"task": "sst2", "text": "Review: a wonderful, moving film\nSentiment:"})
+    assert r.status_code == 200, r.text
+    probs = r.json()
+    assert json.dumps(probs).count("positive") and json.dumps(probs).count("negative")
+    r = httpx.post(server + "/v1/completions", timeout=120, json={
+        "model": "acts", "prompt": "Act as a chef.\nPrompt:", "max_tokens": 3, "logprobs": 1})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.status_code == 200 and len(lp["token_logprobs"]) == len(lp["tokens"]) >= 1
+    assert all(v <= 0 for v in lp["token_logprobs"])
+
+
+def test_streaming_equals_the_whole_answer(server):
+    import httpx
+
+    body = {"model": "acts", "prompt": "Act as a chef.\nPrompt:", "max_tokens": 6}
+    whole = httpx.post(server + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    parts = []
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                parts.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(parts) == whole
+
+
+def test_eval_generate_and_replay_take_the_run_folders(runs):
+    out = sp("eval", "--prompt", "runs/sst2", "--data", SST2 / "dev.tsv", "--template",
+             r"Review: {sentence}\nSentiment:", "--labels", "negative,positive", "--limit", "8", cwd=runs)
+    assert "accuracy" in out.stdout
+    out = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--compare",
+             r"Act as a travel guide.\nPrompt:", cwd=runs)
+    assert out.stdout.strip()
+    # --config replay of a run gives the same prompt bytes.
+    sp("train", "--config", "runs/acts/run_config.json", "--out", "runs/acts-again", cwd=runs)
+    a, b = (runs / "runs" / d / "prompt.safetensors" for d in ("acts", "acts-again"))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_export_push_and_peft_read_what_train_wrote(runs):
+    import torch
+    from peft import PeftModel
+
+    from softprompt.models import load_model
+    from softprompt.prompt import load_prompt
+
+    sp("export-peft", "runs/acts", "runs/acts-peft", cwd=runs)
+    sp("push", "runs/acts", "me/acts", "--local-dir", "runs/acts-hub", cwd=runs)
+    base, tok = load_model("smollm2-135m-instruct")
+    ours = load_prompt(runs / "runs" / "acts").embeds
+    for folder in ("acts-peft", "acts-hub"):
+        peft_model = PeftModel.from_pretrained(base, runs / "runs" / folder)
+        got = peft_model.get_prompt_embedding_to_save("default")
+        assert torch.equal(got.float(), ours.float()), folder
+        base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model.base_model
+    cfg = json.loads((runs / "runs" / "acts-peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == ours.shape[0]

@@ -1,0 +1,224 @@
+"""The README is executable: every shell and Python example in it runs here, in its offline variant,
+with small step counts, through the installed `softprompt` command.
+
+The README's examples read Hub datasets; the comment under each (`#   local: FLAGS (instead of the
+first two flags)`) gives the same run on local files, and that is what runs here. Step counts and
+sizes are shrunk (SHRINK). A command that cannot run here (the network, a GPU, hours of CPU) must
+be listed in SKIP with its reason, and every SKIP entry must match a README command, so the README
+cannot drift from the tool in either direction: a new example runs or is named here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+README = ROOT / "README.md"
+
+# Commands that cannot run in CI, each with its reason (regex over the command as written).
+SKIP = {
+    r"^make (demo|test)\b": "the README's first two commands: CI runs `make test` itself; the demo is "
+                             "test_demo's `softprompt demo` with few steps",
+    r"^pip install": "installs: the test extras hold these packages already",
+    r"^\. \.venv/bin/activate": "the tests already run inside the virtual environment",
+    r"^huggingface-cli login": "needs the Hub",
+    r"^softprompt push runs/sst2 you/": "needs the Hub; push --local-dir is run below instead",
+    r"hf://you/": "needs the Hub; hf:// from the cache is test_hub's",
+    r"--model (bigscience|meta-llama)/": "needs the Hub (a 560M / 8B download); the offline variant follows it",
+    r"^softprompt train --config examples/bloomz-560m-classic.yaml$": "bloomz-560m from the Hub; its offline "
+                                                                     "variant follows in the README",
+    r"^torchrun ": "sharding needs 2 processes on a real base; test_fsdp runs it",
+    r"^softprompt lm-eval ": "the task YAML reads stanfordnlp/sst2 from the Hub; test_lmeval runs a local task",
+    r"^lm_eval --model local-completions": "needs the Hub tokenizer; test_serve_logprobs runs lm_eval's "
+                                           "local-completions against a live server",
+    r"^python (experiments|bench)/|^bash bench/": "benchmarks and ablations: hours of CPU",
+}
+# Flag -> value for the few-steps variant (only where the README's own value is larger).
+SHRINK = {"--max-steps": 2, "--eval-limit": 8, "--limit": 8, "--ft-steps": 2, "--max-new-tokens": 4,
+          "--batch-size": 2, "--max-length": 64, "--eval-every": 1, "--top-k": 2}
+# Flags added where the README leaves the default (a full run), per command.
+ADD = {"train": {"--max-steps": "2", "--eval-limit": "8"}, "compare": {"--max-steps": "2"},
+       "eval": {"--limit": "8"}, "ensemble": {"--limit": "8"}, "generate": {"--max-new-tokens": "4"}}
+# Placeholders in the README's commands, and what stands for them here.
+PLACEHOLDERS = {"DIR1": "runs/sst2", "DIR2": "runs/sst2-again", "DIR3": "runs/sst2",
+                "my_chats.jsonl": "chats.jsonl"}
+# Config files whose data is on the Hub: the local files their comments name.
+CONFIG_DATA = {
+    "examples/sst2.yaml": ["--data", "../shared/data/sst2/train.tsv", "--eval-data", "../shared/data/sst2/dev.tsv"],
+    "runs/sst2/run_config.json": [],
+}
+
+
+@dataclass
+class Cmd:
+    line: int
+    text: str  # as written, continuation lines joined and comments removed
+    lang: str = "bash"
+    local: list[str] = field(default_factory=list)
+    replaces: int = 0  # how many leading flag/value pairs `local` replaces
+
+
+def blocks(text: str):
+    """(language, first line number, lines) of every fenced code block."""
+    lang, start, lines = None, 0, []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            if lang is None:
+                lang, start, lines = line[3:].strip() or "text", i + 1, []
+            else:
+                yield lang, start, lines
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+
+
+LOCAL_RE = re.compile(r"^#\s+local:\s*(.*?)\s*(\(instead of the first (\w+) flags?\))?\s*$")
+COUNTS = {"one": 1, "two": 2, "three": 3}
+
+
+def commands(text: str) -> list[Cmd]:
+    out: list[Cmd] = []
+    for lang, start, lines in blocks(text):
+        if lang == "python":
+            out.append(Cmd(start, "\n".join(lines), "python"))
+            continue
+        if lang != "bash":
+            continue
+        joined, first = "", None
+        for n, line in enumerate(lines, start):
+            first = n if first is None else first
+            if line.rstrip().endswith("\\"):
+                joined += line.rstrip()[:-1] + " "
+                continue
+            joined += line
+            stripped = joined.strip()
+            m = LOCAL_RE.match(stripped)
+            if m and out:
+                local = m.group(1).split("  (")[0]
+                out[-1].local = shlex.split(local)
+                out[-1].replaces = COUNTS.get(m.group(3) or "one", 1)
+            elif stripped and not stripped.startswith("#"):
+                for part in stripped.split(" && "):
+                    words = shlex.split(part, comments=True)
+                    if words:
+                        out.append(Cmd(first, shlex.join(words)))
+            joined, first = "", None
+    return out
+
+
+def skip_reason(cmd: Cmd) -> str | None:
+    return next((why for pat, why in SKIP.items() if re.search(pat, cmd.text)), None)
+
+
+def offline(cmd: Cmd) -> list[str]:
+    """The command's argv for this machine: local data, placeholders, few steps."""
+    argv = [PLACEHOLDERS.get(w, w) for w in shlex.split(cmd.text)]
+    if cmd.local:
+        i = 2  # softprompt COMMAND --flag value ...
+        argv = argv[:i] + cmd.local + argv[i + 2 * cmd.replaces:]
+    for i, w in enumerate(argv):
+        if w == "--config" and argv[i + 1] in CONFIG_DATA:
+            argv += CONFIG_DATA[argv[i + 1]]
+    for i, w in enumerate(argv[:-1]):
+        if w in SHRINK and argv[i + 1].lstrip("-").replace(".", "").isdigit():
+            argv[i + 1] = str(min(float(argv[i + 1]), SHRINK[w])).removesuffix(".0")
+    for flag, value in ADD.get(argv[1] if len(argv) > 1 else "", {}).items():
+        if flag not in argv:
+            argv += [flag, value]
+    return [str(BIN / argv[0])] + argv[1:] if (BIN / argv[0]).exists() else argv
+
+
+def write_chats(path: Path) -> None:
+    import csv
+
+    with open(SHARED / "awesome-chatgpt-prompts" / "prompts.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r, _ in zip(csv.DictReader(f), range(24))]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Act as a {r['act']}."},
+                                                     {"role": "assistant", "content": r["prompt"][:200]}]}) + "\n"
+                            for r in rows))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(argv: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(argv + ["--port", str(port)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise AssertionError(f"{shlex.join(argv)} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise AssertionError("the README's serve command did not answer /health")
+
+
+def test_every_skip_entry_matches_a_readme_command():
+    cmds = commands(README.read_text())
+    unused = [pat for pat in SKIP if not any(re.search(pat, c.text) for c in cmds)]
+    assert not unused, f"SKIP entries that match no README command (stale): {unused}"
+
+
+def test_the_local_variants_are_parsed():
+    cmds = {c.text.split(" --")[0]: c for c in commands(README.read_text()) if c.local}
+    train = next(c for c in commands(README.read_text()) if c.text.startswith("softprompt train --data stanfordnlp"))
+    argv = offline(train)
+    assert "stanfordnlp/sst2" not in argv and "--eval-split" not in argv and cmds
+    assert argv[argv.index("--data") + 1].endswith("sst2/train.tsv") and argv[argv.index("--max-steps") + 1] == "2"
+
+
+def test_every_readme_example_runs_offline(tmp_path):
+    (tmp_path / "shared").symlink_to(SHARED.parent)
+    work = tmp_path / "repo"
+    work.mkdir()
+    (work / "examples").symlink_to(ROOT / "examples")
+    write_chats(work / "chats.jsonl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server, ran = None, []
+    try:
+        for cmd in commands(README.read_text()):
+            if skip_reason(cmd):
+                continue
+            if cmd.lang == "python":
+                assert server is not None, f"README line {cmd.line}: a Python example with no server before it"
+                code = cmd.text.replace("127.0.0.1:8000", f"127.0.0.1:{server[1]}")
+                code = code.replace("max_tokens=32", "max_tokens=4")
+                r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                                   timeout=300)
+            elif cmd.text.startswith("softprompt serve"):
+                server = start_server(offline(cmd), work, env)
+                ran.append(cmd.text)
+                continue
+            else:
+                r = subprocess.run(offline(cmd), cwd=work, env=env, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, (f"README line {cmd.line} failed (exit {r.returncode}): {cmd.text}\n"
+                                       f"ran: {shlex.join(offline(cmd)) if cmd.lang == 'bash' else 'python'}\n"
+                                       f"{r.stderr[-3000:]}")
+            ran.append(cmd.text)
+    finally:
+        if server is not None:
+            server[0].terminate()
+            server[0].wait(30)
+    assert any(t.startswith("softprompt serve") for t in ran) and len(ran) >= 15, ran
