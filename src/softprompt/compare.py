@@ -36,14 +36,15 @@ from typing import Any
 import torch
 
 from .batching import Example
-from .config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args, to_dict
+from .config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
+                     from_args, to_dict)
 from .data import Formatter, load_splits
 from .evaluate import evaluate
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
 from .models import load_model
 from .train import default_init_text, train
-from .utils import SoftpromptError, atomic_write_text, count_params, seed_everything, write_json
+from .utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
 
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",
@@ -156,6 +157,8 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     `ccfg.out`; return the JSON object."""
     ccfg = replace(ccfg)  # its own checks again, in case a field was changed since
     methods = ccfg.method_list
+    # A previous comparison in --out is replaced, file by file; anything else there is the user's.
+    check_dest(ccfg.out, "--out", True, {"compare.json", "compare.md", "compare.png", *COMPARE_METHODS})
     if model is None:
         model, tok = load_model(mcfg)
     resident(model)

@@ -1,0 +1,164 @@
+"""Issue 27, the command line's half: hostile input gets one error line and a non-zero exit, and
+never costs the user a file. Each test is named after the defect it pins (N1, N8, ..., L12)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from softprompt.cli import main
+from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.train import train
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    """The last command wrote exactly one stderr line, softprompt's error, holding every needle."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("softprompt: error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    return err[0]
+
+
+def tree(folder):
+    """Every file under `folder` with its bytes: what must survive a refused command."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    import csv
+
+    from conftest import EXAMPLES
+
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()]
+    p = tmp_path_factory.mktemp("data") / "c.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["country", "capital", "europe"])
+        w.writerows([r["country"], r["capital"], int(r["continent"] == "Europe")] for r in rows)
+    return p
+
+
+CLS = ["--template", "Country: {country}\\nEurope:", "--labels", "no,yes", "--label-col", "europe"]
+
+
+def train_argv(llama_dir, data, out, *extra):
+    return ["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(data), *CLS, "--virtual-tokens",
+            "3", "--max-steps", "2", "--batch-size", "4", "--eval-every", "0", "--no-eval-untuned", "--out", str(out),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(llama_dir, data_csv, tmp_path_factory):
+    """A finished tiny run: prompt, records, metrics, checkpoint."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(ModelConfig(model=str(llama_dir), device="cpu"),
+          DataConfig(data=str(data_csv), template="Country: {country}\\nEurope:", labels="no,yes", label_col="europe"),
+          PromptConfig(virtual_tokens=3, init="labels"),
+          TrainConfig(out=str(out), max_steps=2, batch_size=4, eval_every=2, save_every=2), quiet=True)
+    return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the finished run that a test may damage."""
+    return shutil.copytree(run_dir, tmp_path / "run")
+
+
+# ---------------------------------------------------------------- N1, D10, L10: output folders
+
+def test_N1_export_peft_refuses_non_empty_out(run_dir, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "t.txt").write_text("x")
+    assert main(["export-peft", str(run_dir), str(keep)]) == 2
+    one_error_line(capsys, str(keep), "already holds files", "--overwrite")
+    assert (keep / "t.txt").read_text() == "x"
+    # --overwrite replaces a previous export, but never a file export does not write.
+    assert main(["export-peft", str(run_dir), str(keep), "--overwrite"]) == 2
+    one_error_line(capsys, "t.txt", "not deleting it")
+    assert tree(keep) == {"t.txt": b"x"}
+    peft = tmp_path / "peft"
+    assert main(["export-peft", str(run_dir), str(peft)]) == 0
+    assert main(["export-peft", str(run_dir), str(peft)]) == 2
+    capsys.readouterr()
+    assert main(["export-peft", str(run_dir), str(peft), "--overwrite"]) == 0
+    assert (peft / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "peft"]  # nothing left beside them
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_N1_export_peft_refuses_out_at_the_source(run_copy, where, capsys):
+    before = tree(run_copy.parent)
+    out = {"same": run_copy, "inside": run_copy / "peft", "parent": run_copy.parent}[where]
+    assert main(["export-peft", str(run_copy), str(out), "--overwrite"]) == 2
+    one_error_line(capsys, "the source", str(run_copy))
+    assert tree(run_copy.parent) == before
+
+
+def test_N1_import_peft_refuses_a_finished_run_and_the_source(run_dir, run_copy, tmp_path, capsys):
+    peft = tmp_path / "peft"
+    assert main(["export-peft", str(run_dir), str(peft)]) == 0
+    before = tree(run_copy)
+    assert main(["import-peft", str(peft), str(run_copy)]) == 2
+    one_error_line(capsys, "already holds files")
+    assert main(["import-peft", str(peft), str(run_copy), "--overwrite"]) == 2  # metrics.jsonl, checkpoint...
+    one_error_line(capsys, "not deleting it")
+    assert tree(run_copy) == before
+    adapter = tree(peft)
+    for out in (peft, peft / "sub"):
+        assert main(["import-peft", str(peft), str(out), "--overwrite"]) == 2
+        one_error_line(capsys, "the source")
+    assert tree(peft) == adapter
+    back = tmp_path / "back"
+    assert main(["import-peft", str(peft), str(back)]) == 0
+    assert main(["import-peft", str(peft), str(back), "--overwrite"]) == 0
+    assert torch.equal(load_prompt(back).embeds, load_prompt(run_dir).embeds)
+
+
+def test_N1_push_local_dir_refuses_non_empty_and_the_run(run_dir, run_copy, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "t.txt").write_text("x")
+    assert main(["push", str(run_dir), "me/x", "--local-dir", str(keep)]) == 2
+    one_error_line(capsys, "--local-dir", "already holds files")
+    before = tree(run_copy)
+    assert main(["push", str(run_copy), "me/x", "--local-dir", str(run_copy), "--overwrite"]) == 2
+    one_error_line(capsys, "the source")
+    assert tree(run_copy) == before and tree(keep) == {"t.txt": b"x"}
+    up = tmp_path / "up"
+    assert main(["push", str(run_dir), "me/x", "--local-dir", str(up)]) == 0
+    assert main(["push", str(run_dir), "me/x", "--local-dir", str(up), "--overwrite"]) == 0
+    assert (up / "README.md").is_file()
+
+
+def test_D10_compare_refuses_an_out_holding_other_files(llama_dir, data_csv, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "t.txt").write_text("x")
+    assert main(["compare", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), *CLS,
+                 "--methods", "untuned", "--out", str(keep)]) == 2
+    one_error_line(capsys, "t.txt", "not deleting it")
+    assert tree(keep) == {"t.txt": b"x"}
+
+
+def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_path, capsys):
+    f = tmp_path / "existing_file"
+    f.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export-peft", str(run_dir), str(f), *extra]) == 2
+        one_error_line(capsys, "is a file, not a folder")
+    assert f.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["existing_file"]
+    # The library's atomic folder itself refuses a file and leaves no hidden sibling.
+    from softprompt.utils import SoftpromptError, atomic_dir
+
+    with pytest.raises(SoftpromptError, match="is a file"):
+        with atomic_dir(f) as tmp:
+            (tmp / "x").write_text("y")
+    d = tmp_path / "d"
+    d.mkdir()
+    with atomic_dir(d) as tmp:
+        (tmp / "x").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "existing_file"] and tree(d) == {"x": b"y"}
