@@ -13,12 +13,14 @@ from softprompt.train import train
 
 
 def one_error_line(capsys, *needles: str) -> str:
-    """The last command wrote exactly one stderr line, softprompt's error, holding every needle."""
+    """The last command ended on one stderr line, softprompt's error, holding every needle (progress
+    bars of a model load may come before it; no traceback does)."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("softprompt: error: "), err
+    assert err and err[-1].startswith("softprompt: error: "), err
+    assert not any(l.startswith(("Traceback", "softprompt: error")) for l in err[:-1]), err
     for n in needles:
-        assert n in err[0], (n, err[0])
-    return err[0]
+        assert n in err[-1], (n, err[-1])
+    return err[-1]
 
 
 def tree(folder):
@@ -162,3 +164,36 @@ def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_p
     with atomic_dir(d) as tmp:
         (tmp / "x").write_text("y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "existing_file"] and tree(d) == {"x": b"y"}
+
+
+# ---------------------------------------------------------------- N8: --resume with other settings
+
+@pytest.fixture
+def half_run(llama_dir, data_csv, tmp_path):
+    """A run interrupted after step 2 of 4, its checkpoint at step 2."""
+    out = tmp_path / "half"
+    s = train(ModelConfig(model=str(llama_dir), device="cpu"),
+              DataConfig(data=str(data_csv), template="Country: {country}\\nEurope:", labels="no,yes",
+                         label_col="europe"),
+              PromptConfig(virtual_tokens=3, init="labels"),
+              TrainConfig(out=str(out), max_steps=4, batch_size=4, eval_every=0, save_every=2, eval_untuned=False),
+              stop_after=3, quiet=True)
+    assert s == {"interrupted_at": 3}
+    return out
+
+
+def test_N8_resume_refuses_changed_settings(llama_dir, data_csv, half_run, capsys):
+    before = tree(half_run)
+    base = ["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), "--virtual-tokens", "3",
+            "--init", "labels", "--max-steps", "4", "--batch-size", "4", "--eval-every", "0", "--save-every", "2",
+            "--no-eval-untuned", "--out", str(half_run), "--resume"]
+    swapped = ["--template", "Is {country} in Europe?", "--labels", "yes,no", "--label-col", "europe", "--lr", "0.5"]
+    assert main(base + swapped) == 2
+    line = one_error_line(capsys, "--resume", "--labels", "--template", "--lr 0.5")
+    assert "--max-steps" not in line and "--device" not in line
+    assert main(base + ["--text-col", "country"]) == 2  # was: KeyError 'accuracy' after rewriting the records
+    one_error_line(capsys, "--text-col 'country'", "--labels")
+    assert tree(half_run) == before
+    # The run's own settings (and a new --log-every, which only says how it is carried out) still resume.
+    assert main(base + ["--log-every", "1", *CLS]) == 0
+    assert json.loads((half_run / "summary.json").read_text())["steps"] == 4

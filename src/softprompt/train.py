@@ -36,7 +36,8 @@ from .methods import METHODS
 from . import trackers as tracking
 from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
-from .rundir import append_metrics, check_out, clear_run, load_checkpoint, plot_metrics, save_checkpoint, start_metrics
+from .rundir import (RUN_CONFIG, append_metrics, check_out, check_same_run, clear_run, load_checkpoint, plot_metrics,
+                     save_checkpoint, start_metrics)
 from .utils import SoftpromptError, count_params, seed_everything, weights_hash, write_json
 
 
@@ -148,6 +149,8 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
+    if tcfg.resume:
+        check_same_run(Path(tcfg.out), to_dict(mcfg, dcfg, pcfg, tcfg))
     method = METHODS[tcfg.method].setup(model, tok, pcfg, tcfg, fmt.label_words, default_init_text(fmt),
                                         fmt.render_input(train_ex[0].text))
     if tcfg.loss == "classes" and fmt.task != "classify":
@@ -196,7 +199,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             "total_steps": total, "truncated": fmt.truncated,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", ""), "base_bytes_per_process": local_bytes(model)}
-        write_json(run.out / "run_config.json", record)
+        write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
         tracking.start(acc, trackers, run.out, record)
     return run

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import reprlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,6 +75,15 @@ def check_dest(out: str | os.PathLike, flag: str, overwrite: bool, own: set[str]
     if foreign:
         raise SoftpromptError(f"{flag} {out} holds {', '.join(foreign[:3])}, which this command does not write; "
                               f"not deleting it (remove it yourself, or choose another {flag})")
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to about `limit` characters, for error messages: a value may be megabytes."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    text = r.repr(value)
+    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
