@@ -197,3 +197,42 @@ def test_N8_resume_refuses_changed_settings(llama_dir, data_csv, half_run, capsy
     # The run's own settings (and a new --log-every, which only says how it is carried out) still resume.
     assert main(base + ["--log-every", "1", *CLS]) == 0
     assert json.loads((half_run / "summary.json").read_text())["steps"] == 4
+
+
+# ---------------------------------------------------------------- N9: two runs on one --out
+
+def test_N9_second_train_on_a_held_out_fails(llama_dir, data_csv, tmp_path, capsys):
+    from softprompt.rundir import RunLock
+
+    out = tmp_path / "run"
+    held = RunLock(out)  # what a first run holds while it trains
+    assert main(train_argv(llama_dir, data_csv, out)) == 2
+    one_error_line(capsys, str(out), "in use by another train run")
+    assert tree(out) == {}
+    held.release()
+    assert main(train_argv(llama_dir, data_csv, out)) == 0
+    assert (out / "prompt.safetensors").is_file()
+    # A run that fails on its input leaves no folder behind the lock made.
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "bad", "--label-col", "nope")) == 2
+    one_error_line(capsys, "column 'nope' not found")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
+    """Started together, exactly one of two `softprompt train` processes on one --out succeeds; the
+    other exits 2 with one line, whichever way they interleave."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "softprompt", *train_argv(llama_dir, data_csv, out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    err = next(e for rc, e in results if rc == 2).strip().splitlines()
+    assert err[-1].startswith("softprompt: error: --out ") and not any("Traceback" in l for l in err), err
+    assert ("in use by another train run" in err[-1]) or ("already holds files" in err[-1])
+    assert load_prompt(out).num_tokens == 3

@@ -7,6 +7,7 @@ prompt), and anything else is refused before any work starts.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -46,6 +47,38 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
         if foreign:
             raise SoftpromptError(f"--overwrite: {out} holds {', '.join(foreign[:3])}, which no run writes; "
                                   "not deleting it (remove it yourself, or choose another --out)")
+
+
+class RunLock:
+    """An exclusive lock on the run folder (flock on the folder itself, so no lock file is left in it
+    or beside it): a second `train` on the same --out fails at once instead of mixing its files with
+    the first's. Released by `release()` or when the process ends; a folder this lock created and
+    nothing was written into is removed again."""
+
+    def __init__(self, out: Path):
+        self.out, self.created, self.fd = out, not out.exists(), None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise SoftpromptError(f"--out {out}: cannot create or open the folder ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SoftpromptError(f"--out {out} is in use by another train run: wait for it to end, "
+                                  "or choose another --out") from None
+        self.fd = fd
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if failed and self.created and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+    def __del__(self):
+        self.release()
 
 
 def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:

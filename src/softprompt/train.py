@@ -36,7 +36,7 @@ from .methods import METHODS
 from . import trackers as tracking
 from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
-from .rundir import (RUN_CONFIG, append_metrics, check_out, check_same_run, clear_run, load_checkpoint, plot_metrics,
+from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint, plot_metrics,
                      save_checkpoint, start_metrics)
 from .utils import SoftpromptError, count_params, seed_everything, weights_hash, write_json
 
@@ -116,6 +116,7 @@ class Run:
     graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
     trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
     scaler: Any = None  # torch.amp.GradScaler: loss scaling over a float16 base, else a pass-through
+    lock: RunLock | None = None  # the main process's hold on --out (rundir.RunLock)
 
     @property
     def out(self) -> Path:
@@ -142,6 +143,19 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
     acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
                       **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
+    lock = RunLock(Path(tcfg.out)) if acc.is_main_process else None
+    try:
+        check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)  # again, now that no other run can write there
+        run = build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed=True)
+        raise
+    return run
+
+
+def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -> Run:
+    """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
     if model is None:
         model, tok = load_model(mcfg)
@@ -184,7 +198,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
     graphed = GraphedStep(model, method.prompt.embeds, pad_id(tok), class_ids) if path == "graphed" else None
     run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
-              total, meta, hash_before, state, path, why, graphed, trackers, scaler)
+              total, meta, hash_before, state, path, why, graphed, trackers, scaler, lock)
     if tcfg.resume:
         run.state = load_checkpoint(run.out, method, opt, sched)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
@@ -297,6 +311,15 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     gives already loaded (formatter, train, eval) examples instead of loading `dcfg`: the method
     comparison passes one split to every method (an empty eval list skips evaluation)."""
     run = setup(mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+    try:
+        return loop(run, stop_after, quiet)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
+    """The training loop of a set-up run, to its end or to `stop_after` steps."""
     cfg, state = run.cfg, run.state
     untuned = None
     if cfg.eval_untuned and run.eval_ex and not cfg.resume:
