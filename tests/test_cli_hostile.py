@@ -236,3 +236,23 @@ def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
     assert err[-1].startswith("softprompt: error: --out ") and not any("Traceback" in l for l in err), err
     assert ("in use by another train run" in err[-1]) or ("already holds files" in err[-1])
     assert load_prompt(out).num_tokens == 3
+
+
+# ---------------------------------------------------------------- N10: prompts longer than the model
+
+@pytest.mark.parametrize("virtual", ["100000", "256", "250"])
+def test_N10_train_checks_the_position_limit(llama_dir, data_csv, tmp_path, virtual, capsys):
+    """The tiny Llama has 256 positions; every example here is longer than 6 tokens."""
+    argv = train_argv(llama_dir, data_csv, tmp_path / "run")
+    argv[argv.index("--virtual-tokens") + 1] = virtual
+    assert main(argv) == 2
+    one_error_line(capsys, f"--virtual-tokens {virtual} + ", "exceed the model's 256 positions")
+    assert not (tmp_path / "run").exists()
+
+
+def test_N10_compare_checks_the_position_limit(llama_dir, data_csv, tmp_path, capsys):
+    assert main(["compare", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), *CLS,
+                 "--methods", "untuned,prompt", "--virtual-tokens", "8200", "--max-steps", "1",
+                 "--out", str(tmp_path / "cmp")]) == 2
+    one_error_line(capsys, "--virtual-tokens 8200 + ", "exceed the model's 256 positions")
+    assert not (tmp_path / "cmp").exists()

@@ -40,6 +40,7 @@ from .config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, Pr
                      from_args, to_dict)
 from .data import Formatter, load_splits
 from .evaluate import evaluate
+from .families import check_positions
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
 from .models import load_model
@@ -163,9 +164,13 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
         model, tok = load_model(mcfg)
     resident(model)
     seed_everything(tcfg.seed)
+    if "prompt" in methods:
+        check_positions(model, pcfg.virtual_tokens)  # before the data is read
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     if not eval_ex:
         raise SoftpromptError("compare needs held-out data: --eval-data FILE or --eval-fraction > 0")
+    if "prompt" in methods:
+        check_positions(model, pcfg.virtual_tokens, max(len(e.ids) for e in train_ex + eval_ex))
     out = Path(ccfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bs = ccfg.eval_batch_size

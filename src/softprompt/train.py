@@ -30,6 +30,7 @@ from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args
 from .cuda_graphs import GraphedStep, training_path
 from .data import Formatter, load_splits
 from .evaluate import evaluate
+from .families import check_positions
 from .forward import batch_loss
 from .inits import resolve
 from .methods import METHODS
@@ -159,8 +160,11 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     seed_everything(tcfg.seed)
     if model is None:
         model, tok = load_model(mcfg)
+    P = pcfg.virtual_tokens if tcfg.method == "prompt" else 0
+    check_positions(model, P)  # before the data is read
     model.to(acc.device)
     fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
+    check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
     if tcfg.resume:
