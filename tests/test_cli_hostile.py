@@ -256,3 +256,36 @@ def test_N10_compare_checks_the_position_limit(llama_dir, data_csv, tmp_path, ca
                  "--out", str(tmp_path / "cmp")]) == 2
     one_error_line(capsys, "--virtual-tokens 8200 + ", "exceed the model's 256 positions")
     assert not (tmp_path / "cmp").exists()
+
+
+# ---------------------------------------------------------------- N11: YAML alias bombs
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """Each level a list of `width` aliases of the one before: width**levels strings once expanded."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nTrainConfig: {{lr: *l{levels - 1}}}\n"
+
+
+@pytest.mark.parametrize("levels", [3, 9])
+def test_N11_yaml_alias_bomb_is_refused_in_one_short_line(llama_dir, data_csv, tmp_path, levels, capsys):
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(alias_bomb(levels))
+    assert main([*train_argv(llama_dir, data_csv, tmp_path / "run"), "--config", str(cfg)]) == 2
+    # 9**3 strings are few enough to read, and refused as the wrong type; 9**9 are refused unread.
+    line = one_error_line(capsys, str(cfg), "expected float" if levels == 3 else "aliases expand to more than")
+    assert len(line) < 600
+    assert not (tmp_path / "run").exists()
+
+
+def test_N11_plain_aliases_still_work(tmp_path):
+    from softprompt.configfile import read_config
+
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("base: &b {lr: 0.01, batch_size: 4}\nTrainConfig: *b\nDataConfig: {labels: &w 'no,yes'}\n")
+    assert read_config(cfg)["TrainConfig"] == {"lr": 0.01, "batch_size": 4}
+    cfg.write_text("a: &a [1, *a]\n")  # an alias inside its own anchor: infinite
+    from softprompt.utils import SoftpromptError
+
+    with pytest.raises(SoftpromptError, match="aliases expand"):
+        read_config(cfg)

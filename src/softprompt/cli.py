@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 
 from .utils import SoftpromptError
 
+MAX_ERROR = 2000  # characters of an error message printed
+
 
 @dataclass(frozen=True)
 class Command:
@@ -117,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     except SoftpromptError as e:
         # One line whatever the message quotes (a column name or a path may hold a newline).
-        print("softprompt: error: " + str(e).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        msg = str(e)
+        if len(msg) > MAX_ERROR:  # a value quoted whole (a config file's) can be megabytes
+            msg = f"{msg[:MAX_ERROR]}... ({len(msg)} characters)"
+        print("softprompt: error: " + msg.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)
