@@ -289,3 +289,61 @@ def test_N11_plain_aliases_still_work(tmp_path):
 
     with pytest.raises(SoftpromptError, match="aliases expand"):
         read_config(cfg)
+
+
+# ---------------------------------------------------------------- D3/L1: tracebacks instead of one line
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 40), str(2 ** 64 - 1)])
+def test_D3_train_seed_out_of_range_is_one_line(llama_dir, data_csv, tmp_path, seed, capsys):
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--seed", seed)) == 2
+    one_error_line(capsys, f"--seed {seed}", "4294967295")
+    assert not (tmp_path / "run").exists()
+
+
+def test_D3_generate_64_bit_seed_is_one_line(llama_dir, run_dir, capsys):
+    assert main(["generate", "--model", str(llama_dir), "--device", "cpu", "--prompt", str(run_dir), "--sample",
+                 "--seed", str(2 ** 64 - 1), "--max-new-tokens", "2", "Country: Chile", "Country: Peru"]) == 2
+    one_error_line(capsys, f"--seed {2 ** 64 - 1}", "4294967295")
+
+
+def test_D3_train_huge_lr_is_one_line(llama_dir, data_csv, tmp_path, capsys):
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--lr", "1e308")) == 2
+    one_error_line(capsys, "--lr")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_D3_train_unwritable_out_is_one_line(llama_dir, data_csv, tmp_path, where, capsys):
+    """Tests run as root, so a chmod'ed folder would be writable: a path under a regular file
+    (NotADirectoryError) and one under /proc (refused to everyone) stand for a read-only --out."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    out = f / "run" if where == "under_a_file" else "/proc/softprompt-test/run"
+    assert main(train_argv(llama_dir, data_csv, out)) == 2
+    one_error_line(capsys, f"--out {out}")
+    assert f.read_text() == "x"
+
+
+def test_D3_full_disk_is_one_line(llama_dir, data_csv, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import softprompt.train
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(softprompt.train, "append_metrics", full)
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--log-every", "1")) == 2
+    one_error_line(capsys, "No space left on device", "metrics.jsonl")
+
+
+def test_D3_import_peft_of_a_list_config_is_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    save_file({"prompt_embeddings": torch.zeros(3, 32)}, str(adapter / "adapter_model.safetensors"))
+    assert main(["import-peft", str(adapter), str(tmp_path / "out")]) == 2
+    one_error_line(capsys, "adapter_config.json must hold a JSON object")
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@ exposing `add_arguments(parser)` and `run(args) -> int`.
 
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
-status 2.
+status 2; so is an OSError the system raises (a full disk, a folder that cannot be written).
 """
 from __future__ import annotations
 
@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(msg) > MAX_ERROR:  # a value quoted whole (a config file's) can be megabytes
             msg = f"{msg[:MAX_ERROR]}... ({len(msg)} characters)"
         print("softprompt: error: " + msg.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk or the system, not a bug: full, read-only, gone (one line, as any error)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"softprompt: error: {e.strerror or e}{where}".replace("\n", "\\n")[:MAX_ERROR], file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)

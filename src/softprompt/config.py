@@ -25,6 +25,8 @@ FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (aut
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds; generate seeds row i with --seed + i, which must stay in torch's 64 bits
+MAX_LR = 1e3  # beyond it a step only diverges; 1e308 overflowed float32 inside the optimiser
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -50,6 +52,10 @@ def check_fields(cfg: Any, at_least: dict[str, float] | None = None) -> None:
         require(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} must be a finite number (got {v})")
         if at_least and f.name in at_least:
             require(v >= at_least[f.name], f"{flag(f.name)} must be at least {at_least[f.name]} (got {v})")
+
+
+def check_seed(seed: int) -> None:
+    require(0 <= seed <= MAX_SEED, f"--seed {seed} must be in 0..{MAX_SEED}")
 
 
 def check_text(cfg: Any, *names: str) -> None:
@@ -208,6 +214,8 @@ class TrainConfig:
         bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
         require(not bad, f"unknown --report-to {','.join(bad)!r}: choose from {', '.join(TRACKERS)}")
         require(self.lr >= 0, f"--lr {self.lr}: need --lr >= 0 (0 = auto)")
+        require(not self.lr > MAX_LR, f"--lr {self.lr}: must be at most {MAX_LR:g}")
+        check_seed(self.seed)
         check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
                             "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1})
         require(self.batch_size >= self.grad_accum,
@@ -239,6 +247,7 @@ class CompareConfig:
 
     def __post_init__(self):
         check_fields(self, {"ft_lr": 0, "ft_steps": 0, "ft_batch_size": 0, "eval_batch_size": 1})
+        require(not self.ft_lr > MAX_LR, f"--ft-lr {self.ft_lr}: must be at most {MAX_LR:g}")
         check_text(self, "instruction")
         bad = [m for m in self.method_list if m not in COMPARE_METHODS]
         require(not bad and bool(self.method_list),
@@ -262,6 +271,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         check_fields(self, {"max_new_tokens": 1})
+        check_seed(self.seed)
         require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
         require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")

@@ -329,30 +329,31 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
     if cfg.eval_untuned and run.eval_ex and not cfg.resume:
         untuned = evaluate(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16))
         run.log({"step": 0, "split": "eval_untuned", **untuned})
-    bar = tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet, dynamic_ncols=True)
-    last_eval, stopped_early = None, False
-    stream = batches(run)
-    while state["step"] < run.total:
-        t0 = time.perf_counter()
-        train_loss, tokens = loss_step(run, next(stream))
-        state["step"] = step = state["step"] + 1
-        state["tokens"] += tokens
-        # Optimiser-step time only: evaluation and checkpoints are not training throughput.
-        state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
-        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == run.total:
-            run.log({"step": step, "split": "train", "loss": train_loss, "lr": run.sched.get_last_lr()[0],
-                     "tokens": state["tokens"], "seconds": round(elapsed, 3)})
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
-            last_eval = evaluate_run(run, step)
-            stopped_early = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
-        if (run.main and cfg.save_every and run.method.resumable
-                and (step % cfg.save_every == 0 or step == run.total or stopped_early)):
-            save_checkpoint(run.out, run.method, run.opt, run.sched, state, run.meta)
-        if stopped_early or (stop_after and stop_after <= step < run.total):
-            break
-    bar.close()
+    # Closed on the way out of an error too: else its last state prints after the error line.
+    with tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet,
+              dynamic_ncols=True) as bar:
+        last_eval, stopped_early = None, False
+        stream = batches(run)
+        while state["step"] < run.total:
+            t0 = time.perf_counter()
+            train_loss, tokens = loss_step(run, next(stream))
+            state["step"] = step = state["step"] + 1
+            state["tokens"] += tokens
+            # Optimiser-step time only: evaluation and checkpoints are not training throughput.
+            state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == run.total:
+                run.log({"step": step, "split": "train", "loss": train_loss, "lr": run.sched.get_last_lr()[0],
+                         "tokens": state["tokens"], "seconds": round(elapsed, 3)})
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
+                last_eval = evaluate_run(run, step)
+                stopped_early = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+            if (run.main and cfg.save_every and run.method.resumable
+                    and (step % cfg.save_every == 0 or step == run.total or stopped_early)):
+                save_checkpoint(run.out, run.method, run.opt, run.sched, state, run.meta)
+            if stopped_early or (stop_after and stop_after <= step < run.total):
+                break
     if stop_after and state["step"] < run.total and not stopped_early:
         return {"interrupted_at": state["step"]}
     return finish(run, last_eval, stopped_early, untuned)
