@@ -347,3 +347,61 @@ def test_D3_import_peft_of_a_list_config_is_one_line(tmp_path, capsys):
     assert main(["import-peft", str(adapter), str(tmp_path / "out")]) == 2
     one_error_line(capsys, "adapter_config.json must hold a JSON object")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- D9/L6: every command checks a prompt's config
+
+def prompt_with(root, name, config, H=32):
+    """A prompt folder whose prompt_config.json is `config` (written as JSON unless a str)."""
+    d = save_prompt(SoftPrompt(torch.randn(3, H) * 0.05), root / name, {})
+    (d / "prompt_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return d
+
+
+def generate_argv(llama_dir, prompt):
+    return ["generate", "--model", str(llama_dir), "--device", "cpu", "--prompt", str(prompt), "--max-new-tokens",
+            "2", "Country: Chile"]
+
+
+@pytest.mark.parametrize("config,words", [({"labels": 3}, "labels in its"), ({"labels": ["x"]}, "labels in its"),
+                                          ({"chat": "false"}, "chat in its"), ({"task": ["a"]}, "task in its"),
+                                          ("[1, 2]", "must hold a JSON object")])
+def test_D9_cli_runs_the_servers_prompt_config_checks(llama_dir, tmp_path, config, words, capsys):
+    p = prompt_with(tmp_path, "p", config)
+    assert main(generate_argv(llama_dir, p)) == 2
+    one_error_line(capsys, words)
+    assert main(["export-peft", str(p), str(tmp_path / "peft")]) == 2
+    one_error_line(capsys, words)
+    assert not (tmp_path / "peft").exists()
+
+
+def test_D9_lm_prompt_with_empty_labels_loads(llama_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "lm"
+    argv = train_argv(llama_dir, data_csv, out)
+    i = argv.index("--template")
+    argv[i:i + 6] = ["--text-col", "country"]
+    assert main(argv) == 0
+    assert json.loads((out / "prompt_config.json").read_text())["labels"] == []
+    capsys.readouterr()
+    assert main(generate_argv(llama_dir, out)) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_D9_prompt_of_another_base_warns_once(llama_dir, run_dir, tmp_path, capsys):
+    p = prompt_with(tmp_path, "other", {"model": "someone/other-model-with-32-dims"})
+    assert main(generate_argv(llama_dir, p)) == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
+    assert len(warnings) == 1 and "trained for 'someone/other-model-with-32-dims'" in warnings[0], warnings
+    assert main(generate_argv(llama_dir, run_dir)) == 0  # its own base: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_D9_prompt_config_that_is_a_fifo_or_folder_is_an_error(llama_dir, tmp_path, kind, capsys):
+    import os
+
+    d = save_prompt(SoftPrompt(torch.randn(3, 32)), tmp_path / "p", {})
+    (d / "prompt_config.json").unlink()
+    os.mkfifo(d / "prompt_config.json") if kind == "fifo" else (d / "prompt_config.json").mkdir()
+    assert main(generate_argv(llama_dir, d)) == 2
+    one_error_line(capsys, "prompt_config.json is not a regular file")

@@ -148,6 +148,7 @@ def load_model(cfg: ModelConfig | str):
     model.eval()
     if quant is None:
         model.to(device)
+    model.softprompt_model = cfg.model  # the name prompts record (prompt.warn_other_base compares them)
     return model, tok
 
 
