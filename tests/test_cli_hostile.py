@@ -405,3 +405,36 @@ def test_D9_prompt_config_that_is_a_fifo_or_folder_is_an_error(llama_dir, tmp_pa
     os.mkfifo(d / "prompt_config.json") if kind == "fifo" else (d / "prompt_config.json").mkdir()
     assert main(generate_argv(llama_dir, d)) == 2
     one_error_line(capsys, "prompt_config.json is not a regular file")
+
+
+# ---------------------------------------------------------------- L7, L8: data files
+
+def test_L7_csv_with_a_utf8_bom_reads_its_first_column(llama_dir, data_csv, tmp_path, capsys):
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + data_csv.read_bytes())
+    assert main(train_argv(llama_dir, bom, tmp_path / "run")) == 0  # the template reads {country}, column 1
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps({"country": c, "europe": i % 2}).encode() + b"\n"
+                                                 for i, c in enumerate(["Peru", "Chile", "France", "Spain"] * 3)))
+    assert main(train_argv(llama_dir, jsonl, tmp_path / "run2")) == 0
+
+
+def test_L8_null_text_is_skipped_with_a_warning(llama_dir, tmp_path, capsys):
+    from softprompt.data import load_splits
+    from softprompt.models import load_model
+
+    rows = [{"sentence": None if i in (2, 6) else f"text {i}", "label": i % 2} for i in range(12)]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, tok = load_model(str(llama_dir))
+    for how in ({"text_col": "sentence"}, {"template": "Review: {sentence}\\nSentiment:", "labels": "no,yes"}):
+        capsys.readouterr()
+        _, train_ex, eval_ex = load_splits(DataConfig(data=str(p), eval_fraction=0, **how), tok, seed=0)
+        assert len(train_ex) == 10 and not any("None" in e.text for e in train_ex)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("[softprompt] warning: skipped 2 row(s) of ")
+        assert "null in sentence (rows [3, 7])" in err[0], err
+    p.write_text("".join(json.dumps({"sentence": None}) + "\n" for _ in range(3)))
+    assert main(["train", "--model", str(llama_dir), "--data", str(p), "--text-col", "sentence", "--eval-fraction",
+                 "0", "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, "every row holds null in sentence")
