@@ -438,3 +438,18 @@ def test_L8_null_text_is_skipped_with_a_warning(llama_dir, tmp_path, capsys):
     assert main(["train", "--model", str(llama_dir), "--data", str(p), "--text-col", "sentence", "--eval-fraction",
                  "0", "--out", str(tmp_path / "run")]) == 2
     one_error_line(capsys, "every row holds null in sentence")
+
+
+# ---------------------------------------------------------------- L9: templates name plain columns
+
+@pytest.mark.parametrize("template", ["{country.__class__}", "{country:>100000000}", "{country!r}",
+                                      "{country[0]}", "Country: {country:{europe}}"])
+def test_L9_template_allows_plain_field_names_only(llama_dir, data_csv, tmp_path, template, capsys):
+    argv = train_argv(llama_dir, data_csv, tmp_path / "run")
+    argv[argv.index("--template") + 1] = template
+    assert main(argv) == 2
+    one_error_line(capsys, f"--template {template!r}", "plain {name}")
+    assert not (tmp_path / "run").exists()
+    assert main(["eval", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), "--text-col",
+                 "country", "--target", template]) == 2
+    one_error_line(capsys, f"--target {template!r}", "plain {name}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from . import inits
-from .utils import SoftpromptError
+from .utils import SoftpromptError, short
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")  # forward.py's paths, and the CUDA-graph step
@@ -74,15 +74,19 @@ def is_unicode(s: str) -> bool:
 
 
 def check_template(name: str, template: str) -> None:
-    """A template parses, and names its columns: `{}` and `{0}` name none."""
+    """A template parses, and each {...} is a plain column name: `{}` and `{0}` name none, and an
+    attribute, index, conversion or format spec ({x.__class__}, {x[0]}, {x!r}, {x:>100000000}) would
+    reach into Python objects or pad a row to any size."""
+    where = f"{flag(name)} {short(template)}"
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise SoftpromptError(f"{flag(name)} {template!r}: {e} (write {{{{ and }}}} for literal braces)") from None
-    for _, col, _, conv in parts:
-        require(col is None or (col != "" and not col.isdigit()),
-                f"{flag(name)} {template!r}: every {{...}} must name a column")
-        require(conv in (None, "r", "s", "a"), f"{flag(name)} {template!r}: unknown conversion '!{conv}'")
+        raise SoftpromptError(f"{where}: {e} (write {{{{ and }}}} for literal braces)") from None
+    for _, col, spec, conv in parts:
+        require(col is None or (col != "" and not col.isdigit()), f"{where}: every {{...}} must name a column")
+        require(conv in (None, "r", "s", "a"), f"{where}: unknown conversion '!{conv}'")
+        require(col is None or not (conv or spec or any(c in col for c in ".[]")),
+                f"{where}: write each column as a plain {{name}} (no attribute, index, !conversion or :format)")
 
 
 @dataclass

@@ -11,7 +11,6 @@ Four ways to turn a row into a training example:
 from __future__ import annotations
 
 import random
-import re
 import string
 import sys
 from dataclasses import dataclass, field, replace
@@ -75,8 +74,8 @@ class Formatter:
         return "classify" if self.label_words else ("target" if self.target else "lm")
 
     def columns(self) -> list[str]:
-        """The columns every row needs (a template field's name up to any .attribute or [index])."""
-        cols = [re.split(r"[.\[]", f)[0] for f in template_fields(self.template) + template_fields(self.target)]
+        """The columns every row needs (templates name plain columns: config.check_template)."""
+        cols = template_fields(self.template) + template_fields(self.target)
         if self.cfg.text_col and not self.template:
             cols.append(self.cfg.text_col)
         if self.cfg.messages_col:
