@@ -453,3 +453,23 @@ def test_L9_template_allows_plain_field_names_only(llama_dir, data_csv, tmp_path
     assert main(["eval", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), "--text-col",
                  "country", "--target", template]) == 2
     one_error_line(capsys, f"--target {template!r}", "plain {name}")
+
+
+# ---------------------------------------------------------------- L12: adapters no causal prompt stands for
+
+@pytest.mark.parametrize("fields,rows,words", [
+    ({"num_virtual_tokens": 3, "num_transformer_submodules": 2}, 6, "num_transformer_submodules is 2"),
+    ({"num_virtual_tokens": -3, "num_transformer_submodules": -1}, 3, "num_transformer_submodules is -1"),
+    ({"num_virtual_tokens": -3}, 3, "num_virtual_tokens must be a positive integer, got -3"),
+    ({"num_virtual_tokens": 3.0}, 3, "num_virtual_tokens must be a positive integer, got 3.0"),
+])
+def test_L12_import_peft_refuses_encoder_decoder_and_negative_counts(tmp_path, fields, rows, words, capsys):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", **fields}))
+    save_file({"prompt_embeddings": torch.randn(rows, 32)}, str(adapter / "adapter_model.safetensors"))
+    assert main(["import-peft", str(adapter), str(tmp_path / "out")]) == 2
+    one_error_line(capsys, words)
+    assert not (tmp_path / "out").exists()

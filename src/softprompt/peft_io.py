@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .inits import peft_init
 from .prompt import CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE, load_prompt, read_prompt_tensor
-from .utils import SoftpromptError, atomic_dir, check_dest, read_json
+from .utils import SoftpromptError, atomic_dir, check_dest, read_json, short
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -106,7 +106,14 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
                                   "read; re-save the adapter with safe_serialization=True")
         raise SoftpromptError(f"missing adapter file: {weights}")
     t = read_prompt_tensor(weights, "adapter")
-    P = cfg.get("num_virtual_tokens", t.shape[0]) * cfg.get("num_transformer_submodules", 1)
+    subs = cfg.get("num_transformer_submodules") or 1  # PEFT leaves null until a model sets it
+    if subs != 1:  # an encoder-decoder's: one prompt per submodule, which no causal prompt stands for
+        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: num_transformer_submodules is {short(subs)}: an "
+                              "encoder-decoder adapter, which softprompt cannot import (it prompts causal LMs: 1)")
+    P = cfg.get("num_virtual_tokens", t.shape[0])
+    if not isinstance(P, int) or isinstance(P, bool) or P < 1:
+        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: num_virtual_tokens must be a positive integer, "
+                              f"got {short(P)}")
     if t.shape[0] != P:
         raise SoftpromptError(f"{weights}: prompt_embeddings has shape {list(t.shape)}, expected [{P}, hidden]")
     ours = peft_dir / OURS
