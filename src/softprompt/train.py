@@ -37,8 +37,8 @@ from .methods import METHODS
 from . import trackers as tracking
 from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
-from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint, plot_metrics,
-                     save_checkpoint, start_metrics)
+from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
+                     plot_metrics, save_checkpoint, start_metrics)
 from .utils import SoftpromptError, count_params, seed_everything, weights_hash, write_json
 
 
