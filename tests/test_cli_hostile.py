@@ -473,3 +473,13 @@ def test_L12_import_peft_refuses_encoder_decoder_and_negative_counts(tmp_path, f
     assert main(["import-peft", str(adapter), str(tmp_path / "out")]) == 2
     one_error_line(capsys, words)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_D9_config_file_that_is_a_fifo_or_folder_is_an_error(llama_dir, data_csv, tmp_path, kind, capsys):
+    import os
+
+    cfg = tmp_path / "c.yaml"
+    os.mkfifo(cfg) if kind == "fifo" else cfg.mkdir()
+    assert main([*train_argv(llama_dir, data_csv, tmp_path / "run"), "--config", str(cfg)]) == 2
+    one_error_line(capsys, f"--config {cfg} is not a regular file")

@@ -69,6 +69,8 @@ def load_yaml(text: str, path: Path) -> Any:
 def read_config(path: str | Path) -> dict[str, Any]:
     """The mapping a .yaml/.yml/.json file holds."""
     path = Path(path).expanduser()
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that reading would wait on
+        raise SoftpromptError(f"--config {path} is not a regular file")
     if not path.is_file():
         raise SoftpromptError(f"--config: missing file {path}")
     text = path.read_text(encoding="utf-8")
