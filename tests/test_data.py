@@ -149,7 +149,8 @@ def test_row_errors_name_the_files_row_after_the_shuffle(tiny, tmp_path):
         load_splits(cfg, tok, seed=3)
     rows[13] = {"s": "fine", "n": "thirteen", "label": 1}
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SoftpromptError, match=r"^--template '\{s\} \{n:d\}' at .* row 14: ValueError: "):
+    # Issue 27 L9: a format spec such as {n:d} is refused with the template, before any row is read.
+    with pytest.raises(SoftpromptError, match=r"^--template '\{s\} \{n:d\}': write each column as a plain"):
         load_splits(DataConfig(data=str(p), template="{s} {n:d}", labels="no,yes", eval_fraction=0.2), tok, seed=3)
     # The row numbers only label errors: the examples and their order are the same as before.
     _, tr, ev = load_splits(DataConfig(data=str(p), template="{s}", labels="no,yes", eval_fraction=0.2), tok, seed=3)

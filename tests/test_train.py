@@ -213,6 +213,9 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(llama_dir, countries_csv,
     m, d, p, t = _cfgs(llama_dir, countries_csv, out, max_steps=4, eval_every=0, save_every=2)
     train(m, d, p, t, stop_after=2, quiet=True)
     resume = TrainConfig(**{**t.__dict__, "resume": True})
+    with pytest.raises(SoftpromptError, match=r"defined otherwise: --virtual-tokens 6 \(was 4\)"):  # issue 27 N8
+        train(m, d, PromptConfig(virtual_tokens=6, init="vocab"), resume, quiet=True)
+    (out / "run_config.json").unlink()  # a run without its record: the checkpoint's own shape check
     with pytest.raises(SoftpromptError, match=r"holds a prompt of shape \[4, 32\], this run's is \[6, 32\]"):
         train(m, d, PromptConfig(virtual_tokens=6, init="vocab"), resume, quiet=True)
     (out / "checkpoint" / "state.json").write_text("{not json")

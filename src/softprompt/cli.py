@@ -3,7 +3,7 @@ exposing `add_arguments(parser)` and `run(args) -> int`.
 
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
-status 2.
+status 2; so is an OSError the system raises (a full disk, a folder that cannot be written).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .utils import SoftpromptError
+
+MAX_ERROR = 2000  # characters of an error message printed
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     except SoftpromptError as e:
         # One line whatever the message quotes (a column name or a path may hold a newline).
-        print("softprompt: error: " + str(e).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        msg = str(e)
+        if len(msg) > MAX_ERROR:  # a value quoted whole (a config file's) can be megabytes
+            msg = f"{msg[:MAX_ERROR]}... ({len(msg)} characters)"
+        print("softprompt: error: " + msg.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk or the system, not a bug: full, read-only, gone (one line, as any error)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"softprompt: error: {e.strerror or e}{where}".replace("\n", "\\n")[:MAX_ERROR], file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)

@@ -36,14 +36,16 @@ from typing import Any
 import torch
 
 from .batching import Example
-from .config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args, to_dict
+from .config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
+                     from_args, to_dict)
 from .data import Formatter, load_splits
 from .evaluate import evaluate
+from .families import check_positions
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
 from .models import load_model
 from .train import default_init_text, train
-from .utils import SoftpromptError, atomic_write_text, count_params, seed_everything, write_json
+from .utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
 
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",
@@ -156,13 +158,19 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     `ccfg.out`; return the JSON object."""
     ccfg = replace(ccfg)  # its own checks again, in case a field was changed since
     methods = ccfg.method_list
+    # A previous comparison in --out is replaced, file by file; anything else there is the user's.
+    check_dest(ccfg.out, "--out", True, {"compare.json", "compare.md", "compare.png", *COMPARE_METHODS})
     if model is None:
         model, tok = load_model(mcfg)
     resident(model)
     seed_everything(tcfg.seed)
+    if "prompt" in methods:
+        check_positions(model, pcfg.virtual_tokens)  # before the data is read
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     if not eval_ex:
         raise SoftpromptError("compare needs held-out data: --eval-data FILE or --eval-fraction > 0")
+    if "prompt" in methods:
+        check_positions(model, pcfg.virtual_tokens, max(len(e.ids) for e in train_ex + eval_ex))
     out = Path(ccfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bs = ccfg.eval_batch_size

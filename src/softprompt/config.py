@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from . import inits
-from .utils import SoftpromptError
+from .utils import SoftpromptError, short
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")  # forward.py's paths, and the CUDA-graph step
@@ -25,6 +25,8 @@ FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (aut
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds; generate seeds row i with --seed + i, which must stay in torch's 64 bits
+MAX_LR = 1e3  # beyond it a step only diverges; 1e308 overflowed float32 inside the optimiser
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -52,6 +54,10 @@ def check_fields(cfg: Any, at_least: dict[str, float] | None = None) -> None:
             require(v >= at_least[f.name], f"{flag(f.name)} must be at least {at_least[f.name]} (got {v})")
 
 
+def check_seed(seed: int) -> None:
+    require(0 <= seed <= MAX_SEED, f"--seed {seed} must be in 0..{MAX_SEED}")
+
+
 def check_text(cfg: Any, *names: str) -> None:
     """Text fields hold valid Unicode: argv decodes undecodable bytes to lone surrogates, which no
     tokenizer takes."""
@@ -68,15 +74,19 @@ def is_unicode(s: str) -> bool:
 
 
 def check_template(name: str, template: str) -> None:
-    """A template parses, and names its columns: `{}` and `{0}` name none."""
+    """A template parses, and each {...} is a plain column name: `{}` and `{0}` name none, and an
+    attribute, index, conversion or format spec ({x.__class__}, {x[0]}, {x!r}, {x:>100000000}) would
+    reach into Python objects or pad a row to any size."""
+    where = f"{flag(name)} {short(template)}"
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise SoftpromptError(f"{flag(name)} {template!r}: {e} (write {{{{ and }}}} for literal braces)") from None
-    for _, col, _, conv in parts:
-        require(col is None or (col != "" and not col.isdigit()),
-                f"{flag(name)} {template!r}: every {{...}} must name a column")
-        require(conv in (None, "r", "s", "a"), f"{flag(name)} {template!r}: unknown conversion '!{conv}'")
+        raise SoftpromptError(f"{where}: {e} (write {{{{ and }}}} for literal braces)") from None
+    for _, col, spec, conv in parts:
+        require(col is None or (col != "" and not col.isdigit()), f"{where}: every {{...}} must name a column")
+        require(conv in (None, "r", "s", "a"), f"{where}: unknown conversion '!{conv}'")
+        require(col is None or not (conv or spec or any(c in col for c in ".[]")),
+                f"{where}: write each column as a plain {{name}} (no attribute, index, !conversion or :format)")
 
 
 @dataclass
@@ -208,6 +218,8 @@ class TrainConfig:
         bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
         require(not bad, f"unknown --report-to {','.join(bad)!r}: choose from {', '.join(TRACKERS)}")
         require(self.lr >= 0, f"--lr {self.lr}: need --lr >= 0 (0 = auto)")
+        require(not self.lr > MAX_LR, f"--lr {self.lr}: must be at most {MAX_LR:g}")
+        check_seed(self.seed)
         check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
                             "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1})
         require(self.batch_size >= self.grad_accum,
@@ -239,6 +251,7 @@ class CompareConfig:
 
     def __post_init__(self):
         check_fields(self, {"ft_lr": 0, "ft_steps": 0, "ft_batch_size": 0, "eval_batch_size": 1})
+        require(not self.ft_lr > MAX_LR, f"--ft-lr {self.ft_lr}: must be at most {MAX_LR:g}")
         check_text(self, "instruction")
         bad = [m for m in self.method_list if m not in COMPARE_METHODS]
         require(not bad and bool(self.method_list),
@@ -262,6 +275,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         check_fields(self, {"max_new_tokens": 1})
+        check_seed(self.seed)
         require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
         require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")

@@ -19,27 +19,63 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .config import CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig
-from .utils import SoftpromptError
+from .utils import SoftpromptError, short
 
 SECTIONS = {cls.__name__: cls for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig,
                                           GenerateConfig, ServeConfig)}
 # Namespace entries that are no flag of the command's own.
 NOT_FLAGS = {"cmd", "config", "config_fields"}
+# A config file holds tens of values; nested aliases (a "billion laughs" file) expand to billions.
+MAX_YAML_NODES = 10_000
+
+
+def yaml_size(node, seen: dict[int, int], open_: set[int], cap: int) -> int:
+    """How many values a composed YAML node stands for once its aliases are expanded (at most
+    `cap + 1`: counting stops there); memoised per node, so a bomb costs its file's size to count."""
+    key = id(node)
+    if key in seen:
+        return seen[key]
+    if key in open_:  # an alias inside its own anchor: infinite
+        return cap + 1
+    open_.add(key)
+    n = 1
+    children = node.value if isinstance(node.value, list) else []
+    for child in children:
+        for sub in (child if isinstance(child, tuple) else (child,)):  # a mapping's (key, value) pairs
+            n += yaml_size(sub, seen, open_, cap)
+            if n > cap:
+                break
+        if n > cap:
+            break
+    open_.discard(key)
+    seen[key] = n = min(n, cap + 1)
+    return n
+
+
+def load_yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, refusing a file whose aliases expand beyond MAX_YAML_NODES values."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and yaml_size(node, {}, set(), MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise SoftpromptError(f"--config {path}: its aliases expand to more than {MAX_YAML_NODES} values; "
+                                  "write the values out instead of nesting aliases")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SoftpromptError(f"--config: corrupt YAML in {path}: {' '.join(str(e).split())[:300]}") from None
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The mapping a .yaml/.yml/.json file holds."""
     path = Path(path).expanduser()
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that reading would wait on
+        raise SoftpromptError(f"--config {path} is not a regular file")
     if not path.is_file():
         raise SoftpromptError(f"--config: missing file {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            obj = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SoftpromptError(f"--config: corrupt YAML in {path}: {' '.join(str(e).split())}") from None
+        obj = load_yaml(text, path)
     elif path.suffix.lower() == ".json":
         try:
             obj = json.loads(text)
@@ -60,12 +96,12 @@ def check_value(where: str, typ: type, value: Any) -> None:
             typ(value)
             return
         except ValueError:
-            raise SoftpromptError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+            raise SoftpromptError(f"{where}: expected {typ.__name__}, got {short(value)}") from None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
           str: isinstance(value, str)}.get(typ, True)
     if not ok:
-        raise SoftpromptError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+        raise SoftpromptError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {short(value)}")
 
 
 def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +119,7 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
             known = {f.name for f in dataclasses.fields(cls)}
             for key, value in values.items():
                 if key not in known:
-                    raise SoftpromptError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+                    raise SoftpromptError(f"{where}: unknown key {short(key)} (known: {', '.join(sorted(known))})")
                 check_value(f"{where}.{key}", hints[key], value)
                 if fields.get(key) == section:
                     out[key] = value
@@ -92,11 +128,11 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
                 raise SoftpromptError(f"{where}: expected a mapping of the command's flags")
             for key, value in values.items():
                 if key not in flags:
-                    raise SoftpromptError(f"{where}: unknown key {key!r} (flags of {command} that no config "
+                    raise SoftpromptError(f"{where}: unknown key {short(key)} (flags of {command} that no config "
                                           f"section holds: {', '.join(sorted(flags)) or 'none'})")
                 out[key] = value
         elif section.endswith("Config"):  # meant as a section, but misspelt
-            raise SoftpromptError(f"--config {path}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+            raise SoftpromptError(f"--config {path}: unknown section {short(section)} (known: {', '.join(SECTIONS)})")
     return out
 
 

@@ -11,7 +11,6 @@ Four ways to turn a row into a training example:
 from __future__ import annotations
 
 import random
-import re
 import string
 import sys
 from dataclasses import dataclass, field, replace
@@ -66,6 +65,7 @@ class Formatter:
             raise SoftpromptError("say how to read each row: --text-col COLUMN, --template 'text with {column}' "
                                   "or --messages-col COLUMN")
         self.needed = self.columns()
+        self.text_cols = self.text_columns()
 
     @property
     def task(self) -> str:
@@ -74,8 +74,8 @@ class Formatter:
         return "classify" if self.label_words else ("target" if self.target else "lm")
 
     def columns(self) -> list[str]:
-        """The columns every row needs (a template field's name up to any .attribute or [index])."""
-        cols = [re.split(r"[.\[]", f)[0] for f in template_fields(self.template) + template_fields(self.target)]
+        """The columns every row needs (templates name plain columns: config.check_template)."""
+        cols = template_fields(self.template) + template_fields(self.target)
         if self.cfg.text_col and not self.template:
             cols.append(self.cfg.text_col)
         if self.cfg.messages_col:
@@ -83,6 +83,18 @@ class Formatter:
         if self.label_words:
             cols.append(self.cfg.label_col)
         return cols
+
+    def text_columns(self) -> list[str]:
+        """The columns whose values become text: the templates' and --text-col."""
+        if self.task == "chat":
+            return []
+        cols = template_fields(self.template) + template_fields(self.target)
+        return cols + ([self.cfg.text_col] if self.cfg.text_col and not self.template else [])
+
+    def null_columns(self, row: dict) -> list[str]:
+        """Text columns this row leaves null (JSON null, a missing Arrow value): such a row is skipped,
+        not trained on as the text "None" or as an empty value."""
+        return [c for c in self.text_cols if row.get(c) is None]
 
     def check_columns(self, row: dict, where: str) -> None:
         for col in self.needed:
@@ -173,13 +185,23 @@ class Formatter:
 
     def encode_rows(self, rows: Iterable[dict], where: str, numbers: list[int]) -> list[Example]:
         """Examples of `rows`; `numbers`: their 1-based row numbers in the file, for error messages."""
-        out = []
+        out, nulls = [], []
         for r, n in zip(rows, numbers):
+            self.check_columns(r, f"{where} row {n}")
+            if self.null_columns(r):
+                nulls.append(n)
+                continue
             ex = self.encode(r, f"{where} row {n}")
             if ex is not None and len(ex.ids):
                 out.append(ex)
         if not numbers:
             raise SoftpromptError(f"no rows in {where}")
+        cols = ", ".join(dict.fromkeys(self.text_cols))
+        if nulls and not out:
+            raise SoftpromptError(f"no usable examples in {where}: every row holds null in {cols}")
+        if nulls:  # as read_table reports rows with the wrong number of fields
+            print(f"[softprompt] warning: skipped {len(nulls)} row(s) of {where} with null in {cols} "
+                  f"(rows {sorted(nulls)[:5]})", file=sys.stderr)
         if not out:
             raise SoftpromptError(f"no usable examples in {where} (every row tokenised to nothing"
                                   + (", or to no assistant token within --max-length)" if self.dropped else ")"))

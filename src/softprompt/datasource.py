@@ -59,7 +59,8 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     ext = path.suffix.lower()
     rows, bad = [], []
     try:
-        with open(path, encoding="utf-8", newline="") as f:  # quoted fields may span lines
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+        with open(path, encoding="utf-8-sig", newline="") as f:  # quoted fields may span lines
             reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
                       else csv.DictReader(f))
             for i, r in enumerate(reader):
@@ -86,10 +87,10 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
     """JSONL line by line, or one JSON document: a list of objects, {"data": [...]} or {"col": [...]}."""
     try:
         if path.suffix.lower() == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 rows = [parse_line(line, path, i + 1) for i, line in enumerate(f) if line.strip()]
         else:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
             rows = columns_to_rows(json.loads(text) if text.strip() else [])
     except UnicodeDecodeError as e:
         raise SoftpromptError(f"{path} is not UTF-8 text: {e}") from None

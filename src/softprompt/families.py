@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 
+from .utils import SoftpromptError
+
 
 def decoder(model):
     """The transformer stack without the LM head (LlamaModel, BloomModel, ...)."""
@@ -75,6 +77,16 @@ def max_positions(model) -> int | None:
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
     return None
+
+
+def check_positions(model, virtual_tokens: int, tokens: int = 0) -> None:
+    """The prompt and the longest example (`tokens`) fit the model's positions together; checked
+    before training allocates anything for them (100000 virtual tokens once ran out of memory)."""
+    limit = max_positions(model)
+    if limit is not None and virtual_tokens + max(tokens, 1) > limit:
+        raise SoftpromptError(f"--virtual-tokens {virtual_tokens} + {max(tokens, 1)} token(s) of the longest example "
+                              f"exceed the model's {limit} positions: use fewer --virtual-tokens or a smaller "
+                              "--max-length")
 
 
 def hidden_size(model) -> int:

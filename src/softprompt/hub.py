@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .utils import SoftpromptError, atomic_dir, read_json
+from .utils import SoftpromptError, atomic_dir, check_dest, read_json
 
 SCHEME = "hf://"
 # What a prompt repository holds, beside the card; what a download fetches.
@@ -111,17 +111,19 @@ def metric_rows(meta: dict[str, Any], summary: dict[str, Any] | None) -> list[st
     return [f"| {k} | {fmt(untuned, k)} | {fmt(tuned, k)} |" for k in ("accuracy", "loss", "perplexity") if k in tuned]
 
 
-def prepare_upload(prompt_dir: str | Path, out: str | Path, repo_id: str, base_model: str | None = None) -> Path:
+def prepare_upload(prompt_dir: str | Path, out: str | Path, repo_id: str, base_model: str | None = None,
+                   overwrite: bool = False) -> Path:
     """Write what `push` uploads into `out` (atomically): softprompt's files and the run's records,
-    PEFT's adapter layout, and the model card."""
+    PEFT's adapter layout, and the model card. `out` is refused as export_peft's is."""
     from .peft_io import export_peft
     from .prompt import CONFIG_FILE, WEIGHTS_FILE, load_prompt
 
     src = Path(prompt_dir)
+    check_dest(out, "--local-dir", overwrite, {*PROMPT_FILES, *RUN_RECORDS}, () if is_hub(prompt_dir) else (src,))
     meta = load_prompt(src).meta  # checks the prompt before anything is written
     summary_file = src / "summary.json"
     summary = read_json(summary_file) if summary_file.is_file() else None
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
         for name in (WEIGHTS_FILE, CONFIG_FILE, *RUN_RECORDS):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
@@ -166,11 +168,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the base model's Hub id for PEFT's config and the card (default: the prompt's model)")
     parser.add_argument("--local-dir", default="", metavar="OUT",
                         help="write the upload (files, PEFT layout, card) into OUT instead of pushing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --local-dir: replace a previous upload folder (without it one that holds files "
+                             "is refused)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.local_dir:
-        print(prepare_upload(args.prompt_dir, args.local_dir, args.repo_id, args.base_model))
+        print(prepare_upload(args.prompt_dir, args.local_dir, args.repo_id, args.base_model, args.overwrite))
     else:
         print(push(args.prompt_dir, args.repo_id, args.private, args.revision, args.message, args.base_model))
     return 0

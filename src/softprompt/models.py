@@ -150,6 +150,7 @@ def load_model(cfg: ModelConfig | str):
         model.to(device)
     else:
         keep_cpu_kernels_in_range(model)
+    model.softprompt_model = cfg.model  # the name prompts record (prompt.warn_other_base compares them)
     return model, tok
 
 

@@ -11,11 +11,14 @@ import json
 from pathlib import Path
 
 from .inits import peft_init
-from .prompt import CONFIG_FILE, TENSOR_NAME, load_prompt, read_prompt_tensor
-from .utils import SoftpromptError, atomic_dir, read_json
+from .prompt import CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE, load_prompt, read_prompt_tensor
+from .utils import SoftpromptError, atomic_dir, check_dest, read_json, short
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OURS = "softprompt_config.json"  # our own record, kept beside PEFT's
+EXPORT_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, OURS}  # what export-peft writes, and may replace
+IMPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE}
 
 
 def _model_geometry(name: str) -> dict:
@@ -34,10 +37,21 @@ def _model_geometry(name: str) -> dict:
     return {"num_layers": layers, "num_attention_heads": heads}
 
 
-def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None = None) -> Path:
-    """softprompt folder -> PEFT adapter folder (written atomically)."""
+def local_sources(*specs: str | Path) -> tuple[str | Path, ...]:
+    """The sources that are folders or files on this machine (not hf://)."""
+    from .hub import is_hub
+
+    return tuple(s for s in specs if not is_hub(s))
+
+
+def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None = None,
+                overwrite: bool = False) -> Path:
+    """softprompt folder -> PEFT adapter folder (written atomically). A folder at `out` that holds
+    files is refused unless `overwrite` (and then only if export writes all of them); `out` is never
+    the prompt folder, inside it or around it."""
     from safetensors.torch import save_file
 
+    check_dest(out, "OUT", overwrite, EXPORT_FILES, local_sources(prompt_dir))
     prompt = load_prompt(prompt_dir)
     meta = prompt.meta
     model = base_model or meta.get("model", "")
@@ -59,23 +73,29 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "modules_to_save": None,
         "auto_mapping": None,
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
         save_file({TENSOR_NAME: prompt.embeds.detach().contiguous()}, str(tmp / ADAPTER_WEIGHTS))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         # Keep our own record beside PEFT's so a round trip loses nothing.
-        (tmp / "softprompt_config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (tmp / OURS).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return Path(out)
 
 
-def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = None) -> Path:
-    """PEFT prompt-tuning adapter folder (or `hf://REPO_ID[@REV]`) -> softprompt folder (written atomically)."""
+def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = None,
+                overwrite: bool = False) -> Path:
+    """PEFT prompt-tuning adapter folder (or `hf://REPO_ID[@REV]`) -> softprompt folder (written
+    atomically; `out` as for export_peft)."""
     from safetensors.torch import save_file
 
     from .hub import download, is_hub
 
     source = str(peft_dir)
+    check_dest(out, "OUT", overwrite, IMPORT_FILES, local_sources(peft_dir))
     peft_dir = download(peft_dir) if is_hub(peft_dir) else Path(peft_dir)
+    check_dest(out, "OUT", overwrite, IMPORT_FILES, (peft_dir,))
     cfg = read_json(peft_dir / ADAPTER_CONFIG)
+    if not isinstance(cfg, dict):
+        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "PROMPT_TUNING":
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: peft_type is {cfg.get('peft_type')!r}, "
                               "only PROMPT_TUNING adapters can be imported")
@@ -86,14 +106,23 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
                                   "read; re-save the adapter with safe_serialization=True")
         raise SoftpromptError(f"missing adapter file: {weights}")
     t = read_prompt_tensor(weights, "adapter")
-    P = cfg.get("num_virtual_tokens", t.shape[0]) * cfg.get("num_transformer_submodules", 1)
+    subs = cfg.get("num_transformer_submodules") or 1  # PEFT leaves null until a model sets it
+    if subs != 1:  # an encoder-decoder's: one prompt per submodule, which no causal prompt stands for
+        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: num_transformer_submodules is {short(subs)}: an "
+                              "encoder-decoder adapter, which softprompt cannot import (it prompts causal LMs: 1)")
+    P = cfg.get("num_virtual_tokens", t.shape[0])
+    if not isinstance(P, int) or isinstance(P, bool) or P < 1:
+        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: num_virtual_tokens must be a positive integer, "
+                              f"got {short(P)}")
     if t.shape[0] != P:
         raise SoftpromptError(f"{weights}: prompt_embeddings has shape {list(t.shape)}, expected [{P}, hidden]")
-    ours = peft_dir / "softprompt_config.json"
+    ours = peft_dir / OURS
     meta = read_json(ours) if ours.is_file() else {"init": "peft"}
+    if not isinstance(meta, dict):
+        raise SoftpromptError(f"{ours} must hold a JSON object, got {type(meta).__name__}")
     meta.update({"format": "softprompt/1", "model": model_name or cfg.get("base_model_name_or_path", ""),
                  "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": source})
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return Path(out)
@@ -105,10 +134,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt_dir", metavar="DIR", help="softprompt prompt folder or hf://REPO_ID[@REV]")
     parser.add_argument("out", metavar="OUT", help="PEFT adapter folder to write")
     parser.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default: the prompt's)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export in OUT (without it a folder that holds files is refused)")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    print(export_peft(args.prompt_dir, args.out, args.base_model))
+    print(export_peft(args.prompt_dir, args.out, args.base_model, args.overwrite))
     return 0
 
 
@@ -117,8 +148,11 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with adapter_config.json + adapter_model.safetensors, or hf://REPO_ID[@REV]")
     parser.add_argument("out", metavar="OUT", help="softprompt prompt folder to write")
     parser.add_argument("--model", default=None, help="model name to record (default: the adapter's base model)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previously imported prompt in OUT (without it a folder that holds files is "
+                             "refused)")
 
 
 def run_import(args: argparse.Namespace) -> int:
-    print(import_peft(args.peft_dir, args.out, args.model))
+    print(import_peft(args.peft_dir, args.out, args.model, args.overwrite))
     return 0

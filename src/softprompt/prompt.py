@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .config import PromptConfig
 from .inits import INITS, InitInputs, resolve
-from .utils import SoftpromptError, read_json
+from .utils import SoftpromptError, read_json, short
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
@@ -112,11 +113,66 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
         if (path / "adapter_model.safetensors").is_file():
             raise SoftpromptError(f"{path} is a PEFT adapter: convert it with `softprompt import-peft {path} OUT`")
         raise SoftpromptError(f"missing prompt file: {weights}")
-    meta = read_json(weights.parent / CONFIG_FILE) if (weights.parent / CONFIG_FILE).is_file() else {}
-    t = read_prompt_tensor(weights, "prompt")
+    config = weights.parent / CONFIG_FILE
+    if config.exists() and not config.is_file():  # a folder or a FIFO (reading one would wait forever)
+        raise SoftpromptError(f"{config} is not a regular file")
+    meta = read_json(config) if config.is_file() else {}
+    if not isinstance(meta, dict):
+        raise SoftpromptError(f"{config} must hold a JSON object, got {type(meta).__name__}")
+    sp = SoftPrompt(read_prompt_tensor(weights, "prompt"), meta)
+    check_prompt(sp, f"prompt {path}")
     if model is not None:
-        check_fits(t.shape[1], model, f"prompt {path}", meta.get("model"))
-    return SoftPrompt(t, meta)
+        check_fits(sp.hidden_size, model, f"prompt {path}", meta.get("model"))
+        warn_other_base(meta.get("model"), model, f"prompt {path}")
+    return sp
+
+
+def check_prompt(sp: SoftPrompt, what: str) -> None:
+    """Finite values, and the config fields that commands and the server read, of the types they
+    read them as (what the server checked alone before issue 27)."""
+    if not torch.isfinite(sp.embeds).all():
+        raise SoftpromptError(f"{what} holds NaN or infinite values")
+    meta = sp.meta
+    labels = meta.get("labels")
+    # train writes [] for language-modelling, input/target and chat prompts: no label words, like null.
+    if labels not in (None, []) and not (isinstance(labels, list) and 2 <= len(labels) <= 64
+                                         and all(is_text(w) and w.strip() for w in labels)
+                                         and len(set(labels)) == len(labels)):
+        raise SoftpromptError(f"{what}: labels in its {CONFIG_FILE} must be empty or a list of 2 to 64 "
+                              f"distinct non-empty words, got {short(labels)}")
+    if not isinstance(meta.get("chat", False), bool):
+        raise SoftpromptError(f"{what}: chat in its {CONFIG_FILE} must be true or false, got {short(meta['chat'])}")
+    for key in ("task", "model"):
+        if meta.get(key) is not None and not is_text(meta[key]):
+            raise SoftpromptError(f"{what}: {key} in its {CONFIG_FILE} must be a string, got {short(meta[key])}")
+
+
+def is_text(v: Any) -> bool:
+    """A string the tokenizer and JSON answers can take (no lone surrogates)."""
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two --model names for one model: equal, or one folder or file reached by two paths."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def warn_other_base(trained_for: str | None, model, what: str) -> None:
+    """One warning line when a prompt recorded for another base model is used on this one: the hidden
+    sizes match (check_fits), so it loads, but its vectors were learnt in another model's space."""
+    name = getattr(model, "softprompt_model", None)  # the --model name load_model was given
+    if trained_for and name and not same_model(trained_for, name):
+        print(f"[softprompt] warning: {what} was trained for {short(trained_for)}, not {short(name)}: the hidden sizes "
+              "match, but its vectors were learnt for the other model", file=sys.stderr)
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:

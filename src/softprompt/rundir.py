@@ -7,6 +7,7 @@ prompt), and anything else is refused before any work starts.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -16,11 +17,16 @@ from typing import Any
 
 import torch
 
-from .utils import SoftpromptError, atomic_dir, read_json
+from .config import flag
+from .utils import SoftpromptError, atomic_dir, read_json, short
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 # Everything a run writes into its folder (the prompt or the fine-tuned model, records, checkpoint).
+RUN_CONFIG = "run_config.json"
+# Flags that say how a run is carried out, not what it computes: a resumed run may change them.
+HOW_FLAGS = {"device", "out", "resume", "overwrite", "report_to", "log_every", "save_every", "eval_untuned",
+             "forward_path", "gradient_checkpointing"}
 RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METRICS, "summary.json", "loss.png",
              CHECKPOINT, "model", "tensorboard", "wandb", "mlflow"}  # the last three: --report-to's trackers
 
@@ -41,6 +47,56 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
         if foreign:
             raise SoftpromptError(f"--overwrite: {out} holds {', '.join(foreign[:3])}, which no run writes; "
                                   "not deleting it (remove it yourself, or choose another --out)")
+
+
+class RunLock:
+    """An exclusive lock on the run folder (flock on the folder itself, so no lock file is left in it
+    or beside it): a second `train` on the same --out fails at once instead of mixing its files with
+    the first's. Released by `release()` or when the process ends; a folder this lock created and
+    nothing was written into is removed again."""
+
+    def __init__(self, out: Path):
+        self.out, self.created, self.fd = out, not out.exists(), None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise SoftpromptError(f"--out {out}: cannot create or open the folder ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SoftpromptError(f"--out {out} is in use by another train run: wait for it to end, "
+                                  "or choose another --out") from None
+        self.fd = fd
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if failed and self.created and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+    def __del__(self):
+        self.release()
+
+
+def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
+    """--resume continues the run in `out` as it was defined: refuse any change of what it computes
+    (data, template, labels, prompt, rate, schedule...), naming every changed flag. `configs`: this
+    run's resolved config sections, as run_config.json records them."""
+    path = out / RUN_CONFIG
+    if not path.is_file():  # a run from before run_config.json: nothing to compare with
+        return
+    recorded = read_json(path)
+    if not isinstance(recorded, dict):
+        raise SoftpromptError(f"--resume: {path} must hold a JSON object")
+    changed = [f"{flag(k)} {short(v)} (was {short(was[k])})"
+               for section, fields in configs.items() if isinstance(was := recorded.get(section), dict)
+               for k, v in fields.items() if k not in HOW_FLAGS and k in was and was[k] != v]
+    if changed:
+        raise SoftpromptError(f"--resume: the run in {out} was defined otherwise: {'; '.join(changed)}; resume it with "
+                              f"its own settings (train --config {path} --resume --out {out}) or start a new --out")
 
 
 def _is_run_file(name: str) -> bool:

@@ -30,13 +30,15 @@ from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args
 from .cuda_graphs import GraphedStep, training_path
 from .data import Formatter, load_splits
 from .evaluate import evaluate
+from .families import check_positions
 from .forward import batch_loss
 from .inits import resolve
 from .methods import METHODS
 from . import trackers as tracking
 from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
-from .rundir import append_metrics, check_out, clear_run, load_checkpoint, plot_metrics, save_checkpoint, start_metrics
+from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
+                     plot_metrics, save_checkpoint, start_metrics)
 from .utils import SoftpromptError, count_params, seed_everything, weights_hash, write_json
 
 
@@ -115,6 +117,7 @@ class Run:
     graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
     trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
     scaler: Any = None  # torch.amp.GradScaler: loss scaling over a float16 base, else a pass-through
+    lock: RunLock | None = None  # the main process's hold on --out (rundir.RunLock)
 
     @property
     def out(self) -> Path:
@@ -141,13 +144,31 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
     acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
                       **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
+    lock = RunLock(Path(tcfg.out)) if acc.is_main_process else None
+    try:
+        check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)  # again, now that no other run can write there
+        run = build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed=True)
+        raise
+    return run
+
+
+def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -> Run:
+    """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
     if model is None:
         model, tok = load_model(mcfg)
+    P = pcfg.virtual_tokens if tcfg.method == "prompt" else 0
+    check_positions(model, P)  # before the data is read
     model.to(acc.device)
     fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
+    check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
+    if tcfg.resume:
+        check_same_run(Path(tcfg.out), to_dict(mcfg, dcfg, pcfg, tcfg))
     method = METHODS[tcfg.method].setup(model, tok, pcfg, tcfg, fmt.label_words, default_init_text(fmt),
                                         fmt.render_input(train_ex[0].text))
     if tcfg.loss == "classes" and fmt.task != "classify":
@@ -181,7 +202,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
     graphed = GraphedStep(model, method.prompt.embeds, pad_id(tok), class_ids) if path == "graphed" else None
     run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
-              total, meta, hash_before, state, path, why, graphed, trackers, scaler)
+              total, meta, hash_before, state, path, why, graphed, trackers, scaler, lock)
     if tcfg.resume:
         run.state = load_checkpoint(run.out, method, opt, sched)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
@@ -196,7 +217,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
             "total_steps": total, "truncated": fmt.truncated,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", ""), "base_bytes_per_process": local_bytes(model)}
-        write_json(run.out / "run_config.json", record)
+        write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
         tracking.start(acc, trackers, run.out, record)
     return run
@@ -294,35 +315,45 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     gives already loaded (formatter, train, eval) examples instead of loading `dcfg`: the method
     comparison passes one split to every method (an empty eval list skips evaluation)."""
     run = setup(mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+    try:
+        return loop(run, stop_after, quiet)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
+    """The training loop of a set-up run, to its end or to `stop_after` steps."""
     cfg, state = run.cfg, run.state
     untuned = None
     if cfg.eval_untuned and run.eval_ex and not cfg.resume:
         untuned = evaluate(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16))
         run.log({"step": 0, "split": "eval_untuned", **untuned})
-    bar = tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet, dynamic_ncols=True)
-    last_eval, stopped_early = None, False
-    stream = batches(run)
-    while state["step"] < run.total:
-        t0 = time.perf_counter()
-        train_loss, tokens = loss_step(run, next(stream))
-        state["step"] = step = state["step"] + 1
-        state["tokens"] += tokens
-        # Optimiser-step time only: evaluation and checkpoints are not training throughput.
-        state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
-        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == run.total:
-            run.log({"step": step, "split": "train", "loss": train_loss, "lr": run.sched.get_last_lr()[0],
-                     "tokens": state["tokens"], "seconds": round(elapsed, 3)})
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
-            last_eval = evaluate_run(run, step)
-            stopped_early = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
-        if (run.main and cfg.save_every and run.method.resumable
-                and (step % cfg.save_every == 0 or step == run.total or stopped_early)):
-            save_checkpoint(run.out, run.method, run.opt, run.sched, state, run.meta)
-        if stopped_early or (stop_after and stop_after <= step < run.total):
-            break
-    bar.close()
+    # Closed on the way out of an error too: else its last state prints after the error line.
+    with tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet,
+              dynamic_ncols=True) as bar:
+        last_eval, stopped_early = None, False
+        stream = batches(run)
+        while state["step"] < run.total:
+            t0 = time.perf_counter()
+            train_loss, tokens = loss_step(run, next(stream))
+            state["step"] = step = state["step"] + 1
+            state["tokens"] += tokens
+            # Optimiser-step time only: evaluation and checkpoints are not training throughput.
+            state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == run.total:
+                run.log({"step": step, "split": "train", "loss": train_loss, "lr": run.sched.get_last_lr()[0],
+                         "tokens": state["tokens"], "seconds": round(elapsed, 3)})
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
+                last_eval = evaluate_run(run, step)
+                stopped_early = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+            if (run.main and cfg.save_every and run.method.resumable
+                    and (step % cfg.save_every == 0 or step == run.total or stopped_early)):
+                save_checkpoint(run.out, run.method, run.opt, run.sched, state, run.meta)
+            if stopped_early or (stop_after and stop_after <= step < run.total):
+                break
     if stop_after and state["step"] < run.total and not stopped_early:
         return {"interrupted_at": state["step"]}
     return finish(run, last_eval, stopped_early, untuned)

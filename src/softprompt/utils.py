@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import reprlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,17 +27,22 @@ class SoftpromptError(Exception):
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; on success it replaces `dest` in one rename."""
+    """Yield a temporary folder beside `dest`; on success it replaces `dest` in one rename. A `dest`
+    that is not a folder is refused (a file is never renamed away), and nothing is left beside it."""
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise SoftpromptError(f"{dest} is a file, not a folder")
+    if dest.exists() and not overwrite:
+        raise SoftpromptError(f"{dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
         if dest.exists():
-            if not overwrite:
-                raise SoftpromptError(f"{dest} already exists")
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
+            if not overwrite or not dest.is_dir():
+                raise SoftpromptError(f"{dest} already exists" if dest.is_dir() else f"{dest} is a file, not a folder")
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old)  # a folder onto the empty one mkdtemp made
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -44,6 +50,40 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_dest(out: str | os.PathLike, flag: str, overwrite: bool, own: set[str],
+               sources: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse an output folder whose replacement would destroy something, before any work: a file;
+    a source the command reads, or a folder inside one or holding one (always); a folder that holds
+    files, unless `overwrite`; and even then one holding files this command does not write (`own`)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SoftpromptError(f"{flag} {out} is a file, not a folder")
+    o = out.resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if o == s or s in o.parents or o in s.parents:
+            where = "is" if o == s else ("is inside" if s in o.parents else "holds")
+            raise SoftpromptError(f"{flag} {out} {where} the source {src}: writing it would destroy what is read; "
+                                  f"choose another {flag}")
+    used = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if used and not overwrite:
+        raise SoftpromptError(f"{flag} {out} already holds files ({', '.join(used[:3])}): pass --overwrite to "
+                              f"replace them, or choose another {flag}")
+    foreign = [name for name in used if name not in own]
+    if foreign:
+        raise SoftpromptError(f"{flag} {out} holds {', '.join(foreign[:3])}, which this command does not write; "
+                              f"not deleting it (remove it yourself, or choose another {flag})")
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to about `limit` characters, for error messages: a value may be megabytes."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    text = r.repr(value)
+    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -9,7 +9,6 @@ replaced, never edited in place, so request threads read it without a lock.
 from __future__ import annotations
 
 import re
-import reprlib
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..prompt import CONFIG_FILE, SoftPrompt, check_fits, load_prompt
+from ..prompt import CONFIG_FILE, SoftPrompt, check_fits, check_prompt, load_prompt
 from ..utils import SoftpromptError, read_json
 from .protocol import ApiError
 
@@ -87,35 +86,3 @@ def read(path: Path, model) -> SoftPrompt:
         return load_prompt(path, model)
     except OSError as e:  # too long, not readable...
         raise SoftpromptError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
-
-
-def check_prompt(sp: SoftPrompt, what: str) -> None:
-    """Finite values, and the config fields the server reads of the types it reads them as."""
-    if not torch.isfinite(sp.embeds).all():
-        raise SoftpromptError(f"{what} holds NaN or infinite values")
-    meta = sp.meta
-    labels = meta.get("labels")
-    # train writes [] for language-modelling, input/target and chat prompts: no label words, like null.
-    if labels not in (None, []) and not (isinstance(labels, list) and 2 <= len(labels) <= 64
-                                   and all(_text(w) and w.strip() for w in labels)
-                                   and len(set(labels)) == len(labels)):
-        raise SoftpromptError(f"{what}: labels in its {CONFIG_FILE} must be empty or a list of 2 to 64 "
-                              f"distinct non-empty words, got {reprlib.repr(labels)}")
-    if not isinstance(meta.get("chat", False), bool):
-        raise SoftpromptError(f"{what}: chat in its {CONFIG_FILE} must be true or false, "
-                              f"got {reprlib.repr(meta['chat'])}")
-    for key in ("task", "model"):
-        if meta.get(key) is not None and not _text(meta[key]):
-            raise SoftpromptError(f"{what}: {key} in its {CONFIG_FILE} must be a string, "
-                                  f"got {reprlib.repr(meta[key])}")
-
-
-def _text(v) -> bool:
-    """A string the tokenizer and the JSON answers can take (no lone surrogates)."""
-    if not isinstance(v, str):
-        return False
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -1,0 +1,485 @@
+"""Issue 27, the command line's half: hostile input gets one error line and a non-zero exit, and
+never costs the user a file. Each test is named after the defect it pins (N1, N8, ..., L12)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from softprompt.cli import main
+from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.train import train
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    """The last command ended on one stderr line, softprompt's error, holding every needle (progress
+    bars of a model load may come before it; no traceback does)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("softprompt: error: "), err
+    assert not any(l.startswith(("Traceback", "softprompt: error")) for l in err[:-1]), err
+    for n in needles:
+        assert n in err[-1], (n, err[-1])
+    return err[-1]
+
+
+def tree(folder):
+    """Every file under `folder` with its bytes: what must survive a refused command."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    import csv
+
+    from conftest import EXAMPLES
+
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()]
+    p = tmp_path_factory.mktemp("data") / "c.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["country", "capital", "europe"])
+        w.writerows([r["country"], r["capital"], int(r["continent"] == "Europe")] for r in rows)
+    return p
+
+
+CLS = ["--template", "Country: {country}\\nEurope:", "--labels", "no,yes", "--label-col", "europe"]
+
+
+def train_argv(llama_dir, data, out, *extra):
+    return ["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(data), *CLS, "--virtual-tokens",
+            "3", "--max-steps", "2", "--batch-size", "4", "--eval-every", "0", "--no-eval-untuned", "--out", str(out),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(llama_dir, data_csv, tmp_path_factory):
+    """A finished tiny run: prompt, records, metrics, checkpoint."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(ModelConfig(model=str(llama_dir), device="cpu"),
+          DataConfig(data=str(data_csv), template="Country: {country}\\nEurope:", labels="no,yes", label_col="europe"),
+          PromptConfig(virtual_tokens=3, init="labels"),
+          TrainConfig(out=str(out), max_steps=2, batch_size=4, eval_every=2, save_every=2), quiet=True)
+    return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the finished run that a test may damage."""
+    return shutil.copytree(run_dir, tmp_path / "run")
+
+
+# ---------------------------------------------------------------- N1, D10, L10: output folders
+
+def test_N1_export_peft_refuses_non_empty_out(run_dir, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "t.txt").write_text("x")
+    assert main(["export-peft", str(run_dir), str(keep)]) == 2
+    one_error_line(capsys, str(keep), "already holds files", "--overwrite")
+    assert (keep / "t.txt").read_text() == "x"
+    # --overwrite replaces a previous export, but never a file export does not write.
+    assert main(["export-peft", str(run_dir), str(keep), "--overwrite"]) == 2
+    one_error_line(capsys, "t.txt", "not deleting it")
+    assert tree(keep) == {"t.txt": b"x"}
+    peft = tmp_path / "peft"
+    assert main(["export-peft", str(run_dir), str(peft)]) == 0
+    assert main(["export-peft", str(run_dir), str(peft)]) == 2
+    capsys.readouterr()
+    assert main(["export-peft", str(run_dir), str(peft), "--overwrite"]) == 0
+    assert (peft / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "peft"]  # nothing left beside them
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_N1_export_peft_refuses_out_at_the_source(run_copy, where, capsys):
+    before = tree(run_copy.parent)
+    out = {"same": run_copy, "inside": run_copy / "peft", "parent": run_copy.parent}[where]
+    assert main(["export-peft", str(run_copy), str(out), "--overwrite"]) == 2
+    one_error_line(capsys, "the source", str(run_copy))
+    assert tree(run_copy.parent) == before
+
+
+def test_N1_import_peft_refuses_a_finished_run_and_the_source(run_dir, run_copy, tmp_path, capsys):
+    peft = tmp_path / "peft"
+    assert main(["export-peft", str(run_dir), str(peft)]) == 0
+    before = tree(run_copy)
+    assert main(["import-peft", str(peft), str(run_copy)]) == 2
+    one_error_line(capsys, "already holds files")
+    assert main(["import-peft", str(peft), str(run_copy), "--overwrite"]) == 2  # metrics.jsonl, checkpoint...
+    one_error_line(capsys, "not deleting it")
+    assert tree(run_copy) == before
+    adapter = tree(peft)
+    for out in (peft, peft / "sub"):
+        assert main(["import-peft", str(peft), str(out), "--overwrite"]) == 2
+        one_error_line(capsys, "the source")
+    assert tree(peft) == adapter
+    back = tmp_path / "back"
+    assert main(["import-peft", str(peft), str(back)]) == 0
+    assert main(["import-peft", str(peft), str(back), "--overwrite"]) == 0
+    assert torch.equal(load_prompt(back).embeds, load_prompt(run_dir).embeds)
+
+
+def test_N1_push_local_dir_refuses_non_empty_and_the_run(run_dir, run_copy, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "t.txt").write_text("x")
+    assert main(["push", str(run_dir), "me/x", "--local-dir", str(keep)]) == 2
+    one_error_line(capsys, "--local-dir", "already holds files")
+    before = tree(run_copy)
+    assert main(["push", str(run_copy), "me/x", "--local-dir", str(run_copy), "--overwrite"]) == 2
+    one_error_line(capsys, "the source")
+    assert tree(run_copy) == before and tree(keep) == {"t.txt": b"x"}
+    up = tmp_path / "up"
+    assert main(["push", str(run_dir), "me/x", "--local-dir", str(up)]) == 0
+    assert main(["push", str(run_dir), "me/x", "--local-dir", str(up), "--overwrite"]) == 0
+    assert (up / "README.md").is_file()
+
+
+def test_D10_compare_refuses_an_out_holding_other_files(llama_dir, data_csv, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "t.txt").write_text("x")
+    assert main(["compare", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), *CLS,
+                 "--methods", "untuned", "--out", str(keep)]) == 2
+    one_error_line(capsys, "t.txt", "not deleting it")
+    assert tree(keep) == {"t.txt": b"x"}
+
+
+def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_path, capsys):
+    f = tmp_path / "existing_file"
+    f.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export-peft", str(run_dir), str(f), *extra]) == 2
+        one_error_line(capsys, "is a file, not a folder")
+    assert f.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["existing_file"]
+    # The library's atomic folder itself refuses a file and leaves no hidden sibling.
+    from softprompt.utils import SoftpromptError, atomic_dir
+
+    with pytest.raises(SoftpromptError, match="is a file"):
+        with atomic_dir(f) as tmp:
+            (tmp / "x").write_text("y")
+    d = tmp_path / "d"
+    d.mkdir()
+    with atomic_dir(d) as tmp:
+        (tmp / "x").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "existing_file"] and tree(d) == {"x": b"y"}
+
+
+# ---------------------------------------------------------------- N8: --resume with other settings
+
+@pytest.fixture
+def half_run(llama_dir, data_csv, tmp_path):
+    """A run interrupted after step 2 of 4, its checkpoint at step 2."""
+    out = tmp_path / "half"
+    s = train(ModelConfig(model=str(llama_dir), device="cpu"),
+              DataConfig(data=str(data_csv), template="Country: {country}\\nEurope:", labels="no,yes",
+                         label_col="europe"),
+              PromptConfig(virtual_tokens=3, init="labels"),
+              TrainConfig(out=str(out), max_steps=4, batch_size=4, eval_every=0, save_every=2, eval_untuned=False),
+              stop_after=3, quiet=True)
+    assert s == {"interrupted_at": 3}
+    return out
+
+
+def test_N8_resume_refuses_changed_settings(llama_dir, data_csv, half_run, capsys):
+    before = tree(half_run)
+    base = ["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), "--virtual-tokens", "3",
+            "--init", "labels", "--max-steps", "4", "--batch-size", "4", "--eval-every", "0", "--save-every", "2",
+            "--no-eval-untuned", "--out", str(half_run), "--resume"]
+    swapped = ["--template", "Is {country} in Europe?", "--labels", "yes,no", "--label-col", "europe", "--lr", "0.5"]
+    assert main(base + swapped) == 2
+    line = one_error_line(capsys, "--resume", "--labels", "--template", "--lr 0.5")
+    assert "--max-steps" not in line and "--device" not in line
+    assert main(base + ["--text-col", "country"]) == 2  # was: KeyError 'accuracy' after rewriting the records
+    one_error_line(capsys, "--text-col 'country'", "--labels")
+    assert tree(half_run) == before
+    # The run's own settings (and a new --log-every, which only says how it is carried out) still resume.
+    assert main(base + ["--log-every", "1", *CLS]) == 0
+    assert json.loads((half_run / "summary.json").read_text())["steps"] == 4
+
+
+# ---------------------------------------------------------------- N9: two runs on one --out
+
+def test_N9_second_train_on_a_held_out_fails(llama_dir, data_csv, tmp_path, capsys):
+    from softprompt.rundir import RunLock
+
+    out = tmp_path / "run"
+    held = RunLock(out)  # what a first run holds while it trains
+    assert main(train_argv(llama_dir, data_csv, out)) == 2
+    one_error_line(capsys, str(out), "in use by another train run")
+    assert tree(out) == {}
+    held.release()
+    assert main(train_argv(llama_dir, data_csv, out)) == 0
+    assert (out / "prompt.safetensors").is_file()
+    # A run that fails on its input leaves no folder behind the lock made.
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "bad", "--label-col", "nope")) == 2
+    one_error_line(capsys, "column 'nope' not found")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
+    """Started together, exactly one of two `softprompt train` processes on one --out succeeds; the
+    other exits 2 with one line, whichever way they interleave."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "softprompt", *train_argv(llama_dir, data_csv, out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    err = next(e for rc, e in results if rc == 2).strip().splitlines()
+    assert err[-1].startswith("softprompt: error: --out ") and not any("Traceback" in l for l in err), err
+    assert ("in use by another train run" in err[-1]) or ("already holds files" in err[-1])
+    assert load_prompt(out).num_tokens == 3
+
+
+# ---------------------------------------------------------------- N10: prompts longer than the model
+
+@pytest.mark.parametrize("virtual", ["100000", "256", "250"])
+def test_N10_train_checks_the_position_limit(llama_dir, data_csv, tmp_path, virtual, capsys):
+    """The tiny Llama has 256 positions; every example here is longer than 6 tokens."""
+    argv = train_argv(llama_dir, data_csv, tmp_path / "run")
+    argv[argv.index("--virtual-tokens") + 1] = virtual
+    assert main(argv) == 2
+    one_error_line(capsys, f"--virtual-tokens {virtual} + ", "exceed the model's 256 positions")
+    assert not (tmp_path / "run").exists()
+
+
+def test_N10_compare_checks_the_position_limit(llama_dir, data_csv, tmp_path, capsys):
+    assert main(["compare", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), *CLS,
+                 "--methods", "untuned,prompt", "--virtual-tokens", "8200", "--max-steps", "1",
+                 "--out", str(tmp_path / "cmp")]) == 2
+    one_error_line(capsys, "--virtual-tokens 8200 + ", "exceed the model's 256 positions")
+    assert not (tmp_path / "cmp").exists()
+
+
+# ---------------------------------------------------------------- N11: YAML alias bombs
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """Each level a list of `width` aliases of the one before: width**levels strings once expanded."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nTrainConfig: {{lr: *l{levels - 1}}}\n"
+
+
+@pytest.mark.parametrize("levels", [3, 9])
+def test_N11_yaml_alias_bomb_is_refused_in_one_short_line(llama_dir, data_csv, tmp_path, levels, capsys):
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(alias_bomb(levels))
+    assert main([*train_argv(llama_dir, data_csv, tmp_path / "run"), "--config", str(cfg)]) == 2
+    # 9**3 strings are few enough to read, and refused as the wrong type; 9**9 are refused unread.
+    line = one_error_line(capsys, str(cfg), "expected float" if levels == 3 else "aliases expand to more than")
+    assert len(line) < 600
+    assert not (tmp_path / "run").exists()
+
+
+def test_N11_plain_aliases_still_work(tmp_path):
+    from softprompt.configfile import read_config
+
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("base: &b {lr: 0.01, batch_size: 4}\nTrainConfig: *b\nDataConfig: {labels: &w 'no,yes'}\n")
+    assert read_config(cfg)["TrainConfig"] == {"lr": 0.01, "batch_size": 4}
+    cfg.write_text("a: &a [1, *a]\n")  # an alias inside its own anchor: infinite
+    from softprompt.utils import SoftpromptError
+
+    with pytest.raises(SoftpromptError, match="aliases expand"):
+        read_config(cfg)
+
+
+# ---------------------------------------------------------------- D3/L1: tracebacks instead of one line
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 40), str(2 ** 64 - 1)])
+def test_D3_train_seed_out_of_range_is_one_line(llama_dir, data_csv, tmp_path, seed, capsys):
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--seed", seed)) == 2
+    one_error_line(capsys, f"--seed {seed}", "4294967295")
+    assert not (tmp_path / "run").exists()
+
+
+def test_D3_generate_64_bit_seed_is_one_line(llama_dir, run_dir, capsys):
+    assert main(["generate", "--model", str(llama_dir), "--device", "cpu", "--prompt", str(run_dir), "--sample",
+                 "--seed", str(2 ** 64 - 1), "--max-new-tokens", "2", "Country: Chile", "Country: Peru"]) == 2
+    one_error_line(capsys, f"--seed {2 ** 64 - 1}", "4294967295")
+
+
+def test_D3_train_huge_lr_is_one_line(llama_dir, data_csv, tmp_path, capsys):
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--lr", "1e308")) == 2
+    one_error_line(capsys, "--lr")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_D3_train_unwritable_out_is_one_line(llama_dir, data_csv, tmp_path, where, capsys):
+    """Tests run as root, so a chmod'ed folder would be writable: a path under a regular file
+    (NotADirectoryError) and one under /proc (refused to everyone) stand for a read-only --out."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    out = f / "run" if where == "under_a_file" else "/proc/softprompt-test/run"
+    assert main(train_argv(llama_dir, data_csv, out)) == 2
+    one_error_line(capsys, f"--out {out}")
+    assert f.read_text() == "x"
+
+
+def test_D3_full_disk_is_one_line(llama_dir, data_csv, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import softprompt.train
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(softprompt.train, "append_metrics", full)
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--log-every", "1")) == 2
+    one_error_line(capsys, "No space left on device", "metrics.jsonl")
+
+
+def test_D3_import_peft_of_a_list_config_is_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    save_file({"prompt_embeddings": torch.zeros(3, 32)}, str(adapter / "adapter_model.safetensors"))
+    assert main(["import-peft", str(adapter), str(tmp_path / "out")]) == 2
+    one_error_line(capsys, "adapter_config.json must hold a JSON object")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- D9/L6: every command checks a prompt's config
+
+def prompt_with(root, name, config, H=32):
+    """A prompt folder whose prompt_config.json is `config` (written as JSON unless a str)."""
+    d = save_prompt(SoftPrompt(torch.randn(3, H) * 0.05), root / name, {})
+    (d / "prompt_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return d
+
+
+def generate_argv(llama_dir, prompt):
+    return ["generate", "--model", str(llama_dir), "--device", "cpu", "--prompt", str(prompt), "--max-new-tokens",
+            "2", "Country: Chile"]
+
+
+@pytest.mark.parametrize("config,words", [({"labels": 3}, "labels in its"), ({"labels": ["x"]}, "labels in its"),
+                                          ({"chat": "false"}, "chat in its"), ({"task": ["a"]}, "task in its"),
+                                          ("[1, 2]", "must hold a JSON object")])
+def test_D9_cli_runs_the_servers_prompt_config_checks(llama_dir, tmp_path, config, words, capsys):
+    p = prompt_with(tmp_path, "p", config)
+    assert main(generate_argv(llama_dir, p)) == 2
+    one_error_line(capsys, words)
+    assert main(["export-peft", str(p), str(tmp_path / "peft")]) == 2
+    one_error_line(capsys, words)
+    assert not (tmp_path / "peft").exists()
+
+
+def test_D9_lm_prompt_with_empty_labels_loads(llama_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "lm"
+    argv = train_argv(llama_dir, data_csv, out)
+    i = argv.index("--template")
+    argv[i:i + 6] = ["--text-col", "country"]
+    assert main(argv) == 0
+    assert json.loads((out / "prompt_config.json").read_text())["labels"] == []
+    capsys.readouterr()
+    assert main(generate_argv(llama_dir, out)) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_D9_prompt_of_another_base_warns_once(llama_dir, run_dir, tmp_path, capsys):
+    p = prompt_with(tmp_path, "other", {"model": "someone/other-model-with-32-dims"})
+    assert main(generate_argv(llama_dir, p)) == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
+    assert len(warnings) == 1 and "trained for 'someone/other-model-with-32-dims'" in warnings[0], warnings
+    assert main(generate_argv(llama_dir, run_dir)) == 0  # its own base: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_D9_prompt_config_that_is_a_fifo_or_folder_is_an_error(llama_dir, tmp_path, kind, capsys):
+    import os
+
+    d = save_prompt(SoftPrompt(torch.randn(3, 32)), tmp_path / "p", {})
+    (d / "prompt_config.json").unlink()
+    os.mkfifo(d / "prompt_config.json") if kind == "fifo" else (d / "prompt_config.json").mkdir()
+    assert main(generate_argv(llama_dir, d)) == 2
+    one_error_line(capsys, "prompt_config.json is not a regular file")
+
+
+# ---------------------------------------------------------------- L7, L8: data files
+
+def test_L7_csv_with_a_utf8_bom_reads_its_first_column(llama_dir, data_csv, tmp_path, capsys):
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + data_csv.read_bytes())
+    assert main(train_argv(llama_dir, bom, tmp_path / "run")) == 0  # the template reads {country}, column 1
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps({"country": c, "europe": i % 2}).encode() + b"\n"
+                                                 for i, c in enumerate(["Peru", "Chile", "France", "Spain"] * 3)))
+    assert main(train_argv(llama_dir, jsonl, tmp_path / "run2")) == 0
+
+
+def test_L8_null_text_is_skipped_with_a_warning(llama_dir, tmp_path, capsys):
+    from softprompt.data import load_splits
+    from softprompt.models import load_model
+
+    rows = [{"sentence": None if i in (2, 6) else f"text {i}", "label": i % 2} for i in range(12)]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, tok = load_model(str(llama_dir))
+    for how in ({"text_col": "sentence"}, {"template": "Review: {sentence}\\nSentiment:", "labels": "no,yes"}):
+        capsys.readouterr()
+        _, train_ex, eval_ex = load_splits(DataConfig(data=str(p), eval_fraction=0, **how), tok, seed=0)
+        assert len(train_ex) == 10 and not any("None" in e.text for e in train_ex)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("[softprompt] warning: skipped 2 row(s) of ")
+        assert "null in sentence (rows [3, 7])" in err[0], err
+    p.write_text("".join(json.dumps({"sentence": None}) + "\n" for _ in range(3)))
+    assert main(["train", "--model", str(llama_dir), "--data", str(p), "--text-col", "sentence", "--eval-fraction",
+                 "0", "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, "every row holds null in sentence")
+
+
+# ---------------------------------------------------------------- L9: templates name plain columns
+
+@pytest.mark.parametrize("template", ["{country.__class__}", "{country:>100000000}", "{country!r}",
+                                      "{country[0]}", "Country: {country:{europe}}"])
+def test_L9_template_allows_plain_field_names_only(llama_dir, data_csv, tmp_path, template, capsys):
+    argv = train_argv(llama_dir, data_csv, tmp_path / "run")
+    argv[argv.index("--template") + 1] = template
+    assert main(argv) == 2
+    one_error_line(capsys, f"--template {template!r}", "plain {name}")
+    assert not (tmp_path / "run").exists()
+    assert main(["eval", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), "--text-col",
+                 "country", "--target", template]) == 2
+    one_error_line(capsys, f"--target {template!r}", "plain {name}")
+
+
+# ---------------------------------------------------------------- L12: adapters no causal prompt stands for
+
+@pytest.mark.parametrize("fields,rows,words", [
+    ({"num_virtual_tokens": 3, "num_transformer_submodules": 2}, 6, "num_transformer_submodules is 2"),
+    ({"num_virtual_tokens": -3, "num_transformer_submodules": -1}, 3, "num_transformer_submodules is -1"),
+    ({"num_virtual_tokens": -3}, 3, "num_virtual_tokens must be a positive integer, got -3"),
+    ({"num_virtual_tokens": 3.0}, 3, "num_virtual_tokens must be a positive integer, got 3.0"),
+])
+def test_L12_import_peft_refuses_encoder_decoder_and_negative_counts(tmp_path, fields, rows, words, capsys):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", **fields}))
+    save_file({"prompt_embeddings": torch.randn(rows, 32)}, str(adapter / "adapter_model.safetensors"))
+    assert main(["import-peft", str(adapter), str(tmp_path / "out")]) == 2
+    one_error_line(capsys, words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_D9_config_file_that_is_a_fifo_or_folder_is_an_error(llama_dir, data_csv, tmp_path, kind, capsys):
+    import os
+
+    cfg = tmp_path / "c.yaml"
+    os.mkfifo(cfg) if kind == "fifo" else cfg.mkdir()
+    assert main([*train_argv(llama_dir, data_csv, tmp_path / "run"), "--config", str(cfg)]) == 2
+    one_error_line(capsys, f"--config {cfg} is not a regular file")
