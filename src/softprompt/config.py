@@ -25,6 +25,10 @@ FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (aut
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
+# Sampling settings past these only overflow the scores (1e-300 as a repetition penalty divides logits
+# into inf) without changing the choice any further; the server's request fields take the same bounds.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+TEMPERATURE_MAX = 100.0
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -262,9 +266,12 @@ class GenerateConfig:
 
     def __post_init__(self):
         check_fields(self, {"max_new_tokens": 1})
-        require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
+        require(0 < self.temperature <= TEMPERATURE_MAX,
+                f"--temperature must be > 0 and at most {TEMPERATURE_MAX:g} (got {self.temperature})")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
-        require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
+        lo, hi = REPETITION_PENALTY_RANGE
+        require(lo <= self.repetition_penalty <= hi,
+                f"--repetition-penalty must be > 0, between {lo:g} and {hi:g} (got {self.repetition_penalty})")
 
 
 @dataclass

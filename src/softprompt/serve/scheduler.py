@@ -95,7 +95,10 @@ class LiveBatch:
         for rid in list(self.engine.results):  # rows that left at this step: forget them
             row = self.engine.pop(rid)
             j = self.jobs.pop(rid, None)
-            if j is not None and not j.finished:  # ended by the engine for a reason not handled above
+            if j is not None and row.error is not None:  # its own token could not be chosen: it fails alone
+                self.stats["failed_jobs"] += 1
+                j.fail(row.error)
+            elif j is not None and not j.finished:  # ended by the engine for a reason not handled above
                 j.finish("stop" if row.stopped_by_eos else "length")
 
     def abandon(self) -> list[GenJob]:
