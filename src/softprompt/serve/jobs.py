@@ -131,6 +131,7 @@ class GenJob(Job):
 class ClassifyJob(Job):
     """Scores each candidate label's tokens after `ids`; the result is a list of log-probabilities."""
     candidates: list[list[int]] = field(default_factory=list)
+    partial: list[float] = field(default_factory=list, init=False)  # scores of the chunks run so far
 
     def key(self) -> tuple:
         # One forward pass per prompt; single-token labels take the one-position fast path, and a
@@ -138,6 +139,7 @@ class ClassifyJob(Job):
         return ("classify", id(self.prompt), all(len(c) == 1 for c in self.candidates))
 
     def reset(self) -> bool:
+        self.partial = []
         return True
 
 

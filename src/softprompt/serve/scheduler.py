@@ -10,6 +10,7 @@ on a GPU, a growing cache on a CPU) for the server's life and loops:
    settings, each prompt's KV computed once and cached in one `PromptKV`) and join the running
    rows at the next step; classification jobs with the same prompt run as one rank-classification
    forward pass, and scoring jobs (logprobs) as one pass of classify.token_logprobs, between two steps;
+   classification with multi-token labels runs one chunk of its labels per loop turn instead;
 3. step the engine once (one token for every live row) and hand each token to its job (stop
    strings, streaming, the budget). A finished, stopped or cancelled row leaves before the next
    forward, so its place is free for whoever waits.
@@ -110,9 +111,14 @@ class LiveBatch:
 
 class Scheduler:
     def __init__(self, model, tok, max_batch: int = 16, max_queue: int = 64, batch_wait_ms: float = 5.0,
-                 live_prompts: Callable[[], list[torch.Tensor]] | None = None):
+                 live_prompts: Callable[[], list[torch.Tensor]] | None = None, chunk_positions: int = 2048):
         self.model, self.tok = model, tok
         self.max_batch, self.max_queue, self.batch_wait = max(1, max_batch), max_queue, batch_wait_ms / 1000
+        # Classification with multi-token labels runs in chunks of about this many token positions, one
+        # chunk between two decode steps, so that a long one does not hold every decoding row.
+        self.chunk_positions = chunk_positions
+        self.chunks: collections.deque[tuple[ClassifyJob, list[int]]] = collections.deque()  # (job, label indexes)
+        self.reserved = 0  # queue places held for requests' later jobs (their scoring after generation)
         self.live_prompts = live_prompts
         self.kv = PromptKV(model)
         self.stats: collections.Counter = collections.Counter()
@@ -153,14 +159,23 @@ class Scheduler:
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue all of `jobs` or none of them (QueueFull)."""
+    def submit(self, jobs: list[Job], reserve: int = 0, held: int = 0) -> None:
+        """Queue all of `jobs` or none of them (QueueFull). `reserve`: places to hold besides for the
+        same request's later jobs, so that they cannot be refused after its first ones ran; `held`:
+        places an earlier `reserve` held for these jobs (all of them are released)."""
         with self._cv:
-            if len(self._queue) + len(jobs) > self.max_queue:
+            others = self.reserved - held
+            if len(self._queue) + others + len(jobs) + reserve > self.max_queue:
                 self.stats["rejected_jobs"] += len(jobs)
-                raise QueueFull(f"queue full ({len(self._queue)} waiting, limit {self.max_queue})")
+                raise QueueFull(f"queue full ({len(self._queue)} waiting, {others} held, limit {self.max_queue})")
+            self.reserved = others + reserve
             self._queue.extend(jobs)
             self._cv.notify_all()
+
+    def release(self, places: int) -> None:
+        """Give back places a `submit(reserve=...)` held that will not be used (the request ended)."""
+        with self._cv:
+            self.reserved = max(0, self.reserved - places)
 
     # ------------------------------------------------------------ the worker thread
 
@@ -172,6 +187,8 @@ class Scheduler:
                     if jobs:
                         self._retain()
                         self._admit(jobs)
+                    if self.chunks:
+                        self._classify_chunk()
                     if not self.batch.finished:
                         self._step()
                 except Exception as e:  # a bug, not a request's fault: the worker must outlive it
@@ -181,6 +198,9 @@ class Scheduler:
                     self.batch = self.new_batch()
                 self.in_flight = self.batch.live
         finally:
+            for j, _ in self.chunks:
+                j.fail(RuntimeError("the server is shutting down"))
+            self.chunks.clear()
             for j in self.batch.abandon():  # closing: nobody waits for these any more
                 if j.cancelled:
                     self.stats["cancelled_jobs"] += 1
@@ -194,7 +214,7 @@ class Scheduler:
         nothing is decoding: for a first job, then `batch_wait` for company (a step of many rows
         costs about as much as one of a few)."""
         with self._cv:
-            if self.batch.finished:
+            if self.batch.finished and not self.chunks:
                 while not self._queue and not self._closing:
                     self._cv.wait(0.5)
                 deadline = time.monotonic() + self.batch_wait
@@ -288,8 +308,48 @@ class Scheduler:
             self.stats["failed_jobs"] += 1
             job.fail(e)
 
-    @torch.no_grad()
     def _classify(self, jobs: list[ClassifyJob]) -> None:
+        """Single-token labels: one pass over the texts now. Longer labels: one pass per label, in
+        chunks of about `chunk_positions` token positions, run one per loop turn (`_classify_chunk`)."""
+        if all(len(c) == 1 for j in jobs for c in j.candidates):
+            return self._classify_now(jobs)
+        for j in jobs:
+            chunk, cost = [], 0
+            for k, c in enumerate(j.candidates):
+                if chunk and cost + len(j.ids) + len(c) > self.chunk_positions:
+                    self.chunks.append((j, chunk))
+                    chunk, cost = [], 0
+                chunk.append(k)
+                cost += len(j.ids) + len(c)
+            self.chunks.append((j, chunk))
+
+    @torch.no_grad()
+    def _classify_chunk(self) -> None:
+        """Score the next chunk of a classification job's labels; the job's result once all are."""
+        job, labels = self.chunks.popleft()
+        if job.finished:  # an earlier chunk failed
+            return
+        if job.cancelled:
+            self.stats["cancelled_jobs"] += 1
+            job.fail(RuntimeError("cancelled"))
+            return
+        t0 = time.perf_counter()
+        try:
+            s = label_scores(self.model, [(job.prompt, job.ids)], [[job.candidates[k] for k in labels]],
+                             pad_id(self.tok), batch_size=len(labels))
+        except Exception as e:
+            self.stats["failed_jobs"] += 1
+            job.fail(e)
+            return
+        finally:
+            self.stats["classify_seconds"] += time.perf_counter() - t0
+        job.partial.extend(s[0, :len(labels)].tolist())
+        if len(job.partial) == len(job.candidates):
+            self.stats["classify_rows"] += 1
+            job.future.set_result(list(job.partial))
+
+    @torch.no_grad()
+    def _classify_now(self, jobs: list[ClassifyJob]) -> None:
         t0 = time.perf_counter()
         self.stats["classify_rows"] += len(jobs)
         rows = [(j.prompt, j.ids) for j in jobs]
