@@ -287,3 +287,53 @@ def test_N7_echo_of_a_chat_wrapped_prompt_is_refused(hs):
     r = hs.client.post("/v1/completions", json={"model": "chat", "prompt": "Hello", "max_tokens": 2, "logprobs": 1})
     lp = r.json()["choices"][0]["logprobs"]  # without echo: the generated tokens, after the user's text
     assert r.status_code == 200 and all(o >= len("Hello") for o in lp["text_offset"]), lp
+
+
+# ---------------------------------------------------------------- L2-L5: strict bodies, media types, HEAD
+
+@pytest.mark.parametrize("field,value", [("max_tokens", "2"), ("max_tokens", True), ("n", 1.0), ("echo", "yes"),
+                                         ("stream", 1), ("seed", 1.5), ("temperature", "0.5"), ("logprobs", False)])
+def test_L2_loose_types_are_refused(hs, field, value):
+    r = hs.client.post("/v1/completions", json={"model": "facts", "prompt": "x", "max_tokens": 1, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_L2_duplicate_json_keys_are_refused(hs):
+    body = b'{"model": "facts", "prompt": "x", "max_tokens": 1, "max_tokens": 2}'
+    r = hs.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "duplicate key 'max_tokens'" in r.json()["error"]["message"], r.text
+    nested = b'{"model": "facts", "messages": [{"role": "user", "role": "system", "content": "x"}]}'
+    r = hs.client.post("/v1/chat/completions", content=nested, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "duplicate key 'role'" in r.json()["error"]["message"], r.text
+
+
+def test_L3_nan_is_refused_as_not_finite(hs):
+    for field in ("temperature", "top_p", "repetition_penalty"):
+        body = ('{"model": "facts", "prompt": "x", "%s": NaN}' % field).encode()
+        r = hs.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
+
+
+def test_L3_a_body_that_is_not_plain_json_gets_415(hs):
+    import gzip
+
+    body = json.dumps({"model": "facts", "prompt": "x", "max_tokens": 1}).encode()
+    for headers, content in [({"content-type": "text/plain"}, body),
+                             ({"content-type": "application/x-www-form-urlencoded"}, body),
+                             ({"content-type": "application/json", "content-encoding": "gzip"}, gzip.compress(body))]:
+        r = httpx.post(hs.run.url + "/v1/completions", content=content, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    ok = hs.client.post("/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/metrics"])
+def test_L4_head_is_answered_without_a_body(hs, path):
+    r = hs.client.head(path)
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_L5_stream_options_without_stream_are_refused(hs):
+    r = hs.client.post("/v1/completions", json={"model": "facts", "prompt": "x", "max_tokens": 1,
+                                                "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text

@@ -110,6 +110,8 @@ class ServerContext:
             name, off = refused
             raise ApiError(400, f"{name} is not supported by this server: leave it out (or send "
                                 f"{' or '.join(map(repr, off))})", name, "unsupported_parameter")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options needs stream: true", "stream_options")
         given = [v for v in (getattr(req, "max_completion_tokens", None), req.max_tokens) if v is not None]
         mt = given[0] if given else cfg.default_max_tokens
         if mt == 0 and not getattr(req, "echo", None):  # nothing to generate and nothing to return
