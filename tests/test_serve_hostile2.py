@@ -337,3 +337,112 @@ def test_L5_stream_options_without_stream_are_refused(hs):
     r = hs.client.post("/v1/completions", json={"model": "facts", "prompt": "x", "max_tokens": 1,
                                                 "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+
+
+# ---------------------------------------------------------------- N3: connections are bounded
+
+def test_N3_a_client_that_never_finishes_its_headers_is_disconnected(hs):
+    import socket
+
+    from serve_helpers import read_all
+
+    with running(hs.model, hs.tok, {}, replace(CFG, header_timeout=0.5, keep_alive_timeout=30)) as (app, run):
+        s = socket.create_connection(("127.0.0.1", run.port), timeout=20)
+        s.sendall(b"GET /hea")
+        assert read_all(s) == b""  # closed by the server, long before this socket's own timeout
+        s.close()
+        s = socket.create_connection(("127.0.0.1", run.port), timeout=20)  # after a response, on a kept-alive one
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /hea")
+        reply = read_all(s)
+        s.close()
+        assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1
+
+
+def test_N3_connections_beyond_the_limit_get_503(hs):
+    import socket
+
+    with running(hs.model, hs.tok, {}, replace(CFG, max_connections=3)) as (app, run):
+        idle = [socket.create_connection(("127.0.0.1", run.port), timeout=20) for _ in range(3)]
+        wait_until(lambda: httpx.get(run.url + "/health").status_code == 503, "a request over the limit gets 503")
+        for s in idle:
+            s.close()
+        wait_until(lambda: httpx.get(run.url + "/health").status_code == 200, "served again once they left")
+
+
+# ---------------------------------------------------------------- N15: the shutdown deadline answers
+
+def test_N15_requests_left_at_the_shutdown_deadline_get_a_json_503_or_a_closed_stream(hs, monkeypatch):
+    import signal
+
+    from serve_helpers import gated, in_threads
+
+    with running(hs.model, hs.tok, {"facts": hs.prompts["facts"]}, replace(CFG, shutdown_timeout=0.5)) as (app, run):
+        gate, entered, sizes = gated(app.state.scheduler, monkeypatch)
+        body = {"model": "facts", "prompt": "Country: Peru", "max_tokens": 6}
+
+        def call(stream):
+            if not stream:
+                return httpx.post(run.url + "/v1/completions", json=body, timeout=30)
+            with httpx.stream("POST", run.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+                return r.status_code, list(r.iter_lines())
+
+        ts, out = in_threads(call, [False, True])
+        assert entered.wait(20)
+        wait_until(lambda: app.state.scheduler.depth + sizes[0] >= 2, "both requests wait (held or queued)")
+        run.server.handle_exit(signal.SIGTERM, None)
+        for t in ts:
+            t.join(30)
+        gate.set()
+        plain, (code, lines) = out
+        assert plain.status_code == 503 and plain.json()["error"]["code"] == "shutting_down", plain.text
+        events, done = sse(lines)
+        assert code == 200 and done and events[-1]["error"]["code"] == "shutting_down", lines
+
+
+# ---------------------------------------------------------------- L11: the port, before the model
+
+def test_L11_a_port_in_use_fails_in_one_line_before_the_model_loads(llama_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "softprompt", "serve", "--model", str(llama_dir / "nope"),
+                               "--port", str(port)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": ""})
+    # The model folder does not even exist: the port is checked first.
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "startup complete" not in proc.stderr
+
+
+def test_L11_port_0_logs_the_port_bound(llama_dir):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(llama_dir), "--device", "cpu",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": ""})
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", line).group(1))
+        assert port != 0, line
+
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, "the server answers on the port it logged", limit=120)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0

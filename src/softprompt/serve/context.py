@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -43,6 +43,8 @@ class ServerContext:
     scheduler: Scheduler
     metrics: Metrics
     limit: int | None  # the model's position limit (None: no fixed limit)
+    # Set when a graceful shutdown's deadline passes: requests still waiting end with a 503 (runner.Server).
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def encode(self, text: str, param: str) -> list[int]:
         """Token ids of a raw text input (the tokenizer's BOS rule applies), bounded. Blocking:
@@ -162,14 +164,18 @@ class ServerContext:
         cancels the request) cancels its jobs: the scheduler drops them at its next step."""
         waiting = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
         gone = asyncio.ensure_future(disconnected(request))
+        stop = asyncio.ensure_future(self.stopping.wait())
         try:
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiting, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            stop.cancel()
             if not waiting.done():
                 for j in jobs:  # the scheduler ends them ("cancelled") and counts them
                     j.cancelled = True
                 waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: asyncio warns otherwise
+        if not waiting.done() and self.stopping.is_set():
+            raise shutting_down()
         if not waiting.done():
             raise ApiError(CLIENT_GONE, "the client closed the request")
         try:
@@ -185,6 +191,11 @@ class ServerContext:
                 "virtual_tokens": 0 if e.tensor is None else int(e.tensor.shape[0]),
                 "base_model": self.base, "task": e.meta.get("task"), "labels": e.meta.get("labels"),
                 "chat": bool(e.meta.get("chat"))}
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down and this request did not finish in time: send it again",
+                    None, "shutting_down", headers={"Connection": "close"})
 
 
 async def disconnected(request: Request) -> None:

@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...utils import SoftpromptError
-from ..context import Ctx, Hold, ServerContext
+from ..context import Ctx, Hold, ServerContext, shutting_down
 from ..jobs import GenJob, ScoreJob
 from ..logprobs import chat_logprobs, completion_logprobs
 from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
@@ -66,7 +66,7 @@ async def completions(req: CompletionRequest, ctx: Ctx, request: Request):
                 "usage": usage(inputs, res)}
 
     if req.stream:
-        return stream(lambda lis: make_jobs(ctx, entry, inputs, req.n, p, lis), chunk,
+        return stream(ctx, lambda lis: make_jobs(ctx, entry, inputs, req.n, p, lis), chunk,
                       usage_chunk=usage_chunk if include_usage(req) else None)
     hold = Hold(len(inputs) * req.n if scored else 0)
     try:
@@ -173,7 +173,7 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Reques
                 "choices": [], "usage": usage([ids], res)}
 
     if req.stream:
-        return stream(lambda lis: make_jobs(ctx, entry, [ids], req.n, p, lis), chunk, first,
+        return stream(ctx, lambda lis: make_jobs(ctx, entry, [ids], req.n, p, lis), chunk, first,
                       usage_chunk if include_usage(req) else None)
     hold = Hold(req.n if req.logprobs else 0)  # the choices' scoring holds its queue places from the start
     try:
@@ -220,10 +220,11 @@ def usage(inputs: list[list[int]], res: list[dict]) -> dict[str, int]:
     return {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
 
 
-def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = None,
+def stream(ctx: ServerContext, jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = None,
            usage_chunk: Callable | None = None) -> StreamingResponse:
     """SSE: `jobs_for(listener)` queues the jobs; `chunk(index, delta, finish)` shapes each event;
-    `usage_chunk(results)`, when given, shapes a last event with the usage (stream_options)."""
+    `usage_chunk(results)`, when given, shapes a last event with the usage (stream_options). A
+    shutdown's deadline ends the stream with an error event and [DONE]."""
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
 
     def listener(job, kind, payload):  # called on the scheduler thread
@@ -237,7 +238,12 @@ def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = 
                 yield f"data: {json.dumps(c)}\n\n"
             left, done = len(jobs), []
             while left:
-                idx, kind, payload = await q.get()
+                got = await next_event(q, ctx.stopping)
+                if got is None:
+                    yield f"data: {json.dumps(error_body(503, shutting_down().message, code='shutting_down'))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                idx, kind, payload = got
                 if kind == "delta":
                     yield f"data: {json.dumps(chunk(idx, payload, None))}\n\n"
                 elif kind == "done":
@@ -257,3 +263,16 @@ def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = 
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def next_event(q: asyncio.Queue, stopping: asyncio.Event):
+    """The queue's next item, or None once `stopping` is set."""
+    if stopping.is_set():
+        return None
+    get, stop = asyncio.ensure_future(q.get()), asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if get in done:
+        return get.result()
+    get.cancel()
+    return None
