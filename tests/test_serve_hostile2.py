@@ -446,3 +446,19 @@ def test_L11_port_0_logs_the_port_bound(llama_dir):
     finally:
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0
+
+
+# ---------------------------------------------------------------- N13: hot-loading a broken prompt folder
+
+@pytest.mark.parametrize("config,words", [(b"\xff\xfe{\x00}\x00", "not UTF-8"),
+                                          (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                                          (b'{"labels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply")],
+                         ids=["not-utf8", "deep-list", "deep-value"])
+def test_N13_a_prompt_config_not_utf8_or_nested_deep_is_a_400(hs, config, words):
+    errors = count_500s(hs)
+    d = save_prompt(SoftPrompt(torch.randn(3, hs.model.config.hidden_size)), hs.root / f"broken{len(config)}", {})
+    (d / "prompt_config.json").write_bytes(config)
+    r = hs.client.post("/v1/admin/prompts", json={"name": "broken", "path": str(d)}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text
+    assert words in r.json()["error"]["message"]
+    assert count_500s(hs) == errors and "broken" not in hs.app.state.registry.items
