@@ -462,3 +462,29 @@ def test_N13_a_prompt_config_not_utf8_or_nested_deep_is_a_400(hs, config, words)
     assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text
     assert words in r.json()["error"]["message"]
     assert count_500s(hs) == errors and "broken" not in hs.app.state.registry.items
+
+
+# ---------------------------------------------------------------- N14: the batch is shared between requests
+
+def test_N14_one_request_of_many_prompts_does_not_take_every_place(hs, monkeypatch):
+    """max_batch 4: a request of 8 prompts fills the batch; a 1-token request arriving meanwhile
+    takes the first place that frees, not the place after the big request's last prompt."""
+    from serve_helpers import held_step, in_threads
+
+    with running(hs.model, hs.tok, {"facts": hs.prompts["facts"]}, replace(CFG, max_batch=4)) as (app, run):
+        sched = app.state.scheduler
+        admitted = []
+        orig = sched._admit
+        monkeypatch.setattr(sched, "_admit", lambda jobs: (admitted.append([j.max_new for j in jobs]), orig(jobs))[1])
+        stepped, go, _ = held_step(sched, monkeypatch)
+        big = {"model": "facts", "prompt": ["Country: Peru"] * 8, "max_tokens": 6}
+        ts, out = in_threads(lambda b: httpx.post(run.url + "/v1/completions", json=b, timeout=60), [big])
+        assert stepped.wait(20)
+        small = {"model": "facts", "prompt": "Country: Chile", "max_tokens": 1}
+        t2, out2 = in_threads(lambda b: httpx.post(run.url + "/v1/completions", json=b, timeout=60), [small])
+        wait_until(lambda: sched.depth == 5, "the big request's other 4 prompts and the small one queue")
+        go.set()
+        for t in ts + t2:
+            t.join(60)
+        assert out[0].status_code == 200 and out2[0].status_code == 200
+        assert admitted[0] == [6, 6, 6, 6] and 1 in admitted[1], admitted

@@ -30,6 +30,7 @@ class Job:
     ids: list[int]
     future: Future = field(default_factory=Future, init=False)
     cancelled: bool = field(default=False, init=False)  # set by the server when the client has gone
+    request: int | None = None  # the request it belongs to: the scheduler shares rows fairly between requests
 
     @property
     def finished(self) -> bool:

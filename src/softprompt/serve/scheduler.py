@@ -4,8 +4,9 @@ together in one continuously batched engine.
 A bounded queue feeds one worker thread (the only thread that touches the model). The worker
 keeps one decode engine (`static_decode.decode_batch_for`: static slots replayed as CUDA graphs
 on a GPU, a growing cache on a CPU) for the server's life and loops:
-1. take what waits in the queue, up to `max_batch` rows in flight (when nothing is decoding, first
-   wait `batch_wait_ms` for company; when rows are decoding, wait for nothing);
+1. take what waits in the queue, up to `max_batch` rows in flight, fairly: the next place goes to
+   the request holding the fewest rows (when nothing is decoding, first wait `batch_wait_ms` for
+   company; when rows are decoding, wait for nothing);
 2. admit it: generation jobs are prefilled into the engine (one `add` per set of decoding
    settings, each prompt's KV computed once and cached in one `PromptKV`) and join the running
    rows at the next step; classification jobs with the same prompt run as one rank-classification
@@ -226,9 +227,30 @@ class Scheduler:
             if self._closing:
                 return []
             room, taken = self.max_batch - self.batch.live, []
-            while self._queue and len(taken) < room:
-                taken.append(self._queue.popleft())
+            if self._queue and room > 0:
+                rows = collections.Counter(request_of(j) for j in self.batch.jobs.values() if not j.finished)
+                while self._queue and len(taken) < room:
+                    taken.append(self._next_fair(rows))
         return taken
+
+    def _next_fair(self, rows: collections.Counter) -> Job:
+        """Pop the queued job whose request holds the fewest rows (decoding or just taken), the
+        earliest among equals: one request's many choices do not take every place while another
+        waits (with 64 prompts in one request, a 1-token request waited for all of them)."""
+        best, seen = 0, set()
+        for i, j in enumerate(self._queue):
+            r = request_of(j)
+            if r in seen:
+                continue
+            seen.add(r)
+            if rows[r] < rows[request_of(self._queue[best])]:
+                best = i
+            if rows[r] == 0:  # none fewer: the earliest such request
+                break
+        job = self._queue[best]
+        del self._queue[best]
+        rows[request_of(job)] += 1
+        return job
 
     def _retain(self) -> None:
         """Drop the cached KV of prompts unloaded meanwhile (rows already decoding hold their own copy)."""
@@ -369,3 +391,8 @@ class Scheduler:
         for j, (lps, tops) in zip(jobs, out):
             j.future.set_result((lps, [t[:j.top] for t in tops]))
         self.stats["score_seconds"] += time.perf_counter() - t0
+
+
+def request_of(job: Job) -> int:
+    """The request a job belongs to (a job without one is a request of its own)."""
+    return job.request if job.request is not None else id(job)

@@ -15,6 +15,7 @@ token count (lm_eval's context length) indexes the echoed tokens.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -32,6 +33,7 @@ from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest, error
 from ..registry import Loaded
 
 router = APIRouter(tags=["openai"])
+REQUESTS = itertools.count()  # numbers a request's jobs, for the scheduler's fair share
 
 
 @router.post("/v1/completions", summary="Complete text (OpenAI shape)")
@@ -200,8 +202,9 @@ def messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
 def make_jobs(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], n: int, p: dict[str, Any],
               listener=None, reserve: Hold | None = None) -> list[GenJob]:
     """n choices per input, queued together; choice k is seeded with seed + k."""
-    jobs = [GenJob(entry.tensor, ids, index=i * n + k, listener=listener, **{**p, "seed": p["seed"] + k})
-            for i, ids in enumerate(inputs) for k in range(n)]
+    request = next(REQUESTS)
+    jobs = [GenJob(entry.tensor, ids, index=i * n + k, listener=listener, request=request,
+                   **{**p, "seed": p["seed"] + k}) for i, ids in enumerate(inputs) for k in range(n)]
     ctx.submit(jobs, queue_param(ctx, len(inputs)), reserve=reserve)
     return jobs
 
