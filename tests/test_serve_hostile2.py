@@ -488,3 +488,44 @@ def test_N14_one_request_of_many_prompts_does_not_take_every_place(hs, monkeypat
             t.join(60)
         assert out[0].status_code == 200 and out2[0].status_code == 200
         assert admitted[0] == [6, 6, 6, 6] and 1 in admitted[1], admitted
+
+
+# ---------------------------------------------------------------- N12: tokenising stays off the event loop
+
+def test_N12_tokenising_and_rendering_run_off_the_event_loop(hs, monkeypatch):
+    import asyncio
+
+    calls = []
+    cls = type(hs.tok)
+    call, render = cls.__call__, cls.apply_chat_template
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    def tokenise(self, text, *a, **kw):
+        calls.append(("tok", on_loop(), len(text) if isinstance(text, str) else 0))
+        return call(self, text, *a, **kw)
+
+    def apply(self, *a, **kw):
+        calls.append(("template", on_loop(), 0))
+        return render(self, *a, **kw)
+
+    monkeypatch.setattr(cls, "__call__", tokenise)
+    monkeypatch.setattr(cls, "apply_chat_template", apply)
+    c = hs.client
+    assert c.post("/v1/completions", json={"model": "facts", "prompt": "x", "max_tokens": 1}).status_code == 200
+    assert c.post("/v1/completions", json={"model": "chat", "prompt": "x", "max_tokens": 1}).status_code == 200
+    assert c.post("/v1/chat/completions", json={"model": "facts", "max_tokens": 1,
+                                                "messages": [{"role": "user", "content": "x"}]}).status_code == 200
+    assert c.post("/v1/classify", json={"task": "reviews", "text": "Review: fine\nSentiment:"}).status_code == 200
+    long = c.post("/v1/completions", json={"model": "facts", "prompt": "word " * 700, "max_tokens": 1})
+    many = c.post("/v1/chat/completions", json={"model": "facts", "max_tokens": 1,
+                                                "messages": [{"role": "user", "content": "x"}] * 100})
+    assert long.status_code == 400 and many.status_code == 400, (long.text, many.text)
+    assert {k for k, _, _ in calls} == {"tok", "template"} and not any(loop for _, loop, _ in calls), calls
+    # The long prompt was refused on a head of it; the 100 messages (> 64 tokens) before any rendering.
+    assert max(n for _, _, n in calls) <= CFG.max_input_tokens * 8
