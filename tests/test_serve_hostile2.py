@@ -529,3 +529,8 @@ def test_N12_tokenising_and_rendering_run_off_the_event_loop(hs, monkeypatch):
     assert {k for k, _, _ in calls} == {"tok", "template"} and not any(loop for _, loop, _ in calls), calls
     # The long prompt was refused on a head of it; the 100 messages (> 64 tokens) before any rendering.
     assert max(n for _, _, n in calls) <= CFG.max_input_tokens * 8
+    from softprompt.serve.protocol import MAX_MESSAGES
+
+    r = c.post("/v1/chat/completions", json={"model": "facts", "messages": [{"role": "user", "content": "x"}]
+                                             * (MAX_MESSAGES + 1)})  # refused before each message is validated
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "at most" in r.text, r.text

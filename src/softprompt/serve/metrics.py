@@ -136,7 +136,10 @@ class RequestGuard:
                     body.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise ApiError(400, f"request body is not UTF-8 (byte {e.start}): send JSON as UTF-8") from None
-                check_keys(body)
+                if len(body) > 32_768:  # a big body: parse it off the event loop, which /health shares
+                    await asyncio.to_thread(check_keys, body)
+                else:
+                    check_keys(body)
                 return body
 
 
@@ -162,12 +165,11 @@ def check_keys(body: bytes) -> None:
     """Refuse (400) a JSON body with a key twice in one object, or nested past what a parser takes;
     a body that is not JSON at all is left to the app's parser to describe."""
     def pairs(items):
-        seen = set()
-        for k, _ in items:
-            if k in seen:
-                raise DuplicateKey(k)
-            seen.add(k)
-        return dict(items)
+        d = dict(items)  # in C: a Python loop here tripled the parse of a 4000-message chat
+        if len(d) != len(items):
+            seen = set()
+            raise DuplicateKey(next(k for k, _ in items if k in seen or seen.add(k)))
+        return d
 
     try:
         json.loads(body, object_pairs_hook=pairs)

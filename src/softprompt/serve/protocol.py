@@ -32,6 +32,9 @@ def _unicode(s: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 TokenId = Annotated[int, Field(strict=True, ge=0)]  # strict: JSON's true and 1.0 are not token ids
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # OpenAI's seeds are 64-bit; torch's generators take these
+# A chat template spends a few tokens on every message; past this many no server's input limit is near,
+# and the list is refused before its messages are validated (4000 of them cost the event loop ~20 ms).
+MAX_MESSAGES = 1024
 
 
 def unsupported(*off: Any) -> Any:
@@ -107,7 +110,8 @@ class ChatMessage(Body):
 
 
 class ChatCompletionRequest(Sampling):
-    messages: list[ChatMessage] = Field(min_length=1, description="rendered with the tokenizer's chat template")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                        description="rendered with the tokenizer's chat template")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool | None = Field(None, description="return each generated token's log-probability")
     top_logprobs: Annotated[int, Field(strict=True)] | None = Field(
