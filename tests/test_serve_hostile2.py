@@ -534,3 +534,17 @@ def test_N12_tokenising_and_rendering_run_off_the_event_loop(hs, monkeypatch):
     r = c.post("/v1/chat/completions", json={"model": "facts", "messages": [{"role": "user", "content": "x"}]
                                              * (MAX_MESSAGES + 1)})  # refused before each message is validated
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "at most" in r.text, r.text
+
+
+def test_L4_a_malformed_http_request_gets_a_json_400(hs):
+    import socket
+
+    from serve_helpers import read_all
+
+    s = socket.create_connection(("127.0.0.1", hs.port), timeout=20)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    reply = read_all(s)
+    s.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), reply
+    assert "malformed HTTP request" in json.loads(body)["error"]["message"]

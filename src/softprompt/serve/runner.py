@@ -11,23 +11,26 @@ lifespan then stops the scheduler thread. A SIGTERM so handled exits 0.
 Connections are bounded (uvicorn has no header timeout of its own): a client has
 ServeConfig.header_timeout seconds from connecting, or from its last response, to send a request's
 headers, or its connection is closed; at most ServeConfig.max_connections are served at once (a
-request beyond gets uvicorn's 503). The listening socket is bound before the model loads, so a
+request beyond gets uvicorn's 503). A request uvicorn cannot parse gets a JSON 400. The listening socket is bound before the model loads, so a
 port in use fails in one line at once (`listen`).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import threading
 import time
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import ServeConfig
 from ..utils import SoftpromptError
 from .app import create_app
+from .protocol import error_body
 
 SHUTDOWN_MARGIN = 5.0  # seconds uvicorn waits past the app's own deadline, for the last answers to go out
 
@@ -78,6 +81,15 @@ def bounded_h11(header_timeout: float) -> type:
         def connection_lost(self, exc):
             self.disarm()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            """A request uvicorn cannot parse, answered in the app's JSON error shape, not plain text."""
+            body = json.dumps(error_body(400, f"malformed HTTP request: {msg}")).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def header_timed_out(self) -> None:
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
