@@ -3,8 +3,9 @@
 The guard reads each request body before the app sees it: as JSON (415 for another Content-Type or
 any Content-Encoding), at most `limit` bytes (413 beyond, chunked bodies included), within
 `read_timeout` seconds (408 for a client that sends less than it announced), in UTF-8 and without
-a key twice in one object (400 otherwise: JSON parsers keep the last, silently). It answers whatever escapes the app with a logged JSON 500,
-and counts every request once: its status code, or 499 when the client left first (streams too).
+a key twice in one object (400 otherwise: JSON parsers keep the last, silently). It answers
+whatever escapes the app with a logged JSON 500, and counts every request once: its status code,
+or 499 when the client left first (streams too).
 
 A request is counted under the path template of the route it matches ("/v1/classify",
 "/v1/admin/prompts/{name}"), or "other": labels stay few whatever paths clients send. The app

@@ -11,8 +11,8 @@ lifespan then stops the scheduler thread. A SIGTERM so handled exits 0.
 Connections are bounded (uvicorn has no header timeout of its own): a client has
 ServeConfig.header_timeout seconds from connecting, or from its last response, to send a request's
 headers, or its connection is closed; at most ServeConfig.max_connections are served at once (a
-request beyond gets uvicorn's 503). A request uvicorn cannot parse gets a JSON 400. The listening socket is bound before the model loads, so a
-port in use fails in one line at once (`listen`).
+request beyond gets uvicorn's 503). A request uvicorn cannot parse gets a JSON 400. The listening
+socket is bound before the model loads, so a port in use fails in one line at once (`listen`).
 """
 from __future__ import annotations
 
