@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=2, help="processes the client threads are spread over")
     ap.add_argument("--idle", type=int, default=30)
     ap.add_argument("--src", default=str(ROOT / "src"), help="the src/ folder the server runs")
+    ap.add_argument("--src-commit", default="", help="the commit --src was exported from, when not a git checkout")
     ap.add_argument("--out", default=str(ROOT / "bench/results/health_under_abuse.json"))
     args = ap.parse_args()
     from common import machine, write_result
@@ -231,7 +232,7 @@ def main() -> None:
     ms = lambda xs, q: round(1000 * percentile(xs, q), 2) if xs else None  # noqa: E731
     result = {
         "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "git_commit": git_commit(args.src), "src": args.src, "machine": machine(),
+        "git_commit": args.src_commit or git_commit(args.src), "src": args.src, "machine": machine(),
         "note": "the machine may be shared with other jobs: see machine_load",
         "settings": vars(args),
         "health_quiet_ms": {"p50": ms(base_lat, 50), "p99": ms(base_lat, 99), "n": len(base_lat)},
