@@ -168,3 +168,57 @@ def explored(path: str, tried: list) -> None:
     """Report how much was tried (pytest -s shows it); fail if the search collapsed onto few inputs."""
     print(f"\n[fuzz] {path}: {len(tried)} examples, {len(set(tried))} distinct")
     assert len(tried) >= EXAMPLES and len(set(tried)) >= 0.8 * len(tried)
+
+
+# Numbers at the ends of what JSON and floats hold (issue 27, N2: a repetition penalty of 1e-300 made
+# the sampler fail the whole batch). Every sampling field gets every one, during a live stream.
+EXTREMES = [1e-300, 1e300, -0.0, 5e-324, 2.2250738585072014e-308, 1e-40, 1.7976931348623157e308, -1e300, 2 ** 64,
+            -(2 ** 64), 10 ** 30, 2 ** 63, -(2 ** 63) - 1, 0, 1, -1]
+SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "seed", "presence_penalty",
+                   "frequency_penalty", "max_tokens", "n", "logprobs"]
+CHAT_FIELDS = ["max_completion_tokens", "top_logprobs", "temperature", "repetition_penalty", "top_p", "seed"]
+
+
+def test_extreme_numbers_in_every_sampling_field_leave_a_live_stream_intact(fz):
+    import threading
+
+    from serve_helpers import running as serve_again
+
+    _, prompt_dir, app = fz
+    cfg = ServeConfig(max_batch=8, max_queue=64, batch_wait_ms=0, max_input_tokens=32, max_new_tokens=120,
+                      max_n=2)
+    model, tok = app.state.scheduler.model, app.state.scheduler.tok
+    with serve_again(model, tok, {"facts": prompt_dir}, cfg) as (_, run), \
+            httpx.Client(base_url=run.url, timeout=120) as client:
+        long = {"model": "facts", "prompt": "Country: Peru", "max_tokens": 120}
+        alone = client.post("/v1/completions", json=long).json()["choices"][0]["text"]
+        bodies = [("/v1/completions", {"model": "facts", "prompt": "hello", "max_tokens": 3, "temperature": 1,
+                                       f: v}) for f in SAMPLING_FIELDS for v in EXTREMES]
+        bodies += [("/v1/chat/completions", {"model": "facts", "messages": [{"role": "user", "content": "hi"}],
+                                             "max_tokens": 3, "temperature": 0.7, "logprobs": True, f: v})
+                   for f in CHAT_FIELDS for v in EXTREMES]
+        codes: list = []
+
+        def hostile(part):
+            with httpx.Client(base_url=run.url, timeout=120) as c:
+                for path, body in part:
+                    r = c.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+                    codes.append((r.status_code, path, body, r.text[:200]))
+
+        events, threads = [], []
+        with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            for ln in r.iter_lines():
+                if ln.startswith("data: "):
+                    events.append(ln[6:])
+                    if not threads:  # the stream is live: send the extremes from 4 clients at once
+                        threads = [threading.Thread(target=hostile, args=(bodies[k::4],)) for k in range(4)]
+                        for t in threads:
+                            t.start()
+        for t in threads:
+            t.join(300)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        text = "".join(c["text"] for e in events[:-1] for c in json.loads(e)["choices"])
+        assert text == alone
+        assert len(codes) == len(bodies)
+        assert all(c < 500 for c, *_ in codes), [c for c in codes if c[0] >= 500][:5]
+        assert client.get("/health").json()["status"] == "ok"

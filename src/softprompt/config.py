@@ -27,6 +27,10 @@ COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds; generate seeds row i with --seed + i, which must stay in torch's 64 bits
 MAX_LR = 1e3  # beyond it a step only diverges; 1e308 overflowed float32 inside the optimiser
+# Sampling settings past these only overflow the scores (1e-300 as a repetition penalty divides logits
+# into inf) without changing the choice any further; the server's request fields take the same bounds.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+TEMPERATURE_MAX = 100.0
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -276,9 +280,12 @@ class GenerateConfig:
     def __post_init__(self):
         check_fields(self, {"max_new_tokens": 1})
         check_seed(self.seed)
-        require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
+        require(0 < self.temperature <= TEMPERATURE_MAX,
+                f"--temperature must be > 0 and at most {TEMPERATURE_MAX:g} (got {self.temperature})")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
-        require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
+        lo, hi = REPETITION_PENALTY_RANGE
+        require(lo <= self.repetition_penalty <= hi,
+                f"--repetition-penalty must be > 0, between {lo:g} and {hi:g} (got {self.repetition_penalty})")
 
 
 @dataclass
@@ -299,17 +306,24 @@ class ServeConfig:
     read_timeout: float = opt(30.0, "seconds a client has to send its whole request body (408 after)")
     shutdown_timeout: float = opt(30.0, "on SIGTERM or Ctrl-C, seconds the requests in flight have to finish before "
                                         "they are cancelled")
+    header_timeout: float = opt(10.0, "seconds a client has to send a request's headers, from connecting or from its "
+                                      "last response (the connection is closed after)")
+    keep_alive_timeout: float = opt(5.0, "seconds an idle kept-alive connection stays open")
+    max_connections: int = opt(512, "most connections served at once; a request beyond gets 503")
 
     def __post_init__(self):
         # Each bound is where a smaller value breaks the server quietly: --max-batch 0 decoded one row
         # at a time anyway, --max-queue 0 refused every request with a 400.
         check_fields(self, {"port": 0, "max_batch": 1, "max_queue": 1, "batch_wait_ms": 0, "max_input_tokens": 1,
                             "max_new_tokens": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_n": 1,
-                            "retry_after": 0})
+                            "retry_after": 0, "max_connections": 1})
         check_text(self, "host", "admin_token")
         require(self.port <= 65535, f"--port must be at most 65535 (got {self.port})")
         require(self.read_timeout > 0,
                 f"--read-timeout must be a finite number of seconds > 0 (got {self.read_timeout})")
+        require(self.header_timeout > 0 and self.keep_alive_timeout > 0,
+                f"--header-timeout and --keep-alive-timeout must be finite numbers of seconds > 0 (got "
+                f"{self.header_timeout}, {self.keep_alive_timeout})")
         require(self.shutdown_timeout >= 0,
                 f"--shutdown-timeout must be a finite number of seconds >= 0 (got {self.shutdown_timeout})")
         require(self.default_max_tokens <= self.max_new_tokens,

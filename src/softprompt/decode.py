@@ -79,6 +79,7 @@ class Row:
     new: list[int] = field(default_factory=list)
     done: bool = False
     stopped_by_eos: bool = False
+    error: Exception | None = None  # choosing its next token failed: it ended there (sampling.pick's `failed`)
 
 
 @dataclass
@@ -272,10 +273,15 @@ class DecodeBatch:
 
     def pick_and_record(self, z: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, dict[int, int]]:
         """Each row's next token from logits z [B, V], appended to the row (which is done at EOS or
-        at its budget): the picks [B] on the device, and {row id: token}."""
-        picks = pick(z, [r.sampling for r in rows], [r.seen for r in rows], [r.gen for r in rows])
+        at its budget): the picks [B] on the device, and {row id: token}. A row whose token could not
+        be chosen ends with its `error` (and no token); the other rows go on."""
+        failed: dict[int, Exception] = {}
+        picks = pick(z, [r.sampling for r in rows], [r.seen for r in rows], [r.gen for r in rows], failed)
         out = {}
-        for r, t in zip(rows, picks.tolist()):  # the step's one host sync
+        for b, (r, t) in enumerate(zip(rows, picks.tolist())):  # the step's one host sync
+            if b in failed:
+                r.done, r.error = True, failed[b]
+                continue
             out[r.id] = t
             r.new.append(t)
             r.seen.append(t)

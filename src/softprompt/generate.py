@@ -25,7 +25,11 @@ def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]]
     ids = dec.add(rows, cfg)
     while not dec.finished:
         dec.step()
-    return [[t for t in dec.pop(i).new if t not in dec.eos] for i in ids]
+    rows = [dec.pop(i) for i in ids]
+    for r in rows:
+        if r.error is not None:
+            raise r.error
+    return [[t for t in r.new if t not in dec.eos] for r in rows]
 
 
 def encode_for_generation(tok, text: str, chat: bool = False) -> list[int]:

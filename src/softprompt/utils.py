@@ -109,9 +109,13 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise SoftpromptError(f"missing file: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SoftpromptError(f"corrupt JSON in {path}: {e}") from None
+    except UnicodeDecodeError as e:  # JSON is UTF-8 (RFC 8259)
+        raise SoftpromptError(f"corrupt JSON in {path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise SoftpromptError(f"corrupt JSON in {path}: nested too deeply") from None
 
 
 def weights_hash(model: "torch.nn.Module") -> str:

@@ -43,7 +43,8 @@ def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: Ser
             reg.add(name, p)
         except ApiError as e:
             raise SoftpromptError(e.message) from None
-    sched = Scheduler(model, tok, cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, live_prompts=reg.tensors)
+    sched = Scheduler(model, tok, cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, live_prompts=reg.tensors,
+                      chunk_positions=2 * cfg.max_input_tokens)
     ctx = ServerContext(model, tok, cfg, base, reg, sched, Metrics(), max_positions(model))
     ctx.metrics.watch(lambda: ops.server_state(ctx))
 

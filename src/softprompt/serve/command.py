@@ -33,13 +33,14 @@ def run(args: argparse.Namespace) -> int:
         scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
     from ..models import load_model
     from .app import check_config
-    from .runner import serve
+    from .runner import listen, serve
 
     check_config(scfg)  # before the model loads
+    sock = listen(scfg.host, scfg.port)  # a port in use fails here, not after the model has loaded
     model, tok = load_model(mcfg)
     # Clients pass this as `model` for no prompt: a Hub id or the built-in name as is, a local path's last part.
     local = Path(mcfg.model).expanduser().exists()
-    serve(model, tok, prompts, scfg, Path(mcfg.model).name if local else mcfg.model)
+    serve(model, tok, prompts, scfg, Path(mcfg.model).name if local else mcfg.model, sock)
     return 0
 
 

@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from ..config import ServeConfig
 from ..utils import SoftpromptError
+from .chat_input import chat_ids
 from .metrics import CLIENT_GONE, Metrics
 from .protocol import ApiError
 from .registry import Loaded, Registry
 from .jobs import Job, QueueFull
 from .scheduler import Scheduler
+
+
+@dataclass
+class Hold:
+    """Queue places a request holds for its later jobs (scoring after generation): admission takes
+    the whole request's work at once, so that it is never refused half-way. `release` what is left."""
+    places: int = 0
 
 
 @dataclass
@@ -35,20 +43,43 @@ class ServerContext:
     scheduler: Scheduler
     metrics: Metrics
     limit: int | None  # the model's position limit (None: no fixed limit)
+    # Set when a graceful shutdown's deadline passes: requests still waiting end with a 503 (runner.Server).
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def encode(self, text: str, chat: bool, param: str, raw: str | None = None) -> list[int]:
-        """Token ids of `text` (`raw`: what the client sent, before any chat template)."""
-        cfg = self.cfg
-        if not (text if raw is None else raw):
+    def encode(self, text: str, param: str) -> list[int]:
+        """Token ids of a raw text input (the tokenizer's BOS rule applies), bounded. Blocking:
+        routes call it off the event loop."""
+        if not text:
             raise ApiError(400, f"{param} is empty: give at least one token of input", param)
-        if len(text) > cfg.max_input_tokens * 64:  # do not even tokenise absurd inputs
-            raise ApiError(400, f"{param} is too long ({len(text)} characters)", param, "context_length_exceeded")
-        ids = self.tok(text, add_special_tokens=not chat).input_ids
+        self.within_characters(len(text), param)
+        head = text[:self.cfg.max_input_tokens * 8]
+        if len(head) < len(text):  # a long text: a head already over the limit need not be followed further
+            n = len(self.tok(head).input_ids)
+            if n > self.cfg.max_input_tokens + 1:  # + 1: the cut may split one token in two
+                raise ApiError(400, f"{param} has more than {n - 1} tokens, over this server's limit of "
+                                    f"{self.cfg.max_input_tokens}", param, "context_length_exceeded")
+        return self.bounded(self.tok(text).input_ids, param)
+
+    def encode_messages(self, messages: list[dict[str, str]], param: str) -> list[int]:
+        """Token ids of chat messages through the chat template (their content as text), bounded.
+        Blocking: routes call it off the event loop."""
+        if len(messages) > self.cfg.max_input_tokens:  # each message costs at least one token
+            raise ApiError(400, f"{param} has {len(messages)} messages, more than this server's limit of "
+                                f"{self.cfg.max_input_tokens} input tokens", param, "context_length_exceeded")
+        self.within_characters(sum(len(m["content"]) + len(m["role"]) for m in messages), param)
+        return self.bounded(chat_ids(self.tok, messages, param), param)
+
+    def within_characters(self, n: int, param: str) -> None:
+        """Refuse, before tokenising, inputs too long for any tokenizer to fit within the limit."""
+        if n > self.cfg.max_input_tokens * 64:
+            raise ApiError(400, f"{param} is too long ({n} characters)", param, "context_length_exceeded")
+
+    def bounded(self, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise ApiError(400, f"{param} is empty: give at least one token of input", param)
-        if len(ids) > cfg.max_input_tokens:
+        if len(ids) > self.cfg.max_input_tokens:
             raise ApiError(400, f"{param} has {len(ids)} tokens, over this server's limit of "
-                                f"{cfg.max_input_tokens}", param, "context_length_exceeded")
+                                f"{self.cfg.max_input_tokens}", param, "context_length_exceeded")
         return ids
 
     def token_ids(self, ids: list[int], param: str) -> list[int]:
@@ -81,6 +112,8 @@ class ServerContext:
             name, off = refused
             raise ApiError(400, f"{name} is not supported by this server: leave it out (or send "
                                 f"{' or '.join(map(repr, off))})", name, "unsupported_parameter")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options needs stream: true", "stream_options")
         given = [v for v in (getattr(req, "max_completion_tokens", None), req.max_tokens) if v is not None]
         mt = given[0] if given else cfg.default_max_tokens
         if mt == 0 and not getattr(req, "echo", None):  # nothing to generate and nothing to return
@@ -106,28 +139,43 @@ class ServerContext:
             raise ApiError(400, f"{param}: this request needs {count} queue places (prompts x n), more than the "
                                 f"{most} this server has: send fewer per request", param, "request_too_large")
 
-    def submit(self, jobs: list[Job], param: str | None = None) -> None:
-        """Queue all of `jobs`, or answer 503 with Retry-After when the queue is full."""
-        self.queueable(len(jobs), param)
+    def submit(self, jobs: list[Job], param: str | None = None, reserve: Hold | None = None,
+               use: Hold | None = None) -> None:
+        """Queue all of `jobs`, or answer 503 with Retry-After when the queue is full. `reserve`: hold
+        its places too, for the request's later jobs (its scoring), which then `use` them."""
+        self.queueable(len(jobs) + (reserve.places if reserve else 0), param)
         try:
-            self.scheduler.submit(jobs)
+            self.scheduler.submit(jobs, reserve=reserve.places if reserve else 0, held=use.places if use else 0)
+            if use is not None:
+                use.places = 0
         except QueueFull as e:
+            if reserve is not None:
+                reserve.places = 0
             raise ApiError(503, f"server busy: {e}; retry after {self.cfg.retry_after} s", None, "queue_full",
                            headers={"Retry-After": str(self.cfg.retry_after)}) from None
+
+    def release(self, hold: Hold) -> None:
+        if hold.places:
+            self.scheduler.release(hold.places)
+            hold.places = 0
 
     async def results(self, jobs: list[Job], request: Request) -> list:
         """The jobs' results in order. A client that disconnects meanwhile (or a shutdown that
         cancels the request) cancels its jobs: the scheduler drops them at its next step."""
         waiting = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
         gone = asyncio.ensure_future(disconnected(request))
+        stop = asyncio.ensure_future(self.stopping.wait())
         try:
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiting, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            stop.cancel()
             if not waiting.done():
                 for j in jobs:  # the scheduler ends them ("cancelled") and counts them
                     j.cancelled = True
                 waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: asyncio warns otherwise
+        if not waiting.done() and self.stopping.is_set():
+            raise shutting_down()
         if not waiting.done():
             raise ApiError(CLIENT_GONE, "the client closed the request")
         try:
@@ -143,6 +191,11 @@ class ServerContext:
                 "virtual_tokens": 0 if e.tensor is None else int(e.tensor.shape[0]),
                 "base_model": self.base, "task": e.meta.get("task"), "labels": e.meta.get("labels"),
                 "chat": bool(e.meta.get("chat"))}
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down and this request did not finish in time: send it again",
+                    None, "shutting_down", headers={"Connection": "close"})
 
 
 async def disconnected(request: Request) -> None:

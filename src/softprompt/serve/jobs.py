@@ -30,6 +30,7 @@ class Job:
     ids: list[int]
     future: Future = field(default_factory=Future, init=False)
     cancelled: bool = field(default=False, init=False)  # set by the server when the client has gone
+    request: int | None = None  # the request it belongs to: the scheduler shares rows fairly between requests
 
     @property
     def finished(self) -> bool:
@@ -131,6 +132,7 @@ class GenJob(Job):
 class ClassifyJob(Job):
     """Scores each candidate label's tokens after `ids`; the result is a list of log-probabilities."""
     candidates: list[list[int]] = field(default_factory=list)
+    partial: list[float] = field(default_factory=list, init=False)  # scores of the chunks run so far
 
     def key(self) -> tuple:
         # One forward pass per prompt; single-token labels take the one-position fast path, and a
@@ -138,6 +140,7 @@ class ClassifyJob(Job):
         return ("classify", id(self.prompt), all(len(c) == 1 for c in self.candidates))
 
     def reset(self) -> bool:
+        self.partial = []
         return True
 
 

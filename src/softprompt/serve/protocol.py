@@ -3,8 +3,11 @@ documents them) and OpenAI-shaped JSON errors, {"error": {"message", "type", "pa
 
 Bodies are strict where leniency would hide a mistake. An unknown field is refused by name. So is
 a field of OpenAI's API that this server does not implement (`logit_bias`, `tools`...), unless it
-holds the value that means "off", which some clients always send. Every string must be valid
-Unicode: a lone surrogate (JSON allows "\\ud800") would fail the tokenizer.
+holds the value that means "off", which some clients always send. Types are strict (pydantic's
+strict mode): "2", true and 1.0 are not integers, "yes" is not a boolean. Numbers must be finite
+and sampling settings within the bounds past which they only overflow the scores. A chat message's
+role is one the chat templates know. Every string must be valid Unicode: a lone surrogate (JSON
+allows "\\ud800") would fail the tokenizer.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import Annotated, Any, Literal
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from ..config import REPETITION_PENALTY_RANGE
 
 
 def _unicode(s: str) -> str:
@@ -27,6 +32,9 @@ def _unicode(s: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 TokenId = Annotated[int, Field(strict=True, ge=0)]  # strict: JSON's true and 1.0 are not token ids
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # OpenAI's seeds are 64-bit; torch's generators take these
+# A chat template spends a few tokens on every message; past this many no server's input limit is near,
+# and the list is refused before its messages are validated (4000 of them cost the event loop ~20 ms).
+MAX_MESSAGES = 1024
 
 
 def unsupported(*off: Any) -> Any:
@@ -37,7 +45,7 @@ def unsupported(*off: Any) -> Any:
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     def unsupported_field(self) -> tuple[str, list] | None:
         """The first unsupported field set to something other than 'off', with its 'off' values."""
@@ -59,15 +67,17 @@ class Sampling(Body):
     """The decoding fields completions and chat share."""
     model: Text = Field(description="a loaded soft prompt's name, or the base model's name for no prompt")
     max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default 16; capped by the server)")
-    temperature: float | None = Field(None, ge=0, le=10, description="0 or absent: greedy; > 0: sampling")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold (sampling only)")
+    temperature: float | None = Field(None, ge=0, le=10, allow_inf_nan=False,
+                                      description="0 or absent: greedy; > 0: sampling")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling threshold (sampling only)")
     n: int = Field(1, ge=1, description="choices per prompt")
     stop: Text | list[Text] | None = Field(None, description="up to 4 strings that end a choice (not included)")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
                              description="sampling seed (64-bit); choice k uses seed + k")
     stream: bool = Field(False, description="send server-sent events as tokens come, ending with data: [DONE]")
     stream_options: StreamOptions | None = None
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="penalise tokens already present (1 = off)")
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                      allow_inf_nan=False, description="penalise tokens already present (1 = off)")
     user: Text | None = None
     presence_penalty: Any = unsupported(0)
     frequency_penalty: Any = unsupported(0)
@@ -95,12 +105,13 @@ class TextPart(Body):
 
 
 class ChatMessage(Body):
-    role: Text
+    role: Literal["system", "user", "assistant"] = Field(description="the roles chat templates know")
     content: Text | list[TextPart] = Field(description="text, or OpenAI's list of {type: 'text', text} parts")
 
 
 class ChatCompletionRequest(Sampling):
-    messages: list[ChatMessage] = Field(min_length=1, description="rendered with the tokenizer's chat template")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                        description="rendered with the tokenizer's chat template")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool | None = Field(None, description="return each generated token's log-probability")
     top_logprobs: Annotated[int, Field(strict=True)] | None = Field(

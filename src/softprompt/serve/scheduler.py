@@ -4,12 +4,14 @@ together in one continuously batched engine.
 A bounded queue feeds one worker thread (the only thread that touches the model). The worker
 keeps one decode engine (`static_decode.decode_batch_for`: static slots replayed as CUDA graphs
 on a GPU, a growing cache on a CPU) for the server's life and loops:
-1. take what waits in the queue, up to `max_batch` rows in flight (when nothing is decoding, first
-   wait `batch_wait_ms` for company; when rows are decoding, wait for nothing);
+1. take what waits in the queue, up to `max_batch` rows in flight, fairly: the next place goes to
+   the request holding the fewest rows (when nothing is decoding, first wait `batch_wait_ms` for
+   company; when rows are decoding, wait for nothing);
 2. admit it: generation jobs are prefilled into the engine (one `add` per set of decoding
    settings, each prompt's KV computed once and cached in one `PromptKV`) and join the running
    rows at the next step; classification jobs with the same prompt run as one rank-classification
    forward pass, and scoring jobs (logprobs) as one pass of classify.token_logprobs, between two steps;
+   classification with multi-token labels runs one chunk of its labels per loop turn instead;
 3. step the engine once (one token for every live row) and hand each token to its job (stop
    strings, streaming, the budget). A finished, stopped or cancelled row leaves before the next
    forward, so its place is free for whoever waits.
@@ -95,7 +97,10 @@ class LiveBatch:
         for rid in list(self.engine.results):  # rows that left at this step: forget them
             row = self.engine.pop(rid)
             j = self.jobs.pop(rid, None)
-            if j is not None and not j.finished:  # ended by the engine for a reason not handled above
+            if j is not None and row.error is not None:  # its own token could not be chosen: it fails alone
+                self.stats["failed_jobs"] += 1
+                j.fail(row.error)
+            elif j is not None and not j.finished:  # ended by the engine for a reason not handled above
                 j.finish("stop" if row.stopped_by_eos else "length")
 
     def abandon(self) -> list[GenJob]:
@@ -107,9 +112,14 @@ class LiveBatch:
 
 class Scheduler:
     def __init__(self, model, tok, max_batch: int = 16, max_queue: int = 64, batch_wait_ms: float = 5.0,
-                 live_prompts: Callable[[], list[torch.Tensor]] | None = None):
+                 live_prompts: Callable[[], list[torch.Tensor]] | None = None, chunk_positions: int = 2048):
         self.model, self.tok = model, tok
         self.max_batch, self.max_queue, self.batch_wait = max(1, max_batch), max_queue, batch_wait_ms / 1000
+        # Classification with multi-token labels runs in chunks of about this many token positions, one
+        # chunk between two decode steps, so that a long one does not hold every decoding row.
+        self.chunk_positions = chunk_positions
+        self.chunks: collections.deque[tuple[ClassifyJob, list[int]]] = collections.deque()  # (job, label indexes)
+        self.reserved = 0  # queue places held for requests' later jobs (their scoring after generation)
         self.live_prompts = live_prompts
         self.kv = PromptKV(model)
         self.stats: collections.Counter = collections.Counter()
@@ -150,14 +160,23 @@ class Scheduler:
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue all of `jobs` or none of them (QueueFull)."""
+    def submit(self, jobs: list[Job], reserve: int = 0, held: int = 0) -> None:
+        """Queue all of `jobs` or none of them (QueueFull). `reserve`: places to hold besides for the
+        same request's later jobs, so that they cannot be refused after its first ones ran; `held`:
+        places an earlier `reserve` held for these jobs (all of them are released)."""
         with self._cv:
-            if len(self._queue) + len(jobs) > self.max_queue:
+            others = self.reserved - held
+            if len(self._queue) + others + len(jobs) + reserve > self.max_queue:
                 self.stats["rejected_jobs"] += len(jobs)
-                raise QueueFull(f"queue full ({len(self._queue)} waiting, limit {self.max_queue})")
+                raise QueueFull(f"queue full ({len(self._queue)} waiting, {others} held, limit {self.max_queue})")
+            self.reserved = others + reserve
             self._queue.extend(jobs)
             self._cv.notify_all()
+
+    def release(self, places: int) -> None:
+        """Give back places a `submit(reserve=...)` held that will not be used (the request ended)."""
+        with self._cv:
+            self.reserved = max(0, self.reserved - places)
 
     # ------------------------------------------------------------ the worker thread
 
@@ -169,6 +188,8 @@ class Scheduler:
                     if jobs:
                         self._retain()
                         self._admit(jobs)
+                    if self.chunks:
+                        self._classify_chunk()
                     if not self.batch.finished:
                         self._step()
                 except Exception as e:  # a bug, not a request's fault: the worker must outlive it
@@ -178,6 +199,9 @@ class Scheduler:
                     self.batch = self.new_batch()
                 self.in_flight = self.batch.live
         finally:
+            for j, _ in self.chunks:
+                j.fail(RuntimeError("the server is shutting down"))
+            self.chunks.clear()
             for j in self.batch.abandon():  # closing: nobody waits for these any more
                 if j.cancelled:
                     self.stats["cancelled_jobs"] += 1
@@ -191,7 +215,7 @@ class Scheduler:
         nothing is decoding: for a first job, then `batch_wait` for company (a step of many rows
         costs about as much as one of a few)."""
         with self._cv:
-            if self.batch.finished:
+            if self.batch.finished and not self.chunks:
                 while not self._queue and not self._closing:
                     self._cv.wait(0.5)
                 deadline = time.monotonic() + self.batch_wait
@@ -203,9 +227,30 @@ class Scheduler:
             if self._closing:
                 return []
             room, taken = self.max_batch - self.batch.live, []
-            while self._queue and len(taken) < room:
-                taken.append(self._queue.popleft())
+            if self._queue and room > 0:
+                rows = collections.Counter(request_of(j) for j in self.batch.jobs.values() if not j.finished)
+                while self._queue and len(taken) < room:
+                    taken.append(self._next_fair(rows))
         return taken
+
+    def _next_fair(self, rows: collections.Counter) -> Job:
+        """Pop the queued job whose request holds the fewest rows (decoding or just taken), the
+        earliest among equals: one request's many choices do not take every place while another
+        waits (with 64 prompts in one request, a 1-token request waited for all of them)."""
+        best, seen = 0, set()
+        for i, j in enumerate(self._queue):
+            r = request_of(j)
+            if r in seen:
+                continue
+            seen.add(r)
+            if rows[r] < rows[request_of(self._queue[best])]:
+                best = i
+            if rows[r] == 0:  # none fewer: the earliest such request
+                break
+        job = self._queue[best]
+        del self._queue[best]
+        rows[request_of(job)] += 1
+        return job
 
     def _retain(self) -> None:
         """Drop the cached KV of prompts unloaded meanwhile (rows already decoding hold their own copy)."""
@@ -285,8 +330,48 @@ class Scheduler:
             self.stats["failed_jobs"] += 1
             job.fail(e)
 
-    @torch.no_grad()
     def _classify(self, jobs: list[ClassifyJob]) -> None:
+        """Single-token labels: one pass over the texts now. Longer labels: one pass per label, in
+        chunks of about `chunk_positions` token positions, run one per loop turn (`_classify_chunk`)."""
+        if all(len(c) == 1 for j in jobs for c in j.candidates):
+            return self._classify_now(jobs)
+        for j in jobs:
+            chunk, cost = [], 0
+            for k, c in enumerate(j.candidates):
+                if chunk and cost + len(j.ids) + len(c) > self.chunk_positions:
+                    self.chunks.append((j, chunk))
+                    chunk, cost = [], 0
+                chunk.append(k)
+                cost += len(j.ids) + len(c)
+            self.chunks.append((j, chunk))
+
+    @torch.no_grad()
+    def _classify_chunk(self) -> None:
+        """Score the next chunk of a classification job's labels; the job's result once all are."""
+        job, labels = self.chunks.popleft()
+        if job.finished:  # an earlier chunk failed
+            return
+        if job.cancelled:
+            self.stats["cancelled_jobs"] += 1
+            job.fail(RuntimeError("cancelled"))
+            return
+        t0 = time.perf_counter()
+        try:
+            s = label_scores(self.model, [(job.prompt, job.ids)], [[job.candidates[k] for k in labels]],
+                             pad_id(self.tok), batch_size=len(labels))
+        except Exception as e:
+            self.stats["failed_jobs"] += 1
+            job.fail(e)
+            return
+        finally:
+            self.stats["classify_seconds"] += time.perf_counter() - t0
+        job.partial.extend(s[0, :len(labels)].tolist())
+        if len(job.partial) == len(job.candidates):
+            self.stats["classify_rows"] += 1
+            job.future.set_result(list(job.partial))
+
+    @torch.no_grad()
+    def _classify_now(self, jobs: list[ClassifyJob]) -> None:
         t0 = time.perf_counter()
         self.stats["classify_rows"] += len(jobs)
         rows = [(j.prompt, j.ids) for j in jobs]
@@ -306,3 +391,8 @@ class Scheduler:
         for j, (lps, tops) in zip(jobs, out):
             j.future.set_result((lps, [t[:j.top] for t in tops]))
         self.stats["score_seconds"] += time.perf_counter() - t0
+
+
+def request_of(job: Job) -> int:
+    """The request a job belongs to (a job without one is a request of its own)."""
+    return job.request if job.request is not None else id(job)

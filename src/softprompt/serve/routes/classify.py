@@ -2,19 +2,23 @@
 
 The label is the word whose tokens the model finds most probable after the text; the tokens
 follow classify.label_token_ids' rule and are scored by classify.label_scores on the scheduler.
-One request may cost at most one full batch's prefill (max_batch x max_input_tokens positions):
-multi-token labels take one pass each over text + label, and without that bound a few dozen
-long labels on a long text held the scheduler thread for tens of seconds.
+One request may cost at most one full batch's prefill (max_batch x max_input_tokens positions),
+and each label at most --max-input-tokens tokens: multi-token labels take one pass each over text
++ label, and without those bounds a few dozen long labels on a long text (or one label of 2000
+tokens) held the scheduler thread for tens of seconds. The scheduler runs those passes in chunks
+between decode steps, so decoding rows wait for one chunk, not the whole request.
 """
 from __future__ import annotations
 
 import math
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from ...classify import label_token_ids
-from ...data import chat_wrap
+from ..chat_input import render
 from ..context import Ctx, ServerContext
+from ..registry import Loaded
 from ..protocol import ApiError, ClassifyRequest
 from ..jobs import ClassifyJob
 
@@ -33,10 +37,7 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
         raise ApiError(400, "labels must be 2 to 64 distinct non-empty words", "labels")
     if sum(map(len, labels)) > ctx.cfg.max_input_tokens * 64:  # as encode: do not even tokenise absurd labels
         raise ApiError(400, f"labels are too long ({sum(map(len, labels))} characters)", "labels")
-    chat = bool(entry.meta.get("chat"))
-    rendered = chat_wrap(ctx.tok, req.text) if chat and req.text else req.text
-    ids = ctx.encode(rendered, chat, "text", req.text)
-    cands = label_token_ids(ctx.tok, labels, rendered)
+    ids, cands = await run_in_threadpool(tokenized, ctx, entry, req.text, labels)  # off the event loop
     ctx.fits(entry, ids, max(len(c) for c in cands), "text")
     within_budget(ctx, ids, cands)
     job = ClassifyJob(entry.tensor, ids, candidates=cands)
@@ -48,6 +49,24 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     return {"task": req.task, "label": labels[best], "scores": dict(zip(labels, scores)),
             "probabilities": {w: math.exp(s - m) / z for w, s in zip(labels, scores)},
             "usage": {"prompt_tokens": len(ids)}}
+
+
+def tokenized(ctx: ServerContext, entry: Loaded, text: str, labels: list[str]) -> tuple[list[int], list[list[int]]]:
+    """The text's input ids (chat-wrapped for a chat prompt) and each label's token ids after it,
+    each label within --max-input-tokens."""
+    if not text:
+        raise ApiError(400, "text is empty: give at least one token of input", "text")
+    if entry.meta.get("chat"):
+        msgs = [{"role": "user", "content": text}]
+        ids, rendered = ctx.encode_messages(msgs, "text"), render(ctx.tok, msgs, "text")
+    else:
+        ids, rendered = ctx.encode(text, "text"), text
+    cands = label_token_ids(ctx.tok, labels, rendered)
+    longest = max(range(len(cands)), key=lambda k: len(cands[k]))
+    if len(cands[longest]) > ctx.cfg.max_input_tokens:
+        raise ApiError(400, f"labels.{longest} has {len(cands[longest])} tokens, over this server's limit of "
+                            f"{ctx.cfg.max_input_tokens}", "labels", "context_length_exceeded")
+    return ids, cands
 
 
 def within_budget(ctx: ServerContext, ids: list[int], cands: list[list[int]]) -> None:

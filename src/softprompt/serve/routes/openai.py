@@ -15,6 +15,7 @@ token count (lm_eval's context length) indexes the echoed tokens.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -22,16 +23,17 @@ from typing import Any, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from ...data import chat_wrap
 from ...utils import SoftpromptError
-from ..context import Ctx, ServerContext
+from ..context import Ctx, Hold, ServerContext, shutting_down
 from ..jobs import GenJob, ScoreJob
 from ..logprobs import chat_logprobs, completion_logprobs
 from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
 from ..registry import Loaded
 
 router = APIRouter(tags=["openai"])
+REQUESTS = itertools.count()  # numbers a request's jobs, for the scheduler's fair share
 
 
 @router.post("/v1/completions", summary="Complete text (OpenAI shape)")
@@ -45,8 +47,14 @@ async def completions(req: CompletionRequest, ctx: Ctx, request: Request):
     prompts = prompt_list(req.prompt)
     if not prompts:
         raise ApiError(400, "prompt is empty: give a string, token ids, or a non-empty list of them", "prompt")
-    ctx.queueable(len(prompts) * req.n, queue_param(ctx, len(prompts)))  # before tokenising a long list
-    inputs = [prompt_ids(ctx, entry, t) for t in prompts]
+    # A choice that is scored after it is generated holds a second queue place from the start (N5).
+    scored = req.logprobs is not None and p["max_new"] > 0
+    ctx.queueable(len(prompts) * req.n * (1 + scored), queue_param(ctx, len(prompts)))  # before tokenising
+    if req.echo and entry.meta.get("chat") and any(isinstance(t, str) for t in prompts):
+        raise ApiError(400, f"echo is not supported for {req.model!r}: it wraps a text prompt in the chat template, "
+                            "whose tokens are not the prompt's; send the prompt as token ids to score them as sent",
+                       "echo", "unsupported_parameter")
+    inputs = await run_in_threadpool(lambda: [prompt_ids(ctx, entry, t) for t in prompts])  # off the event loop
     for ids in inputs:
         ctx.fits(entry, ids, p["max_new"], "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -60,12 +68,16 @@ async def completions(req: CompletionRequest, ctx: Ctx, request: Request):
                 "usage": usage(inputs, res)}
 
     if req.stream:
-        return stream(lambda lis: make_jobs(ctx, entry, inputs, req.n, p, lis), chunk,
+        return stream(ctx, lambda lis: make_jobs(ctx, entry, inputs, req.n, p, lis), chunk,
                       usage_chunk=usage_chunk if include_usage(req) else None)
-    res = await generated(ctx, entry, inputs, req.n, p, request)
-    shown = [t if isinstance(t, str) else ctx.tok.decode(t, skip_special_tokens=False) for t in prompts]
-    lps = (await completion_scores(ctx, entry, inputs, shown, res, req, request) if req.logprobs is not None
-           else [None] * len(res))
+    hold = Hold(len(inputs) * req.n if scored else 0)
+    try:
+        res = await generated(ctx, entry, inputs, req.n, p, request, hold)
+        shown = [t if isinstance(t, str) else ctx.tok.decode(t, skip_special_tokens=False) for t in prompts]
+        lps = (await completion_scores(ctx, entry, inputs, shown, res, req, request, hold)
+               if req.logprobs is not None else [None] * len(res))
+    finally:
+        ctx.release(hold)
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [{"index": i, "text": (shown[i // req.n] if req.echo else "") + r["text"], "logprobs": lp,
                          "finish_reason": r["finish_reason"]} for i, (r, lp) in enumerate(zip(res, lps))],
@@ -84,20 +96,23 @@ def prompt_ids(ctx: ServerContext, entry: Loaded, prompt: str | list[int]) -> li
     chat-wrapped inputs (as generation and /v1/classify do), then tokenised."""
     if isinstance(prompt, list):
         return ctx.token_ids(prompt, "prompt")
-    chat = bool(entry.meta.get("chat"))
-    return ctx.encode(chat_wrap(ctx.tok, prompt) if chat and prompt else prompt, chat, "prompt", prompt)
+    if entry.meta.get("chat") and prompt:
+        return ctx.encode_messages([{"role": "user", "content": prompt}], "prompt")
+    return ctx.encode(prompt, "prompt")
 
 
 async def generated(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], n: int, p: dict[str, Any],
-                    request: Request) -> list[dict]:
-    """Each choice's result; with max_tokens 0 (echo only) nothing is generated."""
+                    request: Request, hold: Hold | None = None) -> list[dict]:
+    """Each choice's result; with max_tokens 0 (echo only) nothing is generated. `hold`: queue
+    places to hold from now for the choices' scoring."""
     if p["max_new"] == 0:
         return [{"text": "", "tokens": [], "finish_reason": "length", "eos": None} for _ in range(len(inputs) * n)]
-    return await ctx.results(make_jobs(ctx, entry, inputs, n, p), request)
+    return await ctx.results(make_jobs(ctx, entry, inputs, n, p, reserve=hold), request)
 
 
 async def completion_scores(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], shown: list[str],
-                            res: list[dict], req: CompletionRequest, request: Request) -> list[dict]:
+                            res: list[dict], req: CompletionRequest, request: Request,
+                            hold: Hold | None = None) -> list[dict]:
     """Each choice's legacy logprobs: its generated tokens (the end-of-sequence token included, when
     one ended it: a max_tokens 1 scoring request then still gets one token after the prompt), after
     the prompt's tokens with echo (the first one null: nothing is scored before it)."""
@@ -107,7 +122,7 @@ async def completion_scores(ctx: ServerContext, entry: Loaded, inputs: list[list
         seqs.append(ids + r["tokens"] + ([r["eos"]] if r["eos"] is not None else []))
         starts.append(1 if req.echo else len(ids))
     scores = await score(ctx, entry, [(s[:k], s[k:]) for s, k in zip(seqs, starts)], req.logprobs, request,
-                         queue_param(ctx, len(inputs)))
+                         queue_param(ctx, len(inputs)), hold)
     out = []
     for i, (seq, k, (lps, tops)) in enumerate(zip(seqs, starts, scores)):
         first = 0 if req.echo else k
@@ -117,16 +132,17 @@ async def completion_scores(ctx: ServerContext, entry: Loaded, inputs: list[list
 
 
 async def score(ctx: ServerContext, entry: Loaded, rows: list[tuple[list[int], list[int]]], top: int,
-                request: Request, param: str | None) -> list[tuple[list, list]]:
+                request: Request, param: str | None, hold: Hold | None = None) -> list[tuple[list, list]]:
     """(log-probabilities, top tokens) of each row's continuation after its input, with the entry's
-    prompt: one ScoreJob per distinct row (greedy choices of one prompt are alike)."""
+    prompt: one ScoreJob per distinct row (greedy choices of one prompt are alike), in the queue
+    places `hold` held for them."""
     jobs: dict[tuple, ScoreJob] = {}
     for ids, cont in rows:
         key = (tuple(ids), tuple(cont))
         if cont and key not in jobs:
             jobs[key] = ScoreJob(entry.tensor, list(ids), cont=list(cont), top=top)
     if jobs:
-        ctx.submit(list(jobs.values()), param)
+        ctx.submit(list(jobs.values()), param, use=hold)
     done = dict(zip(jobs, await ctx.results(list(jobs.values()), request))) if jobs else {}
     return [done.get((tuple(ids), tuple(cont)), ([], [])) for ids, cont in rows]
 
@@ -140,7 +156,7 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Reques
     if req.logprobs and req.stream:
         raise ApiError(400, "logprobs is not supported with stream: true: leave one of them out", "logprobs",
                        "unsupported_parameter")
-    ids = ctx.encode(render_chat(ctx.tok, req), True, "messages")
+    ids = await run_in_threadpool(ctx.encode_messages, messages(req), "messages")  # off the event loop
     ctx.fits(entry, ids, p["max_new"], "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -159,40 +175,37 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Reques
                 "choices": [], "usage": usage([ids], res)}
 
     if req.stream:
-        return stream(lambda lis: make_jobs(ctx, entry, [ids], req.n, p, lis), chunk, first,
+        return stream(ctx, lambda lis: make_jobs(ctx, entry, [ids], req.n, p, lis), chunk, first,
                       usage_chunk if include_usage(req) else None)
-    res = await ctx.results(make_jobs(ctx, entry, [ids], req.n, p), request)
-    lps: list[dict | None] = [None] * len(res)
-    if req.logprobs:  # the content's tokens: the end-of-sequence token is not part of it
-        scores = await score(ctx, entry, [(ids, r["tokens"]) for r in res], req.top_logprobs or 0, request, "n")
-        lps = [chat_logprobs(ctx.tok, ids, r["tokens"], *s) for r, s in zip(res, scores)]
+    hold = Hold(req.n if req.logprobs else 0)  # the choices' scoring holds its queue places from the start
+    try:
+        res = await ctx.results(make_jobs(ctx, entry, [ids], req.n, p, reserve=hold), request)
+        lps: list[dict | None] = [None] * len(res)
+        if req.logprobs:  # the content's tokens: the end-of-sequence token is not part of it
+            scores = await score(ctx, entry, [(ids, r["tokens"]) for r in res], req.top_logprobs or 0, request, "n",
+                                 hold)
+            lps = [chat_logprobs(ctx.tok, ids, r["tokens"], *s) for r, s in zip(res, scores)]
+    finally:
+        ctx.release(hold)
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": lp,
                          "finish_reason": r["finish_reason"]} for i, (r, lp) in enumerate(zip(res, lps))],
             "usage": usage([ids], res)}
 
 
-def render_chat(tok, req: ChatCompletionRequest) -> str:
-    """The messages through the tokenizer's chat template, ready for the assistant's turn."""
-    if not getattr(tok, "chat_template", None):
-        raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions", "messages")
-    msgs = []
-    for m in req.messages:
-        content = m.content if isinstance(m.content, str) else "".join(
-            part.text for part in m.content)
-        msgs.append({"role": m.role, "content": content})
-    try:
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # templates raise on roles they do not know, etc.
-        raise ApiError(400, f"cannot render messages with the chat template: {e}", "messages") from None
+def messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The request's messages as the chat template takes them (a list of text parts joined)."""
+    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in req.messages]
 
 
 def make_jobs(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], n: int, p: dict[str, Any],
-              listener=None) -> list[GenJob]:
+              listener=None, reserve: Hold | None = None) -> list[GenJob]:
     """n choices per input, queued together; choice k is seeded with seed + k."""
-    jobs = [GenJob(entry.tensor, ids, index=i * n + k, listener=listener, **{**p, "seed": p["seed"] + k})
-            for i, ids in enumerate(inputs) for k in range(n)]
-    ctx.submit(jobs, queue_param(ctx, len(inputs)))
+    request = next(REQUESTS)
+    jobs = [GenJob(entry.tensor, ids, index=i * n + k, listener=listener, request=request,
+                   **{**p, "seed": p["seed"] + k}) for i, ids in enumerate(inputs) for k in range(n)]
+    ctx.submit(jobs, queue_param(ctx, len(inputs)), reserve=reserve)
     return jobs
 
 
@@ -210,10 +223,11 @@ def usage(inputs: list[list[int]], res: list[dict]) -> dict[str, int]:
     return {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
 
 
-def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = None,
+def stream(ctx: ServerContext, jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = None,
            usage_chunk: Callable | None = None) -> StreamingResponse:
     """SSE: `jobs_for(listener)` queues the jobs; `chunk(index, delta, finish)` shapes each event;
-    `usage_chunk(results)`, when given, shapes a last event with the usage (stream_options)."""
+    `usage_chunk(results)`, when given, shapes a last event with the usage (stream_options). A
+    shutdown's deadline ends the stream with an error event and [DONE]."""
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
 
     def listener(job, kind, payload):  # called on the scheduler thread
@@ -227,7 +241,12 @@ def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = 
                 yield f"data: {json.dumps(c)}\n\n"
             left, done = len(jobs), []
             while left:
-                idx, kind, payload = await q.get()
+                got = await next_event(q, ctx.stopping)
+                if got is None:
+                    yield f"data: {json.dumps(error_body(503, shutting_down().message, code='shutting_down'))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                idx, kind, payload = got
                 if kind == "delta":
                     yield f"data: {json.dumps(chunk(idx, payload, None))}\n\n"
                 elif kind == "done":
@@ -247,3 +266,16 @@ def stream(jobs_for: Callable, chunk: Callable, first_chunks: Callable | None = 
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def next_event(q: asyncio.Queue, stopping: asyncio.Event):
+    """The queue's next item, or None once `stopping` is set."""
+    if stopping.is_set():
+        return None
+    get, stop = asyncio.ensure_future(q.get()), asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if get in done:
+        return get.result()
+    get.cancel()
+    return None

@@ -1,4 +1,4 @@
-"""Operations: GET /v1/models (OpenAI's model list), /health (liveness) and /metrics (Prometheus)."""
+"""Operations: GET (or HEAD) /v1/models (OpenAI's model list), /health (liveness) and /metrics (Prometheus)."""
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -15,12 +15,14 @@ SCHEDULER_COUNTERS = ("batches", "batch_jobs", "gen_rows", "classify_rows", "sco
                       "score_seconds", "failed_jobs", "batch_retries", "rejected_jobs", "cancelled_jobs")
 
 
-@router.get("/v1/models", tags=["openai"], summary="The loaded prompts and the base model")
+@router.api_route("/v1/models", methods=["GET", "HEAD"], tags=["openai"],
+                  summary="The loaded prompts and the base model")
 async def models(ctx: Ctx):
     return {"object": "list", "data": [ctx.model_card(e) for e in ctx.registry.items.values()]}
 
 
-@router.get("/health", tags=["ops"], summary="Liveness: 200 while the scheduler thread runs")
+@router.api_route("/health", methods=["GET", "HEAD"], tags=["ops"],
+                  summary="Liveness: 200 while the scheduler thread runs")
 async def health(ctx: Ctx):
     ok = ctx.scheduler.alive
     body = {"status": "ok" if ok else "scheduler stopped", "model": ctx.base,
@@ -28,7 +30,8 @@ async def health(ctx: Ctx):
     return JSONResponse(body, 200 if ok else 503)
 
 
-@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+@router.api_route("/metrics", methods=["GET", "HEAD"], tags=["ops"], summary="Prometheus metrics",
+                  response_class=Response)
 async def metrics_page(ctx: Ctx):
     body, content_type = ctx.metrics.render()
     return Response(body, media_type=content_type)
