@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from .config import PromptConfig
+from .families import hidden_size
+from .hub import download, is_hub
 from .inits import INITS, InitInputs, resolve
+from .labels import label_token_ids
 from .utils import SoftpromptError, read_json
 
 FORMAT = "softprompt/1"
@@ -49,11 +52,12 @@ def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = N
                 default_text: str = "", seed: int = 0, label_input: str = ":") -> SoftPrompt:
     """A new prompt, made by the strategy `cfg.init` names (inits.py). `label_input`: a rendered
     input the label words follow, for `labels` (its last character decides their leading space,
-    classify.label_text); the default stands for one ending in a non-space, as "Sentiment:" does."""
+    labels.label_text); the default stands for one ending in a non-space, as "Sentiment:" does."""
     emb = model.get_input_embeddings().weight.detach().float()  # [V, H]
     init = resolve(cfg.init, label_words)
-    x = InitInputs(model, tok, cfg, emb, torch.Generator().manual_seed(seed), label_words or [], label_input,
-                   default_text)
+    label_ids = label_token_ids(tok, label_words, label_input) if label_words and init == "labels" else []
+    x = InitInputs(model, tok, cfg, emb, torch.Generator().manual_seed(seed), label_ids, default_text,
+                   lambda folder: load_prompt(folder, model).embeds.data)
     embeds, meta = INITS[init].make(x)
     return SoftPrompt(embeds, {"init": init, **meta})
 
@@ -104,8 +108,6 @@ def read_prompt_tensor(weights: Path, kind: str) -> torch.Tensor:
 def load_prompt(path: str | Path, model=None) -> SoftPrompt:
     """Load a prompt folder (or a bare .safetensors file, or `hf://REPO_ID[@REV]`, hub.py); check it
     fits `model` when given."""
-    from .hub import download, is_hub
-
     path = download(path) if is_hub(path) else Path(path)
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():
@@ -120,8 +122,6 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:
-    from .families import hidden_size
-
     H = hidden_size(model)
     if hidden != H:
         extra = f" (it was trained for {trained_for})" if trained_for else ""
