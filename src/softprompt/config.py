@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from . import inits
+from .forward_path import PATHS
 from .utils import SoftpromptError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
-FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")  # forward.py's paths, and the CUDA-graph step
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
@@ -184,7 +184,7 @@ class TrainConfig:
                             "sequence), graphed (the packed step replayed as a CUDA graph: GPUs, one process), kv "
                             "(the prompt's keys/values computed once, shared by the rows), concat (the prompt "
                             "prepended to every row, as PEFT does); auto: graphed on a GPU, else packed where the "
-                            "model allows it, else kv (the run records the choice and why)", choices=list(FORWARD_PATHS))
+                            "model allows it, else kv (the run records the choice and why)", choices=list(PATHS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
     grad_accum: int = opt(1, "run each batch as N micro-batches of --batch-size/N rows, one after another, and take "

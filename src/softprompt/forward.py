@@ -9,7 +9,7 @@ Equivalent paths:
   runs once as a batch of 1, its KV cache is broadcast to the B rows (a view, so the gradient of
   every row flows back into the one prompt), and only the [B, T] text runs after it.
 The `path` argument names one of them: "concat" (PEFT's), "kv" (prompt KV shared), "packed", or
-"auto" (packed where the model and batch allow it, else kv). Rows that each carry their own prompt
+"auto" (packed where the model and batch allow it, else kv); forward_path.choose_path decides. Rows that each carry their own prompt
 (ensembles, mixed requests) go through `mixed_hidden` instead.
 Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
 formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
@@ -21,27 +21,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from .config import FORWARD_PATHS as PATHS
-from .families import decoder, logit_scale, logit_softcap, packing_obstacle
-from .packing import packable, packed_hidden
-from .utils import SoftpromptError
+from .families import decoder, logit_scale, logit_softcap
+from .forward_path import choose_path
+from .packing import packed_hidden
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
-
-
-def choose_path(model, attention_mask: torch.Tensor, path: str = "auto") -> str:
-    """The concrete path ("packed", "kv" or "concat") that `path` means for this model and batch."""
-    if path not in PATHS:
-        raise SoftpromptError(f"unknown forward path {path!r}: use {', '.join(PATHS)}")
-    if path == "graphed":  # a training-step mode (cuda_graphs.py); a single forward pass packs as auto does
-        path = "auto"
-    if path == "auto":
-        return "packed" if packable(model, attention_mask) else "kv"
-    if path == "packed" and not packable(model, attention_mask):
-        why = packing_obstacle(model) or "the rows are not right-padded"
-        raise SoftpromptError(f"--forward-path packed: {why}; use --forward-path kv or auto")
-    return path
 
 
 def prefix_kv(model, prompt: torch.Tensor):
@@ -71,7 +56,7 @@ def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, att
         return h, None
     prompt = prompt.to(x.dtype)
     P = prompt.shape[0]
-    path = choose_path(model, attention_mask, path)
+    path = choose_path(model, path, rows=attention_mask).path
     if path == "packed":
         return packed_hidden(model, prompt, x, attention_mask)
     mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # [B, P+T]

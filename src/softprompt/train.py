@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from .batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
 from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args, to_dict
-from .cuda_graphs import GraphedStep, training_path
+from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
 from .evaluate import evaluate
 from .forward import batch_loss
+from .forward_path import choose_path
 from .inits import resolve
 from .methods import METHODS
 from . import trackers as tracking
@@ -110,7 +111,7 @@ class Run:
     hash_before: str
     # What a checkpoint restores: step, best score, evaluations without improvement, time, tokens.
     state: dict[str, Any]
-    path: str = "auto"                   # the forward path taken (cuda_graphs.training_path) ...
+    path: str = "auto"                   # the forward path taken (forward_path.choose_path) ...
     path_reason: str = ""                # ... and why
     graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
     trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
@@ -171,11 +172,10 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     hash_before = weights_hash(model)  # before any sharding
     if tcfg.shard == "fsdp":
         shard_decoder(model, acc.num_processes)
-    path, why = training_path(model, tcfg.forward_path, acc.num_processes, tcfg.method == "prompt")
+    path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
+                            prompt_tuning=tcfg.method == "prompt", checkpointing=tcfg.gradient_checkpointing)
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
-        if path == "kv":  # transformers' checkpointed layers drop the cache that carries the prompt's keys
-            path, why = "concat", f"{why}; --gradient-checkpointing: concat (checkpointed layers take no prompt cache)"
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
     fp16 = model.dtype == torch.float16 and all(p.dtype == torch.float32 for p in params)
     scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
@@ -236,8 +236,8 @@ def micro_loss(run: Run, batch: Batch, n_global: torch.Tensor) -> torch.Tensor:
         if loss is not None:
             return loss / scale
     with acc.accumulate(run.method.synced()):
-        path = "auto" if run.path == "graphed" else run.path
-        loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch.to(acc.device), path, run.class_ids)
+        # A batch the graph cannot take runs eagerly: choose_path packs it as auto does.
+        loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch.to(acc.device), run.path, run.class_ids)
         # Normalised by the global token count so that micro-batches and N processes add up to the
         # 1-process loss of the whole batch (DDP averages over processes: hence x world; accelerate's
         # backward divides by the accumulation steps, which these shares already are: hence x steps).
