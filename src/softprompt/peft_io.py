@@ -10,7 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+from .config import BUILTIN_MODEL
+from .families import layer_and_head_counts
+from .hub import download, is_hub
 from .inits import peft_init
+from .models import builtin_model_dir
 from .prompt import CONFIG_FILE, TENSOR_NAME, load_prompt, read_prompt_tensor
 from .utils import SoftpromptError, atomic_dir, read_json
 
@@ -18,19 +22,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _model_geometry(name: str) -> dict:
+def model_geometry(name: str) -> dict:
     """num_layers / num_attention_heads for PEFT's config, read from a local model folder if we can."""
-    from .config import BUILTIN_MODEL
-    from .models import builtin_model_dir
-
     try:
         folder = builtin_model_dir() if name == BUILTIN_MODEL else Path(name)
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, SoftpromptError):
         return {}
-    # The names differ by family: num_hidden_layers (Llama...), n_layer (GPT-2, BLOOM), n_layers (MPT).
-    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if cfg.get(k)), None)
-    heads = next((cfg[k] for k in ("num_attention_heads", "n_head", "n_heads") if cfg.get(k)), None)
+    layers, heads = layer_and_head_counts(cfg)
     return {"num_layers": layers, "num_attention_heads": heads}
 
 
@@ -49,7 +48,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "num_virtual_tokens": prompt.num_tokens,
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
-        **_model_geometry(model),
+        **model_geometry(model),
         "prompt_tuning_init": peft_init(init),
         "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
         "tokenizer_name_or_path": model if init == "text" else None,
@@ -70,8 +69,6 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
 def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = None) -> Path:
     """PEFT prompt-tuning adapter folder (or `hf://REPO_ID[@REV]`) -> softprompt folder (written atomically)."""
     from safetensors.torch import save_file
-
-    from .hub import download, is_hub
 
     source = str(peft_dir)
     peft_dir = download(peft_dir) if is_hub(peft_dir) else Path(peft_dir)
