@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from .families import decoder, logit_scale, logit_softcap
 from .forward_path import choose_path
 from .packing import packed_hidden
+from .prompt_protocol import embeds_of
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
@@ -44,10 +45,12 @@ def expand_kv(layers, batch: int) -> DynamicCache:
                                         for k, v in layers])
 
 
-def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def text_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 path: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states [B, T, H] of the text after the prompt, and the prompt's last hidden state
-    ([1 or B, H], None when there is no prompt), which predicts the first text token."""
+    """Hidden states [B, T, H] of the text after the prompt (a Prompt, its [P, H] embeddings or
+    None), and the prompt's last hidden state ([1 or B, H], None when there is no prompt), which
+    predicts the first text token."""
+    prompt = embeds_of(prompt)
     embed = model.get_input_embeddings()
     x = embed(input_ids)  # [B, T, H]
     B = x.shape[0]
@@ -75,10 +78,12 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def mixed_hidden(model, prompts: list[torch.Tensor | None], seqs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-    """Hidden states [B, L, H] of rows [prompts[b] ; seqs[b]], each with a prompt of its own (or
-    none), right-padded: pads come after every real token, so a causal model's real positions are
-    untouched by them. Also each row's prompt length, where its text starts."""
+def mixed_hidden(model, prompts: list, seqs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Hidden states [B, L, H] of rows [prompts[b] ; seqs[b]], each with a prompt of its own (a
+    Prompt, its [P, H] embeddings, or none), right-padded: pads come after every real token, so a
+    causal model's real positions are untouched by them. Also each row's prompt length, where its
+    text starts."""
+    prompts = [embeds_of(p) for p in prompts]
     embed = model.get_input_embeddings()
     dtype, dev = embed.weight.dtype, embed.weight.device
     text = [embed(torch.tensor(s, dtype=torch.long, device=dev)) for s in seqs]

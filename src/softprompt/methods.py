@@ -71,12 +71,13 @@ class PromptTuning:
         save_prompt(self.prompt, folder, meta)
 
     def load_checkpoint(self, folder: Path) -> None:
-        saved = load_prompt(folder).embeds.data
-        if saved.shape != self.prompt.embeds.shape:
+        saved = load_prompt(folder).input_embeds().data
+        mine = self.prompt.input_embeds()
+        if saved.shape != mine.shape:
             raise SoftpromptError(f"--resume: the checkpoint in {folder} holds a prompt of shape {list(saved.shape)}, "
-                                  f"this run's is {list(self.prompt.embeds.shape)}: resume with the same "
+                                  f"this run's is {list(mine.shape)}: resume with the same "
                                   "--virtual-tokens and model, or start over with --overwrite")
-        self.prompt.embeds.data.copy_(saved)
+        mine.data.copy_(saved)
 
     def finish(self) -> None:
         pass

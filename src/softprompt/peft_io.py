@@ -15,7 +15,7 @@ from .families import layer_and_head_counts
 from .hub import download, is_hub
 from .inits import peft_init
 from .models import builtin_model_dir
-from .prompt import CONFIG_FILE, TENSOR_NAME, load_prompt, read_prompt_tensor
+from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, SoftPrompt, load_prompt, read_prompt_tensor
 from .utils import SoftpromptError, atomic_dir, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -38,6 +38,10 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
     from safetensors.torch import save_file
 
     prompt = load_prompt(prompt_dir)
+    embeds = prompt.input_embeds()
+    if embeds is None:  # PEFT's prompt tuning is input embeddings: other kinds have no such adapter
+        raise SoftpromptError(f"{prompt_dir}: a {prompt.kind!r} prompt has no input embeddings to export as "
+                              "PEFT prompt tuning")
     meta = prompt.meta
     model = base_model or meta.get("model", "")
     init = meta.get("init", "random")
@@ -45,7 +49,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": model,
-        "num_virtual_tokens": prompt.num_tokens,
+        "num_virtual_tokens": prompt.length,
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
         **model_geometry(model),
@@ -59,7 +63,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "auto_mapping": None,
     }
     with atomic_dir(out) as tmp:
-        save_file({TENSOR_NAME: prompt.embeds.detach().contiguous()}, str(tmp / ADAPTER_WEIGHTS))
+        save_file({TENSOR_NAME: embeds.detach().contiguous()}, str(tmp / ADAPTER_WEIGHTS))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         # Keep our own record beside PEFT's so a round trip loses nothing.
         (tmp / "softprompt_config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -88,7 +92,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
         raise SoftpromptError(f"{weights}: prompt_embeddings has shape {list(t.shape)}, expected [{P}, hidden]")
     ours = peft_dir / "softprompt_config.json"
     meta = read_json(ours) if ours.is_file() else {"init": "peft"}
-    meta.update({"format": "softprompt/1", "model": model_name or cfg.get("base_model_name_or_path", ""),
+    meta.update({"format": FORMAT, "kind": SoftPrompt.kind, "model": model_name or cfg.get("base_model_name_or_path", ""),
                  "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": source})
     with atomic_dir(out) as tmp:
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))

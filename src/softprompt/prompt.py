@@ -1,9 +1,11 @@
-"""The soft prompt: a `P x hidden` trainable tensor prepended to the input embeddings.
+"""The soft prompt: a `P x hidden` trainable tensor prepended to the input embeddings, the first
+kind of prompt_protocol.Prompt (kind "prompt").
 
 Also how a new prompt is made (by one of the strategies in inits.py) and its file format:
 `prompt.safetensors` (one tensor, `prompt_embeddings`, shape [P, H], as PEFT names it) plus
-`prompt_config.json` recording the model it was trained for, its hidden size, the init and the
-data template. Files are read only through safetensors (never pickle).
+`prompt_config.json` recording the prompt's kind, the model it was trained for, its hidden size,
+the init and the data template. A folder without a "kind" (written before kinds existed) holds a
+soft prompt. Files are read only through safetensors (never pickle).
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from torch import nn
 
 from .config import PromptConfig
 from .families import hidden_size
+from .forward import prefix_kv
 from .hub import download, is_hub
 from .inits import INITS, InitInputs, resolve
 from .labels import label_token_ids
+from .prompt_protocol import KeyValues
 from .utils import SoftpromptError, read_json
 
 FORMAT = "softprompt/1"
@@ -29,7 +33,10 @@ CONFIG_FILE = "prompt_config.json"
 
 
 class SoftPrompt(nn.Module):
-    """Holds the prompt in fp32 whatever the model dtype: updates of ~1e-4 vanish in bf16."""
+    """Holds the prompt in fp32 whatever the model dtype: updates of ~1e-4 vanish in bf16.
+    Implements prompt_protocol.Prompt."""
+
+    kind = "prompt"
 
     def __init__(self, embeds: torch.Tensor, meta: dict[str, Any] | None = None):
         super().__init__()
@@ -41,11 +48,30 @@ class SoftPrompt(nn.Module):
         return self.embeds.shape[0]
 
     @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
     def hidden_size(self) -> int:
         return self.embeds.shape[1]
 
-    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def input_embeds(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[P, H]: the trainable tensor itself (or a cast of it), so that gradients reach it."""
         return self.embeds if dtype is None else self.embeds.to(dtype)
+
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.input_embeds(dtype)
+
+    def past_key_values(self, model) -> KeyValues:
+        """The embeddings run through `model` alone: per-layer (keys, values), batch 1."""
+        dtype = model.get_input_embeddings().weight.dtype
+        return prefix_kv(model, self.embeds.to(model.device, dtype))[0]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {TENSOR_NAME: self.embeds.detach().float().contiguous().cpu()}
+
+
+KINDS: dict[str, type[SoftPrompt]] = {SoftPrompt.kind: SoftPrompt}  # prompt_config.json's "kind" -> its class
 
 
 def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = None,
@@ -69,11 +95,11 @@ def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Pa
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"format": FORMAT, "num_virtual_tokens": prompt.num_tokens, "hidden_size": prompt.hidden_size,
-           **prompt.meta, **meta}
+    cfg = {"format": FORMAT, "kind": prompt.kind, "num_virtual_tokens": prompt.length,
+           "hidden_size": prompt.hidden_size, **prompt.meta, **meta}
     tmp_w, tmp_c = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
     try:
-        save_file({TENSOR_NAME: prompt.embeds.detach().float().contiguous().cpu()}, str(tmp_w))
+        save_file(prompt.state_tensors(), str(tmp_w))
         tmp_c.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         os.replace(tmp_w, out / WEIGHTS_FILE)
         os.replace(tmp_c, out / CONFIG_FILE)
@@ -114,11 +140,15 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
         if (path / "adapter_model.safetensors").is_file():
             raise SoftpromptError(f"{path} is a PEFT adapter: convert it with `softprompt import-peft {path} OUT`")
         raise SoftpromptError(f"missing prompt file: {weights}")
-    meta = read_json(weights.parent / CONFIG_FILE) if (weights.parent / CONFIG_FILE).is_file() else {}
+    config = weights.parent / CONFIG_FILE
+    meta = read_json(config) if config.is_file() else {}
+    kind = meta.get("kind", SoftPrompt.kind) if isinstance(meta, dict) else SoftPrompt.kind  # no kind: written before kinds
+    if kind not in KINDS:
+        raise SoftpromptError(f"{config}: unknown prompt kind {kind!r} (this softprompt reads {', '.join(KINDS)})")
     t = read_prompt_tensor(weights, "prompt")
     if model is not None:
         check_fits(t.shape[1], model, f"prompt {path}", meta.get("model"))
-    return SoftPrompt(t, meta)
+    return KINDS[kind](t, meta)
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:

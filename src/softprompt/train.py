@@ -173,13 +173,13 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     if tcfg.shard == "fsdp":
         shard_decoder(model, acc.num_processes)
     path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
-                            prompt_tuning=tcfg.method == "prompt", checkpointing=tcfg.gradient_checkpointing)
+                            prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing)
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
     fp16 = model.dtype == torch.float16 and all(p.dtype == torch.float32 for p in params)
     scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
-    graphed = GraphedStep(model, method.prompt.embeds, pad_id(tok), class_ids) if path == "graphed" else None
+    graphed = GraphedStep(model, method.prompt.input_embeds(), pad_id(tok), class_ids) if path == "graphed" else None
     run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
               total, meta, hash_before, state, path, why, graphed, trackers, scaler)
     if tcfg.resume:
