@@ -16,7 +16,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from . import inits
+from . import inits, quantize, shard
 from .forward_path import PATHS
 from .utils import SoftpromptError
 
@@ -87,7 +87,7 @@ class ModelConfig:
     device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
     quantize: str = opt("none", "hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes: 8bit is "
                                 "LLM.int8(), 4bit is NF4); needs pip install 'softprompt[quant]'",
-                        choices=["none", "8bit", "4bit"])
+                        choices=list(quantize.CHOICES))
 
     def __post_init__(self):
         require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
@@ -195,7 +195,7 @@ class TrainConfig:
                                               "forward pass of time")
     shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
                              "start several with torchrun or accelerate launch), the prompt replicated",
-                     choices=["none", "fsdp"])
+                     choices=list(shard.CHOICES))
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "
                       "weight instead (no prompt; saves the whole model in OUT/model; use a small --lr "
                       "such as 2e-5; one process, no --resume)", choices=["prompt", "full"])

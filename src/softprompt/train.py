@@ -33,7 +33,7 @@ from .evaluate import evaluate
 from .forward import batch_loss
 from .forward_path import choose_path
 from .inits import resolve
-from .methods import METHODS
+from .methods import METHODS, Method
 from . import trackers as tracking
 from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
@@ -90,14 +90,14 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
     return pcfg, tcfg
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """What one training run holds; `setup` builds it."""
+    """What one training run holds; `setup` builds it (by keyword: its fields are many and alike)."""
     cfg: TrainConfig                # resolved: no 'auto' left
     acc: Any                        # accelerate.Accelerator
     model: Any
     tok: Any
-    method: Any                     # methods.PromptTuning or methods.FullFineTuning
+    method: Method                  # methods.PromptTuning or methods.FullFineTuning
     params: list[torch.nn.Parameter]
     fmt: Formatter
     train_ex: list[Example]
@@ -180,8 +180,10 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     fp16 = model.dtype == torch.float16 and all(p.dtype == torch.float32 for p in params)
     scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
     graphed = GraphedStep(model, method.prompt.input_embeds(), pad_id(tok), class_ids) if path == "graphed" else None
-    run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
-              total, meta, hash_before, state, path, why, graphed, trackers, scaler)
+    run = Run(cfg=tcfg, acc=acc, model=model, tok=tok, method=method, params=params, fmt=fmt, train_ex=train_ex,
+              eval_ex=eval_ex, class_ids=class_ids, opt=opt, sched=sched, per_epoch=per_epoch, total=total, meta=meta,
+              hash_before=hash_before, state=state, path=path, path_reason=why, graphed=graphed, trackers=trackers,
+              scaler=scaler)
     if tcfg.resume:
         run.state = load_checkpoint(run.out, method, opt, sched)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
