@@ -9,8 +9,9 @@ Equivalent paths:
   runs once as a batch of 1, its KV cache is broadcast to the B rows (a view, so the gradient of
   every row flows back into the one prompt), and only the [B, T] text runs after it.
 The `path` argument names one of them: "concat" (PEFT's), "kv" (prompt KV shared), "packed", or
-"auto" (packed where the model and batch allow it, else kv); forward_path.choose_path decides. Rows that each carry their own prompt
-(ensembles, mixed requests) go through `mixed_hidden` instead.
+"auto" (packed where the model and batch allow it, else kv); forward_path.choose_path decides.
+Rows that each carry their own prompt (ensembles, mixed requests) go through `mixed_hidden`
+instead. A prompt comes as a prompt_protocol.Prompt or as its [P, H] input embeddings.
 Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
 formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
 """

@@ -73,7 +73,8 @@ def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: 
             choice = PathChoice("kv", f"{packing}: the prompt's keys/values computed once and shared by the rows")
         else:
             choice = PathChoice("packed", f"prompt and rows as one padding-free sequence; not graphed: {graphs}")
-    if checkpointing and choice.path == "kv":  # transformers' checkpointed layers drop the cache that carries the prompt's keys
+    # transformers' checkpointed layers drop the cache that carries the prompt's keys
+    if checkpointing and choice.path == "kv":
         choice = PathChoice("concat", f"{choice.reason}; --gradient-checkpointing: concat (checkpointed layers take "
                                       "no prompt cache)")
     return choice

@@ -92,7 +92,8 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
         raise SoftpromptError(f"{weights}: prompt_embeddings has shape {list(t.shape)}, expected [{P}, hidden]")
     ours = peft_dir / "softprompt_config.json"
     meta = read_json(ours) if ours.is_file() else {"init": "peft"}
-    meta.update({"format": FORMAT, "kind": SoftPrompt.kind, "model": model_name or cfg.get("base_model_name_or_path", ""),
+    meta.update({"format": FORMAT, "kind": SoftPrompt.kind,
+                 "model": model_name or cfg.get("base_model_name_or_path", ""),
                  "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": source})
     with atomic_dir(out) as tmp:
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))

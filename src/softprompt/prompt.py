@@ -142,7 +142,8 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
         raise SoftpromptError(f"missing prompt file: {weights}")
     config = weights.parent / CONFIG_FILE
     meta = read_json(config) if config.is_file() else {}
-    kind = meta.get("kind", SoftPrompt.kind) if isinstance(meta, dict) else SoftPrompt.kind  # no kind: written before kinds
+    # No kind: written before prompts had kinds, a soft prompt.
+    kind = meta.get("kind", SoftPrompt.kind) if isinstance(meta, dict) else SoftPrompt.kind
     if kind not in KINDS:
         raise SoftpromptError(f"{config}: unknown prompt kind {kind!r} (this softprompt reads {', '.join(KINDS)})")
     t = read_prompt_tensor(weights, "prompt")
