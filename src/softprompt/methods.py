@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from .config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
+from .models import load_model
 from .prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
 from .prompt_protocol import Prompt
 from .utils import SoftpromptError, atomic_dir, count_params, write_json
@@ -195,8 +196,6 @@ class FullFineTuning:
 
     @staticmethod
     def load_trained(run_dir: Path, model, mcfg: ModelConfig):
-        from .models import load_model
-
         return load_model(replace(mcfg, model=str(run_dir / MODEL_DIR)))[0], None
 
 
