@@ -1,5 +1,6 @@
-"""Helpers shared by the server tests: a server on a loopback port, a worker held at a gate,
-raw sockets for clients that misbehave, and Prometheus samples read with prometheus_client."""
+"""Helpers shared by the server tests: a server on a loopback port (and the tiny Llama served with
+random prompts, the server tests' one fixture), a worker held at a gate, raw sockets for clients
+that misbehave, and Prometheus samples read with prometheus_client."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 
 @contextmanager
@@ -20,6 +22,31 @@ def running(model, tok, prompts: dict, cfg):
         yield app, run
     finally:
         run.stop()
+
+
+@contextmanager
+def served(llama_dir, root, specs: dict[str, tuple[int, float, dict]], cfg, seed: int, timeout: float = 30):
+    """The tiny Llama served with one random soft prompt per spec (name -> (P, scale, meta)), drawn
+    in order from a generator seeded with `seed` and saved under `root`. Yields a namespace: model,
+    tok, app, run, url, port, client (httpx), sched, root, cfg, llama_dir, and prompts (name -> the
+    [P, H] tensor as loaded; the base model "tiny-base" -> None)."""
+    import httpx
+    import torch
+
+    from softprompt.models import load_model
+    from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+
+    model, tok = load_model(str(llama_dir))
+    H = model.config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    dirs = {name: save_prompt(SoftPrompt(torch.randn(P, H, generator=gen) * scale), root / name, meta)
+            for name, (P, scale, meta) in specs.items()}
+    with running(model, tok, {k: str(v) for k, v in dirs.items()}, cfg) as (app, run):
+        with httpx.Client(base_url=run.url, timeout=timeout) as client:
+            prompts = {k: load_prompt(str(v), model).embeds.detach() for k, v in dirs.items()}
+            yield SimpleNamespace(model=model, tok=tok, app=app, run=run, url=run.url, port=run.port, client=client,
+                                  sched=app.state.scheduler, root=root, cfg=cfg, llama_dir=llama_dir,
+                                  prompts={**prompts, "tiny-base": None})
 
 
 def metric(text: str, name: str, **labels) -> float:

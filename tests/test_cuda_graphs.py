@@ -75,7 +75,7 @@ def test_the_training_path_and_why_are_chosen_and_recorded(tiny, countries_csv, 
     import json
 
     from softprompt.config import ModelConfig, PromptConfig, TrainConfig
-    from softprompt.cuda_graphs import training_path
+    from softprompt.forward_path import choose_path as training_path
     from softprompt.train import train
     from softprompt.utils import SoftpromptError
 

@@ -205,3 +205,21 @@ def test_packing_refuses_left_padding(tiny):
 
     model, _ = tiny
     assert not packable(model, torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+
+def test_the_forward_paths_take_a_prompt_object_or_its_embeddings_alike(tiny):
+    """Read through the Prompt protocol: the same states whether given the prompt or its tensor."""
+    from softprompt.forward import mixed_hidden, text_hidden
+
+    model, tok = tiny
+    p = init_prompt(model, tok, PromptConfig(virtual_tokens=3, init="vocab"))
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with torch.no_grad():
+        for path in ("kv", "concat", "auto"):
+            h, last = text_hidden(model, p, ids, mask, path)
+            h2, last2 = text_hidden(model, p.embeds, ids, mask, path)
+            assert torch.equal(h, h2) and torch.equal(last, last2)
+        m, starts = mixed_hidden(model, [p, None], [[5, 6], [7]])
+        m2, starts2 = mixed_hidden(model, [p.embeds, None], [[5, 6], [7]])
+    assert torch.equal(m, m2) and starts == starts2 == [3, 0]

@@ -96,3 +96,73 @@ def test_labels_init_follows_the_label_spacing_rule(tiny):
         p = init_prompt(model, tok, PromptConfig(7, "labels"), label_words=words, label_input=rendered)
         assert torch.equal(p.embeds[:len(ids)], emb[ids])
     assert label_token_ids(tok, words, ":") != label_token_ids(tok, words, "\n"), "premise: the two differ"
+
+
+# A prompt folder exactly as softprompt wrote it before prompts had kinds (written by the code of
+# commit 6a68683, bytes copied here): no "kind" in prompt_config.json.
+OLD_WEIGHTS = (b'P\x00\x00\x00\x00\x00\x00\x00{"prompt_embeddings":{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]}}'
+               b'       \x00\x00\x00?\x00\x00\x80\xbf\x00\x00\x00@\x00\x00\x80>\x00\x00\xc0?\x00\x00\x00\x00\x00\x00@\xbf'
+               b'\x00\x00@@')
+OLD_CONFIG = """{
+  "format": "softprompt/1",
+  "num_virtual_tokens": 2,
+  "hidden_size": 4,
+  "init": "text",
+  "init_text": "Country facts",
+  "model": "tiny-llama",
+  "template": "Country: {country}",
+  "labels": [],
+  "chat": false,
+  "task": "generate",
+  "step": 3
+}
+"""
+
+
+def test_a_folder_written_before_kinds_loads_as_a_soft_prompt_and_saves_its_kind(tmp_path):
+    from softprompt.prompt_protocol import Prompt
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "prompt.safetensors").write_bytes(OLD_WEIGHTS)
+    (old / "prompt_config.json").write_text(OLD_CONFIG)
+    p = load_prompt(old)
+    assert isinstance(p, SoftPrompt) and isinstance(p, Prompt) and p.kind == "prompt"
+    assert torch.equal(p.input_embeds(), torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.5, 0.0, -0.75, 3.0]]))
+    assert p.length == 2 and p.hidden_size == 4 and p.meta["template"] == "Country: {country}"
+    save_prompt(p, tmp_path / "new", {})
+    import json
+
+    cfg = json.loads((tmp_path / "new" / "prompt_config.json").read_text())
+    assert cfg["kind"] == "prompt"
+    assert {k: v for k, v in cfg.items() if k != "kind"} == json.loads(OLD_CONFIG)
+    assert torch.equal(load_prompt(tmp_path / "new").input_embeds(), p.input_embeds())
+
+
+def test_an_unknown_prompt_kind_is_one_clear_error(tmp_path):
+    import json
+
+    d = tmp_path / "p"
+    save_prompt(SoftPrompt(torch.zeros(3, 8)), d, {"model": "m"})
+    cfg = json.loads((d / "prompt_config.json").read_text())
+    (d / "prompt_config.json").write_text(json.dumps({**cfg, "kind": "prefix"}))
+    with pytest.raises(SoftpromptError, match="unknown prompt kind 'prefix'"):
+        load_prompt(d)
+
+
+def test_the_soft_prompt_implements_the_prompt_protocol(tiny):
+    """Its keys/values are the kv path's, its saved tensors the file's, its parameters what trains."""
+    from softprompt.forward import prefix_kv
+    from softprompt.prompt_protocol import embeds_of
+
+    model, tok = tiny
+    p = init_prompt(model, tok, PromptConfig(3, "vocab"))
+    assert embeds_of(p) is p.embeds and embeds_of(p.embeds) is p.embeds and embeds_of(None) is None
+    assert [t is p.embeds for t in p.parameters()] == [True]
+    assert list(p.state_tensors()) == ["prompt_embeddings"] and torch.equal(p.state_tensors()["prompt_embeddings"],
+                                                                            p.embeds.detach())
+    with torch.no_grad():
+        mine, ref = p.past_key_values(model), prefix_kv(model, p.embeds)[0]
+    assert len(mine) == model.config.num_hidden_layers
+    for (k, v), (k2, v2) in zip(mine, ref):
+        assert k.shape[0] == 1 and k.shape[-2] == 3 and torch.equal(k, k2) and torch.equal(v, v2)

@@ -17,7 +17,7 @@ from softprompt.batching import Example, collate  # noqa: E402
 from softprompt.forward import row_logprobs  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
-from serve_helpers import gated, held_step, in_threads, metric, wait_depth  # noqa: E402
+from serve_helpers import gated, held_step, in_threads, metric, served, wait_depth  # noqa: E402
 
 TOKEN = "test-admin-token"
 TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a teacher.\nPrompt:",
@@ -26,34 +26,13 @@ TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a
 
 @pytest.fixture(scope="module")
 def srv(llama_dir, tmp_path_factory):
-    from softprompt.models import load_model
-    from softprompt.serve import Running, create_app
-
-    model, tok = load_model(str(llama_dir))
-    root = tmp_path_factory.mktemp("prompts")
-    H = model.config.hidden_size
-    gen = torch.Generator().manual_seed(0)
-    dirs = {}
-    for name, P, meta in [("facts", 4, {}), ("reviews", 7, {"labels": ["negative", "positive"]}), ("acts", 5, {})]:
-        dirs[name] = save_prompt(SoftPrompt(torch.randn(P, H, generator=gen) * 0.5), root / name,
-                                 {"model": "tiny", **meta})
     cfg = ServeConfig(max_batch=16, max_queue=32, batch_wait_ms=2, max_input_tokens=64, max_new_tokens=300,
                       default_max_tokens=8, max_body_bytes=20_000, admin_token=TOKEN)
-    app = create_app(model, tok, {k: str(v) for k, v in dirs.items()}, cfg, model_name="tiny-base")
-    run = Running(app)
-    client = httpx.Client(base_url=run.url, timeout=30)
-
-    class S:
-        pass
-
-    s = S()
-    s.model, s.tok, s.app, s.url, s.client, s.root, s.cfg = model, tok, app, run.url, client, root, cfg
-    s.sched = app.state.scheduler
-    s.prompts = {k: load_prompt(v, model).embeds.detach() for k, v in dirs.items()}
-    s.prompts["tiny-base"] = None
-    yield s
-    client.close()
-    run.stop()
+    specs = {"facts": (4, 0.5, {"model": "tiny"}),
+             "reviews": (7, 0.5, {"model": "tiny", "labels": ["negative", "positive"]}),
+             "acts": (5, 0.5, {"model": "tiny"})}
+    with served(llama_dir, tmp_path_factory.mktemp("prompts"), specs, cfg, seed=0) as s:
+        yield s
 
 
 def ref(s, model_name: str, ids: list[int], max_new: int) -> str:

@@ -20,7 +20,8 @@ httpx = pytest.importorskip("httpx")
 
 from softprompt.config import ServeConfig  # noqa: E402
 from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
-from serve_helpers import gated, held_step, in_threads, metric, raw_request, read_all, running, wait_until  # noqa: E402
+from serve_helpers import (gated, held_step, in_threads, metric, raw_request, read_all, running, served,  # noqa: E402
+                           wait_until)
 
 TOKEN = "hostile-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,26 +31,9 @@ CFG = ServeConfig(max_batch=16, max_queue=32, batch_wait_ms=2, max_input_tokens=
 
 @pytest.fixture(scope="module")
 def hs(llama_dir, tmp_path_factory):
-    from softprompt.models import load_model
-
-    model, tok = load_model(str(llama_dir))
-    root = tmp_path_factory.mktemp("hostile")
-    H = model.config.hidden_size
-    gen = torch.Generator().manual_seed(1)
-    prompts = {"facts": str(save_prompt(SoftPrompt(torch.randn(4, H, generator=gen)), root / "facts", {})),
-               "reviews": str(save_prompt(SoftPrompt(torch.randn(3, H, generator=gen)), root / "reviews",
-                                          {"labels": ["negative", "positive"]}))}
-    with running(model, tok, prompts, replace(CFG, read_timeout=1.0)) as (app, run):
-        client = httpx.Client(base_url=run.url, timeout=30)
-
-        class S:
-            pass
-
-        s = S()
-        s.model, s.tok, s.app, s.run, s.client, s.root = model, tok, app, run, client, root
-        s.sched, s.port = app.state.scheduler, run.port
+    specs = {"facts": (4, 1.0, {}), "reviews": (3, 1.0, {"labels": ["negative", "positive"]})}
+    with served(llama_dir, tmp_path_factory.mktemp("hostile"), specs, replace(CFG, read_timeout=1.0), seed=1) as s:
         yield s
-        client.close()
 
 
 def metrics(s) -> str:

@@ -15,8 +15,7 @@ httpx = pytest.importorskip("httpx")
 from softprompt.classify import continuation_logprobs  # noqa: E402
 from softprompt.config import GenerateConfig, ServeConfig  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
-from softprompt.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
-from serve_helpers import gated, in_threads, running, wait_depth  # noqa: E402
+from serve_helpers import gated, in_threads, served, wait_depth  # noqa: E402
 
 TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a teacher.\nPrompt:"]
 NAMES = ["tiny-base", "facts", "chatty"]
@@ -24,27 +23,11 @@ NAMES = ["tiny-base", "facts", "chatty"]
 
 @pytest.fixture(scope="module")
 def lp(llama_dir, tmp_path_factory):
-    from softprompt.models import load_model
-
-    model, tok = load_model(str(llama_dir))
-    root = tmp_path_factory.mktemp("prompts")
-    H = model.config.hidden_size
-    gen = torch.Generator().manual_seed(3)
-    dirs = {"facts": save_prompt(SoftPrompt(torch.randn(4, H, generator=gen) * 0.5), root / "facts", {}),
-            "chatty": save_prompt(SoftPrompt(torch.randn(3, H, generator=gen) * 0.5), root / "chatty",
-                                  {"chat": True})}
     cfg = ServeConfig(max_batch=8, max_queue=16, batch_wait_ms=2, max_input_tokens=48, max_new_tokens=16,
                       default_max_tokens=4)
-    with running(model, tok, {k: str(v) for k, v in dirs.items()}, cfg) as (app, run):
-        with httpx.Client(base_url=run.url, timeout=60) as client:
-            class S:
-                pass
-
-            s = S()
-            s.model, s.tok, s.client, s.app, s.url, s.llama_dir = model, tok, client, app, run.url, llama_dir
-            s.prompts = {k: load_prompt(str(v), model).embeds.detach() for k, v in dirs.items()}
-            s.prompts["tiny-base"] = None
-            yield s
+    specs = {"facts": (4, 0.5, {}), "chatty": (3, 0.5, {"chat": True})}
+    with served(llama_dir, tmp_path_factory.mktemp("prompts"), specs, cfg, seed=3, timeout=60) as s:
+        yield s
 
 
 def post(s, body: dict, path: str = "/v1/completions") -> dict:

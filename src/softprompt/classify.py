@@ -1,9 +1,7 @@
 """Rank classification: which label word the model finds most probable after an input.
 
-One rule for a label word's tokens and one scorer, used by evaluation, prompt ensembles, the
-server's /v1/classify and training's label-word loss:
-- the rule: a label word follows its input after a space ("Sentiment: positive"), unless the
-  input already ends in whitespace; its tokens therefore depend on the input's last character;
+One rule for a label word's tokens (labels.py) and one scorer, used by evaluation, prompt
+ensembles, the server's /v1/classify and training's label-word loss:
 - the scorer: log-probability of each candidate's tokens after each row's input, every row with
   its own soft prompt (or none). Single-token candidates need one forward pass over the inputs
   (the next-token distribution holds them all); multi-token ones one pass per (row, candidate),
@@ -19,19 +17,10 @@ from tqdm.auto import tqdm
 
 from .batching import Example, collate
 from .forward import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
+from .labels import label_token_ids
 from .utils import SoftpromptError
 
 Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, input token ids)
-
-
-def label_text(word: str, rendered_input: str) -> str:
-    """`word` as it follows `rendered_input`: " positive" after "Sentiment:", no extra space after
-    a newline or a trailing space."""
-    return word if (not rendered_input or rendered_input[-1].isspace()) else " " + word
-
-
-def label_token_ids(tok, words: list[str], rendered_input: str) -> list[list[int]]:
-    return [tok(label_text(w, rendered_input), add_special_tokens=False).input_ids for w in words]
 
 
 def row_candidates(fmt, examples: list[Example]) -> list[list[list[int]]]:

@@ -44,7 +44,7 @@ COMMANDS: dict[str, Command] = {
                            functions=("add_export_arguments", "run_export")),
     "import-peft": Command("softprompt.peft_io", "convert a PEFT prompt-tuning adapter into a softprompt folder",
                            functions=("add_import_arguments", "run_import")),
-    "push": Command("softprompt.hub", "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
+    "push": Command("softprompt.hub_push", "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
                     "Upload a prompt folder to a Hub model repository: softprompt's files and the run's records, "
                     "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
                     "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "

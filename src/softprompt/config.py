@@ -16,11 +16,11 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from . import inits
+from . import inits, quantize, shard
+from .forward_path import PATHS
 from .utils import SoftpromptError, short
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
-FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")  # forward.py's paths, and the CUDA-graph step
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
@@ -101,7 +101,7 @@ class ModelConfig:
     device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
     quantize: str = opt("none", "hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes: 8bit is "
                                 "LLM.int8(), 4bit is NF4); needs pip install 'softprompt[quant]'",
-                        choices=["none", "8bit", "4bit"])
+                        choices=list(quantize.CHOICES))
 
     def __post_init__(self):
         require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
@@ -198,7 +198,7 @@ class TrainConfig:
                             "sequence), graphed (the packed step replayed as a CUDA graph: GPUs, one process), kv "
                             "(the prompt's keys/values computed once, shared by the rows), concat (the prompt "
                             "prepended to every row, as PEFT does); auto: graphed on a GPU, else packed where the "
-                            "model allows it, else kv (the run records the choice and why)", choices=list(FORWARD_PATHS))
+                            "model allows it, else kv (the run records the choice and why)", choices=list(PATHS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
     grad_accum: int = opt(1, "run each batch as N micro-batches of --batch-size/N rows, one after another, and take "
@@ -209,7 +209,7 @@ class TrainConfig:
                                               "forward pass of time")
     shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
                              "start several with torchrun or accelerate launch), the prompt replicated",
-                     choices=["none", "fsdp"])
+                     choices=list(shard.CHOICES))
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "
                       "weight instead (no prompt; saves the whole model in OUT/model; use a small --lr "
                       "such as 2e-5; one process, no --resume)", choices=["prompt", "full"])

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .families import decoder, packing_obstacle
+from .families import decoder
 from .forward import logits, needed_inputs, token_losses
-from .utils import SoftpromptError
 
 MAX_TOKENS = 4096  # the dense mask is [N, N]: past this the eager packed path (per-row attention) wins
 
@@ -40,41 +39,6 @@ def capturable_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def graph_obstacle(model, processes: int, prompt_tuning: bool) -> str | None:
-    """Why this run's step cannot be a CUDA graph (None when it can)."""
-    if model.device.type != "cuda":
-        return f"no CUDA device ({model.device.type})"
-    if processes > 1:
-        return f"{processes} processes (the gradient all-reduce runs outside a graph)"
-    if not prompt_tuning:
-        return "full fine-tuning (graphs are for the soft prompt's step)"
-    if not str(model.config._attn_implementation).endswith("sdpa"):
-        return f"attention implementation {model.config._attn_implementation!r} (the dense mask needs SDPA)"
-    return packing_obstacle(model)
-
-
-def training_path(model, requested: str, processes: int = 1, prompt_tuning: bool = True) -> tuple[str, str]:
-    """The forward path a training run takes for `--forward-path requested`, and why."""
-    packing = packing_obstacle(model)
-    graphs = graph_obstacle(model, processes, prompt_tuning)
-    if requested in ("kv", "concat"):
-        return requested, "as requested"
-    if requested == "packed":
-        if packing:
-            raise SoftpromptError(f"--forward-path packed: {packing}; use --forward-path kv or auto")
-        return "packed", "as requested"
-    if requested == "graphed":
-        if graphs:
-            raise SoftpromptError(f"--forward-path graphed: {graphs}; use --forward-path auto")
-        return "graphed", "as requested"
-    if graphs is None:
-        return "graphed", ("CUDA device: the packed step replayed as one CUDA graph (a small model's step on a GPU "
-                           "is bound by launching its kernels from Python)")
-    if packing:
-        return "kv", f"{packing}: the prompt's keys/values computed once and shared by the rows"
-    return "packed", f"prompt and rows as one padding-free sequence; not graphed: {graphs}"
 
 
 def bucket(n: int, floor: int = 64) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from .batching import Example
 from .chat import chat_example
-from .classify import label_text
+from .labels import label_text
 from .config import DataConfig, is_unicode
 from .datasource import column_names, read_rows, take
 from .utils import SoftpromptError
@@ -140,10 +140,6 @@ class Formatter:
     def label_ids(self, rendered_input: str = " ") -> list[list[int]]:
         return [self.tok(self.label_text(k, rendered_input), add_special_tokens=False).input_ids
                 for k in range(len(self.label_words))]
-
-    def candidates(self, ex: Example) -> list[list[int]]:
-        """Token ids of every label word as they would follow `ex`'s input."""
-        return self.label_ids(self.render_input(ex.text))
 
     def encode(self, row: dict, where: str = "") -> Example | None:
         self.check_columns(row, where)

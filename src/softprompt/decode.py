@@ -26,6 +26,7 @@ from .batching import pad_id
 from .config import GenerateConfig
 from .families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
 from .forward import logits, prefix_kv
+from .prompt_protocol import Prompt
 from .sampling import Sampling, pick
 from .utils import SoftpromptError
 
@@ -48,14 +49,18 @@ class PromptKV:
         self.store: dict[int, PrefixState] = {}
 
     @torch.no_grad()
-    def get(self, prompt: torch.Tensor | None) -> PrefixState | None:
-        if prompt is None or prompt.shape[0] == 0:
+    def get(self, prompt) -> PrefixState | None:
+        """The cached state of `prompt` (a Prompt or its [P, H] embeddings; None: no prompt)."""
+        if prompt is None or (not isinstance(prompt, Prompt) and prompt.shape[0] == 0):
             return None
         key = id(prompt)
         if key not in self.store or self.store[key].source is not prompt:
-            dtype = self.model.get_input_embeddings().weight.dtype
-            layers, _ = prefix_kv(self.model, prompt.to(self.model.device, dtype))
-            self.store[key] = PrefixState([(k.detach(), v.detach()) for k, v in layers], prompt.shape[0], prompt)
+            if isinstance(prompt, Prompt):  # its own keys and values, whatever its kind
+                layers, P = prompt.past_key_values(self.model), prompt.length
+            else:
+                dtype = self.model.get_input_embeddings().weight.dtype
+                layers, P = prefix_kv(self.model, prompt.to(self.model.device, dtype))[0], prompt.shape[0]
+            self.store[key] = PrefixState([(k.detach(), v.detach()) for k, v in layers], P, prompt)
         return self.store[key]
 
     def drop(self, prompt: torch.Tensor) -> None:

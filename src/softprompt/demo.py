@@ -53,7 +53,7 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
           f"base weights unchanged: {summary['base_weights_unchanged']}")
     texts = [ex.text for ex in eval_ex[:show]]
     gcfg = GenerateConfig(max_new_tokens=24)
-    rows = [(q, encode_for_generation(tok, t)) for t in texts for q in (None, prompt.embeds.detach())]
+    rows = [(q, encode_for_generation(tok, t)) for t in texts for q in (None, prompt.input_embeds().detach())]
     outs = generate_batch(m, tok, rows, gcfg, PromptKV(m))
     print("\nbaseline (untuned) vs tuned, greedy, held-out countries:")
     for i, t in enumerate(texts):

@@ -20,7 +20,10 @@ import torch
 from .batching import Example, pad_id
 from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig, add_args, from_args
-from .data import Formatter
+from .data import Formatter, load_splits
+from .models import load_model
+from .prompt import load_prompt
+from .utils import SoftpromptError
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
@@ -63,16 +66,11 @@ def ensemble_report(scores: torch.Tensor, gold: torch.Tensor, names: list[str]) 
 def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], model=None, tok=None,
                  progress: bool = True) -> dict[str, Any]:
     """Score every row of `dcfg.data` with each prompt alone and with the ensemble of all of them."""
-    from .data import load_splits
-    from .models import load_model
-    from .prompt import load_prompt
-    from .utils import SoftpromptError
-
     if len(prompt_dirs) < 2:
         raise SoftpromptError("ensemble needs at least two prompt folders")
     if model is None:
         model, tok = load_model(mcfg)
-    prompts = [load_prompt(d, model).embeds.detach() for d in prompt_dirs]
+    prompts = [load_prompt(d, model).input_embeds().detach() for d in prompt_dirs]
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")

@@ -20,6 +20,8 @@ from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig, add_args, from_args
 from .data import Formatter, load_splits
 from .forward import row_logprobs
+from .models import load_model
+from .prompt import load_prompt
 from .utils import SoftpromptError
 
 
@@ -79,9 +81,6 @@ def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_
 def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
                 model=None, tok=None) -> dict[str, Any]:
     """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`."""
-    from .models import load_model
-    from .prompt import load_prompt
-
     if model is None:
         model, tok = load_model(mcfg)
     p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)

@@ -11,7 +11,12 @@ Hugging Face causal LMs differ in a handful of ways that matter to a soft prompt
 - sliding-window attention (Mistral, Gemma 2/3, Phi-3, Starcoder2, GPT-OSS) or positions taken from
   the key's column (MPT's ALiBi): a row's real tokens must then be contiguous, with no padding
   between its prompt and its text (`needs_contiguous_rows`);
-- the longest sequence it was built for (`max_positions`).
+- the longest sequence it was built for (`max_positions`);
+- where its decoder layers are (`decoder_layers`: sharding, activation checkpointing), and the
+  shape of its key/value cache (`kv_geometry`: the static decoder's slot buffers);
+- the names its config.json gives the layer and head counts (`layer_and_head_counts`: PEFT's config);
+- whether the packed sequence can run under one dense [N, N] mask (`dense_mask_obstacle`: the
+  CUDA-graphed training step).
 A new family with a quirk of its own adds it here, plus its tiny model in tests/conftest.py.
 """
 from __future__ import annotations
@@ -39,6 +44,15 @@ def packing_obstacle(model) -> str | None:
     if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
         return f"{model.config.model_type} has sliding-window layers"
     return None
+
+
+def dense_mask_obstacle(model) -> str | None:
+    """Why the packed sequence cannot run under one dense 4D mask (None when it can): SDPA takes
+    such a mask as it is; the other attention implementations are not known to."""
+    impl = model.config._attn_implementation
+    if not str(impl).endswith("sdpa"):
+        return f"attention implementation {impl!r} (the dense mask needs SDPA)"
+    return packing_obstacle(model)
 
 
 def can_pack(model) -> bool:
@@ -91,3 +105,26 @@ def check_positions(model, virtual_tokens: int, tokens: int = 0) -> None:
 
 def hidden_size(model) -> int:
     return model.get_input_embeddings().weight.shape[1]
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers (transformers marks each with GradientCheckpointingLayer), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def kv_geometry(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the model's key/value cache."""
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, heads, d
+
+
+def layer_and_head_counts(config: dict) -> tuple[int | None, int | None]:
+    """(layers, attention heads) from a config.json's dict; the names differ by family:
+    num_hidden_layers (Llama...), n_layer (GPT-2, BLOOM), n_layers (MPT)."""
+    layers = next((config[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if config.get(k)), None)
+    heads = next((config[k] for k in ("num_attention_heads", "n_head", "n_heads") if config.get(k)), None)
+    return layers, heads

@@ -9,8 +9,9 @@ Equivalent paths:
   runs once as a batch of 1, its KV cache is broadcast to the B rows (a view, so the gradient of
   every row flows back into the one prompt), and only the [B, T] text runs after it.
 The `path` argument names one of them: "concat" (PEFT's), "kv" (prompt KV shared), "packed", or
-"auto" (packed where the model and batch allow it, else kv). Rows that each carry their own prompt
-(ensembles, mixed requests) go through `mixed_hidden` instead.
+"auto" (packed where the model and batch allow it, else kv); forward_path.choose_path decides.
+Rows that each carry their own prompt (ensembles, mixed requests) go through `mixed_hidden`
+instead. A prompt comes as a prompt_protocol.Prompt or as its [P, H] input embeddings.
 Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
 formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
 """
@@ -21,27 +22,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from .config import FORWARD_PATHS as PATHS
-from .families import decoder, logit_scale, logit_softcap, packing_obstacle
-from .packing import packable, packed_hidden
-from .utils import SoftpromptError
+from .families import decoder, logit_scale, logit_softcap
+from .forward_path import choose_path
+from .packing import packed_hidden
+from .prompt_protocol import embeds_of
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
-
-
-def choose_path(model, attention_mask: torch.Tensor, path: str = "auto") -> str:
-    """The concrete path ("packed", "kv" or "concat") that `path` means for this model and batch."""
-    if path not in PATHS:
-        raise SoftpromptError(f"unknown forward path {path!r}: use {', '.join(PATHS)}")
-    if path == "graphed":  # a training-step mode (cuda_graphs.py); a single forward pass packs as auto does
-        path = "auto"
-    if path == "auto":
-        return "packed" if packable(model, attention_mask) else "kv"
-    if path == "packed" and not packable(model, attention_mask):
-        why = packing_obstacle(model) or "the rows are not right-padded"
-        raise SoftpromptError(f"--forward-path packed: {why}; use --forward-path kv or auto")
-    return path
 
 
 def prefix_kv(model, prompt: torch.Tensor):
@@ -59,10 +46,12 @@ def expand_kv(layers, batch: int) -> DynamicCache:
                                         for k, v in layers])
 
 
-def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def text_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 path: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states [B, T, H] of the text after the prompt, and the prompt's last hidden state
-    ([1 or B, H], None when there is no prompt), which predicts the first text token."""
+    """Hidden states [B, T, H] of the text after the prompt (a Prompt, its [P, H] embeddings or
+    None), and the prompt's last hidden state ([1 or B, H], None when there is no prompt), which
+    predicts the first text token."""
+    prompt = embeds_of(prompt)
     embed = model.get_input_embeddings()
     x = embed(input_ids)  # [B, T, H]
     B = x.shape[0]
@@ -71,7 +60,7 @@ def text_hidden(model, prompt: torch.Tensor | None, input_ids: torch.Tensor, att
         return h, None
     prompt = prompt.to(x.dtype)
     P = prompt.shape[0]
-    path = choose_path(model, attention_mask, path)
+    path = choose_path(model, path, rows=attention_mask).path
     if path == "packed":
         return packed_hidden(model, prompt, x, attention_mask)
     mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # [B, P+T]
@@ -90,10 +79,12 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def mixed_hidden(model, prompts: list[torch.Tensor | None], seqs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-    """Hidden states [B, L, H] of rows [prompts[b] ; seqs[b]], each with a prompt of its own (or
-    none), right-padded: pads come after every real token, so a causal model's real positions are
-    untouched by them. Also each row's prompt length, where its text starts."""
+def mixed_hidden(model, prompts: list, seqs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Hidden states [B, L, H] of rows [prompts[b] ; seqs[b]], each with a prompt of its own (a
+    Prompt, its [P, H] embeddings, or none), right-padded: pads come after every real token, so a
+    causal model's real positions are untouched by them. Also each row's prompt length, where its
+    text starts."""
+    prompts = [embeds_of(p) for p in prompts]
     embed = model.get_input_embeddings()
     dtype, dev = embed.weight.dtype, embed.weight.device
     text = [embed(torch.tensor(s, dtype=torch.long, device=dev)) for s in seqs]

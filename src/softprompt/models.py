@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import BUILTIN_MODEL, ModelConfig
+from .families import decoder_layers
 from .quantize import keep_cpu_kernels_in_range, quantization_config
 from .utils import SoftpromptError, atomic_dir
 
@@ -159,15 +160,13 @@ def set_checkpointing(model, on: bool) -> None:
     each layer keeps only its input and recomputes the rest in backward. transformers checkpoints a
     layer only in training mode; the model stays in eval mode (no dropout), so only the layers
     themselves are marked as training, not the modules inside them."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise SoftpromptError(f"--gradient-checkpointing: {model.config.model_type} models do not support it")
     if on:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.activation_checkpointing_disable()
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not layers:
         raise SoftpromptError(f"--gradient-checkpointing: {model.config.model_type}'s layers cannot be checkpointed")
     for m in layers:

@@ -27,6 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .families import can_pack, decoder
+from .forward_path import right_padded
 
 IMPL = "softprompt_packed"  # prefix of the registered attention names
 
@@ -63,11 +64,7 @@ class Layout:
 
 def packable(model, attention_mask: torch.Tensor) -> bool:
     """True when this model and mask can take the packed path (see the module docstring)."""
-    if not can_pack(model):
-        return False
-    m = attention_mask.bool()
-    right_padded = (m.cumsum(1) == m.sum(1, keepdim=True)) | m  # no real token after a pad
-    return bool(right_padded.all())
+    return can_pack(model) and right_padded(attention_mask)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

@@ -10,8 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
+from .config import BUILTIN_MODEL
+from .families import layer_and_head_counts
+from .hub import download, is_hub
 from .inits import peft_init
-from .prompt import CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE, load_prompt, read_prompt_tensor
+from .models import builtin_model_dir
+from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
 from .utils import SoftpromptError, atomic_dir, check_dest, read_json, short
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -21,19 +25,14 @@ EXPORT_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, OURS}  # what export-peft write
 IMPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE}
 
 
-def _model_geometry(name: str) -> dict:
+def model_geometry(name: str) -> dict:
     """num_layers / num_attention_heads for PEFT's config, read from a local model folder if we can."""
-    from .config import BUILTIN_MODEL
-    from .models import builtin_model_dir
-
     try:
         folder = builtin_model_dir() if name == BUILTIN_MODEL else Path(name)
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, SoftpromptError):
         return {}
-    # The names differ by family: num_hidden_layers (Llama...), n_layer (GPT-2, BLOOM), n_layers (MPT).
-    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if cfg.get(k)), None)
-    heads = next((cfg[k] for k in ("num_attention_heads", "n_head", "n_heads") if cfg.get(k)), None)
+    layers, heads = layer_and_head_counts(cfg)
     return {"num_layers": layers, "num_attention_heads": heads}
 
 
@@ -53,6 +52,10 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
 
     check_dest(out, "OUT", overwrite, EXPORT_FILES, local_sources(prompt_dir))
     prompt = load_prompt(prompt_dir)
+    embeds = prompt.input_embeds()
+    if embeds is None:  # PEFT's prompt tuning is input embeddings: other kinds have no such adapter
+        raise SoftpromptError(f"{prompt_dir}: a {prompt.kind!r} prompt has no input embeddings to export as "
+                              "PEFT prompt tuning")
     meta = prompt.meta
     model = base_model or meta.get("model", "")
     init = meta.get("init", "random")
@@ -60,10 +63,10 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": model,
-        "num_virtual_tokens": prompt.num_tokens,
+        "num_virtual_tokens": prompt.length,
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
-        **_model_geometry(model),
+        **model_geometry(model),
         "prompt_tuning_init": peft_init(init),
         "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
         "tokenizer_name_or_path": model if init == "text" else None,
@@ -74,7 +77,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "auto_mapping": None,
     }
     with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
-        save_file({TENSOR_NAME: prompt.embeds.detach().contiguous()}, str(tmp / ADAPTER_WEIGHTS))
+        save_file({TENSOR_NAME: embeds.detach().contiguous()}, str(tmp / ADAPTER_WEIGHTS))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         # Keep our own record beside PEFT's so a round trip loses nothing.
         (tmp / OURS).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -86,8 +89,6 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     """PEFT prompt-tuning adapter folder (or `hf://REPO_ID[@REV]`) -> softprompt folder (written
     atomically; `out` as for export_peft)."""
     from safetensors.torch import save_file
-
-    from .hub import download, is_hub
 
     source = str(peft_dir)
     check_dest(out, "OUT", overwrite, IMPORT_FILES, local_sources(peft_dir))
@@ -120,7 +121,8 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     meta = read_json(ours) if ours.is_file() else {"init": "peft"}
     if not isinstance(meta, dict):
         raise SoftpromptError(f"{ours} must hold a JSON object, got {type(meta).__name__}")
-    meta.update({"format": "softprompt/1", "model": model_name or cfg.get("base_model_name_or_path", ""),
+    meta.update({"format": FORMAT, "kind": SoftPrompt.kind,
+                 "model": model_name or cfg.get("base_model_name_or_path", ""),
                  "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": source})
     with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))

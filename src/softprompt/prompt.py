@@ -1,9 +1,11 @@
-"""The soft prompt: a `P x hidden` trainable tensor prepended to the input embeddings.
+"""The soft prompt: a `P x hidden` trainable tensor prepended to the input embeddings, the first
+kind of prompt_protocol.Prompt (kind "prompt").
 
 Also how a new prompt is made (by one of the strategies in inits.py) and its file format:
 `prompt.safetensors` (one tensor, `prompt_embeddings`, shape [P, H], as PEFT names it) plus
-`prompt_config.json` recording the model it was trained for, its hidden size, the init and the
-data template. Files are read only through safetensors (never pickle).
+`prompt_config.json` recording the prompt's kind, the model it was trained for, its hidden size,
+the init and the data template. A folder without a "kind" (written before kinds existed) holds a
+soft prompt. Files are read only through safetensors (never pickle).
 """
 from __future__ import annotations
 
@@ -17,7 +19,12 @@ import torch
 from torch import nn
 
 from .config import PromptConfig
+from .families import hidden_size
+from .forward import prefix_kv
+from .hub import download, is_hub
 from .inits import INITS, InitInputs, resolve
+from .labels import label_token_ids
+from .prompt_protocol import KeyValues, Prompt
 from .utils import SoftpromptError, read_json, short
 
 FORMAT = "softprompt/1"
@@ -27,7 +34,10 @@ CONFIG_FILE = "prompt_config.json"
 
 
 class SoftPrompt(nn.Module):
-    """Holds the prompt in fp32 whatever the model dtype: updates of ~1e-4 vanish in bf16."""
+    """Holds the prompt in fp32 whatever the model dtype: updates of ~1e-4 vanish in bf16.
+    Implements prompt_protocol.Prompt."""
+
+    kind = "prompt"
 
     def __init__(self, embeds: torch.Tensor, meta: dict[str, Any] | None = None):
         super().__init__()
@@ -39,22 +49,42 @@ class SoftPrompt(nn.Module):
         return self.embeds.shape[0]
 
     @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
     def hidden_size(self) -> int:
         return self.embeds.shape[1]
 
-    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def input_embeds(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[P, H]: the trainable tensor itself (or a cast of it), so that gradients reach it."""
         return self.embeds if dtype is None else self.embeds.to(dtype)
+
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.input_embeds(dtype)
+
+    def past_key_values(self, model) -> KeyValues:
+        """The embeddings run through `model` alone: per-layer (keys, values), batch 1."""
+        dtype = model.get_input_embeddings().weight.dtype
+        return prefix_kv(model, self.embeds.to(model.device, dtype))[0]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {TENSOR_NAME: self.embeds.detach().float().contiguous().cpu()}
+
+
+KINDS: dict[str, type[SoftPrompt]] = {SoftPrompt.kind: SoftPrompt}  # prompt_config.json's "kind" -> its class
 
 
 def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = None,
                 default_text: str = "", seed: int = 0, label_input: str = ":") -> SoftPrompt:
     """A new prompt, made by the strategy `cfg.init` names (inits.py). `label_input`: a rendered
     input the label words follow, for `labels` (its last character decides their leading space,
-    classify.label_text); the default stands for one ending in a non-space, as "Sentiment:" does."""
+    labels.label_text); the default stands for one ending in a non-space, as "Sentiment:" does."""
     emb = model.get_input_embeddings().weight.detach().float()  # [V, H]
     init = resolve(cfg.init, label_words)
-    x = InitInputs(model, tok, cfg, emb, torch.Generator().manual_seed(seed), label_words or [], label_input,
-                   default_text)
+    label_ids = label_token_ids(tok, label_words, label_input) if label_words and init == "labels" else []
+    x = InitInputs(model, tok, cfg, emb, torch.Generator().manual_seed(seed), label_ids, default_text,
+                   lambda folder: load_prompt(folder, model).embeds.data)
     embeds, meta = INITS[init].make(x)
     return SoftPrompt(embeds, {"init": init, **meta})
 
@@ -66,11 +96,11 @@ def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Pa
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"format": FORMAT, "num_virtual_tokens": prompt.num_tokens, "hidden_size": prompt.hidden_size,
-           **prompt.meta, **meta}
+    cfg = {"format": FORMAT, "kind": prompt.kind, "num_virtual_tokens": prompt.length,
+           "hidden_size": prompt.hidden_size, **prompt.meta, **meta}
     tmp_w, tmp_c = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
     try:
-        save_file({TENSOR_NAME: prompt.embeds.detach().float().contiguous().cpu()}, str(tmp_w))
+        save_file(prompt.state_tensors(), str(tmp_w))
         tmp_c.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         os.replace(tmp_w, out / WEIGHTS_FILE)
         os.replace(tmp_c, out / CONFIG_FILE)
@@ -105,8 +135,6 @@ def read_prompt_tensor(weights: Path, kind: str) -> torch.Tensor:
 def load_prompt(path: str | Path, model=None) -> SoftPrompt:
     """Load a prompt folder (or a bare .safetensors file, or `hf://REPO_ID[@REV]`, hub.py); check it
     fits `model` when given."""
-    from .hub import download, is_hub
-
     path = download(path) if is_hub(path) else Path(path)
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():
@@ -119,7 +147,11 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
     meta = read_json(config) if config.is_file() else {}
     if not isinstance(meta, dict):
         raise SoftpromptError(f"{config} must hold a JSON object, got {type(meta).__name__}")
-    sp = SoftPrompt(read_prompt_tensor(weights, "prompt"), meta)
+    # No kind: written before prompts had kinds, a soft prompt.
+    kind = meta.get("kind", SoftPrompt.kind)
+    if kind not in KINDS:
+        raise SoftpromptError(f"{config}: unknown prompt kind {short(kind)} (this softprompt reads {', '.join(KINDS)})")
+    sp = KINDS[kind](read_prompt_tensor(weights, "prompt"), meta)
     check_prompt(sp, f"prompt {path}")
     if model is not None:
         check_fits(sp.hidden_size, model, f"prompt {path}", meta.get("model"))
@@ -127,10 +159,10 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
     return sp
 
 
-def check_prompt(sp: SoftPrompt, what: str) -> None:
+def check_prompt(sp: Prompt, what: str) -> None:
     """Finite values, and the config fields that commands and the server read, of the types they
     read them as (what the server checked alone before issue 27)."""
-    if not torch.isfinite(sp.embeds).all():
+    if not all(torch.isfinite(t).all() for t in sp.state_tensors().values()):
         raise SoftpromptError(f"{what} holds NaN or infinite values")
     meta = sp.meta
     labels = meta.get("labels")
@@ -176,8 +208,6 @@ def warn_other_base(trained_for: str | None, model, what: str) -> None:
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:
-    from .families import hidden_size
-
     H = hidden_size(model)
     if hidden != H:
         extra = f" (it was trained for {trained_for})" if trained_for else ""

@@ -18,10 +18,12 @@ hidden size: one trained on a quantized base loads onto the full-precision one a
 from __future__ import annotations
 
 import importlib.util
-
-import torch
+from typing import TYPE_CHECKING
 
 from .utils import SoftpromptError
+
+if TYPE_CHECKING:  # config.py reads CHOICES: no torch for `--help`
+    import torch
 
 CHOICES = ("none", "8bit", "4bit")
 INSTALL = "pip install 'softprompt[quant]' (bitsandbytes)"

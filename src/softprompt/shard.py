@@ -16,17 +16,10 @@ Two choices differ from `accelerate launch --use_fsdp`:
 """
 from __future__ import annotations
 
-import torch
-
+from .families import decoder_layers
 from .utils import SoftpromptError
 
 CHOICES = ("none", "fsdp")
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def shard_decoder(model, processes: int) -> None:

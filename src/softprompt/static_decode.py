@@ -21,7 +21,7 @@ import torch
 
 from .cuda_graphs import bucket, capturable_attention
 from .decode import DecodeBatch, Row, Group
-from .families import can_pack, decoder, takes_position_ids
+from .families import can_pack, decoder, kv_geometry, takes_position_ids
 from .forward import logits
 
 
@@ -63,17 +63,15 @@ class StaticDecodeBatch(DecodeBatch):
 
     def _allocate(self, S: int, L: int) -> None:
         """(Re)allocate the slot buffers for S slots of L columns, keeping every slot's state."""
-        cfg = self.model.config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, heads, d = kv_geometry(self.model)
         dt = self.model.get_input_embeddings().weight.dtype
         old = (self.S, self.L, getattr(self, "kv_layers", None), getattr(self, "mask", None))
         self.kv_layers = [(torch.zeros(S, heads, L, d, dtype=dt, device=self.dev),
-                           torch.zeros(S, heads, L, d, dtype=dt, device=self.dev)) for _ in range(cfg.num_hidden_layers)]
+                           torch.zeros(S, heads, L, d, dtype=dt, device=self.dev)) for _ in range(layers)]
         self.mask = torch.zeros(S, L, dtype=torch.bool, device=self.dev)
         self.mask[:, 0] = True  # free slots see one column, so no attention row is empty
         new_state = {k: torch.zeros(S, dtype=torch.long, device=self.dev) for k in ("col", "pos", "tok", "alive")}
-        z = torch.zeros(S, cfg.vocab_size, dtype=torch.float32, device=self.dev)
+        z = torch.zeros(S, self.model.config.vocab_size, dtype=torch.float32, device=self.dev)
         if old[2] is not None:
             s0, l0 = old[0], old[1]
             for (K, V), (k, v) in zip(self.kv_layers, old[2]):

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from .batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
 from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args, to_dict
-from .cuda_graphs import GraphedStep, training_path
+from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
 from .evaluate import evaluate
 from .families import check_positions
 from .forward import batch_loss
+from .forward_path import choose_path
 from .inits import resolve
-from .methods import METHODS
+from .methods import METHODS, Method
 from . import trackers as tracking
 from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
@@ -91,14 +92,14 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
     return pcfg, tcfg
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """What one training run holds; `setup` builds it."""
+    """What one training run holds; `setup` builds it (by keyword: its fields are many and alike)."""
     cfg: TrainConfig                # resolved: no 'auto' left
     acc: Any                        # accelerate.Accelerator
     model: Any
     tok: Any
-    method: Any                     # methods.PromptTuning or methods.FullFineTuning
+    method: Method                  # methods.PromptTuning or methods.FullFineTuning
     params: list[torch.nn.Parameter]
     fmt: Formatter
     train_ex: list[Example]
@@ -112,7 +113,7 @@ class Run:
     hash_before: str
     # What a checkpoint restores: step, best score, evaluations without improvement, time, tokens.
     state: dict[str, Any]
-    path: str = "auto"                   # the forward path taken (cuda_graphs.training_path) ...
+    path: str = "auto"                   # the forward path taken (forward_path.choose_path) ...
     path_reason: str = ""                # ... and why
     graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
     trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
@@ -192,17 +193,18 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     hash_before = weights_hash(model)  # before any sharding
     if tcfg.shard == "fsdp":
         shard_decoder(model, acc.num_processes)
-    path, why = training_path(model, tcfg.forward_path, acc.num_processes, tcfg.method == "prompt")
+    path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
+                            prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing)
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
-        if path == "kv":  # transformers' checkpointed layers drop the cache that carries the prompt's keys
-            path, why = "concat", f"{why}; --gradient-checkpointing: concat (checkpointed layers take no prompt cache)"
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
     fp16 = model.dtype == torch.float16 and all(p.dtype == torch.float32 for p in params)
     scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
-    graphed = GraphedStep(model, method.prompt.embeds, pad_id(tok), class_ids) if path == "graphed" else None
-    run = Run(tcfg, acc, model, tok, method, params, fmt, train_ex, eval_ex, class_ids, opt, sched, per_epoch,
-              total, meta, hash_before, state, path, why, graphed, trackers, scaler, lock)
+    graphed = GraphedStep(model, method.prompt.input_embeds(), pad_id(tok), class_ids) if path == "graphed" else None
+    run = Run(cfg=tcfg, acc=acc, model=model, tok=tok, method=method, params=params, fmt=fmt, train_ex=train_ex,
+              eval_ex=eval_ex, class_ids=class_ids, opt=opt, sched=sched, per_epoch=per_epoch, total=total, meta=meta,
+              hash_before=hash_before, state=state, path=path, path_reason=why, graphed=graphed, trackers=trackers,
+              scaler=scaler, lock=lock)
     if tcfg.resume:
         run.state = load_checkpoint(run.out, method, opt, sched)
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
@@ -257,8 +259,8 @@ def micro_loss(run: Run, batch: Batch, n_global: torch.Tensor) -> torch.Tensor:
         if loss is not None:
             return loss / scale
     with acc.accumulate(run.method.synced()):
-        path = "auto" if run.path == "graphed" else run.path
-        loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch.to(acc.device), path, run.class_ids)
+        # A batch the graph cannot take runs eagerly: choose_path packs it as auto does.
+        loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch.to(acc.device), run.path, run.class_ids)
         # Normalised by the global token count so that micro-batches and N processes add up to the
         # 1-process loss of the whole batch (DDP averages over processes: hence x world; accelerate's
         # backward divides by the accumulation steps, which these shares already are: hence x steps).

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
 from ..families import max_positions
-from ..prompt import SoftPrompt
+from ..prompt_protocol import Prompt
 from ..utils import SoftpromptError
 from .context import ServerContext
 from .metrics import Metrics, RequestGuard
@@ -29,9 +29,9 @@ DESCRIPTION = ("Many soft prompts served from one frozen model, with mixed-promp
                "OpenAI-compatible: `model` names a soft prompt, or the base model for none.")
 
 
-def create_app(model, tok, prompts: dict[str, SoftPrompt | str | Path], cfg: ServeConfig | None = None,
+def create_app(model, tok, prompts: dict[str, Prompt | str | Path], cfg: ServeConfig | None = None,
                model_name: str | None = None) -> FastAPI:
-    """The server for `model` with `prompts` (name -> SoftPrompt or prompt folder) loaded."""
+    """The server for `model` with `prompts` (name -> Prompt, such as a SoftPrompt, or prompt folder) loaded."""
     cfg = cfg or ServeConfig()
     check_config(cfg)
     base = model_name or Path(str(getattr(model.config, "_name_or_path", "") or "base")).name or "base"

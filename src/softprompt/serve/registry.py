@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..prompt import CONFIG_FILE, SoftPrompt, check_fits, check_prompt, load_prompt
+from ..prompt import CONFIG_FILE, check_fits, check_prompt, load_prompt
+from ..prompt_protocol import Prompt
 from ..utils import SoftpromptError, read_json
 from .protocol import ApiError
 
@@ -41,16 +42,17 @@ class Registry:
         self.lock = threading.Lock()
         self.items: dict[str, Loaded] = {base_name: Loaded(base_name, None, {}, "", int(time.time()))}
 
-    def add(self, name: str, prompt: SoftPrompt | str | Path) -> Loaded:
+    def add(self, name: str, prompt: Prompt | str | Path) -> Loaded:
         if not NAME_RE.match(name):
             raise ApiError(400, f"invalid prompt name {name!r}: use letters, digits, '.', '_', ':' or '-' "
                                 "(at most 64)", "name")
-        sp = prompt if isinstance(prompt, SoftPrompt) else read(Path(prompt), self.model)
+        given = isinstance(prompt, Prompt)
+        sp = prompt if given else read(Path(prompt), self.model)
         w = self.model.get_input_embeddings().weight
         check_fits(sp.hidden_size, self.model, f"prompt {name}", sp.meta.get("model"))
-        check_prompt(sp, f"prompt {name}")
-        entry = Loaded(name, sp.embeds.detach().to(w.device, w.dtype), dict(sp.meta),
-                       "" if isinstance(prompt, SoftPrompt) else str(prompt), int(time.time()))
+        check_servable(sp, f"prompt {name}")
+        entry = Loaded(name, sp.input_embeds().detach().to(w.device, w.dtype), dict(sp.meta),
+                       "" if given else str(prompt), int(time.time()))
         with self.lock:
             if name in self.items:
                 raise ApiError(409, f"a model named {name!r} is already loaded: unload it first", "name")
@@ -76,7 +78,7 @@ class Registry:
         return [e.tensor for e in self.items.values() if e.tensor is not None]
 
 
-def read(path: Path, model) -> SoftPrompt:
+def read(path: Path, model) -> Prompt:
     """load_prompt (safetensors only), with what the server's disk may hold turned into one-line errors."""
     config = (path.parent if path.suffix == ".safetensors" else path) / CONFIG_FILE
     try:
@@ -86,3 +88,11 @@ def read(path: Path, model) -> SoftPrompt:
         return load_prompt(path, model)
     except OSError as e:  # too long, not readable...
         raise SoftpromptError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def check_servable(sp: Prompt, what: str) -> None:
+    """The scheduler places a prompt's input embeddings before a row: a kind without them is refused,
+    and the rest is prompt.check_prompt, what every command checks."""
+    if sp.input_embeds() is None:
+        raise SoftpromptError(f"{what} is a {sp.kind!r} prompt: the server serves prompts with input embeddings")
+    check_prompt(sp, what)

@@ -40,6 +40,12 @@ from ..static_decode import decode_batch_for
 from .jobs import ClassifyJob, GenJob, Job, QueueFull, ScoreJob
 
 log = logging.getLogger("softprompt.serve")
+# The counters `stats` keeps, which /metrics reports (routes/ops.py). batches: admissions (jobs taken from
+# the queue at once); decode_steps and decode_rows: engine steps and the rows they advanced (their ratio is
+# the mean batch); *_seconds: the scheduler thread's time by phase.
+COUNTERS = ("batches", "batch_jobs", "gen_rows", "classify_rows", "score_rows", "generated_tokens",
+            "decode_steps", "decode_rows", "prefill_seconds", "decode_seconds", "classify_seconds",
+            "score_seconds", "failed_jobs", "batch_retries", "rejected_jobs", "cancelled_jobs")
 
 
 class LiveBatch:

@@ -1,7 +1,7 @@
 """POST /v1/classify: rank classification of a text over label words, with a task's soft prompt.
 
 The label is the word whose tokens the model finds most probable after the text; the tokens
-follow classify.label_token_ids' rule and are scored by classify.label_scores on the scheduler.
+follow labels.label_token_ids' rule and are scored by classify.label_scores on the scheduler.
 One request may cost at most one full batch's prefill (max_batch x max_input_tokens positions),
 and each label at most --max-input-tokens tokens: multi-token labels take one pass each over text
 + label, and without those bounds a few dozen long labels on a long text (or one label of 2000
@@ -15,7 +15,7 @@ import math
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ...classify import label_token_ids
+from ...labels import label_token_ids
 from ..chat_input import render
 from ..context import Ctx, ServerContext
 from ..registry import Loaded

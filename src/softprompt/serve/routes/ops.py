@@ -5,14 +5,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from ..context import Ctx, ServerContext
+from ..scheduler import COUNTERS
 
 router = APIRouter()
-
-# batches: admissions (jobs taken from the queue at once); decode_steps and decode_rows: engine steps and the
-# rows they advanced (their ratio is the mean batch); *_seconds: the scheduler thread's time by phase.
-SCHEDULER_COUNTERS = ("batches", "batch_jobs", "gen_rows", "classify_rows", "score_rows", "generated_tokens",
-                      "decode_steps", "decode_rows", "prefill_seconds", "decode_seconds", "classify_seconds",
-                      "score_seconds", "failed_jobs", "batch_retries", "rejected_jobs", "cancelled_jobs")
 
 
 @router.api_route("/v1/models", methods=["GET", "HEAD"], tags=["openai"],
@@ -40,7 +35,7 @@ async def metrics_page(ctx: Ctx):
 def server_state(ctx: ServerContext) -> tuple[dict[str, float], dict[str, float]]:
     """The scheduler's counters and the server's gauges, as /metrics reports them at each scrape."""
     sched = ctx.scheduler
-    counters = {k: sched.stats[k] for k in SCHEDULER_COUNTERS}
+    counters = {k: sched.stats[k] for k in COUNTERS}
     gauges = {"queue_depth": sched.depth, "queue_limit": sched.max_queue, "decoding_rows": sched.in_flight,
               "prompts_loaded": len(ctx.registry.items) - 1, "prompt_kv_cached": len(sched.kv.store),
               "scheduler_up": int(sched.alive)}
