@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from . import __version__
 from .utils import SoftpromptError
 
 
@@ -82,6 +83,7 @@ def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dic
     """The top-level parser with every command listed, and each command's own parser; the flags of
     `only` (all commands' when None) added, `--config FILE` among them."""
     ap = Parser(prog="softprompt", description="Prompt tuning for frozen causal language models.")
+    ap.add_argument("--version", action="version", version=f"softprompt {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     parsers = {}
     for name, cmd in COMMANDS.items():
@@ -101,7 +103,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    name = argv[0] if argv and argv[0] in COMMANDS else ""  # the top-level parser has no options but --help
+    name = argv[0] if argv and argv[0] in COMMANDS else ""  # the top-level parser has no options but --help and --version
     ap, parsers = build_parsers(only=name)
     args = ap.parse_args(argv)
     if args.config:  # the file's values become defaults, then argv is parsed again over them
