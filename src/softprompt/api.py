@@ -66,7 +66,8 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
         return None, None
     if tokenizer is None:
         raise TypeError("model= is a loaded model: pass its tokenizer= too (or give model= as a name or folder)")
-    base = getattr(model, "base_model", model)  # a SoftPromptModel's frozen base
+    # A SoftPromptModel's frozen base (an HF model's own `base_model` is its decoder without the head).
+    base = model.get_base_model() if hasattr(model, "prompts") and hasattr(model, "get_base_model") else model
     kwargs["model"] = str(getattr(base, "name_or_path", "") or "model")
     return base, tokenizer
 
