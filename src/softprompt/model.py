@@ -166,8 +166,10 @@ class SoftPromptModel(nn.Module):
             raise RuntimeError(f"unexpected key(s) in state_dict: {extra[:3]} (a SoftPromptModel holds prompts only)")
         return self.prompts.load_state_dict(own, strict=strict, assign=assign)
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As PreTrainedModel's (the Trainer counts FLOPs with it): the base's, plus the prompts'."""
+        n = self.base_model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        return n + sum(p.numel() for p in self.prompts.parameters() if p.requires_grad or not only_trainable)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return self.num_parameters(only_trainable=True), self.num_parameters()
