@@ -166,6 +166,7 @@ def test_peft_generate_snippet_gives_softprompt_tokens(llama_dir, tmp_path):
         assert tok.decode(new[0], skip_special_tokens=True) == r["tuned"]
 
 
+@pytest.mark.slow  # compiling takes minutes on a CPU
 def test_compiled_forward_equals_eager(llama_dir, tmp_path):
     try:
         import torch._inductor  # noqa: F401
@@ -226,6 +227,7 @@ def test_trainer_trains_the_prompt_softprompt_train_trains(llama_dir, tmp_path):
 
 # ---------------------------------------------------------------- the classic script and its twin
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["classic_peft_script.py", "classic_softprompt_script.py"])
 def test_classic_scripts_run_a_few_steps(script, tmp_path):
     if script == "classic_peft_script.py":
@@ -241,3 +243,11 @@ def test_classic_scripts_run_a_few_steps(script, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["steps"] == 2 and r["untuned"] and r["tuned"]
     assert "untuned:" in res.stdout and "tuned:" in res.stdout
+
+
+def test_the_twin_differs_from_the_classic_script_only_in_its_import():
+    peft_lines = (ROOT / "examples" / "classic_peft_script.py").read_text().splitlines()
+    ours = (ROOT / "examples" / "classic_softprompt_script.py").read_text().splitlines()
+    diff = [(a, b) for a, b in zip(peft_lines, ours) if a != b]
+    assert len(peft_lines) == len(ours)
+    assert diff == [(a, a.replace("from peft import", "from softprompt import")) for a, _ in diff] and len(diff) == 1

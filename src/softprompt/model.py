@@ -221,7 +221,10 @@ class SoftPromptModel(nn.Module):
 
         if kwargs.get("inputs") is not None and input_ids is None:
             input_ids = kwargs.pop("inputs")
-        unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ("use_cache", "return_dict"))
+        # Beam search's early_stopping means nothing to greedy or sampled decoding (HF ignores it too).
+        ignored = ("use_cache", "return_dict", "early_stopping")
+        unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ignored
+                        and not (k == "num_beams" and v == 1))
         if unused:
             raise TypeError(f"SoftPromptModel.generate() does not take {unused[0]} (it takes max_new_tokens, "
                             "do_sample, temperature, top_p, repetition_penalty, seed, eos_token_id)")
