@@ -164,6 +164,12 @@ def test_peft_generate_snippet_gives_softprompt_tokens(llama_dir, tmp_path):
         new = scope["generate_with_prompt"](pm, enc.input_ids, enc.attention_mask, max_new_tokens=8,
                                             pad_token_id=tok.pad_token_id)
         assert tok.decode(new[0], skip_special_tokens=True) == r["tuned"]
+    tok.padding_side = "left"  # a batch: left-padded, as the snippet says
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    tok.padding_side = "right"
+    new = scope["generate_with_prompt"](pm, enc.input_ids, enc.attention_mask, max_new_tokens=8,
+                                        pad_token_id=tok.pad_token_id)
+    assert tok.batch_decode(new, skip_special_tokens=True) == [r["tuned"] for r in ref]
 
 
 @pytest.mark.slow  # compiling takes minutes on a CPU
@@ -251,3 +257,22 @@ def test_the_twin_differs_from_the_classic_script_only_in_its_import():
     diff = [(a, b) for a, b in zip(peft_lines, ours) if a != b]
     assert len(peft_lines) == len(ours)
     assert diff == [(a, a.replace("from peft import", "from softprompt import")) for a, _ in diff] and len(diff) == 1
+
+
+def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
+    """The card's Python block, run as written (the model id and text filled in), prints the tokens
+    `softprompt generate` gives."""
+    pytest.importorskip("peft")
+    from softprompt.hub import prepare_upload
+
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=5)
+    sp.save_pretrained(tmp_path / "p")
+    card = (prepare_upload(tmp_path / "p", tmp_path / "up", "someone/prompt") / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    code = code.replace("'someone/prompt'", repr(str(tmp_path / "up"))).replace('"..."', repr(TEXTS[0]))
+    code = code.replace("max_new_tokens=40", "max_new_tokens=8, pad_token_id=tok.pad_token_id")
+    printed: list = []
+    exec(compile(code, "card", "exec"), {"print": printed.append})
+    ref = softprompt.generate(TEXTS[0], prompt=tmp_path / "p", model=model, tokenizer=tok, max_new_tokens=8)
+    assert printed == [[ref[0]["tuned"]]]
