@@ -190,7 +190,7 @@ def test_compiled_forward_equals_eager(llama_dir, tmp_path):
 
 # ---------------------------------------------------------------- under transformers.Trainer
 
-def _trainer_run(model, tok, batch, out: Path, steps: int, lr: float):
+def _trainer_run(model, tok, batch, out: Path, steps: int, lr: float, **args):
     from transformers import Trainer, TrainingArguments
 
     cfg = softprompt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
@@ -204,7 +204,7 @@ def _trainer_run(model, tok, batch, out: Path, steps: int, lr: float):
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=len(rows),
                              learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                              max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
-                             report_to=[], use_cpu=True, seed=0, dataloader_drop_last=False)
+                             report_to=[], use_cpu=True, seed=0, dataloader_drop_last=False, **args)
     trainer = Trainer(model=pm, args=args, train_dataset=rows, data_collator=stack)
     trainer.train()
     return pm, start, [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -229,6 +229,19 @@ def test_trainer_trains_the_prompt_softprompt_train_trains(llama_dir, tmp_path):
     ours = softprompt.load_prompt(tmp_path / "sp").embeds
     assert torch.allclose(pm.prompt.embeds.detach(), ours, atol=1e-5, rtol=0)
     assert (ours - start).abs().max() > 1e-3  # both moved the prompt, the same way
+
+
+def test_trainer_with_gradient_checkpointing_trains_the_same_prompt(model_dir, tmp_path, capsys):
+    """BLOOM (its prompt keys shared through a cache, which checkpointed layers drop: concat instead)
+    and Llama (packed); the prompt after 2 steps equals the one trained without checkpointing."""
+    model, tok = load_model(str(model_dir))
+    batch, _ = _batch(tok, _data(tmp_path, 6), **IO)
+    plain, _, _ = _trainer_run(model, tok, batch, tmp_path / "a", steps=2, lr=3e-2)
+    ckpt, _, losses = _trainer_run(model, tok, batch, tmp_path / "b", steps=2, lr=3e-2, gradient_checkpointing=True)
+    assert ckpt.is_gradient_checkpointing
+    assert torch.allclose(ckpt.prompt.embeds, plain.prompt.embeds, atol=1e-5, rtol=0)
+    ckpt.print_trainable_parameters()
+    assert f"trainable params: {4 * model.config.hidden_size:,d} || all params: " in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the classic script and its twin
@@ -276,3 +289,21 @@ def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
     exec(compile(code, "card", "exec"), {"print": printed.append})
     ref = softprompt.generate(TEXTS[0], prompt=tmp_path / "p", model=model, tokenizer=tok, max_new_tokens=8)
     assert printed == [[ref[0]["tuned"]]]
+
+
+def test_push_to_hub_uploads_what_softprompt_push_does(llama_dir, tmp_path, monkeypatch):
+    import softprompt.hub as hub
+
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok)
+    seen = {}
+
+    def fake_push(prompt_dir, repo_id, private=False, revision=None, message="", base_model=None):
+        seen["files"] = {f.name for f in hub.prepare_upload(prompt_dir, tmp_path / "up", repo_id).iterdir()}
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(hub, "push", fake_push)
+    assert sp.push_to_hub("someone/p") == "https://huggingface.co/someone/p"
+    assert {"prompt.safetensors", "adapter_model.safetensors", "adapter_config.json", "README.md"} <= seen["files"]
+    again = softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "up", tokenizer=tok)
+    assert torch.equal(again.prompt.embeds, sp.prompt.embeds.detach())

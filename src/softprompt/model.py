@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .batching import Batch
 from .config import BUILTIN_MODEL, GenerateConfig, PromptConfig
-from .forward import batch_loss, logits as vocab_logits, text_hidden
+from .forward import batch_loss, choose_path, logits as vocab_logits, text_hidden
 from .prompt import SoftPrompt, check_fits, init_prompt, save_prompt
 
 DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's
@@ -137,19 +137,34 @@ class SoftPromptModel(nn.Module):
         self.prompts.train(mode)
         return self
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' non-reentrant checkpointing of every layer of the base (models.set_checkpointing),
+        whatever the kwargs ask; what the Trainer calls for `gradient_checkpointing=True`."""
         from .models import set_checkpointing
 
+        if every_n_layers != 1:
+            raise ValueError(f"every_n_layers={every_n_layers}: SoftPromptModel checkpoints every layer")
+        if offload:
+            raise ValueError("offload=True: SoftPromptModel keeps checkpointed activations where they are")
         set_checkpointing(self.base_model, True)
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         from .models import set_checkpointing
 
         set_checkpointing(self.base_model, False)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.base_model, "is_activation_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing
 
     def enable_input_require_grads(self) -> None:
         """Nothing to do: the prompt, ahead of every layer, already requires grad."""
@@ -195,15 +210,18 @@ class SoftPromptModel(nn.Module):
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
         p = self.prompt() if self.prompt is not None else None
+        path = self.forward_path
+        if p is not None and self.is_gradient_checkpointing and choose_path(self.base_model, mask, path) == "kv":
+            path = "concat"  # checkpointed layers drop the cache that carries the prompt's keys (as train.py)
         loss = out_logits = None
         if labels is not None:
             targets = labels.to(input_ids.device).masked_fill(mask == 0, -100)
             zeros = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             batch = Batch(input_ids, mask, targets, zeros - 1, zeros)
-            total, n = batch_loss(self.base_model, p, batch, self.forward_path)
+            total, n = batch_loss(self.base_model, p, batch, path)
             loss = total / max(n, 1)
         if labels is None or return_logits:
-            h, _ = text_hidden(self.base_model, p, input_ids, mask, self.forward_path)  # [B, T, H]
+            h, _ = text_hidden(self.base_model, p, input_ids, mask, path)  # [B, T, H]
             out_logits = vocab_logits(self.base_model, h)
         return CausalLMOutput(loss=loss, logits=out_logits)
 
