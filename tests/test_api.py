@@ -237,7 +237,8 @@ def test_trainer_with_gradient_checkpointing_trains_the_same_prompt(model_dir, t
     model, tok = load_model(str(model_dir))
     batch, _ = _batch(tok, _data(tmp_path, 6), **IO)
     plain, _, _ = _trainer_run(model, tok, batch, tmp_path / "a", steps=2, lr=3e-2)
-    ckpt, _, losses = _trainer_run(model, tok, batch, tmp_path / "b", steps=2, lr=3e-2, gradient_checkpointing=True)
+    ckpt, _, losses = _trainer_run(model, tok, batch, tmp_path / "b", steps=2, lr=3e-2,
+                                   activation_checkpointing=True)
     assert ckpt.is_gradient_checkpointing
     assert torch.allclose(ckpt.prompt.embeds, plain.prompt.embeds, atol=1e-5, rtol=0)
     ckpt.print_trainable_parameters()
