@@ -308,3 +308,17 @@ def test_push_to_hub_uploads_what_softprompt_push_does(llama_dir, tmp_path, monk
     assert {"prompt.safetensors", "adapter_model.safetensors", "adapter_config.json", "README.md"} <= seen["files"]
     again = softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "up", tokenizer=tok)
     assert torch.equal(again.prompt.embeds, sp.prompt.embeds.detach())
+
+
+def test_from_pretrained_reads_a_peft_adapter_folder(llama_dir, tmp_path):
+    from softprompt.peft_io import export_peft
+
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok, seed=6)
+    sp.save_pretrained(tmp_path / "p")
+    export_peft(tmp_path / "p", tmp_path / "peft_only")  # adapter_config.json + adapter_model.safetensors
+    assert not (tmp_path / "peft_only" / "prompt.safetensors").exists()
+    again = softprompt.PeftModel.from_pretrained(model, tmp_path / "peft_only", is_trainable=True)
+    assert torch.equal(again.prompt.embeds, sp.prompt.embeds) and again.prompt.embeds.requires_grad
+    with pytest.raises(softprompt.SoftpromptError, match="missing prompt file"):
+        softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "nothing")
