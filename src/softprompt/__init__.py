@@ -14,19 +14,22 @@ modules behind the CLI commands, and importing a submodule binds it on the packa
 function of that name; so those three modules are made callable as they are bound (`_Package`),
 and `softprompt.train(...)` calls softprompt.api.train whoever imported the module first.
 """
-from __future__ import annotations
+from __future__ import annotations  # the `Any` below stays a string: importing typing costs ~20 ms
 
 import importlib
 import sys
 import types
-from typing import Any
 
-try:
-    from importlib.metadata import PackageNotFoundError, version as _dist_version
 
-    __version__ = _dist_version("softprompt")
-except PackageNotFoundError:  # run from a source tree (PYTHONPATH=src) without installing
-    __version__ = "0.1.0"
+def _version() -> str:
+    # importlib.metadata costs ~60 ms to import: looked up on first use of __version__ only.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("softprompt")
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH=src) without installing
+        return "0.1.0"
+
 
 # public name -> module that defines it
 _LAZY = {
@@ -39,9 +42,7 @@ _LAZY = {
     "SoftpromptError": "softprompt.utils",
 }
 __all__ = ["__version__", *_LAZY]
-
-
-_CALLABLE = ("train", "evaluate", "generate")
+_CALLABLE = ("train", "evaluate", "generate")  # also the names of command modules (see above)
 
 
 class _CallableModule(types.ModuleType):
@@ -64,6 +65,9 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = _version()
+        return globals()[name]
     if name not in _LAZY:
         raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
     module = importlib.import_module(_LAZY[name])
@@ -75,4 +79,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})

@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from . import __version__
 from .utils import SoftpromptError
 
 
@@ -71,6 +70,16 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class Version(argparse.Action):
+    """--version, its number looked up only when asked for (softprompt.__version__ reads package metadata)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        import softprompt
+
+        print(f"softprompt {softprompt.__version__}")
+        parser.exit()
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's usage errors as SoftpromptError: the same one line and exit status as every other."""
 
@@ -83,7 +92,7 @@ def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dic
     """The top-level parser with every command listed, and each command's own parser; the flags of
     `only` (all commands' when None) added, `--config FILE` among them."""
     ap = Parser(prog="softprompt", description="Prompt tuning for frozen causal language models.")
-    ap.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    ap.add_argument("--version", action=Version, nargs=0, help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     parsers = {}
     for name, cmd in COMMANDS.items():
