@@ -72,6 +72,16 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class Version(argparse.Action):
+    """--version, its number looked up only when asked for (softprompt.__version__ reads package metadata)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        import softprompt
+
+        print(f"softprompt {softprompt.__version__}")
+        parser.exit()
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's usage errors as SoftpromptError: the same one line and exit status as every other."""
 
@@ -84,6 +94,7 @@ def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dic
     """The top-level parser with every command listed, and each command's own parser; the flags of
     `only` (all commands' when None) added, `--config FILE` among them."""
     ap = Parser(prog="softprompt", description="Prompt tuning for frozen causal language models.")
+    ap.add_argument("--version", action=Version, nargs=0, help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     parsers = {}
     for name, cmd in COMMANDS.items():
@@ -103,7 +114,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    name = argv[0] if argv and argv[0] in COMMANDS else ""  # the top-level parser has no options but --help
+    name = argv[0] if argv and argv[0] in COMMANDS else ""  # the top-level parser has no options but --help and --version
     ap, parsers = build_parsers(only=name)
     args = ap.parse_args(argv)
     if args.config:  # the file's values become defaults, then argv is parsed again over them

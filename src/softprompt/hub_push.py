@@ -55,10 +55,19 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
         lines += ["## Held-out metrics", "", "| | untuned | tuned |", "| --- | --- | --- |", *metrics, ""]
     lines += ["## Use", "", "```bash", f"softprompt generate --model {meta.get('model', base)} --prompt hf://{repo_id} "
               "--compare \"...\"", f"softprompt eval --model {meta.get('model', base)} --prompt hf://{repo_id} --data ...",
-              "```", "", "```python", "from peft import PeftModel",
-              "from transformers import AutoModelForCausalLM", "",
+              "```", "", "```python", "import torch", "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-              f"model = PeftModel.from_pretrained(base, {repo_id!r})", "```", ""]
+              f"tok = AutoTokenizer.from_pretrained({base!r})",
+              f"model = PeftModel.from_pretrained(base, {repo_id!r})",
+              "# With transformers 5, PeftModel.generate() gives wrong tokens for prompt tuning (peft 0.21);",
+              "# the base model's generate() on the prompt's embeddings followed by the text's gives softprompt's:",
+              "enc = tok([\"...\"], return_tensors=\"pt\")  # several rows: left-pad them",
+              "prompt = model.get_prompt(batch_size=enc.input_ids.shape[0]).to(base.dtype)",
+              "embeds = torch.cat([prompt, base.get_input_embeddings()(enc.input_ids)], dim=1)",
+              "mask = torch.cat([enc.attention_mask.new_ones(prompt.shape[:2]), enc.attention_mask], dim=1)",
+              "new = base.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40)",
+              "print(tok.batch_decode(new, skip_special_tokens=True))", "```", ""]
     return ModelCard("\n".join(lines)).content
 
 

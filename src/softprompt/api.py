@@ -1,0 +1,132 @@
+"""The Python face of the `train`, `eval` and `generate` commands: keyword arguments instead of
+flags, Python exceptions instead of CLI lines.
+
+Each keyword is a field of the config dataclasses the command fills from its flags (config.py:
+`batch_size=` is `--batch-size`), so the two never drift apart. An unknown keyword or a value of
+the wrong type is a TypeError, a bad value a ValueError (`ConfigError`, also a SoftpromptError),
+whose message names the keyword rather than the flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, get_type_hints
+
+from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .utils import SoftpromptError
+
+
+class ConfigError(SoftpromptError, ValueError):
+    """A keyword argument's value is wrong; the message names the keyword."""
+
+
+def python_words(message: str) -> str:
+    """A CLI message in Python's words: `--batch-size` becomes `batch_size`."""
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+@contextmanager
+def python_errors() -> Iterator[None]:
+    """SoftpromptErrors raised inside, phrased for Python callers (as ConfigError when it is a value)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except SoftpromptError as e:
+        raise ConfigError(python_words(str(e))) from None
+
+
+def split_kwargs(func: str, kwargs: dict[str, Any], classes: tuple[type, ...]) -> list[Any]:
+    """One config per class from the keywords naming its fields; TypeError for any other keyword or
+    a value of the wrong type."""
+    fields = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise TypeError(f"{func}() got an unexpected keyword argument {unknown[0]!r}")
+    for name, value in kwargs.items():
+        want = get_type_hints(fields[name])[name]
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if want is str and isinstance(value, Path):  # paths are welcome where a file name is
+            kwargs[name] = str(value)
+            ok = True
+        if not ok:
+            raise TypeError(f"{func}(): {name} must be {want.__name__}, not {type(value).__name__}")
+    with python_errors():
+        return [cls(**{k: v for k, v in kwargs.items() if fields[k] is cls}) for cls in classes]
+
+
+def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """`model` as a name (loaded by the command) or an already loaded model, with its tokenizer."""
+    if isinstance(model, (str, Path)):
+        kwargs["model"] = str(model)
+        return None, None
+    if tokenizer is None:
+        raise TypeError("model= is a loaded model: pass its tokenizer= too (or give model= as a name or folder)")
+    # A SoftPromptModel's frozen base (an HF model's own `base_model` is its decoder without the head).
+    base = model.get_base_model() if hasattr(model, "prompts") and hasattr(model, "get_base_model") else model
+    kwargs["model"] = str(getattr(base, "name_or_path", "") or "model")
+    return base, tokenizer
+
+
+def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """Train a soft prompt into `out=` and return the run summary. Keywords: the `train` command's
+    flags (data=, template=, target=, labels=, virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
+    from .train import train as run_train
+
+    base, tok = model_and_tokenizer(model, tokenizer, kwargs)
+    configs = split_kwargs("train", kwargs, (ModelConfig, DataConfig, PromptConfig, TrainConfig))
+    with python_errors():
+        return run_train(*configs, model=base, tok=tok, quiet=True)
+
+
+def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokenizer: Any = None,
+             batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
+    """Held-out loss, perplexity (and accuracy with labels=) of `prompt` (a folder, `hf://REPO`, or
+    None for the untuned model) on every row of `data=`. Keywords: the `eval` command's flags."""
+    from .evaluate import eval_prompt
+
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+        raise TypeError(f"evaluate(): batch_size must be int, not {type(batch_size).__name__}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+    base, tok = model_and_tokenizer(model, tokenizer, kwargs)
+    mcfg, dcfg = split_kwargs("evaluate", kwargs, (ModelConfig, DataConfig))
+    with python_errors():
+        return eval_prompt(mcfg, dcfg, "none" if prompt is None else str(prompt), batch_size, model=base, tok=tok)
+
+
+def generate(texts: str | list[str], prompt: Any = None, *, model: Any = "smollm2-135m-instruct",
+             tokenizer: Any = None, compare: bool = False, chat: bool = False, **kwargs: Any) -> list[dict[str, str]]:
+    """Continue each text ({"input", "tuned" or "baseline"} per text; both with compare=True), as
+    `softprompt generate` does. Keywords: max_new_tokens=, sample=, temperature=, top_p=,
+    repetition_penalty=, seed=."""
+    from .generate import generate_cmd
+
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("generate(): texts must be a string or a list of strings")
+    base, tok = model_and_tokenizer(model, tokenizer, kwargs)
+    mcfg, gcfg = split_kwargs("generate", kwargs, (ModelConfig, GenerateConfig))
+    with python_errors():
+        return generate_cmd(mcfg, gcfg, texts, "" if prompt is None else str(prompt), compare, chat, base, tok)
+
+
+def load_prompt(path: str | Path, model: Any = None):
+    """A prompt (prompt.SoftPrompt: `.embeds` [P, H], `.meta`) from a softprompt folder, a
+    .safetensors file, `hf://REPO_ID[@REV]` or a PEFT prompt-tuning adapter folder; checked against
+    `model` when given."""
+    import tempfile
+
+    from .peft_io import ADAPTER_CONFIG, import_peft
+    from .prompt import WEIGHTS_FILE, load_prompt as load
+
+    folder = Path(path)
+    with python_errors():
+        if folder.is_dir() and not (folder / WEIGHTS_FILE).is_file() and (folder / ADAPTER_CONFIG).is_file():
+            with tempfile.TemporaryDirectory() as tmp:  # read through import-peft's checks
+                return load(import_peft(folder, Path(tmp) / "prompt"), model)
+        return load(path, model)

@@ -1,0 +1,324 @@
+"""SoftPromptModel: a frozen Hugging Face causal LM and its soft prompts as one nn.Module, the way a
+PEFT user holds a PeftModel: forward (HF's CausalLMOutput), generate, save_pretrained,
+from_pretrained, push_to_hub.
+
+It calls softprompt's own code: the forward pass is forward.py's (the prompt's keys/values shared
+by the rows, vocabulary logits only where labels need them), generation is `softprompt generate`'s
+batch decoder, files are prompt.py's folder plus peft_io.py's adapter layout, and the upload is
+hub.py's. It also has what transformers.Trainer asks of a model (a `config`, the prompt as the
+only trainable parameter and the only state saved, gradient-checkpointing switches), so the
+Trainer trains it unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
+
+from .batching import Batch
+from .config import BUILTIN_MODEL, GenerateConfig, PromptConfig
+from .forward import batch_loss, choose_path, logits as vocab_logits, text_hidden
+from .prompt import SoftPrompt, check_fits, init_prompt, save_prompt
+
+DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a model name or folder ('smollm2-135m-instruct': the built-in one's)."""
+    from transformers import AutoTokenizer
+
+    from .models import builtin_model_dir
+
+    return AutoTokenizer.from_pretrained(builtin_model_dir() if name == BUILTIN_MODEL else name)
+
+
+class SoftPromptModel(nn.Module):
+    """A frozen causal LM (`base_model`) and named soft prompts, one of them active."""
+
+    main_input_name = "input_ids"
+    accepts_loss_kwargs = False  # the Trainer divides the mean loss by its accumulation steps itself
+    supports_gradient_checkpointing = True
+    _keys_to_ignore_on_save = None
+
+    def __init__(self, base_model, prompt: SoftPrompt | None, tokenizer=None, forward_path: str = "auto"):
+        super().__init__()
+        self.base_model = base_model
+        base_model.requires_grad_(False)
+        self.prompts = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.tokenizer = tokenizer
+        self.forward_path = forward_path  # forward.py's path: auto, packed, kv or concat
+        if prompt is not None:
+            self.add_prompt(DEFAULT, prompt)
+
+    # ------------------------------------------------------------------ making one
+    @classmethod
+    def from_pretrained(cls, base_model, path: str | Path, adapter_name: str = DEFAULT, tokenizer=None,
+                        is_trainable: bool = False, **kwargs: Any) -> "SoftPromptModel":
+        """`base_model` with the prompt in `path`: a softprompt folder, `hf://REPO_ID[@REV]` or a
+        PEFT prompt-tuning adapter folder. Frozen unless `is_trainable` (as PEFT's)."""
+        if kwargs:
+            raise TypeError(f"from_pretrained() got an unexpected keyword argument {sorted(kwargs)[0]!r}")
+        model = cls(base_model, None, tokenizer)
+        model.load_adapter(path, adapter_name, is_trainable)
+        return model
+
+    def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the prompt in `path` as `adapter_name` and make it the active one."""
+        from .api import load_prompt
+
+        prompt = load_prompt(path, self.base_model)
+        prompt.requires_grad_(is_trainable)
+        self.add_prompt(adapter_name, prompt.to(self.device))
+
+    def add_prompt(self, name: str, prompt: SoftPrompt) -> None:
+        check_fits(prompt.hidden_size, self.base_model, f"prompt {name!r}")
+        self.prompts[name] = prompt
+        self.active_adapter = name
+
+    def set_adapter(self, name: str) -> None:
+        if name not in self.prompts:
+            raise ValueError(f"no prompt named {name!r} (loaded: {', '.join(self.prompts) or 'none'})")
+        self.active_adapter = name
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """The untuned model inside the block (as PEFT's)."""
+        before, self.active_adapter = self.active_adapter, None
+        try:
+            yield
+        finally:
+            self.active_adapter = before
+
+    @property
+    def prompt(self) -> SoftPrompt | None:
+        return self.prompts[self.active_adapter] if self.active_adapter is not None else None
+
+    # ------------------------------------------------------------------ what the Trainer and PEFT users touch
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def name_or_path(self) -> str:
+        return getattr(self.base_model, "name_or_path", "")
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_model.dtype
+
+    @property
+    def generation_config(self):
+        return self.base_model.generation_config
+
+    def get_base_model(self):
+        return self.base_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base_model.get_output_embeddings()
+
+    def train(self, mode: bool = True) -> "SoftPromptModel":
+        """Only the prompt changes mode: the frozen base stays in eval mode (no dropout), as in
+        `softprompt train`; checkpointed layers keep their own flag (models.set_checkpointing)."""
+        self.training = mode
+        self.prompts.train(mode)
+        return self
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' non-reentrant checkpointing of every layer of the base (models.set_checkpointing),
+        whatever the kwargs ask; what the Trainer calls for `gradient_checkpointing=True`."""
+        from .models import set_checkpointing
+
+        if every_n_layers != 1:
+            raise ValueError(f"every_n_layers={every_n_layers}: SoftPromptModel checkpoints every layer")
+        if offload:
+            raise ValueError("offload=True: SoftPromptModel keeps checkpointed activations where they are")
+        set_checkpointing(self.base_model, True)
+
+    def activation_checkpointing_disable(self) -> None:
+        from .models import set_checkpointing
+
+        set_checkpointing(self.base_model, False)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """Nothing to do: the prompt, ahead of every layer, already requires grad."""
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The prompts only (`prompts.NAME.embeds`): the base is frozen and saved elsewhere, so a
+        Trainer checkpoint holds kilobytes, not the model."""
+        return self.prompts.state_dict(*args, **{**kwargs, "prefix": kwargs.get("prefix", "") + "prompts."})
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = {k.removeprefix("prompts."): v for k, v in state_dict.items() if k.startswith("prompts.")}
+        if strict and len(own) != len(state_dict):
+            extra = sorted(k for k in state_dict if not k.startswith("prompts."))
+            raise RuntimeError(f"unexpected key(s) in state_dict: {extra[:3]} (a SoftPromptModel holds prompts only)")
+        return self.prompts.load_state_dict(own, strict=strict, assign=assign)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As PreTrainedModel's (the Trainer counts FLOPs with it): the base's, plus the prompts'."""
+        n = self.base_model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        return n + sum(p.numel() for p in self.prompts.parameters() if p.requires_grad or not only_trainable)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return self.num_parameters(only_trainable=True), self.num_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ forward and generate
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, return_logits: bool | None = None,
+                **kwargs: Any) -> CausalLMOutput:
+        """HF's CausalLMOutput. `logits` [B, T, V] are the base model's positions (logits[:, t]
+        predicts token t+1); with a prompt, token 0 is predicted too (by the last virtual token).
+        `loss` (with `labels` [B, T], -100 = ignore): mean cross-entropy of every label token, token
+        0 included, as PEFT's prompt tuning computes it; labels under attention_mask 0 are ignored.
+        With labels the logits are computed only at the labelled positions and not returned
+        (`return_logits=True` returns them too, at the cost of a second pass)."""
+        unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ("return_dict", "use_cache"))
+        if unused:
+            raise TypeError(f"SoftPromptModel.forward() does not take {unused[0]}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+        p = self.prompt() if self.prompt is not None else None
+        path = self.forward_path
+        if p is not None and self.is_gradient_checkpointing and choose_path(self.base_model, mask, path) == "kv":
+            path = "concat"  # checkpointed layers drop the cache that carries the prompt's keys (as train.py)
+        loss = out_logits = None
+        if labels is not None:
+            targets = labels.to(input_ids.device).masked_fill(mask == 0, -100)
+            zeros = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            batch = Batch(input_ids, mask, targets, zeros - 1, zeros)
+            total, n = batch_loss(self.base_model, p, batch, path)
+            loss = total / max(n, 1)
+        if labels is None or return_logits:
+            h, _ = text_hidden(self.base_model, p, input_ids, mask, path)  # [B, T, H]
+            out_logits = vocab_logits(self.base_model, h)
+        return CausalLMOutput(loss=loss, logits=out_logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None, seed: int = 0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """HF's generate for the active prompt, by `softprompt generate`'s batch decoder: greedy or
+        (do_sample) sampled with `seed`; rows of any padding. Returns [B, T + new]: each input row as
+        given, then its new tokens, right-padded with `pad_token_id` (virtual tokens not included)."""
+        from .generate import generate_batch
+        from .static_decode import decode_batch_for
+
+        if kwargs.get("inputs") is not None and input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        # Beam search's early_stopping means nothing to greedy or sampled decoding (HF ignores it too).
+        ignored = ("use_cache", "return_dict", "early_stopping")
+        unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ignored
+                        and not (k == "num_beams" and v == 1))
+        if unused:
+            raise TypeError(f"SoftPromptModel.generate() does not take {unused[0]} (it takes max_new_tokens, "
+                            "do_sample, temperature, top_p, repetition_penalty, seed, eos_token_id)")
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError("generate() needs input_ids of shape [batch, tokens]")
+        tok = self.get_tokenizer()
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        cfg = GenerateConfig(max_new_tokens=max_new_tokens, sample=bool(do_sample),
+                             temperature=1.0 if temperature is None else temperature,
+                             top_p=1.0 if top_p is None else top_p,
+                             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=seed)
+        p = self.prompt.embeds.detach() if self.prompt is not None else None
+        rows = [(p, ids[m.bool()].tolist()) for ids, m in zip(input_ids, mask)]
+        engine = decode_batch_for(self.base_model, tok)
+        if eos_token_id is not None:
+            engine.eos = set(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else {eos_token_id}
+        new = generate_batch(self.base_model, tok, rows, cfg, engine=engine)
+        pad = pad_token_id if pad_token_id is not None else (tok.pad_token_id if tok.pad_token_id is not None else 0)
+        width = input_ids.shape[1] + max(len(n) for n in new)
+        out = input_ids.new_full((len(rows), width), pad)
+        out[:, :input_ids.shape[1]] = input_ids
+        for i, n in enumerate(new):
+            out[i, input_ids.shape[1]:input_ids.shape[1] + len(n)] = torch.tensor(n, dtype=out.dtype)
+        return out
+
+    def get_tokenizer(self):
+        if self.tokenizer is None:  # the base's own: its eos and pad ids decide where rows stop
+            self.tokenizer = load_tokenizer(self.name_or_path)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ files and the Hub
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
+        """The active prompt as a softprompt folder (prompt.safetensors, prompt_config.json) that is
+        also a PEFT adapter folder (adapter_config.json, adapter_model.safetensors):
+        `softprompt generate --prompt DIR` and `PeftModel.from_pretrained(base, DIR)` both read it.
+        PEFT's keywords (safe_serialization, selected_adapters, ...) are accepted and ignored."""
+        from .peft_io import export_peft
+        from .hub_push import hub_model_id
+
+        if self.prompt is None:
+            raise ValueError("save_pretrained: no active prompt to save")
+        out = Path(save_directory)
+        name = str(self.prompt.meta.get("model") or self.name_or_path)
+        save_prompt(self.prompt, out, {"model": name})
+        with tempfile.TemporaryDirectory() as tmp:
+            peft = export_peft(out, Path(tmp) / "peft", hub_model_id(name))
+            for f in peft.iterdir():
+                shutil.copy2(f, out / f.name)
+        return out
+
+    def push_to_hub(self, repo_id: str, private: bool = False, revision: str | None = None,
+                    commit_message: str = "", **kwargs: Any) -> str:
+        """Upload the active prompt as `softprompt push` does (both layouts and a model card); returns the URL."""
+        from .hub_push import push
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "prompt")
+            return push(Path(tmp) / "prompt", repo_id, private, revision, commit_message)
+
+
+def get_softprompt_model(base_model, config: PromptConfig | None = None, tokenizer=None, seed: int = 0,
+                         forward_path: str = "auto", **prompt_kwargs: Any) -> SoftPromptModel:
+    """`base_model` (frozen) with a new trainable prompt made as `softprompt train` makes it:
+    `config` or PromptConfig's keywords (virtual_tokens=, init=, init_text=, init_file=)."""
+    from .api import python_errors, split_kwargs
+
+    if config is None:
+        (config,) = split_kwargs("get_softprompt_model", prompt_kwargs, (PromptConfig,))
+    elif prompt_kwargs:
+        raise TypeError("get_softprompt_model(): give a config or PromptConfig's keywords, not both")
+    model = SoftPromptModel(base_model, None, tokenizer, forward_path)
+    tok = model.get_tokenizer()
+    with python_errors():
+        prompt = init_prompt(base_model, tok, config, default_text="Continue the text in the same style.", seed=seed)
+    prompt.meta["model"] = model.name_or_path
+    model.add_prompt(DEFAULT, prompt.to(model.device))
+    return model

@@ -1,0 +1,107 @@
+"""PEFT's prompt-tuning recipe, run by softprompt: `PromptTuningConfig`, `get_peft_model`,
+`PeftModel.from_pretrained`, `TaskType` and `PromptTuningInit` under PEFT's names and arguments,
+so a script written for PEFT runs on softprompt by changing its imports alone.
+
+What the model is and does is model.py's SoftPromptModel. PEFT's inits map onto softprompt's:
+TEXT is the same (the text's tokens repeated to fill the prompt); RANDOM is softprompt's `random`
+(Gaussian at the token embeddings' scale, where PEFT draws N(0, 1)); SAMPLE_VOCAB is `vocab`
+(tokens drawn from the most common ones, where PEFT draws from the whole vocabulary).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from .config import PromptConfig
+from .model import SoftPromptModel, get_softprompt_model, load_tokenizer
+
+
+class TaskType(str, enum.Enum):
+    CAUSAL_LM = "CAUSAL_LM"
+
+
+class PromptTuningInit(str, enum.Enum):
+    TEXT = "TEXT"
+    RANDOM = "RANDOM"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+
+
+OUR_INIT = {"TEXT": "text", "RANDOM": "random", "SAMPLE_VOCAB": "vocab"}
+
+
+@dataclass
+class PromptTuningConfig:
+    """PEFT's PromptTuningConfig, the arguments a prompt-tuning script passes; the rest of PEFT's
+    (token_dim, num_layers, ...) are read from the model."""
+    task_type: Any = TaskType.CAUSAL_LM
+    num_virtual_tokens: int = 20
+    prompt_tuning_init: Any = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self):
+        task = getattr(self.task_type, "value", self.task_type)
+        if task not in (None, "CAUSAL_LM"):
+            raise ValueError(f"task_type {task!r}: softprompt tunes causal LMs only (TaskType.CAUSAL_LM)")
+        init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
+        if init not in OUR_INIT:
+            raise ValueError(f"prompt_tuning_init {init!r}: use one of {', '.join(OUR_INIT)}")
+        self.prompt_tuning_init = PromptTuningInit(init)
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool):
+            raise TypeError(f"num_virtual_tokens must be int, not {type(self.num_virtual_tokens).__name__}")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be at least 1 (got {self.num_virtual_tokens})")
+        if init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ValueError("prompt_tuning_init=TEXT needs prompt_tuning_init_text")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError("num_transformer_submodules: decoder-only models have 1")
+
+    def prompt_config(self) -> PromptConfig:
+        init = OUR_INIT[self.prompt_tuning_init.value]
+        return PromptConfig(virtual_tokens=self.num_virtual_tokens, init=init,
+                            init_text=self.prompt_tuning_init_text or "")
+
+
+def get_peft_model(model, peft_config: PromptTuningConfig, adapter_name: str = "default", seed: int = 0,
+                   **kwargs: Any) -> SoftPromptModel:
+    """`model` frozen, with a new trainable prompt (PEFT's get_peft_model for prompt tuning)."""
+    if not isinstance(peft_config, PromptTuningConfig):
+        raise TypeError(f"get_peft_model: peft_config must be softprompt.PromptTuningConfig, not "
+                        f"{type(peft_config).__name__}")
+    unknown = sorted(k for k in kwargs if k not in ("mixed", "autocast_adapter_dtype", "revision",
+                                                       "low_cpu_mem_usage"))
+    if unknown:
+        raise TypeError(f"get_peft_model() got an unexpected keyword argument {unknown[0]!r}")
+    if peft_config.token_dim not in (None, model.get_input_embeddings().weight.shape[1]):
+        raise ValueError(f"token_dim {peft_config.token_dim} is not the model's hidden size "
+                         f"{model.get_input_embeddings().weight.shape[1]}")
+    name = peft_config.tokenizer_name_or_path
+    tok = load_tokenizer(name) if name else None
+    sp = get_softprompt_model(model, peft_config.prompt_config(), tokenizer=tok, seed=seed)
+    if adapter_name != "default":
+        sp.prompts[adapter_name] = sp.prompts.pop("default")
+        sp.active_adapter = adapter_name
+    return sp
+
+
+class PeftModel:
+    """PEFT's entry point for a saved adapter: `PeftModel.from_pretrained(base, path)` gives a
+    SoftPromptModel (a PEFT prompt-tuning folder, a softprompt folder or `hf://REPO`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise TypeError("softprompt.PeftModel is only an entry point: use PeftModel.from_pretrained(base, path) "
+                        "or get_peft_model(base, PromptTuningConfig(...))")
+
+    @staticmethod
+    def from_pretrained(model, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        **kwargs: Any) -> SoftPromptModel:
+        kwargs.pop("config", None)
+        return SoftPromptModel.from_pretrained(model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)

@@ -1,0 +1,324 @@
+"""softprompt as a library: the lazy public names, train/evaluate/generate with keyword arguments and
+Python errors, SoftPromptModel (forward = `softprompt eval`'s loss, generate = `softprompt generate`'s
+tokens, save_pretrained read by PEFT), the PEFT-named drop-in under transformers.Trainer, and the
+snippet the README gives PEFT users to generate with a softprompt prompt."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import softprompt
+from softprompt.batching import collate
+from softprompt.config import DataConfig
+from softprompt.data import load_splits
+from softprompt.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "src" / "softprompt" / "examples" / "countries.jsonl"
+# Input/target rows: the loss is on the target tokens only.
+IO = dict(template="Country: {country}\nFacts:", target=" capital={capital}; language={language}", max_length=64)
+TEXTS = ["Country: France\nFacts:", "Act as", "Review: a dull film with a long and winding plot\nSentiment:"]
+
+
+def _data(tmp_path: Path, n: int = 12) -> Path:
+    rows = EXAMPLES.read_text().splitlines()[:n]
+    p = tmp_path / "rows.jsonl"
+    p.write_text("\n".join(rows) + "\n")
+    return p
+
+
+def _batch(tok, data: Path, **kw):
+    """All rows of `data` as one right-padded batch, labels -100 outside the targets."""
+    fmt, rows, _ = load_splits(DataConfig(data=str(data), eval_fraction=0.0, **kw), tok)
+    return collate(rows, tok.pad_token_id), rows
+
+
+# ---------------------------------------------------------------- the package surface
+
+def test_import_is_lazy_and_version_is_printed():
+    code = "import sys, softprompt; print(softprompt.__version__); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [softprompt.__version__, "False"]
+    cli = subprocess.run([sys.executable, "-m", "softprompt", "--version"], capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.strip() == f"softprompt {softprompt.__version__}"
+
+
+def test_train_evaluate_generate_are_callable_and_still_modules():
+    import softprompt.evaluate as evaluate_module
+    import softprompt.train as train_module
+
+    assert softprompt.train is train_module and callable(softprompt.train)
+    assert hasattr(train_module, "setup") and hasattr(evaluate_module, "eval_prompt")
+    assert callable(softprompt.evaluate) and callable(softprompt.generate)
+
+
+def test_errors_name_keyword_arguments_not_flags():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_step'"):
+        softprompt.train(max_step=3)
+    with pytest.raises(TypeError, match="batch_size must be int, not str"):
+        softprompt.train(batch_size="8")
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1 \(got 0\)$"):
+        softprompt.train(batch_size=0)
+    with pytest.raises(ValueError, match="temperature must be > 0") as e:
+        softprompt.generate("hi", temperature=0.0)
+    assert "--" not in str(e.value)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        softprompt.evaluate(batch_size=0)
+    with pytest.raises(ValueError, match="num_virtual_tokens must be at least 1"):
+        softprompt.PromptTuningConfig(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs prompt_tuning_init_text"):
+        softprompt.PromptTuningConfig(prompt_tuning_init="TEXT")
+
+
+# ---------------------------------------------------------------- SoftPromptModel against the commands
+
+def test_forward_loss_equals_softprompt_eval(model_dir, tmp_path):
+    model, tok = load_model(str(model_dir))
+    data = _data(tmp_path)
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=5, init="random", tokenizer=tok, seed=1)
+    sp.save_pretrained(tmp_path / "prompt")
+    ref = softprompt.evaluate(prompt=tmp_path / "prompt", model=model, tokenizer=tok, data=str(data), **IO)
+    batch, _ = _batch(tok, data, **IO)
+    with torch.no_grad():
+        out = sp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
+        both = sp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets,
+                  return_logits=True)
+    assert out.logits is None
+    assert abs(float(out.loss) - ref["loss"]) < 1e-6
+    # The loss is HF's on these logits: mean cross-entropy over the labelled tokens (each predicted by
+    # the position before it; token 0 by the last virtual token, not among the returned positions).
+    lbl = batch.targets
+    assert (lbl[:, 0] == -100).all()
+    hf = torch.nn.functional.cross_entropy(both.logits[:, :-1].flatten(0, 1), lbl[:, 1:].flatten(), ignore_index=-100)
+    assert abs(float(hf) - ref["loss"]) < 1e-5
+    assert both.logits.shape == (*batch.input_ids.shape, model.config.vocab_size)
+    # The untuned model, through the same object.
+    with sp.disable_adapter(), torch.no_grad():
+        untuned = sp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss
+    assert abs(float(untuned) - softprompt.evaluate(model=model, tokenizer=tok, data=str(data), **IO)["loss"]) < 1e-6
+
+
+def test_generate_equals_softprompt_generate_on_a_mixed_batch(model_dir, tmp_path):
+    model, tok = load_model(str(model_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=2)
+    sp.save_pretrained(tmp_path / "prompt")
+    ref = softprompt.generate(TEXTS, prompt=tmp_path / "prompt", model=model, tokenizer=tok, compare=True,
+                              max_new_tokens=8)
+    for side in ("right", "left"):
+        tok.padding_side = side
+        enc = tok(TEXTS, padding=True, return_tensors="pt")
+        assert (enc.attention_mask.sum(1) < enc.input_ids.shape[1]).any()
+        out = sp.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8)
+        with sp.disable_adapter():
+            base = sp.generate(**enc, max_new_tokens=8)
+        T = enc.input_ids.shape[1]
+        assert torch.equal(out[:, :T], enc.input_ids)
+        assert tok.batch_decode(out[:, T:], skip_special_tokens=True) == [r["tuned"] for r in ref]
+        assert tok.batch_decode(base[:, T:], skip_special_tokens=True) == [r["baseline"] for r in ref]
+    tok.padding_side = "right"
+    # Sampling: seeded, and the seed matters.
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    s1, s2, s3 = (sp.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.5, seed=s) for s in (0, 0, 1))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+
+
+def test_save_pretrained_is_read_by_peft_with_the_same_loss(model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok = load_model(str(model_dir))
+    data = _data(tmp_path)
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=6, init="vocab", tokenizer=tok, seed=3)
+    sp.save_pretrained(tmp_path / "p")
+    assert {"prompt.safetensors", "prompt_config.json", "adapter_config.json",
+            "adapter_model.safetensors"} <= {f.name for f in (tmp_path / "p").iterdir()}
+    batch, _ = _batch(tok, data, **IO)
+    with torch.no_grad():
+        ours = float(sp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
+        pm = peft.PeftModel.from_pretrained(model, tmp_path / "p")
+        theirs = float(pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
+        again = softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "p", tokenizer=tok)
+        reread = float(again(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
+    assert abs(ours - theirs) < 1e-5
+    assert reread == ours
+    assert not any(p.requires_grad for p in again.parameters())
+
+
+def test_peft_generate_snippet_gives_softprompt_tokens(llama_dir, tmp_path):
+    """The README's snippet for PEFT users (PEFT's own generate() gives other tokens with a prompt-
+    tuning adapter on transformers 5): the base model's generate on [prompt; text] embeddings."""
+    peft = pytest.importorskip("peft")
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=4)
+    sp.save_pretrained(tmp_path / "p")
+    ref = softprompt.generate(TEXTS, prompt=tmp_path / "p", model=model, tokenizer=tok, max_new_tokens=8)
+    snippet = (ROOT / "examples" / "peft_generate.py").read_text()
+    scope: dict = {}
+    exec(compile(snippet, "peft_generate.py", "exec"), scope)
+    pm = peft.PeftModel.from_pretrained(model, tmp_path / "p")
+    for text, r in zip(TEXTS, ref):
+        enc = tok([text], return_tensors="pt")
+        new = scope["generate_with_prompt"](pm, enc.input_ids, enc.attention_mask, max_new_tokens=8,
+                                            pad_token_id=tok.pad_token_id)
+        assert tok.decode(new[0], skip_special_tokens=True) == r["tuned"]
+    tok.padding_side = "left"  # a batch: left-padded, as the snippet says
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    tok.padding_side = "right"
+    new = scope["generate_with_prompt"](pm, enc.input_ids, enc.attention_mask, max_new_tokens=8,
+                                        pad_token_id=tok.pad_token_id)
+    assert tok.batch_decode(new, skip_special_tokens=True) == [r["tuned"] for r in ref]
+
+
+@pytest.mark.slow  # inductor on a CPU: ~3 min with a cold compile cache on this loaded machine, 17 s warm
+def test_compiled_forward_equals_eager(llama_dir, tmp_path):
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as e:  # pragma: no cover - builds without inductor
+        pytest.skip(f"torch.compile unavailable: {e}")
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok)
+    batch, _ = _batch(tok, _data(tmp_path, 4), **IO)
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
+    with torch.no_grad():
+        eager = sp(**kw).loss
+        compiled = torch.compile(sp)(**kw).loss
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- under transformers.Trainer
+
+def _trainer_run(model, tok, batch, out: Path, steps: int, lr: float, **args):
+    from transformers import Trainer, TrainingArguments
+
+    cfg = softprompt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                        prompt_tuning_init_text="Country facts in a list.")
+    pm = softprompt.get_peft_model(model, cfg)
+    pm.tokenizer = tok
+    start = pm.prompt.embeds.detach().clone()
+    rows = [{"input_ids": i, "attention_mask": m, "labels": l}
+            for i, m, l in zip(batch.input_ids, batch.attention_mask, batch.targets)]
+    stack = lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]}
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=len(rows),
+                             learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                             max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, seed=0, dataloader_drop_last=False, **args)
+    trainer = Trainer(model=pm, args=args, train_dataset=rows, data_collator=stack)
+    trainer.train()
+    return pm, start, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_trains_the_prompt_softprompt_train_trains(llama_dir, tmp_path):
+    """One batch holding every row, so the data order cannot differ; a constant rate without warm-up,
+    where the two schedules agree; the same TEXT init."""
+    model, tok = load_model(str(llama_dir))
+    data = _data(tmp_path, 8)
+    batch, rows = _batch(tok, data, **IO)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm, start, losses = _trainer_run(model, tok, batch, tmp_path / "hf", steps=4, lr=3e-2)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the base stayed frozen
+    assert [n for n, p in pm.named_parameters() if p.requires_grad] == ["prompts.default.embeds"]
+    assert list(pm.state_dict()) == ["prompts.default.embeds"]
+    softprompt.train(model=model, tokenizer=tok, data=str(data), eval_fraction=0.0, **IO, virtual_tokens=4,
+                     init="text", init_text="Country facts in a list.", batch_size=len(rows), max_steps=4,
+                     lr=3e-2, schedule="constant", warmup_steps=0, grad_clip=1.0, forward_path="auto",
+                     out=str(tmp_path / "sp"), save_every=0, eval_untuned=False)
+    ours = softprompt.load_prompt(tmp_path / "sp").embeds
+    assert torch.allclose(pm.prompt.embeds.detach(), ours, atol=1e-5, rtol=0)
+    assert (ours - start).abs().max() > 1e-3  # both moved the prompt, the same way
+
+
+def test_trainer_with_gradient_checkpointing_trains_the_same_prompt(model_dir, tmp_path, capsys):
+    """BLOOM (its prompt keys shared through a cache, which checkpointed layers drop: concat instead)
+    and Llama (packed); the prompt after 2 steps equals the one trained without checkpointing."""
+    model, tok = load_model(str(model_dir))
+    batch, _ = _batch(tok, _data(tmp_path, 6), **IO)
+    plain, _, _ = _trainer_run(model, tok, batch, tmp_path / "a", steps=2, lr=3e-2)
+    ckpt, _, losses = _trainer_run(model, tok, batch, tmp_path / "b", steps=2, lr=3e-2,
+                                   activation_checkpointing=True)
+    assert ckpt.is_gradient_checkpointing
+    assert torch.allclose(ckpt.prompt.embeds, plain.prompt.embeds, atol=1e-5, rtol=0)
+    ckpt.print_trainable_parameters()
+    assert f"trainable params: {4 * model.config.hidden_size:,d} || all params: " in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the classic script and its twin
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["classic_peft_script.py", "classic_softprompt_script.py"])
+def test_classic_scripts_run_a_few_steps(script, tmp_path):
+    if script == "classic_peft_script.py":
+        pytest.importorskip("peft")
+    data = ROOT.parent / "shared" / "data" / "awesome-chatgpt-prompts" / "prompts.csv"
+    if not data.is_file():
+        pytest.skip(f"no {data}")
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--max-steps", "2", "--rows", "16",
+                          "--out", str(tmp_path / "adapter"), "--max-new-tokens", "6", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in (tmp_path / "adapter").iterdir()}
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["steps"] == 2 and r["untuned"] and r["tuned"]
+    assert "untuned:" in res.stdout and "tuned:" in res.stdout
+
+
+def test_the_twin_differs_from_the_classic_script_only_in_its_import():
+    peft_lines = (ROOT / "examples" / "classic_peft_script.py").read_text().splitlines()
+    ours = (ROOT / "examples" / "classic_softprompt_script.py").read_text().splitlines()
+    diff = [(a, b) for a, b in zip(peft_lines, ours) if a != b]
+    assert len(peft_lines) == len(ours)
+    assert diff == [(a, a.replace("from peft import", "from softprompt import")) for a, _ in diff] and len(diff) == 1
+
+
+def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
+    """The card's Python block, run as written (the model id and text filled in), prints the tokens
+    `softprompt generate` gives."""
+    pytest.importorskip("peft")
+    from softprompt.hub_push import prepare_upload
+
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=5)
+    sp.save_pretrained(tmp_path / "p")
+    card = (prepare_upload(tmp_path / "p", tmp_path / "up", "someone/prompt") / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    code = code.replace("'someone/prompt'", repr(str(tmp_path / "up"))).replace('"..."', repr(TEXTS[0]))
+    code = code.replace("max_new_tokens=40", "max_new_tokens=8, pad_token_id=tok.pad_token_id")
+    printed: list = []
+    exec(compile(code, "card", "exec"), {"print": printed.append})
+    ref = softprompt.generate(TEXTS[0], prompt=tmp_path / "p", model=model, tokenizer=tok, max_new_tokens=8)
+    assert printed == [[ref[0]["tuned"]]]
+
+
+def test_push_to_hub_uploads_what_softprompt_push_does(llama_dir, tmp_path, monkeypatch):
+    import softprompt.hub_push as hub
+
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok)
+    seen = {}
+
+    def fake_push(prompt_dir, repo_id, private=False, revision=None, message="", base_model=None):
+        seen["files"] = {f.name for f in hub.prepare_upload(prompt_dir, tmp_path / "up", repo_id).iterdir()}
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(hub, "push", fake_push)
+    assert sp.push_to_hub("someone/p") == "https://huggingface.co/someone/p"
+    assert {"prompt.safetensors", "adapter_model.safetensors", "adapter_config.json", "README.md"} <= seen["files"]
+    again = softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "up", tokenizer=tok)
+    assert torch.equal(again.prompt.embeds, sp.prompt.embeds.detach())
+
+
+def test_from_pretrained_reads_a_peft_adapter_folder(llama_dir, tmp_path):
+    from softprompt.peft_io import export_peft
+
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok, seed=6)
+    sp.save_pretrained(tmp_path / "p")
+    export_peft(tmp_path / "p", tmp_path / "peft_only")  # adapter_config.json + adapter_model.safetensors
+    assert not (tmp_path / "peft_only" / "prompt.safetensors").exists()
+    again = softprompt.PeftModel.from_pretrained(model, tmp_path / "peft_only", is_trainable=True)
+    assert torch.equal(again.prompt.embeds, sp.prompt.embeds) and again.prompt.embeds.requires_grad
+    with pytest.raises(softprompt.SoftpromptError, match="missing prompt file"):
+        softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "nothing")
