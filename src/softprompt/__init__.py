@@ -14,11 +14,15 @@ modules behind the CLI commands, and importing a submodule binds it on the packa
 function of that name; so those three modules are made callable as they are bound (`_Package`),
 and `softprompt.train(...)` calls softprompt.api.train whoever imported the module first.
 """
-from __future__ import annotations  # the `Any` below stays a string: importing typing costs ~20 ms
+from __future__ import annotations  # annotations stay strings: `Any` is imported for type checkers only
 
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _version() -> str:
