@@ -35,7 +35,7 @@ KINDS = {
 }
 
 
-def sp(*args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def sp(*args, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run([SP, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
