@@ -96,11 +96,15 @@ def format_report(r: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
     add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders or hf://REPO_ID[@REV] (two or more)")
+    parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders or hf://REPO_ID[@REV] (two or more); the first one's "
+                        "recorded template, labels and chat flag are the defaults of those flags")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
-    r = ensemble_cmd(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompts)
+    from .recorded import data_config
+
+    # The first prompt's recorded template and labels are the defaults (an ensemble shares one task).
+    r = ensemble_cmd(from_args(ModelConfig, args), data_config(args, args.prompts[0]), args.prompts)
     print(json.dumps(r)) if args.json else print(format_report(r), end="")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig, add_args, from_args
 from .data import Formatter, load_splits
 from .forward import row_logprobs
+from .recorded import data_config, read_meta, with_recorded
 from .utils import SoftpromptError
 
 
@@ -78,10 +79,13 @@ def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_
 
 def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
                 model=None, tok=None) -> dict[str, Any]:
-    """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`."""
+    """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`; the
+    prompt's recorded template, target, labels and chat flag are the defaults of `dcfg`'s."""
     from .models import load_model
     from .prompt import load_prompt
 
+    if prompt not in ("", "none"):
+        dcfg = DataConfig(**with_recorded(asdict(dcfg), read_meta(prompt)))
     if model is None:
         model, tok = load_model(mcfg)
     p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)
@@ -95,7 +99,8 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
     add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("--prompt", default="none", help="prompt folder or hf://REPO_ID[@REV], or 'none' for the untuned model")
+    parser.add_argument("--prompt", default="none", help="prompt folder or hf://REPO_ID[@REV], or 'none' for the untuned model; the template, target, "
+                             "labels and chat flag its prompt_config.json records are the defaults of those flags")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -110,6 +115,6 @@ def format_eval(m: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SoftpromptError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    m = eval_prompt(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompt, args.batch_size)
+    m = eval_prompt(from_args(ModelConfig, args), data_config(args, args.prompt), args.prompt, args.batch_size)
     print(json.dumps(m) if args.json else format_eval(m))
     return 0

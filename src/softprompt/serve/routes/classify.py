@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 
 from ...classify import label_token_ids
 from ...data import chat_wrap
+from ...recorded import fill_one
 from ..context import Ctx, ServerContext
 from ..protocol import ApiError, ClassifyRequest
 from ..jobs import ClassifyJob
@@ -24,7 +25,9 @@ router = APIRouter(tags=["softprompt"])
 @router.post("/v1/classify", summary="Rank-classify a text over label words")
 async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     """The label whose tokens the model finds most probable after the text (with the task's prompt);
-    `scores` are log-probabilities of each label's tokens, `probabilities` their softmax."""
+    `scores` are log-probabilities of each label's tokens, `probabilities` their softmax. When the
+    task's prompt records a template of one column ("Review: {sentence}\nSentiment:"), the text
+    fills that column first, as in training."""
     entry = ctx.registry.get(req.task, "task")
     labels = req.labels if req.labels is not None else list(entry.meta.get("labels") or [])
     if len(labels) < 2:
@@ -34,7 +37,10 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     if sum(map(len, labels)) > ctx.cfg.max_input_tokens * 64:  # as encode: do not even tokenise absurd labels
         raise ApiError(400, f"labels are too long ({sum(map(len, labels))} characters)", "labels")
     chat = bool(entry.meta.get("chat"))
-    rendered = chat_wrap(ctx.tok, req.text) if chat and req.text else req.text
+    # The task's recorded template of one column takes the raw text, as its prompt was trained.
+    text = fill_one(entry.meta.get("template"), req.text) if req.text else None
+    text = req.text if text is None else text
+    rendered = chat_wrap(ctx.tok, text) if chat and req.text else text
     ids = ctx.encode(rendered, chat, "text", req.text)
     cands = label_token_ids(ctx.tok, labels, rendered)
     ctx.fits(entry, ids, max(len(c) for c in cands), "text")

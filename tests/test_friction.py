@@ -1,0 +1,115 @@
+"""Issue 26's friction items: a prompt's recorded settings are every command's defaults, the same rows
+and clear numbers in train and eval, training output, early input checks, file modes, PEFT/Hub
+interop, lm-eval's flags and chat generation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.cli import main
+
+TEMPLATE = "Country: {country}\\nEurope:"
+
+
+@pytest.fixture(scope="module")
+def trained(llama_dir, tmp_path_factory):
+    """A classification prompt trained on the countries table (its template, labels and label column
+    recorded), and the table."""
+    import csv
+
+    from conftest import EXAMPLES
+
+    root = tmp_path_factory.mktemp("friction")
+    data = root / "countries.csv"
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()]
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["country", "capital", "continent", "europe"])
+        for r in rows:
+            w.writerow([r["country"], r["capital"], r["continent"], int(r["continent"] == "Europe")])
+    out = root / "run"
+    rc = main(["train", "--model", str(llama_dir), "--data", str(data), "--template", TEMPLATE, "--labels", "no,yes",
+               "--label-col", "europe", "--virtual-tokens", "3", "--init", "labels", "--max-steps", "4",
+               "--batch-size", "4", "--eval-every", "2", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    return out, data
+
+
+def run_json(capsys, argv) -> object:
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------- 1: recorded settings are the defaults
+
+def test_eval_takes_the_prompts_recorded_template_and_labels(trained, llama_dir, capsys):
+    out, data = trained
+    base = ["eval", "--model", str(llama_dir), "--data", str(data), "--prompt", str(out), "--json"]
+    recorded = run_json(capsys, base)
+    explicit = run_json(capsys, base + ["--template", TEMPLATE, "--labels", "no,yes", "--label-col", "europe"])
+    assert "accuracy" in recorded and recorded == explicit
+    # A flag still wins: another template gives other numbers.
+    other = run_json(capsys, base + ["--template", "{country} in Europe?", "--labels", "no,yes",
+                                     "--label-col", "europe"])
+    assert other["loss"] != recorded["loss"]
+
+
+def test_ensemble_takes_the_first_prompts_recorded_settings(trained, llama_dir, capsys):
+    out, data = trained
+    base = ["ensemble", "--model", str(llama_dir), "--data", str(data), str(out), str(out), "--json"]
+    recorded = run_json(capsys, base)
+    explicit = run_json(capsys, base + ["--template", TEMPLATE, "--labels", "no,yes", "--label-col", "europe"])
+    assert recorded["n"] == explicit["n"] > 0 and recorded["prompts"] == explicit["prompts"]
+
+
+def test_generate_formats_text_with_the_recorded_template(trained, llama_dir, capsys):
+    out, _ = trained
+    base = ["generate", "--model", str(llama_dir), "--prompt", str(out), "--max-new-tokens", "6", "--json"]
+    templated = run_json(capsys, base + ["Chile"])
+    # The shell's written \n is a newline, as in train's templates.
+    by_hand = run_json(capsys, base + ["--raw", "Country: Chile\\nEurope:"])
+    assert templated[0]["tuned"] == by_hand[0]["tuned"] and templated[0]["input"] == "Chile"
+    raw = run_json(capsys, base + ["--template", "{input}", "Country: Chile\nEurope:"])
+    assert raw[0]["tuned"] == by_hand[0]["tuned"]
+    bare = run_json(capsys, base + ["--raw", "Chile"])
+    untemplated = run_json(capsys, base + ["--template", "{x}", "Chile"])
+    assert bare[0]["tuned"] == untemplated[0]["tuned"]
+
+
+def test_generate_template_of_several_columns_takes_json(trained, llama_dir, capsys):
+    out, _ = trained
+    base = ["generate", "--model", str(llama_dir), "--prompt", str(out), "--max-new-tokens", "4", "--json"]
+    two = run_json(capsys, base + ["--template", "{a} and {b}", '{"a": "Chile", "b": "Peru"}'])
+    same = run_json(capsys, base + ["--raw", "Chile and Peru"])
+    assert two[0]["tuned"] == same[0]["tuned"]
+    capsys.readouterr()
+    assert main(base + ["--template", "{a} and {b}", "Chile"]) == 2
+    assert "names the columns a, b" in capsys.readouterr().err
+
+
+def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from serve_helpers import running
+
+    from softprompt.config import ServeConfig
+    from softprompt.models import load_model
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    model, tok = load_model(str(llama_dir))
+    embeds = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    meta = {"model": "tiny", "labels": ["negative", "positive"]}
+    dirs = {"templated": save_prompt(SoftPrompt(embeds), tmp_path / "t",
+                                     {**meta, "template": "Review: {sentence}\\nSentiment:"}),
+            "bare": save_prompt(SoftPrompt(embeds), tmp_path / "b", meta)}
+    cfg = ServeConfig(max_batch=4, max_queue=8, batch_wait_ms=1, max_input_tokens=64)
+    with running(model, tok, {k: str(v) for k, v in dirs.items()}, cfg) as (_, run):
+        with httpx.Client(base_url=run.url, timeout=30) as c:
+            a = c.post("/v1/classify", json={"task": "templated", "text": "a dull film"}).json()
+            b = c.post("/v1/classify", json={"task": "bare", "text": "Review: a dull film\nSentiment:"}).json()
+            raw = c.post("/v1/classify", json={"task": "bare", "text": "a dull film"}).json()
+    assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+    assert a["scores"] != pytest.approx(raw["scores"], abs=1e-5)
