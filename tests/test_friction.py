@@ -113,3 +113,98 @@ def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):
             raw = c.post("/v1/classify", json={"task": "bare", "text": "a dull film"}).json()
     assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
     assert a["scores"] != pytest.approx(raw["scores"], abs=1e-5)
+
+
+# ---------------------------------------------------------------- 2: the same rows, clear numbers
+
+def test_eval_limit_takes_the_rows_train_eval_limit_takes(trained, llama_dir, tmp_path, capsys):
+    _, data = trained
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(llama_dir), "--data", str(data), "--eval-data", str(data), "--template",
+                 TEMPLATE, "--labels", "no,yes", "--label-col", "europe", "--virtual-tokens", "3", "--max-steps", "2",
+                 "--warmup-steps", "1", "--batch-size", "4", "--eval-limit", "8", "--no-keep-best", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    final = json.loads((out / "summary.json").read_text())["final_eval"]
+    got = run_json(capsys, ["eval", "--model", str(llama_dir), "--data", str(data), "--prompt", str(out),
+                            "--limit", "8", "--json"])
+    assert got["n"] == final["n"] == 8
+    assert got["loss"] == pytest.approx(final["loss"], rel=1e-4) and got["correct"] == final["correct"]
+
+
+def test_eval_limit_help_speaks_of_scored_rows():
+    from softprompt.cli import build_parsers
+
+    for cmd in ("eval", "ensemble"):
+        parser = build_parsers(cmd)[1][cmd]
+        (limit,) = [a for a in parser._actions if a.dest == "limit"]
+        assert "training" not in limit.help and "first" in limit.help
+
+
+def test_classification_loss_is_over_the_label_words(tiny):
+    from softprompt.config import DataConfig
+    from softprompt.data import load_splits
+    from softprompt.evaluate import eval_loss, evaluate, example_scores
+
+    from conftest import EXAMPLES
+
+    model, tok = tiny
+    cfg = DataConfig(data=str(EXAMPLES), template="Country: {country}\\nContinent:",
+                     labels="Europe,Asia,Africa,Oceania,North America,South America", label_col="continent",
+                     eval_fraction=0, limit=20)
+    fmt, ex, _ = load_splits(cfg, tok)
+    p = torch.randn(3, model.config.hidden_size) * 0.1
+    m = evaluate(model, tok, lambda: p, fmt, ex)
+    scores = example_scores(model, tok, lambda: p, fmt, ex)
+    gold = torch.tensor([e.label for e in ex])
+    want = float(-torch.log_softmax(scores, -1)[torch.arange(len(ex)), gold].mean())
+    assert m["loss"] == pytest.approx(want, rel=1e-5)
+    assert m["lm_loss"] == pytest.approx(eval_loss(model, tok, lambda: p, ex)["loss"], rel=1e-5)
+    # The accuracy is the count's fraction, a Python float.
+    assert m["accuracy"] == m["correct"] / m["n"] and isinstance(m["accuracy"], float)
+
+
+def test_summary_names_the_best_eval_metric_not_a_negative_score(llama_dir, tmp_path):
+    from conftest import EXAMPLES
+
+    out = tmp_path / "lm"
+    assert main(["train", "--model", str(llama_dir), "--data", str(EXAMPLES), "--template", "Country: {country}",
+                 "--virtual-tokens", "2", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "4",
+                 "--eval-every", "1", "--out", str(out), "--device", "cpu"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert "best_eval_score" not in s and s["best_eval_metric"] == "loss"
+    assert 0 < s["best_eval_loss"] <= s["final_eval"]["loss"] + 1e-9
+
+
+# ---------------------------------------------------------------- 3: training output
+
+def test_train_prints_each_evaluation_and_refuses_a_warmup_past_the_end(trained, llama_dir, tmp_path, capsys):
+    _, data = trained
+    argv = ["train", "--model", str(llama_dir), "--data", str(data), "--template", TEMPLATE, "--labels", "no,yes",
+            "--label-col", "europe", "--virtual-tokens", "3", "--max-steps", "4", "--batch-size", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(argv + ["--eval-every", "2", "--warmup-steps", "1", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "untuned model held-out: accuracy" in err
+    assert "step 2/4 held-out: accuracy" in err and "step 4/4 held-out: accuracy" in err
+    assert main(argv + ["--warmup-steps", "20", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "softprompt: error: --warmup-steps 20 is longer than the run's 4 steps: the rate would reach only 19% of "
+        "--lr; give --warmup-steps 4 or less")
+    assert not (tmp_path / "b").exists()
+
+
+def test_train_imports_neither_bitsandbytes_nor_peft_without_quantize(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import EXAMPLES
+
+    code = ("import sys\nfrom softprompt.cli import main\n"
+            f"assert main(['train', '--model', {str(llama_dir)!r}, '--data', {str(EXAMPLES)!r}, '--text-col', 'country',"
+            f" '--virtual-tokens', '2', '--max-steps', '1', '--warmup-steps', '1', '--batch-size', '4', '--out',"
+            f" {str(tmp_path / 'r')!r}, '--device', 'cpu']) == 0\n"
+            "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+    assert "FutureWarning" not in r.stderr and "gemm_4bit" not in r.stderr

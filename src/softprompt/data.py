@@ -193,13 +193,17 @@ def resolve_columns(cfg: DataConfig, rows) -> DataConfig:
     return cfg
 
 
-def load_splits(cfg: DataConfig, tok, seed: int = 0) -> tuple[Formatter, list[Example], list[Example]]:
+def load_splits(cfg: DataConfig, tok, seed: int = 0,
+                shuffle: bool = True) -> tuple[Formatter, list[Example], list[Example]]:
     """Formatter plus tokenised (train, eval) examples; eval is --eval-data, --eval-split of --data,
-    or a held-out fraction. Rows are taken by index, so a Hub or Arrow dataset is never copied."""
+    or a held-out fraction. Rows are taken by index, so a Hub or Arrow dataset is never copied.
+    `shuffle`: the training rows' order (and so --limit's choice) is seeded; without it they stay in
+    file order, as scoring commands take them (--limit N: the first N rows, as --eval-limit takes)."""
     rows = read_rows(cfg.data, cfg.split, cfg.data_config, cfg.data_files)
     fmt = Formatter(resolve_columns(cfg, rows), tok)
     order = list(range(len(rows)))  # shuffled as row numbers, so that errors name the file's rows
-    random.Random(seed).shuffle(order)
+    if shuffle:
+        random.Random(seed).shuffle(order)
     eval_name = cfg.eval_data or (f"{cfg.data} ({cfg.eval_split})" if cfg.eval_split else f"{cfg.data} (held out)")
     if cfg.eval_data or cfg.eval_split:
         split = cfg.eval_split or ("validation" if cfg.split == "train" else cfg.split)

@@ -21,6 +21,7 @@ from .batching import Example, pad_id
 from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig, add_args, from_args
 from .data import Formatter
+from .evaluate import limit_help
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
@@ -73,7 +74,7 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
     if model is None:
         model, tok = load_model(mcfg)
     prompts = [load_prompt(d, model).embeds.detach() for d in prompt_dirs]
-    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok)
+    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")
     scores = ensemble_scores(model, prompts, fmt, rows, progress=progress)
@@ -99,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders or hf://REPO_ID[@REV] (two or more); the first one's "
                         "recorded template, labels and chat flag are the defaults of those flags")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    limit_help(parser)
 
 
 def run(args: argparse.Namespace) -> int:
