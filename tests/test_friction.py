@@ -208,3 +208,39 @@ def test_train_imports_neither_bitsandbytes_nor_peft_without_quantize(llama_dir,
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
     assert "FutureWarning" not in r.stderr and "gemm_4bit" not in r.stderr
+
+
+# ---------------------------------------------------------------- 4: early checks, fast --help
+
+@pytest.mark.parametrize("case", ["help", "config_typo", "used_out", "missing_data", "bad_column", "eval_prompt"])
+def test_inputs_are_checked_before_torch_is_imported(case, tmp_path):
+    """Each of these is answered by the flags module alone: no torch, no transformers, no model."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\na fine film\t1\n")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "summary.json").write_text("{}")
+    (tmp_path / "typo.yaml").write_text("DataConfig:\n  tempalte: x\n")
+    train = ["train", "--data", str(data), "--template", "{sentence}", "--out", str(tmp_path / "new")]
+    argv, msg = {
+        "help": (["train", "--help"], None),
+        "config_typo": (train + ["--config", str(tmp_path / "typo.yaml")], "tempalte"),
+        "used_out": (train[:-1] + [str(tmp_path / "used")], "already holds files"),
+        "missing_data": (["train", "--data", str(tmp_path / "no.tsv"), "--template", "{sentence}"],
+                         "missing data file"),
+        "bad_column": (["train", "--data", str(data), "--template", "{sentense}", "--out", str(tmp_path / "new")],
+                       f"column 'sentense' not found in {data} row 1 (columns: 'sentence', 'label')"),
+        "eval_prompt": (["eval", "--data", str(data), "--prompt", str(tmp_path / "nope")], "missing prompt file"),
+    }[case]
+    code = ("import sys\nfrom softprompt.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    rc, loaded = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert loaded == "[]", (case, r.stderr)
+    if msg is None:
+        assert rc == "0"
+    else:
+        assert rc == "2" and msg in r.stderr.strip().splitlines()[-1], r.stderr

@@ -67,6 +67,11 @@ def is_unicode(s: str) -> bool:
     return True
 
 
+def unescape(s: str) -> str:
+    # Shells pass "\n" literally inside double quotes; templates mean a newline.
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def check_template(name: str, template: str) -> None:
     """A template parses, and names its columns: `{}` and `{0}` name none."""
     try:

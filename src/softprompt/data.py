@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from .batching import Example
 from .chat import chat_example
 from .classify import label_text
-from .config import DataConfig, is_unicode
+from .config import DataConfig, is_unicode, unescape
 from .datasource import column_names, read_rows, take
 from .utils import SoftpromptError
 
@@ -28,11 +28,6 @@ __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
 
 
 # ---------------------------------------------------------------- formatting
-
-def unescape(s: str) -> str:
-    # Shells pass "\n" literally inside double quotes; templates mean a newline.
-    return s.replace("\\n", "\n").replace("\\t", "\t")
-
 
 def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]

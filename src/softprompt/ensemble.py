@@ -21,7 +21,7 @@ from .batching import Example, pad_id
 from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig, add_args, from_args
 from .data import Formatter
-from .evaluate import limit_help
+from .flags import ensemble_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
@@ -93,15 +93,6 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- the `ensemble` command
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_args(parser, ModelConfig)
-    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders or hf://REPO_ID[@REV] (two or more); the first one's "
-                        "recorded template, labels and chat flag are the defaults of those flags")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    limit_help(parser)
-
 
 def run(args: argparse.Namespace) -> int:
     from .recorded import data_config

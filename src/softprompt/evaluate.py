@@ -20,6 +20,7 @@ from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig, add_args, from_args
 from .data import Formatter, load_splits
 from .forward import row_logprobs
+from .flags import eval_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .recorded import data_config, read_meta, with_recorded
 from .utils import SoftpromptError, round_floats
 
@@ -109,24 +110,6 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
 
 
 # ---------------------------------------------------------------- the `eval` command
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_args(parser, ModelConfig)
-    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("--prompt", default="none", help="prompt folder or hf://REPO_ID[@REV], or 'none' for the untuned model; the template, target, "
-                             "labels and chat flag its prompt_config.json records are the defaults of those flags")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
-    limit_help(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
-def limit_help(parser: argparse.ArgumentParser) -> None:
-    """--limit's help as a scoring command reads it (DataConfig's speaks of training rows)."""
-    for action in parser._actions:
-        if action.dest == "limit":
-            action.help = ("score at most the first N rows of --data, in file order (0 = all), as train's "
-                           "--eval-limit takes the first N held-out rows")
-
 
 def format_eval(m: dict[str, Any]) -> str:
     if "accuracy" in m:

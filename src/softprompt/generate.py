@@ -12,6 +12,7 @@ import torch
 from .config import GenerateConfig, ModelConfig, add_args, from_args, is_unicode
 from .chat import render
 from .data import unescape
+from .flags import generate_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
 from .static_decode import decode_batch_for
@@ -130,27 +131,6 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
 
 
 # ---------------------------------------------------------------- the `generate` command
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_args(parser, ModelConfig)
-    add_args(parser, GenerateConfig)
-    parser.add_argument("--prompt", default="", help="prompt folder or hf://REPO_ID[@REV] (default: none, the "
-                                                     "untuned model)")
-    parser.add_argument("--compare", action="store_true", help="show the untuned model's output beside the tuned one")
-    parser.add_argument("--chat", action="store_true", help="wrap TEXT in the model's chat template (default: as "
-                                                            "the prompt was trained)")
-    parser.add_argument("--template", default=None, help="template each TEXT fills, e.g. 'Review: {sentence}\\nSentiment:' "
-                        "(one column: TEXT fills it; several: TEXT is a JSON object); default: the prompt's recorded "
-                        "template; '{input}' or --raw sends TEXT as it is")
-    parser.add_argument("--raw", action="store_true", help="send each TEXT as it is, without the prompt's template")
-    parser.add_argument("--system", default="", help="system message before each input (through the chat template)")
-    parser.add_argument("--messages", default="", metavar="FILE",
-                        help="JSONL file of conversations to reply to, one {\"messages\": [{\"role\": ..., \"content\": "
-                             "...}, ...]} per line (through the chat template), instead of TEXT")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("texts", nargs="*", metavar="TEXT", help="inputs to continue; a written \\n is a newline, as "
-                                                                 "in train's templates")
-
 
 def run(args: argparse.Namespace) -> int:
     if args.raw and args.template is not None:

@@ -17,12 +17,11 @@ from torch import nn
 
 from .config import PromptConfig
 from .inits import INITS, InitInputs, resolve
+from .recorded import CONFIG_FILE, WEIGHTS_FILE
 from .utils import SoftpromptError, read_json
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
-WEIGHTS_FILE = "prompt.safetensors"
-CONFIG_FILE = "prompt_config.json"
 
 
 class SoftPrompt(nn.Module):

@@ -14,10 +14,12 @@ import string
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig
-from .data import unescape
+from .config import DataConfig, unescape
 from .utils import SoftpromptError, read_json
 
+# A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
+WEIGHTS_FILE = "prompt.safetensors"
+CONFIG_FILE = "prompt_config.json"
 READING = ("template", "target", "text_col", "messages_col")  # how a row becomes an input: all or nothing
 DEFAULT_LABEL_COL = "label"  # DataConfig's default
 
@@ -26,7 +28,6 @@ def read_meta(prompt: str | Path) -> dict[str, Any]:
     """prompt_config.json of a prompt folder (or of a .safetensors file's folder, or hf://REPO_ID),
     without reading the tensor; {} when there is none (a bare tensor, an imported adapter)."""
     from .hub import download, is_hub
-    from .prompt import CONFIG_FILE, WEIGHTS_FILE
 
     path = download(prompt) if is_hub(prompt) else Path(prompt)
     folder = path.parent if path.suffix == ".safetensors" else path
@@ -87,7 +88,7 @@ def template_fields(template: str) -> list[str]:
 def fill_one(template: Any, text: str) -> str | None:
     """`template` with its one column filled by `text` ("Review: {sentence}\\nSentiment:" and "fine"
     -> "Review: fine\\nSentiment:"); None when it is not a template of exactly one plain column. A
-    written "\\n" is a newline, as train reads templates (data.unescape)."""
+    written "\\n" is a newline, as train reads templates (config.unescape)."""
     if not isinstance(template, str) or not template:
         return None
     template = unescape(template)

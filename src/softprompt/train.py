@@ -32,6 +32,8 @@ from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args
 from .cuda_graphs import GraphedStep, training_path
 from .data import Formatter, load_splits
 from .evaluate import evaluate, format_eval
+from .flags import check_warmup
+from .flags import train_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .forward import batch_loss
 from .inits import resolve
 from .methods import METHODS
@@ -76,23 +78,6 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int):
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         sched.step()
     return sched
-
-
-DEFAULT_WARMUP = TrainConfig.__dataclass_fields__["warmup_steps"].default
-
-
-def check_warmup(cfg: TrainConfig, total: int) -> None:
-    """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
-    One asked for is refused; the default one only warned about, so short runs keep working."""
-    if cfg.warmup_steps <= total:
-        return
-    peak = 100 * total / (cfg.warmup_steps + 1)
-    if cfg.warmup_steps != DEFAULT_WARMUP:
-        raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
-                              f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
-    print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} "
-          f"steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
-          file=sys.stderr)
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -417,11 +402,6 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
 
 
 # ---------------------------------------------------------------- the `train` command
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig):
-        add_args(parser, cls)
-
 
 def run(args: argparse.Namespace) -> int:
     s = train(*(from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig)))
