@@ -244,3 +244,29 @@ def test_inputs_are_checked_before_torch_is_imported(case, tmp_path):
         assert rc == "0"
     else:
         assert rc == "2" and msg in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+# ---------------------------------------------------------------- 5: file modes follow the umask
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_and_folders_follow_the_umask(umask, llama_dir, tmp_path):
+    import os
+    import stat
+
+    from conftest import EXAMPLES
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        assert main(["train", "--model", str(llama_dir), "--data", str(EXAMPLES), "--text-col", "country",
+                     "--virtual-tokens", "2", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "4",
+                     "--save-every", "1", "--out", str(out), "--device", "cpu"]) == 0
+        assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
+    finally:
+        os.umask(old)
+    paths = [p for root in (out, tmp_path / "peft") for p in [root, *root.rglob("*")]]
+    assert {"prompt.safetensors", "run_config.json", "summary.json", "checkpoint", "adapter_model.safetensors",
+            "adapter_config.json"} <= {p.name for p in paths}
+    for p in paths:
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))

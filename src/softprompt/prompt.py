@@ -18,7 +18,7 @@ from torch import nn
 from .config import PromptConfig
 from .inits import INITS, InitInputs, resolve
 from .recorded import CONFIG_FILE, WEIGHTS_FILE
-from .utils import SoftpromptError, read_json
+from .utils import SoftpromptError, default_mode, read_json
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
@@ -70,6 +70,7 @@ def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Pa
     try:
         save_file({TENSOR_NAME: prompt.embeds.detach().float().contiguous().cpu()}, str(tmp_w))
         tmp_c.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        default_mode(tmp_w)  # safetensors writes 0600
         os.replace(tmp_w, out / WEIGHTS_FILE)
         os.replace(tmp_c, out / CONFIG_FILE)
     finally:
