@@ -270,3 +270,39 @@ def test_written_files_and_folders_follow_the_umask(umask, llama_dir, tmp_path):
     for p in paths:
         want = (0o777 if p.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+# ---------------------------------------------------------------- 6: PEFT and Hub interop
+
+def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path):
+    from softprompt.hub import prepare_upload
+    from softprompt.peft_io import export_peft
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    d = save_prompt(SoftPrompt(torch.zeros(2, 8)), tmp_path / "p", {"model": "smollm2-135m-instruct", "init": "random"})
+    exported = json.loads((export_peft(d, tmp_path / "peft") / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    pushed = json.loads((prepare_upload(d, tmp_path / "up", "me/p") / "adapter_config.json").read_text())
+    assert pushed == exported
+
+
+@pytest.mark.parametrize("data", ["/home/someone/private/dev.tsv", "stanfordnlp/sst2", "nyu-mll/glue:sst2"])
+def test_model_card_names_hub_data_shows_the_template_and_has_model_index(data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from softprompt.hub import prepare_upload
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    template = "Review: {sentence}\\nSentiment:"
+    meta = {"model": "smollm2-135m-instruct", "task": "classify", "template": template, "labels": ["a", "b"],
+            "config": {"DataConfig": {"data": data, "template": template}},
+            "eval": {"accuracy": 0.925, "loss": 0.31234567, "lm_loss": 3.3}}
+    d = save_prompt(SoftPrompt(torch.zeros(2, 8)), tmp_path / "p", meta)
+    card = ModelCard.load(prepare_upload(d, tmp_path / "up", "me/sst2-prompt") / "README.md")
+    hub = data.split(":")[0] if not data.startswith("/") else None
+    assert card.data.datasets == ([hub] if hub else None)
+    assert "/home/someone" not in card.content
+    assert "```text\nReview: {sentence}\nSentiment:\n```" in card.text and "\\n" not in card.text.split("## Use")[0]
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": 0.925, "loss": 0.3123}
+    assert card.data.eval_results[0].task_type == "text-classification"

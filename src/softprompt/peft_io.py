@@ -21,10 +21,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def _model_geometry(name: str) -> dict:
     """num_layers / num_attention_heads for PEFT's config, read from a local model folder if we can."""
     from .config import BUILTIN_MODEL
-    from .models import builtin_model_dir
+    from .models import cache_root
 
-    try:
-        folder = builtin_model_dir() if name == BUILTIN_MODEL else Path(name)
+    try:  # the built-in model's converted copy, when there is one (converting it here would take ~20 s)
+        folder = cache_root() / "models" / BUILTIN_MODEL if name == BUILTIN_MODEL else Path(name)
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, SoftpromptError):
         return {}
@@ -35,12 +35,16 @@ def _model_geometry(name: str) -> dict:
 
 
 def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None = None) -> Path:
-    """softprompt folder -> PEFT adapter folder (written atomically)."""
+    """softprompt folder -> PEFT adapter folder (written atomically): the one adapter_config.json
+    writer, which `push` uses too."""
     from safetensors.torch import save_file
+
+    from .hub import hub_model_id
 
     prompt = load_prompt(prompt_dir)
     meta = prompt.meta
-    model = base_model or meta.get("model", "")
+    # A Hub id that AutoPeftModelForCausalLM can resolve (the built-in model's original), not our alias.
+    model = base_model or hub_model_id(meta.get("model", ""))
     init = meta.get("init", "random")
     cfg = {
         "peft_type": "PROMPT_TUNING",
@@ -49,7 +53,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "num_virtual_tokens": prompt.num_tokens,
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
-        **_model_geometry(model),
+        **_model_geometry(meta.get("model", "") if model == hub_model_id(meta.get("model", "")) else model),
         "prompt_tuning_init": peft_init(init),
         "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
         "tokenizer_name_or_path": model if init == "text" else None,
