@@ -306,3 +306,30 @@ def test_model_card_names_hub_data_shows_the_template_and_has_model_index(data, 
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {"accuracy": 0.925, "loss": 0.3123}
     assert card.data.eval_results[0].task_type == "text-classification"
+
+
+# ---------------------------------------------------------------- 7: lm-eval's own flags
+
+def test_lm_eval_passes_its_output_flags_through(llama_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    rows = [("a great movie", 1), ("a dull film", 0), ("fine and warm", 1), ("boring", 0)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"sentence": s, "label": y}) + "\n" for s, y in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_sst.yaml").write_text(
+        f"task: tiny_sst\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "Review: {{sentence}}\\nSentiment:"\ndoc_to_choice: ["negative", "positive"]\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    out = tmp_path / "results"
+    assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},device=cpu", "--tasks", "tiny_sst",
+                 "--include_path", str(tasks), "--output_path", str(out), "--log_samples", "--apply_chat_template",
+                 "--gen_kwargs", "temperature=0", "--batch_size", "4"]) == 0
+    (results,) = out.rglob("results_*.json")
+    (samples,) = out.rglob("samples_tiny_sst_*.jsonl")
+    res = json.loads(results.read_text())
+    assert res["results"]["tiny_sst"]["acc,none"] in (0, 0.25, 0.5, 0.75, 1)
+    assert res["config"]["gen_kwargs"] == {"temperature": 0} and res["chat_template"]
+    logged = [json.loads(l) for l in samples.read_text().splitlines()]
+    assert len(logged) == 4 and "<|user|>" in logged[0]["arguments"]["gen_args_0"]["arg_0"]
