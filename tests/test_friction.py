@@ -333,3 +333,41 @@ def test_lm_eval_passes_its_output_flags_through(llama_dir, tmp_path, capsys):
     assert res["config"]["gen_kwargs"] == {"temperature": 0} and res["chat_template"]
     logged = [json.loads(l) for l in samples.read_text().splitlines()]
     assert len(logged) == 4 and "<|user|>" in logged[0]["arguments"]["gen_args_0"]["arg_0"]
+
+
+# ---------------------------------------------------------------- 8: chat
+
+def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from softprompt.config import DataConfig
+    from softprompt.data import load_splits
+
+    data = tmp_path / "chat.jsonl"
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text((json.dumps(conv) + "\n") * 4)
+    fmt, _, _ = load_splits(DataConfig(data=str(data), eval_fraction=0), AutoTokenizer.from_pretrained(tok_dir))
+    assert fmt.task == "chat"
+    assert "reading the 'messages' column as chat conversations" in capsys.readouterr().err
+
+
+def test_generate_takes_a_system_message_and_conversations(llama_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from softprompt.generate import encode_for_generation
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    assert tok.decode(encode_for_generation(tok, "hi", system="Be brief.")) == \
+        "<|system|>Be brief.\n<|user|>hi\n<|assistant|>"
+    convs = tmp_path / "convs.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Country: Chile"}]
+    longer = turns + [{"role": "assistant", "content": "Europe: no"}, {"role": "user", "content": "Country: Peru"}]
+    convs.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": longer}) + "\n")
+    base = ["generate", "--model", str(llama_dir), "--max-new-tokens", "5", "--json"]
+    with_system = run_json(capsys, base + ["--system", "Be brief.", "Country: Chile"])
+    from_file = run_json(capsys, base + ["--messages", str(convs)])
+    assert len(from_file) == 2 and from_file[0]["baseline"] == with_system[0]["baseline"]
+    assert from_file[1]["input"] == "Country: Peru"
+    capsys.readouterr()
+    assert main(base + ["--messages", str(convs), "hello"]) == 2
+    assert "not both" in capsys.readouterr().err

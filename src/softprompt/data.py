@@ -184,6 +184,8 @@ class Formatter:
 def resolve_columns(cfg: DataConfig, rows) -> DataConfig:
     """A `messages` column trains a chat prompt when nothing else says how to read a row."""
     if not (cfg.template or cfg.text_col or cfg.messages_col) and "messages" in column_names(rows):
+        print("[softprompt] reading the 'messages' column as chat conversations (as --messages-col messages): "
+              "through the model's chat template, the loss on the assistant turns", file=sys.stderr)
         return replace(cfg, messages_col="messages")
     return cfg
 
