@@ -184,8 +184,8 @@ def test_train_prints_each_evaluation_and_refuses_a_warmup_past_the_end(trained,
     capsys.readouterr()
     assert main(argv + ["--eval-every", "2", "--warmup-steps", "1", "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    assert "untuned model held-out: accuracy" in err
-    assert "step 2/4 held-out: accuracy" in err and "step 4/4 held-out: accuracy" in err
+    assert "untuned model held-out: loss" in err and "accuracy" in err
+    assert "step 2/4 held-out: loss" in err and "step 4/4 held-out: loss" in err
     assert main(argv + ["--warmup-steps", "20", "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "softprompt: error: --warmup-steps 20 is longer than the run's 4 steps: the rate would reach only 19% of "

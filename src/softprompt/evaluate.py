@@ -113,9 +113,9 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
 
 def format_eval(m: dict[str, Any]) -> str:
     if "accuracy" in m:
-        return (f"accuracy {100 * m['accuracy']:.2f}% ({m['correct']} of {m['n']})  class loss {m['loss']:.4f} "
-                f"(over the label words)  lm loss {m['lm_loss']:.4f}  perplexity {m['perplexity']:.3f} "
-                f"({m['tokens']} label tokens)")
+        return (f"loss {m['loss']:.4f} (over the label words)  accuracy {100 * m['accuracy']:.2f}% ({m['correct']} "
+                f"of {m['n']})  lm loss {m['lm_loss']:.4f}  perplexity {m['perplexity']:.3f} ({m['tokens']} label "
+                "tokens)")
     return f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
 
 

@@ -136,7 +136,8 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="show the untuned model's output beside the tuned one")
     parser.add_argument("--chat", action="store_true", help="wrap TEXT in the model's chat template (default: as "
                                                             "the prompt was trained)")
-    parser.add_argument("--template", default=None,
+    # dest: not DataConfig's `template` (a generate namespace is no DataConfig's)
+    parser.add_argument("--template", dest="input_template", default=None,
                         help="template each TEXT fills, e.g. 'Review: {sentence}\\nSentiment:' (one column: TEXT fills "
                              "it; several: TEXT is a JSON object); default: the prompt's recorded template; '{input}' "
                              "or --raw sends TEXT as it is")
@@ -153,12 +154,12 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
 def check_generate(args: argparse.Namespace) -> None:
     from_args(ModelConfig, args)
     from_args(GenerateConfig, args)
-    if args.raw and args.template is not None:
+    if args.raw and args.input_template is not None:
         raise SoftpromptError("give --template or --raw, not both")
-    if args.template:
+    if args.input_template:
         from .config import check_template
 
-        check_template("template", args.template)
+        check_template("template", args.input_template)
     if prompt_given(args.prompt):
         read_meta(args.prompt)
     if args.messages and not Path(args.messages).is_file():

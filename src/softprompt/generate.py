@@ -133,9 +133,9 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
 # ---------------------------------------------------------------- the `generate` command
 
 def run(args: argparse.Namespace) -> int:
-    if args.raw and args.template is not None:
+    if args.raw and args.input_template is not None:
         raise SoftpromptError("give --template or --raw, not both")
-    template = "" if args.raw else None if args.template is None else unescape(args.template)
+    template = "" if args.raw else None if args.input_template is None else unescape(args.input_template)
     convs = read_conversations(args.messages) if args.messages else None
     res = generate_cmd(from_args(ModelConfig, args), from_args(GenerateConfig, args),
                        [unescape(t) for t in args.texts], args.prompt, args.compare, args.chat,
