@@ -65,6 +65,7 @@ def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, caps
 ])
 def test_errors_are_one_line_and_nonzero(argv, msg, llama_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("t\nsome text\n")  # data is checked before the model: let it pass
     if argv[0] == "eval":
         argv = [argv[0], "--model", str(llama_dir), *argv[1:]]
     assert main(argv) == 2

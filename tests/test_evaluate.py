@@ -1,4 +1,4 @@
-"""Evaluation: the classification loss read off the label scores equals the separate loss pass."""
+"""Evaluation: the label tokens' loss read off the label scores (lm_loss) equals the separate loss pass."""
 import torch
 
 from softprompt.config import DataConfig
@@ -18,7 +18,7 @@ def test_classification_loss_from_scores_equals_loss_pass(tiny):
     prompt = lambda: p
     got, ref = evaluate(model, tok, prompt, fmt, ex), eval_loss(model, tok, prompt, ex)
     assert got["tokens"] == ref["tokens"]
-    assert abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-6
+    assert abs(got["lm_loss"] - ref["loss"]) / ref["loss"] < 1e-6
     assert got["accuracy"] == accuracy(model, tok, prompt, fmt, ex)["accuracy"]
 
 
@@ -45,4 +45,4 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     assert torch.allclose(together, alone, atol=1e-5)
     # The loss read off the scores agrees with the separate loss pass for mixed candidates too.
     got, ref = evaluate(model, tok, lambda: p, fmt, ex), eval_loss(model, tok, lambda: p, ex)
-    assert got["tokens"] == ref["tokens"] and abs(got["loss"] - ref["loss"]) / ref["loss"] < 1e-5
+    assert got["tokens"] == ref["tokens"] and abs(got["lm_loss"] - ref["loss"]) / ref["loss"] < 1e-5

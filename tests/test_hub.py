@@ -54,7 +54,8 @@ def test_upload_layout_and_card(run_dir, llama_dir, tmp_path):
     acc = f"{100 * summary['final_eval']['accuracy']:.2f}%"
     base_acc = f"{100 * summary['untuned_eval']['accuracy']:.2f}%"
     assert f"| accuracy | {base_acc} | {acc} |" in card.text
-    assert "| task | classify |" in card.text and '"Country: {country}\\\\nEurope:"' in card.text
+    # The template as the model reads it (a real newline, in a code block), not JSON-escaped.
+    assert "| task | classify |" in card.text and "```text\nCountry: {country}\nEurope:\n```" in card.text
     assert "PeftModel.from_pretrained(base, 'someone/countries-europe')" in card.text
     # PEFT reads the same folder: its prompt is ours, bit for bit.
     from transformers import AutoModelForCausalLM

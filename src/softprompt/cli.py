@@ -24,18 +24,33 @@ class Command:
     help: str
     description: str = ""
     functions: tuple[str, str] = ("add_arguments", "run")  # for a module that holds two commands
+    # (module, flags function, check function) when the flags live apart from a heavy module (flags.py):
+    # parsing imports no torch, and the check runs before the command's module is imported.
+    flags: tuple[str, str, str] | None = None
 
     def load(self) -> tuple[Any, Any]:
         mod = importlib.import_module(self.module)
         return tuple(getattr(mod, name) for name in self.functions)
 
+    def add_arguments(self) -> Any:
+        if self.flags is None:
+            return self.load()[0]
+        return getattr(importlib.import_module(self.flags[0]), self.flags[1])
+
+    def check(self, args: argparse.Namespace) -> None:
+        if self.flags is not None:
+            getattr(importlib.import_module(self.flags[0]), self.flags[2])(args)
+
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("softprompt.train", "train a soft prompt", "Train a soft prompt on a frozen model."),
+    "train": Command("softprompt.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
+                     flags=("softprompt.flags", "train_arguments", "check_train")),
     "eval": Command("softprompt.evaluate", "score a prompt (or the untuned model) on data",
-                    "Held-out loss, perplexity and (with --labels) rank-classification accuracy."),
+                    "Held-out loss, perplexity and (with --labels) rank-classification accuracy.",
+                    flags=("softprompt.flags", "eval_arguments", "check_eval")),
     "generate": Command("softprompt.generate", "generate text, optionally baseline vs tuned",
-                        "Continue each TEXT; greedy unless --sample."),
+                        "Continue each TEXT; greedy unless --sample.",
+                        flags=("softprompt.flags", "generate_arguments", "check_generate")),
     "serve": Command("softprompt.serve", "serve prompts over HTTP (OpenAI-compatible, batched)",
                      "Serve many soft prompts from one frozen model over HTTP: OpenAI-compatible /v1/completions "
                      "and /v1/chat/completions (model = prompt name), /v1/classify, /v1/models, /health, /metrics; "
@@ -62,7 +77,8 @@ COMMANDS: dict[str, Command] = {
     "ensemble": Command("softprompt.ensemble", "score K prompts together: each alone, majority vote, mean log-prob",
                         "Score every row of --data with K prompt folders in one batch per group of rows; report "
                         "each prompt's accuracy, the best single one, and the ensemble's by majority vote and by "
-                        "mean log-probability."),
+                        "mean log-probability.",
+                        flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
     "inspect": Command("softprompt.interpret", "nearest vocabulary tokens of each virtual token",
                        "For each virtual token of a prompt, its nearest vocabulary tokens by cosine similarity to "
                        "the model's input embeddings."),
@@ -100,7 +116,7 @@ def build_parsers(only: str | None = None) -> tuple[argparse.ArgumentParser, dic
     for name, cmd in COMMANDS.items():
         p = parsers[name] = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
         if only is None or only == name:
-            cmd.load()[0](p)
+            cmd.add_arguments()(p)
             p.add_argument("--config", metavar="FILE", default="",
                            help="YAML or JSON file of this command's flags, in sections as a run's run_config.json "
                                 "(ModelConfig, DataConfig, ...; its other flags under the command's name); flags "
@@ -122,6 +138,7 @@ def run(argv: list[str] | None = None) -> int:
 
         apply_config(parsers[args.cmd], args.cmd, args)
         args = ap.parse_args(argv)
+    COMMANDS[args.cmd].check(args)  # the command's inputs, before its module (torch, transformers) loads
     return COMMANDS[args.cmd].load()[1](args)
 
 

@@ -77,6 +77,11 @@ def is_unicode(s: str) -> bool:
     return True
 
 
+def unescape(s: str) -> str:
+    # Shells pass "\n" literally inside double quotes; templates mean a newline.
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def check_template(name: str, template: str) -> None:
     """A template parses, and each {...} is a plain column name: `{}` and `{0}` name none, and an
     attribute, index, conversion or format spec ({x.__class__}, {x[0]}, {x!r}, {x:>100000000}) would
@@ -129,7 +134,8 @@ class DataConfig:
     eval_split: str = opt("", "split for evaluation: of --eval-data (default: validation when --split is train, "
                               "else --split), or without --eval-data of --data itself instead of holding rows out")
     limit: int = opt(0, "use at most this many training rows (0 = all), taken after a seeded shuffle")
-    eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all)")
+    eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all): the first N of --eval-data or "
+                             "--eval-split in file order (as eval --limit N), or N of the rows held out of --data")
     chat: bool = opt(False, "wrap the input in the model's chat template (instruct models)")
     messages_col: str = opt("", "column of chat turns ([{role, content}, ...], as OpenAI's fine-tuning files): "
                                 "trains through the model's chat template with the loss on the assistant turns "

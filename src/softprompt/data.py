@@ -18,8 +18,8 @@ from typing import Any, Iterable
 
 from .batching import Example
 from .chat import chat_example
+from .config import DataConfig, is_unicode, unescape
 from .labels import label_text
-from .config import DataConfig, is_unicode
 from .datasource import column_names, read_rows, take
 from .utils import SoftpromptError
 
@@ -27,11 +27,6 @@ __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
 
 
 # ---------------------------------------------------------------- formatting
-
-def unescape(s: str) -> str:
-    # Shells pass "\n" literally inside double quotes; templates mean a newline.
-    return s.replace("\\n", "\n").replace("\\t", "\t")
-
 
 def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
@@ -207,17 +202,23 @@ class Formatter:
 def resolve_columns(cfg: DataConfig, rows) -> DataConfig:
     """A `messages` column trains a chat prompt when nothing else says how to read a row."""
     if not (cfg.template or cfg.text_col or cfg.messages_col) and "messages" in column_names(rows):
+        print("[softprompt] reading the 'messages' column as chat conversations (as --messages-col messages): "
+              "through the model's chat template, the loss on the assistant turns", file=sys.stderr)
         return replace(cfg, messages_col="messages")
     return cfg
 
 
-def load_splits(cfg: DataConfig, tok, seed: int = 0) -> tuple[Formatter, list[Example], list[Example]]:
+def load_splits(cfg: DataConfig, tok, seed: int = 0,
+                shuffle: bool = True) -> tuple[Formatter, list[Example], list[Example]]:
     """Formatter plus tokenised (train, eval) examples; eval is --eval-data, --eval-split of --data,
-    or a held-out fraction. Rows are taken by index, so a Hub or Arrow dataset is never copied."""
+    or a held-out fraction. Rows are taken by index, so a Hub or Arrow dataset is never copied.
+    `shuffle`: the training rows' order (and so --limit's choice) is seeded; without it they stay in
+    file order, as scoring commands take them (--limit N: the first N rows, as --eval-limit takes)."""
     rows = read_rows(cfg.data, cfg.split, cfg.data_config, cfg.data_files)
     fmt = Formatter(resolve_columns(cfg, rows), tok)
     order = list(range(len(rows)))  # shuffled as row numbers, so that errors name the file's rows
-    random.Random(seed).shuffle(order)
+    if shuffle:
+        random.Random(seed).shuffle(order)
     eval_name = cfg.eval_data or (f"{cfg.data} ({cfg.eval_split})" if cfg.eval_split else f"{cfg.data} (held out)")
     if cfg.eval_data or cfg.eval_split:
         split = cfg.eval_split or ("validation" if cfg.split == "train" else cfg.split)

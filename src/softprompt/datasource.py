@@ -52,6 +52,49 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
     return rows
 
 
+def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "train",
+                 config: str = "") -> None:
+    """What can be told of a data source cheaply, before any model loads: a local file exists and
+    is readable and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later
+    row that lacks one). A Hub dataset is only looked at when read."""
+    if not spec:
+        raise SoftpromptError(f"no data given: pass {what} FILE_OR_DATASET_ID")
+    name = spec if Path(spec).expanduser().exists() else split_spec(spec, config)[0]
+    path = Path(name).expanduser()
+    if not is_local(name) or path.is_dir():
+        return
+    if not path.is_file():
+        raise SoftpromptError(f"missing data file: {path}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise SoftpromptError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    row = first_row(path)
+    missing = [c for c in columns or [] if row is not None and c not in row]
+    if missing:
+        have = ", ".join(map(repr, list(row)[:10])) + (", ..." if len(row) > 10 else "")
+        raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {have})")
+
+
+def first_row(path: Path) -> dict[str, Any] | None:
+    """The first row of a CSV/TSV/JSONL file, or None where it takes more than one line to tell."""
+    ext = path.suffix.lower()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if ext in (".csv", ".tsv"):
+                reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
+                          else csv.DictReader(f))
+                return dict.fromkeys(reader.fieldnames or []) or None
+            if ext == ".jsonl":
+                line = next((line for line in f if line.strip()), "")
+                row = json.loads(line) if line else None
+                return row if isinstance(row, dict) else None
+    except (UnicodeDecodeError, csv.Error, json.JSONDecodeError, OSError):
+        return None  # the full read says what is wrong, and where
+    return None
+
+
 def read_table(path: Path) -> list[dict[str, Any]]:
     """CSV, or TSV as in GLUE: no quoting at all (sentences contain bare quotes). Read from the file
     as it streams, skipping (and naming) rows with the wrong number of fields."""

@@ -19,11 +19,12 @@ import torch
 
 from .batching import Example, pad_id
 from .classify import label_scores, row_candidates
-from .config import DataConfig, ModelConfig, add_args, from_args
+from .config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
 from .models import load_model
 from .prompt import load_prompt
 from .utils import SoftpromptError
+from .flags import ensemble_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
@@ -71,7 +72,7 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
     if model is None:
         model, tok = load_model(mcfg)
     prompts = [load_prompt(d, model).input_embeds().detach() for d in prompt_dirs]
-    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok)
+    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")
     scores = ensemble_scores(model, prompts, fmt, rows, progress=progress)
@@ -91,14 +92,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- the `ensemble` command
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_args(parser, ModelConfig)
-    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("prompts", nargs="+", metavar="DIR", help="prompt folders or hf://REPO_ID[@REV] (two or more)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
-
 def run(args: argparse.Namespace) -> int:
-    r = ensemble_cmd(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompts)
+    from .recorded import data_config
+
+    # The first prompt's recorded template and labels are the defaults (an ensemble shares one task).
+    r = ensemble_cmd(from_args(ModelConfig, args), data_config(args, args.prompts[0]), args.prompts)
     print(json.dumps(r)) if args.json else print(format_report(r), end="")
     return 0

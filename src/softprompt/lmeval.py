@@ -25,7 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=float, default=None, help="at most this many rows per task (or a fraction)")
     parser.add_argument("--batch_size", default="16", help="rows per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
-    parser.add_argument("--output_path", default="", help="write the results JSON here")
+    parser.add_argument("--output_path", default="", help="folder (or .json file) for the results, and with "
+                        "--log_samples the samples, written by lm_eval's own EvaluationTracker as lm_eval writes them")
+    parser.add_argument("--log_samples", action="store_true", help="also write every request and answer "
+                                                                   "(needs --output_path)")
+    parser.add_argument("--apply_chat_template", nargs="?", const=True, default=False, metavar="TEMPLATE",
+                        help="render contexts through the model's chat template (lm_eval's multi-turn few-shot); "
+                             "the prompt's own chat wrapping is then off")
+    parser.add_argument("--fewshot_as_multiturn", action="store_true", help="few-shot examples as chat turns")
+    parser.add_argument("--system_instruction", default=None, help="system message before each context")
+    parser.add_argument("--gen_kwargs", default=None, help="generation settings for generate_until tasks, "
+                                                           "as 'temperature=0,max_gen_toks=64'")
     parser.add_argument("--seed", type=int, default=0, help="seed for lm_eval's sampling of few-shot examples")
 
 
@@ -51,14 +61,28 @@ def evaluate_tasks(model_args: str, tasks: list[str], include_path: str | None =
 
 
 def run(args: argparse.Namespace) -> int:
-    res = evaluate_tasks(args.model_args, [t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path,
+    if args.log_samples and not args.output_path:
+        raise SoftpromptError("--log_samples needs --output_path (where lm_eval writes the samples)")
+    model_args = args.model_args
+    if args.apply_chat_template and "chat=" not in model_args:  # lm_eval renders the template: not twice
+        model_args = ",".join(a for a in (model_args, "chat=False") if a)
+    tracker = None
+    if args.output_path:
+        from lm_eval.loggers import EvaluationTracker
+
+        tracker = EvaluationTracker(output_path=args.output_path)
+    res = evaluate_tasks(model_args, [t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path,
                          num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, device=args.device,
-                         seed=args.seed)
+                         seed=args.seed, log_samples=args.log_samples, evaluation_tracker=tracker,
+                         apply_chat_template=args.apply_chat_template,
+                         fewshot_as_multiturn=args.fewshot_as_multiturn or bool(args.apply_chat_template),
+                         system_instruction=args.system_instruction, gen_kwargs=args.gen_kwargs)
     from lm_eval.utils import make_table
 
     print(make_table(res))
-    if args.output_path:
-        from .utils import write_json
-
-        write_json(args.output_path, {k: res[k] for k in ("results", "versions", "n-shot", "configs") if k in res})
+    if tracker is not None:  # as lm_eval's own command line saves them
+        samples = res.pop("samples", None) if args.log_samples else None
+        tracker.save_results_aggregated(results=res, samples=samples)
+        for task in res.get("configs", {}) if samples else ():
+            tracker.save_results_samples(task_name=task, samples=samples[task])
     return 0

@@ -120,5 +120,9 @@ class SoftpromptLM(LM):
     def tokenizer_name(self) -> str:
         return getattr(self.tok, "name_or_path", "softprompt").replace("/", "__")
 
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The tokenizer's chat template, which lm_eval records with --apply_chat_template."""
+        return getattr(self.tok, "chat_template", None) or ""
+
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)

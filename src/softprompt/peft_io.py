@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .config import BUILTIN_MODEL
 from .families import layer_and_head_counts
-from .hub import download, is_hub
+from .hub import download, hub_model_id, is_hub
 from .inits import peft_init
-from .models import builtin_model_dir
+from .models import cache_root
 from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
 from .utils import SoftpromptError, atomic_dir, check_dest, read_json, short
 
@@ -27,8 +27,8 @@ IMPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE}
 
 def model_geometry(name: str) -> dict:
     """num_layers / num_attention_heads for PEFT's config, read from a local model folder if we can."""
-    try:
-        folder = builtin_model_dir() if name == BUILTIN_MODEL else Path(name)
+    try:  # the built-in model's converted copy, when there is one (converting it here would take ~20 s)
+        folder = cache_root() / "models" / BUILTIN_MODEL if name == BUILTIN_MODEL else Path(name)
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, SoftpromptError):
         return {}
@@ -45,7 +45,8 @@ def local_sources(*specs: str | Path) -> tuple[str | Path, ...]:
 
 def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None = None,
                 overwrite: bool = False) -> Path:
-    """softprompt folder -> PEFT adapter folder (written atomically). A folder at `out` that holds
+    """softprompt folder -> PEFT adapter folder (written atomically), the one adapter_config.json
+    writer (`push` uses it too). A folder at `out` that holds
     files is refused unless `overwrite` (and then only if export writes all of them); `out` is never
     the prompt folder, inside it or around it."""
     from safetensors.torch import save_file
@@ -57,7 +58,8 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         raise SoftpromptError(f"{prompt_dir}: a {prompt.kind!r} prompt has no input embeddings to export as "
                               "PEFT prompt tuning")
     meta = prompt.meta
-    model = base_model or meta.get("model", "")
+    # A Hub id that AutoPeftModelForCausalLM can resolve (the built-in model's original), not our alias.
+    model = base_model or hub_model_id(meta.get("model", ""))
     init = meta.get("init", "random")
     cfg = {
         "peft_type": "PROMPT_TUNING",
@@ -66,7 +68,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "num_virtual_tokens": prompt.length,
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
-        **model_geometry(model),
+        **model_geometry(meta.get("model", "") if model == hub_model_id(meta.get("model", "")) else model),
         "prompt_tuning_init": peft_init(init),
         "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
         "tokenizer_name_or_path": model if init == "text" else None,

@@ -25,12 +25,11 @@ from .hub import download, is_hub
 from .inits import INITS, InitInputs, resolve
 from .labels import label_token_ids
 from .prompt_protocol import KeyValues, Prompt
-from .utils import SoftpromptError, read_json, short
+from .recorded import CONFIG_FILE, WEIGHTS_FILE
+from .utils import SoftpromptError, default_mode, read_json, short
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
-WEIGHTS_FILE = "prompt.safetensors"
-CONFIG_FILE = "prompt_config.json"
 
 
 class SoftPrompt(nn.Module):
@@ -102,6 +101,7 @@ def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Pa
     try:
         save_file(prompt.state_tensors(), str(tmp_w))
         tmp_c.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        default_mode(tmp_w)  # safetensors writes 0600
         os.replace(tmp_w, out / WEIGHTS_FILE)
         os.replace(tmp_c, out / CONFIG_FILE)
     finally:

@@ -15,8 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import flag
 from .utils import SoftpromptError, atomic_dir, read_json, short
 
@@ -128,6 +126,8 @@ def append_metrics(out: Path, rec: dict[str, Any]) -> None:
 
 def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: dict[str, Any]) -> None:
     """The trained part, optimiser, schedule and loop state, replaced in one rename."""
+    import torch  # here: check_out runs before anything heavy is imported
+
     with atomic_dir(out / CHECKPOINT) as tmp:
         method.save_checkpoint(tmp, meta)
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
@@ -137,6 +137,8 @@ def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: 
 
 def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
     """Restore what save_checkpoint wrote; return the loop state (step, best score, ...)."""
+    import torch
+
     ckpt = out / CHECKPOINT
     state = read_json(ckpt / "state.json")
     method.load_checkpoint(ckpt)

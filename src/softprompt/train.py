@@ -12,9 +12,11 @@ run_config.json, metrics.jsonl, loss.png, summary.json and a resumable checkpoin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import string
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -26,11 +28,13 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
-from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args, to_dict
+from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, from_args, to_dict
 from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
-from .evaluate import evaluate
+from .evaluate import evaluate, format_eval
 from .families import check_positions
+from .flags import check_warmup
+from .flags import train_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .forward import batch_loss
 from .forward_path import choose_path
 from .inits import resolve
@@ -40,7 +44,7 @@ from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
                      plot_metrics, save_checkpoint, start_metrics)
-from .utils import SoftpromptError, count_params, seed_everything, weights_hash, write_json
+from .utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
 
 
 def default_init_text(fmt: Formatter) -> str:
@@ -51,18 +55,28 @@ def default_init_text(fmt: Formatter) -> str:
     return literal or "Continue the text in the same style."
 
 
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # --schedule -> HF's name
+def schedule_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """transformers' linear, cosine (half a cycle) and constant_with_warmup schedules, as their
+    get_scheduler computes them: a warm-up from 0, then the decay to 0 at `total`. Written out here
+    because importing transformers.optimization imports its trainer, PEFT and bitsandbytes (whose
+    CPU backend prints a line on every run)."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant":
+        return 1.0
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
 
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int):
-    """transformers' schedule (`get_scheduler`) entered one step in. Its warm-up starts at lr 0, which
-    would spend the first step on nothing; with W+1 warm-up steps out of total+1, entered at step 1,
-    step s gets (s+1)/(W+1) of the peak during warm-up and then HF's decay unchanged, the schedule
-    softprompt always had (the drift test's recorded losses). A checkpoint restores it exactly."""
-    from transformers import get_scheduler
-
-    sched = get_scheduler(SCHEDULES[cfg.schedule], opt, num_warmup_steps=cfg.warmup_steps + 1,
-                          num_training_steps=total + 1)
+    """transformers' schedule entered one step in. Its warm-up starts at lr 0, which would spend the
+    first step on nothing; with W+1 warm-up steps out of total+1, entered at step 1, step s gets
+    (s+1)/(W+1) of the peak during warm-up and then HF's decay unchanged, the schedule softprompt
+    always had (the drift test's recorded losses). A checkpoint restores it exactly."""
+    factor = functools.partial(schedule_factor, kind=cfg.schedule, warmup=cfg.warmup_steps + 1, total=total + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     with warnings.catch_warnings():  # the step before any optimiser step is the point here
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
         sched.step()
@@ -119,6 +133,7 @@ class Run:
     trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
     scaler: Any = None  # torch.amp.GradScaler: loss scaling over a float16 base, else a pass-through
     lock: RunLock | None = None  # the main process's hold on --out (rundir.RunLock)
+    quiet: bool = False  # no progress bars and no evaluation lines
 
     @property
     def out(self) -> Path:
@@ -182,6 +197,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
                               f"--grad-accum {tcfg.grad_accum} micro-batches")
     per_epoch = math.ceil(len(train_ex) / tcfg.batch_size)
     total = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * per_epoch))
+    check_warmup(tcfg, total)
     params = method.parameters()
     opt = make_optimizer(tcfg, params)
     sched = make_scheduler(tcfg, opt, total)
@@ -291,14 +307,21 @@ def loss_step(run: Run, micro: list[tuple[Batch, bool]]) -> tuple[float, int]:
     return float(stats[0]), int(stats[1])
 
 
+def say(run: Run, line: str) -> None:
+    """One line above the progress bar (the main process, unless quiet)."""
+    if run.main and not run.quiet:
+        tqdm.write(line, file=sys.stderr)
+
+
 def evaluate_run(run: Run, step: int) -> dict[str, float] | None:
     """Score the held-out data; save the best result so far (--keep-best) and count evaluations
     without improvement (--patience)."""
     if not run.eval_ex:
         return None
     m = evaluate(run.model, run.tok, run.method.prompt, run.fmt, run.eval_ex, batch_size=max(run.cfg.batch_size, 16),
-                 path=run.cfg.forward_path)
+                 path=run.cfg.forward_path, progress=run.main and not run.quiet)
     run.log({"step": step, "split": "eval", "seconds": round(run.state["train_seconds"], 3), **m})
+    say(run, f"step {step}/{run.total} held-out: {format_eval(m)}")
     score = m["accuracy"] if "accuracy" in m else -m["loss"]  # higher is better
     if score > run.state["best"]:
         run.state["best"], run.state["bad_evals"] = score, 0
@@ -317,6 +340,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     gives already loaded (formatter, train, eval) examples instead of loading `dcfg`: the method
     comparison passes one split to every method (an empty eval list skips evaluation)."""
     run = setup(mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+    run.quiet = quiet
     try:
         return loop(run, stop_after, quiet)
     finally:
@@ -329,8 +353,10 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
     untuned = None
     if cfg.eval_untuned and run.eval_ex and not cfg.resume:
-        untuned = evaluate(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16))
+        untuned = evaluate(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16),
+                           progress=run.main and not quiet)
         run.log({"step": 0, "split": "eval_untuned", **untuned})
+        say(run, f"untuned model held-out: {format_eval(untuned)}")
     # Closed on the way out of an error too: else its last state prints after the error line.
     with tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet,
               dynamic_ncols=True) as bar:
@@ -361,6 +387,15 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
     return finish(run, last_eval, stopped_early, untuned)
 
 
+def best_eval(run: Run) -> dict[str, Any]:
+    """The best held-out result, by the metric it was chosen on (the loop keeps -loss as its score)."""
+    if run.state["best"] == -math.inf:
+        return {"best_eval_metric": None}
+    if run.fmt.task == "classify":
+        return {"best_eval_metric": "accuracy", "best_eval_accuracy": run.state["best"]}
+    return {"best_eval_metric": "loss", "best_eval_loss": -run.state["best"]}
+
+
 def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
            untuned: dict[str, float] | None) -> dict[str, Any]:
     """Save the last result unless the best one is kept; write summary.json and the loss plot."""
@@ -383,13 +418,14 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
                    "base_params": count_params(run.model),
                    "base_weights_sha256_before": run.hash_before, "base_weights_sha256_after": hash_after,
                    "base_weights_unchanged": run.hash_before == hash_after,
-                   "best_eval_score": state["best"] if state["best"] != -math.inf else None,
+                   **best_eval(run),
                    "final_eval": last_eval, "untuned_eval": untuned, "world_size": run.acc.num_processes,
                    "forward_path": run.path, "prompt_dir": str(run.method.saved_in(run.out))}
         if run.graphed is not None:
             g = run.graphed
             summary["cuda_graphs"] = {"buckets": len(g.graphs), "replays": g.replays,
                                       "capture_seconds": round(g.capture_seconds, 3), "disabled": g.disabled}
+        summary = round_floats(summary)
         write_json(run.out / "summary.json", summary)
         plot_metrics(run.out)
         if run.trackers:
@@ -400,14 +436,10 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
 
 # ---------------------------------------------------------------- the `train` command
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig):
-        add_args(parser, cls)
-
-
 def run(args: argparse.Namespace) -> int:
     s = train(*(from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig)))
     if "final_eval" in s:
-        print(json.dumps({k: s[k] for k in ("steps", "train_seconds", "tokens_per_second", "final_eval",
-                                            "best_eval_score", "base_weights_unchanged", "prompt_dir")}))
+        keys = ("steps", "train_seconds", "tokens_per_second", "final_eval", "best_eval_metric", "best_eval_accuracy",
+                "best_eval_loss", "base_weights_unchanged", "prompt_dir")
+        print(json.dumps({k: s[k] for k in keys if k in s}))
     return 0

@@ -25,6 +25,15 @@ class SoftpromptError(Exception):
     """An error the user can fix: bad path, column, shape, file... The message says what and where."""
 
 
+def default_mode(path: str | os.PathLike) -> None:
+    """Give `path` the mode a plain open() or mkdir() would under the umask (0666 or 0777 masked):
+    tempfile's mkstemp/mkdtemp and safetensors' writer make 0600 files and 0700 folders, which other
+    users of a shared prompt or run folder could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; on success it replaces `dest` in one rename. A `dest`
@@ -38,6 +47,11 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        for sub, _, files in os.walk(tmp):  # what the caller wrote, by whatever writer, as open() would
+            default_mode(sub)
+            for name in files:
+                if not os.path.islink(os.path.join(sub, name)):
+                    default_mode(os.path.join(sub, name))
         if dest.exists():
             if not overwrite or not dest.is_dir():
                 raise SoftpromptError(f"{dest} already exists" if dest.is_dir() else f"{dest} is a file, not a folder")
@@ -93,6 +107,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -102,6 +117,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """`obj` with every float rounded to `digits` significant digits, for printing and summaries
+    (float32 sums carry noise in the eighth digit: 0.925000011920929)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
 
 
 def read_json(path: str | os.PathLike) -> Any:

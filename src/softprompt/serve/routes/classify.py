@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...labels import label_token_ids
+from ...recorded import fill_one
 from ..chat_input import render
 from ..context import Ctx, ServerContext
 from ..registry import Loaded
@@ -28,7 +29,9 @@ router = APIRouter(tags=["softprompt"])
 @router.post("/v1/classify", summary="Rank-classify a text over label words")
 async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     """The label whose tokens the model finds most probable after the text (with the task's prompt);
-    `scores` are log-probabilities of each label's tokens, `probabilities` their softmax."""
+    `scores` are log-probabilities of each label's tokens, `probabilities` their softmax. When the
+    task's prompt records a template of one column ("Review: {sentence}\nSentiment:"), the text
+    fills that column first, as in training."""
     entry = ctx.registry.get(req.task, "task")
     labels = req.labels if req.labels is not None else list(entry.meta.get("labels") or [])
     if len(labels) < 2:
@@ -56,6 +59,9 @@ def tokenized(ctx: ServerContext, entry: Loaded, text: str, labels: list[str]) -
     each label within --max-input-tokens."""
     if not text:
         raise ApiError(400, "text is empty: give at least one token of input", "text")
+    # The task's recorded template of one column takes the raw text, as its prompt was trained.
+    filled = fill_one(entry.meta.get("template"), text)
+    text = text if filled is None else filled
     if entry.meta.get("chat"):
         msgs = [{"role": "user", "content": text}]
         ids, rendered = ctx.encode_messages(msgs, "text"), render(ctx.tok, msgs, "text")

@@ -1,0 +1,168 @@
+"""The flags of the commands that load a model (train, eval, generate, ensemble) and the checks of
+them that need no model, apart from the commands' own code: cli.py parses and prints --help with
+this module alone (no torch, no transformers), and runs the checks before it imports the command,
+so a bad flag, config file, --out, prompt folder or data path is one line within a second, not
+after the model has loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args,
+                     unescape)
+from .datasource import check_source
+from .recorded import data_config, read_meta, template_fields
+from .utils import SoftpromptError
+
+DEFAULT_WARMUP = TrainConfig.__dataclass_fields__["warmup_steps"].default
+SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
+
+
+# ---------------------------------------------------------------- shared checks
+
+def needed_columns(cfg: DataConfig) -> list[str]:
+    """The columns each row needs (as data.Formatter.columns), [] when a `messages` column is looked for."""
+    if not (cfg.template or cfg.text_col or cfg.messages_col):
+        return []
+    fields = template_fields(unescape(cfg.template)) + template_fields(unescape(cfg.target))
+    cols = [re.split(r"[.\[]", f)[0] for f in fields]
+    cols += [cfg.text_col] if cfg.text_col and not cfg.template else []
+    cols += [cfg.messages_col] if cfg.messages_col else []
+    cols += [cfg.label_col] if cfg.labels else []
+    return list(dict.fromkeys(cols))
+
+
+def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
+    check_source(cfg.data, "--data", needed_columns(cfg), cfg.split, cfg.data_config)
+    if eval_too and cfg.eval_data:
+        check_source(cfg.eval_data, "--eval-data", needed_columns(cfg))
+
+
+def check_warmup(cfg: TrainConfig, total: int) -> None:
+    """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
+    One asked for is refused; the default one only warned about, so short runs keep working."""
+    if cfg.warmup_steps <= total:
+        return
+    peak = 100 * total / (cfg.warmup_steps + 1)
+    if cfg.warmup_steps != DEFAULT_WARMUP:
+        raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
+                              f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
+    print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} "
+          f"steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
+          file=sys.stderr)
+
+
+def limit_help(parser: argparse.ArgumentParser) -> None:
+    """--limit's help as a scoring command reads it (DataConfig's speaks of training rows)."""
+    for action in parser._actions:
+        if action.dest == "limit":
+            action.help = ("score at most the first N rows of --data, in file order (0 = all), as train's "
+                           "--eval-limit takes the first N held-out rows")
+
+
+def prompt_given(prompt: str) -> bool:
+    return bool(prompt) and prompt != "none"
+
+
+# ---------------------------------------------------------------- train
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig):
+        add_args(parser, cls)
+
+
+def check_train(args: argparse.Namespace) -> None:
+    from .rundir import check_out
+
+    _, data, _, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
+    check_out(Path(train.out), train.resume, train.overwrite)
+    if train.max_steps:
+        check_warmup(train, train.max_steps)
+    check_data(data)
+
+
+# ---------------------------------------------------------------- eval
+
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    add_args(parser, ModelConfig)
+    add_args(parser, DataConfig, skip=SCORING_SKIP)
+    parser.add_argument("--prompt", default="none",
+                        help="prompt folder or hf://REPO_ID[@REV], or 'none' for the untuned model; the template, "
+                             "target, labels and chat flag its prompt_config.json records are the defaults of those "
+                             "flags")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    limit_help(parser)
+
+
+def check_eval(args: argparse.Namespace) -> None:
+    from_args(ModelConfig, args)
+    if args.batch_size < 1:
+        raise SoftpromptError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    check_data(data_config(args, args.prompt), eval_too=False)
+
+
+# ---------------------------------------------------------------- ensemble
+
+def ensemble_arguments(parser: argparse.ArgumentParser) -> None:
+    add_args(parser, ModelConfig)
+    add_args(parser, DataConfig, skip=SCORING_SKIP)
+    parser.add_argument("prompts", nargs="+", metavar="DIR",
+                        help="prompt folders or hf://REPO_ID[@REV] (two or more); the first one's recorded template, "
+                             "labels and chat flag are the defaults of those flags")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    limit_help(parser)
+
+
+def check_ensemble(args: argparse.Namespace) -> None:
+    from_args(ModelConfig, args)
+    if len(args.prompts) < 2:
+        raise SoftpromptError("ensemble needs at least two prompt folders")
+    for p in args.prompts[1:]:
+        read_meta(p)
+    check_data(data_config(args, args.prompts[0]), eval_too=False)
+
+
+# ---------------------------------------------------------------- generate
+
+def generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_args(parser, ModelConfig)
+    add_args(parser, GenerateConfig)
+    parser.add_argument("--prompt", default="", help="prompt folder or hf://REPO_ID[@REV] (default: none, the "
+                                                     "untuned model)")
+    parser.add_argument("--compare", action="store_true", help="show the untuned model's output beside the tuned one")
+    parser.add_argument("--chat", action="store_true", help="wrap TEXT in the model's chat template (default: as "
+                                                            "the prompt was trained)")
+    # dest: not DataConfig's `template` (a generate namespace is no DataConfig's)
+    parser.add_argument("--template", dest="input_template", default=None,
+                        help="template each TEXT fills, e.g. 'Review: {sentence}\\nSentiment:' (one column: TEXT fills "
+                             "it; several: TEXT is a JSON object); default: the prompt's recorded template; '{input}' "
+                             "or --raw sends TEXT as it is")
+    parser.add_argument("--raw", action="store_true", help="send each TEXT as it is, without the prompt's template")
+    parser.add_argument("--system", default="", help="system message before each input (through the chat template)")
+    parser.add_argument("--messages", default="", metavar="FILE",
+                        help="JSONL file of conversations to reply to, one {\"messages\": [{\"role\": ..., \"content\": "
+                             "...}, ...]} per line (through the chat template), instead of TEXT")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("texts", nargs="*", metavar="TEXT",
+                        help="inputs to continue; a written \\n is a newline, as in train's templates")
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    from_args(ModelConfig, args)
+    from_args(GenerateConfig, args)
+    if args.raw and args.input_template is not None:
+        raise SoftpromptError("give --template or --raw, not both")
+    if args.input_template:
+        from .config import check_template
+
+        check_template("template", args.input_template)
+    if prompt_given(args.prompt):
+        read_meta(args.prompt)
+    if args.messages and not Path(args.messages).is_file():
+        raise SoftpromptError(f"--messages: missing file: {args.messages}")
+    if not args.texts and not args.messages:
+        raise SoftpromptError("give at least one TEXT to continue (or --messages FILE)")

@@ -1,0 +1,373 @@
+"""Issue 26's friction items: a prompt's recorded settings are every command's defaults, the same rows
+and clear numbers in train and eval, training output, early input checks, file modes, PEFT/Hub
+interop, lm-eval's flags and chat generation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.cli import main
+
+TEMPLATE = "Country: {country}\\nEurope:"
+
+
+@pytest.fixture(scope="module")
+def trained(llama_dir, tmp_path_factory):
+    """A classification prompt trained on the countries table (its template, labels and label column
+    recorded), and the table."""
+    import csv
+
+    from conftest import EXAMPLES
+
+    root = tmp_path_factory.mktemp("friction")
+    data = root / "countries.csv"
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()]
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["country", "capital", "continent", "europe"])
+        for r in rows:
+            w.writerow([r["country"], r["capital"], r["continent"], int(r["continent"] == "Europe")])
+    out = root / "run"
+    rc = main(["train", "--model", str(llama_dir), "--data", str(data), "--template", TEMPLATE, "--labels", "no,yes",
+               "--label-col", "europe", "--virtual-tokens", "3", "--init", "labels", "--max-steps", "4",
+               "--batch-size", "4", "--eval-every", "2", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    return out, data
+
+
+def run_json(capsys, argv) -> object:
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------- 1: recorded settings are the defaults
+
+def test_eval_takes_the_prompts_recorded_template_and_labels(trained, llama_dir, capsys):
+    out, data = trained
+    base = ["eval", "--model", str(llama_dir), "--data", str(data), "--prompt", str(out), "--json"]
+    recorded = run_json(capsys, base)
+    explicit = run_json(capsys, base + ["--template", TEMPLATE, "--labels", "no,yes", "--label-col", "europe"])
+    assert "accuracy" in recorded and recorded == explicit
+    # A flag still wins: another template gives other numbers.
+    other = run_json(capsys, base + ["--template", "{country} in Europe?", "--labels", "no,yes",
+                                     "--label-col", "europe"])
+    assert other["loss"] != recorded["loss"]
+
+
+def test_ensemble_takes_the_first_prompts_recorded_settings(trained, llama_dir, capsys):
+    out, data = trained
+    base = ["ensemble", "--model", str(llama_dir), "--data", str(data), str(out), str(out), "--json"]
+    recorded = run_json(capsys, base)
+    explicit = run_json(capsys, base + ["--template", TEMPLATE, "--labels", "no,yes", "--label-col", "europe"])
+    assert recorded["n"] == explicit["n"] > 0 and recorded["prompts"] == explicit["prompts"]
+
+
+def test_generate_formats_text_with_the_recorded_template(trained, llama_dir, capsys):
+    out, _ = trained
+    base = ["generate", "--model", str(llama_dir), "--prompt", str(out), "--max-new-tokens", "6", "--json"]
+    templated = run_json(capsys, base + ["Chile"])
+    # The shell's written \n is a newline, as in train's templates.
+    by_hand = run_json(capsys, base + ["--raw", "Country: Chile\\nEurope:"])
+    assert templated[0]["tuned"] == by_hand[0]["tuned"] and templated[0]["input"] == "Chile"
+    raw = run_json(capsys, base + ["--template", "{input}", "Country: Chile\nEurope:"])
+    assert raw[0]["tuned"] == by_hand[0]["tuned"]
+    bare = run_json(capsys, base + ["--raw", "Chile"])
+    untemplated = run_json(capsys, base + ["--template", "{x}", "Chile"])
+    assert bare[0]["tuned"] == untemplated[0]["tuned"]
+
+
+def test_generate_template_of_several_columns_takes_json(trained, llama_dir, capsys):
+    out, _ = trained
+    base = ["generate", "--model", str(llama_dir), "--prompt", str(out), "--max-new-tokens", "4", "--json"]
+    two = run_json(capsys, base + ["--template", "{a} and {b}", '{"a": "Chile", "b": "Peru"}'])
+    same = run_json(capsys, base + ["--raw", "Chile and Peru"])
+    assert two[0]["tuned"] == same[0]["tuned"]
+    capsys.readouterr()
+    assert main(base + ["--template", "{a} and {b}", "Chile"]) == 2
+    assert "names the columns a, b" in capsys.readouterr().err
+
+
+def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from serve_helpers import running
+
+    from softprompt.config import ServeConfig
+    from softprompt.models import load_model
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    model, tok = load_model(str(llama_dir))
+    embeds = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    meta = {"model": "tiny", "labels": ["negative", "positive"]}
+    dirs = {"templated": save_prompt(SoftPrompt(embeds), tmp_path / "t",
+                                     {**meta, "template": "Review: {sentence}\\nSentiment:"}),
+            "bare": save_prompt(SoftPrompt(embeds), tmp_path / "b", meta)}
+    cfg = ServeConfig(max_batch=4, max_queue=8, batch_wait_ms=1, max_input_tokens=64)
+    with running(model, tok, {k: str(v) for k, v in dirs.items()}, cfg) as (_, run):
+        with httpx.Client(base_url=run.url, timeout=30) as c:
+            a = c.post("/v1/classify", json={"task": "templated", "text": "a dull film"}).json()
+            b = c.post("/v1/classify", json={"task": "bare", "text": "Review: a dull film\nSentiment:"}).json()
+            raw = c.post("/v1/classify", json={"task": "bare", "text": "a dull film"}).json()
+    assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+    assert a["scores"] != pytest.approx(raw["scores"], abs=1e-5)
+
+
+# ---------------------------------------------------------------- 2: the same rows, clear numbers
+
+def test_eval_limit_takes_the_rows_train_eval_limit_takes(trained, llama_dir, tmp_path, capsys):
+    _, data = trained
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(llama_dir), "--data", str(data), "--eval-data", str(data), "--template",
+                 TEMPLATE, "--labels", "no,yes", "--label-col", "europe", "--virtual-tokens", "3", "--max-steps", "2",
+                 "--warmup-steps", "1", "--batch-size", "4", "--eval-limit", "8", "--no-keep-best", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    final = json.loads((out / "summary.json").read_text())["final_eval"]
+    got = run_json(capsys, ["eval", "--model", str(llama_dir), "--data", str(data), "--prompt", str(out),
+                            "--limit", "8", "--json"])
+    assert got["n"] == final["n"] == 8
+    assert got["loss"] == pytest.approx(final["loss"], rel=1e-4) and got["correct"] == final["correct"]
+
+
+def test_eval_limit_help_speaks_of_scored_rows():
+    from softprompt.cli import build_parsers
+
+    for cmd in ("eval", "ensemble"):
+        parser = build_parsers(cmd)[1][cmd]
+        (limit,) = [a for a in parser._actions if a.dest == "limit"]
+        assert "training" not in limit.help and "first" in limit.help
+
+
+def test_classification_loss_is_over_the_label_words(tiny):
+    from softprompt.config import DataConfig
+    from softprompt.data import load_splits
+    from softprompt.evaluate import eval_loss, evaluate, example_scores
+
+    from conftest import EXAMPLES
+
+    model, tok = tiny
+    cfg = DataConfig(data=str(EXAMPLES), template="Country: {country}\\nContinent:",
+                     labels="Europe,Asia,Africa,Oceania,North America,South America", label_col="continent",
+                     eval_fraction=0, limit=20)
+    fmt, ex, _ = load_splits(cfg, tok)
+    p = torch.randn(3, model.config.hidden_size) * 0.1
+    m = evaluate(model, tok, lambda: p, fmt, ex)
+    scores = example_scores(model, tok, lambda: p, fmt, ex)
+    gold = torch.tensor([e.label for e in ex])
+    want = float(-torch.log_softmax(scores, -1)[torch.arange(len(ex)), gold].mean())
+    assert m["loss"] == pytest.approx(want, rel=1e-5)
+    assert m["lm_loss"] == pytest.approx(eval_loss(model, tok, lambda: p, ex)["loss"], rel=1e-5)
+    # The accuracy is the count's fraction, a Python float.
+    assert m["accuracy"] == m["correct"] / m["n"] and isinstance(m["accuracy"], float)
+
+
+def test_summary_names_the_best_eval_metric_not_a_negative_score(llama_dir, tmp_path):
+    from conftest import EXAMPLES
+
+    out = tmp_path / "lm"
+    assert main(["train", "--model", str(llama_dir), "--data", str(EXAMPLES), "--template", "Country: {country}",
+                 "--virtual-tokens", "2", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "4",
+                 "--eval-every", "1", "--out", str(out), "--device", "cpu"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert "best_eval_score" not in s and s["best_eval_metric"] == "loss"
+    assert 0 < s["best_eval_loss"] <= s["final_eval"]["loss"] + 1e-9
+
+
+# ---------------------------------------------------------------- 3: training output
+
+def test_train_prints_each_evaluation_and_refuses_a_warmup_past_the_end(trained, llama_dir, tmp_path, capsys):
+    _, data = trained
+    argv = ["train", "--model", str(llama_dir), "--data", str(data), "--template", TEMPLATE, "--labels", "no,yes",
+            "--label-col", "europe", "--virtual-tokens", "3", "--max-steps", "4", "--batch-size", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(argv + ["--eval-every", "2", "--warmup-steps", "1", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "untuned model held-out: loss" in err and "accuracy" in err
+    assert "step 2/4 held-out: loss" in err and "step 4/4 held-out: loss" in err
+    assert main(argv + ["--warmup-steps", "20", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "softprompt: error: --warmup-steps 20 is longer than the run's 4 steps: the rate would reach only 19% of "
+        "--lr; give --warmup-steps 4 or less")
+    assert not (tmp_path / "b").exists()
+
+
+def test_train_imports_neither_bitsandbytes_nor_peft_without_quantize(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import EXAMPLES
+
+    code = ("import sys\nfrom softprompt.cli import main\n"
+            f"assert main(['train', '--model', {str(llama_dir)!r}, '--data', {str(EXAMPLES)!r}, '--text-col', 'country',"
+            f" '--virtual-tokens', '2', '--max-steps', '1', '--warmup-steps', '1', '--batch-size', '4', '--out',"
+            f" {str(tmp_path / 'r')!r}, '--device', 'cpu']) == 0\n"
+            "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+    assert "FutureWarning" not in r.stderr and "gemm_4bit" not in r.stderr
+
+
+# ---------------------------------------------------------------- 4: early checks, fast --help
+
+@pytest.mark.parametrize("case", ["help", "config_typo", "used_out", "missing_data", "bad_column", "eval_prompt"])
+def test_inputs_are_checked_before_torch_is_imported(case, tmp_path):
+    """Each of these is answered by the flags module alone: no torch, no transformers, no model."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\na fine film\t1\n")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "summary.json").write_text("{}")
+    (tmp_path / "typo.yaml").write_text("DataConfig:\n  tempalte: x\n")
+    train = ["train", "--data", str(data), "--template", "{sentence}", "--out", str(tmp_path / "new")]
+    argv, msg = {
+        "help": (["train", "--help"], None),
+        "config_typo": (train + ["--config", str(tmp_path / "typo.yaml")], "tempalte"),
+        "used_out": (train[:-1] + [str(tmp_path / "used")], "already holds files"),
+        "missing_data": (["train", "--data", str(tmp_path / "no.tsv"), "--template", "{sentence}"],
+                         "missing data file"),
+        "bad_column": (["train", "--data", str(data), "--template", "{sentense}", "--out", str(tmp_path / "new")],
+                       f"column 'sentense' not found in {data} row 1 (columns: 'sentence', 'label')"),
+        "eval_prompt": (["eval", "--data", str(data), "--prompt", str(tmp_path / "nope")], "missing prompt file"),
+    }[case]
+    code = ("import sys\nfrom softprompt.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    rc, loaded = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert loaded == "[]", (case, r.stderr)
+    if msg is None:
+        assert rc == "0"
+    else:
+        assert rc == "2" and msg in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+# ---------------------------------------------------------------- 5: file modes follow the umask
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_and_folders_follow_the_umask(umask, llama_dir, tmp_path):
+    import os
+    import stat
+
+    from conftest import EXAMPLES
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        assert main(["train", "--model", str(llama_dir), "--data", str(EXAMPLES), "--text-col", "country",
+                     "--virtual-tokens", "2", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "4",
+                     "--save-every", "1", "--out", str(out), "--device", "cpu"]) == 0
+        assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
+    finally:
+        os.umask(old)
+    paths = [p for root in (out, tmp_path / "peft") for p in [root, *root.rglob("*")]]
+    assert {"prompt.safetensors", "run_config.json", "summary.json", "checkpoint", "adapter_model.safetensors",
+            "adapter_config.json"} <= {p.name for p in paths}
+    for p in paths:
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+# ---------------------------------------------------------------- 6: PEFT and Hub interop
+
+def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path):
+    from softprompt.hub import prepare_upload
+    from softprompt.peft_io import export_peft
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    d = save_prompt(SoftPrompt(torch.zeros(2, 8)), tmp_path / "p", {"model": "smollm2-135m-instruct", "init": "random"})
+    exported = json.loads((export_peft(d, tmp_path / "peft") / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    pushed = json.loads((prepare_upload(d, tmp_path / "up", "me/p") / "adapter_config.json").read_text())
+    assert pushed == exported
+
+
+@pytest.mark.parametrize("data", ["/home/someone/private/dev.tsv", "stanfordnlp/sst2", "nyu-mll/glue:sst2"])
+def test_model_card_names_hub_data_shows_the_template_and_has_model_index(data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from softprompt.hub import prepare_upload
+    from softprompt.prompt import SoftPrompt, save_prompt
+
+    template = "Review: {sentence}\\nSentiment:"
+    meta = {"model": "smollm2-135m-instruct", "task": "classify", "template": template, "labels": ["a", "b"],
+            "config": {"DataConfig": {"data": data, "template": template}},
+            "eval": {"accuracy": 0.925, "loss": 0.31234567, "lm_loss": 3.3}}
+    d = save_prompt(SoftPrompt(torch.zeros(2, 8)), tmp_path / "p", meta)
+    card = ModelCard.load(prepare_upload(d, tmp_path / "up", "me/sst2-prompt") / "README.md")
+    hub = data.split(":")[0] if not data.startswith("/") else None
+    assert card.data.datasets == ([hub] if hub else None)
+    assert "/home/someone" not in card.content
+    assert "```text\nReview: {sentence}\nSentiment:\n```" in card.text and "\\n" not in card.text.split("## Use")[0]
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": 0.925, "loss": 0.3123}
+    assert card.data.eval_results[0].task_type == "text-classification"
+
+
+# ---------------------------------------------------------------- 7: lm-eval's own flags
+
+def test_lm_eval_passes_its_output_flags_through(llama_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    rows = [("a great movie", 1), ("a dull film", 0), ("fine and warm", 1), ("boring", 0)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"sentence": s, "label": y}) + "\n" for s, y in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_sst.yaml").write_text(
+        f"task: tiny_sst\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "Review: {{sentence}}\\nSentiment:"\ndoc_to_choice: ["negative", "positive"]\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    out = tmp_path / "results"
+    assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},device=cpu", "--tasks", "tiny_sst",
+                 "--include_path", str(tasks), "--output_path", str(out), "--log_samples", "--apply_chat_template",
+                 "--gen_kwargs", "temperature=0", "--batch_size", "4"]) == 0
+    (results,) = out.rglob("results_*.json")
+    (samples,) = out.rglob("samples_tiny_sst_*.jsonl")
+    res = json.loads(results.read_text())
+    assert res["results"]["tiny_sst"]["acc,none"] in (0, 0.25, 0.5, 0.75, 1)
+    assert res["config"]["gen_kwargs"] == {"temperature": 0} and res["chat_template"]
+    logged = [json.loads(l) for l in samples.read_text().splitlines()]
+    assert len(logged) == 4 and "<|user|>" in logged[0]["arguments"]["gen_args_0"]["arg_0"]
+
+
+# ---------------------------------------------------------------- 8: chat
+
+def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from softprompt.config import DataConfig
+    from softprompt.data import load_splits
+
+    data = tmp_path / "chat.jsonl"
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text((json.dumps(conv) + "\n") * 4)
+    fmt, _, _ = load_splits(DataConfig(data=str(data), eval_fraction=0), AutoTokenizer.from_pretrained(tok_dir))
+    assert fmt.task == "chat"
+    assert "reading the 'messages' column as chat conversations" in capsys.readouterr().err
+
+
+def test_generate_takes_a_system_message_and_conversations(llama_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from softprompt.generate import encode_for_generation
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    assert tok.decode(encode_for_generation(tok, "hi", system="Be brief.")) == \
+        "<|system|>Be brief.\n<|user|>hi\n<|assistant|>"
+    convs = tmp_path / "convs.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Country: Chile"}]
+    longer = turns + [{"role": "assistant", "content": "Europe: no"}, {"role": "user", "content": "Country: Peru"}]
+    convs.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": longer}) + "\n")
+    base = ["generate", "--model", str(llama_dir), "--max-new-tokens", "5", "--json"]
+    with_system = run_json(capsys, base + ["--system", "Be brief.", "Country: Chile"])
+    from_file = run_json(capsys, base + ["--messages", str(convs)])
+    assert len(from_file) == 2 and from_file[0]["baseline"] == with_system[0]["baseline"]
+    assert from_file[1]["input"] == "Country: Peru"
+    capsys.readouterr()
+    assert main(base + ["--messages", str(convs), "hello"]) == 2
+    assert "not both" in capsys.readouterr().err
