@@ -153,12 +153,15 @@ def test_streaming_equals_the_whole_answer(server):
 
 
 def test_eval_generate_and_replay_take_the_run_folders(runs):
-    out = sp("eval", "--prompt", "runs/sst2", "--data", SST2 / "dev.tsv", "--template",
-             r"Review: {sentence}\nSentiment:", "--labels", "negative,positive", "--limit", "8", cwd=runs)
-    assert "accuracy" in out.stdout
-    out = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--compare",
-             r"Act as a travel guide.\nPrompt:", cwd=runs)
-    assert out.stdout.strip()
+    # The prompt's recorded template and labels are eval's defaults: the user gives data and prompt.
+    out = sp("eval", "--prompt", "runs/sst2", "--data", SST2 / "dev.tsv", "--limit", "8", "--json", cwd=runs)
+    scored = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0 <= scored["accuracy"] <= 1
+    # generate fills the recorded one-column template ("Act as a {act}.\nPrompt:") with the text.
+    filled = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "travel guide", cwd=runs)
+    raw = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--raw",
+             "Act as a travel guide.\nPrompt:", cwd=runs)
+    assert filled.stdout.strip() and filled.stdout == raw.stdout
     # --config replay of a run gives the same prompt bytes.
     sp("train", "--config", "runs/acts/run_config.json", "--out", "runs/acts-again", cwd=runs)
     a, b = (runs / "runs" / d / "prompt.safetensors" for d in ("acts", "acts-again"))

@@ -55,6 +55,28 @@ ADD = {"train": {"--max-steps": "2", "--eval-limit": "8"}, "compare": {"--max-st
 # Placeholders in the README's commands, and what stands for them here.
 PLACEHOLDERS = {"DIR1": "runs/sst2", "DIR2": "runs/sst2-again", "DIR3": "runs/sst2",
                 "my_chats.jsonl": "chats.jsonl"}
+# Python examples that are fragments: what defines their names, keyed by a line of the example.
+# Every example runs after the shell examples above it, in the same folder (runs/acts exists).
+PY_CONTEXT = {
+    "import softprompt\n": "",
+    "from softprompt import SoftPromptModel": (
+        "from softprompt.models import load_model\n"
+        "base, tok = load_model('smollm2-135m-instruct')\n"
+        "enc = tok(['Act as a chef.\\nPrompt:', 'Act as a poet.\\nPrompt: Write'], return_tensors='pt', padding=True)\n"
+        "ids, mask = enc.input_ids, enc.attention_mask\n"
+        "labels = ids.masked_fill(mask == 0, -100)\n"),
+    "prompt = peft_model.get_prompt": (
+        "import torch\nfrom peft import PeftModel\nfrom softprompt.models import load_model\n"
+        "base, tok = load_model('smollm2-135m-instruct')\n"
+        "tok.padding_side = 'left'\n"
+        "peft_model = PeftModel.from_pretrained(base, 'runs/acts-peft')\n"
+        "enc = tok(['Act as a chef.\\nPrompt:', 'Act as a poet.\\nPrompt:'], return_tensors='pt', padding=True)\n"),
+    "from openai import OpenAI": "",
+}
+# Lines of Python examples that need the network, each with what runs instead.
+PY_OFFLINE = {'model.push_to_hub("you/my-prompt")': 'model.save_pretrained("runs/mine-again")'}
+PY_SHRINK = [(r"max_steps=\d+", "max_steps=2"), (r"max_new_tokens=\d+", "max_new_tokens=4"),
+             (r"max_tokens=\d+", "max_tokens=4")]
 # Config files whose data is on the Hub: the local files their comments name.
 CONFIG_DATA = {
     "examples/sst2.yaml": ["--data", "../shared/data/sst2/train.tsv", "--eval-data", "../shared/data/sst2/dev.tsv"],
@@ -120,7 +142,24 @@ def commands(text: str) -> list[Cmd]:
 
 
 def skip_reason(cmd: Cmd) -> str | None:
+    if cmd.lang == "python":
+        return None
     return next((why for pat, why in SKIP.items() if re.search(pat, cmd.text)), None)
+
+
+def python_offline(cmd: Cmd, port: int | None) -> str:
+    """A Python example made runnable here: its context first, network lines swapped, few steps."""
+    context = [code for key, code in PY_CONTEXT.items() if key in cmd.text + "\n"]
+    assert context, f"README line {cmd.line}: a Python example with no PY_CONTEXT entry"
+    code = cmd.text
+    for line, instead in PY_OFFLINE.items():
+        code = code.replace(line, instead)
+    for pat, repl in PY_SHRINK:
+        code = re.sub(pat, repl, code)
+    if "127.0.0.1:8000" in code:
+        assert port is not None, f"README line {cmd.line}: a client example with no server before it"
+        code = code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    return context[0] + code
 
 
 def offline(cmd: Cmd) -> list[str]:
@@ -151,6 +190,15 @@ def write_chats(path: Path) -> None:
                             for r in rows))
 
 
+def write_rows(path: Path, tsv: Path, n: int = 32) -> None:
+    """The README's rows.jsonl / test.jsonl ({"text", "label"}): the first n rows of an SST-2 file."""
+    import csv
+
+    with open(tsv, newline="", encoding="utf-8") as f:
+        rows = [r for r, _ in zip(csv.DictReader(f, delimiter="\t"), range(n))]
+    path.write_text("".join(json.dumps({"text": r["sentence"], "label": int(r["label"])}) + "\n" for r in rows))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,8 +224,11 @@ def start_server(argv: list[str], cwd: Path, env: dict) -> tuple[subprocess.Pope
 
 def test_every_skip_entry_matches_a_readme_command():
     cmds = commands(README.read_text())
-    unused = [pat for pat in SKIP if not any(re.search(pat, c.text) for c in cmds)]
+    unused = [pat for pat in SKIP if not any(re.search(pat, c.text) for c in cmds if c.lang == "bash")]
     assert not unused, f"SKIP entries that match no README command (stale): {unused}"
+    py = [c for c in cmds if c.lang == "python"]
+    assert all(any(k in c.text + "\n" for k in PY_CONTEXT) for c in py) and len(py) >= 4
+    assert all(any(k in c.text + "\n" for c in py) for k in PY_CONTEXT), "stale PY_CONTEXT entries"
 
 
 def test_the_local_variants_are_parsed():
@@ -194,6 +245,8 @@ def test_every_readme_example_runs_offline(tmp_path):
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples")
     write_chats(work / "chats.jsonl")
+    write_rows(work / "rows.jsonl", SHARED / "sst2" / "train.tsv")
+    write_rows(work / "test.jsonl", SHARED / "sst2" / "dev.tsv")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     server, ran = None, []
@@ -202,11 +255,9 @@ def test_every_readme_example_runs_offline(tmp_path):
             if skip_reason(cmd):
                 continue
             if cmd.lang == "python":
-                assert server is not None, f"README line {cmd.line}: a Python example with no server before it"
-                code = cmd.text.replace("127.0.0.1:8000", f"127.0.0.1:{server[1]}")
-                code = code.replace("max_tokens=32", "max_tokens=4")
+                code = python_offline(cmd, server[1] if server else None)
                 r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
-                                   timeout=300)
+                                   timeout=900)
             elif cmd.text.startswith("softprompt serve"):
                 server = start_server(offline(cmd), work, env)
                 ran.append(cmd.text)

@@ -51,10 +51,10 @@ def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: 
     does) and packs only right-padded rows."""
     if requested not in PATHS:
         raise SoftpromptError(f"unknown forward path {requested!r}: use {', '.join(PATHS)}")
-    if rows is not None:
-        return batch_path(model, requested, rows)
     packing = packing_obstacle(model)
-    if requested in ("kv", "concat"):
+    if rows is not None:
+        choice = batch_path(model, requested, rows)
+    elif requested in ("kv", "concat"):
         choice = PathChoice(requested, "as requested")
     elif requested == "packed":
         if packing:

@@ -23,7 +23,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .batching import Batch
 from .config import BUILTIN_MODEL, GenerateConfig, PromptConfig
-from .forward import batch_loss, choose_path, logits as vocab_logits, text_hidden
+from .forward import batch_loss, logits as vocab_logits, text_hidden
+from .forward_path import choose_path
 from .prompt import SoftPrompt, check_fits, init_prompt, save_prompt
 
 DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's
@@ -211,8 +212,8 @@ class SoftPromptModel(nn.Module):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
         p = self.prompt() if self.prompt is not None else None
         path = self.forward_path
-        if p is not None and self.is_gradient_checkpointing and choose_path(self.base_model, mask, path) == "kv":
-            path = "concat"  # checkpointed layers drop the cache that carries the prompt's keys (as train.py)
+        if p is not None:  # checkpointed layers drop the cache that carries the prompt's keys: concat then
+            path = choose_path(self.base_model, path, rows=mask, checkpointing=self.is_gradient_checkpointing).path
         loss = out_logits = None
         if labels is not None:
             targets = labels.to(input_ids.device).masked_fill(mask == 0, -100)
