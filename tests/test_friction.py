@@ -275,7 +275,7 @@ def test_written_files_and_folders_follow_the_umask(umask, llama_dir, tmp_path):
 # ---------------------------------------------------------------- 6: PEFT and Hub interop
 
 def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path):
-    from softprompt.hub import prepare_upload
+    from softprompt.hub_push import prepare_upload
     from softprompt.peft_io import export_peft
     from softprompt.prompt import SoftPrompt, save_prompt
 
@@ -290,7 +290,7 @@ def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path
 def test_model_card_names_hub_data_shows_the_template_and_has_model_index(data, tmp_path):
     from huggingface_hub import ModelCard
 
-    from softprompt.hub import prepare_upload
+    from softprompt.hub_push import prepare_upload
     from softprompt.prompt import SoftPrompt, save_prompt
 
     template = "Review: {sentence}\\nSentiment:"

@@ -81,7 +81,7 @@ def first_row(path: Path) -> dict[str, Any] | None:
     """The first row of a CSV/TSV/JSONL file, or None where it takes more than one line to tell."""
     ext = path.suffix.lower()
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             if ext in (".csv", ".tsv"):
                 reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
                           else csv.DictReader(f))
