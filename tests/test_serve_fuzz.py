@@ -66,8 +66,9 @@ PLAUSIBLE = {
     "repetition_penalty": st.floats(0.5, 2), "user": words,
     "logprobs": st.none() | st.integers(-1, 6) | st.booleans(), "echo": st.none() | st.booleans(),
     "top_logprobs": st.none() | st.integers(-1, 21),
-    "presence_penalty": st.floats(-2, 2) | st.sampled_from([0, -2, 2]),
-    "frequency_penalty": st.floats(-2, 2) | st.sampled_from([0, -2, 2]), "logit_bias": st.sampled_from([{}, None, {"1": 2}]),
+    "presence_penalty": st.none() | st.floats(-2, 2) | st.sampled_from([0, -2, 2]),
+    "frequency_penalty": st.none() | st.floats(-2, 2) | st.sampled_from([0, -2, 2]),
+    "logit_bias": st.sampled_from([{}, None, {"1": 2}]),
     "name": st.sampled_from(["fuzzed", "facts", "tiny-base"]) | words,
     "path": st.sampled_from(["PROMPT", "/nonexistent", "", "/"]),
 }

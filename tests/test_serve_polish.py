@@ -105,6 +105,9 @@ def test_penalties_outside_their_range_are_refused_naming_the_field(ps, llama_di
         body = ('{"model": "facts", "prompt": "x", "%s": NaN}' % field).encode()
         r = ps.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
+        plain = ps.client.post("/v1/completions", json={"model": "facts", "prompt": "x", "max_tokens": 8})
+        null = ps.client.post("/v1/completions", json={"model": "facts", "prompt": "x", "max_tokens": 8, field: None})
+        assert null.json()["choices"] == plain.json()["choices"]  # null is OpenAI's "off"
         flag = "--" + field.replace("_", "-")
         for value in ("3", "-2.5", "nan"):
             rc = main(["generate", "--model", str(llama_dir), flag, value, "Country:"])

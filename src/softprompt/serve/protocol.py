@@ -78,12 +78,13 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
                                       allow_inf_nan=False, description="penalise tokens already present (1 = off)")
-    presence_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False,
-                                    description="subtracted from the logit of every token this choice has "
-                                                "generated already (0 = off)")
-    frequency_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False,
-                                     description="times its count in this choice's generated tokens, subtracted "
-                                                 "from each token's logit (0 = off)")
+    # OpenAI's penalties (null, as OpenAI takes it, is 0: off).
+    presence_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False,
+                                           description="subtracted from the logit of every token this choice "
+                                                       "has generated already (0 = off)")
+    frequency_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False,
+                                            description="times its count in this choice's generated tokens, "
+                                                        "subtracted from each token's logit (0 = off)")
     user: Text | None = None
     logit_bias: Any = unsupported({})
 
