@@ -66,7 +66,9 @@ PLAUSIBLE = {
     "repetition_penalty": st.floats(0.5, 2), "user": words,
     "logprobs": st.none() | st.integers(-1, 6) | st.booleans(), "echo": st.none() | st.booleans(),
     "top_logprobs": st.none() | st.integers(-1, 21),
-    "presence_penalty": st.sampled_from([0, 0.0, 0.5]), "logit_bias": st.sampled_from([{}, None, {"1": 2}]),
+    "presence_penalty": st.none() | st.floats(-2, 2) | st.sampled_from([0, -2, 2]),
+    "frequency_penalty": st.none() | st.floats(-2, 2) | st.sampled_from([0, -2, 2]),
+    "logit_bias": st.sampled_from([{}, None, {"1": 2}]),
     "name": st.sampled_from(["fuzzed", "facts", "tiny-base"]) | words,
     "path": st.sampled_from(["PROMPT", "/nonexistent", "", "/"]),
 }
@@ -176,7 +178,9 @@ EXTREMES = [1e-300, 1e300, -0.0, 5e-324, 2.2250738585072014e-308, 1e-40, 1.79769
             -(2 ** 64), 10 ** 30, 2 ** 63, -(2 ** 63) - 1, 0, 1, -1]
 SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "repetition_penalty", "seed", "presence_penalty",
                    "frequency_penalty", "max_tokens", "n", "logprobs"]
-CHAT_FIELDS = ["max_completion_tokens", "top_logprobs", "temperature", "repetition_penalty", "top_p", "seed"]
+CHAT_FIELDS = ["max_completion_tokens", "top_logprobs", "temperature", "repetition_penalty", "top_p", "seed",
+               "presence_penalty", "frequency_penalty"]
+PENALTIES = ("presence_penalty", "frequency_penalty")  # OpenAI's: any finite number in [-2, 2], else a 400 naming it
 
 
 def test_extreme_numbers_in_every_sampling_field_leave_a_live_stream_intact(fz):
@@ -203,7 +207,7 @@ def test_extreme_numbers_in_every_sampling_field_leave_a_live_stream_intact(fz):
             with httpx.Client(base_url=run.url, timeout=120) as c:
                 for path, body in part:
                     r = c.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
-                    codes.append((r.status_code, path, body, r.text[:200]))
+                    codes.append((r.status_code, path, body, r.text))
 
         events, threads = [], []
         with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
@@ -221,4 +225,10 @@ def test_extreme_numbers_in_every_sampling_field_leave_a_live_stream_intact(fz):
         assert text == alone
         assert len(codes) == len(bodies)
         assert all(c < 500 for c, *_ in codes), [c for c in codes if c[0] >= 500][:5]
+        for code, path, body, answer in codes:
+            for f in set(PENALTIES) & set(body):
+                if -2 <= body[f] <= 2:
+                    assert code == 200, (path, body, answer)
+                else:
+                    assert code == 400 and json.loads(answer)["error"]["param"] == f, (path, body, answer)
         assert client.get("/health").json()["status"] == "ok"

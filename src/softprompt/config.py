@@ -30,6 +30,7 @@ MAX_LR = 1e3  # beyond it a step only diverges; 1e308 overflowed float32 inside 
 # Sampling settings past these only overflow the scores (1e-300 as a repetition penalty divides logits
 # into inf) without changing the choice any further; the server's request fields take the same bounds.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence and frequency penalties
 TEMPERATURE_MAX = 100.0
 
 
@@ -281,6 +282,10 @@ class GenerateConfig:
     temperature: float = opt(0.8, "sampling temperature")
     top_p: float = opt(0.95, "nucleus sampling threshold")
     repetition_penalty: float = opt(1.0, "penalise tokens already present (1.0 = off)")
+    presence_penalty: float = opt(0.0, "subtract this from the logit of every token generated already "
+                                       "(OpenAI's; -2 to 2, 0 = off)")
+    frequency_penalty: float = opt(0.0, "subtract this times its count so far from the logit of every token "
+                                        "generated already (OpenAI's; -2 to 2, 0 = off)")
     seed: int = opt(0, "sampling seed")
 
     def __post_init__(self):
@@ -292,6 +297,10 @@ class GenerateConfig:
         lo, hi = REPETITION_PENALTY_RANGE
         require(lo <= self.repetition_penalty <= hi,
                 f"--repetition-penalty must be > 0, between {lo:g} and {hi:g} (got {self.repetition_penalty})")
+        lo, hi = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            require(lo <= v <= hi, f"{flag(name)} must be between {lo:g} and {hi:g} (got {v})")
 
 
 @dataclass

@@ -81,7 +81,7 @@ class Row:
     sampling: Sampling
     gen: torch.Generator | None
     seen: list[int]                         # input ids then new ones (for the repetition penalty)
-    new: list[int] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)  # the generated ones (presence/frequency penalties count these)
     done: bool = False
     stopped_by_eos: bool = False
     error: Exception | None = None  # choosing its next token failed: it ended there (sampling.pick's `failed`)
@@ -281,7 +281,8 @@ class DecodeBatch:
         at its budget): the picks [B] on the device, and {row id: token}. A row whose token could not
         be chosen ends with its `error` (and no token); the other rows go on."""
         failed: dict[int, Exception] = {}
-        picks = pick(z, [r.sampling for r in rows], [r.seen for r in rows], [r.gen for r in rows], failed)
+        picks = pick(z, [r.sampling for r in rows], [r.seen for r in rows], [r.gen for r in rows], failed,
+                     generated=[r.new for r in rows])
         out = {}
         for b, (r, t) in enumerate(zip(rows, picks.tolist())):  # the step's one host sync
             if b in failed:

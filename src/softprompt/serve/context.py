@@ -129,6 +129,7 @@ class ServerContext:
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         return {"max_new": mt, "sample": sample, "temperature": req.temperature or 1.0,
                 "top_p": req.top_p if sample else 1.0, "repetition_penalty": req.repetition_penalty,
+                "presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
                 "seed": seed, "stop": stop}
 
     def queueable(self, count: int, param: str | None) -> None:

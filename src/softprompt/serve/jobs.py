@@ -50,6 +50,8 @@ class GenJob(Job):
     temperature: float = 1.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     index: int = 0  # the choice's index in its response
@@ -62,9 +64,10 @@ class GenJob(Job):
 
     def key(self) -> tuple:
         """Jobs with equal keys join the engine in one `add` (one GenerateConfig)."""
+        pens = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
         if not self.sample:
-            return ("greedy", self.repetition_penalty)
-        return ("sample", self.temperature, self.top_p, self.repetition_penalty)
+            return ("greedy", *pens)
+        return ("sample", self.temperature, self.top_p, *pens)
 
     def _tell(self, kind: str, payload: Any) -> None:
         if self.listener is not None:
@@ -117,7 +120,8 @@ class GenJob(Job):
     def config(self) -> GenerateConfig:
         """The engine's settings for this job's row (the budget is passed per row)."""
         return GenerateConfig(max_new_tokens=self.max_new, sample=self.sample, temperature=self.temperature,
-                              top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
     def reset(self) -> bool:
         """Forget partial output before a retry; False if some was already streamed (a retry would repeat it)."""

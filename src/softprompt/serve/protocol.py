@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..config import REPETITION_PENALTY_RANGE
+from ..config import PENALTY_RANGE, REPETITION_PENALTY_RANGE
 
 
 def _unicode(s: str) -> str:
@@ -78,9 +78,14 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
                                       allow_inf_nan=False, description="penalise tokens already present (1 = off)")
+    # OpenAI's penalties (null, as OpenAI takes it, is 0: off).
+    presence_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False,
+                                           description="subtracted from the logit of every token this choice "
+                                                       "has generated already (0 = off)")
+    frequency_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False,
+                                            description="times its count in this choice's generated tokens, "
+                                                        "subtracted from each token's logit (0 = off)")
     user: Text | None = None
-    presence_penalty: Any = unsupported(0)
-    frequency_penalty: Any = unsupported(0)
     logit_bias: Any = unsupported({})
 
 
@@ -132,6 +137,8 @@ class ClassifyRequest(Body):
 class LoadPromptRequest(Body):
     name: Text = Field(description="the name clients will pass as `model`")
     path: Text = Field(description="prompt folder (or .safetensors file) on the server's disk")
+    replace: bool = Field(False, description="swap the prompt of a name already loaded (requests already "
+                                             "queued with the old one finish with it); without it: 409")
 
 
 # ---------------------------------------------------------------- errors

@@ -5,6 +5,11 @@ entry without one. Loading checks the prompt before it is served: its hidden siz
 model, finite values, and a typed config (`labels` a list of distinct words, `chat` a boolean...),
 so that a bad file fails its load with a 400 instead of failing later requests. The dict is
 replaced, never edited in place, so request threads read it without a lock.
+
+Replacing a name swaps its entry in one such copy: a request takes its entry's tensor when it is
+queued, so requests already queued or decoding finish with the old prompt and later ones get the
+new one. The scheduler's prompt KV cache is keyed by the tensor itself, so the new prompt gets its
+own, and the old one's is dropped once no entry holds it (Scheduler._retain), as after an unload.
 """
 from __future__ import annotations
 
@@ -42,7 +47,10 @@ class Registry:
         self.lock = threading.Lock()
         self.items: dict[str, Loaded] = {base_name: Loaded(base_name, None, {}, "", int(time.time()))}
 
-    def add(self, name: str, prompt: Prompt | str | Path) -> Loaded:
+    def add(self, name: str, prompt: Prompt | str | Path, replace: bool = False) -> Loaded:
+        """Load `prompt` as `name`; a name already loaded is a 409 unless `replace`."""
+        if replace and name == self.base_name:
+            raise ApiError(400, f"{name!r} is the base model; it cannot be replaced", "name")
         if not NAME_RE.match(name):
             raise ApiError(400, f"invalid prompt name {name!r}: use letters, digits, '.', '_', ':' or '-' "
                                 "(at most 64)", "name")
@@ -54,8 +62,9 @@ class Registry:
         entry = Loaded(name, sp.input_embeds().detach().to(w.device, w.dtype), dict(sp.meta),
                        "" if given else str(prompt), int(time.time()))
         with self.lock:
-            if name in self.items:
-                raise ApiError(409, f"a model named {name!r} is already loaded: unload it first", "name")
+            if name in self.items and not replace:
+                raise ApiError(409, f"a model named {name!r} is already loaded: unload it first, or send "
+                                    "replace: true", "name")
             self.items = {**self.items, name: entry}  # copy-on-write: readers never see a half update
         return entry
 

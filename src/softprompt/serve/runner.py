@@ -99,7 +99,14 @@ def bounded_h11(header_timeout: float) -> type:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, which tells the app when a graceful shutdown's deadline has passed."""
+    """uvicorn's server, which tells the app when a graceful shutdown's deadline has passed, and
+    prints `banner` once it accepts connections."""
+    banner: str | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.banner:
+            print(self.banner, flush=True)
 
     async def shutdown(self, sockets=None) -> None:
         ctx = self.config.app.state.ctx
@@ -135,6 +142,14 @@ class Running:
         self.sock.close()
 
 
+def banner(model_name: str, prompts: list[str], sock: socket.socket) -> str:
+    """The start-up line: what is served, and where (the port bound: --port 0 picks one)."""
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    served = f"prompts {', '.join(prompts)}" if prompts else "no prompts"
+    return f"[softprompt] serving {model_name} with {served} on http://{where}:{port} (docs at /docs)"
+
+
 def serve(model, tok, prompts: dict[str, str], cfg: ServeConfig, model_name: str,
           sock: socket.socket | None = None) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C (`softprompt serve`) on `sock`
@@ -142,10 +157,7 @@ def serve(model, tok, prompts: dict[str, str], cfg: ServeConfig, model_name: str
     sock = sock or listen(cfg.host, cfg.port)
     app = create_app(model, tok, prompts, cfg, model_name)
     server = server_for(app, cfg, log_level="info")
-    names = ", ".join(prompts) or "none"
-    host, port = sock.getsockname()[:2]  # the port bound: --port 0 picks one
-    print(f"[softprompt] serving {model_name} with prompts: {names} on http://{host}:{port} "
-          f"(API docs at /docs)", flush=True)
+    server.banner = banner(model_name, list(prompts), sock)
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         return server.run(sockets=[sock])
     # After its graceful shutdown uvicorn raises the signal again, for the default action (exit 143).

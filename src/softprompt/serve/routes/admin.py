@@ -2,7 +2,8 @@
 
 Off unless the server was started with a token (--admin-token or SOFTPROMPT_ADMIN_TOKEN); the
 token is compared in constant time. Only safetensors files are read, and a prompt's hidden size
-is checked against the model before it is served.
+is checked against the model before it is served. A load with `replace: true` swaps a loaded
+name's prompt atomically (requests already queued with the old one finish with it).
 """
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 @router.post("/v1/admin/prompts", status_code=201,
              summary="Load a prompt folder from the server's disk (safetensors only, hidden size checked)")
 def load(req: LoadPromptRequest, ctx: Ctx):
-    if req.name in ctx.registry.items:
-        raise ApiError(409, f"a model named {req.name!r} is already loaded: unload it first", "name")
+    if req.name in ctx.registry.items and not req.replace:  # before reading the file
+        raise ApiError(409, f"a model named {req.name!r} is already loaded: unload it first, or send "
+                            "replace: true", "name")
     try:
-        return ctx.model_card(ctx.registry.add(req.name, req.path))
+        return ctx.model_card(ctx.registry.add(req.name, req.path, replace=req.replace))
     except SoftpromptError as e:
         raise ApiError(400, str(e), "path") from None
 
