@@ -20,12 +20,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache
+from contextlib import contextmanager
 
-from .families import decoder, logit_scale, logit_softcap
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .families import decoder, decoder_layers, logit_scale, logit_softcap
 from .forward_path import choose_path
 from .packing import packed_hidden
-from .prompt_protocol import embeds_of
+from .prompt_protocol import Prompt, embeds_of
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
@@ -46,11 +49,49 @@ def expand_kv(layers, batch: int) -> DynamicCache:
                                         for k, v in layers])
 
 
+class ReadOnlyLayer(DynamicLayer):
+    """One layer's prompt keys/values that the text reads but never extends: a layer's `update`
+    returns [prompt; text] without storing it, so running the layer again (activation
+    checkpointing's recompute) sees the same cache."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def read_only_kv(layers, batch: int) -> DynamicCache:
+    """The prompt's per-layer (K, V) [1, heads, P, d] broadcast to `batch` rows (views), read-only."""
+    cache = DynamicCache()
+    cache.layers = [ReadOnlyLayer(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in layers]
+    return cache
+
+
+@contextmanager
+def cache_kept_under_checkpointing(model):
+    """transformers' checkpointed layers drop the cache (a layer that wrote into it would write
+    twice on the recompute) unless the layer says it only reads it: true of a read_only_kv cache."""
+    layers = [m for m in decoder_layers(model) if m.gradient_checkpointing]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache  # back to the class's False
+
+
 def text_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 path: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states [B, T, H] of the text after the prompt (a Prompt, its [P, H] embeddings or
     None), and the prompt's last hidden state ([1 or B, H], None when there is no prompt), which
-    predicts the first text token."""
+    predicts the first text token. A prompt without input embeddings (a prefix) has no last hidden
+    state: as in PEFT's prefix tuning, nothing predicts the first text token."""
+    if isinstance(prompt, Prompt) and prompt.input_embeds() is None:
+        return deep_hidden(model, prompt, input_ids, attention_mask, path)
     prompt = embeds_of(prompt)
     embed = model.get_input_embeddings()
     x = embed(input_ids)  # [B, T, H]
@@ -72,6 +113,21 @@ def text_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Te
     x = torch.cat([prompt.expand(B, P, -1), x], dim=1)
     h = decoder(model)(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
     return h[:, P:], h[:, P - 1]
+
+
+def deep_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                path: str = "auto") -> tuple[torch.Tensor, None]:
+    """Hidden states [B, T, H] of the text after a prompt given only as per-layer keys and values:
+    they are the cache the text attends to, at positions P.. (as transformers places text after a
+    cache: RoPE and learned positions from P, ALiBi from the mask that covers the prefix)."""
+    choose_path(model, path, rows=attention_mask, deep=True)  # kv, or one error line for another request
+    B, P = input_ids.shape[0], prompt.length
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # [B, P+T]
+    x = model.get_input_embeddings()(input_ids)
+    with cache_kept_under_checkpointing(model):
+        h = decoder(model)(inputs_embeds=x, attention_mask=mask, cache=read_only_kv(prompt.past_key_values(model), B),
+                           use_cache=True).last_hidden_state
+    return h, None
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""The deep prompt (prefix.PrefixPrompt, kind "prefix") on tiny random models: PEFT's PrefixTuning
+forward gives the same loss and greedy tokens as ours on Llama, BLOOM (ALiBi), Qwen2 (grouped-query
+attention) and Gemma; its file, training, PEFT export/import and generation round trips."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from families import tiny_config
+from softprompt.families import kv_geometry
+from softprompt.forward import batch_loss, text_hidden
+from softprompt.forward_path import choose_path
+from softprompt.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
+from softprompt.prompt import load_prompt, save_prompt
+from softprompt.utils import SoftpromptError
+
+peft = pytest.importorskip("peft")
+
+TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
+P = 5
+TOL = 1e-5
+
+
+def tiny(name: str, tok_dir, **overrides):
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(name, len(tok), tok.pad_token_id, tok.eos_token_id,
+                                                         **overrides))
+    return model.eval().requires_grad_(False), tok
+
+
+def peft_prefix(model, seed: int = 1):
+    """A PEFT PrefixTuning model on `model` with random (non-zero) prefix weights, and its prefix as ours."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    pm = get_peft_model(model, cfg).eval()
+    emb = pm.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
+    L, heads, d = kv_geometry(model)
+    return pm, PrefixPrompt(from_flat(emb.detach(), L, heads, d), {"hidden_size": model.config.hidden_size})
+
+
+def batch_of(tok):
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    targets = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    return SimpleNamespace(input_ids=enc.input_ids, attention_mask=enc.attention_mask, targets=targets)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "qwen2", "gemma"])
+def test_loss_and_greedy_tokens_equal_peft(family, tok_dir):
+    model, tok = tiny(family, tok_dir)
+    pm, ours = peft_prefix(model)
+    b = batch_of(tok)
+    with torch.no_grad():
+        ref = pm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.targets)
+        loss_sum, n = batch_loss(model, ours, b)
+        h, last = text_hidden(model, ours, b.input_ids, b.attention_mask)
+    assert last is None  # nothing predicts the first text token, as in PEFT's prefix tuning
+    # PEFT's loss: the mean over the text's own next-token predictions (labels shifted inside the text)
+    assert n == int((b.targets[:, 1:] != -100).sum())
+    assert abs(float(loss_sum / n) - float(ref.loss)) < TOL
+    logits = model.get_output_embeddings()(h)
+    m = b.attention_mask.bool()
+    assert (logits - ref.logits).abs()[m].max() < TOL * 10
+    assert torch.equal(logits.argmax(-1)[m], ref.logits.argmax(-1)[m])
+    # the prefix matters: without it the loss differs
+    with torch.no_grad():
+        bare, _ = batch_loss(model, None, b)
+    assert abs(float(bare / n) - float(ref.loss)) > 1e-3
+
+
+def test_gqa_geometry_and_flat_layout(tok_dir):
+    model, _ = tiny("qwen2", tok_dir)
+    pm, ours = peft_prefix(model)
+    cfg = pm.peft_config["default"]
+    L, heads, d = kv_geometry(model)
+    assert heads < model.config.num_attention_heads  # grouped-query attention
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim) == (L, heads, heads * d)
+    flat = pm.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.equal(to_flat(ours.key_values().detach()), flat)
+    # PEFT's own per-layer cache equals ours
+    cache = pm.get_prompt(1)
+    for layer, (k, v) in enumerate(ours.past_key_values(model)):
+        assert torch.equal(cache.layers[layer].keys, k) and torch.equal(cache.layers[layer].values, v)
+
+
+def test_path_chooser_takes_kv_for_a_prefix(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    choice = choose_path(model, "auto", rows=mask, deep=True)
+    assert choice.path == "kv" and "prefix" in choice.reason
+    assert choose_path(model, "auto", deep=True).path == "kv"
+    for bad in ("packed", "concat", "graphed"):
+        with pytest.raises(SoftpromptError, match="no input embeddings"):
+            choose_path(model, bad, rows=mask, deep=True)
+
+
+def test_save_load_round_trip_and_fit_check(tmp_path, tok_dir):
+    model, tok = tiny("qwen2", tok_dir)
+    cfg = SimpleNamespace(virtual_tokens=P, init="text", init_text="Act as a teacher.")
+    pre = init_prefix(model, tok, cfg)
+    save_prompt(pre, tmp_path / "p", {"model": "tiny-qwen2"})
+    back = load_prompt(tmp_path / "p", model)
+    assert back.kind == "prefix" and back.input_embeds() is None and back.length == P
+    assert torch.equal(back.key_values(), pre.key_values())
+    for other in ({"num_key_value_heads": 4}, {"num_hidden_layers": 3}):
+        with pytest.raises(SoftpromptError, match="kv heads"):
+            load_prompt(tmp_path / "p", tiny("qwen2", tok_dir, **other)[0])
+
+
+def test_text_init_is_the_models_own_cache(tok_dir):
+    """The text init's prefix followed by text gives the same next-token states as the text itself."""
+    model, tok = tiny("llama", tok_dir)
+    text = "Act as a teacher."
+    ids = tok(text, add_special_tokens=False).input_ids
+    cfg = SimpleNamespace(virtual_tokens=len(ids), init="text", init_text=text)
+    pre = init_prefix(model, tok, cfg)
+    follow = tok(" explain things", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h, _ = text_hidden(model, pre, follow, torch.ones_like(follow))
+        full = model.model(input_ids=torch.cat([torch.tensor([ids]), follow], 1)).last_hidden_state
+    assert (h - full[:, len(ids):]).abs().max() < 1e-5
+
+
+def test_random_init_is_scaled_like_the_models_keys(tok_dir):
+    model, tok = tiny("llama", tok_dir)
+    text = SimpleNamespace(virtual_tokens=8, init="text", init_text="Act as a teacher.")
+    rand = SimpleNamespace(virtual_tokens=8, init="random", init_text="Act as a teacher.")
+    a, b = init_prefix(model, tok, text).key_values(), init_prefix(model, tok, rand, seed=3).key_values()
+    ratio = b.flatten(2).std(-1) / a.flatten(2).std(-1)  # [L, 2]
+    assert ((ratio > 0.5) & (ratio < 2)).all()
+    assert not torch.allclose(a, b)
+
+
+def test_projection_starts_at_its_init_and_folds(tok_dir):
+    model, tok = tiny("llama", tok_dir)
+    cfg = SimpleNamespace(virtual_tokens=P, init="text", init_text="Act as a teacher.")
+    plain = init_prefix(model, tok, cfg)
+    proj = init_prefix(model, tok, cfg, projection=True)
+    assert torch.equal(proj.key_values(), plain.key_values())
+    names = {n for n, _ in proj.named_parameters()}
+    assert "kv" not in names and "embedding" in names
+    with torch.no_grad():
+        proj.transform[2].bias.add_(0.1)
+    folded = proj.folded()
+    assert not folded.projection and torch.allclose(folded.key_values(), plain.key_values() + 0.1)
