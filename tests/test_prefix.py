@@ -149,3 +149,101 @@ def test_projection_starts_at_its_init_and_folds(tok_dir):
         proj.transform[2].bias.add_(0.1)
     folded = proj.folded()
     assert not folded.projection and torch.allclose(folded.key_values(), plain.key_values() + 0.1)
+
+
+# ---------------------------------------------------------------- train --method prefix
+
+def train_cfgs(model_dir, data, out, **tkw):
+    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+
+    m = ModelConfig(model=str(model_dir), device="cpu")
+    d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
+                   eval_fraction=0.1, max_length=32)
+    p = PromptConfig(virtual_tokens=4, init="text", init_text="Facts about countries.")
+    t = TrainConfig(out=str(out), lr=0.05, batch_size=8, max_steps=12, eval_every=6, save_every=4, log_every=1,
+                    warmup_steps=2, seed=0, method="prefix", keep_best=False, **tkw)
+    return m, d, p, t
+
+
+def losses(run_dir):
+    import json
+
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(l)["split"] == "train"]
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama_dir, countries_csv, tmp_path):
+    import json
+
+    from softprompt.models import load_model
+    from softprompt.train import train
+    from softprompt.utils import weights_hash
+
+    model, tok = load_model(str(llama_dir))
+    before = weights_hash(model)
+    full = train(*train_cfgs(llama_dir, countries_csv, tmp_path / "a", prefix_projection=projection),
+                 model=model, tok=tok, quiet=True)
+    assert full["base_weights_unchanged"] and weights_hash(model) == before
+    assert full["forward_path"] == "kv" and full["method"] == "prefix"
+    L, heads, d = kv_geometry(model)
+    if not projection:
+        assert full["trainable_params"] == L * 2 * heads * 4 * d
+    tr = losses(tmp_path / "a")
+    assert sum(tr[-3:]) < sum(tr[:3])  # it learned something
+    saved = load_prompt(tmp_path / "a", model)
+    assert saved.kind == "prefix" and not saved.projection  # the MLP folded away
+    run_cfg = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    assert run_cfg["TrainConfig"]["method"] == "prefix" and run_cfg["forward_path_taken"] == "kv"
+    assert run_cfg["TrainConfig"]["prefix_projection"] == projection
+    part = train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", prefix_projection=projection),
+                 stop_after=5, quiet=True)
+    assert part == {"interrupted_at": 5}
+    train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", prefix_projection=projection, resume=True),
+          quiet=True)
+    assert torch.equal(load_prompt(tmp_path / "b").key_values(), saved.key_values())
+    assert losses(tmp_path / "b") == tr
+
+
+def test_config_replay_keeps_the_method(llama_dir, countries_csv, tmp_path):
+    import json
+
+    from softprompt.cli import main
+
+    argv = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "Country: {country}",
+            "--target", " {capital}", "--max-steps", "2", "--virtual-tokens", "3", "--eval-every", "0",
+            "--method", "prefix", "--prefix-projection", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    assert main(["train", "--config", str(tmp_path / "a" / "run_config.json"), "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / x / "run_config.json").read_text()) for x in "ab")
+    assert b["TrainConfig"]["method"] == "prefix" and b["TrainConfig"]["prefix_projection"]
+    assert torch.equal(load_prompt(tmp_path / "a").key_values(), load_prompt(tmp_path / "b").key_values())
+
+
+def test_projection_with_method_prompt_is_one_error_line():
+    from softprompt.config import TrainConfig
+
+    with pytest.raises(SoftpromptError, match="--prefix-projection is for --method prefix"):
+        TrainConfig(prefix_projection=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tok_dir):
+    """The checkpointed layers keep the prefix's cache (PEFT refuses this: peft#869)."""
+    from softprompt.models import set_checkpointing
+
+    model, tok = tiny("qwen2", tok_dir)
+    cfg = SimpleNamespace(virtual_tokens=P, init="text", init_text="Act as a teacher.")
+    pre = init_prefix(model, tok, cfg)
+    b = batch_of(tok)
+    grads = []
+    for on in (False, True):
+        if on:
+            set_checkpointing(model, True)
+        pre.zero_grad()
+        loss, _ = batch_loss(model, pre, b)
+        loss.backward()
+        grads.append((float(loss), pre.kv.grad.clone()))
+    set_checkpointing(model, False)
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    assert grads[0][1].abs().sum() > 0
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

@@ -22,6 +22,7 @@ from .data import Formatter, load_splits
 from .forward import row_logprobs
 from .models import load_model
 from .prompt import load_prompt
+from .prompt_protocol import forward_input
 from .utils import SoftpromptError
 
 
@@ -30,7 +31,7 @@ def eval_loss(model, tok, prompt, examples: list[Example], batch_size: int = 16,
               path: str = "auto", progress: bool = False) -> dict[str, float]:
     """Token-weighted mean cross-entropy of the supervised tokens, and its perplexity."""
     dev = model.device
-    p = prompt() if prompt is not None else None
+    p = forward_input(prompt)
     total, count = 0.0, 0.0
     for idx in tqdm(eval_batches(examples, batch_size), desc="eval loss", disable=not progress, leave=False):
         batch = collate([examples[i] for i in idx], pad_id(tok)).to(dev)
@@ -46,7 +47,7 @@ def example_scores(model, tok, prompt, fmt: Formatter, examples: list[Example], 
                    cands: list[list[list[int]]] | None = None) -> torch.Tensor:
     """Log-probability [N, C] of each label word after each example's input (`cands`: the rows'
     `row_candidates`, when the caller already has them)."""
-    p = prompt() if prompt is not None else None
+    p = forward_input(prompt)
     cands = cands if cands is not None else row_candidates(fmt, examples)
     rows = [(p, e.ids[:e.loss_start]) for e in examples]
     return label_scores(model, rows, cands, pad_id(tok), batch_size, path, progress)

@@ -140,6 +140,9 @@ def mixed_hidden(model, prompts: list, seqs: list[list[int]]) -> tuple[torch.Ten
     Prompt, its [P, H] embeddings, or none), right-padded: pads come after every real token, so a
     causal model's real positions are untouched by them. Also each row's prompt length, where its
     text starts."""
+    if any(isinstance(p, Prompt) and p.input_embeds() is None for p in prompts):
+        raise ValueError("a prompt without input embeddings (a prefix) cannot share a batch with other prompts "
+                         "here: its rows take text_hidden's kv path")
     prompts = [embeds_of(p) for p in prompts]
     embed = model.get_input_embeddings()
     dtype, dev = embed.weight.dtype, embed.weight.device

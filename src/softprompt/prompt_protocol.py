@@ -59,3 +59,12 @@ def embeds_of(prompt: "Prompt | torch.Tensor | None") -> "torch.Tensor | None":
     if prompt is None or not isinstance(prompt, Prompt):
         return prompt
     return prompt.input_embeds()
+
+
+def forward_input(prompt: "Prompt | None") -> "Prompt | torch.Tensor | None":
+    """What the forward functions take for `prompt`: its [P, H] input embeddings, or the Prompt
+    itself for a kind without them (a prefix: its keys and values reach the layers directly)."""
+    if prompt is None:
+        return None
+    embeds = prompt.input_embeds()
+    return prompt if embeds is None else embeds

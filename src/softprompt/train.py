@@ -97,7 +97,7 @@ class Run:
     acc: Any                        # accelerate.Accelerator
     model: Any
     tok: Any
-    method: Method                  # methods.PromptTuning or methods.FullFineTuning
+    method: Method                  # methods.PromptTuning, prefix_method.PrefixTuning or methods.FullFineTuning
     params: list[torch.nn.Parameter]
     fmt: Formatter
     train_ex: list[Example]
@@ -172,8 +172,10 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     hash_before = weights_hash(model)  # before any sharding
     if tcfg.shard == "fsdp":
         shard_decoder(model, acc.num_processes)
+    deep = method.prompt is not None and method.prompt.input_embeds() is None  # a prefix: kv only
     path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
-                            prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing)
+                            prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing,
+                            deep=deep)
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
