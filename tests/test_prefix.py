@@ -247,3 +247,82 @@ def test_gradient_checkpointing_gives_the_same_gradient(tok_dir):
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
     assert grads[0][1].abs().sum() > 0
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+# ---------------------------------------------------------------- PEFT interop
+
+@pytest.mark.parametrize("family", ["bloom", "qwen2"])
+def test_export_to_peft_loads_in_peft_with_the_same_logits(family, tok_dir, tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    from softprompt.peft_io import export_peft
+
+    model, tok = tiny(family, tok_dir)
+    model.save_pretrained(tmp_path / "base")
+    pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=P, init="random", init_text="Act."), seed=2)
+    save_prompt(pre, tmp_path / "p", {"model": str(tmp_path / "base")})
+    export_peft(tmp_path / "p", tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    L, heads, d = kv_geometry(model)
+    assert (cfg["peft_type"], cfg["num_layers"], cfg["num_attention_heads"], cfg["token_dim"]) == \
+        ("PREFIX_TUNING", L, heads, heads * d)
+    assert cfg["prefix_projection"] is False
+    pm = PeftModel.from_pretrained(model, tmp_path / "peft").eval()
+    b = batch_of(tok)
+    with torch.no_grad():
+        ref = pm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        h, _ = text_hidden(model, pre, b.input_ids, b.attention_mask)
+    m = b.attention_mask.bool()
+    assert (model.get_output_embeddings()(h) - ref).abs()[m].max() < 1e-4
+
+
+def test_import_peft_prefix_with_projection(tok_dir, tmp_path):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from softprompt.peft_io import import_peft
+
+    model, tok = tiny("qwen2", tok_dir)
+    model.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
+                                                  base_model_name_or_path=str(tmp_path / "base")))
+    with torch.no_grad():
+        for p_ in pm.prompt_encoder.parameters():
+            p_.add_(torch.randn(p_.shape, generator=torch.Generator().manual_seed(4)) * 0.3)
+    pm.eval()
+    b = batch_of(tok)
+    with torch.no_grad():
+        ref = pm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.targets).loss
+    pm.save_pretrained(tmp_path / "peft")
+    import_peft(tmp_path / "peft", tmp_path / "ours", str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ours = load_prompt(tmp_path / "ours", base)
+    assert ours.kind == "prefix"
+    with torch.no_grad():
+        s, n = batch_loss(base, ours, b)
+    assert abs(float(s / n) - float(ref)) < TOL
+
+
+def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
+    import json
+
+    from softprompt.peft_io import export_peft, import_peft
+
+    model, tok = tiny("qwen2", tok_dir)
+    pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=P, init="text", init_text="Act."))
+    save_prompt(pre, tmp_path / "p", {"model": "x"})
+    export_peft(tmp_path / "p", tmp_path / "peft")
+    other, _ = tiny("qwen2", tok_dir, num_key_value_heads=4)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SoftpromptError, match="key/value heads"):
+        import_peft(tmp_path / "peft", tmp_path / "o1", str(tmp_path / "other"))
+    assert not (tmp_path / "o1").exists()
+    cfg_file = tmp_path / "peft" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "peft_type": "LORA"}))
+    with pytest.raises(SoftpromptError, match="peft_type is 'LORA'"):
+        import_peft(tmp_path / "peft", tmp_path / "o2")
+    cfg_file.write_text(json.dumps({**cfg, "num_layers": 3}))
+    with pytest.raises(SoftpromptError, match="expected"):
+        import_peft(tmp_path / "peft", tmp_path / "o3")
