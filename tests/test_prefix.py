@@ -326,3 +326,80 @@ def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
     cfg_file.write_text(json.dumps({**cfg, "num_layers": 3}))
     with pytest.raises(SoftpromptError, match="expected"):
         import_peft(tmp_path / "peft", tmp_path / "o3")
+
+
+# ---------------------------------------------------------------- generation and serving
+
+def saved_pair(model, tok, root):
+    """A random soft prompt and a random prefix for `model`, saved under root/soft and root/deep."""
+    from softprompt.prompt import SoftPrompt
+
+    gen = torch.Generator().manual_seed(7)
+    soft = save_prompt(SoftPrompt(torch.randn(4, model.config.hidden_size, generator=gen) * 0.5), root / "soft",
+                       {"model": "tiny", "labels": ["negative", "positive"]})
+    pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=6, init="random", init_text="Act."), seed=5)
+    deep = save_prompt(pre, root / "deep", {"model": "tiny", "labels": ["negative", "positive"]})
+    return soft, deep
+
+
+def test_generate_with_a_prefix_equals_peft_greedy(tok_dir, tmp_path):
+    """A prefix's decoder cache is its keys and values: greedy tokens equal greedy decoding by PEFT's
+    forward pass, re-run on the whole sequence each step. (PEFT 0.21.2's own generate() parts from its
+    forward after the first token on transformers 5.24, so it is not the reference.)"""
+    from softprompt.config import GenerateConfig
+    from softprompt.decode import PromptKV
+    from softprompt.generate import generate_batch
+
+    model, tok = tiny("qwen2", tok_dir)
+    pm, ours = peft_prefix(model)
+    ids = tok(TEXTS[0]).input_ids
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.tensor([seq])
+            seq.append(int(pm(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
+    out = generate_batch(model, tok, [(ours, ids)], GenerateConfig(max_new_tokens=6), PromptKV(model))
+    assert out[0] == [t for t in seq[len(ids):] if t != tok.eos_token_id][:len(out[0])] and out[0]
+
+
+def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeypatch):
+    import httpx
+
+    from serve_helpers import gated, in_threads, running
+    from softprompt.config import GenerateConfig, ServeConfig
+    from softprompt.generate import generate_batch
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(llama_dir))
+    soft, deep = saved_pair(model, tok, tmp_path)
+    cfg = ServeConfig(max_batch=16, max_queue=32, batch_wait_ms=2, max_input_tokens=64, default_max_tokens=8)
+    with running(model, tok, {"soft": str(soft), "deep": str(deep)}, cfg) as (app, run):
+        models = {m["id"]: m for m in httpx.get(run.url + "/v1/models").json()["data"]}
+        assert models["deep"]["virtual_tokens"] == 6
+        gate, entered, sizes = gated(app.state.scheduler, monkeypatch)
+        reqs = [{"model": name, "prompt": text, "max_tokens": 3 + i}
+                for i, (name, text) in enumerate([(n, t) for n in ("soft", "deep", "tiny-base") for t in TEXTS[:2]])]
+        post = lambda b: httpx.post(run.url + "/v1/completions", json=b, timeout=30)  # noqa: E731
+        t0, _ = in_threads(post, [{"model": "deep", "prompt": "x", "max_tokens": 1}])
+        assert entered.wait(10)
+        ts, out = in_threads(post, reqs)
+        from serve_helpers import wait_depth
+        wait_depth(app.state.scheduler, len(reqs))
+        gate.set()
+        for t in t0 + ts:
+            t.join(30)
+        assert sizes == [1, len(reqs)]  # one shared batch
+        alone = {"soft": load_prompt(soft, model).input_embeds().detach(), "deep": load_prompt(deep, model),
+                 "tiny-base": None}
+        for body, r in zip(reqs, out):
+            assert r.status_code == 200, r.text
+            want = generate_batch(model, tok, [(alone[body["model"]], tok(body["prompt"]).input_ids)],
+                                  GenerateConfig(max_new_tokens=body["max_tokens"]))
+            assert r.json()["choices"][0]["text"] == tok.decode(want[0], skip_special_tokens=True), body
+        # classification and logprobs with a prefix take its kv path
+        c = httpx.post(run.url + "/v1/classify", json={"task": "deep", "text": "Review: a dull film\nSentiment:"})
+        assert c.status_code == 200, c.text
+        lp = httpx.post(run.url + "/v1/completions", json={"model": "deep", "prompt": TEXTS[0], "max_tokens": 2,
+                                                           "logprobs": 1})
+        assert lp.status_code == 200, lp.text
+        assert len(lp.json()["choices"][0]["logprobs"]["token_logprobs"]) >= 2

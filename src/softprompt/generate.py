@@ -13,6 +13,7 @@ from .data import chat_wrap
 from .decode import PromptKV
 from .models import load_model
 from .prompt import load_prompt
+from .prompt_protocol import forward_input
 from .static_decode import decode_batch_for
 from .utils import SoftpromptError
 
@@ -49,7 +50,8 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
     if compare and not prompt:
         raise SoftpromptError("--compare needs --prompt DIR")
     sp = load_prompt(prompt, model) if prompt and prompt != "none" else None
-    p = sp.input_embeds().detach() if sp is not None else None
+    p = forward_input(sp)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
+    p = p.detach() if isinstance(p, torch.Tensor) else p
     chat = chat or bool(sp is not None and sp.meta.get("chat"))
     variants = [("baseline", None), ("tuned", p)] if compare else [("tuned" if p is not None else "baseline", p)]
     rows = [(q, encode_for_generation(tok, t, chat)) for t in texts for _, q in variants]
