@@ -403,3 +403,35 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
                                                            "logprobs": 1})
         assert lp.status_code == 200, lp.text
         assert len(lp.json()["choices"][0]["logprobs"]["token_logprobs"]) >= 2
+
+
+def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_dir, tmp_path, capsys,
+                                                                         countries_csv):
+    from softprompt.cli import main
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(llama_dir))
+    soft, deep = saved_pair(model, tok, tmp_path)
+    assert main(["inspect", str(deep), "--model", str(llama_dir)]) != 0
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # not the weights' progress bar
+    assert len(err) == 1 and "'prefix' prompt" in err[0] and "nearest-token" in err[0]
+    assert main(["ensemble", "--model", str(llama_dir), "--data", str(countries_csv), "--template",
+                 "Country: {country}\\nEurope:", "--label-col", "europe", "--labels", "no,yes",
+                 str(soft), str(deep)]) != 0
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert len(err) == 1 and "'prefix' prompt" in err[0] and "ensemble" in err[0]
+
+
+def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
+    """`eval` runs a prefix through the kv path: its loss differs from the untuned model's."""
+    from softprompt.config import DataConfig, ModelConfig
+    from softprompt.evaluate import eval_prompt
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(llama_dir))
+    _, deep = saved_pair(model, tok, tmp_path)
+    m = ModelConfig(model=str(llama_dir), device="cpu")
+    d = DataConfig(data=str(countries_csv), template="Country: {country}\\nFacts:", target=" capital={capital}")
+    with_prefix, bare = eval_prompt(m, d, str(deep)), eval_prompt(m, d, "none")
+    assert with_prefix["loss"] != pytest.approx(bare["loss"], abs=1e-4)
+    assert with_prefix["tokens"] == bare["tokens"]  # the same targets: a prefix predicts no text token itself
