@@ -435,3 +435,21 @@ def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
     with_prefix, bare = eval_prompt(m, d, str(deep)), eval_prompt(m, d, "none")
     assert with_prefix["loss"] != pytest.approx(bare["loss"], abs=1e-4)
     assert with_prefix["tokens"] == bare["tokens"]  # the same targets: a prefix predicts no text token itself
+
+
+def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
+    from softprompt.config import PromptConfig, TrainConfig
+    from softprompt.prefix_method import PrefixTuning
+
+    model, tok = tiny("llama", tok_dir)
+    t = TrainConfig(method="prefix")
+    first = PrefixTuning.setup(model, tok, PromptConfig(virtual_tokens=P, init="random"), t, [], "Act.", ":")
+    save_prompt(first.prompt, tmp_path / "p", {})
+    again = PrefixTuning.setup(model, tok, PromptConfig(virtual_tokens=P, init="file", init_file=str(tmp_path / "p")),
+                               t, [], "Act.", ":")
+    assert torch.equal(again.prompt.key_values(), first.prompt.key_values())
+    with pytest.raises(SoftpromptError, match="--init labels"):
+        PrefixTuning.setup(model, tok, PromptConfig(virtual_tokens=P, init="labels"), t, ["a", "b"], "Act.", ":")
+    with pytest.raises(SoftpromptError, match="need a prefix of 3"):
+        PrefixTuning.setup(model, tok, PromptConfig(virtual_tokens=3, init="file", init_file=str(tmp_path / "p")),
+                           t, [], "Act.", ":")

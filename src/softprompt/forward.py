@@ -11,7 +11,9 @@ Equivalent paths:
 The `path` argument names one of them: "concat" (PEFT's), "kv" (prompt KV shared), "packed", or
 "auto" (packed where the model and batch allow it, else kv); forward_path.choose_path decides.
 Rows that each carry their own prompt (ensembles, mixed requests) go through `mixed_hidden`
-instead. A prompt comes as a prompt_protocol.Prompt or as its [P, H] input embeddings.
+instead. A prompt comes as a prompt_protocol.Prompt or as its [P, H] input embeddings; a Prompt
+without input embeddings (a prefix) gives its per-layer keys and values to the kv path
+(`deep_hidden`), which keeps them under activation checkpointing (`read_only_kv`).
 Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
 formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
 """

@@ -19,6 +19,8 @@ from .prefix import PrefixPrompt, init_prefix
 from .prompt import WEIGHTS_FILE, load_prompt, save_prompt
 from .utils import SoftpromptError, count_params
 
+INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
+
 
 class PrefixTuning:
     """Train per-layer keys and values; the model stays frozen and bit-identical."""
@@ -33,13 +35,23 @@ class PrefixTuning:
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
               label_input: str) -> "PrefixTuning":
-        prompt = init_prefix(model, tok, pcfg, init_text, tcfg.seed, projection=tcfg.prefix_projection)
+        if pcfg.init not in INITS:
+            raise SoftpromptError(f"--method prefix starts from {', '.join(INITS)}; --init {pcfg.init} makes a soft "
+                                  "prompt's input embeddings")
+        if pcfg.init == "file":
+            start = load_prompt(pcfg.init_file, model)
+            if not isinstance(start, PrefixPrompt) or start.length != pcfg.virtual_tokens:
+                raise SoftpromptError(f"--init-file {pcfg.init_file}: need a prefix of {pcfg.virtual_tokens} virtual "
+                                      f"tokens, found a {start.kind!r} prompt of {start.length}")
+            meta = {**start.meta, "init": "file", "init_file": pcfg.init_file}
+            prompt = PrefixPrompt(start.key_values(), meta, projection=tcfg.prefix_projection)
+        else:
+            prompt = init_prefix(model, tok, pcfg, init_text, tcfg.seed, projection=tcfg.prefix_projection)
         return cls(model, tok, prompt.to(model.device))
 
     @staticmethod
     def default_lr(loss: str) -> float:
-        # The keys and values are ~1 in scale (a prompt's embeddings ~0.1), and PEFT's prefix-tuning
-        # examples train them at 1e-2 to 3e-2: the soft prompt's rates.
+        # The soft prompt's rates, not yet tuned for prefixes (whose values are larger than embeddings).
         return 1e-2 if loss == "classes" else 3e-2
 
     def parameters(self) -> list[torch.nn.Parameter]:

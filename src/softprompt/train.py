@@ -79,7 +79,8 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex: list[Example]):
     """Replace the 'auto' choices by what they mean for this data."""
-    pcfg = replace(pcfg, init=resolve(pcfg.init, fmt.label_words))
+    # A prefix starts from a text's keys and values: auto is text for it, label words or not.
+    pcfg = replace(pcfg, init=resolve(pcfg.init, fmt.label_words if tcfg.method != "prefix" else None))
     if tcfg.loss == "auto":
         # The label-word softmax trains only what rank classification scores; it needs one-token
         # words, tokenised the same after every input (what class_token_ids demands).
