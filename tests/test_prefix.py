@@ -113,9 +113,11 @@ def test_save_load_round_trip_and_fit_check(tmp_path, tok_dir):
             load_prompt(tmp_path / "p", tiny("qwen2", tok_dir, **other)[0])
 
 
-def test_text_init_is_the_models_own_cache(tok_dir):
-    """The text init's prefix followed by text gives the same next-token states as the text itself."""
-    model, tok = tiny("llama", tok_dir)
+@pytest.mark.parametrize("family", ["llama", "bloom", "falcon-alibi", "mpt"])
+def test_text_init_is_the_models_own_cache(family, tok_dir):
+    """The text init's prefix followed by text gives the same next-token states as the text itself
+    (also on the families PEFT's prefix tuning cannot build: Falcon's multi-query cache, MPT)."""
+    model, tok = tiny(family, tok_dir)
     text = "Act as a teacher."
     ids = tok(text, add_special_tokens=False).input_ids
     cfg = SimpleNamespace(virtual_tokens=len(ids), init="text", init_text=text)
@@ -123,7 +125,7 @@ def test_text_init_is_the_models_own_cache(tok_dir):
     follow = tok(" explain things", add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         h, _ = text_hidden(model, pre, follow, torch.ones_like(follow))
-        full = model.model(input_ids=torch.cat([torch.tensor([ids]), follow], 1)).last_hidden_state
+        full = model.base_model(input_ids=torch.cat([torch.tensor([ids]), follow], 1)).last_hidden_state
     assert (h - full[:, len(ids):]).abs().max() < 1e-5
 
 
@@ -160,8 +162,9 @@ def train_cfgs(model_dir, data, out, **tkw):
     d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
                    eval_fraction=0.1, max_length=32)
     p = PromptConfig(virtual_tokens=4, init="text", init_text="Facts about countries.")
-    t = TrainConfig(out=str(out), lr=0.05, batch_size=8, max_steps=12, eval_every=6, save_every=4, log_every=1,
-                    warmup_steps=2, seed=0, method="prefix", keep_best=False, **tkw)
+    kw = dict(out=str(out), lr=0.05, batch_size=8, max_steps=12, eval_every=6, save_every=4, log_every=1,
+              warmup_steps=2, seed=0, method="prefix", keep_best=False)
+    t = TrainConfig(**{**kw, **tkw})
     return m, d, p, t
 
 
@@ -218,6 +221,27 @@ def test_config_replay_keeps_the_method(llama_dir, countries_csv, tmp_path):
     a, b = (json.loads((tmp_path / x / "run_config.json").read_text()) for x in "ab")
     assert b["TrainConfig"]["method"] == "prefix" and b["TrainConfig"]["prefix_projection"]
     assert torch.equal(load_prompt(tmp_path / "a").key_values(), load_prompt(tmp_path / "b").key_values())
+
+
+def test_train_with_gradient_checkpointing_equals_without(llama_dir, countries_csv, tmp_path):
+    from softprompt.train import train
+
+    for on in (False, True):
+        s = train(*train_cfgs(llama_dir, countries_csv, tmp_path / str(on), gradient_checkpointing=on,
+                              max_steps=3, eval_every=0, save_every=0), quiet=True)
+        assert s["forward_path"] == "kv"
+    a, b = (load_prompt(tmp_path / str(on)).key_values() for on in (False, True))
+    assert not torch.equal(a, init_prefix_of(llama_dir))  # it trained
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def init_prefix_of(model_dir) -> torch.Tensor:
+    from softprompt.config import PromptConfig
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(model_dir))
+    return init_prefix(model, tok, PromptConfig(virtual_tokens=4, init="text", init_text="Facts about countries.")
+                       ).key_values()
 
 
 def test_projection_with_method_prompt_is_one_error_line():
@@ -342,7 +366,8 @@ def saved_pair(model, tok, root):
     return soft, deep
 
 
-def test_generate_with_a_prefix_equals_peft_greedy(tok_dir, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "bloom"])
+def test_generate_with_a_prefix_equals_peft_greedy(family, tok_dir, tmp_path):
     """A prefix's decoder cache is its keys and values: greedy tokens equal greedy decoding by PEFT's
     forward pass, re-run on the whole sequence each step. (PEFT 0.21.2's own generate() parts from its
     forward after the first token on transformers 5.24, so it is not the reference.)"""
@@ -350,7 +375,7 @@ def test_generate_with_a_prefix_equals_peft_greedy(tok_dir, tmp_path):
     from softprompt.decode import PromptKV
     from softprompt.generate import generate_batch
 
-    model, tok = tiny("qwen2", tok_dir)
+    model, tok = tiny(family, tok_dir)
     pm, ours = peft_prefix(model)
     ids = tok(TEXTS[0]).input_ids
     seq = list(ids)

@@ -107,6 +107,8 @@ def kv_geometry(model) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of the model's key/value cache."""
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if cfg.model_type == "falcon" and not cfg.new_decoder_architecture:
+        heads = 1 if cfg.multi_query else cfg.num_attention_heads  # its num_kv_heads counts only in the new one
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return cfg.num_hidden_layers, heads, d
 
