@@ -136,7 +136,8 @@ def import_prefix(cfg: dict, peft_dir: Path, weights: Path, out: str | Path, mod
     from safetensors.torch import save_file
 
     base = model_config(model)
-    geometry = {"num_layers": layer_and_head_counts(base)[0], "num_key_value_heads": kv_head_count(base)} if base else {}
+    geometry = ({"num_layers": layer_and_head_counts(base)[0], "num_key_value_heads": kv_head_count(base)}
+                if base else {})
     kv, meta = peft_prefix.read_adapter(cfg, weights, peft_dir / ADAPTER_CONFIG, geometry)
     ours = peft_dir / "softprompt_config.json"
     record = read_json(ours) if ours.is_file() else {"init": "peft"}

@@ -151,7 +151,8 @@ class ScoreJob(Job):
     def key(self) -> tuple:
         # any prompts with input embeddings: token_logprobs runs rows with different prompts together; a
         # prefix's rows only with each other (its keys and values take the shared kv path)
-        return ("score",) if self.prompt is None or isinstance(self.prompt, torch.Tensor) else ("score", id(self.prompt))
+        shared = self.prompt is None or isinstance(self.prompt, torch.Tensor)
+        return ("score",) if shared else ("score", id(self.prompt))
 
     def reset(self) -> bool:
         return True
