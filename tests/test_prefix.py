@@ -362,6 +362,8 @@ def saved_pair(model, tok, root):
     soft = save_prompt(SoftPrompt(torch.randn(4, model.config.hidden_size, generator=gen) * 0.5), root / "soft",
                        {"model": "tiny", "labels": ["negative", "positive"]})
     pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=6, init="random", init_text="Act."), seed=5)
+    # 30x the model's own spread: on the near-uniform tiny Llama a prefix of its own scale barely moves greedy tokens
+    pre = PrefixPrompt(pre.key_values().detach() * 30, pre.meta)
     deep = save_prompt(pre, root / "deep", {"model": "tiny", "labels": ["negative", "positive"]})
     return soft, deep
 
@@ -421,6 +423,8 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
             want = generate_batch(model, tok, [(alone[body["model"]], tok(body["prompt"]).input_ids)],
                                   GenerateConfig(max_new_tokens=body["max_tokens"]))
             assert r.json()["choices"][0]["text"] == tok.decode(want[0], skip_special_tokens=True), body
+        texts = {(b["model"], b["prompt"]): r.json()["choices"][0]["text"] for b, r in zip(reqs, out)}
+        assert any(texts[("deep", t)][:3] != texts[("tiny-base", t)][:3] for t in TEXTS[:2])  # the prefix acts
         # classification and logprobs with a prefix take its kv path
         c = httpx.post(run.url + "/v1/classify", json={"task": "deep", "text": "Review: a dull film\nSentiment:"})
         assert c.status_code == 200, c.text
@@ -478,3 +482,19 @@ def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
     with pytest.raises(SoftpromptError, match="need a prefix of 3"):
         PrefixTuning.setup(model, tok, PromptConfig(virtual_tokens=3, init="file", init_file=str(tmp_path / "p")),
                            t, [], "Act.", ":")
+
+
+def test_generate_command_with_a_prefix(llama_dir, tmp_path):
+    """`generate --prompt DIR --compare` on a prefix: the tuned answer is the prefix's greedy decode."""
+    from softprompt.config import GenerateConfig, ModelConfig
+    from softprompt.generate import generate_batch, generate_cmd
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(llama_dir))
+    _, deep = saved_pair(model, tok, tmp_path)
+    gcfg = GenerateConfig(max_new_tokens=5)
+    res = generate_cmd(ModelConfig(model=str(llama_dir)), gcfg, [TEXTS[1]], str(deep), compare=True,
+                       model=model, tok=tok)
+    want = generate_batch(model, tok, [(load_prompt(deep, model), tok(TEXTS[1]).input_ids)], gcfg)
+    assert res[0]["tuned"] == tok.decode(want[0], skip_special_tokens=True)
+    assert res[0]["tuned"] != res[0]["baseline"]
