@@ -145,8 +145,8 @@ def test_an_unknown_prompt_kind_is_one_clear_error(tmp_path):
     d = tmp_path / "p"
     save_prompt(SoftPrompt(torch.zeros(3, 8)), d, {"model": "m"})
     cfg = json.loads((d / "prompt_config.json").read_text())
-    (d / "prompt_config.json").write_text(json.dumps({**cfg, "kind": "prefix"}))
-    with pytest.raises(SoftpromptError, match="unknown prompt kind 'prefix'"):
+    (d / "prompt_config.json").write_text(json.dumps({**cfg, "kind": "ptuning"}))
+    with pytest.raises(SoftpromptError, match="unknown prompt kind 'ptuning'"):
         load_prompt(d)
 
 

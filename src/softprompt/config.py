@@ -217,9 +217,13 @@ class TrainConfig:
     shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
                              "start several with torchrun or accelerate launch), the prompt replicated",
                      choices=list(shard.CHOICES))
-    method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; full: fine-tune every model "
-                      "weight instead (no prompt; saves the whole model in OUT/model; use a small --lr "
-                      "such as 2e-5; one process, no --resume)", choices=["prompt", "full"])
+    method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
+                      "and values instead (prefix tuning / P-tuning v2: a deep prompt, one process); full: "
+                      "fine-tune every model weight instead (no prompt; saves the whole model in OUT/model; use a "
+                      "small --lr such as 2e-5; one process, no --resume)", choices=["prompt", "prefix", "full"])
+    prefix_projection: bool = opt(False, "--method prefix: produce the keys and values from a [P, D] embedding "
+                                         "through a two-layer MLP while training (PEFT's prefix_projection), folded "
+                                         "into plain keys and values when saved")
     report_to: str = opt("none", "experiment trackers, through accelerate's: none, tensorboard (event files in "
                                  "OUT/tensorboard), wandb, mlflow, a comma-separated list, or all (every one of the "
                                  "three installed); metrics.jsonl is written either way")
@@ -240,6 +244,10 @@ class TrainConfig:
         require(not (self.method == "full" and self.resume), "--method full runs in one process and cannot --resume")
         require(not (self.method == "full" and self.shard != "none"), "--shard fsdp shards the frozen base of "
                 "prompt tuning; --method full runs in one process")
+        require(not self.prefix_projection or self.method == "prefix",
+                f"--prefix-projection is for --method prefix (got --method {self.method})")
+        require(not (self.method == "prefix" and self.shard != "none"), "--shard fsdp is not supported with "
+                "--method prefix yet")
         require(not (self.resume and self.overwrite),
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
 

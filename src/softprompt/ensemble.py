@@ -23,6 +23,7 @@ from .config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
 from .models import load_model
 from .prompt import load_prompt
+from .prompt_protocol import embeds_for
 from .utils import SoftpromptError
 from .flags import ensemble_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 
@@ -71,7 +72,7 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
         raise SoftpromptError("ensemble needs at least two prompt folders")
     if model is None:
         model, tok = load_model(mcfg)
-    prompts = [load_prompt(d, model).input_embeds().detach() for d in prompt_dirs]
+    prompts = [embeds_for(load_prompt(d, model), "ensemble", d).detach() for d in prompt_dirs]
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")

@@ -23,8 +23,17 @@ from .forward import row_logprobs
 from .flags import eval_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .models import load_model
 from .prompt import load_prompt
+from .prompt_protocol import Prompt, forward_input
 from .recorded import data_config, read_meta, with_recorded
 from .utils import SoftpromptError, round_floats
+
+
+def prompt_input(prompt):
+    """What the scorers take: a Prompt's forward input (prompt_protocol.forward_input), or what a
+    callable returning the [P, H] embeddings gives (a data-parallel wrapper), or None."""
+    if prompt is None:
+        return None
+    return forward_input(prompt) if isinstance(prompt, Prompt) else prompt()
 
 
 @torch.no_grad()
@@ -32,7 +41,7 @@ def eval_loss(model, tok, prompt, examples: list[Example], batch_size: int = 16,
               path: str = "auto", progress: bool = False) -> dict[str, float]:
     """Token-weighted mean cross-entropy of the supervised tokens, and its perplexity."""
     dev = model.device
-    p = prompt() if prompt is not None else None
+    p = prompt_input(prompt)
     total, count = 0.0, 0.0
     for idx in tqdm(eval_batches(examples, batch_size), desc="eval loss", disable=not progress, leave=False):
         batch = collate([examples[i] for i in idx], pad_id(tok)).to(dev)
@@ -48,7 +57,7 @@ def example_scores(model, tok, prompt, fmt: Formatter, examples: list[Example], 
                    cands: list[list[list[int]]] | None = None) -> torch.Tensor:
     """Log-probability [N, C] of each label word after each example's input (`cands`: the rows'
     `row_candidates`, when the caller already has them)."""
-    p = prompt() if prompt is not None else None
+    p = prompt_input(prompt)
     cands = cands if cands is not None else row_candidates(fmt, examples)
     rows = [(p, e.ids[:e.loss_start]) for e in examples]
     return label_scores(model, rows, cands, pad_id(tok), batch_size, path, progress)

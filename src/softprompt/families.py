@@ -14,7 +14,8 @@ Hugging Face causal LMs differ in a handful of ways that matter to a soft prompt
 - the longest sequence it was built for (`max_positions`);
 - where its decoder layers are (`decoder_layers`: sharding, activation checkpointing), and the
   shape of its key/value cache (`kv_geometry`: the static decoder's slot buffers);
-- the names its config.json gives the layer and head counts (`layer_and_head_counts`: PEFT's config);
+- the names its config.json gives the layer and head counts (`layer_and_head_counts`,
+  `kv_head_count`: PEFT's config, a prefix's geometry);
 - whether the packed sequence can run under one dense [N, N] mask (`dense_mask_obstacle`: the
   CUDA-graphed training step).
 A new family with a quirk of its own adds it here, plus its tiny model in tests/conftest.py.
@@ -118,6 +119,8 @@ def kv_geometry(model) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of the model's key/value cache."""
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if cfg.model_type == "falcon" and not cfg.new_decoder_architecture:
+        heads = 1 if cfg.multi_query else cfg.num_attention_heads  # its num_kv_heads counts only in the new one
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return cfg.num_hidden_layers, heads, d
 
@@ -128,3 +131,9 @@ def layer_and_head_counts(config: dict) -> tuple[int | None, int | None]:
     layers = next((config[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if config.get(k)), None)
     heads = next((config[k] for k in ("num_attention_heads", "n_head", "n_heads") if config.get(k)), None)
     return layers, heads
+
+
+def kv_head_count(config: dict) -> int | None:
+    """Key/value heads from a config.json's dict: num_key_value_heads under grouped-query attention
+    (PEFT's prefix layout uses it), else every attention head has its own (BLOOM, GPT-2...)."""
+    return config.get("num_key_value_heads") or layer_and_head_counts(config)[1]

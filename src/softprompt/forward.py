@@ -11,7 +11,9 @@ Equivalent paths:
 The `path` argument names one of them: "concat" (PEFT's), "kv" (prompt KV shared), "packed", or
 "auto" (packed where the model and batch allow it, else kv); forward_path.choose_path decides.
 Rows that each carry their own prompt (ensembles, mixed requests) go through `mixed_hidden`
-instead. A prompt comes as a prompt_protocol.Prompt or as its [P, H] input embeddings.
+instead. A prompt comes as a prompt_protocol.Prompt or as its [P, H] input embeddings; a Prompt
+without input embeddings (a prefix) gives its per-layer keys and values to the kv path
+(`deep_hidden`), which keeps them under activation checkpointing (`read_only_kv`).
 Vocabulary logits are computed only at supervised positions, in chunks whose input gradient is
 formed on the spot (the head is frozen), instead of at every position of [B, P+T] as PEFT does.
 """
@@ -20,12 +22,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache
+from contextlib import contextmanager
 
-from .families import decoder, logit_scale, logit_softcap
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .families import decoder, decoder_layers, logit_scale, logit_softcap
 from .forward_path import choose_path
 from .packing import packed_hidden
-from .prompt_protocol import embeds_of
+from .prompt_protocol import Prompt, embeds_of
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
@@ -46,11 +51,49 @@ def expand_kv(layers, batch: int) -> DynamicCache:
                                         for k, v in layers])
 
 
+class ReadOnlyLayer(DynamicLayer):
+    """One layer's prompt keys/values that the text reads but never extends: a layer's `update`
+    returns [prompt; text] without storing it, so running the layer again (activation
+    checkpointing's recompute) sees the same cache."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def read_only_kv(layers, batch: int) -> DynamicCache:
+    """The prompt's per-layer (K, V) [1, heads, P, d] broadcast to `batch` rows (views), read-only."""
+    cache = DynamicCache()
+    cache.layers = [ReadOnlyLayer(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in layers]
+    return cache
+
+
+@contextmanager
+def cache_kept_under_checkpointing(model):
+    """transformers' checkpointed layers drop the cache (a layer that wrote into it would write
+    twice on the recompute) unless the layer says it only reads it: true of a read_only_kv cache."""
+    layers = [m for m in decoder_layers(model) if m.gradient_checkpointing]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache  # back to the class's False
+
+
 def text_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 path: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states [B, T, H] of the text after the prompt (a Prompt, its [P, H] embeddings or
     None), and the prompt's last hidden state ([1 or B, H], None when there is no prompt), which
-    predicts the first text token."""
+    predicts the first text token. A prompt without input embeddings (a prefix) has no last hidden
+    state: as in PEFT's prefix tuning, nothing predicts the first text token."""
+    if isinstance(prompt, Prompt) and prompt.input_embeds() is None:
+        return deep_hidden(model, prompt, input_ids, attention_mask, path)
     prompt = embeds_of(prompt)
     embed = model.get_input_embeddings()
     x = embed(input_ids)  # [B, T, H]
@@ -74,6 +117,21 @@ def text_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Te
     return h[:, P:], h[:, P - 1]
 
 
+def deep_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                path: str = "auto") -> tuple[torch.Tensor, None]:
+    """Hidden states [B, T, H] of the text after a prompt given only as per-layer keys and values:
+    they are the cache the text attends to, at positions P.. (as transformers places text after a
+    cache: RoPE and learned positions from P, ALiBi from the mask that covers the prefix)."""
+    choose_path(model, path, rows=attention_mask, deep=True)  # kv, or one error line for another request
+    B, P = input_ids.shape[0], prompt.length
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # [B, P+T]
+    x = model.get_input_embeddings()(input_ids)
+    with cache_kept_under_checkpointing(model):
+        h = decoder(model)(inputs_embeds=x, attention_mask=mask, cache=read_only_kv(prompt.past_key_values(model), B),
+                           use_cache=True).last_hidden_state
+    return h, None
+
+
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     # Softmax statistics in at least float32; float64 stays float64 (parity checks run in it).
     return x if x.dtype == torch.float64 else x.float()
@@ -84,6 +142,9 @@ def mixed_hidden(model, prompts: list, seqs: list[list[int]]) -> tuple[torch.Ten
     Prompt, its [P, H] embeddings, or none), right-padded: pads come after every real token, so a
     causal model's real positions are untouched by them. Also each row's prompt length, where its
     text starts."""
+    if any(isinstance(p, Prompt) and p.input_embeds() is None for p in prompts):
+        raise ValueError("a prompt without input embeddings (a prefix) cannot share a batch with other prompts "
+                         "here: its rows take text_hidden's kv path")
     prompts = [embeds_of(p) for p in prompts]
     embed = model.get_input_embeddings()
     dtype, dev = embed.weight.dtype, embed.weight.device

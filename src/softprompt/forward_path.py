@@ -41,16 +41,25 @@ def graph_obstacle(model, processes: int, prompt_tuning: bool) -> str | None:
     return dense_mask_obstacle(model)
 
 
+DEEP_REASON = "the prompt is per-layer keys and values (a prefix): the rows attend to them as a cache"
+
+
 def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: int = 1, prompt_tuning: bool = True,
-                checkpointing: bool = False) -> PathChoice:
+                checkpointing: bool = False, deep: bool = False) -> PathChoice:
     """The path `--forward-path requested` takes, and why.
 
     Without `rows`: a training run's path (`processes`, `prompt_tuning` and `checkpointing`
     describe the run). With `rows`, the attention mask [B, T] of one batch: that batch's forward
     pass, which is never a graph ("graphed" is a training-step mode; a single pass packs as auto
-    does) and packs only right-padded rows."""
+    does) and packs only right-padded rows. `deep`: the prompt has no input embeddings (a prefix),
+    which only the kv path takes."""
     if requested not in PATHS:
         raise SoftpromptError(f"unknown forward path {requested!r}: use {', '.join(PATHS)}")
+    if deep:
+        if requested not in ("auto", "kv"):
+            raise SoftpromptError(f"--forward-path {requested}: a prefix prompt has no input embeddings to pack or "
+                                  "prepend; use --forward-path kv or auto")
+        return PathChoice("kv", DEEP_REASON if requested == "auto" else "as requested")
     packing = packing_obstacle(model)
     if rows is not None:
         choice = batch_path(model, requested, rows)

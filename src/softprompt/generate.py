@@ -17,6 +17,7 @@ from .recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
 from .models import load_model
 from .prompt import load_prompt
+from .prompt_protocol import forward_input
 from .static_decode import decode_batch_for
 from .utils import SoftpromptError
 
@@ -113,7 +114,8 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
     if model is None:
         model, tok = load_model(mcfg)
     sp = load_prompt(prompt, model) if prompt and prompt != "none" else None
-    p = sp.input_embeds().detach() if sp is not None else None
+    p = forward_input(sp)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
+    p = p.detach() if isinstance(p, torch.Tensor) else p
     chat = chat or bool(meta.get("chat"))
     if conversations:
         encoded = [encode_messages(tok, c, system) for c in conversations]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .models import load_model
 from .prompt import load_prompt
+from .prompt_protocol import embeds_for
 from .utils import SoftpromptError
 
 
@@ -44,7 +45,8 @@ def inspect_cmd(prompt_dir: str, model_name: str, k: int = 5, device: str = "cpu
     if model is None:
         model, tok = load_model(ModelConfig(model=model_name, device=device))
     sp = load_prompt(prompt_dir, model)
-    return {"prompt": prompt_dir, "model": model_name, **inspect_prompt(model, tok, sp.input_embeds(), k)}
+    embeds = embeds_for(sp, "inspect's nearest-token view", prompt_dir)
+    return {"prompt": prompt_dir, "model": model_name, **inspect_prompt(model, tok, embeds, k)}
 
 
 def format_inspection(r: dict[str, Any]) -> str:

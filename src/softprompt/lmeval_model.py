@@ -24,6 +24,7 @@ from .forward import logits, supervised
 from .generate import generate_batch
 from .models import load_model
 from .prompt import load_prompt
+from .prompt_protocol import embeds_for
 
 
 @register_model("softprompt")
@@ -38,7 +39,8 @@ class SoftpromptLM(LM):
         super().__init__()
         self.model, self.tok = load_model(ModelConfig(model=str(pretrained), dtype=dtype, device=device or "auto"))
         sp = None if str(prompt) in ("", "none") else load_prompt(str(prompt), self.model)
-        self.prompt = sp.input_embeds().detach().to(self.model.device) if sp is not None else None
+        self.prompt = (embeds_for(sp, "the lm-eval model", prompt).detach().to(self.model.device)
+                       if sp is not None else None)
         self.chat = bool(sp.meta.get("chat")) if chat is None and sp is not None else bool(chat)
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length)

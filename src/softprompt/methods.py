@@ -1,5 +1,6 @@
-"""What a training run trains: a soft prompt on the frozen model (prompt tuning), or every weight of
-the model (full fine-tuning, the baseline it is compared with).
+"""What a training run trains: a soft prompt on the frozen model (prompt tuning), per-layer keys and
+values (prefix tuning, prefix_method.py), or every weight of the model (full fine-tuning, the
+baseline they are compared with).
 
 One small object per method holds all that differs between the two: its parameters, what the
 forward pass gets as the prompt, its default learning rate, how and where it saves, whether it can
@@ -18,6 +19,7 @@ import torch
 
 from .config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
 from .models import load_model
+from .prefix_method import PrefixTuning
 from .prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
 from .prompt_protocol import Prompt
 from .utils import SoftpromptError, atomic_dir, count_params, write_json
@@ -40,8 +42,9 @@ class Method(Protocol):
     def parameters(self) -> list[torch.nn.Parameter]: ...
     def trainable_params(self) -> int: ...
     def distribute(self, acc) -> None: ...
-    def embeds(self) -> torch.Tensor | None:
-        """What the forward pass gets as the prompt ([P, H], through the data-parallel wrapper)."""
+    def embeds(self) -> torch.Tensor | Prompt | None:
+        """What the forward pass gets as the prompt ([P, H], through the data-parallel wrapper; a
+        prompt without input embeddings, a prefix, itself)."""
     def synced(self) -> torch.nn.Module: ...
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None: ...
     def save_checkpoint(self, folder: Path, meta: dict[str, Any]) -> None: ...
@@ -199,7 +202,7 @@ class FullFineTuning:
         return load_model(replace(mcfg, model=str(run_dir / MODEL_DIR)))[0], None
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, FullFineTuning)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, PrefixTuning, FullFineTuning)}
 
 
 def save_model(model, tok, dest: Path, meta: dict[str, Any]) -> Path:

@@ -1,8 +1,9 @@
-"""PEFT interoperability: read and write PEFT's prompt-tuning adapter layout.
+"""PEFT interoperability: read and write PEFT's prompt-tuning and prefix-tuning adapter layouts.
 
 A PEFT prompt-tuning adapter is `adapter_config.json` (peft_type PROMPT_TUNING) plus
 `adapter_model.safetensors` holding one tensor, `prompt_embeddings` [P, H] — the same tensor a
-softprompt folder holds, so conversion is exact both ways. No `peft` import is needed here.
+softprompt folder holds, so conversion is exact both ways. A prefix (kind "prefix") is PEFT's
+PREFIX_TUNING, whose layout peft_prefix.py reads and writes. No `peft` import is needed here.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import json
 from pathlib import Path
 
 from .config import BUILTIN_MODEL
-from .families import layer_and_head_counts
+from . import peft_prefix
+from .families import kv_head_count, layer_and_head_counts
 from .hub import download, hub_model_id, is_hub
 from .inits import peft_init
 from .models import cache_root
+from .prefix import TENSOR_NAME as PREFIX_TENSOR
 from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
 from .utils import SoftpromptError, atomic_dir, check_dest, read_json, short
 
@@ -25,15 +28,35 @@ EXPORT_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, OURS}  # what export-peft write
 IMPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE}
 
 
-def model_geometry(name: str) -> dict:
-    """num_layers / num_attention_heads for PEFT's config, read from a local model folder if we can."""
+def model_config(name: str) -> dict:
+    """A local model folder's config.json (the built-in model's too), or {} when it cannot be read."""
     try:  # the built-in model's converted copy, when there is one (converting it here would take ~20 s)
         folder = cache_root() / "models" / BUILTIN_MODEL if name == BUILTIN_MODEL else Path(name)
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError, SoftpromptError):
         return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def model_geometry(name: str) -> dict:
+    """num_layers / num_attention_heads for PEFT's config, read from a local model folder if we can."""
+    cfg = model_config(name)
+    if not cfg:
+        return {}
     layers, heads = layer_and_head_counts(cfg)
     return {"num_layers": layers, "num_attention_heads": heads}
+
+
+def export_prefix(prompt, out: str | Path, model: str) -> Path:
+    """A prefix -> PEFT PREFIX_TUNING adapter folder (atomically)."""
+    from safetensors.torch import save_file
+
+    cfg, flat = peft_prefix.adapter(prompt, model, model_geometry(model))
+    with atomic_dir(out, overwrite=True) as tmp:  # export_peft's check_dest vouched for what is there
+        save_file({TENSOR_NAME: flat}, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "softprompt_config.json").write_text(json.dumps(prompt.meta, indent=2, default=str) + "\n")
+    return Path(out)
 
 
 def local_sources(*specs: str | Path) -> tuple[str | Path, ...]:
@@ -53,6 +76,8 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
 
     check_dest(out, "OUT", overwrite, EXPORT_FILES, local_sources(prompt_dir))
     prompt = load_prompt(prompt_dir)
+    if prompt.kind == peft_prefix.KIND:
+        return export_prefix(prompt, out, base_model or prompt.meta.get("model", ""))
     embeds = prompt.input_embeds()
     if embeds is None:  # PEFT's prompt tuning is input embeddings: other kinds have no such adapter
         raise SoftpromptError(f"{prompt_dir}: a {prompt.kind!r} prompt has no input embeddings to export as "
@@ -99,15 +124,18 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     cfg = read_json(peft_dir / ADAPTER_CONFIG)
     if not isinstance(cfg, dict):
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG} must hold a JSON object, got {type(cfg).__name__}")
-    if cfg.get("peft_type") != "PROMPT_TUNING":
-        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: peft_type is {cfg.get('peft_type')!r}, "
-                              "only PROMPT_TUNING adapters can be imported")
+    if cfg.get("peft_type") not in ("PROMPT_TUNING", peft_prefix.PEFT_TYPE):
+        raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: peft_type is {short(cfg.get('peft_type'))}, only "
+                              "PROMPT_TUNING and PREFIX_TUNING adapters can be imported")
     weights = peft_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (peft_dir / "adapter_model.bin").is_file():
             raise SoftpromptError(f"{peft_dir}: adapter_model.bin is a pickle file, which softprompt does not "
                                   "read; re-save the adapter with safe_serialization=True")
         raise SoftpromptError(f"missing adapter file: {weights}")
+    if cfg["peft_type"] == peft_prefix.PEFT_TYPE:
+        return import_prefix(cfg, peft_dir, weights, out, model_name or cfg.get("base_model_name_or_path") or "",
+                             source)
     t = read_prompt_tensor(weights, "adapter")
     subs = cfg.get("num_transformer_submodules") or 1  # PEFT leaves null until a model sets it
     if subs != 1:  # an encoder-decoder's: one prompt per submodule, which no causal prompt stands for
@@ -129,6 +157,25 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return Path(out)
+
+
+def import_prefix(cfg: dict, peft_dir: Path, weights: Path, out: str | Path, model: str, source: str) -> Path:
+    """A PEFT PREFIX_TUNING adapter -> prefix folder (atomically); checked against the base model's
+    layer and key/value head counts when its config can be read."""
+    from safetensors.torch import save_file
+
+    base = model_config(model)
+    geometry = ({"num_layers": layer_and_head_counts(base)[0], "num_key_value_heads": kv_head_count(base)}
+                if base else {})
+    kv, meta = peft_prefix.read_adapter(cfg, weights, peft_dir / ADAPTER_CONFIG, geometry)
+    ours = peft_dir / "softprompt_config.json"
+    record = read_json(ours) if ours.is_file() else {"init": "peft"}
+    record.update({"format": FORMAT, **meta, "model": model, "num_virtual_tokens": kv.shape[3],
+                   "hidden_size": base.get("hidden_size") or record.get("hidden_size"), "imported_from": source})
+    with atomic_dir(out) as tmp:
+        save_file({PREFIX_TENSOR: kv}, str(tmp / "prompt.safetensors"))
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return Path(out)
 
 

@@ -24,6 +24,7 @@ from .forward import prefix_kv
 from .hub import download, is_hub
 from .inits import INITS, InitInputs, resolve
 from .labels import label_token_ids
+from .prefix import PrefixPrompt
 from .prompt_protocol import KeyValues, Prompt
 from .recorded import CONFIG_FILE, WEIGHTS_FILE
 from .utils import SoftpromptError, default_mode, read_json, short
@@ -71,7 +72,8 @@ class SoftPrompt(nn.Module):
         return {TENSOR_NAME: self.embeds.detach().float().contiguous().cpu()}
 
 
-KINDS: dict[str, type[SoftPrompt]] = {SoftPrompt.kind: SoftPrompt}  # prompt_config.json's "kind" -> its class
+# prompt_config.json's "kind" -> its class
+KINDS: dict[str, type] = {SoftPrompt.kind: SoftPrompt, PrefixPrompt.kind: PrefixPrompt}
 
 
 def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = None,
@@ -132,7 +134,7 @@ def read_prompt_tensor(weights: Path, kind: str) -> torch.Tensor:
     return t
 
 
-def load_prompt(path: str | Path, model=None) -> SoftPrompt:
+def load_prompt(path: str | Path, model=None) -> "SoftPrompt | PrefixPrompt":
     """Load a prompt folder (or a bare .safetensors file, or `hf://REPO_ID[@REV]`, hub.py); check it
     fits `model` when given."""
     path = download(path) if is_hub(path) else Path(path)
@@ -151,7 +153,10 @@ def load_prompt(path: str | Path, model=None) -> SoftPrompt:
     kind = meta.get("kind", SoftPrompt.kind)
     if kind not in KINDS:
         raise SoftpromptError(f"{config}: unknown prompt kind {short(kind)} (this softprompt reads {', '.join(KINDS)})")
-    sp = KINDS[kind](read_prompt_tensor(weights, "prompt"), meta)
+    if kind != SoftPrompt.kind:  # a kind with tensors of its own reads its file itself
+        sp = KINDS[kind].read(weights, meta, model)
+    else:
+        sp = KINDS[kind](read_prompt_tensor(weights, "prompt"), meta)
     check_prompt(sp, f"prompt {path}")
     if model is not None:
         check_fits(sp.hidden_size, model, f"prompt {path}", meta.get("model"))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
+from .utils import SoftpromptError
+
 if TYPE_CHECKING:  # torch is imported by whoever holds a prompt; this module stays import-light
     import torch
 
@@ -59,3 +61,22 @@ def embeds_of(prompt: "Prompt | torch.Tensor | None") -> "torch.Tensor | None":
     if prompt is None or not isinstance(prompt, Prompt):
         return prompt
     return prompt.input_embeds()
+
+
+def forward_input(prompt: "Prompt | None") -> "Prompt | torch.Tensor | None":
+    """What the forward functions take for `prompt`: its [P, H] input embeddings, or the Prompt
+    itself for a kind without them (a prefix: its keys and values reach the layers directly)."""
+    if prompt is None:
+        return None
+    embeds = prompt.input_embeds()
+    return prompt if embeds is None else embeds
+
+
+def embeds_for(prompt: Prompt, what: str, where: Any) -> "torch.Tensor":
+    """A prompt's [P, H] input embeddings for a command that works on them (`what`); one error line
+    naming the prompt (`where`) for a kind without them."""
+    embeds = prompt.input_embeds()
+    if embeds is None:
+        raise SoftpromptError(f"{what} works on input embeddings; {where} is a {prompt.kind!r} prompt "
+                              "(per-layer keys and values), which has none")
+    return embeds

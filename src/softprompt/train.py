@@ -95,7 +95,8 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex: list[Example]):
     """Replace the 'auto' choices by what they mean for this data."""
-    pcfg = replace(pcfg, init=resolve(pcfg.init, fmt.label_words))
+    # A prefix starts from a text's keys and values: auto is text for it, label words or not.
+    pcfg = replace(pcfg, init=resolve(pcfg.init, fmt.label_words if tcfg.method != "prefix" else None))
     if tcfg.loss == "auto":
         # The label-word softmax trains only what rank classification scores; it needs one-token
         # words, tokenised the same after every input (what class_token_ids demands).
@@ -113,7 +114,7 @@ class Run:
     acc: Any                        # accelerate.Accelerator
     model: Any
     tok: Any
-    method: Method                  # methods.PromptTuning or methods.FullFineTuning
+    method: Method                  # methods.PromptTuning, prefix_method.PrefixTuning or methods.FullFineTuning
     params: list[torch.nn.Parameter]
     fmt: Formatter
     train_ex: list[Example]
@@ -209,8 +210,10 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     hash_before = weights_hash(model)  # before any sharding
     if tcfg.shard == "fsdp":
         shard_decoder(model, acc.num_processes)
+    deep = method.prompt is not None and method.prompt.input_embeds() is None  # a prefix: kv only
     path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
-                            prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing)
+                            prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing,
+                            deep=deep)
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).

@@ -99,7 +99,7 @@ class ServerContext:
 
     def fits(self, entry: Loaded, ids: list[int], new: int, param: str) -> None:
         """Refuse a request whose prompt, input and new tokens pass the model's positions."""
-        P = 0 if entry.tensor is None else entry.tensor.shape[0]
+        P = entry.virtual_tokens
         if self.limit and P + len(ids) + new > self.limit:
             raise ApiError(400, f"{param}: {P} virtual + {len(ids)} input + {new} new tokens exceed the "
                                 f"model's {self.limit} positions", param, "context_length_exceeded")
@@ -189,7 +189,7 @@ class ServerContext:
     def model_card(self, e: Loaded) -> dict[str, Any]:
         """A loaded prompt (or the base model) as /v1/models lists it."""
         return {"id": e.name, "object": "model", "created": e.created, "owned_by": "softprompt",
-                "virtual_tokens": 0 if e.tensor is None else int(e.tensor.shape[0]),
+                "virtual_tokens": e.virtual_tokens,
                 "base_model": self.base, "task": e.meta.get("task"), "labels": e.meta.get("labels"),
                 "chat": bool(e.meta.get("chat"))}
 

@@ -26,7 +26,7 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    prompt: torch.Tensor | None  # [P, H] on the model's device, or None for the base model
+    prompt: Any  # [P, H] on the model's device, a prefix Prompt (no input embeddings), or None: the base model
     ids: list[int]
     future: Future = field(default_factory=Future, init=False)
     cancelled: bool = field(default=False, init=False)  # set by the server when the client has gone
@@ -156,7 +156,10 @@ class ScoreJob(Job):
     top: int = 0
 
     def key(self) -> tuple:
-        return ("score",)  # any prompts: token_logprobs runs rows with different prompts together
+        # any prompts with input embeddings: token_logprobs runs rows with different prompts together; a
+        # prefix's rows only with each other (its keys and values take the shared kv path)
+        shared = self.prompt is None or isinstance(self.prompt, torch.Tensor)
+        return ("score",) if shared else ("score", id(self.prompt))
 
     def reset(self) -> bool:
         return True

@@ -1,7 +1,8 @@
 """The named soft prompts a server holds: loaded once onto the model's device, swapped at run time.
 
-Each entry's tensor is what the scheduler puts in front of a request's row; the base model is an
-entry without one. Loading checks the prompt before it is served: its hidden size against the
+Each entry's tensor is what the scheduler puts in front of a request's row (a prefix, which has no
+input embeddings, is kept as the prompt itself: the decoder caches its keys and values); the base
+model is an entry without one. Loading checks the prompt before it is served: that it fits the
 model, finite values, and a typed config (`labels` a list of distinct words, `chat` a boolean...),
 so that a bad file fails its load with a 400 instead of failing later requests. The dict is
 replaced, never edited in place, so request threads read it without a lock.
@@ -33,10 +34,16 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 @dataclass
 class Loaded:
     name: str
-    tensor: torch.Tensor | None  # [P, H] on the model's device and dtype; None for the base model
-    meta: dict[str, Any]
+    tensor: torch.Tensor | Prompt | None  # [P, H] on the model's device and dtype (a prefix: the Prompt on
+    meta: dict[str, Any]                    # the model's device); None for the base model
     path: str
     created: int
+
+    @property
+    def virtual_tokens(self) -> int:
+        if self.tensor is None:
+            return 0
+        return self.tensor.length if isinstance(self.tensor, Prompt) else int(self.tensor.shape[0])
 
 
 class Registry:
@@ -57,10 +64,11 @@ class Registry:
         given = isinstance(prompt, Prompt)
         sp = prompt if given else read(Path(prompt), self.model)
         w = self.model.get_input_embeddings().weight
-        check_fits(sp.hidden_size, self.model, f"prompt {name}", sp.meta.get("model"))
-        check_servable(sp, f"prompt {name}")
-        entry = Loaded(name, sp.input_embeds().detach().to(w.device, w.dtype), dict(sp.meta),
-                       "" if given else str(prompt), int(time.time()))
+        check_servable(sp, f"prompt {name}", self.model)
+        embeds = sp.input_embeds()
+        # A prefix is served as itself (its keys and values are the decoder's cache for it), frozen.
+        held = sp.to(w.device).requires_grad_(False) if embeds is None else embeds.detach().to(w.device, w.dtype)
+        entry = Loaded(name, held, dict(sp.meta), "" if given else str(prompt), int(time.time()))
         with self.lock:
             if name in self.items and not replace:
                 raise ApiError(409, f"a model named {name!r} is already loaded: unload it first, or send "
@@ -83,7 +91,7 @@ class Registry:
             raise ApiError(404, f"unknown model {name!r}: loaded are {known}", param, "model_not_found")
         return entry
 
-    def tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor | Prompt]:
         return [e.tensor for e in self.items.values() if e.tensor is not None]
 
 
@@ -99,9 +107,11 @@ def read(path: Path, model) -> Prompt:
         raise SoftpromptError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
 
 
-def check_servable(sp: Prompt, what: str) -> None:
-    """The scheduler places a prompt's input embeddings before a row: a kind without them is refused,
-    and the rest is prompt.check_prompt, what every command checks."""
-    if sp.input_embeds() is None:
-        raise SoftpromptError(f"{what} is a {sp.kind!r} prompt: the server serves prompts with input embeddings")
+def check_servable(sp: Prompt, what: str, model) -> None:
+    """That it fits the model (hidden size; a prefix: layers, key/value heads and head dim), then
+    prompt.check_prompt, what every command checks (finite values, typed config fields)."""
+    if sp.input_embeds() is not None:
+        check_fits(sp.hidden_size, model, what, sp.meta.get("model"))
+    else:
+        sp.past_key_values(model)  # checks its geometry against the model's cache
     check_prompt(sp, what)
