@@ -60,7 +60,9 @@ def with_recorded(fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     out = dict(fields)
     if not any(fields.get(k) for k in READING):
         out.update({k: rec[k] for k in READING if rec.get(k)})
-    if not fields.get("labels") and rec.get("labels") and out.get("template"):
+    # Label words make sense only for a template read as a classification input (no target, no text column).
+    classifies = out.get("template") and not any(out.get(k) for k in ("target", "text_col", "messages_col"))
+    if not fields.get("labels") and rec.get("labels") and classifies:
         out["labels"] = rec["labels"]
         if fields.get("label_col", DEFAULT_LABEL_COL) == DEFAULT_LABEL_COL and rec.get("label_col"):
             out["label_col"] = rec["label_col"]
