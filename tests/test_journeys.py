@@ -161,7 +161,8 @@ def test_eval_generate_and_replay_take_the_run_folders(runs):
     filled = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "travel guide", cwd=runs)
     raw = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--raw",
              "Act as a travel guide.\nPrompt:", cwd=runs)
-    assert filled.stdout.strip() and filled.stdout == raw.stdout
+    # The two print their inputs as given; the continuations (after the "===" line) are the same.
+    assert filled.stdout.strip() and filled.stdout.splitlines()[1:] == raw.stdout.splitlines()[1:]
     # --config replay of a run gives the same prompt bytes.
     sp("train", "--config", "runs/acts/run_config.json", "--out", "runs/acts-again", cwd=runs)
     a, b = (runs / "runs" / d / "prompt.safetensors" for d in ("acts", "acts-again"))

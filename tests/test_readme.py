@@ -167,7 +167,7 @@ def offline(cmd: Cmd) -> list[str]:
     argv = [PLACEHOLDERS.get(w, w) for w in shlex.split(cmd.text)]
     if cmd.local:
         i = 2  # softprompt COMMAND --flag value ...
-        argv = argv[:i] + cmd.local + argv[i + 2 * cmd.replaces:]
+        argv = argv[:i] + [PLACEHOLDERS.get(w, w) for w in cmd.local] + argv[i + 2 * cmd.replaces:]
     for i, w in enumerate(argv):
         if w == "--config" and argv[i + 1] in CONFIG_DATA:
             argv += CONFIG_DATA[argv[i + 1]]
