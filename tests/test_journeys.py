@@ -169,21 +169,38 @@ def test_eval_generate_and_replay_take_the_run_folders(runs):
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_every_kind_evaluates_and_generates_from_its_folder(runs):
+    """eval and generate take each kind's folder with nothing but data or text: the recorded reading
+    (template, target, text column, chat) is the default."""
+    data = {"sst2": SST2 / "dev.tsv", "acts": ACTS, "lm": ACTS, "chat": runs / "chats.jsonl"}
+    for name in KINDS:
+        out = sp("eval", "--prompt", f"runs/{name}", "--data", data[name], "--limit", "4", "--json", cwd=runs)
+        scored = json.loads(out.stdout.strip().splitlines()[-1])
+        assert scored["loss"] > 0, (name, scored)
+        text = {"sst2": "a moving film", "acts": "poet", "lm": "I want you to", "chat": "Act as a poet."}[name]
+        out = sp("generate", "--prompt", f"runs/{name}", "--max-new-tokens", "3", text, cwd=runs)
+        assert "tuned" in out.stdout, (name, out.stdout)
+
+
 def test_export_push_and_peft_read_what_train_wrote(runs):
+    """Every kind's folder goes to PEFT's layout (export-peft, push --local-dir), and PEFT's own
+    loader reads back the prompt bit for bit."""
     import torch
     from peft import PeftModel
 
     from softprompt.models import load_model
     from softprompt.prompt import load_prompt
 
-    sp("export-peft", "runs/acts", "runs/acts-peft", cwd=runs)
-    sp("push", "runs/acts", "me/acts", "--local-dir", "runs/acts-hub", cwd=runs)
     base, tok = load_model("smollm2-135m-instruct")
-    ours = load_prompt(runs / "runs" / "acts").embeds
-    for folder in ("acts-peft", "acts-hub"):
-        peft_model = PeftModel.from_pretrained(base, runs / "runs" / folder)
-        got = peft_model.get_prompt_embedding_to_save("default")
-        assert torch.equal(got.float(), ours.float()), folder
-        base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model.base_model
-    cfg = json.loads((runs / "runs" / "acts-peft" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == ours.shape[0]
+    for name in KINDS:
+        sp("export-peft", f"runs/{name}", f"runs/{name}-peft", cwd=runs)
+        sp("push", f"runs/{name}", f"me/{name}", "--local-dir", f"runs/{name}-hub", cwd=runs)
+        ours = load_prompt(runs / "runs" / name).embeds
+        for folder in (f"{name}-peft", f"{name}-hub"):
+            peft_model = PeftModel.from_pretrained(base, runs / "runs" / folder)
+            got = peft_model.get_prompt_embedding_to_save("default")
+            assert torch.equal(got.float(), ours.float()), folder
+            base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model.base_model
+        cfg = json.loads((runs / "runs" / f"{name}-peft" / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == ours.shape[0]
+        assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
