@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
+from journey_helpers import ACTS, free_port, write_chats
 
 pytestmark = pytest.mark.slow
 SP = str(Path(sys.executable).parent / "softprompt")
-SST2, ACTS = SHARED / "sst2", SHARED / "awesome-chatgpt-prompts" / "prompts.csv"
+SST2 = SHARED / "sst2"
 FEW = ["--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--eval-limit", "8", "--save-every", "0"]
 KINDS = {
     "sst2": ["--data", str(SST2 / "train.tsv"), "--eval-data", str(SST2 / "dev.tsv"), "--template",
@@ -43,34 +43,15 @@ def sp(*args, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.C
     return r
 
 
-def write_chats(path: Path) -> Path:
-    import csv
-
-    with open(ACTS, newline="", encoding="utf-8") as f:
-        rows = [r for r, _ in zip(csv.DictReader(f), range(40))]
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            msgs = [{"role": "user", "content": f"Act as a {r['act']}."},
-                    {"role": "assistant", "content": r["prompt"][:200]}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One folder per prompt kind, each written by `softprompt train` in a subprocess."""
     root = tmp_path_factory.mktemp("journeys")
-    chats = write_chats(root / "chats.jsonl")
+    chats = write_chats(root / "chats.jsonl", 40)
     for name, flags in KINDS.items():
         flags = [str(chats) if f == "CHATS" else f for f in flags]
         sp("train", *flags, *FEW, "--out", root / "runs" / name, cwd=root)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHARED
+from journey_helpers import free_port, write_chats
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -180,16 +180,6 @@ def offline(cmd: Cmd) -> list[str]:
     return [str(BIN / argv[0])] + argv[1:] if (BIN / argv[0]).exists() else argv
 
 
-def write_chats(path: Path) -> None:
-    import csv
-
-    with open(SHARED / "awesome-chatgpt-prompts" / "prompts.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r, _ in zip(csv.DictReader(f), range(24))]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Act as a {r['act']}."},
-                                                     {"role": "assistant", "content": r["prompt"][:200]}]}) + "\n"
-                            for r in rows))
-
-
 def write_rows(path: Path, tsv: Path, n: int = 32) -> None:
     """The README's rows.jsonl / test.jsonl ({"text", "label"}): the first n rows of an SST-2 file."""
     import csv
@@ -197,12 +187,6 @@ def write_rows(path: Path, tsv: Path, n: int = 32) -> None:
     with open(tsv, newline="", encoding="utf-8") as f:
         rows = [r for r, _ in zip(csv.DictReader(f, delimiter="\t"), range(n))]
     path.write_text("".join(json.dumps({"text": r["sentence"], "label": int(r["label"])}) + "\n" for r in rows))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(argv: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, int]:
@@ -244,7 +228,7 @@ def test_every_readme_example_runs_offline(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples")
-    write_chats(work / "chats.jsonl")
+    write_chats(work / "chats.jsonl", 24)
     write_rows(work / "rows.jsonl", SHARED / "sst2" / "train.tsv")
     write_rows(work / "test.jsonl", SHARED / "sst2" / "dev.tsv")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -1,0 +1,28 @@
+"""Helpers shared by the tests that run the installed command as a user does (test_journeys.py,
+test_readme.py): a free loopback port for a server, and a chat file made from real data."""
+from __future__ import annotations
+
+import csv
+import json
+import socket
+from pathlib import Path
+
+from conftest import SHARED
+
+ACTS = SHARED / "awesome-chatgpt-prompts" / "prompts.csv"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_chats(path: Path, n: int) -> Path:
+    """A JSONL of n {"messages": [user, assistant]} conversations from awesome-chatgpt-prompts' rows."""
+    with open(ACTS, newline="", encoding="utf-8") as f:
+        rows = [r for r, _ in zip(csv.DictReader(f), range(n))]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Act as a {r['act']}."},
+                                                     {"role": "assistant", "content": r["prompt"][:200]}]}) + "\n"
+                            for r in rows), encoding="utf-8")
+    return path
