@@ -548,3 +548,41 @@ def test_L4_a_malformed_http_request_gets_a_json_400(hs):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), reply
     assert "malformed HTTP request" in json.loads(body)["error"]["message"]
+
+
+def test_N12_health_on_a_new_connection_is_answered_by_the_protocol_as_the_app_answers_it(hs):
+    """runner.py answers a connection's first GET /health itself (bench/health_under_abuse.py: a probe
+    no longer waits behind the requests in flight): the same status and JSON as the app's route, which
+    a kept-alive connection's second request reaches, HEAD without a body, counted in the metrics."""
+    import socket
+
+    from serve_helpers import read_all
+
+    def raw(request: bytes) -> tuple[bytes, bytes]:
+        s = socket.create_connection(("127.0.0.1", hs.port), timeout=20)
+        s.sendall(request)
+        reply = read_all(s)
+        s.close()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return head, body
+
+    def count() -> float:
+        text = hs.client.get("/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("softprompt_requests_total{") and 'endpoint="/health"' in line
+                   and 'code="200"' in line)
+
+    before = count()
+    head, fast = raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"content-type: application/json" in head.lower()
+    head_only, nothing = raw(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head_only.startswith(b"HTTP/1.1 200") and nothing == b""
+    # The second request of a kept-alive connection goes through the app's route.
+    s = socket.create_connection(("127.0.0.1", hs.port), timeout=20)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    both = read_all(s)
+    s.close()
+    assert both.count(b"HTTP/1.1 200") == 2
+    via_app = both.rsplit(b"\r\n\r\n", 1)[1]
+    assert json.loads(fast) == json.loads(via_app) == hs.client.get("/health").json()
+    assert count() - before >= 5  # the two answered by the protocol, the two by the app, the client's

@@ -13,10 +13,16 @@ ServeConfig.header_timeout seconds from connecting, or from its last response, t
 headers, or its connection is closed; at most ServeConfig.max_connections are served at once (a
 request beyond gets uvicorn's 503). A request uvicorn cannot parse gets a JSON 400. The listening
 socket is bound before the model loads, so a port in use fails in one line at once (`listen`).
+
+A new connection whose first request is `GET /health` (or HEAD) is answered by the protocol itself,
+from routes/ops.health_state, without the app's middleware and task: a liveness probe then waits for
+one turn of the event loop, not behind every request in flight (bench/health_under_abuse.py). It is
+counted in the metrics as any /health, and not written to the access log.
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import socket
@@ -31,6 +37,7 @@ from ..config import ServeConfig
 from ..utils import SoftpromptError
 from .app import create_app
 from .protocol import error_body
+from .routes.ops import health_state
 
 SHUTDOWN_MARGIN = 5.0  # seconds uvicorn waits past the app's own deadline, for the last answers to go out
 
@@ -48,12 +55,53 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bounded_h11(header_timeout: float) -> type:
+HEALTH_HEADS = (b"GET /health HTTP/1.", b"HEAD /health HTTP/1.")
+REASONS = {200: b"OK", 503: b"Service Unavailable"}
+
+
+def bare_health(data: bytes) -> bool:
+    """`data` is exactly one well-formed GET or HEAD /health request head, with no body (h11 reads it)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    try:
+        req = conn.next_event()
+        return (isinstance(req, h11.Request) and req.target == b"/health" and conn.next_event() == h11.EndOfMessage()
+                and conn.next_event() is h11.NEED_DATA)
+    except h11.RemoteProtocolError:
+        return False
+
+
+def bounded_h11(header_timeout: float, ctx=None) -> type:
     """uvicorn's h11 protocol with a header timeout: the connection closes when no complete request
-    head has arrived `header_timeout` seconds after it opened or after its last response."""
+    head has arrived `header_timeout` seconds after it opened or after its last response. With the
+    app's `ctx`, a connection's first request for /health is answered at once (`health`)."""
 
     class BoundedH11(H11Protocol):
         header_task = None
+
+        def data_received(self, data: bytes) -> None:
+            # Only a whole, well-formed request head without a body as the connection's first bytes,
+            # within the connection limit (uvicorn's own test, so that its 503 still comes): anything
+            # else goes to h11 and the app, which answer it (a malformed head: the JSON 400 below).
+            if (ctx is not None and self.cycle is None and data.startswith(HEALTH_HEADS)
+                    and data.endswith(b"\r\n\r\n") and not self.over_limit() and bare_health(data)):
+                return self.health(head_only=data.startswith(b"HEAD"))
+            super().data_received(data)
+
+        def over_limit(self) -> bool:
+            limit = self.limit_concurrency
+            return limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+
+        def health(self, head_only: bool) -> None:
+            t0 = time.perf_counter()
+            body, status = health_state(ctx)
+            raw = json.dumps(body, separators=(",", ":")).encode()
+            head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n" % (status, REASONS[status], len(raw)))
+            self.disarm()
+            self.transport.write(head if head_only else head + raw)
+            self.transport.close()
+            ctx.metrics.observe("/health", status, time.perf_counter() - t0)
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -115,7 +163,8 @@ class Server(uvicorn.Server):
 
 
 def server_for(app, cfg: ServeConfig, **kw) -> Server:
-    return Server(uvicorn.Config(app, http=bounded_h11(cfg.header_timeout), timeout_keep_alive=cfg.keep_alive_timeout,
+    http = bounded_h11(cfg.header_timeout, app.state.ctx)
+    return Server(uvicorn.Config(app, http=http, timeout_keep_alive=cfg.keep_alive_timeout,
                                  limit_concurrency=cfg.max_connections,
                                  timeout_graceful_shutdown=cfg.shutdown_timeout + SHUTDOWN_MARGIN, **kw))
 
@@ -158,6 +207,10 @@ def serve(model, tok, prompts: dict[str, str], cfg: ServeConfig, model_name: str
     app = create_app(model, tok, prompts, cfg, model_name)
     server = server_for(app, cfg, log_level="info")
     server.banner = banner(model_name, list(prompts), sock)
+    # The model, torch and transformers are millions of long-lived objects; a full collection walking
+    # them stalled every request (/health too) for ~0.5 s now and then. Frozen, they are never walked.
+    gc.collect()
+    gc.freeze()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         return server.run(sockets=[sock])
     # After its graceful shutdown uvicorn raises the signal again, for the default action (exit 143).

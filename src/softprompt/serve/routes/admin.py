@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ...utils import SoftpromptError
 from ..context import Ctx
+from ..metrics import ParsedBodyRoute
 from ..protocol import ApiError, LoadPromptRequest
 
 
@@ -28,7 +29,7 @@ def require_admin(request: Request, ctx: Ctx) -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)], route_class=ParsedBodyRoute)
 
 
 @router.post("/v1/admin/prompts", status_code=201,

@@ -19,11 +19,12 @@ from ...labels import label_token_ids
 from ...recorded import fill_one
 from ..chat_input import render
 from ..context import Ctx, ServerContext
+from ..metrics import ParsedBodyRoute
 from ..registry import Loaded
 from ..protocol import ApiError, ClassifyRequest
 from ..jobs import ClassifyJob
 
-router = APIRouter(tags=["softprompt"])
+router = APIRouter(tags=["softprompt"], route_class=ParsedBodyRoute)
 
 
 @router.post("/v1/classify", summary="Rank-classify a text over label words")

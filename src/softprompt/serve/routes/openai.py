@@ -29,10 +29,11 @@ from ...utils import SoftpromptError
 from ..context import Ctx, Hold, ServerContext, shutting_down
 from ..jobs import GenJob, ScoreJob
 from ..logprobs import chat_logprobs, completion_logprobs
+from ..metrics import ParsedBodyRoute
 from ..protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
 from ..registry import Loaded
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=ParsedBodyRoute)
 REQUESTS = itertools.count()  # numbers a request's jobs, for the scheduler's fair share
 
 

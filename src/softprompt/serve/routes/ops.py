@@ -5,9 +5,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from ..context import Ctx, ServerContext
+from ..metrics import ParsedBodyRoute
 from ..scheduler import COUNTERS
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)
 
 
 @router.api_route("/v1/models", methods=["GET", "HEAD"], tags=["openai"],
@@ -19,10 +20,16 @@ async def models(ctx: Ctx):
 @router.api_route("/health", methods=["GET", "HEAD"], tags=["ops"],
                   summary="Liveness: 200 while the scheduler thread runs")
 async def health(ctx: Ctx):
+    body, status = health_state(ctx)
+    return JSONResponse(body, status)
+
+
+def health_state(ctx: ServerContext) -> tuple[dict, int]:
+    """/health's body and status; runner.py answers a new connection's GET /health with it directly."""
     ok = ctx.scheduler.alive
     body = {"status": "ok" if ok else "scheduler stopped", "model": ctx.base,
             "prompts": len(ctx.registry.items) - 1, "queue": ctx.scheduler.depth}
-    return JSONResponse(body, 200 if ok else 503)
+    return body, 200 if ok else 503
 
 
 @router.api_route("/metrics", methods=["GET", "HEAD"], tags=["ops"], summary="Prometheus metrics",
