@@ -125,6 +125,13 @@ def test_generate_equals_softprompt_generate_on_a_mixed_batch(model_dir, tmp_pat
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     s1, s2, s3 = (sp.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.5, seed=s) for s in (0, 0, 1))
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    # OpenAI's penalties, as `softprompt generate` applies them.
+    pen = dict(max_new_tokens=8, presence_penalty=1.5, frequency_penalty=1.0, repetition_penalty=1.3)
+    ref = softprompt.generate(TEXTS, prompt=tmp_path / "prompt", model=model, tokenizer=tok, **pen)
+    out = sp.generate(**enc, **pen)
+    T = enc.input_ids.shape[1]
+    assert tok.batch_decode(out[:, T:], skip_special_tokens=True) == [r["tuned"] for r in ref]
+    assert not torch.equal(out, sp.generate(**enc, max_new_tokens=8)), "the penalties changed nothing"
 
 
 def test_save_pretrained_is_read_by_peft_with_the_same_loss(model_dir, tmp_path):

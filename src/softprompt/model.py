@@ -229,11 +229,12 @@ class SoftPromptModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float | None = None,
-                 top_p: float | None = None, repetition_penalty: float | None = None, seed: int = 0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int = 0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  **kwargs: Any) -> torch.Tensor:
         """HF's generate for the active prompt, by `softprompt generate`'s batch decoder: greedy or
-        (do_sample) sampled with `seed`; rows of any padding. Returns [B, T + new]: each input row as
+        (do_sample) sampled with `seed`; rows of any padding. presence_penalty and frequency_penalty are
+        OpenAI's (`softprompt generate`'s and the server's), which HF's generate lacks. Returns [B, T + new]: each input row as
         given, then its new tokens, right-padded with `pad_token_id` (virtual tokens not included)."""
         from .generate import generate_batch
         from .static_decode import decode_batch_for
@@ -246,7 +247,8 @@ class SoftPromptModel(nn.Module):
                         and not (k == "num_beams" and v == 1))
         if unused:
             raise TypeError(f"SoftPromptModel.generate() does not take {unused[0]} (it takes max_new_tokens, "
-                            "do_sample, temperature, top_p, repetition_penalty, seed, eos_token_id)")
+                            "do_sample, temperature, top_p, repetition_penalty, presence_penalty, "
+                            "frequency_penalty, seed, eos_token_id)")
         if input_ids is None or input_ids.ndim != 2:
             raise ValueError("generate() needs input_ids of shape [batch, tokens]")
         tok = self.get_tokenizer()
@@ -254,7 +256,8 @@ class SoftPromptModel(nn.Module):
         cfg = GenerateConfig(max_new_tokens=max_new_tokens, sample=bool(do_sample),
                              temperature=1.0 if temperature is None else temperature,
                              top_p=1.0 if top_p is None else top_p,
-                             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=seed)
+                             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
         p = self.prompt.embeds.detach() if self.prompt is not None else None
         rows = [(p, ids[m.bool()].tolist()) for ids, m in zip(input_ids, mask)]
         engine = decode_batch_for(self.base_model, tok)
