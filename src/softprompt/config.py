@@ -13,11 +13,11 @@ import argparse
 import dataclasses
 import math
 import string
+import sys
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from . import inits, quantize, shard
-from .forward_path import PATHS
+from . import inits
 from .utils import SoftpromptError, short
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
@@ -25,6 +25,11 @@ FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (aut
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
+# The choices of flags whose code lives above this module (which imports none of it): --quantize
+# (quantize.py), --shard (shard.py), --forward-path (forward_path.choose_path picks among them).
+QUANTIZE = ("none", "8bit", "4bit")
+SHARD = ("none", "fsdp")
+FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds; generate seeds row i with --seed + i, which must stay in torch's 64 bits
 MAX_LR = 1e3  # beyond it a step only diverges; 1e308 overflowed float32 inside the optimiser
 # Sampling settings past these only overflow the scores (1e-300 as a repetition penalty divides logits
@@ -107,7 +112,7 @@ class ModelConfig:
     device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
     quantize: str = opt("none", "hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes: 8bit is "
                                 "LLM.int8(), 4bit is NF4); needs pip install 'softprompt[quant]'",
-                        choices=list(quantize.CHOICES))
+                        choices=list(QUANTIZE))
 
     def __post_init__(self):
         require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
@@ -205,7 +210,7 @@ class TrainConfig:
                             "sequence), graphed (the packed step replayed as a CUDA graph: GPUs, one process), kv "
                             "(the prompt's keys/values computed once, shared by the rows), concat (the prompt "
                             "prepended to every row, as PEFT does); auto: graphed on a GPU, else packed where the "
-                            "model allows it, else kv (the run records the choice and why)", choices=list(PATHS))
+                            "model allows it, else kv (the run records the choice and why)", choices=list(FORWARD_PATHS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
     grad_accum: int = opt(1, "run each batch as N micro-batches of --batch-size/N rows, one after another, and take "
@@ -216,7 +221,7 @@ class TrainConfig:
                                               "forward pass of time")
     shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
                              "start several with torchrun or accelerate launch), the prompt replicated",
-                     choices=list(shard.CHOICES))
+                     choices=list(SHARD))
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
                       "and values instead (prefix tuning / P-tuning v2: a deep prompt, one process); full: "
                       "fine-tune every model weight instead (no prompt; saves the whole model in OUT/model; use a "
@@ -250,6 +255,20 @@ class TrainConfig:
                 "--method prefix yet")
         require(not (self.resume and self.overwrite),
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
+
+
+def check_warmup(cfg: TrainConfig, total: int) -> None:
+    """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
+    One asked for is refused; the default one only warned about, so short runs keep working."""
+    if cfg.warmup_steps <= total:
+        return
+    peak = 100 * total / (cfg.warmup_steps + 1)
+    if cfg.warmup_steps != TrainConfig.__dataclass_fields__["warmup_steps"].default:
+        raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
+                              f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
+    print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} "
+          f"steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
+          file=sys.stderr)
 
 
 @dataclass

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args,
-                     unescape)
+from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
+                     from_args, unescape)
 from .datasource import check_source
 from .recorded import data_config, read_meta, template_fields
 from .utils import SoftpromptError
 
-DEFAULT_WARMUP = TrainConfig.__dataclass_fields__["warmup_steps"].default
 SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
 
 
@@ -39,20 +37,6 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
     check_source(cfg.data, "--data", needed_columns(cfg), cfg.split, cfg.data_config)
     if eval_too and cfg.eval_data:
         check_source(cfg.eval_data, "--eval-data", needed_columns(cfg))
-
-
-def check_warmup(cfg: TrainConfig, total: int) -> None:
-    """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
-    One asked for is refused; the default one only warned about, so short runs keep working."""
-    if cfg.warmup_steps <= total:
-        return
-    peak = 100 * total / (cfg.warmup_steps + 1)
-    if cfg.warmup_steps != DEFAULT_WARMUP:
-        raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
-                              f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
-    print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} "
-          f"steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
-          file=sys.stderr)
 
 
 def limit_help(parser: argparse.ArgumentParser) -> None:

@@ -7,16 +7,15 @@ How a prompt meets the rows (forward.py, packing.py, cuda_graphs.py):
 - concat: the prompt prepended to every row, as PEFT does.
 `choose_path` turns a request (auto or one of them) into the path taken and the reason, for a
 training run (run_config.json records both) or for one batch's forward pass. torch is not
-imported here: config.py reads PATHS, and `softprompt --help` loads no torch.
+imported here. The names are config.py's FORWARD_PATHS (the flag's choices).
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .config import FORWARD_PATHS
 from .families import dense_mask_obstacle, packing_obstacle
 from .utils import SoftpromptError
-
-PATHS = ("auto", "graphed", "packed", "kv", "concat")
 
 
 class PathChoice(NamedTuple):
@@ -53,8 +52,8 @@ def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: 
     pass, which is never a graph ("graphed" is a training-step mode; a single pass packs as auto
     does) and packs only right-padded rows. `deep`: the prompt has no input embeddings (a prefix),
     which only the kv path takes."""
-    if requested not in PATHS:
-        raise SoftpromptError(f"unknown forward path {requested!r}: use {', '.join(PATHS)}")
+    if requested not in FORWARD_PATHS:
+        raise SoftpromptError(f"unknown forward path {requested!r}: use {', '.join(FORWARD_PATHS)}")
     if deep:
         if requested not in ("auto", "kv"):
             raise SoftpromptError(f"--forward-path {requested}: a prefix prompt has no input embeddings to pack or "

@@ -20,12 +20,12 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
+from .config import QUANTIZE
 from .utils import SoftpromptError
 
-if TYPE_CHECKING:  # config.py reads CHOICES: no torch for `--help`
+if TYPE_CHECKING:  # annotations only: the callers hold torch
     import torch
 
-CHOICES = ("none", "8bit", "4bit")
 INSTALL = "pip install 'softprompt[quant]' (bitsandbytes)"
 
 
@@ -46,7 +46,7 @@ def quantization_config(name: str, dtype: torch.dtype):
     if name == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype)
-    raise SoftpromptError(f"unknown --quantize {name!r}: choose from {', '.join(CHOICES)}")
+    raise SoftpromptError(f"unknown --quantize {name!r}: choose from {', '.join(QUANTIZE)}")
 
 
 def keep_cpu_kernels_in_range(model) -> int:

@@ -19,8 +19,6 @@ from __future__ import annotations
 from .families import decoder_layers
 from .utils import SoftpromptError
 
-CHOICES = ("none", "fsdp")
-
 
 def shard_decoder(model, processes: int) -> None:
     """Shard each decoder layer across the processes of the default process group."""

@@ -28,12 +28,11 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
-from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, from_args, to_dict
+from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
 from .evaluate import evaluate, format_eval
 from .families import check_positions
-from .flags import check_warmup
 from .flags import train_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .forward import batch_loss
 from .forward_path import choose_path
