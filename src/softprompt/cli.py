@@ -1,5 +1,6 @@
 """The `softprompt` command line: a table of sub-commands (as litgpt's `__main__`), each one a module
-exposing `add_arguments(parser)` and `run(args) -> int`.
+exposing `add_arguments(parser)` and `run(args) -> int`; the commands that load a model take their
+flags from flags.py instead, which imports no torch and sits above the command modules.
 
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
@@ -23,12 +24,14 @@ class Command:
     module: str
     help: str
     description: str = ""
-    functions: tuple[str, str] = ("add_arguments", "run")  # for a module that holds two commands
+    # The module's functions: its flags and what it does (a module that holds two commands names its
+    # own), or only the latter where `flags` is given.
+    functions: tuple[str, ...] = ("add_arguments", "run")
     # (module, flags function, check function) when the flags live apart from a heavy module (flags.py):
     # parsing imports no torch, and the check runs before the command's module is imported.
     flags: tuple[str, str, str] | None = None
 
-    def load(self) -> tuple[Any, Any]:
+    def load(self) -> tuple[Any, ...]:
         mod = importlib.import_module(self.module)
         return tuple(getattr(mod, name) for name in self.functions)
 
@@ -44,13 +47,13 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "train": Command("softprompt.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
-                     flags=("softprompt.flags", "train_arguments", "check_train")),
+                     functions=("run",), flags=("softprompt.flags", "train_arguments", "check_train")),
     "eval": Command("softprompt.evaluate", "score a prompt (or the untuned model) on data",
                     "Held-out loss, perplexity and (with --labels) rank-classification accuracy.",
-                    flags=("softprompt.flags", "eval_arguments", "check_eval")),
+                    functions=("run",), flags=("softprompt.flags", "eval_arguments", "check_eval")),
     "generate": Command("softprompt.generate", "generate text, optionally baseline vs tuned",
                         "Continue each TEXT; greedy unless --sample.",
-                        flags=("softprompt.flags", "generate_arguments", "check_generate")),
+                        functions=("run",), flags=("softprompt.flags", "generate_arguments", "check_generate")),
     "serve": Command("softprompt.serve", "serve prompts over HTTP (OpenAI-compatible, batched)",
                      "Serve many soft prompts from one frozen model over HTTP: OpenAI-compatible /v1/completions "
                      "and /v1/chat/completions (model = prompt name), /v1/classify, /v1/models, /health, /metrics; "
@@ -78,7 +81,7 @@ COMMANDS: dict[str, Command] = {
                         "Score every row of --data with K prompt folders in one batch per group of rows; report "
                         "each prompt's accuracy, the best single one, and the ensemble's by majority vote and by "
                         "mean log-probability.",
-                        flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
+                        functions=("run",), flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
     "inspect": Command("softprompt.interpret", "nearest vocabulary tokens of each virtual token",
                        "For each virtual token of a prompt, its nearest vocabulary tokens by cosine similarity to "
                        "the model's input embeddings."),
@@ -139,7 +142,7 @@ def run(argv: list[str] | None = None) -> int:
         apply_config(parsers[args.cmd], args.cmd, args)
         args = ap.parse_args(argv)
     COMMANDS[args.cmd].check(args)  # the command's inputs, before its module (torch, transformers) loads
-    return COMMANDS[args.cmd].load()[1](args)
+    return COMMANDS[args.cmd].load()[-1](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,6 @@ from .models import load_model
 from .prompt import load_prompt
 from .prompt_protocol import embeds_for
 from .utils import SoftpromptError
-from .flags import ensemble_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 

@@ -20,7 +20,6 @@ from .classify import label_scores, row_candidates
 from .config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
 from .forward import row_logprobs
-from .flags import eval_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .models import load_model
 from .prompt import load_prompt
 from .prompt_protocol import Prompt, forward_input

@@ -12,7 +12,6 @@ import torch
 from .config import GenerateConfig, ModelConfig, from_args, is_unicode
 from .chat import render
 from .data import unescape
-from .flags import generate_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
 from .models import load_model

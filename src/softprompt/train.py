@@ -33,7 +33,6 @@ from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
 from .evaluate import evaluate, format_eval
 from .families import check_positions
-from .flags import train_arguments as add_arguments  # noqa: F401  (the command's flags, cli.py)
 from .forward import batch_loss
 from .forward_path import choose_path
 from .inits import resolve
