@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, load_bench_model, machine,  # noqa: E402
                     sync, write_result)
 
-from softprompt.config import GenerateConfig, PromptConfig  # noqa: E402
+from softprompt.core.config import GenerateConfig, PromptConfig  # noqa: E402
 from softprompt.data import read_rows  # noqa: E402
 from softprompt.decode import PromptKV, eos_ids  # noqa: E402
 from softprompt.decode import DecodeBatch  # noqa: E402

@@ -131,7 +131,7 @@ def cell(spec: dict) -> dict:
     from common import status_kb
 
     from softprompt.batching import Batch
-    from softprompt.config import BUILTIN_MODEL, ModelConfig
+    from softprompt.core.config import BUILTIN_MODEL, ModelConfig
     from softprompt.forward import batch_loss
     from softprompt.measure import peak_rss, reset_peak_rss
     from softprompt.models import load_model, set_checkpointing

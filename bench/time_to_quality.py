@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED, device_and_dtype, load_bench_model, machine, sync, write_result  # noqa: E402
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.batching import collate, pad_id  # noqa: E402
 from softprompt.data import load_splits  # noqa: E402
 from softprompt.evaluate import evaluate  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 
 import softprompt
 from softprompt.batching import collate
-from softprompt.config import DataConfig
+from softprompt.core.config import DataConfig
 from softprompt.data import load_splits
 from softprompt.models import load_model
 

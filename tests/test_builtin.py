@@ -3,7 +3,7 @@ real data from ../shared/data. The first use converts the GGUF file once (~20 s)
 import pytest
 import torch
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.data import load_splits
 from softprompt.evaluate import accuracy
 from softprompt.forward import text_hidden

@@ -9,10 +9,10 @@ from transformers import AutoTokenizer
 
 from softprompt.batching import collate, pad_id
 from softprompt.chat import chat_example
-from softprompt.config import DataConfig
+from softprompt.core.config import DataConfig
 from softprompt.data import load_splits
 from softprompt.evaluate import eval_loss
-from softprompt.utils import SoftpromptError
+from softprompt.core.utils import SoftpromptError
 
 # ChatML as SmolLM2 writes it, default system prompt included: a template that adds text of its own.
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"

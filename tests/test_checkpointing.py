@@ -10,7 +10,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from families import tiny_config
 from softprompt.batching import collate
-from softprompt.config import DataConfig
+from softprompt.core.config import DataConfig
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss
 from softprompt.models import set_checkpointing

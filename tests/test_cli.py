@@ -91,7 +91,7 @@ def test_command_table_and_lazy_imports():
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('softprompt.')))")
     top = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=True)
-    assert eval(top.stdout.strip().splitlines()[-1]) == ["softprompt.cli", "softprompt.utils"]
+    assert eval(top.stdout.strip().splitlines()[-1]) == ["softprompt.cli", "softprompt.core", "softprompt.core.utils"]
     sub = subprocess.run([sys.executable, "-c", code, "export-peft", "--help"], capture_output=True, text=True,
                          check=True)
     loaded = eval(sub.stdout.strip().splitlines()[-1])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from softprompt.cli import main
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.train import train
 
@@ -154,7 +154,7 @@ def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_p
         one_error_line(capsys, "is a file, not a folder")
     assert f.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["existing_file"]
     # The library's atomic folder itself refuses a file and leaves no hidden sibling.
-    from softprompt.utils import SoftpromptError, atomic_dir
+    from softprompt.core.utils import SoftpromptError, atomic_dir
 
     with pytest.raises(SoftpromptError, match="is a file"):
         with atomic_dir(f) as tmp:
@@ -285,7 +285,7 @@ def test_N11_plain_aliases_still_work(tmp_path):
     cfg.write_text("base: &b {lr: 0.01, batch_size: 4}\nTrainConfig: *b\nDataConfig: {labels: &w 'no,yes'}\n")
     assert read_config(cfg)["TrainConfig"] == {"lr": 0.01, "batch_size": 4}
     cfg.write_text("a: &a [1, *a]\n")  # an alias inside its own anchor: infinite
-    from softprompt.utils import SoftpromptError
+    from softprompt.core.utils import SoftpromptError
 
     with pytest.raises(SoftpromptError, match="aliases expand"):
         read_config(cfg)

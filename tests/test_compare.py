@@ -10,11 +10,11 @@ import torch
 from conftest import ROOT
 from softprompt.cli import main
 from softprompt.compare import build_context, compare, pick_shots, shot_text, with_context
-from softprompt.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.data import load_splits
 from softprompt.models import load_model
 from softprompt.train import train
-from softprompt.utils import SoftpromptError, count_params, weights_hash
+from softprompt.core.utils import SoftpromptError, count_params, weights_hash
 
 
 def _cls_cfgs(model_dir, data, out, **ckw):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt.batching import collate
-from softprompt.config import DataConfig
+from softprompt.core.config import DataConfig
 from softprompt.cuda_graphs import DenseLayout, bucket, dense_loss
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss
@@ -74,10 +74,10 @@ def test_the_training_path_and_why_are_chosen_and_recorded(tiny, countries_csv, 
     impossible request is one clear error; the run records what it took and why."""
     import json
 
-    from softprompt.config import ModelConfig, PromptConfig, TrainConfig
+    from softprompt.core.config import ModelConfig, PromptConfig, TrainConfig
     from softprompt.forward_path import choose_path as training_path
     from softprompt.train import train
-    from softprompt.utils import SoftpromptError
+    from softprompt.core.utils import SoftpromptError
 
     model, tok = tiny
     packs = model.config.model_type == "llama"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt.config import PromptConfig
+from softprompt.core.config import PromptConfig
 from softprompt.models import load_model
 from softprompt.prompt import init_prompt, load_prompt
 

@@ -2,7 +2,7 @@
 their own settings give exactly what each gives alone."""
 import torch
 
-from softprompt.config import GenerateConfig
+from softprompt.core.config import GenerateConfig
 from softprompt.decode import DecodeBatch, PromptKV
 from softprompt.generate import generate_batch
 

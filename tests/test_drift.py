@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.models import load_model
 from softprompt.train import train
 

@@ -8,7 +8,7 @@ import torch
 from conftest import EXAMPLES
 from softprompt import classify
 from softprompt.cli import main
-from softprompt.config import DataConfig
+from softprompt.core.config import DataConfig
 from softprompt.data import load_splits
 from softprompt.ensemble import combine, ensemble_report, ensemble_scores
 from softprompt.classify import row_candidates
@@ -86,7 +86,7 @@ def test_ensemble_cli(llama_dir, countries_csv, tmp_path, capsys):
 @pytest.mark.slow
 def test_one_batch_equals_alone_on_the_builtin_model():
     from conftest import SHARED
-    from softprompt.config import ModelConfig
+    from softprompt.core.config import ModelConfig
     from softprompt.models import load_model
 
     model, tok = load_model(ModelConfig(device="cpu"))

@@ -1,7 +1,7 @@
 """Evaluation: the label tokens' loss read off the label scores (lm_loss) equals the separate loss pass."""
 import torch
 
-from softprompt.config import DataConfig
+from softprompt.core.config import DataConfig
 from softprompt.data import load_splits
 from softprompt.evaluate import accuracy, eval_loss, evaluate
 from conftest import EXAMPLES

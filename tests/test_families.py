@@ -7,7 +7,7 @@ import torch
 
 from families import FAMILIES, tiny_config
 from softprompt.batching import collate
-from softprompt.config import DataConfig, GenerateConfig
+from softprompt.core.config import DataConfig, GenerateConfig
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss, logits, text_hidden
 from softprompt.generate import generate_batch

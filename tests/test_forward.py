@@ -1,7 +1,7 @@
 """Numerical parity of the prompt path on tiny Llama (RoPE) and BLOOM (ALiBi) models."""
 import torch
 
-from softprompt.config import DataConfig, PromptConfig
+from softprompt.core.config import DataConfig, PromptConfig
 from softprompt.batching import collate
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss, next_token_logprobs, text_hidden

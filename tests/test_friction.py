@@ -95,7 +95,7 @@ def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):
     httpx = pytest.importorskip("httpx")
     from serve_helpers import running
 
-    from softprompt.config import ServeConfig
+    from softprompt.core.config import ServeConfig
     from softprompt.models import load_model
     from softprompt.prompt import SoftPrompt, save_prompt
 
@@ -141,7 +141,7 @@ def test_eval_limit_help_speaks_of_scored_rows():
 
 
 def test_classification_loss_is_over_the_label_words(tiny):
-    from softprompt.config import DataConfig
+    from softprompt.core.config import DataConfig
     from softprompt.data import load_splits
     from softprompt.evaluate import eval_loss, evaluate, example_scores
 
@@ -340,7 +340,7 @@ def test_lm_eval_passes_its_output_flags_through(llama_dir, tmp_path, capsys):
 def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from softprompt.config import DataConfig
+    from softprompt.core.config import DataConfig
     from softprompt.data import load_splits
 
     data = tmp_path / "chat.jsonl"

@@ -2,7 +2,7 @@
 and the no-prompt path equals transformers' own greedy generate."""
 import torch
 
-from softprompt.config import GenerateConfig
+from softprompt.core.config import GenerateConfig
 from softprompt.decode import PromptKV
 from softprompt.generate import generate_batch
 

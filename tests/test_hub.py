@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softprompt.cli import main
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.hub_push import prepare_upload
 from softprompt.prompt import load_prompt
 from softprompt.train import train

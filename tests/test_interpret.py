@@ -4,7 +4,7 @@ import json
 import torch
 
 from softprompt.cli import main
-from softprompt.config import PromptConfig
+from softprompt.core.config import PromptConfig
 from softprompt.interpret import inspect_prompt, nearest_tokens
 from softprompt.prompt import init_prompt, save_prompt
 

@@ -10,7 +10,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from softprompt.classify import continuation_logprobs  # noqa: E402
-from softprompt.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from softprompt.evaluate import eval_prompt  # noqa: E402
 from softprompt.lmeval_model import SoftpromptLM  # noqa: E402
 from softprompt.prompt import init_prompt, save_prompt  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softprompt.batching import collate
-from softprompt.config import DataConfig, ModelConfig
+from softprompt.core.config import DataConfig, ModelConfig
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss
 from softprompt.models import cpu_has_native_half, load_model, resolve_dtype

@@ -15,7 +15,7 @@ from softprompt.forward import batch_loss, text_hidden
 from softprompt.forward_path import choose_path
 from softprompt.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
 from softprompt.prompt import load_prompt, save_prompt
-from softprompt.utils import SoftpromptError
+from softprompt.core.utils import SoftpromptError
 
 peft = pytest.importorskip("peft")
 
@@ -156,7 +156,7 @@ def test_projection_starts_at_its_init_and_folds(tok_dir):
 # ---------------------------------------------------------------- train --method prefix
 
 def train_cfgs(model_dir, data, out, **tkw):
-    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+    from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 
     m = ModelConfig(model=str(model_dir), device="cpu")
     d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
@@ -181,7 +181,7 @@ def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama
 
     from softprompt.models import load_model
     from softprompt.train import train
-    from softprompt.utils import weights_hash
+    from softprompt.core.utils import weights_hash
 
     model, tok = load_model(str(llama_dir))
     before = weights_hash(model)
@@ -236,7 +236,7 @@ def test_train_with_gradient_checkpointing_equals_without(llama_dir, countries_c
 
 
 def init_prefix_of(model_dir) -> torch.Tensor:
-    from softprompt.config import PromptConfig
+    from softprompt.core.config import PromptConfig
     from softprompt.models import load_model
 
     model, tok = load_model(str(model_dir))
@@ -245,7 +245,7 @@ def init_prefix_of(model_dir) -> torch.Tensor:
 
 
 def test_projection_with_method_prompt_is_one_error_line():
-    from softprompt.config import TrainConfig
+    from softprompt.core.config import TrainConfig
 
     with pytest.raises(SoftpromptError, match="--prefix-projection is for --method prefix"):
         TrainConfig(prefix_projection=True)
@@ -373,7 +373,7 @@ def test_generate_with_a_prefix_equals_peft_greedy(family, tok_dir, tmp_path):
     """A prefix's decoder cache is its keys and values: greedy tokens equal greedy decoding by PEFT's
     forward pass, re-run on the whole sequence each step. (PEFT 0.21.2's own generate() parts from its
     forward after the first token on transformers 5.24, so it is not the reference.)"""
-    from softprompt.config import GenerateConfig
+    from softprompt.core.config import GenerateConfig
     from softprompt.decode import PromptKV
     from softprompt.generate import generate_batch
 
@@ -393,7 +393,7 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
     import httpx
 
     from serve_helpers import gated, in_threads, running
-    from softprompt.config import GenerateConfig, ServeConfig
+    from softprompt.core.config import GenerateConfig, ServeConfig
     from softprompt.generate import generate_batch
     from softprompt.models import load_model
 
@@ -453,7 +453,7 @@ def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_d
 
 def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
     """`eval` runs a prefix through the kv path: its loss differs from the untuned model's."""
-    from softprompt.config import DataConfig, ModelConfig
+    from softprompt.core.config import DataConfig, ModelConfig
     from softprompt.evaluate import eval_prompt
     from softprompt.models import load_model
 
@@ -467,7 +467,7 @@ def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
 
 
 def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
-    from softprompt.config import PromptConfig, TrainConfig
+    from softprompt.core.config import PromptConfig, TrainConfig
     from softprompt.prefix_method import PrefixTuning
 
     model, tok = tiny("llama", tok_dir)
@@ -486,7 +486,7 @@ def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
 
 def test_generate_command_with_a_prefix(llama_dir, tmp_path):
     """`generate --prompt DIR --compare` on a prefix: the tuned answer is the prefix's greedy decode."""
-    from softprompt.config import GenerateConfig, ModelConfig
+    from softprompt.core.config import GenerateConfig, ModelConfig
     from softprompt.generate import generate_batch, generate_cmd
     from softprompt.models import load_model
 

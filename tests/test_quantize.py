@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from softprompt.batching import collate
-from softprompt.config import DataConfig, ModelConfig
+from softprompt.core.config import DataConfig, ModelConfig
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss
 from softprompt.models import load_model
 from softprompt.prompt import SoftPrompt, load_prompt
 from softprompt.quantize import available, quantized_bits, weight_bytes
-from softprompt.utils import SoftpromptError
+from softprompt.core.utils import SoftpromptError
 
 needs_bnb = pytest.mark.skipif(not available(), reason="bitsandbytes is not installed (pip install 'softprompt[quant]')")
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]

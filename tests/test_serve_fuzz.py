@@ -22,7 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from softprompt.config import ServeConfig  # noqa: E402
+from softprompt.core.config import ServeConfig  # noqa: E402
 from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
 from softprompt.serve.protocol import (ChatCompletionRequest, ClassifyRequest, CompletionRequest,  # noqa: E402
                                        LoadPromptRequest)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.config import ServeConfig  # noqa: E402
+from softprompt.core.config import ServeConfig  # noqa: E402
 from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
 from serve_helpers import metric, running, wait_until  # noqa: E402
 

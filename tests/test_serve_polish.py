@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.config import GenerateConfig, ServeConfig  # noqa: E402
+from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
 from softprompt.decode import DecodeBatch  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
 from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402

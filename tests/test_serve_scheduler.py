@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.config import GenerateConfig
+from softprompt.core.config import GenerateConfig
 from softprompt.decode import DecodeBatch
 from softprompt.generate import generate_batch
 from softprompt.serve.jobs import GenJob

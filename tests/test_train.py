@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.prompt import load_prompt
 from softprompt.train import train
-from softprompt.utils import SoftpromptError, weights_hash
+from softprompt.core.utils import SoftpromptError, weights_hash
 
 
 def _cfgs(model_dir, data, out, **tkw):

@@ -43,7 +43,7 @@ _LAZY = {
     "PromptTuningConfig": "softprompt.peft_compat", "PromptTuningInit": "softprompt.peft_compat",
     "TaskType": "softprompt.peft_compat", "get_peft_model": "softprompt.peft_compat",
     "PeftModel": "softprompt.peft_compat",
-    "SoftpromptError": "softprompt.utils",
+    "SoftpromptError": "softprompt.core.utils",
 }
 __all__ = ["__version__", *_LAZY]
 _CALLABLE = ("train", "evaluate", "generate")  # also the names of command modules (see above)

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, get_type_hints
 
-from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
-from .utils import SoftpromptError
+from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .core.utils import SoftpromptError
 
 
 class ConfigError(SoftpromptError, ValueError):

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .utils import SoftpromptError
+from .core.utils import SoftpromptError
 
 MAX_ERROR = 2000  # characters of an error message printed
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .batching import Example
-from .config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
+from .core.config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                      from_args, to_dict)
 from .data import Formatter, load_splits
 from .evaluate import evaluate
@@ -45,7 +45,7 @@ from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
 from .models import load_model
 from .train import default_init_text, train
-from .utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
+from .core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
 
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",

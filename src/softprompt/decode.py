@@ -23,12 +23,12 @@ from transformers import DynamicCache
 import torch.nn.functional as F
 
 from .batching import pad_id
-from .config import GenerateConfig
+from .core.config import GenerateConfig
 from .families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
 from .forward import logits, prefix_kv
-from .prompt_protocol import Prompt
+from .core.prompt_protocol import Prompt
 from .sampling import Sampling, pick
-from .utils import SoftpromptError
+from .core.utils import SoftpromptError
 
 
 @dataclass

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
 from .data import load_splits
 from .decode import PromptKV
 from .generate import encode_for_generation, generate_batch

@@ -19,12 +19,12 @@ import torch
 
 from .batching import Example, pad_id
 from .classify import label_scores, row_candidates
-from .config import DataConfig, ModelConfig, from_args
+from .core.config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
 from .models import load_model
 from .prompt import load_prompt
-from .prompt_protocol import embeds_for
-from .utils import SoftpromptError
+from .core.prompt_protocol import embeds_for
+from .core.utils import SoftpromptError
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 

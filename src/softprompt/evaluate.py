@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 
 from .batching import Example, collate, eval_batches, pad_id
 from .classify import label_scores, row_candidates
-from .config import DataConfig, ModelConfig, from_args
+from .core.config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
 from .forward import row_logprobs
 from .models import load_model
 from .prompt import load_prompt
-from .prompt_protocol import Prompt, forward_input
+from .core.prompt_protocol import Prompt, forward_input
 from .recorded import data_config, read_meta, with_recorded
-from .utils import SoftpromptError, round_floats
+from .core.utils import SoftpromptError, round_floats
 
 
 def prompt_input(prompt):

@@ -10,11 +10,11 @@ import argparse
 import re
 from pathlib import Path
 
-from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
+from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
                      from_args, unescape)
 from .datasource import check_source
 from .recorded import data_config, read_meta, template_fields
-from .utils import SoftpromptError
+from .core.utils import SoftpromptError
 
 SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
 
@@ -141,7 +141,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if args.raw and args.input_template is not None:
         raise SoftpromptError("give --template or --raw, not both")
     if args.input_template:
-        from .config import check_template
+        from .core.config import check_template
 
         check_template("template", args.input_template)
     if prompt_given(args.prompt):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .config import FORWARD_PATHS
+from .core.config import FORWARD_PATHS
 from .families import dense_mask_obstacle, packing_obstacle
-from .utils import SoftpromptError
+from .core.utils import SoftpromptError
 
 
 class PathChoice(NamedTuple):

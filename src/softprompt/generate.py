@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .config import GenerateConfig, ModelConfig, from_args, is_unicode
+from .core.config import GenerateConfig, ModelConfig, from_args, is_unicode
 from .chat import render
 from .data import unescape
 from .recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
 from .models import load_model
 from .prompt import load_prompt
-from .prompt_protocol import forward_input
+from .core.prompt_protocol import forward_input
 from .static_decode import decode_batch_for
-from .utils import SoftpromptError
+from .core.utils import SoftpromptError
 
 
 def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,

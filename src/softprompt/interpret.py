@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .core.config import ModelConfig
 from .models import load_model
 from .prompt import load_prompt
-from .prompt_protocol import embeds_for
-from .utils import SoftpromptError
+from .core.prompt_protocol import embeds_for
+from .core.utils import SoftpromptError
 
 
 @torch.no_grad()

@@ -17,14 +17,14 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .batching import Example, collate, pad_id
-from .config import GenerateConfig, ModelConfig
+from .core.config import GenerateConfig, ModelConfig
 from .data import chat_wrap
 from .decode import PromptKV
 from .forward import logits, supervised
 from .generate import generate_batch
 from .models import load_model
 from .prompt import load_prompt
-from .prompt_protocol import embeds_for
+from .core.prompt_protocol import embeds_for
 
 
 @register_model("softprompt")

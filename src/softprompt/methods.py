@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 import torch
 
-from .config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
+from .core.config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
 from .models import load_model
 from .prefix_method import PrefixTuning
 from .prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
-from .prompt_protocol import Prompt
-from .utils import SoftpromptError, atomic_dir, count_params, write_json
+from .core.prompt_protocol import Prompt
+from .core.utils import SoftpromptError, atomic_dir, count_params, write_json
 
 MODEL_DIR = "model"  # where a full fine-tuning run saves its model, inside the run folder
 

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from .batching import Batch
-from .config import BUILTIN_MODEL, GenerateConfig, PromptConfig
+from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
 from .forward import batch_loss, logits as vocab_logits, text_hidden
 from .forward_path import choose_path
 from .prompt import SoftPrompt, check_fits, init_prompt, save_prompt

@@ -23,8 +23,8 @@ from torch import nn
 
 from .families import hidden_size, kv_geometry
 from .forward import prefix_kv
-from .prompt_protocol import KeyValues
-from .utils import SoftpromptError
+from .core.prompt_protocol import KeyValues
+from .core.utils import SoftpromptError
 
 KIND = "prefix"
 TENSOR_NAME = "prefix_key_values"  # [L, 2, kv_heads, P, head_dim]

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, PromptConfig, TrainConfig
+from .core.config import ModelConfig, PromptConfig, TrainConfig
 from .prefix import PrefixPrompt, init_prefix
 from .prompt import WEIGHTS_FILE, load_prompt, save_prompt
-from .utils import SoftpromptError, count_params
+from .core.utils import SoftpromptError, count_params
 
 INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
 

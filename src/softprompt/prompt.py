@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PromptConfig
+from .core.config import PromptConfig
 from .families import hidden_size
 from .forward import prefix_kv
 from .hub import download, is_hub
-from .inits import INITS, InitInputs, resolve
+from .core.inits import INITS, InitInputs, resolve
 from .labels import label_token_ids
 from .prefix import PrefixPrompt
-from .prompt_protocol import KeyValues, Prompt
+from .core.prompt_protocol import KeyValues, Prompt
 from .recorded import CONFIG_FILE, WEIGHTS_FILE
-from .utils import SoftpromptError, default_mode, read_json, short
+from .core.utils import SoftpromptError, default_mode, read_json, short
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"

@@ -28,21 +28,21 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
-from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
+from .core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
 from .evaluate import evaluate, format_eval
 from .families import check_positions
 from .forward import batch_loss
 from .forward_path import choose_path
-from .inits import resolve
+from .core.inits import resolve
 from .methods import METHODS, Method
 from . import trackers as tracking
 from .models import load_model, set_checkpointing
 from .shard import local_bytes, shard_decoder
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
                      plot_metrics, save_checkpoint, start_metrics)
-from .utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
+from .core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
 
 
 def default_init_text(fmt: Formatter) -> str:

@@ -13,8 +13,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import ModelConfig, ServeConfig, add_args, from_args
-from ..utils import SoftpromptError
+from ..core.config import ModelConfig, ServeConfig, add_args, from_args
+from ..core.utils import SoftpromptError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
