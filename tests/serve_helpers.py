@@ -33,7 +33,7 @@ def served(llama_dir, root, specs: dict[str, tuple[int, float, dict]], cfg, seed
     import httpx
     import torch
 
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
     from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
 
     model, tok = load_model(str(llama_dir))

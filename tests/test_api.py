@@ -16,7 +16,7 @@ import softprompt
 from softprompt.batching import collate
 from softprompt.core.config import DataConfig
 from softprompt.data import load_splits
-from softprompt.models import load_model
+from softprompt.base.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "src" / "softprompt" / "examples" / "countries.jsonl"

@@ -7,7 +7,7 @@ from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainC
 from softprompt.data import load_splits
 from softprompt.evaluate import accuracy
 from softprompt.forward import text_hidden
-from softprompt.models import load_model
+from softprompt.base.models import load_model
 from softprompt.train import train
 
 from conftest import SHARED

@@ -77,7 +77,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tok_dir):
 def test_messages_file_loss_equals_hf_loss_on_assistant_labels(llama_dir, tmp_path):
     """A JSONL of conversations is found by its `messages` column; its held-out loss (no prompt) is
     HF's own loss with labels on the assistant tokens and -100 elsewhere."""
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     rows = [{"messages": TALK}, {"messages": TALK[:2]}, {"messages": [{"role": "system", "content": "Terse."}, *TALK[2:]]}]

@@ -13,7 +13,7 @@ from softprompt.batching import collate
 from softprompt.core.config import DataConfig
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss
-from softprompt.models import set_checkpointing
+from softprompt.base.models import set_checkpointing
 from softprompt.prompt import SoftPrompt, load_prompt
 from softprompt.train import train
 

@@ -31,7 +31,7 @@ def _batches(tok):
 
 
 def test_dense_layout_loss_and_gradient_equal_the_packed_path(llama_dir):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     for name, b, class_ids in _batches(tok):

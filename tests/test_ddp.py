@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from softprompt.core.config import PromptConfig
-from softprompt.models import load_model
+from softprompt.base.models import load_model
 from softprompt.prompt import init_prompt, load_prompt
 
 TIMEOUT = 300  # seconds per run: a hung collective must fail the test, not stall the suite

@@ -76,7 +76,7 @@ def test_mixed_sampling_settings_in_one_batch_equal_alone(tiny):
 def test_static_slots_equal_the_growing_cache(llama_dir):
     """The static-slot engine (CUDA-graph replay on GPUs; run eagerly here) gives DecodeBatch's
     tokens, with rows joining mid-decode and the slots and columns growing into larger buckets."""
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
     from softprompt.static_decode import StaticDecodeBatch, supported
 
     model, tok = load_model(str(llama_dir))

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.models import load_model
+from softprompt.base.models import load_model
 from softprompt.train import train
 
 from conftest import EXAMPLES

@@ -87,7 +87,7 @@ def test_ensemble_cli(llama_dir, countries_csv, tmp_path, capsys):
 def test_one_batch_equals_alone_on_the_builtin_model():
     from conftest import SHARED
     from softprompt.core.config import ModelConfig
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(ModelConfig(device="cpu"))
     fmt, ex, _ = load_splits(DataConfig(data=str(SHARED / "sst2" / "dev.tsv"), template="Review: {sentence}\\nSentiment:",

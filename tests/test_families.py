@@ -34,7 +34,7 @@ def family_dirs(tok_dir, tmp_path_factory):
 
 
 def _load(family_dirs, name):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     return load_model(str(family_dirs[name]))
 

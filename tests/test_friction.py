@@ -96,7 +96,7 @@ def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):
     from serve_helpers import running
 
     from softprompt.core.config import ServeConfig
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
     from softprompt.prompt import SoftPrompt, save_prompt
 
     model, tok = load_model(str(llama_dir))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from softprompt.core.config import PromptConfig
-from softprompt.models import load_model
+from softprompt.base.models import load_model
 from softprompt.prompt import init_prompt, load_prompt
 from test_ddp import _run
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from softprompt.core.config import PromptConfig, TrainConfig
-from softprompt.models import load_model
+from softprompt.base.models import load_model
 from softprompt.prompt import init_prompt, load_prompt
 from softprompt.train import train
 from softprompt.core.utils import SoftpromptError

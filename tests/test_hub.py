@@ -86,7 +86,7 @@ def test_hf_uri_and_peft_read_the_hub_cache(run_dir, llama_dir, tmp_path, monkey
     # The server's prompt loader (serve --prompt NAME=hf://...) wraps the spec in a Path, which folds "//".
     from pathlib import Path
 
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
     from softprompt.serve.registry import read
 
     assert torch.equal(read(Path("hf://someone/countries-europe"), load_model(str(llama_dir))[0]).embeds, ours)

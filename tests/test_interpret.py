@@ -28,7 +28,7 @@ def test_nearest_is_scale_invariant():
 
 
 def test_inspect_cli(llama_dir, tmp_path, capsys):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     p = init_prompt(model, tok, PromptConfig(virtual_tokens=2, init="text", init_text="Country"))

@@ -44,7 +44,7 @@ def _req(ctx, cont):
 
 def test_loglikelihood_is_softprompts_scoring(llama_dir, tmp_path):
     from softprompt.classify import next_logprobs
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     _prompt(*load_model(str(llama_dir)), tmp_path / "p")
     lm = SoftpromptLM(pretrained=str(llama_dir), prompt=str(tmp_path / "p"), device="cpu", batch_size=2)
@@ -70,7 +70,7 @@ def test_lm_eval_accuracy_equals_softprompt_eval_on_sst2_rows(tmp_path):
     """The built-in model with a (label-initialised) prompt: lm_eval's acc on 48 SST-2 dev rows is
     `softprompt eval`'s accuracy on the same rows, and every row's label scores agree."""
     from softprompt.lmeval import evaluate_tasks
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     rows = [dict(zip(("sentence", "label"), l.split("\t"))) for l in
             (SHARED / "sst2" / "dev.tsv").read_text().splitlines()[1:49]]

@@ -202,7 +202,7 @@ def test_each_init_exports_as_its_peft_init_and_round_trips(init, llama_dir, tmp
 
     from softprompt.core.config import PromptConfig
     from softprompt.core.inits import INITS
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
     from softprompt.prompt import init_prompt
 
     model, tok = load_model(str(llama_dir))

@@ -11,7 +11,7 @@ from softprompt.batching import collate
 from softprompt.core.config import DataConfig, ModelConfig
 from softprompt.data import Formatter
 from softprompt.forward import batch_loss
-from softprompt.models import cpu_has_native_half, load_model, resolve_dtype
+from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
 from softprompt.prompt import SoftPrompt
 from softprompt.train import loss_step, batches, setup
 from test_train import _cfgs

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from families import tiny_config
-from softprompt.families import kv_geometry
+from softprompt.base.families import kv_geometry
 from softprompt.forward import batch_loss, text_hidden
 from softprompt.forward_path import choose_path
 from softprompt.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
@@ -179,7 +179,7 @@ def losses(run_dir):
 def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama_dir, countries_csv, tmp_path):
     import json
 
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
     from softprompt.train import train
     from softprompt.core.utils import weights_hash
 
@@ -237,7 +237,7 @@ def test_train_with_gradient_checkpointing_equals_without(llama_dir, countries_c
 
 def init_prefix_of(model_dir) -> torch.Tensor:
     from softprompt.core.config import PromptConfig
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     return init_prefix(model, tok, PromptConfig(virtual_tokens=4, init="text", init_text="Facts about countries.")
@@ -253,7 +253,7 @@ def test_projection_with_method_prompt_is_one_error_line():
 
 def test_gradient_checkpointing_gives_the_same_gradient(tok_dir):
     """The checkpointed layers keep the prefix's cache (PEFT refuses this: peft#869)."""
-    from softprompt.models import set_checkpointing
+    from softprompt.base.models import set_checkpointing
 
     model, tok = tiny("qwen2", tok_dir)
     cfg = SimpleNamespace(virtual_tokens=P, init="text", init_text="Act as a teacher.")
@@ -395,7 +395,7 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
     from serve_helpers import gated, in_threads, running
     from softprompt.core.config import GenerateConfig, ServeConfig
     from softprompt.generate import generate_batch
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     soft, deep = saved_pair(model, tok, tmp_path)
@@ -437,7 +437,7 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
 def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_dir, tmp_path, capsys,
                                                                          countries_csv):
     from softprompt.cli import main
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     soft, deep = saved_pair(model, tok, tmp_path)
@@ -455,7 +455,7 @@ def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
     """`eval` runs a prefix through the kv path: its loss differs from the untuned model's."""
     from softprompt.core.config import DataConfig, ModelConfig
     from softprompt.evaluate import eval_prompt
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     _, deep = saved_pair(model, tok, tmp_path)
@@ -488,7 +488,7 @@ def test_generate_command_with_a_prefix(llama_dir, tmp_path):
     """`generate --prompt DIR --compare` on a prefix: the tuned answer is the prefix's greedy decode."""
     from softprompt.core.config import GenerateConfig, ModelConfig
     from softprompt.generate import generate_batch, generate_cmd
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     _, deep = saved_pair(model, tok, tmp_path)

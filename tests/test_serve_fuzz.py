@@ -105,7 +105,7 @@ def body_strategy(path: str):
 
 @pytest.fixture(scope="module")
 def fz(llama_dir, tmp_path_factory):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     root = tmp_path_factory.mktemp("fuzz")

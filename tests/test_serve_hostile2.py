@@ -23,7 +23,7 @@ CFG = ServeConfig(max_batch=16, max_queue=32, batch_wait_ms=2, max_input_tokens=
 
 @pytest.fixture(scope="module")
 def hs(llama_dir, tmp_path_factory):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     root = tmp_path_factory.mktemp("hostile2")

@@ -25,7 +25,7 @@ def _cfgs(model_dir, data, out, **tkw):
 
 
 def test_training_learns_and_leaves_base_untouched(model_dir, countries_csv, tmp_path):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     before = weights_hash(model)
@@ -110,7 +110,7 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
     classification with one-token words; text init, the LM loss and lr 3e-2 otherwise; 2e-5 for full
     fine-tuning; an explicit --lr stays. The run records the resolved values."""
     from softprompt.data import Formatter
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     rows = "".join(f"{t},{l}\n" for t, l in [("good fun", 1), ("bad film", 0), ("fine work", 1), ("dull plot", 0)] * 5)
@@ -148,7 +148,7 @@ def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, t
     so one shared label softmax does not exist: auto picks the LM loss instead of failing."""
     from softprompt.data import Formatter, load_splits
     from softprompt.classify import row_candidates
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     data = tmp_path / "mixed.jsonl"

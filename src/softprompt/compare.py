@@ -40,10 +40,10 @@ from .core.config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfi
                      from_args, to_dict)
 from .data import Formatter, load_splits
 from .evaluate import evaluate
-from .families import check_positions
+from .base.families import check_positions
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
-from .models import load_model
+from .base.models import load_model
 from .train import default_init_text, train
 from .core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
 

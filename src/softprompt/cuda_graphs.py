@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .families import decoder
+from .base.families import decoder
 from .forward import logits, needed_inputs, token_losses
 
 MAX_TOKENS = 4096  # the dense mask is [N, N]: past this the eager packed path (per-row attention) wins

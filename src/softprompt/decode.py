@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .batching import pad_id
 from .core.config import GenerateConfig
-from .families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
+from .base.families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
 from .forward import logits, prefix_kv
 from .core.prompt_protocol import Prompt
 from .sampling import Sampling, pick

@@ -15,7 +15,7 @@ from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, 
 from .data import load_splits
 from .decode import PromptKV
 from .generate import encode_for_generation, generate_batch
-from .models import load_model
+from .base.models import load_model
 from .prompt import load_prompt
 from .train import train
 

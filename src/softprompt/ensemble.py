@@ -21,7 +21,7 @@ from .batching import Example, pad_id
 from .classify import label_scores, row_candidates
 from .core.config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
-from .models import load_model
+from .base.models import load_model
 from .prompt import load_prompt
 from .core.prompt_protocol import embeds_for
 from .core.utils import SoftpromptError

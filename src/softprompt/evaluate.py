@@ -20,7 +20,7 @@ from .classify import label_scores, row_candidates
 from .core.config import DataConfig, ModelConfig, from_args
 from .data import Formatter, load_splits
 from .forward import row_logprobs
-from .models import load_model
+from .base.models import load_model
 from .prompt import load_prompt
 from .core.prompt_protocol import Prompt, forward_input
 from .recorded import data_config, read_meta, with_recorded

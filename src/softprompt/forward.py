@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .families import decoder, decoder_layers, logit_scale, logit_softcap
+from .base.families import decoder, decoder_layers, logit_scale, logit_softcap
 from .forward_path import choose_path
 from .packing import packed_hidden
 from .core.prompt_protocol import Prompt, embeds_of

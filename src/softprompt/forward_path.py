@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .core.config import FORWARD_PATHS
-from .families import dense_mask_obstacle, packing_obstacle
+from .base.families import dense_mask_obstacle, packing_obstacle
 from .core.utils import SoftpromptError
 
 

@@ -14,7 +14,7 @@ from .chat import render
 from .data import unescape
 from .recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
-from .models import load_model
+from .base.models import load_model
 from .prompt import load_prompt
 from .core.prompt_protocol import forward_input
 from .static_decode import decode_batch_for

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.config import ModelConfig
-from .models import load_model
+from .base.models import load_model
 from .prompt import load_prompt
 from .core.prompt_protocol import embeds_for
 from .core.utils import SoftpromptError

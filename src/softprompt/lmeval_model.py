@@ -22,7 +22,7 @@ from .data import chat_wrap
 from .decode import PromptKV
 from .forward import logits, supervised
 from .generate import generate_batch
-from .models import load_model
+from .base.models import load_model
 from .prompt import load_prompt
 from .core.prompt_protocol import embeds_for
 

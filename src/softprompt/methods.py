@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from .core.config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
-from .models import load_model
+from .base.models import load_model
 from .prefix_method import PrefixTuning
 from .prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
 from .core.prompt_protocol import Prompt

@@ -34,7 +34,7 @@ def load_tokenizer(name: str):
     """The tokenizer of a model name or folder ('smollm2-135m-instruct': the built-in one's)."""
     from transformers import AutoTokenizer
 
-    from .models import builtin_model_dir
+    from .base.models import builtin_model_dir
 
     return AutoTokenizer.from_pretrained(builtin_model_dir() if name == BUILTIN_MODEL else name)
 
@@ -142,7 +142,7 @@ class SoftPromptModel(nn.Module):
                                         every_n_layers: int = 1, offload: bool = False) -> None:
         """transformers' non-reentrant checkpointing of every layer of the base (models.set_checkpointing),
         whatever the kwargs ask; what the Trainer calls for `gradient_checkpointing=True`."""
-        from .models import set_checkpointing
+        from .base.models import set_checkpointing
 
         if every_n_layers != 1:
             raise ValueError(f"every_n_layers={every_n_layers}: SoftPromptModel checkpoints every layer")
@@ -151,7 +151,7 @@ class SoftPromptModel(nn.Module):
         set_checkpointing(self.base_model, True)
 
     def activation_checkpointing_disable(self) -> None:
-        from .models import set_checkpointing
+        from .base.models import set_checkpointing
 
         set_checkpointing(self.base_model, False)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from .core.config import BUILTIN_MODEL
 from . import peft_prefix
-from .families import kv_head_count, layer_and_head_counts
+from .base.families import kv_head_count, layer_and_head_counts
 from .hub import download, hub_model_id, is_hub
 from .core.inits import peft_init
-from .models import cache_root
+from .base.models import cache_root
 from .prefix import TENSOR_NAME as PREFIX_TENSOR
 from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
 from .core.utils import SoftpromptError, atomic_dir, check_dest, read_json, short

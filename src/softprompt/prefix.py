@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import hidden_size, kv_geometry
+from .base.families import hidden_size, kv_geometry
 from .forward import prefix_kv
 from .core.prompt_protocol import KeyValues
 from .core.utils import SoftpromptError

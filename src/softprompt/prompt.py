@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .core.config import PromptConfig
-from .families import hidden_size
+from .base.families import hidden_size
 from .forward import prefix_kv
 from .hub import download, is_hub
 from .core.inits import INITS, InitInputs, resolve

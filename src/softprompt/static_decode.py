@@ -21,7 +21,7 @@ import torch
 
 from .cuda_graphs import bucket, capturable_attention
 from .decode import DecodeBatch, Row, Group
-from .families import can_pack, decoder, kv_geometry, takes_position_ids
+from .base.families import can_pack, decoder, kv_geometry, takes_position_ids
 from .forward import logits
 
 

@@ -32,14 +32,14 @@ from .core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, che
 from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
 from .evaluate import evaluate, format_eval
-from .families import check_positions
+from .base.families import check_positions
 from .forward import batch_loss
 from .forward_path import choose_path
 from .core.inits import resolve
 from .methods import METHODS, Method
 from . import trackers as tracking
-from .models import load_model, set_checkpointing
-from .shard import local_bytes, shard_decoder
+from .base.models import load_model, set_checkpointing
+from .base.shard import local_bytes, shard_decoder
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
                      plot_metrics, save_checkpoint, start_metrics)
 from .core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json

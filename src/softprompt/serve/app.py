@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.config import ServeConfig
-from ..families import max_positions
+from ..base.families import max_positions
 from ..core.prompt_protocol import Prompt
 from ..core.utils import SoftpromptError
 from .context import ServerContext

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = parse_prompt_specs(args.prompt)
     if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
         scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
-    from ..models import load_model
+    from ..base.models import load_model
     from .app import check_config
     from .runner import listen, serve
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
-from .core.config import QUANTIZE
-from .core.utils import SoftpromptError
+from ..core.config import QUANTIZE
+from ..core.utils import SoftpromptError
 
 if TYPE_CHECKING:  # annotations only: the callers hold torch
     import torch

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 
 def decoder(model):

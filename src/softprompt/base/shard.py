@@ -17,7 +17,7 @@ Two choices differ from `accelerate launch --use_fsdp`:
 from __future__ import annotations
 
 from .families import decoder_layers
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 
 def shard_decoder(model, processes: int) -> None:
