@@ -29,7 +29,7 @@ from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, load_bench_mode
                     sync, write_result)
 
 from softprompt.core.config import GenerateConfig, PromptConfig  # noqa: E402
-from softprompt.data import read_rows  # noqa: E402
+from softprompt.data.formatting import read_rows  # noqa: E402
 from softprompt.decode import PromptKV, eos_ids  # noqa: E402
 from softprompt.decode import DecodeBatch  # noqa: E402
 from softprompt.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402

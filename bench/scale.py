@@ -130,7 +130,7 @@ def cell(spec: dict) -> dict:
     import torch
     from common import status_kb
 
-    from softprompt.batching import Batch
+    from softprompt.data.batching import Batch
     from softprompt.core.config import BUILTIN_MODEL, ModelConfig
     from softprompt.forward import batch_loss
     from softprompt.measure import peak_rss, reset_peak_rss

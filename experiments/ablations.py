@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     import torch
 
     from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-    from softprompt.data import load_splits
+    from softprompt.data.formatting import load_splits
     from softprompt.ensemble import ensemble_report, ensemble_scores, format_report
     from softprompt.evaluate import evaluate
     from softprompt.base.models import load_model

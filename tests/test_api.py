@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import softprompt
-from softprompt.batching import collate
+from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig
-from softprompt.data import load_splits
+from softprompt.data.formatting import load_splits
 from softprompt.base.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

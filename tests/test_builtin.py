@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.data import load_splits
+from softprompt.data.formatting import load_splits
 from softprompt.evaluate import accuracy
 from softprompt.forward import text_hidden
 from softprompt.base.models import load_model

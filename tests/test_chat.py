@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from softprompt.batching import collate, pad_id
-from softprompt.chat import chat_example
+from softprompt.data.batching import collate, pad_id
+from softprompt.data.chat import chat_example
 from softprompt.core.config import DataConfig
-from softprompt.data import load_splits
+from softprompt.data.formatting import load_splits
 from softprompt.evaluate import eval_loss
 from softprompt.core.utils import SoftpromptError
 

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from families import tiny_config
-from softprompt.batching import collate
+from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig
-from softprompt.data import Formatter
+from softprompt.data.formatting import Formatter
 from softprompt.forward import batch_loss
 from softprompt.base.models import set_checkpointing
 from softprompt.prompt import SoftPrompt, load_prompt

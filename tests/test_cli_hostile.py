@@ -420,7 +420,7 @@ def test_L7_csv_with_a_utf8_bom_reads_its_first_column(llama_dir, data_csv, tmp_
 
 
 def test_L8_null_text_is_skipped_with_a_warning(llama_dir, tmp_path, capsys):
-    from softprompt.data import load_splits
+    from softprompt.data.formatting import load_splits
     from softprompt.base.models import load_model
 
     rows = [{"sentence": None if i in (2, 6) else f"text {i}", "label": i % 2} for i in range(12)]

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from softprompt.core.config import DataConfig
-from softprompt.batching import batch_order, collate
-from softprompt.data import Formatter, load_splits, read_rows
+from softprompt.data.batching import batch_order, collate
+from softprompt.data.formatting import Formatter, load_splits, read_rows
 from softprompt.core.utils import SoftpromptError
 
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from softprompt.core.config import DataConfig
-from softprompt.data import load_splits
-from softprompt.datasource import read_rows, take
+from softprompt.data.formatting import load_splits
+from softprompt.data.datasource import read_rows, take
 from softprompt.core.utils import SoftpromptError
 
 ROWS = [{"sentence": f"film number {i} was {'good' if i % 3 else 'bad'}", "label": int(i % 3 != 0)} for i in range(30)]

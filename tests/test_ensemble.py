@@ -9,7 +9,7 @@ from conftest import EXAMPLES
 from softprompt import classify
 from softprompt.cli import main
 from softprompt.core.config import DataConfig
-from softprompt.data import load_splits
+from softprompt.data.formatting import load_splits
 from softprompt.ensemble import combine, ensemble_report, ensemble_scores
 from softprompt.classify import row_candidates
 from softprompt.evaluate import example_scores

@@ -2,7 +2,7 @@
 import torch
 
 from softprompt.core.config import DataConfig
-from softprompt.data import load_splits
+from softprompt.data.formatting import load_splits
 from softprompt.evaluate import accuracy, eval_loss, evaluate
 from conftest import EXAMPLES
 

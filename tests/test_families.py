@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from families import FAMILIES, tiny_config
-from softprompt.batching import collate
+from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig, GenerateConfig
-from softprompt.data import Formatter
+from softprompt.data.formatting import Formatter
 from softprompt.forward import batch_loss, logits, text_hidden
 from softprompt.generate import generate_batch
 

@@ -2,8 +2,8 @@
 import torch
 
 from softprompt.core.config import DataConfig, PromptConfig
-from softprompt.batching import collate
-from softprompt.data import Formatter
+from softprompt.data.batching import collate
+from softprompt.data.formatting import Formatter
 from softprompt.forward import batch_loss, next_token_logprobs, text_hidden
 from softprompt.prompt import SoftPrompt, init_prompt
 

@@ -142,7 +142,7 @@ def test_eval_limit_help_speaks_of_scored_rows():
 
 def test_classification_loss_is_over_the_label_words(tiny):
     from softprompt.core.config import DataConfig
-    from softprompt.data import load_splits
+    from softprompt.data.formatting import load_splits
     from softprompt.evaluate import eval_loss, evaluate, example_scores
 
     from conftest import EXAMPLES
@@ -341,7 +341,7 @@ def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from softprompt.core.config import DataConfig
-    from softprompt.data import load_splits
+    from softprompt.data.formatting import load_splits
 
     data = tmp_path / "chat.jsonl"
     conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

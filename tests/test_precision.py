@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from softprompt.batching import collate
+from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig, ModelConfig
-from softprompt.data import Formatter
+from softprompt.data.formatting import Formatter
 from softprompt.forward import batch_loss
 from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
 from softprompt.prompt import SoftPrompt

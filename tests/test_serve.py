@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
-from softprompt.batching import Example, collate  # noqa: E402
+from softprompt.data.batching import Example, collate  # noqa: E402
 from softprompt.forward import row_logprobs  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
 from softprompt.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402

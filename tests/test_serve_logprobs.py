@@ -52,7 +52,7 @@ def reference(s, name: str, ids: list[int]) -> torch.Tensor:
 def served_ids(s, name: str, text: str) -> list[int]:
     """The input ids the server runs for `text` (a chat prompt's inputs go through the chat template)."""
     if name == "chatty":
-        from softprompt.data import chat_wrap
+        from softprompt.data.formatting import chat_wrap
 
         return s.tok(chat_wrap(s.tok, text), add_special_tokens=False).input_ids
     return s.tok(text).input_ids

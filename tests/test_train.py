@@ -109,7 +109,7 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
     """--init auto / --loss auto / --lr 0: label-word init, the label softmax and lr 1e-2 for
     classification with one-token words; text init, the LM loss and lr 3e-2 otherwise; 2e-5 for full
     fine-tuning; an explicit --lr stays. The run records the resolved values."""
-    from softprompt.data import Formatter
+    from softprompt.data.formatting import Formatter
     from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
@@ -146,7 +146,7 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
 def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, tmp_path):
     """Inputs that end differently (a trailing space on some) tokenise the label words differently,
     so one shared label softmax does not exist: auto picks the LM loss instead of failing."""
-    from softprompt.data import Formatter, load_splits
+    from softprompt.data.formatting import Formatter, load_splits
     from softprompt.classify import row_candidates
     from softprompt.base.models import load_model
 

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from .batching import Example
+from .data.batching import Example
 from .core.config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                      from_args, to_dict)
-from .data import Formatter, load_splits
+from .data.formatting import Formatter, load_splits
 from .evaluate import evaluate
 from .base.families import check_positions
 from .measure import PeakMemory, release_memory, resident

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 import torch.nn.functional as F
 
-from .batching import pad_id
+from .data.batching import pad_id
 from .core.config import GenerateConfig
 from .base.families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
 from .forward import logits, prefix_kv

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
-from .data import load_splits
+from .data.formatting import load_splits
 from .decode import PromptKV
 from .generate import encode_for_generation, generate_batch
 from .base.models import load_model

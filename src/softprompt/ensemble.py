@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .batching import Example, pad_id
+from .data.batching import Example, pad_id
 from .classify import label_scores, row_candidates
 from .core.config import DataConfig, ModelConfig, from_args
-from .data import Formatter, load_splits
+from .data.formatting import Formatter, load_splits
 from .base.models import load_model
 from .prompt import load_prompt
 from .core.prompt_protocol import embeds_for

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .batching import Example, collate, eval_batches, pad_id
+from .data.batching import Example, collate, eval_batches, pad_id
 from .classify import label_scores, row_candidates
 from .core.config import DataConfig, ModelConfig, from_args
-from .data import Formatter, load_splits
+from .data.formatting import Formatter, load_splits
 from .forward import row_logprobs
 from .base.models import load_model
 from .prompt import load_prompt

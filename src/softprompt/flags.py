@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
                      from_args, unescape)
-from .datasource import check_source
+from .data.datasource import check_source
 from .recorded import data_config, read_meta, template_fields
 from .core.utils import SoftpromptError
 

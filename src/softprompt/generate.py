@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from .core.config import GenerateConfig, ModelConfig, from_args, is_unicode
-from .chat import render
-from .data import unescape
+from .data.chat import render
+from .data.formatting import unescape
 from .recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
 from .base.models import load_model
@@ -74,7 +74,7 @@ def apply_template(template: str, text: str, n: int) -> str:
 
 def read_conversations(path: str) -> list[list[dict[str, str]]]:
     """--messages FILE: one {"messages": [{role, content}, ...]} object per line."""
-    from .datasource import read_json_rows
+    from .data.datasource import read_json_rows
 
     rows = read_json_rows(Path(path)) if Path(path).is_file() else None
     if rows is None:

@@ -16,9 +16,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .batching import Example, collate, pad_id
+from .data.batching import Example, collate, pad_id
 from .core.config import GenerateConfig, ModelConfig
-from .data import chat_wrap
+from .data.formatting import chat_wrap
 from .decode import PromptKV
 from .forward import logits, supervised
 from .generate import generate_batch

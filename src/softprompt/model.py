@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from .batching import Batch
+from .data.batching import Batch
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
 from .forward import batch_loss, logits as vocab_logits, text_hidden
 from .forward_path import choose_path

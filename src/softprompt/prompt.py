@@ -23,7 +23,7 @@ from .base.families import hidden_size
 from .forward import prefix_kv
 from .hub import download, is_hub
 from .core.inits import INITS, InitInputs, resolve
-from .labels import label_token_ids
+from .data.labels import label_token_ids
 from .prefix import PrefixPrompt
 from .core.prompt_protocol import KeyValues, Prompt
 from .recorded import CONFIG_FILE, WEIGHTS_FILE

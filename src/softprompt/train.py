@@ -26,11 +26,11 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .batching import Batch, Example, batch_order, collate, pad_id
+from .data.batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
 from .core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from .cuda_graphs import GraphedStep
-from .data import Formatter, load_splits
+from .data.formatting import Formatter, load_splits
 from .evaluate import evaluate, format_eval
 from .base.families import check_positions
 from .forward import batch_loss

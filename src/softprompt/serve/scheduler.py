@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..batching import pad_id
+from ..data.batching import pad_id
 from ..classify import label_scores, token_logprobs
 from ..decode import DecodeBatch, PromptKV
 from ..static_decode import decode_batch_for

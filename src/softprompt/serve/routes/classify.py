@@ -15,7 +15,7 @@ import math
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ...labels import label_token_ids
+from ...data.labels import label_token_ids
 from ...recorded import fill_one
 from ..chat_input import render
 from ..context import Ctx, ServerContext

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .batching import Example
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 

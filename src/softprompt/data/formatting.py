@@ -18,10 +18,10 @@ from typing import Any, Iterable
 
 from .batching import Example
 from .chat import chat_example
-from .core.config import DataConfig, is_unicode, unescape
+from ..core.config import DataConfig, is_unicode, unescape
 from .labels import label_text
 from .datasource import column_names, read_rows, take
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
 ARROW_EXTS = {".parquet", ".arrow"}
