@@ -12,7 +12,7 @@ from families import tiny_config
 from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig
 from softprompt.data.formatting import Formatter
-from softprompt.forward import batch_loss
+from softprompt.forward.hidden import batch_loss
 from softprompt.base.models import set_checkpointing
 from softprompt.prompt import SoftPrompt, load_prompt
 from softprompt.train import train

@@ -7,9 +7,9 @@ import torch
 
 from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig
-from softprompt.cuda_graphs import DenseLayout, bucket, dense_loss
+from softprompt.forward.cuda_graphs import DenseLayout, bucket, dense_loss
 from softprompt.data.formatting import Formatter
-from softprompt.forward import batch_loss
+from softprompt.forward.hidden import batch_loss
 from softprompt.prompt import SoftPrompt
 
 
@@ -75,7 +75,7 @@ def test_the_training_path_and_why_are_chosen_and_recorded(tiny, countries_csv, 
     import json
 
     from softprompt.core.config import ModelConfig, PromptConfig, TrainConfig
-    from softprompt.forward_path import choose_path as training_path
+    from softprompt.forward.paths import choose_path as training_path
     from softprompt.train import train
     from softprompt.core.utils import SoftpromptError
 

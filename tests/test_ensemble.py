@@ -11,7 +11,7 @@ from softprompt.cli import main
 from softprompt.core.config import DataConfig
 from softprompt.data.formatting import load_splits
 from softprompt.ensemble import combine, ensemble_report, ensemble_scores
-from softprompt.classify import row_candidates
+from softprompt.forward.classify import row_candidates
 from softprompt.evaluate import example_scores
 from softprompt.prompt import SoftPrompt, save_prompt
 

@@ -27,7 +27,7 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     scored with its own candidates, exactly as when scored alone (not with the first row's)."""
     import json
 
-    from softprompt.classify import row_candidates
+    from softprompt.forward.classify import row_candidates
     from softprompt.evaluate import example_scores
 
     model, tok = tiny

@@ -9,7 +9,7 @@ from families import FAMILIES, tiny_config
 from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig, GenerateConfig
 from softprompt.data.formatting import Formatter
-from softprompt.forward import batch_loss, logits, text_hidden
+from softprompt.forward.hidden import batch_loss, logits, text_hidden
 from softprompt.generate import generate_batch
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.", "x"]

@@ -9,7 +9,7 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from softprompt.classify import continuation_logprobs  # noqa: E402
+from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from softprompt.evaluate import eval_prompt  # noqa: E402
 from softprompt.lmeval_model import SoftpromptLM  # noqa: E402
@@ -43,7 +43,7 @@ def _req(ctx, cont):
 
 
 def test_loglikelihood_is_softprompts_scoring(llama_dir, tmp_path):
-    from softprompt.classify import next_logprobs
+    from softprompt.forward.classify import next_logprobs
     from softprompt.base.models import load_model
 
     _prompt(*load_model(str(llama_dir)), tmp_path / "p")

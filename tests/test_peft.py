@@ -16,7 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from softprompt.cli import main as cli_main  # noqa: E402
-from softprompt.forward import text_hidden  # noqa: E402
+from softprompt.forward.hidden import text_hidden  # noqa: E402
 from softprompt.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft  # noqa: E402
 from softprompt.prompt import TENSOR_NAME, SoftPrompt, load_prompt, save_prompt  # noqa: E402
 from softprompt.core.utils import SoftpromptError  # noqa: E402

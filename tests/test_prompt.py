@@ -86,7 +86,7 @@ def test_init_flag_choices_and_error_come_from_the_table(tiny):
 def test_labels_init_follows_the_label_spacing_rule(tiny):
     """The labels init takes the label words' tokens as rank classification does: after an input
     ending in a non-space with a leading space, after a newline without."""
-    from softprompt.classify import label_token_ids
+    from softprompt.forward.classify import label_token_ids
 
     model, tok = tiny
     emb = model.get_input_embeddings().weight.detach()
@@ -152,7 +152,7 @@ def test_an_unknown_prompt_kind_is_one_clear_error(tmp_path):
 
 def test_the_soft_prompt_implements_the_prompt_protocol(tiny):
     """Its keys/values are the kv path's, its saved tensors the file's, its parameters what trains."""
-    from softprompt.forward import prefix_kv
+    from softprompt.forward.hidden import prefix_kv
     from softprompt.core.prompt_protocol import embeds_of
 
     model, tok = tiny

@@ -147,7 +147,7 @@ def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, t
     """Inputs that end differently (a trailing space on some) tokenise the label words differently,
     so one shared label softmax does not exist: auto picks the LM loss instead of failing."""
     from softprompt.data.formatting import Formatter, load_splits
-    from softprompt.classify import row_candidates
+    from softprompt.forward.classify import row_candidates
     from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .data.batching import Example, pad_id
-from .classify import label_scores, row_candidates
+from .forward.classify import label_scores, row_candidates
 from .core.config import DataConfig, ModelConfig, from_args
 from .data.formatting import Formatter, load_splits
 from .base.models import load_model

@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.batching import Example, collate, eval_batches, pad_id
-from .classify import label_scores, row_candidates
+from .forward.classify import label_scores, row_candidates
 from .core.config import DataConfig, ModelConfig, from_args
 from .data.formatting import Formatter, load_splits
-from .forward import row_logprobs
+from .forward.hidden import row_logprobs
 from .base.models import load_model
 from .prompt import load_prompt
 from .core.prompt_protocol import Prompt, forward_input

@@ -20,7 +20,7 @@ from .data.batching import Example, collate, pad_id
 from .core.config import GenerateConfig, ModelConfig
 from .data.formatting import chat_wrap
 from .decode import PromptKV
-from .forward import logits, supervised
+from .forward.hidden import logits, supervised
 from .generate import generate_batch
 from .base.models import load_model
 from .prompt import load_prompt

@@ -23,8 +23,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .data.batching import Batch
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
-from .forward import batch_loss, logits as vocab_logits, text_hidden
-from .forward_path import choose_path
+from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
+from .forward.paths import choose_path
 from .prompt import SoftPrompt, check_fits, init_prompt, save_prompt
 
 DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's

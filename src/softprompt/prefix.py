@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .base.families import hidden_size, kv_geometry
-from .forward import prefix_kv
+from .forward.hidden import prefix_kv
 from .core.prompt_protocol import KeyValues
 from .core.utils import SoftpromptError
 

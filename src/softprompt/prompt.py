@@ -20,7 +20,7 @@ from torch import nn
 
 from .core.config import PromptConfig
 from .base.families import hidden_size
-from .forward import prefix_kv
+from .forward.hidden import prefix_kv
 from .hub import download, is_hub
 from .core.inits import INITS, InitInputs, resolve
 from .data.labels import label_token_ids

@@ -27,14 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.batching import Batch, Example, batch_order, collate, pad_id
-from .classify import class_token_ids, single_token_classes
+from .forward.classify import class_token_ids, single_token_classes
 from .core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
-from .cuda_graphs import GraphedStep
+from .forward.cuda_graphs import GraphedStep
 from .data.formatting import Formatter, load_splits
 from .evaluate import evaluate, format_eval
 from .base.families import check_positions
-from .forward import batch_loss
-from .forward_path import choose_path
+from .forward.hidden import batch_loss
+from .forward.paths import choose_path
 from .core.inits import resolve
 from .methods import METHODS, Method
 from . import trackers as tracking

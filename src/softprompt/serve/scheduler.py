@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from ..data.batching import pad_id
-from ..classify import label_scores, token_logprobs
+from ..forward.classify import label_scores, token_logprobs
 from ..decode import DecodeBatch, PromptKV
 from ..static_decode import decode_batch_for
 from .jobs import ClassifyJob, GenJob, Job, QueueFull, ScoreJob

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .base.families import can_pack, decoder
-from .forward_path import right_padded
+from ..base.families import can_pack, decoder
+from .paths import right_padded
 
 IMPL = "softprompt_packed"  # prefix of the registered attention names
 

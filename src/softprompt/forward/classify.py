@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .data.batching import Example, collate
-from .forward import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
-from .data.labels import label_token_ids
-from .core.utils import SoftpromptError
+from ..data.batching import Example, collate
+from .hidden import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
+from ..data.labels import label_token_ids
+from ..core.utils import SoftpromptError
 
 Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, input token ids)
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .core.config import FORWARD_PATHS
-from .base.families import dense_mask_obstacle, packing_obstacle
-from .core.utils import SoftpromptError
+from ..core.config import FORWARD_PATHS
+from ..base.families import dense_mask_obstacle, packing_obstacle
+from ..core.utils import SoftpromptError
 
 
 class PathChoice(NamedTuple):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base.families import decoder
-from .forward import logits, needed_inputs, token_losses
+from ..base.families import decoder
+from .hidden import logits, needed_inputs, token_losses
 
 MAX_TOKENS = 4096  # the dense mask is [N, N]: past this the eager packed path (per-row attention) wins
 

@@ -27,10 +27,10 @@ from contextlib import contextmanager
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .base.families import decoder, decoder_layers, logit_scale, logit_softcap
-from .forward_path import choose_path
+from ..base.families import decoder, decoder_layers, logit_scale, logit_softcap
+from .paths import choose_path
 from .packing import packed_hidden
-from .core.prompt_protocol import Prompt, embeds_of
+from ..core.prompt_protocol import Prompt, embeds_of
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24
