@@ -34,7 +34,7 @@ from softprompt.decode import PromptKV, eos_ids  # noqa: E402
 from softprompt.decode import DecodeBatch  # noqa: E402
 from softprompt.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
 from softprompt.generate import generate_batch  # noqa: E402
-from softprompt.prompt import init_prompt  # noqa: E402
+from softprompt.prompts.prompt import init_prompt  # noqa: E402
 
 TASK_TEXTS = [
     "Write a detailed prompt that asks the assistant to act as the given role.",

@@ -38,7 +38,7 @@ from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainC
 from softprompt.data.batching import collate, pad_id  # noqa: E402
 from softprompt.data.formatting import load_splits  # noqa: E402
 from softprompt.evaluate import evaluate  # noqa: E402
-from softprompt.prompt import SoftPrompt, init_prompt  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, init_prompt  # noqa: E402
 from softprompt.train import train  # noqa: E402
 
 DATA = dict(data=str(SHARED / "sst2" / "train.tsv"), eval_data=str(SHARED / "sst2" / "dev.tsv"),

@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     from softprompt.ensemble import ensemble_report, ensemble_scores, format_report
     from softprompt.evaluate import evaluate
     from softprompt.base.models import load_model
-    from softprompt.prompt import load_prompt
+    from softprompt.prompts.prompt import load_prompt
     from softprompt.train import train
     from softprompt.core.utils import atomic_write_text, write_json
 

@@ -277,7 +277,7 @@ def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
     """The card's Python block, run as written (the model id and text filled in), prints the tokens
     `softprompt generate` gives."""
     pytest.importorskip("peft")
-    from softprompt.hub_push import prepare_upload
+    from softprompt.prompts.hub_push import prepare_upload
 
     model, tok = load_model(str(llama_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=5)
@@ -293,7 +293,7 @@ def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
 
 
 def test_push_to_hub_uploads_what_softprompt_push_does(llama_dir, tmp_path, monkeypatch):
-    import softprompt.hub_push as hub
+    import softprompt.prompts.hub_push as hub
 
     model, tok = load_model(str(llama_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok)
@@ -311,7 +311,7 @@ def test_push_to_hub_uploads_what_softprompt_push_does(llama_dir, tmp_path, monk
 
 
 def test_from_pretrained_reads_a_peft_adapter_folder(llama_dir, tmp_path):
-    from softprompt.peft_io import export_peft
+    from softprompt.prompts.peft_io import export_peft
 
     model, tok = load_model(str(llama_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok, seed=6)

@@ -14,7 +14,7 @@ from softprompt.core.config import DataConfig
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
 from softprompt.base.models import set_checkpointing
-from softprompt.prompt import SoftPrompt, load_prompt
+from softprompt.prompts.prompt import SoftPrompt, load_prompt
 from softprompt.train import train
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.\nPrompt: explain"]

@@ -95,7 +95,7 @@ def test_command_table_and_lazy_imports():
     sub = subprocess.run([sys.executable, "-c", code, "export-peft", "--help"], capture_output=True, text=True,
                          check=True)
     loaded = eval(sub.stdout.strip().splitlines()[-1])
-    assert "softprompt.peft_io" in loaded and "softprompt.train" not in loaded and "softprompt.serve" not in loaded
+    assert "softprompt.prompts.peft_io" in loaded and "softprompt.train" not in loaded and "softprompt.serve" not in loaded
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -133,7 +133,7 @@ def test_row12_generate_refuses_bad_budget_and_nan_prompt(llama_dir, tmp_path, c
     """Issue 17 row 12: both exited 0 with empty output."""
     import torch
 
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     assert main(["generate", "--model", str(llama_dir), "--max-new-tokens", "-1", "hello"]) == 2
     assert capsys.readouterr().err == "softprompt: error: --max-new-tokens must be at least 1 (got -1)\n"

@@ -8,7 +8,7 @@ import torch
 
 from softprompt.cli import main
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.train import train
 
 

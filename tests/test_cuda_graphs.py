@@ -10,7 +10,7 @@ from softprompt.core.config import DataConfig
 from softprompt.forward.cuda_graphs import DenseLayout, bucket, dense_loss
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
-from softprompt.prompt import SoftPrompt
+from softprompt.prompts.prompt import SoftPrompt
 
 
 def test_buckets_are_four_per_octave_and_cover_n():

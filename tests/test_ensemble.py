@@ -13,7 +13,7 @@ from softprompt.data.formatting import load_splits
 from softprompt.ensemble import combine, ensemble_report, ensemble_scores
 from softprompt.forward.classify import row_candidates
 from softprompt.evaluate import example_scores
-from softprompt.prompt import SoftPrompt, save_prompt
+from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
 # Continent names: one to several tokens each (both scoring paths); capital/language: one token each.
 LABELS = {"multi": ("Continent:", "Europe,Asia,Africa,Oceania,North America,South America", "continent"),

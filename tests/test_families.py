@@ -79,8 +79,8 @@ def test_prompt_path_equals_reference_and_zero_prompt_equals_base(family_dirs, n
 def test_exported_prompt_gives_peft_the_same_logits(family_dirs, name, tmp_path):
     from peft import PeftModel
 
-    from softprompt.peft_io import export_peft
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.peft_io import export_peft
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     model, tok = _load(family_dirs, name)
     torch.manual_seed(2)

@@ -5,7 +5,7 @@ from softprompt.core.config import DataConfig, PromptConfig
 from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss, next_token_logprobs, text_hidden
-from softprompt.prompt import SoftPrompt, init_prompt
+from softprompt.prompts.prompt import SoftPrompt, init_prompt
 
 
 def _batch(tok, texts):

@@ -97,7 +97,7 @@ def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):
 
     from softprompt.core.config import ServeConfig
     from softprompt.base.models import load_model
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     model, tok = load_model(str(llama_dir))
     embeds = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -275,9 +275,9 @@ def test_written_files_and_folders_follow_the_umask(umask, llama_dir, tmp_path):
 # ---------------------------------------------------------------- 6: PEFT and Hub interop
 
 def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path):
-    from softprompt.hub_push import prepare_upload
-    from softprompt.peft_io import export_peft
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.hub_push import prepare_upload
+    from softprompt.prompts.peft_io import export_peft
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     d = save_prompt(SoftPrompt(torch.zeros(2, 8)), tmp_path / "p", {"model": "smollm2-135m-instruct", "init": "random"})
     exported = json.loads((export_peft(d, tmp_path / "peft") / "adapter_config.json").read_text())
@@ -290,8 +290,8 @@ def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path
 def test_model_card_names_hub_data_shows_the_template_and_has_model_index(data, tmp_path):
     from huggingface_hub import ModelCard
 
-    from softprompt.hub_push import prepare_upload
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.hub_push import prepare_upload
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     template = "Review: {sentence}\\nSentiment:"
     meta = {"model": "smollm2-135m-instruct", "task": "classify", "template": template, "labels": ["a", "b"],

@@ -10,7 +10,7 @@ import pytest
 
 from softprompt.core.config import PromptConfig
 from softprompt.base.models import load_model
-from softprompt.prompt import init_prompt, load_prompt
+from softprompt.prompts.prompt import init_prompt, load_prompt
 from test_ddp import _run
 
 

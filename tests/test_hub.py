@@ -9,8 +9,8 @@ import torch
 
 from softprompt.cli import main
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.hub_push import prepare_upload
-from softprompt.prompt import load_prompt
+from softprompt.prompts.hub_push import prepare_upload
+from softprompt.prompts.prompt import load_prompt
 from softprompt.train import train
 
 peft = pytest.importorskip("peft")

@@ -6,7 +6,7 @@ import torch
 from softprompt.cli import main
 from softprompt.core.config import PromptConfig
 from softprompt.interpret import inspect_prompt, nearest_tokens
-from softprompt.prompt import init_prompt, save_prompt
+from softprompt.prompts.prompt import init_prompt, save_prompt
 
 
 def test_text_init_prompt_finds_its_own_tokens(tiny):

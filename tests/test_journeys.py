@@ -170,7 +170,7 @@ def test_export_push_and_peft_read_what_train_wrote(runs):
     from peft import PeftModel
 
     from softprompt.base.models import load_model
-    from softprompt.prompt import load_prompt
+    from softprompt.prompts.prompt import load_prompt
 
     base, tok = load_model("smollm2-135m-instruct")
     for name in KINDS:

@@ -13,7 +13,7 @@ from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from softprompt.evaluate import eval_prompt  # noqa: E402
 from softprompt.lmeval_model import SoftpromptLM  # noqa: E402
-from softprompt.prompt import init_prompt, save_prompt  # noqa: E402
+from softprompt.prompts.prompt import init_prompt, save_prompt  # noqa: E402
 
 from conftest import SHARED  # noqa: E402
 

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from softprompt.cli import main as cli_main  # noqa: E402
 from softprompt.forward.hidden import text_hidden  # noqa: E402
-from softprompt.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft  # noqa: E402
-from softprompt.prompt import TENSOR_NAME, SoftPrompt, load_prompt, save_prompt  # noqa: E402
+from softprompt.prompts.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft  # noqa: E402
+from softprompt.prompts.prompt import TENSOR_NAME, SoftPrompt, load_prompt, save_prompt  # noqa: E402
 from softprompt.core.utils import SoftpromptError  # noqa: E402
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
@@ -203,7 +203,7 @@ def test_each_init_exports_as_its_peft_init_and_round_trips(init, llama_dir, tmp
     from softprompt.core.config import PromptConfig
     from softprompt.core.inits import INITS
     from softprompt.base.models import load_model
-    from softprompt.prompt import init_prompt
+    from softprompt.prompts.prompt import init_prompt
 
     model, tok = load_model(str(llama_dir))
     prompt = init_prompt(model, tok, PromptConfig(6, init, init_text="Country facts"), ["no", "yes"], seed=3)

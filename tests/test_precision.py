@@ -12,7 +12,7 @@ from softprompt.core.config import DataConfig, ModelConfig
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
 from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
-from softprompt.prompt import SoftPrompt
+from softprompt.prompts.prompt import SoftPrompt
 from softprompt.train import loss_step, batches, setup
 from test_train import _cfgs
 

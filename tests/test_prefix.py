@@ -13,8 +13,8 @@ from families import tiny_config
 from softprompt.base.families import kv_geometry
 from softprompt.forward.hidden import batch_loss, text_hidden
 from softprompt.forward.paths import choose_path
-from softprompt.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
-from softprompt.prompt import load_prompt, save_prompt
+from softprompt.prompts.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
+from softprompt.prompts.prompt import load_prompt, save_prompt
 from softprompt.core.utils import SoftpromptError
 
 peft = pytest.importorskip("peft")
@@ -281,7 +281,7 @@ def test_export_to_peft_loads_in_peft_with_the_same_logits(family, tok_dir, tmp_
 
     from peft import PeftModel
 
-    from softprompt.peft_io import export_peft
+    from softprompt.prompts.peft_io import export_peft
 
     model, tok = tiny(family, tok_dir)
     model.save_pretrained(tmp_path / "base")
@@ -305,7 +305,7 @@ def test_export_to_peft_loads_in_peft_with_the_same_logits(family, tok_dir, tmp_
 def test_import_peft_prefix_with_projection(tok_dir, tmp_path):
     from peft import PrefixTuningConfig, get_peft_model
 
-    from softprompt.peft_io import import_peft
+    from softprompt.prompts.peft_io import import_peft
 
     model, tok = tiny("qwen2", tok_dir)
     model.save_pretrained(tmp_path / "base")
@@ -331,7 +331,7 @@ def test_import_peft_prefix_with_projection(tok_dir, tmp_path):
 def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
     import json
 
-    from softprompt.peft_io import export_peft, import_peft
+    from softprompt.prompts.peft_io import export_peft, import_peft
 
     model, tok = tiny("qwen2", tok_dir)
     pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=P, init="text", init_text="Act."))
@@ -356,7 +356,7 @@ def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
 
 def saved_pair(model, tok, root):
     """A random soft prompt and a random prefix for `model`, saved under root/soft and root/deep."""
-    from softprompt.prompt import SoftPrompt
+    from softprompt.prompts.prompt import SoftPrompt
 
     gen = torch.Generator().manual_seed(7)
     soft = save_prompt(SoftPrompt(torch.randn(4, model.config.hidden_size, generator=gen) * 0.5), root / "soft",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from softprompt.core.config import PromptConfig
-from softprompt.prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
+from softprompt.prompts.prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
 from softprompt.core.utils import SoftpromptError
 
 

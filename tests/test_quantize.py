@@ -12,7 +12,7 @@ from softprompt.core.config import DataConfig, ModelConfig
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
 from softprompt.base.models import load_model
-from softprompt.prompt import SoftPrompt, load_prompt
+from softprompt.prompts.prompt import SoftPrompt, load_prompt
 from softprompt.base.quantize import available, quantized_bits, weight_bytes
 from softprompt.core.utils import SoftpromptError
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from softprompt.core.config import ServeConfig  # noqa: E402
-from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, save_prompt  # noqa: E402
 from softprompt.serve.protocol import (ChatCompletionRequest, ClassifyRequest, CompletionRequest,  # noqa: E402
                                        LoadPromptRequest)
 from serve_helpers import running  # noqa: E402

@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from softprompt.core.config import ServeConfig  # noqa: E402
-from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, save_prompt  # noqa: E402
 from serve_helpers import (gated, held_step, in_threads, metric, raw_request, read_all, running, served,  # noqa: E402
                            wait_until)
 

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from softprompt.core.config import ServeConfig  # noqa: E402
-from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, save_prompt  # noqa: E402
 from serve_helpers import metric, running, wait_until  # noqa: E402
 
 TOKEN = "hostile2-admin-token"

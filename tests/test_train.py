@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.prompt import load_prompt
+from softprompt.prompts.prompt import load_prompt
 from softprompt.train import train
 from softprompt.core.utils import SoftpromptError, weights_hash
 

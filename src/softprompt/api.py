@@ -121,8 +121,8 @@ def load_prompt(path: str | Path, model: Any = None):
     `model` when given."""
     import tempfile
 
-    from .peft_io import ADAPTER_CONFIG, import_peft
-    from .prompt import WEIGHTS_FILE, load_prompt as load
+    from .prompts.peft_io import ADAPTER_CONFIG, import_peft
+    from .prompts.prompt import WEIGHTS_FILE, load_prompt as load
 
     folder = Path(path)
     with python_errors():

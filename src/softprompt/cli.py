@@ -58,11 +58,11 @@ COMMANDS: dict[str, Command] = {
                      "Serve many soft prompts from one frozen model over HTTP: OpenAI-compatible /v1/completions "
                      "and /v1/chat/completions (model = prompt name), /v1/classify, /v1/models, /health, /metrics; "
                      "API docs at /docs. Needs the serve extra."),
-    "export-peft": Command("softprompt.peft_io", "write a prompt as a PEFT prompt-tuning adapter",
+    "export-peft": Command("softprompt.prompts.peft_io", "write a prompt as a PEFT prompt-tuning adapter",
                            functions=("add_export_arguments", "run_export")),
-    "import-peft": Command("softprompt.peft_io", "convert a PEFT prompt-tuning adapter into a softprompt folder",
+    "import-peft": Command("softprompt.prompts.peft_io", "convert a PEFT prompt-tuning adapter into a softprompt folder",
                            functions=("add_import_arguments", "run_import")),
-    "push": Command("softprompt.hub_push", "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
+    "push": Command("softprompt.prompts.hub_push", "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
                     "Upload a prompt folder to a Hub model repository: softprompt's files and the run's records, "
                     "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
                     "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "

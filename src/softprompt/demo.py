@@ -16,7 +16,7 @@ from .data.formatting import load_splits
 from .decode import PromptKV
 from .generate import encode_for_generation, generate_batch
 from .base.models import load_model
-from .prompt import load_prompt
+from .prompts.prompt import load_prompt
 from .train import train
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "countries.jsonl"

@@ -22,7 +22,7 @@ from .forward.classify import label_scores, row_candidates
 from .core.config import DataConfig, ModelConfig, from_args
 from .data.formatting import Formatter, load_splits
 from .base.models import load_model
-from .prompt import load_prompt
+from .prompts.prompt import load_prompt
 from .core.prompt_protocol import embeds_for
 from .core.utils import SoftpromptError
 
@@ -93,7 +93,7 @@ def format_report(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- the `ensemble` command
 
 def run(args: argparse.Namespace) -> int:
-    from .recorded import data_config
+    from .prompts.recorded import data_config
 
     # The first prompt's recorded template and labels are the defaults (an ensemble shares one task).
     r = ensemble_cmd(from_args(ModelConfig, args), data_config(args, args.prompts[0]), args.prompts)

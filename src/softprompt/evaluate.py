@@ -21,9 +21,9 @@ from .core.config import DataConfig, ModelConfig, from_args
 from .data.formatting import Formatter, load_splits
 from .forward.hidden import row_logprobs
 from .base.models import load_model
-from .prompt import load_prompt
+from .prompts.prompt import load_prompt
 from .core.prompt_protocol import Prompt, forward_input
-from .recorded import data_config, read_meta, with_recorded
+from .prompts.recorded import data_config, read_meta, with_recorded
 from .core.utils import SoftpromptError, round_floats
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
                      from_args, unescape)
 from .data.datasource import check_source
-from .recorded import data_config, read_meta, template_fields
+from .prompts.recorded import data_config, read_meta, template_fields
 from .core.utils import SoftpromptError
 
 SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself

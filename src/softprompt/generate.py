@@ -12,10 +12,10 @@ import torch
 from .core.config import GenerateConfig, ModelConfig, from_args, is_unicode
 from .data.chat import render
 from .data.formatting import unescape
-from .recorded import fill_one, read_meta, recorded_data, template_fields
+from .prompts.recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
 from .base.models import load_model
-from .prompt import load_prompt
+from .prompts.prompt import load_prompt
 from .core.prompt_protocol import forward_input
 from .static_decode import decode_batch_for
 from .core.utils import SoftpromptError

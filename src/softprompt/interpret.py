@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .core.config import ModelConfig
 from .base.models import load_model
-from .prompt import load_prompt
+from .prompts.prompt import load_prompt
 from .core.prompt_protocol import embeds_for
 from .core.utils import SoftpromptError
 

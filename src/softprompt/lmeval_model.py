@@ -23,7 +23,7 @@ from .decode import PromptKV
 from .forward.hidden import logits, supervised
 from .generate import generate_batch
 from .base.models import load_model
-from .prompt import load_prompt
+from .prompts.prompt import load_prompt
 from .core.prompt_protocol import embeds_for
 
 

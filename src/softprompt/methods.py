@@ -20,7 +20,7 @@ import torch
 from .core.config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
 from .base.models import load_model
 from .prefix_method import PrefixTuning
-from .prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
+from .prompts.prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
 from .core.prompt_protocol import Prompt
 from .core.utils import SoftpromptError, atomic_dir, count_params, write_json
 

@@ -25,7 +25,7 @@ from .data.batching import Batch
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
 from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
 from .forward.paths import choose_path
-from .prompt import SoftPrompt, check_fits, init_prompt, save_prompt
+from .prompts.prompt import SoftPrompt, check_fits, init_prompt, save_prompt
 
 DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's
 
@@ -282,8 +282,8 @@ class SoftPromptModel(nn.Module):
         also a PEFT adapter folder (adapter_config.json, adapter_model.safetensors):
         `softprompt generate --prompt DIR` and `PeftModel.from_pretrained(base, DIR)` both read it.
         PEFT's keywords (safe_serialization, selected_adapters, ...) are accepted and ignored."""
-        from .peft_io import export_peft
-        from .hub_push import hub_model_id
+        from .prompts.peft_io import export_peft
+        from .prompts.hub_push import hub_model_id
 
         if self.prompt is None:
             raise ValueError("save_pretrained: no active prompt to save")
@@ -299,7 +299,7 @@ class SoftPromptModel(nn.Module):
     def push_to_hub(self, repo_id: str, private: bool = False, revision: str | None = None,
                     commit_message: str = "", **kwargs: Any) -> str:
         """Upload the active prompt as `softprompt push` does (both layouts and a model card); returns the URL."""
-        from .hub_push import push
+        from .prompts.hub_push import push
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "prompt")

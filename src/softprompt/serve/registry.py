@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..prompt import CONFIG_FILE, check_fits, check_prompt, load_prompt
+from ..prompts.prompt import CONFIG_FILE, check_fits, check_prompt, load_prompt
 from ..core.prompt_protocol import Prompt
 from ..core.utils import SoftpromptError, read_json
 from .protocol import ApiError

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...data.labels import label_token_ids
-from ...recorded import fill_one
+from ...prompts.recorded import fill_one
 from ..chat_input import render
 from ..context import Ctx, ServerContext
 from ..registry import Loaded

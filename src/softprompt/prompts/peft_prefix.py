@@ -17,7 +17,7 @@ import torch
 
 from .prefix import KIND, PrefixPrompt, from_flat, to_flat
 from .prompt import read_prompt_tensor
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 PEFT_TYPE = "PREFIX_TUNING"
 

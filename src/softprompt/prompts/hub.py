@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 SCHEME = "hf://"
 # What a prompt repository holds, beside the card; what a download fetches.

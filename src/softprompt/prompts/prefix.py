@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base.families import hidden_size, kv_geometry
-from .forward.hidden import prefix_kv
-from .core.prompt_protocol import KeyValues
-from .core.utils import SoftpromptError
+from ..base.families import hidden_size, kv_geometry
+from ..forward.hidden import prefix_kv
+from ..core.prompt_protocol import KeyValues
+from ..core.utils import SoftpromptError
 
 KIND = "prefix"
 TENSOR_NAME = "prefix_key_values"  # [L, 2, kv_heads, P, head_dim]

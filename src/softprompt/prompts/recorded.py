@@ -14,8 +14,8 @@ import string
 from pathlib import Path
 from typing import Any
 
-from .core.config import DataConfig, unescape
-from .core.utils import SoftpromptError, read_json
+from ..core.config import DataConfig, unescape
+from ..core.utils import SoftpromptError, read_json
 
 # A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
 WEIGHTS_FILE = "prompt.safetensors"
