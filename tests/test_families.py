@@ -10,7 +10,7 @@ from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig, GenerateConfig
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss, logits, text_hidden
-from softprompt.generate import generate_batch
+from softprompt.generation.generate import generate_batch
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.", "x"]
 P = 5

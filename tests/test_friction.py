@@ -354,7 +354,7 @@ def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
 def test_generate_takes_a_system_message_and_conversations(llama_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from softprompt.generate import encode_for_generation
+    from softprompt.generation.generate import encode_for_generation
 
     tok = AutoTokenizer.from_pretrained(llama_dir)
     assert tok.decode(encode_for_generation(tok, "hi", system="Be brief.")) == \

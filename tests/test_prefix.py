@@ -374,8 +374,8 @@ def test_generate_with_a_prefix_equals_peft_greedy(family, tok_dir, tmp_path):
     forward pass, re-run on the whole sequence each step. (PEFT 0.21.2's own generate() parts from its
     forward after the first token on transformers 5.24, so it is not the reference.)"""
     from softprompt.core.config import GenerateConfig
-    from softprompt.decode import PromptKV
-    from softprompt.generate import generate_batch
+    from softprompt.generation.decode import PromptKV
+    from softprompt.generation.generate import generate_batch
 
     model, tok = tiny(family, tok_dir)
     pm, ours = peft_prefix(model)
@@ -394,7 +394,7 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
 
     from serve_helpers import gated, in_threads, running
     from softprompt.core.config import GenerateConfig, ServeConfig
-    from softprompt.generate import generate_batch
+    from softprompt.generation.generate import generate_batch
     from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
@@ -487,7 +487,7 @@ def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
 def test_generate_command_with_a_prefix(llama_dir, tmp_path):
     """`generate --prompt DIR --compare` on a prefix: the tuned answer is the prefix's greedy decode."""
     from softprompt.core.config import GenerateConfig, ModelConfig
-    from softprompt.generate import generate_batch, generate_cmd
+    from softprompt.generation.generate import generate_batch, generate_cmd
     from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))

@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
 from softprompt.data.batching import Example, collate  # noqa: E402
 from softprompt.forward.hidden import row_logprobs  # noqa: E402
-from softprompt.generate import generate_batch  # noqa: E402
+from softprompt.generation.generate import generate_batch  # noqa: E402
 from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
 from serve_helpers import gated, held_step, in_threads, metric, served, wait_depth  # noqa: E402
 

@@ -129,7 +129,7 @@ def test_N2_a_sampling_failure_fails_only_its_row(hs, monkeypatch):
 
 
 def test_N2_non_finite_scores_are_sanitised_per_row():
-    from softprompt.sampling import Sampling, pick
+    from softprompt.generation.sampling import Sampling, pick
 
     torch.manual_seed(0)
     z = torch.randn(3, 50)

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 
 from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
-from softprompt.generate import generate_batch  # noqa: E402
+from softprompt.generation.generate import generate_batch  # noqa: E402
 from serve_helpers import gated, in_threads, served, wait_depth  # noqa: E402
 
 TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a teacher.\nPrompt:"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from softprompt.core.config import GenerateConfig
-from softprompt.decode import DecodeBatch
-from softprompt.generate import generate_batch
+from softprompt.generation.decode import DecodeBatch
+from softprompt.generation.generate import generate_batch
 from softprompt.serve.jobs import GenJob
 from softprompt.serve.scheduler import LiveBatch, Scheduler
-from softprompt.static_decode import StaticDecodeBatch
+from softprompt.generation.static_decode import StaticDecodeBatch
 from serve_helpers import held_step, wait_until
 
 

@@ -37,7 +37,7 @@ def _version() -> str:
 
 # public name -> module that defines it
 _LAZY = {
-    "train": "softprompt.train", "evaluate": "softprompt.evaluate", "generate": "softprompt.generate",
+    "train": "softprompt.train", "evaluate": "softprompt.evaluate", "generate": "softprompt.generation.generate",
     "load_prompt": "softprompt.api",
     "SoftPromptModel": "softprompt.model", "get_softprompt_model": "softprompt.model",
     "PromptTuningConfig": "softprompt.peft_compat", "PromptTuningInit": "softprompt.peft_compat",
@@ -75,9 +75,12 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
     module = importlib.import_module(_LAZY[name])
-    if name in _CALLABLE:  # importing it has just bound the (callable) module here
-        return module
-    value = getattr(module, name)
+    if name in _CALLABLE:  # the command module itself, callable as the API function of its name
+        if type(module) is types.ModuleType:
+            module.__class__ = _CallableModule
+        value = module
+    else:
+        value = getattr(module, name)
     globals()[name] = value
     return value
 

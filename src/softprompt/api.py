@@ -104,7 +104,7 @@ def generate(texts: str | list[str], prompt: Any = None, *, model: Any = "smollm
     """Continue each text ({"input", "tuned" or "baseline"} per text; both with compare=True), as
     `softprompt generate` does. Keywords: max_new_tokens=, sample=, temperature=, top_p=,
     repetition_penalty=, seed=."""
-    from .generate import generate_cmd
+    from .generation.generate import generate_cmd
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not all(isinstance(t, str) for t in texts):

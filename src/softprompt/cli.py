@@ -51,7 +51,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("softprompt.evaluate", "score a prompt (or the untuned model) on data",
                     "Held-out loss, perplexity and (with --labels) rank-classification accuracy.",
                     functions=("run",), flags=("softprompt.flags", "eval_arguments", "check_eval")),
-    "generate": Command("softprompt.generate", "generate text, optionally baseline vs tuned",
+    "generate": Command("softprompt.generation.generate", "generate text, optionally baseline vs tuned",
                         "Continue each TEXT; greedy unless --sample.",
                         functions=("run",), flags=("softprompt.flags", "generate_arguments", "check_generate")),
     "serve": Command("softprompt.serve", "serve prompts over HTTP (OpenAI-compatible, batched)",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
 from .data.formatting import load_splits
-from .decode import PromptKV
-from .generate import encode_for_generation, generate_batch
+from .generation.decode import PromptKV
+from .generation.generate import encode_for_generation, generate_batch
 from .base.models import load_model
 from .prompts.prompt import load_prompt
 from .train import train

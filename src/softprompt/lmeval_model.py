@@ -19,9 +19,9 @@ from lm_eval.api.registry import register_model
 from .data.batching import Example, collate, pad_id
 from .core.config import GenerateConfig, ModelConfig
 from .data.formatting import chat_wrap
-from .decode import PromptKV
+from .generation.decode import PromptKV
 from .forward.hidden import logits, supervised
-from .generate import generate_batch
+from .generation.generate import generate_batch
 from .base.models import load_model
 from .prompts.prompt import load_prompt
 from .core.prompt_protocol import embeds_for

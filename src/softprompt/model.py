@@ -235,8 +235,8 @@ class SoftPromptModel(nn.Module):
         """HF's generate for the active prompt, by `softprompt generate`'s batch decoder: greedy or
         (do_sample) sampled with `seed`; rows of any padding. Returns [B, T + new]: each input row as
         given, then its new tokens, right-padded with `pad_token_id` (virtual tokens not included)."""
-        from .generate import generate_batch
-        from .static_decode import decode_batch_for
+        from .generation.generate import generate_batch
+        from .generation.static_decode import decode_batch_for
 
         if kwargs.get("inputs") is not None and input_ids is None:
             input_ids = kwargs.pop("inputs")

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .core.config import GenerateConfig, ModelConfig, from_args, is_unicode
-from .data.chat import render
-from .data.formatting import unescape
-from .prompts.recorded import fill_one, read_meta, recorded_data, template_fields
+from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode
+from ..data.chat import render
+from ..data.formatting import unescape
+from ..prompts.recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
-from .base.models import load_model
-from .prompts.prompt import load_prompt
-from .core.prompt_protocol import forward_input
+from ..base.models import load_model
+from ..prompts.prompt import load_prompt
+from ..core.prompt_protocol import forward_input
 from .static_decode import decode_batch_for
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 
 def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
@@ -74,7 +74,7 @@ def apply_template(template: str, text: str, n: int) -> str:
 
 def read_conversations(path: str) -> list[list[dict[str, str]]]:
     """--messages FILE: one {"messages": [{role, content}, ...]} object per line."""
-    from .data.datasource import read_json_rows
+    from ..data.datasource import read_json_rows
 
     rows = read_json_rows(Path(path)) if Path(path).is_file() else None
     if rows is None:
