@@ -37,7 +37,7 @@ from common import RESULTS, SHARED, device_and_dtype, load_bench_model, machine,
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.data.batching import collate, pad_id  # noqa: E402
 from softprompt.data.formatting import load_splits  # noqa: E402
-from softprompt.evaluate import evaluate  # noqa: E402
+from softprompt.evaluation.evaluate import evaluate  # noqa: E402
 from softprompt.prompts.prompt import SoftPrompt, init_prompt  # noqa: E402
 from softprompt.train import train  # noqa: E402
 

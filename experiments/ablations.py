@@ -58,8 +58,8 @@ def main(argv=None) -> dict:
 
     from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
     from softprompt.data.formatting import load_splits
-    from softprompt.ensemble import ensemble_report, ensemble_scores, format_report
-    from softprompt.evaluate import evaluate
+    from softprompt.evaluation.ensemble import ensemble_report, ensemble_scores, format_report
+    from softprompt.evaluation.evaluate import evaluate
     from softprompt.base.models import load_model
     from softprompt.prompts.prompt import load_prompt
     from softprompt.train import train

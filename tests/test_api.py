@@ -49,7 +49,7 @@ def test_import_is_lazy_and_version_is_printed():
 
 
 def test_train_evaluate_generate_are_callable_and_still_modules():
-    import softprompt.evaluate as evaluate_module
+    import softprompt.evaluation.evaluate as evaluate_module
     import softprompt.train as train_module
 
     assert softprompt.train is train_module and callable(softprompt.train)

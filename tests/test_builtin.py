@@ -5,7 +5,7 @@ import torch
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.data.formatting import load_splits
-from softprompt.evaluate import accuracy
+from softprompt.evaluation.evaluate import accuracy
 from softprompt.forward.hidden import text_hidden
 from softprompt.base.models import load_model
 from softprompt.train import train

@@ -11,7 +11,7 @@ from softprompt.data.batching import collate, pad_id
 from softprompt.data.chat import chat_example
 from softprompt.core.config import DataConfig
 from softprompt.data.formatting import load_splits
-from softprompt.evaluate import eval_loss
+from softprompt.evaluation.evaluate import eval_loss
 from softprompt.core.utils import SoftpromptError
 
 # ChatML as SmolLM2 writes it, default system prompt included: a template that adds text of its own.

@@ -3,7 +3,7 @@ import torch
 
 from softprompt.core.config import DataConfig
 from softprompt.data.formatting import load_splits
-from softprompt.evaluate import accuracy, eval_loss, evaluate
+from softprompt.evaluation.evaluate import accuracy, eval_loss, evaluate
 from conftest import EXAMPLES
 
 
@@ -28,7 +28,7 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     import json
 
     from softprompt.forward.classify import row_candidates
-    from softprompt.evaluate import example_scores
+    from softprompt.evaluation.evaluate import example_scores
 
     model, tok = tiny
     rows = [{"t": "Review: a great movie\nSentiment:", "y": 1}, {"t": "Review: a dull film\nSentiment: ", "y": 0},

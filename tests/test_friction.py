@@ -143,7 +143,7 @@ def test_eval_limit_help_speaks_of_scored_rows():
 def test_classification_loss_is_over_the_label_words(tiny):
     from softprompt.core.config import DataConfig
     from softprompt.data.formatting import load_splits
-    from softprompt.evaluate import eval_loss, evaluate, example_scores
+    from softprompt.evaluation.evaluate import eval_loss, evaluate, example_scores
 
     from conftest import EXAMPLES
 

@@ -5,7 +5,7 @@ import torch
 
 from softprompt.cli import main
 from softprompt.core.config import PromptConfig
-from softprompt.interpret import inspect_prompt, nearest_tokens
+from softprompt.evaluation.interpret import inspect_prompt, nearest_tokens
 from softprompt.prompts.prompt import init_prompt, save_prompt
 
 

@@ -11,8 +11,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
-from softprompt.evaluate import eval_prompt  # noqa: E402
-from softprompt.lmeval_model import SoftpromptLM  # noqa: E402
+from softprompt.evaluation.evaluate import eval_prompt  # noqa: E402
+from softprompt.evaluation.lmeval_model import SoftpromptLM  # noqa: E402
 from softprompt.prompts.prompt import init_prompt, save_prompt  # noqa: E402
 
 from conftest import SHARED  # noqa: E402
@@ -69,7 +69,7 @@ def test_loglikelihood_is_softprompts_scoring(llama_dir, tmp_path):
 def test_lm_eval_accuracy_equals_softprompt_eval_on_sst2_rows(tmp_path):
     """The built-in model with a (label-initialised) prompt: lm_eval's acc on 48 SST-2 dev rows is
     `softprompt eval`'s accuracy on the same rows, and every row's label scores agree."""
-    from softprompt.lmeval import evaluate_tasks
+    from softprompt.evaluation.lmeval import evaluate_tasks
     from softprompt.base.models import load_model
 
     rows = [dict(zip(("sentence", "label"), l.split("\t"))) for l in

@@ -454,7 +454,7 @@ def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_d
 def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
     """`eval` runs a prefix through the kv path: its loss differs from the untuned model's."""
     from softprompt.core.config import DataConfig, ModelConfig
-    from softprompt.evaluate import eval_prompt
+    from softprompt.evaluation.evaluate import eval_prompt
     from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))

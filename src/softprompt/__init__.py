@@ -37,7 +37,7 @@ def _version() -> str:
 
 # public name -> module that defines it
 _LAZY = {
-    "train": "softprompt.train", "evaluate": "softprompt.evaluate", "generate": "softprompt.generation.generate",
+    "train": "softprompt.train", "evaluate": "softprompt.evaluation.evaluate", "generate": "softprompt.generation.generate",
     "load_prompt": "softprompt.api",
     "SoftPromptModel": "softprompt.model", "get_softprompt_model": "softprompt.model",
     "PromptTuningConfig": "softprompt.peft_compat", "PromptTuningInit": "softprompt.peft_compat",

@@ -87,7 +87,7 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
              batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
     """Held-out loss, perplexity (and accuracy with labels=) of `prompt` (a folder, `hf://REPO`, or
     None for the untuned model) on every row of `data=`. Keywords: the `eval` command's flags."""
-    from .evaluate import eval_prompt
+    from .evaluation.evaluate import eval_prompt
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):
         raise TypeError(f"evaluate(): batch_size must be int, not {type(batch_size).__name__}")

@@ -48,7 +48,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command("softprompt.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
                      functions=("run",), flags=("softprompt.flags", "train_arguments", "check_train")),
-    "eval": Command("softprompt.evaluate", "score a prompt (or the untuned model) on data",
+    "eval": Command("softprompt.evaluation.evaluate", "score a prompt (or the untuned model) on data",
                     "Held-out loss, perplexity and (with --labels) rank-classification accuracy.",
                     functions=("run",), flags=("softprompt.flags", "eval_arguments", "check_eval")),
     "generate": Command("softprompt.generation.generate", "generate text, optionally baseline vs tuned",
@@ -67,7 +67,7 @@ COMMANDS: dict[str, Command] = {
                     "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
                     "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "
                     "prompt folder also takes hf://REPO_ID[@REVISION]."),
-    "lm-eval": Command("softprompt.lmeval", "score a prompt on lm-evaluation-harness tasks",
+    "lm-eval": Command("softprompt.evaluation.lmeval", "score a prompt on lm-evaluation-harness tasks",
                        "lm-evaluation-harness with the softprompt model: lm_eval's own flags (--model_args "
                        "pretrained=MODEL,prompt=DIR --tasks T --include_path FOLDER ...), its Python API, "
                        "softprompt's scoring. Needs the lm-eval extra."),
@@ -77,12 +77,12 @@ COMMANDS: dict[str, Command] = {
                        "example and quality as compare.md, compare.json and compare.png in --out. Prompt tuning "
                        "takes the train flags (--max-steps, --lr, ...); full fine-tuning the same ones with "
                        "--ft-lr/--ft-steps/--ft-batch-size."),
-    "ensemble": Command("softprompt.ensemble", "score K prompts together: each alone, majority vote, mean log-prob",
+    "ensemble": Command("softprompt.evaluation.ensemble", "score K prompts together: each alone, majority vote, mean log-prob",
                         "Score every row of --data with K prompt folders in one batch per group of rows; report "
                         "each prompt's accuracy, the best single one, and the ensemble's by majority vote and by "
                         "mean log-probability.",
                         functions=("run",), flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
-    "inspect": Command("softprompt.interpret", "nearest vocabulary tokens of each virtual token",
+    "inspect": Command("softprompt.evaluation.interpret", "nearest vocabulary tokens of each virtual token",
                        "For each virtual token of a prompt, its nearest vocabulary tokens by cosine similarity to "
                        "the model's input embeddings."),
     "demo": Command("softprompt.demo", "train and compare a prompt on the built-in model, offline",

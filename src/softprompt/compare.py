@@ -39,7 +39,7 @@ from .data.batching import Example
 from .core.config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                      from_args, to_dict)
 from .data.formatting import Formatter, load_splits
-from .evaluate import evaluate
+from .evaluation.evaluate import evaluate
 from .base.families import check_positions
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS

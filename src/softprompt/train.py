@@ -31,7 +31,7 @@ from .forward.classify import class_token_ids, single_token_classes
 from .core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from .forward.cuda_graphs import GraphedStep
 from .data.formatting import Formatter, load_splits
-from .evaluate import evaluate, format_eval
+from .evaluation.evaluate import evaluate, format_eval
 from .base.families import check_positions
 from .forward.hidden import batch_loss
 from .forward.paths import choose_path

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from .data.batching import Example, pad_id
-from .forward.classify import label_scores, row_candidates
-from .core.config import DataConfig, ModelConfig, from_args
-from .data.formatting import Formatter, load_splits
-from .base.models import load_model
-from .prompts.prompt import load_prompt
-from .core.prompt_protocol import embeds_for
-from .core.utils import SoftpromptError
+from ..data.batching import Example, pad_id
+from ..forward.classify import label_scores, row_candidates
+from ..core.config import DataConfig, ModelConfig, from_args
+from ..data.formatting import Formatter, load_splits
+from ..base.models import load_model
+from ..prompts.prompt import load_prompt
+from ..core.prompt_protocol import embeds_for
+from ..core.utils import SoftpromptError
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
@@ -93,7 +93,7 @@ def format_report(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- the `ensemble` command
 
 def run(args: argparse.Namespace) -> int:
-    from .prompts.recorded import data_config
+    from ..prompts.recorded import data_config
 
     # The first prompt's recorded template and labels are the defaults (an ensemble shares one task).
     r = ensemble_cmd(from_args(ModelConfig, args), data_config(args, args.prompts[0]), args.prompts)

@@ -1,5 +1,5 @@
 """lm-evaluation-harness's `softprompt` model (its LM API), registered under that name when this
-module is imported: `import softprompt.lmeval_model`, then `lm_eval.simple_evaluate(model=
+module is imported: `import softprompt.evaluation.lmeval_model`, then `lm_eval.simple_evaluate(model=
 "softprompt", model_args="pretrained=MODEL,prompt=DIR", ...)`; or `softprompt lm-eval` (lmeval.py).
 
 Scoring is softprompt's: a context is tokenised as a row's input is (special tokens added, or
@@ -16,15 +16,15 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .data.batching import Example, collate, pad_id
-from .core.config import GenerateConfig, ModelConfig
-from .data.formatting import chat_wrap
-from .generation.decode import PromptKV
-from .forward.hidden import logits, supervised
-from .generation.generate import generate_batch
-from .base.models import load_model
-from .prompts.prompt import load_prompt
-from .core.prompt_protocol import embeds_for
+from ..data.batching import Example, collate, pad_id
+from ..core.config import GenerateConfig, ModelConfig
+from ..data.formatting import chat_wrap
+from ..generation.decode import PromptKV
+from ..forward.hidden import logits, supervised
+from ..generation.generate import generate_batch
+from ..base.models import load_model
+from ..prompts.prompt import load_prompt
+from ..core.prompt_protocol import embeds_for
 
 
 @register_model("softprompt")

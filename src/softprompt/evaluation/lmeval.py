@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 
 
