@@ -133,7 +133,7 @@ def cell(spec: dict) -> dict:
     from softprompt.data.batching import Batch
     from softprompt.core.config import BUILTIN_MODEL, ModelConfig
     from softprompt.forward.hidden import batch_loss
-    from softprompt.measure import peak_rss, reset_peak_rss
+    from softprompt.training.measure import peak_rss, reset_peak_rss
     from softprompt.base.models import load_model, set_checkpointing
     from softprompt.base.quantize import weight_bytes
 

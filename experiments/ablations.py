@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     from softprompt.evaluation.evaluate import evaluate
     from softprompt.base.models import load_model
     from softprompt.prompts.prompt import load_prompt
-    from softprompt.train import train
+    from softprompt.training.train import train
     from softprompt.core.utils import atomic_write_text, write_json
 
     out = Path(args.out)

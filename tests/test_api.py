@@ -50,7 +50,7 @@ def test_import_is_lazy_and_version_is_printed():
 
 def test_train_evaluate_generate_are_callable_and_still_modules():
     import softprompt.evaluation.evaluate as evaluate_module
-    import softprompt.train as train_module
+    import softprompt.training.train as train_module
 
     assert softprompt.train is train_module and callable(softprompt.train)
     assert hasattr(train_module, "setup") and hasattr(evaluate_module, "eval_prompt")

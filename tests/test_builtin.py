@@ -8,7 +8,7 @@ from softprompt.data.formatting import load_splits
 from softprompt.evaluation.evaluate import accuracy
 from softprompt.forward.hidden import text_hidden
 from softprompt.base.models import load_model
-from softprompt.train import train
+from softprompt.training.train import train
 
 from conftest import SHARED
 

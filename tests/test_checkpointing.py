@@ -15,7 +15,7 @@ from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
 from softprompt.base.models import set_checkpointing
 from softprompt.prompts.prompt import SoftPrompt, load_prompt
-from softprompt.train import train
+from softprompt.training.train import train
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.\nPrompt: explain"]
 # One of each kind: packed (Llama, GPT-2), prompt-KV (BLOOM, Mistral's short window), dropout in the config (GPT-2).

@@ -9,7 +9,7 @@ import torch
 from softprompt.cli import main
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt
-from softprompt.train import train
+from softprompt.training.train import train
 
 
 def one_error_line(capsys, *needles: str) -> str:
@@ -202,7 +202,7 @@ def test_N8_resume_refuses_changed_settings(llama_dir, data_csv, half_run, capsy
 # ---------------------------------------------------------------- N9: two runs on one --out
 
 def test_N9_second_train_on_a_held_out_fails(llama_dir, data_csv, tmp_path, capsys):
-    from softprompt.rundir import RunLock
+    from softprompt.training.rundir import RunLock
 
     out = tmp_path / "run"
     held = RunLock(out)  # what a first run holds while it trains
@@ -327,12 +327,12 @@ def test_D3_train_unwritable_out_is_one_line(llama_dir, data_csv, tmp_path, wher
 def test_D3_full_disk_is_one_line(llama_dir, data_csv, tmp_path, monkeypatch, capsys):
     import errno
 
-    import softprompt.train
+    import softprompt.training.train
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
 
-    monkeypatch.setattr(softprompt.train, "append_metrics", full)
+    monkeypatch.setattr(softprompt.training.train, "append_metrics", full)
     assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--log-every", "1")) == 2
     one_error_line(capsys, "No space left on device", "metrics.jsonl")
 

@@ -9,11 +9,11 @@ import torch
 
 from conftest import ROOT
 from softprompt.cli import main
-from softprompt.compare import build_context, compare, pick_shots, shot_text, with_context
+from softprompt.training.compare import build_context, compare, pick_shots, shot_text, with_context
 from softprompt.core.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.data.formatting import load_splits
 from softprompt.base.models import load_model
-from softprompt.train import train
+from softprompt.training.train import train
 from softprompt.core.utils import SoftpromptError, count_params, weights_hash
 
 

@@ -76,7 +76,7 @@ def test_the_training_path_and_why_are_chosen_and_recorded(tiny, countries_csv, 
 
     from softprompt.core.config import ModelConfig, PromptConfig, TrainConfig
     from softprompt.forward.paths import choose_path as training_path
-    from softprompt.train import train
+    from softprompt.training.train import train
     from softprompt.core.utils import SoftpromptError
 
     model, tok = tiny

@@ -13,7 +13,7 @@ import pytest
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.base.models import load_model
-from softprompt.train import train
+from softprompt.training.train import train
 
 from conftest import EXAMPLES
 

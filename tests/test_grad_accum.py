@@ -6,7 +6,7 @@ import pytest
 from softprompt.core.config import PromptConfig, TrainConfig
 from softprompt.base.models import load_model
 from softprompt.prompts.prompt import init_prompt, load_prompt
-from softprompt.train import train
+from softprompt.training.train import train
 from softprompt.core.utils import SoftpromptError
 from test_train import _cfgs
 

@@ -11,7 +11,7 @@ from softprompt.cli import main
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.prompts.hub_push import prepare_upload
 from softprompt.prompts.prompt import load_prompt
-from softprompt.train import train
+from softprompt.training.train import train
 
 peft = pytest.importorskip("peft")
 

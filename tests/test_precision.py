@@ -13,7 +13,7 @@ from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
 from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
 from softprompt.prompts.prompt import SoftPrompt
-from softprompt.train import loss_step, batches, setup
+from softprompt.training.train import loss_step, batches, setup
 from test_train import _cfgs
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.\nPrompt: explain"]

@@ -180,7 +180,7 @@ def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama
     import json
 
     from softprompt.base.models import load_model
-    from softprompt.train import train
+    from softprompt.training.train import train
     from softprompt.core.utils import weights_hash
 
     model, tok = load_model(str(llama_dir))
@@ -224,7 +224,7 @@ def test_config_replay_keeps_the_method(llama_dir, countries_csv, tmp_path):
 
 
 def test_train_with_gradient_checkpointing_equals_without(llama_dir, countries_csv, tmp_path):
-    from softprompt.train import train
+    from softprompt.training.train import train
 
     for on in (False, True):
         s = train(*train_cfgs(llama_dir, countries_csv, tmp_path / str(on), gradient_checkpointing=on,
@@ -468,7 +468,7 @@ def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
 
 def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
     from softprompt.core.config import PromptConfig, TrainConfig
-    from softprompt.prefix_method import PrefixTuning
+    from softprompt.training.prefix_method import PrefixTuning
 
     model, tok = tiny("llama", tok_dir)
     t = TrainConfig(method="prefix")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.train import train
+from softprompt.training.train import train
 from softprompt.core.utils import SoftpromptError
 
 

@@ -8,7 +8,7 @@ import torch
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.prompts.prompt import load_prompt
-from softprompt.train import train
+from softprompt.training.train import train
 from softprompt.core.utils import SoftpromptError, weights_hash
 
 
@@ -231,7 +231,7 @@ def test_schedule_is_transformers_entered_one_step_in(schedule, warmup):
     the last step; a scheduler restored from its state_dict goes on with the same values."""
     import math
 
-    from softprompt.train import make_scheduler
+    from softprompt.training.train import make_scheduler
 
     total, peak = 12, 0.1
 

@@ -75,7 +75,7 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
 def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Train a soft prompt into `out=` and return the run summary. Keywords: the `train` command's
     flags (data=, template=, target=, labels=, virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
-    from .train import train as run_train
+    from .training.train import train as run_train
 
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     configs = split_kwargs("train", kwargs, (ModelConfig, DataConfig, PromptConfig, TrainConfig))

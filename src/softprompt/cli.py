@@ -46,7 +46,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("softprompt.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
+    "train": Command("softprompt.training.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
                      functions=("run",), flags=("softprompt.flags", "train_arguments", "check_train")),
     "eval": Command("softprompt.evaluation.evaluate", "score a prompt (or the untuned model) on data",
                     "Held-out loss, perplexity and (with --labels) rank-classification accuracy.",
@@ -71,7 +71,7 @@ COMMANDS: dict[str, Command] = {
                        "lm-evaluation-harness with the softprompt model: lm_eval's own flags (--model_args "
                        "pretrained=MODEL,prompt=DIR --tasks T --include_path FOLDER ...), its Python API, "
                        "softprompt's scoring. Needs the lm-eval extra."),
-    "compare": Command("softprompt.compare", "prompt engineering vs prompt tuning vs full fine-tuning, measured",
+    "compare": Command("softprompt.training.compare", "prompt engineering vs prompt tuning vs full fine-tuning, measured",
                        "Run prompt engineering (zero-/k-shot), prompt tuning and full fine-tuning on one split; "
                        "report trainable parameters, artifact size, peak memory, training time, inference time per "
                        "example and quality as compare.md, compare.json and compare.png in --out. Prompt tuning "

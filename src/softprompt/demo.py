@@ -17,7 +17,7 @@ from .generation.decode import PromptKV
 from .generation.generate import encode_for_generation, generate_batch
 from .base.models import load_model
 from .prompts.prompt import load_prompt
-from .train import train
+from .training.train import train
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "countries.jsonl"
 

@@ -59,7 +59,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_train(args: argparse.Namespace) -> None:
-    from .rundir import check_out
+    from .training.rundir import check_out
 
     _, data, _, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
     check_out(Path(train.out), train.resume, train.overwrite)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .core.utils import SoftpromptError
+from ..core.utils import SoftpromptError
 
 KNOWN = ("tensorboard", "wandb", "mlflow")
 FOLDER = "tensorboard"  # OUT/tensorboard: accelerate's run name under the project folder

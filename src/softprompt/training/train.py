@@ -26,23 +26,23 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .data.batching import Batch, Example, batch_order, collate, pad_id
-from .forward.classify import class_token_ids, single_token_classes
-from .core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
-from .forward.cuda_graphs import GraphedStep
-from .data.formatting import Formatter, load_splits
-from .evaluation.evaluate import evaluate, format_eval
-from .base.families import check_positions
-from .forward.hidden import batch_loss
-from .forward.paths import choose_path
-from .core.inits import resolve
+from ..data.batching import Batch, Example, batch_order, collate, pad_id
+from ..forward.classify import class_token_ids, single_token_classes
+from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
+from ..forward.cuda_graphs import GraphedStep
+from ..data.formatting import Formatter, load_splits
+from ..evaluation.evaluate import evaluate, format_eval
+from ..base.families import check_positions
+from ..forward.hidden import batch_loss
+from ..forward.paths import choose_path
+from ..core.inits import resolve
 from .methods import METHODS, Method
 from . import trackers as tracking
-from .base.models import load_model, set_checkpointing
-from .base.shard import local_bytes, shard_decoder
+from ..base.models import load_model, set_checkpointing
+from ..base.shard import local_bytes, shard_decoder
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
                      plot_metrics, save_checkpoint, start_metrics)
-from .core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
+from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
 
 
 def default_init_text(fmt: Formatter) -> str:

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .core.config import flag
-from .core.utils import SoftpromptError, atomic_dir, read_json, short
+from ..core.config import flag
+from ..core.utils import SoftpromptError, atomic_dir, read_json, short
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
