@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import EXAMPLES
-from softprompt import classify
 from softprompt.cli import main
 from softprompt.core.config import DataConfig
 from softprompt.data.formatting import load_splits
 from softprompt.evaluation.ensemble import combine, ensemble_report, ensemble_scores
-from softprompt.forward.classify import row_candidates
 from softprompt.evaluation.evaluate import example_scores
+from softprompt.forward import classify
+from softprompt.forward.classify import row_candidates
 from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
 # Continent names: one to several tokens each (both scoring paths); capital/language: one token each.

@@ -142,7 +142,7 @@ def test_frozen_head_cross_entropy_matches_autograd():
 
     import torch.nn.functional as F
 
-    from softprompt import forward
+    from softprompt.forward import hidden as forward
 
     torch.manual_seed(0)
     N, H, V = 37, 16, 50

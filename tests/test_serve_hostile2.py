@@ -105,7 +105,7 @@ def test_N2_bad_repetition_penalty_fails_only_its_row(hs):
 def test_N2_a_sampling_failure_fails_only_its_row(hs, monkeypatch):
     """Whatever still goes wrong choosing one row's token (here: a processor that raises for one
     temperature) fails that row's request alone; the stream decoding beside it completes intact."""
-    from softprompt import sampling
+    from softprompt.generation import sampling
 
     orig = sampling.Sampling.processors
 
