@@ -30,10 +30,10 @@ from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, load_bench_mode
 
 from softprompt.core.config import GenerateConfig, PromptConfig  # noqa: E402
 from softprompt.data.formatting import read_rows  # noqa: E402
-from softprompt.generation.decode import PromptKV, eos_ids  # noqa: E402
 from softprompt.generation.decode import DecodeBatch  # noqa: E402
-from softprompt.generation.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
+from softprompt.generation.decode import PromptKV, eos_ids  # noqa: E402
 from softprompt.generation.generate import generate_batch  # noqa: E402
+from softprompt.generation.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
 from softprompt.prompts.prompt import init_prompt  # noqa: E402
 
 TASK_TEXTS = [

@@ -39,8 +39,8 @@ from common import (ACTS, RESULTS, SST2, PeakMemory, count_flops, device_and_dty
 from softprompt.core.config import DataConfig  # noqa: E402
 from softprompt.data.batching import batch_order, collate, pad_id  # noqa: E402
 from softprompt.data.formatting import load_splits  # noqa: E402
-from softprompt.forward.hidden import batch_loss, needed_inputs  # noqa: E402
 from softprompt.forward.cuda_graphs import DenseLayout, GraphedStep  # noqa: E402
+from softprompt.forward.hidden import batch_loss, needed_inputs  # noqa: E402
 from softprompt.forward.packing import packable  # noqa: E402
 
 TASKS = {"acts": ACTS, "sst2": SST2}

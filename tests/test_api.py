@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import softprompt
-from softprompt.data.batching import collate
-from softprompt.core.config import DataConfig
-from softprompt.data.formatting import load_splits
 from softprompt.base.models import load_model
+from softprompt.core.config import DataConfig
+from softprompt.data.batching import collate
+from softprompt.data.formatting import load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "src" / "softprompt" / "examples" / "countries.jsonl"

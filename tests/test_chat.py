@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from softprompt.core.config import DataConfig
+from softprompt.core.utils import SoftpromptError
 from softprompt.data.batching import collate, pad_id
 from softprompt.data.chat import chat_example
-from softprompt.core.config import DataConfig
 from softprompt.data.formatting import load_splits
 from softprompt.evaluation.evaluate import eval_loss
-from softprompt.core.utils import SoftpromptError
 
 # ChatML as SmolLM2 writes it, default system prompt included: a template that adds text of its own.
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from families import tiny_config
-from softprompt.data.batching import collate
+from softprompt.base.models import set_checkpointing
 from softprompt.core.config import DataConfig
+from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
-from softprompt.base.models import set_checkpointing
 from softprompt.prompts.prompt import SoftPrompt, load_prompt
 from softprompt.training.train import train
 

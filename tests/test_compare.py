@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import ROOT
-from softprompt.cli import main
-from softprompt.training.compare import build_context, compare, pick_shots, shot_text, with_context
-from softprompt.core.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.data.formatting import load_splits
 from softprompt.base.models import load_model
-from softprompt.training.train import train
+from softprompt.cli import main
+from softprompt.core.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.core.utils import SoftpromptError, count_params, weights_hash
+from softprompt.data.formatting import load_splits
+from softprompt.training.compare import build_context, compare, pick_shots, shot_text, with_context
+from softprompt.training.train import train
 
 
 def _cls_cfgs(model_dir, data, out, **ckw):

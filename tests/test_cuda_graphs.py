@@ -5,10 +5,10 @@ itself runs on a GPU only (bench/gpu_check.sh checks graph replay against the ea
 import pytest
 import torch
 
-from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig
-from softprompt.forward.cuda_graphs import DenseLayout, bucket, dense_loss
+from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
+from softprompt.forward.cuda_graphs import DenseLayout, bucket, dense_loss
 from softprompt.forward.hidden import batch_loss
 from softprompt.prompts.prompt import SoftPrompt
 

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from softprompt.core.config import DataConfig
+from softprompt.core.utils import SoftpromptError
 from softprompt.data.batching import batch_order, collate
 from softprompt.data.formatting import Formatter, load_splits, read_rows
-from softprompt.core.utils import SoftpromptError
 
 
 def _write(tmp_path, name, text):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from softprompt.core.config import PromptConfig
 from softprompt.base.models import load_model
+from softprompt.core.config import PromptConfig
 from softprompt.prompts.prompt import init_prompt, load_prompt
 
 TIMEOUT = 300  # seconds per run: a hung collective must fail the test, not stall the suite

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.base.models import load_model
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.training.train import train
 
 from conftest import EXAMPLES

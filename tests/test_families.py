@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from families import FAMILIES, tiny_config
-from softprompt.data.batching import collate
 from softprompt.core.config import DataConfig, GenerateConfig
+from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss, logits, text_hidden
 from softprompt.generation.generate import generate_batch

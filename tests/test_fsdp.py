@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from softprompt.core.config import PromptConfig
 from softprompt.base.models import load_model
+from softprompt.core.config import PromptConfig
 from softprompt.prompts.prompt import init_prompt, load_prompt
 from test_ddp import _run
 

@@ -9,10 +9,10 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
 from softprompt.evaluation.evaluate import eval_prompt  # noqa: E402
 from softprompt.evaluation.lmeval_model import SoftpromptLM  # noqa: E402
+from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.prompts.prompt import init_prompt, save_prompt  # noqa: E402
 
 from conftest import SHARED  # noqa: E402

@@ -16,10 +16,10 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from softprompt.cli import main as cli_main  # noqa: E402
+from softprompt.core.utils import SoftpromptError  # noqa: E402
 from softprompt.forward.hidden import text_hidden  # noqa: E402
 from softprompt.prompts.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft  # noqa: E402
 from softprompt.prompts.prompt import TENSOR_NAME, SoftPrompt, load_prompt, save_prompt  # noqa: E402
-from softprompt.core.utils import SoftpromptError  # noqa: E402
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
 TOL = 1e-5

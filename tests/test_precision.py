@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from softprompt.data.batching import collate
+from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
 from softprompt.core.config import DataConfig, ModelConfig
+from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
-from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
 from softprompt.prompts.prompt import SoftPrompt
 from softprompt.training.train import loss_step, batches, setup
 from test_train import _cfgs

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from families import tiny_config
 from softprompt.base.families import kv_geometry
+from softprompt.core.utils import SoftpromptError
 from softprompt.forward.hidden import batch_loss, text_hidden
 from softprompt.forward.paths import choose_path
 from softprompt.prompts.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
 from softprompt.prompts.prompt import load_prompt, save_prompt
-from softprompt.core.utils import SoftpromptError
 
 peft = pytest.importorskip("peft")
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from softprompt.core.config import PromptConfig
-from softprompt.prompts.prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
 from softprompt.core.utils import SoftpromptError
+from softprompt.prompts.prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
 
 
 def test_every_init_strategy(tiny, tmp_path):

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from softprompt.data.batching import collate
+from softprompt.base.models import load_model
+from softprompt.base.quantize import available, quantized_bits, weight_bytes
 from softprompt.core.config import DataConfig, ModelConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
-from softprompt.base.models import load_model
 from softprompt.prompts.prompt import SoftPrompt, load_prompt
-from softprompt.base.quantize import available, quantized_bits, weight_bytes
-from softprompt.core.utils import SoftpromptError
 
 needs_bnb = pytest.mark.skipif(not available(), reason="bitsandbytes is not installed (pip install 'softprompt[quant]')")
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]

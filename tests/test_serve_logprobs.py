@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
+from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.generation.generate import generate_batch  # noqa: E402
 from serve_helpers import gated, in_threads, served, wait_depth  # noqa: E402
 

@@ -9,9 +9,9 @@ import torch
 from softprompt.core.config import GenerateConfig
 from softprompt.generation.decode import DecodeBatch
 from softprompt.generation.generate import generate_batch
+from softprompt.generation.static_decode import StaticDecodeBatch
 from softprompt.serve.jobs import GenJob
 from softprompt.serve.scheduler import LiveBatch, Scheduler
-from softprompt.generation.static_decode import StaticDecodeBatch
 from serve_helpers import held_step, wait_until
 
 

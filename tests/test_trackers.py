@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.training.train import train
 from softprompt.core.utils import SoftpromptError
+from softprompt.training.train import train
 
 
 def _cfgs(llama_dir, data, out, **tkw):

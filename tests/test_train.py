@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.utils import SoftpromptError, weights_hash
 from softprompt.prompts.prompt import load_prompt
 from softprompt.training.train import train
-from softprompt.core.utils import SoftpromptError, weights_hash
 
 
 def _cfgs(model_dir, data, out, **tkw):

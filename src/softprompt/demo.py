@@ -11,11 +11,11 @@ import argparse
 import time
 from pathlib import Path
 
+from .base.models import load_model
 from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
 from .data.formatting import load_splits
 from .generation.decode import PromptKV
 from .generation.generate import encode_for_generation, generate_batch
-from .base.models import load_model
 from .prompts.prompt import load_prompt
 from .training.train import train
 

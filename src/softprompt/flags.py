@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
                      from_args, unescape)
+from .core.utils import SoftpromptError
 from .data.datasource import check_source
 from .prompts.recorded import data_config, read_meta, template_fields
-from .core.utils import SoftpromptError
 
 SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
 
@@ -22,7 +22,7 @@ SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eva
 # ---------------------------------------------------------------- shared checks
 
 def needed_columns(cfg: DataConfig) -> list[str]:
-    """The columns each row needs (as data.Formatter.columns), [] when a `messages` column is looked for."""
+    """The columns each row needs (as formatting.Formatter.columns), [] when a `messages` column is looked for."""
     if not (cfg.template or cfg.text_col or cfg.messages_col):
         return []
     fields = template_fields(unescape(cfg.template)) + template_fields(unescape(cfg.target))

@@ -2,10 +2,10 @@
 PEFT user holds a PeftModel: forward (HF's CausalLMOutput), generate, save_pretrained,
 from_pretrained, push_to_hub.
 
-It calls softprompt's own code: the forward pass is forward.py's (the prompt's keys/values shared
+It calls softprompt's own code: the forward pass is forward/hidden.py's (the prompt's keys/values shared
 by the rows, vocabulary logits only where labels need them), generation is `softprompt generate`'s
 batch decoder, files are prompt.py's folder plus peft_io.py's adapter layout, and the upload is
-hub.py's. It also has what transformers.Trainer asks of a model (a `config`, the prompt as the
+hub_push.py's. It also has what transformers.Trainer asks of a model (a `config`, the prompt as the
 only trainable parameter and the only state saved, gradient-checkpointing switches), so the
 Trainer trains it unchanged.
 """
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from .data.batching import Batch
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
+from .data.batching import Batch
 from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
 from .forward.paths import choose_path
 from .prompts.prompt import SoftPrompt, check_fits, init_prompt, save_prompt
@@ -54,7 +54,7 @@ class SoftPromptModel(nn.Module):
         self.prompts = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.tokenizer = tokenizer
-        self.forward_path = forward_path  # forward.py's path: auto, packed, kv or concat
+        self.forward_path = forward_path  # forward/hidden.py's path: auto, packed, kv or concat
         if prompt is not None:
             self.add_prompt(DEFAULT, prompt)
 

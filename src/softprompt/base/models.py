@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from ..core.config import BUILTIN_MODEL, ModelConfig
+from ..core.utils import SoftpromptError, atomic_dir
 from .families import decoder_layers
 from .quantize import keep_cpu_kernels_in_range, quantization_config
-from ..core.utils import SoftpromptError, atomic_dir
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -16,8 +16,8 @@ Two choices differ from `accelerate launch --use_fsdp`:
 """
 from __future__ import annotations
 
-from .families import decoder_layers
 from ..core.utils import SoftpromptError
+from .families import decoder_layers
 
 
 def shard_decoder(model, processes: int) -> None:

@@ -26,7 +26,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtyp
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
 # The choices of flags whose code lives above this module (which imports none of it): --quantize
-# (quantize.py), --shard (shard.py), --forward-path (forward_path.choose_path picks among them).
+# (quantize.py), --shard (shard.py), --forward-path (forward/paths.py's choose_path picks among them).
 QUANTIZE = ("none", "8bit", "4bit")
 SHARD = ("none", "fsdp")
 FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .batching import Example
 from ..core.utils import SoftpromptError
+from .batching import Example
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 

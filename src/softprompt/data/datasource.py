@@ -4,7 +4,7 @@
 
 What `datasets` loads stays an Arrow table, memory-mapped from its cache: a `datasets.Dataset`
 is returned as it is (it has `len()` and builds a row dict only when asked), so a large file is
-never held a second time as Python lists. data.py indexes either kind the same way.
+never held a second time as Python lists. formatting.py indexes either kind the same way.
 """
 from __future__ import annotations
 

@@ -16,12 +16,12 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
+from ..core.config import DataConfig, is_unicode, unescape
+from ..core.utils import SoftpromptError
 from .batching import Example
 from .chat import chat_example
-from ..core.config import DataConfig, is_unicode, unescape
-from .labels import label_text
 from .datasource import column_names, read_rows, take
-from ..core.utils import SoftpromptError
+from .labels import label_text
 
 __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from ..data.batching import Example, pad_id
-from ..forward.classify import label_scores, row_candidates
-from ..core.config import DataConfig, ModelConfig, from_args
-from ..data.formatting import Formatter, load_splits
 from ..base.models import load_model
-from ..prompts.prompt import load_prompt
+from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import embeds_for
 from ..core.utils import SoftpromptError
+from ..data.batching import Example, pad_id
+from ..data.formatting import Formatter, load_splits
+from ..forward.classify import label_scores, row_candidates
+from ..prompts.prompt import load_prompt
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 

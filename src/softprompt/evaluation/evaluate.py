@@ -15,16 +15,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batching import Example, collate, eval_batches, pad_id
-from ..forward.classify import label_scores, row_candidates
-from ..core.config import DataConfig, ModelConfig, from_args
-from ..data.formatting import Formatter, load_splits
-from ..forward.hidden import row_logprobs
 from ..base.models import load_model
-from ..prompts.prompt import load_prompt
+from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import Prompt, forward_input
-from ..prompts.recorded import data_config, read_meta, with_recorded
 from ..core.utils import SoftpromptError, round_floats
+from ..data.batching import Example, collate, eval_batches, pad_id
+from ..data.formatting import Formatter, load_splits
+from ..forward.classify import label_scores, row_candidates
+from ..forward.hidden import row_logprobs
+from ..prompts.prompt import load_prompt
+from ..prompts.recorded import data_config, read_meta, with_recorded
 
 
 def prompt_input(prompt):

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.config import ModelConfig
 from ..base.models import load_model
-from ..prompts.prompt import load_prompt
+from ..core.config import ModelConfig
 from ..core.prompt_protocol import embeds_for
 from ..core.utils import SoftpromptError
+from ..prompts.prompt import load_prompt
 
 
 @torch.no_grad()

@@ -16,15 +16,15 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..data.batching import Example, collate, pad_id
-from ..core.config import GenerateConfig, ModelConfig
-from ..data.formatting import chat_wrap
-from ..generation.decode import PromptKV
-from ..forward.hidden import logits, supervised
-from ..generation.generate import generate_batch
 from ..base.models import load_model
-from ..prompts.prompt import load_prompt
+from ..core.config import GenerateConfig, ModelConfig
 from ..core.prompt_protocol import embeds_for
+from ..data.batching import Example, collate, pad_id
+from ..data.formatting import chat_wrap
+from ..forward.hidden import logits, supervised
+from ..generation.decode import PromptKV
+from ..generation.generate import generate_batch
+from ..prompts.prompt import load_prompt
 
 
 @register_model("softprompt")

@@ -15,16 +15,16 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batching import Example, collate
-from .hidden import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
-from ..data.labels import label_token_ids
 from ..core.utils import SoftpromptError
+from ..data.batching import Example, collate
+from ..data.labels import label_token_ids
+from .hidden import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
 
 Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, input token ids)
 
 
 def row_candidates(fmt, examples: list[Example]) -> list[list[list[int]]]:
-    """Each example's own label-word token ids (a `data.Formatter`'s words after the example's input)."""
+    """Each example's own label-word token ids (a `formatting.Formatter`'s words after the example's input)."""
     memo: dict[str, list[list[int]]] = {}
     out = []
     for e in examples:

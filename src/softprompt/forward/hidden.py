@@ -9,7 +9,7 @@ Equivalent paths:
   runs once as a batch of 1, its KV cache is broadcast to the B rows (a view, so the gradient of
   every row flows back into the one prompt), and only the [B, T] text runs after it.
 The `path` argument names one of them: "concat" (PEFT's), "kv" (prompt KV shared), "packed", or
-"auto" (packed where the model and batch allow it, else kv); forward_path.choose_path decides.
+"auto" (packed where the model and batch allow it, else kv); paths.choose_path decides.
 Rows that each carry their own prompt (ensembles, mixed requests) go through `mixed_hidden`
 instead. A prompt comes as a prompt_protocol.Prompt or as its [P, H] input embeddings; a Prompt
 without input embeddings (a prefix) gives its per-layer keys and values to the kv path
@@ -28,9 +28,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..base.families import decoder, decoder_layers, logit_scale, logit_softcap
-from .paths import choose_path
-from .packing import packed_hidden
 from ..core.prompt_protocol import Prompt, embeds_of
+from .packing import packed_hidden
+from .paths import choose_path
 
 # Above this many logits (rows x vocab) the cross-entropy is chunked and recomputed in backward.
 CHUNK_ELEMENTS = 1 << 24

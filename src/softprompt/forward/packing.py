@@ -1,6 +1,6 @@
 """The padding-free shared prefix: the soft prompt and every row of a batch as one packed sequence.
 
-The prompt-KV path in forward.py runs the prompt as its own batch of 1 and then the [B, T] text,
+The prompt-KV path in hidden.py runs the prompt as its own batch of 1 and then the [B, T] text,
 so each step passes over all weights twice and pays for every pad position. Here the decoder
 sees a single [1, P + sum(L_b)] sequence: the prompt once, then each row's real tokens, no pads.
 Every linear layer (nearly all the FLOPs) runs once on the real tokens only. Attention is the one

@@ -1,6 +1,6 @@
 """The forward paths' names and the one function that chooses among them (`--forward-path`).
 
-How a prompt meets the rows (forward.py, packing.py, cuda_graphs.py):
+How a prompt meets the rows (hidden.py, packing.py, cuda_graphs.py):
 - packed: prompt and rows as one padding-free sequence;
 - graphed: the packed training step replayed as a CUDA graph (GPUs, one process);
 - kv: the prompt's keys/values computed once and shared by the rows;
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..core.config import FORWARD_PATHS
 from ..base.families import dense_mask_obstacle, packing_obstacle
+from ..core.config import FORWARD_PATHS
 from ..core.utils import SoftpromptError
 
 

@@ -22,13 +22,13 @@ from transformers import DynamicCache
 
 import torch.nn.functional as F
 
-from ..data.batching import pad_id
-from ..core.config import GenerateConfig
 from ..base.families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
-from ..forward.hidden import logits, prefix_kv
+from ..core.config import GenerateConfig
 from ..core.prompt_protocol import Prompt
-from .sampling import Sampling, pick
 from ..core.utils import SoftpromptError
+from ..data.batching import pad_id
+from ..forward.hidden import logits, prefix_kv
+from .sampling import Sampling, pick
 
 
 @dataclass

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
+from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode
+from ..core.prompt_protocol import forward_input
+from ..core.utils import SoftpromptError
 from ..data.chat import render
 from ..data.formatting import unescape
+from ..prompts.prompt import load_prompt
 from ..prompts.recorded import fill_one, read_meta, recorded_data, template_fields
 from .decode import PromptKV
-from ..base.models import load_model
-from ..prompts.prompt import load_prompt
-from ..core.prompt_protocol import forward_input
 from .static_decode import decode_batch_for
-from ..core.utils import SoftpromptError
 
 
 def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,

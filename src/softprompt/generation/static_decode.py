@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from ..forward.cuda_graphs import bucket, capturable_attention
-from .decode import DecodeBatch, Row, Group
 from ..base.families import can_pack, decoder, kv_geometry, takes_position_ids
+from ..forward.cuda_graphs import bucket, capturable_attention
 from ..forward.hidden import logits
+from .decode import DecodeBatch, Row, Group
 
 
 def supported(model) -> bool:

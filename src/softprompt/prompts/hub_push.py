@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import unescape
+from ..core.utils import SoftpromptError, atomic_dir, check_dest, read_json
 from .hub import PROMPT_FILES, first_line, hub_model_id, is_hub
 from .peft_io import export_peft
 from .prompt import CONFIG_FILE, WEIGHTS_FILE, load_prompt
-from ..core.utils import SoftpromptError, atomic_dir, check_dest, read_json
 
 RUN_RECORDS = ["run_config.json", "summary.json", "metrics.jsonl", "loss.png"]
 # The built-in model is SmolLM2-135M-Instruct, from a 4-bit GGUF file (models.py): the card names the original.

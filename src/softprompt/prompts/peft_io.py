@@ -11,15 +11,15 @@ import argparse
 import json
 from pathlib import Path
 
-from ..core.config import BUILTIN_MODEL
-from . import peft_prefix
 from ..base.families import kv_head_count, layer_and_head_counts
-from .hub import download, hub_model_id, is_hub
-from ..core.inits import peft_init
 from ..base.models import cache_root
+from ..core.config import BUILTIN_MODEL
+from ..core.inits import peft_init
+from ..core.utils import SoftpromptError, atomic_dir, check_dest, read_json, short
+from . import peft_prefix
+from .hub import download, hub_model_id, is_hub
 from .prefix import TENSOR_NAME as PREFIX_TENSOR
 from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
-from ..core.utils import SoftpromptError, atomic_dir, check_dest, read_json, short
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

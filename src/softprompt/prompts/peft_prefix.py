@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from ..core.utils import SoftpromptError
 from .prefix import KIND, PrefixPrompt, from_flat, to_flat
 from .prompt import read_prompt_tensor
-from ..core.utils import SoftpromptError
 
 PEFT_TYPE = "PREFIX_TUNING"
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..base.families import hidden_size, kv_geometry
-from ..forward.hidden import prefix_kv
 from ..core.prompt_protocol import KeyValues
 from ..core.utils import SoftpromptError
+from ..forward.hidden import prefix_kv
 
 KIND = "prefix"
 TENSOR_NAME = "prefix_key_values"  # [L, 2, kv_heads, P, head_dim]

@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import PromptConfig
 from ..base.families import hidden_size
+from ..core.config import PromptConfig
+from ..core.inits import INITS, InitInputs, resolve
+from ..core.prompt_protocol import KeyValues, Prompt
+from ..core.utils import SoftpromptError, default_mode, read_json, short
+from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
 from .hub import download, is_hub
-from ..core.inits import INITS, InitInputs, resolve
-from ..data.labels import label_token_ids
 from .prefix import PrefixPrompt
-from ..core.prompt_protocol import KeyValues, Prompt
 from .recorded import CONFIG_FILE, WEIGHTS_FILE
-from ..core.utils import SoftpromptError, default_mode, read_json, short
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"

@@ -35,17 +35,17 @@ from typing import Any
 
 import torch
 
-from ..data.batching import Example
+from ..base.families import check_positions
+from ..base.models import load_model
 from ..core.config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                      from_args, to_dict)
+from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
+from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
 from ..evaluation.evaluate import evaluate
-from ..base.families import check_positions
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
-from ..base.models import load_model
 from .train import default_init_text, train
-from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
 
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",

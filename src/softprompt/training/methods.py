@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 import torch
 
-from ..core.config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
 from ..base.models import load_model
-from .prefix_method import PrefixTuning
-from ..prompts.prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
+from ..core.config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
 from ..core.prompt_protocol import Prompt
 from ..core.utils import SoftpromptError, atomic_dir, count_params, write_json
+from ..prompts.prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
+from .prefix_method import PrefixTuning
 
 MODEL_DIR = "model"  # where a full fine-tuning run saves its model, inside the run folder
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..core.config import ModelConfig, PromptConfig, TrainConfig
+from ..core.utils import SoftpromptError, count_params
 from ..prompts.prefix import PrefixPrompt, init_prefix
 from ..prompts.prompt import WEIGHTS_FILE, load_prompt, save_prompt
-from ..core.utils import SoftpromptError, count_params
 
 INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
 

@@ -26,23 +26,23 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batching import Batch, Example, batch_order, collate, pad_id
-from ..forward.classify import class_token_ids, single_token_classes
-from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
-from ..forward.cuda_graphs import GraphedStep
-from ..data.formatting import Formatter, load_splits
-from ..evaluation.evaluate import evaluate, format_eval
 from ..base.families import check_positions
-from ..forward.hidden import batch_loss
-from ..forward.paths import choose_path
-from ..core.inits import resolve
-from .methods import METHODS, Method
-from . import trackers as tracking
 from ..base.models import load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
+from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
+from ..core.inits import resolve
+from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
+from ..data.batching import Batch, Example, batch_order, collate, pad_id
+from ..data.formatting import Formatter, load_splits
+from ..evaluation.evaluate import evaluate, format_eval
+from ..forward.classify import class_token_ids, single_token_classes
+from ..forward.cuda_graphs import GraphedStep
+from ..forward.hidden import batch_loss
+from ..forward.paths import choose_path
+from . import trackers as tracking
+from .methods import METHODS, Method
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
                      plot_metrics, save_checkpoint, start_metrics)
-from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
 
 
 def default_init_text(fmt: Formatter) -> str:
@@ -126,7 +126,7 @@ class Run:
     hash_before: str
     # What a checkpoint restores: step, best score, evaluations without improvement, time, tokens.
     state: dict[str, Any]
-    path: str = "auto"                   # the forward path taken (forward_path.choose_path) ...
+    path: str = "auto"                   # the forward path taken (paths.choose_path) ...
     path_reason: str = ""                # ... and why
     graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
     trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)

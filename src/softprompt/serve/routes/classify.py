@@ -19,9 +19,9 @@ from ...data.labels import label_token_ids
 from ...prompts.recorded import fill_one
 from ..chat_input import render
 from ..context import Ctx, ServerContext
-from ..registry import Loaded
-from ..protocol import ApiError, ClassifyRequest
 from ..jobs import ClassifyJob
+from ..protocol import ApiError, ClassifyRequest
+from ..registry import Loaded
 
 router = APIRouter(tags=["softprompt"])
 
