@@ -95,7 +95,8 @@ def test_command_table_and_lazy_imports():
     sub = subprocess.run([sys.executable, "-c", code, "export-peft", "--help"], capture_output=True, text=True,
                          check=True)
     loaded = eval(sub.stdout.strip().splitlines()[-1])
-    assert "softprompt.prompts.peft_io" in loaded and "softprompt.training.train" not in loaded and "softprompt.serve" not in loaded
+    assert ("softprompt.prompts.peft_io" in loaded and "softprompt.training.train" not in loaded
+            and "softprompt.serve" not in loaded)
 
 
 def test_usage_errors_are_one_line(capsys):

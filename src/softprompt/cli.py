@@ -60,9 +60,11 @@ COMMANDS: dict[str, Command] = {
                      "API docs at /docs. Needs the serve extra."),
     "export-peft": Command("softprompt.prompts.peft_io", "write a prompt as a PEFT prompt-tuning adapter",
                            functions=("add_export_arguments", "run_export")),
-    "import-peft": Command("softprompt.prompts.peft_io", "convert a PEFT prompt-tuning adapter into a softprompt folder",
+    "import-peft": Command("softprompt.prompts.peft_io",
+                           "convert a PEFT prompt-tuning adapter into a softprompt folder",
                            functions=("add_import_arguments", "run_import")),
-    "push": Command("softprompt.prompts.hub_push", "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
+    "push": Command("softprompt.prompts.hub_push",
+                    "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
                     "Upload a prompt folder to a Hub model repository: softprompt's files and the run's records, "
                     "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
                     "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "
@@ -71,13 +73,15 @@ COMMANDS: dict[str, Command] = {
                        "lm-evaluation-harness with the softprompt model: lm_eval's own flags (--model_args "
                        "pretrained=MODEL,prompt=DIR --tasks T --include_path FOLDER ...), its Python API, "
                        "softprompt's scoring. Needs the lm-eval extra."),
-    "compare": Command("softprompt.training.compare", "prompt engineering vs prompt tuning vs full fine-tuning, measured",
+    "compare": Command("softprompt.training.compare",
+                       "prompt engineering vs prompt tuning vs full fine-tuning, measured",
                        "Run prompt engineering (zero-/k-shot), prompt tuning and full fine-tuning on one split; "
                        "report trainable parameters, artifact size, peak memory, training time, inference time per "
                        "example and quality as compare.md, compare.json and compare.png in --out. Prompt tuning "
                        "takes the train flags (--max-steps, --lr, ...); full fine-tuning the same ones with "
                        "--ft-lr/--ft-steps/--ft-batch-size."),
-    "ensemble": Command("softprompt.evaluation.ensemble", "score K prompts together: each alone, majority vote, mean log-prob",
+    "ensemble": Command("softprompt.evaluation.ensemble",
+                        "score K prompts together: each alone, majority vote, mean log-prob",
                         "Score every row of --data with K prompt folders in one batch per group of rows; report "
                         "each prompt's accuracy, the best single one, and the ensemble's by majority vote and by "
                         "mean log-probability.",

@@ -210,7 +210,8 @@ class TrainConfig:
                             "sequence), graphed (the packed step replayed as a CUDA graph: GPUs, one process), kv "
                             "(the prompt's keys/values computed once, shared by the rows), concat (the prompt "
                             "prepended to every row, as PEFT does); auto: graphed on a GPU, else packed where the "
-                            "model allows it, else kv (the run records the choice and why)", choices=list(FORWARD_PATHS))
+                            "model allows it, else kv (the run records the choice and why)",
+                            choices=list(FORWARD_PATHS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
     grad_accum: int = opt(1, "run each batch as N micro-batches of --batch-size/N rows, one after another, and take "
