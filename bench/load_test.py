@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from softprompt.config import ServeConfig
-    from softprompt.models import load_model
+    from softprompt.core.config import ServeConfig
+    from softprompt.base.models import load_model
     from softprompt.serve import Running, create_app
 
     if a.threads:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_and_dtype, load_bench_model, machine, sync, write_result  # noqa: E402
 from train_speed import TASKS, Path_, batches_for, initial_prompt, task_examples  # noqa: E402
 
-from softprompt.batching import pad_id  # noqa: E402
+from softprompt.data.batching import pad_id  # noqa: E402
 
 
 def profile_path(path: Path_, batches, dev) -> dict:

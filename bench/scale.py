@@ -4,7 +4,7 @@ in float32, bfloat16, 8-bit and 4-bit (bitsandbytes), each with and without acti
 
 The geometries get random weights (speed and memory do not depend on their values): written once as
 a bfloat16 safetensors checkpoint (norms 1, the rest N(0, 0.02)) beside the built-in tokenizer, and
-loaded through softprompt.models.load_model, the path a user's `--model DIR --dtype --quantize`
+loaded through softprompt.base.models.load_model, the path a user's `--model DIR --dtype --quantize`
 takes (transformers quantizes each tensor as it is read, so an 8B base never exists in full
 precision). Each cell runs in a fresh process: B=8 rows of 128 tokens, P=20, the LM loss on every
 token, AdamW; B=1 where B=8 cannot fit. A one-row, 16-token warm-up step (lazy kernels, optimiser
@@ -97,7 +97,7 @@ def random_checkpoint(name: str) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from softprompt.models import builtin_model_dir, cache_root
+    from softprompt.base.models import builtin_model_dir, cache_root
 
     dest = cache_root() / "bench" / f"{name}-random"
     if (dest / "model.safetensors.index.json").is_file():
@@ -130,12 +130,12 @@ def cell(spec: dict) -> dict:
     import torch
     from common import status_kb
 
-    from softprompt.batching import Batch
-    from softprompt.config import BUILTIN_MODEL, ModelConfig
-    from softprompt.forward import batch_loss
-    from softprompt.measure import peak_rss, reset_peak_rss
-    from softprompt.models import load_model, set_checkpointing
-    from softprompt.quantize import weight_bytes
+    from softprompt.data.batching import Batch
+    from softprompt.core.config import BUILTIN_MODEL, ModelConfig
+    from softprompt.forward.hidden import batch_loss
+    from softprompt.training.measure import peak_rss, reset_peak_rss
+    from softprompt.base.models import load_model, set_checkpointing
+    from softprompt.base.quantize import weight_bytes
 
     torch.manual_seed(0)
     dtype, quantize = SETTINGS[spec["setting"]]

@@ -29,8 +29,8 @@ def make_prompts(model, tok, root: Path, count: int, virtual_tokens: int, model_
                  meta: dict | None = None) -> list[str]:
     """`count` soft prompts text-initialised from TASKS, saved under root/task{k} as any trained
     prompt is; returns their names."""
-    from softprompt.config import PromptConfig
-    from softprompt.prompt import init_prompt, save_prompt
+    from softprompt.core.config import PromptConfig
+    from softprompt.prompts.prompt import init_prompt, save_prompt
 
     names = []
     for k in range(count):

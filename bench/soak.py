@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_prompts(a, root: Path) -> tuple[list[str], Path]:
     """Three prompts to serve (the first with labels, for classify) and one for the admin churn."""
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(a.model)
     names = make_prompts(model, tok, root, 4, 20, a.model, {"labels": LABELS})

@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED, device_and_dtype, load_bench_model, machine, sync, write_result  # noqa: E402
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
-from softprompt.batching import collate, pad_id  # noqa: E402
-from softprompt.data import load_splits  # noqa: E402
-from softprompt.evaluate import evaluate  # noqa: E402
-from softprompt.prompt import SoftPrompt, init_prompt  # noqa: E402
-from softprompt.train import train  # noqa: E402
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
+from softprompt.data.batching import collate, pad_id  # noqa: E402
+from softprompt.data.formatting import load_splits  # noqa: E402
+from softprompt.evaluation.evaluate import evaluate  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, init_prompt  # noqa: E402
+from softprompt.training.train import train  # noqa: E402
 
 DATA = dict(data=str(SHARED / "sst2" / "train.tsv"), eval_data=str(SHARED / "sst2" / "dev.tsv"),
             template="Review: {sentence}\nSentiment:", labels="negative,positive")

@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ACTS, RESULTS, SST2, PeakMemory, count_flops, device_and_dtype, fmt_row,  # noqa: E402
                     load_bench_model, machine, matmul_peak_gflops, median, sync, write_result)
 
-from softprompt.config import DataConfig  # noqa: E402
-from softprompt.batching import batch_order, collate, pad_id  # noqa: E402
-from softprompt.data import load_splits  # noqa: E402
-from softprompt.forward import batch_loss, needed_inputs  # noqa: E402
-from softprompt.cuda_graphs import DenseLayout, GraphedStep  # noqa: E402
-from softprompt.packing import packable  # noqa: E402
+from softprompt.core.config import DataConfig  # noqa: E402
+from softprompt.data.batching import batch_order, collate, pad_id  # noqa: E402
+from softprompt.data.formatting import load_splits  # noqa: E402
+from softprompt.forward.cuda_graphs import DenseLayout, GraphedStep  # noqa: E402
+from softprompt.forward.hidden import batch_loss, needed_inputs  # noqa: E402
+from softprompt.forward.packing import packable  # noqa: E402
 
 TASKS = {"acts": ACTS, "sst2": SST2}
 

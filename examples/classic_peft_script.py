@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-from softprompt.models import builtin_model_dir
+from softprompt.base.models import builtin_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "awesome-chatgpt-prompts" / "prompts.csv"

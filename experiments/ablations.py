@@ -56,14 +56,14 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
-    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-    from softprompt.data import load_splits
-    from softprompt.ensemble import ensemble_report, ensemble_scores, format_report
-    from softprompt.evaluate import evaluate
-    from softprompt.models import load_model
-    from softprompt.prompt import load_prompt
-    from softprompt.train import train
-    from softprompt.utils import atomic_write_text, write_json
+    from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+    from softprompt.data.formatting import load_splits
+    from softprompt.evaluation.ensemble import ensemble_report, ensemble_scores, format_report
+    from softprompt.evaluation.evaluate import evaluate
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prompt import load_prompt
+    from softprompt.training.train import train
+    from softprompt.core.utils import atomic_write_text, write_json
 
     out = Path(args.out)
     mcfg = ModelConfig(model=args.model, device=args.device)

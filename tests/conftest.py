@@ -86,7 +86,7 @@ def model_dir(request, llama_dir, bloom_dir) -> Path:
 
 @pytest.fixture
 def tiny(model_dir):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     return load_model(str(model_dir))
 

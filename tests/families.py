@@ -1,7 +1,7 @@
 """Tiny random configs of the model families softprompt supports: hidden 32, 2 layers, 4 heads.
 
 A new family is one entry here (its config class and the names it gives the common sizes) plus,
-if it needs one, its quirk in src/softprompt/families.py. Sliding-window families appear twice:
+if it needs one, its quirk in src/softprompt/base/families.py. Sliding-window families appear twice:
 with a window shorter than the test prompt and with one longer than it.
 """
 from __future__ import annotations

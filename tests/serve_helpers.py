@@ -33,8 +33,8 @@ def served(llama_dir, root, specs: dict[str, tuple[int, float, dict]], cfg, seed
     import httpx
     import torch
 
-    from softprompt.models import load_model
-    from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt
 
     model, tok = load_model(str(llama_dir))
     H = model.config.hidden_size

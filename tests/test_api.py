@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import softprompt
-from softprompt.batching import collate
-from softprompt.config import DataConfig
-from softprompt.data import load_splits
-from softprompt.models import load_model
+from softprompt.base.models import load_model
+from softprompt.core.config import DataConfig
+from softprompt.data.batching import collate
+from softprompt.data.formatting import load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "src" / "softprompt" / "examples" / "countries.jsonl"
@@ -49,8 +49,8 @@ def test_import_is_lazy_and_version_is_printed():
 
 
 def test_train_evaluate_generate_are_callable_and_still_modules():
-    import softprompt.evaluate as evaluate_module
-    import softprompt.train as train_module
+    import softprompt.evaluation.evaluate as evaluate_module
+    import softprompt.training.train as train_module
 
     assert softprompt.train is train_module and callable(softprompt.train)
     assert hasattr(train_module, "setup") and hasattr(evaluate_module, "eval_prompt")
@@ -284,7 +284,7 @@ def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
     """The card's Python block, run as written (the model id and text filled in), prints the tokens
     `softprompt generate` gives."""
     pytest.importorskip("peft")
-    from softprompt.hub_push import prepare_upload
+    from softprompt.prompts.hub_push import prepare_upload
 
     model, tok = load_model(str(llama_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=5)
@@ -300,7 +300,7 @@ def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
 
 
 def test_push_to_hub_uploads_what_softprompt_push_does(llama_dir, tmp_path, monkeypatch):
-    import softprompt.hub_push as hub
+    import softprompt.prompts.hub_push as hub
 
     model, tok = load_model(str(llama_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok)
@@ -318,7 +318,7 @@ def test_push_to_hub_uploads_what_softprompt_push_does(llama_dir, tmp_path, monk
 
 
 def test_from_pretrained_reads_a_peft_adapter_folder(llama_dir, tmp_path):
-    from softprompt.peft_io import export_peft
+    from softprompt.prompts.peft_io import export_peft
 
     model, tok = load_model(str(llama_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok, seed=6)

@@ -3,12 +3,12 @@ real data from ../shared/data. The first use converts the GGUF file once (~20 s)
 import pytest
 import torch
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.data import load_splits
-from softprompt.evaluate import accuracy
-from softprompt.forward import text_hidden
-from softprompt.models import load_model
-from softprompt.train import train
+from softprompt.base.models import load_model
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.data.formatting import load_splits
+from softprompt.evaluation.evaluate import accuracy
+from softprompt.forward.hidden import text_hidden
+from softprompt.training.train import train
 
 from conftest import SHARED
 

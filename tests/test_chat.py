@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from softprompt.batching import collate, pad_id
-from softprompt.chat import chat_example
-from softprompt.config import DataConfig
-from softprompt.data import load_splits
-from softprompt.evaluate import eval_loss
-from softprompt.utils import SoftpromptError
+from softprompt.core.config import DataConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.data.batching import collate, pad_id
+from softprompt.data.chat import chat_example
+from softprompt.data.formatting import load_splits
+from softprompt.evaluation.evaluate import eval_loss
 
 # ChatML as SmolLM2 writes it, default system prompt included: a template that adds text of its own.
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -77,7 +77,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tok_dir):
 def test_messages_file_loss_equals_hf_loss_on_assistant_labels(llama_dir, tmp_path):
     """A JSONL of conversations is found by its `messages` column; its held-out loss (no prompt) is
     HF's own loss with labels on the assistant tokens and -100 elsewhere."""
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     rows = [{"messages": TALK}, {"messages": TALK[:2]}, {"messages": [{"role": "system", "content": "Terse."}, *TALK[2:]]}]

@@ -9,13 +9,13 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from families import tiny_config
-from softprompt.batching import collate
-from softprompt.config import DataConfig
-from softprompt.data import Formatter
-from softprompt.forward import batch_loss
-from softprompt.models import set_checkpointing
-from softprompt.prompt import SoftPrompt, load_prompt
-from softprompt.train import train
+from softprompt.base.models import set_checkpointing
+from softprompt.core.config import DataConfig
+from softprompt.data.batching import collate
+from softprompt.data.formatting import Formatter
+from softprompt.forward.hidden import batch_loss
+from softprompt.prompts.prompt import SoftPrompt, load_prompt
+from softprompt.training.train import train
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.\nPrompt: explain"]
 # One of each kind: packed (Llama, GPT-2), prompt-KV (BLOOM, Mistral's short window), dropout in the config (GPT-2).

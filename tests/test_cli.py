@@ -91,11 +91,12 @@ def test_command_table_and_lazy_imports():
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('softprompt.')))")
     top = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=True)
-    assert eval(top.stdout.strip().splitlines()[-1]) == ["softprompt.cli", "softprompt.utils"]
+    assert eval(top.stdout.strip().splitlines()[-1]) == ["softprompt.cli", "softprompt.core", "softprompt.core.utils"]
     sub = subprocess.run([sys.executable, "-c", code, "export-peft", "--help"], capture_output=True, text=True,
                          check=True)
     loaded = eval(sub.stdout.strip().splitlines()[-1])
-    assert "softprompt.peft_io" in loaded and "softprompt.train" not in loaded and "softprompt.serve" not in loaded
+    assert ("softprompt.prompts.peft_io" in loaded and "softprompt.training.train" not in loaded
+            and "softprompt.serve" not in loaded)
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -133,7 +134,7 @@ def test_row12_generate_refuses_bad_budget_and_nan_prompt(llama_dir, tmp_path, c
     """Issue 17 row 12: both exited 0 with empty output."""
     import torch
 
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     assert main(["generate", "--model", str(llama_dir), "--max-new-tokens", "-1", "hello"]) == 2
     assert capsys.readouterr().err == "softprompt: error: --max-new-tokens must be at least 1 (got -1)\n"

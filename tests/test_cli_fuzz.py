@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from softprompt.cli import COMMANDS, build_parser, main  # noqa: E402
-from softprompt.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig,  # noqa: E402
+from softprompt.core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig,  # noqa: E402
                                ServeConfig, TrainConfig, from_args)
-from softprompt.utils import SoftpromptError  # noqa: E402
+from softprompt.core.utils import SoftpromptError  # noqa: E402
 
 CONFIGS = (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig, CompareConfig, ServeConfig)
 FUZZ = dict(deadline=None, derandomize=True, database=None,

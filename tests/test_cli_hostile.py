@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from softprompt.cli import main
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.prompt import SoftPrompt, load_prompt, save_prompt
-from softprompt.train import train
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.training.train import train
 
 
 def one_error_line(capsys, *needles: str) -> str:
@@ -154,7 +154,7 @@ def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_p
         one_error_line(capsys, "is a file, not a folder")
     assert f.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["existing_file"]
     # The library's atomic folder itself refuses a file and leaves no hidden sibling.
-    from softprompt.utils import SoftpromptError, atomic_dir
+    from softprompt.core.utils import SoftpromptError, atomic_dir
 
     with pytest.raises(SoftpromptError, match="is a file"):
         with atomic_dir(f) as tmp:
@@ -202,7 +202,7 @@ def test_N8_resume_refuses_changed_settings(llama_dir, data_csv, half_run, capsy
 # ---------------------------------------------------------------- N9: two runs on one --out
 
 def test_N9_second_train_on_a_held_out_fails(llama_dir, data_csv, tmp_path, capsys):
-    from softprompt.rundir import RunLock
+    from softprompt.training.rundir import RunLock
 
     out = tmp_path / "run"
     held = RunLock(out)  # what a first run holds while it trains
@@ -285,7 +285,7 @@ def test_N11_plain_aliases_still_work(tmp_path):
     cfg.write_text("base: &b {lr: 0.01, batch_size: 4}\nTrainConfig: *b\nDataConfig: {labels: &w 'no,yes'}\n")
     assert read_config(cfg)["TrainConfig"] == {"lr": 0.01, "batch_size": 4}
     cfg.write_text("a: &a [1, *a]\n")  # an alias inside its own anchor: infinite
-    from softprompt.utils import SoftpromptError
+    from softprompt.core.utils import SoftpromptError
 
     with pytest.raises(SoftpromptError, match="aliases expand"):
         read_config(cfg)
@@ -327,12 +327,12 @@ def test_D3_train_unwritable_out_is_one_line(llama_dir, data_csv, tmp_path, wher
 def test_D3_full_disk_is_one_line(llama_dir, data_csv, tmp_path, monkeypatch, capsys):
     import errno
 
-    import softprompt.train
+    import softprompt.training.train
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
 
-    monkeypatch.setattr(softprompt.train, "append_metrics", full)
+    monkeypatch.setattr(softprompt.training.train, "append_metrics", full)
     assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--log-every", "1")) == 2
     one_error_line(capsys, "No space left on device", "metrics.jsonl")
 
@@ -420,8 +420,8 @@ def test_L7_csv_with_a_utf8_bom_reads_its_first_column(llama_dir, data_csv, tmp_
 
 
 def test_L8_null_text_is_skipped_with_a_warning(llama_dir, tmp_path, capsys):
-    from softprompt.data import load_splits
-    from softprompt.models import load_model
+    from softprompt.data.formatting import load_splits
+    from softprompt.base.models import load_model
 
     rows = [{"sentence": None if i in (2, 6) else f"text {i}", "label": i % 2} for i in range(12)]
     p = tmp_path / "d.jsonl"

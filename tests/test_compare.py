@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import ROOT
+from softprompt.base.models import load_model
 from softprompt.cli import main
-from softprompt.compare import build_context, compare, pick_shots, shot_text, with_context
-from softprompt.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.data import load_splits
-from softprompt.models import load_model
-from softprompt.train import train
-from softprompt.utils import SoftpromptError, count_params, weights_hash
+from softprompt.core.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.utils import SoftpromptError, count_params, weights_hash
+from softprompt.data.formatting import load_splits
+from softprompt.training.compare import build_context, compare, pick_shots, shot_text, with_context
+from softprompt.training.train import train
 
 
 def _cls_cfgs(model_dir, data, out, **ckw):

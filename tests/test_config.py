@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from softprompt.cli import main
-from softprompt.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig,
+from softprompt.core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig,
                                TrainConfig)
-from softprompt.utils import SoftpromptError
+from softprompt.core.utils import SoftpromptError
 
 NAN = float("nan")
 

@@ -87,7 +87,7 @@ def test_shipped_example_configs_are_valid_train_configs(name):
     from conftest import ROOT
 
     from softprompt.cli import build_parsers
-    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, from_args
+    from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, from_args
     from softprompt.configfile import apply_config, read_config
 
     path = ROOT / "examples" / name

@@ -5,12 +5,12 @@ itself runs on a GPU only (bench/gpu_check.sh checks graph replay against the ea
 import pytest
 import torch
 
-from softprompt.batching import collate
-from softprompt.config import DataConfig
-from softprompt.cuda_graphs import DenseLayout, bucket, dense_loss
-from softprompt.data import Formatter
-from softprompt.forward import batch_loss
-from softprompt.prompt import SoftPrompt
+from softprompt.core.config import DataConfig
+from softprompt.data.batching import collate
+from softprompt.data.formatting import Formatter
+from softprompt.forward.cuda_graphs import DenseLayout, bucket, dense_loss
+from softprompt.forward.hidden import batch_loss
+from softprompt.prompts.prompt import SoftPrompt
 
 
 def test_buckets_are_four_per_octave_and_cover_n():
@@ -31,7 +31,7 @@ def _batches(tok):
 
 
 def test_dense_layout_loss_and_gradient_equal_the_packed_path(llama_dir):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     for name, b, class_ids in _batches(tok):
@@ -74,10 +74,10 @@ def test_the_training_path_and_why_are_chosen_and_recorded(tiny, countries_csv, 
     impossible request is one clear error; the run records what it took and why."""
     import json
 
-    from softprompt.config import ModelConfig, PromptConfig, TrainConfig
-    from softprompt.forward_path import choose_path as training_path
-    from softprompt.train import train
-    from softprompt.utils import SoftpromptError
+    from softprompt.core.config import ModelConfig, PromptConfig, TrainConfig
+    from softprompt.forward.paths import choose_path as training_path
+    from softprompt.training.train import train
+    from softprompt.core.utils import SoftpromptError
 
     model, tok = tiny
     packs = model.config.model_type == "llama"

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from softprompt.config import DataConfig
-from softprompt.batching import batch_order, collate
-from softprompt.data import Formatter, load_splits, read_rows
-from softprompt.utils import SoftpromptError
+from softprompt.core.config import DataConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.data.batching import batch_order, collate
+from softprompt.data.formatting import Formatter, load_splits, read_rows
 
 
 def _write(tmp_path, name, text):

@@ -8,10 +8,10 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from softprompt.config import DataConfig
-from softprompt.data import load_splits
-from softprompt.datasource import read_rows, take
-from softprompt.utils import SoftpromptError
+from softprompt.core.config import DataConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.data.datasource import read_rows, take
+from softprompt.data.formatting import load_splits
 
 ROWS = [{"sentence": f"film number {i} was {'good' if i % 3 else 'bad'}", "label": int(i % 3 != 0)} for i in range(30)]
 DEV = [{"sentence": f"dev film {i} was {'fine' if i % 2 else 'dull'}", "label": i % 2} for i in range(8)]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from softprompt.config import PromptConfig
-from softprompt.models import load_model
-from softprompt.prompt import init_prompt, load_prompt
+from softprompt.base.models import load_model
+from softprompt.core.config import PromptConfig
+from softprompt.prompts.prompt import init_prompt, load_prompt
 
 TIMEOUT = 300  # seconds per run: a hung collective must fail the test, not stall the suite
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

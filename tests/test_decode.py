@@ -2,9 +2,9 @@
 their own settings give exactly what each gives alone."""
 import torch
 
-from softprompt.config import GenerateConfig
-from softprompt.decode import DecodeBatch, PromptKV
-from softprompt.generate import generate_batch
+from softprompt.core.config import GenerateConfig
+from softprompt.generation.decode import DecodeBatch, PromptKV
+from softprompt.generation.generate import generate_batch
 
 
 def _rows(model, tok):
@@ -76,8 +76,8 @@ def test_mixed_sampling_settings_in_one_batch_equal_alone(tiny):
 def test_static_slots_equal_the_growing_cache(llama_dir):
     """The static-slot engine (CUDA-graph replay on GPUs; run eagerly here) gives DecodeBatch's
     tokens, with rows joining mid-decode and the slots and columns growing into larger buckets."""
-    from softprompt.models import load_model
-    from softprompt.static_decode import StaticDecodeBatch, supported
+    from softprompt.base.models import load_model
+    from softprompt.generation.static_decode import StaticDecodeBatch, supported
 
     model, tok = load_model(str(llama_dir))
     assert supported(model)
@@ -104,7 +104,7 @@ def test_static_step_runs_on_the_meta_device(llama_dir):
     """The captured step has no data-dependent host operations (they fail on meta tensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from softprompt.static_decode import StaticDecodeBatch
+    from softprompt.generation.static_decode import StaticDecodeBatch
 
     cfg = AutoConfig.from_pretrained(llama_dir)
     with torch.device("meta"):

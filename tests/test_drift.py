@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.models import load_model
-from softprompt.train import train
+from softprompt.base.models import load_model
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.training.train import train
 
 from conftest import EXAMPLES
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import EXAMPLES
-from softprompt import classify
 from softprompt.cli import main
-from softprompt.config import DataConfig
-from softprompt.data import load_splits
-from softprompt.ensemble import combine, ensemble_report, ensemble_scores
-from softprompt.classify import row_candidates
-from softprompt.evaluate import example_scores
-from softprompt.prompt import SoftPrompt, save_prompt
+from softprompt.core.config import DataConfig
+from softprompt.data.formatting import load_splits
+from softprompt.evaluation.ensemble import combine, ensemble_report, ensemble_scores
+from softprompt.evaluation.evaluate import example_scores
+from softprompt.forward import classify
+from softprompt.forward.classify import row_candidates
+from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
 # Continent names: one to several tokens each (both scoring paths); capital/language: one token each.
 LABELS = {"multi": ("Continent:", "Europe,Asia,Africa,Oceania,North America,South America", "continent"),
@@ -86,8 +86,8 @@ def test_ensemble_cli(llama_dir, countries_csv, tmp_path, capsys):
 @pytest.mark.slow
 def test_one_batch_equals_alone_on_the_builtin_model():
     from conftest import SHARED
-    from softprompt.config import ModelConfig
-    from softprompt.models import load_model
+    from softprompt.core.config import ModelConfig
+    from softprompt.base.models import load_model
 
     model, tok = load_model(ModelConfig(device="cpu"))
     fmt, ex, _ = load_splits(DataConfig(data=str(SHARED / "sst2" / "dev.tsv"), template="Review: {sentence}\\nSentiment:",

@@ -1,9 +1,9 @@
 """Evaluation: the label tokens' loss read off the label scores (lm_loss) equals the separate loss pass."""
 import torch
 
-from softprompt.config import DataConfig
-from softprompt.data import load_splits
-from softprompt.evaluate import accuracy, eval_loss, evaluate
+from softprompt.core.config import DataConfig
+from softprompt.data.formatting import load_splits
+from softprompt.evaluation.evaluate import accuracy, eval_loss, evaluate
 from conftest import EXAMPLES
 
 
@@ -27,8 +27,8 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     scored with its own candidates, exactly as when scored alone (not with the first row's)."""
     import json
 
-    from softprompt.classify import row_candidates
-    from softprompt.evaluate import example_scores
+    from softprompt.forward.classify import row_candidates
+    from softprompt.evaluation.evaluate import example_scores
 
     model, tok = tiny
     rows = [{"t": "Review: a great movie\nSentiment:", "y": 1}, {"t": "Review: a dull film\nSentiment: ", "y": 0},

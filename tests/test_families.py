@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from families import FAMILIES, tiny_config
-from softprompt.batching import collate
-from softprompt.config import DataConfig, GenerateConfig
-from softprompt.data import Formatter
-from softprompt.forward import batch_loss, logits, text_hidden
-from softprompt.generate import generate_batch
+from softprompt.core.config import DataConfig, GenerateConfig
+from softprompt.data.batching import collate
+from softprompt.data.formatting import Formatter
+from softprompt.forward.hidden import batch_loss, logits, text_hidden
+from softprompt.generation.generate import generate_batch
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.", "x"]
 P = 5
@@ -34,7 +34,7 @@ def family_dirs(tok_dir, tmp_path_factory):
 
 
 def _load(family_dirs, name):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     return load_model(str(family_dirs[name]))
 
@@ -79,8 +79,8 @@ def test_prompt_path_equals_reference_and_zero_prompt_equals_base(family_dirs, n
 def test_exported_prompt_gives_peft_the_same_logits(family_dirs, name, tmp_path):
     from peft import PeftModel
 
-    from softprompt.peft_io import export_peft
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.peft_io import export_peft
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     model, tok = _load(family_dirs, name)
     torch.manual_seed(2)

@@ -1,11 +1,11 @@
 """Numerical parity of the prompt path on tiny Llama (RoPE) and BLOOM (ALiBi) models."""
 import torch
 
-from softprompt.config import DataConfig, PromptConfig
-from softprompt.batching import collate
-from softprompt.data import Formatter
-from softprompt.forward import batch_loss, next_token_logprobs, text_hidden
-from softprompt.prompt import SoftPrompt, init_prompt
+from softprompt.core.config import DataConfig, PromptConfig
+from softprompt.data.batching import collate
+from softprompt.data.formatting import Formatter
+from softprompt.forward.hidden import batch_loss, next_token_logprobs, text_hidden
+from softprompt.prompts.prompt import SoftPrompt, init_prompt
 
 
 def _batch(tok, texts):
@@ -67,7 +67,7 @@ def test_loss_equals_hf_labels_loss(tiny):
 def test_trailing_target_is_not_run_and_loss_is_unchanged(tiny):
     """A row's last supervised token (the label word here) is only a target: the decoder never
     sees it, and the loss still equals the full-logits HF loss over the untrimmed batch."""
-    from softprompt.forward import needed_inputs
+    from softprompt.forward.hidden import needed_inputs
 
     model, tok = tiny
     fmt = Formatter(DataConfig(template="Review: {s}\\nSentiment:", labels="negative,positive", label_col="y"), tok)
@@ -142,7 +142,7 @@ def test_frozen_head_cross_entropy_matches_autograd():
 
     import torch.nn.functional as F
 
-    from softprompt import forward
+    from softprompt.forward import hidden as forward
 
     torch.manual_seed(0)
     N, H, V = 37, 16, 50
@@ -182,7 +182,7 @@ def _three_paths(model, tok):
 
 
 def test_packed_and_prompt_kv_paths_equal_straightforward(tiny):
-    from softprompt.packing import packable
+    from softprompt.forward.packing import packable
 
     model, tok = tiny
     b = _batch(tok, TEXTS)
@@ -201,7 +201,7 @@ def test_packed_and_prompt_kv_paths_equal_straightforward(tiny):
 
 
 def test_packing_refuses_left_padding(tiny):
-    from softprompt.packing import packable
+    from softprompt.forward.packing import packable
 
     model, _ = tiny
     assert not packable(model, torch.tensor([[0, 1, 1], [1, 1, 1]]))
@@ -209,7 +209,7 @@ def test_packing_refuses_left_padding(tiny):
 
 def test_the_forward_paths_take_a_prompt_object_or_its_embeddings_alike(tiny):
     """Read through the Prompt protocol: the same states whether given the prompt or its tensor."""
-    from softprompt.forward import mixed_hidden, text_hidden
+    from softprompt.forward.hidden import mixed_hidden, text_hidden
 
     model, tok = tiny
     p = init_prompt(model, tok, PromptConfig(virtual_tokens=3, init="vocab"))

@@ -95,9 +95,9 @@ def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):
     httpx = pytest.importorskip("httpx")
     from serve_helpers import running
 
-    from softprompt.config import ServeConfig
-    from softprompt.models import load_model
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.core.config import ServeConfig
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     model, tok = load_model(str(llama_dir))
     embeds = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -141,9 +141,9 @@ def test_eval_limit_help_speaks_of_scored_rows():
 
 
 def test_classification_loss_is_over_the_label_words(tiny):
-    from softprompt.config import DataConfig
-    from softprompt.data import load_splits
-    from softprompt.evaluate import eval_loss, evaluate, example_scores
+    from softprompt.core.config import DataConfig
+    from softprompt.data.formatting import load_splits
+    from softprompt.evaluation.evaluate import eval_loss, evaluate, example_scores
 
     from conftest import EXAMPLES
 
@@ -275,9 +275,9 @@ def test_written_files_and_folders_follow_the_umask(umask, llama_dir, tmp_path):
 # ---------------------------------------------------------------- 6: PEFT and Hub interop
 
 def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path):
-    from softprompt.hub_push import prepare_upload
-    from softprompt.peft_io import export_peft
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.hub_push import prepare_upload
+    from softprompt.prompts.peft_io import export_peft
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     d = save_prompt(SoftPrompt(torch.zeros(2, 8)), tmp_path / "p", {"model": "smollm2-135m-instruct", "init": "random"})
     exported = json.loads((export_peft(d, tmp_path / "peft") / "adapter_config.json").read_text())
@@ -290,8 +290,8 @@ def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path
 def test_model_card_names_hub_data_shows_the_template_and_has_model_index(data, tmp_path):
     from huggingface_hub import ModelCard
 
-    from softprompt.hub_push import prepare_upload
-    from softprompt.prompt import SoftPrompt, save_prompt
+    from softprompt.prompts.hub_push import prepare_upload
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
 
     template = "Review: {sentence}\\nSentiment:"
     meta = {"model": "smollm2-135m-instruct", "task": "classify", "template": template, "labels": ["a", "b"],
@@ -340,8 +340,8 @@ def test_lm_eval_passes_its_output_flags_through(llama_dir, tmp_path, capsys):
 def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from softprompt.config import DataConfig
-    from softprompt.data import load_splits
+    from softprompt.core.config import DataConfig
+    from softprompt.data.formatting import load_splits
 
     data = tmp_path / "chat.jsonl"
     conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -354,7 +354,7 @@ def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
 def test_generate_takes_a_system_message_and_conversations(llama_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from softprompt.generate import encode_for_generation
+    from softprompt.generation.generate import encode_for_generation
 
     tok = AutoTokenizer.from_pretrained(llama_dir)
     assert tok.decode(encode_for_generation(tok, "hi", system="Be brief.")) == \

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from softprompt.config import PromptConfig
-from softprompt.models import load_model
-from softprompt.prompt import init_prompt, load_prompt
+from softprompt.base.models import load_model
+from softprompt.core.config import PromptConfig
+from softprompt.prompts.prompt import init_prompt, load_prompt
 from test_ddp import _run
 
 

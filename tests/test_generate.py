@@ -2,9 +2,9 @@
 and the no-prompt path equals transformers' own greedy generate."""
 import torch
 
-from softprompt.config import GenerateConfig
-from softprompt.decode import PromptKV
-from softprompt.generate import generate_batch
+from softprompt.core.config import GenerateConfig
+from softprompt.generation.decode import PromptKV
+from softprompt.generation.generate import generate_batch
 
 
 def test_mixed_batch_equals_one_at_a_time_and_reference(tiny):
@@ -54,7 +54,7 @@ def test_sampling_is_seeded_and_penalty_changes_output(tiny):
 
 
 def test_step_wise_decoding_per_row_budgets_seeds_and_early_stop(tiny):
-    from softprompt.decode import DecodeBatch
+    from softprompt.generation.decode import DecodeBatch
 
     def run(rows, cfg, **kw):
         dec = DecodeBatch(model, tok)

@@ -3,11 +3,11 @@ batch of B, on every forward path and both losses, and `--batch-size` stays the 
 import json
 
 import pytest
-from softprompt.config import PromptConfig, TrainConfig
-from softprompt.models import load_model
-from softprompt.prompt import init_prompt, load_prompt
-from softprompt.train import train
-from softprompt.utils import SoftpromptError
+from softprompt.base.models import load_model
+from softprompt.core.config import PromptConfig, TrainConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.prompts.prompt import init_prompt, load_prompt
+from softprompt.training.train import train
 from test_train import _cfgs
 
 STEPS = 5

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from softprompt.cli import main
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.hub_push import prepare_upload
-from softprompt.prompt import load_prompt
-from softprompt.train import train
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.prompts.hub_push import prepare_upload
+from softprompt.prompts.prompt import load_prompt
+from softprompt.training.train import train
 
 peft = pytest.importorskip("peft")
 
@@ -86,7 +86,7 @@ def test_hf_uri_and_peft_read_the_hub_cache(run_dir, llama_dir, tmp_path, monkey
     # The server's prompt loader (serve --prompt NAME=hf://...) wraps the spec in a Path, which folds "//".
     from pathlib import Path
 
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
     from softprompt.serve.registry import read
 
     assert torch.equal(read(Path("hf://someone/countries-europe"), load_model(str(llama_dir))[0]).embeds, ours)

@@ -4,9 +4,9 @@ import json
 import torch
 
 from softprompt.cli import main
-from softprompt.config import PromptConfig
-from softprompt.interpret import inspect_prompt, nearest_tokens
-from softprompt.prompt import init_prompt, save_prompt
+from softprompt.core.config import PromptConfig
+from softprompt.evaluation.interpret import inspect_prompt, nearest_tokens
+from softprompt.prompts.prompt import init_prompt, save_prompt
 
 
 def test_text_init_prompt_finds_its_own_tokens(tiny):
@@ -28,7 +28,7 @@ def test_nearest_is_scale_invariant():
 
 
 def test_inspect_cli(llama_dir, tmp_path, capsys):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     p = init_prompt(model, tok, PromptConfig(virtual_tokens=2, init="text", init_text="Country"))

@@ -169,8 +169,8 @@ def test_export_push_and_peft_read_what_train_wrote(runs):
     import torch
     from peft import PeftModel
 
-    from softprompt.models import load_model
-    from softprompt.prompt import load_prompt
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prompt import load_prompt
 
     base, tok = load_model("smollm2-135m-instruct")
     for name in KINDS:

@@ -9,11 +9,11 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from softprompt.classify import continuation_logprobs  # noqa: E402
-from softprompt.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
-from softprompt.evaluate import eval_prompt  # noqa: E402
-from softprompt.lmeval_model import SoftpromptLM  # noqa: E402
-from softprompt.prompt import init_prompt, save_prompt  # noqa: E402
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
+from softprompt.evaluation.evaluate import eval_prompt  # noqa: E402
+from softprompt.evaluation.lmeval_model import SoftpromptLM  # noqa: E402
+from softprompt.forward.classify import continuation_logprobs  # noqa: E402
+from softprompt.prompts.prompt import init_prompt, save_prompt  # noqa: E402
 
 from conftest import SHARED  # noqa: E402
 
@@ -43,8 +43,8 @@ def _req(ctx, cont):
 
 
 def test_loglikelihood_is_softprompts_scoring(llama_dir, tmp_path):
-    from softprompt.classify import next_logprobs
-    from softprompt.models import load_model
+    from softprompt.forward.classify import next_logprobs
+    from softprompt.base.models import load_model
 
     _prompt(*load_model(str(llama_dir)), tmp_path / "p")
     lm = SoftpromptLM(pretrained=str(llama_dir), prompt=str(tmp_path / "p"), device="cpu", batch_size=2)
@@ -69,8 +69,8 @@ def test_loglikelihood_is_softprompts_scoring(llama_dir, tmp_path):
 def test_lm_eval_accuracy_equals_softprompt_eval_on_sst2_rows(tmp_path):
     """The built-in model with a (label-initialised) prompt: lm_eval's acc on 48 SST-2 dev rows is
     `softprompt eval`'s accuracy on the same rows, and every row's label scores agree."""
-    from softprompt.lmeval import evaluate_tasks
-    from softprompt.models import load_model
+    from softprompt.evaluation.lmeval import evaluate_tasks
+    from softprompt.base.models import load_model
 
     rows = [dict(zip(("sentence", "label"), l.split("\t"))) for l in
             (SHARED / "sst2" / "dev.tsv").read_text().splitlines()[1:49]]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from softprompt.measure import PeakMemory
+from softprompt.training.measure import PeakMemory
 
 
 def test_cpu_peak_counts_what_the_phase_allocated_and_not_what_it_freed_before():

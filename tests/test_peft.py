@@ -16,10 +16,10 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from softprompt.cli import main as cli_main  # noqa: E402
-from softprompt.forward import text_hidden  # noqa: E402
-from softprompt.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft  # noqa: E402
-from softprompt.prompt import TENSOR_NAME, SoftPrompt, load_prompt, save_prompt  # noqa: E402
-from softprompt.utils import SoftpromptError  # noqa: E402
+from softprompt.core.utils import SoftpromptError  # noqa: E402
+from softprompt.forward.hidden import text_hidden  # noqa: E402
+from softprompt.prompts.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft  # noqa: E402
+from softprompt.prompts.prompt import TENSOR_NAME, SoftPrompt, load_prompt, save_prompt  # noqa: E402
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
 TOL = 1e-5
@@ -200,10 +200,10 @@ def test_each_init_exports_as_its_peft_init_and_round_trips(init, llama_dir, tmp
     tensor PEFT holds comes back into softprompt bit-identical (vocab was once exported as RANDOM)."""
     from peft import PeftModel, PromptTuningInit
 
-    from softprompt.config import PromptConfig
-    from softprompt.inits import INITS
-    from softprompt.models import load_model
-    from softprompt.prompt import init_prompt
+    from softprompt.core.config import PromptConfig
+    from softprompt.core.inits import INITS
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prompt import init_prompt
 
     model, tok = load_model(str(llama_dir))
     prompt = init_prompt(model, tok, PromptConfig(6, init, init_text="Country facts"), ["no", "yes"], seed=3)
@@ -226,6 +226,6 @@ def test_each_init_exports_as_its_peft_init_and_round_trips(init, llama_dir, tmp
 def test_init_table_names_only_peft_inits():
     from peft import PromptTuningInit
 
-    from softprompt.inits import INITS
+    from softprompt.core.inits import INITS
 
     assert {i.peft for i in INITS.values()} <= {m.value for m in PromptTuningInit}

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from softprompt.batching import collate
-from softprompt.config import DataConfig, ModelConfig
-from softprompt.data import Formatter
-from softprompt.forward import batch_loss
-from softprompt.models import cpu_has_native_half, load_model, resolve_dtype
-from softprompt.prompt import SoftPrompt
-from softprompt.train import loss_step, batches, setup
+from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
+from softprompt.core.config import DataConfig, ModelConfig
+from softprompt.data.batching import collate
+from softprompt.data.formatting import Formatter
+from softprompt.forward.hidden import batch_loss
+from softprompt.prompts.prompt import SoftPrompt
+from softprompt.training.train import loss_step, batches, setup
 from test_train import _cfgs
 
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher.\nPrompt: explain"]

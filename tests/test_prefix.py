@@ -10,12 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from families import tiny_config
-from softprompt.families import kv_geometry
-from softprompt.forward import batch_loss, text_hidden
-from softprompt.forward_path import choose_path
-from softprompt.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
-from softprompt.prompt import load_prompt, save_prompt
-from softprompt.utils import SoftpromptError
+from softprompt.base.families import kv_geometry
+from softprompt.core.utils import SoftpromptError
+from softprompt.forward.hidden import batch_loss, text_hidden
+from softprompt.forward.paths import choose_path
+from softprompt.prompts.prefix import PrefixPrompt, from_flat, init_prefix, to_flat
+from softprompt.prompts.prompt import load_prompt, save_prompt
 
 peft = pytest.importorskip("peft")
 
@@ -156,7 +156,7 @@ def test_projection_starts_at_its_init_and_folds(tok_dir):
 # ---------------------------------------------------------------- train --method prefix
 
 def train_cfgs(model_dir, data, out, **tkw):
-    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+    from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 
     m = ModelConfig(model=str(model_dir), device="cpu")
     d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
@@ -179,9 +179,9 @@ def losses(run_dir):
 def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama_dir, countries_csv, tmp_path):
     import json
 
-    from softprompt.models import load_model
-    from softprompt.train import train
-    from softprompt.utils import weights_hash
+    from softprompt.base.models import load_model
+    from softprompt.training.train import train
+    from softprompt.core.utils import weights_hash
 
     model, tok = load_model(str(llama_dir))
     before = weights_hash(model)
@@ -224,7 +224,7 @@ def test_config_replay_keeps_the_method(llama_dir, countries_csv, tmp_path):
 
 
 def test_train_with_gradient_checkpointing_equals_without(llama_dir, countries_csv, tmp_path):
-    from softprompt.train import train
+    from softprompt.training.train import train
 
     for on in (False, True):
         s = train(*train_cfgs(llama_dir, countries_csv, tmp_path / str(on), gradient_checkpointing=on,
@@ -236,8 +236,8 @@ def test_train_with_gradient_checkpointing_equals_without(llama_dir, countries_c
 
 
 def init_prefix_of(model_dir) -> torch.Tensor:
-    from softprompt.config import PromptConfig
-    from softprompt.models import load_model
+    from softprompt.core.config import PromptConfig
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     return init_prefix(model, tok, PromptConfig(virtual_tokens=4, init="text", init_text="Facts about countries.")
@@ -245,7 +245,7 @@ def init_prefix_of(model_dir) -> torch.Tensor:
 
 
 def test_projection_with_method_prompt_is_one_error_line():
-    from softprompt.config import TrainConfig
+    from softprompt.core.config import TrainConfig
 
     with pytest.raises(SoftpromptError, match="--prefix-projection is for --method prefix"):
         TrainConfig(prefix_projection=True)
@@ -253,7 +253,7 @@ def test_projection_with_method_prompt_is_one_error_line():
 
 def test_gradient_checkpointing_gives_the_same_gradient(tok_dir):
     """The checkpointed layers keep the prefix's cache (PEFT refuses this: peft#869)."""
-    from softprompt.models import set_checkpointing
+    from softprompt.base.models import set_checkpointing
 
     model, tok = tiny("qwen2", tok_dir)
     cfg = SimpleNamespace(virtual_tokens=P, init="text", init_text="Act as a teacher.")
@@ -281,7 +281,7 @@ def test_export_to_peft_loads_in_peft_with_the_same_logits(family, tok_dir, tmp_
 
     from peft import PeftModel
 
-    from softprompt.peft_io import export_peft
+    from softprompt.prompts.peft_io import export_peft
 
     model, tok = tiny(family, tok_dir)
     model.save_pretrained(tmp_path / "base")
@@ -305,7 +305,7 @@ def test_export_to_peft_loads_in_peft_with_the_same_logits(family, tok_dir, tmp_
 def test_import_peft_prefix_with_projection(tok_dir, tmp_path):
     from peft import PrefixTuningConfig, get_peft_model
 
-    from softprompt.peft_io import import_peft
+    from softprompt.prompts.peft_io import import_peft
 
     model, tok = tiny("qwen2", tok_dir)
     model.save_pretrained(tmp_path / "base")
@@ -331,7 +331,7 @@ def test_import_peft_prefix_with_projection(tok_dir, tmp_path):
 def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
     import json
 
-    from softprompt.peft_io import export_peft, import_peft
+    from softprompt.prompts.peft_io import export_peft, import_peft
 
     model, tok = tiny("qwen2", tok_dir)
     pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=P, init="text", init_text="Act."))
@@ -356,7 +356,7 @@ def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
 
 def saved_pair(model, tok, root):
     """A random soft prompt and a random prefix for `model`, saved under root/soft and root/deep."""
-    from softprompt.prompt import SoftPrompt
+    from softprompt.prompts.prompt import SoftPrompt
 
     gen = torch.Generator().manual_seed(7)
     soft = save_prompt(SoftPrompt(torch.randn(4, model.config.hidden_size, generator=gen) * 0.5), root / "soft",
@@ -373,9 +373,9 @@ def test_generate_with_a_prefix_equals_peft_greedy(family, tok_dir, tmp_path):
     """A prefix's decoder cache is its keys and values: greedy tokens equal greedy decoding by PEFT's
     forward pass, re-run on the whole sequence each step. (PEFT 0.21.2's own generate() parts from its
     forward after the first token on transformers 5.24, so it is not the reference.)"""
-    from softprompt.config import GenerateConfig
-    from softprompt.decode import PromptKV
-    from softprompt.generate import generate_batch
+    from softprompt.core.config import GenerateConfig
+    from softprompt.generation.decode import PromptKV
+    from softprompt.generation.generate import generate_batch
 
     model, tok = tiny(family, tok_dir)
     pm, ours = peft_prefix(model)
@@ -393,9 +393,9 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
     import httpx
 
     from serve_helpers import gated, in_threads, running
-    from softprompt.config import GenerateConfig, ServeConfig
-    from softprompt.generate import generate_batch
-    from softprompt.models import load_model
+    from softprompt.core.config import GenerateConfig, ServeConfig
+    from softprompt.generation.generate import generate_batch
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     soft, deep = saved_pair(model, tok, tmp_path)
@@ -437,7 +437,7 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
 def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_dir, tmp_path, capsys,
                                                                          countries_csv):
     from softprompt.cli import main
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     soft, deep = saved_pair(model, tok, tmp_path)
@@ -453,9 +453,9 @@ def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_d
 
 def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
     """`eval` runs a prefix through the kv path: its loss differs from the untuned model's."""
-    from softprompt.config import DataConfig, ModelConfig
-    from softprompt.evaluate import eval_prompt
-    from softprompt.models import load_model
+    from softprompt.core.config import DataConfig, ModelConfig
+    from softprompt.evaluation.evaluate import eval_prompt
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     _, deep = saved_pair(model, tok, tmp_path)
@@ -467,8 +467,8 @@ def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
 
 
 def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
-    from softprompt.config import PromptConfig, TrainConfig
-    from softprompt.prefix_method import PrefixTuning
+    from softprompt.core.config import PromptConfig, TrainConfig
+    from softprompt.training.prefix_method import PrefixTuning
 
     model, tok = tiny("llama", tok_dir)
     t = TrainConfig(method="prefix")
@@ -486,9 +486,9 @@ def test_prefix_inits_file_and_refused_soft_prompt_inits(tok_dir, tmp_path):
 
 def test_generate_command_with_a_prefix(llama_dir, tmp_path):
     """`generate --prompt DIR --compare` on a prefix: the tuned answer is the prefix's greedy decode."""
-    from softprompt.config import GenerateConfig, ModelConfig
-    from softprompt.generate import generate_batch, generate_cmd
-    from softprompt.models import load_model
+    from softprompt.core.config import GenerateConfig, ModelConfig
+    from softprompt.generation.generate import generate_batch, generate_cmd
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     _, deep = saved_pair(model, tok, tmp_path)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from softprompt.config import PromptConfig
-from softprompt.prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
-from softprompt.utils import SoftpromptError
+from softprompt.core.config import PromptConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.prompts.prompt import SoftPrompt, init_prompt, load_prompt, save_prompt
 
 
 def test_every_init_strategy(tiny, tmp_path):
@@ -68,7 +68,7 @@ def test_corrupt_and_missing_prompt_files(tmp_path):
 def test_init_flag_choices_and_error_come_from_the_table(tiny):
     """--init's choices, its unknown-name error and the strategies init_prompt runs are one table."""
     from softprompt.cli import build_parser
-    from softprompt.inits import CHOICES, INITS
+    from softprompt.core.inits import CHOICES, INITS
 
     model, tok = tiny
     train = build_parser()._subparsers._group_actions[0].choices["train"]
@@ -86,7 +86,7 @@ def test_init_flag_choices_and_error_come_from_the_table(tiny):
 def test_labels_init_follows_the_label_spacing_rule(tiny):
     """The labels init takes the label words' tokens as rank classification does: after an input
     ending in a non-space with a leading space, after a newline without."""
-    from softprompt.classify import label_token_ids
+    from softprompt.forward.classify import label_token_ids
 
     model, tok = tiny
     emb = model.get_input_embeddings().weight.detach()
@@ -120,7 +120,7 @@ OLD_CONFIG = """{
 
 
 def test_a_folder_written_before_kinds_loads_as_a_soft_prompt_and_saves_its_kind(tmp_path):
-    from softprompt.prompt_protocol import Prompt
+    from softprompt.core.prompt_protocol import Prompt
 
     old = tmp_path / "old"
     old.mkdir()
@@ -152,8 +152,8 @@ def test_an_unknown_prompt_kind_is_one_clear_error(tmp_path):
 
 def test_the_soft_prompt_implements_the_prompt_protocol(tiny):
     """Its keys/values are the kv path's, its saved tensors the file's, its parameters what trains."""
-    from softprompt.forward import prefix_kv
-    from softprompt.prompt_protocol import embeds_of
+    from softprompt.forward.hidden import prefix_kv
+    from softprompt.core.prompt_protocol import embeds_of
 
     model, tok = tiny
     p = init_prompt(model, tok, PromptConfig(3, "vocab"))

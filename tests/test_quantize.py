@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from softprompt.batching import collate
-from softprompt.config import DataConfig, ModelConfig
-from softprompt.data import Formatter
-from softprompt.forward import batch_loss
-from softprompt.models import load_model
-from softprompt.prompt import SoftPrompt, load_prompt
-from softprompt.quantize import available, quantized_bits, weight_bytes
-from softprompt.utils import SoftpromptError
+from softprompt.base.models import load_model
+from softprompt.base.quantize import available, quantized_bits, weight_bytes
+from softprompt.core.config import DataConfig, ModelConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.data.batching import collate
+from softprompt.data.formatting import Formatter
+from softprompt.forward.hidden import batch_loss
+from softprompt.prompts.prompt import SoftPrompt, load_prompt
 
 needs_bnb = pytest.mark.skipif(not available(), reason="bitsandbytes is not installed (pip install 'softprompt[quant]')")
 TEXTS = ["Country: France\nFacts: capital=Paris", "Review: a dull film", "Act as a teacher."]
@@ -126,7 +126,7 @@ def test_prompt_moves_between_quantized_and_full_precision(llama_dir, countries_
 
 
 def test_missing_backend_is_one_clear_error(llama_dir, monkeypatch):
-    import softprompt.quantize as q
+    import softprompt.base.quantize as q
 
     monkeypatch.setattr(q, "available", lambda: False)
     with pytest.raises(SoftpromptError, match=r"--quantize 8bit needs the bitsandbytes package: pip install"):

@@ -60,13 +60,13 @@ PLACEHOLDERS = {"DIR1": "runs/sst2", "DIR2": "runs/sst2-again", "DIR3": "runs/ss
 PY_CONTEXT = {
     "import softprompt\n": "",
     "from softprompt import SoftPromptModel": (
-        "from softprompt.models import load_model\n"
+        "from softprompt.base.models import load_model\n"
         "base, tok = load_model('smollm2-135m-instruct')\n"
         "enc = tok(['Act as a chef.\\nPrompt:', 'Act as a poet.\\nPrompt: Write'], return_tensors='pt', padding=True)\n"
         "ids, mask = enc.input_ids, enc.attention_mask\n"
         "labels = ids.masked_fill(mask == 0, -100)\n"),
     "prompt = peft_model.get_prompt": (
-        "import torch\nfrom peft import PeftModel\nfrom softprompt.models import load_model\n"
+        "import torch\nfrom peft import PeftModel\nfrom softprompt.base.models import load_model\n"
         "base, tok = load_model('smollm2-135m-instruct')\n"
         "tok.padding_side = 'left'\n"
         "peft_model = PeftModel.from_pretrained(base, 'runs/acts-peft')\n"

@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.config import GenerateConfig, ServeConfig  # noqa: E402
-from softprompt.batching import Example, collate  # noqa: E402
-from softprompt.forward import row_logprobs  # noqa: E402
-from softprompt.generate import generate_batch  # noqa: E402
-from softprompt.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
+from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
+from softprompt.data.batching import Example, collate  # noqa: E402
+from softprompt.forward.hidden import row_logprobs  # noqa: E402
+from softprompt.generation.generate import generate_batch  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt  # noqa: E402
 from serve_helpers import gated, held_step, in_threads, metric, served, wait_depth  # noqa: E402
 
 TOKEN = "test-admin-token"
@@ -376,7 +376,7 @@ def test_serve_command_refuses_bad_prompts_in_one_line(spec, msg, llama_dir, tmp
 
     from softprompt.cli import main
     from softprompt.serve import add_arguments, run
-    from softprompt.utils import SoftpromptError
+    from softprompt.core.utils import SoftpromptError
 
     wrong = save_prompt(SoftPrompt(torch.zeros(2, 40)), tmp_path / "wrong", {})
     argv = ["--model", str(llama_dir), "--device", "cpu", "--prompt", spec.replace("WRONG", str(wrong))]
@@ -398,7 +398,7 @@ def test_serve_command_refuses_bad_timeouts_before_loading(flag, value, msg, tmp
     import argparse
 
     from softprompt.cli import main
-    from softprompt.config import from_args
+    from softprompt.core.config import from_args
     from softprompt.serve import add_arguments
 
     # A model that does not exist: the timeouts are refused before anything loads.

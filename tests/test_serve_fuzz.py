@@ -22,8 +22,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from softprompt.config import ServeConfig  # noqa: E402
-from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
+from softprompt.core.config import ServeConfig  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, save_prompt  # noqa: E402
 from softprompt.serve.protocol import (ChatCompletionRequest, ClassifyRequest, CompletionRequest,  # noqa: E402
                                        LoadPromptRequest)
 from serve_helpers import running  # noqa: E402
@@ -105,7 +105,7 @@ def body_strategy(path: str):
 
 @pytest.fixture(scope="module")
 def fz(llama_dir, tmp_path_factory):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     root = tmp_path_factory.mktemp("fuzz")

@@ -18,8 +18,8 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.config import ServeConfig  # noqa: E402
-from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
+from softprompt.core.config import ServeConfig  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, save_prompt  # noqa: E402
 from serve_helpers import (gated, held_step, in_threads, metric, raw_request, read_all, running, served,  # noqa: E402
                            wait_until)
 
@@ -103,7 +103,7 @@ def test_bad_requests_get_a_4xx_naming_the_field(hs, row, path, body, param, wor
 def test_row1_classify_work_is_bounded_by_one_batch_prefill(hs):
     """Label tokens times passes are capped at max_batch x max_input_tokens: the most labels
     under the cap are scored, one more is refused before anything is queued."""
-    from softprompt.classify import label_token_ids
+    from softprompt.forward.classify import label_token_ids
 
     text = "Review: a dull film, long and slow\nSentiment:"
     ids = hs.tok(text).input_ids

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.config import ServeConfig  # noqa: E402
-from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
+from softprompt.core.config import ServeConfig  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, save_prompt  # noqa: E402
 from serve_helpers import metric, running, wait_until  # noqa: E402
 
 TOKEN = "hostile2-admin-token"
@@ -23,7 +23,7 @@ CFG = ServeConfig(max_batch=16, max_queue=32, batch_wait_ms=2, max_input_tokens=
 
 @pytest.fixture(scope="module")
 def hs(llama_dir, tmp_path_factory):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     root = tmp_path_factory.mktemp("hostile2")
@@ -105,7 +105,7 @@ def test_N2_bad_repetition_penalty_fails_only_its_row(hs):
 def test_N2_a_sampling_failure_fails_only_its_row(hs, monkeypatch):
     """Whatever still goes wrong choosing one row's token (here: a processor that raises for one
     temperature) fails that row's request alone; the stream decoding beside it completes intact."""
-    from softprompt import sampling
+    from softprompt.generation import sampling
 
     orig = sampling.Sampling.processors
 
@@ -129,7 +129,7 @@ def test_N2_a_sampling_failure_fails_only_its_row(hs, monkeypatch):
 
 
 def test_N2_non_finite_scores_are_sanitised_per_row():
-    from softprompt.sampling import Sampling, pick
+    from softprompt.generation.sampling import Sampling, pick
 
     torch.manual_seed(0)
     z = torch.randn(3, 50)

@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.classify import continuation_logprobs  # noqa: E402
-from softprompt.config import GenerateConfig, ServeConfig  # noqa: E402
-from softprompt.generate import generate_batch  # noqa: E402
+from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
+from softprompt.forward.classify import continuation_logprobs  # noqa: E402
+from softprompt.generation.generate import generate_batch  # noqa: E402
 from serve_helpers import gated, in_threads, served, wait_depth  # noqa: E402
 
 TEXTS = ["Country: France\nFacts:", "Review: a dull film\nSentiment:", "Act as a teacher.\nPrompt:"]
@@ -52,7 +52,7 @@ def reference(s, name: str, ids: list[int]) -> torch.Tensor:
 def served_ids(s, name: str, text: str) -> list[int]:
     """The input ids the server runs for `text` (a chat prompt's inputs go through the chat template)."""
     if name == "chatty":
-        from softprompt.data import chat_wrap
+        from softprompt.data.formatting import chat_wrap
 
         return s.tok(chat_wrap(s.tok, text), add_special_tokens=False).input_ids
     return s.tok(text).input_ids

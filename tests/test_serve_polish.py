@@ -16,10 +16,10 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from softprompt.config import GenerateConfig, ServeConfig  # noqa: E402
-from softprompt.decode import DecodeBatch  # noqa: E402
-from softprompt.generate import generate_batch  # noqa: E402
-from softprompt.prompt import SoftPrompt, save_prompt  # noqa: E402
+from softprompt.core.config import GenerateConfig, ServeConfig  # noqa: E402
+from softprompt.generation.decode import DecodeBatch  # noqa: E402
+from softprompt.generation.generate import generate_batch  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, save_prompt  # noqa: E402
 from serve_helpers import held_step, in_threads, running, served, wait_depth  # noqa: E402
 
 TOKEN = "polish-token"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.config import GenerateConfig
-from softprompt.decode import DecodeBatch
-from softprompt.generate import generate_batch
+from softprompt.core.config import GenerateConfig
+from softprompt.generation.decode import DecodeBatch
+from softprompt.generation.generate import generate_batch
+from softprompt.generation.static_decode import StaticDecodeBatch
 from softprompt.serve.jobs import GenJob
 from softprompt.serve.scheduler import LiveBatch, Scheduler
-from softprompt.static_decode import StaticDecodeBatch
 from serve_helpers import held_step, wait_until
 
 
@@ -29,7 +29,7 @@ def alone(model, tok, job: GenJob) -> list[int]:
 
 @pytest.mark.parametrize("engine", ["growing", "static"])
 def test_jobs_joining_a_running_decode_equal_each_job_alone(llama_dir, monkeypatch, engine):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     sched = Scheduler(model, tok, max_batch=8)
@@ -63,7 +63,7 @@ def test_jobs_joining_a_running_decode_equal_each_job_alone(llama_dir, monkeypat
 def test_close_ends_every_job_it_holds(llama_dir, monkeypatch):
     """Closing with rows decoding and jobs queued: each job ends (an error, or 'cancelled' for one
     whose client left), none is left waiting."""
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(llama_dir))
     sched = Scheduler(model, tok, max_batch=2)

@@ -6,9 +6,9 @@ import json
 import pytest
 import yaml
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.train import train
-from softprompt.utils import SoftpromptError
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.training.train import train
 
 
 def _cfgs(llama_dir, data, out, **tkw):

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.prompt import load_prompt
-from softprompt.train import train
-from softprompt.utils import SoftpromptError, weights_hash
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.utils import SoftpromptError, weights_hash
+from softprompt.prompts.prompt import load_prompt
+from softprompt.training.train import train
 
 
 def _cfgs(model_dir, data, out, **tkw):
@@ -25,7 +25,7 @@ def _cfgs(model_dir, data, out, **tkw):
 
 
 def test_training_learns_and_leaves_base_untouched(model_dir, countries_csv, tmp_path):
-    from softprompt.models import load_model
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     before = weights_hash(model)
@@ -109,8 +109,8 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
     """--init auto / --loss auto / --lr 0: label-word init, the label softmax and lr 1e-2 for
     classification with one-token words; text init, the LM loss and lr 3e-2 otherwise; 2e-5 for full
     fine-tuning; an explicit --lr stays. The run records the resolved values."""
-    from softprompt.data import Formatter
-    from softprompt.models import load_model
+    from softprompt.data.formatting import Formatter
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     rows = "".join(f"{t},{l}\n" for t, l in [("good fun", 1), ("bad film", 0), ("fine work", 1), ("dull plot", 0)] * 5)
@@ -146,9 +146,9 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
 def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, tmp_path):
     """Inputs that end differently (a trailing space on some) tokenise the label words differently,
     so one shared label softmax does not exist: auto picks the LM loss instead of failing."""
-    from softprompt.data import Formatter, load_splits
-    from softprompt.classify import row_candidates
-    from softprompt.models import load_model
+    from softprompt.data.formatting import Formatter, load_splits
+    from softprompt.forward.classify import row_candidates
+    from softprompt.base.models import load_model
 
     model, tok = load_model(str(model_dir))
     data = tmp_path / "mixed.jsonl"
@@ -231,7 +231,7 @@ def test_schedule_is_transformers_entered_one_step_in(schedule, warmup):
     the last step; a scheduler restored from its state_dict goes on with the same values."""
     import math
 
-    from softprompt.train import make_scheduler
+    from softprompt.training.train import make_scheduler
 
     total, peak = 12, 0.1
 

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, get_type_hints
 
-from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
-from .utils import SoftpromptError
+from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .core.utils import SoftpromptError
 
 
 class ConfigError(SoftpromptError, ValueError):
@@ -75,7 +75,7 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
 def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Train a soft prompt into `out=` and return the run summary. Keywords: the `train` command's
     flags (data=, template=, target=, labels=, virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
-    from .train import train as run_train
+    from .training.train import train as run_train
 
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     configs = split_kwargs("train", kwargs, (ModelConfig, DataConfig, PromptConfig, TrainConfig))
@@ -87,7 +87,7 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
              batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
     """Held-out loss, perplexity (and accuracy with labels=) of `prompt` (a folder, `hf://REPO`, or
     None for the untuned model) on every row of `data=`. Keywords: the `eval` command's flags."""
-    from .evaluate import eval_prompt
+    from .evaluation.evaluate import eval_prompt
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):
         raise TypeError(f"evaluate(): batch_size must be int, not {type(batch_size).__name__}")
@@ -104,7 +104,7 @@ def generate(texts: str | list[str], prompt: Any = None, *, model: Any = "smollm
     """Continue each text ({"input", "tuned" or "baseline"} per text; both with compare=True), as
     `softprompt generate` does. Keywords: max_new_tokens=, sample=, temperature=, top_p=,
     repetition_penalty=, seed=."""
-    from .generate import generate_cmd
+    from .generation.generate import generate_cmd
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not all(isinstance(t, str) for t in texts):
@@ -121,8 +121,8 @@ def load_prompt(path: str | Path, model: Any = None):
     `model` when given."""
     import tempfile
 
-    from .peft_io import ADAPTER_CONFIG, import_peft
-    from .prompt import WEIGHTS_FILE, load_prompt as load
+    from .prompts.peft_io import ADAPTER_CONFIG, import_peft
+    from .prompts.prompt import WEIGHTS_FILE, load_prompt as load
 
     folder = Path(path)
     with python_errors():

@@ -1,5 +1,6 @@
 """The `softprompt` command line: a table of sub-commands (as litgpt's `__main__`), each one a module
-exposing `add_arguments(parser)` and `run(args) -> int`.
+exposing `add_arguments(parser)` and `run(args) -> int`; the commands that load a model take their
+flags from flags.py instead, which imports no torch and sits above the command modules.
 
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
@@ -13,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .utils import SoftpromptError
+from .core.utils import SoftpromptError
 
 MAX_ERROR = 2000  # characters of an error message printed
 
@@ -23,12 +24,14 @@ class Command:
     module: str
     help: str
     description: str = ""
-    functions: tuple[str, str] = ("add_arguments", "run")  # for a module that holds two commands
+    # The module's functions: its flags and what it does (a module that holds two commands names its
+    # own), or only the latter where `flags` is given.
+    functions: tuple[str, ...] = ("add_arguments", "run")
     # (module, flags function, check function) when the flags live apart from a heavy module (flags.py):
     # parsing imports no torch, and the check runs before the command's module is imported.
     flags: tuple[str, str, str] | None = None
 
-    def load(self) -> tuple[Any, Any]:
+    def load(self) -> tuple[Any, ...]:
         mod = importlib.import_module(self.module)
         return tuple(getattr(mod, name) for name in self.functions)
 
@@ -43,43 +46,47 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("softprompt.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
-                     flags=("softprompt.flags", "train_arguments", "check_train")),
-    "eval": Command("softprompt.evaluate", "score a prompt (or the untuned model) on data",
+    "train": Command("softprompt.training.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
+                     functions=("run",), flags=("softprompt.flags", "train_arguments", "check_train")),
+    "eval": Command("softprompt.evaluation.evaluate", "score a prompt (or the untuned model) on data",
                     "Held-out loss, perplexity and (with --labels) rank-classification accuracy.",
-                    flags=("softprompt.flags", "eval_arguments", "check_eval")),
-    "generate": Command("softprompt.generate", "generate text, optionally baseline vs tuned",
+                    functions=("run",), flags=("softprompt.flags", "eval_arguments", "check_eval")),
+    "generate": Command("softprompt.generation.generate", "generate text, optionally baseline vs tuned",
                         "Continue each TEXT; greedy unless --sample.",
-                        flags=("softprompt.flags", "generate_arguments", "check_generate")),
+                        functions=("run",), flags=("softprompt.flags", "generate_arguments", "check_generate")),
     "serve": Command("softprompt.serve", "serve prompts over HTTP (OpenAI-compatible, batched)",
                      "Serve many soft prompts from one frozen model over HTTP: OpenAI-compatible /v1/completions "
                      "and /v1/chat/completions (model = prompt name), /v1/classify, /v1/models, /health, /metrics; "
                      "API docs at /docs. Needs the serve extra."),
-    "export-peft": Command("softprompt.peft_io", "write a prompt as a PEFT prompt-tuning adapter",
+    "export-peft": Command("softprompt.prompts.peft_io", "write a prompt as a PEFT prompt-tuning adapter",
                            functions=("add_export_arguments", "run_export")),
-    "import-peft": Command("softprompt.peft_io", "convert a PEFT prompt-tuning adapter into a softprompt folder",
+    "import-peft": Command("softprompt.prompts.peft_io",
+                           "convert a PEFT prompt-tuning adapter into a softprompt folder",
                            functions=("add_import_arguments", "run_import")),
-    "push": Command("softprompt.hub_push", "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
+    "push": Command("softprompt.prompts.hub_push",
+                    "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
                     "Upload a prompt folder to a Hub model repository: softprompt's files and the run's records, "
                     "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
                     "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "
                     "prompt folder also takes hf://REPO_ID[@REVISION]."),
-    "lm-eval": Command("softprompt.lmeval", "score a prompt on lm-evaluation-harness tasks",
+    "lm-eval": Command("softprompt.evaluation.lmeval", "score a prompt on lm-evaluation-harness tasks",
                        "lm-evaluation-harness with the softprompt model: lm_eval's own flags (--model_args "
                        "pretrained=MODEL,prompt=DIR --tasks T --include_path FOLDER ...), its Python API, "
                        "softprompt's scoring. Needs the lm-eval extra."),
-    "compare": Command("softprompt.compare", "prompt engineering vs prompt tuning vs full fine-tuning, measured",
+    "compare": Command("softprompt.training.compare",
+                       "prompt engineering vs prompt tuning vs full fine-tuning, measured",
                        "Run prompt engineering (zero-/k-shot), prompt tuning and full fine-tuning on one split; "
                        "report trainable parameters, artifact size, peak memory, training time, inference time per "
                        "example and quality as compare.md, compare.json and compare.png in --out. Prompt tuning "
                        "takes the train flags (--max-steps, --lr, ...); full fine-tuning the same ones with "
                        "--ft-lr/--ft-steps/--ft-batch-size."),
-    "ensemble": Command("softprompt.ensemble", "score K prompts together: each alone, majority vote, mean log-prob",
+    "ensemble": Command("softprompt.evaluation.ensemble",
+                        "score K prompts together: each alone, majority vote, mean log-prob",
                         "Score every row of --data with K prompt folders in one batch per group of rows; report "
                         "each prompt's accuracy, the best single one, and the ensemble's by majority vote and by "
                         "mean log-probability.",
-                        flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
-    "inspect": Command("softprompt.interpret", "nearest vocabulary tokens of each virtual token",
+                        functions=("run",), flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
+    "inspect": Command("softprompt.evaluation.interpret", "nearest vocabulary tokens of each virtual token",
                        "For each virtual token of a prompt, its nearest vocabulary tokens by cosine similarity to "
                        "the model's input embeddings."),
     "demo": Command("softprompt.demo", "train and compare a prompt on the built-in model, offline",
@@ -139,7 +146,7 @@ def run(argv: list[str] | None = None) -> int:
         apply_config(parsers[args.cmd], args.cmd, args)
         args = ap.parse_args(argv)
     COMMANDS[args.cmd].check(args)  # the command's inputs, before its module (torch, transformers) loads
-    return COMMANDS[args.cmd].load()[1](args)
+    return COMMANDS[args.cmd].load()[-1](args)
 
 
 def main(argv: list[str] | None = None) -> int:

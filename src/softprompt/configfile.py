@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .config import CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig
-from .utils import SoftpromptError, short
+from .core.config import CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig
+from .core.utils import SoftpromptError, short
 
 SECTIONS = {cls.__name__: cls for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig,
                                           GenerateConfig, ServeConfig)}

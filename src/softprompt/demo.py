@@ -11,13 +11,13 @@ import argparse
 import time
 from pathlib import Path
 
-from .config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
-from .data import load_splits
-from .decode import PromptKV
-from .generate import encode_for_generation, generate_batch
-from .models import load_model
-from .prompt import load_prompt
-from .train import train
+from .base.models import load_model
+from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .data.formatting import load_splits
+from .generation.decode import PromptKV
+from .generation.generate import encode_for_generation, generate_batch
+from .prompts.prompt import load_prompt
+from .training.train import train
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "countries.jsonl"
 

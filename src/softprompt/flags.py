@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-from .config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, from_args,
-                     unescape)
-from .datasource import check_source
-from .recorded import data_config, read_meta, template_fields
-from .utils import SoftpromptError
+from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
+                     from_args, unescape)
+from .core.utils import SoftpromptError
+from .data.datasource import check_source
+from .prompts.recorded import data_config, read_meta, template_fields
 
-DEFAULT_WARMUP = TrainConfig.__dataclass_fields__["warmup_steps"].default
 SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
 
 
 # ---------------------------------------------------------------- shared checks
 
 def needed_columns(cfg: DataConfig) -> list[str]:
-    """The columns each row needs (as data.Formatter.columns), [] when a `messages` column is looked for."""
+    """The columns each row needs (as formatting.Formatter.columns), [] when a `messages` column is looked for."""
     if not (cfg.template or cfg.text_col or cfg.messages_col):
         return []
     fields = template_fields(unescape(cfg.template)) + template_fields(unescape(cfg.target))
@@ -39,20 +37,6 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
     check_source(cfg.data, "--data", needed_columns(cfg), cfg.split, cfg.data_config)
     if eval_too and cfg.eval_data:
         check_source(cfg.eval_data, "--eval-data", needed_columns(cfg))
-
-
-def check_warmup(cfg: TrainConfig, total: int) -> None:
-    """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
-    One asked for is refused; the default one only warned about, so short runs keep working."""
-    if cfg.warmup_steps <= total:
-        return
-    peak = 100 * total / (cfg.warmup_steps + 1)
-    if cfg.warmup_steps != DEFAULT_WARMUP:
-        raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
-                              f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
-    print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} "
-          f"steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
-          file=sys.stderr)
 
 
 def limit_help(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +59,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_train(args: argparse.Namespace) -> None:
-    from .rundir import check_out
+    from .training.rundir import check_out
 
     _, data, _, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
     check_out(Path(train.out), train.resume, train.overwrite)
@@ -157,7 +141,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if args.raw and args.input_template is not None:
         raise SoftpromptError("give --template or --raw, not both")
     if args.input_template:
-        from .config import check_template
+        from .core.config import check_template
 
         check_template("template", args.input_template)
     if prompt_given(args.prompt):

@@ -2,10 +2,10 @@
 PEFT user holds a PeftModel: forward (HF's CausalLMOutput), generate, save_pretrained,
 from_pretrained, push_to_hub.
 
-It calls softprompt's own code: the forward pass is forward.py's (the prompt's keys/values shared
+It calls softprompt's own code: the forward pass is forward/hidden.py's (the prompt's keys/values shared
 by the rows, vocabulary logits only where labels need them), generation is `softprompt generate`'s
 batch decoder, files are prompt.py's folder plus peft_io.py's adapter layout, and the upload is
-hub.py's. It also has what transformers.Trainer asks of a model (a `config`, the prompt as the
+hub_push.py's. It also has what transformers.Trainer asks of a model (a `config`, the prompt as the
 only trainable parameter and the only state saved, gradient-checkpointing switches), so the
 Trainer trains it unchanged.
 """
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from .batching import Batch
-from .config import BUILTIN_MODEL, GenerateConfig, PromptConfig
-from .forward import batch_loss, logits as vocab_logits, text_hidden
-from .forward_path import choose_path
-from .prompt import SoftPrompt, check_fits, init_prompt, save_prompt
+from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
+from .data.batching import Batch
+from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
+from .forward.paths import choose_path
+from .prompts.prompt import SoftPrompt, check_fits, init_prompt, save_prompt
 
 DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's
 
@@ -34,7 +34,7 @@ def load_tokenizer(name: str):
     """The tokenizer of a model name or folder ('smollm2-135m-instruct': the built-in one's)."""
     from transformers import AutoTokenizer
 
-    from .models import builtin_model_dir
+    from .base.models import builtin_model_dir
 
     return AutoTokenizer.from_pretrained(builtin_model_dir() if name == BUILTIN_MODEL else name)
 
@@ -54,7 +54,7 @@ class SoftPromptModel(nn.Module):
         self.prompts = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.tokenizer = tokenizer
-        self.forward_path = forward_path  # forward.py's path: auto, packed, kv or concat
+        self.forward_path = forward_path  # forward/hidden.py's path: auto, packed, kv or concat
         if prompt is not None:
             self.add_prompt(DEFAULT, prompt)
 
@@ -142,7 +142,7 @@ class SoftPromptModel(nn.Module):
                                         every_n_layers: int = 1, offload: bool = False) -> None:
         """transformers' non-reentrant checkpointing of every layer of the base (models.set_checkpointing),
         whatever the kwargs ask; what the Trainer calls for `gradient_checkpointing=True`."""
-        from .models import set_checkpointing
+        from .base.models import set_checkpointing
 
         if every_n_layers != 1:
             raise ValueError(f"every_n_layers={every_n_layers}: SoftPromptModel checkpoints every layer")
@@ -151,7 +151,7 @@ class SoftPromptModel(nn.Module):
         set_checkpointing(self.base_model, True)
 
     def activation_checkpointing_disable(self) -> None:
-        from .models import set_checkpointing
+        from .base.models import set_checkpointing
 
         set_checkpointing(self.base_model, False)
 
@@ -236,8 +236,8 @@ class SoftPromptModel(nn.Module):
         (do_sample) sampled with `seed`; rows of any padding. presence_penalty and frequency_penalty are
         OpenAI's (`softprompt generate`'s and the server's), which HF's generate lacks. Returns [B, T + new]: each input row as
         given, then its new tokens, right-padded with `pad_token_id` (virtual tokens not included)."""
-        from .generate import generate_batch
-        from .static_decode import decode_batch_for
+        from .generation.generate import generate_batch
+        from .generation.static_decode import decode_batch_for
 
         if kwargs.get("inputs") is not None and input_ids is None:
             input_ids = kwargs.pop("inputs")
@@ -285,8 +285,8 @@ class SoftPromptModel(nn.Module):
         also a PEFT adapter folder (adapter_config.json, adapter_model.safetensors):
         `softprompt generate --prompt DIR` and `PeftModel.from_pretrained(base, DIR)` both read it.
         PEFT's keywords (safe_serialization, selected_adapters, ...) are accepted and ignored."""
-        from .peft_io import export_peft
-        from .hub_push import hub_model_id
+        from .prompts.peft_io import export_peft
+        from .prompts.hub_push import hub_model_id
 
         if self.prompt is None:
             raise ValueError("save_pretrained: no active prompt to save")
@@ -302,7 +302,7 @@ class SoftPromptModel(nn.Module):
     def push_to_hub(self, repo_id: str, private: bool = False, revision: str | None = None,
                     commit_message: str = "", **kwargs: Any) -> str:
         """Upload the active prompt as `softprompt push` does (both layouts and a model card); returns the URL."""
-        from .hub_push import push
+        from .prompts.hub_push import push
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "prompt")

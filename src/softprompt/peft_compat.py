@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from .config import PromptConfig
+from .core.config import PromptConfig
 from .model import SoftPromptModel, get_softprompt_model, load_tokenizer
 
 

@@ -14,10 +14,10 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import ServeConfig
-from ..families import max_positions
-from ..prompt_protocol import Prompt
-from ..utils import SoftpromptError
+from ..core.config import ServeConfig
+from ..base.families import max_positions
+from ..core.prompt_protocol import Prompt
+from ..core.utils import SoftpromptError
 from .context import ServerContext
 from .metrics import Metrics, RequestGuard
 from .protocol import ApiError, error_response, validation_message

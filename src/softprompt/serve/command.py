@@ -13,8 +13,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import ModelConfig, ServeConfig, add_args, from_args
-from ..utils import SoftpromptError
+from ..core.config import ModelConfig, ServeConfig, add_args, from_args
+from ..core.utils import SoftpromptError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = parse_prompt_specs(args.prompt)
     if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
         scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
-    from ..models import load_model
+    from ..base.models import load_model
     from .app import check_config
     from .runner import listen, serve
 

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from ..config import ServeConfig
-from ..utils import SoftpromptError
+from ..core.config import ServeConfig
+from ..core.utils import SoftpromptError
 from .chat_input import chat_ids
 from .metrics import CLIENT_GONE, Metrics
 from .protocol import ApiError

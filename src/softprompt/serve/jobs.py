@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import GenerateConfig
+from ..core.config import GenerateConfig
 
 log = logging.getLogger("softprompt.serve")
 

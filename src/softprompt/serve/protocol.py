@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from ..config import PENALTY_RANGE, REPETITION_PENALTY_RANGE
+from ..core.config import PENALTY_RANGE, REPETITION_PENALTY_RANGE
 
 
 def _unicode(s: str) -> str:

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ..prompt import CONFIG_FILE, check_fits, check_prompt, load_prompt
-from ..prompt_protocol import Prompt
-from ..utils import SoftpromptError, read_json
+from ..core.prompt_protocol import Prompt
+from ..core.utils import SoftpromptError, read_json
+from ..prompts.prompt import CONFIG_FILE, check_fits, check_prompt, load_prompt
 from .protocol import ApiError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")

@@ -33,8 +33,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..config import ServeConfig
-from ..utils import SoftpromptError
+from ..core.config import ServeConfig
+from ..core.utils import SoftpromptError
 from .app import create_app
 from .protocol import error_body
 from .routes.ops import health_state

@@ -33,10 +33,10 @@ from typing import Callable
 
 import torch
 
-from ..batching import pad_id
-from ..classify import label_scores, token_logprobs
-from ..decode import DecodeBatch, PromptKV
-from ..static_decode import decode_batch_for
+from ..data.batching import pad_id
+from ..forward.classify import label_scores, token_logprobs
+from ..generation.decode import DecodeBatch, PromptKV
+from ..generation.static_decode import decode_batch_for
 from .jobs import ClassifyJob, GenJob, Job, QueueFull, ScoreJob
 
 log = logging.getLogger("softprompt.serve")

@@ -11,7 +11,7 @@ import hmac
 
 from fastapi import APIRouter, Depends, Request
 
-from ...utils import SoftpromptError
+from ...core.utils import SoftpromptError
 from ..context import Ctx
 from ..metrics import ParsedBodyRoute
 from ..protocol import ApiError, LoadPromptRequest

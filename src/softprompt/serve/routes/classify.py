@@ -15,14 +15,14 @@ import math
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ...labels import label_token_ids
-from ...recorded import fill_one
+from ...data.labels import label_token_ids
+from ...prompts.recorded import fill_one
 from ..chat_input import render
 from ..context import Ctx, ServerContext
-from ..metrics import ParsedBodyRoute
-from ..registry import Loaded
-from ..protocol import ApiError, ClassifyRequest
 from ..jobs import ClassifyJob
+from ..metrics import ParsedBodyRoute
+from ..protocol import ApiError, ClassifyRequest
+from ..registry import Loaded
 
 router = APIRouter(tags=["softprompt"], route_class=ParsedBodyRoute)
 

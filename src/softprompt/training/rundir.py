@@ -1,0 +1,186 @@
+"""The run folder `train --out` writes: its files, the rule for reusing one, the metrics log, the
+resumable checkpoint and the loss plot.
+
+A folder that holds anything is never reused silently: `--resume` continues the run in it,
+`--overwrite` replaces a previous run (all of its files, so no old checkpoint is left beside a new
+prompt), and anything else is refused before any work starts.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..core.config import flag
+from ..core.utils import SoftpromptError, atomic_dir, read_json, short
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+# Everything a run writes into its folder (the prompt or the fine-tuned model, records, checkpoint).
+RUN_CONFIG = "run_config.json"
+# Flags that say how a run is carried out, not what it computes: a resumed run may change them.
+HOW_FLAGS = {"device", "out", "resume", "overwrite", "report_to", "log_every", "save_every", "eval_untuned",
+             "forward_path", "gradient_checkpointing"}
+RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METRICS, "summary.json", "loss.png",
+             CHECKPOINT, "model", "tensorboard", "wandb", "mlflow"}  # the last three: --report-to's trackers
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a used --out unless told what to do with it; before any work, so nothing is lost."""
+    if out.exists() and not out.is_dir():
+        raise SoftpromptError(f"--out {out} is a file, not a folder")
+    used = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / CHECKPOINT / "state.json").is_file():
+            raise SoftpromptError(f"--resume: no checkpoint in {out / CHECKPOINT}")
+    elif used and not overwrite:
+        raise SoftpromptError(f"--out {out} already holds files (a previous run?): pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+    elif used:
+        foreign = sorted(p.name for p in out.iterdir() if not _is_run_file(p.name))
+        if foreign:
+            raise SoftpromptError(f"--overwrite: {out} holds {', '.join(foreign[:3])}, which no run writes; "
+                                  "not deleting it (remove it yourself, or choose another --out)")
+
+
+class RunLock:
+    """An exclusive lock on the run folder (flock on the folder itself, so no lock file is left in it
+    or beside it): a second `train` on the same --out fails at once instead of mixing its files with
+    the first's. Released by `release()` or when the process ends; a folder this lock created and
+    nothing was written into is removed again."""
+
+    def __init__(self, out: Path):
+        self.out, self.created, self.fd = out, not out.exists(), None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise SoftpromptError(f"--out {out}: cannot create or open the folder ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SoftpromptError(f"--out {out} is in use by another train run: wait for it to end, "
+                                  "or choose another --out") from None
+        self.fd = fd
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if failed and self.created and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+    def __del__(self):
+        self.release()
+
+
+def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
+    """--resume continues the run in `out` as it was defined: refuse any change of what it computes
+    (data, template, labels, prompt, rate, schedule...), naming every changed flag. `configs`: this
+    run's resolved config sections, as run_config.json records them."""
+    path = out / RUN_CONFIG
+    if not path.is_file():  # a run from before run_config.json: nothing to compare with
+        return
+    recorded = read_json(path)
+    if not isinstance(recorded, dict):
+        raise SoftpromptError(f"--resume: {path} must hold a JSON object")
+    changed = [f"{flag(k)} {short(v)} (was {short(was[k])})"
+               for section, fields in configs.items() if isinstance(was := recorded.get(section), dict)
+               for k, v in fields.items() if k not in HOW_FLAGS and k in was and was[k] != v]
+    if changed:
+        raise SoftpromptError(f"--resume: the run in {out} was defined otherwise: {'; '.join(changed)}; resume it with "
+                              f"its own settings (train --config {path} --resume --out {out}) or start a new --out")
+
+
+def _is_run_file(name: str) -> bool:
+    # A run's own files, and the temporary siblings (".prompt.safetensors.tmp", ".checkpoint.tmp-x")
+    # that an interrupted write of one of them leaves.
+    return name in RUN_FILES or any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+def clear_run(out: Path) -> None:
+    """Delete a previous run's files from `out` (check_out has vouched that it holds nothing else)."""
+    for p in out.iterdir() if out.is_dir() else []:
+        if _is_run_file(p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def start_metrics(out: Path, keep_until: int | None) -> None:
+    """A fresh metrics log, or on resume the old one cut back to the checkpoint's step (the steps
+    after it are redone)."""
+    path = out / METRICS
+    kept = [line for line in (path.read_text().splitlines() if keep_until is not None and path.exists() else [])
+            if json.loads(line).get("step", 0) <= keep_until]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_metrics(out: Path, rec: dict[str, Any]) -> None:
+    with open(out / METRICS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The trained part, optimiser, schedule and loop state, replaced in one rename."""
+    import torch  # here: check_out runs before anything heavy is imported
+
+    with atomic_dir(out / CHECKPOINT) as tmp:
+        method.save_checkpoint(tmp, meta)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; return the loop state (step, best score, ...)."""
+    import torch
+
+    ckpt = out / CHECKPOINT
+    state = read_json(ckpt / "state.json")
+    method.load_checkpoint(ckpt)
+    try:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise SoftpromptError(f"--resume: cannot restore the optimiser from {ckpt} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise SoftpromptError(f"--resume: {ckpt / 'state.json'} holds no step count")
+    if sched.last_epoch == state["step"]:  # saved before the schedule was entered one step in (train.make_scheduler)
+        sched.last_epoch += 1
+    return state
+
+
+def plot_metrics(out: Path) -> Path | None:
+    """loss.png: training loss and held-out metrics against steps (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
+    tr = [r for r in recs if r["split"] == "train"]
+    ev = [r for r in recs if r["split"] == "eval"]
+    fig, ax = plt.subplots(1, 2 if ev and "accuracy" in ev[0] else 1, figsize=(10, 4), squeeze=False)
+    a = ax[0][0]
+    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss", alpha=0.7)
+    if ev:
+        a.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="held-out loss")
+    a.set_xlabel("step"), a.set_ylabel("cross-entropy"), a.legend(), a.grid(alpha=0.3)
+    a.set_title("soft prompt training")
+    if ev and "accuracy" in ev[0]:
+        b = ax[0][1]
+        b.plot([r["step"] for r in ev], [100 * r["accuracy"] for r in ev], "o-", color="tab:green")
+        b.set_xlabel("step"), b.set_ylabel("held-out accuracy (%)"), b.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out / "loss.png")
+    return out / "loss.png"

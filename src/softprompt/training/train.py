@@ -1,0 +1,446 @@
+"""Training, as a recipe (after torchtune's single-device recipes): `setup` builds everything a run
+needs, `loss_step` is one optimiser step, `evaluate_run` scores the held-out data, and `train` is
+the loop that calls them, top to bottom. What is trained, a soft prompt or (`--method full`) every
+model weight, is a method object (methods.py), so the loop never asks which; the run folder, its
+checkpoint and metrics log are rundir.py's.
+
+Data-parallel through Accelerate: under `accelerate launch`/`torchrun` each process takes its share
+of every global batch and the prompt's gradient is all-reduced, so N processes produce the prompt
+one process would with the combined batch. The run folder gets the prompt (best or last),
+run_config.json, metrics.jsonl, loss.png, summary.json and a resumable checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import string
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..base.families import check_positions
+from ..base.models import load_model, set_checkpointing
+from ..base.shard import local_bytes, shard_decoder
+from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
+from ..core.inits import resolve
+from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
+from ..data.batching import Batch, Example, batch_order, collate, pad_id
+from ..data.formatting import Formatter, load_splits
+from ..evaluation.evaluate import evaluate, format_eval
+from ..forward.classify import class_token_ids, single_token_classes
+from ..forward.cuda_graphs import GraphedStep
+from ..forward.hidden import batch_loss
+from ..forward.paths import choose_path
+from . import trackers as tracking
+from .methods import METHODS, Method
+from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
+                     plot_metrics, save_checkpoint, start_metrics)
+
+
+def default_init_text(fmt: Formatter) -> str:
+    """Text for `--init text` when none is given: what the task is, in words."""
+    if fmt.label_words:
+        return "Classify the text as " + " or ".join(fmt.label_words) + "."
+    literal = "".join(part for part, *_ in string.Formatter().parse(fmt.template)).strip()
+    return literal or "Continue the text in the same style."
+
+
+def schedule_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """transformers' linear, cosine (half a cycle) and constant_with_warmup schedules, as their
+    get_scheduler computes them: a warm-up from 0, then the decay to 0 at `total`. Written out here
+    because importing transformers.optimization imports its trainer, PEFT and bitsandbytes (whose
+    CPU backend prints a line on every run)."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant":
+        return 1.0
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int):
+    """transformers' schedule entered one step in. Its warm-up starts at lr 0, which would spend the
+    first step on nothing; with W+1 warm-up steps out of total+1, entered at step 1, step s gets
+    (s+1)/(W+1) of the peak during warm-up and then HF's decay unchanged, the schedule softprompt
+    always had (the drift test's recorded losses). A checkpoint restores it exactly."""
+    factor = functools.partial(schedule_factor, kind=cfg.schedule, warmup=cfg.warmup_steps + 1, total=total + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    with warnings.catch_warnings():  # the step before any optimiser step is the point here
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        sched.step()
+    return sched
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # The paper's setting: fixed lr, no relative step or parameter scaling.
+        return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex: list[Example]):
+    """Replace the 'auto' choices by what they mean for this data."""
+    # A prefix starts from a text's keys and values: auto is text for it, label words or not.
+    pcfg = replace(pcfg, init=resolve(pcfg.init, fmt.label_words if tcfg.method != "prefix" else None))
+    if tcfg.loss == "auto":
+        # The label-word softmax trains only what rank classification scores; it needs one-token
+        # words, tokenised the same after every input (what class_token_ids demands).
+        single = fmt.task == "classify" and single_token_classes(fmt, train_ex) is not None
+        tcfg = replace(tcfg, loss="classes" if single else "lm")
+    if tcfg.lr == 0:
+        tcfg = replace(tcfg, lr=METHODS[tcfg.method].default_lr(tcfg.loss))
+    return pcfg, tcfg
+
+
+@dataclass(kw_only=True)
+class Run:
+    """What one training run holds; `setup` builds it (by keyword: its fields are many and alike)."""
+    cfg: TrainConfig                # resolved: no 'auto' left
+    acc: Any                        # accelerate.Accelerator
+    model: Any
+    tok: Any
+    method: Method                  # methods.PromptTuning, prefix_method.PrefixTuning or methods.FullFineTuning
+    params: list[torch.nn.Parameter]
+    fmt: Formatter
+    train_ex: list[Example]
+    eval_ex: list[Example]
+    class_ids: torch.Tensor | None  # [C] the label words' ids, for --loss classes
+    opt: Any
+    sched: Any
+    per_epoch: int                  # optimiser steps per pass over the data
+    total: int                      # optimiser steps in all
+    meta: dict[str, Any]            # recorded with every saved prompt or model
+    hash_before: str
+    # What a checkpoint restores: step, best score, evaluations without improvement, time, tokens.
+    state: dict[str, Any]
+    path: str = "auto"                   # the forward path taken (paths.choose_path) ...
+    path_reason: str = ""                # ... and why
+    graphed: GraphedStep | None = None   # the CUDA-graph step, when path == "graphed"
+    trackers: list[str] = field(default_factory=list)  # --report-to's (trackers.py)
+    scaler: Any = None  # torch.amp.GradScaler: loss scaling over a float16 base, else a pass-through
+    lock: RunLock | None = None  # the main process's hold on --out (rundir.RunLock)
+    quiet: bool = False  # no progress bars and no evaluation lines
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    def log(self, rec: dict[str, Any]) -> None:
+        if self.main:
+            append_metrics(self.out, rec)
+            tracking.log(self.acc, self.trackers, rec)
+
+
+def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig, model=None, tok=None,
+          splits: tuple[Formatter, list[Example], list[Example]] | None = None) -> Run:
+    """Check everything, then load, resolve, initialise and (on --resume) restore; write the run
+    folder's config only once nothing is left to fail on the user's input."""
+    from accelerate import Accelerator
+
+    mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
+    check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)
+    trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
+    acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
+                      **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
+    lock = RunLock(Path(tcfg.out)) if acc.is_main_process else None
+    try:
+        check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)  # again, now that no other run can write there
+        run = build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed=True)
+        raise
+    return run
+
+
+def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -> Run:
+    """setup's work once --out is held: load, resolve, initialise, restore, record."""
+    seed_everything(tcfg.seed)
+    if model is None:
+        model, tok = load_model(mcfg)
+    P = pcfg.virtual_tokens if tcfg.method == "prompt" else 0
+    check_positions(model, P)  # before the data is read
+    model.to(acc.device)
+    fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
+    check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
+    dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
+    pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
+    if tcfg.resume:
+        check_same_run(Path(tcfg.out), to_dict(mcfg, dcfg, pcfg, tcfg))
+    method = METHODS[tcfg.method].setup(model, tok, pcfg, tcfg, fmt.label_words, default_init_text(fmt),
+                                        fmt.render_input(train_ex[0].text))
+    if tcfg.loss == "classes" and fmt.task != "classify":
+        raise SoftpromptError("--loss classes needs classification data (--labels)")
+    class_ids = class_token_ids(fmt, train_ex).to(acc.device) if tcfg.loss == "classes" else None
+    if tcfg.batch_size % acc.num_processes:
+        raise SoftpromptError(f"--batch-size {tcfg.batch_size} is not divisible by {acc.num_processes} processes")
+    if tcfg.batch_size < acc.num_processes * tcfg.grad_accum:
+        raise SoftpromptError(f"--batch-size {tcfg.batch_size} gives fewer rows than {acc.num_processes} processes x "
+                              f"--grad-accum {tcfg.grad_accum} micro-batches")
+    per_epoch = math.ceil(len(train_ex) / tcfg.batch_size)
+    total = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * per_epoch))
+    check_warmup(tcfg, total)
+    params = method.parameters()
+    opt = make_optimizer(tcfg, params)
+    sched = make_scheduler(tcfg, opt, total)
+    method.distribute(acc)
+    meta = {"model": mcfg.model, "template": dcfg.template, "target": dcfg.target, "text_col": dcfg.text_col,
+            "labels": fmt.label_words, "label_col": dcfg.label_col, "chat": dcfg.chat, "task": fmt.task,
+            "config": to_dict(mcfg, dcfg, pcfg, tcfg)}
+    state = {"step": 0, "best": -math.inf, "bad_evals": 0, "train_seconds": 0.0, "tokens": 0}
+    hash_before = weights_hash(model)  # before any sharding
+    if tcfg.shard == "fsdp":
+        shard_decoder(model, acc.num_processes)
+    deep = method.prompt is not None and method.prompt.input_embeds() is None  # a prefix: kv only
+    path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
+                            prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing,
+                            deep=deep)
+    if tcfg.gradient_checkpointing:
+        set_checkpointing(model, True)
+    # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
+    fp16 = model.dtype == torch.float16 and all(p.dtype == torch.float32 for p in params)
+    scaler = torch.amp.GradScaler(acc.device.type, enabled=fp16)
+    graphed = GraphedStep(model, method.prompt.input_embeds(), pad_id(tok), class_ids) if path == "graphed" else None
+    run = Run(cfg=tcfg, acc=acc, model=model, tok=tok, method=method, params=params, fmt=fmt, train_ex=train_ex,
+              eval_ex=eval_ex, class_ids=class_ids, opt=opt, sched=sched, per_epoch=per_epoch, total=total, meta=meta,
+              hash_before=hash_before, state=state, path=path, path_reason=why, graphed=graphed, trackers=trackers,
+              scaler=scaler, lock=lock)
+    if tcfg.resume:
+        run.state = load_checkpoint(run.out, method, opt, sched)
+    acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
+    if run.main:
+        if tcfg.overwrite:
+            clear_run(run.out)
+        run.out.mkdir(parents=True, exist_ok=True)
+        # Replayable (`train --config RUN/run_config.json --out NEW`): how --out was treated is not the run's.
+        record = {
+            **to_dict(mcfg, dcfg, pcfg, replace(tcfg, resume=False, overwrite=False)),
+            "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+            "total_steps": total, "truncated": fmt.truncated,
+            "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
+            "dtype": str(model.dtype).replace("torch.", ""), "base_bytes_per_process": local_bytes(model)}
+        write_json(run.out / RUN_CONFIG, record)
+        start_metrics(run.out, run.state["step"] if tcfg.resume else None)
+        tracking.start(acc, trackers, run.out, record)
+    return run
+
+
+def batches(run: Run) -> Iterator[list[tuple[Batch, bool]]]:
+    """This process's share of each global batch from the run's current step on (on the host), as
+    --grad-accum micro-batches, each with whether it holds any rows. One shuffle per epoch, seeded by
+    it, so a resumed run sees the same batches."""
+    lengths = [len(e.ids) for e in run.train_ex]
+    world, rank, n = run.acc.num_processes, run.acc.process_index, run.cfg.grad_accum
+    step = run.state["step"]
+    while True:
+        order = batch_order(lengths, run.cfg.batch_size, run.cfg.seed + step // run.per_epoch)
+        for full in order[step % run.per_epoch:]:
+            idx = full[rank::world]
+            micro = []
+            for k in range(n):  # contiguous slices: batch_order keeps rows of similar length together
+                part = idx[k * len(idx) // n:(k + 1) * len(idx) // n]
+                # A short last batch can leave a rank or a micro-batch with no rows: it still joins every
+                # collective, with a stand-in row whose targets are all masked (zero loss, zero gradient).
+                batch = collate([run.train_ex[i] for i in part or full[:1]], pad_id(run.tok))
+                if not part:
+                    batch.targets.fill_(-100)
+                micro.append((batch, bool(part)))
+            yield micro
+            step += 1
+
+
+def micro_loss(run: Run, batch: Batch, n_global: torch.Tensor) -> torch.Tensor:
+    """Backward of one micro-batch's share of the global mean loss; returns that share. The gradients
+    add up in the prompt's .grad; under several processes the last micro-batch all-reduces them
+    (accelerate's accumulate: no_sync before it)."""
+    acc, world, scale = run.acc, run.acc.num_processes, run.scaler.get_scale() if run.scaler.is_enabled() else 1.0
+    if run.graphed is not None:  # one process: the local token count is the global one
+        loss = run.graphed(batch.input_ids, batch.attention_mask, batch.targets, scale / float(n_global.clamp(min=1)))
+        if loss is not None:
+            return loss / scale
+    with acc.accumulate(run.method.synced()):
+        # A batch the graph cannot take runs eagerly: choose_path packs it as auto does.
+        loss_sum, _ = batch_loss(run.model, run.method.embeds(), batch.to(acc.device), run.path, run.class_ids)
+        # Normalised by the global token count so that micro-batches and N processes add up to the
+        # 1-process loss of the whole batch (DDP averages over processes: hence x world; accelerate's
+        # backward divides by the accumulation steps, which these shares already are: hence x steps).
+        loss = loss_sum / n_global.clamp(min=1) * world
+        acc.backward(run.scaler.scale(loss) * acc.gradient_accumulation_steps)
+    return loss.detach()
+
+
+def loss_step(run: Run, micro: list[tuple[Batch, bool]]) -> tuple[float, int]:
+    """One optimiser step on a global batch's host micro-batches; returns the global batch's mean loss
+    and its tokens (all processes). The CUDA-graph step computes loss and gradient in one replay; a
+    batch it cannot take (too long for its dense mask) goes the eager way."""
+    acc, world = run.acc, run.acc.num_processes
+    n_local = torch.tensor(float(sum(b.num_targets for b, _ in micro)), device=acc.device)
+    n_global = acc.reduce(n_local, reduction="sum") if world > 1 else n_local
+    loss = sum(micro_loss(run, batch, n_global) for batch, _ in micro)
+    run.scaler.unscale_(run.opt)
+    if run.cfg.grad_clip > 0:
+        acc.clip_grad_norm_(run.params, run.cfg.grad_clip)
+    run.scaler.step(run.opt)  # skipped when a scaled float16 gradient overflowed
+    run.scaler.update()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    tokens = float(sum(b.attention_mask.sum() for b, rows in micro if rows))
+    stats = torch.stack([loss / world, loss.new_tensor(tokens)])
+    if world > 1:
+        stats = acc.reduce(stats, reduction="sum")
+    return float(stats[0]), int(stats[1])
+
+
+def say(run: Run, line: str) -> None:
+    """One line above the progress bar (the main process, unless quiet)."""
+    if run.main and not run.quiet:
+        tqdm.write(line, file=sys.stderr)
+
+
+def evaluate_run(run: Run, step: int) -> dict[str, float] | None:
+    """Score the held-out data; save the best result so far (--keep-best) and count evaluations
+    without improvement (--patience)."""
+    if not run.eval_ex:
+        return None
+    m = evaluate(run.model, run.tok, run.method.prompt, run.fmt, run.eval_ex, batch_size=max(run.cfg.batch_size, 16),
+                 path=run.cfg.forward_path, progress=run.main and not run.quiet)
+    run.log({"step": step, "split": "eval", "seconds": round(run.state["train_seconds"], 3), **m})
+    say(run, f"step {step}/{run.total} held-out: {format_eval(m)}")
+    score = m["accuracy"] if "accuracy" in m else -m["loss"]  # higher is better
+    if score > run.state["best"]:
+        run.state["best"], run.state["bad_evals"] = score, 0
+        if run.cfg.keep_best and run.main:
+            run.method.save(run.out, {**run.meta, "step": step, "eval": m})
+    else:
+        run.state["bad_evals"] += 1
+    return m
+
+
+def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig,
+          model=None, tok=None, stop_after: int = 0, quiet: bool = False,
+          splits: tuple[Formatter, list[Example], list[Example]] | None = None) -> dict[str, Any]:
+    """Train a soft prompt (or fine-tune the model: `tcfg.method == "full"`); return the run summary.
+    `stop_after` > 0 simulates an interruption after that many steps (for resume tests). `splits`
+    gives already loaded (formatter, train, eval) examples instead of loading `dcfg`: the method
+    comparison passes one split to every method (an empty eval list skips evaluation)."""
+    run = setup(mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+    run.quiet = quiet
+    try:
+        return loop(run, stop_after, quiet)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
+    """The training loop of a set-up run, to its end or to `stop_after` steps."""
+    cfg, state = run.cfg, run.state
+    untuned = None
+    if cfg.eval_untuned and run.eval_ex and not cfg.resume:
+        untuned = evaluate(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16),
+                           progress=run.main and not quiet)
+        run.log({"step": 0, "split": "eval_untuned", **untuned})
+        say(run, f"untuned model held-out: {format_eval(untuned)}")
+    # Closed on the way out of an error too: else its last state prints after the error line.
+    with tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet,
+              dynamic_ncols=True) as bar:
+        last_eval, stopped_early = None, False
+        stream = batches(run)
+        while state["step"] < run.total:
+            t0 = time.perf_counter()
+            train_loss, tokens = loss_step(run, next(stream))
+            state["step"] = step = state["step"] + 1
+            state["tokens"] += tokens
+            # Optimiser-step time only: evaluation and checkpoints are not training throughput.
+            state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == run.total:
+                run.log({"step": step, "split": "train", "loss": train_loss, "lr": run.sched.get_last_lr()[0],
+                         "tokens": state["tokens"], "seconds": round(elapsed, 3)})
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
+                last_eval = evaluate_run(run, step)
+                stopped_early = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+            if (run.main and cfg.save_every and run.method.resumable
+                    and (step % cfg.save_every == 0 or step == run.total or stopped_early)):
+                save_checkpoint(run.out, run.method, run.opt, run.sched, state, run.meta)
+            if stopped_early or (stop_after and stop_after <= step < run.total):
+                break
+    if stop_after and state["step"] < run.total and not stopped_early:
+        return {"interrupted_at": state["step"]}
+    return finish(run, last_eval, stopped_early, untuned)
+
+
+def best_eval(run: Run) -> dict[str, Any]:
+    """The best held-out result, by the metric it was chosen on (the loop keeps -loss as its score)."""
+    if run.state["best"] == -math.inf:
+        return {"best_eval_metric": None}
+    if run.fmt.task == "classify":
+        return {"best_eval_metric": "accuracy", "best_eval_accuracy": run.state["best"]}
+    return {"best_eval_metric": "loss", "best_eval_loss": -run.state["best"]}
+
+
+def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
+           untuned: dict[str, float] | None) -> dict[str, Any]:
+    """Save the last result unless the best one is kept; write summary.json and the loss plot."""
+    state = run.state
+    hash_after = weights_hash(run.model)
+    trainable = run.method.trainable_params()
+    run.method.finish()
+    if run.cfg.gradient_checkpointing:  # hand the model back as it came (compare trains on it again)
+        set_checkpointing(run.model, False)
+    run.opt = run.sched = None  # the optimiser state (twice the model, for full fine-tuning) is not needed to save
+    summary = {"steps": state["step"]}
+    if run.main:
+        if not (run.cfg.keep_best and run.eval_ex) or state["best"] == -math.inf:
+            run.method.save(run.out, {**run.meta, "step": state["step"], "eval": last_eval})
+        seconds = state["train_seconds"]
+        summary = {"steps": state["step"], "total_steps": run.total, "stopped_early": stopped_early,
+                   "train_seconds": round(seconds, 2), "tokens": state["tokens"],
+                   "tokens_per_second": round(state["tokens"] / max(seconds, 1e-9), 1),
+                   "method": run.cfg.method, "lr": run.cfg.lr, "trainable_params": trainable,
+                   "base_params": count_params(run.model),
+                   "base_weights_sha256_before": run.hash_before, "base_weights_sha256_after": hash_after,
+                   "base_weights_unchanged": run.hash_before == hash_after,
+                   **best_eval(run),
+                   "final_eval": last_eval, "untuned_eval": untuned, "world_size": run.acc.num_processes,
+                   "forward_path": run.path, "prompt_dir": str(run.method.saved_in(run.out))}
+        if run.graphed is not None:
+            g = run.graphed
+            summary["cuda_graphs"] = {"buckets": len(g.graphs), "replays": g.replays,
+                                      "capture_seconds": round(g.capture_seconds, 3), "disabled": g.disabled}
+        summary = round_floats(summary)
+        write_json(run.out / "summary.json", summary)
+        plot_metrics(run.out)
+        if run.trackers:
+            run.acc.end_training()
+    run.acc.wait_for_everyone()
+    return summary
+
+
+# ---------------------------------------------------------------- the `train` command
+
+def run(args: argparse.Namespace) -> int:
+    s = train(*(from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig)))
+    if "final_eval" in s:
+        keys = ("steps", "train_seconds", "tokens_per_second", "final_eval", "best_eval_metric", "best_eval_accuracy",
+                "best_eval_loss", "base_weights_unchanged", "prompt_dir")
+        print(json.dumps({k: s[k] for k in keys if k in s}))
+    return 0
