@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, Example, batch_order, collate, pad_id
 from .classify import class_token_ids, single_token_classes
-from .config import DataConfig, ModelConfig, PromptConfig, TrainConfig, from_args, to_dict
+from .config import ENCODER_METHODS, DataConfig, ModelConfig, PromptConfig, TrainConfig, from_args, to_dict
 from .cuda_graphs import GraphedStep
 from .data import Formatter, load_splits
 from .evaluate import evaluate, format_eval
@@ -114,7 +114,7 @@ class Run:
     acc: Any                        # accelerate.Accelerator
     model: Any
     tok: Any
-    method: Method                  # methods.PromptTuning, prefix_method.PrefixTuning or methods.FullFineTuning
+    method: Method                  # one of methods.METHODS (PromptTuning, PrefixTuning, PTuning, ...)
     params: list[torch.nn.Parameter]
     fmt: Formatter
     train_ex: list[Example]
@@ -177,7 +177,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     seed_everything(tcfg.seed)
     if model is None:
         model, tok = load_model(mcfg)
-    P = pcfg.virtual_tokens if tcfg.method == "prompt" else 0
+    P = pcfg.virtual_tokens if tcfg.method in ("prompt", *ENCODER_METHODS) else 0
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
     fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
@@ -213,7 +213,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     deep = method.prompt is not None and method.prompt.input_embeds() is None  # a prefix: kv only
     path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
                             prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing,
-                            deep=deep)
+                            deep=deep, method_obstacle=method.graph_obstacle)
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
