@@ -366,3 +366,29 @@ def test_cli_train_ptuning_then_eval(tmp_path):
     r = run("eval", "--prompt", "run", "--data", str(sst2 / "dev.tsv"), "--limit", "8", "--json")
     scores = json.loads(r.stdout.strip().splitlines()[-1])
     assert scores["prompt"] == "run" and 0 <= scores["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_encoder_as_one(llama_dir, countries_csv, tmp_path):
+    """The encoder's gradient is all-reduced as a soft prompt's is: `torchrun --nproc_per_node 2`
+    (gloo on CPU) gives the prompt one process gives with the same global batch."""
+    from test_ddp import _run
+
+    args = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "Country: {country}\nFacts:",
+            "--target", " capital={capital}", "--device", "cpu", "--batch-size", "4", "--max-steps", "4",
+            "--eval-every", "0", "--save-every", "0", "--virtual-tokens", "3", "--init", "vocab",
+            "--eval-fraction", "0", "--method", "ptuning", "--encoder", "lstm", "--lr", "1e-2"]
+    one, two = tmp_path / "OUT1", tmp_path / "OUT2"
+    _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "softprompt", *args, "--out", str(two)], tmp_path)
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    p1, p2 = load_prompt(one).embeds.detach(), load_prompt(two).embeds.detach()
+    assert (p1 - p2).abs().max() <= 1e-5
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(llama_dir))
+    start = PTuning.setup(model, tok, PromptConfig(virtual_tokens=3, init="vocab"),
+                          TrainConfig(method="ptuning", encoder="lstm"), [], "", ":").prompt.folded().embeds
+    assert (p1 - start).abs().max() > 1e-3  # it trained
