@@ -21,6 +21,8 @@ from . import inits
 from .utils import SoftpromptError, short
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+ENCODERS = ("mlp", "lstm")  # --method ptuning's --encoder choices (prompts/ptuning_encoder.PromptEncoder)
+ENCODER_METHODS = ("ptuning", "residual")  # methods whose prompt an encoder produces (training/encoder_method.py)
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
 COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
@@ -186,7 +188,7 @@ class PromptConfig:
 class TrainConfig:
     out: str = opt("runs/prompt", "run folder: prompt, config, metrics.jsonl, loss curve, checkpoints")
     lr: float = opt(0.0, "peak learning rate (0 = auto: 1e-2 for --loss classes, 3e-2 for other prompt "
-                         "tuning, 2e-5 for --method full)")
+                         "tuning, 2e-5 for --method full; --method ptuning: 3e-4 for --loss classes, else 1e-3)")
     batch_size: int = opt(8, "examples per optimiser step (across all processes)")
     epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps > 0)")
     max_steps: int = opt(0, "optimiser steps (0 = use --epochs)")
@@ -224,12 +226,25 @@ class TrainConfig:
                              "start several with torchrun or accelerate launch), the prompt replicated",
                      choices=list(SHARD))
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
-                      "and values instead (prefix tuning / P-tuning v2: a deep prompt, one process); full: "
+                      "and values instead (prefix tuning / P-tuning v2: a deep prompt, one process); ptuning: "
+                      "produce the soft prompt by an encoder while training (P-tuning, PEFT's PromptEncoder; see "
+                      "--encoder); residual: the prompt is an embedding plus a bottleneck MLP of it (residual prompt "
+                      "tuning); both save an ordinary soft prompt; full: "
                       "fine-tune every model weight instead (no prompt; saves the whole model in OUT/model; use a "
-                      "small --lr such as 2e-5; one process, no --resume)", choices=["prompt", "prefix", "full"])
+                      "small --lr such as 2e-5; one process, no --resume)",
+                      choices=["prompt", "prefix", "ptuning", "residual", "full"])
     prefix_projection: bool = opt(False, "--method prefix: produce the keys and values from a [P, D] embedding "
                                          "through a two-layer MLP while training (PEFT's prefix_projection), folded "
                                          "into plain keys and values when saved")
+    encoder: str = opt("auto", "--method ptuning: the encoder that produces the prompt from a [P, H] embedding "
+                               "(PEFT's encoder_reparameterization_type): mlp (three Linear layers with ReLU) or lstm "
+                               "(a two-layer bidirectional LSTM, then two Linear layers); auto: mlp",
+                       choices=["auto", *ENCODERS])
+    encoder_hidden_size: int = opt(0, "--method ptuning or residual: the encoder's width (0 = auto: the model's "
+                                      "hidden size for ptuning, as PEFT's; half of it for residual's bottleneck)")
+    keep_encoder: bool = opt(False, "--method ptuning or residual: also keep the encoder and its input embedding "
+                                    "(OUT/encoder.safetensors and in every checkpoint), so that --resume can carry "
+                                    "on training it; without it only the prompt it produces is saved")
     report_to: str = opt("none", "experiment trackers, through accelerate's: none, tensorboard (event files in "
                                  "OUT/tensorboard), wandb, mlflow, a comma-separated list, or all (every one of the "
                                  "three installed); metrics.jsonl is written either way")
@@ -242,7 +257,8 @@ class TrainConfig:
         require(not self.lr > MAX_LR, f"--lr {self.lr}: must be at most {MAX_LR:g}")
         check_seed(self.seed)
         check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
-                            "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1})
+                            "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1,
+                            "encoder_hidden_size": 0})
         require(self.batch_size >= self.grad_accum,
                 f"--grad-accum {self.grad_accum} needs --batch-size >= {self.grad_accum} (one row per micro-batch)")
         require(self.max_steps > 0 or self.epochs > 0, "--epochs must be > 0 when --max-steps is 0")
@@ -254,6 +270,17 @@ class TrainConfig:
                 f"--prefix-projection is for --method prefix (got --method {self.method})")
         require(not (self.method == "prefix" and self.shard != "none"), "--shard fsdp is not supported with "
                 "--method prefix yet")
+        encoded = self.method in ENCODER_METHODS
+        require(self.encoder == "auto" or self.method == "ptuning",
+                f"--encoder is for --method ptuning (got --method {self.method})")
+        for name in ("encoder_hidden_size", "keep_encoder"):
+            require(not getattr(self, name) or encoded,
+                    f"{flag(name)} is for --method ptuning or residual (got --method {self.method})")
+        require(not (encoded and self.resume and not self.keep_encoder), f"--resume: --method {self.method} carries "
+                "on training its encoder, which only --keep-encoder keeps: give --keep-encoder (a run without it "
+                "wrote no checkpoint)")
+        require(not (encoded and self.shard != "none"), f"--shard fsdp is not supported with --method {self.method} "
+                "yet")
         require(not (self.resume and self.overwrite),
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
 

@@ -29,14 +29,17 @@ def right_padded(attention_mask: Any) -> bool:
     return bool(((m.cumsum(1) == m.sum(1, keepdim=True)) | m).all())
 
 
-def graph_obstacle(model, processes: int, prompt_tuning: bool) -> str | None:
-    """Why this run's step cannot be a CUDA graph (None when it can)."""
+def graph_obstacle(model, processes: int, prompt_tuning: bool, method: str | None = None) -> str | None:
+    """Why this run's step cannot be a CUDA graph (None when it can); `method`: the training method's
+    own reason, if it has one (methods.Method.graph_obstacle)."""
     if model.device.type != "cuda":
         return f"no CUDA device ({model.device.type})"
     if processes > 1:
         return f"{processes} processes (the gradient all-reduce runs outside a graph)"
     if not prompt_tuning:
         return "full fine-tuning (graphs are for the soft prompt's step)"
+    if method:
+        return method
     return dense_mask_obstacle(model)
 
 
@@ -44,14 +47,15 @@ DEEP_REASON = "the prompt is per-layer keys and values (a prefix): the rows atte
 
 
 def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: int = 1, prompt_tuning: bool = True,
-                checkpointing: bool = False, deep: bool = False) -> PathChoice:
+                checkpointing: bool = False, deep: bool = False, method_obstacle: str | None = None) -> PathChoice:
     """The path `--forward-path requested` takes, and why.
 
     Without `rows`: a training run's path (`processes`, `prompt_tuning` and `checkpointing`
     describe the run). With `rows`, the attention mask [B, T] of one batch: that batch's forward
     pass, which is never a graph ("graphed" is a training-step mode; a single pass packs as auto
     does) and packs only right-padded rows. `deep`: the prompt has no input embeddings (a prefix),
-    which only the kv path takes."""
+    which only the kv path takes. `method_obstacle`: why the training method's step cannot be a graph
+    (an encoder's prompt), or None."""
     if requested not in FORWARD_PATHS:
         raise SoftpromptError(f"unknown forward path {requested!r}: use {', '.join(FORWARD_PATHS)}")
     if deep:
@@ -69,7 +73,7 @@ def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: 
             raise SoftpromptError(f"--forward-path packed: {packing}; use --forward-path kv or auto")
         choice = PathChoice("packed", "as requested")
     else:
-        graphs = graph_obstacle(model, processes, prompt_tuning)
+        graphs = graph_obstacle(model, processes, prompt_tuning, method_obstacle)
         if requested == "graphed":
             if graphs:
                 raise SoftpromptError(f"--forward-path graphed: {graphs}; use --forward-path auto")

@@ -1,9 +1,12 @@
-"""PEFT interoperability: read and write PEFT's prompt-tuning and prefix-tuning adapter layouts.
+"""PEFT interoperability: read and write PEFT's prompt-tuning and prefix-tuning adapter layouts, and
+read its P-tuning ones.
 
 A PEFT prompt-tuning adapter is `adapter_config.json` (peft_type PROMPT_TUNING) plus
 `adapter_model.safetensors` holding one tensor, `prompt_embeddings` [P, H] — the same tensor a
 softprompt folder holds, so conversion is exact both ways. A prefix (kind "prefix") is PEFT's
-PREFIX_TUNING, whose layout peft_prefix.py reads and writes. No `peft` import is needed here.
+PREFIX_TUNING, whose layout peft_prefix.py reads and writes. A P_TUNING adapter (PEFT's
+PromptEncoder) is imported as the soft prompt its encoder produces (peft_ptuning.py). No `peft`
+import is needed here.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from ..base.models import cache_root
 from ..core.config import BUILTIN_MODEL
 from ..core.inits import peft_init
 from ..core.utils import SoftpromptError, atomic_dir, check_dest, read_json, short
-from . import peft_prefix
+from . import peft_prefix, peft_ptuning
 from .hub import download, hub_model_id, is_hub
 from .prefix import TENSOR_NAME as PREFIX_TENSOR
 from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
@@ -124,9 +127,9 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     cfg = read_json(peft_dir / ADAPTER_CONFIG)
     if not isinstance(cfg, dict):
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG} must hold a JSON object, got {type(cfg).__name__}")
-    if cfg.get("peft_type") not in ("PROMPT_TUNING", peft_prefix.PEFT_TYPE):
+    if cfg.get("peft_type") not in ("PROMPT_TUNING", peft_prefix.PEFT_TYPE, peft_ptuning.PEFT_TYPE):
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: peft_type is {short(cfg.get('peft_type'))}, only "
-                              "PROMPT_TUNING and PREFIX_TUNING adapters can be imported")
+                              "PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters can be imported")
     weights = peft_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (peft_dir / "adapter_model.bin").is_file():
@@ -136,7 +139,8 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     if cfg["peft_type"] == peft_prefix.PEFT_TYPE:
         return import_prefix(cfg, peft_dir, weights, out, model_name or cfg.get("base_model_name_or_path") or "",
                              source)
-    t = read_prompt_tensor(weights, "adapter")
+    ptuning = cfg["peft_type"] == peft_ptuning.PEFT_TYPE
+    t = peft_ptuning.read_adapter(cfg, weights) if ptuning else read_prompt_tensor(weights, "adapter")
     subs = cfg.get("num_transformer_submodules") or 1  # PEFT leaves null until a model sets it
     if subs != 1:  # an encoder-decoder's: one prompt per submodule, which no causal prompt stands for
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: num_transformer_submodules is {short(subs)}: an "
@@ -152,8 +156,10 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     if not isinstance(meta, dict):
         raise SoftpromptError(f"{ours} must hold a JSON object, got {type(meta).__name__}")
     meta.update({"format": FORMAT, "kind": SoftPrompt.kind,
-                 "model": model_name or cfg.get("base_model_name_or_path", ""),
+                 "model": model_name or cfg.get("base_model_name_or_path") or "",  # PEFT may write null
                  "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": source})
+    if ptuning:  # the prompt its encoder produced; the encoder itself is not kept
+        meta.setdefault("method", "ptuning")
     with atomic_dir(out, overwrite=True) as tmp:  # check_dest vouched for what is there
         save_file({TENSOR_NAME: t.contiguous()}, str(tmp / "prompt.safetensors"))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")

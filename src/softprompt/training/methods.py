@@ -1,6 +1,7 @@
 """What a training run trains: a soft prompt on the frozen model (prompt tuning), per-layer keys and
-values (prefix tuning, prefix_method.py), or every weight of the model (full fine-tuning, the
-baseline they are compared with).
+values (prefix tuning, prefix_method.py), an encoder that produces the soft prompt (P-tuning,
+ptuning_method.py; residual prompt tuning, residual_method.py), or every weight of the model (full
+fine-tuning, the baseline they are compared with).
 
 One small object per method holds all that differs between the two: its parameters, what the
 forward pass gets as the prompt, its default learning rate, how and where it saves, whether it can
@@ -23,6 +24,8 @@ from ..core.prompt_protocol import Prompt
 from ..core.utils import SoftpromptError, atomic_dir, count_params, write_json
 from ..prompts.prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
 from .prefix_method import PrefixTuning
+from .ptuning_method import PTuning
+from .residual_method import ResidualTuning
 
 MODEL_DIR = "model"  # where a full fine-tuning run saves its model, inside the run folder
 
@@ -33,6 +36,7 @@ class Method(Protocol):
     resumable: bool       # it can write a checkpoint and --resume from it
     changes_model: bool   # it trains the model's own weights (compare scores a copy)
     prompt: Prompt | None  # the prompt it trains; None when it trains the model itself
+    graph_obstacle: str | None  # why its step cannot be a CUDA graph whatever the device (None: it can)
 
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
@@ -64,6 +68,7 @@ class PromptTuning:
     name = "prompt"
     resumable = True       # its checkpoint (prompt + optimiser state) is small; data-parallel too
     changes_model = False
+    graph_obstacle = None
 
     def __init__(self, model, tok, prompt: SoftPrompt):
         self.model, self.tok, self.prompt = model, tok, prompt
@@ -143,6 +148,7 @@ class FullFineTuning:
     resumable = False
     changes_model = True
     prompt = None
+    graph_obstacle = "full fine-tuning (graphs are for the soft prompt's step)"
 
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
@@ -202,7 +208,8 @@ class FullFineTuning:
         return load_model(replace(mcfg, model=str(run_dir / MODEL_DIR)))[0], None
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, PrefixTuning, FullFineTuning)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, PrefixTuning, PTuning, ResidualTuning,
+                                                          FullFineTuning)}
 
 
 def save_model(model, tok, dest: Path, meta: dict[str, Any]) -> Path:

@@ -28,6 +28,7 @@ class PrefixTuning:
     name = "prefix"
     resumable = True
     changes_model = False
+    graph_obstacle = None  # its kv path is never graphed (forward_path.choose_path's deep)
 
     def __init__(self, model, tok, prompt: PrefixPrompt):
         self.model, self.tok, self.prompt = model, tok, prompt

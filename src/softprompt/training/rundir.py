@@ -26,7 +26,8 @@ RUN_CONFIG = "run_config.json"
 HOW_FLAGS = {"device", "out", "resume", "overwrite", "report_to", "log_every", "save_every", "eval_untuned",
              "forward_path", "gradient_checkpointing"}
 RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METRICS, "summary.json", "loss.png",
-             CHECKPOINT, "model", "tensorboard", "wandb", "mlflow"}  # the last three: --report-to's trackers
+             CHECKPOINT, "model", "tensorboard", "wandb", "mlflow",  # the last three: --report-to's trackers
+             "encoder.safetensors"}  # --keep-encoder's (encoder_method.ENCODER_FILE)
 
 
 def check_out(out: Path, resume: bool, overwrite: bool) -> None:

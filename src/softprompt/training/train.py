@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from ..base.families import check_positions
 from ..base.models import load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
-from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
+from ..core.config import (ENCODER_METHODS, DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args,
+                           to_dict)
 from ..core.inits import resolve
 from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
 from ..data.batching import Batch, Example, batch_order, collate, pad_id
@@ -112,7 +113,7 @@ class Run:
     acc: Any                        # accelerate.Accelerator
     model: Any
     tok: Any
-    method: Method                  # methods.PromptTuning, prefix_method.PrefixTuning or methods.FullFineTuning
+    method: Method                  # one of methods.METHODS (PromptTuning, PrefixTuning, PTuning, ...)
     params: list[torch.nn.Parameter]
     fmt: Formatter
     train_ex: list[Example]
@@ -175,7 +176,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     seed_everything(tcfg.seed)
     if model is None:
         model, tok = load_model(mcfg)
-    P = pcfg.virtual_tokens if tcfg.method == "prompt" else 0
+    P = pcfg.virtual_tokens if tcfg.method in ("prompt", *ENCODER_METHODS) else 0
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
     fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
@@ -211,7 +212,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     deep = method.prompt is not None and method.prompt.input_embeds() is None  # a prefix: kv only
     path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
                             prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing,
-                            deep=deep)
+                            deep=deep, method_obstacle=method.graph_obstacle)
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
