@@ -32,6 +32,9 @@ def export(commit: str, dest: Path) -> None:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src", "bench"], capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    # A tree from before src/softprompt/__init__.py existed is a namespace package, which the installed
+    # (editable) package would shadow: an empty __init__ imports the same modules, from this tree.
+    (dest / "src" / "softprompt" / "__init__.py").touch()
 
 
 def run_once(tree: Path, flags: list[str], out: Path) -> dict:
@@ -64,6 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
         old.mkdir()
+        (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")  # the data, beside the tree as beside ROOT
         export(args.old, old)
         for k in range(args.rounds):
             for name, tree in (("old", old), ("new", ROOT)):
