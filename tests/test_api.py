@@ -179,19 +179,19 @@ def test_peft_generate_snippet_gives_softprompt_tokens(llama_dir, tmp_path):
     assert tok.batch_decode(new, skip_special_tokens=True) == [r["tuned"] for r in ref]
 
 
-@pytest.mark.slow  # inductor on a CPU: ~3 min with a cold compile cache on this loaded machine, 17 s warm
+@pytest.mark.slow
 def test_compiled_forward_equals_eager(llama_dir, tmp_path):
-    try:
-        import torch._inductor  # noqa: F401
-    except Exception as e:  # pragma: no cover - builds without inductor
-        pytest.skip(f"torch.compile unavailable: {e}")
+    """torch.compile traces SoftPromptModel's forward (dynamo, then AOTAutograd's graph). The aot_eager
+    backend runs that graph without inductor's C++ code generation, which took 65 s of a clean CI run
+    for nothing of ours: what breaks is the tracing of our forward (alone in a fresh process, dynamo
+    failed on isinstance(prompt, Prompt); prompt_protocol.is_prompt now), not the compiler."""
     model, tok = load_model(str(llama_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok)
     batch, _ = _batch(tok, _data(tmp_path, 4), **IO)
     kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
     with torch.no_grad():
         eager = sp(**kw).loss
-        compiled = torch.compile(sp)(**kw).loss
+        compiled = torch.compile(sp, backend="aot_eager")(**kw).loss
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
 
 

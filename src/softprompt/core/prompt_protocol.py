@@ -56,9 +56,19 @@ class Prompt(Protocol):
         ...
 
 
+MEMBERS = ("kind", "meta", "length", "hidden_size", "input_embeds", "past_key_values", "parameters", "state_tensors")
+
+
+def is_prompt(obj: Any) -> bool:
+    """`obj` has Prompt's members. What isinstance(obj, Prompt) says, but torch.compile can trace it:
+    dynamo turns that isinstance into issubclass, which typing refuses for a protocol with data members
+    (so a compiled forward failed in a fresh process)."""
+    return all(hasattr(obj, name) for name in MEMBERS)
+
+
 def embeds_of(prompt: "Prompt | torch.Tensor | None") -> "torch.Tensor | None":
     """[P, H] input embeddings of a prompt given as a Prompt or as the tensor itself (None: no prompt)."""
-    if prompt is None or not isinstance(prompt, Prompt):
+    if prompt is None or not is_prompt(prompt):
         return prompt
     return prompt.input_embeds()
 

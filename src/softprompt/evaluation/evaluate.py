@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
-from ..core.prompt_protocol import Prompt, forward_input
+from ..core.prompt_protocol import Prompt, forward_input, is_prompt
 from ..core.utils import SoftpromptError, round_floats
 from ..data.batching import Example, collate, eval_batches, pad_id
 from ..data.formatting import Formatter, load_splits
@@ -32,7 +32,7 @@ def prompt_input(prompt):
     callable returning the [P, H] embeddings gives (a data-parallel wrapper), or None."""
     if prompt is None:
         return None
-    return forward_input(prompt) if isinstance(prompt, Prompt) else prompt()
+    return forward_input(prompt) if is_prompt(prompt) else prompt()
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..base.families import decoder, decoder_layers, logit_scale, logit_softcap
-from ..core.prompt_protocol import Prompt, embeds_of
+from ..core.prompt_protocol import Prompt, embeds_of, is_prompt
 from .packing import packed_hidden
 from .paths import choose_path
 
@@ -92,7 +92,7 @@ def text_hidden(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Te
     None), and the prompt's last hidden state ([1 or B, H], None when there is no prompt), which
     predicts the first text token. A prompt without input embeddings (a prefix) has no last hidden
     state: as in PEFT's prefix tuning, nothing predicts the first text token."""
-    if isinstance(prompt, Prompt) and prompt.input_embeds() is None:
+    if is_prompt(prompt) and prompt.input_embeds() is None:
         return deep_hidden(model, prompt, input_ids, attention_mask, path)
     prompt = embeds_of(prompt)
     embed = model.get_input_embeddings()
@@ -142,7 +142,7 @@ def mixed_hidden(model, prompts: list, seqs: list[list[int]]) -> tuple[torch.Ten
     Prompt, its [P, H] embeddings, or none), right-padded: pads come after every real token, so a
     causal model's real positions are untouched by them. Also each row's prompt length, where its
     text starts."""
-    if any(isinstance(p, Prompt) and p.input_embeds() is None for p in prompts):
+    if any(is_prompt(p) and p.input_embeds() is None for p in prompts):
         raise ValueError("a prompt without input embeddings (a prefix) cannot share a batch with other prompts "
                          "here: its rows take text_hidden's kv path")
     prompts = [embeds_of(p) for p in prompts]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..base.families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
 from ..core.config import GenerateConfig
-from ..core.prompt_protocol import Prompt
+from ..core.prompt_protocol import Prompt, is_prompt
 from ..core.utils import SoftpromptError
 from ..data.batching import pad_id
 from ..forward.hidden import logits, prefix_kv
@@ -51,11 +51,11 @@ class PromptKV:
     @torch.no_grad()
     def get(self, prompt) -> PrefixState | None:
         """The cached state of `prompt` (a Prompt or its [P, H] embeddings; None: no prompt)."""
-        if prompt is None or (not isinstance(prompt, Prompt) and prompt.shape[0] == 0):
+        if prompt is None or (not is_prompt(prompt) and prompt.shape[0] == 0):
             return None
         key = id(prompt)
         if key not in self.store or self.store[key].source is not prompt:
-            if isinstance(prompt, Prompt):  # its own keys and values, whatever its kind
+            if is_prompt(prompt):  # its own keys and values, whatever its kind
                 layers, P = prompt.past_key_values(self.model), prompt.length
             else:
                 dtype = self.model.get_input_embeddings().weight.dtype

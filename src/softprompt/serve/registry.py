@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..core.prompt_protocol import Prompt
+from ..core.prompt_protocol import Prompt, is_prompt
 from ..core.utils import SoftpromptError, read_json
 from ..prompts.prompt import CONFIG_FILE, check_fits, check_prompt, load_prompt
 from .protocol import ApiError
@@ -43,7 +43,7 @@ class Loaded:
     def virtual_tokens(self) -> int:
         if self.tensor is None:
             return 0
-        return self.tensor.length if isinstance(self.tensor, Prompt) else int(self.tensor.shape[0])
+        return self.tensor.length if is_prompt(self.tensor) else int(self.tensor.shape[0])
 
 
 class Registry:
@@ -61,7 +61,7 @@ class Registry:
         if not NAME_RE.match(name):
             raise ApiError(400, f"invalid prompt name {name!r}: use letters, digits, '.', '_', ':' or '-' "
                                 "(at most 64)", "name")
-        given = isinstance(prompt, Prompt)
+        given = is_prompt(prompt)
         sp = prompt if given else read(Path(prompt), self.model)
         w = self.model.get_input_embeddings().weight
         check_servable(sp, f"prompt {name}", self.model)
