@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
-from journey_helpers import ACTS, free_port, write_chats
+from journey_helpers import ACTS, free_port, two_at_a_time, write_chats
 
 pytestmark = pytest.mark.slow
 SP = str(Path(sys.executable).parent / "softprompt")
@@ -48,9 +48,9 @@ def runs(tmp_path_factory) -> Path:
     """One folder per prompt kind, each written by `softprompt train` in a subprocess."""
     root = tmp_path_factory.mktemp("journeys")
     chats = write_chats(root / "chats.jsonl", 40)
-    for name, flags in KINDS.items():
-        flags = [str(chats) if f == "CHATS" else f for f in flags]
-        sp("train", *flags, *FEW, "--out", root / "runs" / name, cwd=root)
+    two_at_a_time(lambda *a: sp(*a, cwd=root), [
+        ("train", *[str(chats) if f == "CHATS" else f for f in flags], *FEW, "--out", root / "runs" / name)
+        for name, flags in KINDS.items()])
     return root
 
 
@@ -139,9 +139,9 @@ def test_eval_generate_and_replay_take_the_run_folders(runs):
     scored = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0 <= scored["accuracy"] <= 1
     # generate fills the recorded one-column template ("Act as a {act}.\nPrompt:") with the text.
-    filled = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "travel guide", cwd=runs)
-    raw = sp("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--raw",
-             "Act as a travel guide.\nPrompt:", cwd=runs)
+    filled, raw = two_at_a_time(lambda *a: sp(*a, cwd=runs), [
+        ("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "travel guide"),
+        ("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--raw", "Act as a travel guide.\nPrompt:")])
     # The two print their inputs as given; the continuations (after the "===" line) are the same.
     assert filled.stdout.strip() and filled.stdout.splitlines()[1:] == raw.stdout.splitlines()[1:]
     # --config replay of a run gives the same prompt bytes.
@@ -154,13 +154,15 @@ def test_every_kind_evaluates_and_generates_from_its_folder(runs):
     """eval and generate take each kind's folder with nothing but data or text: the recorded reading
     (template, target, text column, chat) is the default."""
     data = {"sst2": SST2 / "dev.tsv", "acts": ACTS, "lm": ACTS, "chat": runs / "chats.jsonl"}
-    for name in KINDS:
-        out = sp("eval", "--prompt", f"runs/{name}", "--data", data[name], "--limit", "4", "--json", cwd=runs)
-        scored = json.loads(out.stdout.strip().splitlines()[-1])
+    text = {"sst2": "a moving film", "acts": "poet", "lm": "I want you to", "chat": "Act as a poet."}
+    outs = two_at_a_time(lambda *a: sp(*a, cwd=runs), [
+        call for name in KINDS for call in (
+            ("eval", "--prompt", f"runs/{name}", "--data", data[name], "--limit", "4", "--json"),
+            ("generate", "--prompt", f"runs/{name}", "--max-new-tokens", "3", text[name]))])
+    for name, scored, generated in zip(KINDS, outs[::2], outs[1::2]):
+        scored = json.loads(scored.stdout.strip().splitlines()[-1])
         assert scored["loss"] > 0, (name, scored)
-        text = {"sst2": "a moving film", "acts": "poet", "lm": "I want you to", "chat": "Act as a poet."}[name]
-        out = sp("generate", "--prompt", f"runs/{name}", "--max-new-tokens", "3", text, cwd=runs)
-        assert "tuned" in out.stdout, (name, out.stdout)
+        assert "tuned" in generated.stdout, (name, generated.stdout)
 
 
 def test_export_push_and_peft_read_what_train_wrote(runs):
@@ -173,9 +175,10 @@ def test_export_push_and_peft_read_what_train_wrote(runs):
     from softprompt.prompts.prompt import load_prompt
 
     base, tok = load_model("smollm2-135m-instruct")
+    two_at_a_time(lambda *a: sp(*a, cwd=runs), [
+        call for name in KINDS for call in (("export-peft", f"runs/{name}", f"runs/{name}-peft"),
+                                            ("push", f"runs/{name}", f"me/{name}", "--local-dir", f"runs/{name}-hub"))])
     for name in KINDS:
-        sp("export-peft", f"runs/{name}", f"runs/{name}-peft", cwd=runs)
-        sp("push", f"runs/{name}", f"me/{name}", "--local-dir", f"runs/{name}-hub", cwd=runs)
         ours = load_prompt(runs / "runs" / name).embeds
         for folder in (f"{name}-peft", f"{name}-hub"):
             peft_model = PeftModel.from_pretrained(base, runs / "runs" / folder)

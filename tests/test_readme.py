@@ -223,6 +223,54 @@ def test_the_local_variants_are_parsed():
     assert argv[argv.index("--data") + 1].endswith("sst2/train.tsv") and argv[argv.index("--max-steps") + 1] == "2"
 
 
+RUN_PATH = re.compile(r"\bruns/[\w.-]+")
+
+
+def touches(cmd: Cmd) -> set[str] | None:
+    """The run folders a shell command reads or writes (runs/NAME), or None for a command that must
+    run alone: a Python example, `serve`, or one that names no run folder."""
+    if cmd.lang == "python" or cmd.text.startswith("softprompt serve"):
+        return None
+    found = {m.group(0) for m in RUN_PATH.finditer(" ".join(offline(cmd)))}
+    return found or None
+
+
+def in_order_two_at_a_time(cmds: list[Cmd], start) -> None:
+    """start(cmd) -> a wait() that raises on failure, for each command in README order. A command
+    starts once fewer than two run and none running shares a run folder with it; one that must run
+    alone (touches None) waits for all before it and holds back all after it. Each command mostly
+    imports torch and loads the model, one core's work; the CI machine has two."""
+    running: list[tuple[set[str] | None, object]] = []  # (run folders, wait) of started commands
+    for k, cmd in enumerate(cmds):
+        keys = None if k == 0 else touches(cmd)  # the first one alone: it may convert the built-in model
+        while running and (keys is None or running[0][0] is None or len(running) >= 2
+                           or any(keys & other for other, _ in running if other is not None)):
+            running.pop(0)[1]()  # the earliest first: README order
+        running.append((keys, start(cmd)))
+        if keys is None:
+            running.pop()[1]()
+    for _, wait in running:
+        wait()
+
+
+def test_in_order_two_at_a_time_keeps_readme_order_per_run_folder():
+    events = []
+
+    def start(cmd):
+        events.append(f"start {cmd.line}")
+        return lambda: events.append(f"end {cmd.line}")
+
+    cmds = [Cmd(1, "softprompt train --data a --out runs/a"), Cmd(2, "softprompt train --data b --out runs/b"),
+            Cmd(3, "softprompt eval --prompt runs/a --data x"), Cmd(4, "softprompt inspect runs/b"),
+            Cmd(5, "import softprompt", "python"), Cmd(6, "softprompt inspect runs/a"),
+            Cmd(7, "softprompt eval --prompt runs/a --data y")]
+    in_order_two_at_a_time(cmds, start)
+    # 1 alone (the first); 2 starts; 3 (runs/a, done) beside 2; 4 (runs/b) waits for 2; 5 (Python)
+    # waits for all and runs alone; 6 starts; 7 shares runs/a with 6, so waits for it.
+    assert events == ["start 1", "end 1", "start 2", "start 3", "end 2", "start 4", "end 3", "end 4",
+                      "start 5", "end 5", "start 6", "end 6", "start 7", "end 7"], events
+
+
 def test_every_readme_example_runs_offline(tmp_path):
     (tmp_path / "shared").symlink_to(SHARED.parent)
     work = tmp_path / "repo"
@@ -234,24 +282,30 @@ def test_every_readme_example_runs_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     server, ran = None, []
-    try:
-        for cmd in commands(README.read_text()):
-            if skip_reason(cmd):
-                continue
-            if cmd.lang == "python":
-                code = python_offline(cmd, server[1] if server else None)
-                r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
-                                   timeout=900)
-            elif cmd.text.startswith("softprompt serve"):
-                server = start_server(offline(cmd), work, env)
-                ran.append(cmd.text)
-                continue
-            else:
-                r = subprocess.run(offline(cmd), cwd=work, env=env, capture_output=True, text=True, timeout=900)
-            assert r.returncode == 0, (f"README line {cmd.line} failed (exit {r.returncode}): {cmd.text}\n"
-                                       f"ran: {shlex.join(offline(cmd)) if cmd.lang == 'bash' else 'python'}\n"
-                                       f"{r.stderr[-3000:]}")
+
+    def start(cmd: Cmd):
+        nonlocal server
+        if cmd.text.startswith("softprompt serve"):
+            server = start_server(offline(cmd), work, env)
             ran.append(cmd.text)
+            return lambda: None
+        if cmd.lang == "python":
+            argv = [sys.executable, "-c", python_offline(cmd, server[1] if server else None)]
+        else:
+            argv = offline(cmd)
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def wait():
+            _, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, (f"README line {cmd.line} failed (exit {proc.returncode}): {cmd.text}\n"
+                                          f"ran: {shlex.join(argv) if cmd.lang == 'bash' else 'python'}\n"
+                                          f"{err[-3000:]}")
+            ran.append(cmd.text)
+
+        return wait
+
+    try:
+        in_order_two_at_a_time([c for c in commands(README.read_text()) if not skip_reason(c)], start)
     finally:
         if server is not None:
             server[0].terminate()
