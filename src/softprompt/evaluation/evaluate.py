@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
-from ..core.prompt_protocol import Prompt, forward_input, is_prompt
+from ..core.prompt_protocol import forward_input, is_prompt
 from ..core.utils import SoftpromptError, round_floats
 from ..data.batching import Example, collate, eval_batches, pad_id
 from ..data.formatting import Formatter, load_splits

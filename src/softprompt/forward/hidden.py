@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..base.families import decoder, decoder_layers, logit_scale, logit_softcap
-from ..core.prompt_protocol import Prompt, embeds_of, is_prompt
+from ..core.prompt_protocol import embeds_of, is_prompt
 from .packing import packed_hidden
 from .paths import choose_path
 

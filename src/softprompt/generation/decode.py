@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..base.families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
 from ..core.config import GenerateConfig
-from ..core.prompt_protocol import Prompt, is_prompt
+from ..core.prompt_protocol import is_prompt
 from ..core.utils import SoftpromptError
 from ..data.batching import pad_id
 from ..forward.hidden import logits, prefix_kv
