@@ -185,10 +185,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_half_flags() -> list[str]:
+    """The CPU flags that decide whether bf16/fp16 matmuls are native (fast) or emulated (slow)."""
+    try:
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for f in line.split()}
+    except OSError:
+        return []
+    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"})
+
+
 def machine() -> dict[str, Any]:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
             platform.machine(), "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count()}
+            "cores": os.cpu_count(), "cpu_half_flags": cpu_half_flags()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     import transformers
@@ -199,6 +209,41 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def git_commit() -> str:
+    """The commit measured (with `+dirty` when the tree has changes), so a figure names its code."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or os.environ.get("SOFTPROMPT_COMMIT", "unknown")
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """What every result file records first: the exact command, the commit, the machine, when."""
+    import sys
+
+    return {"command": " ".join(["python", *sys.argv]), "commit": git_commit(), "machine": machine(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+
+
+class Results:
+    """A result file written row by row: each `add` rewrites the whole JSON atomically, so a time
+    limit loses the row in progress, not the file. `head` is provenance() plus the bench's settings."""
+
+    def __init__(self, path: str | Path, head: dict[str, Any], key: str = "rows"):
+        self.path, self.doc, self.key = Path(path), {**provenance(), **head, key: []}, key
+        self.save()
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.doc[self.key].append(row)
+        self.save()
+        return row
+
+    def save(self) -> Path:
+        return write_result(self.path, self.doc)
 
 
 def write_result(path: str | Path, obj: dict[str, Any]) -> Path:
