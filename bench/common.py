@@ -216,7 +216,10 @@ def git_commit() -> str:
     import subprocess
 
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        try:  # the GPU machine may have no git at all: then SOFTPROMPT_COMMIT (gpu_check.sh sets it)
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
     head = git("rev-parse", "HEAD") or os.environ.get("SOFTPROMPT_COMMIT", "unknown")
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
