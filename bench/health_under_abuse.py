@@ -194,8 +194,12 @@ def main() -> None:
     ap.add_argument("--src-commit", default="", help="the commit --src was exported from, when not a git checkout")
     ap.add_argument("--out", default=str(ROOT / "bench/results/health_under_abuse.json"))
     args = ap.parse_args()
-    from common import machine, write_result
+    from common import Results
 
+    # Written first (a stopped run still says what ran); the commit is the one --src came from.
+    res = Results(args.out, {"commit": args.src_commit or git_commit(args.src), "src": args.src,
+                             "settings": vars(args), "warmup": "3 s of /health probes on the quiet server, "
+                             "kept apart as health_quiet_ms"}, key=None)
     with tempfile.TemporaryFile("w+") as log:
         proc, port = start_server(args, log)
         try:
@@ -231,10 +235,7 @@ def main() -> None:
 
     ms = lambda xs, q: round(1000 * percentile(xs, q), 2) if xs else None  # noqa: E731
     result = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "git_commit": args.src_commit or git_commit(args.src), "src": args.src, "machine": machine(),
         "note": "the machine may be shared with other jobs: see machine_load",
-        "settings": vars(args),
         "health_quiet_ms": {"p50": ms(base_lat, 50), "p99": ms(base_lat, 99), "n": len(base_lat)},
         "health_under_abuse_ms": {"p50": ms(lat, 50), "p99": ms(lat, 99), "max": ms(lat, 100), "n": len(lat),
                                   "failed": failed},
@@ -242,7 +243,7 @@ def main() -> None:
         "idle_sockets": dict(idle_stats), "server_tracebacks": tracebacks, "machine_load": machine_load,
         "target_p99_ms": 100,
     }
-    write_result(args.out, result)
+    res.set(**result)
     h = result["health_under_abuse_ms"]
     print(f"/health quiet p50 {result['health_quiet_ms']['p50']} ms; under abuse p50 {h['p50']} ms, p99 {h['p99']} ms, "
           f"max {h['max']} ms over {h['n']} probes ({failed} failed); abusers' answers {result['abuse_answers']}; "

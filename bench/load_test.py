@@ -21,7 +21,6 @@ Each phase also records the machine's load (other people's jobs on a shared mach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import Results, attn_implementation  # noqa: E402
 from serve_common import MachineLoad, describe_load, make_prompts, percentile  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -147,16 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     reqs = [{"model": names[i % len(names)], "prompt": INPUTS[(i * 5 + i // len(names)) % len(INPUTS)],
              "max_tokens": a.max_new_tokens, "temperature": 0} for i in range(a.requests)]
     sched = app.state.scheduler
+    res = Results(a.out, {"settings": vars(a), "attn_implementation": attn_implementation(model),
+                          "warmup": "2 requests from 1 client before the phases, not measured"}, key=None)
+    strip = lambda p: {k: v for k, v in p.items() if k != "results"}  # noqa: E731
     try:
         run_phase(server.url, reqs[:2], 1, a.time_limit)  # warm-up (first-use costs), not measured
         batched = measured(sched, server.url, reqs, a.clients, a.time_limit)
+        res.set(batched=strip(batched))  # each phase kept as it ends
         single = measured(sched, server.url, reqs, 1, a.time_limit)
     finally:
         server.stop()
     report = summary(a, torch, model, reqs, batched, single)
     print_report(a, report, batched, single)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    res.set(**report)
     print(f"  wrote {a.out}")
     ok = (batched["errors"] == 0 and single["errors"] == 0 and report["mismatches"] == 0
           and batched["not_sent"] == 0 and single["not_sent"] == 0)
@@ -171,7 +174,7 @@ def summary(a, torch, model, reqs: list[dict], batched: dict, single: dict) -> d
         "model": a.model, "prompts": a.prompts, "virtual_tokens": a.virtual_tokens, "clients": a.clients,
         "requests": a.requests, "max_new_tokens": a.max_new_tokens, "max_batch": a.max_batch,
         "scheduler": "continuous batching", "torch_threads": torch.get_num_threads(), "device": str(model.device),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
+        "cpus": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
         "batched": strip(batched), "one_at_a_time": strip(single),
         "compared": len(pairs), "mismatches": sum(b["text"] != s["text"] for b, s in pairs),
         "speedup_requests_per_second": ratio(batched["requests_per_second"], single["requests_per_second"]),
@@ -188,7 +191,7 @@ def summary(a, torch, model, reqs: list[dict], batched: dict, single: dict) -> d
 def print_report(a, report: dict, batched: dict, single: dict) -> None:
     fmt = lambda x: f"{1000 * x:.0f} ms" if x is not None else "n/a"  # noqa: E731
     print(f"{a.requests} requests, {a.prompts} prompts, {a.clients} clients, {a.max_new_tokens} new tokens each, "
-          f"model {a.model} on {report['machine']} ({report['torch_threads']} torch threads)")
+          f"model {a.model} on {report['cpus']} ({report['torch_threads']} torch threads)")
     for name, p in (("batched (concurrent)", batched), ("one at a time", single)):
         sc = p["scheduler"]
         print(f"  {name:22s} {p['requests_per_second']:7.2f} req/s  p50 {fmt(p['p50_seconds'])}  "

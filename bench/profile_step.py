@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_and_dtype, load_bench_model, machine, sync, write_result  # noqa: E402
+from common import Results, attn_implementation, device_and_dtype, load_bench_model, sync  # noqa: E402
 from train_speed import TASKS, Path_, batches_for, initial_prompt, task_examples  # noqa: E402
 
 from softprompt.data.batching import pad_id  # noqa: E402
@@ -63,8 +63,10 @@ def main() -> None:
     args = ap.parse_args()
     dev, dtype = device_and_dtype(args.device, args.dtype)
     model, tok = load_bench_model(args.model, dev, dtype, args.seed)
-    res = {"bench": "profile_step", "model": args.model, "device": str(dev), "dtype": args.dtype,
-           "machine": machine(), "tasks": {}}
+    head = {"bench": "profile_step", "model": args.model, "device": str(dev), "dtype": args.dtype,
+            "attn_implementation": attn_implementation(model), "cuda_graphs": args.graphs and dev.type == "cuda",
+            "warmup": "one untimed pass over the same batches (allocator, cuBLAS handles, graph captures)"}
+    res = Results(args.out, head, key="tasks") if args.out else None  # a task at a time
     for task in args.task:
         ex = task_examples(task, tok, args.limit, args.seed)
         init = initial_prompt(model, args.virtual_tokens, args.seed).to(dtype)
@@ -77,9 +79,8 @@ def main() -> None:
                   f"({100 * r['kernel_fraction']:.0f}%)  launches {r['kernels_per_step']:.0f}")
             for k in r["top_kernels"][:4]:
                 print(f"    {k['ms_per_step']:6.2f} ms x{k['count_per_step']:.0f}  {k['name']}")
-        res["tasks"][task] = out
-    if args.out:
-        write_result(args.out, res)
+        if res:
+            res.add({"task": task, **out})
 
 
 if __name__ == "__main__":

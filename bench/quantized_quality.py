@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED, machine, write_result  # noqa: E402
+from common import RESULTS, SHARED, provenance, write_result  # noqa: E402
 
 # A setting's name -> the train/eval flags that give its base.
 BASES = {"none": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"],
@@ -62,8 +62,8 @@ def main() -> None:
     if unknown := [q for q in settings if q not in BASES]:
         ap.error(f"unknown --settings {unknown}: choose from {', '.join(BASES)}")
     path = Path(args.out) if args.out else RESULTS / "quantized_quality_smollm2-135m-instruct_cpu.json"
-    head = {"bench": "quantized_quality", "command": " ".join(["python", *sys.argv]), "commit": commit(),
-            "machine": machine(), "matmul_gflops": matmul_rates(), "seed": args.seed, "steps": args.steps}
+    head = {**provenance(), "bench": "quantized_quality", "matmul_gflops": matmul_rates(), "seed": args.seed,
+            "steps": args.steps, "warmup": "none: each setting trains once, in a fresh process"}
     with tempfile.TemporaryDirectory() as tmp:
         for q in settings:
             out = Path(tmp) / q
@@ -84,12 +84,6 @@ def main() -> None:
         fp = "" if r["accuracy_fp32_base"] is None else f"{100 * r['accuracy_fp32_base']:.2f}%"
         print(f"{r['base']:6s} {100 * r['accuracy_own_base']:12.2f}% {fp:>12s} {r['train_seconds']:8.1f} "
               f"{r['peak_rss_mb'] / 1024:8.2f}G")
-
-
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parent)
-    return r.stdout.strip() or "unknown"
 
 
 def matmul_rates() -> dict[str, float]:

@@ -57,6 +57,7 @@ SETTINGS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "8bit": (
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "8bit": 1.0, "4bit": 0.55}  # 4-bit: NF4 plus its scales
 P, T = 20, 128
 WARMUP_T = 16
+WARMUP = f"one untimed step of 1 row x {WARMUP_T} tokens before the timed steps, in the same process"
 # model -> (settings, checkpointing, batch, timed steps): about an hour here (see the docstring)
 PLAN = {
     "builtin": ("fp32,bf16,8bit,4bit", "off,on", 8, 2),
@@ -190,7 +191,7 @@ def cell(spec: dict) -> dict:
             "warmup_seconds": round(warmup_s, 2),
             "losses": [round(x, 4) for x in losses], "tokens_per_step": int(full.attention_mask.sum()),
             "prompt_dtype": str(params[0].dtype), "threads": torch.get_num_threads(),
-            "status": "ok"}
+            "attn_implementation": getattr(model.config, "_attn_implementation", None), "status": "ok"}
 
 
 def run_cell(spec: dict, timeout: float) -> dict:
@@ -231,7 +232,10 @@ def matmul_rates() -> dict[str, float]:
 
 
 def save(results: list[dict]) -> None:
-    from common import machine
+    """Rewrite each model's file after every cell (a time limit loses one cell, not the file). The
+    provenance is this run's; each cell also names the commit that measured it, since cells from
+    earlier runs are kept."""
+    from common import provenance, write_result
 
     for model in sorted({r["model"] for r in results}):
         path = ROOT / "bench" / "results" / f"scale_{model}.json"
@@ -240,9 +244,9 @@ def save(results: list[dict]) -> None:
         new = {key(r): r for r in old}
         new.update({key(r): r for r in results if r["model"] == model})
         rates = json.loads(path.read_text()).get("matmul_gflops") if path.is_file() else None
-        path.write_text(json.dumps({"model": model, "machine": machine(), "P": P, "T": T,
-                                    "matmul_gflops": rates or matmul_rates(),
-                                    "cells": sorted(new.values(), key=lambda r: str(key(r)))}, indent=2) + "\n")
+        write_result(path, {**provenance(), "model": model, "P": P, "T": T, "warmup": WARMUP,
+                            "matmul_gflops": rates or matmul_rates(),
+                            "cells": sorted(new.values(), key=lambda r: str(key(r)))})
 
 
 def show(r: dict) -> str:
@@ -289,7 +293,10 @@ def main() -> None:
     if args.cell:
         print(json.dumps(cell(json.loads(args.cell))))
         return
+    from common import git_commit, provenance, write_result
+
     t0 = time.perf_counter()
+    commit = git_commit()
     skip_bf16 = "" if args.settings else bf16_too_slow(matmul_rates())
     results, lines = [], []
     for spec in plan(args):
@@ -298,16 +305,16 @@ def main() -> None:
         if spec["setting"] == "bf16" and skip_bf16:
             r = {**spec, "status": "skipped", "why": skip_bf16}
         else:
-            r = run_cell(spec, args.timeout)
+            r = {**run_cell(spec, args.timeout), "commit": commit}
             results.append(r)
             save(results)
         lines.append(show(r))
         print(lines[-1], flush=True)
     wall = round(time.perf_counter() - t0, 1)
-    summary = {"command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]), "wall_seconds": wall,
+    summary = {**provenance(), "wall_seconds": wall,
                "bf16_skipped": skip_bf16, "cells": lines}
-    (ROOT / "bench" / "results" / ("scale_plan.json" if len(sys.argv) == 1 else "scale_last_run.json")).write_text(
-        json.dumps(summary, indent=2) + "\n")
+    write_result(ROOT / "bench" / "results" / ("scale_plan.json" if len(sys.argv) == 1 else "scale_last_run.json"),
+                 summary)
     print(f"{len(results)} cells in {wall / 60:.1f} minutes")
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from common import Results  # noqa: E402
 from serve_common import MachineLoad, describe_load, make_prompts, percentile, scrape  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -260,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/soak.json")
     a = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="softprompt-soak-"))
-    names, churn = prepare_prompts(a, root)
+    names, churn, attn = prepare_prompts(a, root)
+    # Written first, so that a run stopped by a time limit still says what ran; the result at the end.
+    res = Results(a.out, {"settings": vars(a), "attn_implementation": attn,
+                          "warmup": "20 s of the same traffic from one client before the baseline"}, key=None)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
@@ -280,18 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     text = log_path.read_text(errors="replace")
     report.update(exit_status_after_sigterm=report_exit, tracebacks_in_server_log=text.count("Traceback"),
                   server_log=str(log_path))
-    return finish(a, report)
+    return finish(res, report)
 
 
-def prepare_prompts(a, root: Path) -> tuple[list[str], Path]:
-    """Three prompts to serve (the first with labels, for classify) and one for the admin churn."""
+def prepare_prompts(a, root: Path) -> tuple[list[str], Path, str | None]:
+    """Three prompts to serve (the first with labels, for classify), one for the admin churn, and
+    the attention implementation the model loads with (the server loads it the same way)."""
     from softprompt.base.models import load_model
 
     model, tok = load_model(a.model)
     names = make_prompts(model, tok, root, 4, 20, a.model, {"labels": LABELS})
+    attn = getattr(model.config, "_attn_implementation", None)
     del model
     gc.collect()
-    return names[:3], root / names[3]
+    return names[:3], root / names[3], attn
 
 
 def soak(a, url: str, proc: subprocess.Popen, names: list[str], churn: Path) -> dict:
@@ -319,7 +325,7 @@ def soak(a, url: str, proc: subprocess.Popen, names: list[str], churn: Path) -> 
     health = httpx.get(url + "/health", timeout=30)
     end = scrape(httpx.get(url + "/metrics", timeout=30).text)
     return {"minutes": a.minutes, "clients": a.clients, "give_up": a.give_up, "max_batch": a.max_batch,
-            "model": a.model, "threads": a.threads or "default", "machine": machine,
+            "model": a.model, "threads": a.threads or "default", "machine_load": machine,
             "requests": sum(traffic.outcomes.values()),
             "outcomes": {f"{k}/{o}": n for (k, o), n in sorted(traffic.outcomes.items())},
             "errors": sum(n for (_, o), n in traffic.outcomes.items() if o == "error") + churned["error"],
@@ -333,7 +339,7 @@ def soak(a, url: str, proc: subprocess.Popen, names: list[str], churn: Path) -> 
             "timeline": timeline}
 
 
-def finish(a, r: dict) -> int:
+def finish(res: Results, r: dict) -> int:
     tl = [m for _, m in r["rss_mb_timeline"] if m]
     half = tl[len(tl) // 2:] or [0]
     r["rss_mb_second_half_range"] = [min(half), max(half)]
@@ -349,12 +355,11 @@ def finish(a, r: dict) -> int:
           f"{m.get('responses_5xx')}, 499 {m.get('responses_499')}, cancelled jobs "
           f"{m.get('softprompt_cancelled_jobs_total')}; SIGTERM exit {r['exit_status_after_sigterm']}; "
           f"tracebacks in the server log {r['tracebacks_in_server_log']}")
-    print(f"  machine: {describe_load(r['machine'])}")
+    print(f"  machine: {describe_load(r['machine_load'])}")
     for e in r["first_errors"][:5]:
         print(f"  error: {e}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(r, indent=2) + "\n")
-    print(f"  wrote {a.out}")
+    res.set(**r)
+    print(f"  wrote {res.path}")
     ok = (r["errors"] == 0 and r["answers_changed"] == 0 and r["health_end"]["http"] == 200
           and r["exit_status_after_sigterm"] == 0 and r["tracebacks_in_server_log"] == 0 and not m.get("responses_5xx"))
     return 0 if ok else 1

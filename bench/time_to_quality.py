@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED, device_and_dtype, load_bench_model, machine, sync, write_result  # noqa: E402
+from common import (RESULTS, SHARED, Results, attn_implementation, device_and_dtype, load_bench_model,  # noqa: E402
+                    provenance, sync, write_result)
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.data.batching import collate, pad_id  # noqa: E402
@@ -49,7 +50,7 @@ INIT_TEXT = "Classify if the movie review is negative or positive."
 def peft_recipe(model, tok, args, dev, seed: int) -> dict:
     from peft import PromptTuningConfig, get_peft_model
 
-    fmt, train_ex, dev_ex = load_splits(DataConfig(**DATA), tok, seed)
+    fmt, train_ex, dev_ex = load_splits(DataConfig(**DATA, eval_limit=args.eval_limit), tok, seed)
     pm = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.virtual_tokens))
     emb = pm.prompt_encoder["default"].embedding.weight
     # PEFT's TEXT init (the init text's token embeddings, repeated to fill P), built by softprompt's
@@ -86,7 +87,7 @@ def peft_recipe(model, tok, args, dev, seed: int) -> dict:
 
 def softprompt_recipe(model, tok, args, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        train(ModelConfig(device=args.device), DataConfig(**DATA),
+        train(ModelConfig(device=args.device), DataConfig(**DATA, eval_limit=args.eval_limit),
               PromptConfig(), TrainConfig(out=tmp, max_steps=args.sp_steps, eval_every=args.sp_eval_every,
                                           save_every=0, seed=seed, eval_untuned=False),
               model=model, tok=tok, quiet=True)
@@ -152,28 +153,34 @@ def main() -> None:
     ap.add_argument("--sp-steps", type=int, default=300, help="softprompt's step budget (its linear decay ends there)")
     ap.add_argument("--sp-eval-every", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-limit", type=int, default=0, help="score the first N dev rows (0 = all 872; "
+                    "a small N only for a dry run)")
     ap.add_argument("--out", default="")
     ap.add_argument("--merge", nargs="+", metavar="RESULT", help="summarise the runs of these result files "
                     "together (e.g. seeds run in separate processes) into --out, running nothing")
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        res = {**parts[0], "runs": [r for part in parts for r in part["runs"]], "merged_from": args.merge}
+        # The command and commit are the merge's; the machine stays the one the runs measured.
+        res = {**parts[0], **{k: v for k, v in provenance().items() if k != "machine"},
+               "runs": [r for part in parts for r in part["runs"]], "merged_from": args.merge,
+               "measured_commits": [p.get("commit", "not recorded") for p in parts]}
         res["seeds"] = [r["seed"] for r in res["runs"]]
         summarize(res)
         print(f"wrote {write_result(args.out or RESULTS / 'time_to_quality_merged.json', res)}")
         return
     dev, dtype = device_and_dtype(args.device, args.dtype)
     model, tok = load_bench_model(args.model, dev, dtype)
-    res = {"bench": "time_to_quality", "model": args.model, "device": str(dev), "machine": machine(),
-           "seeds": args.seeds, "runs": []}
     out = args.out or RESULTS / f"time_to_quality_{dev.type}.json"
+    res = Results(out, {"bench": "time_to_quality", "model": args.model, "device": str(dev), "dtype": args.dtype,
+                        "attn_implementation": attn_implementation(model),
+                        "warmup": "none: every optimiser step is timed, the first ones included",
+                        "seeds": args.seeds, "eval_limit": args.eval_limit}, key="runs")
     for seed in args.seeds:  # both recipes per seed, so that a slow spell of the machine hits both
-        res["runs"].append({"seed": seed, "peft": peft_recipe(model, tok, args, dev, seed),
-                            "softprompt": softprompt_recipe(model, tok, args, seed)})
-        write_result(out, res)  # each finished seed is kept, should a time limit stop the next
-    summarize(res)
-    print(f"wrote {write_result(out, res)}")
+        res.add({"seed": seed, "peft": peft_recipe(model, tok, args, dev, seed),
+                 "softprompt": softprompt_recipe(model, tok, args, seed)})  # kept, should a time limit stop the next
+    summarize(res.doc)
+    print(f"wrote {res.save()}")
 
 
 if __name__ == "__main__":

@@ -56,14 +56,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", default=str(ROOT / "bench/results/train_speed_ab.json"))
     args = ap.parse_args()
-    from common import machine, write_result
+    from common import provenance, write_result
 
     flags = ["--model", args.model, "--task", args.task, "--steps", str(args.steps), "--check-steps", "0",
              "--no-memory", "--flop-samples", "0"]
     dirty = bool(git("status", "--porcelain", "--", "src", "bench"))
-    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "machine": machine(),
-              "old_commit": git("rev-parse", args.old), "new_commit": git("rev-parse", "HEAD") + ("+dirty" if dirty else ""),
-              "train_speed_flags": flags, "runs": []}
+    result = {**provenance(), "old_commit": git("rev-parse", args.old), "new_commit": git("rev-parse", "HEAD") + ("+dirty" if dirty else ""),
+              "train_speed_flags": flags, "warmup": "train_speed.py's own, in each run", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
         old.mkdir()

@@ -1,0 +1,79 @@
+"""bench/gpu_check.sh is what runs on a lent GPU: its steps fit two calls of at most 8 minutes, it
+says which commit it measured, and every step of `speed` and `quality` runs here on CPU through
+the same command lines (`dry-run`: tiny sizes, tiny random models, nothing installed)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+CALL_LIMIT_S = 8 * 60
+# Benches that write their provenance through bench/common.py's Results (train_speed and
+# generate_speed are converted separately; add their files here when they record it too).
+WITH_PROVENANCE = ["profile_step_smollm2-135m-geometry_dry_cpu.json", "time_to_quality_dry_cpu.json"]
+OUTPUTS = ["train_speed_smollm2-135m-geometry_dry_cpu.json", "train_speed_llama-3.2-1b-geometry_dry_cpu.json",
+           "generate_speed_smollm2-135m-instruct_dry_cpu.json", "generate_speed_smollm2-135m-instruct_fp32_cpu.json",
+           *WITH_PROVENANCE]
+
+
+def step_limits(function: str) -> dict[str, int]:
+    """NAME -> seconds of each `step NAME LIMIT ...` line in a shell function of the script."""
+    text = SCRIPT.read_text()
+    body = re.search(rf"^{function}\(\) \{{\n(.*?)^\}}", text, re.S | re.M).group(1)
+    limits = {}
+    for name, limit in re.findall(r"^\s*step (\S+) (\S+) ", body, re.M):
+        default = re.fullmatch(r'"?\$\{\w+:-(\d+)\}"?', limit)
+        limits[name] = int(default.group(1) if default else limit)
+    return limits
+
+
+@pytest.mark.parametrize("function", ["speed_steps", "quality_steps"])
+def test_each_call_fits_eight_minutes(function):
+    limits = step_limits(function)
+    assert len(limits) >= 3, limits
+    # the GPU machine also unpacks, installs from the carried wheels and (quality) rebuilds the model
+    assert sum(limits.values()) <= CALL_LIMIT_S - 60, limits
+
+
+def test_pack_checks_the_carry_limit_with_room_to_spare():
+    text = SCRIPT.read_text()
+    limit = int(re.search(r"^PACK_LIMIT_MB=(\d+)", text, re.M).group(1))
+    assert limit <= 48
+    assert re.search(r'\[ "\$mb" -le "\$PACK_LIMIT_MB" \] \|\| \{ echo "ERROR', text)
+
+
+def test_the_gpu_calls_install_nothing_from_the_network():
+    text = SCRIPT.read_text()
+    for mode in ("speed", "quality", "dry-run"):
+        body = re.search(rf"^{mode}\)\n(.*?)^    ;;", text, re.S | re.M).group(1)
+        for line in body.splitlines():
+            if "pip install" in line:
+                assert "--no-index" in line, line
+
+
+@pytest.mark.slow
+def test_the_dry_run_runs_every_step_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PY": sys.executable}
+    r = subprocess.run(["bash", str(SCRIPT), "dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert f"measuring: commit {head} dirty " in r.stdout
+    names = set(step_limits("speed_steps")) | set(step_limits("quality_steps"))
+    assert sorted(re.findall(r"^== (\S+) ", r.stdout, re.M)) == sorted(names)
+    assert r.stdout.count("rc=0") == len(names)
+    out = tmp_path / "out"
+    for name in OUTPUTS:
+        assert (out / name).is_file(), sorted(p.name for p in out.iterdir())
+    for name in WITH_PROVENANCE:
+        doc = json.loads((out / name).read_text())
+        assert doc["command"].startswith("python bench/") and doc["commit"].startswith(head), doc["command"]
+        assert doc["machine"]["cores"] and doc["warmup"]
+        assert doc["attn_implementation"]
