@@ -121,7 +121,10 @@ def hf_options(tok, max_new: int, static: bool, compile_cfg) -> dict:
     opts = dict(do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
     if static:
         opts["cache_implementation"] = "static"
-        opts.update(compile_config=compile_cfg) if compile_cfg is not None else opts.update(disable_compile=True)
+        if compile_cfg is None:
+            opts["disable_compile"] = True  # else transformers compiles on its own on CUDA
+        else:
+            opts["compile_config"] = compile_cfg
     return opts
 
 
@@ -233,14 +236,14 @@ def timed(dev, fn):
     return out, time.perf_counter() - t
 
 
-def measure(paths: dict, repeats: int, dev, results: Results) -> tuple[dict, dict]:
+def measure(paths: dict, repeats: int, dev, results: Results) -> tuple[dict, dict, dict]:
     """Warm every path on its whole workload, then time `repeats` rounds of all paths in turn; every
-    pass is a row of the result file. Returns each path's outputs and timings."""
-    outs, times = {}, {name: [] for name in paths}
+    pass is a row of the result file. Returns each path's outputs, warm-up seconds and timed passes."""
+    outs, warm, times = {}, {}, {name: [] for name in paths}
     for name, fn in paths.items():
-        outs[name], secs = timed(dev, fn)
-        results.add({"path": name, "pass": "warm-up", "seconds": secs, "new_tokens": sum(map(len, outs[name]))})
-        print(f"  warm-up {name:22s} {secs:8.1f} s", flush=True)
+        outs[name], warm[name] = timed(dev, fn)
+        results.add({"path": name, "pass": "warm-up", "seconds": warm[name], "new_tokens": sum(map(len, outs[name]))})
+        print(f"  warm-up {name:22s} {warm[name]:8.1f} s", flush=True)
     for r in range(repeats):
         for name, fn in paths.items():
             mem = PeakMemory(dev) if dev.type == "cuda" else contextlib.nullcontext()
@@ -249,7 +252,8 @@ def measure(paths: dict, repeats: int, dev, results: Results) -> tuple[dict, dic
             row = {"path": name, "pass": r, "seconds": secs, "new_tokens": sum(map(len, out)),
                    "same_output_as_warm_up": out == outs[name], **(mem.as_dict() if dev.type == "cuda" else {})}
             times[name].append(results.add(row))
-    return outs, times
+        print(f"  round {r + 1} of {repeats} timed", flush=True)
+    return outs, warm, times
 
 
 def summarise(name: str, out, passes: list[dict], warm_s: float, T: int, R: int, reference) -> dict:
@@ -299,6 +303,23 @@ def print_table(summary: dict, rat: dict) -> None:
         print(f"softprompt mixed / plain model without prompts: {rat['mixed_vs_plain_model']:.2f}x")
 
 
+def checks(model, tok, engine, outs: dict, prompts, inputs, R: int, N: int, single: bool) -> dict:
+    """softprompt's identity checks: the mixed batch equals the per-task batches and (with `single`)
+    each request decoded alone; the attention implementation is still the pinned one."""
+    mixed = outs["softprompt/mixed"]
+    check = {"attn_implementation_after": model.config._attn_implementation,
+             "mixed_equals_per_task": mixed == outs["softprompt/per-task"]}
+    if single:
+        gcfg = GenerateConfig(max_new_tokens=N)
+        alone = [generate_batch(model, tok, [(prompts[i // R], ids)], gcfg, engine=engine)[0]
+                 for i, ids in enumerate(inputs)]
+        check["mixed_equals_single"] = mixed == alone
+        check["rows_differing_from_single"] = sum(a != b for a, b in zip(mixed, alone))
+    check["engine_cuda_graph_replays"] = getattr(engine, "replays", 0)
+    check["engine_cuda_graph_error"] = getattr(engine, "graph_error", None)
+    return check
+
+
 def pin_attention(model, want: str) -> str:
     """One attention implementation for every path: `want`, or with 'auto' sdpa where the model
     has it and its own otherwise (BLOOM computes attention itself)."""
@@ -310,6 +331,18 @@ def pin_attention(model, want: str) -> str:
         except (ValueError, ImportError) as e:
             raise SystemExit(f"--attn {want}: {str(e).splitlines()[0]}") from None
     return model.config._attn_implementation
+
+
+def settings(args, dev, attn: str, peft_static_error: str | None, engine: str) -> dict:
+    """What the result file records beside provenance(): the workload and how it was measured."""
+    return {"bench": "generate_speed", "model": args.model, "device": str(dev), "dtype": args.dtype,
+            "tasks": args.tasks, "per_task": args.per_task, "max_new_tokens": args.max_new_tokens,
+            "virtual_tokens": args.virtual_tokens, "repeats": args.repeats, "attn_implementation": attn,
+            "sdpa_kernels": "efficient+math (all paths)" if dev.type == "cuda" else "torch default (all paths)",
+            "compile": args.compile, "compile_config": compile_config_for(dev).to_dict() if args.compile else None,
+            "warm_up": "one untimed pass of each path's whole workload before any timing; then --repeats rounds, "
+                       "paths in turn", "static_cache_padding": "left padded to the workload's longest row",
+            "peft_static_error": peft_static_error, "engine": engine}
 
 
 def parse_args() -> argparse.Namespace:
@@ -361,32 +394,17 @@ def main() -> None:
               decode_batch_for(model, tok, PromptKV(model)))
     kernels = capturable_attention() if dev.type == "cuda" else contextlib.nullcontext()
     tag = args.model.replace("/", "_").replace(":", "_")
-    out = args.out or RESULTS / f"generate_speed_{tag}_{dev.type}_{args.dtype}.json"
-    head = {"bench": "generate_speed", "model": args.model, "device": str(dev), "dtype": args.dtype, "tasks": T,
-            "per_task": R, "max_new_tokens": N, "virtual_tokens": args.virtual_tokens, "repeats": args.repeats,
-            "attn_implementation": attn, "sdpa_kernels": "efficient+math (all paths)" if dev.type == "cuda"
-            else "torch default (all paths)", "compile": args.compile,
-            "compile_config": compile_config_for(dev).to_dict() if args.compile else None,
-            "warm_up": "one untimed pass of each path's whole workload before any timing; then --repeats rounds, "
-                       "paths in turn", "static_cache_padding": "left padded to the workload's longest row",
-            "peft_static_error": peft_static_error, "engine": type(engine).__name__}
-    results = Results(out, head)
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, args.dtype)
+    out = args.out or RESULTS / f"generate_speed_{tag}_{short}_{dev.type}.json"
+    results = Results(out, settings(args, dev, attn, peft_static_error, type(engine).__name__))
     paths = build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_static_error)
     with kernels:
-        outs, times = measure(paths, args.repeats, dev, results)
-        single = [generate_batch(model, tok, [r], GenerateConfig(max_new_tokens=N), engine=engine)[0]
-                  for r in zip([prompts[i // R] for i in range(len(inputs))], inputs)] if args.single else None
-    check = {"attn_implementation_after": model.config._attn_implementation,
-             "mixed_equals_per_task": outs["softprompt/mixed"] == outs["softprompt/per-task"]}
-    if single is not None:
-        check["mixed_equals_single"] = outs["softprompt/mixed"] == single
-        check["rows_differing_from_single"] = sum(a != b for a, b in zip(outs["softprompt/mixed"], single))
-    check["engine_cuda_graph_replays"] = getattr(engine, "replays", 0)
-    check["engine_cuda_graph_error"] = getattr(engine, "graph_error", None)
+        outs, warm, times = measure(paths, args.repeats, dev, results)
+        check = checks(model, tok, engine, outs, prompts, inputs, R, N, args.single)
+    # Rows that run the same prompts on the same texts must give softprompt's greedy tokens.
     ref = {"peft": "softprompt/per-task", "peft-static": "softprompt/per-task", "hf-static/per-task":
            "softprompt/per-task", "hf-static/mixed": "softprompt/mixed"}
-    summary = {n: summarise(n, outs[n], times[n], results.doc["rows"][i]["seconds"], T, R,
-                            outs[ref[n]] if n in ref else None) for i, n in enumerate(paths)}
+    summary = {n: summarise(n, outs[n], times[n], warm[n], T, R, outs.get(ref.get(n))) for n in paths}
     rat = ratios(summary)
     results.doc.update(paths=summary, ratios=rat, checks=check)
     results.save()
