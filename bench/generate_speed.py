@@ -169,13 +169,17 @@ def hf_generate(model, inputs: dict, opts: dict, eos: set[int]) -> list[list[int
     return [trim(r, eos) for r in gen.tolist()]
 
 
+def failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def probe_peft_static(pm, tok, inputs, dev) -> str | None:
     """Why PEFT's prompt-tuning generate cannot use HF's static cache here (None when it can)."""
     try:
         hf_generate(pm, left_pad_ids(tok, inputs[:2], dev), hf_options(tok, 2, True, None), set())
         return None
     except Exception as e:  # a version mismatch between PEFT and transformers shows as any error
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        return failure(e)
 
 
 # ---------------------------------------------------------------- the paths
@@ -238,10 +242,20 @@ def timed(dev, fn):
 
 def measure(paths: dict, repeats: int, dev, results: Results) -> tuple[dict, dict, dict]:
     """Warm every path on its whole workload, then time `repeats` rounds of all paths in turn; every
-    pass is a row of the result file. Returns each path's outputs, warm-up seconds and timed passes."""
+    pass is a row of the result file. A rival whose warm-up fails is recorded (`failed_paths`) and
+    dropped from `paths`. Returns each path's outputs, warm-up seconds and timed passes."""
     outs, warm, times = {}, {}, {name: [] for name in paths}
-    for name, fn in paths.items():
-        outs[name], warm[name] = timed(dev, fn)
+    for name, fn in list(paths.items()):
+        try:
+            outs[name], warm[name] = timed(dev, fn)
+        except Exception as e:  # a rival that cannot run on this model (PEFT's generate on BLOOM) is recorded, not fatal
+            if name.startswith("softprompt"):
+                raise
+            error = results.doc.setdefault("failed_paths", {})[name] = failure(e)
+            results.add({"path": name, "pass": "warm-up", "error": error})
+            print(f"  {name} cannot run here: {error}", flush=True)
+            del paths[name], times[name]
+            continue
         results.add({"path": name, "pass": "warm-up", "seconds": warm[name], "new_tokens": sum(map(len, outs[name]))})
         print(f"  warm-up {name:22s} {warm[name]:8.1f} s", flush=True)
     for r in range(repeats):
@@ -278,9 +292,9 @@ def ratios(summary: dict) -> dict:
         present = [r for r in rivals if r in med]
         if ours not in med or not present:
             continue
-        best = max(present, key=med.get)
+        best, plain = max(present, key=med.get), rivals[0]
         out[batching] = {"softprompt": ours, "best_rival": best, "vs_best": med[ours] / med[best],
-                         "plain_peft": present[0], "vs_plain_peft": med[ours] / med[present[0]]}
+                         "plain_peft": plain, "vs_plain_peft": med[ours] / med[plain] if plain in med else None}
     if "softprompt/mixed" in med and "plain" in med:
         out["mixed_vs_plain_model"] = med["softprompt/mixed"] / med["plain"]
     return out
@@ -297,8 +311,9 @@ def print_table(summary: dict, rat: dict) -> None:
     for batching in BATCHINGS:
         if batching in rat:
             r = rat[batching]
+            plain = f"{r['vs_plain_peft']:.2f}x" if r["vs_plain_peft"] else "(did not run)"
             print(f"{batching}: softprompt / best rival ({r['best_rival']}) = {r['vs_best']:.2f}x; "
-                  f"/ {r['plain_peft']} = {r['vs_plain_peft']:.2f}x")
+                  f"/ {r['plain_peft']} = {plain}")
     if "mixed_vs_plain_model" in rat:
         print(f"softprompt mixed / plain model without prompts: {rat['mixed_vs_plain_model']:.2f}x")
 
