@@ -6,23 +6,25 @@ The workload: T tasks x R requests each, greedy, up to N new tokens. Two batchin
 only with itself:
 - per task (T batches of R rows, the same rows on every path):
   - `peft`: one PeftModel holding the T prompt adapters; `set_adapter` and one `generate()` per task;
-  - `hf-static/per-task`: transformers' `generate` on the hand-built inputs_embeds [prompt; text],
-    with `cache_implementation="static"` and (with --compile) HF's CompileConfig, i.e. what a PEFT
-    user can do by hand where PEFT's prompt tuning refuses the static cache (it does with peft 0.21.2
-    and transformers 5.24: its prepare_inputs_for_generation reads a `cache_position` that
-    transformers no longer passes; the reason is probed and recorded as `peft_static_error`);
-    `peft-static` takes its place if the probe passes;
+  - `hf/per-task`: transformers' `generate` on hand-built inputs_embeds [prompt; text] (left
+    padded), default dynamic cache: what PEFT's prompt tuning computes, without PEFT's wrapper;
+  - `hf-static/per-task`: the same with `cache_implementation="static"` and (with --compile) HF's
+    CompileConfig, HF's documented fast recipe. PEFT's prompt tuning refuses the static cache with
+    peft 0.21.2 and transformers 5.24 (its prepare_inputs_for_generation reads a `cache_position`
+    that transformers no longer passes: KeyError); the reason is probed and recorded as
+    `peft_static_error`, and `peft-static` joins the rows if the probe passes;
   - `softprompt/per-task`: `generate_batch` over the same T batches;
 - mixed (one batch of T x R rows):
   - `softprompt/mixed`: every row with its own prompt;
-  - `hf-static/mixed`: the same hand-built inputs_embeds (each row its own prompt) in one
-    static-cache (+ compile) `generate`, the best stock HF can do at this batch size;
+  - `hf/mixed`, `hf-static/mixed`: the hand-built inputs_embeds, each row its own prompt, in one
+    `generate` (dynamic cache; static cache + compile): the best stock HF does at this batch size;
   - `peft/one-adapter`: PEFT with task 0's adapter on all T x R rows (PEFT cannot mix prompt
-    adapters in one batch; this is its upper bound if it could; its outputs are not the tasks');
+    adapters in one batch; this is its speed if it could; its outputs are not the tasks');
   - `plain`: `model.generate` on the T x R texts with no prompt at all (the machine's ceiling);
-- `softprompt/one-at-a-time`: each request alone, untimed check: the mixed batch must equal it.
-"Best PEFT" at a batching is the fastest of its PEFT/HF rows; ratios are reported against it and
-against plain PEFT (`peft` / `peft/one-adapter`).
+- one at a time: each request alone through softprompt, untimed: the mixed batch must equal it.
+The rival at a batching is the fastest of its PEFT/HF rows; softprompt's ratio to it is the
+headline, its ratio to plain PEFT (`peft`, `peft/one-adapter`) the second row. A rival that cannot
+run on the model (PEFT's generate on BLOOM) is recorded under `failed_paths` and left out.
 
 Fairness, recorded in the JSON:
 - warm-up: every path runs its own whole workload once, untimed, before any timing, so it has met
@@ -37,13 +39,21 @@ Fairness, recorded in the JSON:
   shape per batch size (HF's advice against recompiles); the padding's cost is theirs.
 Every round's time is a row of the JSON, written as it is measured (bench/common.Results).
 
-CPU defaults (when --device resolves to cpu and the sizes are not given): 4 tasks x 4 requests,
-16 new tokens, compile on: about two minutes on two free cores, most of it compiling. GPU defaults:
-8 x 8, 32 new tokens. A dry run: --device cpu --tasks 2 --per-task 2 --max-new-tokens 4 --no-compile.
+Defaults (each setting given on the command line wins): on a GPU 8 tasks x 8 requests, 32 new
+tokens, compile on; on a CPU 4 x 4, 8 new tokens, compile off: a few minutes on two cores, most of
+it PEFT (see below). --compile on a CPU costs about 1.5 minutes per batch size there (less once
+inductor's on-disk cache holds the graphs); the warm-up rows show it.
+
+PEFT's own rows, with peft 0.21.2 and transformers 5.24: each decode step re-feeds the whole
+prompt (PEFT looks for the cache under `past_key_values`, which transformers now passes as
+`cache`), so PEFT is slower than the computation it stands for and its tokens differ; the bench
+probes and records it (`peft_decode_step_lengths`, `peft_refeeds_prompt`). The hf/* rows are
+that computation done right, which is why the rival is the fastest row, not PEFT's.
 
     python bench/generate_speed.py --model smollm2-135m-instruct
     python bench/generate_speed.py --model smollm2-135m-instruct --dtype bfloat16
-    python bench/generate_speed.py --device cpu --tasks 2 --per-task 2 --max-new-tokens 4 --no-compile
+    python bench/generate_speed.py --device cpu                                   # CPU defaults
+    python bench/generate_speed.py --device cpu --tasks 2 --per-task 2 --max-new-tokens 4   # a dry run
 """
 from __future__ import annotations
 
@@ -77,10 +87,12 @@ TASK_TEXTS = [
     "Extract the names of people mentioned in the text.",
     "Write a short poem about the topic.",
 ]
-DEFAULTS = {"cpu": dict(tasks=4, per_task=4, max_new_tokens=16), "gpu": dict(tasks=8, per_task=8, max_new_tokens=32)}
+# CPU: small enough for a couple of minutes on two cores, and no compile (about 1.5 minutes per batch size there).
+DEFAULTS = {"cpu": dict(tasks=4, per_task=4, max_new_tokens=8, compile=False),
+            "gpu": dict(tasks=8, per_task=8, max_new_tokens=32, compile=True)}
 # Which rows compete at each batching: softprompt's row, then its PEFT/HF rivals (the best is the reference).
-BATCHINGS = {"per-task": ("softprompt/per-task", ["peft", "peft-static", "hf-static/per-task"]),
-             "mixed": ("softprompt/mixed", ["peft/one-adapter", "hf-static/mixed"])}
+BATCHINGS = {"per-task": ("softprompt/per-task", ["peft", "peft-static", "hf/per-task", "hf-static/per-task"]),
+             "mixed": ("softprompt/mixed", ["peft/one-adapter", "hf/mixed", "hf-static/mixed"])}
 
 
 def workload(tok, tasks: int, per_task: int) -> list[list[int]]:
@@ -182,6 +194,42 @@ def probe_peft_static(pm, tok, inputs, dev) -> str | None:
         return failure(e)
 
 
+def peft_step_lengths(pm, tok, inputs, dev) -> list[int] | str:
+    """The sequence length PEFT's generate feeds the model at each forward of a 3-token greedy run
+    (the prompt and text, then 1 per step if it reuses the cache), or why it failed."""
+    fed = []
+
+    def note(module, args, kwargs):
+        x = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        fed.append(int(x.shape[1]))
+    hook = pm.get_base_model().register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        hf_generate(pm, left_pad_ids(tok, inputs[:2], dev), hf_options(tok, 3, False, None), set())
+    except Exception as e:
+        return failure(e)
+    finally:
+        hook.remove()
+    return fed
+
+
+def probe_peft(pm, tok, inputs, dev) -> dict:
+    """What PEFT's prompt-tuning generate does on this model and these versions, printed and recorded:
+    whether it takes the static cache, and whether each decode step feeds the model one token or
+    re-injects the whole prompt (peft 0.21.2 with transformers 5.24 does: it looks for the cache
+    under `past_key_values`, which transformers now passes as `cache`; its outputs then differ)."""
+    if pm is None:
+        return {"peft_static_error": "--no-peft", "peft_decode_step_lengths": None, "peft_refeeds_prompt": None}
+    static_error, lengths = probe_peft_static(pm, tok, inputs, dev), peft_step_lengths(pm, tok, inputs, dev)
+    refeeds = isinstance(lengths, list) and any(n > 1 for n in lengths[1:])
+    if static_error:
+        print(f"PEFT prompt tuning with HF's static cache fails ({static_error}); "
+              "its static-cache rival is HF generate on the prompt as inputs_embeds (hf-static/*)")
+    if refeeds:
+        print(f"PEFT's generate feeds the model {lengths} positions per forward: each decode step "
+              "re-injects the prompt (slower, and its outputs differ); hf/* is what it should compute")
+    return {"peft_static_error": static_error, "peft_decode_step_lengths": lengths, "peft_refeeds_prompt": refeeds}
+
+
 # ---------------------------------------------------------------- the paths
 
 def build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_static_error) -> dict:
@@ -207,20 +255,24 @@ def build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_st
         pm.set_adapter("task0")
         return hf_generate(pm, left_pad_ids(tok, inputs, dev), hf_options(tok, N, False, None), eos)
 
-    def hf_static(sl: slice):
-        return hf_generate(model, prompt_embeds(model, row_prompts[sl], inputs[sl], width),
-                           hf_options(tok, N, True, cc), eos)
+    def hf_embeds(sl: slice, static: bool):
+        """The static cache meets one width (the workload's longest row); the dynamic one its batch's."""
+        w = width if static else max(prompts[0].shape[0] + len(ids) for ids in inputs[sl])
+        return hf_generate(model, prompt_embeds(model, row_prompts[sl], inputs[sl], w),
+                           hf_options(tok, N, static, cc), eos)
 
     paths = {}
     if pm is not None:
         paths["peft"] = peft_per_task(False)
         if peft_static_error is None:
             paths["peft-static"] = peft_per_task(True)
-    paths["hf-static/per-task"] = lambda: sum((hf_static(task(k)) for k in range(T)), [])
+    paths["hf/per-task"] = lambda: sum((hf_embeds(task(k), False) for k in range(T)), [])
+    paths["hf-static/per-task"] = lambda: sum((hf_embeds(task(k), True) for k in range(T)), [])
     paths["softprompt/per-task"] = lambda: sum((generate_batch(model, tok, rows[task(k)], gcfg, engine=engine)
                                                 for k in range(T)), [])
     paths["softprompt/mixed"] = lambda: generate_batch(model, tok, rows, gcfg, engine=engine)
-    paths["hf-static/mixed"] = lambda: hf_static(slice(None))
+    paths["hf/mixed"] = lambda: hf_embeds(slice(None), False)
+    paths["hf-static/mixed"] = lambda: hf_embeds(slice(None), True)
     if pm is not None:
         paths["peft/one-adapter"] = peft_one_adapter
     paths["plain"] = lambda: hf_generate(model, left_pad_ids(tok, inputs, dev), hf_options(tok, N, False, None), eos)
@@ -229,7 +281,7 @@ def build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_st
 
 def batch_sizes(name: str, T: int, R: int) -> list[int]:
     """The batch sizes a path runs, for the record (equal batching is checked from these)."""
-    return [R] * T if name in ("peft", "peft-static", "hf-static/per-task", "softprompt/per-task") else [T * R]
+    return [R] * T if name in BATCHINGS["per-task"][1] + [BATCHINGS["per-task"][0]] else [T * R]
 
 
 def timed(dev, fn):
@@ -348,7 +400,7 @@ def pin_attention(model, want: str) -> str:
     return model.config._attn_implementation
 
 
-def settings(args, dev, attn: str, peft_static_error: str | None, engine: str) -> dict:
+def settings(args, dev, attn: str, engine: str) -> dict:
     """What the result file records beside provenance(): the workload and how it was measured."""
     return {"bench": "generate_speed", "model": args.model, "device": str(dev), "dtype": args.dtype,
             "tasks": args.tasks, "per_task": args.per_task, "max_new_tokens": args.max_new_tokens,
@@ -357,7 +409,7 @@ def settings(args, dev, attn: str, peft_static_error: str | None, engine: str) -
             "compile": args.compile, "compile_config": compile_config_for(dev).to_dict() if args.compile else None,
             "warm_up": "one untimed pass of each path's whole workload before any timing; then --repeats rounds, "
                        "paths in turn", "static_cache_padding": "left padded to the workload's longest row",
-            "peft_static_error": peft_static_error, "engine": engine}
+            "engine": engine}
 
 
 def parse_args() -> argparse.Namespace:
@@ -365,14 +417,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tasks", type=int, help="soft prompts (at most 8; default 4 on CPU, 8 on GPU)")
     ap.add_argument("--per-task", type=int, help="requests per task (default 4 on CPU, 8 on GPU)")
-    ap.add_argument("--max-new-tokens", type=int, help="default 16 on CPU, 32 on GPU")
+    ap.add_argument("--max-new-tokens", type=int, help="default 8 on CPU, 32 on GPU")
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--attn", default="auto", help="attention implementation for every path (auto: sdpa where the model has it)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="torch.compile the static-cache HF paths (HF's CompileConfig); compile time lands in their warm-up")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the static-cache HF paths (HF's CompileConfig; default: on a GPU only); "
+                         "compile time lands in their warm-up")
     ap.add_argument("--no-peft", dest="peft", action="store_false", help="skip PEFT's paths")
     ap.add_argument("--no-single", dest="single", action="store_false", help="skip the one-at-a-time check")
     ap.add_argument("--engine", default="auto", choices=["auto", "static", "growing"],
@@ -400,10 +453,8 @@ def main() -> None:
     inputs = workload(tok, T, R)
     eos = eos_ids(model, tok)
     pm = peft_model_with(model, prompts) if args.peft else None
-    peft_static_error = probe_peft_static(pm, tok, inputs, dev) if pm is not None else "--no-peft"
-    if pm is not None and peft_static_error:
-        print(f"PEFT prompt tuning with HF's static cache fails ({peft_static_error}); "
-              "its static-cache rival is HF generate on the prompt as inputs_embeds (hf-static/*)")
+    probes = probe_peft(pm, tok, inputs, dev)
+    peft_static_error = probes["peft_static_error"]
     engine = (StaticDecodeBatch(model, tok, PromptKV(model)) if args.engine == "static" else
               DecodeBatch(model, tok, PromptKV(model)) if args.engine == "growing" else
               decode_batch_for(model, tok, PromptKV(model)))
@@ -411,14 +462,15 @@ def main() -> None:
     tag = args.model.replace("/", "_").replace(":", "_")
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, args.dtype)
     out = args.out or RESULTS / f"generate_speed_{tag}_{short}_{dev.type}.json"
-    results = Results(out, settings(args, dev, attn, peft_static_error, type(engine).__name__))
+    results = Results(out, {**settings(args, dev, attn, type(engine).__name__), **probes})
     paths = build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_static_error)
     with kernels:
         outs, warm, times = measure(paths, args.repeats, dev, results)
         check = checks(model, tok, engine, outs, prompts, inputs, R, N, args.single)
     # Rows that run the same prompts on the same texts must give softprompt's greedy tokens.
-    ref = {"peft": "softprompt/per-task", "peft-static": "softprompt/per-task", "hf-static/per-task":
-           "softprompt/per-task", "hf-static/mixed": "softprompt/mixed"}
+    ref = {"peft": "softprompt/per-task", "peft-static": "softprompt/per-task", "hf/per-task": "softprompt/per-task",
+           "hf-static/per-task": "softprompt/per-task", "hf/mixed": "softprompt/mixed",
+           "hf-static/mixed": "softprompt/mixed"}
     summary = {n: summarise(n, outs[n], times[n], warm[n], T, R, outs.get(ref.get(n))) for n in paths}
     rat = ratios(summary)
     results.doc.update(paths=summary, ratios=rat, checks=check)

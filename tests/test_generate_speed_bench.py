@@ -13,8 +13,8 @@ import pytest
 
 from conftest import ROOT, SHARED
 
-PATHS = {"peft", "hf-static/per-task", "softprompt/per-task", "softprompt/mixed", "hf-static/mixed",
-         "peft/one-adapter", "plain"}
+PATHS = {"peft", "hf/per-task", "hf-static/per-task", "softprompt/per-task", "softprompt/mixed", "hf/mixed",
+         "hf-static/mixed", "peft/one-adapter", "plain"}
 
 
 def dry_run(model_dir, out, repeats: int) -> dict:
@@ -24,7 +24,7 @@ def dry_run(model_dir, out, repeats: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_speed.py"), "--model", f"random:{model_dir}",
                            "--device", "cpu", "--tasks", "2", "--per-task", "2", "--max-new-tokens", "4",
-                           "--virtual-tokens", "4", "--repeats", str(repeats), "--no-compile", "--out", str(out)],
+                           "--virtual-tokens", "4", "--repeats", str(repeats), "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "softprompt / best rival" in proc.stdout
@@ -48,15 +48,16 @@ def test_every_path_is_warmed_then_timed_each_round(result):
 
 def test_rivals_run_at_softprompts_batch_sizes(result):
     p = result["paths"]
-    assert p["softprompt/per-task"]["batch_sizes"] == [2, 2] == p["peft"]["batch_sizes"] == p["hf-static/per-task"]["batch_sizes"]
-    assert p["softprompt/mixed"]["batch_sizes"] == [4] == p["hf-static/mixed"]["batch_sizes"] == p["peft/one-adapter"]["batch_sizes"]
-    assert p["plain"]["batch_sizes"] == [4]
+    for name in ("softprompt/per-task", "peft", "hf/per-task", "hf-static/per-task"):
+        assert p[name]["batch_sizes"] == [2, 2], name
+    for name in ("softprompt/mixed", "hf/mixed", "hf-static/mixed", "peft/one-adapter", "plain"):
+        assert p[name]["batch_sizes"] == [4], name
 
 
 def test_ratios_are_against_the_fastest_rival(result):
     p, r = result["paths"], result["ratios"]
-    for batching, ours, rivals in [("per-task", "softprompt/per-task", ["peft", "hf-static/per-task"]),
-                                   ("mixed", "softprompt/mixed", ["peft/one-adapter", "hf-static/mixed"])]:
+    for batching, ours, rivals in [("per-task", "softprompt/per-task", ["peft", "hf/per-task", "hf-static/per-task"]),
+                                   ("mixed", "softprompt/mixed", ["peft/one-adapter", "hf/mixed", "hf-static/mixed"])]:
         best = max(rivals, key=lambda n: p[n]["tok_s_median"])
         assert r[batching]["best_rival"] == best
         assert r[batching]["vs_best"] == pytest.approx(p[ours]["tok_s_median"] / p[best]["tok_s_median"])
@@ -70,9 +71,13 @@ def test_provenance_backend_and_identity_are_recorded(result):
     assert "generate_speed.py" in result["command"] and result["machine"]["peft"]
     assert result["attn_implementation"] == "sdpa" == result["checks"]["attn_implementation_after"]
     assert result["compile"] is False and "peft_static_error" in result
+    # PEFT's first forward takes the prompt and text; the probe says whether the next ones take 1.
+    lengths = result["peft_decode_step_lengths"]
+    assert len(lengths) == 3 and lengths[0] > 4 and result["peft_refeeds_prompt"] == (max(lengths[1:]) > 1)
     assert result["checks"]["mixed_equals_single"] and result["checks"]["mixed_equals_per_task"]
     # The hand-built inputs_embeds run the same computation as softprompt: the same greedy tokens.
-    assert result["paths"]["hf-static/mixed"]["rows_equal_to_softprompt"] == 1.0
+    for name in ("hf/per-task", "hf-static/per-task", "hf/mixed", "hf-static/mixed"):
+        assert result["paths"][name]["rows_equal_to_softprompt"] == 1.0, name
 
 
 def test_a_rival_that_cannot_run_is_recorded_not_fatal(bloom_dir, tmp_path):
@@ -82,7 +87,7 @@ def test_a_rival_that_cannot_run_is_recorded_not_fatal(bloom_dir, tmp_path):
     assert r["attn_implementation"] == "eager" == r["checks"]["attn_implementation_after"]
     for name in ("peft", "peft/one-adapter"):
         assert (name in r["paths"]) != (name in r.get("failed_paths", {}))
-    assert {"softprompt/per-task", "softprompt/mixed", "hf-static/per-task", "hf-static/mixed"} <= set(r["paths"])
+    assert {"softprompt/per-task", "softprompt/mixed", "hf/mixed", "hf-static/per-task", "hf-static/mixed"} <= set(r["paths"])
     assert r["checks"]["mixed_equals_single"]
     if "peft" not in r["paths"]:
         assert r["ratios"]["per-task"]["vs_plain_peft"] is None
