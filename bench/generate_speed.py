@@ -41,8 +41,8 @@ Every round's time is a row of the JSON, written as it is measured (bench/common
 
 Defaults (each setting given on the command line wins): on a GPU 8 tasks x 8 requests, 32 new
 tokens, compile on; on a CPU 4 x 4, 8 new tokens, compile off: a few minutes on two cores, most of
-it PEFT (see below). --compile on a CPU costs about 1.5 minutes per batch size there (less once
-inductor's on-disk cache holds the graphs); the warm-up rows show it.
+it PEFT (see below). --compile on a CPU costs 40 s (two quiet cores) to 1.5 minutes (loaded) per
+batch size, less once inductor's on-disk cache holds the graphs; the warm-up rows show it.
 
 PEFT's own rows, with peft 0.21.2 and transformers 5.24: each decode step re-feeds the whole
 prompt (PEFT looks for the cache under `past_key_values`, which transformers now passes as
@@ -87,7 +87,7 @@ TASK_TEXTS = [
     "Extract the names of people mentioned in the text.",
     "Write a short poem about the topic.",
 ]
-# CPU: small enough for a couple of minutes on two cores, and no compile (about 1.5 minutes per batch size there).
+# CPU: small enough for about two minutes on two cores, and no compile (40-90 s more per batch size there).
 DEFAULTS = {"cpu": dict(tasks=4, per_task=4, max_new_tokens=8, compile=False),
             "gpu": dict(tasks=8, per_task=8, max_new_tokens=32, compile=True)}
 # Which rows compete at each batching: softprompt's row, then its PEFT/HF rivals (the best is the reference).
@@ -153,9 +153,9 @@ def compile_config_for(dev: torch.device):
 
 
 def left_pad_ids(tok, batch: list[list[int]], dev) -> dict[str, torch.Tensor]:
-    tok.padding_side = "left"
+    side, tok.padding_side = tok.padding_side, "left"
     enc = tok.pad({"input_ids": batch}, return_tensors="pt").to(dev)
-    tok.padding_side = "right"
+    tok.padding_side = side
     return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
 
 
