@@ -1,0 +1,93 @@
+"""bench/generate_speed.py's dry run on a tiny random Llama: every path runs, rivals are compared at
+equal batching, the result file names its provenance and warm-up, and the mixed batch equals
+one-at-a-time greedy decoding. (Its timings mean nothing at this size; torch.compile is off: it
+compiles for about a minute per shape on a CPU.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+PATHS = {"peft", "hf/per-task", "hf-static/per-task", "softprompt/per-task", "softprompt/mixed", "hf/mixed",
+         "hf-static/mixed", "peft/one-adapter", "plain"}
+
+
+def dry_run(model_dir, out, repeats: int) -> dict:
+    pytest.importorskip("peft")
+    if not (SHARED / "awesome-chatgpt-prompts" / "prompts.csv").is_file():
+        pytest.skip(f"no {SHARED / 'awesome-chatgpt-prompts'}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_speed.py"), "--model", f"random:{model_dir}",
+                           "--device", "cpu", "--tasks", "2", "--per-task", "2", "--max-new-tokens", "4",
+                           "--virtual-tokens", "4", "--repeats", str(repeats), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "softprompt / best rival" in proc.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def result(llama_dir, tmp_path_factory) -> dict:
+    return dry_run(llama_dir, tmp_path_factory.mktemp("gen") / "r.json", repeats=2)
+
+
+def test_every_path_is_warmed_then_timed_each_round(result):
+    assert set(result["paths"]) == PATHS
+    passes = [(r["path"], r["pass"]) for r in result["rows"]]
+    assert passes[:len(PATHS)] == [(p, "warm-up") for p in result["paths"]]
+    for p in PATHS:
+        assert [k for name, k in passes if name == p] == ["warm-up", 0, 1]
+    assert all(r["same_output_as_warm_up"] for r in result["rows"] if r["pass"] != "warm-up")
+    assert "untimed pass of each path's whole workload" in result["warm_up"]
+
+
+def test_rivals_run_at_softprompts_batch_sizes(result):
+    p = result["paths"]
+    for name in ("softprompt/per-task", "peft", "hf/per-task", "hf-static/per-task"):
+        assert p[name]["batch_sizes"] == [2, 2], name
+    for name in ("softprompt/mixed", "hf/mixed", "hf-static/mixed", "peft/one-adapter", "plain"):
+        assert p[name]["batch_sizes"] == [4], name
+
+
+def test_ratios_are_against_the_fastest_rival(result):
+    p, r = result["paths"], result["ratios"]
+    for batching, ours, rivals in [("per-task", "softprompt/per-task", ["peft", "hf/per-task", "hf-static/per-task"]),
+                                   ("mixed", "softprompt/mixed", ["peft/one-adapter", "hf/mixed", "hf-static/mixed"])]:
+        best = max(rivals, key=lambda n: p[n]["tok_s_median"])
+        assert r[batching]["best_rival"] == best
+        assert r[batching]["vs_best"] == pytest.approx(p[ours]["tok_s_median"] / p[best]["tok_s_median"])
+        assert r[batching]["vs_plain_peft"] == pytest.approx(p[ours]["tok_s_median"] / p[rivals[0]]["tok_s_median"])
+    for s in p.values():
+        assert len(s["tok_s_all"]) == 2 and min(s["tok_s_all"]) <= s["tok_s_median"] <= max(s["tok_s_all"])
+
+
+def test_provenance_backend_and_identity_are_recorded(result):
+    assert {"command", "commit", "machine", "started"} <= set(result)
+    assert "generate_speed.py" in result["command"] and result["machine"]["peft"]
+    assert result["attn_implementation"] == "sdpa" == result["checks"]["attn_implementation_after"]
+    assert result["compile"] is False and "peft_static_error" in result
+    # PEFT's first forward takes the prompt and text; the probe says whether the next ones take 1.
+    lengths = result["peft_decode_step_lengths"]
+    assert len(lengths) == 3 and lengths[0] > 4 and result["peft_refeeds_prompt"] == (max(lengths[1:]) > 1)
+    assert result["checks"]["mixed_equals_single"] and result["checks"]["mixed_equals_per_task"]
+    # The hand-built inputs_embeds run the same computation as softprompt: the same greedy tokens.
+    for name in ("hf/per-task", "hf-static/per-task", "hf/mixed", "hf-static/mixed"):
+        assert result["paths"][name]["rows_equal_to_softprompt"] == 1.0, name
+
+
+def test_a_rival_that_cannot_run_is_recorded_not_fatal(bloom_dir, tmp_path):
+    """BLOOM has no SDPA (every path runs its eager attention) and PEFT's prompt-tuning generate
+    fails on it (peft 0.21.2): the bench still measures the rest and says why PEFT is missing."""
+    r = dry_run(bloom_dir, tmp_path / "r.json", repeats=1)
+    assert r["attn_implementation"] == "eager" == r["checks"]["attn_implementation_after"]
+    for name in ("peft", "peft/one-adapter"):
+        assert (name in r["paths"]) != (name in r.get("failed_paths", {}))
+    assert {"softprompt/per-task", "softprompt/mixed", "hf/mixed", "hf-static/per-task", "hf-static/mixed"} <= set(r["paths"])
+    assert r["checks"]["mixed_equals_single"]
+    if "peft" not in r["paths"]:
+        assert r["ratios"]["per-task"]["vs_plain_peft"] is None
