@@ -407,7 +407,7 @@ def settings(args, dev, attn: str, engine: str) -> dict:
             "virtual_tokens": args.virtual_tokens, "repeats": args.repeats, "attn_implementation": attn,
             "sdpa_kernels": "efficient+math (all paths)" if dev.type == "cuda" else "torch default (all paths)",
             "compile": args.compile, "compile_config": compile_config_for(dev).to_dict() if args.compile else None,
-            "warm_up": "one untimed pass of each path's whole workload before any timing; then --repeats rounds, "
+            "warmup": "one untimed pass of each path's whole workload before any timing; then --repeats rounds, "
                        "paths in turn", "static_cache_padding": "left padded to the workload's longest row",
             "engine": engine}
 

@@ -232,11 +232,12 @@ def measure_memory(args, task: str, name: str) -> dict[str, float]:
 
 
 def warm_up(path, batches) -> dict:
-    """One untimed step per batch shape the path will meet (PEFT: [B, T]; softprompt: its packed
-    length too), so that no timed step pays a first-shape cost (kernel plans, compilation)."""
+    """One untimed step per batch shape [B, T] the path will meet, the same rule for every path, so
+    that no timed step pays a first-shape cost (kernel plans, compilation; on a GPU softprompt's
+    CUDA graphs are captured per length bucket, and a bucket first met later counts as a capture step)."""
     shapes = {}
     for b in batches:
-        shapes.setdefault((tuple(b.input_ids.shape), path.decoder_tokens(b)), b)
+        shapes.setdefault(tuple(b.input_ids.shape), b)
     t = time.perf_counter()
     for b in shapes.values():
         path.step(b, record=False)
@@ -286,7 +287,7 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     for p, bs, w in zip(paths, sets, warm):
         res[p.name] = summarise(p, peak, bs, args.flop_samples)
         res[p.name].update(w, whole_run_s=w["warmup_s"] + res[p.name]["total_s"],
-                           attention=model.config._attn_implementation)
+                           attn_implementation=model.config._attn_implementation)
         if getattr(p, "graphed", None) is not None:
             g = p.graphed
             steady = [t for t, c in zip(p.times, p.captured) if not c]
@@ -437,7 +438,7 @@ def main() -> None:
     tag = args.model.replace("/", "_").replace(":", "_")
     out = Results(args.out or RESULTS / f"train_speed_{tag}_{dev.type}.json",
                   {"bench": "train_speed", "model": args.model, "device": str(dev), "dtype": args.dtype,
-                   "attention": model.config._attn_implementation, "args": vars(args),
+                   "attn_implementation": model.config._attn_implementation, "args": vars(args),
                    "warmup": "one untimed step per batch shape, per path", "matmul_peak_gflops": peak}, key="tasks")
     for task in args.task:
         r = run_task(args, task, model, tok, dev, dtype, peak)

@@ -43,7 +43,7 @@ def test_every_path_is_warmed_then_timed_each_round(result):
     for p in PATHS:
         assert [k for name, k in passes if name == p] == ["warm-up", 0, 1]
     assert all(r["same_output_as_warm_up"] for r in result["rows"] if r["pass"] != "warm-up")
-    assert "untimed pass of each path's whole workload" in result["warm_up"]
+    assert "untimed pass of each path's whole workload" in result["warmup"]
 
 
 def test_rivals_run_at_softprompts_batch_sizes(result):

@@ -15,12 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 CALL_LIMIT_S = 8 * 60
-# Benches that write their provenance through bench/common.py's Results (train_speed and
-# generate_speed are converted separately; add their files here when they record it too).
-WITH_PROVENANCE = ["profile_step_smollm2-135m-geometry_dry_cpu.json", "time_to_quality_dry_cpu.json"]
-OUTPUTS = ["train_speed_smollm2-135m-geometry_dry_cpu.json", "train_speed_llama-3.2-1b-geometry_dry_cpu.json",
-           "generate_speed_smollm2-135m-instruct_dry_cpu.json", "generate_speed_smollm2-135m-instruct_fp32_cpu.json",
-           *WITH_PROVENANCE]
+# Every bench the script runs records its provenance (bench/common.py's Results)
+WITH_PROVENANCE = ["profile_step_smollm2-135m-geometry_dry_cpu.json", "time_to_quality_dry_cpu.json",
+                   "train_speed_smollm2-135m-geometry_dry_cpu.json", "train_speed_llama-3.2-1b-geometry_b64_dry_cpu.json",
+                   "train_speed_llama-3.2-1b-geometry_2048_dry_cpu.json", "train_speed_llama-3.1-8b-geometry_dry_cpu.json",
+                   "generate_speed_smollm2-135m-instruct_dry_cpu.json", "generate_speed_smollm2-135m-instruct_fp32_cpu.json"]
+OUTPUTS = WITH_PROVENANCE
 
 
 def step_limits(function: str) -> dict[str, int]:
@@ -45,7 +45,7 @@ def test_each_call_fits_eight_minutes(function):
 def test_pack_checks_the_carry_limit_with_room_to_spare():
     text = SCRIPT.read_text()
     limit = int(re.search(r"^PACK_LIMIT_MB=(\d+)", text, re.M).group(1))
-    assert limit <= 48
+    assert limit <= 58  # 6 MiB (10%) under what a call carries
     assert re.search(r'\[ "\$mb" -le "\$PACK_LIMIT_MB" \] \|\| \{ echo "ERROR', text)
 
 
@@ -60,15 +60,20 @@ def test_the_gpu_calls_install_nothing_from_the_network():
 
 @pytest.mark.slow
 def test_the_dry_run_runs_every_step_on_cpu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PY": sys.executable}
-    r = subprocess.run(["bash", str(SCRIPT), "dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=1500)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # The two calls' halves side by side, one per core (each step is mostly one process's start-up)
+    runs = {half: subprocess.Popen(["bash", str(SCRIPT), "dry-run", half], cwd=ROOT, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / half),
+                                        "PY": sys.executable})
+            for half in ("speed", "quality")}
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert f"measuring: commit {head} dirty " in r.stdout
-    names = set(step_limits("speed_steps")) | set(step_limits("quality_steps"))
-    assert sorted(re.findall(r"^== (\S+) ", r.stdout, re.M)) == sorted(names)
-    assert r.stdout.count("rc=0") == len(names)
+    for half, proc in runs.items():
+        stdout, stderr = proc.communicate(timeout=1500)
+        assert proc.returncode == 0, stdout[-4000:] + stderr[-2000:]
+        assert f"measuring: commit {head} dirty " in stdout
+        names = set(step_limits(f"{half}_steps"))
+        assert sorted(re.findall(r"^== (\S+) ", stdout, re.M)) == sorted(names)
+        assert stdout.count("rc=0") == len(names)
     out = tmp_path / "out"
     for name in OUTPUTS:
         assert (out / name).is_file(), sorted(p.name for p in out.iterdir())
@@ -76,4 +81,4 @@ def test_the_dry_run_runs_every_step_on_cpu(tmp_path):
         doc = json.loads((out / name).read_text())
         assert doc["command"].startswith("python bench/") and doc["commit"].startswith(head), doc["command"]
         assert doc["machine"]["cores"] and doc["warmup"]
-        assert doc["attn_implementation"]
+        assert doc.get("attn_implementation"), name
