@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol():
-    # float32: the logit checks' tolerances are float32's (auto picks bf16 on CPUs with native bf16)
-    return load_model(ModelConfig(device="cpu", dtype="float32"))
+    return load_model(ModelConfig(device="cpu"))
 
 
 def test_builtin_model_loads_and_matches_its_own_logits(smol):
@@ -42,7 +41,7 @@ def test_untuned_sst2_rank_classification(smol):
 
 def test_short_training_on_awesome_prompts(smol, tmp_path):
     model, tok = smol
-    m = ModelConfig(device="cpu", dtype="float32")
+    m = ModelConfig(device="cpu")
     d = DataConfig(data=str(SHARED / "awesome-chatgpt-prompts" / "prompts.csv"),
                    template="Act as a {act}.\\nPrompt:", target=" {prompt}", max_length=64, eval_fraction=0.1,
                    eval_limit=8)

@@ -26,7 +26,7 @@ RTOL = 1e-4
 
 
 def test_first_steps_of_the_builtin_model_match_the_recorded_losses(tmp_path):
-    mcfg = ModelConfig(device="cpu", dtype="float32")  # the recorded losses are float32 (auto may pick bf16)
+    mcfg = ModelConfig(device="cpu")
     model, tok = load_model(mcfg)
     d = DataConfig(data=str(EXAMPLES), template="Country: {country}\\nFacts:",
                    target=" capital={capital}; continent={continent}", eval_fraction=0.0, max_length=48)

@@ -89,7 +89,7 @@ def test_one_batch_equals_alone_on_the_builtin_model():
     from softprompt.core.config import ModelConfig
     from softprompt.base.models import load_model
 
-    model, tok = load_model(ModelConfig(device="cpu", dtype="float32"))  # float32's tolerance (auto: bf16 on some CPUs)
+    model, tok = load_model(ModelConfig(device="cpu"))
     fmt, ex, _ = load_splits(DataConfig(data=str(SHARED / "sst2" / "dev.tsv"), template="Review: {sentence}\\nSentiment:",
                                         labels="negative,positive", eval_fraction=0, limit=12), tok)
     emb = model.get_input_embeddings().weight.detach()

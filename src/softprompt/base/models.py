@@ -68,8 +68,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on a GPU that supports it (the prompt itself stays float32, see prompt.py),
-    float32 elsewhere; a CPU with native bf16 may still take bfloat16 once the model is loaded
-    (cpu_auto_bfloat16), since only then is its width known."""
+    float32 elsewhere (bfloat16 matmuls are several times slower than float32 on CPUs)."""
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
@@ -85,45 +84,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-# `--dtype auto` on a CPU with native bf16 matmuls: bfloat16 from this hidden size up. Measured on
-# an AVX-512 bf16 Xeon (bench/results/cpu_bf16.json): narrower matmuls are bound by overheads, not
-# arithmetic, so bf16 does not pay there; SmolLM2-135M (576) trains faster and as accurately.
-CPU_BF16_MIN_HIDDEN = 512
-
-
-def cpu_auto_bfloat16(model, cpuinfo: str | None = None) -> str | None:
-    """Why `--dtype auto` should run this float32 CPU model in bfloat16, or None: the CPU must show
-    native bf16 matmuls in its flags (an unknown CPU does not count) and the model be wide enough."""
-    if not (cpu_flags(cpuinfo) & set(HALF_CPU_FLAGS[torch.bfloat16])):
-        return None
-    hidden = getattr(model.config, "hidden_size", 0) or 0
-    if hidden < CPU_BF16_MIN_HIDDEN:
-        return None
-    return (f"auto: bfloat16 on this CPU, which has native bf16 matmuls "
-            f"({', '.join(sorted(cpu_flags(cpuinfo) & set(HALF_CPU_FLAGS[torch.bfloat16])))}), for a model of hidden "
-            f"size {hidden} >= {CPU_BF16_MIN_HIDDEN}: faster there than float32 and within 0.5 points on SST-2 "
-            f"(bench/cpu_bf16.py); --dtype float32 keeps float32")
-
-
 def dtype_reason(asked: str, model) -> str:
     """One line for run_config.json: which dtype the base runs in, and why."""
     dtype = str(model.dtype).replace("torch.", "")
     if asked != "auto":
         return f"{dtype}: asked for with --dtype"
-    if getattr(model, "softprompt_dtype_reason", None):
-        return model.softprompt_dtype_reason
-    where = "a GPU with bf16" if model.device.type == "cuda" and dtype == "bfloat16" else "this device"
-    return f"auto: {dtype} on {where}"
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """/proc/cpuinfo's flags (ARM: Features); empty where they cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    return {f for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+    if model.device.type == "cuda":
+        return f"auto: {dtype} on this GPU"
+    # Measured (bench/cpu_bf16.py, AVX-512 bf16 Xeon): bf16 matmuls 3-9x faster, yet the built-in
+    # model's SST-2 training took 266 s in bf16 against 241 s in fp32; without native bf16, 40x slower
+    return (f"auto: {dtype} on a CPU: bfloat16 trained the built-in model no faster even on a CPU with "
+            "native bf16 matmuls (bench/results/cpu_bf16.json), and tens of times slower without them")
 
 
 # CPU flags (/proc/cpuinfo) of the instructions that make a half-precision matmul fast on a CPU
@@ -133,7 +104,12 @@ HALF_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("
 def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:
     """Whether this CPU (Linux: /proc/cpuinfo's flags; ARM's `bf16`/`fphp` too) computes `dtype`
     matmuls natively; True where it cannot be told, so that no false warning is given."""
-    flags = cpu_flags(cpuinfo)
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = {f for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
     if not flags:
         return True
     arm = {torch.bfloat16: ("bf16",), torch.float16: ("fphp", "asimdhp")}[dtype]
@@ -188,11 +164,6 @@ def load_model(cfg: ModelConfig | str):
         model.to(device)
     else:
         keep_cpu_kernels_in_range(model)
-    reason = (cpu_auto_bfloat16(model) if cfg.dtype == "auto" and quant is None and device.type == "cpu"
-              and model.dtype == torch.float32 else None)
-    if reason:
-        model.to(torch.bfloat16)
-        model.softprompt_dtype_reason = reason  # run_config.json records it (dtype_reason)
     model.softprompt_model = cfg.model  # the name prompts record (prompt.warn_other_base compares them)
     return model, tok
 
