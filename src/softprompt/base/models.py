@@ -84,6 +84,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def dtype_reason(asked: str, model) -> str:
+    """One line for run_config.json: which dtype the base runs in, and why."""
+    dtype = str(model.dtype).replace("torch.", "")
+    if asked != "auto":
+        return f"{dtype}: asked for with --dtype"
+    if model.device.type == "cuda":
+        return f"auto: {dtype} on this GPU"
+    # Measured (bench/cpu_bf16.py, AVX-512 bf16 Xeon): bf16 matmuls 3-9x faster, yet the built-in
+    # model's SST-2 training took 266 s in bf16 against 241 s in fp32; without native bf16, 40x slower
+    return (f"auto: {dtype} on a CPU: bfloat16 trained the built-in model no faster even on a CPU with "
+            "native bf16 matmuls (bench/results/cpu_bf16.json), and tens of times slower without them")
+
+
 # CPU flags (/proc/cpuinfo) of the instructions that make a half-precision matmul fast on a CPU
 HALF_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 

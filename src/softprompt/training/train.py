@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..base.families import check_positions
-from ..base.models import load_model, set_checkpointing
+from ..base.models import dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
 from ..core.config import (ENCODER_METHODS, DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args,
                            to_dict)
@@ -236,7 +236,8 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
             "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
             "total_steps": total, "truncated": fmt.truncated,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
-            "dtype": str(model.dtype).replace("torch.", ""), "base_bytes_per_process": local_bytes(model)}
+            "dtype": str(model.dtype).replace("torch.", ""), "dtype_reason": dtype_reason(mcfg.dtype, model),
+            "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
         tracking.start(acc, trackers, run.out, record)

@@ -1,0 +1,110 @@
+"""bfloat16 against float32 on this CPU: is bf16 faster here, and as accurate? (issue 24, item 5)
+
+CPUs differ: with AVX-512 bf16 / AMX a bf16 matmul runs several times faster than fp32; on an
+AVX2-only CPU it is emulated and tens of times slower. This bench measures, on this machine:
+1. matmul rates, forward ([256, H] x [H, 4H]) and input gradient, for hidden sizes H (where bf16
+   starts to pay: small matmuls are bound by overheads, not arithmetic);
+2. the SST-2 recipe through the installed command (`softprompt train`, 300 steps at batch 8, then
+   `softprompt eval` on all 872 dev rows) with `--dtype float32` and `--dtype bfloat16` (the prompt
+   stays float32 either way), for each seed: training seconds and dev accuracy.
+`--dtype auto`'s CPU rule (base/models.py) rests on these figures: bf16 where it is both faster
+and within 0.5 points. The JSON is written row by row.
+
+    python bench/cpu_bf16.py --seeds 0 1 2 --out bench/results/cpu_bf16.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, SST2, SHARED, Results  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+
+
+def matmul_rates(hidden: int, dtype: torch.dtype, rows: int = 256, reps: int = 20) -> dict:
+    """GFLOP/s of the forward x @ W and of its input gradient g @ W.T, best of `reps`."""
+    x = torch.randn(rows, hidden, dtype=dtype)
+    w = torch.randn(hidden, 4 * hidden, dtype=dtype)
+    g = torch.randn(rows, 4 * hidden, dtype=dtype)
+    flops = 2 * rows * hidden * 4 * hidden
+    out = {}
+    for name, fn in (("forward", lambda: x @ w), ("input_grad", lambda: g @ w.T)):
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        out[f"{name}_gflops"] = flops / best / 1e9
+    return out
+
+
+def softprompt(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "softprompt", *args], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"softprompt {' '.join(args[:1])} failed:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def sst2_run(dtype: str, seed: int, steps: int, work: Path) -> dict:
+    out = work / f"{dtype}-{seed}"
+    common = ["--template", SST2["template"], "--labels", SST2["labels"], "--dtype", dtype]
+    t = time.perf_counter()
+    softprompt("train", "--data", SST2["data"], *common, "--max-length", "96", "--batch-size", "8",
+               "--max-steps", str(steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0", "--no-eval-untuned",
+               "--seed", str(seed), "--out", str(out))
+    wall = time.perf_counter() - t
+    summary = json.loads((out / "summary.json").read_text())
+    dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", str(SHARED / "sst2" / "dev.tsv"),
+                                *common, "--json"))
+    return {"dtype": dtype, "seed": seed, "steps": steps, "train_seconds": summary["train_seconds"],
+            "train_wall_seconds": wall, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256, 576, 1024, 2048])
+    ap.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
+    args = ap.parse_args()
+    res = Results(args.out, {"bench": "cpu_bf16", "args": vars(args),
+                             "warmup": "matmuls: one untimed call each; training: none (whole runs)"})
+    for h in args.hidden:
+        row = {"kind": "matmul", "hidden": h, **{d: matmul_rates(h, getattr(torch, d)) for d in DTYPES}}
+        row["bf16_speedup_forward"] = row["bfloat16"]["forward_gflops"] / row["float32"]["forward_gflops"]
+        row["bf16_speedup_input_grad"] = row["bfloat16"]["input_grad_gflops"] / row["float32"]["input_grad_gflops"]
+        print(f"hidden {h}: bf16/fp32 forward {row['bf16_speedup_forward']:.2f}x, "
+              f"input gradient {row['bf16_speedup_input_grad']:.2f}x")
+        res.add(row)
+    with tempfile.TemporaryDirectory() as work:
+        runs = []
+        for seed in args.seeds:
+            for dtype in DTYPES:
+                runs.append(res.add({"kind": "sst2", **sst2_run(dtype, seed, args.steps, Path(work))}))
+                r = runs[-1]
+                print(f"seed {seed} {dtype}: {r['train_seconds']:.0f} s training, dev {100 * r['dev_accuracy']:.2f}%")
+    mean = {d: {k: sum(r[k] for r in runs if r["dtype"] == d) / len(args.seeds)
+                for k in ("train_seconds", "dev_accuracy")} for d in DTYPES}
+    summary = {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"],
+               "bf16_minus_fp32_points": 100 * (mean["bfloat16"]["dev_accuracy"] - mean["float32"]["dev_accuracy"])}
+    res.doc["summary"] = summary
+    res.save()
+    print(f"mean over seeds {args.seeds}: bf16 trains {summary['bf16_train_speedup']:.2f}x faster; dev accuracy "
+          f"{100 * mean['float32']['dev_accuracy']:.2f}% fp32, {100 * mean['bfloat16']['dev_accuracy']:.2f}% bf16 "
+          f"({summary['bf16_minus_fp32_points']:+.2f} points)")
+
+
+if __name__ == "__main__":
+    main()
