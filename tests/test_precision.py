@@ -91,12 +91,12 @@ def test_half_precision_on_a_cpu_without_it_warns_and_float32_does_not(capsys):
 
 
 def test_run_config_records_the_dtype_and_why(llama_dir, countries_csv, tmp_path):
-    setup(*_cfgs(llama_dir, countries_csv, tmp_path / "auto", max_steps=1, eval_every=0, save_every=0,
+    setup(*_cfgs(llama_dir, countries_csv, tmp_path / "auto", max_steps=2, eval_every=0, save_every=0,
                  keep_best=False, eval_untuned=False))
     rc = json.loads((tmp_path / "auto" / "run_config.json").read_text())
     assert rc["dtype"] == "float32" and rc["dtype_reason"].startswith("auto: float32 on a CPU: ")
     assert "bench/results/cpu_bf16.json" in rc["dtype_reason"]
-    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "asked", max_steps=1, eval_every=0, save_every=0,
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "asked", max_steps=2, eval_every=0, save_every=0,
                        keep_best=False, eval_untuned=False)
     m.dtype = "float32"
     setup(m, d, p, t)
