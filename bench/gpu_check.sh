@@ -41,6 +41,7 @@ export SOFTPROMPT_CACHE=$WORK/spcache
 # 300 steps where a call's 8 minutes allow it (SmolLM2), fewer on the big geometries.
 DEVICE=cuda DTYPE=bfloat16 TAG=bf16_cuda LIMIT=2000 CHECK_STEPS=5 SMOL_STEPS=300 L1B_STEPS=30 L1B_LONG_STEPS=20
 L8B_STEPS=10 PROFILE_STEPS=3 MEMORY=""   # on a GPU the memory reading is in-process
+WIDE_BATCH=64 LONG_BATCH=8   # batches of the 512- and 2048-token rows
 GEN_TASKS=8 GEN_PER_TASK=8 GEN_TOKENS=32
 TTQ_SEEDS="0 1" TTQ_PEFT_STEPS=300 TTQ_PEFT_EVAL=100 TTQ_SP_STEPS=500 TTQ_SP_EVAL=50 TTQ_EVAL_LIMIT=0
 # Published geometries (hidden, intermediate, layers, heads, kv heads, head dim, vocabulary)
@@ -49,6 +50,7 @@ L8B_GEOM="4096 14336 32 32 8 128 128256"  # Llama-3.1-8B
 if [ "$MODE" = dry-run ]; then
     LIMIT_SCALE=4 DEVICE=cpu DTYPE=float32 TAG=dry_cpu LIMIT=32 CHECK_STEPS=1 SMOL_STEPS=2 L1B_STEPS=1 L1B_LONG_STEPS=1
     L8B_STEPS=1 PROFILE_STEPS=1 MEMORY=--no-memory   # CPU memory readings fork a process per path: slow, and not the GPU's code
+    WIDE_BATCH=2 LONG_BATCH=1   # a tiny model's 49k-word output layer over 32k positions would take minutes
     GEN_TASKS=2 GEN_PER_TASK=2 GEN_TOKENS=4
     TTQ_SEEDS="0" TTQ_PEFT_STEPS=2 TTQ_PEFT_EVAL=2 TTQ_SP_STEPS=2 TTQ_SP_EVAL=2 TTQ_EVAL_LIMIT=8
     L1B_GEOM="64 128 2 4 2 16 49152" L8B_GEOM="96 192 2 4 2 24 49152"
@@ -93,9 +95,9 @@ speed_steps() {
     $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
     TS="$PY bench/train_speed.py --device $DEVICE --dtype $DTYPE --limit $LIMIT --flop-samples 0 $MEMORY"
     step train_smol 200 $TS --model "random:$WORK/tok" --task sst2 acts --steps $SMOL_STEPS --check-steps $CHECK_STEPS --out "$OUT/train_speed_smollm2-135m-geometry_$TAG.json"
-    step train_l1b_b64 90 $TS --model "random:$WORK/llama1b" --task lm512 --batch-size 64 --steps $L1B_STEPS --check-steps 0 --out "$OUT/train_speed_llama-3.2-1b-geometry_b64_$TAG.json"
-    step train_l1b_2048 60 $TS --model "random:$WORK/llama1b" --task lm2048 --steps $L1B_LONG_STEPS --check-steps 0 --out "$OUT/train_speed_llama-3.2-1b-geometry_2048_$TAG.json"
-    step train_l8b 70 $TS --model "random:$WORK/llama8b" --task lm512 --steps $L8B_STEPS --check-steps 0 --out "$OUT/train_speed_llama-3.1-8b-geometry_$TAG.json"
+    step train_l1b_b64 90 $TS --model "random:$WORK/llama1b" --task lm512 --batch-size $WIDE_BATCH --steps $L1B_STEPS --check-steps 0 --out "$OUT/train_speed_llama-3.2-1b-geometry_b64_$TAG.json"
+    step train_l1b_2048 60 $TS --model "random:$WORK/llama1b" --task lm2048 --batch-size $LONG_BATCH --steps $L1B_LONG_STEPS --check-steps 0 --out "$OUT/train_speed_llama-3.2-1b-geometry_2048_$TAG.json"
+    step train_l8b 70 $TS --model "random:$WORK/llama8b" --task lm512 --batch-size $LONG_BATCH --steps $L8B_STEPS --check-steps 0 --out "$OUT/train_speed_llama-3.1-8b-geometry_$TAG.json"
 }
 
 quality_steps() {
