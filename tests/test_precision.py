@@ -102,3 +102,11 @@ def test_run_config_records_the_dtype_and_why(llama_dir, countries_csv, tmp_path
     setup(m, d, p, t)
     rc = json.loads((tmp_path / "asked" / "run_config.json").read_text())
     assert rc["dtype_reason"] == "float32: asked for with --dtype"
+
+
+def test_dtype_reason_names_a_handed_in_models_own_dtype(llama_dir):
+    from softprompt.base.models import dtype_reason
+
+    model, _ = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype="bfloat16"))
+    assert dtype_reason("auto", model) == "bfloat16: the model's own (auto keeps float32 on a CPU)"
+    assert dtype_reason("bfloat16", model) == "bfloat16: asked for with --dtype"

@@ -91,6 +91,8 @@ def dtype_reason(asked: str, model) -> str:
         return f"{dtype}: asked for with --dtype"
     if model.device.type == "cuda":
         return f"auto: {dtype} on this GPU"
+    if model.dtype != torch.float32:  # a model handed to train() already loaded: its dtype, not auto's
+        return f"{dtype}: the model's own (auto keeps float32 on a CPU)"
     # Measured (bench/cpu_bf16.py, AVX-512 bf16 Xeon): bf16 matmuls 3-9x faster, yet the built-in
     # model's SST-2 training took 266 s in bf16 against 241 s in fp32; without native bf16, 40x slower
     return (f"auto: {dtype} on a CPU: bfloat16 trained the built-in model no faster even on a CPU with "
