@@ -1,7 +1,8 @@
 """Training speed, softprompt against PEFT, side by side in one process.
 
-Both train a 20-token soft prompt on the same frozen model, the same batches in the same order,
-from the same initial prompt, with the same optimiser (AdamW, constant lr, gradient clipping):
+Both train a 20-token soft prompt (`--method prompt`, the default) or a 20-position prefix
+(`--method prefix`, below) on the same frozen model, the same batches in the same order, from the
+same initial prompt, with the same optimiser (AdamW, constant lr, gradient clipping):
 - PEFT: `get_peft_model(model, PromptTuningConfig(...))` and `model(input_ids, attention_mask,
   labels).loss`, the forward that PEFT + Trainer run (prompt prepended to every row, logits and
   log-softmax at every position);
@@ -14,6 +15,14 @@ from the same initial prompt, with the same optimiser (AdamW, constant lr, gradi
   logits only at the positions the loss reads (transformers' `logits_to_keep` given those indices)
   and the same attention backend as softprompt (recorded); `--peft-compile` adds the same under
   `torch.compile` (`peft_compiled`) where it runs.
+With `--method prefix` (issue 23) the same paths train per-layer keys and values instead: PEFT's
+`PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)` (its prefix handed to the model
+as a cache of P positions per row), peft_best and peft_compiled the same with logits only where
+read, and softprompt the step `softprompt train --method prefix` runs (training.prefix_method's
+prefix through forward.batch_loss: the kv path, the prefix's keys and values broadcast to the rows
+as a read-only cache, logits only at supervised positions). Both start from the same keys and
+values: softprompt's text init (the model's own cache of "Continue the text."), given to PEFT in
+its [P, layers * 2 * kv_heads * head_dim] layout (prompts.prefix.to_flat, what the PEFT export uses).
 Every path first runs one untimed step per batch shape it will meet (its warm-up, timed and
 reported apart and included in the whole-run figure), then the timed steps.
 Steps alternate (PEFT, softprompt, PEFT, ...) so that both see the same machine state. Each path
@@ -22,10 +31,13 @@ batch's longest row; softprompt: length-grouped). The script prints medians, tok
 GFLOP/s against the measured matmul peak, peak memory (each path in a fresh process on CPU) and
 the softprompt/PEFT ratios. A second phase runs both on identical batches from the same prompt:
 the loss trajectories must agree, and its time ratio isolates the compute path from batching.
+A third check computes one batch's loss from the same start in float32 with PEFT's own forward
+(`labels=`) and softprompt's: the two must agree within 1e-5 (`fp32_parity`).
 
     python bench/train_speed.py --model smollm2-135m-instruct --task acts sst2 --steps 20
     python bench/train_speed.py --model bloom-560m-random --task acts sst2 --steps 6 --check-steps 3
     python bench/train_speed.py --task lm512 --batch-size 8   # rows of exactly 512 tokens of LM text
+    python bench/train_speed.py --method prefix --task sst2 acts --steps 20   # issue 23's prefix targets
 """
 from __future__ import annotations
 
@@ -44,17 +56,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ACTS, RESULTS, SST2, PeakMemory, Results, count_flops, device_and_dtype, fmt_row,  # noqa: E402
                     load_bench_model, matmul_peak_gflops, median, sync)
 
+from softprompt.base.families import kv_geometry  # noqa: E402
 from softprompt.core.config import DataConfig  # noqa: E402
 from softprompt.data.batching import Example, batch_order, collate, pad_id  # noqa: E402
 from softprompt.data.formatting import load_splits  # noqa: E402
 from softprompt.forward.cuda_graphs import DenseLayout, GraphedStep  # noqa: E402
 from softprompt.forward.hidden import batch_loss, needed_inputs  # noqa: E402
 from softprompt.forward.packing import packable  # noqa: E402
+from softprompt.prompts.prefix import PrefixPrompt, from_flat, text_key_values, to_flat  # noqa: E402
+from softprompt.training.prefix_method import PrefixTuning  # noqa: E402
 
 TASKS = {"acts": ACTS, "sst2": SST2}
 LM_LENGTHS = (128, 512, 2048)  # --task lmN: language-modelling rows of exactly N tokens
 TASK_CHOICES = sorted(TASKS) + [f"lm{n}" for n in LM_LENGTHS]
 PEFT_PATHS = ("peft", "peft_best", "peft_compiled")
+METHODS = ("prompt", "prefix")
+PREFIX_INIT_TEXT = "Continue the text."  # prefix.init_prefix's default text
+PARITY_TOL = 1e-5  # float32 loss difference allowed between PEFT's and softprompt's forward (issue 23)
 
 
 def task_examples(name: str, tok, limit: int, seed: int):
@@ -95,26 +113,38 @@ def batches_for(examples, tok, batch_size: int, n: int, seed: int, trainer_style
 
 
 class Path_:
-    """One way of training the prompt: a step function over a Batch, and its own optimiser."""
+    """One way of training the prompt: a step function over a Batch, and its own optimiser.
+
+    `method` "prompt": `init` is the soft prompt [P, H]; "prefix": the prefix in PEFT's layout
+    [P, layers * 2 * kv_heads * head_dim] (prompts.prefix.to_flat), so that both sides start equal."""
 
     def __init__(self, name: str, model, init: torch.Tensor, lr: float, device: torch.device,
-                 graphs: bool = False, pad: int = 0):
-        self.name, self.model, self.device = name, model, device
+                 graphs: bool = False, pad: int = 0, method: str = "prompt"):
+        self.name, self.model, self.device, self.method = name, model, device, method
+        self.P = init.shape[0]
         self.graphed = None
+        # The prompt's positions in PEFT's logits: a soft prompt's are in the sequence, a prefix's in the cache
+        self.logit_offset = self.P if method == "prompt" else 0
+        # softprompt keeps the prompt (and its optimiser state) in float32 over a half-precision base
+        dtype = init.dtype if init.dtype == torch.float64 else torch.float32
         if name.startswith("peft"):
-            from peft import PromptTuningConfig, get_peft_model
+            from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-            cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=init.shape[0])
-            self.peft = get_peft_model(model, cfg)
+            config = PromptTuningConfig if method == "prompt" else PrefixTuningConfig
+            self.peft = get_peft_model(model, config(task_type="CAUSAL_LM", num_virtual_tokens=self.P))
             emb = self.peft.prompt_encoder["default"].embedding.weight
             # The same values, in the dtype PEFT gives its prompt (float32), or float64 for the check
             emb.data = init.clone() if init.dtype == torch.float64 else init.to(emb.dtype)
             self.params = [emb]
             # torch.compile of PEFT's whole forward; dynamic, since batches differ in length
             self.forward = torch.compile(self.peft, dynamic=True) if name == "peft_compiled" else self.peft
+        elif method == "prefix":
+            # What `train --method prefix` trains: its PrefixTuning method's prefix, fed to batch_loss
+            kv = from_flat(init.to(dtype), *kv_geometry(model))
+            self.prefix = PrefixTuning(model, None, PrefixPrompt(kv).to(device=device, dtype=dtype))
+            self.prompt = self.prefix.embeds()
+            self.params = self.prefix.parameters()
         else:
-            # softprompt keeps the prompt (and its optimiser state) in float32 over a half-precision base
-            dtype = init.dtype if init.dtype == torch.float64 else torch.float32
             self.prompt = torch.nn.Parameter(init.to(dtype))
             self.params = [self.prompt]
             if graphs and device.type == "cuda":
@@ -133,7 +163,7 @@ class Path_:
             # transformers' loss casts logits to float32; for the float64 parity check take PEFT's
             # logits and apply the same shifted cross-entropy in float64.
             logits = self.peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            P = logits.shape[1] - batch.input_ids.shape[1]
+            P = logits.shape[1] - batch.input_ids.shape[1]  # 0 for a prefix (its positions are a cache)
             labels = torch.cat([batch.targets.new_full((batch.targets.shape[0], P), -100), batch.targets], 1)
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         if self.name.startswith("peft"):
@@ -144,9 +174,10 @@ class Path_:
 
     def kept_logits_loss(self, batch):
         """PEFT's loss with logits only where it reads them: transformers' `logits_to_keep` given
-        the indices (over the prompt-plus-text axis) whose next token is supervised in any row. The
-        same value as `labels=`'s loss: mean cross-entropy over the supervised tokens, in float32."""
-        P = self.params[0].shape[0]
+        the indices (over the prompt-plus-text axis; the text's alone for a prefix) whose next token is
+        supervised in any row. The same value as `labels=`'s loss: mean cross-entropy over the
+        supervised tokens, in float32."""
+        P = self.logit_offset
         labels = torch.cat([batch.targets.new_full((batch.targets.shape[0], P), -100), batch.targets], 1)
         keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # [k] positions predicting a label
         logits = self.forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -180,10 +211,13 @@ class Path_:
 
     def decoder_tokens(self, batch) -> int:
         """Positions the decoder runs per step, pads included: PEFT [B, P+T]; softprompt the prompt
-        once plus the trimmed text, packed (no pads) or padded to its longest row."""
-        P = self.params[0].shape[0]
+        once plus the trimmed text, packed (no pads) or padded to its longest row. A prefix runs
+        through no layer (it is their cache): PEFT [B, T], softprompt the trimmed text [B, T']."""
+        P = self.P
         if self.name.startswith("peft"):
-            return batch.input_ids.numel() + batch.input_ids.shape[0] * P
+            return batch.input_ids.numel() + batch.input_ids.shape[0] * self.logit_offset
+        if self.method == "prefix":
+            return needed_inputs(batch.targets, batch.attention_mask).numel()
         if self.graphed is not None and not self.graphed.disabled:  # the bucket, fillers included
             return DenseLayout.build(P, batch.input_ids, batch.attention_mask, batch.targets, 0).shape[0]
         keep = needed_inputs(batch.targets, batch.attention_mask)
@@ -206,14 +240,24 @@ def initial_prompt(model, P: int, seed: int) -> torch.Tensor:
     return emb[torch.randint(0, min(emb.shape[0], 5000), (P,), generator=g).to(emb.device)].detach().float().clone()
 
 
+def initial_prefix(model, tok, P: int) -> torch.Tensor:
+    """softprompt's text init (the model's own keys and values of a text), in PEFT's flat layout
+    [P, layers * 2 * kv_heads * head_dim]: the values both sides start from."""
+    return to_flat(text_key_values(model, tok, PREFIX_INIT_TEXT, P)).contiguous()
+
+
+def initial(method: str, model, tok, P: int, seed: int) -> torch.Tensor:
+    return initial_prompt(model, P, seed) if method == "prompt" else initial_prefix(model, tok, P)
+
+
 def memory_child(args) -> None:
     """Run in a fresh process: peak memory of a few training steps of one path."""
     dev, dtype = device_and_dtype(args.device, args.dtype)
     model, tok = load_bench_model(args.model, dev, dtype)
     batches = batches_for(task_examples(args.task[0], tok, args.limit, args.seed), tok, args.batch_size, 3,
                           args.seed, trainer_style=args.memory_child == "peft")
-    path = Path_(args.memory_child, model, initial_prompt(model, args.virtual_tokens, args.seed).to(dtype),
-                 args.lr, dev, args.graphs, pad_id(tok))
+    init = initial(args.method, model, tok, args.virtual_tokens, args.seed).to(dtype)
+    path = Path_(args.memory_child, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method)
     with PeakMemory(dev) as pm:
         for b in batches:
             path.step(b, record=False)
@@ -221,8 +265,8 @@ def memory_child(args) -> None:
 
 
 def measure_memory(args, task: str, name: str) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--memory-child", name, "--task", task, "--model", args.model,
-           "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+    cmd = [sys.executable, __file__, "--memory-child", name, "--method", args.method, "--task", task,
+           "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
            "--virtual-tokens", str(args.virtual_tokens), "--limit", str(args.limit), "--seed", str(args.seed)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("MEMORY ")]
@@ -270,9 +314,22 @@ def summarise(p, peak: float, batches, flop_samples: int) -> dict:
     return out
 
 
+def fp32_parity(args, model, init: torch.Tensor, batch, dev) -> dict:
+    """One batch's loss from the same start, in float32, through PEFT's own forward (`labels=`) and
+    softprompt's step: the two must agree within PARITY_TOL (no optimiser step is taken)."""
+    m32 = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
+    paths = [Path_(name, m32, init.float(), args.lr, dev, method=args.method) for name in ("peft", "softprompt")]
+    with torch.no_grad():
+        peft_loss, ours = (float(p.loss(batch.to(dev))) for p in paths)
+    diff = abs(peft_loss - ours)
+    return {"peft_loss": peft_loss, "softprompt_loss": ours, "abs_diff": diff, "tolerance": PARITY_TOL,
+            "equal": diff <= PARITY_TOL}
+
+
 def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
-    init = initial_prompt(model, args.virtual_tokens, args.seed).to(dtype)
-    res = {"task": task, "steps": args.steps, "batch_size": args.batch_size, "virtual_tokens": args.virtual_tokens}
+    init = initial(args.method, model, tok, args.virtual_tokens, args.seed).to(dtype)
+    res = {"task": task, "method": args.method, "steps": args.steps, "batch_size": args.batch_size,
+           "virtual_tokens": args.virtual_tokens}
     # 1. Throughput: each as its recipe batches the same examples (PEFT: random order padded to the
     #    batch's longest row; softprompt: length-grouped).
     examples = task_examples(task, tok, args.limit, args.seed)  # tokenised once for every phase
@@ -280,7 +337,7 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     grouped = batches_for(examples, tok, args.batch_size, args.steps, args.seed)
     names = ["peft", "peft_best", *(["peft_compiled"] if args.peft_compile else []), "softprompt"]
     own = {"peft": trainer}  # every other path trains on the length-grouped batches
-    paths = [Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok)) for name in names]
+    paths = [Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method) for name in names]
     sets = [own.get(p.name, grouped) for p in paths]
     warm = [warm_up(p, bs) for p, bs in zip(paths, sets)]
     alternate(paths, sets)
@@ -315,15 +372,15 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
         # how far such a 1e-7 difference alone carries.)
         cdtype = getattr(torch, args.check_dtype)
         cmodel = model if cdtype == dtype else copy.deepcopy(model).to(cdtype)
-        paths = [Path_(name, cmodel, init.to(cdtype), args.lr, dev, args.graphs, pad_id(tok))
+        paths = [Path_(name, cmodel, init.to(cdtype), args.lr, dev, args.graphs, pad_id(tok), args.method)
                  for name in ("peft", "softprompt")]
         # Control: PEFT against itself from a prompt perturbed by 1e-7 (float32 rounding's size).
         # How far that drifts is how sensitive the optimisation itself is, whatever the path.
         g = torch.Generator().manual_seed(1)
         nudged = init * (1 + 1e-7 * torch.randn(init.shape, generator=g).to(init.device, init.dtype))
-        paths.append(Path_("peft_perturbed", cmodel, nudged.to(cdtype), args.lr, dev))
+        paths.append(Path_("peft_perturbed", cmodel, nudged.to(cdtype), args.lr, dev, method=args.method))
         # The fair baseline must compute PEFT's own loss: logits kept only where read change no value
-        paths.append(Path_("peft_best", cmodel, init.to(cdtype), args.lr, dev))
+        paths.append(Path_("peft_best", cmodel, init.to(cdtype), args.lr, dev, method=args.method))
         alternate(paths, [check] * 4)
         rel = [abs(a - b) / abs(a) for a, b in zip(paths[0].losses, paths[1].losses)]
         ctrl = [abs(a - b) / abs(a) for a, b in zip(paths[0].losses, paths[2].losses)]
@@ -335,12 +392,13 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
                                "control_rel_diffs": ctrl,
                                "compute_speedup": sum(paths[0].times) / sum(paths[1].times),
                                "peft_losses": paths[0].losses, "softprompt_losses": paths[1].losses}
+        res["fp32_parity"] = fp32_parity(args, model, init, check[0], dev)
     if args.memory:
         for name in ("peft", "peft_best", "softprompt"):
             if dev.type == "cpu":  # a fresh process each: see common.PeakMemory
                 res[name].update(measure_memory(args, task, name))
             else:
-                p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok))
+                p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method)
                 bs = own.get(name, grouped)
                 with PeakMemory(dev) as pm:
                     for b in bs[:3]:
@@ -351,6 +409,7 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
         res["memory_ratio_over_model"] = res["softprompt"]["peak_over_model_mb"] / res[base]["peak_over_model_mb"]
         total = "peak_total_mb" if dev.type == "cuda" else "rss_peak_total_mb"
         res["memory_ratio_total"] = res["softprompt"][total] / res[base][total]
+        res["memory_ratio_total_plain"] = res["softprompt"][total] / res["peft"][total]  # PEFT's recipe
         if dev.type == "cpu":
             res["memory_ratio_rss_over_model"] = (res["softprompt"]["rss_peak_over_model_mb"]
                                                   / res[base]["rss_peak_over_model_mb"])
@@ -360,7 +419,7 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
 def report(r: dict) -> None:
     nan = float("nan")
     w = [13, 9, 9, 9, 11, 11, 8, 9, 10]
-    print(f"\n== {r['task']}: {r['steps']} steps each over the same examples, batch {r['batch_size']}, "
+    print(f"\n== {r['task']}: {r['method']}, {r['steps']} steps each over the same examples, batch {r['batch_size']}, "
           f"P={r['virtual_tokens']}")
     print(fmt_row(["path", "median s", "mean s", "warm-up s", "text tok/s", "model tok", "GFLOP/s", "of peak",
                    "peak MB*"], w))
@@ -387,17 +446,22 @@ def report(r: dict) -> None:
               "GFLOP per step (sampled batches): the speed-up if both ran at the same GFLOP/s")
     if "memory_ratio_over_model" in r:
         print(f"peak memory ratio softprompt/peft_best: {r['memory_ratio_over_model']:.2f}x (tensors allocated over "
-              f"the model), {r['memory_ratio_total']:.2f}x (whole peak, the model included)")
-        if "memory_ratio_rss_over_model" in r:
+              f"the model), {r['memory_ratio_total']:.2f}x (whole peak, the model included); whole peak against "
+              f"plain PEFT: {r['memory_ratio_total_plain']:.2f}x")
+        if "memory_ratio_rss_over_model" in r:  # peft_best's figure: the ratio's own denominator
             print(f"  resident memory (VmHWM over the model, allocator's kept memory included): "
-                  f"{r['softprompt']['rss_peak_over_model_mb']:.0f} MB against {r['peft']['rss_peak_over_model_mb']:.0f} MB, "
-                  f"{r['memory_ratio_rss_over_model']:.2f}x")
+                  f"{r['softprompt']['rss_peak_over_model_mb']:.0f} MB against peft_best's "
+                  f"{r['peft_best']['rss_peak_over_model_mb']:.0f} MB, {r['memory_ratio_rss_over_model']:.2f}x")
     if "same_batches" in r:
         s = r["same_batches"]
         print(f"identical batches, {s['steps']} AdamW steps in {s['dtype']}: loss relative difference {s['loss_rel_diff_step1']:.1e} "
               f"at step 1, at most {s['loss_rel_diff_max']:.1e}; compute-only ratio {s['compute_speedup']:.2f}x")
         print(f"control, PEFT against PEFT from a prompt perturbed by 1e-7: at most {s['control_rel_diff_max']:.1e}; "
               f"peft_best against peft: at most {s['peft_best_rel_diff_max']:.1e}")
+    if "fp32_parity" in r:
+        q = r["fp32_parity"]
+        print(f"float32 loss from the same start, one batch: PEFT {q['peft_loss']:.6f}, "
+              f"softprompt {q['softprompt_loss']:.6f}, difference {q['abs_diff']:.1e} ({'equal' if q['equal'] else 'NOT equal'} within {q['tolerance']:.0e})")
     print("model tok: positions through the decoder per step, pads included; "
           "* peak tensor memory over the loaded model")
 
@@ -406,6 +470,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--task", nargs="+", default=["acts", "sst2"], choices=TASK_CHOICES)
+    ap.add_argument("--method", default="prompt", choices=METHODS,
+                    help="prompt: PEFT's PromptTuning against a soft prompt; prefix: PEFT's PrefixTuning against "
+                         "`train --method prefix`")
     ap.add_argument("--peft-compile", action="store_true",
                     help="add peft_compiled: peft_best under torch.compile (compiles per shape: slow to warm on a CPU)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per path")
@@ -436,8 +503,9 @@ def main() -> None:
     model, tok = load_bench_model(args.model, dev, dtype, args.seed)
     print(f"model {args.model} loaded in {time.time() - t:.0f}s")
     tag = args.model.replace("/", "_").replace(":", "_")
-    out = Results(args.out or RESULTS / f"train_speed_{tag}_{dev.type}.json",
-                  {"bench": "train_speed", "model": args.model, "device": str(dev), "dtype": args.dtype,
+    kind = "" if args.method == "prompt" else f"{args.method}_"  # the prompt's file keeps its name
+    out = Results(args.out or RESULTS / f"train_speed_{kind}{tag}_{dev.type}.json",
+                  {"bench": "train_speed", "method": args.method, "model": args.model, "device": str(dev), "dtype": args.dtype,
                    "attn_implementation": model.config._attn_implementation, "args": vars(args),
                    "warmup": "one untimed step per batch shape, per path", "matmul_peak_gflops": peak}, key="tasks")
     for task in args.task:

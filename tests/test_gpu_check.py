@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 CALL_LIMIT_S = 8 * 60
 # Every bench the script runs records its provenance (bench/common.py's Results)
-WITH_PROVENANCE = ["profile_step_smollm2-135m-geometry_dry_cpu.json", "time_to_quality_dry_cpu.json",
+PREFIX = "train_speed_prefix_smollm2-135m-geometry_dry_cpu.json"  # issue 23: --method prefix beside prompt
+WITH_PROVENANCE = ["profile_step_smollm2-135m-geometry_dry_cpu.json", "time_to_quality_dry_cpu.json", PREFIX,
                    "train_speed_smollm2-135m-geometry_dry_cpu.json", "train_speed_llama-3.2-1b-geometry_b64_dry_cpu.json",
                    "train_speed_llama-3.2-1b-geometry_2048_dry_cpu.json", "train_speed_llama-3.1-8b-geometry_dry_cpu.json",
                    "generate_speed_smollm2-135m-instruct_dry_cpu.json", "generate_speed_smollm2-135m-instruct_fp32_cpu.json"]
@@ -82,3 +83,9 @@ def test_the_dry_run_runs_every_step_on_cpu(tmp_path):
         assert doc["command"].startswith("python bench/") and doc["commit"].startswith(head), doc["command"]
         assert doc["machine"]["cores"] and doc["warmup"]
         assert doc.get("attn_implementation"), name
+    # The prefix step times PEFT's PrefixTuning, and its float32 loss equals softprompt's from the same start
+    prefix = json.loads((out / PREFIX).read_text())
+    assert prefix["method"] == "prefix" and "--method prefix" in prefix["command"]
+    (row,) = prefix["tasks"]
+    assert row["task"] == "sst2" and {"peft", "peft_best", "softprompt"} <= set(row)
+    assert row["fp32_parity"]["equal"] and row["same_batches"]["loss_rel_diff_step1"] < 1e-12

@@ -74,6 +74,23 @@ def test_loss_and_greedy_tokens_equal_peft(family, tok_dir):
     assert abs(float(bare / n) - float(ref.loss)) > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gradient_equals_peft(family, tok_dir):
+    """The training step's gradient, not only its loss: PEFT's PrefixTuning and ours, from the same
+    keys and values on the same batch, give the same gradient in PEFT's flat layout (what
+    bench/train_speed.py --method prefix times side by side)."""
+    model, tok = tiny(family, tok_dir)
+    pm, ours = peft_prefix(model)
+    emb = pm.prompt_encoder["default"].embedding.weight
+    b = batch_of(tok)
+    pm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.targets).loss.backward()
+    loss_sum, n = batch_loss(model, ours, b)
+    (loss_sum / n).backward()
+    mine = to_flat(ours.kv.grad)
+    assert emb.grad.abs().max() > 1e-4  # a gradient worth comparing
+    assert (mine - emb.grad).abs().max() <= TOL * emb.grad.abs().max()
+
+
 def test_gqa_geometry_and_flat_layout(tok_dir):
     model, _ = tiny("qwen2", tok_dir)
     pm, ours = peft_prefix(model)

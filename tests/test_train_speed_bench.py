@@ -1,0 +1,71 @@
+"""bench/train_speed.py --method prefix's dry run on a tiny random Llama: every path (PEFT's
+PrefixTuning as its recipe runs, PEFT at its best, softprompt's prefix step) is warmed then timed,
+the ratios are against the fastest PEFT variant, and the two sides compute the same loss from the
+same keys and values (float64 trajectories, float32 one-batch parity). Its timings mean nothing at
+this size; the CPU memory children and torch.compile are left out (a fresh process, or a minute of
+compiling, each)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+STEPS, CHECK_STEPS, BATCH = 3, 2, 4
+
+
+@pytest.fixture(scope="module")
+def result(llama_dir, tmp_path_factory) -> dict:
+    pytest.importorskip("peft")
+    if not (SHARED / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"no {SHARED / 'sst2'}")
+    out = tmp_path_factory.mktemp("train_speed") / "r.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--method", "prefix",
+                           "--model", f"random:{llama_dir}", "--device", "cpu", "--task", "sst2",
+                           "--steps", str(STEPS), "--check-steps", str(CHECK_STEPS), "--batch-size", str(BATCH),
+                           "--virtual-tokens", "4", "--limit", "64", "--flop-samples", "1", "--no-memory",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "float32 loss from the same start" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_every_path_is_warmed_then_timed(result):
+    assert result["method"] == "prefix" and result["warmup"] and result["attn_implementation"]
+    (task,) = result["tasks"]
+    assert (task["task"], task["method"]) == ("sst2", "prefix")
+    for name in ("peft", "peft_best", "softprompt"):
+        p = task[name]
+        assert p["warmup_shapes"] >= 1 and len(p["losses"]) == STEPS, name
+        assert p["whole_run_s"] == pytest.approx(p["warmup_s"] + p["total_s"]), name
+        assert p["gflop_per_step"] > 0, name
+    # A prefix is the layers' cache: no path runs its positions through the decoder, and softprompt
+    # runs fewer text positions than PEFT's padded [B, T] (it drops each row's last target)
+    assert task["softprompt"]["decoder_tokens_per_step"] < task["peft_best"]["decoder_tokens_per_step"]
+    assert task["peft"]["decoder_tokens_per_step"] <= BATCH * 128
+
+
+def test_ratios_are_against_the_fastest_peft_variant(result):
+    (t,) = result["tasks"]
+    best = min(("peft", "peft_best"), key=lambda n: t[n]["whole_run_s"])
+    assert t["best_peft"] == best
+    assert t["speedup"] == pytest.approx(t[best]["total_s"] / t["softprompt"]["total_s"])
+    assert t["speedup_whole_run"] == pytest.approx(t[best]["whole_run_s"] / t["softprompt"]["whole_run_s"])
+    assert t["speedup_plain"] == pytest.approx(t["peft"]["total_s"] / t["softprompt"]["total_s"])
+
+
+def test_peft_and_softprompt_compute_the_same_loss(result):
+    (t,) = result["tasks"]
+    s = t["same_batches"]
+    assert len(s["peft_losses"]) == len(s["softprompt_losses"]) == CHECK_STEPS
+    # From the same keys and values (PEFT's flat layout), float64: equal up to summation order
+    assert s["loss_rel_diff_step1"] < 1e-12 and s["loss_rel_diff_max"] < 1e-9
+    assert s["peft_best_rel_diff_max"] < 1e-12  # logits kept only where read change no value
+    q = t["fp32_parity"]
+    assert q["equal"] and q["abs_diff"] <= q["tolerance"] == 1e-5
+    assert q["peft_loss"] == pytest.approx(s["peft_losses"][0], rel=1e-5)  # the float64 check's first batch
