@@ -15,6 +15,7 @@ from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig,
 from .core.utils import SoftpromptError
 from .data.datasource import check_source
 from .prompts.recorded import data_config, read_meta, template_fields
+from .prompts.transfer import adopt
 
 SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
 
@@ -61,8 +62,9 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 def check_train(args: argparse.Namespace) -> None:
     from .training.rundir import check_out
 
-    _, data, _, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
+    model, data, prompt, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
     check_out(Path(train.out), train.resume, train.overwrite)
+    adopt(prompt, train.method, model.model)  # --init-from's source: there, of a kind this method can start from
     if train.max_steps:
         check_warmup(train, train.max_steps)
     check_data(data)

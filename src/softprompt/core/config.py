@@ -176,12 +176,22 @@ class PromptConfig:
     init: str = opt("auto", inits.HELP, choices=list(inits.CHOICES))
     init_text: str = opt("", "text for --init text (default: a task description derived from the data)")
     init_file: str = opt("", "prompt folder to start from for --init file")
+    init_from: str = opt("", "prompt transfer: start from a prompt trained on another task, a run or prompt folder "
+                             "written by train (or hf://REPO_ID[@REV]), for every --method: a soft prompt starts a "
+                             "soft prompt, a prefix or the encoders' input; a prefix starts a prefix (a soft prompt is "
+                             "converted exactly into its per-layer keys and values); its virtual-token count is "
+                             "adopted while --virtual-tokens stays at its default, else they must match; takes the "
+                             "place of --init")
 
     def __post_init__(self):
         inits.check(self.init)
         check_fields(self, {"virtual_tokens": 1})
-        check_text(self, "init_text")
+        check_text(self, "init_text", "init_from")
         require(self.init != "file" or bool(self.init_file), "--init file needs --init-file DIR")
+        # --init-from is the init: resolved, it reads as --init file --init-file SOURCE (transfer.adopt), which a
+        # replayed run_config.json gives back; any other --init beside it would be a second start.
+        require(not self.init_from or self.init == inits.AUTO or (self.init == "file" and self.init_file == self.init_from),
+                f"--init-from {short(self.init_from)} is the prompt's start: give it without --init {self.init}")
 
 
 @dataclass

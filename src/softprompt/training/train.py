@@ -40,6 +40,8 @@ from ..forward.classify import class_token_ids, single_token_classes
 from ..forward.cuda_graphs import GraphedStep
 from ..forward.hidden import batch_loss
 from ..forward.paths import choose_path
+from ..prompts.prompt import load_source
+from ..prompts.transfer import adopt
 from . import trackers as tracking
 from .methods import METHODS, Method
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
@@ -174,8 +176,11 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
 def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -> Run:
     """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
+    pcfg = adopt(pcfg, tcfg.method, mcfg.model)  # --init-from: its checks that need no model, its P
     if model is None:
         model, tok = load_model(mcfg)
+    if pcfg.init_from:  # the source fits this base (hidden size, layers, heads) before the data is read
+        load_source(pcfg.init_from, model, pcfg)
     P = pcfg.virtual_tokens if tcfg.method in ("prompt", *ENCODER_METHODS) else 0
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
