@@ -17,7 +17,8 @@ from .data.datasource import check_source
 from .prompts.recorded import data_config, read_meta, template_fields
 from .prompts.transfer import adopt
 
-SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
+# eval and ensemble score --data itself, one task
+SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split", "mix")
 
 
 # ---------------------------------------------------------------- shared checks
@@ -35,9 +36,14 @@ def needed_columns(cfg: DataConfig) -> list[str]:
 
 
 def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
-    check_source(cfg.data, "--data", needed_columns(cfg), cfg.split, cfg.data_config)
-    if eval_too and cfg.eval_data:
-        check_source(cfg.eval_data, "--eval-data", needed_columns(cfg))
+    for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
+        where = f"--mix task {k + 1}: " if k else ""
+        try:
+            check_source(task.data, "--data", needed_columns(task), task.split, task.data_config)
+            if eval_too and task.eval_data:
+                check_source(task.eval_data, "--eval-data", needed_columns(task))
+        except SoftpromptError as e:
+            raise SoftpromptError(f"{where}{e}") from None
 
 
 def limit_help(parser: argparse.ArgumentParser) -> None:
