@@ -14,6 +14,7 @@ words) is the first task's, the flags' own, so that eval and generate start from
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from ..core.config import DataConfig
 from .batching import Example
@@ -28,7 +29,7 @@ class Mixture:
         first = formatters[0]
         self.cfg = replace(first.cfg, mix=cfg.mix)  # the first task as resolved (chat...), with the mixture
         self.tok, self.template, self.target = first.tok, first.template, first.target
-        self.names = [f"{i + 1}:{c.data}" for i, c in enumerate(cfg.tasks())]
+        self.names = [f"{i + 1}:{Path(c.data).name}" for i, c in enumerate(cfg.tasks())]  # a file by its name
 
     @property
     def task(self) -> str:
