@@ -15,8 +15,10 @@ from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig,
 from .core.utils import SoftpromptError
 from .data.datasource import check_source
 from .prompts.recorded import data_config, read_meta, template_fields
+from .prompts.transfer import adopt
 
-SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split")  # eval and ensemble score --data itself
+# eval and ensemble score --data itself, one task
+SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split", "mix")
 
 
 # ---------------------------------------------------------------- shared checks
@@ -34,9 +36,14 @@ def needed_columns(cfg: DataConfig) -> list[str]:
 
 
 def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
-    check_source(cfg.data, "--data", needed_columns(cfg), cfg.split, cfg.data_config)
-    if eval_too and cfg.eval_data:
-        check_source(cfg.eval_data, "--eval-data", needed_columns(cfg))
+    for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
+        where = f"--mix task {k + 1}: " if k else ""
+        try:
+            check_source(task.data, "--data", needed_columns(task), task.split, task.data_config)
+            if eval_too and task.eval_data:
+                check_source(task.eval_data, "--eval-data", needed_columns(task))
+        except SoftpromptError as e:
+            raise SoftpromptError(f"{where}{e}") from None
 
 
 def limit_help(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +68,9 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 def check_train(args: argparse.Namespace) -> None:
     from .training.rundir import check_out
 
-    _, data, _, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
+    model, data, prompt, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
     check_out(Path(train.out), train.resume, train.overwrite)
+    adopt(prompt, train.method, model.model)  # --init-from's source: there, of a kind this method can start from
     if train.max_steps:
         check_warmup(train, train.max_steps)
     check_data(data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import string
 import sys
@@ -121,6 +122,11 @@ class ModelConfig:
         check_fields(self)
 
 
+# The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
+MIX_KEYS = ("data", "data_config", "data_files", "split", "template", "target", "text_col", "labels", "label_col",
+            "messages_col", "eval_data", "eval_split", "limit", "eval_limit")
+
+
 @dataclass
 class DataConfig:
     data: str = opt("", "Hub dataset id (NAME or NAME:CONFIG, e.g. stanfordnlp/sst2, nyu-mll/glue:sst2), a builder "
@@ -149,7 +155,18 @@ class DataConfig:
                                 "trains through the model's chat template with the loss on the assistant turns "
                                 "only (default: a 'messages' column, when no --template or --text-col is given)")
 
+    mix: list = field(default_factory=list, metadata={"help": (
+        "task mixture: another task to train the one prompt on, beside the one the flags above describe, as a JSON "
+        "object of that task's own --data, --template, --labels... by their config names ("
+        + ", ".join(MIX_KEYS) + "); what it leaves out is the flags' (but --eval-data and --eval-split); repeat "
+        "it for more tasks (a config file: `mix: [{data: ..., template: ..., labels: ...}, ...]`). Rows are drawn "
+        "examples-proportionally, each task capped by its own --limit (T5's capped mixing); each row keeps its own "
+        "label words; evaluation reports every task and their mean"), "repeat": True})
+
     def __post_init__(self):
+        self.mix = [parse_task(t, i + 2) for i, t in enumerate(self.mix)]
+        for i in range(len(self.mix)):
+            self.task_config(i + 1)  # its own checks, each naming its flag
         check_fields(self, {"max_length": 1, "limit": 0, "eval_limit": 0})
         check_text(self, "template", "target", "text_col", "labels", "label_col", "messages_col")
         require(bool(self.eval_data) or not self.eval_split or self.eval_split != self.split,
@@ -169,6 +186,37 @@ class DataConfig:
     def label_words(self) -> list[str]:
         return [w.strip() for w in self.labels.split(",") if w.strip()]
 
+    def task_config(self, i: int) -> "DataConfig":
+        """Task i of the mixture (0: the flags' own) as a DataConfig of one task."""
+        if i == 0:
+            return dataclasses.replace(self, mix=[])
+        fields = {"eval_data": "", "eval_split": "", **self.mix[i - 1], "mix": []}
+        try:
+            return dataclasses.replace(self, **fields)
+        except SoftpromptError as e:
+            raise SoftpromptError(f"--mix task {i + 1}: {e}") from None
+
+    def tasks(self) -> list["DataConfig"]:
+        return [self.task_config(i) for i in range(len(self.mix) + 1)]
+
+
+def parse_task(task: Any, number: int) -> dict[str, Any]:
+    """A --mix value (JSON text from argv, a mapping from a config file) as a dict of MIX_KEYS."""
+    where = f"--mix task {number}"
+    if isinstance(task, str):
+        try:
+            task = json.loads(task)
+        except json.JSONDecodeError as e:
+            raise SoftpromptError(f"{where}: not a JSON object ({e.msg} at character {e.pos}): {short(task)}") from None
+    require(isinstance(task, dict), f"{where}: expected a JSON object of its flags, got {short(task)}")
+    bad = [k for k in task if k not in MIX_KEYS]
+    require(not bad, f"{where}: unknown key {short(bad[0]) if bad else ''} (a task sets {', '.join(MIX_KEYS)})")
+    require(isinstance(task.get("data"), str) and bool(task.get("data")), f"{where}: needs its own \"data\"")
+    for k, v in task.items():
+        want = int if k in ("limit", "eval_limit") else str
+        require(isinstance(v, want) and not isinstance(v, bool), f"{where}: {k} must be {want.__name__}, got {short(v)}")
+    return dict(task)
+
 
 @dataclass
 class PromptConfig:
@@ -176,12 +224,22 @@ class PromptConfig:
     init: str = opt("auto", inits.HELP, choices=list(inits.CHOICES))
     init_text: str = opt("", "text for --init text (default: a task description derived from the data)")
     init_file: str = opt("", "prompt folder to start from for --init file")
+    init_from: str = opt("", "prompt transfer: start from a prompt trained on another task, a run or prompt folder "
+                             "written by train (or hf://REPO_ID[@REV]), for every --method: a soft prompt starts a "
+                             "soft prompt, a prefix or the encoders' input; a prefix starts a prefix (a soft prompt is "
+                             "converted exactly into its per-layer keys and values); its virtual-token count is "
+                             "adopted while --virtual-tokens stays at its default, else they must match; takes the "
+                             "place of --init")
 
     def __post_init__(self):
         inits.check(self.init)
         check_fields(self, {"virtual_tokens": 1})
-        check_text(self, "init_text")
+        check_text(self, "init_text", "init_from")
         require(self.init != "file" or bool(self.init_file), "--init file needs --init-file DIR")
+        # --init-from is the init: resolved, it reads as --init file --init-file SOURCE (transfer.adopt), which a
+        # replayed run_config.json gives back; any other --init beside it would be a second start.
+        require(not self.init_from or self.init == inits.AUTO or (self.init == "file" and self.init_file == self.init_from),
+                f"--init-from {short(self.init_from)} is the prompt's start: give it without --init {self.init}")
 
 
 @dataclass
@@ -418,6 +476,10 @@ def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] =
             continue
         name = flag(f.name)
         typ = hints[f.name]
+        if f.metadata.get("repeat"):  # a list field: the flag once per item, in order (DataConfig.mix)
+            group.add_argument(name, dest=f.name, action="append", default=[], metavar="JSON",
+                               help=f.metadata.get("help", ""))
+            continue
         helptext = f.metadata.get("help", "") + (f" (default: {f.default!r})" if f.default != "" else "")
         if typ is bool:
             group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,

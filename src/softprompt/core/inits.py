@@ -89,10 +89,12 @@ def file_init(x: InitInputs) -> Made:
     if not x.cfg.init_file:
         raise SoftpromptError("--init file needs --init-file DIR")
     embeds = x.load_file(x.cfg.init_file)  # [P, H]
+    # --init-from resolves to this init (prompts/transfer.py): errors name the flag the user gave.
+    name = "--init-from" if x.cfg.init_from else "--init-file"
     if embeds.shape[0] != x.cfg.virtual_tokens:
-        raise SoftpromptError(f"--init-file {x.cfg.init_file} has {embeds.shape[0]} virtual tokens but "
+        raise SoftpromptError(f"{name} {x.cfg.init_file} has {embeds.shape[0]} virtual tokens but "
                               f"--virtual-tokens is {x.cfg.virtual_tokens}")
-    return embeds, {"init_file": x.cfg.init_file}
+    return embeds, {"init_file": x.cfg.init_file, **({"init_from": x.cfg.init_from} if x.cfg.init_from else {})}
 
 
 @dataclass(frozen=True)

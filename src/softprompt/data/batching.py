@@ -23,6 +23,7 @@ class Example:
     label: int = -1         # class index for classification data
     text: str = ""          # the input part, for display and generation
     spans: tuple[tuple[int, int], ...] = ()  # supervised [start, end) ranges instead of ids[loss_start:] (chat)
+    task: int = 0           # its task in a mixture (mixture.py), which holds its label words
 
 
 @dataclass
@@ -32,10 +33,12 @@ class Batch:
     targets: torch.Tensor         # [B, T] token to predict at each position, -100 where unsupervised
     labels: torch.Tensor          # [B] class index or -1
     loss_start: torch.Tensor      # [B] first supervised position
+    tasks: torch.Tensor | None = None  # [B] each row's task in a mixture (its label-word set)
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets,
-                                               self.labels, self.loss_start)))
+        return Batch(*(t.to(device) if t is not None else None
+                       for t in (self.input_ids, self.attention_mask, self.targets, self.labels, self.loss_start,
+                                 self.tasks)))
 
     @property
     def num_targets(self) -> int:
@@ -60,7 +63,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
             targets[i, a:b] = ids[i, a:b]
     labels = torch.tensor([e.label for e in examples])
     starts = torch.tensor([e.loss_start for e in examples])
-    return Batch(ids, mask, targets, labels, starts)
+    return Batch(ids, mask, targets, labels, starts, torch.tensor([e.task for e in examples]))
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, group: bool = True) -> list[list[int]]:

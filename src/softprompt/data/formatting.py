@@ -68,6 +68,14 @@ class Formatter:
             return "chat"
         return "classify" if self.label_words else ("target" if self.target else "lm")
 
+    def of(self, example: Example) -> "Formatter":
+        """The formatter that made `example` (a mixture's task's; mixture.Mixture has one per task)."""
+        return self
+
+    def parts(self, examples: list[Example]) -> list[tuple["Formatter", list[Example]]]:
+        """`examples` by task, each with its formatter: one task here."""
+        return [(self, examples)]
+
     def columns(self) -> list[str]:
         """The columns every row needs (templates name plain columns: config.check_template)."""
         cols = template_fields(self.template) + template_fields(self.target)

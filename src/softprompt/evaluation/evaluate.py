@@ -102,6 +102,24 @@ def evaluate(model, tok, prompt, fmt: Formatter, examples: list[Example], batch_
     return {"loss": class_loss(scores, examples), "lm_loss": lm, **out, **_accuracy(scores, examples)}
 
 
+# What a mixture's evaluation averages over its tasks (macro: each task counts once), and what it adds up.
+MEANS = ("loss", "accuracy", "lm_loss", "perplexity")
+SUMS = ("correct", "n", "tokens")
+
+
+def evaluate_tasks(model, tok, prompt, fmt, examples: list[Example], **kw: Any) -> dict[str, Any]:
+    """`evaluate` of one task; of a --mix mixture (data/mixture.py), each task's by its own formatter under
+    `tasks`, and the mean over the tasks of what they all report (accuracy when every task classifies)."""
+    parts = fmt.parts(examples)
+    if len(parts) == 1 and parts[0][0] is fmt:
+        return evaluate(model, tok, prompt, fmt, examples, **kw)
+    per = {fmt.name_of(f): evaluate(model, tok, prompt, f, ex, **kw) for f, ex in parts}
+    out: dict[str, Any] = {k: sum(m[k] for m in per.values()) / len(per) for k in MEANS
+                           if all(k in m for m in per.values())}
+    out.update({k: sum(m[k] for m in per.values()) for k in SUMS if all(k in m for m in per.values())})
+    return {**out, "tasks": per}
+
+
 def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
                 model=None, tok=None) -> dict[str, Any]:
     """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`; the

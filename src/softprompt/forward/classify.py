@@ -25,14 +25,30 @@ Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, inpu
 
 def row_candidates(fmt, examples: list[Example]) -> list[list[list[int]]]:
     """Each example's own label-word token ids (a `formatting.Formatter`'s words after the example's input)."""
-    memo: dict[str, list[list[int]]] = {}
+    memo: dict[tuple[int, str], list[list[int]]] = {}
     out = []
     for e in examples:
-        rendered = fmt.render_input(e.text)
-        key = rendered[-1:]  # label_text depends only on the input's last character
+        f = fmt.of(e)  # a mixture's rows each carry their own task's label words
+        rendered = f.render_input(e.text)
+        key = (e.task, rendered[-1:])  # label_text depends only on the input's last character
         if key not in memo:
-            memo[key] = label_token_ids(fmt.tok, fmt.label_words, rendered)
+            memo[key] = label_token_ids(f.tok, f.label_words, rendered)
         out.append(memo[key])
+    return out
+
+
+def task_class_ids(fmt, examples: list[Example]) -> torch.Tensor | None:
+    """single_token_classes of one task [C]; of a mixture's K tasks, each task's [K, C] (-1 pads a task of
+    fewer words), or None when a task has none."""
+    parts = fmt.parts(examples)
+    if len(parts) == 1:
+        return single_token_classes(fmt, examples)
+    ids = [single_token_classes(f, ex) for f, ex in parts]
+    if any(i is None for i in ids):
+        return None
+    out = torch.full((len(ids), max(len(i) for i in ids)), -1, dtype=torch.long)
+    for k, i in enumerate(ids):
+        out[k, :len(i)] = i
     return out
 
 
@@ -46,10 +62,13 @@ def single_token_classes(fmt, examples: list[Example]) -> torch.Tensor | None:
 
 
 def class_token_ids(fmt, examples: list[Example]) -> torch.Tensor:
-    """single_token_classes, or the one-line error that says why there are none."""
-    ids = single_token_classes(fmt, examples)
+    """task_class_ids, or the one-line error that says why there are none."""
+    ids = task_class_ids(fmt, examples)
     if ids is not None:
         return ids
+    if len(fmt.parts(examples)) > 1:
+        raise SoftpromptError("--loss classes: every task of the --mix mixture needs label words that are one token "
+                              "each, the same after every input")
     sets = {tuple(map(tuple, c)) for c in row_candidates(fmt, examples)}
     if len(sets) > 1:
         raise SoftpromptError("--loss classes: the label words tokenise differently after different inputs "

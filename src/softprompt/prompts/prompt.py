@@ -85,9 +85,27 @@ def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = N
     init = resolve(cfg.init, label_words)
     label_ids = label_token_ids(tok, label_words, label_input) if label_words and init == "labels" else []
     x = InitInputs(model, tok, cfg, emb, torch.Generator().manual_seed(seed), label_ids, default_text,
-                   lambda folder: load_prompt(folder, model).embeds.data)
+                   lambda folder: source_embeds(load_source(folder, model, cfg)))
     embeds, meta = INITS[init].make(x)
     return SoftPrompt(embeds, {"init": init, **meta})
+
+
+def load_source(folder: str, model, cfg: PromptConfig) -> "SoftPrompt | PrefixPrompt":
+    """The prompt --init-file or --init-from names, checked against `model`; its errors name the flag."""
+    name = "--init-from" if cfg.init_from else "--init-file"
+    try:
+        return load_prompt(folder, model)
+    except SoftpromptError as e:
+        raise SoftpromptError(f"{name} {short(folder)}: {e}") from None
+
+
+def source_embeds(start: "SoftPrompt | PrefixPrompt") -> torch.Tensor:
+    """A loaded start's [P, H] input embeddings; a prefix has none (transfer.check_kind refuses it first
+    for --init-from; this is --init file's line)."""
+    if start.input_embeds() is None:
+        raise SoftpromptError("--init file: the prompt in --init-file is a prefix (per-layer keys and values), "
+                              "which has no input embeddings to start a soft prompt from; use --method prefix")
+    return start.input_embeds().data
 
 
 def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Path:

@@ -157,6 +157,8 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     """Run the chosen methods on one split; write compare.json, compare.md and compare.png into
     `ccfg.out`; return the JSON object."""
     ccfg = replace(ccfg)  # its own checks again, in case a field was changed since
+    if dcfg.mix:  # every method is scored on one split of one task
+        raise SoftpromptError("compare runs one task: give it without --mix")
     methods = ccfg.method_list
     # A previous comparison in --out is replaced, file by file; anything else there is the user's.
     check_dest(ccfg.out, "--out", True, {"compare.json", "compare.md", "compare.png", *COMPARE_METHODS})

@@ -16,10 +16,25 @@ import torch
 
 from ..core.config import ModelConfig, PromptConfig, TrainConfig
 from ..core.utils import SoftpromptError, count_params
-from ..prompts.prefix import PrefixPrompt, init_prefix
-from ..prompts.prompt import WEIGHTS_FILE, load_prompt, save_prompt
+from ..prompts.prefix import PrefixPrompt, init_prefix, prefix_meta, prompt_key_values
+from ..prompts.prompt import WEIGHTS_FILE, load_prompt, load_source, save_prompt
 
 INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
+
+
+def start_from(model, pcfg: PromptConfig, projection: bool) -> PrefixPrompt:
+    """A prefix starting from a saved prompt: a prefix's keys and values, or a soft prompt's keys and values
+    through the frozen model (prefix.prompt_key_values: the same prompt, exactly, to every layer)."""
+    name = "--init-from" if pcfg.init_from else "--init-file"
+    start = load_source(pcfg.init_file, model, pcfg)
+    if start.length != pcfg.virtual_tokens:
+        raise SoftpromptError(f"{name} {pcfg.init_file}: need a prefix of {pcfg.virtual_tokens} virtual tokens "
+                              f"(or a soft prompt to convert), found a {start.kind!r} prompt of {start.length}")
+    meta = {"init": "file", "init_file": pcfg.init_file, **({"init_from": pcfg.init_from} if pcfg.init_from else {})}
+    if isinstance(start, PrefixPrompt):
+        return PrefixPrompt(start.key_values(), {**start.meta, **meta}, projection=projection)
+    kv = prompt_key_values(model, start.input_embeds()).cpu()
+    return PrefixPrompt(kv, {**meta, "init_kind": start.kind, **prefix_meta(model)}, projection=projection)
 
 
 class PrefixTuning:
@@ -40,12 +55,7 @@ class PrefixTuning:
             raise SoftpromptError(f"--method prefix starts from {', '.join(INITS)}; --init {pcfg.init} makes a soft "
                                   "prompt's input embeddings")
         if pcfg.init == "file":
-            start = load_prompt(pcfg.init_file, model)
-            if not isinstance(start, PrefixPrompt) or start.length != pcfg.virtual_tokens:
-                raise SoftpromptError(f"--init-file {pcfg.init_file}: need a prefix of {pcfg.virtual_tokens} virtual "
-                                      f"tokens, found a {start.kind!r} prompt of {start.length}")
-            meta = {**start.meta, "init": "file", "init_file": pcfg.init_file}
-            prompt = PrefixPrompt(start.key_values(), meta, projection=tcfg.prefix_projection)
+            prompt = start_from(model, pcfg, tcfg.prefix_projection)
         else:
             prompt = init_prefix(model, tok, pcfg, init_text, tcfg.seed, projection=tcfg.prefix_projection)
         return cls(model, tok, prompt.to(model.device))

@@ -25,9 +25,10 @@ class PTuning(EncoderTuning):
     """Train PEFT's PromptEncoder and its input embedding; save the prompt it produces."""
 
     name = "ptuning"
-    # A saved prompt (--init file) would not survive the encoder: its output is no function of its input
-    # one could start from; --method residual starts from one exactly.
-    inits = ("text", "vocab", "labels", "random")
+    # A saved prompt (--init file, --init-from) starts the encoder's input, as every init does here: the
+    # prompt the encoder first produces is an MLP of it, not the saved prompt itself (its output is no
+    # function of its input one could invert); --method residual starts from one exactly.
+    inits = ("text", "vocab", "labels", "random", "file")
 
     @staticmethod
     def default_lr(loss: str) -> float:

@@ -6,7 +6,7 @@ prompt is its input embedding E plus a bottleneck MLP of it, shared by the P pos
 
 with W_down [H -> m], W_up [m -> H] and m = `--encoder-hidden-size`, as in the paper; what is saved
 is that sum, an ordinary soft prompt (encoder_method.py does the training side). E starts from
-any --init strategy, a saved prompt's (--init file) included: the LayerNorm's scale and shift start
+any --init strategy, a saved prompt's (--init file, --init-from) included: the LayerNorm's scale and shift start
 at zero, so the branch adds nothing at first and the initial prompt is the init exactly.
 """
 from __future__ import annotations

@@ -34,12 +34,15 @@ from ..core.config import (ENCODER_METHODS, DataConfig, ModelConfig, PromptConfi
 from ..core.inits import resolve
 from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
 from ..data.batching import Batch, Example, batch_order, collate, pad_id
-from ..data.formatting import Formatter, load_splits
-from ..evaluation.evaluate import evaluate, format_eval
-from ..forward.classify import class_token_ids, single_token_classes
+from ..data.formatting import Formatter
+from ..data.mixture import load_data
+from ..evaluation.evaluate import evaluate_tasks, format_eval
+from ..forward.classify import class_token_ids, task_class_ids
 from ..forward.cuda_graphs import GraphedStep
 from ..forward.hidden import batch_loss
 from ..forward.paths import choose_path
+from ..prompts.prompt import load_source
+from ..prompts.transfer import adopt
 from . import trackers as tracking
 from .methods import METHODS, Method
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
@@ -99,11 +102,16 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
     if tcfg.loss == "auto":
         # The label-word softmax trains only what rank classification scores; it needs one-token
         # words, tokenised the same after every input (what class_token_ids demands).
-        single = fmt.task == "classify" and single_token_classes(fmt, train_ex) is not None
+        single = fmt.task == "classify" and task_class_ids(fmt, train_ex) is not None
         tcfg = replace(tcfg, loss="classes" if single else "lm")
     if tcfg.lr == 0:
         tcfg = replace(tcfg, lr=METHODS[tcfg.method].default_lr(tcfg.loss))
     return pcfg, tcfg
+
+
+def mixture_obstacle(fmt) -> str | None:
+    """Why a --mix run's step is not graphed: the graph's label-word loss holds one set of words."""
+    return "a task mixture (each task has its own label words)" if fmt.cfg.mix else None
 
 
 @dataclass(kw_only=True)
@@ -174,12 +182,15 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
 def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -> Run:
     """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
+    pcfg = adopt(pcfg, tcfg.method, mcfg.model)  # --init-from: its checks that need no model, its P
     if model is None:
         model, tok = load_model(mcfg)
+    if pcfg.init_from:  # the source fits this base (hidden size, layers, heads) before the data is read
+        load_source(pcfg.init_from, model, pcfg)
     P = pcfg.virtual_tokens if tcfg.method in ("prompt", *ENCODER_METHODS) else 0
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
-    fmt, train_ex, eval_ex = splits if splits is not None else load_splits(dcfg, tok, tcfg.seed)
+    fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
     check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
@@ -203,7 +214,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     sched = make_scheduler(tcfg, opt, total)
     method.distribute(acc)
     meta = {"model": mcfg.model, "template": dcfg.template, "target": dcfg.target, "text_col": dcfg.text_col,
-            "labels": fmt.label_words, "label_col": dcfg.label_col, "chat": dcfg.chat, "task": fmt.task,
+            "labels": dcfg.label_words, "label_col": dcfg.label_col, "chat": dcfg.chat, "task": fmt.task,
             "config": to_dict(mcfg, dcfg, pcfg, tcfg)}
     state = {"step": 0, "best": -math.inf, "bad_evals": 0, "train_seconds": 0.0, "tokens": 0}
     hash_before = weights_hash(model)  # before any sharding
@@ -212,7 +223,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
     deep = method.prompt is not None and method.prompt.input_embeds() is None  # a prefix: kv only
     path, why = choose_path(model, tcfg.forward_path, processes=acc.num_processes,
                             prompt_tuning=method.prompt is not None, checkpointing=tcfg.gradient_checkpointing,
-                            deep=deep, method_obstacle=method.graph_obstacle)
+                            deep=deep, method_obstacle=method.graph_obstacle or mixture_obstacle(fmt))
     if tcfg.gradient_checkpointing:
         set_checkpointing(model, True)
     # float16 gradients below ~6e-8 flush to zero: scale the loss (the prompt's own gradient is float32).
@@ -321,7 +332,7 @@ def evaluate_run(run: Run, step: int) -> dict[str, float] | None:
     without improvement (--patience)."""
     if not run.eval_ex:
         return None
-    m = evaluate(run.model, run.tok, run.method.prompt, run.fmt, run.eval_ex, batch_size=max(run.cfg.batch_size, 16),
+    m = evaluate_tasks(run.model, run.tok, run.method.prompt, run.fmt, run.eval_ex, batch_size=max(run.cfg.batch_size, 16),
                  path=run.cfg.forward_path, progress=run.main and not run.quiet)
     run.log({"step": step, "split": "eval", "seconds": round(run.state["train_seconds"], 3), **m})
     say(run, f"step {step}/{run.total} held-out: {format_eval(m)}")
@@ -356,7 +367,7 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
     untuned = None
     if cfg.eval_untuned and run.eval_ex and not cfg.resume:
-        untuned = evaluate(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16),
+        untuned = evaluate_tasks(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16),
                            progress=run.main and not quiet)
         run.log({"step": 0, "split": "eval_untuned", **untuned})
         say(run, f"untuned model held-out: {format_eval(untuned)}")

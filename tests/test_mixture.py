@@ -1,0 +1,112 @@
+"""Task mixtures (`train --mix`, data/mixture.py): one prompt over several tasks, each row with its own
+label words; the label-word loss per task, per-task evaluation and the mean, and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.utils import SoftpromptError
+from softprompt.data.batching import collate, pad_id
+from softprompt.data.mixture import Mixture, load_data
+from softprompt.forward.classify import class_token_ids
+from softprompt.forward.hidden import batch_loss
+
+# Inputs end in a newline, so that each label word follows without a space: one token each in the tiny
+# tokenizer (which the label-word loss needs).
+EUROPE = dict(template="Country: {country}\\nIn Europe:\\n", labels="N,Y", label_col="europe")
+CAPITAL = {"template": "Capital: {capital}\\nEuropean:\\n", "labels": "F,T", "label_col": "europe"}
+
+
+def mixed(data, **kw) -> DataConfig:
+    return DataConfig(data=str(data), max_length=32, mix=[json.dumps({"data": str(data), **CAPITAL})], **{**EUROPE, **kw})
+
+
+def test_rows_come_from_every_task_with_their_own_label_words(countries_csv, tiny):
+    _, tok = tiny
+    fmt, train, evals = load_data(mixed(countries_csv), tok, seed=0)
+    assert isinstance(fmt, Mixture) and fmt.task == "classify"
+    assert {e.task for e in train} == {0, 1} and {e.task for e in evals} == {0, 1}
+    words = {0: ["N", "Y"], 1: ["F", "T"]}
+    for e in train + evals:
+        rendered = fmt.of(e).render_input(e.text)
+        assert rendered.startswith("Country:" if e.task == 0 else "Capital:")
+        gold = tok(words[e.task][e.label], add_special_tokens=False).input_ids
+        assert e.ids[e.loss_start:] == gold
+    assert fmt.label_words == ["N", "Y", "F", "T"]
+    # each task holds out its own tenth: the pools are the tasks' sizes (examples-proportional)
+    assert sum(e.task == 0 for e in train) == sum(e.task == 1 for e in train)
+
+
+def test_mixture_label_word_loss_is_each_tasks_own_softmax(countries_csv, tiny):
+    model, tok = tiny
+    fmt, train, _ = load_data(mixed(countries_csv), tok, seed=0)
+    ids = class_token_ids(fmt, train)
+    assert ids.shape == (2, 2)
+    rows = train[:6] + [e for e in train if e.task == 1][:6]
+    prompt = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, n = batch_loss(model, prompt, collate(rows, pad_id(tok)), "kv", ids)
+        want = sum(float(batch_loss(model, prompt, collate([e for e in rows if e.task == k], pad_id(tok)), "kv",
+                                    ids[k])[0]) for k in (0, 1))
+    assert n == len(rows) and abs(float(got) - want) < 1e-4
+
+
+def test_train_reports_each_task_and_their_mean(countries_csv, llama_dir, tmp_path):
+    from softprompt.training.train import train
+
+    s = train(ModelConfig(model=str(llama_dir), device="cpu"), mixed(countries_csv, eval_limit=6),
+              PromptConfig(virtual_tokens=3), TrainConfig(out=str(tmp_path / "mix"), max_steps=2, batch_size=4,
+                                                          eval_every=0, warmup_steps=0, eval_untuned=False),
+              quiet=True)
+    ev = s["final_eval"]
+    tasks = ev["tasks"]
+    assert len(tasks) == 2 and all(t["n"] == 6 for t in tasks.values())
+    assert ev["accuracy"] == pytest.approx(sum(t["accuracy"] for t in tasks.values()) / 2)
+    assert ev["n"] == 12
+    rc = json.loads((tmp_path / "mix" / "run_config.json").read_text())
+    assert rc["DataConfig"]["mix"] == [{"data": str(countries_csv), **CAPITAL}]
+    assert rc["TrainConfig"]["loss"] == "classes"  # one-token label words in every task
+    meta = json.loads((tmp_path / "mix" / "prompt_config.json").read_text())
+    assert meta["labels"] == ["N", "Y"]  # the recorded reading is the first task's, for eval and generate
+
+
+def test_mix_on_the_command_line_and_bad_tasks(countries_csv, llama_dir, tmp_path, capsys):
+    from softprompt.cli import main
+
+    base = ["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(countries_csv), "--template",
+            EUROPE["template"], "--labels", "N,Y", "--label-col", "europe", "--max-steps", "1", "--batch-size", "4",
+            "--eval-every", "0", "--warmup-steps", "0", "--no-eval-untuned", "--eval-limit", "4"]
+    task = json.dumps({"data": str(countries_csv), **CAPITAL})
+    assert main([*base, "--mix", task, "--mix", task, "--out", str(tmp_path / "a")]) == 0
+    rc = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    assert len(rc["DataConfig"]["mix"]) == 2 and rc["train_examples"] == 3 * 175
+    capsys.readouterr()
+    bad = {"not json": "--mix task 2: not a JSON object",
+           json.dumps({"template": "x"}): "--mix task 2: needs its own \"data\"",
+           json.dumps({"data": "x.csv", "colour": "red"}): "--mix task 2: unknown key 'colour'",
+           json.dumps({"data": str(countries_csv), "labels": "one"}): "--mix task 2: --labels needs at least two",
+           json.dumps({"data": str(tmp_path / "none.csv")}): "--mix task 2: missing data file"}
+    for value, msg in bad.items():
+        assert main([*base, "--mix", value, "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert main(["compare", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "{country}",
+                 "--mix", task, "--out", str(tmp_path / "c")]) == 2
+    assert "compare runs one task" in capsys.readouterr().err
+
+
+def test_a_mixture_prompt_starts_a_task_with_init_from(countries_csv, llama_dir, tmp_path):
+    from softprompt.prompts.prompt import load_prompt
+    from softprompt.training.train import train
+
+    m = ModelConfig(model=str(llama_dir), device="cpu")
+    t = dict(max_steps=1, batch_size=4, eval_every=0, warmup_steps=0, eval_untuned=False)
+    train(m, mixed(countries_csv, eval_limit=4), PromptConfig(virtual_tokens=3), TrainConfig(out=str(tmp_path / "mix"), **t),
+          quiet=True)
+    one = DataConfig(data=str(countries_csv), max_length=32, eval_limit=4, **EUROPE)
+    s = train(m, one, PromptConfig(init_from=str(tmp_path / "mix")), TrainConfig(out=str(tmp_path / "one"), **t),
+              quiet=True)
+    assert s["steps"] == 1 and load_prompt(tmp_path / "one").length == 3  # the mixture's P adopted
