@@ -223,10 +223,11 @@ class TrainConfig:
                                               "backward (non-reentrant): less activation memory, about one more "
                                               "forward pass of time")
     shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
-                             "start several with torchrun or accelerate launch), the prompt replicated",
+                             "start several with torchrun or accelerate launch), what trains (prompt, prefix, "
+                             "encoder) replicated",
                      choices=list(SHARD))
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
-                      "and values instead (prefix tuning / P-tuning v2: a deep prompt, one process); ptuning: "
+                      "and values instead (prefix tuning / P-tuning v2: a deep prompt); ptuning: "
                       "produce the soft prompt by an encoder while training (P-tuning, PEFT's PromptEncoder; see "
                       "--encoder); residual: the prompt is an embedding plus a bottleneck MLP of it (residual prompt "
                       "tuning); both save an ordinary soft prompt; full: "
@@ -268,8 +269,6 @@ class TrainConfig:
                 "prompt tuning; --method full runs in one process")
         require(not self.prefix_projection or self.method == "prefix",
                 f"--prefix-projection is for --method prefix (got --method {self.method})")
-        require(not (self.method == "prefix" and self.shard != "none"), "--shard fsdp is not supported with "
-                "--method prefix yet")
         encoded = self.method in ENCODER_METHODS
         require(self.encoder == "auto" or self.method == "ptuning",
                 f"--encoder is for --method ptuning (got --method {self.method})")
@@ -279,8 +278,6 @@ class TrainConfig:
         require(not (encoded and self.resume and not self.keep_encoder), f"--resume: --method {self.method} carries "
                 "on training its encoder, which only --keep-encoder keeps: give --keep-encoder (a run without it "
                 "wrote no checkpoint)")
-        require(not (encoded and self.shard != "none"), f"--shard fsdp is not supported with --method {self.method} "
-                "yet")
         require(not (self.resume and self.overwrite),
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
 
