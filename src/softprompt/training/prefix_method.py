@@ -28,6 +28,7 @@ class PrefixTuning:
     """Train per-layer keys and values; the model stays frozen and bit-identical."""
 
     name = "prefix"
+    inits = INITS
     resumable = True
     changes_model = False
     graph_obstacle = None  # its kv path is never graphed (forward_path.choose_path's deep)
@@ -39,7 +40,7 @@ class PrefixTuning:
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
               label_input: str) -> "PrefixTuning":
-        if pcfg.init not in INITS:
+        if pcfg.init not in cls.inits:
             raise SoftpromptError(f"--method prefix starts from {', '.join(INITS)}; --init {pcfg.init} makes a soft "
                                   "prompt's input embeddings")
         if pcfg.init == "file":
