@@ -21,13 +21,13 @@ from torch import nn
 from ..base.families import hidden_size
 from ..core.config import PromptConfig
 from ..core.inits import INITS, InitInputs, resolve
-from ..core.prompt_protocol import KeyValues, Prompt
+from ..core.prompt_protocol import KeyValues, Prompt, embeds_for
 from ..core.utils import SoftpromptError, default_mode, read_json, short
 from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
 from .hub import download, is_hub
 from .prefix import PrefixPrompt
-from .recorded import CONFIG_FILE, WEIGHTS_FILE
+from .recorded import CONFIG_FILE, WEIGHTS_FILE, peft_adapter_error
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
@@ -85,7 +85,7 @@ def init_prompt(model, tok, cfg: PromptConfig, label_words: list[str] | None = N
     init = resolve(cfg.init, label_words)
     label_ids = label_token_ids(tok, label_words, label_input) if label_words and init == "labels" else []
     x = InitInputs(model, tok, cfg, emb, torch.Generator().manual_seed(seed), label_ids, default_text,
-                   lambda folder: load_prompt(folder, model).embeds.data)
+                   lambda folder: start_embeds(folder, model))
     embeds, meta = INITS[init].make(x)
     return SoftPrompt(embeds, {"init": init, **meta})
 
@@ -134,14 +134,21 @@ def read_prompt_tensor(weights: Path, kind: str) -> torch.Tensor:
     return t
 
 
+def start_embeds(folder: str, model) -> torch.Tensor:
+    """The [P, H] input embeddings of the prompt in `folder` that `--init file` starts from; one error
+    line for a prefix, which has none (a prefix starts only another prefix: --method prefix)."""
+    sp = load_prompt(folder, model)
+    return embeds_for(sp, "--init file for --method prompt, ptuning or residual", f"--init-file {folder}").detach()
+
+
 def load_prompt(path: str | Path, model=None) -> "SoftPrompt | PrefixPrompt":
     """Load a prompt folder (or a bare .safetensors file, or `hf://REPO_ID[@REV]`, hub.py); check it
     fits `model` when given."""
     path = download(path) if is_hub(path) else Path(path)
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():
-        if (path / "adapter_model.safetensors").is_file():
-            raise SoftpromptError(f"{path} is a PEFT adapter: convert it with `softprompt import-peft {path} OUT`")
+        if (path / "adapter_model.safetensors").is_file() or (path / "adapter_config.json").is_file():
+            raise peft_adapter_error(path)
         raise SoftpromptError(f"missing prompt file: {weights}")
     config = weights.parent / CONFIG_FILE
     if config.exists() and not config.is_file():  # a folder or a FIFO (reading one would wait forever)
