@@ -124,3 +124,46 @@ def test_ablation_script(llama_dir, countries_csv, tmp_path):
     assert res["ensemble"]["n"] == 10 and len(res["ensemble"]["prompts"]) == 2
     for f in ("ablations.md", "ablations.json", "ablations.png"):
         assert (out / f).stat().st_size > 100, f
+
+
+def test_compare_prefix_ptuning_residual_rows(llama_dir, countries_csv, tmp_path):
+    """The other prompt methods as rows beside prompt tuning: each trained at its own default rate,
+    its trainable parameters counted from the architecture, its bytes on disk its saved file's size."""
+    from softprompt.training.methods import METHODS
+
+    model, tok = load_model(str(llama_dir))
+    before = weights_hash(model)
+    out = tmp_path / "cmp"
+    cfgs = _cls_cfgs(llama_dir, countries_csv, out, methods="prompt,prefix,ptuning,residual")
+    r = compare(*cfgs, model=model, tok=tok, quiet=True)
+    rows = {x["method"]: x for x in r["rows"]}
+    assert list(rows) == ["prompt", "prefix", "ptuning", "residual"]
+    c = model.config
+    L, kv_heads, d, H, P = c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.hidden_size, 3
+    assert rows["prefix"]["trainable_params"] == L * 2 * kv_heads * d * P
+    # PEFT's MLP encoder at width H (Linear H->H, H->H, H->H) and its [P, H] input embedding.
+    assert rows["ptuning"]["trainable_params"] == P * H + 3 * (H * H + H)
+    m = H // 2  # residual's bottleneck: Linear H->m, m->H, LayerNorm(H), and the [P, H] embedding
+    assert rows["residual"]["trainable_params"] == P * H + (H * m + m) + (m * H + H) + 2 * H
+    # "no,yes" are several tokens each here: the lm loss, whose default rate each method knows.
+    for name in ("prefix", "ptuning", "residual"):
+        assert rows[name]["lr"] == METHODS[name].default_lr("lm"), name
+    assert rows["prompt"]["lr"] == 0.05  # --lr is prompt tuning's
+    assert len({rows[n]["lr"] for n in rows}) == 3  # 0.05, 3e-2 (prefix, residual), 1e-3 (ptuning)
+    # A prefix does not start from label words: it took its own default start (a text's keys and values).
+    assert (rows["prefix"]["init"], rows["ptuning"]["init"], rows["residual"]["init"]) == ("auto", "labels", "labels")
+    for name, x in rows.items():
+        saved = out / name / "prompt.safetensors"
+        assert x["artifact"] == str(saved) and x["artifact_bytes"] == saved.stat().st_size, name
+        assert x["steps"] == 3 and x["train_seconds"] > 0 and x["base_weights_unchanged"], name
+        assert x["eval"]["n"] == 12 and 0 <= x["eval"]["accuracy"] <= 1, name
+    # The prefix file holds L*2*kv_heads*P*d fp32 values; ptuning and residual save a [P, H] prompt.
+    assert L * 2 * kv_heads * d * P * 4 < rows["prefix"]["artifact_bytes"] < L * 2 * kv_heads * d * P * 4 + 1024
+    assert rows["ptuning"]["artifact_bytes"] == rows["residual"]["artifact_bytes"] == rows["prompt"]["artifact_bytes"]
+    assert weights_hash(model) == before
+    md = (out / "compare.md").read_text()
+    assert md.count("\n|") == 2 + 4
+    for label in ("prefix tuning (P=3)", "P-tuning (P=3)", "residual prompt tuning (P=3)"):
+        assert label in md
+    assert [x["method"] for x in json.loads((out / "compare.json").read_text())["rows"]] == list(rows)
+    assert (out / "compare.png").stat().st_size > 100

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from softprompt.base.models import load_model
-from softprompt.core.config import PromptConfig
+from softprompt.core.config import PromptConfig, TrainConfig
 from softprompt.prompts.prompt import init_prompt, load_prompt
 from test_ddp import _run
 
@@ -41,3 +41,41 @@ def test_two_sharded_processes_train_the_same_prompt_as_one(path, llama_dir, cou
     model, tok = load_model(str(llama_dir))
     init = init_prompt(model, tok, PromptConfig(virtual_tokens=3, init="vocab"), seed=0).embeds.detach()
     assert (p1 - init).abs().max().item() > 100 * max(diff, 1e-8)  # training moved it: the check can fail
+
+
+TEXT = "Name the capital."
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning", "residual"])
+def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, llama_dir, countries_csv, tmp_path):
+    """The other prompt methods under --shard fsdp: what trains (a prefix's keys and values, an
+    encoder) is replicated and its gradient all-reduced, so 2 sharded processes train what 1 does."""
+    from safetensors.torch import load_file
+
+    args = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--method", method,
+            "--template", "Country: {country}\nFacts:", "--target", " capital={capital}",
+            "--device", "cpu", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
+            "--virtual-tokens", "3", "--init", "text", "--init-text", TEXT, "--eval-fraction", "0", "--no-eval-untuned"]
+    if method == "prefix":
+        args += ["--prefix-projection"]  # the MLP's weights all-reduced too, its buffer broadcast
+    one, two = tmp_path / "OUT1", tmp_path / "OUT2"
+    _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "softprompt", *args, "--shard", "fsdp", "--out", str(two)], tmp_path)
+
+    c2 = json.loads((two / "run_config.json").read_text())
+    assert (c2["world_size"], c2["TrainConfig"]["shard"], c2["TrainConfig"]["method"]) == (2, "fsdp", method)
+    assert c2["base_bytes_per_process"] < json.loads((one / "run_config.json").read_text())["base_bytes_per_process"]
+    assert json.loads((two / "summary.json").read_text())["base_weights_unchanged"]
+    t1, t2 = load_file(str(one / "prompt.safetensors")), load_file(str(two / "prompt.safetensors"))
+    assert set(t1) == set(t2) == ({"prefix_key_values"} if method == "prefix" else {"prompt_embeddings"})
+    (name, a), b = next(iter(t1.items())), next(iter(t2.values()))
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-5, f"1-process and 2-process sharded {method} results differ by {diff:.3g}"
+    # Training moved the result away from its init (rebuilt here as the run built it), so the check can fail.
+    from softprompt.training.methods import METHODS
+    model, tok = load_model(str(llama_dir))
+    start = METHODS[method].setup(model, tok, PromptConfig(virtual_tokens=3, init="text", init_text=TEXT),
+                                  TrainConfig(method=method, prefix_projection=method == "prefix"), [], TEXT, "")
+    start = start.prompt.state_tensors()[name]
+    assert (a - start).abs().max().item() > 100 * max(diff, 1e-8)

@@ -122,3 +122,30 @@ def test_offline_is_one_error_line(run_dir, argv, msg, capsys):
 def test_push_local_dir_from_the_command_line(run_dir, tmp_path, capsys):
     assert main(["push", str(run_dir), "someone/x", "--local-dir", str(tmp_path / "up")]) == 0
     assert (tmp_path / "up" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method, named, tag", [("prefix", "prefix tuning", "prefix-tuning"),
+                                                ("residual", "residual prompt tuning", "residual-prompt-tuning")])
+def test_card_names_the_method(method, named, tag, run_dir, llama_dir, tmp_path):
+    """The card says which --method made the prompt (issue 23): its name and paper, its Hub tag, and
+    for a prefix the PEFT layout it is uploaded in; the prompt-tuning card still says prompt tuning."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    train(ModelConfig(model=str(llama_dir), device="cpu"),
+          DataConfig(data=str(run_dir.parent / "c.csv"), template="Country: {country}\\nEurope:", labels="no,yes",
+                     label_col="europe"),
+          PromptConfig(virtual_tokens=3, init="text"),
+          TrainConfig(out=str(out), method=method, max_steps=1, warmup_steps=0, batch_size=4, eval_every=0,
+                      save_every=0), quiet=True)
+    card = ModelCard.load(prepare_upload(out, tmp_path / "up", "someone/x") / "README.md")
+    assert f"| method | {named} (`--method {method}`) |" in card.text and f"by {named} (" in card.text
+    assert tag in card.data.tags and "prompt-tuning" not in card.data.tags
+    peft_type = json.loads((tmp_path / "up" / "adapter_config.json").read_text())["peft_type"]
+    if method == "prefix":
+        assert peft_type == "PREFIX_TUNING" and "PEFT's prefix-tuning layout" in card.text
+        assert "get_prompt" not in card.text  # the soft prompt's PEFT example does not fit a prefix
+    else:
+        assert peft_type == "PROMPT_TUNING" and "an encoder produced it while training" in card.text
+    prompt_card = ModelCard.load(prepare_upload(run_dir, tmp_path / "up2", "someone/y") / "README.md")
+    assert "| method | prompt tuning (`--method prompt`) |" in prompt_card.text

@@ -1,6 +1,8 @@
-"""Inspect: a prompt initialised from known token embeddings has those tokens as nearest neighbours."""
+"""Inspect: a prompt initialised from known token embeddings has those tokens as nearest neighbours; a
+prefix shows its per-layer key and value norms beside the model's own."""
 import json
 
+import pytest
 import torch
 
 from softprompt.cli import main
@@ -38,3 +40,46 @@ def test_inspect_cli(llama_dir, tmp_path, capsys):
     assert r["virtual_tokens"] == 2 and len(r["tokens"][0]["nearest"]) == 2
     assert main(["inspect", str(tmp_path / "p"), "--model", str(llama_dir)]) == 0
     assert "norm" in capsys.readouterr().out
+
+
+def test_inspect_prefix_reports_per_layer_norms(model_dir, tmp_path, capsys):
+    """A prefix has no nearest tokens: inspect reports each layer's key and value norms per virtual
+    token, equal to norms computed by hand from the saved tensor, beside the model's own for a text."""
+    from safetensors.torch import load_file
+
+    from softprompt.base.models import load_model
+    from softprompt.evaluation.prefix_norms import REFERENCE_TEXT
+    from softprompt.prompts.prefix import init_prefix
+
+    model, tok = load_model(str(model_dir))
+    prefix = init_prefix(model, tok, PromptConfig(virtual_tokens=3, init="random"), seed=1)
+    with torch.no_grad():  # make one layer's keys stand out, so a layer mix-up cannot pass
+        prefix.kv[1, 0] *= 7
+    save_prompt(prefix, tmp_path / "pre", {"model": str(model_dir)})
+    assert main(["inspect", str(tmp_path / "pre"), "--model", str(model_dir), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    kv = load_file(str(tmp_path / "pre" / "prompt.safetensors"))["prefix_key_values"]  # [L, 2, heads, P, d]
+    L, _, heads, P, d = kv.shape
+    assert (r["kind"], r["virtual_tokens"], r["layers"], r["kv_heads"], r["head_dim"]) == ("prefix", 3, L, heads, d)
+    # The model's own keys and values of the reference text, through its ordinary forward pass with a cache.
+    ids = tok(REFERENCE_TEXT, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    assert r["reference"]["tokens"] == ids.shape[1] - 1 and "tokens after the first" in r["reference"]["what"]
+    for layer in range(L):
+        row = r["per_layer"][layer]
+        for j, name in enumerate(("key", "value")):
+            by_hand = torch.stack([kv[layer, j, :, p].reshape(-1).norm() for p in range(P)])
+            assert row[name]["mean"] == pytest.approx(by_hand.mean().item(), rel=1e-5)
+            assert row[name]["max"] == pytest.approx(by_hand.max().item(), rel=1e-5)
+            text = getattr(cache.layers[layer], name + "s")[0]  # [heads, T, d]
+            text = text.transpose(0, 1).reshape(text.shape[1], -1)[1:].norm(dim=-1)
+            assert row["text_" + name]["mean"] == pytest.approx(text.mean().item(), rel=1e-4)
+            assert row["text_" + name]["max"] == pytest.approx(text.max().item(), rel=1e-4)
+    assert r["per_layer"][1]["key"]["mean"] > 3 * r["per_layer"][0]["key"]["mean"]
+    assert main(["inspect", str(tmp_path / "pre"), "--model", str(model_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "a prefix of 3 virtual tokens" in text and "Reference" in text and REFERENCE_TEXT[:20] in text
+    assert len(text.splitlines()) == 4 + L
+    first = text.splitlines()[4].split()
+    assert int(first[0]) == 0 and float(first[1]) == pytest.approx(r["per_layer"][0]["key"]["mean"], abs=1e-3)

@@ -458,9 +458,6 @@ def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_d
 
     model, tok = load_model(str(llama_dir))
     soft, deep = saved_pair(model, tok, tmp_path)
-    assert main(["inspect", str(deep), "--model", str(llama_dir)]) != 0
-    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # not the weights' progress bar
-    assert len(err) == 1 and "'prefix' prompt" in err[0] and "nearest-token" in err[0]
     assert main(["ensemble", "--model", str(llama_dir), "--data", str(countries_csv), "--template",
                  "Country: {country}\\nEurope:", "--label-col", "europe", "--labels", "no,yes",
                  str(soft), str(deep)]) != 0
@@ -515,3 +512,64 @@ def test_generate_command_with_a_prefix(llama_dir, tmp_path):
     want = generate_batch(model, tok, [(load_prompt(deep, model), tok(TEXTS[1]).input_ids)], gcfg)
     assert res[0]["tuned"] == tok.decode(want[0], skip_special_tokens=True)
     assert res[0]["tuned"] != res[0]["baseline"]
+
+
+def error_lines(capsys) -> list[str]:
+    """The error lines of the last command (not the weights' progress bars or warnings)."""
+    return [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+
+
+def test_what_train_wrote_given_to_the_wrong_place_is_one_error_line(llama_dir, bloom_dir, tok_dir, countries_csv,
+                                                                    tmp_path, capsys):
+    """Issue 23's bad inputs, on the prompts our own `train` writes: a prefix where input embeddings are
+    needed, a prefix or a prompt on a model of another geometry, a LoRA adapter given as a prompt,
+    --prefix-projection without --method prefix. Each is exit status 2 and one error line, no traceback
+    (main() would raise one into the test)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from softprompt.cli import main
+
+    data = ["--data", str(countries_csv), "--template", "Country: {country}\\nFacts:", "--target", " capital={capital}"]
+    run = [*data, "--max-steps", "1", "--warmup-steps", "0", "--batch-size", "4", "--virtual-tokens", "3",
+           "--eval-fraction", "0", "--no-eval-untuned", "--model", str(llama_dir)]
+    pre, soft = tmp_path / "pre", tmp_path / "soft"
+    assert main(["train", *run, "--method", "prefix", "--out", str(pre)]) == 0
+    assert main(["train", *run, "--out", str(soft)]) == 0
+    capsys.readouterr()
+    # Models of other geometries: one more layer, a wider hidden size (BLOOM: other kv heads).
+    for name, extra in (("deeper", {"num_hidden_layers": 3}), ("wider", {"hidden_size": 48})):
+        model, tok = tiny("llama", tok_dir, **extra)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 32)},
+              str(lora / "adapter_model.safetensors"))
+    cases = [
+        (["train", *run, "--init", "file", "--init-file", str(pre), "--out", str(tmp_path / "a")],
+         "--init file for --method prompt, ptuning or residual works on input embeddings; "
+         f"--init-file {pre} is a 'prefix' prompt"),
+        (["train", *run, "--method", "residual", "--init", "file", "--init-file", str(pre),
+          "--out", str(tmp_path / "b")], "works on input embeddings"),
+        (["train", *run, "--method", "prefix", "--init", "file", "--init-file", str(soft),
+          "--out", str(tmp_path / "c")], "need a prefix of 3 virtual tokens, found a 'prompt' prompt"),
+        (["eval", *data, "--model", str(tmp_path / "deeper"), "--prompt", str(pre)],
+         "has (layers, kv heads, head dim) (2, 2, 8) but the model's cache has (3, 2, 8)"),
+        (["generate", "--model", str(bloom_dir), "--prompt", str(pre), "Country: France"],
+         "has (layers, kv heads, head dim) (2, 2, 8) but the model's cache has (2, 4, 8)"),
+        (["eval", *data, "--model", str(tmp_path / "wider"), "--prompt", str(soft)],
+         "has hidden size 32 but the model's is 48"),
+        (["eval", *data, "--model", str(llama_dir), "--prompt", str(lora)],
+         f"{lora} is a PEFT 'LORA' adapter, not a prompt"),
+        (["generate", "--model", str(llama_dir), "--prompt", str(lora), "Country: France"], "'LORA' adapter"),
+        (["import-peft", str(lora), str(tmp_path / "d")], "peft_type is 'LORA', only PROMPT_TUNING"),
+        (["train", *run, "--prefix-projection", "--out", str(tmp_path / "e")],
+         "--prefix-projection is for --method prefix (got --method prompt)"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = error_lines(capsys)
+        assert len(err) == 1 and says in err[0], (argv, err)

@@ -209,8 +209,7 @@ def test_other_refusals_are_one_line(llama_dir, tok_dir, countries_csv, tmp_path
         TrainConfig(method="ptuning", resume=True)
     with pytest.raises(SoftpromptError, match="--encoder-hidden-size must be at least 0"):
         TrainConfig(method="ptuning", encoder_hidden_size=-1)
-    with pytest.raises(SoftpromptError, match="--shard fsdp is not supported with --method residual"):
-        TrainConfig(method="residual", shard="fsdp")
+    assert TrainConfig(method="residual", shard="fsdp").shard == "fsdp"  # test_fsdp trains it sharded
     model, tok = tiny("llama", tok_dir)
     # A saved prompt starts the encoder's input (prompt transfer, tests/test_transfer.py); a missing one is one line.
     with pytest.raises(SoftpromptError, match="--init-file 'x': missing prompt file"):

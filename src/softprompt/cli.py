@@ -88,7 +88,8 @@ COMMANDS: dict[str, Command] = {
                         functions=("run",), flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
     "inspect": Command("softprompt.evaluation.interpret", "nearest vocabulary tokens of each virtual token",
                        "For each virtual token of a prompt, its nearest vocabulary tokens by cosine similarity to "
-                       "the model's input embeddings."),
+                       "the model's input embeddings; for a prefix (per-layer keys and values), each layer's key "
+                       "and value norms beside the model's own for a fixed text."),
     "demo": Command("softprompt.demo", "train and compare a prompt on the built-in model, offline",
                     "Offline demo: train a soft prompt on the built-in model and the bundled countries data, then "
                     "compare held-out loss and generations."),

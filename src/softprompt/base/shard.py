@@ -2,9 +2,10 @@
 
 Each decoder layer becomes an FSDP2 unit (torch's `fully_shard`, the call accelerate's FSDP2 plugin
 makes): every process holds 1/N of each layer's weights, gathers a layer's full weights just
-before running it, forward and backward, and frees them after. The soft prompt is not sharded: it
-is replicated and its gradient all-reduced by the data-parallel wrapper (methods.distribute), so
-N processes train the prompt one process would with the combined batch.
+before running it, forward and backward, and frees them after. What trains (the soft prompt, a
+prefix's keys and values, a P-tuning or residual encoder) is not sharded: it is replicated and its
+gradient all-reduced by the data-parallel wrapper (Method.distribute), so N processes train what
+one process would with the combined batch.
 
 Two choices differ from `accelerate launch --use_fsdp`:
 - the processes and their process group are accelerate's, but the sharding call is made here:

@@ -26,7 +26,7 @@ ENCODERS = ("mlp", "lstm")  # --method ptuning's --encoder choices (prompts/ptun
 ENCODER_METHODS = ("ptuning", "residual")  # methods whose prompt an encoder produces (training/encoder_method.py)
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: models.resolve_dtype's choice for the device
-COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "full")
+COMPARE_METHODS = ("untuned", "zero-shot", "k-shot", "prompt", "prefix", "ptuning", "residual", "full")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (trackers.py)
 # The choices of flags whose code lives above this module (which imports none of it): --quantize
 # (quantize.py), --shard (shard.py), --forward-path (forward/paths.py's choose_path picks among them).
@@ -281,10 +281,11 @@ class TrainConfig:
                                               "backward (non-reentrant): less activation memory, about one more "
                                               "forward pass of time")
     shard: str = opt("none", "fsdp: shard the frozen base's decoder layers across the processes (torch's FSDP2; "
-                             "start several with torchrun or accelerate launch), the prompt replicated",
+                             "start several with torchrun or accelerate launch), what trains (prompt, prefix, "
+                             "encoder) replicated",
                      choices=list(SHARD))
     method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
-                      "and values instead (prefix tuning / P-tuning v2: a deep prompt, one process); ptuning: "
+                      "and values instead (prefix tuning / P-tuning v2: a deep prompt); ptuning: "
                       "produce the soft prompt by an encoder while training (P-tuning, PEFT's PromptEncoder; see "
                       "--encoder); residual: the prompt is an embedding plus a bottleneck MLP of it (residual prompt "
                       "tuning); both save an ordinary soft prompt; full: "
@@ -326,8 +327,6 @@ class TrainConfig:
                 "prompt tuning; --method full runs in one process")
         require(not self.prefix_projection or self.method == "prefix",
                 f"--prefix-projection is for --method prefix (got --method {self.method})")
-        require(not (self.method == "prefix" and self.shard != "none"), "--shard fsdp is not supported with "
-                "--method prefix yet")
         encoded = self.method in ENCODER_METHODS
         require(self.encoder == "auto" or self.method == "ptuning",
                 f"--encoder is for --method ptuning (got --method {self.method})")
@@ -337,8 +336,6 @@ class TrainConfig:
         require(not (encoded and self.resume and not self.keep_encoder), f"--resume: --method {self.method} carries "
                 "on training its encoder, which only --keep-encoder keeps: give --keep-encoder (a run without it "
                 "wrote no checkpoint)")
-        require(not (encoded and self.shard != "none"), f"--shard fsdp is not supported with --method {self.method} "
-                "yet")
         require(not (self.resume and self.overwrite),
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
 
@@ -359,16 +356,19 @@ def check_warmup(cfg: TrainConfig, total: int) -> None:
 
 @dataclass
 class CompareConfig:
-    """The comparison's own flags; prompt tuning takes the train flags (--max-steps, --lr, ...)."""
+    """The comparison's own flags; the trained methods take the train flags (--max-steps, --lr, ...)."""
     out: str = opt("runs/compare", "output folder: compare.md, compare.json, compare.png, one folder per method")
     methods: str = opt("untuned,zero-shot,k-shot,prompt,full",
                        "comma-separated methods to run: untuned (bare input), zero-shot (written instruction), "
-                       "k-shot (instruction + K training examples), prompt (prompt tuning), full (fine-tuning)")
+                       "k-shot (instruction + K training examples), prompt (prompt tuning), prefix (prefix "
+                       "tuning), ptuning (P-tuning), residual (residual prompt tuning), full (fine-tuning); prefix, "
+                       "ptuning and residual train at their own default rates, with their default settings")
     instruction: str = opt("", "written instruction for zero-/k-shot (default: 'Classify the text as A or B.' "
                                "for --labels data, else a generic one)")
     k_shot: int = opt(4, "training examples (with their answers) placed before the input for k-shot; "
                          "label-balanced for classification")
-    ft_lr: float = opt(FULL_FT_LR, "full fine-tuning peak learning rate (prompt tuning uses --lr)")
+    ft_lr: float = opt(FULL_FT_LR, "full fine-tuning peak learning rate (prompt tuning uses --lr; prefix, ptuning "
+                                   "and residual their own default rates)")
     ft_steps: int = opt(0, "full fine-tuning steps (0 = the same as --max-steps)")
     ft_batch_size: int = opt(0, "full fine-tuning batch size (0 = the same as --batch-size)")
     eval_batch_size: int = opt(16, "rows per forward pass when scoring (the same for every method)")

@@ -2,6 +2,9 @@
 to the model's input embeddings (Lester et al. 2021, section 7: learned prompts often sit near
 label words and task words, though many virtual tokens have no close token at all).
 
+A prefix (per-layer keys and values, no input embeddings) has no nearest tokens: for it the
+command reports per-layer key and value norms beside the model's own for text (prefix_norms.py).
+
 Named `interpret` rather than `inspect`, which would shadow the standard library module.
 """
 from __future__ import annotations
@@ -17,7 +20,9 @@ from ..base.models import load_model
 from ..core.config import ModelConfig
 from ..core.prompt_protocol import embeds_for
 from ..core.utils import SoftpromptError
+from ..prompts.prefix import KIND as PREFIX
 from ..prompts.prompt import load_prompt
+from .prefix_norms import format_prefix, inspect_prefix
 
 
 @torch.no_grad()
@@ -44,12 +49,16 @@ def inspect_prompt(model, tok, prompt: torch.Tensor, k: int = 5) -> dict[str, An
 def inspect_cmd(prompt_dir: str, model_name: str, k: int = 5, device: str = "cpu", model=None, tok=None) -> dict:
     if model is None:
         model, tok = load_model(ModelConfig(model=model_name, device=device))
-    sp = load_prompt(prompt_dir, model)
+    sp = load_prompt(prompt_dir, model)  # a prefix's layer and head counts checked against the model's
+    if sp.kind == PREFIX:
+        return {"prompt": prompt_dir, "model": model_name, **inspect_prefix(model, tok, sp.key_values())}
     embeds = embeds_for(sp, "inspect's nearest-token view", prompt_dir)
-    return {"prompt": prompt_dir, "model": model_name, **inspect_prompt(model, tok, embeds, k)}
+    return {"prompt": prompt_dir, "model": model_name, "kind": sp.kind, **inspect_prompt(model, tok, embeds, k)}
 
 
 def format_inspection(r: dict[str, Any]) -> str:
+    if r.get("kind") == PREFIX:
+        return format_prefix(r)
     lines = [f"{r['prompt']}: {r['virtual_tokens']} virtual tokens; nearest of {r['vocab_size']} vocabulary "
              f"embeddings by cosine (mean vocabulary embedding norm {r['mean_vocab_embedding_norm']:.3f})"]
     for t in r["tokens"]:
@@ -64,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder or hf://REPO_ID[@REV]")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the model the prompt was trained for")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--top-k", type=int, default=5, help="neighbours per virtual token")
+    parser.add_argument("--top-k", type=int, default=5, help="neighbours per virtual token (not for a prefix, "
+                                                             "which shows per-layer key/value norms)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

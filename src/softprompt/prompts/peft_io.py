@@ -23,6 +23,7 @@ from . import peft_prefix, peft_ptuning
 from .hub import download, hub_model_id, is_hub
 from .prefix import TENSOR_NAME as PREFIX_TENSOR
 from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
+from .recorded import PEFT_PROMPT_TYPES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -127,9 +128,9 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     cfg = read_json(peft_dir / ADAPTER_CONFIG)
     if not isinstance(cfg, dict):
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG} must hold a JSON object, got {type(cfg).__name__}")
-    if cfg.get("peft_type") not in ("PROMPT_TUNING", peft_prefix.PEFT_TYPE, peft_ptuning.PEFT_TYPE):
+    if cfg.get("peft_type") not in PEFT_PROMPT_TYPES:
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG}: peft_type is {short(cfg.get('peft_type'))}, only "
-                              "PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters can be imported")
+                              f"{', '.join(PEFT_PROMPT_TYPES)} adapters can be imported")
     weights = peft_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (peft_dir / "adapter_model.bin").is_file():

@@ -82,10 +82,11 @@ class PrefixPrompt(nn.Module):
 
     def past_key_values(self, model) -> KeyValues:
         """Per-layer (keys, values), each [1, kv_heads, P, head_dim] in the model's dtype and device."""
-        check_geometry(self.geometry, model, "prefix")
-        w = model.get_input_embeddings().weight
-        kv = self.key_values().to(w.device, w.dtype)
-        return [(layer[0][None], layer[1][None]) for layer in kv]
+        return layer_key_values(self.key_values(), self.geometry, model)
+
+    def computed(self, kv: torch.Tensor) -> "ComputedPrefix":
+        """This prefix with its keys and values `kv` already computed (by a data-parallel wrapper)."""
+        return ComputedPrefix(kv, self)
 
     def folded(self) -> "PrefixPrompt":
         """A plain prefix with this one's keys and values (the MLP run once)."""
@@ -134,6 +135,47 @@ class PrefixPrompt(nn.Module):
         if model is not None:
             check_geometry((t.shape[0], t.shape[2], t.shape[4]), model, f"prefix {weights.parent}", meta.get("model"))
         return cls(t, meta)
+
+
+class ComputedPrefix:
+    """A prefix whose keys and values were computed outside it: the output of the data-parallel
+    wrapper around a PrefixPrompt (training under several processes), whose backward all-reduces
+    the gradient. The forward pass reads it as the prefix it came from (prompt_protocol.Prompt,
+    kind "prefix"); it holds no parameters of its own."""
+
+    kind = KIND
+
+    def __init__(self, kv: torch.Tensor, of: PrefixPrompt):
+        self.kv, self.of, self.meta = kv, of, of.meta
+
+    @property
+    def length(self) -> int:
+        return self.of.length
+
+    @property
+    def hidden_size(self) -> int:
+        return self.of.hidden_size
+
+    def input_embeds(self, dtype: torch.dtype | None = None) -> None:
+        return None
+
+    def past_key_values(self, model) -> KeyValues:
+        return layer_key_values(self.kv, self.of.geometry, model)
+
+    def parameters(self):
+        return self.of.parameters()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.of.state_tensors()
+
+
+def layer_key_values(kv: torch.Tensor, geometry: tuple[int, int, int], model) -> KeyValues:
+    """[L, 2, kv_heads, P, head_dim] as per-layer (keys, values) [1, kv_heads, P, head_dim] in the
+    model's dtype and device, the geometry checked against the model's cache."""
+    check_geometry(geometry, model, "prefix")
+    w = model.get_input_embeddings().weight
+    kv = kv.to(w.device, w.dtype)
+    return [(layer[0][None], layer[1][None]) for layer in kv]
 
 
 def to_flat(kv: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,13 @@ from torch import nn
 from ..base.families import hidden_size
 from ..core.config import PromptConfig
 from ..core.inits import INITS, InitInputs, resolve
-from ..core.prompt_protocol import KeyValues, Prompt
+from ..core.prompt_protocol import KeyValues, Prompt, embeds_for
 from ..core.utils import SoftpromptError, default_mode, read_json, short
 from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
 from .hub import download, is_hub
 from .prefix import PrefixPrompt
-from .recorded import CONFIG_FILE, WEIGHTS_FILE
+from .recorded import CONFIG_FILE, WEIGHTS_FILE, peft_adapter_error
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
@@ -158,8 +158,8 @@ def load_prompt(path: str | Path, model=None) -> "SoftPrompt | PrefixPrompt":
     path = download(path) if is_hub(path) else Path(path)
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():
-        if (path / "adapter_model.safetensors").is_file():
-            raise SoftpromptError(f"{path} is a PEFT adapter: convert it with `softprompt import-peft {path} OUT`")
+        if (path / "adapter_model.safetensors").is_file() or (path / "adapter_config.json").is_file():
+            raise peft_adapter_error(path)
         raise SoftpromptError(f"missing prompt file: {weights}")
     config = weights.parent / CONFIG_FILE
     if config.exists() and not config.is_file():  # a folder or a FIFO (reading one would wait forever)

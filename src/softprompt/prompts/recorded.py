@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import DataConfig, unescape
-from ..core.utils import SoftpromptError, read_json
+from ..core.utils import SoftpromptError, read_json, short
 
 # A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
 WEIGHTS_FILE = "prompt.safetensors"
 CONFIG_FILE = "prompt_config.json"
 READING = ("template", "target", "text_col", "messages_col")  # how a row becomes an input: all or nothing
 DEFAULT_LABEL_COL = "label"  # DataConfig's default
+# The PEFT adapter types import-peft converts into prompts (peft_io.py); any other is not a prompt.
+PEFT_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
 def read_meta(prompt: str | Path) -> dict[str, Any]:
@@ -32,11 +34,25 @@ def read_meta(prompt: str | Path) -> dict[str, Any]:
     path = download(prompt) if is_hub(prompt) else Path(prompt)
     folder = path.parent if path.suffix == ".safetensors" else path
     if not (folder / WEIGHTS_FILE).is_file() and not path.is_file():
-        if (folder / "adapter_model.safetensors").is_file():
-            raise SoftpromptError(f"{folder} is a PEFT adapter: convert it with `softprompt import-peft {folder} OUT`")
+        if (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_config.json").is_file():
+            raise peft_adapter_error(folder)
         raise SoftpromptError(f"missing prompt file: {folder / WEIGHTS_FILE}")
     meta = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
     return meta if isinstance(meta, dict) else {}
+
+
+def peft_adapter_error(path: Path) -> SoftpromptError:
+    """What to say of a PEFT adapter folder given where a prompt folder goes: convert a prompt adapter,
+    and name the type of any other (a LoRA adapter changes weights: no prompt stands for it)."""
+    cfg = path / "adapter_config.json"
+    try:
+        peft_type = read_json(cfg).get("peft_type") if cfg.is_file() else None
+    except (SoftpromptError, AttributeError):  # unreadable, or not an object: import-peft says which
+        peft_type = None
+    if peft_type is not None and peft_type not in PEFT_PROMPT_TYPES:
+        return SoftpromptError(f"{path} is a PEFT {short(peft_type)} adapter, not a prompt: softprompt reads prompt "
+                               f"adapters only ({', '.join(PEFT_PROMPT_TYPES)}, converted by import-peft)")
+    return SoftpromptError(f"{path} is a PEFT adapter: convert it with `softprompt import-peft {path} OUT`")
 
 
 def recorded_data(meta: dict[str, Any]) -> dict[str, Any]:

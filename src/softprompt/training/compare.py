@@ -5,9 +5,13 @@ Rows (any subset, `--methods`):
 - untuned: the bare input, no instruction (what `train` reports as "untuned");
 - zero-shot: a written instruction before the input;
 - k-shot: the instruction plus K training examples with their answers, in the same template;
-- prompt: prompt tuning by the core trainer (`train(method="prompt")`);
+- prompt: prompt tuning by the core trainer (`train(method="prompt")`), at --lr (0: its default);
+- prefix, ptuning, residual: prefix tuning, P-tuning and residual prompt tuning by the same trainer,
+  each at its own default rate (Method.default_lr: --lr is a soft prompt's rate, far from an
+  encoder's) and its default settings (no --prefix-projection, the default encoder), from --init
+  where the method takes it, else from its own default start (the row records which);
 - full: every weight trained by the same loop and batches (`train(method="full")`), its own lr.
-The two trained rows differ only in their method object (methods.py): what it saves where, and
+The trained rows differ only in their method object (methods.py): what it saves where, and
 whether it changes the model (then it trains a copy, so the other rows keep the frozen base).
 Every row is scored by the same `evaluate()` on the same held-out examples (accuracy by rank
 classification for --labels data, held-out loss/perplexity of the target tokens otherwise), with
@@ -37,8 +41,8 @@ import torch
 
 from ..base.families import check_positions
 from ..base.models import load_model
-from ..core.config import (COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
-                     from_args, to_dict)
+from ..core.config import (COMPARE_METHODS, ENCODER_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig,
+                           TrainConfig, add_args, from_args, to_dict)
 from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
 from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
@@ -49,7 +53,10 @@ from .train import default_init_text, train
 
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",
-          "full": "full fine-tuning"}
+          "prefix": "prefix tuning (P={P})", "ptuning": "P-tuning (P={P})",
+          "residual": "residual prompt tuning (P={P})", "full": "full fine-tuning"}
+# The trained methods whose prompt occupies P input positions (a prefix's keys and values take none).
+EMBEDDING_METHODS = ("prompt", "ptuning", "residual")
 
 
 # ---------------------------------------------------------------- measuring
@@ -120,17 +127,36 @@ def with_context(fmt: Formatter, ex: Example, context: str) -> Example:
 
 # ---------------------------------------------------------------- the runner
 
+def method_configs(kind, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: CompareConfig,
+                   run_dir: Path) -> tuple[PromptConfig, TrainConfig]:
+    """The prompt and train configs method `kind` runs with in the comparison: the shared flags, its
+    own rate, its own flags at their defaults unless they are its, its own start where --init is
+    not one it takes."""
+    name = kind.name
+    # --out is the comparison's own folder: its per-method runs are replaced on a rerun.
+    cfg = replace(tcfg, out=str(run_dir), method=name, eval_untuned=False, keep_best=False, save_every=0,
+                  eval_every=0, resume=False, overwrite=True,
+                  prefix_projection=tcfg.prefix_projection and name == "prefix",
+                  encoder=tcfg.encoder if name == "ptuning" else "auto",
+                  encoder_hidden_size=tcfg.encoder_hidden_size if name in ENCODER_METHODS else 0,
+                  keep_encoder=tcfg.keep_encoder and name in ENCODER_METHODS)
+    if name == "full":  # full fine-tuning has its own rate, steps and batch size
+        cfg = replace(cfg, lr=ccfg.ft_lr, max_steps=ccfg.ft_steps or tcfg.max_steps,
+                      batch_size=ccfg.ft_batch_size or tcfg.batch_size)
+    elif name != "prompt":  # 0: train resolves the method's default_lr
+        cfg = replace(cfg, lr=0.0)
+    takes = getattr(kind, "inits", None)  # None: every --init (prompt tuning; full fine-tuning has no prompt)
+    if takes is not None and pcfg.init not in takes:
+        pcfg = replace(pcfg, init="auto")
+    return pcfg, cfg
+
+
 def trained_row(kind, mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig,
                 ccfg: CompareConfig, model, tok, quiet: bool, split, run_dir: Path) -> dict[str, Any]:
     """Train method `kind` (methods.py) on the split's training rows with the last step's result kept,
     then score what it saved on the held-out rows."""
     fmt, train_ex, eval_ex = split
-    # --out is the comparison's own folder: its per-method runs are replaced on a rerun.
-    cfg = replace(tcfg, out=str(run_dir), method=kind.name, eval_untuned=False, keep_best=False, save_every=0,
-                  eval_every=0, resume=False, overwrite=True)
-    if kind.name == "full":  # full fine-tuning has its own rate, steps and batch size
-        cfg = replace(cfg, lr=ccfg.ft_lr, max_steps=ccfg.ft_steps or tcfg.max_steps,
-                      batch_size=ccfg.ft_batch_size or tcfg.batch_size)
+    pcfg, cfg = method_configs(kind, pcfg, tcfg, ccfg, run_dir)
     trained = copy.deepcopy(model) if kind.changes_model else model  # the other rows keep the frozen base
     with PeakMemory(model.device) as tmem:
         t0 = time.perf_counter()
@@ -145,6 +171,7 @@ def trained_row(kind, mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, t
     return dict(eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
                 trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
                 steps=s["steps"], lr=s["lr"], artifact=str(artifact), artifact_bytes=_bytes(artifact),
+                **({} if kind.changes_model else {"init": pcfg.init}),
                 **({} if kind.changes_model else {"base_weights_unchanged": s["base_weights_unchanged"]}))
 
 
@@ -166,12 +193,13 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
         model, tok = load_model(mcfg)
     resident(model)
     seed_everything(tcfg.seed)
-    if "prompt" in methods:
+    positions = any(m in EMBEDDING_METHODS for m in methods)
+    if positions:
         check_positions(model, pcfg.virtual_tokens)  # before the data is read
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     if not eval_ex:
         raise SoftpromptError("compare needs held-out data: --eval-data FILE or --eval-fraction > 0")
-    if "prompt" in methods:
+    if positions:
         check_positions(model, pcfg.virtual_tokens, max(len(e.ids) for e in train_ex + eval_ex))
     out = Path(ccfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +234,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             m, sec, mem = timed_eval(model, tok, None, fmt, exs, bs)
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, artifact=str(path),
                 artifact_bytes=_bytes(path), context_tokens=len(tok(context, add_special_tokens=False).input_ids))
-        else:  # a trained method: prompt tuning or full fine-tuning
+        else:  # a trained method: prompt, prefix, ptuning, residual or full
             row(method, **trained_row(METHODS[method], mcfg, dcfg, pcfg, tcfg, ccfg, model, tok, quiet,
                                       (fmt, train_ex, eval_ex), out / method))
     result = {"model": mcfg.model, "data": dcfg.data, "eval_data": dcfg.eval_data or f"{dcfg.data} (held out)",
@@ -307,8 +335,11 @@ def load_result(path: str | Path) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for cls in (ModelConfig, DataConfig, PromptConfig):
         add_args(parser, cls)
+    # The methods' own flags are left at their defaults (--prefix-projection with the default method,
+    # prompt, would be refused anyway).
     add_args(parser, TrainConfig, skip=("out", "method", "resume", "overwrite", "keep_best", "save_every",
-                                        "eval_every", "patience", "eval_untuned"))
+                                        "eval_every", "patience", "eval_untuned", "prefix_projection", "encoder",
+                                        "encoder_hidden_size", "keep_encoder"))
     add_args(parser, CompareConfig)
 
 

@@ -4,8 +4,10 @@ prefix.PrefixPrompt (per-layer keys and values) on the frozen model.
 It differs from prompt tuning in what the forward pass gets (the prefix itself, whose keys and
 values the kv path hands to the layers), in its init (prefix.init_prefix) and, with
 `--prefix-projection`, in what a checkpoint holds (the MLP too) against what the result holds (the
-folded keys and values). One process: the forward pass takes the prefix, not a data-parallel
-wrapper's output, so nothing would all-reduce its gradient.
+folded keys and values). Under several processes (data-parallel, or `--shard fsdp` with the base
+sharded) the prefix is replicated: the forward pass takes the keys and values that its
+data-parallel wrapper computed (prefix.ComputedPrefix), so their gradient is all-reduced as the
+soft prompt's is.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from ..core.config import ModelConfig, PromptConfig, TrainConfig
 from ..core.utils import SoftpromptError, count_params
-from ..prompts.prefix import PrefixPrompt, init_prefix, prefix_meta, prompt_key_values
+from ..prompts.prefix import ComputedPrefix, PrefixPrompt, init_prefix, prefix_meta, prompt_key_values
 from ..prompts.prompt import WEIGHTS_FILE, load_prompt, load_source, save_prompt
 
 INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
@@ -41,17 +43,19 @@ class PrefixTuning:
     """Train per-layer keys and values; the model stays frozen and bit-identical."""
 
     name = "prefix"
+    inits = INITS
     resumable = True
     changes_model = False
     graph_obstacle = None  # its kv path is never graphed (forward_path.choose_path's deep)
 
     def __init__(self, model, tok, prompt: PrefixPrompt):
         self.model, self.tok, self.prompt = model, tok, prompt
+        self.forward_prompt = prompt  # what computes the keys and values: the prefix, or its DDP wrapper
 
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
               label_input: str) -> "PrefixTuning":
-        if pcfg.init not in INITS:
+        if pcfg.init not in cls.inits:
             raise SoftpromptError(f"--method prefix starts from {', '.join(INITS)}; --init {pcfg.init} makes a soft "
                                   "prompt's input embeddings")
         if pcfg.init == "file":
@@ -72,15 +76,19 @@ class PrefixTuning:
         return count_params(self.prompt)
 
     def distribute(self, acc) -> None:
+        """Under several processes, all-reduce the prefix's gradient (Accelerate's DDP wrapper)."""
         if acc.num_processes > 1:
-            raise SoftpromptError("--method prefix runs in one process (its gradient is not all-reduced yet)")
+            self.forward_prompt = acc.prepare_model(self.prompt)
 
-    def embeds(self) -> PrefixPrompt:
-        """The forward pass takes the prefix itself (forward.text_hidden's kv path)."""
-        return self.prompt
+    def embeds(self) -> PrefixPrompt | ComputedPrefix:
+        """The forward pass takes the prefix (forward.text_hidden's kv path); under several processes,
+        the keys and values its DDP wrapper computed, whose backward all-reduces the gradient."""
+        if self.forward_prompt is self.prompt:
+            return self.prompt
+        return self.prompt.computed(self.forward_prompt())
 
     def synced(self) -> torch.nn.Module:
-        return self.prompt
+        return self.forward_prompt
 
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
         save_prompt(self.prompt.folded() if self.prompt.projection else self.prompt, run_dir, meta)
