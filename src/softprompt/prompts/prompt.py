@@ -21,7 +21,7 @@ from torch import nn
 from ..base.families import hidden_size
 from ..core.config import PromptConfig
 from ..core.inits import INITS, InitInputs, resolve
-from ..core.prompt_protocol import KeyValues, Prompt, embeds_for
+from ..core.prompt_protocol import KeyValues, Prompt
 from ..core.utils import SoftpromptError, default_mode, read_json, short
 from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
