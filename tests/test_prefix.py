@@ -550,12 +550,10 @@ def test_what_train_wrote_given_to_the_wrong_place_is_one_error_line(llama_dir, 
               str(lora / "adapter_model.safetensors"))
     cases = [
         (["train", *run, "--init", "file", "--init-file", str(pre), "--out", str(tmp_path / "a")],
-         "--init file for --method prompt, ptuning or residual works on input embeddings; "
-         f"--init-file {pre} is a 'prefix' prompt"),
+         "--init file: the prompt in --init-file is a prefix (per-layer keys and values), which has no input "
+         "embeddings"),
         (["train", *run, "--method", "residual", "--init", "file", "--init-file", str(pre),
-          "--out", str(tmp_path / "b")], "works on input embeddings"),
-        (["train", *run, "--method", "prefix", "--init", "file", "--init-file", str(soft),
-          "--out", str(tmp_path / "c")], "need a prefix of 3 virtual tokens, found a 'prompt' prompt"),
+          "--out", str(tmp_path / "b")], "has no input embeddings"),
         (["eval", *data, "--model", str(tmp_path / "deeper"), "--prompt", str(pre)],
          "has (layers, kv heads, head dim) (2, 2, 8) but the model's cache has (3, 2, 8)"),
         (["generate", "--model", str(bloom_dir), "--prompt", str(pre), "Country: France"],
