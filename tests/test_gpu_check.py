@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,13 +123,13 @@ def test_the_dry_run_runs_every_step_on_cpu(tmp_path):
     assert row["fp32_parity"]["equal"] and row["same_batches"]["loss_rel_diff_step1"] < 1e-12
 
 
-def run_step_function(deadline_in_s: int, tmp_path) -> str:
-    """The script's `step` on its own, `step demo 100 true`, with the call's deadline that far ahead."""
+def run_step_function(deadline_in_s: int, tmp_path, command: str = "true") -> str:
+    """The script's `step` on its own, `step demo 100 COMMAND`, with the call's deadline that far ahead."""
     step = re.search(r"^step\(\) \{.*?^\}\n", SCRIPT.read_text(), re.S | re.M).group(0)
     (tmp_path / "logs").mkdir(exist_ok=True)
     script = (f"{step}T0=$(date +%s) FAILED=0 LIMIT_SCALE=1 WORK={tmp_path}\n"
-              f"DEADLINE=$(( T0 + {deadline_in_s} ))\nstep demo 100 true\necho FAILED=$FAILED\n")
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30).stdout
+              f"DEADLINE=$(( T0 + {deadline_in_s} ))\nstep demo 100 {command}\necho FAILED=$FAILED\n")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60).stdout
 
 
 def test_a_step_is_cut_to_the_call_s_budget_or_skipped_past_it(tmp_path):
@@ -137,6 +138,9 @@ def test_a_step_is_cut_to_the_call_s_budget_or_skipped_past_it(tmp_path):
     assert "limit 100s cut to the call's" in (out := run_step_function(30, tmp_path)) and "rc=0" in out
     out = run_step_function(5, tmp_path)
     assert "skipped: the call's budget is spent" in out and "rc=" not in out and "FAILED=1" in out
+    t = time.monotonic()  # the cut is real: a step that would run 40 s is stopped at the deadline
+    out = run_step_function(11, tmp_path, "sleep 40")
+    assert "rc=124" in out and "FAILED=1" in out and time.monotonic() - t < 25, out
 
 
 def test_second_on_a_fresh_machine_stops_with_one_error_line(tmp_path):
