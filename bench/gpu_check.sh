@@ -51,7 +51,7 @@ cd "$(dirname "$0")/.."
 MODE=${1:-}
 OUT=${OUT:-/tmp/gpu-out}
 WORK=${WORK:-/tmp}          # where a run unpacks its inputs
-PACK_LIMIT_MB=58            # of the 64 MiB a call may carry with the repository (each folder is ~56 MiB: wheels, data, the 94 MiB GGUF)
+PACK_LIMIT_MB=58            # of the 64 MiB a call may carry with the repository (each folder is ~57 MiB: wheels, data, the 94 MiB GGUF)
 FIRST_CALL_S=360            # the timeout_s of each call; a call's step limits sum to 60 s (first: unpack and
 SECOND_CALL_S=240           # install the wheels) or 40 s (second: rebuild the model) under it (tests/test_gpu_check.py)
 LIMIT_SCALE=1               # dry-run: the step limits and budgets are the GPU's, times this (a shared 2-core CPU is slower)
