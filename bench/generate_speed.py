@@ -21,6 +21,16 @@ only with itself:
   - `peft/one-adapter`: PEFT with task 0's adapter on all T x R rows (PEFT cannot mix prompt
     adapters in one batch; this is its speed if it could; its outputs are not the tasks');
   - `plain`: `model.generate` on the T x R texts with no prompt at all (the machine's ceiling);
+- prefixes (skipped with --no-prefix): the T prompts converted exactly into prefixes (each soft
+  prompt's per-layer keys and values through the frozen model, prefix.prompt_key_values, the rule
+  of `train --method prefix --init-from`), served by the same engine over the same workload:
+  `softprompt-prefix/per-task`, `softprompt-prefix/mixed`, and `softprompt-both/mixed` (even
+  tasks as prompts, odd tasks as prefixes, in one batch, as the server batches them). Their ratio
+  to the prompt rows (`ratios.prefix_vs_prompt`) is issue 23's target: serving a prefix is at
+  least as fast as serving a prompt. A converted prefix is the same keys and values, so its greedy
+  tokens must be the prompt rows' (`checks.prefix_equals_prompt`, `checks.prefix_rows_differing`,
+  recorded, never fatal: fp32 must be exact (the dry-run test asserts it); bf16 is the same bf16
+  computation, cast through fp32 losslessly, so a mismatch there is worth a look, not an error);
 - one at a time: each request alone through softprompt, untimed: the mixed batch must equal it.
 The rival at a batching is the fastest of its PEFT/HF rows; softprompt's ratio to it is the
 headline, its ratio to plain PEFT (`peft`, `peft/one-adapter`) the second row. A rival that cannot
@@ -54,6 +64,7 @@ that computation done right, which is why the rival is the fastest row, not PEFT
     python bench/generate_speed.py --model smollm2-135m-instruct --dtype bfloat16
     python bench/generate_speed.py --device cpu                                   # CPU defaults
     python bench/generate_speed.py --device cpu --tasks 2 --per-task 2 --max-new-tokens 4   # a dry run
+    python bench/generate_speed.py --model smollm2-135m-instruct --no-prefix         # without the prefix rows
 """
 from __future__ import annotations
 
@@ -75,6 +86,7 @@ from softprompt.forward.cuda_graphs import capturable_attention  # noqa: E402
 from softprompt.generation.decode import DecodeBatch, PromptKV, eos_ids  # noqa: E402
 from softprompt.generation.generate import generate_batch  # noqa: E402
 from softprompt.generation.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
+from softprompt.prompts.prefix import PrefixPrompt, prefix_meta, prompt_key_values  # noqa: E402
 from softprompt.prompts.prompt import init_prompt  # noqa: E402
 
 TASK_TEXTS = [
@@ -93,6 +105,9 @@ DEFAULTS = {"cpu": dict(tasks=4, per_task=4, max_new_tokens=8, compile=False),
 # Which rows compete at each batching: softprompt's row, then its PEFT/HF rivals (the best is the reference).
 BATCHINGS = {"per-task": ("softprompt/per-task", ["peft", "peft-static", "hf/per-task", "hf-static/per-task"]),
              "mixed": ("softprompt/mixed", ["peft/one-adapter", "hf/mixed", "hf-static/mixed"])}
+# The prefix rows beside the prompt row they are compared with (speed ratio and greedy tokens).
+PREFIX_ROWS = {"softprompt-prefix/per-task": "softprompt/per-task", "softprompt-prefix/mixed": "softprompt/mixed",
+               "softprompt-both/mixed": "softprompt/mixed"}
 
 
 def workload(tok, tasks: int, per_task: int) -> list[list[int]]:
@@ -123,6 +138,15 @@ def peft_model_with(model, prompts: list[torch.Tensor]):
         pm.prompt_encoder[name].embedding.weight.data.copy_(p)
     pm.eval()
     return pm
+
+
+def as_prefixes(model, prompts: list[torch.Tensor]) -> list[PrefixPrompt]:
+    """Each soft prompt converted exactly into a prefix (its keys and values through the frozen model,
+    as `train --method prefix --init-from` starts one), held as the server holds a loaded prefix:
+    on the model's device, frozen."""
+    dev = model.get_input_embeddings().weight.device
+    return [PrefixPrompt(prompt_key_values(model, p), prefix_meta(model)).to(dev).requires_grad_(False)
+            for p in prompts]
 
 
 # ---------------------------------------------------------------- Hugging Face generate
@@ -232,8 +256,9 @@ def probe_peft(pm, tok, inputs, dev) -> dict:
 
 # ---------------------------------------------------------------- the paths
 
-def build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_static_error) -> dict:
-    """name -> a function running that path's whole workload and returning each row's new tokens."""
+def build_paths(args, model, tok, pm, prompts, prefixes, inputs, dev, eos, engine, peft_static_error) -> dict:
+    """name -> a function running that path's whole workload and returning each row's new tokens
+    (`prefixes`: the prompts converted, or None for no prefix rows)."""
     T, R, N = args.tasks, args.per_task, args.max_new_tokens
     cc = compile_config_for(dev) if args.compile else None
     rows = [(prompts[i // R], ids) for i, ids in enumerate(inputs)]
@@ -271,6 +296,8 @@ def build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_st
     paths["softprompt/per-task"] = lambda: sum((generate_batch(model, tok, rows[task(k)], gcfg, engine=engine)
                                                 for k in range(T)), [])
     paths["softprompt/mixed"] = lambda: generate_batch(model, tok, rows, gcfg, engine=engine)
+    if prefixes is not None:
+        paths.update(prefix_paths(model, tok, prefixes, prompts, inputs, T, R, gcfg, engine))
     paths["hf/mixed"] = lambda: hf_embeds(slice(None), False)
     paths["hf-static/mixed"] = lambda: hf_embeds(slice(None), True)
     if pm is not None:
@@ -279,9 +306,22 @@ def build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_st
     return paths
 
 
+def prefix_paths(model, tok, prefixes, prompts, inputs, T: int, R: int, gcfg, engine) -> dict:
+    """softprompt's generation with the converted prefixes on the same workload: per task, all in
+    one batch, and one batch with even tasks as prompts and odd tasks as prefixes."""
+    rows = [(prefixes[i // R], ids) for i, ids in enumerate(inputs)]
+    both = [((prompts if (i // R) % 2 == 0 else prefixes)[i // R], ids) for i, ids in enumerate(inputs)]
+    task = lambda k: slice(k * R, (k + 1) * R)  # noqa: E731
+    return {"softprompt-prefix/per-task": lambda: sum((generate_batch(model, tok, rows[task(k)], gcfg, engine=engine)
+                                                       for k in range(T)), []),
+            "softprompt-prefix/mixed": lambda: generate_batch(model, tok, rows, gcfg, engine=engine),
+            "softprompt-both/mixed": lambda: generate_batch(model, tok, both, gcfg, engine=engine)}
+
+
 def batch_sizes(name: str, T: int, R: int) -> list[int]:
     """The batch sizes a path runs, for the record (equal batching is checked from these)."""
-    return [R] * T if name in BATCHINGS["per-task"][1] + [BATCHINGS["per-task"][0]] else [T * R]
+    per_task = BATCHINGS["per-task"][1] + [BATCHINGS["per-task"][0], "softprompt-prefix/per-task"]
+    return [R] * T if name in per_task else [T * R]
 
 
 def timed(dev, fn):
@@ -349,16 +389,22 @@ def ratios(summary: dict) -> dict:
                          "plain_peft": plain, "vs_plain_peft": med[ours] / med[plain] if plain in med else None}
     if "softprompt/mixed" in med and "plain" in med:
         out["mixed_vs_plain_model"] = med["softprompt/mixed"] / med["plain"]
+    # Issue 23's target: a prefix row's median new tokens/s over its prompt row's (>= 1: as fast).
+    pairs = {"per-task": "softprompt-prefix/per-task", "mixed": "softprompt-prefix/mixed",
+             "both_mixed": "softprompt-both/mixed"}
+    prefix = {k: med[n] / med[PREFIX_ROWS[n]] for k, n in pairs.items() if n in med and PREFIX_ROWS[n] in med}
+    if prefix:
+        out["prefix_vs_prompt"] = prefix
     return out
 
 
 def print_table(summary: dict, rat: dict) -> None:
-    print(f"\n{'path':22s} {'batches':>10s} {'tok/s mean':>11s} {'tok/s median':>13s} {'warm-up s':>10s} {'= softprompt':>13s}")
+    print(f"\n{'path':26s} {'batches':>10s} {'tok/s mean':>11s} {'tok/s median':>13s} {'warm-up s':>10s} {'= softprompt':>13s}")
     for name, s in summary.items():
         sizes = s["batch_sizes"]
         b = f"{len(sizes)}x{sizes[0]}"
         eq = s.get("rows_equal_to_softprompt")
-        print(f"{name:22s} {b:>10s} {s['tok_s_mean']:11.1f} {s['tok_s_median']:13.1f} {s['warm_up_s']:10.1f} "
+        print(f"{name:26s} {b:>10s} {s['tok_s_mean']:11.1f} {s['tok_s_median']:13.1f} {s['warm_up_s']:10.1f} "
               f"{'' if eq is None else f'{100 * eq:.0f}%':>13s}")
     for batching in BATCHINGS:
         if batching in rat:
@@ -368,6 +414,8 @@ def print_table(summary: dict, rat: dict) -> None:
                   f"/ {r['plain_peft']} = {plain}")
     if "mixed_vs_plain_model" in rat:
         print(f"softprompt mixed / plain model without prompts: {rat['mixed_vs_plain_model']:.2f}x")
+    for k, v in rat.get("prefix_vs_prompt", {}).items():
+        print(f"prefix / prompt ({k.replace('_', ' ')}): {v:.2f}x")
 
 
 def checks(model, tok, engine, outs: dict, prompts, inputs, R: int, N: int, single: bool) -> dict:
@@ -382,9 +430,21 @@ def checks(model, tok, engine, outs: dict, prompts, inputs, R: int, N: int, sing
                  for i, ids in enumerate(inputs)]
         check["mixed_equals_single"] = mixed == alone
         check["rows_differing_from_single"] = sum(a != b for a, b in zip(mixed, alone))
+    check.update(prefix_checks(outs))
     check["engine_cuda_graph_replays"] = getattr(engine, "replays", 0)
     check["engine_cuda_graph_error"] = getattr(engine, "graph_error", None)
     return check
+
+
+def prefix_checks(outs: dict) -> dict:
+    """A converted prefix is the same keys and values as its prompt: each prefix row's greedy tokens
+    against its prompt row's (fp32: equal; bf16: mismatches are recorded)."""
+    pairs = [(n, ref) for n, ref in PREFIX_ROWS.items() if n in outs]
+    if not pairs:
+        return {"prefix_equals_prompt": None, "prefix_rows_differing": None}
+    differing = {n: sum(a != b for a, b in zip(outs[n], outs[ref])) for n, ref in pairs}
+    return {"prefix_equals_prompt": not any(differing.values()), "prefix_rows_differing": sum(differing.values()),
+            "prefix_rows_differing_by_path": differing}
 
 
 def pin_attention(model, want: str) -> str:
@@ -409,7 +469,7 @@ def settings(args, dev, attn: str, engine: str) -> dict:
             "compile": args.compile, "compile_config": compile_config_for(dev).to_dict() if args.compile else None,
             "warmup": "one untimed pass of each path's whole workload before any timing; then --repeats rounds, "
                        "paths in turn", "static_cache_padding": "left padded to the workload's longest row",
-            "engine": engine}
+            "engine": engine, "prefix": args.prefix}
 
 
 def parse_args() -> argparse.Namespace:
@@ -428,6 +488,8 @@ def parse_args() -> argparse.Namespace:
                          "compile time lands in their warm-up")
     ap.add_argument("--no-peft", dest="peft", action="store_false", help="skip PEFT's paths")
     ap.add_argument("--no-single", dest="single", action="store_false", help="skip the one-at-a-time check")
+    ap.add_argument("--no-prefix", dest="prefix", action="store_false",
+                    help="skip the prefix rows (the prompts converted into prefixes, served the same way)")
     ap.add_argument("--engine", default="auto", choices=["auto", "static", "growing"],
                     help="softprompt's decode engine (auto: static CUDA-graph slots on a GPU where the model allows)")
     ap.add_argument("--out", default="")
@@ -450,6 +512,7 @@ def main() -> None:
     prompts = [init_prompt(model, tok, PromptConfig(virtual_tokens=args.virtual_tokens, init="text",
                                                     init_text=TASK_TEXTS[k])).embeds.detach().to(dev, dtype)
                for k in range(T)]
+    prefixes = as_prefixes(model, prompts) if args.prefix else None
     inputs = workload(tok, T, R)
     eos = eos_ids(model, tok)
     pm = peft_model_with(model, prompts) if args.peft else None
@@ -463,14 +526,14 @@ def main() -> None:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, args.dtype)
     out = args.out or RESULTS / f"generate_speed_{tag}_{short}_{dev.type}.json"
     results = Results(out, {**settings(args, dev, attn, type(engine).__name__), **probes})
-    paths = build_paths(args, model, tok, pm, prompts, inputs, dev, eos, engine, peft_static_error)
+    paths = build_paths(args, model, tok, pm, prompts, prefixes, inputs, dev, eos, engine, peft_static_error)
     with kernels:
         outs, warm, times = measure(paths, args.repeats, dev, results)
         check = checks(model, tok, engine, outs, prompts, inputs, R, N, args.single)
     # Rows that run the same prompts on the same texts must give softprompt's greedy tokens.
     ref = {"peft": "softprompt/per-task", "peft-static": "softprompt/per-task", "hf/per-task": "softprompt/per-task",
            "hf-static/per-task": "softprompt/per-task", "hf/mixed": "softprompt/mixed",
-           "hf-static/mixed": "softprompt/mixed"}
+           "hf-static/mixed": "softprompt/mixed", **PREFIX_ROWS}
     summary = {n: summarise(n, outs[n], times[n], warm[n], T, R, outs.get(ref.get(n))) for n in paths}
     rat = ratios(summary)
     results.doc.update(paths=summary, ratios=rat, checks=check)
