@@ -90,3 +90,59 @@ def test_lm_eval_accuracy_equals_softprompt_eval_on_sst2_rows(tmp_path):
     print(f"lm_eval acc {res['results']['sst2_local']['acc,none']:.4f}, softprompt eval {ours['accuracy']:.4f} on 48 rows")
     assert right(res["results"]["sst2_local"]["acc,none"]) == right(ours["accuracy"])
     assert ours["n"] == 48 and 14 < right(ours["accuracy"]) < 48
+
+
+# ---------------------------------------------------------------- a prefix (per-layer keys and values)
+
+PAIRS = [("Country: France\nFacts:", " capital=Paris"), ("Review: a dull film\nSentiment:", " negative"),
+         ("Act as a teacher.", "\nPrompt: explain things"), ("Country: Peru", " and more")]
+
+
+def _prefix(model, tok, out):
+    """A random prefix saved under `out`, 30x the model's own key/value spread (at its own scale a prefix
+    barely moves the tiny models' near-uniform next-token distributions)."""
+    from types import SimpleNamespace
+
+    from softprompt.prompts.prefix import PrefixPrompt, init_prefix
+
+    pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=5, init="random", init_text="Act."), seed=5)
+    save_prompt(PrefixPrompt(pre.key_values().detach() * 30, pre.meta), out, {"model": "tiny", "chat": False})
+
+
+def _by_hand(model, prefix, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """The model's own forward over ctx + cont with the prefix's keys and values as past_key_values
+    (None: no prefix): the continuation's summed log-probability and whether it is the greedy one."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([ctx + cont])
+    P = prefix.length if prefix is not None else 0
+    cache = (DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in prefix.past_key_values(model)])
+             if prefix is not None else None)
+    with torch.no_grad():
+        z = model(input_ids=ids, attention_mask=torch.ones(1, P + ids.shape[1], dtype=torch.long),
+                  cache=cache, use_cache=prefix is not None).logits[0].float()
+    lp = torch.log_softmax(z, -1)[len(ctx) - 1:-1]  # the states that predict the continuation's tokens
+    y = torch.tensor(cont)
+    return float(lp.gather(1, y[:, None]).sum()), bool((lp.argmax(-1) == y).all())
+
+
+def test_prefix_loglikelihood_is_the_models_own_with_the_prefix_as_cache(model_dir, tmp_path):
+    """Llama (grouped-query attention: 2 kv heads for 4) and BLOOM (ALiBi): the wrapper's loglikelihood
+    with a prefix is what the model's own forward gives with the prefix's keys and values as its cache,
+    within 1e-5 in fp32; an empty context scores its first token after BOS (a prefix predicts no token)."""
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prompt import load_prompt
+
+    _prefix(*load_model(str(model_dir)), tmp_path / "pre")
+    lm = SoftpromptLM(pretrained=str(model_dir), prompt=str(tmp_path / "pre"), device="cpu", batch_size=2)
+    prefix = load_prompt(tmp_path / "pre", lm.model)
+    pairs = PAIRS + [("", " capital=Paris")]
+    got = lm.loglikelihood([_req(c, t) for c, t in pairs])
+    start = [lm.tok.bos_token_id if lm.tok.bos_token_id is not None else lm.tok.eos_token_id]
+    ids = [(lm.tok(c).input_ids or start, lm.tok(t, add_special_tokens=False).input_ids) for c, t in pairs]
+    want = [_by_hand(lm.model, prefix, c, t) for c, t in ids]
+    assert [g for g, _ in got] == pytest.approx([w for w, _ in want], abs=1e-5)
+    assert [g for _, g in got] == [w for _, w in want]
+    # The prefix is in play: without it the model scores every pair otherwise.
+    bare = [_by_hand(lm.model, None, c, t)[0] for c, t in ids]
+    assert all(abs(g - b) > 1e-3 for (g, _), b in zip(got, bare))
