@@ -13,7 +13,7 @@ from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa
 from softprompt.evaluation.evaluate import eval_prompt  # noqa: E402
 from softprompt.evaluation.lmeval_model import SoftpromptLM  # noqa: E402
 from softprompt.forward.classify import continuation_logprobs  # noqa: E402
-from softprompt.prompts.prompt import init_prompt, save_prompt  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, init_prompt, save_prompt  # noqa: E402
 
 from conftest import SHARED  # noqa: E402
 
@@ -146,3 +146,36 @@ def test_prefix_loglikelihood_is_the_models_own_with_the_prefix_as_cache(model_d
     # The prefix is in play: without it the model scores every pair otherwise.
     bare = [_by_hand(lm.model, None, c, t)[0] for c, t in ids]
     assert all(abs(g - b) > 1e-3 for (g, _), b in zip(got, bare))
+
+
+def test_a_soft_prompt_and_its_prefix_score_and_generate_the_same(model_dir, tmp_path):
+    """A soft prompt converted to a prefix (its keys and values through the frozen model, --init-from's
+    rule) gives the soft prompt's loglikelihoods within 1e-5 wherever the continuation does not start
+    the text (the soft prompt's last state predicts a first token; a prefix has none), its rolling
+    loglikelihoods (each window starts after BOS), and its greedy generate_until text."""
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prefix import PrefixPrompt, prefix_meta, prompt_key_values
+
+    model, tok = load_model(str(model_dir))
+    gen = torch.Generator().manual_seed(7)
+    soft = SoftPrompt(torch.randn(4, model.config.hidden_size, generator=gen) * 0.5)
+    meta = {"model": str(model_dir), "chat": False}
+    save_prompt(soft, tmp_path / "soft", meta)
+    save_prompt(PrefixPrompt(prompt_key_values(model, soft.embeds), prefix_meta(model)), tmp_path / "pre", meta)
+    lms = [SoftpromptLM(pretrained=str(model_dir), prompt=str(tmp_path / p), device="cpu", batch_size=2,
+                        max_length=8) for p in ("soft", "pre")]
+    assert lms[1].prompt.kind == "prefix"
+    lls = [[s for s, _ in lm.loglikelihood([_req(c, t) for c, t in PAIRS])] for lm in lms]
+    assert lls[1] == pytest.approx(lls[0], abs=1e-5)
+    texts = ["Country: France\nFacts: capital=Paris; continent=Europe", "Act as a teacher."]
+    rolled = [lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0)
+                                        for t in texts]) for lm in lms]
+    assert rolled[1] == pytest.approx(rolled[0], abs=1e-5)
+    asks = [Instance(request_type="generate_until", doc={}, arguments=(c, {"until": [], "max_gen_toks": 6}), idx=0)
+            for c, _ in PAIRS[:2]]
+    made = [lm.generate_until(asks) for lm in lms]
+    assert made[1] == made[0] and all(made[0])
+    # The prompt is in play: the untuned model scores the pairs otherwise (on the near-uniform tiny
+    # Llama by a few hundredths only).
+    bare = SoftpromptLM(pretrained=str(model_dir), device="cpu").loglikelihood([_req(c, t) for c, t in PAIRS])
+    assert max(abs(a - b) for a, (b, _) in zip(lls[0], bare)) > 1e-2
