@@ -15,7 +15,7 @@ from softprompt.evaluation.lmeval_model import SoftpromptLM  # noqa: E402
 from softprompt.forward.classify import continuation_logprobs  # noqa: E402
 from softprompt.prompts.prompt import SoftPrompt, init_prompt, save_prompt  # noqa: E402
 
-from conftest import SHARED  # noqa: E402
+from conftest import EXAMPLES, SHARED  # noqa: E402
 
 TASK = """task: sst2_local
 dataset_path: json
@@ -179,3 +179,48 @@ def test_a_soft_prompt_and_its_prefix_score_and_generate_the_same(model_dir, tmp
     # Llama by a few hundredths only).
     bare = SoftpromptLM(pretrained=str(model_dir), device="cpu").loglikelihood([_req(c, t) for c, t in PAIRS])
     assert max(abs(a - b) for a, (b, _) in zip(lls[0], bare)) > 1e-2
+
+
+COUNTRIES_TASK = """task: countries_europe
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "Country: {{{{country}}}}\\nEurope:"
+doc_to_choice: ["no", "yes"]
+doc_to_target: europe
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_command_on_a_prefix_train_wrote(llama_dir, tmp_path, capsys):
+    """The journey: `train --method prefix` (two steps) on the tiny Llama, then `lm-eval` on its folder
+    with a local multiple-choice task: lm_eval's acc is `softprompt eval`'s accuracy on the same rows."""
+    from softprompt.cli import main
+    from softprompt.core.config import ModelConfig
+
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()][:24]
+    data = tmp_path / "countries.jsonl"
+    data.write_text("".join(json.dumps({"country": r["country"], "europe": int(r["continent"] == "Europe")}) + "\n"
+                            for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "countries_europe.yaml").write_text(COUNTRIES_TASK.format(data=data))
+    pre = tmp_path / "pre"
+    assert main(["train", "--model", str(llama_dir), "--method", "prefix", "--data", str(data), "--template",
+                 "Country: {country}\\nEurope:", "--label-col", "europe", "--labels", "no,yes", "--max-steps", "2",
+                 "--warmup-steps", "0", "--batch-size", "4", "--virtual-tokens", "3", "--eval-fraction", "0",
+                 "--no-eval-untuned", "--out", str(pre)]) == 0
+    assert json.loads((pre / "prompt_config.json").read_text())["kind"] == "prefix"
+    capsys.readouterr()
+    assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},prompt={pre},device=cpu", "--tasks",
+                 "countries_europe", "--include_path", str(tmp_path / "tasks"), "--batch_size", "8",
+                 "--output_path", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "countries_europe" in table and "acc" in table
+    acc = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["countries_europe"]
+    ours = eval_prompt(ModelConfig(model=str(llama_dir), device="cpu"), DataConfig(data=str(data)), str(pre))
+    print(f"lm_eval acc {acc['acc,none']:.4f}, softprompt eval {ours['accuracy']:.4f} on 24 rows")
+    assert ours["n"] == 24 and round(acc["acc,none"] * 24, 3) == round(ours["accuracy"] * 24, 3)
