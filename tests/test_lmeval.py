@@ -13,9 +13,9 @@ from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa
 from softprompt.evaluation.evaluate import eval_prompt  # noqa: E402
 from softprompt.evaluation.lmeval_model import SoftpromptLM  # noqa: E402
 from softprompt.forward.classify import continuation_logprobs  # noqa: E402
-from softprompt.prompts.prompt import init_prompt, save_prompt  # noqa: E402
+from softprompt.prompts.prompt import SoftPrompt, init_prompt, save_prompt  # noqa: E402
 
-from conftest import SHARED  # noqa: E402
+from conftest import EXAMPLES, SHARED  # noqa: E402
 
 TASK = """task: sst2_local
 dataset_path: json
@@ -90,3 +90,137 @@ def test_lm_eval_accuracy_equals_softprompt_eval_on_sst2_rows(tmp_path):
     print(f"lm_eval acc {res['results']['sst2_local']['acc,none']:.4f}, softprompt eval {ours['accuracy']:.4f} on 48 rows")
     assert right(res["results"]["sst2_local"]["acc,none"]) == right(ours["accuracy"])
     assert ours["n"] == 48 and 14 < right(ours["accuracy"]) < 48
+
+
+# ---------------------------------------------------------------- a prefix (per-layer keys and values)
+
+PAIRS = [("Country: France\nFacts:", " capital=Paris"), ("Review: a dull film\nSentiment:", " negative"),
+         ("Act as a teacher.", "\nPrompt: explain things"), ("Country: Peru", " and more")]
+
+
+def _prefix(model, tok, out):
+    """A random prefix saved under `out`, 30x the model's own key/value spread (at its own scale a prefix
+    barely moves the tiny models' near-uniform next-token distributions)."""
+    from types import SimpleNamespace
+
+    from softprompt.prompts.prefix import PrefixPrompt, init_prefix
+
+    pre = init_prefix(model, tok, SimpleNamespace(virtual_tokens=5, init="random", init_text="Act."), seed=5)
+    save_prompt(PrefixPrompt(pre.key_values().detach() * 30, pre.meta), out, {"model": "tiny", "chat": False})
+
+
+def _by_hand(model, prefix, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """The model's own forward over ctx + cont with the prefix's keys and values as past_key_values
+    (None: no prefix): the continuation's summed log-probability and whether it is the greedy one."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([ctx + cont])
+    P = prefix.length if prefix is not None else 0
+    cache = (DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in prefix.past_key_values(model)])
+             if prefix is not None else None)
+    with torch.no_grad():
+        z = model(input_ids=ids, attention_mask=torch.ones(1, P + ids.shape[1], dtype=torch.long),
+                  cache=cache, use_cache=prefix is not None).logits[0].float()
+    lp = torch.log_softmax(z, -1)[len(ctx) - 1:-1]  # the states that predict the continuation's tokens
+    y = torch.tensor(cont)
+    return float(lp.gather(1, y[:, None]).sum()), bool((lp.argmax(-1) == y).all())
+
+
+def test_prefix_loglikelihood_is_the_models_own_with_the_prefix_as_cache(model_dir, tmp_path):
+    """Llama (grouped-query attention: 2 kv heads for 4) and BLOOM (ALiBi): the wrapper's loglikelihood
+    with a prefix is what the model's own forward gives with the prefix's keys and values as its cache,
+    within 1e-5 in fp32; an empty context scores its first token after BOS (a prefix predicts no token)."""
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prompt import load_prompt
+
+    _prefix(*load_model(str(model_dir)), tmp_path / "pre")
+    lm = SoftpromptLM(pretrained=str(model_dir), prompt=str(tmp_path / "pre"), device="cpu", batch_size=2)
+    prefix = load_prompt(tmp_path / "pre", lm.model)
+    pairs = PAIRS + [("", " capital=Paris")]
+    got = lm.loglikelihood([_req(c, t) for c, t in pairs])
+    start = [lm.tok.bos_token_id if lm.tok.bos_token_id is not None else lm.tok.eos_token_id]
+    ids = [(lm.tok(c).input_ids or start, lm.tok(t, add_special_tokens=False).input_ids) for c, t in pairs]
+    want = [_by_hand(lm.model, prefix, c, t) for c, t in ids]
+    assert [g for g, _ in got] == pytest.approx([w for w, _ in want], abs=1e-5)
+    assert [g for _, g in got] == [w for _, w in want]
+    # The prefix is in play: without it the model scores every pair otherwise.
+    bare = [_by_hand(lm.model, None, c, t)[0] for c, t in ids]
+    assert all(abs(g - b) > 1e-3 for (g, _), b in zip(got, bare))
+
+
+def test_a_soft_prompt_and_its_prefix_score_and_generate_the_same(model_dir, tmp_path):
+    """A soft prompt converted to a prefix (its keys and values through the frozen model, --init-from's
+    rule) gives the soft prompt's loglikelihoods within 1e-5 wherever the continuation does not start
+    the text (the soft prompt's last state predicts a first token; a prefix has none), its rolling
+    loglikelihoods (each window starts after BOS), and its greedy generate_until text."""
+    from softprompt.base.models import load_model
+    from softprompt.prompts.prefix import PrefixPrompt, prefix_meta, prompt_key_values
+
+    model, tok = load_model(str(model_dir))
+    gen = torch.Generator().manual_seed(7)
+    soft = SoftPrompt(torch.randn(4, model.config.hidden_size, generator=gen) * 0.5)
+    meta = {"model": str(model_dir), "chat": False}
+    save_prompt(soft, tmp_path / "soft", meta)
+    save_prompt(PrefixPrompt(prompt_key_values(model, soft.embeds), prefix_meta(model)), tmp_path / "pre", meta)
+    lms = [SoftpromptLM(pretrained=str(model_dir), prompt=str(tmp_path / p), device="cpu", batch_size=2,
+                        max_length=8) for p in ("soft", "pre")]
+    assert lms[1].prompt.kind == "prefix"
+    lls = [[s for s, _ in lm.loglikelihood([_req(c, t) for c, t in PAIRS])] for lm in lms]
+    assert lls[1] == pytest.approx(lls[0], abs=1e-5)
+    texts = ["Country: France\nFacts: capital=Paris; continent=Europe", "Act as a teacher."]
+    rolled = [lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0)
+                                        for t in texts]) for lm in lms]
+    assert rolled[1] == pytest.approx(rolled[0], abs=1e-5)
+    asks = [Instance(request_type="generate_until", doc={}, arguments=(c, {"until": [], "max_gen_toks": 6}), idx=0)
+            for c, _ in PAIRS[:2]]
+    made = [lm.generate_until(asks) for lm in lms]
+    assert made[1] == made[0] and all(made[0])
+    # The prompt is in play: the untuned model scores the pairs otherwise (on the near-uniform tiny
+    # Llama by a few hundredths only).
+    bare = SoftpromptLM(pretrained=str(model_dir), device="cpu").loglikelihood([_req(c, t) for c, t in PAIRS])
+    assert max(abs(a - b) for a, (b, _) in zip(lls[0], bare)) > 1e-2
+
+
+COUNTRIES_TASK = """task: countries_europe
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "Country: {{{{country}}}}\\nEurope:"
+doc_to_choice: ["no", "yes"]
+doc_to_target: europe
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_command_on_a_prefix_train_wrote(llama_dir, tmp_path, capsys):
+    """The journey: `train --method prefix` (two steps) on the tiny Llama, then `lm-eval` on its folder
+    with a local multiple-choice task: lm_eval's acc is `softprompt eval`'s accuracy on the same rows."""
+    from softprompt.cli import main
+    from softprompt.core.config import ModelConfig
+
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()][:24]
+    data = tmp_path / "countries.jsonl"
+    data.write_text("".join(json.dumps({"country": r["country"], "europe": int(r["continent"] == "Europe")}) + "\n"
+                            for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "countries_europe.yaml").write_text(COUNTRIES_TASK.format(data=data))
+    pre = tmp_path / "pre"
+    assert main(["train", "--model", str(llama_dir), "--method", "prefix", "--data", str(data), "--template",
+                 "Country: {country}\\nEurope:", "--label-col", "europe", "--labels", "no,yes", "--max-steps", "2",
+                 "--warmup-steps", "0", "--batch-size", "4", "--virtual-tokens", "3", "--eval-fraction", "0",
+                 "--no-eval-untuned", "--out", str(pre)]) == 0
+    assert json.loads((pre / "prompt_config.json").read_text())["kind"] == "prefix"
+    capsys.readouterr()
+    assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},prompt={pre},device=cpu", "--tasks",
+                 "countries_europe", "--include_path", str(tmp_path / "tasks"), "--batch_size", "8",
+                 "--output_path", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "countries_europe" in table and "acc" in table
+    acc = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["countries_europe"]
+    ours = eval_prompt(ModelConfig(model=str(llama_dir), device="cpu"), DataConfig(data=str(data)), str(pre))
+    print(f"lm_eval acc {acc['acc,none']:.4f}, softprompt eval {ours['accuracy']:.4f} on 24 rows")
+    assert ours["n"] == 24 and round(acc["acc,none"] * 24, 3) == round(ours["accuracy"] * 24, 3)

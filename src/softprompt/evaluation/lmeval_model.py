@@ -7,6 +7,11 @@ the chat template when the prompt was trained on chat), its continuation on its 
 continuation's log-likelihood is the sum over its tokens of the states `forward.supervised`
 gives, as `softprompt eval` scores label words, so lm_eval's accuracy on a multiple-choice task
 is rank classification by `softprompt eval` on the same rows.
+
+Every kind of prompt works: a soft prompt is its input embeddings, a prefix (per-layer keys and
+values) is the cache the text attends to (forward.hidden's kv path when scoring, the decoder's
+per-prompt cache when generating), both through prompt_protocol.forward_input as `eval` and
+`generate` take it.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from lm_eval.api.registry import register_model
 
 from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig
-from ..core.prompt_protocol import embeds_for
+from ..core.prompt_protocol import forward_input
 from ..data.batching import Example, collate, pad_id
 from ..data.formatting import chat_wrap
 from ..forward.hidden import logits, supervised
@@ -39,8 +44,12 @@ class SoftpromptLM(LM):
         super().__init__()
         self.model, self.tok = load_model(ModelConfig(model=str(pretrained), dtype=dtype, device=device or "auto"))
         sp = None if str(prompt) in ("", "none") else load_prompt(str(prompt), self.model)
-        self.prompt = (embeds_for(sp, "the lm-eval model", prompt).detach().to(self.model.device)
-                       if sp is not None else None)
+        if sp is not None:  # scored, never trained here
+            sp = sp.to(self.model.device).requires_grad_(False)
+        # [P, H] input embeddings, or a prefix itself (its keys and values are the text's cache)
+        self.prompt = forward_input(sp)
+        # A soft prompt's last state predicts the text's first token; a prefix has none (nor has no prompt).
+        self.first_predicted = isinstance(self.prompt, torch.Tensor) and self.prompt.shape[0] > 0
         self.chat = bool(sp.meta.get("chat")) if chat is None and sp is not None else bool(chat)
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length)
@@ -51,7 +60,7 @@ class SoftpromptLM(LM):
         if self.chat:
             return self.tok(chat_wrap(self.tok, context), add_special_tokens=False).input_ids
         ids = self.tok(context).input_ids
-        if not ids and self.prompt is None:  # nothing would predict the first token
+        if not ids and not self.first_predicted:  # nothing would predict the first token
             ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
         return ids
 
