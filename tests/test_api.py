@@ -335,3 +335,42 @@ def test_from_pretrained_reads_a_peft_adapter_folder(llama_dir, tmp_path):
     assert torch.equal(again.prompt.embeds, sp.prompt.embeds) and again.prompt.embeds.requires_grad
     with pytest.raises(softprompt.SoftpromptError, match="missing prompt file"):
         softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "nothing")
+
+
+def test_a_prefix_folder_works_through_softprompt_model(model_dir, tmp_path):
+    """A prompt `train --method prefix` writes, held by SoftPromptModel: its loss is `softprompt eval`'s,
+    its tokens `softprompt generate`'s, and save_pretrained writes what PEFT reads back as PrefixTuning
+    with the same loss."""
+    peft = pytest.importorskip("peft")
+    from softprompt.core.config import PromptConfig
+    from softprompt.prompts.prefix import init_prefix
+    from softprompt.prompts.prompt import save_prompt
+
+    model, tok = load_model(str(model_dir))
+    data = _data(tmp_path)
+    torch.manual_seed(0)
+    pre = init_prefix(model, tok, PromptConfig(virtual_tokens=5, init="random"), seed=4)
+    save_prompt(pre, tmp_path / "prefix", {"model": str(model_dir)})
+    sp = softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "prefix", tokenizer=tok)
+    batch, _ = _batch(tok, data, **IO)
+    with torch.no_grad():
+        ours = float(sp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
+    ref = softprompt.evaluate(prompt=tmp_path / "prefix", model=model, tokenizer=tok, data=str(data), **IO)
+    assert abs(ours - ref["loss"]) < 1e-6
+    with sp.disable_adapter(), torch.no_grad():
+        untuned = float(sp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
+    assert abs(untuned - ours) > 1e-4, "the prefix changed nothing"
+
+    gen = softprompt.generate(TEXTS, prompt=tmp_path / "prefix", model=model, tokenizer=tok, max_new_tokens=8)
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    out = sp.generate(**enc, max_new_tokens=8)
+    T = enc.input_ids.shape[1]
+    assert tok.batch_decode(out[:, T:], skip_special_tokens=True) == [r["tuned"] for r in gen]
+
+    sp.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    with torch.no_grad():
+        pm = peft.PeftModel.from_pretrained(model, tmp_path / "saved")
+        theirs = float(pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
+        pm.unload() if hasattr(pm, "unload") else None
+    assert abs(ours - theirs) < 1e-5

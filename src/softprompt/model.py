@@ -22,6 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
+from .core.prompt_protocol import Prompt, forward_input
 from .data.batching import Batch
 from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
 from .forward.paths import choose_path
@@ -47,7 +48,7 @@ class SoftPromptModel(nn.Module):
     supports_gradient_checkpointing = True
     _keys_to_ignore_on_save = None
 
-    def __init__(self, base_model, prompt: SoftPrompt | None, tokenizer=None, forward_path: str = "auto"):
+    def __init__(self, base_model, prompt: Prompt | None, tokenizer=None, forward_path: str = "auto"):
         super().__init__()
         self.base_model = base_model
         base_model.requires_grad_(False)
@@ -78,7 +79,7 @@ class SoftPromptModel(nn.Module):
         prompt.requires_grad_(is_trainable)
         self.add_prompt(adapter_name, prompt.to(self.device))
 
-    def add_prompt(self, name: str, prompt: SoftPrompt) -> None:
+    def add_prompt(self, name: str, prompt: Prompt) -> None:
         check_fits(prompt.hidden_size, self.base_model, f"prompt {name!r}")
         self.prompts[name] = prompt
         self.active_adapter = name
@@ -98,7 +99,7 @@ class SoftPromptModel(nn.Module):
             self.active_adapter = before
 
     @property
-    def prompt(self) -> SoftPrompt | None:
+    def prompt(self) -> Prompt | None:
         return self.prompts[self.active_adapter] if self.active_adapter is not None else None
 
     # ------------------------------------------------------------------ what the Trainer and PEFT users touch
@@ -210,10 +211,11 @@ class SoftPromptModel(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
-        p = self.prompt() if self.prompt is not None else None
+        p = forward_input(self.prompt)  # [P, H] with its gradient, or a prefix itself (its keys and values)
         path = self.forward_path
-        if p is not None:  # checkpointed layers drop the cache that carries the prompt's keys: concat then
-            path = choose_path(self.base_model, path, rows=mask, checkpointing=self.is_gradient_checkpointing).path
+        if p is not None:  # checkpointed layers drop the cache that carries a soft prompt's keys: concat then
+            path = choose_path(self.base_model, path, rows=mask, checkpointing=self.is_gradient_checkpointing,
+                               deep=p is self.prompt).path
         loss = out_logits = None
         if labels is not None:
             targets = labels.to(input_ids.device).masked_fill(mask == 0, -100)
@@ -258,7 +260,7 @@ class SoftPromptModel(nn.Module):
                              top_p=1.0 if top_p is None else top_p,
                              repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
-        p = self.prompt.embeds.detach() if self.prompt is not None else None
+        p = forward_input(self.prompt)  # under no_grad: the soft prompt's [P, H], or the prefix
         rows = [(p, ids[m.bool()].tolist()) for ids, m in zip(input_ids, mask)]
         engine = decode_batch_for(self.base_model, tok)
         if eos_token_id is not None:
