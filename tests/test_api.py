@@ -374,3 +374,68 @@ def test_a_prefix_folder_works_through_softprompt_model(model_dir, tmp_path):
         theirs = float(pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
         pm.unload() if hasattr(pm, "unload") else None
     assert abs(ours - theirs) < 1e-5
+
+
+def test_trainer_trains_the_prefix_softprompt_train_trains(model_dir, tmp_path):
+    """A prefix under transformers.Trainer, with gradient checkpointing (which PEFT's prefix tuning
+    refuses, peft#869), trains the keys and values `softprompt train --method prefix` trains without
+    it: the same random start, one batch holding every row, a constant rate."""
+    from transformers import Trainer, TrainingArguments
+
+    model, tok = load_model(str(model_dir))
+    data = _data(tmp_path, 6)
+    batch, rows = _batch(tok, data, **IO)
+    pm = softprompt.get_softprompt_model(model, method="prefix", virtual_tokens=3, init="random",
+                                         init_text="Country facts.", tokenizer=tok, seed=0)
+    start = pm.prompt.key_values().detach().clone()
+    feats = [{"input_ids": i, "attention_mask": m, "labels": l}
+             for i, m, l in zip(batch.input_ids, batch.attention_mask, batch.targets)]
+    stack = lambda fs: {k: torch.stack([f[k] for f in fs]) for k in fs[0]}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=len(feats),
+                             learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                             max_grad_norm=1.0, optim="adamw_torch", save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, activation_checkpointing=True)
+    Trainer(model=pm, args=args, train_dataset=feats, data_collator=stack).train()
+    assert pm.is_gradient_checkpointing
+    assert [n for n, p in pm.named_parameters() if p.requires_grad] == ["prompts.default.kv"]
+    softprompt.train(model=model, tokenizer=tok, data=str(data), eval_fraction=0.0, **IO, method="prefix",
+                     virtual_tokens=3, init="random", init_text="Country facts.", batch_size=len(rows), max_steps=3,
+                     lr=1e-2, schedule="constant", warmup_steps=0, grad_clip=1.0, out=str(tmp_path / "sp"),
+                     save_every=0, eval_untuned=False)
+    ours = softprompt.load_prompt(tmp_path / "sp").key_values()
+    assert torch.allclose(start, softprompt.get_softprompt_model(
+        model, method="prefix", virtual_tokens=3, init="random", init_text="Country facts.", tokenizer=tok,
+        seed=0).prompt.key_values(), atol=0, rtol=0)  # the same start on both sides
+    assert torch.allclose(pm.prompt.key_values().detach(), ours, atol=1e-5, rtol=0)
+    assert (ours - start).abs().max() > 1e-3  # both moved it, the same way
+
+
+def test_peft_prefix_tuning_config_drop_in(llama_dir, tmp_path):
+    """`PrefixTuningConfig` + `get_peft_model` as a PEFT script writes them: a trainable prefix (with
+    its projection MLP when asked), saved as a PEFT PrefixTuning adapter that PEFT reads with the same
+    loss; widths softprompt's projection cannot take are one ValueError."""
+    peft = pytest.importorskip("peft")
+    model, tok = load_model(str(llama_dir))
+    batch, _ = _batch(tok, _data(tmp_path), **IO)
+    cfg = softprompt.PrefixTuningConfig(task_type=softprompt.TaskType.CAUSAL_LM, num_virtual_tokens=4,
+                                        prefix_projection=True)
+    pm = softprompt.get_peft_model(model, cfg)
+    pm.tokenizer = tok
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("prompts.default.") for n in trainable) and "prompts.default.kv" not in trainable
+    out = pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
+    out.loss.backward()
+    assert pm.prompt.transform[2].weight.grad.abs().sum() > 0  # the gradient reaches the MLP
+    with torch.no_grad():
+        pm.prompt.transform[2].bias.add_(0.05)  # a step away from the init, so the fold has work to do
+        ours = float(pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss)
+    pm.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(model, tmp_path / "saved")(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets).loss
+    assert abs(ours - float(theirs)) < 1e-5
+    with pytest.raises(ValueError, match="encoder_hidden_size 7"):
+        softprompt.get_peft_model(model, softprompt.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=7))
+    with pytest.raises(ValueError, match="method 'ptuning'"):
+        softprompt.get_softprompt_model(model, method="ptuning", tokenizer=tok)

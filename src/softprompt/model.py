@@ -26,7 +26,8 @@ from .core.prompt_protocol import Prompt, forward_input
 from .data.batching import Batch
 from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
 from .forward.paths import choose_path
-from .prompts.prompt import SoftPrompt, check_fits, init_prompt, save_prompt
+from .prompts.prefix import init_prefix
+from .prompts.prompt import check_fits, init_prompt, save_prompt
 
 DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's
 
@@ -294,7 +295,9 @@ class SoftPromptModel(nn.Module):
             raise ValueError("save_pretrained: no active prompt to save")
         out = Path(save_directory)
         name = str(self.prompt.meta.get("model") or self.name_or_path)
-        save_prompt(self.prompt, out, {"model": name})
+        # A projecting prefix saves its keys and values (the MLP run once), as `train --method prefix` does.
+        saved = self.prompt.folded() if getattr(self.prompt, "projection", False) else self.prompt
+        save_prompt(saved, out, {"model": name})
         with tempfile.TemporaryDirectory() as tmp:
             peft = export_peft(out, Path(tmp) / "peft", hub_model_id(name))
             for f in peft.iterdir():
@@ -312,19 +315,34 @@ class SoftPromptModel(nn.Module):
 
 
 def get_softprompt_model(base_model, config: PromptConfig | None = None, tokenizer=None, seed: int = 0,
-                         forward_path: str = "auto", **prompt_kwargs: Any) -> SoftPromptModel:
+                         forward_path: str = "auto", method: str = "prompt", prefix_projection: bool = False,
+                         **prompt_kwargs: Any) -> SoftPromptModel:
     """`base_model` (frozen) with a new trainable prompt made as `softprompt train` makes it:
-    `config` or PromptConfig's keywords (virtual_tokens=, init=, init_text=, init_file=)."""
+    `config` or PromptConfig's keywords (virtual_tokens=, init=, init_text=, init_file=).
+    `method="prefix"`: per-layer keys and values (`train --method prefix`'s PrefixPrompt; with
+    `prefix_projection`, produced through its MLP while training)."""
     from .api import python_errors, split_kwargs
 
+    if method not in ("prompt", "prefix"):
+        raise ValueError(f"method {method!r}: a SoftPromptModel trains a 'prompt' or a 'prefix' (ptuning and "
+                         "residual train an encoder: use softprompt.train(method=...))")
+    if prefix_projection and method != "prefix":
+        raise ValueError("prefix_projection=True is for method='prefix'")
     if config is None:
         (config,) = split_kwargs("get_softprompt_model", prompt_kwargs, (PromptConfig,))
     elif prompt_kwargs:
         raise TypeError("get_softprompt_model(): give a config or PromptConfig's keywords, not both")
+    if method == "prefix" and config.init not in ("auto", "text", "random"):
+        raise ValueError(f"init {config.init!r}: a new prefix starts from 'text' (the text's own keys and values) or "
+                         "'random'; a trained one loads with SoftPromptModel.from_pretrained")
     model = SoftPromptModel(base_model, None, tokenizer, forward_path)
     tok = model.get_tokenizer()
+    text = "Continue the text in the same style."
     with python_errors():
-        prompt = init_prompt(base_model, tok, config, default_text="Continue the text in the same style.", seed=seed)
+        if method == "prefix":
+            prompt = init_prefix(base_model, tok, config, text, seed, projection=prefix_projection)
+        else:
+            prompt = init_prompt(base_model, tok, config, default_text=text, seed=seed)
     prompt.meta["model"] = model.name_or_path
     model.add_prompt(DEFAULT, prompt.to(model.device))
     return model
