@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/softprompt demo
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
