@@ -26,7 +26,7 @@ from .core.prompt_protocol import Prompt, forward_input
 from .data.batching import Batch
 from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
 from .forward.paths import choose_path
-from .prompts.prefix import init_prefix
+from .prompts.prefix import init_prefix, without_projection
 from .prompts.prompt import check_fits, init_prompt, save_prompt
 
 DEFAULT = "default"  # the first prompt's name, as PEFT's first adapter's
@@ -295,9 +295,7 @@ class SoftPromptModel(nn.Module):
             raise ValueError("save_pretrained: no active prompt to save")
         out = Path(save_directory)
         name = str(self.prompt.meta.get("model") or self.name_or_path)
-        # A projecting prefix saves its keys and values (the MLP run once), as `train --method prefix` does.
-        saved = self.prompt.folded() if getattr(self.prompt, "projection", False) else self.prompt
-        save_prompt(saved, out, {"model": name})
+        save_prompt(without_projection(self.prompt), out, {"model": name})  # as `train --method prefix` saves
         with tempfile.TemporaryDirectory() as tmp:
             peft = export_peft(out, Path(tmp) / "peft", hub_model_id(name))
             for f in peft.iterdir():

@@ -137,6 +137,12 @@ class PrefixPrompt(nn.Module):
         return cls(t, meta)
 
 
+def without_projection(prompt):
+    """What a finished prompt file holds: a projecting prefix's keys and values with its MLP run once
+    (a training checkpoint keeps the MLP); any other prompt as it is."""
+    return prompt.folded() if isinstance(prompt, PrefixPrompt) and prompt.projection else prompt
+
+
 class ComputedPrefix:
     """A prefix whose keys and values were computed outside it: the output of the data-parallel
     wrapper around a PrefixPrompt (training under several processes), whose backward all-reduces

@@ -18,7 +18,8 @@ import torch
 
 from ..core.config import ModelConfig, PromptConfig, TrainConfig
 from ..core.utils import SoftpromptError, count_params
-from ..prompts.prefix import ComputedPrefix, PrefixPrompt, init_prefix, prefix_meta, prompt_key_values
+from ..prompts.prefix import (ComputedPrefix, PrefixPrompt, init_prefix, prefix_meta, prompt_key_values,
+                              without_projection)
 from ..prompts.prompt import WEIGHTS_FILE, load_prompt, load_source, save_prompt
 
 INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
@@ -91,7 +92,7 @@ class PrefixTuning:
         return self.forward_prompt
 
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
-        save_prompt(self.prompt.folded() if self.prompt.projection else self.prompt, run_dir, meta)
+        save_prompt(without_projection(self.prompt), run_dir, meta)
 
     def save_checkpoint(self, folder: Path, meta: dict[str, Any]) -> None:
         save_prompt(self.prompt, folder, meta)  # with the MLP's tensors when projecting
