@@ -14,7 +14,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs one worker per core) each worker and the commands it starts
+# get one thread: two-thread matmuls in every worker would oversubscribe the cores, and OpenMP's
+# spinning threads then slow every worker down.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -104,3 +109,14 @@ def countries_csv(tmp_path) -> Path:
         for r in rows:
             w.writerow([r["country"], r["capital"], r["continent"], int(r["continent"] == "Europe")])
     return p
+
+
+# The files that take minutes, longest first. xdist hands out whole files (`--dist loadfile`) in
+# collection order; starting these first keeps one worker from running a long file alone at the end.
+LONGEST_FIRST = ["test_readme.py", "test_gpu_check.py", "test_journeys.py", "test_fsdp.py", "test_api.py",
+                 "test_ptuning.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
