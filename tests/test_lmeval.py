@@ -181,6 +181,25 @@ def test_a_soft_prompt_and_its_prefix_score_and_generate_the_same(model_dir, tmp
     assert max(abs(a - b) for a, (b, _) in zip(lls[0], bare)) > 1e-2
 
 
+def test_the_prompt_s_positions_come_out_of_max_length(llama_dir, tmp_path):
+    """A window holds the prompt's P positions and the text: a scored row (context tail + whole
+    continuation, whose last token is only a target) is at most max_length - P + 1 tokens, and the
+    rolling windows cover the text once, in order, each within that budget."""
+    model = SoftpromptLM(pretrained=str(llama_dir), device="cpu").model
+    save_prompt(SoftPrompt(torch.zeros(4, model.config.hidden_size)), tmp_path / "p", {"model": str(llama_dir)})
+    lm = SoftpromptLM(pretrained=str(llama_dir), prompt=str(tmp_path / "p"), device="cpu", max_length=10)
+    row = lm.window(list(range(100, 120)), [1, 2, 3])
+    assert row.ids == [117, 118, 119, 1, 2, 3] and row.loss_start == 3  # 10 - 4 = 6 positions of text
+    seen = []
+    lm.score = lambda pairs: (seen.extend(pairs), [(0.0, True)] * len(pairs))[1]
+    text = "Country: France\nFacts: capital=Paris; continent=Europe; language=French; currency=euro"
+    lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)])
+    assert [tok for _, cont in seen for tok in cont] == lm.continuation_ids(text) and len(seen) > 2
+    assert all(len(c) + len(t) <= 10 - 4 + 1 and c for c, t in seen)
+    with pytest.raises(ValueError, match="max_length=4 leaves no room for text after the prompt's 4 virtual"):
+        SoftpromptLM(pretrained=str(llama_dir), prompt=str(tmp_path / "p"), device="cpu", max_length=4)
+
+
 COUNTRIES_TASK = """task: countries_europe
 dataset_path: json
 dataset_kwargs:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig
@@ -53,6 +54,11 @@ class SoftpromptLM(LM):
         self.chat = bool(sp.meta.get("chat")) if chat is None and sp is not None else bool(chat)
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length)
+        # The prompt's P positions come before the text in the same window, so the text gets the rest.
+        self.text_length = self.max_length - (sp.length if sp is not None else 0)
+        if self.text_length < 1:
+            raise ValueError(f"max_length={self.max_length} leaves no room for text after the prompt's "
+                             f"{sp.length} virtual tokens: raise max_length")
 
     # ------------------------------------------------------------ tokenising as softprompt does
 
@@ -78,8 +84,7 @@ class SoftpromptLM(LM):
         for s in range(0, len(order), self.batch):
             idx = order[s:s + self.batch]
             rows = [pairs[i] for i in idx]
-            b = collate([Example(c[-self.max_length:] + t, len(c[-self.max_length:])) for c, t in rows],
-                        pad_id(self.tok)).to(self.model.device)
+            b = collate([self.window(c, t) for c, t in rows], pad_id(self.tok)).to(self.model.device)
             states, y, row = supervised(self.model, self.prompt, b)
             lp = torch.log_softmax(logits(self.model, states).float(), -1)
             tok_lp = lp.gather(1, y[:, None])[:, 0]
@@ -88,6 +93,12 @@ class SoftpromptLM(LM):
             for j, i in enumerate(idx):
                 out[i] = (float(sums[j]), bool(misses[j] == 0))
         return out
+
+    def window(self, context: list[int], continuation: list[int]) -> Example:
+        """The row scored: the continuation whole and as much of the context's end as fits beside it
+        and the prompt in `max_length` positions (at least one context token, which predicts the first)."""
+        keep = max(1, self.text_length - len(continuation))
+        return Example(context[-keep:] + continuation, len(context[-keep:]))
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = []
@@ -99,13 +110,15 @@ class SoftpromptLM(LM):
         return self.score(pairs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each text's log-likelihood, in windows of `max_length` tokens, each seeing the text before it."""
+        """Each text's log-likelihood, in disjoint windows of the positions that `max_length` leaves
+        after the prompt."""
         out = []
         for r in requests:
-            ids = self.continuation_ids(r.args[0])
-            start = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
-            windows = [((start + ids)[max(0, a - self.max_length):a] if a else start, ids[a:a + self.max_length])
-                       for a in range(0, len(ids), self.max_length)]
+            start = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+            # lm_eval's own windows, as its HF model cuts them, over the positions the prompt leaves
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.continuation_ids(r.args[0]), prefix_token=start, max_seq_len=self.text_length,
+                context_len=1)]
             out.append(sum(s for s, _ in self.score(windows)))
         return out
 
