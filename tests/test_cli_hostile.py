@@ -483,3 +483,21 @@ def test_D9_config_file_that_is_a_fifo_or_folder_is_an_error(llama_dir, data_csv
     os.mkfifo(cfg) if kind == "fifo" else cfg.mkdir()
     assert main([*train_argv(llama_dir, data_csv, tmp_path / "run"), "--config", str(cfg)]) == 2
     one_error_line(capsys, f"--config {cfg} is not a regular file")
+
+
+@pytest.mark.parametrize("init", ["vocab", "labels"])
+def test_an_init_a_prefix_cannot_start_from_fails_before_the_model_loads(init, data_csv, tmp_path, capsys):
+    # A model path that does not exist: the error must be the --init one, so nothing was loaded
+    argv = train_argv(tmp_path / "no-such-model", data_csv, tmp_path / "out", "--method", "prefix", "--init", init)
+    assert main(argv) != 0
+    one_error_line(capsys, "--method prefix starts from --init text, random, file (or auto)", f"not --init {init}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_new_prefix_from_python_refuses_an_init_it_cannot_make(llama_dir):
+    from softprompt import get_softprompt_model
+    from softprompt.base.models import load_model
+
+    base, tok = load_model(str(llama_dir))
+    with pytest.raises(ValueError, match="init vocab: a new prefix starts from text .* or random"):
+        get_softprompt_model(base, method="prefix", init="vocab", virtual_tokens=4, tokenizer=tok)

@@ -330,9 +330,6 @@ def get_softprompt_model(base_model, config: PromptConfig | None = None, tokeniz
         (config,) = split_kwargs("get_softprompt_model", prompt_kwargs, (PromptConfig,))
     elif prompt_kwargs:
         raise TypeError("get_softprompt_model(): give a config or PromptConfig's keywords, not both")
-    if method == "prefix" and config.init not in ("auto", "text", "random"):
-        raise ValueError(f"init {config.init!r}: a new prefix starts from 'text' (the text's own keys and values) or "
-                         "'random'; a trained one loads with SoftPromptModel.from_pretrained")
     model = SoftPromptModel(base_model, None, tokenizer, forward_path)
     tok = model.get_tokenizer()
     text = "Continue the text in the same style."

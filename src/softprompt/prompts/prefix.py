@@ -233,10 +233,16 @@ def prefix_meta(model) -> dict[str, Any]:
             "head_dim": d}
 
 
+NEW_INITS = ("auto", "text", "random")  # the --init values init_prefix makes a prefix from
+
+
 def init_prefix(model, tok, cfg, default_text: str = "", seed: int = 0, projection: bool = False) -> PrefixPrompt:
     """A new prefix of cfg.virtual_tokens positions. cfg.init "text" (and "auto"): the keys and values
-    of the init text (or `default_text`); any other: "random", a normal draw with each layer's
-    key and value spread of that text."""
+    of the init text (or `default_text`); "random": a normal draw with each layer's key and value
+    spread of that text."""
+    if cfg.init not in NEW_INITS:
+        raise SoftpromptError(f"--init {cfg.init}: a new prefix starts from text (the text's own keys and values) "
+                              "or random; a trained prompt or prefix is a start of its own (--init-from)")
     text = cfg.init_text or default_text or "Continue the text."
     kv = text_key_values(model, tok, text, cfg.virtual_tokens)
     if cfg.init in ("text", "auto"):

@@ -144,9 +144,6 @@ class EncoderTuning:
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
               label_input: str) -> "EncoderTuning":
-        if pcfg.init not in cls.inits:
-            raise SoftpromptError(f"--method {cls.name} starts its encoder's input from {', '.join(cls.inits)}; "
-                                  f"not --init {pcfg.init}")
         start = init_prompt(model, tok, pcfg, label_words, init_text, tcfg.seed, label_input)
         # The encoder's weights from the run's seed alone, whatever drew from the global generator before.
         with torch.random.fork_rng(devices=[]):

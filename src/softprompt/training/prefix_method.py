@@ -56,9 +56,6 @@ class PrefixTuning:
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
               label_input: str) -> "PrefixTuning":
-        if pcfg.init not in cls.inits:
-            raise SoftpromptError(f"--method prefix starts from {', '.join(INITS)}; --init {pcfg.init} makes a soft "
-                                  "prompt's input embeddings")
         if pcfg.init == "file":
             prompt = start_from(model, pcfg, tcfg.prefix_projection)
         else:

@@ -157,6 +157,14 @@ class Run:
             tracking.log(self.acc, self.trackers, rec)
 
 
+def check_init(pcfg: PromptConfig, method: str) -> None:
+    """--init is one this method starts from (a method's `inits`; none listed: every one), before loading."""
+    takes = getattr(METHODS[method], "inits", None)
+    if takes is not None and pcfg.init not in ("auto", *takes):
+        raise SoftpromptError(f"--method {method} starts from --init {', '.join(takes)} (or auto), not --init "
+                              f"{pcfg.init}")
+
+
 def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainConfig, model=None, tok=None,
           splits: tuple[Formatter, list[Example], list[Example]] | None = None) -> Run:
     """Check everything, then load, resolve, initialise and (on --resume) restore; write the run
@@ -165,6 +173,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
 
     mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
     check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)
+    check_init(pcfg, tcfg.method)
     trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
     acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
                       **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
