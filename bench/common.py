@@ -187,12 +187,9 @@ def cpu_model() -> str:
 
 def cpu_half_flags() -> list[str]:
     """The CPU flags that decide whether bf16/fp16 matmuls are native (fast) or emulated (slow)."""
-    try:
-        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for f in line.split()}
-    except OSError:
-        return []
-    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"})
+    from softprompt.base.models import cpu_flags
+
+    return sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"})
 
 
 def machine() -> dict[str, Any]:

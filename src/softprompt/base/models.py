@@ -103,15 +103,21 @@ def dtype_reason(asked: str, model) -> str:
 HALF_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 
 
-def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:
-    """Whether this CPU (Linux: /proc/cpuinfo's flags; ARM's `bf16`/`fphp` too) computes `dtype`
-    matmuls natively; True where it cannot be told, so that no false warning is given."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """This CPU's instruction-set flags (Linux /proc/cpuinfo: x86 `flags`, ARM `Features`); empty
+    where they cannot be read."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return True
-    flags = {f for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+            return set()
+    return {f for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+
+
+def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (Linux: /proc/cpuinfo's flags; ARM's `bf16`/`fphp` too) computes `dtype`
+    matmuls natively; True where it cannot be told, so that no false warning is given."""
+    flags = cpu_flags(cpuinfo)
     if not flags:
         return True
     arm = {torch.bfloat16: ("bf16",), torch.float16: ("fphp", "asimdhp")}[dtype]
