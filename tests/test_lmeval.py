@@ -181,7 +181,7 @@ def test_a_soft_prompt_and_its_prefix_score_and_generate_the_same(model_dir, tmp
     assert max(abs(a - b) for a, (b, _) in zip(lls[0], bare)) > 1e-2
 
 
-def test_the_prompt_s_positions_come_out_of_max_length(llama_dir, tmp_path):
+def test_the_prompt_s_positions_come_out_of_max_length(llama_dir, tmp_path, monkeypatch):
     """A window holds the prompt's P positions and the text: a scored row (context tail + whole
     continuation, whose last token is only a target) is at most max_length - P + 1 tokens, and the
     rolling windows cover the text once, in order, each within that budget."""
@@ -196,6 +196,12 @@ def test_the_prompt_s_positions_come_out_of_max_length(llama_dir, tmp_path):
     lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)])
     assert [tok for _, cont in seen for tok in cont] == lm.continuation_ids(text) and len(seen) > 2
     assert all(len(c) + len(t) <= 10 - 4 + 1 and c for c, t in seen)
+    # generate_until keeps the context's end: the prompt, the context and the new tokens fit max_length
+    fed = []
+    monkeypatch.setattr("softprompt.evaluation.lmeval_model.generate_batch",
+                        lambda model, tok, rows, cfg, kv: (fed.extend(rows), [[1]] * len(rows))[1])
+    lm.generate_until([Instance(request_type="generate_until", doc={}, arguments=(text, {"max_gen_toks": 2}), idx=0)])
+    assert fed[0][1] == lm.context_ids(text)[-(10 - 4 - 2):]
     with pytest.raises(ValueError, match="max_length=4 leaves no room for text after the prompt's 4 virtual"):
         SoftpromptLM(pretrained=str(llama_dir), prompt=str(tmp_path / "p"), device="cpu", max_length=4)
 

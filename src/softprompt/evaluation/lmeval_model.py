@@ -132,8 +132,9 @@ class SoftpromptLM(LM):
             temp = float(kw.get("temperature", 0.0) or 0.0)
             cfg = GenerateConfig(max_new_tokens=int(kw.get("max_gen_toks", 256)),
                                  sample=bool(kw.get("do_sample")) and temp > 0, temperature=temp if temp > 0 else 1.0)
-            new = generate_batch(self.model, self.tok, [(self.prompt, self.context_ids(context))], cfg,
-                                 PromptKV(self.model))[0]
+            # As lm_eval's HF model: the context's end, leaving room for the new tokens (and the prompt)
+            ids = self.context_ids(context)[-max(1, self.text_length - cfg.max_new_tokens):]
+            new = generate_batch(self.model, self.tok, [(self.prompt, ids)], cfg, PromptKV(self.model))[0]
             text = self.tok.decode(new, skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop)[0] if stop else text
