@@ -52,6 +52,9 @@ class SoftpromptLM(LM):
         # A soft prompt's last state predicts the text's first token; a prefix has none (nor has no prompt).
         self.first_predicted = isinstance(self.prompt, torch.Tensor) and self.prompt.shape[0] > 0
         self.chat = bool(sp.meta.get("chat")) if chat is None and sp is not None else bool(chat)
+        # The token a text starts from where nothing else predicts its first one
+        self.start = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        self.kv = PromptKV(self.model)  # the prompt's keys and values, computed once for every generate_until
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length)
         # The prompt's P positions come before the text in the same window, so the text gets the rest.
@@ -67,7 +70,7 @@ class SoftpromptLM(LM):
             return self.tok(chat_wrap(self.tok, context), add_special_tokens=False).input_ids
         ids = self.tok(context).input_ids
         if not ids and not self.first_predicted:  # nothing would predict the first token
-            ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id]
+            ids = [self.start]
         return ids
 
     def continuation_ids(self, continuation: str) -> list[int]:
@@ -114,10 +117,9 @@ class SoftpromptLM(LM):
         after the prompt."""
         out = []
         for r in requests:
-            start = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
             # lm_eval's own windows, as its HF model cuts them, over the positions the prompt leaves
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.continuation_ids(r.args[0]), prefix_token=start, max_seq_len=self.text_length,
+                token_list=self.continuation_ids(r.args[0]), prefix_token=self.start, max_seq_len=self.text_length,
                 context_len=1)]
             out.append(sum(s for s, _ in self.score(windows)))
         return out
@@ -134,7 +136,7 @@ class SoftpromptLM(LM):
                                  sample=bool(kw.get("do_sample")) and temp > 0, temperature=temp if temp > 0 else 1.0)
             # As lm_eval's HF model: the context's end, leaving room for the new tokens (and the prompt)
             ids = self.context_ids(context)[-max(1, self.text_length - cfg.max_new_tokens):]
-            new = generate_batch(self.model, self.tok, [(self.prompt, ids)], cfg, PromptKV(self.model))[0]
+            new = generate_batch(self.model, self.tok, [(self.prompt, ids)], cfg, self.kv)[0]
             text = self.tok.decode(new, skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop)[0] if stop else text
