@@ -17,9 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist (`make test` runs one worker per core) each worker and the commands it starts
 # get one thread: two-thread matmuls in every worker would oversubscribe the cores, and OpenMP's
 # spinning threads then slow every worker down.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if XDIST_WORKER else min(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -18,11 +18,12 @@ import torch
 
 from ..core.config import ModelConfig, PromptConfig, TrainConfig
 from ..core.utils import SoftpromptError, count_params
-from ..prompts.prefix import (ComputedPrefix, PrefixPrompt, init_prefix, prefix_meta, prompt_key_values,
-                              without_projection)
+from ..prompts.prefix import (NEW_INITS, ComputedPrefix, PrefixPrompt, init_prefix, prefix_meta,
+                              prompt_key_values, without_projection)
 from ..prompts.prompt import WEIGHTS_FILE, load_prompt, load_source, save_prompt
 
-INITS = ("text", "random", "file")  # --init choices a prefix takes (auto resolves to text)
+# --init choices a prefix takes: those init_prefix makes (auto resolves to text), and a prefix file
+INITS = (*(init for init in NEW_INITS if init != "auto"), "file")
 
 
 def start_from(model, pcfg: PromptConfig, projection: bool) -> PrefixPrompt:
