@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import ModelConfig, PromptConfig, TrainConfig
-from ..core.utils import SoftpromptError, count_params, default_mode
+from ..core.config import PromptConfig, TrainConfig
+from ..core.utils import SoftpromptError, default_mode
 from ..forward.hidden import prefix_kv
-from ..prompts.prompt import TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
+from ..prompts.prompt import TENSOR_NAME, SoftPrompt, init_prompt, save_prompt
+from .frozen_method import FrozenModelMethod
 
 ENCODER_FILE = "encoder.safetensors"  # the encoder's state_dict, beside prompt.safetensors (--keep-encoder)
 GRAPH_OBSTACLE = "the prompt is an encoder's output (a CUDA graph replays the step of a leaf prompt tensor)"
@@ -116,18 +117,16 @@ def load_encoder(prompt: EncodedPrompt, folder: Path, method: str) -> None:
     prompt.encoder.load_state_dict(saved)
 
 
-class EncoderTuning:
+class EncoderTuning(FrozenModelMethod):
     """Train an encoder and its input embedding; the model stays frozen and bit-identical. A subclass
     names the method and builds its encoder (`make_encoder`)."""
 
-    name = ""
-    changes_model = False
     graph_obstacle = GRAPH_OBSTACLE
     inits: tuple[str, ...] = ()  # the --init strategies that make the encoder's input
+    prompt: EncodedPrompt
 
     def __init__(self, model, tok, prompt: EncodedPrompt, keep_encoder: bool):
-        self.model, self.tok, self.prompt = model, tok, prompt
-        self.forward_prompt = prompt  # what the forward pass calls: the prompt, or its DDP wrapper
+        super().__init__(model, tok, prompt)
         # A checkpoint must hold the encoder to carry on training it (TrainConfig refuses --resume without it).
         self.resumable = keep_encoder
 
@@ -152,23 +151,6 @@ class EncoderTuning:
         meta = {**cls.recorded_init(start.meta), "method": cls.name, **record}
         return cls(model, tok, EncodedPrompt(encoder, meta).to(model.device), tcfg.keep_encoder)
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.prompt.parameters())
-
-    def trainable_params(self) -> int:
-        return count_params(self.prompt)
-
-    def distribute(self, acc) -> None:
-        """Under several processes, all-reduce the encoder's gradient (Accelerate's DDP wrapper)."""
-        if acc.num_processes > 1:
-            self.forward_prompt = acc.prepare_model(self.prompt)
-
-    def embeds(self) -> torch.Tensor:
-        return self.forward_prompt()  # [P, H]
-
-    def synced(self) -> torch.nn.Module:
-        return self.forward_prompt
-
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
         if self.resumable:  # --keep-encoder: the encoder whose output this prompt is, beside it
             save_encoder(self.prompt, run_dir)
@@ -180,18 +162,3 @@ class EncoderTuning:
 
     def load_checkpoint(self, folder: Path) -> None:
         load_encoder(self.prompt, folder, self.name)
-
-    def finish(self) -> None:
-        pass
-
-    @staticmethod
-    def saved_in(run_dir: Path) -> Path:
-        return run_dir
-
-    @staticmethod
-    def artifact(run_dir: Path) -> Path:
-        return run_dir / WEIGHTS_FILE
-
-    @staticmethod
-    def load_trained(run_dir: Path, model, mcfg: ModelConfig):
-        return model, load_prompt(run_dir, model).to(model.device)

@@ -1,5 +1,5 @@
-"""What a training run trains: a soft prompt on the frozen model (prompt tuning), per-layer keys and
-values (prefix tuning, prefix_method.py), an encoder that produces the soft prompt (P-tuning,
+"""What a training run trains: a soft prompt on the frozen model (prompt tuning, prompt_method.py),
+per-layer keys and values (prefix tuning, prefix_method.py), an encoder that produces the soft prompt (P-tuning,
 ptuning_method.py; residual prompt tuning, residual_method.py), or every weight of the model (full
 fine-tuning, the baseline they are compared with).
 
@@ -7,7 +7,8 @@ One small object per method holds all that differs between the two: its paramete
 forward pass gets as the prompt, its default learning rate, how and where it saves, whether it can
 checkpoint and resume, and whether it changes the model. `Method` is that contract; the training
 loop (train.py), its checkpoints (rundir.py) and the method comparison (compare.py) ask the object
-instead of branching on the method's name.
+instead of branching on the method's name. The methods that train a prompt on the frozen model share
+what they hold in common through frozen_method.py.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from ..base.models import load_model
 from ..core.config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
 from ..core.prompt_protocol import Prompt
 from ..core.utils import SoftpromptError, atomic_dir, count_params, write_json
-from ..prompts.prompt import WEIGHTS_FILE, SoftPrompt, init_prompt, load_prompt, save_prompt
 from .prefix_method import PrefixTuning
+from .prompt_method import PromptTuning
 from .ptuning_method import PTuning
 from .residual_method import ResidualTuning
 
@@ -60,83 +61,6 @@ class Method(Protocol):
     def artifact(run_dir: Path) -> Path: ...
     @staticmethod
     def load_trained(run_dir: Path, model, mcfg: ModelConfig) -> tuple[Any, Prompt | None]: ...
-
-
-class PromptTuning:
-    """Train a [P, H] soft prompt; the model stays frozen and bit-identical."""
-
-    name = "prompt"
-    resumable = True       # its checkpoint (prompt + optimiser state) is small; data-parallel too
-    changes_model = False
-    graph_obstacle = None
-
-    def __init__(self, model, tok, prompt: SoftPrompt):
-        self.model, self.tok, self.prompt = model, tok, prompt
-        self.forward_prompt = prompt  # what the forward pass calls: the prompt, or its DDP wrapper
-
-    @classmethod
-    def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
-              label_input: str) -> "PromptTuning":
-        prompt = init_prompt(model, tok, pcfg, label_words, init_text, tcfg.seed, label_input)
-        return cls(model, tok, prompt.to(model.device))
-
-    @staticmethod
-    def default_lr(loss: str) -> float:
-        # PEFT's classic 3e-2 moves an Adam step ~0.03 per coordinate, a quarter of SmolLM2's
-        # embedding RMS (0.136): from the label words' embeddings, with the two-way softmax, that
-        # threw one SST-2 seed in three onto the majority class; 1e-2 trained all three to ~88%.
-        return 1e-2 if loss == "classes" else 3e-2
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.prompt.parameters())
-
-    def trainable_params(self) -> int:
-        return count_params(self.prompt)
-
-    def distribute(self, acc) -> None:
-        """Under several processes, all-reduce the prompt's gradient (Accelerate's DDP wrapper)."""
-        if acc.num_processes > 1:
-            self.forward_prompt = acc.prepare_model(self.prompt)
-
-    def embeds(self) -> torch.Tensor:
-        return self.forward_prompt()  # [P, H]
-
-    def synced(self) -> torch.nn.Module:
-        """What holds the gradient all-reduce (accelerate's accumulate skips it between micro-batches)."""
-        return self.forward_prompt
-
-    def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
-        save_prompt(self.prompt, run_dir, meta)
-
-    def save_checkpoint(self, folder: Path, meta: dict[str, Any]) -> None:
-        save_prompt(self.prompt, folder, meta)
-
-    def load_checkpoint(self, folder: Path) -> None:
-        saved = load_prompt(folder).input_embeds().data
-        mine = self.prompt.input_embeds()
-        if saved.shape != mine.shape:
-            raise SoftpromptError(f"--resume: the checkpoint in {folder} holds a prompt of shape {list(saved.shape)}, "
-                                  f"this run's is {list(mine.shape)}: resume with the same "
-                                  "--virtual-tokens and model, or start over with --overwrite")
-        mine.data.copy_(saved)
-
-    def finish(self) -> None:
-        pass
-
-    @staticmethod
-    def saved_in(run_dir: Path) -> Path:
-        """The folder to load the result from (`--prompt DIR`)."""
-        return run_dir
-
-    @staticmethod
-    def artifact(run_dir: Path) -> Path:
-        """What the result weighs on disk."""
-        return run_dir / WEIGHTS_FILE
-
-    @staticmethod
-    def load_trained(run_dir: Path, model, mcfg: ModelConfig):
-        """(model, prompt) to score the saved result with: the caller's frozen model and the prompt."""
-        return model, load_prompt(run_dir, model).to(model.device)
 
 
 class FullFineTuning:

@@ -14,13 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..core.config import ModelConfig, PromptConfig, TrainConfig
-from ..core.utils import SoftpromptError, count_params
+from ..core.config import PromptConfig, TrainConfig
+from ..core.utils import SoftpromptError
 from ..prompts.prefix import (NEW_INITS, ComputedPrefix, PrefixPrompt, init_prefix, prefix_meta,
                               prompt_key_values, without_projection)
-from ..prompts.prompt import WEIGHTS_FILE, load_prompt, load_source, save_prompt
+from ..prompts.prompt import WEIGHTS_FILE, load_source, save_prompt
+from .frozen_method import FrozenModelMethod
 
 # --init choices a prefix takes: those init_prefix makes (auto resolves to text), and a prefix file
 INITS = (*(init for init in NEW_INITS if init != "auto"), "file")
@@ -41,18 +40,13 @@ def start_from(model, pcfg: PromptConfig, projection: bool) -> PrefixPrompt:
     return PrefixPrompt(kv, {**meta, "init_kind": start.kind, **prefix_meta(model)}, projection=projection)
 
 
-class PrefixTuning:
+class PrefixTuning(FrozenModelMethod):
     """Train per-layer keys and values; the model stays frozen and bit-identical."""
 
     name = "prefix"
     inits = INITS
-    resumable = True
-    changes_model = False
     graph_obstacle = None  # its kv path is never graphed (forward_path.choose_path's deep)
-
-    def __init__(self, model, tok, prompt: PrefixPrompt):
-        self.model, self.tok, self.prompt = model, tok, prompt
-        self.forward_prompt = prompt  # what computes the keys and values: the prefix, or its DDP wrapper
+    prompt: PrefixPrompt
 
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
@@ -68,17 +62,6 @@ class PrefixTuning:
         # The soft prompt's rates, not yet tuned for prefixes (whose values are larger than embeddings).
         return 1e-2 if loss == "classes" else 3e-2
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.prompt.parameters())
-
-    def trainable_params(self) -> int:
-        return count_params(self.prompt)
-
-    def distribute(self, acc) -> None:
-        """Under several processes, all-reduce the prefix's gradient (Accelerate's DDP wrapper)."""
-        if acc.num_processes > 1:
-            self.forward_prompt = acc.prepare_model(self.prompt)
-
     def embeds(self) -> PrefixPrompt | ComputedPrefix:
         """The forward pass takes the prefix (forward.text_hidden's kv path); under several processes,
         the keys and values its DDP wrapper computed, whose backward all-reduces the gradient."""
@@ -86,31 +69,11 @@ class PrefixTuning:
             return self.prompt
         return self.prompt.computed(self.forward_prompt())
 
-    def synced(self) -> torch.nn.Module:
-        return self.forward_prompt
-
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
+        # The result folds the MLP away; a checkpoint (the inherited save_checkpoint) keeps its tensors.
         save_prompt(without_projection(self.prompt), run_dir, meta)
-
-    def save_checkpoint(self, folder: Path, meta: dict[str, Any]) -> None:
-        save_prompt(self.prompt, folder, meta)  # with the MLP's tensors when projecting
 
     def load_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
         self.prompt.load_state_tensors(load_file(str(folder / WEIGHTS_FILE)), str(folder))
-
-    def finish(self) -> None:
-        pass
-
-    @staticmethod
-    def saved_in(run_dir: Path) -> Path:
-        return run_dir
-
-    @staticmethod
-    def artifact(run_dir: Path) -> Path:
-        return run_dir / WEIGHTS_FILE
-
-    @staticmethod
-    def load_trained(run_dir: Path, model, mcfg: ModelConfig):
-        return model, load_prompt(run_dir, model).to(model.device)
