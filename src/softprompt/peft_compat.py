@@ -34,15 +34,11 @@ OUR_INIT = {"TEXT": "text", "RANDOM": "random", "SAMPLE_VOCAB": "vocab"}
 
 
 @dataclass
-class PromptTuningConfig:
-    """PEFT's PromptTuningConfig, the arguments a prompt-tuning script passes; the rest of PEFT's
-    (token_dim, num_layers, ...) are read from the model."""
+class PromptLearningConfig:
+    """What PEFT's prompt-learning configs share (PEFT's own PromptLearningConfig): the arguments a
+    script passes; the geometry (token_dim, num_layers, ...) is read from the model."""
     task_type: Any = TaskType.CAUSAL_LM
     num_virtual_tokens: int = 20
-    prompt_tuning_init: Any = PromptTuningInit.RANDOM
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict | None = None
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     token_dim: int | None = None
@@ -51,7 +47,25 @@ class PromptTuningConfig:
     num_layers: int | None = None
 
     def __post_init__(self):
-        check_common(self)
+        task = getattr(self.task_type, "value", self.task_type)
+        if task not in (None, "CAUSAL_LM"):
+            raise ValueError(f"task_type {task!r}: softprompt tunes causal LMs only (TaskType.CAUSAL_LM)")
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool):
+            raise TypeError(f"num_virtual_tokens must be int, not {type(self.num_virtual_tokens).__name__}")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be at least 1 (got {self.num_virtual_tokens})")
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """PEFT's PromptTuningConfig: a soft prompt in front of the input (softprompt's `--method prompt`)."""
+    prompt_tuning_init: Any = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
         init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
         if init not in OUR_INIT:
             raise ValueError(f"prompt_tuning_init {init!r}: use one of {', '.join(OUR_INIT)}")
@@ -66,40 +80,19 @@ class PromptTuningConfig:
 
 
 @dataclass
-class PrefixTuningConfig:
+class PrefixTuningConfig(PromptLearningConfig):
     """PEFT's PrefixTuningConfig: trained keys and values in every layer (softprompt's `--method
     prefix`). With prefix_projection they come from an MLP while training, folded away on saving."""
-    task_type: Any = TaskType.CAUSAL_LM
-    num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
-    inference_mode: bool = False
-    base_model_name_or_path: str | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
 
     def __post_init__(self):
-        check_common(self)
+        super().__post_init__()
         if not isinstance(self.prefix_projection, bool):
             raise TypeError(f"prefix_projection must be bool, not {type(self.prefix_projection).__name__}")
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(virtual_tokens=self.num_virtual_tokens, init="random")
-
-
-def check_common(cfg) -> None:
-    """The checks both configs share: a causal LM, a whole number of virtual tokens, one submodule."""
-    task = getattr(cfg.task_type, "value", cfg.task_type)
-    if task not in (None, "CAUSAL_LM"):
-        raise ValueError(f"task_type {task!r}: softprompt tunes causal LMs only (TaskType.CAUSAL_LM)")
-    if not isinstance(cfg.num_virtual_tokens, int) or isinstance(cfg.num_virtual_tokens, bool):
-        raise TypeError(f"num_virtual_tokens must be int, not {type(cfg.num_virtual_tokens).__name__}")
-    if cfg.num_virtual_tokens < 1:
-        raise ValueError(f"num_virtual_tokens must be at least 1 (got {cfg.num_virtual_tokens})")
-    if cfg.num_transformer_submodules not in (None, 1):
-        raise ValueError("num_transformer_submodules: decoder-only models have 1")
 
 
 def get_peft_model(model, peft_config: PromptTuningConfig | PrefixTuningConfig, adapter_name: str = "default",
