@@ -88,7 +88,8 @@ def peft_recipe(model, tok, args, dev, seed: int) -> dict:
 def softprompt_recipe(model, tok, args, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         train(ModelConfig(device=args.device), DataConfig(**DATA, eval_limit=args.eval_limit),
-              PromptConfig(), TrainConfig(out=tmp, max_steps=args.sp_steps, eval_every=args.sp_eval_every,
+              PromptConfig(), TrainConfig(out=tmp, method="prompt", max_steps=args.sp_steps,
+                                          eval_every=args.sp_eval_every,
                                           save_every=0, seed=seed, eval_untuned=False),
               model=model, tok=tok, quiet=True)
         recs = [json.loads(l) for l in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]

@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
     runs = []
     for P, init in plan:
         run_dir = out / "runs" / f"P{P}-{init}"
-        tcfg = TrainConfig(out=str(run_dir), lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
+        tcfg = TrainConfig(out=str(run_dir), method="prompt", lr=args.lr, batch_size=args.batch_size,
+                           max_steps=args.max_steps,
                            schedule=args.schedule, loss=args.loss, seed=args.seed, eval_every=0, keep_best=False,
                            save_every=0, eval_untuned=False)
         if args.reuse and (run_dir / "summary.json").is_file():

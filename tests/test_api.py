@@ -230,7 +230,8 @@ def test_trainer_trains_the_prompt_softprompt_train_trains(llama_dir, tmp_path):
     assert [n for n, p in pm.named_parameters() if p.requires_grad] == ["prompts.default.embeds"]
     assert list(pm.state_dict()) == ["prompts.default.embeds"]
     softprompt.train(model=model, tokenizer=tok, data=str(data), eval_fraction=0.0, **IO, virtual_tokens=4,
-                     init="text", init_text="Country facts in a list.", batch_size=len(rows), max_steps=4,
+                     method="prompt", init="text", init_text="Country facts in a list.", batch_size=len(rows),
+                     max_steps=4,
                      lr=3e-2, schedule="constant", warmup_steps=0, grad_clip=1.0, forward_path="auto",
                      out=str(tmp_path / "sp"), save_every=0, eval_untuned=False)
     ours = softprompt.load_prompt(tmp_path / "sp").embeds

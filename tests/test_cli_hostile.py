@@ -235,7 +235,7 @@ def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
     err = next(e for rc, e in results if rc == 2).strip().splitlines()
     assert err[-1].startswith("softprompt: error: --out ") and not any("Traceback" in l for l in err), err
     assert ("in use by another train run" in err[-1]) or ("already holds files" in err[-1])
-    assert load_prompt(out).num_tokens == 3
+    assert load_prompt(out).length == 3
 
 
 # ---------------------------------------------------------------- N10: prompts longer than the model

@@ -21,16 +21,20 @@ def test_run_config_replays_the_run_bit_for_bit(llama_dir, countries_csv, tmp_pa
     cfg = json.loads((tmp_path / "a" / "run_config.json").read_text())
     assert cfg["forward_path_taken"] and cfg["device"] == "cpu"  # top-level records, ignored on replay
     assert main(["train", "--config", str(tmp_path / "a" / "run_config.json"), "--out", str(tmp_path / "b")]) == 0
-    a = load_file(tmp_path / "a" / "prompt.safetensors")["prompt_embeddings"]
-    b = load_file(tmp_path / "b" / "prompt.safetensors")["prompt_embeddings"]
+    a, b = (load_file(tmp_path / run / "prompt.safetensors") for run in "ab")  # the default: a prefix's one tensor
+    assert a.keys() == b.keys() and len(a) == 1 and cfg["TrainConfig"]["method"] == "prefix"
+    a, b = next(iter(a.values())), next(iter(b.values()))
     assert a.numpy().tobytes() == b.numpy().tobytes()
     # The replay's own record is the original's but for where it was written.
     again = json.loads((tmp_path / "b" / "run_config.json").read_text())
     again["TrainConfig"]["out"] = cfg["TrainConfig"]["out"]
+    # The original resolved --method auto; the replay's config names that method.
+    assert cfg["method_reason"].startswith("auto:") and again.pop("method_reason") == "as requested"
+    cfg.pop("method_reason")
     assert again == cfg
     # Without --out the replay would write into the original's folder: refused, nothing lost.
     assert main(["train", "--config", str(tmp_path / "a" / "run_config.json")]) == 2
-    assert torch.equal(load_file(tmp_path / "a" / "prompt.safetensors")["prompt_embeddings"], a)
+    assert torch.equal(next(iter(load_file(tmp_path / "a" / "prompt.safetensors").values())), a)
 
 
 def test_yaml_sections_command_flags_and_overrides(llama_dir, countries_csv, tmp_path, capsys):

@@ -90,6 +90,7 @@ def test_the_training_path_and_why_are_chosen_and_recorded(tiny, countries_csv, 
     data = DataConfig(data=str(countries_csv), template="Country: {country}\\nFacts:", target=" {capital}",
                       eval_fraction=0)
     s = train(ModelConfig(model=model.name_or_path, device="cpu"), data, PromptConfig(virtual_tokens=3),
-              TrainConfig(out=str(tmp_path / "run"), max_steps=1, save_every=0), model=model, tok=tok, quiet=True)
+              TrainConfig(out=str(tmp_path / "run"), method="prompt", max_steps=1, save_every=0), model=model,
+              tok=tok, quiet=True)
     cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert cfg["forward_path_taken"] == s["forward_path"] == path and cfg["forward_path_reason"] == why

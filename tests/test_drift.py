@@ -31,7 +31,7 @@ def test_first_steps_of_the_builtin_model_match_the_recorded_losses(tmp_path):
     d = DataConfig(data=str(EXAMPLES), template="Country: {country}\\nFacts:",
                    target=" capital={capital}; continent={continent}", eval_fraction=0.0, max_length=48)
     p = PromptConfig(virtual_tokens=8, init="text", init_text="Give the country's capital and continent.")
-    t = TrainConfig(out=str(tmp_path / "run"), lr=3e-2, batch_size=4, max_steps=6, warmup_steps=2,
+    t = TrainConfig(out=str(tmp_path / "run"), method="prompt", lr=3e-2, batch_size=4, max_steps=6, warmup_steps=2,
                     log_every=1, eval_every=0, save_every=0, eval_untuned=False, seed=0)
     train(mcfg, d, p, t, model=model, tok=tok, quiet=True)
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

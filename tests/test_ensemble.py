@@ -47,6 +47,31 @@ def test_one_batch_equals_each_prompt_alone(tiny, kind, tmp_path, monkeypatch):
         assert torch.allclose(together[k], alone, atol=1e-5), (k, (together[k] - alone).abs().max())
 
 
+def test_prefixes_join_an_ensemble_each_scored_as_alone(tiny, tmp_path):
+    """`train` writes prefixes by default (--method auto): an ensemble takes them beside soft prompts.
+    A prefix made of a soft prompt's own keys and values is that prompt to every layer, so both score
+    the rows as the soft prompt does alone."""
+    from softprompt.prompts.prefix import PrefixPrompt, prefix_meta, prompt_key_values
+
+    model, tok = tiny
+    rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()][:12]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cue, labels, col = LABELS["multi"]
+    fmt, ex, _ = load_splits(DataConfig(data=str(data), template="Capital: {capital}\\n" + cue, labels=labels,
+                                        label_col=col, eval_fraction=0), tok)
+    torch.manual_seed(1)
+    p = torch.randn(3, model.config.hidden_size) * 0.2
+    other = torch.randn(4, model.config.hidden_size) * 0.2
+    prefix = PrefixPrompt(prompt_key_values(model, p), prefix_meta(model))
+    together = ensemble_scores(model, [prefix, p, other], fmt, ex)
+    alone = example_scores(model, tok, lambda: p, fmt, ex, batch_size=5)
+    assert together.shape[:2] == (3, len(ex))
+    assert torch.allclose(together[0], alone, atol=1e-5), (together[0] - alone).abs().max()
+    assert torch.allclose(together[1], alone, atol=1e-5)
+    assert torch.allclose(together[2], example_scores(model, tok, lambda: other, fmt, ex, batch_size=5), atol=1e-5)
+
+
 def test_vote_and_mean_logprob_on_constructed_scores():
     s = torch.tensor([
         # prompt 0                         prompt 1                        prompt 2

@@ -173,19 +173,26 @@ def test_export_push_and_peft_read_what_train_wrote(runs):
     from peft import PeftModel
 
     from softprompt.base.models import load_model
+    from softprompt.prompts.prefix import to_flat
     from softprompt.prompts.prompt import load_prompt
 
     base, tok = load_model("smollm2-135m-instruct")
     two_at_a_time(lambda *a: sp(*a, cwd=runs), [
         call for name in KINDS for call in (("export-peft", f"runs/{name}", f"runs/{name}-peft"),
                                             ("push", f"runs/{name}", f"me/{name}", "--local-dir", f"runs/{name}-hub"))])
+    kinds = set()
     for name in KINDS:
-        ours = load_prompt(runs / "runs" / name).embeds
+        prompt = load_prompt(runs / "runs" / name)
+        kinds.add(prompt.kind)
+        # PEFT's one saved tensor: a soft prompt's [P, H], or a prefix's keys and values as [P, L*2*kv_dim]
+        ours = prompt.embeds if prompt.kind == "prompt" else to_flat(prompt.key_values())
         for folder in (f"{name}-peft", f"{name}-hub"):
             peft_model = PeftModel.from_pretrained(base, runs / "runs" / folder)
             got = peft_model.get_prompt_embedding_to_save("default")
             assert torch.equal(got.float(), ours.float()), folder
             base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model.base_model
         cfg = json.loads((runs / "runs" / f"{name}-peft" / "adapter_config.json").read_text())
-        assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == ours.shape[0]
+        peft_type = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[prompt.kind]
+        assert cfg["peft_type"] == peft_type and cfg["num_virtual_tokens"] == ours.shape[0]
         assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert kinds == {"prompt", "prefix"}  # sst2 (--init labels) a soft prompt; the others the default prefix

@@ -265,7 +265,8 @@ def test_projection_with_method_prompt_is_one_error_line():
     from softprompt.core.config import TrainConfig
 
     with pytest.raises(SoftpromptError, match="--prefix-projection is for --method prefix"):
-        TrainConfig(prefix_projection=True)
+        TrainConfig(method="prompt", prefix_projection=True)
+    assert TrainConfig(prefix_projection=True).method == "auto"  # the default: auto trains a prefix then
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tok_dir):
@@ -451,8 +452,10 @@ def test_serve_soft_and_prefix_prompts_in_one_batch(llama_dir, tmp_path, monkeyp
         assert len(lp.json()["choices"][0]["logprobs"]["token_logprobs"]) >= 2
 
 
-def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_dir, tmp_path, capsys,
-                                                                         countries_csv):
+def test_ensemble_takes_a_prefix_beside_a_soft_prompt(llama_dir, tmp_path, capsys, countries_csv):
+    """The command that once needed input embeddings scores a prefix too (each prompt its own batches)."""
+    import json
+
     from softprompt.cli import main
     from softprompt.base.models import load_model
 
@@ -460,9 +463,9 @@ def test_commands_that_need_input_embeddings_refuse_a_prefix_in_one_line(llama_d
     soft, deep = saved_pair(model, tok, tmp_path)
     assert main(["ensemble", "--model", str(llama_dir), "--data", str(countries_csv), "--template",
                  "Country: {country}\\nEurope:", "--label-col", "europe", "--labels", "no,yes",
-                 str(soft), str(deep)]) != 0
-    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
-    assert len(err) == 1 and "'prefix' prompt" in err[0] and "ensemble" in err[0]
+                 str(soft), str(deep), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [p["prompt"] for p in r["prompts"]] == [str(soft), str(deep)] and r["n"] == 194
 
 
 def test_eval_command_scores_a_prefix(llama_dir, tmp_path, countries_csv):
@@ -536,7 +539,7 @@ def test_what_train_wrote_given_to_the_wrong_place_is_one_error_line(llama_dir, 
            "--eval-fraction", "0", "--no-eval-untuned", "--model", str(llama_dir)]
     pre, soft = tmp_path / "pre", tmp_path / "soft"
     assert main(["train", *run, "--method", "prefix", "--out", str(pre)]) == 0
-    assert main(["train", *run, "--out", str(soft)]) == 0
+    assert main(["train", *run, "--method", "prompt", "--out", str(soft)]) == 0
     capsys.readouterr()
     # Models of other geometries: one more layer, a wider hidden size (BLOOM: other kv heads).
     for name, extra in (("deeper", {"num_hidden_layers": 3}), ("wider", {"hidden_size": 48})):
@@ -549,7 +552,8 @@ def test_what_train_wrote_given_to_the_wrong_place_is_one_error_line(llama_dir, 
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 32)},
               str(lora / "adapter_model.safetensors"))
     cases = [
-        (["train", *run, "--init", "file", "--init-file", str(pre), "--out", str(tmp_path / "a")],
+        (["train", *run, "--method", "prompt", "--init", "file", "--init-file", str(pre),
+          "--out", str(tmp_path / "a")],
          "--init file: the prompt in --init-file is a prefix (per-layer keys and values), which has no input "
          "embeddings"),
         (["train", *run, "--method", "residual", "--init", "file", "--init-file", str(pre),
@@ -564,7 +568,7 @@ def test_what_train_wrote_given_to_the_wrong_place_is_one_error_line(llama_dir, 
          f"{lora} is a PEFT 'LORA' adapter, not a prompt"),
         (["generate", "--model", str(llama_dir), "--prompt", str(lora), "Country: France"], "'LORA' adapter"),
         (["import-peft", str(lora), str(tmp_path / "d")], "peft_type is 'LORA', only PROMPT_TUNING"),
-        (["train", *run, "--prefix-projection", "--out", str(tmp_path / "e")],
+        (["train", *run, "--method", "prompt", "--prefix-projection", "--out", str(tmp_path / "e")],
          "--prefix-projection is for --method prefix (got --method prompt)"),
     ]
     for argv, says in cases:

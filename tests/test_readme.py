@@ -30,8 +30,8 @@ README = ROOT / "README.md"
 
 # Commands that cannot run in CI, each with its reason (regex over the command as written).
 SKIP = {
-    r"^make (demo|test)\b": "the README's first two commands: CI runs `make test` itself; the demo is "
-                             "test_demo's `softprompt demo` with few steps",
+    r"^make (demo|test)\b": "the README's first two commands: CI runs `make test` itself; "
+                             "tests/test_demo.py runs `softprompt demo` with few steps",
     r"^pip install": "installs: the test extras hold these packages already",
     r"^\. \.venv/bin/activate": "the tests already run inside the virtual environment",
     r"^huggingface-cli login": "needs the Hub",

@@ -121,15 +121,16 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
     assert all(len(c) == 1 for c in cand), "premise: the label words are one token each"
     run = tmp_path / "cls"
     s = train(ModelConfig(model=str(model_dir), device="cpu"), d, PromptConfig(virtual_tokens=3),
-              TrainConfig(out=str(run), max_steps=2, save_every=0, batch_size=4), model=model, tok=tok, quiet=True)
+              TrainConfig(out=str(run), method="prompt", max_steps=2, save_every=0, batch_size=4), model=model,
+              tok=tok, quiet=True)
     cfg = json.loads((run / "run_config.json").read_text())
     assert cfg["PromptConfig"]["init"] == "labels" and cfg["TrainConfig"]["loss"] == "classes"
     assert cfg["TrainConfig"]["lr"] == s["lr"] == 1e-2
     assert load_prompt(run).meta["init"] == "labels"
     lm = DataConfig(data=str(data), template="Review: {text}", eval_fraction=0.2)
     train(ModelConfig(model=str(model_dir), device="cpu"), lm, PromptConfig(virtual_tokens=3),
-          TrainConfig(out=str(tmp_path / "lm"), max_steps=1, save_every=0, batch_size=4), model=model, tok=tok,
-          quiet=True)
+          TrainConfig(out=str(tmp_path / "lm"), method="prompt", max_steps=1, save_every=0, batch_size=4), model=model,
+          tok=tok, quiet=True)
     cfg = json.loads((tmp_path / "lm" / "run_config.json").read_text())
     assert cfg["PromptConfig"]["init"] == "text" and cfg["TrainConfig"]["loss"] == "lm"
     assert cfg["TrainConfig"]["lr"] == 3e-2
@@ -141,6 +142,41 @@ def test_auto_choices_resolve_for_the_task_and_are_saved(model_dir, tmp_path):
               TrainConfig(out=str(tmp_path / "full"), max_steps=1, save_every=0, batch_size=4, method="full"),
               model=copy.deepcopy(model), tok=tok, quiet=True)
     assert s["lr"] == 2e-5
+
+
+def test_method_auto_trains_a_prefix_unless_a_flag_needs_a_soft_prompt(model_dir, tmp_path):
+    """The default --method auto: a prefix (init text), recorded with its reason; a soft prompt where
+    --init or --forward-path asks for input embeddings; on --resume, the method the run started with."""
+    from softprompt.training.auto_method import resolve_method
+
+    def resolved(tcfg=None, **prompt):
+        t, why = resolve_method(PromptConfig(**prompt), tcfg or TrainConfig())
+        return t.method, why
+
+    assert resolved()[0] == "prefix" and "measured best" in resolved()[1]
+    assert resolved(init="labels") == ("prompt", "auto: --init labels starts a soft prompt only")
+    assert resolved(init="vocab")[0] == "prompt" and resolved(init="text")[0] == "prefix"
+    assert resolved(TrainConfig(forward_path="packed"))[0] == "prompt"
+    assert resolved(TrainConfig(forward_path="kv"))[0] == "prefix"
+    assert resolved(TrainConfig(method="residual"), init="labels") == ("residual", "as requested")
+    assert resolved(TrainConfig(prefix_projection=True), init="random")[0] == "prefix"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run_config.json").write_text(json.dumps({"TrainConfig": {"method": "prompt"}}))
+    assert resolved(TrainConfig(out=str(old), resume=True)) == ("prompt", "auto: the method of the run being resumed")
+
+    from softprompt.base.models import load_model
+
+    model, tok = load_model(str(model_dir))
+    data = tmp_path / "lm.csv"
+    data.write_text("text\n" + "".join(f"row {i} of plain text\n" for i in range(12)))
+    s = train(ModelConfig(model=str(model_dir), device="cpu"), DataConfig(data=str(data), text_col="text"),
+              PromptConfig(virtual_tokens=3), TrainConfig(out=str(tmp_path / "run"), max_steps=1, save_every=0,
+                                                          batch_size=4), model=model, tok=tok, quiet=True)
+    cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert cfg["TrainConfig"]["method"] == "prefix" == s["method"] and cfg["PromptConfig"]["init"] == "text"
+    assert cfg["method_reason"].startswith("auto: a prefix")
+    assert load_prompt(tmp_path / "run").kind == "prefix"
 
 
 def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, tmp_path):

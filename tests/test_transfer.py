@@ -143,14 +143,14 @@ def test_journey_source_then_init_from_on_the_cli(llama_dir, countries_csv, tmp_
               "Country: {country}\\nContinent:", "--labels", "Africa,Asia,Europe,Americas,Oceania",
               "--label-col", "europe", "--max-steps", "2", "--batch-size", "4", "--eval-every", "0",
               "--warmup-steps", "0", "--eval-limit", "8", "--no-eval-untuned", "--max-length", "32"]
-    src = cli("train", *common, "--virtual-tokens", "3", "--out", "src", cwd=tmp_path)
+    src = cli("train", *common, "--method", "prompt", "--virtual-tokens", "3", "--out", "src", cwd=tmp_path)
     assert src.returncode == 0, src.stderr[-2000:]
     dst = cli("train", *common, "--method", "prefix", "--init-from", "src", "--out", "dst", cwd=tmp_path)
     assert dst.returncode == 0, dst.stderr[-2000:]
     rc = json.loads((tmp_path / "dst" / "run_config.json").read_text())
     assert rc["PromptConfig"]["init_from"] == "src" and rc["PromptConfig"]["virtual_tokens"] == 3
     assert load_prompt(tmp_path / "dst").kind == "prefix"
-    bad = cli("train", *common, "--init-from", "dst", "--out", "bad", cwd=tmp_path)
+    bad = cli("train", *common, "--method", "prompt", "--init-from", "dst", "--out", "bad", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--init-from 'dst' is a prefix" in bad.stderr
     assert not (tmp_path / "bad").exists()
 

@@ -1,6 +1,6 @@
 """`softprompt demo`: the whole workflow offline in a few minutes on 2 CPU cores.
 
-Trains a 20-token prompt on the built-in SmolLM2-135M-Instruct with the bundled countries data
+Trains a 20-token prompt (the default method: a prefix) on the built-in SmolLM2-135M-Instruct with the bundled countries data
 (written for this project) so that "Country: X\\nFacts:" is answered as
 " capital=...; continent=...; language=...", then prints held-out loss before and after and the
 untuned model's generations beside the tuned model's for held-out countries.
@@ -53,7 +53,8 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
           f"base weights unchanged: {summary['base_weights_unchanged']}")
     texts = [ex.text for ex in eval_ex[:show]]
     gcfg = GenerateConfig(max_new_tokens=24)
-    rows = [(q, encode_for_generation(tok, t)) for t in texts for q in (None, prompt.input_embeds().detach())]
+    tuned = prompt if prompt.input_embeds() is None else prompt.input_embeds().detach()  # a prefix as itself
+    rows = [(q, encode_for_generation(tok, t)) for t in texts for q in (None, tuned)]
     outs = generate_batch(m, tok, rows, gcfg, PromptKV(m))
     print("\nbaseline (untuned) vs tuned, greedy, held-out countries:")
     for i, t in enumerate(texts):

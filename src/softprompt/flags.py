@@ -66,10 +66,12 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_train(args: argparse.Namespace) -> None:
+    from .training.auto_method import resolve_method
     from .training.rundir import check_out
 
     model, data, prompt, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
     check_out(Path(train.out), train.resume, train.overwrite)
+    train = resolve_method(prompt, train)[0]
     adopt(prompt, train.method, model.model)  # --init-from's source: there, of a kind this method can start from
     if train.max_steps:
         check_warmup(train, train.max_steps)

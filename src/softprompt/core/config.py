@@ -284,14 +284,16 @@ class TrainConfig:
                              "start several with torchrun or accelerate launch), what trains (prompt, prefix, "
                              "encoder) replicated",
                      choices=list(SHARD))
-    method: str = opt("prompt", "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
+    method: str = opt("auto", "auto: prefix, or prompt where a flag needs a soft prompt (--init vocab or labels, "
+                      "--forward-path packed, concat or graphed; the run records the choice and why); "
+                      "prompt: train a soft prompt on the frozen model; prefix: train per-layer keys "
                       "and values instead (prefix tuning / P-tuning v2: a deep prompt); ptuning: "
                       "produce the soft prompt by an encoder while training (P-tuning, PEFT's PromptEncoder; see "
                       "--encoder); residual: the prompt is an embedding plus a bottleneck MLP of it (residual prompt "
                       "tuning); both save an ordinary soft prompt; full: "
                       "fine-tune every model weight instead (no prompt; saves the whole model in OUT/model; use a "
                       "small --lr such as 2e-5; one process, no --resume)",
-                      choices=["prompt", "prefix", "ptuning", "residual", "full"])
+                      choices=["auto", "prompt", "prefix", "ptuning", "residual", "full"])
     prefix_projection: bool = opt(False, "--method prefix: produce the keys and values from a [P, D] embedding "
                                          "through a two-layer MLP while training (PEFT's prefix_projection), folded "
                                          "into plain keys and values when saved")
@@ -325,7 +327,7 @@ class TrainConfig:
         require(not (self.method == "full" and self.resume), "--method full runs in one process and cannot --resume")
         require(not (self.method == "full" and self.shard != "none"), "--shard fsdp shards the frozen base of "
                 "prompt tuning; --method full runs in one process")
-        require(not self.prefix_projection or self.method == "prefix",
+        require(not self.prefix_projection or self.method in ("auto", "prefix"),
                 f"--prefix-projection is for --method prefix (got --method {self.method})")
         encoded = self.method in ENCODER_METHODS
         require(self.encoder == "auto" or self.method == "ptuning",

@@ -1,5 +1,5 @@
-"""Prompt ensembling (Lester et al. 2021, section 6): K soft prompts for one task, scored together
-in a single batch over the frozen model, combined by majority vote or by mean log-probability.
+"""Prompt ensembling (Lester et al. 2021, section 6): K soft prompts (or prefixes) for one task,
+scored together over the frozen model, combined by majority vote or by mean log-probability.
 
 A batch holds rows (prompt k, example i) of several prompts: [prompt_k ; input_i (; label tokens)],
 right-padded, so each row keeps positions 0.. from its own first virtual token and sees exactly
@@ -19,7 +19,7 @@ import torch
 
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
-from ..core.prompt_protocol import embeds_for
+from ..core.prompt_protocol import is_prompt
 from ..core.utils import SoftpromptError
 from ..data.batching import Example, pad_id
 from ..data.formatting import Formatter, load_splits
@@ -29,16 +29,21 @@ from ..prompts.prompt import load_prompt
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
 
-def ensemble_scores(model, prompts: list[torch.Tensor], fmt: Formatter, examples: list[Example],
+def ensemble_scores(model, prompts: list, fmt: Formatter, examples: list[Example],
                     progress: bool = False) -> torch.Tensor:
-    """Log-probability [K, N, C] of every label word after every example under every prompt; rows
-    (prompt k, example i) of similar length share forward passes, whatever their prompts."""
+    """Log-probability [K, N, C] of every label word after every example under every prompt (each a
+    [P, H] soft prompt or a prefix Prompt). Soft prompts' rows of similar length share forward
+    passes, whatever their prompts; a prefix's rows take the kv path, which holds one prefix a
+    batch, so with any prefix among them each prompt scores its own batches."""
     K, N = len(prompts), len(examples)
     cands = row_candidates(fmt, examples)
+    pad = pad_id(fmt.tok)
+    if any(is_prompt(p) for p in prompts):
+        return torch.stack([label_scores(model, [(p, e.ids[:e.loss_start]) for e in examples], cands, pad, MAX_ROWS,
+                                         progress=progress) for p in prompts])
     # Example-major: an input's K rows are neighbours, so they share a forward pass.
     rows = [(p, e.ids[:e.loss_start]) for e in examples for p in prompts]
-    scores = label_scores(model, rows, [c for c in cands for _ in prompts], pad_id(fmt.tok), MAX_ROWS,
-                          progress=progress)
+    scores = label_scores(model, rows, [c for c in cands for _ in prompts], pad, MAX_ROWS, progress=progress)
     return scores.view(N, K, -1).transpose(0, 1)
 
 
@@ -71,7 +76,9 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
         raise SoftpromptError("ensemble needs at least two prompt folders")
     if model is None:
         model, tok = load_model(mcfg)
-    prompts = [embeds_for(load_prompt(d, model), "ensemble", d).detach() for d in prompt_dirs]
+    # Soft prompts as their [P, H] embeddings (they share batches); a prefix as itself.
+    loaded = [load_prompt(d, model) for d in prompt_dirs]
+    prompts = [p if p.input_embeds() is None else p.input_embeds().detach() for p in loaded]
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")

@@ -51,11 +51,11 @@ def model_geometry(name: str) -> dict:
     return {"num_layers": layers, "num_attention_heads": heads}
 
 
-def export_prefix(prompt, out: str | Path, model: str) -> Path:
-    """A prefix -> PEFT PREFIX_TUNING adapter folder (atomically)."""
+def export_prefix(prompt, out: str | Path, model: str, geometry: dict) -> Path:
+    """A prefix -> PEFT PREFIX_TUNING adapter folder (atomically); `geometry`: model_geometry's."""
     from safetensors.torch import save_file
 
-    cfg, flat = peft_prefix.adapter(prompt, model, model_geometry(model))
+    cfg, flat = peft_prefix.adapter(prompt, model, geometry)
     with atomic_dir(out, overwrite=True) as tmp:  # export_peft's check_dest vouched for what is there
         save_file({TENSOR_NAME: flat}, str(tmp / ADAPTER_WEIGHTS))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -80,15 +80,18 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
 
     check_dest(out, "OUT", overwrite, EXPORT_FILES, local_sources(prompt_dir))
     prompt = load_prompt(prompt_dir)
+    recorded = prompt.meta.get("model", "")
+    # A Hub id that AutoPeftModelForCausalLM can resolve (the built-in model's original), not our alias;
+    # the geometry read from the recorded model, which is local, unless another base is named.
+    model = base_model or hub_model_id(recorded)
+    geometry = model_geometry(recorded if model == hub_model_id(recorded) else model)
     if prompt.kind == peft_prefix.KIND:
-        return export_prefix(prompt, out, base_model or prompt.meta.get("model", ""))
+        return export_prefix(prompt, out, model, geometry)
     embeds = prompt.input_embeds()
     if embeds is None:  # PEFT's prompt tuning is input embeddings: other kinds have no such adapter
         raise SoftpromptError(f"{prompt_dir}: a {prompt.kind!r} prompt has no input embeddings to export as "
                               "PEFT prompt tuning")
     meta = prompt.meta
-    # A Hub id that AutoPeftModelForCausalLM can resolve (the built-in model's original), not our alias.
-    model = base_model or hub_model_id(meta.get("model", ""))
     init = meta.get("init", "random")
     cfg = {
         "peft_type": "PROMPT_TUNING",
@@ -97,7 +100,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "num_virtual_tokens": prompt.length,
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
-        **model_geometry(meta.get("model", "") if model == hub_model_id(meta.get("model", "")) else model),
+        **geometry,
         "prompt_tuning_init": peft_init(init),
         "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
         "tokenizer_name_or_path": model if init == "text" else None,

@@ -29,8 +29,7 @@ from tqdm.auto import tqdm
 from ..base.families import check_positions
 from ..base.models import dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
-from ..core.config import (ENCODER_METHODS, DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args,
-                           to_dict)
+from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from ..core.inits import resolve
 from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
 from ..data.batching import Batch, Example, batch_order, collate, pad_id
@@ -44,6 +43,7 @@ from ..forward.paths import choose_path
 from ..prompts.prompt import load_source
 from ..prompts.transfer import adopt
 from . import trackers as tracking
+from .auto_method import resolve_method
 from .methods import METHODS, Method
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
                      plot_metrics, save_checkpoint, start_metrics)
@@ -173,6 +173,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
 
     mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
     check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)
+    tcfg, method_reason = resolve_method(pcfg, tcfg)
     check_init(pcfg, tcfg.method)
     trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
     acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
@@ -180,7 +181,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     lock = RunLock(Path(tcfg.out)) if acc.is_main_process else None
     try:
         check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)  # again, now that no other run can write there
-        run = build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits)
+        run = build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, method_reason)
     except BaseException:
         if lock is not None:
             lock.release(failed=True)
@@ -188,7 +189,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     return run
 
 
-def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -> Run:
+def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, method_reason: str) -> Run:
     """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
     pcfg = adopt(pcfg, tcfg.method, mcfg.model)  # --init-from: its checks that need no model, its P
@@ -196,7 +197,8 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
         model, tok = load_model(mcfg)
     if pcfg.init_from:  # the source fits this base (hidden size, layers, heads) before the data is read
         load_source(pcfg.init_from, model, pcfg)
-    P = pcfg.virtual_tokens if tcfg.method in ("prompt", *ENCODER_METHODS) else 0
+    # A prefix takes positions too: the text after its P cached keys and values starts at position P.
+    P = 0 if tcfg.method == "full" else pcfg.virtual_tokens
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
@@ -254,7 +256,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits) -
         record = {
             **to_dict(mcfg, dcfg, pcfg, replace(tcfg, resume=False, overwrite=False)),
             "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-            "total_steps": total, "truncated": fmt.truncated,
+            "total_steps": total, "truncated": fmt.truncated, "method_reason": method_reason,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", ""), "dtype_reason": dtype_reason(mcfg.dtype, model),
             "base_bytes_per_process": local_bytes(model)}
