@@ -61,7 +61,8 @@ def sst2_run(dtype: str, seed: int, steps: int, work: Path) -> dict:
     out = work / f"{dtype}-{seed}"
     common = ["--template", SST2["template"], "--labels", SST2["labels"], "--dtype", dtype]
     t = time.perf_counter()
-    softprompt("train", "--data", SST2["data"], *common, "--max-length", "96", "--batch-size", "8",
+    softprompt("train", "--method", "prompt", "--data", SST2["data"], *common, "--max-length", "96",
+               "--batch-size", "8",
                "--max-steps", str(steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0", "--no-eval-untuned",
                "--seed", str(seed), "--out", str(out))
     wall = time.perf_counter() - t

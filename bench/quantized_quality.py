@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for q in settings:
             out = Path(tmp) / q
-            code, peak = run(["train", *SST2, *BASES[q], "--max-steps", str(args.steps),
+            code, peak = run(["train", "--method", "prompt", *SST2, *BASES[q], "--max-steps", str(args.steps),
                               "--eval-every", str(args.steps), "--save-every", "0", "--seed", str(args.seed),
                               "--out", str(out)])
             if code:

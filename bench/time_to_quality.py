@@ -4,9 +4,9 @@ one process, on the same model, data and dev set, over several seeds.
 - PEFT's recipe: `get_peft_model(PromptTuningConfig(20 virtual tokens, TEXT init))`, AdamW lr 3e-2,
   batch 8, linear decay without warm-up and gradient clipping at 1.0 (Trainer's defaults), random
   batches padded to their longest row, the loss on the label word; 300 steps.
-- softprompt: `softprompt train` with nothing but the data flags (`--data --eval-data --template
-  --labels`) and a step budget: its defaults pick the label-word init, the label-word softmax and
-  lr 1e-2.
+- softprompt: `softprompt train --method prompt` with nothing but the data flags (`--data --eval-data
+  --template --labels`) and a step budget: its defaults pick the label-word init, the label-word
+  softmax and lr 1e-2.
 Both are scored by the same rank classification on all 872 dev rows; only optimiser steps are
 timed. A seed sets the batch order of both (and nothing else: the inits are deterministic).
 
