@@ -147,6 +147,7 @@ def test_journey_source_then_init_from_on_the_cli(llama_dir, countries_csv, tmp_
     assert src.returncode == 0, src.stderr[-2000:]
     dst = cli("train", *common, "--method", "prefix", "--init-from", "src", "--out", "dst", cwd=tmp_path)
     assert dst.returncode == 0, dst.stderr[-2000:]
+    assert [json.loads(r.stdout.strip().splitlines()[-1])["method"] for r in (src, dst)] == ["prompt", "prefix"]
     rc = json.loads((tmp_path / "dst" / "run_config.json").read_text())
     assert rc["PromptConfig"]["init_from"] == "src" and rc["PromptConfig"]["virtual_tokens"] == 3
     assert load_prompt(tmp_path / "dst").kind == "prefix"

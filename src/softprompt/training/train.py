@@ -464,7 +464,7 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
 def run(args: argparse.Namespace) -> int:
     s = train(*(from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig)))
     if "final_eval" in s:
-        keys = ("steps", "train_seconds", "tokens_per_second", "final_eval", "best_eval_metric", "best_eval_accuracy",
+        keys = ("method", "steps", "train_seconds", "tokens_per_second", "final_eval", "best_eval_metric", "best_eval_accuracy",
                 "best_eval_loss", "base_weights_unchanged", "prompt_dir")
         print(json.dumps({k: s[k] for k in keys if k in s}))
     return 0
