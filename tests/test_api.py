@@ -73,6 +73,11 @@ def test_errors_name_keyword_arguments_not_flags():
         softprompt.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs prompt_tuning_init_text"):
         softprompt.PromptTuningConfig(prompt_tuning_init="TEXT")
+    for config in (softprompt.PromptTuningConfig, softprompt.PrefixTuningConfig):  # their shared base's checks
+        with pytest.raises(ValueError, match="num_transformer_submodules: decoder-only models have 1"):
+            config(num_transformer_submodules=2)
+        with pytest.raises(ValueError, match="softprompt tunes causal LMs only"):
+            config(task_type="SEQ_2_SEQ_LM")
 
 
 # ---------------------------------------------------------------- SoftPromptModel against the commands

@@ -1,7 +1,7 @@
 """`softprompt demo`: the whole workflow offline in a few minutes on 2 CPU cores.
 
-Trains a 20-token prompt (the default method: a prefix) on the built-in SmolLM2-135M-Instruct with the bundled countries data
-(written for this project) so that "Country: X\\nFacts:" is answered as
+Trains a 20-token prompt (the default method: a prefix) on the built-in SmolLM2-135M-Instruct with
+the bundled countries data (written for this project) so that "Country: X\\nFacts:" is answered as
 " capital=...; continent=...; language=...", then prints held-out loss before and after and the
 untuned model's generations beside the tuned model's for held-out countries.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .base.models import load_model
 from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .core.prompt_protocol import forward_input
 from .data.formatting import load_splits
 from .generation.decode import PromptKV
 from .generation.generate import encode_for_generation, generate_batch
@@ -53,7 +54,7 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
           f"base weights unchanged: {summary['base_weights_unchanged']}")
     texts = [ex.text for ex in eval_ex[:show]]
     gcfg = GenerateConfig(max_new_tokens=24)
-    tuned = prompt if prompt.input_embeds() is None else prompt.input_embeds().detach()  # a prefix as itself
+    tuned = forward_input(prompt)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
     rows = [(q, encode_for_generation(tok, t)) for t in texts for q in (None, tuned)]
     outs = generate_batch(m, tok, rows, gcfg, PromptKV(m))
     print("\nbaseline (untuned) vs tuned, greedy, held-out countries:")

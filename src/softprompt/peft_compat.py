@@ -54,6 +54,8 @@ class PromptLearningConfig:
             raise TypeError(f"num_virtual_tokens must be int, not {type(self.num_virtual_tokens).__name__}")
         if self.num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens must be at least 1 (got {self.num_virtual_tokens})")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError("num_transformer_submodules: decoder-only models have 1")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
-from ..core.prompt_protocol import is_prompt
+from ..core.prompt_protocol import forward_input, is_prompt
 from ..core.utils import SoftpromptError
 from ..data.batching import Example, pad_id
 from ..data.formatting import Formatter, load_splits
@@ -77,8 +77,7 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
     if model is None:
         model, tok = load_model(mcfg)
     # Soft prompts as their [P, H] embeddings (they share batches); a prefix as itself.
-    loaded = [load_prompt(d, model) for d in prompt_dirs]
-    prompts = [p if p.input_embeds() is None else p.input_embeds().detach() for p in loaded]
+    prompts = [forward_input(load_prompt(d, model)) for d in prompt_dirs]
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")

@@ -44,6 +44,7 @@ def graph_obstacle(model, processes: int, prompt_tuning: bool, method: str | Non
 
 
 DEEP_REASON = "the prompt is per-layer keys and values (a prefix): the rows attend to them as a cache"
+DEEP_PATHS = ("auto", "kv")  # the --forward-path values a prefix takes: the others prepend input embeddings
 
 
 def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: int = 1, prompt_tuning: bool = True,
@@ -59,7 +60,7 @@ def choose_path(model, requested: str = "auto", *, rows: Any = None, processes: 
     if requested not in FORWARD_PATHS:
         raise SoftpromptError(f"unknown forward path {requested!r}: use {', '.join(FORWARD_PATHS)}")
     if deep:
-        if requested not in ("auto", "kv"):
+        if requested not in DEEP_PATHS:
             raise SoftpromptError(f"--forward-path {requested}: a prefix prompt has no input embeddings to pack or "
                                   "prepend; use --forward-path kv or auto")
         return PathChoice("kv", DEEP_REASON if requested == "auto" else "as requested")

@@ -4,9 +4,10 @@ unless the run asks for something only a soft prompt has.
 Why a prefix: in bench/methods.py (SmolLM2-135M; SST-2, AG News and RTE; 300 steps at batch 8;
 README "The prompt methods against PEFT's") it was the best prompt method by 3 to 10 points on AG
 News and RTE and within a point of the best on SST-2, and published results agree across tasks and
-sizes (P-tuning v2; PEFT's MetaMathQA benchmark: prefix 41.6% against prompt tuning's 23.4-34.3%). Where a flag needs a soft
-prompt's input embeddings, auto is `prompt`, so no command that worked under the old default breaks.
-The choice and its reason are recorded in run_config.json (`method_reason`).
+sizes (P-tuning v2; PEFT's MetaMathQA benchmark: prefix 41.6% against prompt tuning's 23.4-34.3%).
+Where a flag needs a soft prompt's input embeddings (an --init a prefix does not take, a forward
+path other than the kv path), auto is `prompt`, so no command that worked under the old default
+breaks. The choice and its reason are recorded in run_config.json (`method_reason`).
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from pathlib import Path
 
 from ..core.config import PromptConfig, TrainConfig
 from ..core.utils import read_json
+from ..forward.paths import DEEP_PATHS
+from .prefix_method import PrefixTuning
+from .rundir import RUN_CONFIG
 
 AUTO = "prefix"
-PROMPT_ONLY_INITS = ("vocab", "labels")  # soft-prompt inits: token embeddings, which a prefix has none of
-PROMPT_ONLY_PATHS = ("packed", "concat", "graphed")  # forward paths that prepend input embeddings
 
 
 def recorded_method(out: Path) -> str | None:
     """The method a run folder's run_config.json records (a run to --resume), if any."""
-    path = out / "run_config.json"
+    path = out / RUN_CONFIG
     try:
         method = read_json(path).get("TrainConfig", {}).get("method") if path.is_file() else None
     except (OSError, ValueError, AttributeError):
@@ -39,9 +41,9 @@ def resolve_method(pcfg: PromptConfig, tcfg: TrainConfig) -> tuple[TrainConfig, 
         return replace(tcfg, method=was), "auto: the method of the run being resumed"
     if tcfg.prefix_projection:
         return replace(tcfg, method="prefix"), "auto: --prefix-projection trains a prefix"
-    if pcfg.init in PROMPT_ONLY_INITS:
+    if pcfg.init not in ("auto", *PrefixTuning.inits):  # token embeddings (vocab, labels): a prefix has none
         return replace(tcfg, method="prompt"), f"auto: --init {pcfg.init} starts a soft prompt only"
-    if tcfg.forward_path in PROMPT_ONLY_PATHS:
+    if tcfg.forward_path not in DEEP_PATHS:
         return (replace(tcfg, method="prompt"),
                 f"auto: --forward-path {tcfg.forward_path} prepends a soft prompt's input embeddings")
     return replace(tcfg, method=AUTO), "auto: a prefix, the method that measured best (bench/methods.py)"
