@@ -308,3 +308,12 @@ def test_resume_of_a_checkpoint_saved_before_the_shifted_schedule(llama_dir, cou
     resumed = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False, resume=True), quiet=True)
     assert resumed["steps"] == full["steps"]
     assert torch.equal(load_prompt(tmp_path / "a").embeds, load_prompt(tmp_path / "b").embeds)
+
+
+def test_auto_method_s_torch_free_lists_match_what_a_prefix_takes():
+    """auto_method keeps its own copies (train checks flags before torch loads); they must not drift."""
+    from softprompt.forward.paths import DEEP_PATHS
+    from softprompt.training import auto_method
+    from softprompt.training.prefix_method import PrefixTuning
+
+    assert auto_method.PREFIX_INITS == ("auto", *PrefixTuning.inits) and auto_method.DEEP_PATHS == DEEP_PATHS

@@ -16,11 +16,13 @@ from pathlib import Path
 
 from ..core.config import PromptConfig, TrainConfig
 from ..core.utils import read_json
-from ..forward.paths import DEEP_PATHS
-from .prefix_method import PrefixTuning
 from .rundir import RUN_CONFIG
 
 AUTO = "prefix"
+# Kept here rather than imported from prefix_method (PrefixTuning.inits) and forward.paths (DEEP_PATHS):
+# `train` checks its flags before torch loads, and those modules import it.
+PREFIX_INITS = ("auto", "text", "random", "file")  # what a prefix starts from; vocab and labels are token embeddings
+DEEP_PATHS = ("auto", "kv")  # the --forward-path values a prefix takes: the others prepend input embeddings
 
 
 def recorded_method(out: Path) -> str | None:
@@ -41,7 +43,7 @@ def resolve_method(pcfg: PromptConfig, tcfg: TrainConfig) -> tuple[TrainConfig, 
         return replace(tcfg, method=was), "auto: the method of the run being resumed"
     if tcfg.prefix_projection:
         return replace(tcfg, method="prefix"), "auto: --prefix-projection trains a prefix"
-    if pcfg.init not in ("auto", *PrefixTuning.inits):  # token embeddings (vocab, labels): a prefix has none
+    if pcfg.init not in PREFIX_INITS:
         return replace(tcfg, method="prompt"), f"auto: --init {pcfg.init} starts a soft prompt only"
     if tcfg.forward_path not in DEEP_PATHS:
         return (replace(tcfg, method="prompt"),
