@@ -33,9 +33,11 @@ def test_compare_rows_params_files(llama_dir, countries_csv, tmp_path):
     out = tmp_path / "cmp"
     r = compare(*_cls_cfgs(llama_dir, countries_csv, out), model=model, tok=tok, quiet=True)
     rows = {x["method"]: x for x in r["rows"]}
-    assert list(rows) == ["untuned", "zero-shot", "k-shot", "prompt", "full"]
+    # The default rows: prompt engineering, plain prompt tuning, train's default (a prefix), fine-tuning.
+    assert list(rows) == ["untuned", "zero-shot", "k-shot", "prompt", "prefix", "full"]
     H, N = model.config.hidden_size, count_params(model)
     assert rows["prompt"]["trainable_params"] == 3 * H
+    assert rows["prefix"]["base_weights_unchanged"] and rows["prefix"]["trainable_params"] > 3 * H
     assert rows["full"]["trainable_params"] == N == r["base_params"]
     assert all(rows[m]["trainable_params"] == 0 for m in ("untuned", "zero-shot", "k-shot"))
     # Prompt tuning left the base bit-identical; full fine-tuning worked on a copy.
@@ -52,7 +54,7 @@ def test_compare_rows_params_files(llama_dir, countries_csv, tmp_path):
     for f in ("compare.json", "compare.md", "compare.png"):
         assert (out / f).stat().st_size > 100, f
     md = (out / "compare.md").read_text()
-    assert md.count("\n|") == 2 + 5 and "prompt tuning (P=3)" in md and "full fine-tuning" in md
+    assert md.count("\n|") == 2 + 6 and "prompt tuning (P=3)" in md and "full fine-tuning" in md
     assert json.loads((out / "compare.json").read_text())["rows"][3]["method"] == "prompt"
 
 

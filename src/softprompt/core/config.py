@@ -360,7 +360,7 @@ def check_warmup(cfg: TrainConfig, total: int) -> None:
 class CompareConfig:
     """The comparison's own flags; the trained methods take the train flags (--max-steps, --lr, ...)."""
     out: str = opt("runs/compare", "output folder: compare.md, compare.json, compare.png, one folder per method")
-    methods: str = opt("untuned,zero-shot,k-shot,prompt,full",
+    methods: str = opt("untuned,zero-shot,k-shot,prompt,prefix,full",
                        "comma-separated methods to run: untuned (bare input), zero-shot (written instruction), "
                        "k-shot (instruction + K training examples), prompt (prompt tuning), prefix (prefix "
                        "tuning), ptuning (P-tuning), residual (residual prompt tuning), full (fine-tuning); prefix, "
