@@ -144,7 +144,7 @@ def test_row_errors_name_the_files_row_after_the_shuffle(tiny, tmp_path):
     rows[13] = {"n": 13, "label": 1}
     p = _write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(data=str(p), template="{s}", labels="no,yes", eval_fraction=0.2)
-    with pytest.raises(SoftpromptError, match=rf"^column 's' not found in .*d\.jsonl(?: \(held out\))? row 14 "
+    with pytest.raises(SoftpromptError, match=r"^column 's' not found in .*d\.jsonl(?: \(held out\))? row 14 "
                                               r"\(columns: 'n', 'label'\)$"):
         load_splits(cfg, tok, seed=3)
     rows[13] = {"s": "fine", "n": "thirteen", "label": 1}

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.core.utils import SoftpromptError
 from softprompt.data.batching import collate, pad_id
 from softprompt.data.mixture import Mixture, load_data
 from softprompt.forward.classify import class_token_ids

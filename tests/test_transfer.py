@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from families import tiny_config
-from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.config import PromptConfig, TrainConfig
 from softprompt.core.utils import SoftpromptError
 from softprompt.forward.hidden import batch_loss
 from softprompt.prompts.prefix import PrefixPrompt, init_prefix
