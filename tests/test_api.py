@@ -159,28 +159,32 @@ def test_save_pretrained_is_read_by_peft_with_the_same_loss(model_dir, tmp_path)
     assert not any(p.requires_grad for p in again.parameters())
 
 
-def test_peft_generate_snippet_gives_softprompt_tokens(llama_dir, tmp_path):
-    """The README's snippet for PEFT users (PEFT's own generate() gives other tokens with a prompt-
-    tuning adapter on transformers 5): the base model's generate on [prompt; text] embeddings."""
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_peft_generate_snippet_gives_softprompt_tokens(llama_dir, tmp_path, method):
+    """The README's functions for PEFT users (PEFT's own generate() gives other tokens with prompt-
+    and prefix-tuning adapters on transformers 5): the base model's generate on [prompt; text]
+    embeddings, or on the prefix as its cache; each row alone and a left-padded batch."""
     peft = pytest.importorskip("peft")
     model, tok = load_model(str(llama_dir))
-    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=4)
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=4, method=method)
     sp.save_pretrained(tmp_path / "p")
-    ref = softprompt.generate(TEXTS, prompt=tmp_path / "p", model=model, tokenizer=tok, max_new_tokens=8)
+    ref = softprompt.generate(TEXTS, prompt=tmp_path / "p", model=model, tokenizer=tok, max_new_tokens=8,
+                              compare=True)
+    assert any(r["tuned"] != r["baseline"] for r in ref)  # the prompt or prefix changes what is generated
     snippet = (ROOT / "examples" / "peft_generate.py").read_text()
     scope: dict = {}
     exec(compile(snippet, "peft_generate.py", "exec"), scope)
+    gen = scope[f"generate_with_{method}"]
     pm = peft.PeftModel.from_pretrained(model, tmp_path / "p")
+    assert pm.peft_config["default"].peft_type.value == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[method]
     for text, r in zip(TEXTS, ref):
         enc = tok([text], return_tensors="pt")
-        new = scope["generate_with_prompt"](pm, enc.input_ids, enc.attention_mask, max_new_tokens=8,
-                                            pad_token_id=tok.pad_token_id)
+        new = gen(pm, enc.input_ids, enc.attention_mask, max_new_tokens=8, pad_token_id=tok.pad_token_id)
         assert tok.decode(new[0], skip_special_tokens=True) == r["tuned"]
     tok.padding_side = "left"  # a batch: left-padded, as the snippet says
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     tok.padding_side = "right"
-    new = scope["generate_with_prompt"](pm, enc.input_ids, enc.attention_mask, max_new_tokens=8,
-                                        pad_token_id=tok.pad_token_id)
+    new = gen(pm, enc.input_ids, enc.attention_mask, max_new_tokens=8, pad_token_id=tok.pad_token_id)
     assert tok.batch_decode(new, skip_special_tokens=True) == [r["tuned"] for r in ref]
 
 
@@ -292,14 +296,15 @@ def test_the_twin_differs_from_the_classic_script_only_in_its_import():
     assert diff == [(a, a.replace("from peft import", "from softprompt import")) for a, _ in diff] and len(diff) == 1
 
 
-def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path):
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_model_card_code_generates_softprompt_tokens(llama_dir, tmp_path, method):
     """The card's Python block, run as written (the model id and text filled in), prints the tokens
-    `softprompt generate` gives."""
+    `softprompt generate` gives, for a soft prompt and for a prefix (each has its own block)."""
     pytest.importorskip("peft")
     from softprompt.prompts.hub_push import prepare_upload
 
     model, tok = load_model(str(llama_dir))
-    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=5)
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=5, method=method)
     sp.save_pretrained(tmp_path / "p")
     card = (prepare_upload(tmp_path / "p", tmp_path / "up", "someone/prompt") / "README.md").read_text()
     code = card.split("```python\n")[1].split("```")[0]

@@ -71,6 +71,14 @@ PY_CONTEXT = {
         "tok.padding_side = 'left'\n"
         "peft_model = PeftModel.from_pretrained(base, 'runs/acts-peft')\n"
         "enc = tok(['Act as a chef.\\nPrompt:', 'Act as a poet.\\nPrompt:'], return_tensors='pt', padding=True)\n"),
+    "cache = peft_model.get_prompt": (  # a prefix (train's default) saved in PEFT's PrefixTuning format
+        "import torch\nimport softprompt\nfrom peft import PeftModel\nfrom softprompt.base.models import load_model\n"
+        "base, tok = load_model('smollm2-135m-instruct')\n"
+        "tok.padding_side = 'left'\n"
+        "softprompt.get_softprompt_model(base, method='prefix', virtual_tokens=4, tokenizer=tok)"
+        ".save_pretrained('runs/prefix-peft')\n"
+        "peft_model = PeftModel.from_pretrained(base, 'runs/prefix-peft')\n"
+        "enc = tok(['Act as a chef.\\nPrompt:', 'Act as a poet.\\nPrompt:'], return_tensors='pt', padding=True)\n"),
     "from openai import OpenAI": "",
 }
 # Lines of Python examples that need the network, each with what runs instead.

@@ -110,10 +110,16 @@ PROMPT_USE = ["# With transformers 5, PeftModel.generate() gives wrong tokens fo
               "mask = torch.cat([enc.attention_mask.new_ones(prompt.shape[:2]), enc.attention_mask], dim=1)",
               "new = base.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40)",
               "print(tok.batch_decode(new, skip_special_tokens=True))"]
-PREFIX_USE = ["enc = tok([\"...\"], return_tensors=\"pt\")",
-              "logits = model(**enc).logits  # every layer attends to the prefix's keys and values first",
-              "# With transformers 5, PeftModel.generate() parts from this forward pass after the first token",
-              "# (peft 0.21); `softprompt generate` decodes with the prefix as the model's cache."]
+PREFIX_USE = ["# With transformers 5, PeftModel.generate() gives wrong tokens for prefix tuning (peft 0.21);",
+              "# the base model's generate() with the prefix as its cache gives softprompt's. It takes a cache",
+              "# to hold input_ids' first positions: P placeholder ids stand for the prefix (never run).",
+              "enc = tok([\"...\"], return_tensors=\"pt\")  # several rows: left-pad them",
+              "cache = model.get_prompt(batch_size=enc.input_ids.shape[0])  # keys and values, P per layer",
+              "P = cache.get_seq_length()",
+              "ids = torch.cat([enc.input_ids.new_zeros(len(enc.input_ids), P), enc.input_ids], dim=1)",
+              "mask = torch.cat([enc.attention_mask.new_ones(len(enc.input_ids), P), enc.attention_mask], dim=1)",
+              "out = base.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=40)",
+              "print(tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))"]
 
 
 def is_dataset_id(name: str) -> bool:
