@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.core.config import GenerateConfig
+from softprompt.generation.sampling import Sampling
 from softprompt.generation.decode import DecodeBatch
 from softprompt.generation.generate import generate_batch
 from softprompt.generation.static_decode import StaticDecodeBatch
@@ -17,9 +17,8 @@ from serve_helpers import held_step, wait_until
 
 def alone(model, tok, job: GenJob) -> list[int]:
     """The job's tokens when it is the only row of a fresh engine (EOS dropped, as jobs do)."""
-    if not job.sample:
-        cfg = GenerateConfig(max_new_tokens=job.max_new, repetition_penalty=job.repetition_penalty)
-        return generate_batch(model, tok, [(job.prompt, job.ids)], cfg)[0]
+    if not job.sampling.sample:
+        return generate_batch(model, tok, [(job.prompt, job.ids)], job.config())[0]
     engine = DecodeBatch(model, tok)
     (i,) = engine.add([(job.prompt, job.ids)], job.config(), seeds=[job.seed])
     while not engine.finished:
@@ -39,9 +38,9 @@ def test_jobs_joining_a_running_decode_equal_each_job_alone(llama_dir, monkeypat
     p4, p7 = (torch.randn(n, model.config.hidden_size, generator=gen) * 0.5 for n in (4, 7))
     ids = [tok(t).input_ids for t in ("Country: France\nFacts:", "Review: a dull", "Act as", "Country: Peru")]
     first = GenJob(p4, ids[0], max_new=60)
-    later = [GenJob(None, ids[1], max_new=5), GenJob(p7, ids[2], max_new=9, sample=True, temperature=1.3, seed=11),
-             GenJob(p4, ids[3], max_new=12, repetition_penalty=3.0), GenJob(p7, ids[1], max_new=7, sample=True,
-                                                                              top_p=0.8, seed=5)]
+    later = [GenJob(None, ids[1], max_new=5), GenJob(p7, ids[2], max_new=9, sampling=Sampling(True, temperature=1.3), seed=11),
+             GenJob(p4, ids[3], max_new=12, sampling=Sampling(repetition_penalty=3.0)),
+             GenJob(p7, ids[1], max_new=7, sampling=Sampling(True, top_p=0.8), seed=5)]
     stepped, go, sizes = held_step(sched, monkeypatch)
     sched.start()
     try:

@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 
 from ..core.config import ServeConfig
 from ..core.utils import SoftpromptError
+from ..generation.sampling import Sampling
 from .chat_input import chat_ids
 from .metrics import CLIENT_GONE, Metrics
 from .protocol import ApiError
@@ -127,10 +128,9 @@ class ServerContext:
             raise ApiError(400, "stop takes at most 4 non-empty strings", "stop")
         sample = bool(req.temperature)
         seed = req.seed if req.seed is not None else secrets.randbits(31)
-        return {"max_new": mt, "sample": sample, "temperature": req.temperature or 1.0,
-                "top_p": req.top_p if sample else 1.0, "repetition_penalty": req.repetition_penalty,
-                "presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
-                "seed": seed, "stop": stop}
+        sampling = Sampling(sample, req.temperature or 1.0, req.top_p if sample else 1.0, req.repetition_penalty,
+                            req.presence_penalty or 0.0, req.frequency_penalty or 0.0)
+        return {"max_new": mt, "sampling": sampling, "seed": seed, "stop": stop}
 
     def queueable(self, count: int, param: str | None) -> None:
         """Refuse (400) a request of `count` jobs that the queue could never hold at once: a 503

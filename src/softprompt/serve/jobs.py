@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..core.config import GenerateConfig
+from ..generation.sampling import Sampling
 
 log = logging.getLogger("softprompt.serve")
 
@@ -46,12 +47,7 @@ class GenJob(Job):
     """One completion choice: decodes `ids` after `prompt`, cuts at stop strings, and reports new
     text to `listener(job, kind, payload)` as it comes (kind: 'delta', 'done' or 'error')."""
     max_new: int = 16
-    sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    sampling: Sampling = Sampling()  # frozen: one default shared safely; greedy unless sampling.sample
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     index: int = 0  # the choice's index in its response
@@ -63,11 +59,9 @@ class GenJob(Job):
     eos: int | None = field(default=None, init=False)  # the end-of-sequence token that ended it, if one did
 
     def key(self) -> tuple:
-        """Jobs with equal keys join the engine in one `add` (one GenerateConfig)."""
-        pens = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
-        if not self.sample:
-            return ("greedy", *pens)
-        return ("sample", self.temperature, self.top_p, *pens)
+        """Jobs with equal keys join the engine in one `add` (one GenerateConfig); Sampling.of
+        drops a greedy row's temperature and top-p, which do not change its tokens."""
+        return ("generate", Sampling.of(self.sampling))
 
     def _tell(self, kind: str, payload: Any) -> None:
         if self.listener is not None:
@@ -119,9 +113,7 @@ class GenJob(Job):
 
     def config(self) -> GenerateConfig:
         """The engine's settings for this job's row (the budget is passed per row)."""
-        return GenerateConfig(max_new_tokens=self.max_new, sample=self.sample, temperature=self.temperature,
-                              top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+        return GenerateConfig(max_new_tokens=self.max_new, **asdict(self.sampling))
 
     def reset(self) -> bool:
         """Forget partial output before a retry; False if some was already streamed (a retry would repeat it)."""
