@@ -122,7 +122,8 @@ class EncoderTuning(FrozenModelMethod):
     names the method and builds its encoder (`make_encoder`)."""
 
     graph_obstacle = GRAPH_OBSTACLE
-    inits: tuple[str, ...] = ()  # the --init strategies that make the encoder's input
+    # The --init strategies that make the encoder's input: every [P, H] start a soft prompt has.
+    inits: tuple[str, ...] = ("text", "vocab", "labels", "random", "file")
     prompt: EncodedPrompt
 
     def __init__(self, model, tok, prompt: EncodedPrompt, keep_encoder: bool):
@@ -131,8 +132,9 @@ class EncoderTuning(FrozenModelMethod):
         self.resumable = keep_encoder
 
     @staticmethod
-    def make_encoder(start: torch.Tensor, tcfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
-        """(the encoder, whose input embedding starts at `start` [P, H], and what to record of it)."""
+    def make_encoder(P: int, H: int, tcfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+        """(the encoder, with its [P, H] input as `.embedding`, and what to record of it); setup
+        copies the init into that embedding."""
         raise NotImplementedError
 
     @staticmethod
@@ -147,7 +149,9 @@ class EncoderTuning(FrozenModelMethod):
         # The encoder's weights from the run's seed alone, whatever drew from the global generator before.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tcfg.seed)
-            encoder, record = cls.make_encoder(start.embeds.detach(), tcfg)
+            encoder, record = cls.make_encoder(*start.embeds.shape, tcfg)
+        with torch.no_grad():
+            encoder.embedding.weight.copy_(start.embeds)
         meta = {**cls.recorded_init(start.meta), "method": cls.name, **record}
         return cls(model, tok, EncodedPrompt(encoder, meta).to(model.device), tcfg.keep_encoder)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..core.config import TrainConfig
@@ -22,13 +21,12 @@ from .encoder_method import EncoderTuning
 
 
 class PTuning(EncoderTuning):
-    """Train PEFT's PromptEncoder and its input embedding; save the prompt it produces."""
+    """Train PEFT's PromptEncoder and its input embedding; save the prompt it produces. A saved
+    prompt (--init file, --init-from) starts the encoder's input, as every init does: the prompt the
+    encoder first produces is an MLP of it, not the saved prompt itself (its output is no function
+    of its input one could invert); --method residual starts from one exactly."""
 
     name = "ptuning"
-    # A saved prompt (--init file, --init-from) starts the encoder's input, as every init does here: the
-    # prompt the encoder first produces is an MLP of it, not the saved prompt itself (its output is no
-    # function of its input one could invert); --method residual starts from one exactly.
-    inits = ("text", "vocab", "labels", "random", "file")
 
     @staticmethod
     def default_lr(loss: str) -> float:
@@ -38,13 +36,10 @@ class PTuning(EncoderTuning):
         return 3e-4 if loss == "classes" else 1e-3
 
     @staticmethod
-    def make_encoder(start: torch.Tensor, tcfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
-        P, H = start.shape
+    def make_encoder(P: int, H: int, tcfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
         kind = "mlp" if tcfg.encoder == "auto" else tcfg.encoder
         hidden = tcfg.encoder_hidden_size or H  # PEFT's default: the model's hidden size
         enc = PromptEncoder(P, H, hidden, kind)
-        with torch.no_grad():
-            enc.embedding.weight.copy_(start)
         record = {"encoder": kind, "encoder_hidden_size": hidden}
         return enc, record | ({"encoder_num_layers": LSTM_LAYERS} if kind == "lstm" else {})
 

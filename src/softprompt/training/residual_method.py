@@ -47,7 +47,6 @@ class ResidualTuning(EncoderTuning):
     """Train the input embedding and its residual MLP; save their sum as the prompt."""
 
     name = "residual"
-    inits = ("text", "vocab", "labels", "random", "file")
 
     @staticmethod
     def default_lr(loss: str) -> float:
@@ -56,10 +55,6 @@ class ResidualTuning(EncoderTuning):
         return 1e-2 if loss == "classes" else 3e-2
 
     @staticmethod
-    def make_encoder(start: torch.Tensor, tcfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
-        P, H = start.shape
+    def make_encoder(P: int, H: int, tcfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
         m = tcfg.encoder_hidden_size or default_bottleneck(H)
-        enc = ResidualEncoder(P, H, m)
-        with torch.no_grad():
-            enc.embedding.weight.copy_(start)
-        return enc, {"encoder": "residual-mlp", "encoder_hidden_size": m}
+        return ResidualEncoder(P, H, m), {"encoder": "residual-mlp", "encoder_hidden_size": m}
