@@ -144,8 +144,11 @@ def test_card_names_the_method(method, named, tag, run_dir, llama_dir, tmp_path)
     peft_type = json.loads((tmp_path / "up" / "adapter_config.json").read_text())["peft_type"]
     if method == "prefix":
         assert peft_type == "PREFIX_TUNING" and "PEFT's prefix-tuning layout" in card.text
-        assert "get_prompt" not in card.text  # the soft prompt's PEFT example does not fit a prefix
+        # The prefix's own PEFT example (its keys and values as generate's cache), not the soft prompt's
+        # (which prepends embeddings a prefix does not have); test_api runs both as written.
+        assert "cache=cache" in card.text and "inputs_embeds" not in card.text
     else:
         assert peft_type == "PROMPT_TUNING" and "an encoder produced it while training" in card.text
+        assert "inputs_embeds" in card.text and "cache=cache" not in card.text  # a soft prompt's example
     prompt_card = ModelCard.load(prepare_upload(run_dir, tmp_path / "up2", "someone/y") / "README.md")
     assert "| method | prompt tuning (`--method prompt`) |" in prompt_card.text
