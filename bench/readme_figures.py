@@ -12,6 +12,9 @@ markdown link to a JSON file under bench/results/ whose fragment is a key path i
 - the link text holds exactly one number, shown as the value rounded to the digits shown (`1.76x`
   is 1.755 to 1.765; `1.3e-16` rounds the mantissa); a `%` after it shows the value times 100.
 
+Outside tables, prose may give figures unlinked, but a link into a result file's keys must show its
+value as above: a rerun that changes a JSON cannot leave the sentence quoting it stale.
+
 The file must record where it came from: `command`, `commit` and `machine`, or, for files written
 before results recorded their command and commit, `machine` and a `provenance_note` saying what is
 known. In a table, the header row and the first column name what is measured; every other cell
@@ -102,25 +105,26 @@ def provenance_problem(doc) -> str:
     return "records no command and commit (nor a provenance_note)"
 
 
+def check_link(text: str, target: str, root: Path) -> list[str]:
+    """Problems with one figure link: its target, its file's provenance, the value it shows."""
+    path, _, fragment = target.partition("#")
+    if not path.startswith("bench/results/") or not path.endswith(".json") or not fragment:
+        return [f"link {target!r} is not bench/results/FILE.json#KEY.PATH"]
+    try:
+        doc = json.loads((root / path).read_text())
+    except (OSError, ValueError) as e:
+        return [f"{path}: {type(e).__name__}: {e}"]
+    problems = [f"{path} {why}"] if (why := provenance_problem(doc)) else []
+    try:
+        if why := shows(text, value_of(doc, fragment)):
+            problems.append(f"{why} ({target})")
+    except (KeyError, ValueError) as e:
+        problems.append(f"{path}: {e.args[0] if e.args else e}")
+    return problems
+
+
 def check_cell(cell: str, root: Path) -> list[str]:
-    problems = []
-    for text, target in LINK.findall(cell):
-        path, _, fragment = target.partition("#")
-        if not path.startswith("bench/results/") or not path.endswith(".json") or not fragment:
-            problems.append(f"link {target!r} is not bench/results/FILE.json#KEY.PATH")
-            continue
-        try:
-            doc = json.loads((root / path).read_text())
-        except (OSError, ValueError) as e:
-            problems.append(f"{path}: {type(e).__name__}: {e}")
-            continue
-        if why := provenance_problem(doc):
-            problems.append(f"{path} {why}")
-        try:
-            if why := shows(text, value_of(doc, fragment)):
-                problems.append(f"{why} ({target})")
-        except (KeyError, ValueError) as e:
-            problems.append(f"{path}: {e.args[0] if e.args else e}")
+    problems = [p for text, target in LINK.findall(cell) for p in check_link(text, target, root)]
     rest = NOT_FIGURES.sub("", LINK.sub("", cell))
     if re.search(r"\d", rest):
         problems.append(f"unlinked figure in {cell!r}")
@@ -128,17 +132,26 @@ def check_cell(cell: str, root: Path) -> list[str]:
 
 
 def check(text: str, root: Path = ROOT) -> list[str]:
-    """Every problem with the figures of the tables in `text` (a README), as 'line N: ...'."""
+    """Every problem with the README's figures, as 'line N: ...': in tables, every figure must be a
+    link that shows its file's value; in prose, every link into a result file's keys must."""
     problems = []
+    in_table: set[int] = set()
     for start, rows in tables(text):
+        in_table.update(range(start, start + len(rows) + 1))
         for k, row in enumerate(rows[1:], 1):
             line = start + k + 1  # the header, then the separator row
             for cell in row[1:]:
                 problems += [f"line {line}: {p}" for p in check_cell(cell, root)]
+    for n, line in enumerate(text.splitlines(), 1):
+        if n in in_table:
+            continue
+        for label, target in LINK.findall(line):
+            if target.startswith("bench/results/") and "#" in target:
+                problems += [f"line {n}: {p}" for p in check_link(label, target, root)]
     return problems
 
 
 if __name__ == "__main__":
     found = check((ROOT / "README.md").read_text())
-    print("\n".join(found) or "every table figure is backed by its result file")
+    print("\n".join(found) or "every README figure is backed by its result file")
     sys.exit(1 if found else 0)

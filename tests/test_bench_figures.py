@@ -1,5 +1,6 @@
 """Every figure in the README's tables links to a committed result file that records where it came
-from, and shows that file's value as rounded (bench/readme_figures.py holds the convention)."""
+from, and shows that file's value as rounded; a figure linked from prose must show its value too
+(bench/readme_figures.py holds the convention)."""
 from __future__ import annotations
 
 import json
@@ -55,6 +56,14 @@ def test_the_check_reports_an_unlinked_figure_and_a_wrong_value(tmp_path):
     assert problems[0].startswith("line 7: unlinked figure in '2.70x'")
     assert problems[1].startswith("line 8: '1.80x' does not show 1.7612")
     assert problems[2].startswith("line 9: bench/results/x.json: no key '1'")
+
+
+def test_the_check_reads_figure_links_in_prose_too(tmp_path):
+    fake_results(tmp_path)
+    readme = ("Step time fell to [1.76x](bench/results/x.json#tasks.0.speedup) the recipe's, and\n"
+              "then to [1.90x](bench/results/x.json#tasks.0.speedup); 3 runs, unlinked prose numbers are fine.\n"
+              "See [the file](bench/results/x.json) for more.\n")
+    assert check(readme, tmp_path) == ["line 2: '1.90x' does not show 1.7612 (bench/results/x.json#tasks.0.speedup)"]
 
 
 def test_the_check_wants_the_files_provenance(tmp_path):
