@@ -82,3 +82,20 @@ def test_close_ends_every_job_it_holds(llama_dir, monkeypatch):
     for j in (jobs[0], jobs[2], jobs[3]):
         with pytest.raises(RuntimeError, match="shutting down"):
             j.future.result()
+
+
+def test_greedy_requests_that_differ_only_in_ignored_fields_share_a_batch_key():
+    """A greedy request's temperature-less top_p is ignored by decoding, so its job must key (and so
+    batch) with a plain greedy one; a sampled request keeps its top_p."""
+    from softprompt.core.config import ServeConfig
+    from softprompt.serve.context import ServerContext
+    from softprompt.serve.protocol import CompletionRequest
+
+    ctx = ServerContext(None, None, ServeConfig(), "base", None, None, None, None)
+    plain = ctx.gen_params(CompletionRequest(model="m", prompt="x"))
+    top_p = ctx.gen_params(CompletionRequest(model="m", prompt="x", top_p=0.5, temperature=0))
+    sampled = ctx.gen_params(CompletionRequest(model="m", prompt="x", top_p=0.5, temperature=0.7))
+    assert plain["sampling"] == top_p["sampling"] == Sampling()
+    assert sampled["sampling"] == Sampling(True, 0.7, 0.5)
+    jobs = [GenJob(None, [1], max_new=4, sampling=p["sampling"], seed=p["seed"]) for p in (plain, top_p, sampled)]
+    assert jobs[0].key() == jobs[1].key() != jobs[2].key()
