@@ -128,7 +128,8 @@ class ServerContext:
             raise ApiError(400, "stop takes at most 4 non-empty strings", "stop")
         sample = bool(req.temperature)
         seed = req.seed if req.seed is not None else secrets.randbits(31)
-        # Sampling.of drops what greedy decoding ignores (temperature, top_p), so equal jobs batch together.
+        # The settings as decoding reads them: Sampling.of drops a greedy row's temperature and top_p
+        # (GenJob.key applies the same rule to jobs built by other callers).
         sampling = Sampling.of(Sampling(sample, req.temperature or 1.0, req.top_p, req.repetition_penalty,
                                         req.presence_penalty or 0.0, req.frequency_penalty or 0.0))
         return {"max_new": mt, "sampling": sampling, "seed": seed, "stop": stop}
