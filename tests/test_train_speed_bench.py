@@ -12,8 +12,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, SHARED
+
+sys.path.insert(0, str(ROOT / "bench"))
 
 STEPS, CHECK_STEPS, BATCH = 3, 2, 4
 
@@ -69,3 +72,34 @@ def test_peft_and_softprompt_compute_the_same_loss(result):
     q = t["fp32_parity"]
     assert q["equal"] and q["abs_diff"] <= q["tolerance"] == 1e-5
     assert q["peft_loss"] == pytest.approx(s["peft_losses"][0], rel=1e-5)  # the float64 check's first batch
+
+
+def test_warm_up_meets_every_guard_a_timed_step_meets():
+    """A compiled PEFT must not compile inside the timed steps: the warm-up keys a single supervised
+    position apart (compile specialises a `logits_to_keep` of size 1), and softprompt warms first,
+    because its first packed pass renames the attention every path is then timed under."""
+    from types import SimpleNamespace
+
+    from train_speed import warm_all, warm_key
+
+    def batch(label_cols):  # [2, 6] ids; targets -100 except in label_cols
+        targets = torch.full((2, 6), -100)
+        targets[:, label_cols] = 1
+        return SimpleNamespace(input_ids=torch.zeros(2, 6, dtype=torch.long), targets=targets)
+
+    one, two = batch([4]), batch([3, 5])
+    assert warm_key(one) != warm_key(two) and warm_key(one) == warm_key(batch([2]))
+    order = []
+
+    class Path:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self, b, record):
+            assert record is False
+            order.append((self.name, warm_key(b)))
+
+    paths = [Path("peft"), Path("peft_compiled"), Path("softprompt")]
+    warm = warm_all(paths, [[one, batch([2])], [one, two, two], [two]])
+    assert [w["warmup_shapes"] for w in warm] == [1, 2, 1]  # aligned with the paths, not the order run
+    assert order[0][0] == "softprompt" and len(order) == 4
