@@ -181,7 +181,8 @@ def cell(spec: dict) -> dict:
 
     warmup_s, _ = step(warmup)
     loaded_mb = peak_rss() / 2**20
-    reset_peak_rss()  # the high-water mark := the resident set now
+    if not reset_peak_rss():  # the high-water mark := the resident set now, or train_extra_mb would lie
+        raise SystemExit("scale: the kernel's high-water mark (VmHWM) could not be reset to the RSS")
     base_mb = status_kb("VmRSS") / 1024
     times, losses = zip(*(step(full) for _ in range(spec["steps"])))
     train_peak = peak_rss() / 2**20

@@ -1,4 +1,6 @@
 """measure.PeakMemory on the CPU: the resident high-water mark above the phase's start."""
+import time
+
 import pytest
 import torch
 
@@ -25,3 +27,18 @@ def test_cpu_peak_catches_a_spike_shorter_than_any_sampling_interval():
     if not mem.kernel_peak:
         pytest.skip("no /proc/self/clear_refs here: the peak is sampled")
     assert 120 <= mem.extra_mb <= 160, mem.extra_mb
+
+
+def test_a_mark_that_does_not_reset_falls_back_to_sampling_instead_of_counting_an_earlier_phase(monkeypatch):
+    import psutil
+
+    from softprompt.training import measure
+    stale = psutil.Process().memory_info().rss + 512 * 2**20  # an earlier phase's 512 MB the reset left
+    monkeypatch.setattr(measure, "peak_rss", lambda: stale)
+    assert not measure.reset_peak_rss()
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MB, held long enough for the 10 ms sampler to see it
+        time.sleep(0.2)
+        del x
+    assert not mem.kernel_peak
+    assert 56 <= mem.extra_mb <= 100, mem.extra_mb

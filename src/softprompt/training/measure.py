@@ -4,8 +4,8 @@ Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at th
 on CPU, the process's resident set size peak minus its value at the phase's start (after gc and
 malloc_trim), i.e. what the phase needs beyond the loaded base model: activations, gradients,
 optimiser state. On Linux the peak is the kernel's own high-water mark (VmHWM, reset at the phase's
-start through /proc/self/clear_refs), exact however short the spike; elsewhere psutil samples RSS
-every 10 ms, which can miss a spike shorter than that.
+start through /proc/self/clear_refs), exact however short the spike; elsewhere, or where the mark does not
+reset, psutil samples RSS every 10 ms, which can miss a spike shorter than that.
 malloc_trim stays a ctypes call: psutil reads memory but cannot make glibc hand freed heap pages
 back, and without that the next phase's baseline would include the last phase's garbage.
 """
@@ -37,13 +37,22 @@ def resident(model):
     return model
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark to the current RSS; False where it can't be."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def reset_peak_rss(tries: int = 3, slack: int = 4 * 2**20) -> bool:
+    """Reset the kernel's resident high-water mark to the current RSS; False where it can't be, or
+    where the mark still stands above the RSS after `tries` resets: a peak read from a stale mark
+    would count an earlier phase's memory (a CI run once saw the last phase's 256 MB that way).
+    `slack` covers RSS another thread frees between the two reads."""
+    for _ in range(tries):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        mark = peak_rss()
+        if mark is None:
+            return False
+        if mark <= psutil.Process().memory_info().rss + slack:
+            return True
+    return False
 
 
 def peak_rss() -> int | None:
@@ -78,7 +87,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            self.kernel_peak = reset_peak_rss() and peak_rss() is not None
+            self.kernel_peak = reset_peak_rss()  # else sample, rather than trust a stale mark
             self.start = self.peak = self.process.memory_info().rss
             if not self.kernel_peak:
                 self._thread = threading.Thread(target=self._sample, daemon=True)
