@@ -13,8 +13,9 @@ The mixture caps each task at --source-limit rows (T5's examples-proportional mi
 Data files derived from the shared ones and the source prompts live in --workdir and are reused.
 
 Rows are written one by one (a time limit loses the row in progress) and a rerun skips the rows its
---out already holds. Not meant for a loaded machine: about (methods x sizes x 3 x seeds) runs of
---steps steps each.
+--out already holds; `summary` (kept current with the rows) holds each cell's mean, sd and n over
+the seeds and its gain in points over the fresh init. Not meant for a loaded machine: about
+(methods x sizes x 3 x seeds) runs of --steps steps each.
 
     python bench/transfer.py                                  # prompt and prefix, 3 seeds, full size
     python bench/transfer.py --methods prompt --seeds 0       # one method, one seed
@@ -105,20 +106,36 @@ def key(row: dict) -> tuple:
     return row["method"], str(row["rows"]), row["init"], row["seed"]
 
 
-def summarize(rows: list[dict]) -> None:
-    """Mean accuracy over the seeds per (method, rows, init), and its gain over the fresh init."""
-    groups: dict[tuple, list[float]] = {}
+def summarise(rows: list[dict]) -> dict:
+    """summary[method][rows][init]: accuracy's mean over the seeds, its sd and n, and (past the fresh
+    init) its gain in points over the fresh init's mean at the same size."""
+    groups: dict = {}
     for r in rows:
         if r["accuracy"] is not None:
-            groups.setdefault((r["method"], str(r["rows"]), r["init"]), []).append(r["accuracy"])
+            groups.setdefault(r["method"], {}).setdefault(str(r["rows"]), {}).setdefault(r["init"], []).append(
+                r["accuracy"])
+    out: dict = {}
+    for method, sizes in groups.items():
+        for size, inits in sizes.items():
+            fresh = inits.get("fresh")
+            for init, accs in inits.items():
+                cell = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "n": len(accs)}
+                if fresh and init != "fresh":
+                    cell["gain_points"] = 100 * (cell["mean"] - statistics.mean(fresh))
+                out.setdefault(method, {}).setdefault(size, {})[init] = cell
+    return out
+
+
+def report(summary: dict) -> None:
     widths = [8, 6, 8, 8, 7, 6, 6]
     print(fmt_row(["method", "rows", "init", "acc %", "sd", "gain", "seeds"], widths))
-    for (method, size, init), accs in sorted(groups.items()):
-        mean = statistics.mean(accs)
-        fresh = groups.get((method, size, "fresh"))
-        gain = f"{100 * (mean - statistics.mean(fresh)):+.1f}" if fresh and init != "fresh" else ""
-        sd = f"{100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
-        print(fmt_row([method, size, init, f"{100 * mean:.1f}", sd, gain, len(accs)], widths))
+    for method, sizes in sorted(summary.items()):
+        for size, inits in sorted(sizes.items()):
+            for init, c in sorted(inits.items()):
+                gain = f"{c['gain_points']:+.1f}" if "gain_points" in c else ""
+                sd = f"{100 * c['std']:.1f}" if c["n"] > 1 else ""
+                print(fmt_row([method, size, init, f"{100 * c['mean']:.1f}", sd, gain, c["n"]], widths))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,9 +177,11 @@ def main(argv: list[str] | None = None) -> None:
                     if (method, str(size or "all"), init, seed) in have:
                         continue
                     row = res.add(target_run(args, model, tok, mcfg, data, work, method, size, init, seed, sources))
+                    res.set(summary=summarise(res.doc["rows"]))  # kept current, as the rows are
                     print(json.dumps(row), flush=True)
-    summarize(res.doc["rows"])
-    print(f"wrote {res.save()}")
+    res.set(summary=summarise(res.doc["rows"]))
+    report(res.doc["summary"])
+    print(f"wrote {res.path}")
 
 
 if __name__ == "__main__":
