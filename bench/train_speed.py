@@ -276,12 +276,14 @@ def measure_memory(args, task: str, name: str) -> dict[str, float]:
     return json.loads(line[0][7:])
 
 
-def warm_key(batch) -> tuple:
-    """What a first step pays for: the shape [B, T], and whether the loss reads one position or
-    more. torch.compile specialises a size of 1 (`logits_to_keep` of one index guards apart from
-    two or more), so a compiled path meets a new graph there even at a warmed [B, T]."""
-    one_position = int((batch.targets != -100).any(0).sum()) == 1
-    return (*batch.input_ids.shape, one_position)
+def warm_key(batch, logit_offset: int = 0) -> tuple:
+    """What a first step pays for: the shape [B, T], and whether the loss reads no, one or more
+    positions, counted as `kept_logits_loss` counts them (a prompt's P columns come first; without
+    them the first text column predicts nothing). torch.compile specialises sizes 0 and 1, so a
+    compiled path meets a new graph there even at a warmed [B, T]."""
+    supervised = (batch.targets != -100).any(0)  # [T]
+    kept = int(supervised.sum() if logit_offset else supervised[1:].sum())
+    return (*batch.input_ids.shape, min(kept, 2))
 
 
 def warm_up(path, batches) -> dict:
@@ -290,7 +292,7 @@ def warm_up(path, batches) -> dict:
     are captured per length bucket, and a bucket first met later counts as a capture step)."""
     shapes = {}
     for b in batches:
-        shapes.setdefault(warm_key(b), b)
+        shapes.setdefault(warm_key(b, getattr(path, "logit_offset", 0)), b)
     t = time.perf_counter()
     for b in shapes.values():
         path.step(b, record=False)

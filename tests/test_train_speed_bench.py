@@ -89,6 +89,10 @@ def test_warm_up_meets_every_guard_a_timed_step_meets():
 
     one, two = batch([4]), batch([3, 5])
     assert warm_key(one) != warm_key(two) and warm_key(one) == warm_key(batch([2]))
+    # column 0 predicts nothing without a prompt in front (a prefix), and the last virtual token's
+    # logits predict it with one: the key counts the positions the loss keeps, as the loss does
+    assert warm_key(batch([0, 4]), logit_offset=0) == warm_key(one)
+    assert warm_key(batch([0, 4]), logit_offset=2) == warm_key(two)
     order = []
 
     class Path:
