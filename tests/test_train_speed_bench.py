@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,23 @@ def test_warm_up_meets_every_guard_a_timed_step_meets():
     warm = warm_all(paths, [[one, batch([2])], [one, two, two], [two]])
     assert [w["warmup_shapes"] for w in warm] == [1, 2, 1]  # aligned with the paths, not the order run
     assert order == ["softprompt", "peft", "peft_compiled", "peft_compiled"]
+
+
+def test_the_compiled_path_counts_its_flops_eagerly_and_keeps_its_compiled_forward(llama_dir):
+    """FlopCounterMode hangs global hooks on every module, under which torch.compile would compile
+    PEFT's forward again (and warn); the count is of the same math on the eager forward."""
+    pytest.importorskip("peft")
+    from common import load_bench_model
+    from train_speed import Example, Path_, collate, initial_prompt
+
+    model, _ = load_bench_model(f"random:{llama_dir}", torch.device("cpu"), torch.float32)
+    init = initial_prompt(model, 4, 0)
+    batch = collate([Example(ids=list(range(5, 17)), loss_start=8), Example(ids=list(range(5, 12)), loss_start=4)], 0)
+    compiled = Path_("peft_compiled", model, init, 1e-3, torch.device("cpu"))
+    timed = compiled.forward
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        n = compiled.flops(batch)
+    assert not [w for w in seen if "global hooks" in str(w.message)]  # the compiled module was not called
+    assert compiled.forward is timed and timed is not compiled.peft
+    assert n == Path_("peft_best", model, init, 1e-3, torch.device("cpu")).flops(batch) > 0
