@@ -228,16 +228,16 @@ class Path_:
         """FLOPs of one step, counted on the eager forward: the compiled one does the same math, and
         FlopCounterMode's global module hooks would make it recompile (torch warns of them)."""
         batch = batch.to(self.device)
-        timed_forward = getattr(self, "forward", None)
-        if self.name == "peft_compiled":
-            self.forward = self.peft
+        compiled = self.name == "peft_compiled"
+        if compiled:
+            timed_forward, self.forward = self.forward, self.peft
 
         def f():
             self.loss(batch).backward()
         try:
             n = count_flops(f)
         finally:
-            if timed_forward is not None:
+            if compiled:
                 self.forward = timed_forward
         self.opt.zero_grad(set_to_none=True)
         return n

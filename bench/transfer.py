@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     res = Results(out, {"bench": "transfer", "model": args.model, "device": str(dev), "dtype": args.dtype,
                         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}})
     res.doc["rows"] = done
-    res.save()
+    res.set(summary=summarise(done))  # then kept current with each row, as the rows are
     have = {key(r) for r in done}
     for method in args.methods:
         sources = source_prompts(args, model, tok, mcfg, data, work, method)
@@ -177,9 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                     if (method, str(size or "all"), init, seed) in have:
                         continue
                     row = res.add(target_run(args, model, tok, mcfg, data, work, method, size, init, seed, sources))
-                    res.set(summary=summarise(res.doc["rows"]))  # kept current, as the rows are
+                    res.set(summary=summarise(res.doc["rows"]))
                     print(json.dumps(row), flush=True)
-    res.set(summary=summarise(res.doc["rows"]))
     report(res.doc["summary"])
     print(f"wrote {res.path}")
 
