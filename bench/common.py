@@ -136,7 +136,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            from softprompt.training.measure import reset_peak_rss
+
+            if not reset_peak_rss():  # VmHWM := the RSS now, checked: a stale mark would count earlier work
+                raise SystemExit("the kernel's resident high-water mark (VmHWM) did not reset through "
+                                 "/proc/self/clear_refs: no RSS peak can be measured here")
             self.base = status_kb("VmRSS") * 1024
             from torch.profiler import ProfilerActivity, profile
 
