@@ -154,7 +154,9 @@ class PeakMemory:
             self.total = torch.cuda.max_memory_allocated(self.device)
             self.tensors = self.delta = self.total - self.base
         else:
-            self.total = status_kb("VmHWM") * 1024
+            from softprompt.training.measure import peak_rss
+
+            self.total = peak_rss()  # the mark reset_peak_rss set at __enter__
             self.delta = self.total - self.base
             self.prof.__exit__(None, None, None)
             self.tensors = _live_tensor_peak(self.prof)
