@@ -313,15 +313,23 @@ def warm_all(paths, sets) -> list[dict]:
     attention name every path is then timed under (forward.packing.enable_packing; the same kernel
     outside packed passes), and a compiled PEFT warmed before that would recompile in its timed steps."""
     order = sorted(range(len(paths)), key=lambda i: paths[i].name != "softprompt")
-    warm = {i: warm_up(paths[i], sets[i]) for i in order}
+    warm = {}
+    for i in order:
+        warm[i] = warm_up(paths[i], sets[i])
+        print(f"  {paths[i].name}: warmed {warm[i]['warmup_shapes']} shapes in {warm[i]['warmup_s']:.1f} s", flush=True)
     return [warm[i] for i in range(len(paths))]
 
 
 def alternate(paths, batches_per_path, record_from: int = 0) -> None:
     # Interleave the paths step by step, so that slow phases of the machine hit both alike.
-    for i in range(len(batches_per_path[0])):
+    n = len(batches_per_path[0])
+    every = max(1, n // 10)  # a timed CPU run is an hour or more: say how far it is
+    for i in range(n):
         for p, bs in zip(paths, batches_per_path):
             p.step(bs[i], record=i >= record_from)
+        if (i + 1) % every == 0 and i + 1 < n and paths[0].times:
+            means = ", ".join(f"{p.name} {sum(p.times) / len(p.times):.3f} s" for p in paths)
+            print(f"  step {i + 1}/{n}, mean step so far: {means}", flush=True)
 
 
 def summarise(p, peak: float, batches, flop_samples: int) -> dict:

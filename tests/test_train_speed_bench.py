@@ -36,6 +36,7 @@ def result(llama_dir, tmp_path_factory) -> dict:
                            "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "float32 loss from the same start" in proc.stdout
+    assert f"step 1/{STEPS}, mean step so far: peft " in proc.stdout  # an hour-long CPU run says how far it is
     return json.loads(out.read_text())
 
 
