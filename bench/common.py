@@ -49,6 +49,9 @@ def load_bench_model(name: str, device: torch.device, dtype: torch.dtype, seed: 
         torch.manual_seed(seed)
         if name.startswith("random:"):
             src = name.split(":", 1)[1]
+            if not (Path(src) / "config.json").is_file():  # else the Hub client's repo-id traceback
+                raise SystemExit(f"--model {name}: no config.json in {src!r}; random:DIR builds the "
+                                 "architecture in DIR with random weights")
             cfg = AutoConfig.from_pretrained(src)
         else:
             src = os.environ.get("SOFTPROMPT_BENCH_TOKENIZER") or builtin_model_dir()
