@@ -1,11 +1,16 @@
-"""Where a training step's time goes, PEFT against softprompt: GPU kernel time against host time.
+"""Where a training step's time goes, PEFT against softprompt, on a GPU or a CPU.
 
-On a GPU a small model's step is often bound by the host (Python, kernel launches), not by the
-kernels: the step's wall time then far exceeds the summed kernel time. This script profiles a few
-steps of each path with torch.profiler on the same batches as bench/train_speed.py (after one
-untimed pass over them: warm-up and, on CUDA, the graph captures) and prints, per step: wall time,
-summed device-kernel time, the number of kernel launches, and the top kernels.
+Profiles a few steps of each path with torch.profiler on the same batches as bench/train_speed.py
+(PEFT's recipe on its random, padded batches; PEFT at its best and softprompt on the length-grouped
+ones), after one untimed pass over them (warm-up and, on CUDA, the graph captures).
+- On a GPU a small model's step is often bound by the host (Python, kernel launches), not by the
+  kernels: per step it prints wall time, summed device-kernel time, kernel launches, top kernels.
+- On a CPU every operator runs on the host: per step it prints wall time and the operators' own
+  (self) time, split into matmuls, attention, the loss, the optimiser and the rest, and the top
+  operators. Self times do not nest, so the classes add up to about the step (the remainder is
+  Python and the profiler).
 
+    python bench/profile_step.py --task lm512 --steps 3                      # the real model, on this CPU
     python bench/profile_step.py --model random:DIR --task sst2 --dtype bfloat16 --steps 5
 """
 from __future__ import annotations
@@ -20,9 +25,35 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, attn_implementation, device_and_dtype, load_bench_model, sync  # noqa: E402
-from train_speed import TASKS, Path_, batches_for, initial_prompt, task_examples  # noqa: E402
+from train_speed import TASKS, Path_, batches_for, initial, task_examples  # noqa: E402
 
 from softprompt.data.batching import pad_id  # noqa: E402
+
+PATHS = ("peft", "peft_best", "softprompt")
+# Operator classes by name (aten's names, forward and backward alike); the first match wins.
+# The loss comes first: its log_softmax backward would match attention's softmax backward.
+CLASSES = (("loss", ("log_softmax", "logsumexp", "nll_loss", "cross_entropy")),
+           ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "aten::softmax",
+                          "_softmax_backward")),
+           ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+           ("optimizer", ("_foreach", "adam", "clip_grad")))
+
+
+def op_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CLASSES if any(k in low for k in keys)), "other")
+
+
+def cpu_breakdown(events, n: int) -> dict:
+    """Per step: each class's summed self CPU time (ms) and the top operators by self time."""
+    ops = [e for e in events if e.self_cpu_time_total > 0]
+    by_class: dict[str, float] = {c: 0.0 for c, _ in CLASSES} | {"other": 0.0}
+    for e in ops:
+        by_class[op_class(e.key)] += e.self_cpu_time_total / 1e3 / n
+    top = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"self_cpu_ms": by_class, "self_cpu_ms_total": sum(by_class.values()),
+            "top_ops": [{"name": e.key[:90], "class": op_class(e.key), "ms_per_step": e.self_cpu_time_total / 1e3 / n,
+                         "count_per_step": e.count / n} for e in top]}
 
 
 def profile_path(path: Path_, batches, dev) -> dict:
@@ -37,21 +68,38 @@ def profile_path(path: Path_, batches, dev) -> dict:
     n = len(batches) - 1
     wall = (time.perf_counter() - t) / n
     events = prof.key_averages()
+    out = {"wall_ms": 1e3 * wall, **cpu_breakdown(events, n)}
+    if dev.type != "cuda":
+        return out
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     dev_us = sum(e.self_device_time_total for e in kernels) / n
-    launches = sum(e.count for e in kernels) / n
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
-    return {"wall_ms": 1e3 * wall, "kernel_ms": dev_us / 1e3, "kernels_per_step": launches,
+    return {**out, "kernel_ms": dev_us / 1e3, "kernels_per_step": sum(e.count for e in kernels) / n,
             "kernel_fraction": dev_us / 1e6 / wall if wall else 0.0,
             "top_kernels": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1e3 / n,
                              "count_per_step": e.count / n} for e in top]}
+
+
+def report(task: str, name: str, r: dict) -> None:
+    if "kernel_ms" in r:
+        print(f"{task} {name:10s} wall {r['wall_ms']:8.1f} ms  kernels {r['kernel_ms']:7.1f} ms "
+              f"({100 * r['kernel_fraction']:.0f}%)  launches {r['kernels_per_step']:.0f}")
+        for k in r["top_kernels"][:4]:
+            print(f"    {k['ms_per_step']:6.2f} ms x{k['count_per_step']:.0f}  {k['name']}")
+        return
+    split = "  ".join(f"{c} {ms:.0f}" for c, ms in r["self_cpu_ms"].items())
+    print(f"{task} {name:10s} wall {r['wall_ms']:8.1f} ms  self CPU ms: {split}")
+    for k in r["top_ops"][:5]:
+        print(f"    {k['ms_per_step']:8.1f} ms x{k['count_per_step']:.0f}  {k['name']} ({k['class']})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--task", nargs="+", default=["sst2"], choices=sorted(TASKS))
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--method", default="prompt", choices=("prompt", "prefix"))
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    ap.add_argument("--steps", type=int, default=5, help="profiled steps per path (after one untimed pass)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--limit", type=int, default=2000)
@@ -64,23 +112,21 @@ def main() -> None:
     dev, dtype = device_and_dtype(args.device, args.dtype)
     model, tok = load_bench_model(args.model, dev, dtype, args.seed)
     head = {"bench": "profile_step", "model": args.model, "device": str(dev), "dtype": args.dtype,
-            "attn_implementation": attn_implementation(model), "cuda_graphs": args.graphs and dev.type == "cuda",
+            "method": args.method, "attn_implementation": attn_implementation(model),
+            "cuda_graphs": args.graphs and dev.type == "cuda",
             "warmup": "one untimed pass over the same batches (allocator, cuBLAS handles, graph captures)"}
     res = Results(args.out, head, key="tasks") if args.out else None  # a task at a time
     for task in args.task:
         ex = task_examples(task, tok, args.limit, args.seed)
-        init = initial_prompt(model, args.virtual_tokens, args.seed).to(dtype)
+        init = initial(args.method, model, tok, args.virtual_tokens, args.seed).to(dtype)
         out = {}
-        for name, trainer_style in (("peft", True), ("softprompt", False)):
-            bs = batches_for(ex, tok, args.batch_size, args.steps + 1, args.seed, trainer_style=trainer_style)
-            p = Path_(name, model, init, 1e-3, dev, args.graphs, pad_id(tok))
-            out[name] = r = profile_path(p, bs, dev)
-            print(f"{task} {name:10s} wall {r['wall_ms']:7.1f} ms  kernels {r['kernel_ms']:7.1f} ms "
-                  f"({100 * r['kernel_fraction']:.0f}%)  launches {r['kernels_per_step']:.0f}")
-            for k in r["top_kernels"][:4]:
-                print(f"    {k['ms_per_step']:6.2f} ms x{k['count_per_step']:.0f}  {k['name']}")
+        for name in args.paths:
+            bs = batches_for(ex, tok, args.batch_size, args.steps + 1, args.seed, trainer_style=name == "peft")
+            p = Path_(name, model, init, 1e-3, dev, args.graphs, pad_id(tok), args.method)
+            out[name] = profile_path(p, bs, dev)
+            report(task, name, out[name])
         if res:
-            res.add({"task": task, **out})
+            res.add({"task": task, "steps": args.steps, "batch_size": args.batch_size, **out})
 
 
 if __name__ == "__main__":
