@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, attn_implementation, device_and_dtype, load_bench_model, sync  # noqa: E402
-from train_speed import TASKS, Path_, batches_for, initial, task_examples  # noqa: E402
+from train_speed import TASK_CHOICES, Path_, batches_for, initial, task_examples  # noqa: E402
 
 from softprompt.data.batching import pad_id  # noqa: E402
 
@@ -96,7 +96,7 @@ def report(task: str, name: str, r: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--task", nargs="+", default=["sst2"], choices=sorted(TASKS))
+    ap.add_argument("--task", nargs="+", default=["sst2"], choices=TASK_CHOICES)
     ap.add_argument("--method", default="prompt", choices=("prompt", "prefix"))
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     ap.add_argument("--steps", type=int, default=5, help="profiled steps per path (after one untimed pass)")

@@ -26,7 +26,7 @@ def result(llama_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("profile_step") / "r.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--model", f"random:{llama_dir}",
-                           "--device", "cpu", "--task", "sst2", "--steps", str(STEPS), "--batch-size", "4",
+                           "--device", "cpu", "--task", "sst2", "lm128", "--steps", str(STEPS), "--batch-size", "4",
                            "--virtual-tokens", "4", "--limit", "64", "--out", str(out)],
                            capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,18 +36,18 @@ def result(llama_dir, tmp_path_factory) -> dict:
 
 def test_every_path_is_split_into_operator_classes(result):
     assert result["device"] == "cpu" and result["method"] == "prompt" and result["commit"]
-    (task,) = result["tasks"]
-    assert task["task"] == "sst2" and task["steps"] == STEPS
-    for name in ("peft", "peft_best", "softprompt"):
-        r = task[name]
-        assert set(r["self_cpu_ms"]) == {"attention", "loss", "matmul", "optimizer", "other"}, name
+    assert all(t["steps"] == STEPS for t in result["tasks"])
+    assert [t["task"] for t in result["tasks"]] == ["sst2", "lm128"]  # a labelled task and LM rows
+    for task, name in ((t, n) for t in result["tasks"] for n in ("peft", "peft_best", "softprompt")):
+        r, where = task[name], (task["task"], name)
+        assert set(r["self_cpu_ms"]) == {"attention", "loss", "matmul", "optimizer", "other"}, where
         assert r["self_cpu_ms_total"] == pytest.approx(sum(r["self_cpu_ms"].values()))
         # Self times do not nest: together at most the step's wall time (profiler overhead aside)
-        assert 0 < r["self_cpu_ms_total"] <= 1.05 * r["wall_ms"], name
+        assert 0 < r["self_cpu_ms_total"] <= 1.05 * r["wall_ms"], where
         # A training step multiplies matrices, attends and takes a loss: each class has time
         for c in ("matmul", "attention", "loss"):
-            assert r["self_cpu_ms"][c] > 0, (name, c)
-        assert r["top_ops"] and all(o["ms_per_step"] > 0 for o in r["top_ops"]), name
+            assert r["self_cpu_ms"][c] > 0, (where, c)
+        assert r["top_ops"] and all(o["ms_per_step"] > 0 for o in r["top_ops"]), where
         assert "kernel_ms" not in r  # no CUDA events on a CPU
 
 
