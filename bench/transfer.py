@@ -19,6 +19,8 @@ the seeds and its gain in points over the fresh init. Not meant for a loaded mac
 
     python bench/transfer.py                                  # prompt and prefix, 3 seeds, full size
     python bench/transfer.py --methods prompt --seeds 0       # one method, one seed
+    python bench/transfer.py --methods prompt --seeds 0 --sizes 100 --inits fresh sst2 \
+        --out /tmp/a.json --workdir /tmp/wa                   # part of a grid: one process a core
     python bench/transfer.py --model random:DIR --steps 2 --source-steps 2 --sizes 16 --eval-limit 8 \\
         --seeds 0 --out /tmp/t.json --workdir /tmp/tw         # dry run: minutes on a CPU
 """
@@ -70,7 +72,7 @@ def train_cfg(args, out: Path, method: str, steps: int, seed: int, overwrite: bo
 
 
 def source_prompts(args, model, tok, mcfg: ModelConfig, data: dict[str, str], work: Path, method: str) -> dict:
-    """The SST-2 and mixture prompts for `method` (trained once, reused from --workdir)."""
+    """The SST-2 and mixture prompts for `method` that --inits asks for (trained once, reused from --workdir)."""
     shared = dict(max_length=args.max_length, limit=args.source_limit, eval_limit=args.eval_limit)
     sst2 = DataConfig(data=str(SHARED / "sst2" / "train.tsv"), eval_data=str(SHARED / "sst2" / "dev.tsv"),
                       **SST2, **shared)
@@ -78,7 +80,7 @@ def source_prompts(args, model, tok, mcfg: ModelConfig, data: dict[str, str], wo
                "labels": AG["labels"]}
     mixture = DataConfig(**{**sst2.__dict__, "mix": [ag_task]})
     out = {}
-    for name, dcfg in (("sst2", sst2), ("mixture", mixture)):
+    for name, dcfg in ((n, d) for n, d in (("sst2", sst2), ("mixture", mixture)) if n in args.inits):
         folder = work / f"source_{name}_{method}"
         if not (folder / "summary.json").is_file():
             s = train(mcfg, dcfg, PromptConfig(virtual_tokens=args.virtual_tokens),
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                     choices=["prompt", "prefix", "ptuning", "residual"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 0], help="RTE training rows (0 = all)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS,
+                    help="starts to measure: split a grid over processes, each with its own --workdir")
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps of each RTE run")
     ap.add_argument("--source-steps", type=int, default=1000, help="optimiser steps of each source prompt")
     ap.add_argument("--source-limit", type=int, default=20000, help="rows of each source task (the mixture's cap)")
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         sources = source_prompts(args, model, tok, mcfg, data, work, method)
         for size in args.sizes:
-            for init in INITS:
+            for init in args.inits:
                 for seed in args.seeds:
                     if (method, str(size or "all"), init, seed) in have:
                         continue

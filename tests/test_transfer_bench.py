@@ -17,12 +17,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from transfer import summarise  # noqa: E402
 
 
-def run_bench(llama_dir, tmp_path):
+def run_bench(llama_dir, tmp_path, *extra: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, str(ROOT / "bench" / "transfer.py"), "--model", f"random:{llama_dir}", "--device", "cpu",
             "--methods", "prompt", "--steps", "1", "--source-steps", "1", "--source-limit", "16", "--sizes", "8",
             "--eval-limit", "4", "--seeds", "0", "--max-length", "48", "--virtual-tokens", "2", "--batch-size", "4",
-            "--out", str(tmp_path / "t.json"), "--workdir", str(tmp_path / "w")]
+            "--out", str(tmp_path / "t.json"), "--workdir", str(tmp_path / "w"), *extra]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -43,6 +43,14 @@ def test_dry_run_writes_every_row_and_resumes(llama_dir, tmp_path):
     assert cells["sst2"]["gain_points"] == pytest.approx(100 * (rows[1]["accuracy"] - rows[0]["accuracy"]))
     assert "gain_points" not in cells["fresh"] and cells["fresh"]["n"] == 1
     assert "prompt         8   mixture" in again.stdout
+
+
+def test_inits_split_the_grid_and_train_only_the_sources_they_need(llama_dir, tmp_path):
+    proc = run_bench(llama_dir, tmp_path, "--inits", "fresh", "mixture")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["init"] for r in rows] == ["fresh", "mixture"]
+    assert sorted(p.name for p in (tmp_path / "w").glob("source_*")) == ["source_mixture_prompt"]
 
 
 def test_summary_averages_seeds_and_measures_gains_against_the_fresh_mean():
