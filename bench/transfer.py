@@ -19,7 +19,7 @@ the seeds and its gain in points over the fresh init. Not meant for a loaded mac
 
     python bench/transfer.py                                  # prompt and prefix, 3 seeds, full size
     python bench/transfer.py --methods prompt --seeds 0       # one method, one seed
-    python bench/transfer.py --methods prompt --seeds 0 --sizes 100 --inits fresh sst2 \
+    python bench/transfer.py --methods prompt --seeds 0 --sizes 100 --inits fresh sst2 \\
         --out /tmp/a.json --workdir /tmp/wa                   # part of a grid: one process a core
     python bench/transfer.py --model random:DIR --steps 2 --source-steps 2 --sizes 16 --eval-limit 8 \\
         --seeds 0 --out /tmp/t.json --workdir /tmp/tw         # dry run: minutes on a CPU
