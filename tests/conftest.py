@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,14 @@ torch.set_num_threads(1 if XDIST_WORKER else min(2, torch.get_num_threads()))
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 EXAMPLES = ROOT / "src" / "softprompt" / "examples" / "countries.jsonl"
+
+
+def run_bench(script: str, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """bench/<script> in a fresh process, on this checkout's sources and the shared data: how the
+    benchmark dry runs are tested (the scripts import softprompt from src/ without an install)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def _corpus() -> list[str]:

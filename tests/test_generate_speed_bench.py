@@ -6,13 +6,10 @@ compiles for about a minute per shape on a CPU.)"""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import SHARED, run_bench
 
 PREFIX_PATHS = {"softprompt-prefix/per-task", "softprompt-prefix/mixed", "softprompt-both/mixed"}
 PATHS = {"peft", "hf/per-task", "hf-static/per-task", "softprompt/per-task", "softprompt/mixed", "hf/mixed",
@@ -23,11 +20,9 @@ def dry_run(model_dir, out, repeats: int, *extra: str) -> dict:
     pytest.importorskip("peft")
     if not (SHARED / "awesome-chatgpt-prompts" / "prompts.csv").is_file():
         pytest.skip(f"no {SHARED / 'awesome-chatgpt-prompts'}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_speed.py"), "--model", f"random:{model_dir}",
-                           "--device", "cpu", "--tasks", "2", "--per-task", "2", "--max-new-tokens", "4",
-                           "--virtual-tokens", "4", "--repeats", str(repeats), "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = run_bench("generate_speed.py", "--model", f"random:{model_dir}", "--device", "cpu", "--tasks", "2",
+                     "--per-task", "2", "--max-new-tokens", "4", "--virtual-tokens", "4", "--repeats", str(repeats),
+                     "--out", str(out), *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "softprompt / best rival" in proc.stdout
     return json.loads(out.read_text())

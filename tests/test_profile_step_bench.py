@@ -5,13 +5,11 @@ classes). Timings mean nothing at this size."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, run_bench
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -24,11 +22,9 @@ def result(llama_dir, tmp_path_factory) -> dict:
     if not (SHARED / "sst2" / "train.tsv").is_file():
         pytest.skip(f"no {SHARED / 'sst2'}")
     out = tmp_path_factory.mktemp("profile_step") / "r.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--model", f"random:{llama_dir}",
-                           "--device", "cpu", "--task", "sst2", "lm128", "--steps", str(STEPS), "--batch-size", "4",
-                           "--virtual-tokens", "4", "--limit", "64", "--out", str(out)],
-                           capture_output=True, text=True, timeout=300, env=env)
+    proc = run_bench("profile_step.py", "--model", f"random:{llama_dir}", "--device", "cpu", "--task", "sst2", "lm128",
+                     "--steps", str(STEPS), "--batch-size", "4", "--virtual-tokens", "4", "--limit", "64",
+                     "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sst2 softprompt wall" in proc.stdout and "self CPU ms: loss" in proc.stdout
     return json.loads(out.read_text())

@@ -7,15 +7,13 @@ compiling, each)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, run_bench
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -28,12 +26,10 @@ def result(llama_dir, tmp_path_factory) -> dict:
     if not (SHARED / "sst2" / "train.tsv").is_file():
         pytest.skip(f"no {SHARED / 'sst2'}")
     out = tmp_path_factory.mktemp("train_speed") / "r.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--method", "prefix",
-                           "--model", f"random:{llama_dir}", "--device", "cpu", "--task", "sst2",
-                           "--steps", str(STEPS), "--check-steps", str(CHECK_STEPS), "--batch-size", str(BATCH),
-                           "--virtual-tokens", "4", "--limit", "64", "--flop-samples", "1", "--no-memory",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    proc = run_bench("train_speed.py", "--method", "prefix", "--model", f"random:{llama_dir}", "--device", "cpu",
+                     "--task", "sst2", "--steps", str(STEPS), "--check-steps", str(CHECK_STEPS),
+                     "--batch-size", str(BATCH), "--virtual-tokens", "4", "--limit", "64", "--flop-samples", "1",
+                     "--no-memory", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "float32 loss from the same start" in proc.stdout
     assert f"step 1/{STEPS}, mean step so far: peft " in proc.stdout  # an hour-long CPU run says how far it is
