@@ -3,6 +3,12 @@ run side by side: each in a process of its own, one after the other, reporting i
 its peak resident memory (the process's high-water mark, model and data included) and the untuned
 and tuned generations. The twin differs from PEFT's script in its import line only.
 
+Then the work each library does per step on the recipe's batches (one epoch, in the Trainer's own
+order as its sampler draws them, both models in this process): tokens through the decoder, padding included, and GFLOP of
+one forward and backward (FlopCounterMode: matmuls; the CPU's fused attention is not counted). Their
+ratio bounds what the twin can gain at equal efficiency per FLOP; the time ratio over it is the
+efficiency left.
+
     python bench/classic_scripts.py                       # the recipe's 50 rows, 5 epochs
     python bench/classic_scripts.py --max-steps 4 --rows 16   # a quick check that it runs
 
@@ -19,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, Results  # noqa: E402
+from common import ACTS, RESULTS, ROOT, Results  # noqa: E402
 
 SCRIPTS = {"peft": "classic_peft_script.py", "softprompt": "classic_softprompt_script.py"}
 
@@ -28,7 +34,7 @@ def run_script(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     out = tmp / f"{name}.json"
     cmd = [sys.executable, str(ROOT / "examples" / SCRIPTS[name]), "--out", str(tmp / f"{name}_adapter"),
            "--json", str(out), "--rows", str(args.rows), "--epochs", str(args.epochs),
-           "--max-new-tokens", str(args.max_new_tokens)]
+           "--max-new-tokens", str(args.max_new_tokens), "--data", ACTS["data"]]
     if args.max_steps > 0:
         cmd += ["--max-steps", str(args.max_steps)]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
@@ -39,6 +45,72 @@ def run_script(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     r = json.loads(out.read_text())
     r["process_seconds"] = round(time.perf_counter() - t0, 1)
     return r
+
+
+def recipe_batches(args: argparse.Namespace, model, tok, tmp: Path) -> list[dict]:
+    """One epoch of the scripts' batches, as their Trainer draws them (same data, collator, seed)."""
+    import csv
+
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    with open(ACTS["data"], newline="") as f:
+        data = Dataset.from_list(list(csv.DictReader(f))[:args.rows])
+    data = data.map(lambda rows: tok(rows["prompt"], truncation=True, max_length=128), batched=True,
+                    remove_columns=data.column_names)
+    targs = TrainingArguments(output_dir=str(tmp / "order"), per_device_train_batch_size=4, use_cpu=True,
+                              report_to=[], seed=0)
+    loader = Trainer(model=model, args=targs, train_dataset=data,
+                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).get_train_dataloader()
+    batches = list(loader)
+    return batches[:args.max_steps] if args.max_steps > 0 else batches
+
+
+def counted_step(model, layer, batch: dict) -> tuple[int, int]:
+    """(tokens entering the first decoder layer, FLOPs) of one forward and backward on `batch`."""
+    from common import count_flops
+
+    tokens = []
+    hook = layer.register_forward_hook(lambda m, args, out: tokens.append(args[0].shape[:-1].numel()))
+    try:
+        flops = count_flops(lambda: model(**batch).loss.backward())
+    finally:
+        hook.remove()
+    return sum(tokens), flops
+
+
+def work_per_step(args: argparse.Namespace, tmp: Path) -> dict:
+    """Mean tokens through the decoder (padding included, as the first layer sees them) and GFLOP of
+    one forward and backward, PEFT's model and the twin's, on the same batches."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft
+    import softprompt
+    from softprompt.base.families import decoder_layers
+    from softprompt.base.models import builtin_model_dir
+    from softprompt.forward.paths import choose_path
+
+    path = str(builtin_model_dir())
+    tok = AutoTokenizer.from_pretrained(path)
+    work = {}
+    for name, lib in (("peft", peft), ("softprompt", softprompt)):
+        torch.manual_seed(0)
+        cfg = lib.PromptTuningConfig(task_type=lib.TaskType.CAUSAL_LM, num_virtual_tokens=4,
+                                     prompt_tuning_init=lib.PromptTuningInit.RANDOM, tokenizer_name_or_path=path)
+        base = AutoModelForCausalLM.from_pretrained(path)
+        model = lib.get_peft_model(base, cfg)
+        batches = recipe_batches(args, model, tok, tmp)
+        tokens, flops = zip(*(counted_step(model, decoder_layers(base)[0], b) for b in batches))
+        route = ("padded rows, the prompt in front of each" if name == "peft" else
+                 choose_path(model.base_model, model.forward_path, rows=batches[0]["attention_mask"]).path)
+        work[name] = {"steps_counted": len(batches), "route": route,
+                      "decoder_tokens_per_step": sum(tokens) / len(tokens),
+                      "real_tokens_per_step": sum(int(b["attention_mask"].sum()) for b in batches) / len(batches),
+                      "gflop_per_step": sum(flops) / len(flops) / 1e9}
+        print(f"{name:>10}: {work[name]['decoder_tokens_per_step']:.1f} decoder tokens, "
+              f"{work[name]['gflop_per_step']:.1f} GFLOP per step ({route})", flush=True)
+    return work
 
 
 def main() -> None:
@@ -54,16 +126,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in SCRIPTS:  # each script's run is kept as it finishes
             res.add({"script": name, **run_script(name, args, Path(tmp))})
+        work = work_per_step(args, Path(tmp))
     runs = {r["script"]: r for r in res.doc["runs"]}
     for name, r in runs.items():
         print(f"{name:>10}: {r['steps']} steps, train {r['train_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
               f"final train loss {r['train_loss']:.4f}")
         print(f"{'':>10}  untuned: {r['untuned']!r}\n{'':>10}  tuned:   {r['tuned']!r}")
     p, s = runs["peft"], runs["softprompt"]
+    pw, sw = work["peft"], work["softprompt"]
     summary = {"train_time_ratio_peft_over_softprompt": round(p["train_seconds"] / max(s["train_seconds"], 1e-9), 2),
-               "peak_rss_mb_saved": round(p["peak_rss_mb"] - s["peak_rss_mb"], 1)}
+               "peak_rss_mb_saved": round(p["peak_rss_mb"] - s["peak_rss_mb"], 1),
+               "decoder_token_ratio_peft_over_softprompt":
+                   round(pw["decoder_tokens_per_step"] / sw["decoder_tokens_per_step"], 3),
+               "gflop_ratio_peft_over_softprompt": round(pw["gflop_per_step"] / sw["gflop_per_step"], 3)}
     print(json.dumps(summary))
-    res.set(summary=summary)
+    res.set(work_per_step=work, summary=summary)
     print(f"wrote {res.path}")
 
 

@@ -1,0 +1,41 @@
+"""bench/classic_scripts.py's work count: the tokens and FLOPs per step behind the twin's speed ratio."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import classic_scripts  # noqa: E402
+from common import ACTS  # noqa: E402
+
+
+@pytest.mark.slow
+def test_work_per_step_counts_padding_for_peft_and_real_tokens_for_the_twin(tmp_path, monkeypatch):
+    """On the built-in model and the recipe's data, as the first decoder layer sees them: PEFT runs
+    every padded position behind 4 virtual tokens per row; the twin's packed path runs the prompt
+    once and each row's real tokens but its last. Both see the same batches, and their matmul FLOPs
+    follow the tokens."""
+    pytest.importorskip("peft")
+    if not __import__("pathlib").Path(ACTS["data"]).is_file():
+        pytest.skip(f"no {ACTS['data']}")
+    seen = []
+    draw = classic_scripts.recipe_batches
+    monkeypatch.setattr(classic_scripts, "recipe_batches", lambda *a: seen.append(draw(*a)) or seen[-1])
+    work = classic_scripts.work_per_step(argparse.Namespace(rows=8, max_steps=2), tmp_path)
+
+    peft_batches, ours = seen
+    assert len(peft_batches) == len(ours) == 2
+    for a, b in zip(peft_batches, ours):
+        assert all(a[k].equal(b[k]) for k in ("input_ids", "attention_mask", "labels"))
+    padded = sum(b["input_ids"].numel() + 4 * len(b["input_ids"]) for b in ours) / 2
+    packed = sum(int(b["attention_mask"].sum()) - len(b["input_ids"]) + 4 for b in ours) / 2
+    assert work["peft"]["decoder_tokens_per_step"] == padded
+    assert work["softprompt"]["decoder_tokens_per_step"] == packed < padded
+    assert work["softprompt"]["route"] == "packed"
+    token_ratio = padded / packed
+    flop_ratio = work["peft"]["gflop_per_step"] / work["softprompt"]["gflop_per_step"]
+    assert abs(flop_ratio / token_ratio - 1) < 0.05, (flop_ratio, token_ratio)
