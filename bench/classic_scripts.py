@@ -5,9 +5,11 @@ and tuned generations. The twin differs from PEFT's script in its import line on
 
 Then the work each library does per step on the recipe's batches (one epoch, in the Trainer's own
 order as its sampler draws them, both models in this process): tokens through the decoder, padding included, and GFLOP of
-one forward and backward (FlopCounterMode: matmuls; the CPU's fused attention is not counted). Their
-ratio bounds what the twin can gain at equal efficiency per FLOP; the time ratio over it is the
-efficiency left.
+one forward and backward (FlopCounterMode: matmuls; the CPU's fused attention is not counted), then
+the seconds of one more forward and backward per batch, each shape warmed by the counted pass.
+The work ratio is what the twin can gain at equal efficiency per FLOP; the forward-and-backward
+time ratio shows how much of it the model step keeps, and the whole runs add the Trainer's own
+work, the optimiser and the first calls of every shape.
 
     python bench/classic_scripts.py                       # the recipe's 50 rows, 5 epochs
     python bench/classic_scripts.py --max-steps 4 --rows 16   # a quick check that it runs
@@ -79,6 +81,12 @@ def counted_step(model, layer, batch: dict) -> tuple[int, int]:
     return sum(tokens), flops
 
 
+def timed_step(model, batch: dict) -> float:
+    t = time.perf_counter()
+    model(**batch).loss.backward()
+    return time.perf_counter() - t
+
+
 def work_per_step(args: argparse.Namespace, tmp: Path) -> dict:
     """Mean tokens through the decoder (padding included, as the first layer sees them) and GFLOP of
     one forward and backward, PEFT's model and the twin's, on the same batches."""
@@ -102,14 +110,17 @@ def work_per_step(args: argparse.Namespace, tmp: Path) -> dict:
         model = lib.get_peft_model(base, cfg)
         batches = recipe_batches(args, model, tok, tmp)
         tokens, flops = zip(*(counted_step(model, decoder_layers(base)[0], b) for b in batches))
+        seconds = [timed_step(model, b) for b in batches]  # each shape warmed by the counted pass
         route = ("padded rows, the prompt in front of each" if name == "peft" else
                  choose_path(model.base_model, model.forward_path, rows=batches[0]["attention_mask"]).path)
         work[name] = {"steps_counted": len(batches), "route": route,
                       "decoder_tokens_per_step": sum(tokens) / len(tokens),
                       "real_tokens_per_step": sum(int(b["attention_mask"].sum()) for b in batches) / len(batches),
-                      "gflop_per_step": sum(flops) / len(flops) / 1e9}
+                      "gflop_per_step": sum(flops) / len(flops) / 1e9,
+                      "forward_backward_s_per_step": sum(seconds) / len(seconds)}
         print(f"{name:>10}: {work[name]['decoder_tokens_per_step']:.1f} decoder tokens, "
-              f"{work[name]['gflop_per_step']:.1f} GFLOP per step ({route})", flush=True)
+              f"{work[name]['gflop_per_step']:.1f} GFLOP, forward and backward "
+              f"{work[name]['forward_backward_s_per_step']:.3f} s per step ({route})", flush=True)
     return work
 
 
@@ -138,7 +149,9 @@ def main() -> None:
                "peak_rss_mb_saved": round(p["peak_rss_mb"] - s["peak_rss_mb"], 1),
                "decoder_token_ratio_peft_over_softprompt":
                    round(pw["decoder_tokens_per_step"] / sw["decoder_tokens_per_step"], 3),
-               "gflop_ratio_peft_over_softprompt": round(pw["gflop_per_step"] / sw["gflop_per_step"], 3)}
+               "gflop_ratio_peft_over_softprompt": round(pw["gflop_per_step"] / sw["gflop_per_step"], 3),
+               "forward_backward_time_ratio_peft_over_softprompt":
+                   round(pw["forward_backward_s_per_step"] / sw["forward_backward_s_per_step"], 3)}
     print(json.dumps(summary))
     res.set(work_per_step=work, summary=summary)
     print(f"wrote {res.path}")

@@ -36,6 +36,7 @@ def test_work_per_step_counts_padding_for_peft_and_real_tokens_for_the_twin(tmp_
     assert work["peft"]["decoder_tokens_per_step"] == padded
     assert work["softprompt"]["decoder_tokens_per_step"] == packed < padded
     assert work["softprompt"]["route"] == "packed"
+    assert all(work[k]["forward_backward_s_per_step"] > 0 for k in ("peft", "softprompt"))
     token_ratio = padded / packed
     flop_ratio = work["peft"]["gflop_per_step"] / work["softprompt"]["gflop_per_step"]
     assert abs(flop_ratio / token_ratio - 1) < 0.05, (flop_ratio, token_ratio)
