@@ -3,13 +3,13 @@ run side by side: each in a process of its own, one after the other, reporting i
 its peak resident memory (the process's high-water mark, model and data included) and the untuned
 and tuned generations. The twin differs from PEFT's script in its import line only.
 
-Then the work each library does per step on the recipe's batches (one epoch, in the Trainer's own
-order as its sampler draws them, both models in this process): tokens through the decoder, padding included, and GFLOP of
-one forward and backward (FlopCounterMode: matmuls; the CPU's fused attention is not counted), then
-the seconds of one more forward and backward per batch, each shape warmed by the counted pass.
-The work ratio is what the twin can gain at equal efficiency per FLOP; the forward-and-backward
-time ratio shows how much of it the model step keeps, and the whole runs add the Trainer's own
-work, the optimiser and the first calls of every shape.
+Then the work each library does per step on the recipe's batches (one epoch drawn by the same
+Trainer sampler and seed, both models in this process): tokens entering the decoder, padding
+included, and GFLOP of one forward and backward (FlopCounterMode: matmuls; the CPU's fused
+attention is not counted), then the seconds of one more forward and backward per batch, each shape
+warmed by the counted pass. The work ratio is what the twin can gain at equal efficiency per FLOP;
+the forward-and-backward time ratio shows how much of it the model step keeps, and the whole runs
+add the Trainer's own work, the optimiser and the first call of every shape.
 
     python bench/classic_scripts.py                       # the recipe's 50 rows, 5 epochs
     python bench/classic_scripts.py --max-steps 4 --rows 16   # a quick check that it runs
@@ -50,7 +50,7 @@ def run_script(name: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def recipe_batches(args: argparse.Namespace, model, tok, tmp: Path) -> list[dict]:
-    """One epoch of the scripts' batches, as their Trainer draws them (same data, collator, seed)."""
+    """One epoch of the scripts' batches, drawn by their Trainer's sampler (same data, collator, seed)."""
     import csv
 
     from datasets import Dataset

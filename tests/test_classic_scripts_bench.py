@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,7 @@ def test_work_per_step_counts_padding_for_peft_and_real_tokens_for_the_twin(tmp_
     once and each row's real tokens but its last. Both see the same batches, and their matmul FLOPs
     follow the tokens."""
     pytest.importorskip("peft")
-    if not __import__("pathlib").Path(ACTS["data"]).is_file():
+    if not Path(ACTS["data"]).is_file():
         pytest.skip(f"no {ACTS['data']}")
     seen = []
     draw = classic_scripts.recipe_batches
