@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ACTS, RESULTS, ROOT, Results  # noqa: E402
+from common import ACTS, RESULTS, ROOT, Results, count_flops  # noqa: E402
 
 SCRIPTS = {"peft": "classic_peft_script.py", "softprompt": "classic_softprompt_script.py"}
 
@@ -70,8 +70,6 @@ def recipe_batches(args: argparse.Namespace, model, tok, tmp: Path) -> list[dict
 
 def counted_step(model, layer, batch: dict) -> tuple[int, int]:
     """(tokens entering the first decoder layer, FLOPs) of one forward and backward on `batch`."""
-    from common import count_flops
-
     tokens = []
     hook = layer.register_forward_hook(lambda m, args, out: tokens.append(args[0].shape[:-1].numel()))
     try:
