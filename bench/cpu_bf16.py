@@ -4,13 +4,16 @@ CPUs differ: with AVX-512 bf16 / AMX a bf16 matmul runs several times faster tha
 AVX2-only CPU it is emulated and tens of times slower. This bench measures, on this machine:
 1. matmul rates, forward ([256, H] x [H, 4H]) and input gradient, for hidden sizes H (where bf16
    starts to pay: small matmuls are bound by overheads, not arithmetic);
-2. the SST-2 recipe through the installed command (`softprompt train`, 300 steps at batch 8, then
+2. attention's forward and backward at the built-in model's shape (9 query heads, 3 key/value heads,
+   64 per head, 8 rows): in fp32, in bf16, and in bf16 cast to fp32 around the kernel, as a
+   half-precision CPU base trains it (base/half_attention.py: torch's bf16 SDPA backward is slow);
+3. the SST-2 recipe through the installed command (`softprompt train`, 300 steps at batch 8, then
    `softprompt eval` on all 872 dev rows) with `--dtype float32` and `--dtype bfloat16` (the prompt
-   stays float32 either way), for each seed: training seconds and dev accuracy.
+   stays float32 either way), for each method and seed: training seconds and dev accuracy.
 `--dtype auto`'s CPU rule (base/models.py) rests on these figures: bf16 where it is both faster
 and within 0.5 points. The JSON is written row by row.
 
-    python bench/cpu_bf16.py --seeds 0 1 2 --out bench/results/cpu_bf16.json
+    python bench/cpu_bf16.py --methods prompt prefix --seeds 0 1 2 --out bench/results/cpu_bf16.json
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, SST2, SHARED, Results  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("float32", "bfloat16", "bfloat16_in_float32")  # attention_ms modes
 
 
 def matmul_rates(hidden: int, dtype: torch.dtype, rows: int = 256, reps: int = 20) -> dict:
@@ -49,6 +53,23 @@ def matmul_rates(hidden: int, dtype: torch.dtype, rows: int = 256, reps: int = 2
     return out
 
 
+def attention_ms(tokens: int, mode: str, reps: int = 20) -> float:
+    """Best ms of one forward and backward of SDPA over [8, 9, tokens, 64] queries against 3 key/value
+    heads under a causal mask: `mode` float32, bfloat16, or bfloat16 run in float32 (half_attention.sdpa)."""
+    from softprompt.base.half_attention import sdpa
+
+    dtype = torch.float32 if mode == "float32" else torch.bfloat16
+    q = torch.randn(8, 9, tokens, 64, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(8, 3, tokens, 64, dtype=dtype, requires_grad=True) for _ in range(2))
+    attend = sdpa if mode == "bfloat16_in_float32" else torch.nn.functional.scaled_dot_product_attention
+    best = float("inf")
+    for i in range(reps + 2):  # two untimed calls first
+        t = time.perf_counter()
+        attend(q, k, v, is_causal=True, enable_gqa=True).float().sum().backward()
+        best = best if i < 2 else min(best, time.perf_counter() - t)
+    return 1e3 * best
+
+
 def softprompt(*args: str) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([sys.executable, "-m", "softprompt", *args], env=env, capture_output=True, text=True)
@@ -57,11 +78,11 @@ def softprompt(*args: str) -> str:
     return r.stdout
 
 
-def sst2_run(dtype: str, seed: int, steps: int, work: Path) -> dict:
-    out = work / f"{dtype}-{seed}"
+def sst2_run(method: str, dtype: str, seed: int, steps: int, work: Path) -> dict:
+    out = work / f"{method}-{dtype}-{seed}"
     common = ["--template", SST2["template"], "--labels", SST2["labels"], "--dtype", dtype]
     t = time.perf_counter()
-    softprompt("train", "--method", "prompt", "--data", SST2["data"], *common, "--max-length", "96",
+    softprompt("train", "--method", method, "--data", SST2["data"], *common, "--max-length", "96",
                "--batch-size", "8",
                "--max-steps", str(steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0", "--no-eval-untuned",
                "--seed", str(seed), "--out", str(out))
@@ -69,15 +90,17 @@ def sst2_run(dtype: str, seed: int, steps: int, work: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", str(SHARED / "sst2" / "dev.tsv"),
                                 *common, "--json"))
-    return {"dtype": dtype, "seed": seed, "steps": steps, "train_seconds": summary["train_seconds"],
+    return {"method": method, "dtype": dtype, "seed": seed, "steps": steps, "train_seconds": summary["train_seconds"],
             "train_wall_seconds": wall, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["prompt", "prefix"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256, 576, 1024, 2048])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 512])
     ap.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
     args = ap.parse_args()
     res = Results(args.out, {"bench": "cpu_bf16", "args": vars(args),
@@ -89,22 +112,32 @@ def main() -> None:
         print(f"hidden {h}: bf16/fp32 forward {row['bf16_speedup_forward']:.2f}x, "
               f"input gradient {row['bf16_speedup_input_grad']:.2f}x")
         res.add(row)
+    for n in args.tokens:
+        row = {"kind": "attention", "tokens": n, **{f"{m}_ms": attention_ms(n, m) for m in ATTENTION}}
+        print(f"attention over {n} tokens, forward+backward: " + ", ".join(f"{m} {row[m + '_ms']:.2f} ms" for m in ATTENTION))
+        res.add(row)
     with tempfile.TemporaryDirectory() as work:
         runs = []
         for seed in args.seeds:
-            for dtype in DTYPES:
-                runs.append(res.add({"kind": "sst2", **sst2_run(dtype, seed, args.steps, Path(work))}))
-                r = runs[-1]
-                print(f"seed {seed} {dtype}: {r['train_seconds']:.0f} s training, dev {100 * r['dev_accuracy']:.2f}%")
-    mean = {d: {k: sum(r[k] for r in runs if r["dtype"] == d) / len(args.seeds)
+            for method in args.methods:
+                for dtype in DTYPES:
+                    runs.append(res.add({"kind": "sst2", **sst2_run(method, dtype, seed, args.steps, Path(work))}))
+                    r = runs[-1]
+                    print(f"seed {seed} {method} {dtype}: {r['train_seconds']:.0f} s training, "
+                          f"dev {100 * r['dev_accuracy']:.2f}%", flush=True)
+    res.set(summary={method: summarise([r for r in runs if r["method"] == method]) for method in args.methods})
+    for method, s in res.doc["summary"].items():
+        print(f"{method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; dev accuracy "
+              f"{100 * s['mean']['float32']['dev_accuracy']:.2f}% fp32, {100 * s['mean']['bfloat16']['dev_accuracy']:.2f}% "
+              f"bf16 ({s['bf16_minus_fp32_points']:+.2f} points)")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One method's runs: mean training seconds and dev accuracy per dtype, bf16's speedup and its accuracy change."""
+    mean = {d: {k: sum(r[k] for r in runs if r["dtype"] == d) / sum(r["dtype"] == d for r in runs)
                 for k in ("train_seconds", "dev_accuracy")} for d in DTYPES}
-    summary = {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"],
-               "bf16_minus_fp32_points": 100 * (mean["bfloat16"]["dev_accuracy"] - mean["float32"]["dev_accuracy"])}
-    res.doc["summary"] = summary
-    res.save()
-    print(f"mean over seeds {args.seeds}: bf16 trains {summary['bf16_train_speedup']:.2f}x faster; dev accuracy "
-          f"{100 * mean['float32']['dev_accuracy']:.2f}% fp32, {100 * mean['bfloat16']['dev_accuracy']:.2f}% bf16 "
-          f"({summary['bf16_minus_fp32_points']:+.2f} points)")
+    return {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"],
+            "bf16_minus_fp32_points": 100 * (mean["bfloat16"]["dev_accuracy"] - mean["float32"]["dev_accuracy"])}
 
 
 if __name__ == "__main__":

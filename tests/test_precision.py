@@ -110,3 +110,49 @@ def test_dtype_reason_names_a_handed_in_models_own_dtype(llama_dir):
     model, _ = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype="bfloat16"))
     assert dtype_reason("auto", model) == "bfloat16: the model's own (auto keeps float32 on a CPU)"
     assert dtype_reason("bfloat16", model) == "bfloat16: asked for with --dtype"
+
+
+def test_half_attention_runs_in_float32_only_where_a_backward_follows():
+    from softprompt.base.half_attention import sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, dtype=torch.bfloat16) for _ in range(3))
+    plain = torch.nn.functional.scaled_dot_product_attention
+    # no backward to come: the half-precision kernel itself, bit for bit
+    assert torch.equal(sdpa(q, k, v, is_causal=True), plain(q, k, v, is_causal=True))
+    qg = q.clone().requires_grad_()
+    out = sdpa(qg, k, v, is_causal=True)
+    ref = plain(q.float(), k.float(), v.float(), is_causal=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.to(torch.bfloat16))
+    assert not torch.equal(out, plain(q, k, v, is_causal=True))  # the two kernels differ: the check can fail
+    out.float().sum().backward()
+    qr = q.float().requires_grad_()
+    plain(qr, k.float(), v.float(), is_causal=True).to(torch.bfloat16).float().sum().backward()
+    assert qg.grad.dtype == torch.bfloat16 and torch.equal(qg.grad, qr.grad.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_dir, monkeypatch):
+    import torch.nn.functional as F
+
+    full, tok = load_model(ModelConfig(model=str(llama_dir), device="cpu"))
+    half, _ = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype=dtype))
+    assert full.config._attn_implementation == "sdpa"
+    assert half.config._attn_implementation == "softprompt_fp32_sdpa"
+    seen = []
+    kernel = F.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        seen.append(q.dtype)
+        return kernel(q, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    fmt = Formatter(DataConfig(text_col="t", max_length=64), tok)
+    b = collate([fmt.encode({"t": t}) for t in TEXTS], tok.pad_token_id)
+    _loss_grad(half, b)  # a training step: every attention call in float32
+    layers = half.config.num_hidden_layers
+    assert len(seen) >= layers and set(seen) == {torch.float32}, seen
+    seen.clear()
+    with torch.no_grad():  # evaluation: the model's own half-precision attention
+        half(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    assert len(seen) == layers and set(seen) == {getattr(torch, dtype)}, seen

@@ -22,11 +22,11 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..base.families import can_pack, decoder
+from ..base.half_attention import sdpa
 from .paths import right_padded
 
 IMPL = "softprompt_packed"  # prefix of the registered attention names
@@ -78,8 +78,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     P = lay.P
     q, k, v = query[0], key[0], value[0]  # [H, N, d]
     # clone(): SDPA saves its inputs for backward, and a slice would keep the whole [H, N, d] alive.
-    head = F.scaled_dot_product_attention(q[None, :, :P].clone(), k[None, :, :P].clone(), v[None, :, :P].clone(),
-                                          is_causal=True, scale=scaling, enable_gqa=gqa)  # [1, H, P, d]
+    head = sdpa(q[None, :, :P].clone(), k[None, :, :P].clone(), v[None, :, :P].clone(),
+               is_causal=True, scale=scaling, enable_gqa=gqa)  # [1, H, P, d]
 
     B, T = lay.valid.shape
     # index_select both ways: its backward is an index_add, far cheaper on CPU than the
@@ -92,8 +92,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     def with_prompt(x):  # [B, H, P+T, d]: the prompt's keys or values in front of every row
         return torch.cat([x[None, :, :P].expand(B, -1, -1, -1), rows(x)], dim=2)
 
-    out = F.scaled_dot_product_attention(rows(q), with_prompt(k), with_prompt(v), attn_mask=lay.mask,
-                                         scale=scaling, enable_gqa=gqa)  # [B, H, T, d]
+    out = sdpa(rows(q), with_prompt(k), with_prompt(v), attn_mask=lay.mask, scale=scaling, enable_gqa=gqa)  # [B, H, T, d]
     H, d = out.shape[1], out.shape[3]
     out = out.transpose(1, 2).reshape(B * T, H, d).index_select(0, lay.unpad)  # [L, H, d]
     out = torch.cat([head[0].transpose(0, 1), out])  # [N, H, d]
