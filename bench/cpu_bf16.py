@@ -114,7 +114,8 @@ def main() -> None:
         res.add(row)
     for n in args.tokens:
         row = {"kind": "attention", "tokens": n, **{f"{m}_ms": attention_ms(n, m) for m in ATTENTION}}
-        print(f"attention over {n} tokens, forward+backward: " + ", ".join(f"{m} {row[m + '_ms']:.2f} ms" for m in ATTENTION))
+        times = ", ".join(f"{m} {row[m + '_ms']:.2f} ms" for m in ATTENTION)
+        print(f"attention over {n} tokens, forward+backward: {times}")
         res.add(row)
     with tempfile.TemporaryDirectory() as work:
         runs = []
@@ -127,9 +128,9 @@ def main() -> None:
                           f"dev {100 * r['dev_accuracy']:.2f}%", flush=True)
     res.set(summary={method: summarise([r for r in runs if r["method"] == method]) for method in args.methods})
     for method, s in res.doc["summary"].items():
+        acc = {d: 100 * s["mean"][d]["dev_accuracy"] for d in DTYPES}
         print(f"{method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; dev accuracy "
-              f"{100 * s['mean']['float32']['dev_accuracy']:.2f}% fp32, {100 * s['mean']['bfloat16']['dev_accuracy']:.2f}% "
-              f"bf16 ({s['bf16_minus_fp32_points']:+.2f} points)")
+              f"{acc['float32']:.2f}% fp32, {acc['bfloat16']:.2f}% bf16 ({s['bf16_minus_fp32_points']:+.2f} points)")
 
 
 def summarise(runs: list[dict]) -> dict:

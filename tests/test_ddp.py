@@ -35,7 +35,8 @@ def _run(cmd: list[str], cwd: Path) -> None:
 def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tmp_path):
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv),
             "--template", "Country: {country}\nFacts:", "--target", " capital={capital}",
-            "--device", "cpu", "--batch-size", "4", "--max-steps", "4", "--eval-every", "0", "--save-every", "0",
+            "--device", "cpu", "--dtype", "float32",
+            "--batch-size", "4", "--max-steps", "4", "--eval-every", "0", "--save-every", "0",
             "--virtual-tokens", "3", "--init", "vocab", "--eval-fraction", "0"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)

@@ -18,7 +18,8 @@ from test_ddp import _run
 def test_two_sharded_processes_train_the_same_prompt_as_one(path, llama_dir, countries_csv, tmp_path):
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv),
             "--template", "Country: {country}\nFacts:", "--target", " capital={capital}", "--forward-path", path,
-            "--device", "cpu", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
+            "--device", "cpu", "--dtype", "float32",
+            "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
             "--virtual-tokens", "3", "--init", "vocab", "--eval-fraction", "0", "--no-eval-untuned"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
@@ -54,7 +55,8 @@ def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, llama
 
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--method", method,
             "--template", "Country: {country}\nFacts:", "--target", " capital={capital}",
-            "--device", "cpu", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
+            "--device", "cpu", "--dtype", "float32",
+            "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
             "--virtual-tokens", "3", "--init", "text", "--init-text", TEXT, "--eval-fraction", "0", "--no-eval-untuned"]
     if method == "prefix":
         args += ["--prefix-projection"]  # the MLP's weights all-reduced too, its buffer broadcast

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from softprompt.base.models import cpu_has_native_half, load_model, resolve_dtype
+from softprompt.base.models import cpu_has_native_half, cpu_trains_bf16, load_model, resolve_dtype
 from softprompt.core.config import DataConfig, ModelConfig
 from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
@@ -91,25 +91,40 @@ def test_half_precision_on_a_cpu_without_it_warns_and_float32_does_not(capsys):
 
 
 def test_run_config_records_the_dtype_and_why(llama_dir, countries_csv, tmp_path):
-    setup(*_cfgs(llama_dir, countries_csv, tmp_path / "auto", max_steps=2, eval_every=0, save_every=0,
-                 keep_best=False, eval_untuned=False))
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "auto", max_steps=2, eval_every=0, save_every=0,
+                       keep_best=False, eval_untuned=False)
+    m.dtype = "auto"
+    setup(m, d, p, t)
     rc = json.loads((tmp_path / "auto" / "run_config.json").read_text())
-    assert rc["dtype"] == "float32" and rc["dtype_reason"].startswith("auto: float32 on a CPU: ")
-    assert "bench/results/cpu_bf16.json" in rc["dtype_reason"]
+    if cpu_trains_bf16():  # this CPU has native bf16 matmuls: auto trains in bf16
+        assert rc["dtype"] == "bfloat16" and rc["dtype_reason"].startswith("auto: bfloat16 on a CPU with native bf16")
+        assert "bench/results/cpu_bf16_amd_epyc.json" in rc["dtype_reason"]
+    else:
+        assert rc["dtype"] == "float32" and rc["dtype_reason"].startswith("auto: float32 on a CPU without native bf16")
     m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "asked", max_steps=2, eval_every=0, save_every=0,
                        keep_best=False, eval_untuned=False)
     m.dtype = "float32"
     setup(m, d, p, t)
     rc = json.loads((tmp_path / "asked" / "run_config.json").read_text())
-    assert rc["dtype_reason"] == "float32: asked for with --dtype"
+    assert rc["dtype"] == "float32" and rc["dtype_reason"] == "float32: asked for with --dtype"
+
+
+def test_auto_trains_in_bf16_only_on_a_cpu_with_native_bf16():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
+    assert not cpu_trains_bf16(avx2) and not cpu_trains_bf16("processor\t: 0\n")  # unreadable: float32
+    assert cpu_trains_bf16(avx2.replace("f16c", "f16c avx512_bf16"))
+    assert cpu_trains_bf16(avx2.replace("f16c", "f16c amx_bf16"))
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32  # eval, generation, serving: float32 everywhere
+    assert resolve_dtype("auto", cpu, trains_prompt=True) == (torch.bfloat16 if cpu_trains_bf16() else torch.float32)
 
 
 def test_dtype_reason_names_a_handed_in_models_own_dtype(llama_dir):
     from softprompt.base.models import dtype_reason
 
-    model, _ = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype="bfloat16"))
-    assert dtype_reason("auto", model) == "bfloat16: the model's own (auto keeps float32 on a CPU)"
-    assert dtype_reason("bfloat16", model) == "bfloat16: asked for with --dtype"
+    model, _ = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype="float16"))
+    assert dtype_reason("auto", model) == "float16: the model's own"
+    assert dtype_reason("float16", model) == "float16: asked for with --dtype"
 
 
 def test_half_attention_runs_in_float32_only_where_a_backward_follows():

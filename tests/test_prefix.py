@@ -175,7 +175,7 @@ def test_projection_starts_at_its_init_and_folds(tok_dir):
 def train_cfgs(model_dir, data, out, **tkw):
     from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 
-    m = ModelConfig(model=str(model_dir), device="cpu")
+    m = ModelConfig(model=str(model_dir), device="cpu", dtype="float32")  # float32's equivalences (test_train._cfgs)
     d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
                    eval_fraction=0.1, max_length=32)
     p = PromptConfig(virtual_tokens=4, init="text", init_text="Facts about countries.")

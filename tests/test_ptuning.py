@@ -50,7 +50,7 @@ def batch_of(tok):
 
 
 def cfgs(model_dir, data, out, method="ptuning", **tkw):
-    m = ModelConfig(model=str(model_dir), device="cpu")
+    m = ModelConfig(model=str(model_dir), device="cpu", dtype="float32")  # float32's equivalences (test_train._cfgs)
     d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
                    eval_fraction=0.1, max_length=32)
     p = PromptConfig(virtual_tokens=4, init="text", init_text="Facts about countries.")
@@ -376,7 +376,8 @@ def test_two_processes_train_the_same_encoder_as_one(llama_dir, countries_csv, t
     from test_ddp import _run
 
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "Country: {country}\nFacts:",
-            "--target", " capital={capital}", "--device", "cpu", "--batch-size", "4", "--max-steps", "4",
+            "--target", " capital={capital}", "--device", "cpu", "--dtype", "float32", "--batch-size", "4",
+            "--max-steps", "4",
             "--eval-every", "0", "--save-every", "0", "--virtual-tokens", "3", "--init", "vocab",
             "--eval-fraction", "0", "--method", "ptuning", "--encoder", "lstm", "--lr", "1e-2"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"

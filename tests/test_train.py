@@ -13,7 +13,9 @@ from softprompt.training.train import train
 
 
 def _cfgs(model_dir, data, out, **tkw):
-    m = ModelConfig(model=str(model_dir), device="cpu")
+    # float32: the equivalences these runs check are float32's (auto may train in bf16 on a CPU with
+    # native bf16; test_precision.py covers that)
+    m = ModelConfig(model=str(model_dir), device="cpu", dtype="float32")
     d = DataConfig(data=str(data), template="Country: {country}\\nFacts:", target=" capital={capital}",
                    eval_fraction=0.1, max_length=32)
     p = PromptConfig(virtual_tokens=4, init="vocab")

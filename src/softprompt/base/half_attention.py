@@ -1,13 +1,16 @@
-"""Attention in float32 while a half-precision base trains on a CPU.
+"""Attention in float32 while a half-precision base trains on a CPU over short rows.
 
 torch's CPU scaled-dot-product attention runs its backward far slower in half precision than in
-float32: forward and backward of [8, 9, 80, 64] took 7.9 ms in bf16 and 16.8 ms in fp16 against
-3.1 ms in fp32 (torch 2.13, AMD EPYC Zen 5 with avx512_bf16). A bf16 training step of the built-in
-model spent more time there than in all its matmuls together, although attention holds a few
-percent of the FLOPs. So where a backward will run through attention (the query requires grad),
-queries, keys and values are cast to fp32 and the output back: the linear layers, nearly all the
-FLOPs, stay in the half dtype, and the casts cost about 0.1 ms a layer. Passes without a backward
-(eval, serving, generation) run as the model's own attention; so does everything on a GPU.
+float32 over short rows: forward and backward of [8, 9, 80, 64] took 7.9 ms in bf16 and 16.8 ms in
+fp16 against 3.1 ms in fp32 (torch 2.13, AMD EPYC Zen 5 with avx512_bf16). A bf16 training step of
+the built-in model on SST-2 spent more time there than in all its matmuls together. So where a
+backward will run through attention (the query requires grad), queries, keys and values are cast
+to fp32 and the output back: the linear layers, nearly all the FLOPs, stay in the half dtype, and
+the casts cost about 0.1 ms a layer. bf16's kernel catches up as rows grow: on that CPU the two
+measured within 3% from 192 to 256 keys, and bf16 1.2x faster at 512 (bench/cpu_bf16.py), so rows
+of more than 256 keys keep it.
+Passes without a backward (eval, serving, generation) run as the model's own attention; so does
+everything on a GPU.
 """
 from __future__ import annotations
 
@@ -20,16 +23,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 IMPL = "softprompt_fp32"  # prefix of the registered attention name: softprompt_fp32_sdpa
 HALF = (torch.bfloat16, torch.float16)
+MAX_KEYS = 256  # the longest key sequence attended in fp32: bf16 and fp32-cast measured within 3% there
 
 
-def upcasts(query: torch.Tensor) -> bool:
-    """Whether attention over `query` runs in fp32: a half-precision CPU tensor a backward will reach."""
-    return query.requires_grad and query.device.type == "cpu" and query.dtype in HALF
+def upcasts(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether attention runs in fp32: half-precision CPU queries a backward will reach, over at most MAX_KEYS keys."""
+    return (query.requires_grad and query.device.type == "cpu" and query.dtype in HALF
+            and key.shape[-2] <= MAX_KEYS)
 
 
 def sdpa(query, key, value, attn_mask=None, **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention, in fp32 where `upcasts(query)`, returned in query's dtype."""
-    if not upcasts(query):
+    """F.scaled_dot_product_attention, in fp32 where `upcasts`, returned in query's dtype."""
+    if not upcasts(query, key):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
     if attn_mask is not None and attn_mask.is_floating_point():  # an additive mask must match q's dtype
         attn_mask = attn_mask.float()
@@ -38,9 +43,10 @@ def sdpa(query, key, value, attn_mask=None, **kwargs) -> torch.Tensor:
 
 
 def _attention(module, query, key, value, attention_mask, *args, inner: str = "sdpa", **kwargs):
-    """The model's own attention `inner` (q [B, Hq, T, d], k/v [B, Hkv, S, d] -> [B, T, Hq, d]), in fp32 where `upcasts`."""
+    """The model's own attention `inner` (q [B, Hq, T, d], k/v [B, Hkv, S, d] -> [B, T, Hq, d]),
+    in fp32 where `upcasts`."""
     fn = ALL_ATTENTION_FUNCTIONS[inner]
-    if not upcasts(query):
+    if not upcasts(query, key):
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()

@@ -194,7 +194,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     seed_everything(tcfg.seed)
     pcfg = adopt(pcfg, tcfg.method, mcfg.model)  # --init-from: its checks that need no model, its P
     if model is None:
-        model, tok = load_model(mcfg)
+        model, tok = load_model(mcfg, trains_prompt=tcfg.method != "full")
     if pcfg.init_from:  # the source fits this base (hidden size, layers, heads) before the data is read
         load_source(pcfg.init_from, model, pcfg)
     # A prefix takes positions too: the text after its P cached keys and values starts at position P.
@@ -258,7 +258,8 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
             "total_steps": total, "truncated": fmt.truncated, "method_reason": method_reason,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
-            "dtype": str(model.dtype).replace("torch.", ""), "dtype_reason": dtype_reason(mcfg.dtype, model),
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "dtype_reason": dtype_reason(mcfg.dtype, model, trains_prompt=tcfg.method != "full"),
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
