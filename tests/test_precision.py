@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from softprompt.base.models import cpu_has_native_half, cpu_trains_bf16, load_model, resolve_dtype
 from softprompt.core.config import DataConfig, ModelConfig
@@ -171,3 +172,10 @@ def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_di
     with torch.no_grad():  # evaluation: the model's own half-precision attention
         half(input_ids=b.input_ids, attention_mask=b.attention_mask)
     assert len(seen) == layers and set(seen) == {getattr(torch, dtype)}, seen
+
+    from softprompt import get_softprompt_model
+
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=getattr(torch, dtype))  # a user's own model
+    assert base.config._attn_implementation == "sdpa"
+    get_softprompt_model(base)
+    assert base.config._attn_implementation == "softprompt_fp32_sdpa"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from .base.half_attention import use_fp32_attention
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
 from .core.prompt_protocol import Prompt, forward_input
 from .data.batching import Batch
@@ -53,6 +54,7 @@ class SoftPromptModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         base_model.requires_grad_(False)
+        use_fp32_attention(base_model)  # a bf16/fp16 base on a CPU: attention's backward in fp32, as load_model does
         self.prompts = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.tokenizer = tokenizer
