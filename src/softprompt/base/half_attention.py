@@ -14,12 +14,11 @@ everything on a GPU.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention import route_attention
 
 IMPL = "softprompt_fp32"  # prefix of the registered attention name: softprompt_fp32_sdpa
 HALF = (torch.bfloat16, torch.float16)
@@ -55,16 +54,10 @@ def _attention(module, query, key, value, attention_mask, *args, inner: str = "s
 
 
 def use_fp32_attention(model) -> bool:
-    """Route a half-precision CPU model's SDPA attention through `_attention` (transformers' public
-    set_attn_implementation); True when it did. Other implementations, dtypes and devices are left
-    as they are: only SDPA's CPU backward was measured slow."""
-    impl = model.config._attn_implementation
-    if model.device.type != "cpu" or model.dtype not in HALF or impl != "sdpa":
+    """Route a half-precision CPU model's SDPA attention through `_attention`; True when it did.
+    Other implementations, dtypes and devices are left as they are: only SDPA's CPU backward was
+    measured slow."""
+    if model.device.type != "cpu" or model.dtype not in HALF or model.config._attn_implementation != "sdpa":
         return False
-    name = f"{IMPL}_{impl}"
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(_attention, inner=impl))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl]
-                                              if impl in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask)
-    model.set_attn_implementation(name)
+    route_attention(model, IMPL, _attention)
     return True

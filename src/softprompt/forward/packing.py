@@ -18,13 +18,12 @@ sliding-window layers (Mistral, Gemma 2) need their own masks, so they keep the 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..base.attention import route_attention
 from ..base.families import can_pack, decoder
 from ..base.half_attention import sdpa
 from .paths import right_padded
@@ -68,12 +67,12 @@ def packable(model, attention_mask: torch.Tensor) -> bool:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-               softprompt_layout: Layout | None = None, softprompt_fallback: str = "sdpa", **kwargs):
+               softprompt_layout: Layout | None = None, inner: str = "sdpa", **kwargs):
     """query [1, Hq, N, d], key/value [1, Hkv, N, d] of the packed sequence -> [1, N, Hq, d]."""
     lay = softprompt_layout
     if lay is None:  # not a packed call: exactly the model's own attention
-        return ALL_ATTENTION_FUNCTIONS[softprompt_fallback](module, query, key, value, attention_mask,
-                                                            scaling=scaling, dropout=dropout, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask,
+                                              scaling=scaling, dropout=dropout, **kwargs)
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads
     P = lay.P
     q, k, v = query[0], key[0], value[0]  # [H, N, d]
@@ -101,17 +100,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 def enable_packing(model) -> None:
     """Route the model's attention through `_attention`, once: with no packed layout in the call it
-    runs the model's own implementation unchanged, so only packed passes behave differently. Uses
-    transformers' public set_attn_implementation, one registered name per original implementation."""
-    impl = model.config._attn_implementation
-    if impl.startswith(IMPL):
-        return
-    name = f"{IMPL}_{impl}"
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(_attention, softprompt_fallback=impl))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl]
-                                              if impl in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask)
-    model.set_attn_implementation(name)
+    runs the model's own implementation (`inner`) unchanged, so only packed passes behave differently."""
+    route_attention(model, IMPL, _attention)
 
 
 def packed_hidden(model, prompt: torch.Tensor, x: torch.Tensor, attention_mask: torch.Tensor):
