@@ -14,6 +14,8 @@ AVX2-only CPU it is emulated and tens of times slower. This bench measures, on t
 and within 0.5 points. The JSON is written row by row.
 
     python bench/cpu_bf16.py --methods prompt prefix --seeds 0 1 2 --out bench/results/cpu_bf16.json
+    python bench/cpu_bf16.py --model DIR --steps 2 --eval-limit 8 --seeds 0 --hidden 64 --tokens 16 \
+        --out /tmp/b.json                                        # dry run on a small model folder
 """
 from __future__ import annotations
 
@@ -78,28 +80,30 @@ def softprompt(*args: str) -> str:
     return r.stdout
 
 
-def sst2_run(method: str, dtype: str, seed: int, steps: int, work: Path) -> dict:
+def sst2_run(args, method: str, dtype: str, seed: int, work: Path) -> dict:
     out = work / f"{method}-{dtype}-{seed}"
-    common = ["--template", SST2["template"], "--labels", SST2["labels"], "--dtype", dtype]
+    common = ["--model", args.model, "--template", SST2["template"], "--labels", SST2["labels"], "--dtype", dtype]
     t = time.perf_counter()
     softprompt("train", "--method", method, "--data", SST2["data"], *common, "--max-length", "96",
                "--batch-size", "8",
-               "--max-steps", str(steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0", "--no-eval-untuned",
+               "--max-steps", str(args.steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0", "--no-eval-untuned",
                "--seed", str(seed), "--out", str(out))
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
     dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", str(SHARED / "sst2" / "dev.tsv"),
-                                *common, "--json"))
-    return {"method": method, "dtype": dtype, "seed": seed, "steps": steps, "train_seconds": summary["train_seconds"],
+                                *common, "--limit", str(args.eval_limit), "--json"))
+    return {"method": method, "dtype": dtype, "seed": seed, "steps": args.steps, "train_seconds": summary["train_seconds"],
             "train_wall_seconds": wall, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="as train's --model")
     ap.add_argument("--methods", nargs="+", default=["prompt", "prefix"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256, 576, 1024, 2048])
+    ap.add_argument("--eval-limit", type=int, default=0, help="score the first N dev rows (0 = all 872)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 512])
     ap.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
     args = ap.parse_args()
@@ -122,7 +126,7 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 for dtype in DTYPES:
-                    runs.append(res.add({"kind": "sst2", **sst2_run(method, dtype, seed, args.steps, Path(work))}))
+                    runs.append(res.add({"kind": "sst2", **sst2_run(args, method, dtype, seed, Path(work))}))
                     r = runs[-1]
                     print(f"seed {seed} {method} {dtype}: {r['train_seconds']:.0f} s training, "
                           f"dev {100 * r['dev_accuracy']:.2f}%", flush=True)
