@@ -191,6 +191,10 @@ def test_train_prints_each_evaluation_and_refuses_a_warmup_past_the_end(trained,
         "softprompt: error: --warmup-steps 20 is longer than the run's 4 steps: the rate would reach only 19% of "
         "--lr; give --warmup-steps 4 or less")
     assert not (tmp_path / "b").exists()
+    assert main(argv + ["--eval-every", "0", "--out", str(tmp_path / "c")]) == 0  # the default warm-up, 10 steps
+    warned = [line for line in capsys.readouterr().err.splitlines() if "default warm-up" in line]
+    assert warned == ["[softprompt] warning: the default warm-up of 10 steps is longer than the run's 4 steps: the "
+                      "rate reaches 36% of --lr (give --warmup-steps 0 or so)"]  # once, not once per check
 
 
 def test_train_imports_neither_bitsandbytes_nor_peft_without_quantize(llama_dir, tmp_path):

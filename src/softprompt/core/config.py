@@ -342,18 +342,20 @@ class TrainConfig:
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
 
 
-def check_warmup(cfg: TrainConfig, total: int) -> None:
+def check_warmup(cfg: TrainConfig, total: int, warn: bool = True) -> None:
     """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
-    One asked for is refused; the default one only warned about, so short runs keep working."""
+    One asked for is refused; the default one only warned about (`warn`: the command line's early
+    check leaves that to the run, which knows its step count), so short runs keep working."""
     if cfg.warmup_steps <= total:
         return
     peak = 100 * total / (cfg.warmup_steps + 1)
     if cfg.warmup_steps != TrainConfig.__dataclass_fields__["warmup_steps"].default:
         raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
                               f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
-    print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} "
-          f"steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
-          file=sys.stderr)
+    if warn:
+        print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's "
+              f"{total} steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
+              file=sys.stderr)
 
 
 @dataclass
