@@ -103,7 +103,7 @@ def dtype_reason(asked: str, model, trains_prompt: bool = True) -> str:
         return f"{dtype}: asked for with --dtype"
     if model.device.type == "cuda":
         return f"auto: {dtype} on this GPU"
-    if model.dtype != resolve_dtype("auto", model.device, trains_prompt):  # a model handed to train() already loaded
+    if model.dtype != resolve_dtype("auto", model.device, trains_prompt):  # a model handed in, loaded
         return f"{dtype}: the model's own"
     if not trains_prompt:
         return f"auto: {dtype} on a CPU for full fine-tuning (its updated weights want float32)"
@@ -112,8 +112,8 @@ def dtype_reason(asked: str, model, trains_prompt: bool = True) -> str:
         return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}):"
                 " the built-in model trained 2.2-2.3x faster than in float32, within 0.5 points on SST-2 "
                 "(bench/results/cpu_bf16_amd_epyc.json); the prompt stays float32")
-    return (f"auto: {dtype} on a CPU without native bf16 matmuls (no {' or '.join(HALF_CPU_FLAGS[torch.bfloat16])}), "
-            "where bfloat16 trains tens of times slower")
+    flags = " or ".join(HALF_CPU_FLAGS[torch.bfloat16])
+    return f"auto: {dtype} on a CPU without native bf16 matmuls (no {flags}), where bfloat16 trains tens of times slower"
 
 
 # CPU flags (/proc/cpuinfo) of the instructions that make a half-precision matmul fast on a CPU
