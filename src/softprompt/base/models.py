@@ -113,7 +113,7 @@ def dtype_reason(asked: str, model, trains_prompt: bool = True) -> str:
                 " the built-in model trained 2.2-2.3x faster than in float32, within 0.5 points on SST-2 "
                 "(bench/results/cpu_bf16_amd_epyc.json); the prompt stays float32")
     flags = " or ".join(HALF_CPU_FLAGS[torch.bfloat16])
-    return f"auto: {dtype} on a CPU without native bf16 matmuls (no {flags}), where bfloat16 trains tens of times slower"
+    return f"auto: {dtype} on a CPU without native bf16 matmuls (no {flags}), where bf16 trains tens of times slower"
 
 
 # CPU flags (/proc/cpuinfo) of the instructions that make a half-precision matmul fast on a CPU
