@@ -57,17 +57,22 @@ def matmul_rates(hidden: int, dtype: torch.dtype, rows: int = 256, reps: int = 2
 
 def attention_ms(tokens: int, mode: str, reps: int = 20) -> float:
     """Best ms of one forward and backward of SDPA over [8, 9, tokens, 64] queries against 3 key/value
-    heads under a causal mask: `mode` float32, bfloat16, or bfloat16 run in float32 (half_attention.sdpa)."""
-    from softprompt.base.half_attention import sdpa
-
+    heads under a causal mask: `mode` float32, bfloat16, or bfloat16 cast to float32 around the kernel
+    (what base/half_attention.py does for up to MAX_KEYS keys; here at every length, to compare)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     dtype = torch.float32 if mode == "float32" else torch.bfloat16
     q = torch.randn(8, 9, tokens, 64, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(8, 3, tokens, 64, dtype=dtype, requires_grad=True) for _ in range(2))
-    attend = sdpa if mode == "bfloat16_in_float32" else torch.nn.functional.scaled_dot_product_attention
+
+    def attend():
+        if mode == "bfloat16_in_float32":
+            return sdpa(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True).to(dtype)
+        return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+
     best = float("inf")
     for i in range(reps + 2):  # two untimed calls first
         t = time.perf_counter()
-        attend(q, k, v, is_causal=True, enable_gqa=True).float().sum().backward()
+        attend().float().sum().backward()
         best = best if i < 2 else min(best, time.perf_counter() - t)
     return 1e3 * best
 
