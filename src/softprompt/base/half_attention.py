@@ -31,14 +31,18 @@ def upcasts(query: torch.Tensor, key: torch.Tensor) -> bool:
             and key.shape[-2] <= MAX_KEYS)
 
 
+def in_fp32(query, key, value, mask):
+    """(query, key, value, mask) cast to fp32; a boolean mask stays as it is, an additive one must match q."""
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    return query.float(), key.float(), value.float(), mask
+
+
 def sdpa(query, key, value, attn_mask=None, **kwargs) -> torch.Tensor:
     """F.scaled_dot_product_attention, in fp32 where `upcasts`, returned in query's dtype."""
     if not upcasts(query, key):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
-    if attn_mask is not None and attn_mask.is_floating_point():  # an additive mask must match q's dtype
-        attn_mask = attn_mask.float()
-    out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=attn_mask, **kwargs)
-    return out.to(query.dtype)
+    return F.scaled_dot_product_attention(*in_fp32(query, key, value, attn_mask), **kwargs).to(query.dtype)
 
 
 def _attention(module, query, key, value, attention_mask, *args, inner: str = "sdpa", **kwargs):
@@ -47,9 +51,7 @@ def _attention(module, query, key, value, attention_mask, *args, inner: str = "s
     fn = ALL_ATTENTION_FUNCTIONS[inner]
     if not upcasts(query, key):
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    out, weights = fn(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
+    out, weights = fn(module, *in_fp32(query, key, value, attention_mask), *args, **kwargs)
     return out.to(query.dtype), weights
 
 

@@ -93,7 +93,12 @@ def cpu_trains_bf16(cpuinfo: str | None = None) -> bool:
     +0.6 points. Evaluation, generation and serving keep float32 (their batched-equals-alone
     guarantees are stated in float32), and so does full fine-tuning (bf16 weights would be updated
     without float32 master copies)."""
-    return bool(cpu_flags(cpuinfo) & set(HALF_CPU_FLAGS[torch.bfloat16]))
+    return bool(cpu_bf16_flags(cpuinfo))
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str]:
+    """The x86 flags of native bf16 matmuls (HALF_CPU_FLAGS) this CPU reports."""
+    return cpu_flags(cpuinfo) & set(HALF_CPU_FLAGS[torch.bfloat16])
 
 
 def dtype_reason(asked: str, model, trains_prompt: bool = True) -> str:
@@ -108,7 +113,7 @@ def dtype_reason(asked: str, model, trains_prompt: bool = True) -> str:
     if not trains_prompt:
         return f"auto: {dtype} on a CPU for full fine-tuning (its updated weights want float32)"
     if model.dtype == torch.bfloat16:
-        flags = ", ".join(sorted(cpu_flags() & set(HALF_CPU_FLAGS[model.dtype])))
+        flags = ", ".join(sorted(cpu_bf16_flags()))
         return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}):"
                 " the built-in model trained 2.2-2.3x faster than in float32, within 0.5 points on SST-2 "
                 "(bench/results/cpu_bf16_amd_epyc.json); the prompt stays float32")

@@ -91,7 +91,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     def with_prompt(x):  # [B, H, P+T, d]: the prompt's keys or values in front of every row
         return torch.cat([x[None, :, :P].expand(B, -1, -1, -1), rows(x)], dim=2)
 
-    out = sdpa(rows(q), with_prompt(k), with_prompt(v), attn_mask=lay.mask, scale=scaling, enable_gqa=gqa)  # [B, H, T, d]
+    out = sdpa(rows(q), with_prompt(k), with_prompt(v), attn_mask=lay.mask,
+               scale=scaling, enable_gqa=gqa)  # [B, H, T, d]
     H, d = out.shape[1], out.shape[3]
     out = out.transpose(1, 2).reshape(B * T, H, d).index_select(0, lay.unpad)  # [L, H, d]
     out = torch.cat([head[0].transpose(0, 1), out])  # [N, H, d]
