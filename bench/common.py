@@ -12,8 +12,10 @@ Speed does not depend on the weights' values, so random weights give honest timi
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ ACTS = dict(data=str(SHARED / "awesome-chatgpt-prompts" / "prompts.csv"),
             template="Act as a {act}.\nPrompt: {prompt}", max_length=128)
 SST2 = dict(data=str(SHARED / "sst2" / "train.tsv"), template="Review: {sentence}\nSentiment:",
             labels="negative,positive", max_length=128)
+AG_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 
 def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -278,3 +281,34 @@ def write_result(path: str | Path, obj: dict[str, Any]) -> Path:
 
 def fmt_row(cells: list[Any], widths: list[int]) -> str:
     return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def task_data(name: str, folder: Path) -> dict:
+    """DataConfig fields of a task; RTE and AG News are rewritten into `folder` as JSONL with the
+    label as an index into the label words (their files name labels by multi-token strings)."""
+    if name == "sst2":
+        return {**SST2, "eval_data": str(SHARED / "sst2" / "dev.tsv")}
+    if name == "rte":
+        for split in ("train", "val"):
+            rows = [json.loads(l) for l in (SHARED / "rte" / f"{split}.jsonl").read_text().splitlines() if l.strip()]
+            write_jsonl(folder / f"rte_{split}.jsonl", [
+                {"premise": r["premise"], "hypothesis": r["hypothesis"],
+                 "label": 0 if r["label"] == "entailment" else 1} for r in rows])
+        return dict(data=str(folder / "rte_train.jsonl"), eval_data=str(folder / "rte_val.jsonl"),
+                    template="{premise}\nQuestion: {hypothesis} Yes or no?\nAnswer:", labels="yes,no", max_length=256)
+    if name == "ag_news":
+        rows = []
+        for line in (SHARED / "ag_news" / "alps_dev_10k.tsv").read_text(encoding="utf-8").splitlines():
+            text, _, label = line.rpartition("\t")
+            if text and label in AG_LABELS:
+                rows.append({"text": text, "label": AG_LABELS.index(label)})
+        random.Random(20261202).shuffle(rows)  # fixed: the dev part is the same for every seed and method
+        write_jsonl(folder / "ag_dev.jsonl", rows[:1000])
+        write_jsonl(folder / "ag_train.jsonl", rows[1000:])
+        return dict(data=str(folder / "ag_train.jsonl"), eval_data=str(folder / "ag_dev.jsonl"),
+                    template="Article: {text}\nTopic:", labels="world,sports,business,science", max_length=192)
+    raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -7,13 +7,16 @@ AVX2-only CPU it is emulated and tens of times slower. This bench measures, on t
 2. attention's forward and backward at the built-in model's shape (9 query heads, 3 key/value heads,
    64 per head, 8 rows): in fp32, in bf16, and in bf16 cast to fp32 around the kernel, as a
    half-precision CPU base trains it (base/half_attention.py: torch's bf16 SDPA backward is slow);
-3. the SST-2 recipe through the installed command (`softprompt train`, 300 steps at batch 8, then
-   `softprompt eval` on all 872 dev rows) with `--dtype float32` and `--dtype bfloat16` (the prompt
-   stays float32 either way), for each method and seed: training seconds and dev accuracy.
+3. each task's recipe through the installed command (`softprompt train`, 300 steps at batch 8, then
+   `softprompt eval` on the whole dev set) with `--dtype float32` and `--dtype bfloat16` (the prompt
+   stays float32 either way), for each method and seed: training seconds and dev accuracy. Tasks
+   (`--tasks`): SST-2 (max length 96, the recipe of the first committed rows), and RTE and AG News
+   as bench/methods.py sets them up (common.task_data).
 `--dtype auto`'s CPU rule (base/models.py) rests on these figures: bf16 where it is both faster
-and within 0.5 points. The JSON is written row by row.
+and within 0.5 points. The JSON is written row by row, its summary after every run.
 
     python bench/cpu_bf16.py --methods prompt prefix --seeds 0 1 2 --out bench/results/cpu_bf16.json
+    python bench/cpu_bf16.py --tasks rte ag_news --hidden --tokens --out /tmp/t.json   # quality only
     python bench/cpu_bf16.py --model DIR --steps 2 --eval-limit 8 --seeds 0 --hidden 64 --tokens 16 \
         --out /tmp/b.json                                        # dry run on a small model folder
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, SST2, SHARED, Results  # noqa: E402
+from common import RESULTS, ROOT, Results, task_data  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("float32", "bfloat16", "bfloat16_in_float32")  # attention_ms modes
@@ -85,31 +88,36 @@ def softprompt(*args: str) -> str:
     return r.stdout
 
 
-def sst2_run(args, method: str, dtype: str, seed: int, work: Path) -> dict:
-    out = work / f"{method}-{dtype}-{seed}"
-    common = ["--model", args.model, "--template", SST2["template"], "--labels", SST2["labels"], "--dtype", dtype]
+def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) -> dict:
+    spec = task_data(task, work)
+    if task == "sst2":
+        spec["max_length"] = 96  # the recipe of the first committed rows (cpu_bf16.json, cpu_bf16_amd_epyc.json)
+    out = work / f"{task}-{method}-{dtype}-{seed}"
+    common = ["--model", args.model, "--template", spec["template"], "--labels", spec["labels"], "--dtype", dtype,
+              "--max-length", str(spec["max_length"])]
     t = time.perf_counter()
-    softprompt("train", "--method", method, "--data", SST2["data"], *common, "--max-length", "96",
-               "--batch-size", "8",
+    softprompt("train", "--method", method, "--data", spec["data"], *common, "--batch-size", "8",
                "--max-steps", str(args.steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0", "--no-eval-untuned",
                "--seed", str(seed), "--out", str(out))
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
-    dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", str(SHARED / "sst2" / "dev.tsv"),
+    dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"],
                                 *common, "--limit", str(args.eval_limit), "--json"))
-    return {"method": method, "dtype": dtype, "seed": seed, "steps": args.steps, "train_seconds": summary["train_seconds"],
+    return {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps, "train_seconds": summary["train_seconds"],
             "train_wall_seconds": wall, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="as train's --model")
+    ap.add_argument("--tasks", nargs="+", default=["sst2"], choices=["sst2", "rte", "ag_news"])
     ap.add_argument("--methods", nargs="+", default=["prompt", "prefix"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256, 576, 1024, 2048])
-    ap.add_argument("--eval-limit", type=int, default=0, help="score the first N dev rows (0 = all 872)")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 512])
+    ap.add_argument("--hidden", type=int, nargs="*", default=[64, 128, 256, 576, 1024, 2048],
+                    help="matmul rows' hidden sizes (none: skip them)")
+    ap.add_argument("--eval-limit", type=int, default=0, help="score the first N dev rows (0 = all)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=[64, 128, 512], help="attention rows' lengths (none: skip them)")
     ap.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
     args = ap.parse_args()
     res = Results(args.out, {"bench": "cpu_bf16", "args": vars(args),
@@ -129,25 +137,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         runs = []
         for seed in args.seeds:
-            for method in args.methods:
-                for dtype in DTYPES:
-                    runs.append(res.add({"kind": "sst2", **sst2_run(args, method, dtype, seed, Path(work))}))
-                    r = runs[-1]
-                    print(f"seed {seed} {method} {dtype}: {r['train_seconds']:.0f} s training, "
-                          f"dev {100 * r['dev_accuracy']:.2f}%", flush=True)
-    res.set(summary={method: summarise([r for r in runs if r["method"] == method]) for method in args.methods})
-    for method, s in res.doc["summary"].items():
-        acc = {d: 100 * s["mean"][d]["dev_accuracy"] for d in DTYPES}
-        print(f"{method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; dev accuracy "
-              f"{acc['float32']:.2f}% fp32, {acc['bfloat16']:.2f}% bf16 ({s['bf16_minus_fp32_points']:+.2f} points)")
+            for task in args.tasks:
+                for method in args.methods:
+                    for dtype in DTYPES:
+                        r = res.add(task_run(args, task, method, dtype, seed, Path(work)))
+                        runs.append(r)
+                        res.set(summary=summary_of(runs, args.tasks, args.methods))
+                        print(f"seed {seed} {task} {method} {dtype}: {r['train_seconds']:.0f} s training, "
+                              f"dev {100 * r['dev_accuracy']:.2f}%", flush=True)
+    for task, methods in res.doc["summary"].items():
+        for method, s in methods.items():
+            acc = {d: 100 * s["mean"][d]["dev_accuracy"] for d in DTYPES}
+            print(f"{task} {method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; "
+                  f"dev accuracy {acc['float32']:.2f}% fp32, {acc['bfloat16']:.2f}% bf16 "
+                  f"({s['bf16_minus_fp32_points']:+.2f} points)")
+
+
+def summary_of(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:
+    """{task: {method: summarise(...)}} over the (task, method) pairs whose both dtypes have a run.
+    (The first committed files, SST-2 only, keyed their summary by method alone.)"""
+    out: dict = {}
+    for task in tasks:
+        for method in methods:
+            mine = [r for r in runs if r["kind"] == task and r["method"] == method]
+            if {r["dtype"] for r in mine} == set(DTYPES):
+                out.setdefault(task, {})[method] = summarise(mine)
+    return out
 
 
 def summarise(runs: list[dict]) -> dict:
-    """One method's runs: mean training seconds and dev accuracy per dtype, bf16's speedup and its accuracy change."""
+    """One task's and method's runs: mean training seconds and dev accuracy per dtype, bf16's speedup
+    and its accuracy change, and each seed's change (bf16 minus fp32, points)."""
     mean = {d: {k: sum(r[k] for r in runs if r["dtype"] == d) / sum(r["dtype"] == d for r in runs)
                 for k in ("train_seconds", "dev_accuracy")} for d in DTYPES}
+    by_seed = {(r["seed"], r["dtype"]): r["dev_accuracy"] for r in runs}
+    seeds = sorted({s for s, _ in by_seed if (s, "float32") in by_seed and (s, "bfloat16") in by_seed})
     return {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"],
-            "bf16_minus_fp32_points": 100 * (mean["bfloat16"]["dev_accuracy"] - mean["float32"]["dev_accuracy"])}
+            "bf16_minus_fp32_points": 100 * (mean["bfloat16"]["dev_accuracy"] - mean["float32"]["dev_accuracy"]),
+            "per_seed_points": {str(s): 100 * (by_seed[s, "bfloat16"] - by_seed[s, "float32"]) for s in seeds}}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED, SST2, attn_implementation, load_bench_model, provenance, write_result  # noqa: E402
+from common import RESULTS, attn_implementation, load_bench_model, provenance, task_data, write_result  # noqa: E402
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.data.batching import batch_order, collate, pad_id  # noqa: E402
@@ -55,38 +54,6 @@ PEFT_METHODS = ("peft:prompt", "peft:prefix", "peft:ptuning")
 METHODS = (*SP_METHODS, *PEFT_METHODS, "full")
 PEFT_LR = 3e-2  # the task guide's one rate for all three prompt-based methods
 PEFT_GUIDE = "https://github.com/huggingface/peft/blob/main/docs/source/task_guides/prompt_based_methods.md"
-AG_LABELS = ("World", "Sports", "Business", "Sci/Tech")
-
-
-def task_data(name: str, folder: Path) -> dict:
-    """DataConfig fields of a task; RTE and AG News are rewritten into `folder` as JSONL with the
-    label as an index into the label words (their files name labels by multi-token strings)."""
-    if name == "sst2":
-        return {**SST2, "eval_data": str(SHARED / "sst2" / "dev.tsv")}
-    if name == "rte":
-        for split in ("train", "val"):
-            rows = [json.loads(l) for l in (SHARED / "rte" / f"{split}.jsonl").read_text().splitlines() if l.strip()]
-            write_jsonl(folder / f"rte_{split}.jsonl", [
-                {"premise": r["premise"], "hypothesis": r["hypothesis"],
-                 "label": 0 if r["label"] == "entailment" else 1} for r in rows])
-        return dict(data=str(folder / "rte_train.jsonl"), eval_data=str(folder / "rte_val.jsonl"),
-                    template="{premise}\nQuestion: {hypothesis} Yes or no?\nAnswer:", labels="yes,no", max_length=256)
-    if name == "ag_news":
-        rows = []
-        for line in (SHARED / "ag_news" / "alps_dev_10k.tsv").read_text(encoding="utf-8").splitlines():
-            text, _, label = line.rpartition("\t")
-            if text and label in AG_LABELS:
-                rows.append({"text": text, "label": AG_LABELS.index(label)})
-        random.Random(20261202).shuffle(rows)  # fixed: the dev part is the same for every seed and method
-        write_jsonl(folder / "ag_dev.jsonl", rows[:1000])
-        write_jsonl(folder / "ag_train.jsonl", rows[1000:])
-        return dict(data=str(folder / "ag_train.jsonl"), eval_data=str(folder / "ag_dev.jsonl"),
-                    template="Article: {text}\nTopic:", labels="world,sports,business,science", max_length=192)
-    raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 def run_softprompt(method: str, model, tok, dcfg, splits, args, seed: int) -> dict:
