@@ -145,16 +145,24 @@ def test_half_attention_runs_in_float32_only_where_a_backward_follows():
     qr = q.float().requires_grad_()
     plain(qr, k.float(), v.float(), is_causal=True).to(torch.bfloat16).float().sum().backward()
     assert qg.grad.dtype == torch.bfloat16 and torch.equal(qg.grad, qr.grad.to(torch.bfloat16))
+    # rows of frozen embeddings attending a prompt's keys and values: the backward reaches k and v only
+    kg = k.clone().requires_grad_()
+    assert torch.equal(sdpa(q, kg, v, is_causal=True), ref.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_dir, monkeypatch):
+def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_dir, countries_csv, tmp_path,
+                                                                  monkeypatch):
     import torch.nn.functional as F
 
-    full, tok = load_model(ModelConfig(model=str(llama_dir), device="cpu"))
-    half, _ = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype=dtype))
-    assert full.config._attn_implementation == "sdpa"
-    assert half.config._attn_implementation == "softprompt_fp32_sdpa"
+    loaded, tok = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype=dtype))
+    assert loaded.config._attn_implementation == "sdpa"  # for eval or serving: the model's own attention
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=getattr(torch, dtype))  # a user's own model
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "run", max_steps=2, eval_every=0, save_every=0,
+                       keep_best=False, eval_untuned=False)
+    m.dtype, t.method, p.init = dtype, "prefix", "text"
+    run = setup(m, d, p, t, model=base, tok=tok)  # as softprompt.train(model=...) hands it in
+    assert "softprompt_fp32_sdpa" in base.config._attn_implementation
     seen = []
     kernel = F.scaled_dot_product_attention
 
@@ -163,14 +171,16 @@ def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_di
         return kernel(q, *a, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    fmt = Formatter(DataConfig(text_col="t", max_length=64), tok)
-    b = collate([fmt.encode({"t": t}) for t in TEXTS], tok.pad_token_id)
-    _loss_grad(half, b)  # a training step: every attention call in float32
-    layers = half.config.num_hidden_layers
+    # Every layer's attention in float32, the first one's too, whose queries come from the frozen
+    # embeddings: only its keys and values (the prefix's) carry a gradient.
+    loss_step(run, next(batches(run)))
+    layers = base.config.num_hidden_layers
     assert len(seen) >= layers and set(seen) == {torch.float32}, seen
     seen.clear()
+    fmt = Formatter(DataConfig(text_col="t", max_length=64), tok)
+    b = collate([fmt.encode({"t": t}) for t in TEXTS], tok.pad_token_id)
     with torch.no_grad():  # evaluation: the model's own half-precision attention
-        half(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        base(input_ids=b.input_ids, attention_mask=b.attention_mask)
     assert len(seen) == layers and set(seen) == {getattr(torch, dtype)}, seen
 
     from softprompt import get_softprompt_model

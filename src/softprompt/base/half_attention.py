@@ -5,7 +5,7 @@ float32 over short rows: forward and backward over 8 rows of 64 tokens (9 heads,
 took 5.4 ms in bf16 against 2.0 ms in fp32 (torch 2.13, AMD EPYC Zen 5 with avx512_bf16;
 bench/results/cpu_bf16_amd_epyc.json), and fp16 is slower still (16.8 against 3.1 ms at 80 tokens).
 Profiled, attention took about 30% of a bf16 training step of the built-in model on SST-2 (4% in
-fp32). So where a backward will run through attention (the query requires grad), queries, keys and
+fp32). So where a backward will run through attention (q, k or v requires grad), queries, keys and
 values are cast to fp32 and the output back: the linear layers, nearly all the FLOPs, stay in the
 half dtype, and the casts cost about 0.1 ms a layer. bf16's kernel catches up as rows grow: on that
 CPU the two measured within 3% from 192 to 256 keys, and bf16 1.2x faster at 512, so rows of more
@@ -25,10 +25,12 @@ HALF = (torch.bfloat16, torch.float16)
 MAX_KEYS = 256  # the longest key sequence attended in fp32: bf16 and fp32-cast measured within 3% there
 
 
-def upcasts(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether attention runs in fp32: half-precision CPU queries a backward will reach, over at most MAX_KEYS keys."""
-    return (query.requires_grad and query.device.type == "cpu" and query.dtype in HALF
-            and key.shape[-2] <= MAX_KEYS)
+def upcasts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether attention runs in fp32: half precision on a CPU, over at most MAX_KEYS keys, with a
+    backward to come through it, also where only the keys and values carry one (a prompt's cached
+    keys and values attended by rows of frozen embeddings)."""
+    return ((query.requires_grad or key.requires_grad or value.requires_grad) and query.device.type == "cpu"
+            and query.dtype in HALF and key.shape[-2] <= MAX_KEYS)
 
 
 def in_fp32(query, key, value, mask):
@@ -40,7 +42,7 @@ def in_fp32(query, key, value, mask):
 
 def sdpa(query, key, value, attn_mask=None, **kwargs) -> torch.Tensor:
     """F.scaled_dot_product_attention, in fp32 where `upcasts`, returned in query's dtype."""
-    if not upcasts(query, key):
+    if not upcasts(query, key, value):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
     return F.scaled_dot_product_attention(*in_fp32(query, key, value, attn_mask), **kwargs).to(query.dtype)
 
@@ -49,7 +51,7 @@ def _attention(module, query, key, value, attention_mask, *args, inner: str = "s
     """The model's own attention `inner` (q [B, Hq, T, d], k/v [B, Hkv, S, d] -> [B, T, Hq, d]),
     in fp32 where `upcasts`."""
     fn = ALL_ATTENTION_FUNCTIONS[inner]
-    if not upcasts(query, key):
+    if not upcasts(query, key, value):
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
     out, weights = fn(module, *in_fp32(query, key, value, attention_mask), *args, **kwargs)
     return out.to(query.dtype), weights

@@ -152,8 +152,6 @@ def load_model(cfg: ModelConfig | str, trains_prompt: bool = False):
     bfloat16 on a CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .half_attention import use_fp32_attention  # imports transformers: loaded with it
-
     if isinstance(cfg, str):
         cfg = ModelConfig(model=cfg)
     device = resolve_device(cfg.device)
@@ -198,7 +196,6 @@ def load_model(cfg: ModelConfig | str, trains_prompt: bool = False):
         model.to(device)
     else:
         keep_cpu_kernels_in_range(model)
-    use_fp32_attention(model)  # a half-precision base on a CPU: attention's backward in fp32 (half_attention.py)
     model.softprompt_model = cfg.model  # the name prompts record (prompt.warn_other_base compares them)
     return model, tok
 

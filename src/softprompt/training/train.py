@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..base.families import check_positions
+from ..base.half_attention import use_fp32_attention
 from ..base.models import dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
@@ -202,6 +203,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     P = 0 if tcfg.method == "full" else pcfg.virtual_tokens
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
+    use_fp32_attention(model)  # loaded here or handed in: a half-precision CPU base's attention backward in fp32
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
     check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
