@@ -97,14 +97,16 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
               "--max-length", str(spec["max_length"])]
     t = time.perf_counter()
     softprompt("train", "--method", method, "--data", spec["data"], *common, "--batch-size", "8",
-               "--max-steps", str(args.steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0", "--no-eval-untuned",
+               "--max-steps", str(args.steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0",
+               "--no-eval-untuned",
                "--seed", str(seed), "--out", str(out))
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
     dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"],
                                 *common, "--limit", str(args.eval_limit), "--json"))
-    return {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps, "train_seconds": summary["train_seconds"],
-            "train_wall_seconds": wall, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
+    return {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
+            "train_seconds": summary["train_seconds"], "train_wall_seconds": wall, "dev_accuracy": dev["accuracy"],
+            "dev_rows": dev["n"]}
 
 
 def main() -> None:
@@ -117,7 +119,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="*", default=[64, 128, 256, 576, 1024, 2048],
                     help="matmul rows' hidden sizes (none: skip them)")
     ap.add_argument("--eval-limit", type=int, default=0, help="score the first N dev rows (0 = all)")
-    ap.add_argument("--tokens", type=int, nargs="*", default=[64, 128, 512], help="attention rows' lengths (none: skip them)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=[64, 128, 512],
+                    help="attention rows' lengths (none: skip them)")
     ap.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
     args = ap.parse_args()
     res = Results(args.out, {"bench": "cpu_bf16", "args": vars(args),
@@ -166,15 +169,17 @@ def summary_of(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """One task's and method's runs: mean training seconds and dev accuracy per dtype, bf16's speedup
-    and its accuracy change, and each seed's change (bf16 minus fp32, points)."""
-    mean = {d: {k: sum(r[k] for r in runs if r["dtype"] == d) / sum(r["dtype"] == d for r in runs)
-                for k in ("train_seconds", "dev_accuracy")} for d in DTYPES}
-    by_seed = {(r["seed"], r["dtype"]): r["dev_accuracy"] for r in runs}
-    seeds = sorted({s for s, _ in by_seed if (s, "float32") in by_seed and (s, "bfloat16") in by_seed})
+    """One task's and method's runs, over the seeds run in both dtypes (a run in progress leaves one
+    unpaired): mean training seconds and dev accuracy per dtype, bf16's speedup and its accuracy
+    change, and each seed's change (bf16 minus fp32, points)."""
+    by_seed = {(r["seed"], r["dtype"]): r for r in runs}
+    seeds = sorted({s for s, _ in by_seed if all((s, d) in by_seed for d in DTYPES)})
+    mean = {d: {k: sum(by_seed[s, d][k] for s in seeds) / len(seeds) for k in ("train_seconds", "dev_accuracy")}
+            for d in DTYPES}
     return {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"],
             "bf16_minus_fp32_points": 100 * (mean["bfloat16"]["dev_accuracy"] - mean["float32"]["dev_accuracy"]),
-            "per_seed_points": {str(s): 100 * (by_seed[s, "bfloat16"] - by_seed[s, "float32"]) for s in seeds}}
+            "per_seed_points": {str(s): 100 * (by_seed[s, "bfloat16"]["dev_accuracy"]
+                                               - by_seed[s, "float32"]["dev_accuracy"]) for s in seeds}}
 
 
 if __name__ == "__main__":
