@@ -18,6 +18,7 @@ from .data.formatting import load_splits
 from .generation.decode import PromptKV
 from .generation.generate import encode_for_generation, generate_batch
 from .prompts.prompt import load_prompt
+from .training.auto_method import resolve_method
 from .training.train import train
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "countries.jsonl"
@@ -40,7 +41,7 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
          show: int = 6, overwrite: bool = False) -> dict:
     mcfg, dcfg, pcfg, tcfg = demo_configs(out, max_steps, model, overwrite)
     t0 = time.perf_counter()
-    m, tok = load_model(mcfg, trains_prompt=True)
+    m, tok = load_model(mcfg, cpu_bf16=resolve_method(pcfg, tcfg)[0].method == "prefix")  # as train loads it
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     print(f"model {mcfg.model} ({sum(p.numel() for p in m.parameters()) / 1e6:.0f}M params, frozen); "
           f"{len(train_ex)} training / {len(eval_ex)} held-out examples from {EXAMPLE_DATA.name}")

@@ -66,14 +66,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(name: str, device: torch.device, trains_prompt: bool = False) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU that supports it; on a CPU, bfloat16 for a base that `trains_prompt`
-    (frozen under a prompt being trained) where the CPU has native bf16 matmuls (`cpu_trains_bf16`),
-    float32 otherwise. The prompt itself stays float32."""
+def resolve_dtype(name: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it; on a CPU, bfloat16 where the caller's training was
+    measured as accurate in bf16 (`cpu_bf16`: a frozen base under a prefix) and the CPU has native
+    bf16 matmuls (`cpu_trains_bf16`), float32 otherwise. The prompt itself stays float32."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if trains_prompt and cpu_trains_bf16() else torch.float32
+        return torch.bfloat16 if cpu_bf16 and cpu_trains_bf16() else torch.float32
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise SoftpromptError(f"unknown --dtype {name!r}: use auto, float32, bfloat16 or float16")
@@ -87,12 +87,14 @@ def resolve_dtype(name: str, device: torch.device, trains_prompt: bool = False) 
 
 
 def cpu_trains_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether `auto` trains in bfloat16 on this CPU: where it reports native bf16 matmuls.
+    """Whether `auto` trains a prefix in bfloat16 on this CPU: where it reports native bf16 matmuls.
     Measured (bench/cpu_bf16.py, AMD EPYC with avx512_bf16, 3 seeds): the built-in model's SST-2
     recipe trained 2.2x (prompt) and 2.3x (prefix) faster than in float32, dev accuracy -0.1 and
-    +0.6 points. Evaluation, generation and serving keep float32 (their batched-equals-alone
-    guarantees are stated in float32), and so does full fine-tuning (bf16 weights would be updated
-    without float32 master copies)."""
+    +0.6 points; on RTE a prefix came within the seeds' spread (-1.0 points, per seed -3.3 to +1.4)
+    but a soft prompt lost 4.5 points (-9.0 on one seed), so only a prefix takes bf16 by default.
+    Evaluation, generation and serving keep float32 (their batched-equals-alone guarantees are
+    stated in float32), and so does full fine-tuning (bf16 weights would be updated without float32
+    master copies)."""
     return bool(cpu_bf16_flags(cpuinfo))
 
 
@@ -101,22 +103,26 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str]:
     return cpu_flags(cpuinfo) & set(HALF_CPU_FLAGS[torch.bfloat16])
 
 
-def dtype_reason(asked: str, model, trains_prompt: bool = True) -> str:
-    """One line for run_config.json: which dtype a training run's base runs in, and why."""
+def dtype_reason(asked: str, model, method: str = "prefix") -> str:
+    """One line for run_config.json: which dtype a run training `method` runs its base in, and why."""
     dtype = str(model.dtype).replace("torch.", "")
     if asked != "auto":
         return f"{dtype}: asked for with --dtype"
     if model.device.type == "cuda":
         return f"auto: {dtype} on this GPU"
-    if model.dtype != resolve_dtype("auto", model.device, trains_prompt):  # a model handed in, loaded
+    if model.dtype != resolve_dtype("auto", model.device, method == "prefix"):  # a model handed in, loaded
         return f"{dtype}: the model's own"
-    if not trains_prompt:
+    if method == "full":
         return f"auto: {dtype} on a CPU for full fine-tuning (its updated weights want float32)"
+    if method != "prefix" and cpu_trains_bf16():
+        return (f"auto: {dtype} on a CPU for --method {method}: in bf16 a soft prompt lost 4.5 points on RTE "
+                "(bench/results/cpu_bf16_tasks_amd_epyc.json); only a prefix trains in bf16 by default")
     if model.dtype == torch.bfloat16:
         flags = ", ".join(sorted(cpu_bf16_flags()))
-        return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}):"
-                " the built-in model trained 2.2-2.3x faster than in float32, within 0.5 points on SST-2 "
-                "(bench/results/cpu_bf16_amd_epyc.json); the prompt stays float32")
+        return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}): a prefix on the built-in model "
+                "trained 2.3x faster than in float32, +0.6 points on SST-2 and -1.0 on RTE, within the seeds' "
+                "spread (bench/results/cpu_bf16_amd_epyc.json, cpu_bf16_tasks_amd_epyc.json); the prefix stays "
+                "float32")
     flags = " or ".join(HALF_CPU_FLAGS[torch.bfloat16])
     return f"auto: {dtype} on a CPU without native bf16 matmuls (no {flags}), where bf16 trains tens of times slower"
 
@@ -146,16 +152,16 @@ def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:
     return any(f in flags for f in HALF_CPU_FLAGS[dtype] + arm)
 
 
-def load_model(cfg: ModelConfig | str, trains_prompt: bool = False):
+def load_model(cfg: ModelConfig | str, cpu_bf16: bool = False):
     """Return (model, tokenizer): frozen, eval mode, on the configured device, with a pad token.
-    `trains_prompt`: the base stays frozen under a prompt being trained (`--dtype auto` may then pick
-    bfloat16 on a CPU)."""
+    `cpu_bf16`: the base stays frozen under a prefix being trained (`--dtype auto` may then pick
+    bfloat16 on a CPU; resolve_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(cfg, str):
         cfg = ModelConfig(model=cfg)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device, trains_prompt)
+    dtype = resolve_dtype(cfg.dtype, device, cpu_bf16)
     # A quantized model is placed on its device while loading (bitsandbytes' layers refuse .to()).
     quant = quantization_config(cfg.quantize, dtype)
     extra = {} if quant is None else {"quantization_config": quant, "device_map": {"": device}}

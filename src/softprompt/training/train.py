@@ -194,9 +194,8 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
     pcfg = adopt(pcfg, tcfg.method, mcfg.model)  # --init-from: its checks that need no model, its P
-    trains_prompt = tcfg.method != "full"  # full fine-tuning trains the base's own weights
-    if model is None:
-        model, tok = load_model(mcfg, trains_prompt=trains_prompt)
+    if model is None:  # auto's bf16 on a CPU: for a prefix only (base/models.py: cpu_trains_bf16)
+        model, tok = load_model(mcfg, cpu_bf16=tcfg.method == "prefix")
     if pcfg.init_from:  # the source fits this base (hidden size, layers, heads) before the data is read
         load_source(pcfg.init_from, model, pcfg)
     # A prefix takes positions too: the text after its P cached keys and values starts at position P.
@@ -262,7 +261,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "total_steps": total, "truncated": fmt.truncated, "method_reason": method_reason,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", ""),
-            "dtype_reason": dtype_reason(mcfg.dtype, model, trains_prompt),
+            "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method),
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
