@@ -13,8 +13,9 @@ from conftest import run_bench
 @pytest.mark.slow
 def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     out = tmp_path / "b.json"
-    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "ag_news", "--methods", "prefix", "--seeds", "0",
-                  "--steps", "2", "--eval-limit", "8", "--hidden", "64", "--tokens", "16", "--out", str(out))
+    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "ag_news", "--methods", "prefix",
+                  "--seeds", "0", "--steps", "2", "--eval-limit", "8", "--hidden", "64", "--tokens", "16",
+                  "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert "bench/cpu_bf16.py --model" in doc["command"] and doc["commit"] and doc["machine"]

@@ -179,8 +179,8 @@ def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_di
         return kernel(q, *a, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    # Every layer's attention in float32, the first one's too, whose queries come from the frozen
-    # embeddings: only its keys and values (the prefix's) carry a gradient.
+    # Every attention call of a training step in float32 (the case where only keys and values carry
+    # a gradient is checked on the kernel itself, in the test above).
     loss_step(run, next(batches(run)))
     layers = base.config.num_hidden_layers
     assert len(seen) >= layers and set(seen) == {torch.float32}, seen

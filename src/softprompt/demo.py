@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .base.models import load_model
+from .base.models import cpu_bf16_method, load_model
 from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
 from .core.prompt_protocol import forward_input
 from .data.formatting import load_splits
@@ -41,7 +41,7 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
          show: int = 6, overwrite: bool = False) -> dict:
     mcfg, dcfg, pcfg, tcfg = demo_configs(out, max_steps, model, overwrite)
     t0 = time.perf_counter()
-    m, tok = load_model(mcfg, cpu_bf16=resolve_method(pcfg, tcfg)[0].method == "prefix")  # as train loads it
+    m, tok = load_model(mcfg, cpu_bf16=cpu_bf16_method(resolve_method(pcfg, tcfg)[0].method))  # as train loads it
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     print(f"model {mcfg.model} ({sum(p.numel() for p in m.parameters()) / 1e6:.0f}M params, frozen); "
           f"{len(train_ex)} training / {len(eval_ex)} held-out examples from {EXAMPLE_DATA.name}")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..base.families import check_positions
 from ..base.half_attention import use_fp32_attention
-from ..base.models import dtype_reason, load_model, set_checkpointing
+from ..base.models import cpu_bf16_method, dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from ..core.inits import resolve
@@ -194,8 +194,8 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
     pcfg = adopt(pcfg, tcfg.method, mcfg.model)  # --init-from: its checks that need no model, its P
-    if model is None:  # auto's bf16 on a CPU: for a prefix only (base/models.py: cpu_trains_bf16)
-        model, tok = load_model(mcfg, cpu_bf16=tcfg.method == "prefix")
+    if model is None:
+        model, tok = load_model(mcfg, cpu_bf16=cpu_bf16_method(tcfg.method))
     if pcfg.init_from:  # the source fits this base (hidden size, layers, heads) before the data is read
         load_source(pcfg.init_from, model, pcfg)
     # A prefix takes positions too: the text after its P cached keys and values starts at position P.
