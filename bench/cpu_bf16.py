@@ -12,6 +12,8 @@ AVX2-only CPU it is emulated and tens of times slower. This bench measures, on t
    stays float32 either way), for each method and seed: training seconds and dev accuracy. Tasks
    (`--tasks`): SST-2 (max length 96, the recipe of the first committed rows), and RTE and AG News
    as bench/methods.py sets them up (common.task_data).
+`--dtypes bfloat16 --pair-with OLD.json` retrains one dtype only and pairs it with OLD's other
+runs, for a change that touches bf16 alone (the float32 path is unchanged by it).
 `--dtype auto`'s CPU rule (base/models.py) rests on these figures: bf16 where it is both faster
 and within 0.5 points. The JSON is written row by row, its summary after every run.
 
@@ -121,6 +123,11 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=0, help="score the first N dev rows (0 = all)")
     ap.add_argument("--tokens", type=int, nargs="*", default=[64, 128, 512],
                     help="attention rows' lengths (none: skip them)")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="the dtypes to train in")
+    ap.add_argument("--pair-with", nargs="*", default=[], metavar="JSON",
+                    help="earlier result files whose runs in the other dtype (same tasks, methods, seeds and "
+                         "steps) this run's pair with, for a change that touches one dtype only; they are "
+                         "copied in, each naming its file and commit")
     ap.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
     args = ap.parse_args()
     res = Results(args.out, {"bench": "cpu_bf16", "args": vars(args),
@@ -138,11 +145,11 @@ def main() -> None:
         print(f"attention over {n} tokens, forward+backward: {times}")
         res.add(row)
     with tempfile.TemporaryDirectory() as work:
-        runs = []
+        runs = [res.add(r) for r in earlier_runs(args)]
         for seed in args.seeds:
             for task in args.tasks:
                 for method in args.methods:
-                    for dtype in DTYPES:
+                    for dtype in args.dtypes:
                         r = res.add(task_run(args, task, method, dtype, seed, Path(work)))
                         runs.append(r)
                         res.set(summary=summary_of(runs, args.tasks, args.methods))
@@ -154,6 +161,20 @@ def main() -> None:
             print(f"{task} {method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; "
                   f"dev accuracy {acc['float32']:.2f}% fp32, {acc['bfloat16']:.2f}% bf16 "
                   f"({s['bf16_minus_fp32_points']:+.2f} points)")
+
+
+def earlier_runs(args) -> list[dict]:
+    """The --pair-with files' training runs in the dtypes not trained now, for this run's tasks,
+    methods, seeds and step count."""
+    out = []
+    for path in args.pair_with:
+        doc = json.loads(Path(path).read_text())
+        commits = {r.get("commit") for r in doc.get("runs", [])} or {doc.get("commit")}
+        for r in doc["rows"]:
+            if (r.get("dtype") in DTYPES and r["dtype"] not in args.dtypes and r["kind"] in args.tasks
+                    and r["method"] in args.methods and r["seed"] in args.seeds and r["steps"] == args.steps):
+                out.append({**r, "from": f"{Path(path).name} at {', '.join(sorted(c for c in commits if c))}"})
+    return out
 
 
 def summary_of(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:

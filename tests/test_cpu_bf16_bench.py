@@ -1,6 +1,6 @@
 """bench/cpu_bf16.py's dry run on the tiny Llama: the matmul and attention rows, one SST-2 and one
 AG News row per dtype through the command line (one method, to keep it short), and the summary computed
-from them."""
+from them; then bf16 alone, paired with that file's float32 run (--pair-with)."""
 from __future__ import annotations
 
 import json
@@ -33,3 +33,16 @@ def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
         points = 100 * (bf16["dev_accuracy"] - fp32["dev_accuracy"])
         assert s["bf16_minus_fp32_points"] == pytest.approx(points)
         assert s["per_seed_points"] == {"0": pytest.approx(points)}
+    # bf16 alone, paired with the float32 run above (a change that touches bf16 only)
+    again = tmp_path / "again.json"
+    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "--methods", "prefix", "--seeds", "0",
+                  "--steps", "2", "--eval-limit", "8", "--hidden", "--tokens", "--dtypes", "bfloat16",
+                  "--pair-with", str(out), "--out", str(again))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc2 = json.loads(again.read_text())
+    old, new = doc2["rows"]
+    assert old["dtype"] == "float32" and old["from"].startswith("b.json at ")
+    assert old["dev_accuracy"] == runs[0]["dev_accuracy"]
+    assert new["dtype"] == "bfloat16" and "from" not in new
+    s = doc2["summary"]["sst2"]["prefix"]
+    assert s["bf16_train_speedup"] == pytest.approx(old["train_seconds"] / new["train_seconds"])

@@ -197,3 +197,23 @@ def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_di
     assert base.config._attn_implementation == "sdpa"
     get_softprompt_model(base)
     assert base.config._attn_implementation == "softprompt_fp32_sdpa"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_label_word_logits_of_a_half_precision_base_are_computed_in_float32(dtype, llama_dir):
+    from softprompt.forward.hidden import logits
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=getattr(torch, dtype))
+    w = model.get_output_embeddings().weight  # [V, H]
+    torch.manual_seed(0)
+    h = (torch.randn(64, w.shape[1]) * 8).to(w.dtype).requires_grad_()  # states of the size a trained base gives
+    rows = torch.tensor([5, 17, 40])
+    z = logits(model, h, rows)
+    ref = h.detach().float() @ w[rows].float().T
+    assert z.dtype == torch.float32 and torch.equal(z, ref)
+    # the half-precision product rounds them: the check can fail
+    assert not torch.equal(ref, (h.detach() @ w[rows].T).float())
+    z.sum().backward()  # the gradient reaches the states in their own dtype
+    assert h.grad.dtype == w.dtype and torch.allclose(h.grad.float(), w[rows].float().sum(0).expand_as(h), rtol=1e-2)
+    # the whole vocabulary stays in the base's dtype (a [V, H] float32 copy per call is what it avoids)
+    assert torch.equal(logits(model, h.detach()), (h.detach() @ w.T).float())

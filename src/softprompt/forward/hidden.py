@@ -166,7 +166,10 @@ def logits(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Te
     head = model.get_output_embeddings()
     w, b = head.weight, getattr(head, "bias", None)
     if rows is not None:  # logits of a few candidate tokens only
-        w, b = w[rows], (b[rows] if b is not None else None)
+        # In float32: a few rows cost nothing, and bf16's rounding of a logit (0.06 at 15) is the size of
+        # the margins between label words; a bf16 soft prompt trained through bf16 label logits lost 4.5
+        # points on RTE (bench/results/cpu_bf16_tasks_amd_epyc.json).
+        h, w, b = _upcast(h), _upcast(w[rows]), (_upcast(b[rows]) if b is not None else None)
     z = _upcast(F.linear(h, w, b))
     scale, cap = logit_scale(model), logit_softcap(model)
     if scale != 1.0:
