@@ -12,6 +12,7 @@ Speed does not depend on the weights' values, so random weights give honest timi
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -285,7 +286,8 @@ def fmt_row(cells: list[Any], widths: list[int]) -> str:
 
 def task_data(name: str, folder: Path) -> dict:
     """DataConfig fields of a task; RTE and AG News are rewritten into `folder` as JSONL with the
-    label as an index into the label words (their files name labels by multi-token strings)."""
+    label as an index into the label words (their files name labels by multi-token strings), and
+    awesome-chatgpt-prompts ("acts", language modelling) is split into a fixed fifth held out."""
     if name == "sst2":
         return {**SST2, "eval_data": str(SHARED / "sst2" / "dev.tsv")}
     if name == "rte":
@@ -307,7 +309,16 @@ def task_data(name: str, folder: Path) -> dict:
         write_jsonl(folder / "ag_train.jsonl", rows[1000:])
         return dict(data=str(folder / "ag_train.jsonl"), eval_data=str(folder / "ag_dev.jsonl"),
                     template="Article: {text}\nTopic:", labels="world,sports,business,science", max_length=192)
-    raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news")
+    if name == "acts":  # language modelling: no labels, a held-out loss
+        with open(ACTS["data"], newline="", encoding="utf-8") as f:
+            rows = [{"act": r["act"], "prompt": r["prompt"]} for r in csv.DictReader(f)]
+        random.Random(20261206).shuffle(rows)  # fixed: the same held-out rows for every seed and method
+        cut = len(rows) // 5
+        write_jsonl(folder / "acts_dev.jsonl", rows[:cut])
+        write_jsonl(folder / "acts_train.jsonl", rows[cut:])
+        return dict(data=str(folder / "acts_train.jsonl"), eval_data=str(folder / "acts_dev.jsonl"),
+                    template=ACTS["template"], max_length=ACTS["max_length"])
+    raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news, acts")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -10,8 +10,9 @@ AVX2-only CPU it is emulated and tens of times slower. This bench measures, on t
 3. each task's recipe through the installed command (`softprompt train`, 300 steps at batch 8, then
    `softprompt eval` on the whole dev set) with `--dtype float32` and `--dtype bfloat16` (the prompt
    stays float32 either way), for each method and seed: training seconds and dev accuracy. Tasks
-   (`--tasks`): SST-2 (max length 96, the recipe of the first committed rows), and RTE and AG News
-   as bench/methods.py sets them up (common.task_data).
+   (`--tasks`): SST-2 (max length 96, the recipe of the first committed rows), RTE and AG News
+   as bench/methods.py sets them up (common.task_data), and `acts`, language modelling on
+   awesome-chatgpt-prompts: its held-out loss over the whole vocabulary, scored in float32 for both.
 `--dtypes bfloat16 --pair-with OLD.json` retrains one dtype only and pairs it with OLD's other
 runs, for a change that touches bf16 alone (the float32 path is unchanged by it).
 `--dtype auto`'s CPU rule (base/models.py) rests on these figures: bf16 where it is both faster
@@ -95,7 +96,8 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
     if task == "sst2":
         spec["max_length"] = 96  # the recipe of the first committed rows (cpu_bf16.json, cpu_bf16_amd_epyc.json)
     out = work / f"{task}-{method}-{dtype}-{seed}"
-    common = ["--model", args.model, "--template", spec["template"], "--labels", spec["labels"], "--dtype", dtype,
+    labels = ["--labels", spec["labels"]] if "labels" in spec else []
+    common = ["--model", args.model, "--template", spec["template"], *labels, "--dtype", dtype,
               "--max-length", str(spec["max_length"])]
     t = time.perf_counter()
     softprompt("train", "--method", method, "--data", spec["data"], *common, "--batch-size", "8",
@@ -104,17 +106,22 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
                "--seed", str(seed), "--out", str(out))
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
+    row = {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
+           "train_seconds": summary["train_seconds"], "train_wall_seconds": wall}
+    if "labels" not in spec:  # a held-out loss, scored in float32 for both: a bf16 forward would shift it by itself
+        common[common.index("--dtype") + 1] = "float32"
+        dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"], *common,
+                                    "--limit", str(args.eval_limit), "--json"))
+        return {**row, "dev_loss": dev["loss"], "dev_tokens": dev["tokens"], "dev_scored_in": "float32"}
     dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"],
                                 *common, "--limit", str(args.eval_limit), "--json"))
-    return {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
-            "train_seconds": summary["train_seconds"], "train_wall_seconds": wall, "dev_accuracy": dev["accuracy"],
-            "dev_rows": dev["n"]}
+    return {**row, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="as train's --model")
-    ap.add_argument("--tasks", nargs="+", default=["sst2"], choices=["sst2", "rte", "ag_news"])
+    ap.add_argument("--tasks", nargs="+", default=["sst2"], choices=["sst2", "rte", "ag_news", "acts"])
     ap.add_argument("--methods", nargs="+", default=["prompt", "prefix"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
@@ -153,15 +160,22 @@ def main() -> None:
                         r = res.add(task_run(args, task, method, dtype, seed, Path(work)))
                         runs.append(r)
                         res.set(summary=summary_of(runs, args.tasks, args.methods))
-                        print(f"seed {seed} {task} {method} {dtype}: {r['train_seconds']:.0f} s training, "
-                              f"dev {100 * r['dev_accuracy']:.2f}%", flush=True)
+                        score = (f"dev {100 * r['dev_accuracy']:.2f}%" if "dev_accuracy" in r
+                                 else f"dev loss {r['dev_loss']:.4f} (float32)")
+                        print(f"seed {seed} {task} {method} {dtype}: {r['train_seconds']:.0f} s training, {score}",
+                              flush=True)
     for task, methods in res.doc["summary"].items():
         for method, s in methods.items():
-            acc = {d: 100 * s["mean"][d]["dev_accuracy"] for d in DTYPES}
+            if "bf16_minus_fp32_points" in s:
+                acc = {d: 100 * s["mean"][d]["dev_accuracy"] for d in DTYPES}
+                score = (f"dev accuracy {acc['float32']:.2f}% fp32, {acc['bfloat16']:.2f}% bf16 "
+                         f"({s['bf16_minus_fp32_points']:+.2f} points)")
+            else:
+                loss = {d: s["mean"][d]["dev_loss"] for d in DTYPES}
+                score = (f"dev loss {loss['float32']:.4f} fp32, {loss['bfloat16']:.4f} bf16 "
+                         f"({s['bf16_minus_fp32_loss']:+.4f})")
             print(f"{task} {method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; "
-                  f"dev accuracy {acc['float32']:.2f}% fp32, {acc['bfloat16']:.2f}% bf16 "
-                  f"({s['bf16_minus_fp32_points']:+.2f} points)")
-
+                  + score)
 
 def earlier_runs(args) -> list[dict]:
     """The --pair-with files' training runs in the dtypes not trained now, for this run's tasks,
@@ -191,17 +205,18 @@ def summary_of(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     """One task's and method's runs, over the seeds run in both dtypes (a run in progress leaves one
-    unpaired): mean training seconds and dev accuracy per dtype, bf16's speedup and its accuracy
-    change, and each seed's change (bf16 minus fp32, points)."""
+    unpaired): mean training seconds and dev score per dtype, bf16's speedup and its score change, and
+    each seed's change (bf16 minus fp32: accuracy points, or a held-out loss's difference)."""
     by_seed = {(r["seed"], r["dtype"]): r for r in runs}
     seeds = sorted({s for s, _ in by_seed if all((s, d) in by_seed for d in DTYPES)})
-    mean = {d: {k: sum(by_seed[s, d][k] for s in seeds) / len(seeds) for k in ("train_seconds", "dev_accuracy")}
+    metric = "dev_accuracy" if "dev_accuracy" in runs[0] else "dev_loss"
+    scale, change = (100, "points") if metric == "dev_accuracy" else (1, "loss")
+    mean = {d: {k: sum(by_seed[s, d][k] for s in seeds) / len(seeds) for k in ("train_seconds", metric)}
             for d in DTYPES}
     return {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"],
-            "bf16_minus_fp32_points": 100 * (mean["bfloat16"]["dev_accuracy"] - mean["float32"]["dev_accuracy"]),
-            "per_seed_points": {str(s): 100 * (by_seed[s, "bfloat16"]["dev_accuracy"]
-                                               - by_seed[s, "float32"]["dev_accuracy"]) for s in seeds}}
-
+            f"bf16_minus_fp32_{change}": scale * (mean["bfloat16"][metric] - mean["float32"][metric]),
+            f"per_seed_{change}": {str(s): scale * (by_seed[s, "bfloat16"][metric] - by_seed[s, "float32"][metric])
+                                   for s in seeds}}
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
-"""bench/cpu_bf16.py's dry run on the tiny Llama: the matmul and attention rows, one SST-2 and one
-AG News row per dtype through the command line (one method, to keep it short), and the summary computed
-from them; then bf16 alone, paired with that file's float32 run (--pair-with)."""
+"""bench/cpu_bf16.py's dry run on the tiny Llama: the matmul and attention rows, one SST-2, one AG News
+and one awesome-chatgpt-prompts (held-out loss) row per dtype through the command line (one method, to
+keep it short), and the summary computed from them; then bf16 alone, paired with that file's float32
+run (--pair-with)."""
 from __future__ import annotations
 
 import json
@@ -13,26 +14,31 @@ from conftest import run_bench
 @pytest.mark.slow
 def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     out = tmp_path / "b.json"
-    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "ag_news", "--methods", "prefix",
-                  "--seeds", "0", "--steps", "2", "--eval-limit", "8", "--hidden", "64", "--tokens", "16",
-                  "--out", str(out))
+    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "ag_news", "acts",
+                  "--methods", "prefix", "--seeds", "0", "--steps", "2", "--eval-limit", "8", "--hidden", "64",
+                  "--tokens", "16", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert "bench/cpu_bf16.py --model" in doc["command"] and doc["commit"] and doc["machine"]
     kinds = [row["kind"] for row in doc["rows"]]
-    assert kinds == ["matmul", "attention", "sst2", "sst2", "ag_news", "ag_news"]
+    assert kinds == ["matmul", "attention", "sst2", "sst2", "ag_news", "ag_news", "acts", "acts"]
     attention = doc["rows"][1]
     assert all(attention[f"{m}_ms"] > 0 for m in ("float32", "bfloat16", "bfloat16_in_float32"))
-    runs = doc["rows"][2:]
+    runs, lm = doc["rows"][2:6], doc["rows"][6:]
     assert [(x["method"], x["dtype"]) for x in runs] == [("prefix", "float32"), ("prefix", "bfloat16")] * 2
     assert all(x["dev_rows"] == 8 and x["steps"] == 2 and x["train_seconds"] > 0 for x in runs)
-    assert set(doc["summary"]) == {"sst2", "ag_news"}
+    assert set(doc["summary"]) == {"sst2", "ag_news", "acts"}
     for task, (fp32, bf16) in (("sst2", runs[:2]), ("ag_news", runs[2:])):
         s = doc["summary"][task]["prefix"]
         assert s["bf16_train_speedup"] == pytest.approx(fp32["train_seconds"] / bf16["train_seconds"])
         points = 100 * (bf16["dev_accuracy"] - fp32["dev_accuracy"])
         assert s["bf16_minus_fp32_points"] == pytest.approx(points)
         assert s["per_seed_points"] == {"0": pytest.approx(points)}
+    # language modelling: a held-out loss, both prompts scored in float32
+    assert all(x["dev_scored_in"] == "float32" and x["dev_loss"] > 0 and x["dev_tokens"] > 0 for x in lm)
+    assert lm[0]["dev_tokens"] == lm[1]["dev_tokens"]
+    s = doc["summary"]["acts"]["prefix"]
+    assert s["bf16_minus_fp32_loss"] == pytest.approx(lm[1]["dev_loss"] - lm[0]["dev_loss"])
     # bf16 alone, paired with the float32 run above (a change that touches bf16 only)
     again = tmp_path / "again.json"
     r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "--methods", "prefix", "--seeds", "0",
