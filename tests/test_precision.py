@@ -92,24 +92,28 @@ def test_half_precision_on_a_cpu_without_it_warns_and_float32_does_not(capsys):
 
 
 def test_run_config_records_the_dtype_and_why(llama_dir, countries_csv, tmp_path):
-    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "auto", max_steps=2, eval_every=0, save_every=0,
-                       keep_best=False, eval_untuned=False)
-    m.dtype, t.method, p.init = "auto", "prefix", "text"
-    setup(m, d, p, t)
-    rc = json.loads((tmp_path / "auto" / "run_config.json").read_text())
-    if cpu_trains_bf16():  # this CPU has native bf16 matmuls: auto trains a prefix in bf16
+    def run_config(name: str, method: str, init: str = "auto") -> dict:
+        m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / name, max_steps=2, eval_every=0, save_every=0,
+                           keep_best=False, eval_untuned=False)
+        m.dtype, t.method, p.init = "auto", method, init
+        setup(m, d, p, t)
+        return json.loads((tmp_path / name / "run_config.json").read_text())
+
+    rc = run_config("prompt", "prompt")
+    if cpu_trains_bf16():  # this CPU has native bf16 matmuls: auto trains a soft prompt in bf16
         assert rc["dtype"] == "bfloat16" and rc["dtype_reason"].startswith("auto: bfloat16 on a CPU with native bf16")
-        assert "cpu_bf16_tasks_amd_epyc.json" in rc["dtype_reason"]
+        assert "cpu_bf16_labels_amd_epyc.json" in rc["dtype_reason"]
     else:
         assert rc["dtype"] == "float32" and rc["dtype_reason"].startswith("auto: float32 on a CPU without native bf16")
-    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "prompt", max_steps=2, eval_every=0, save_every=0,
-                       keep_best=False, eval_untuned=False)
-    m.dtype, t.method = "auto", "prompt"
-    setup(m, d, p, t)
-    rc = json.loads((tmp_path / "prompt" / "run_config.json").read_text())
-    assert rc["dtype"] == "float32"  # a soft prompt lost 4.5 points on RTE in bf16: float32 on every CPU
+    rc = run_config("prefix", "prefix", "text")
+    assert rc["dtype"] == "float32"  # a prefix lost on RTE in bf16: float32 on every CPU
     if cpu_trains_bf16():
-        assert rc["dtype_reason"].startswith("auto: float32 on a CPU for --method prompt: in bf16 a soft prompt lost")
+        assert rc["dtype_reason"].startswith("auto: float32 on a CPU for --method prefix: in bf16 a prefix trained")
+    rc = run_config("ptuning", "ptuning")
+    assert rc["dtype"] == "float32"  # not measured in bf16
+    if cpu_trains_bf16():
+        assert rc["dtype_reason"] == ("auto: float32 on a CPU for --method ptuning: bf16 is not measured for it "
+                                      "(bench/results/cpu_bf16_labels_amd_epyc.json); --dtype bfloat16 asks for it")
     m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "asked", max_steps=2, eval_every=0, save_every=0,
                        keep_best=False, eval_untuned=False)
     m.dtype = "float32"

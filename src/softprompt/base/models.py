@@ -87,21 +87,21 @@ def resolve_dtype(name: str, device: torch.device, cpu_bf16: bool = False) -> to
 
 
 def cpu_trains_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether `auto` trains a prefix in bfloat16 on this CPU: where it reports native bf16 matmuls.
-    Measured (bench/cpu_bf16.py, AMD EPYC with avx512_bf16, 3 seeds): the built-in model's SST-2
-    recipe trained 2.2x (prompt) and 2.3x (prefix) faster than in float32, dev accuracy -0.1 and
-    +0.6 points; on RTE a prefix came within the seeds' spread (-1.0 points, per seed -3.3 to +1.4)
-    but a soft prompt lost 4.5 points (-9.0 on one seed), so only a prefix takes bf16 by default.
-    Evaluation, generation and serving keep float32 (their batched-equals-alone guarantees are
-    stated in float32), and so does full fine-tuning (bf16 weights would be updated without float32
-    master copies)."""
+    """Whether `auto` trains a soft prompt in bfloat16 on this CPU: where it reports native bf16
+    matmuls. Measured (bench/cpu_bf16.py, AMD EPYC with avx512_bf16): 2.1-2.6x faster than float32
+    on SST-2, RTE, AG News and LM data; a soft prompt within its seeds' spread on each once label-word
+    logits were computed in float32 (through bf16 logits it had lost 4.5 points on RTE), a prefix 2.2
+    points under float32 on RTE on every one of 5 seeds (bench/results/cpu_bf16_labels_amd_epyc.json).
+    Evaluation, generation and serving keep float32 (their batched-equals-alone guarantees are stated
+    in float32), and so does full fine-tuning (bf16 weights would be updated without float32 master
+    copies)."""
     return bool(cpu_bf16_flags(cpuinfo))
 
 
 def cpu_bf16_method(method: str) -> bool:
-    """Whether `auto` may train `method` on a bf16 base on a CPU: a prefix only (a soft prompt lost
-    4.5 points on RTE in bf16; cpu_trains_bf16 has the figures). The one place that rule lives."""
-    return method == "prefix"
+    """Whether `auto` may train `method` on a bf16 base on a CPU (CPU_BF16_METHODS; cpu_trains_bf16
+    has the figures). The one place that rule lives."""
+    return method in CPU_BF16_METHODS
 
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str]:
@@ -121,17 +121,22 @@ def dtype_reason(asked: str, model, method: str = "prefix") -> str:
     if method == "full":
         return f"auto: {dtype} on a CPU for full fine-tuning (its updated weights want float32)"
     if not cpu_bf16_method(method) and cpu_trains_bf16():
-        return (f"auto: {dtype} on a CPU for --method {method}: in bf16 a soft prompt lost 4.5 points on RTE "
-                "(bench/results/cpu_bf16_tasks_amd_epyc.json); only a prefix trains in bf16 by default")
+        why = ("in bf16 a prefix trained 2.4x faster but lost 2.2 points on RTE, on every one of 5 seeds"
+               if method == "prefix" else "bf16 is not measured for it")
+        return (f"auto: {dtype} on a CPU for --method {method}: {why} "
+                "(bench/results/cpu_bf16_labels_amd_epyc.json); --dtype bfloat16 asks for it")
     if model.dtype == torch.bfloat16:
         flags = ", ".join(sorted(cpu_bf16_flags()))
-        return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}): a prefix on the built-in model "
-                "trained 2.3x faster than in float32, +0.6 points on SST-2 and -1.0 on RTE, within the seeds' "
-                "spread (bench/results/cpu_bf16_amd_epyc.json, cpu_bf16_tasks_amd_epyc.json); the prefix stays "
-                "float32")
+        return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}): a soft prompt on the built-in model "
+                "trained 2.1-2.3x faster than in float32 and within its seeds' spread on SST-2, RTE, AG News "
+                "and LM data (bench/results/cpu_bf16_labels_amd_epyc.json); the prompt stays float32")
     flags = " or ".join(HALF_CPU_FLAGS[torch.bfloat16])
     return f"auto: {dtype} on a CPU without native bf16 matmuls (no {flags}), where bf16 trains tens of times slower"
 
+
+# The methods `auto` trains in bf16 on a CPU with native bf16 (bench/cpu_bf16.py): a prefix lost on
+# RTE there, and ptuning and residual are not measured
+CPU_BF16_METHODS = ("prompt",)
 
 # CPU flags (/proc/cpuinfo) of the instructions that make a half-precision matmul fast on a CPU
 HALF_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}

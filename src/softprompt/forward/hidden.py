@@ -168,7 +168,8 @@ def logits(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Te
     if rows is not None:  # logits of a few candidate tokens only
         # In float32: a few rows cost nothing, and bf16's rounding of a logit (0.06 at 15) is the size of
         # the margins between label words; a bf16 soft prompt trained through bf16 label logits lost 4.5
-        # points on RTE (bench/results/cpu_bf16_tasks_amd_epyc.json).
+        # points on RTE (bench/results/cpu_bf16_tasks_amd_epyc.json), and none in float32 ones
+        # (cpu_bf16_labels_amd_epyc.json).
         h, w, b = _upcast(h), _upcast(w[rows]), (_upcast(b[rows]) if b is not None else None)
     z = _upcast(F.linear(h, w, b))
     scale, cap = logit_scale(model), logit_softcap(model)
