@@ -96,27 +96,24 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
     if task == "sst2":
         spec["max_length"] = 96  # the recipe of the first committed rows (cpu_bf16.json, cpu_bf16_amd_epyc.json)
     out = work / f"{task}-{method}-{dtype}-{seed}"
-    labels = ["--labels", spec["labels"]] if "labels" in spec else []
-    common = ["--model", args.model, "--template", spec["template"], *labels, "--dtype", dtype,
-              "--max-length", str(spec["max_length"])]
+    classify = "labels" in spec
+    labels = ["--labels", spec["labels"]] if classify else []
+    common = ["--model", args.model, "--template", spec["template"], *labels, "--max-length", str(spec["max_length"])]
     t = time.perf_counter()
-    softprompt("train", "--method", method, "--data", spec["data"], *common, "--batch-size", "8",
+    softprompt("train", "--method", method, "--data", spec["data"], *common, "--dtype", dtype, "--batch-size", "8",
                "--max-steps", str(args.steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0",
-               "--no-eval-untuned",
-               "--seed", str(seed), "--out", str(out))
+               "--no-eval-untuned", "--seed", str(seed), "--out", str(out))
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
+    # A held-out loss is scored in float32 for both dtypes: a bf16 forward would shift it by itself.
+    scored_in = dtype if classify else "float32"
+    dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"], *common,
+                                "--dtype", scored_in, "--limit", str(args.eval_limit), "--json"))
     row = {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
            "train_seconds": summary["train_seconds"], "train_wall_seconds": wall}
-    if "labels" not in spec:  # a held-out loss, scored in float32 for both: a bf16 forward would shift it by itself
-        common[common.index("--dtype") + 1] = "float32"
-        dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"], *common,
-                                    "--limit", str(args.eval_limit), "--json"))
-        return {**row, "dev_loss": dev["loss"], "dev_tokens": dev["tokens"], "dev_scored_in": "float32"}
-    dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"],
-                                *common, "--limit", str(args.eval_limit), "--json"))
-    return {**row, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
-
+    if classify:
+        return {**row, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
+    return {**row, "dev_loss": dev["loss"], "dev_tokens": dev["tokens"], "dev_scored_in": scored_in}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +174,7 @@ def main() -> None:
             print(f"{task} {method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; "
                   + score)
 
+
 def earlier_runs(args) -> list[dict]:
     """The --pair-with files' training runs in the dtypes not trained now, for this run's tasks,
     methods, seeds and step count."""
@@ -217,6 +215,7 @@ def summarise(runs: list[dict]) -> dict:
             f"bf16_minus_fp32_{change}": scale * (mean["bfloat16"][metric] - mean["float32"][metric]),
             f"per_seed_{change}": {str(s): scale * (by_seed[s, "bfloat16"][metric] - by_seed[s, "float32"][metric])
                                    for s in seeds}}
+
 
 if __name__ == "__main__":
     main()

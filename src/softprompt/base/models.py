@@ -68,8 +68,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype:
     """`auto`: bfloat16 on a GPU that supports it; on a CPU, bfloat16 where the caller's training was
-    measured as accurate in bf16 (`cpu_bf16`: a frozen base under a prefix) and the CPU has native
-    bf16 matmuls (`cpu_trains_bf16`), float32 otherwise. The prompt itself stays float32."""
+    measured as accurate in bf16 (`cpu_bf16`: cpu_bf16_method of the method trained) and the CPU has
+    native bf16 matmuls (`cpu_trains_bf16`), float32 otherwise. The prompt itself stays float32."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -165,8 +165,8 @@ def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:
 
 def load_model(cfg: ModelConfig | str, cpu_bf16: bool = False):
     """Return (model, tokenizer): frozen, eval mode, on the configured device, with a pad token.
-    `cpu_bf16`: the base stays frozen under a prefix being trained (`--dtype auto` may then pick
-    bfloat16 on a CPU; resolve_dtype)."""
+    `cpu_bf16`: the base stays frozen under a method `auto` may train in bf16 on a CPU
+    (cpu_bf16_method; resolve_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(cfg, str):
