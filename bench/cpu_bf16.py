@@ -9,7 +9,9 @@ AVX2-only CPU it is emulated and tens of times slower. This bench measures, on t
    half-precision CPU base trains it (base/half_attention.py: torch's bf16 SDPA backward is slow);
 3. each task's recipe through the installed command (`softprompt train`, 300 steps at batch 8, then
    `softprompt eval` on the whole dev set) with `--dtype float32` and `--dtype bfloat16` (the prompt
-   stays float32 either way), for each method and seed: training seconds and dev accuracy. Tasks
+   stays float32 either way), for each method and seed: training seconds and dev accuracy, scored in
+   the dtype trained in and, for a bf16 run, again in float32 (`dev_accuracy_float32`: what
+   `softprompt eval` gives it by default, as --dtype auto evaluates in float32 on a CPU). Tasks
    (`--tasks`): SST-2 (max length 96, the recipe of the first committed rows), RTE and AG News
    as bench/methods.py sets them up (common.task_data), and `acts`, language modelling on
    awesome-chatgpt-prompts: its held-out loss over the whole vocabulary, scored in float32 for both.
@@ -112,7 +114,12 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
     row = {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
            "train_seconds": summary["train_seconds"], "train_wall_seconds": wall}
     if classify:
-        return {**row, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
+        row = {**row, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
+        # What `softprompt eval` gives a bf16-trained prompt by default on a CPU: --dtype auto scores in float32.
+        fp32 = dev if dtype == "float32" else json.loads(softprompt(
+            "eval", "--prompt", str(out), "--data", spec["eval_data"], *common, "--dtype", "float32",
+            "--limit", str(args.eval_limit), "--json"))
+        return {**row, "dev_accuracy_float32": fp32["accuracy"]}
     return {**row, "dev_loss": dev["loss"], "dev_tokens": dev["tokens"], "dev_scored_in": scored_in}
 
 def main() -> None:
@@ -166,7 +173,10 @@ def main() -> None:
             if "bf16_minus_fp32_points" in s:
                 acc = {d: 100 * s["mean"][d]["dev_accuracy"] for d in DTYPES}
                 score = (f"dev accuracy {acc['float32']:.2f}% fp32, {acc['bfloat16']:.2f}% bf16 "
-                         f"({s['bf16_minus_fp32_points']:+.2f} points)")
+                         f"({s['bf16_minus_fp32_points']:+.2f} points")
+                if "bf16_minus_fp32_points_scored_in_float32" in s:
+                    score += f"; {s['bf16_minus_fp32_points_scored_in_float32']:+.2f} with both scored in fp32"
+                score += ")"
             else:
                 loss = {d: s["mean"][d]["dev_loss"] for d in DTYPES}
                 score = (f"dev loss {loss['float32']:.4f} fp32, {loss['bfloat16']:.4f} bf16 "
@@ -185,6 +195,8 @@ def earlier_runs(args) -> list[dict]:
         for r in doc["rows"]:
             if (r.get("dtype") in DTYPES and r["dtype"] not in args.dtypes and r["kind"] in args.tasks
                     and r["method"] in args.methods and r["seed"] in args.seeds and r["steps"] == args.steps):
+                if r["dtype"] == "float32" and "dev_accuracy" in r:
+                    r = {"dev_accuracy_float32": r["dev_accuracy"], **r}  # scored in its own dtype, float32
                 out.append({**r, "from": f"{Path(path).name} at {', '.join(sorted(c for c in commits if c))}"})
     return out
 
@@ -204,17 +216,22 @@ def summary_of(runs: list[dict], tasks: list[str], methods: list[str]) -> dict:
 def summarise(runs: list[dict]) -> dict:
     """One task's and method's runs, over the seeds run in both dtypes (a run in progress leaves one
     unpaired): mean training seconds and dev score per dtype, bf16's speedup and its score change, and
-    each seed's change (bf16 minus fp32: accuracy points, or a held-out loss's difference)."""
+    each seed's change (bf16 minus fp32: accuracy points, or a held-out loss's difference); for
+    accuracy also the change with both scored in float32 (`..._scored_in_float32`) where every run has it."""
     by_seed = {(r["seed"], r["dtype"]): r for r in runs}
     seeds = sorted({s for s, _ in by_seed if all((s, d) in by_seed for d in DTYPES)})
     metric = "dev_accuracy" if "dev_accuracy" in runs[0] else "dev_loss"
     scale, change = (100, "points") if metric == "dev_accuracy" else (1, "loss")
-    mean = {d: {k: sum(by_seed[s, d][k] for s in seeds) / len(seeds) for k in ("train_seconds", metric)}
+    scores = [m for m in (metric, "dev_accuracy_float32") if all(m in r for r in runs)]
+    mean = {d: {k: sum(by_seed[s, d][k] for s in seeds) / len(seeds) for k in ("train_seconds", *scores)}
             for d in DTYPES}
-    return {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"],
-            f"bf16_minus_fp32_{change}": scale * (mean["bfloat16"][metric] - mean["float32"][metric]),
-            f"per_seed_{change}": {str(s): scale * (by_seed[s, "bfloat16"][metric] - by_seed[s, "float32"][metric])
-                                   for s in seeds}}
+    out = {"mean": mean, "bf16_train_speedup": mean["float32"]["train_seconds"] / mean["bfloat16"]["train_seconds"]}
+    for m in scores:
+        tail = "_scored_in_float32" if m == "dev_accuracy_float32" else ""
+        out[f"bf16_minus_fp32_{change}{tail}"] = scale * (mean["bfloat16"][m] - mean["float32"][m])
+        out[f"per_seed_{change}{tail}"] = {str(s): scale * (by_seed[s, "bfloat16"][m] - by_seed[s, "float32"][m])
+                                           for s in seeds}
+    return out
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
         points = 100 * (bf16["dev_accuracy"] - fp32["dev_accuracy"])
         assert s["bf16_minus_fp32_points"] == pytest.approx(points)
         assert s["per_seed_points"] == {"0": pytest.approx(points)}
+        # the bf16 prompt scored again in float32, as `softprompt eval` scores it by default on a CPU
+        assert fp32["dev_accuracy_float32"] == fp32["dev_accuracy"] and 0 <= bf16["dev_accuracy_float32"] <= 1
+        in_fp32 = 100 * (bf16["dev_accuracy_float32"] - fp32["dev_accuracy"])
+        assert s["bf16_minus_fp32_points_scored_in_float32"] == pytest.approx(in_fp32)
+        assert s["per_seed_points_scored_in_float32"] == {"0": pytest.approx(in_fp32)}
     # language modelling: a held-out loss, both prompts scored in float32
     assert all(x["dev_scored_in"] == "float32" and x["dev_loss"] > 0 and x["dev_tokens"] > 0 for x in lm)
     assert lm[0]["dev_tokens"] == lm[1]["dev_tokens"]
@@ -48,7 +53,8 @@ def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     doc2 = json.loads(again.read_text())
     old, new = doc2["rows"]
     assert old["dtype"] == "float32" and old["from"].startswith("b.json at ")
-    assert old["dev_accuracy"] == runs[0]["dev_accuracy"]
+    assert old["dev_accuracy"] == runs[0]["dev_accuracy"] == old["dev_accuracy_float32"]
+    assert "bf16_minus_fp32_points_scored_in_float32" in doc2["summary"]["sst2"]["prefix"]
     assert new["dtype"] == "bfloat16" and "from" not in new
     s = doc2["summary"]["sst2"]["prefix"]
     assert s["bf16_train_speedup"] == pytest.approx(old["train_seconds"] / new["train_seconds"])
