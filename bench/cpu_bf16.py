@@ -197,7 +197,8 @@ def earlier_runs(args) -> list[dict]:
                     and r["method"] in args.methods and r["seed"] in args.seeds and r["steps"] == args.steps):
                 if r["dtype"] == "float32" and "dev_accuracy" in r:
                     r = {"dev_accuracy_float32": r["dev_accuracy"], **r}  # scored in its own dtype, float32
-                out.append({**r, "from": f"{Path(path).name} at {', '.join(sorted(c for c in commits if c))}"})
+                here = f"{Path(path).name} at {', '.join(sorted(c for c in commits if c))}"
+                out.append({**r, "from": r.get("from", here)})  # a row copied in before names where it ran
     return out
 
 
