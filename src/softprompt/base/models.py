@@ -91,7 +91,8 @@ def cpu_trains_bf16(cpuinfo: str | None = None) -> bool:
     matmuls. Measured (bench/cpu_bf16.py, AMD EPYC with avx512_bf16): 2.1-2.6x faster than float32
     on SST-2, RTE, AG News and LM data; a soft prompt within its seeds' spread on each once label-word
     logits were computed in float32 (through bf16 logits it had lost 4.5 points on RTE), a prefix 2.2
-    points under float32 on RTE on every one of 5 seeds (bench/results/cpu_bf16_labels_amd_epyc.json).
+    points under float32 on RTE on every one of 5 seeds (bench/results/cpu_bf16_labels_amd_epyc.json;
+    1.95 points scored in float32, as `eval` scores it here: cpu_bf16_scored_amd_epyc.json).
     Evaluation, generation and serving keep float32 (their batched-equals-alone guarantees are stated
     in float32), and so does full fine-tuning (bf16 weights would be updated without float32 master
     copies)."""
