@@ -160,6 +160,13 @@ def test_half_attention_runs_in_float32_only_where_a_backward_follows():
     # rows of frozen embeddings attending a prompt's keys and values: the backward reaches k and v only
     kg = k.clone().requires_grad_()
     assert torch.equal(sdpa(q, kg, v, is_causal=True), ref.to(torch.bfloat16))
+    # a prefix being trained comes in fp32: attended in fp32 past MAX_KEYS too, where bf16 keys keep bf16's kernel
+    from softprompt.base.half_attention import MAX_KEYS, upcasts
+
+    long_k, long_v = (torch.randn(2, 4, MAX_KEYS + 8, 16, requires_grad=True) for _ in range(2))
+    assert upcasts(q, long_k, long_v) and not upcasts(q, long_k.bfloat16(), long_v.bfloat16())
+    out = sdpa(q, long_k, long_v)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain(q.float(), long_k, long_v).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -175,19 +182,26 @@ def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_di
     m.dtype, t.method, p.init = dtype, "prefix", "text"
     run = setup(m, d, p, t, model=base, tok=tok)  # as softprompt.train(model=...) hands it in
     assert "softprompt_fp32_sdpa" in base.config._attn_implementation
-    seen = []
+    seen, keys = [], []
     kernel = F.scaled_dot_product_attention
 
-    def spy(q, *a, **kw):
+    def spy(q, k, *a, **kw):
         seen.append(q.dtype)
-        return kernel(q, *a, **kw)
+        keys.append(k)
+        return kernel(q, k, *a, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    kv = run.params[0]  # the prefix [L, 2, kv_heads, P, d], fp32; moved off the half grid the text init left it on
+    with torch.no_grad():
+        kv.add_(1e-3 * torch.randn_like(kv))
+    first = kv[0, 0, 0].detach().clone()  # layer 0's keys, key/value head 0: [P, d]
+    assert not torch.equal(first.to(getattr(torch, dtype)).float(), first)  # rounding would change them
     # Every attention call of a training step in float32 (the case where only keys and values carry
-    # a gradient is checked on the kernel itself, in the test above).
+    # a gradient is checked on the kernel itself, in the test above), the prefix's keys unrounded.
     loss_step(run, next(batches(run)))
     layers = base.config.num_hidden_layers
     assert len(seen) >= layers and set(seen) == {torch.float32}, seen
+    assert torch.equal(keys[0][0, 0, :kv.shape[3]], first)
     seen.clear()
     fmt = Formatter(DataConfig(text_col="t", max_length=64), tok)
     b = collate([fmt.encode({"t": t}) for t in TEXTS], tok.pad_token_id)

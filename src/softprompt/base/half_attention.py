@@ -9,8 +9,10 @@ fp32). So where a backward will run through attention (q, k or v requires grad),
 values are cast to fp32 and the output back: the linear layers, nearly all the FLOPs, stay in the
 half dtype, and the casts cost about 0.1 ms a layer. bf16's kernel catches up as rows grow: on that
 CPU the two measured within 3% from 192 to 256 keys, and bf16 1.2x faster at 512, so rows of more
-than 256 keys keep it. Passes without a backward (eval, serving, generation) run as the model's own
-attention; so does everything on a GPU.
+than 256 keys keep it. A prefix being trained comes in fp32 at any length (`takes_fp32_keys`,
+prompts/prefix.py): rounded to bf16 before attention, its keys and values lost 2 points on RTE.
+Passes without a backward (eval, serving, generation) run as the model's own attention; so does
+everything on a GPU.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ MAX_KEYS = 256  # the longest key sequence attended in fp32: bf16 and fp32-cast 
 
 
 def upcasts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether attention runs in fp32: half precision on a CPU, over at most MAX_KEYS keys, with a
-    backward to come through it, also where only the keys and values carry one (a prompt's cached
-    keys and values attended by rows of frozen embeddings)."""
-    return ((query.requires_grad or key.requires_grad or value.requires_grad) and query.device.type == "cpu"
-            and query.dtype in HALF and key.shape[-2] <= MAX_KEYS)
+    """Whether attention runs in fp32: half precision on a CPU with a backward to come through it,
+    also where only the keys and values carry one (a prompt's cached keys and values attended by rows
+    of frozen embeddings), over at most MAX_KEYS keys, or at any length where keys come in fp32 (a
+    prefix being trained, `takes_fp32_keys`)."""
+    grad = query.requires_grad or key.requires_grad or value.requires_grad
+    return (grad and query.device.type == "cpu" and query.dtype in HALF
+            and (key.shape[-2] <= MAX_KEYS or key.dtype != query.dtype or value.dtype != query.dtype))
 
 
 def in_fp32(query, key, value, mask):
@@ -55,6 +59,12 @@ def _attention(module, query, key, value, attention_mask, *args, inner: str = "s
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
     out, weights = fn(module, *in_fp32(query, key, value, attention_mask), *args, **kwargs)
     return out.to(query.dtype), weights
+
+
+def takes_fp32_keys(model) -> bool:
+    """Whether the model's attention takes fp32 keys and values beside half-precision queries where a
+    backward follows: it is routed through `_attention` (use_fp32_attention), which attends them in fp32."""
+    return model.config._attn_implementation.startswith(IMPL)
 
 
 def use_fp32_attention(model) -> bool:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..base.families import hidden_size, kv_geometry
+from ..base.half_attention import takes_fp32_keys
 from ..core.prompt_protocol import KeyValues
 from ..core.utils import SoftpromptError
 from ..forward.hidden import prefix_kv
@@ -177,10 +178,13 @@ class ComputedPrefix:
 
 def layer_key_values(kv: torch.Tensor, geometry: tuple[int, int, int], model) -> KeyValues:
     """[L, 2, kv_heads, P, head_dim] as per-layer (keys, values) [1, kv_heads, P, head_dim] in the
-    model's dtype and device, the geometry checked against the model's cache."""
+    model's dtype and device, the geometry checked against the model's cache; in fp32 while they train
+    on a half-precision CPU base whose attention takes them so (half_attention.takes_fp32_keys):
+    rounded to bf16 before attention, a prefix lost 2 points on RTE (bench/results/cpu_bf16_prefix_kv_amd_epyc.json)."""
     check_geometry(geometry, model, "prefix")
     w = model.get_input_embeddings().weight
-    kv = kv.to(w.device, w.dtype)
+    training = kv.requires_grad and torch.is_grad_enabled()
+    kv = kv.to(w.device, torch.float32 if training and takes_fp32_keys(model) else w.dtype)
     return [(layer[0][None], layer[1][None]) for layer in kv]
 
 
