@@ -99,16 +99,15 @@ def test_run_config_records_the_dtype_and_why(llama_dir, countries_csv, tmp_path
         setup(m, d, p, t)
         return json.loads((tmp_path / name / "run_config.json").read_text())
 
-    rc = run_config("prompt", "prompt")
-    if cpu_trains_bf16():  # this CPU has native bf16 matmuls: auto trains a soft prompt in bf16
-        assert rc["dtype"] == "bfloat16" and rc["dtype_reason"].startswith("auto: bfloat16 on a CPU with native bf16")
-        assert "cpu_bf16_labels_amd_epyc.json" in rc["dtype_reason"]
-    else:
-        assert rc["dtype"] == "float32" and rc["dtype_reason"].startswith("auto: float32 on a CPU without native bf16")
-    rc = run_config("prefix", "prefix", "text")
-    assert rc["dtype"] == "float32"  # a prefix lost on RTE in bf16: float32 on every CPU
-    if cpu_trains_bf16():
-        assert rc["dtype_reason"].startswith("auto: float32 on a CPU for --method prefix: in bf16 a prefix trained")
+    for method, init in (("prompt", "auto"), ("prefix", "text")):
+        rc = run_config(method, method, init)
+        if cpu_trains_bf16():  # this CPU has native bf16 matmuls: auto trains a soft prompt and a prefix in bf16
+            assert rc["dtype"] == "bfloat16"
+            assert rc["dtype_reason"].startswith("auto: bfloat16 on a CPU with native bf16")
+            assert "cpu_bf16_prefix_kv_amd_epyc.json" in rc["dtype_reason"]
+        else:
+            assert rc["dtype"] == "float32"
+            assert rc["dtype_reason"].startswith("auto: float32 on a CPU without native bf16")
     rc = run_config("ptuning", "ptuning")
     assert rc["dtype"] == "float32"  # not measured in bf16
     if cpu_trains_bf16():

@@ -87,12 +87,13 @@ def resolve_dtype(name: str, device: torch.device, cpu_bf16: bool = False) -> to
 
 
 def cpu_trains_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether `auto` trains a soft prompt in bfloat16 on this CPU: where it reports native bf16
-    matmuls. Measured (bench/cpu_bf16.py, AMD EPYC with avx512_bf16): 2.1-2.6x faster than float32
+    """Whether `auto` trains a soft prompt or a prefix in bfloat16 on this CPU: where it reports native
+    bf16 matmuls. Measured (bench/cpu_bf16.py, AMD EPYC with avx512_bf16): 2.1-2.8x faster than float32
     on SST-2, RTE, AG News and LM data; a soft prompt within its seeds' spread on each once label-word
-    logits were computed in float32 (through bf16 logits it had lost 4.5 points on RTE), a prefix 2.2
-    points under float32 on RTE on every one of 5 seeds (bench/results/cpu_bf16_labels_amd_epyc.json;
-    1.95 points scored in float32, as `eval` scores it here: cpu_bf16_scored_amd_epyc.json).
+    logits were computed in float32 (through bf16 logits it had lost 4.5 points on RTE)
+    (bench/results/cpu_bf16_labels_amd_epyc.json), a prefix once its keys and values reached
+    attention in float32 (rounded to bf16 it had lost 2.2 points on RTE on every one of 5 seeds;
+    cpu_bf16_prefix_kv_amd_epyc.json).
     Evaluation, generation and serving keep float32 (their batched-equals-alone guarantees are stated
     in float32), and so does full fine-tuning (bf16 weights would be updated without float32 master
     copies)."""
@@ -122,22 +123,21 @@ def dtype_reason(asked: str, model, method: str = "prefix") -> str:
     if method == "full":
         return f"auto: {dtype} on a CPU for full fine-tuning (its updated weights want float32)"
     if not cpu_bf16_method(method) and cpu_trains_bf16():
-        why = ("in bf16 a prefix trained 2.4x faster but lost 2.2 points on RTE, on every one of 5 seeds"
-               if method == "prefix" else "bf16 is not measured for it")
-        return (f"auto: {dtype} on a CPU for --method {method}: {why} "
+        return (f"auto: {dtype} on a CPU for --method {method}: bf16 is not measured for it "
                 "(bench/results/cpu_bf16_labels_amd_epyc.json); --dtype bfloat16 asks for it")
     if model.dtype == torch.bfloat16:
         flags = ", ".join(sorted(cpu_bf16_flags()))
-        return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}): a soft prompt on the built-in model "
-                "trained 2.1-2.3x faster than in float32 and within its seeds' spread on SST-2, RTE, AG News "
-                "and LM data (bench/results/cpu_bf16_labels_amd_epyc.json); the prompt stays float32")
+        return (f"auto: {dtype} on a CPU with native bf16 matmuls ({flags}): a soft prompt and a prefix on the "
+                "built-in model trained 2.1-2.8x faster than in float32 and within their seeds' spread on SST-2, "
+                "RTE, AG News and LM data (bench/results/cpu_bf16_labels_amd_epyc.json, "
+                "cpu_bf16_prefix_kv_amd_epyc.json); the prompt stays float32")
     flags = " or ".join(HALF_CPU_FLAGS[torch.bfloat16])
     return f"auto: {dtype} on a CPU without native bf16 matmuls (no {flags}), where bf16 trains tens of times slower"
 
 
-# The methods `auto` trains in bf16 on a CPU with native bf16 (bench/cpu_bf16.py): a prefix lost on
-# RTE there, and ptuning and residual are not measured
-CPU_BF16_METHODS = ("prompt",)
+# The methods `auto` trains in bf16 on a CPU with native bf16 (bench/cpu_bf16.py); ptuning and residual
+# are not measured there
+CPU_BF16_METHODS = ("prompt", "prefix")
 
 # CPU flags (/proc/cpuinfo) of the instructions that make a half-precision matmul fast on a CPU
 HALF_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
