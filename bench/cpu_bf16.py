@@ -107,20 +107,22 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
                "--no-eval-untuned", "--seed", str(seed), "--out", str(out))
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
-    # A held-out loss is scored in float32 for both dtypes: a bf16 forward would shift it by itself.
-    scored_in = dtype if classify else "float32"
-    dev = json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"], *common,
-                                "--dtype", scored_in, "--limit", str(args.eval_limit), "--json"))
+
+    def score(scored_in: str) -> dict:
+        return json.loads(softprompt("eval", "--prompt", str(out), "--data", spec["eval_data"], *common,
+                                     "--dtype", scored_in, "--limit", str(args.eval_limit), "--json"))
+
     row = {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
            "train_seconds": summary["train_seconds"], "train_wall_seconds": wall}
     if classify:
-        row = {**row, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"]}
+        dev = score(dtype)
         # What `softprompt eval` gives a bf16-trained prompt by default on a CPU: --dtype auto scores in float32.
-        fp32 = dev if dtype == "float32" else json.loads(softprompt(
-            "eval", "--prompt", str(out), "--data", spec["eval_data"], *common, "--dtype", "float32",
-            "--limit", str(args.eval_limit), "--json"))
-        return {**row, "dev_accuracy_float32": fp32["accuracy"]}
-    return {**row, "dev_loss": dev["loss"], "dev_tokens": dev["tokens"], "dev_scored_in": scored_in}
+        fp32 = dev if dtype == "float32" else score("float32")
+        return {**row, "dev_accuracy": dev["accuracy"], "dev_rows": dev["n"], "dev_accuracy_float32": fp32["accuracy"]}
+    # A held-out loss is scored in float32 for both dtypes: a bf16 forward would shift it by itself.
+    dev = score("float32")
+    return {**row, "dev_loss": dev["loss"], "dev_tokens": dev["tokens"], "dev_scored_in": "float32"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -46,8 +46,8 @@ def test_grad_accum_needs_a_row_per_micro_batch():
 
 
 def test_in_bf16_micro_batches_agree_to_bf16s_precision(llama_dir, countries_csv, tmp_path):
-    # The README's "about a thousandth": a bf16 base (asked for here; auto's choice for a soft prompt on
-    # a CPU with native bf16) sums the micro-batches in other orders and rounds each sum to bf16.
+    # The README's "about a thousandth": a bf16 base (asked for here; auto's choice for a soft prompt or a
+    # prefix on a CPU with native bf16) sums the micro-batches in other orders and rounds each sum to bf16.
     # Measured on this tiny Llama: 1.2e-3 largest difference, 0.3% of the prompt's norm (float32: 4e-8).
     prompts = {}
     for k in (1, 4):

@@ -111,8 +111,9 @@ def check_template(name: str, template: str) -> None:
 class ModelConfig:
     model: str = opt(BUILTIN_MODEL, "Hub id, local folder, .gguf file, or the built-in 'smollm2-135m-instruct'")
     dtype: str = opt("auto", "the frozen base's dtype: auto (bfloat16 on GPUs that support it, and for training a "
-                             "soft prompt (--method prompt) on CPUs with native bf16 matmuls; float32 elsewhere), "
-                             "float32, bfloat16 or float16; the soft prompt and its optimiser state stay float32")
+                             "soft prompt or a prefix (--method prompt|prefix) on CPUs with native bf16 matmuls; "
+                             "float32 elsewhere), float32, bfloat16 or float16; the soft prompt and its optimiser "
+                             "state stay float32")
     device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
     quantize: str = opt("none", "hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes: 8bit is "
                                 "LLM.int8(), 4bit is NF4); needs pip install 'softprompt[quant]'",
