@@ -16,7 +16,8 @@ AVX2-only CPU it is emulated and tens of times slower. This bench measures, on t
    as bench/methods.py sets them up (common.task_data), and `acts`, language modelling on
    awesome-chatgpt-prompts: its held-out loss over the whole vocabulary, scored in float32 for both.
 `--dtypes bfloat16 --pair-with OLD.json` retrains one dtype only and pairs it with OLD's other
-runs, for a change that touches bf16 alone (the float32 path is unchanged by it).
+runs, for a change that touches bf16 alone (the float32 path is unchanged by it); `--seeds 1 2
+--pair-with OLD.json` adds seeds to OLD's (its rows of other seeds are copied in, both dtypes).
 `--dtype auto`'s CPU rule (base/models.py) rests on these figures: bf16 where it is both faster
 and within 0.5 points. The JSON is written row by row, its summary after every run.
 
@@ -138,9 +139,9 @@ def main() -> None:
                     help="attention rows' lengths (none: skip them)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="the dtypes to train in")
     ap.add_argument("--pair-with", nargs="*", default=[], metavar="JSON",
-                    help="earlier result files whose runs in the other dtype (same tasks, methods, seeds and "
-                         "steps) this run's pair with, for a change that touches one dtype only; they are "
-                         "copied in, each naming its file and commit")
+                    help="earlier result files whose runs (same tasks, methods and steps) this run does not "
+                         "redo are copied in, each naming its file and commit: the other dtype's, for a change "
+                         "that touches one dtype only, and other seeds', to add seeds to a summary")
     ap.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
     args = ap.parse_args()
     res = Results(args.out, {"bench": "cpu_bf16", "args": vars(args),
@@ -183,20 +184,22 @@ def main() -> None:
                 loss = {d: s["mean"][d]["dev_loss"] for d in DTYPES}
                 score = (f"dev loss {loss['float32']:.4f} fp32, {loss['bfloat16']:.4f} bf16 "
                          f"({s['bf16_minus_fp32_loss']:+.4f})")
-            print(f"{task} {method}, mean over seeds {args.seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; "
+            seeds = ", ".join(next(v for k, v in s.items() if k.startswith("per_seed_")))
+            print(f"{task} {method}, mean over seeds {seeds}: bf16 trains {s['bf16_train_speedup']:.2f}x faster; "
                   + score)
 
 
 def earlier_runs(args) -> list[dict]:
-    """The --pair-with files' training runs in the dtypes not trained now, for this run's tasks,
-    methods, seeds and step count."""
+    """The --pair-with files' training runs of this run's tasks, methods and step count that it does
+    not redo: in a dtype not trained now, or of a seed not trained now (so that the summary spans both)."""
     out = []
     for path in args.pair_with:
         doc = json.loads(Path(path).read_text())
         commits = {r.get("commit") for r in doc.get("runs", [])} or {doc.get("commit")}
         for r in doc["rows"]:
-            if (r.get("dtype") in DTYPES and r["dtype"] not in args.dtypes and r["kind"] in args.tasks
-                    and r["method"] in args.methods and r["seed"] in args.seeds and r["steps"] == args.steps):
+            redone = r.get("dtype") in args.dtypes and r.get("seed") in args.seeds
+            if (r.get("dtype") in DTYPES and not redone and r["kind"] in args.tasks
+                    and r["method"] in args.methods and r["steps"] == args.steps):
                 if r["dtype"] == "float32" and "dev_accuracy" in r:
                     r = {"dev_accuracy_float32": r["dev_accuracy"], **r}  # scored in its own dtype, float32
                 here = f"{Path(path).name} at {', '.join(sorted(c for c in commits if c))}"

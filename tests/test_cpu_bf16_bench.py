@@ -1,7 +1,7 @@
 """bench/cpu_bf16.py's dry run on the tiny Llama: the matmul and attention rows, one SST-2, one AG News
 and one awesome-chatgpt-prompts (held-out loss) row per dtype through the command line (one method, to
 keep it short), and the summary computed from them; then bf16 alone, paired with that file's float32
-run (--pair-with)."""
+run (--pair-with), and a second seed added to that (--pair-with copies the seeds it does not redo)."""
 from __future__ import annotations
 
 import json
@@ -58,3 +58,16 @@ def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     assert new["dtype"] == "bfloat16" and "from" not in new
     s = doc2["summary"]["sst2"]["prefix"]
     assert s["bf16_train_speedup"] == pytest.approx(old["train_seconds"] / new["train_seconds"])
+    # a second seed, both dtypes, added to the first one's pair: the summary spans seeds 0 and 1
+    more = tmp_path / "more.json"
+    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "--methods", "prefix", "--seeds", "1",
+                  "--steps", "2", "--eval-limit", "8", "--hidden", "--tokens", "--pair-with", str(again),
+                  "--out", str(more))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc3 = json.loads(more.read_text())
+    assert [(x["seed"], x["dtype"]) for x in doc3["rows"]] == [(0, "float32"), (0, "bfloat16"), (1, "float32"),
+                                                               (1, "bfloat16")]
+    assert doc3["rows"][0]["from"] == old["from"] and doc3["rows"][1]["from"].startswith("again.json at ")
+    s = doc3["summary"]["sst2"]["prefix"]
+    assert set(s["per_seed_points"]) == {"0", "1"} and s["per_seed_points"]["0"] == doc2["summary"]["sst2"]["prefix"][
+        "per_seed_points"]["0"]
