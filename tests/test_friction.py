@@ -126,7 +126,9 @@ def test_eval_limit_takes_the_rows_train_eval_limit_takes(trained, llama_dir, tm
                  "--device", "cpu", "--dtype", "float32"]) == 0
     # float32 as `eval` scores on a CPU: auto trains a prefix in bf16 on a native-bf16 CPU, and train's
     # own evaluation runs on the model it trains
-    final = json.loads((out / "summary.json").read_text())["final_eval"]
+    summary = json.loads((out / "summary.json").read_text())
+    final = summary["final_eval"]
+    assert summary["eval_dtype"] == "float32"  # says which dtype train's own figures were scored in
     got = run_json(capsys, ["eval", "--model", str(llama_dir), "--data", str(data), "--prompt", str(out),
                             "--limit", "8", "--json"])
     assert got["n"] == final["n"] == 8

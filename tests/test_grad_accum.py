@@ -54,8 +54,9 @@ def test_in_bf16_micro_batches_agree_to_bf16s_precision(llama_dir, countries_csv
         m, dc, p, t = _cfgs(llama_dir, countries_csv, tmp_path / f"r{k}", max_steps=STEPS, eval_every=0,
                             save_every=0, keep_best=False, eval_untuned=False, grad_accum=k)
         m.dtype = "bfloat16"
-        train(m, dc, p, t, quiet=True)
+        summary = train(m, dc, p, t, quiet=True)
         assert json.loads((tmp_path / f"r{k}" / "run_config.json").read_text())["dtype"] == "bfloat16"
+        assert summary["eval_dtype"] == "bfloat16"  # train's own figures: scored on the bf16 base
         prompts[k] = load_prompt(tmp_path / f"r{k}").embeds.detach()
     diff = prompts[4] - prompts[1]
     assert diff.abs().max() < 3e-3 and diff.norm() / prompts[1].norm() < 1e-2

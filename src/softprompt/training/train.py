@@ -447,7 +447,10 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
                    "base_weights_sha256_before": run.hash_before, "base_weights_sha256_after": hash_after,
                    "base_weights_unchanged": run.hash_before == hash_after,
                    **best_eval(run),
-                   "final_eval": last_eval, "untuned_eval": untuned, "world_size": run.acc.num_processes,
+                   "final_eval": last_eval, "untuned_eval": untuned,
+                   # The evaluations above ran on the base as trained (bf16 where auto chose it on a CPU);
+                   # `softprompt eval` runs in float32 on a CPU, so its figures can differ in the 4th digit.
+                   "eval_dtype": str(run.model.dtype).replace("torch.", ""), "world_size": run.acc.num_processes,
                    "forward_path": run.path, "prompt_dir": str(run.method.saved_in(run.out))}
         if run.graphed is not None:
             g = run.graphed
