@@ -321,5 +321,6 @@ def task_data(name: str, folder: Path) -> dict:
     raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news, acts")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)

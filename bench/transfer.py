@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED, Results, device_and_dtype, fmt_row, load_bench_model  # noqa: E402
+from common import (RESULTS, SHARED, Results, device_and_dtype, fmt_row, load_bench_model,  # noqa: E402
+                    write_jsonl)
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.training.train import train  # noqa: E402
@@ -46,13 +47,10 @@ SST2 = dict(template="Review: {sentence}\nSentiment:", labels="negative,positive
 AG = dict(template="News: {text}\nTopic:", labels="World,Sports,Business,Sci/Tech")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def prepare_data(work: Path) -> dict[str, str]:
-    """RTE with label words, AG News as JSONL with a deterministic held-out part (every 10th row)."""
+    """RTE with label words, AG News as JSONL with a deterministic held-out part (every 10th row).
+    Not common.task_data: its templates and AG News split differ, and the committed transfer results
+    were measured on these."""
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for split in ("train", "val"):
