@@ -18,6 +18,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -287,7 +289,8 @@ def fmt_row(cells: list[Any], widths: list[int]) -> str:
 def task_data(name: str, folder: Path) -> dict:
     """DataConfig fields of a task; RTE and AG News are rewritten into `folder` as JSONL with the
     label as an index into the label words (their files name labels by multi-token strings), and
-    awesome-chatgpt-prompts ("acts", language modelling) is split into a fixed fifth held out."""
+    awesome-chatgpt-prompts ("acts") and quotable.io's quotes ("quotes"), language modelling, are
+    each split into a fixed fifth held out."""
     if name == "sst2":
         return {**SST2, "eval_data": str(SHARED / "sst2" / "dev.tsv")}
     if name == "rte":
@@ -318,7 +321,26 @@ def task_data(name: str, folder: Path) -> dict:
         write_jsonl(folder / "acts_train.jsonl", rows[cut:])
         return dict(data=str(folder / "acts_train.jsonl"), eval_data=str(folder / "acts_dev.jsonl"),
                     template=ACTS["template"], max_length=ACTS["max_length"])
-    raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news, acts")
+    if name == "quotes":  # language modelling on a second corpus: quotable.io's quotes and their authors
+        rows = [{"content": q["content"], "author": q["author"]}
+                for q in json.loads((SHARED / "quotes" / "quotes.json").read_text(encoding="utf-8"))]
+        random.Random(20261206).shuffle(rows)
+        cut = len(rows) // 5
+        write_jsonl(folder / "quotes_dev.jsonl", rows[:cut])
+        write_jsonl(folder / "quotes_train.jsonl", rows[cut:])
+        return dict(data=str(folder / "quotes_train.jsonl"), eval_data=str(folder / "quotes_dev.jsonl"),
+                    template="Quote: {content}\nAuthor: {author}", max_length=128)
+    raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news, acts, quotes")
+
+
+def softprompt(*args: str) -> str:
+    """The command as a user runs it (`python -m softprompt ...`, on this checkout's sources): its
+    stdout, or the bench stops with the command's stderr."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "softprompt", *args], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"softprompt {' '.join(args[:1])} failed:\n{r.stderr[-3000:]}")
+    return r.stdout
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

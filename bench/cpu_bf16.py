@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, Results, task_data  # noqa: E402
+from common import RESULTS, Results, softprompt, task_data  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("float32", "bfloat16", "bfloat16_in_float32")  # attention_ms modes
@@ -84,14 +82,6 @@ def attention_ms(tokens: int, mode: str, reps: int = 20) -> float:
         attend().float().sum().backward()
         best = best if i < 2 else min(best, time.perf_counter() - t)
     return 1e3 * best
-
-
-def softprompt(*args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run([sys.executable, "-m", "softprompt", *args], env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"softprompt {' '.join(args[:1])} failed:\n{r.stderr[-3000:]}")
-    return r.stdout
 
 
 def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) -> dict:
