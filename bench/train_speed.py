@@ -281,7 +281,8 @@ def measure_memory(args, task: str, name: str) -> dict[str, float]:
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("MEMORY ")]
     if out.returncode or not line:
-        raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
+        killed = " (killed: out of memory?)" if out.returncode == -9 else ""
+        raise RuntimeError(f"memory child for {name} exited with {out.returncode}{killed}: {out.stderr[-1500:]}")
     return json.loads(line[0][7:])
 
 
@@ -431,26 +432,40 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
                                "peft_losses": paths[0].losses, "softprompt_losses": paths[1].losses}
         res["fp32_parity"] = fp32_parity(args, model, init, check[0], dev)
     if args.memory:
-        for name in ("peft", "peft_best", "softprompt"):
-            if dev.type == "cpu":  # a fresh process each: see common.PeakMemory
-                res[name].update(measure_memory(args, task, name))
-            else:
-                p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method)
-                bs = own.get(name, grouped)
-                with PeakMemory(dev) as pm:
-                    for b in bs[:3]:
-                        p.step(b, record=False)
-                res[name].update(pm.as_dict())
-        # Against the fair baseline; the peak over the loaded model and (issue 24) the whole peak
-        base = "peft_best"
-        res["memory_ratio_over_model"] = res["softprompt"]["peak_over_model_mb"] / res[base]["peak_over_model_mb"]
-        total = "peak_total_mb" if dev.type == "cuda" else "rss_peak_total_mb"
-        res["memory_ratio_total"] = res["softprompt"][total] / res[base][total]
-        res["memory_ratio_total_plain"] = res["softprompt"][total] / res["peft"][total]  # PEFT's recipe
-        if dev.type == "cpu":
-            res["memory_ratio_rss_over_model"] = (res["softprompt"]["rss_peak_over_model_mb"]
-                                                  / res[base]["rss_peak_over_model_mb"])
+        memory_phase(args, task, res, model, tok, init, own, grouped, dev)
     return res
+
+
+def memory_phase(args, task: str, res: dict, model, tok, init, own: dict, grouped: list, dev) -> None:
+    """Each path's peak memory over a few steps, and softprompt's ratios to PEFT's, into `res`; where
+    a memory child fails (killed for memory), `memory_error` says so and the timings stay as they are."""
+    peaks = {}
+    for name in ("peft", "peft_best", "softprompt"):
+        if dev.type == "cpu":  # a fresh process each: see common.PeakMemory
+            try:
+                peaks[name] = measure_memory(args, task, name)
+            except RuntimeError as e:
+                res["memory_error"] = str(e)[:2000]
+                print(f"memory not measured: {str(e)[:300]}", flush=True)
+                return
+        else:
+            p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method)
+            bs = own.get(name, grouped)
+            with PeakMemory(dev) as pm:
+                for b in bs[:3]:
+                    p.step(b, record=False)
+            peaks[name] = pm.as_dict()
+    for name, peak in peaks.items():
+        res[name].update(peak)
+    # Against the fair baseline; the peak over the loaded model and (issue 24) the whole peak
+    base = "peft_best"
+    res["memory_ratio_over_model"] = res["softprompt"]["peak_over_model_mb"] / res[base]["peak_over_model_mb"]
+    total = "peak_total_mb" if dev.type == "cuda" else "rss_peak_total_mb"
+    res["memory_ratio_total"] = res["softprompt"][total] / res[base][total]
+    res["memory_ratio_total_plain"] = res["softprompt"][total] / res["peft"][total]  # PEFT's recipe
+    if dev.type == "cpu":
+        res["memory_ratio_rss_over_model"] = (res["softprompt"]["rss_peak_over_model_mb"]
+                                              / res[base]["rss_peak_over_model_mb"])
 
 
 def report(r: dict) -> None:
@@ -489,6 +504,8 @@ def report(r: dict) -> None:
             print(f"  resident memory (VmHWM over the model, allocator's kept memory included): "
                   f"{r['softprompt']['rss_peak_over_model_mb']:.0f} MB against peft_best's "
                   f"{r['peft_best']['rss_peak_over_model_mb']:.0f} MB, {r['memory_ratio_rss_over_model']:.2f}x")
+    if "memory_error" in r:
+        print(f"peak memory not measured: {r['memory_error'][:200]}")
     if "same_batches" in r:
         s = r["same_batches"]
         print(f"identical batches, {s['steps']} AdamW steps in {s['dtype']}: loss relative difference {s['loss_rel_diff_step1']:.1e} "

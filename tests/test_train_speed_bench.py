@@ -125,3 +125,24 @@ def test_the_compiled_path_counts_its_flops_eagerly_and_keeps_its_compiled_forwa
     assert not [w for w in seen if "global hooks" in str(w.message)]  # the compiled module was not called
     assert compiled.forward is timed and timed is not compiled.peft
     assert n == Path_("peft_best", model, init, 1e-3, torch.device("cpu")).flops(batch) > 0
+
+
+def test_a_memory_child_killed_keeps_the_timings(monkeypatch):
+    """A memory child killed (the kernel's OOM killer at batch 64 on 24 GiB) must not lose the timed
+    steps of the same task: run_task keeps them and records why its memory figures are missing."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import train_speed
+
+    def killed(cmd, **kw):
+        return SimpleNamespace(returncode=-9, stdout="", stderr="warnings only")
+    monkeypatch.setattr(subprocess, "run", killed)
+    args = SimpleNamespace(memory=True, method="prompt", model="m", device="cpu", dtype="float32", batch_size=64,
+                           virtual_tokens=20, limit=10, seed=0)
+    with pytest.raises(RuntimeError, match="memory child for peft exited with -9 \\(killed: out of memory\\?\\)"):
+        train_speed.measure_memory(args, "lm128", "peft")
+    res = {name: {"median_step_s": 1.0} for name in ("peft", "peft_best", "softprompt")}
+    train_speed.memory_phase(args, "lm128", res, None, None, None, {}, [], torch.device("cpu"))
+    assert res.pop("memory_error").startswith("memory child for peft exited with -9")
+    assert res == {name: {"median_step_s": 1.0} for name in ("peft", "peft_best", "softprompt")}  # no ratio half-made
