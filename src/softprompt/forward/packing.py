@@ -38,7 +38,6 @@ class Layout:
     valid: torch.Tensor     # [B, T] bool, right-padded rows
     pad: torch.Tensor       # [B*T] packed text index of each padded slot; pads point at L (a zero row)
     unpad: torch.Tensor     # [L] padded slot of each packed text token
-    mask: torch.Tensor      # [B, 1, T, P+T] bool: the prompt, then causal within the row
 
     @classmethod
     def build(cls, P: int, attention_mask: torch.Tensor) -> "Layout":
@@ -49,9 +48,7 @@ class Layout:
         starts = torch.cumsum(lengths, 0) - lengths
         pad = torch.where(valid, starts[:, None] + t, lengths.sum()).flatten()
         unpad = torch.arange(B * T, device=valid.device)[valid.flatten()]
-        own = (t[None, :] <= t[:, None])[None] & valid[:, None, :]  # [B, T, T] causal, real keys only
-        mask = torch.cat([own.new_ones(B, T, P), own], dim=2)[:, None]
-        return cls(P, valid, pad, unpad, mask)
+        return cls(P, valid, pad, unpad)
 
     def position_ids(self) -> torch.Tensor:
         """[1, N]: the prompt at 0..P-1 and every row from P on, as in the unpacked layout."""
@@ -91,8 +88,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     def with_prompt(x):  # [B, H, P+T, d]: the prompt's keys or values in front of every row
         return torch.cat([x[None, :, :P].expand(B, -1, -1, -1), rows(x)], dim=2)
 
-    out = sdpa(rows(q), with_prompt(k), with_prompt(v), attn_mask=lay.mask,
-               scale=scaling, enable_gqa=gqa)  # [B, H, T, d]
+    # The prompt's queries in front make the layout square, so SDPA's causal flag (top-left aligned)
+    # is exactly "the prompt, then causal within the row": query P+t sees keys 0..P+t. Pads come
+    # after every real key of their row, so no mask is needed, and the causal kernel skips the upper
+    # triangle that a boolean mask computes: at 2048-token rows that was about half of attention.
+    out = sdpa(with_prompt(q), with_prompt(k), with_prompt(v), is_causal=True,
+               scale=scaling, enable_gqa=gqa)[:, :, P:]  # [B, H, T, d]
     H, d = out.shape[1], out.shape[3]
     out = out.transpose(1, 2).reshape(B * T, H, d).index_select(0, lay.unpad)  # [L, H, d]
     out = torch.cat([head[0].transpose(0, 1), out])  # [N, H, d]
