@@ -48,7 +48,8 @@ def task_run(args, task: str, method: str, seed: int, work: Path) -> dict:
     return {"task": task, "method": method, "seed": seed, "steps": args.steps, "dtype": config["dtype"],
             "train_seconds": summary["train_seconds"], "train_wall_seconds": wall,
             "trainable_params": summary["trainable_params"], "lr": summary["lr"],
-            "best_eval_loss": summary.get("best_eval_loss"), "final_eval_loss": (summary["final_eval"] or {}).get("loss"),
+            "best_eval_loss": summary.get("best_eval_loss"),
+            "final_eval_loss": (summary["final_eval"] or {}).get("loss"),
             "eval_dtype": summary.get("eval_dtype"), "dev_loss": dev["loss"], "dev_tokens": dev["tokens"]}
 
 
