@@ -315,22 +315,22 @@ def task_data(name: str, folder: Path) -> dict:
     if name == "acts":  # language modelling: no labels, a held-out loss
         with open(ACTS["data"], newline="", encoding="utf-8") as f:
             rows = [{"act": r["act"], "prompt": r["prompt"]} for r in csv.DictReader(f)]
-        random.Random(20261206).shuffle(rows)  # fixed: the same held-out rows for every seed and method
-        cut = len(rows) // 5
-        write_jsonl(folder / "acts_dev.jsonl", rows[:cut])
-        write_jsonl(folder / "acts_train.jsonl", rows[cut:])
-        return dict(data=str(folder / "acts_train.jsonl"), eval_data=str(folder / "acts_dev.jsonl"),
-                    template=ACTS["template"], max_length=ACTS["max_length"])
+        return {**held_out_fifth(rows, folder, "acts"), "template": ACTS["template"], "max_length": ACTS["max_length"]}
     if name == "quotes":  # language modelling on a second corpus: quotable.io's quotes and their authors
         rows = [{"content": q["content"], "author": q["author"]}
                 for q in json.loads((SHARED / "quotes" / "quotes.json").read_text(encoding="utf-8"))]
-        random.Random(20261206).shuffle(rows)
-        cut = len(rows) // 5
-        write_jsonl(folder / "quotes_dev.jsonl", rows[:cut])
-        write_jsonl(folder / "quotes_train.jsonl", rows[cut:])
-        return dict(data=str(folder / "quotes_train.jsonl"), eval_data=str(folder / "quotes_dev.jsonl"),
-                    template="Quote: {content}\nAuthor: {author}", max_length=128)
+        return {**held_out_fifth(rows, folder, "quotes"), "template": "Quote: {content}\nAuthor: {author}",
+                "max_length": 128}
     raise SystemExit(f"unknown task {name!r}: choose from sst2, rte, ag_news, acts, quotes")
+
+
+def held_out_fifth(rows: list[dict], folder: Path, name: str) -> dict:
+    """A language-modelling corpus as data (NAME_train.jsonl) and eval_data (NAME_dev.jsonl, a fifth),
+    shuffled by a fixed seed: the same held-out rows for every run's seed and method."""
+    random.Random(20261206).shuffle(rows)
+    cut = len(rows) // 5
+    return dict(data=write_jsonl(folder / f"{name}_train.jsonl", rows[cut:]),
+                eval_data=write_jsonl(folder / f"{name}_dev.jsonl", rows[:cut]))
 
 
 def softprompt(*args: str) -> str:

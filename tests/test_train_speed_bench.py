@@ -129,7 +129,7 @@ def test_the_compiled_path_counts_its_flops_eagerly_and_keeps_its_compiled_forwa
 
 def test_a_memory_child_killed_keeps_the_timings(monkeypatch):
     """A memory child killed (the kernel's OOM killer at batch 64 on 24 GiB) must not lose the timed
-    steps of the same task: run_task keeps them and records why its memory figures are missing."""
+    steps of the same task: memory_phase leaves them as they are and records why its figures are missing."""
     import subprocess
     from types import SimpleNamespace
 
