@@ -87,12 +87,16 @@ def timed_step(model, batch: dict) -> float:
 
 def work_per_step(args: argparse.Namespace, tmp: Path) -> dict:
     """Mean tokens through the decoder (padding included, as the first layer sees them) and GFLOP of
-    one forward and backward, PEFT's model and the twin's, on the same batches."""
+    one forward and backward, PEFT's model and the twin's, on the same batches; then the seconds of
+    one forward and backward with the linear kernel each runs as shipped (PEFT: torch's; the twin:
+    softprompt's `auto`, base/cpu_linear.py) and with each kernel given to both, so that the ratio
+    can be split into what the kernel is worth and what the rest is."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peft
     import softprompt
+    from softprompt.base.cpu_linear import use_linear_kernel
     from softprompt.base.families import decoder_layers
     from softprompt.base.models import builtin_model_dir
     from softprompt.forward.paths import choose_path
@@ -107,15 +111,24 @@ def work_per_step(args: argparse.Namespace, tmp: Path) -> dict:
         base = AutoModelForCausalLM.from_pretrained(path)
         model = lib.get_peft_model(base, cfg)
         batches = recipe_batches(args, model, tok, tmp)
+        shipped = getattr(model, "linear_kernel", "default")
+        use_linear_kernel(base, "default")  # FlopCounterMode counts aten's matmuls, not oneDNN's op
         tokens, flops = zip(*(counted_step(model, decoder_layers(base)[0], b) for b in batches))
-        seconds = [timed_step(model, b) for b in batches]  # each shape warmed by the counted pass
+        by_kernel = {}
+        for kernel in ("onednn", "default"):  # each shape warmed: by the counted pass, oneDNN's by a pass of its own
+            use_linear_kernel(base, kernel)
+            if kernel == "onednn":
+                [timed_step(model, b) for b in batches]
+            by_kernel[kernel] = [timed_step(model, b) for b in batches]
+        seconds = by_kernel[shipped]
         route = ("padded rows, the prompt in front of each" if name == "peft" else
                  choose_path(model.base_model, model.forward_path, rows=batches[0]["attention_mask"]).path)
         work[name] = {"steps_counted": len(batches), "route": route,
                       "decoder_tokens_per_step": sum(tokens) / len(tokens),
                       "real_tokens_per_step": sum(int(b["attention_mask"].sum()) for b in batches) / len(batches),
                       "gflop_per_step": sum(flops) / len(flops) / 1e9,
-                      "forward_backward_s_per_step": sum(seconds) / len(seconds)}
+                      "forward_backward_s_per_step": sum(seconds) / len(seconds), "linear_kernel": shipped,
+                      **{f"forward_backward_s_per_step_{k}": sum(v) / len(v) for k, v in by_kernel.items()}}
         print(f"{name:>10}: {work[name]['decoder_tokens_per_step']:.1f} decoder tokens, "
               f"{work[name]['gflop_per_step']:.1f} GFLOP, forward and backward "
               f"{work[name]['forward_backward_s_per_step']:.3f} s per step ({route})", flush=True)
@@ -149,7 +162,10 @@ def main() -> None:
                    round(pw["decoder_tokens_per_step"] / sw["decoder_tokens_per_step"], 3),
                "gflop_ratio_peft_over_softprompt": round(pw["gflop_per_step"] / sw["gflop_per_step"], 3),
                "forward_backward_time_ratio_peft_over_softprompt":
-                   round(pw["forward_backward_s_per_step"] / sw["forward_backward_s_per_step"], 3)}
+                   round(pw["forward_backward_s_per_step"] / sw["forward_backward_s_per_step"], 3),
+               **{f"forward_backward_time_ratio_both_{k}": round(pw[f"forward_backward_s_per_step_{k}"]
+                                                                 / sw[f"forward_backward_s_per_step_{k}"], 3)
+                  for k in ("default", "onednn")}}
     print(json.dumps(summary))
     res.set(work_per_step=work, summary=summary)
     print(f"wrote {res.path}")

@@ -25,8 +25,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, attn_implementation, device_and_dtype, load_bench_model, sync  # noqa: E402
-from train_speed import TASK_CHOICES, Path_, batches_for, initial, task_examples  # noqa: E402
+from train_speed import TASK_CHOICES, Path_, batches_for, initial, kernels, task_examples  # noqa: E402
 
+from softprompt.base.cpu_linear import KERNELS  # noqa: E402
 from softprompt.data.batching import pad_id  # noqa: E402
 
 PATHS = ("peft", "peft_best", "softprompt")
@@ -38,7 +39,8 @@ CLASSES = (("loss", ("log_softmax", "logsumexp", "nll_loss", "cross_entropy", "a
                      "scatter_add")),
            ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "aten::softmax",
                           "_softmax_backward")),
-           ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+           ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+                       "mkldnn::_linear_pointwise")),
            ("optimizer", ("_foreach", "adam", "clip_grad")))
 
 
@@ -109,6 +111,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--linear-kernel", default="auto", choices=KERNELS, help="softprompt's (train_speed's flag)")
+    ap.add_argument("--peft-kernel", default="default", choices=("default", "onednn"), help="PEFT's (train_speed's)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="profile softprompt's eager step on CUDA")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -125,7 +129,7 @@ def main() -> None:
         out = {}
         for name in args.paths:
             bs = batches_for(ex, tok, args.batch_size, args.steps + 1, args.seed, trainer_style=name == "peft")
-            p = Path_(name, model, init, 1e-3, dev, args.graphs, pad_id(tok), args.method)
+            p = Path_(name, model, init, 1e-3, dev, args.graphs, pad_id(tok), args.method, kernels(args, model, name))
             out[name] = profile_path(p, bs, dev)
             report(task, name, out[name])
         if res:

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ACTS, RESULTS, SST2, PeakMemory, Results, count_flops, device_and_dtype, fmt_row,  # noqa: E402
                     load_bench_model, matmul_peak_gflops, median, sync)
 
+from softprompt.base.cpu_linear import KERNELS, resolve_kernel, use_linear_kernel  # noqa: E402
 from softprompt.base.families import kv_geometry  # noqa: E402
 from softprompt.core.config import DataConfig  # noqa: E402
 from softprompt.data.batching import Example, batch_order, collate, pad_id  # noqa: E402
@@ -120,8 +121,10 @@ class Path_:
     [P, layers * 2 * kv_heads * head_dim] (prompts.prefix.to_flat), so that both sides start equal."""
 
     def __init__(self, name: str, model, init: torch.Tensor, lr: float, device: torch.device,
-                 graphs: bool = False, pad: int = 0, method: str = "prompt"):
+                 graphs: bool = False, pad: int = 0, method: str = "prompt", kernel: str = "default"):
         self.name, self.model, self.device, self.method = name, model, device, method
+        # The base's linear kernel while this path trains (base/cpu_linear.py); the paths share the base
+        self.kernel = kernel
         self.P = init.shape[0]
         self.graphed = None
         # The prompt's positions in PEFT's logits: a soft prompt's are in the sequence, a prefix's in the cache
@@ -157,6 +160,7 @@ class Path_:
         self.captured: list[bool] = []  # per recorded step: did it capture a CUDA graph (a one-off cost)?
 
     def loss(self, batch):
+        use_linear_kernel(self.model, self.kernel)
         kept = self.name in ("peft_best", "peft_compiled")
         if kept:
             return self.kept_logits_loss(batch)
@@ -231,12 +235,14 @@ class Path_:
         compiled = self.name == "peft_compiled"
         if compiled:
             timed_forward, self.forward = self.forward, self.peft
+        kernel, self.kernel = self.kernel, "default"  # FlopCounterMode counts aten's matmuls, not oneDNN's op
 
         def f():
             self.loss(batch).backward()
         try:
             n = count_flops(f)
         finally:
+            self.kernel = kernel
             if compiled:
                 self.forward = timed_forward
         self.opt.zero_grad(set_to_none=True)
@@ -267,7 +273,8 @@ def memory_child(args) -> None:
     batches = batches_for(task_examples(args.task[0], tok, args.limit, args.seed), tok, args.batch_size, 3,
                           args.seed, trainer_style=args.memory_child == "peft")
     init = initial(args.method, model, tok, args.virtual_tokens, args.seed).to(dtype)
-    path = Path_(args.memory_child, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method)
+    path = Path_(args.memory_child, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method,
+                 kernels(args, model, args.memory_child))
     with PeakMemory(dev) as pm:
         for b in batches:
             path.step(b, record=False)
@@ -277,7 +284,8 @@ def memory_child(args) -> None:
 def measure_memory(args, task: str, name: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--memory-child", name, "--method", args.method, "--task", task,
            "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-           "--virtual-tokens", str(args.virtual_tokens), "--limit", str(args.limit), "--seed", str(args.seed)]
+           "--virtual-tokens", str(args.virtual_tokens), "--limit", str(args.limit), "--seed", str(args.seed),
+           "--linear-kernel", args.linear_kernel, "--peft-kernel", args.peft_kernel]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("MEMORY ")]
     if out.returncode or not line:
@@ -354,20 +362,28 @@ def summarise(p, peak: float, batches, flop_samples: int) -> dict:
 
 def fp32_parity(args, model, init: torch.Tensor, batch, dev) -> dict:
     """One batch's loss from the same start, in float32, through PEFT's own forward (`labels=`) and
-    softprompt's step: the two must agree within PARITY_TOL (no optimiser step is taken)."""
+    softprompt's step, with each path's linear kernel (a forward that records a graph: the kernel's
+    condition): the two must agree within PARITY_TOL (no optimiser step is taken)."""
     m32 = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
-    paths = [Path_(name, m32, init.float(), args.lr, dev, method=args.method) for name in ("peft", "softprompt")]
-    with torch.no_grad():
-        peft_loss, ours = (float(p.loss(batch.to(dev))) for p in paths)
+    paths = [Path_(name, m32, init.float(), args.lr, dev, method=args.method, kernel=kernels(args, m32, name))
+             for name in ("peft", "softprompt")]
+    peft_loss, ours = (float(p.loss(batch.to(dev))) for p in paths)
     diff = abs(peft_loss - ours)
     return {"peft_loss": peft_loss, "softprompt_loss": ours, "abs_diff": diff, "tolerance": PARITY_TOL,
             "equal": diff <= PARITY_TOL}
 
 
+def kernels(args, model, name: str) -> str:
+    """A path's linear kernel: softprompt's as `train` resolves --linear-kernel; PEFT's --peft-kernel."""
+    return resolve_kernel(args.linear_kernel, model)[0] if name == "softprompt" else args.peft_kernel
+
+
 def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     init = initial(args.method, model, tok, args.virtual_tokens, args.seed).to(dtype)
     res = {"task": task, "method": args.method, "steps": args.steps, "batch_size": args.batch_size,
-           "virtual_tokens": args.virtual_tokens}
+           "virtual_tokens": args.virtual_tokens,
+           "linear_kernel": {"softprompt": kernels(args, model, "softprompt"), "peft": args.peft_kernel,
+                             "softprompt_reason": resolve_kernel(args.linear_kernel, model)[1]}}
     # 1. Throughput: each as its recipe batches the same examples (PEFT: random order padded to the
     #    batch's longest row; softprompt: length-grouped).
     examples = task_examples(task, tok, args.limit, args.seed)  # tokenised once for every phase
@@ -375,7 +391,8 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     grouped = batches_for(examples, tok, args.batch_size, args.steps, args.seed)
     names = ["peft", "peft_best", *(["peft_compiled"] if args.peft_compile else []), "softprompt"]
     own = {"peft": trainer}  # every other path trains on the length-grouped batches
-    paths = [Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method) for name in names]
+    paths = [Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method, kernels(args, model, name))
+             for name in names]
     sets = [own.get(p.name, grouped) for p in paths]
     warm = warm_all(paths, sets)
     alternate(paths, sets)
@@ -449,7 +466,7 @@ def memory_phase(args, task: str, res: dict, model, tok, init, own: dict, groupe
                 print(f"memory not measured: {str(e)[:300]}", flush=True)
                 return
         else:
-            p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method)
+            p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method, kernels(args, model, name))
             bs = own.get(name, grouped)
             with PeakMemory(dev) as pm:
                 for b in bs[:3]:
@@ -483,6 +500,9 @@ def report(r: dict) -> None:
                        f"{x['text_tokens_per_s']:.0f}",
                        f"{x['decoder_tokens_per_step']:.0f}", f"{x.get('gflop_per_s', nan):.1f}",
                        f"{100 * x.get('fraction_of_matmul_peak', nan):.0f}%", f"{x.get('peak_over_model_mb', nan):.0f}"], w))
+    k = r.get("linear_kernel")
+    if k:
+        print(f"linear kernel: softprompt {k['softprompt']} ({k['softprompt_reason']}); PEFT {k['peft']}")
     print(f"throughput ratio softprompt/{r['best_peft']} (the fastest PEFT variant): {r['speedup']:.2f}x over the "
           f"timed steps, {r['speedup_whole_run']:.2f}x over the whole run with warm-up; "
           f"against plain PEFT: {r['speedup_plain']:.2f}x")
@@ -540,6 +560,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument("--linear-kernel", default="auto", choices=KERNELS,
+                    help="softprompt's --linear-kernel (base/cpu_linear.py: oneDNN on an AMD CPU in float32)")
+    ap.add_argument("--peft-kernel", default="default", choices=("default", "onednn"),
+                    help="the PEFT paths' linear kernel: default is PEFT as documented; onednn gives them "
+                         "softprompt's, to show what the kernel alone is worth")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",
                     help="on CUDA, time softprompt's eager packed step instead of its CUDA-graph replay")
     ap.add_argument("--flop-samples", type=int, default=5, help="batches whose FLOPs are counted (0 = skip)")

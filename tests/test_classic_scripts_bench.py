@@ -38,6 +38,11 @@ def test_work_per_step_counts_padding_for_peft_and_real_tokens_for_the_twin(tmp_
     assert work["softprompt"]["decoder_tokens_per_step"] == packed < padded
     assert work["softprompt"]["route"] == "packed"
     assert all(work[k]["forward_backward_s_per_step"] > 0 for k in ("peft", "softprompt"))
+    # Timed with each kernel too; PEFT as shipped runs torch's, the twin what softprompt's auto picks.
+    # The FLOPs below are counted under torch's kernel: under oneDNN's the matmuls would be missed.
+    assert work["peft"]["linear_kernel"] == "default" and work["softprompt"]["linear_kernel"] in ("onednn", "default")
+    assert all(work[k][f"forward_backward_s_per_step_{kern}"] > 0 for k in ("peft", "softprompt")
+               for kern in ("onednn", "default"))
     token_ratio = padded / packed
     flop_ratio = work["peft"]["gflop_per_step"] / work["softprompt"]["gflop_per_step"]
     assert abs(flop_ratio / token_ratio - 1) < 0.05, (flop_ratio, token_ratio)

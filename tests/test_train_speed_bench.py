@@ -139,7 +139,7 @@ def test_a_memory_child_killed_keeps_the_timings(monkeypatch):
         return SimpleNamespace(returncode=-9, stdout="", stderr="warnings only")
     monkeypatch.setattr(subprocess, "run", killed)
     args = SimpleNamespace(memory=True, method="prompt", model="m", device="cpu", dtype="float32", batch_size=64,
-                           virtual_tokens=20, limit=10, seed=0)
+                           virtual_tokens=20, limit=10, seed=0, linear_kernel="auto", peft_kernel="default")
     with pytest.raises(RuntimeError, match="memory child for peft exited with -9 \\(killed: out of memory\\?\\)"):
         train_speed.measure_memory(args, "lm128", "peft")
     res = {name: {"median_step_s": 1.0} for name in ("peft", "peft_best", "softprompt")}

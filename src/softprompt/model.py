@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from .base.cpu_linear import resolve_kernel, use_linear_kernel
 from .base.half_attention import use_fp32_attention
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
 from .core.prompt_protocol import Prompt, forward_input
@@ -50,11 +51,17 @@ class SoftPromptModel(nn.Module):
     supports_gradient_checkpointing = True
     _keys_to_ignore_on_save = None
 
-    def __init__(self, base_model, prompt: Prompt | None, tokenizer=None, forward_path: str = "auto"):
+    def __init__(self, base_model, prompt: Prompt | None, tokenizer=None, forward_path: str = "auto",
+                 linear_kernel: str = "auto"):
+        from .api import python_errors
+
         super().__init__()
         self.base_model = base_model
         base_model.requires_grad_(False)
         use_fp32_attention(base_model)  # a bf16/fp16 base on a CPU: attention's backward in fp32, as load_model does
+        with python_errors():
+            self.linear_kernel, self.linear_kernel_reason = resolve_kernel(linear_kernel, base_model)
+        use_linear_kernel(base_model, self.linear_kernel)  # as train does: training's forward and backward only
         self.prompts = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.tokenizer = tokenizer

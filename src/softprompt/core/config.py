@@ -33,6 +33,7 @@ TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "all")  # --report-to (tra
 QUANTIZE = ("none", "8bit", "4bit")
 SHARD = ("none", "fsdp")
 FORWARD_PATHS = ("auto", "graphed", "packed", "kv", "concat")
+LINEAR_KERNELS = ("auto", "onednn", "default")
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds; generate seeds row i with --seed + i, which must stay in torch's 64 bits
 MAX_LR = 1e3  # beyond it a step only diverges; 1e308 overflowed float32 inside the optimiser
 # Sampling settings past these only overflow the scores (1e-300 as a repetition penalty divides logits
@@ -274,6 +275,11 @@ class TrainConfig:
                             "prepended to every row, as PEFT does); auto: graphed on a GPU, else packed where the "
                             "model allows it, else kv (the run records the choice and why)",
                             choices=list(FORWARD_PATHS))
+    linear_kernel: str = opt("auto", "the frozen base's float32 linear layers on a CPU while training: onednn "
+                             "(oneDNN's matmul, forward and input gradient), default (torch's, MKL on x86); auto: "
+                             "onednn on AMD CPUs with AVX-512, where MKL ran at half of oneDNN's speed (the run "
+                             "records the choice and why); evaluation and serving keep torch's",
+                             choices=list(LINEAR_KERNELS))
     log_every: int = opt(10, "append to metrics.jsonl every N steps")
     eval_untuned: bool = opt(True, "first score the untuned model on the held-out data, for comparison")
     grad_accum: int = opt(1, "run each batch as N micro-batches of --batch-size/N rows, one after another, and take "

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..base.cpu_linear import head_linear
 from ..base.families import decoder, decoder_layers, logit_scale, logit_softcap
 from ..core.prompt_protocol import embeds_of, is_prompt
 from .packing import packed_hidden
@@ -192,10 +193,10 @@ class _FrozenHeadCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, y, cap, n, scale=1.0):
+    def forward(ctx, h, w, b, y, cap, n, scale=1.0, linear=F.linear):
         losses, grads = [], []
         for s in range(0, h.shape[0], n):
-            z = _upcast(F.linear(h[s:s + n], w, b))  # [n, V]
+            z = _upcast(linear(h[s:s + n], w, b))  # [n, V]
             if scale != 1.0:
                 z = z * scale
             t = None
@@ -211,14 +212,14 @@ class _FrozenHeadCE(torch.autograd.Function):
                 g.mul_(1 - t * t)
             if scale != 1.0:
                 g.mul_(scale)
-            grads.append(g.to(w.dtype) @ w)  # [n, H]
+            grads.append(linear(g.to(w.dtype), w.t(), None))  # [n, H]: g @ w
         ctx.save_for_backward(torch.cat(grads))
         return torch.cat(losses)
 
     @staticmethod
     def backward(ctx, grad_out):
         (dh,) = ctx.saved_tensors
-        return grad_out[:, None].to(dh.dtype) * dh, None, None, None, None, None, None
+        return grad_out[:, None].to(dh.dtype) * dh, None, None, None, None, None, None, None
 
 
 def token_losses(model, h: torch.Tensor, y: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
@@ -231,7 +232,8 @@ def token_losses(model, h: torch.Tensor, y: torch.Tensor, chunk_elements: int = 
     n = max(1, chunk_elements // w.shape[0])
     frozen = not w.requires_grad and (b is None or not b.requires_grad)
     if torch.is_grad_enabled() and h.requires_grad and frozen:
-        return _FrozenHeadCE.apply(h, w, b, y, logit_softcap(model) or 0.0, n, logit_scale(model))
+        return _FrozenHeadCE.apply(h, w, b, y, logit_softcap(model) or 0.0, n, logit_scale(model),
+                                   head_linear(head))
     if h.shape[0] <= n or not torch.is_grad_enabled():
         return torch.cat([_ce_sum(model, h[s:s + n], y[s:s + n]) for s in range(0, h.shape[0], n)])
     # A trainable head (full fine-tuning): recompute each chunk's logits in backward instead of keeping them.

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..base.families import check_positions
+from ..base.cpu_linear import resolve_kernel, use_linear_kernel
 from ..base.half_attention import use_fp32_attention
 from ..base.models import cpu_bf16_method, dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
@@ -203,6 +204,11 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
     use_fp32_attention(model)  # loaded here or handed in: a half-precision CPU base's attention backward in fp32
+    # FSDP frees a layer's gathered weights after its forward, and FrozenLinearFn keeps them for backward
+    kernel, kernel_why = resolve_kernel(tcfg.linear_kernel, model, "--method full trains the weights"
+                                        if tcfg.method == "full" else "the base is sharded (--shard fsdp)"
+                                        if tcfg.shard != "none" else "")
+    use_linear_kernel(model, kernel)
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
     check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
@@ -262,6 +268,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", ""),
             "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method),
+            "linear_kernel_taken": kernel, "linear_kernel_reason": kernel_why,
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
