@@ -466,7 +466,8 @@ def memory_phase(args, task: str, res: dict, model, tok, init, own: dict, groupe
                 print(f"memory not measured: {str(e)[:300]}", flush=True)
                 return
         else:
-            p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method, kernels(args, model, name))
+            p = Path_(name, model, init, args.lr, dev, args.graphs, pad_id(tok), args.method,
+                      kernels(args, model, name))
             bs = own.get(name, grouped)
             with PeakMemory(dev) as pm:
                 for b in bs[:3]:
