@@ -2,6 +2,7 @@
 in float32, in every place that uses it (the layers, the frozen-head loss, a training step, the
 Trainer-facing model), only where a graph is recorded, and chosen and recorded as documented."""
 import json
+import os
 
 import pytest
 import torch
@@ -110,13 +111,15 @@ def test_frozen_head_loss_through_onednn_equals_torchs(llama_dir):
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_a_training_step_gives_the_same_loss_and_gradient(llama_dir, method):
+@pytest.mark.parametrize("method,checkpointed", [("prompt", False), ("prefix", False), ("prompt", True)])
+def test_a_training_step_gives_the_same_loss_and_gradient(llama_dir, method, checkpointed):
+    """Packed (prompt), kv (prefix), and checkpointed layers recomputing their forward in backward."""
     from softprompt.base.families import kv_geometry
-    from softprompt.base.models import load_model
+    from softprompt.base.models import load_model, set_checkpointing
     from softprompt.core.config import ModelConfig
     from softprompt.data.batching import Example, collate, pad_id
     from softprompt.forward.hidden import batch_loss
+    from softprompt.forward.paths import choose_path
     from softprompt.prompts.prefix import PrefixPrompt
     from softprompt.training.prefix_method import PrefixTuning
 
@@ -131,10 +134,14 @@ def test_a_training_step_gives_the_same_loss_and_gradient(llama_dir, method):
         layers, heads, dim = kv_geometry(model)
         prefix = PrefixTuning(model, None, PrefixPrompt(torch.randn(layers, 2, heads, 4, dim) * 0.1))
         params, fwd = list(prefix.parameters()), prefix.embeds()
+    path = "auto"
+    if checkpointed:
+        set_checkpointing(model, True)
+        path = choose_path(model, checkpointing=True).path
     out = []
     for kernel in ("default", "onednn"):
         use_linear_kernel(model, kernel)
-        total, n = batch_loss(model, fwd, batch)
+        total, n = batch_loss(model, fwd, batch, path)
         out.append((total.detach() / n, torch.autograd.grad(total / n, params)))
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-6)
     for a, b in zip(out[0][1], out[1][1]):
@@ -144,7 +151,6 @@ def test_a_training_step_gives_the_same_loss_and_gradient(llama_dir, method):
 def test_train_records_the_kernel_and_both_kernels_train_alike(tmp_path, llama_dir):
     """The journey: `softprompt train --linear-kernel onednn|default` on the same data, the kernel and
     its reason in run_config.json, and the logged losses equal to float32's rounding."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -183,3 +189,14 @@ def test_the_trainer_facing_model_takes_the_kernel(llama_dir):
     assert isinstance(base.get_output_embeddings(), OneDNNLinear) == (sp.linear_kernel == "onednn")
     with pytest.raises(ConfigError, match="unknown linear_kernel 'fast'"):
         type(sp)(base, None, linear_kernel="fast")
+
+
+def test_onednn_bounds_its_primitive_caches_unless_the_user_did(monkeypatch):
+    """A packed step's row count differs at every step, and oneDNN compiles and keeps a primitive per
+    shape: unbounded, the classic script's process grew 180 MB (bench/classic_scripts.py)."""
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")
+    use_linear_kernel(nn.Linear(2, 2), "default")
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    use_linear_kernel(nn.Linear(2, 2), "onednn")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32" and os.environ["LRU_CACHE_CAPACITY"] == "5"

@@ -15,6 +15,7 @@ were measured. The module keeps its class's identity for everything that checks 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -105,12 +106,25 @@ def use_linear_kernel(model, kernel: str) -> int:
     """Give the model's plain nn.Linear layers `kernel`'s training forward ('onednn' or 'default');
     returns how many layers it changed. Quantized layers (not nn.Linear itself) are left alone."""
     cls = OneDNNLinear if kernel == "onednn" else nn.Linear
+    if kernel == "onednn":
+        bound_primitive_caches()
     changed = 0
     for m in model.modules():
         if type(m) in (nn.Linear, OneDNNLinear) and type(m) is not cls:
             m.__class__ = cls  # the same module, weights and hooks: only forward differs (see the docstring)
             changed += 1
     return changed
+
+
+def bound_primitive_caches(capacity: int = 32) -> None:
+    """oneDNN keeps one compiled primitive per input shape, in two caches of 1024 each (oneDNN's
+    and ideep's), about 1 MB a primitive at the built-in model's shapes. A packed step's row count
+    changes at every step, so over the classic script's 65 steps the process grew 180 MB past
+    torch's kernel. 32 still holds every primitive of one step (4 weight shapes, forward and input
+    gradient, the head, the prompt's own rows). Both are read at oneDNN's first use, so this only
+    takes effect before it; a capacity the user set wins."""
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(var, str(capacity))
 
 
 def head_linear(head: nn.Module):
