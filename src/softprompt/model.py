@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .base.cpu_linear import resolve_kernel, use_linear_kernel
 from .base.half_attention import use_fp32_attention
+from .base.swiglu import fuse_swiglu
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
 from .core.prompt_protocol import Prompt, forward_input
 from .data.batching import Batch
@@ -62,6 +63,7 @@ class SoftPromptModel(nn.Module):
         with python_errors():
             self.linear_kernel, self.linear_kernel_reason = resolve_kernel(linear_kernel, base_model)
         use_linear_kernel(base_model, self.linear_kernel)  # as train does: training's forward and backward only
+        fuse_swiglu(base_model)  # as train does: gated-SiLU MLPs keep two of three wide activations
         self.prompts = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.tokenizer = tokenizer

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..base.families import check_positions
 from ..base.cpu_linear import resolve_kernel, use_linear_kernel
 from ..base.half_attention import use_fp32_attention
+from ..base.swiglu import fuse_swiglu
 from ..base.models import cpu_bf16_method, dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
@@ -209,6 +210,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
                                         if tcfg.method == "full" else "the base is sharded (--shard fsdp)"
                                         if tcfg.shard != "none" else "")
     use_linear_kernel(model, kernel)
+    fused = fuse_swiglu(model)  # gated-SiLU MLPs keep two of their three wide activations for backward
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
     check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
@@ -268,7 +270,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", ""),
             "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method),
-            "linear_kernel_taken": kernel, "linear_kernel_reason": kernel_why,
+            "linear_kernel_taken": kernel, "linear_kernel_reason": kernel_why, "swiglu_fused_mlps": fused,
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
