@@ -40,6 +40,8 @@ def test_same_output_same_gradient_and_one_activation_fewer(llama_dir):
 
     assert fuse_swiglu(model) == model.config.num_hidden_layers
     assert fuse_swiglu(model) == 0  # once is enough
+    assert fuse_swiglu(model, on=False) == model.config.num_hidden_layers and "forward" not in vars(mlp)
+    assert fuse_swiglu(model) == model.config.num_hidden_layers  # the benches switch it per path
     with torch.no_grad():
         assert torch.equal(model(inputs_embeds=emb).logits, ref_logits)
     loss = model(inputs_embeds=emb).logits.float().logsumexp(-1).mean()

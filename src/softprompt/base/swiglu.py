@@ -37,16 +37,21 @@ def swiglu_forward(mlp, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(SiluMul.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
-def fuse_swiglu(model) -> int:
-    """Give every gated-SiLU MLP of `model` the fused forward; returns how many were changed."""
+def fuse_swiglu(model, on: bool = True) -> int:
+    """Give every gated-SiLU MLP of `model` the fused forward (`on=False`: its own again); returns how
+    many were changed. Each MLP is probed once (`swiglu_fusable`), so switching back and forth is free."""
     changed = 0
     for m in model.modules():
-        if "forward" in vars(m) or not all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        if not all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             continue
-        if type(m.act_fn).__name__ not in ("SiLU", "SiLUActivation") or not same_output(m):
-            continue
-        m.forward = types.MethodType(swiglu_forward, m)  # this instance only; its class stays transformers'
-        changed += 1
+        if getattr(m, "swiglu_fusable", None) is None:
+            m.swiglu_fusable = type(m.act_fn).__name__ in ("SiLU", "SiLUActivation") and same_output(m)
+        if m.swiglu_fusable and on != ("forward" in vars(m)):
+            if on:
+                m.forward = types.MethodType(swiglu_forward, m)  # this instance only; its class stays transformers'
+            else:
+                del m.forward
+            changed += 1
     return changed
 
 
@@ -54,7 +59,7 @@ def fuse_swiglu(model) -> int:
 def same_output(mlp) -> bool:
     """Whether the fused forward gives this MLP's own output, bit for bit, on a probe of 2 rows."""
     w = mlp.gate_proj.weight
-    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or w.device.type == "meta":
+    if not w.is_floating_point() or w.device.type == "meta":  # a quantized layer's packed weights
         return False
     x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     return torch.equal(type(mlp).forward(mlp, x), swiglu_forward(mlp, x))
