@@ -1,6 +1,6 @@
 """base/swiglu.py: a gated-SiLU MLP that keeps gate and up for backward and recomputes silu(gate):
-the same output bit for bit, the same gradient to float32's rounding, one wide activation fewer
-kept, and only where the module reproduced its own output."""
+the same output and gradient bit for bit, one wide activation fewer kept, and only where the
+module reproduced its own output."""
 import torch
 
 from softprompt.base.families import decoder_layers
@@ -46,13 +46,12 @@ def test_same_output_same_gradient_and_one_activation_fewer(llama_dir):
         assert torch.equal(model(inputs_embeds=emb).logits, ref_logits)
     loss = model(inputs_embeds=emb).logits.float().logsumexp(-1).mean()
     (grad,) = torch.autograd.grad(loss, emb)
-    assert torch.equal(loss, ref)
-    assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)  # torch's own SiLU gradient kernel
     # silu(gate) [5, 7, I] is no longer kept
     assert before - saved_bytes(lambda: mlp(x)) == 5 * 7 * model.config.intermediate_size * 4
 
 
-def test_half_precision_gradient_matches_torchs_silu(llama_dir):
+def test_half_precision_gradient_is_torchs_too(llama_dir):
     model, _ = load_model(ModelConfig(model=str(llama_dir), dtype="bfloat16", device="cpu"))
     mlp = mlps(model)[0]
     torch.manual_seed(0)
@@ -60,7 +59,7 @@ def test_half_precision_gradient_matches_torchs_silu(llama_dir):
     (ref,) = torch.autograd.grad(mlp(x).float().square().sum(), x)
     fuse_swiglu(model)
     (got,) = torch.autograd.grad(mlp(x).float().square().sum(), x)
-    assert (got.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+    assert torch.equal(got, ref)
 
 
 def test_other_mlps_keep_their_own_forward(bloom_dir, llama_dir):
