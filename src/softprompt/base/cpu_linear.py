@@ -1,11 +1,11 @@
 """The frozen base's float32 linear layers on a CPU through oneDNN while training, where MKL is slow.
 
 torch runs a float32 `F.linear` on an x86 CPU through MKL. On the AMD EPYC (Zen 5) these benches
-ran on, MKL 2024.2 reached 210-230 GFLOP/s at the built-in model's shapes ([150-2048, 576] x
-[576, 192-3072]), and oneDNN, which torch also ships, 350-480 GFLOP/s at the same float32 accuracy
-(9e-7 relative against float64, MKL 6e-7): MKL does not run its AVX-512 kernels on CPUs that are
-not Intel's. Nothing is measured on Intel CPUs or on AMD CPUs without AVX-512, so `auto` leaves
-them to MKL.
+ran on, MKL 2024.2 reached 170-240 GFLOP/s at the built-in model's shapes over 150-2048 rows, and
+oneDNN, which torch also ships, 310-540, a median 2.2x, at float32's accuracy (1.2e-6 relative
+against float64, MKL 5.6e-7; bench/results/linear_kernels_amd_epyc.json): MKL does not run its
+AVX-512 kernels on CPUs that are not Intel's. Nothing is measured on Intel CPUs or on AMD CPUs
+without AVX-512, so `auto` leaves them to MKL.
 
 Only what builds a graph changes: a frozen layer's forward under autograd and its input gradient
 (the weights are frozen, so no weight gradient is computed). Evaluation, generation and serving

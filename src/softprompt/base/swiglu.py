@@ -5,8 +5,8 @@ up and silu(gate) for backward: three [tokens, intermediate] tensors a layer, th
 a prompt-tuning step's activation memory (measured on SST-2 with a prefix: 230 of 432 MB at its
 peak). SiluMul keeps gate and up and recomputes silu(gate) in backward, an elementwise op: the
 forward is the same computation, so its output is identical, and so is the gradient (torch's own
-SiLU gradient kernel). An MLP gets the fused forward only after it reproduced its own output on a probe, so a
-family whose MLP computes something else keeps its own.
+SiLU gradient kernel). An MLP gets the fused forward only after it reproduced its own output on a
+probe, so a family whose MLP computes something else keeps its own.
 """
 from __future__ import annotations
 

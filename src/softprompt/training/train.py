@@ -26,12 +26,12 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..base.families import check_positions
 from ..base.cpu_linear import resolve_kernel, use_linear_kernel
+from ..base.families import check_positions
 from ..base.half_attention import use_fp32_attention
-from ..base.swiglu import fuse_swiglu
 from ..base.models import cpu_bf16_method, dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
+from ..base.swiglu import fuse_swiglu
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from ..core.inits import resolve
 from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
