@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results  # noqa: E402
 
-from softprompt.base.cpu_linear import cpu_vendor, onednn_linear, resolve_kernel  # noqa: E402
+from softprompt.base.cpu_linear import onednn_linear, resolve_kernel  # noqa: E402
+from softprompt.base.models import cpu_vendor  # noqa: E402
 
 
 def model_shapes(model_name: str) -> dict[str, tuple[int, int]]:

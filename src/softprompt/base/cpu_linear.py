@@ -16,14 +16,13 @@ were measured. The module keeps its class's identity for everything that checks 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.config import LINEAR_KERNELS as KERNELS
 from ..core.utils import SoftpromptError
-from .models import cpu_flags
+from .models import cpu_flags, cpu_vendor
 
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -57,10 +56,15 @@ class OneDNNLinear(nn.Linear):
 
 
 def onednn_applies(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    tensors = (x, w) if b is None else (x, w, b)
+    """A frozen layer's forward while autograd records, on tensors oneDNN's float32 op takes."""
     return (torch.is_grad_enabled() and not w.requires_grad and (b is None or not b.requires_grad)
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" and not hasattr(t, "to_local")
-                    for t in tensors))
+            and onednn_takes(x, w, b))
+
+
+def onednn_takes(*tensors: torch.Tensor | None) -> bool:
+    """float32 CPU tensors, none of them a sharded (DTensor) weight."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and not hasattr(t, "to_local")
+               for t in tensors if t is not None)
 
 
 def resolve_kernel(asked: str, model, obstacle: str = "", cpuinfo: str | None = None) -> tuple[str, str]:
@@ -87,19 +91,6 @@ def resolve_kernel(asked: str, model, obstacle: str = "", cpuinfo: str | None = 
                            "is not measured faster")
     return "onednn", ("auto: oneDNN on an AMD CPU with AVX-512, where MKL's float32 matmul ran at about half of "
                       "oneDNN's speed (base/cpu_linear.py)")
-
-
-def cpu_vendor(cpuinfo: str | None = None) -> str:
-    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), or '' where it cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    for line in cpuinfo.splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return ""
 
 
 def use_linear_kernel(model, kernel: str) -> int:
@@ -131,8 +122,6 @@ def head_linear(head: nn.Module):
     """The matmul (x, w, b) -> x @ w^T + b that the frozen-head loss uses for `head`: oneDNN's where the
     head was given that kernel and it applies (forward/hidden.py computes the head's logits and their
     gradient itself, under no_grad)."""
-    w = head.weight
-    if isinstance(head, OneDNNLinear) and w.dtype == torch.float32 and w.device.type == "cpu" \
-            and not hasattr(w, "to_local"):
+    if isinstance(head, OneDNNLinear) and onednn_takes(head.weight, getattr(head, "bias", None)):
         return onednn_linear
     return torch.nn.functional.linear

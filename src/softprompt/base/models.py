@@ -143,15 +143,25 @@ CPU_BF16_METHODS = ("prompt", "prefix")
 HALF_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 
 
+def cpuinfo_text() -> str:
+    """Linux's /proc/cpuinfo, or '' where it cannot be read."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """This CPU's instruction-set flags (Linux /proc/cpuinfo: x86 `flags`, ARM `Features`); empty
     where they cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
+    cpuinfo = cpuinfo_text() if cpuinfo is None else cpuinfo
     return {f for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+
+
+def cpu_vendor(cpuinfo: str | None = None) -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), or '' where it cannot be read."""
+    cpuinfo = cpuinfo_text() if cpuinfo is None else cpuinfo
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("vendor_id")), "")
 
 
 def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:

@@ -206,9 +206,9 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     model.to(acc.device)
     use_fp32_attention(model)  # loaded here or handed in: a half-precision CPU base's attention backward in fp32
     # FSDP frees a layer's gathered weights after its forward, and FrozenLinearFn keeps them for backward
-    kernel, kernel_why = resolve_kernel(tcfg.linear_kernel, model, "--method full trains the weights"
-                                        if tcfg.method == "full" else "the base is sharded (--shard fsdp)"
-                                        if tcfg.shard != "none" else "")
+    obstacle = ("--method full trains the weights" if tcfg.method == "full" else
+                "the base is sharded (--shard fsdp)" if tcfg.shard != "none" else "")
+    kernel, kernel_why = resolve_kernel(tcfg.linear_kernel, model, obstacle)
     use_linear_kernel(model, kernel)
     fused = fuse_swiglu(model)  # gated-SiLU MLPs keep two of their three wide activations for backward
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
