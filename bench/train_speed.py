@@ -59,6 +59,7 @@ from common import (ACTS, RESULTS, SST2, PeakMemory, Results, count_flops, devic
 
 from softprompt.base.cpu_linear import KERNELS, resolve_kernel, use_linear_kernel  # noqa: E402
 from softprompt.base.families import kv_geometry  # noqa: E402
+from softprompt.base.gqa_attention import use_gqa_attention  # noqa: E402
 from softprompt.base.swiglu import fuse_swiglu  # noqa: E402
 from softprompt.core.config import DataConfig  # noqa: E402
 from softprompt.data.batching import Example, batch_order, collate, pad_id  # noqa: E402
@@ -164,6 +165,7 @@ class Path_:
     def loss(self, batch):
         use_linear_kernel(self.model, self.kernel)
         fuse_swiglu(self.model, self.name == "softprompt")  # as train runs it; PEFT runs transformers' MLP
+        use_gqa_attention(self.model, self.name == "softprompt")  # as train runs it; PEFT, transformers' attention
         kept = self.name in ("peft_best", "peft_compiled")
         if kept:
             return self.kept_logits_loss(batch)

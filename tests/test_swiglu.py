@@ -79,7 +79,7 @@ def test_other_mlps_keep_their_own_forward(bloom_dir, llama_dir):
     assert torch.equal(mlp(x), 2 * swiglu_forward(mlp, x))
 
 
-def test_train_records_the_fused_mlps(tmp_path, llama_dir):
+def test_train_records_the_fused_mlps_and_grouped_query_modules(tmp_path, llama_dir):
     import json
 
     from softprompt.core.config import DataConfig, PromptConfig, TrainConfig
@@ -94,4 +94,5 @@ def test_train_records_the_fused_mlps(tmp_path, llama_dir):
     model, _ = load_model(ModelConfig(model=str(llama_dir)))
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["swiglu_fused_mlps"] == model.config.num_hidden_layers
+    assert cfg["gqa_attention_modules"] == model.config.num_hidden_layers  # base/gqa_attention.py
     assert not any("forward" in vars(m) for m in mlps(model))  # a fresh load is transformers' own

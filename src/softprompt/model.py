@@ -22,6 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from .base.cpu_linear import resolve_kernel, use_linear_kernel
+from .base.gqa_attention import use_gqa_attention
 from .base.half_attention import use_fp32_attention
 from .base.swiglu import fuse_swiglu
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
@@ -60,6 +61,7 @@ class SoftPromptModel(nn.Module):
         self.base_model = base_model
         base_model.requires_grad_(False)
         use_fp32_attention(base_model)  # a bf16/fp16 base on a CPU: attention's backward in fp32, as load_model does
+        use_gqa_attention(base_model)  # as train does: masked grouped-query attention keeps each kv head once
         with python_errors():
             self.linear_kernel, self.linear_kernel_reason = resolve_kernel(linear_kernel, base_model)
         use_linear_kernel(base_model, self.linear_kernel)  # as train does: training's forward and backward only

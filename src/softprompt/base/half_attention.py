@@ -63,8 +63,9 @@ def _attention(module, query, key, value, attention_mask, *args, inner: str = "s
 
 def takes_fp32_keys(model) -> bool:
     """Whether the model's attention takes fp32 keys and values beside half-precision queries where a
-    backward follows: it is routed through `_attention` (use_fp32_attention), which attends them in fp32."""
-    return model.config._attn_implementation.startswith(IMPL)
+    backward follows: it is routed through `_attention` (use_fp32_attention), which attends them in fp32,
+    perhaps inside another route (gqa_attention's, packing's)."""
+    return IMPL in model.config._attn_implementation
 
 
 def use_fp32_attention(model) -> bool:

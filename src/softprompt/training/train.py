@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..base.cpu_linear import resolve_kernel, use_linear_kernel
 from ..base.families import check_positions
+from ..base.gqa_attention import use_gqa_attention
 from ..base.half_attention import use_fp32_attention
 from ..base.models import cpu_bf16_method, dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
@@ -205,6 +206,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
     use_fp32_attention(model)  # loaded here or handed in: a half-precision CPU base's attention backward in fp32
+    gqa = use_gqa_attention(model)  # a CPU base's masked grouped-query attention keeps each key/value head once
     # FSDP frees a layer's gathered weights after its forward, and FrozenLinearFn keeps them for backward
     obstacle = ("--method full trains the weights" if tcfg.method == "full" else
                 "the base is sharded (--shard fsdp)" if tcfg.shard != "none" else "")
@@ -271,6 +273,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "dtype": str(model.dtype).replace("torch.", ""),
             "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method),
             "linear_kernel_taken": kernel, "linear_kernel_reason": kernel_why, "swiglu_fused_mlps": fused,
+            "gqa_attention_modules": gqa,
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
