@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from families import tiny_config
+from memory_helpers import saved_bytes
 from softprompt.base import gqa_attention
 from softprompt.base.families import kv_geometry
 from softprompt.base.gqa_attention import use_gqa_attention
@@ -36,15 +37,10 @@ def setup(family: str, tok_dir, dtype=torch.float32):
 
 def step(model, prefix, enc):
     """(loss, the prefix's gradient, bytes kept for backward) of one forward and backward."""
-    kept = 0
-
-    def pack(t):
-        nonlocal kept
-        kept += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def forward():
         h, _ = text_hidden(model, prefix, enc.input_ids, enc.attention_mask)
-        loss = h.float().square().mean()
+        return h.float().square().mean()
+    kept, loss = saved_bytes(forward)
     (grad,) = torch.autograd.grad(loss, prefix.kv)
     return loss.detach(), grad, kept
 
