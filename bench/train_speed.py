@@ -128,6 +128,8 @@ class Path_:
         # The base's linear kernel while this path trains (base/cpu_linear.py); the paths share the base
         self.kernel = kernel
         fuse_swiglu(model, name == "softprompt")  # probes each MLP once, here, outside timed and counted steps
+        # Grouped-query heads kept once for backward (base/gqa_attention.py), as train runs: softprompt only
+        self.gqa_modules = use_gqa_attention(model, name == "softprompt")
         self.P = init.shape[0]
         self.graphed = None
         # The prompt's positions in PEFT's logits: a soft prompt's are in the sequence, a prefix's in the cache
@@ -404,7 +406,7 @@ def run_task(args, task: str, model, tok, dev, dtype, peak: float) -> dict:
     for p, bs, w in zip(paths, sets, warm):
         res[p.name] = summarise(p, peak, bs, args.flop_samples)
         res[p.name].update(w, whole_run_s=w["warmup_s"] + res[p.name]["total_s"],
-                           attn_implementation=model.config._attn_implementation)
+                           attn_implementation=model.config._attn_implementation, gqa_attention_modules=p.gqa_modules)
         if getattr(p, "graphed", None) is not None:
             g = p.graphed
             steady = [t for t, c in zip(p.times, p.captured) if not c]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED, run_bench
+from families import LAYERS
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -45,6 +46,8 @@ def test_every_path_is_warmed_then_timed(result):
         assert p["warmup_shapes"] >= 1 and len(p["losses"]) == STEPS, name
         assert p["whole_run_s"] == pytest.approx(p["warmup_s"] + p["total_s"]), name
         assert p["gflop_per_step"] > 0, name
+        # softprompt's step keeps each grouped key/value head once, as train runs; PEFT's, transformers' copies
+        assert p["gqa_attention_modules"] == (LAYERS if name == "softprompt" else 0), name
     # A prefix is the layers' cache: no path runs its positions through the decoder, and softprompt
     # runs fewer text positions than PEFT's padded [B, T] (it drops each row's last target)
     assert task["softprompt"]["decoder_tokens_per_step"] < task["peft_best"]["decoder_tokens_per_step"]

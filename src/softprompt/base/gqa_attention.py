@@ -31,9 +31,11 @@ def takes_gqa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """Whether this call goes to SDPA with `enable_gqa` here rather than to the model's own attention:
     a grouped-query module switched on, a CPU call that records a graph, a mask (without one,
     transformers already passes enable_gqa), more than one query (one query takes transformers' own
-    reshape), and nothing that SDPA's plain call would not apply (ALiBi bias, soft-capping, weights)."""
+    reshape), head sizes up to 256 as transformers requires of enable_gqa, and nothing that SDPA's plain
+    call would not apply (ALiBi bias, soft-capping, weights)."""
     return (getattr(module, "softprompt_gqa", False) and getattr(module, "num_key_value_groups", 1) > 1
             and attention_mask is not None and query.device.type == "cpu" and query.shape[2] > 1
+            and key.shape[-1] == value.shape[-1] <= 256
             and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
             and not kwargs.get("output_attentions"))
