@@ -213,7 +213,8 @@ def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_di
     base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=getattr(torch, dtype))  # a user's own model
     assert base.config._attn_implementation == "sdpa"
     get_softprompt_model(base)
-    assert base.config._attn_implementation == "softprompt_fp32_sdpa"
+    # fp32 attention (half_attention), inside the route that keeps grouped key/value heads once (gqa_attention)
+    assert base.config._attn_implementation == "softprompt_gqa_softprompt_fp32_sdpa"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
