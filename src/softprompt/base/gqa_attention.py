@@ -5,7 +5,7 @@ transformers' SDPA attention copies every key/value head once per query head of 
 `enable_gqa` only of mask-free calls, because CUDA's fast kernels refuse it with a mask. A prefix's
 rows always carry a mask (its keys and values in front of right-padded rows), and SDPA saves its
 inputs for backward, so every layer kept its keys and values `groups` times over: for the built-in
-model (9 query heads, 3 key/value heads) two thirds of what attention kept. torch's CPU kernel takes
+model (9 query heads, 3 key/value heads) three copies of each, two of them redundant. torch's CPU kernel takes
 `enable_gqa` with a mask, computes the same scores from the same head, and skips the copies.
 
 Only calls that record a graph on a CPU take it, as base/cpu_linear.py's kernel does: passes
