@@ -103,3 +103,28 @@ def test_models_without_grouped_queries_are_left_alone(tok_dir):
         model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), tok.pad_token_id, tok.eos_token_id,
                                                              **overrides))
         assert use_gqa_attention(model) == 0
+
+
+def test_softprompt_train_records_the_modules_that_keep_heads_once(tmp_path, llama_dir):
+    """The journey: the installed `softprompt train --method prefix` on a grouped-query model; its
+    run_config.json says how many attention modules kept each key/value head once, and it trained."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    csv = tmp_path / "d.csv"
+    csv.write_text("text\n" + "\n".join(f"row {i} says {'yes' if i % 2 else 'no'}" for i in range(16)))
+    out = tmp_path / "run"
+    r = subprocess.run([str(Path(sys.executable).parent / "softprompt"), "train", "--model", str(llama_dir),
+                        "--data", str(csv), "--text-col", "text", "--dtype", "float32", "--device", "cpu",
+                        "--method", "prefix", "--virtual-tokens", "4", "--max-steps", "2", "--batch-size", "4",
+                        "--eval-every", "0", "--no-eval-untuned", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((out / "run_config.json").read_text())
+    layers = AutoModelForCausalLM.from_pretrained(llama_dir).config.num_hidden_layers
+    assert cfg["gqa_attention_modules"] == layers and cfg["forward_path_taken"] == "kv"
+    assert (out / "prompt.safetensors").is_file() or any(out.glob("*.safetensors"))
