@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from families import tiny_config
+from families import FAMILIES, tiny_config
 from memory_helpers import saved_bytes
 from softprompt.base import gqa_attention
 from softprompt.base.families import kv_geometry
@@ -128,3 +128,22 @@ def test_softprompt_train_records_the_modules_that_keep_heads_once(tmp_path, lla
     layers = AutoModelForCausalLM.from_pretrained(llama_dir).config.num_hidden_layers
     assert cfg["gqa_attention_modules"] == layers and cfg["forward_path_taken"] == "kv"
     assert (out / "prompt.safetensors").is_file() or any(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_trains_the_same_with_heads_kept_once(family, tok_dir):
+    """Each family a prefix trains on: where its attention takes the route (SDPA with grouped-query
+    heads), the loss and gradient equal its own attention's; the others are left alone."""
+    model, prefix, enc = setup(family, tok_dir)
+    use_gqa_attention(model, on=False)
+    ref_loss, ref_grad, ref_kept = step(model, prefix, enc)
+    n = use_gqa_attention(model)
+    loss, grad, kept = step(model, prefix, enc)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
+    assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
+    grouped = model.config.num_key_value_heads < model.config.num_attention_heads if hasattr(
+        model.config, "num_key_value_heads") else False
+    if n:
+        assert grouped and kept < ref_kept  # the copies are gone
+    elif model.config._attn_implementation == "sdpa":
+        assert not grouped, f"{family}: grouped-query SDPA attention left with its copies"
