@@ -21,10 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from .base.cpu_linear import resolve_kernel, use_linear_kernel
-from .base.gqa_attention import use_gqa_attention
-from .base.half_attention import use_fp32_attention
-from .base.swiglu import fuse_swiglu
+from .base.training_setup import prepare_for_training
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
 from .core.prompt_protocol import Prompt, forward_input
 from .data.batching import Batch
@@ -60,12 +57,10 @@ class SoftPromptModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         base_model.requires_grad_(False)
-        use_fp32_attention(base_model)  # a bf16/fp16 base on a CPU: attention's backward in fp32, as load_model does
-        use_gqa_attention(base_model)  # as train does: masked grouped-query attention keeps each kv head once
-        with python_errors():
-            self.linear_kernel, self.linear_kernel_reason = resolve_kernel(linear_kernel, base_model)
-        use_linear_kernel(base_model, self.linear_kernel)  # as train does: training's forward and backward only
-        fuse_swiglu(base_model)  # as train does: gated-SiLU MLPs keep two of three wide activations
+        with python_errors():  # as train prepares its base: attention, linear kernel, MLP
+            prepared = prepare_for_training(base_model, linear_kernel)
+        self.linear_kernel = prepared["linear_kernel_taken"]
+        self.linear_kernel_reason = prepared["linear_kernel_reason"]
         self.prompts = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.tokenizer = tokenizer

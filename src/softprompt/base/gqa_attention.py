@@ -22,19 +22,19 @@ from .attention import route_attention
 from .half_attention import IMPL as FP32_IMPL, sdpa
 
 IMPL = "softprompt_gqa"  # prefix of the registered attention name
-# The implementations whose masked grouped-query call `_attention` reproduces: SDPA, and SDPA with
-# half_attention's fp32 cast, which half_attention.sdpa applies by the same rule.
+# The implementations routed (the `inner` of every `_attention`), whose masked grouped-query call it
+# reproduces: SDPA, and SDPA with half_attention's fp32 cast, which half_attention.sdpa applies alike.
 SDPA = ("sdpa", f"{FP32_IMPL}_sdpa")
 
 
 def takes_gqa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, kwargs) -> bool:
     """Whether this call goes to SDPA with `enable_gqa` here rather than to the model's own attention:
-    a grouped-query module switched on, a CPU call that records a graph, a mask (without one,
-    transformers already passes enable_gqa), more than one query (one query takes transformers' own
-    reshape), head sizes up to 256 as transformers requires of enable_gqa, and nothing that SDPA's plain
-    call would not apply (ALiBi bias, soft-capping, weights)."""
-    return (getattr(module, "softprompt_gqa", False) and getattr(module, "num_key_value_groups", 1) > 1
-            and attention_mask is not None and query.device.type == "cpu" and query.shape[2] > 1
+    a grouped-query module switched on (use_gqa_attention switches no other), a CPU call that records
+    a graph, a mask (without one, transformers already passes enable_gqa), more than one query (one
+    query takes transformers' own reshape), head sizes up to 256 as transformers requires of
+    enable_gqa, and nothing that SDPA's plain call would not apply (ALiBi bias, soft-capping, weights)."""
+    return (getattr(module, "softprompt_gqa", False) and attention_mask is not None
+            and query.device.type == "cpu" and query.shape[2] > 1
             and key.shape[-1] == value.shape[-1] <= 256
             and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
@@ -44,7 +44,7 @@ def takes_gqa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def _attention(module, query, key, value, attention_mask, *args, dropout=0.0, scaling=None,
                inner: str = "sdpa", **kwargs):
     """q [B, Hq, T, d], k/v [B, Hkv, S, d], mask [B, 1, T, S] -> ([B, T, Hq, d], None), as `inner` computes it."""
-    if args or inner not in SDPA or not takes_gqa(module, query, key, value, attention_mask, kwargs):
+    if args or not takes_gqa(module, query, key, value, attention_mask, kwargs):
         return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, *args,
                                               dropout=dropout, scaling=scaling, **kwargs)
     # With a mask transformers computes non-causally (the mask holds causality): so does this call

@@ -26,13 +26,10 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..base.cpu_linear import resolve_kernel, use_linear_kernel
 from ..base.families import check_positions
-from ..base.gqa_attention import use_gqa_attention
-from ..base.half_attention import use_fp32_attention
 from ..base.models import cpu_bf16_method, dtype_reason, load_model, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
-from ..base.swiglu import fuse_swiglu
+from ..base.training_setup import prepare_for_training
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from ..core.inits import resolve
 from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
@@ -205,14 +202,10 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     P = 0 if tcfg.method == "full" else pcfg.virtual_tokens
     check_positions(model, P)  # before the data is read
     model.to(acc.device)
-    use_fp32_attention(model)  # loaded here or handed in: a half-precision CPU base's attention backward in fp32
-    gqa = use_gqa_attention(model)  # a CPU base's masked grouped-query attention keeps each key/value head once
     # FSDP frees a layer's gathered weights after its forward, and FrozenLinearFn keeps them for backward
     obstacle = ("--method full trains the weights" if tcfg.method == "full" else
                 "the base is sharded (--shard fsdp)" if tcfg.shard != "none" else "")
-    kernel, kernel_why = resolve_kernel(tcfg.linear_kernel, model, obstacle)
-    use_linear_kernel(model, kernel)
-    fused = fuse_swiglu(model)  # gated-SiLU MLPs keep two of their three wide activations for backward
+    prepared = prepare_for_training(model, tcfg.linear_kernel, obstacle)  # loaded here or handed in
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
     check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
@@ -272,8 +265,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": str(model.dtype).replace("torch.", ""),
             "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method),
-            "linear_kernel_taken": kernel, "linear_kernel_reason": kernel_why, "swiglu_fused_mlps": fused,
-            "gqa_attention_modules": gqa,
+            **prepared,
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
         start_metrics(run.out, run.state["step"] if tcfg.resume else None)
