@@ -61,3 +61,44 @@ def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tm
     assert moved > 1e-3, f"training barely moved the prompt ({moved:.3g})"
     assert moved > 100 * diff
     assert torch.isfinite(p2).all()
+
+
+def test_two_processes_report_to_tensorboard_and_both_exit_cleanly(llama_dir, countries_csv, tmp_path):
+    """--report-to under torchrun: the main process logs, every process exits 0."""
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "OUT"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "softprompt", "train", "--model", str(llama_dir), "--data", str(countries_csv),
+          "--template", "Country: {country}\nFacts:", "--target", " capital={capital}", "--device", "cpu",
+          "--batch-size", "4", "--max-steps", "2", "--eval-every", "0", "--save-every", "0",
+          "--virtual-tokens", "3", "--eval-fraction", "0", "--no-eval-untuned", "--report-to", "tensorboard",
+          "--out", str(out)], tmp_path)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    # events.out.tfevents.TIME.HOST.PID.N (the scalars', and the hparams' in a folder of its own): one process logs
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and len({p.name.split(".")[-2] for p in events}) == 1, events
+
+
+def test_every_command_ends_the_process_group_it_ran_under(llama_dir, tmp_path, monkeypatch, capsys):
+    """Under torchrun each process must destroy its group before exit: gloo's threads freeing tensors
+    after Python is gone aborted a rank that had finished (SIGABRT). A one-process group stands in."""
+    import torch.distributed as dist
+
+    from softprompt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for i, (argv, code) in enumerate([(["eval", "--model", str(llama_dir), "--data", "/no/such.csv", "--text-col",
+                                        "t"], 2), (["train", "--help"], 0)]):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{i}'}", rank=0, world_size=1)
+        try:
+            try:
+                got = main(argv)
+            except SystemExit as e:  # argparse's --help
+                got = e.code
+            assert got == code, capsys.readouterr().err
+            assert not dist.is_initialized(), f"softprompt {' '.join(argv)} left its process group behind"
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -5,6 +5,7 @@ flags from flags.py instead, which imports no torch and sits above the command m
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
 status 2; so is an OSError the system raises (a full disk, a folder that cannot be written).
+Under torchrun every process destroys its process group before it exits (end_process_group).
 """
 from __future__ import annotations
 
@@ -167,6 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if a command started one (torchrun). Left to interpreter
+    exit, gloo's worker threads can free their tensors after Python is gone, and a process that has
+    finished its work aborts (SIGABRT, "terminate called without an active exception"; pytorch#190489)."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group, and no torch to load for nothing
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
