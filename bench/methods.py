@@ -70,7 +70,8 @@ def run_softprompt(method: str, model, tok, dcfg, splits, args, seed: int) -> di
     ev = summary["final_eval"]
     return {"accuracy": ev["accuracy"], "train_seconds": summary["train_seconds"],
             "trainable_params": summary["trainable_params"], "lr": summary["lr"],
-            "loss": cfg["TrainConfig"]["loss"], "init": cfg["PromptConfig"]["init"]}
+            "loss": cfg["TrainConfig"]["loss"], "init": cfg["PromptConfig"]["init"],
+            **({"prefix_scaled_steps": cfg["TrainConfig"]["prefix_scaled_steps"]} if name == "prefix" else {})}
 
 
 def peft_model(method: str, model, tok, fmt, P: int):
@@ -214,7 +215,8 @@ def main() -> None:
                     run = run_peft if method.startswith("peft:") else run_softprompt
                     r = {"task": task, "method": method, "seed": seed,
                          **run(method, model, tok, dcfg, splits, args, seed),
-                         "wall_seconds": round(time.perf_counter() - t0, 1), "commit": doc["commit"]}
+                         "wall_seconds": round(time.perf_counter() - t0, 1), "commit": doc["commit"],
+                         "cpu_model": doc["machine"].get("cpu_model")}  # a resumed file's rows span machines
                     rows.append(r)
                     doc["summary"] = summarise(rows)
                     write_result(out, doc)

@@ -450,3 +450,8 @@ def test_peft_prefix_tuning_config_drop_in(llama_dir, tmp_path):
         softprompt.get_peft_model(model, softprompt.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=7))
     with pytest.raises(ValueError, match="method 'ptuning'"):
         softprompt.get_softprompt_model(model, method="ptuning", tokenizer=tok)
+    # PEFT's drop-in steps as PEFT does (a rate chosen for PEFT trains the same); softprompt's own API as train does.
+    assert softprompt.get_peft_model(model, softprompt.PrefixTuningConfig(num_virtual_tokens=4)).prompt.scale is None
+    assert softprompt.get_softprompt_model(model, method="prefix", tokenizer=tok).prompt.scale is not None
+    with pytest.raises(ValueError, match="prefix_scaled_steps=False is for method='prefix'"):
+        softprompt.get_softprompt_model(model, tokenizer=tok, prefix_scaled_steps=False)

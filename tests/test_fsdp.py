@@ -47,10 +47,13 @@ def test_two_sharded_processes_train_the_same_prompt_as_one(path, llama_dir, cou
 TEXT = "Name the capital."
 
 
-@pytest.mark.parametrize("method", ["prefix", "ptuning", "residual"])
-def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, llama_dir, countries_csv, tmp_path):
-    """The other prompt methods under --shard fsdp: what trains (a prefix's keys and values, an
-    encoder) is replicated and its gradient all-reduced, so 2 sharded processes train what 1 does."""
+@pytest.mark.parametrize("method,projection", [("prefix", True), ("prefix", False), ("ptuning", False),
+                                               ("residual", False)])
+def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, projection, llama_dir, countries_csv,
+                                                                   tmp_path):
+    """The other prompt methods under --shard fsdp: what trains (a prefix's keys and values, scaled by
+    default, or through its MLP; an encoder) is replicated and its gradient all-reduced, so 2 sharded
+    processes train what 1 does."""
     from safetensors.torch import load_file
 
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--method", method,
@@ -58,7 +61,7 @@ def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, llama
             "--device", "cpu", "--dtype", "float32",
             "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
             "--virtual-tokens", "3", "--init", "text", "--init-text", TEXT, "--eval-fraction", "0", "--no-eval-untuned"]
-    if method == "prefix":
+    if projection:
         args += ["--prefix-projection"]  # the MLP's weights all-reduced too, its buffer broadcast
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
@@ -78,6 +81,6 @@ def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, llama
     from softprompt.training.methods import METHODS
     model, tok = load_model(str(llama_dir))
     start = METHODS[method].setup(model, tok, PromptConfig(virtual_tokens=3, init="text", init_text=TEXT),
-                                  TrainConfig(method=method, prefix_projection=method == "prefix"), [], TEXT, "")
+                                  TrainConfig(method=method, prefix_projection=projection), [], TEXT, "")
     start = start.prompt.state_tensors()[name]
     assert (a - start).abs().max().item() > 100 * max(diff, 1e-8)

@@ -145,7 +145,9 @@ def test_eval_generate_and_replay_take_the_run_folders(runs):
         ("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--raw", "Act as a travel guide.\nPrompt:")])
     # The two print their inputs as given; the continuations (after the "===" line) are the same.
     assert filled.stdout.strip() and filled.stdout.splitlines()[1:] == raw.stdout.splitlines()[1:]
-    # --config replay of a run gives the same prompt bytes.
+    # --config replay of a run gives the same prompt bytes (a prefix, trained with scaled steps by default).
+    recorded = json.loads((runs / "runs" / "acts" / "run_config.json").read_text())["TrainConfig"]
+    assert (recorded["method"], recorded["prefix_scaled_steps"]) == ("prefix", True)
     sp("train", "--config", "runs/acts/run_config.json", "--out", "runs/acts-again", cwd=runs)
     a, b = (runs / "runs" / d / "prompt.safetensors" for d in ("acts", "acts-again"))
     assert a.read_bytes() == b.read_bytes()

@@ -170,6 +170,43 @@ def test_projection_starts_at_its_init_and_folds(tok_dir):
     assert not folded.projection and torch.allclose(folded.key_values(), plain.key_values() + 0.1)
 
 
+def test_scaled_steps_move_every_slice_by_lr_of_its_own_size():
+    """A prefix trains kv / scale, scale each (layer, key/value) slice's RMS rounded to a power of two: it
+    starts at its init bit for bit, and Adam's first step (lr * sign(gradient)) moves each element by lr
+    times its slice's scale, where plain steps move every element by lr."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([[0.03, 0.7], [2.0, 5.0], [1.0, 0.2]])[:, :, None, None, None]  # [L=3, 2, 1, 1, 1]
+    kv = torch.randn(3, 2, 2, P, 8, generator=gen) * sizes  # as a real model's keys and values differ by layer
+    plain, scaled = PrefixPrompt(kv), PrefixPrompt(kv, scaled_steps=True)
+    assert plain.scale is None and torch.equal(scaled.key_values(), kv)
+    s = scaled.scale  # [L, 2, 1, 1, 1]
+    rms = kv.pow(2).flatten(2).mean(-1).sqrt()[:, :, None, None, None]
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)
+    assert ((s / rms > 2 ** -0.5 - 1e-6) & (s / rms < 2 ** 0.5 + 1e-6)).all()
+    assert s.flatten().unique().numel() > 1  # the slices differ in size here, so the check can fail
+    grad = torch.randn(kv.shape, generator=gen)
+    lr = 1e-2
+    for prefix, unit in ((plain, torch.ones_like(s)), (scaled, s)):
+        opt = torch.optim.AdamW(prefix.parameters(), lr=lr, weight_decay=0.0)
+        (prefix.key_values() * grad).sum().backward()
+        opt.step()
+        moved = (prefix.key_values().detach() - kv).abs()
+        assert torch.allclose(moved, (lr * unit).expand_as(moved), rtol=1e-3), prefix.scale
+
+
+def test_a_scaled_checkpoint_resumes_exactly(tok_dir):
+    """A checkpoint holds the keys and values; the resumed prefix divides them back to its parameter
+    bit for bit (the scale, rebuilt from the same start, is a power of two)."""
+    model, tok = tiny("llama", tok_dir)
+    cfg = SimpleNamespace(virtual_tokens=P, init="random", init_text="Act as a teacher.")
+    a, b = (init_prefix(model, tok, cfg, seed=2, scaled_steps=True) for _ in range(2))
+    with torch.no_grad():
+        a.kv.add_(torch.randn(a.kv.shape, generator=torch.Generator().manual_seed(1)) / 3)
+    b.load_state_tensors(a.state_tensors(), "here")
+    assert torch.equal(b.kv, a.kv) and torch.equal(b.key_values(), a.key_values())
+    assert set(a.state_tensors()) == {"prefix_key_values"}  # the scale is not saved: the result is plain
+
+
 # ---------------------------------------------------------------- train --method prefix
 
 def train_cfgs(model_dir, data, out, **tkw):
@@ -192,8 +229,9 @@ def losses(run_dir):
             if json.loads(l)["split"] == "train"]
 
 
-@pytest.mark.parametrize("projection", [False, True])
-def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama_dir, countries_csv, tmp_path):
+@pytest.mark.parametrize("projection,scaled", [(False, True), (False, False), (True, True)])
+def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, scaled, llama_dir, countries_csv,
+                                                               tmp_path):
     import json
 
     from softprompt.base.models import load_model
@@ -202,8 +240,8 @@ def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama
 
     model, tok = load_model(str(llama_dir))
     before = weights_hash(model)
-    full = train(*train_cfgs(llama_dir, countries_csv, tmp_path / "a", prefix_projection=projection),
-                 model=model, tok=tok, quiet=True)
+    how = {"prefix_projection": projection, "prefix_scaled_steps": scaled}
+    full = train(*train_cfgs(llama_dir, countries_csv, tmp_path / "a", **how), model=model, tok=tok, quiet=True)
     assert full["base_weights_unchanged"] and weights_hash(model) == before
     assert full["forward_path"] == "kv" and full["method"] == "prefix"
     L, heads, d = kv_geometry(model)
@@ -215,12 +253,11 @@ def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, llama
     assert saved.kind == "prefix" and not saved.projection  # the MLP folded away
     run_cfg = json.loads((tmp_path / "a" / "run_config.json").read_text())
     assert run_cfg["TrainConfig"]["method"] == "prefix" and run_cfg["forward_path_taken"] == "kv"
-    assert run_cfg["TrainConfig"]["prefix_projection"] == projection
-    part = train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", prefix_projection=projection),
-                 stop_after=5, quiet=True)
+    assert (run_cfg["TrainConfig"]["prefix_projection"], run_cfg["TrainConfig"]["prefix_scaled_steps"]) == (
+        projection, scaled)
+    part = train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", **how), stop_after=5, quiet=True)
     assert part == {"interrupted_at": 5}
-    train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", prefix_projection=projection, resume=True),
-          quiet=True)
+    train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", **how, resume=True), quiet=True)
     assert torch.equal(load_prompt(tmp_path / "b").key_values(), saved.key_values())
     assert losses(tmp_path / "b") == tr
 
@@ -266,6 +303,8 @@ def test_projection_with_method_prompt_is_one_error_line():
 
     with pytest.raises(SoftpromptError, match="--prefix-projection is for --method prefix"):
         TrainConfig(method="prompt", prefix_projection=True)
+    with pytest.raises(SoftpromptError, match="--no-prefix-scaled-steps is for --method prefix"):
+        TrainConfig(method="ptuning", prefix_scaled_steps=False)
     assert TrainConfig(prefix_projection=True).method == "auto"  # the default: auto trains a prefix then
 
 

@@ -162,6 +162,8 @@ def test_method_auto_trains_a_prefix_unless_a_flag_needs_a_soft_prompt(model_dir
     assert resolved(TrainConfig(forward_path="kv"))[0] == "prefix"
     assert resolved(TrainConfig(method="residual"), init="labels") == ("residual", "as requested")
     assert resolved(TrainConfig(prefix_projection=True), init="random")[0] == "prefix"
+    assert resolved(TrainConfig(prefix_scaled_steps=False)) == ("prefix",
+                                                               "auto: --no-prefix-scaled-steps trains a prefix")
     old = tmp_path / "old"
     old.mkdir()
     (old / "run_config.json").write_text(json.dumps({"TrainConfig": {"method": "prompt"}}))

@@ -322,11 +322,13 @@ class SoftPromptModel(nn.Module):
 
 def get_softprompt_model(base_model, config: PromptConfig | None = None, tokenizer=None, seed: int = 0,
                          forward_path: str = "auto", method: str = "prompt", prefix_projection: bool = False,
-                         **prompt_kwargs: Any) -> SoftPromptModel:
+                         prefix_scaled_steps: bool = True, **prompt_kwargs: Any) -> SoftPromptModel:
     """`base_model` (frozen) with a new trainable prompt made as `softprompt train` makes it:
     `config` or PromptConfig's keywords (virtual_tokens=, init=, init_text=, init_file=).
     `method="prefix"`: per-layer keys and values (`train --method prefix`'s PrefixPrompt; with
-    `prefix_projection`, produced through its MLP while training)."""
+    `prefix_projection`, produced through its MLP while training; with `prefix_scaled_steps`, as
+    train's default, its parameter is scaled so that an optimiser's lr moves every layer's keys and
+    values by the same fraction of themselves)."""
     from .api import python_errors, split_kwargs
 
     if method not in ("prompt", "prefix"):
@@ -334,6 +336,8 @@ def get_softprompt_model(base_model, config: PromptConfig | None = None, tokeniz
                          "residual train an encoder: use softprompt.train(method=...))")
     if prefix_projection and method != "prefix":
         raise ValueError("prefix_projection=True is for method='prefix'")
+    if not prefix_scaled_steps and method != "prefix":
+        raise ValueError("prefix_scaled_steps=False is for method='prefix'")
     if config is None:
         (config,) = split_kwargs("get_softprompt_model", prompt_kwargs, (PromptConfig,))
     elif prompt_kwargs:
@@ -343,7 +347,8 @@ def get_softprompt_model(base_model, config: PromptConfig | None = None, tokeniz
     text = "Continue the text in the same style."
     with python_errors():
         if method == "prefix":
-            prompt = init_prefix(base_model, tok, config, text, seed, projection=prefix_projection)
+            prompt = init_prefix(base_model, tok, config, text, seed, projection=prefix_projection,
+                                 scaled_steps=prefix_scaled_steps)
         else:
             prompt = init_prompt(base_model, tok, config, default_text=text, seed=seed)
     prompt.meta["model"] = model.name_or_path

@@ -114,8 +114,9 @@ def get_peft_model(model, peft_config: PromptTuningConfig | PrefixTuningConfig, 
     tok = load_tokenizer(name) if name else None
     if isinstance(peft_config, PrefixTuningConfig):
         check_encoder_width(peft_config, model)
+        # PEFT's plain steps on the keys and values: a learning rate chosen for PEFT trains the same here.
         sp = get_softprompt_model(model, peft_config.prompt_config(), tokenizer=tok, seed=seed, method="prefix",
-                                  prefix_projection=peft_config.prefix_projection)
+                                  prefix_projection=peft_config.prefix_projection, prefix_scaled_steps=False)
     else:
         sp = get_softprompt_model(model, peft_config.prompt_config(), tokenizer=tok, seed=seed)
     if adapter_name != "default":

@@ -305,6 +305,12 @@ class TrainConfig:
     prefix_projection: bool = opt(False, "--method prefix: produce the keys and values from a [P, D] embedding "
                                          "through a two-layer MLP while training (PEFT's prefix_projection), folded "
                                          "into plain keys and values when saved")
+    prefix_scaled_steps: bool = opt(True, "--method prefix: scale each optimiser step on a layer's keys, and on its "
+                                          "values, by their RMS at the start (rounded to a power of two; "
+                                          "Adafactor's parameter scaling), so that --lr moves every layer by the "
+                                          "same fraction of itself; --no-prefix-scaled-steps steps every element "
+                                          "alike, as PEFT's PrefixTuning does. Not with --prefix-projection, "
+                                          "whose MLP takes plain steps")
     encoder: str = opt("auto", "--method ptuning: the encoder that produces the prompt from a [P, H] embedding "
                                "(PEFT's encoder_reparameterization_type): mlp (three Linear layers with ReLU) or lstm "
                                "(a two-layer bidirectional LSTM, then two Linear layers); auto: mlp",
@@ -337,6 +343,8 @@ class TrainConfig:
                 "prompt tuning; --method full runs in one process")
         require(not self.prefix_projection or self.method in ("auto", "prefix"),
                 f"--prefix-projection is for --method prefix (got --method {self.method})")
+        require(self.prefix_scaled_steps or self.method in ("auto", "prefix"),
+                f"--no-prefix-scaled-steps is for --method prefix (got --method {self.method})")
         encoded = self.method in ENCODER_METHODS
         require(self.encoder == "auto" or self.method == "ptuning",
                 f"--encoder is for --method ptuning (got --method {self.method})")

@@ -12,6 +12,10 @@ what is saved as the result.
 
 Inits: the text's own keys and values (run through the frozen model: the natural start), or a
 normal draw scaled per layer like the model's own keys and values of that text ("random").
+
+Steps: with `scaled_steps` (train's default, `--prefix-scaled-steps`) what trains is the tensor
+divided by each (layer, key/value) slice's size at the start, so that an optimiser step moves every
+slice by the same fraction of itself (step_scale).
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ class PrefixPrompt(nn.Module):
 
     kind = KIND
 
-    def __init__(self, kv: torch.Tensor, meta: dict[str, Any] | None = None, projection: bool = False):
+    def __init__(self, kv: torch.Tensor, meta: dict[str, Any] | None = None, projection: bool = False,
+                 scaled_steps: bool = False):
         super().__init__()
         kv = kv.detach().to(torch.float32).clone()
         if kv.ndim != 5 or kv.shape[1] != 2:
@@ -46,6 +51,9 @@ class PrefixPrompt(nn.Module):
         self.P = kv.shape[3]
         self.meta = dict(meta or {})
         self.projection = projection
+        # Trains kv / scale where scaled_steps asks (step_scale; an MLP takes plain steps). The buffer is
+        # rebuilt from the start on --resume, and a power of two, so a checkpoint's kv divides back exactly.
+        self.register_buffer("scale", step_scale(kv) if scaled_steps and not projection else None, persistent=False)
         if projection:
             # PEFT's encoder: an embedding [P, D] through Linear(D, D), tanh, Linear(D, L*2*D), whose output
             # is added to the (frozen) init `base`; the last layer starts at zero so that training starts
@@ -58,7 +66,7 @@ class PrefixPrompt(nn.Module):
             nn.init.zeros_(self.transform[2].bias)
             self.register_buffer("base", to_flat(kv))  # [P, L*2*D]
         else:
-            self.kv = nn.Parameter(kv)
+            self.kv = nn.Parameter(kv if self.scale is None else kv / self.scale)
 
     @property
     def length(self) -> int:
@@ -74,7 +82,7 @@ class PrefixPrompt(nn.Module):
     def key_values(self) -> torch.Tensor:
         """[L, 2, kv_heads, P, head_dim] fp32, with its gradient path (through the MLP when projecting)."""
         if not self.projection:
-            return self.kv
+            return self.kv if self.scale is None else self.kv * self.scale
         L, heads, d = self.geometry
         return from_flat(self.transform(self.embedding) + self.base, L, heads, d)
 
@@ -113,7 +121,10 @@ class PrefixPrompt(nn.Module):
                 raise SoftpromptError(f"--resume: the checkpoint in {where} holds a prefix of shape "
                                       f"{list(tensors[src].shape)}, this run's is {list(mine[k].shape)}: resume with "
                                       "the same --virtual-tokens and model, or start over with --overwrite")
-            mine[k].data.copy_(tensors[src])
+            value = tensors[src]
+            if self.scale is not None:
+                value = value / self.scale  # the checkpoint holds the keys and values; kv / scale trains
+            mine[k].data.copy_(value)
 
     @classmethod
     def read(cls, weights: Path, meta: dict[str, Any], model=None) -> "PrefixPrompt":
@@ -136,6 +147,18 @@ class PrefixPrompt(nn.Module):
         if model is not None:
             check_geometry((t.shape[0], t.shape[2], t.shape[4]), model, f"prefix {weights.parent}", meta.get("model"))
         return cls(t, meta)
+
+
+def step_scale(kv: torch.Tensor) -> torch.Tensor:
+    """[L, 2, 1, 1, 1]: each layer's key and value RMS in kv [L, 2, kv_heads, P, head_dim], floored at
+    1e-3 and rounded to a power of two. Adam moves every element by about lr a step whatever its size,
+    and on the built-in model a text's keys have an RMS near 2 in every layer while its values range
+    from 0.04 (layer 0) to 1.8: one rate moves them by fractions 50x apart. Training kv / scale moves
+    each slice by about lr of its own RMS, which is Adafactor's parameter scaling (Shazeer and Stern,
+    2018), its floor included. The power of two (within a factor of 1.42 of the RMS) keeps
+    kv / scale * scale equal to kv, bit for bit."""
+    rms = kv.detach().float().pow(2).flatten(2).mean(-1).sqrt().clamp_min(1e-3)
+    return torch.exp2(torch.log2(rms).round())[:, :, None, None, None]
 
 
 def without_projection(prompt):
@@ -240,10 +263,11 @@ def prefix_meta(model) -> dict[str, Any]:
 NEW_INITS = ("auto", "text", "random")  # the --init values init_prefix makes a prefix from
 
 
-def init_prefix(model, tok, cfg, default_text: str = "", seed: int = 0, projection: bool = False) -> PrefixPrompt:
+def init_prefix(model, tok, cfg, default_text: str = "", seed: int = 0, projection: bool = False,
+                scaled_steps: bool = False) -> PrefixPrompt:
     """A new prefix of cfg.virtual_tokens positions. cfg.init "text" (and "auto"): the keys and values
     of the init text (or `default_text`); "random": a normal draw with each layer's key and value
-    spread of that text."""
+    spread of that text. `projection`, `scaled_steps`: how it trains (PrefixPrompt)."""
     if cfg.init not in NEW_INITS:
         raise SoftpromptError(f"--init {cfg.init}: a new prefix starts from text (the text's own keys and values) "
                               "or random; a trained prompt or prefix is a start of its own (--init-from)")
@@ -257,4 +281,4 @@ def init_prefix(model, tok, cfg, default_text: str = "", seed: int = 0, projecti
         kv = torch.randn(kv.shape, generator=gen) * std.cpu()
         meta = {"init": "random"}
     meta.update(prefix_meta(model))
-    return PrefixPrompt(kv.cpu(), meta, projection=projection)
+    return PrefixPrompt(kv.cpu(), meta, projection=projection, scaled_steps=scaled_steps)

@@ -45,6 +45,8 @@ def resolve_method(pcfg: PromptConfig, tcfg: TrainConfig) -> tuple[TrainConfig, 
         return replace(tcfg, method=was), "auto: the method of the run being resumed"
     if tcfg.prefix_projection:
         return replace(tcfg, method="prefix"), "auto: --prefix-projection trains a prefix"
+    if not tcfg.prefix_scaled_steps:
+        return replace(tcfg, method="prefix"), "auto: --no-prefix-scaled-steps trains a prefix"
     if pcfg.init not in PREFIX_INITS:
         return replace(tcfg, method="prompt"), f"auto: --init {pcfg.init} starts a soft prompt only"
     if tcfg.forward_path not in DEEP_PATHS:

@@ -137,6 +137,7 @@ def method_configs(kind, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: CompareCon
     cfg = replace(tcfg, out=str(run_dir), method=name, eval_untuned=False, keep_best=False, save_every=0,
                   eval_every=0, resume=False, overwrite=True,
                   prefix_projection=tcfg.prefix_projection and name == "prefix",
+                  prefix_scaled_steps=tcfg.prefix_scaled_steps or name != "prefix",
                   encoder=tcfg.encoder if name == "ptuning" else "auto",
                   encoder_hidden_size=tcfg.encoder_hidden_size if name in ENCODER_METHODS else 0,
                   keep_encoder=tcfg.keep_encoder and name in ENCODER_METHODS)
@@ -338,7 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The methods' own flags are left at their defaults (--prefix-projection with the default method,
     # prompt, would be refused anyway).
     add_args(parser, TrainConfig, skip=("out", "method", "resume", "overwrite", "keep_best", "save_every",
-                                        "eval_every", "patience", "eval_untuned", "prefix_projection", "encoder",
+                                        "eval_every", "patience", "eval_untuned", "prefix_projection",
+                                        "prefix_scaled_steps", "encoder",
                                         "encoder_hidden_size", "keep_encoder"))
     add_args(parser, CompareConfig)
 

@@ -25,7 +25,7 @@ from .frozen_method import FrozenModelMethod
 INITS = (*(init for init in NEW_INITS if init != "auto"), "file")
 
 
-def start_from(model, pcfg: PromptConfig, projection: bool) -> PrefixPrompt:
+def start_from(model, pcfg: PromptConfig, projection: bool, scaled_steps: bool) -> PrefixPrompt:
     """A prefix starting from a saved prompt: a prefix's keys and values, or a soft prompt's keys and values
     through the frozen model (prefix.prompt_key_values: the same prompt, exactly, to every layer)."""
     name = "--init-from" if pcfg.init_from else "--init-file"
@@ -35,9 +35,11 @@ def start_from(model, pcfg: PromptConfig, projection: bool) -> PrefixPrompt:
                               f"(or a soft prompt to convert), found a {start.kind!r} prompt of {start.length}")
     meta = {"init": "file", "init_file": pcfg.init_file, **({"init_from": pcfg.init_from} if pcfg.init_from else {})}
     if isinstance(start, PrefixPrompt):
-        return PrefixPrompt(start.key_values(), {**start.meta, **meta}, projection=projection)
+        return PrefixPrompt(start.key_values(), {**start.meta, **meta}, projection=projection,
+                            scaled_steps=scaled_steps)
     kv = prompt_key_values(model, start.input_embeds()).cpu()
-    return PrefixPrompt(kv, {**meta, "init_kind": start.kind, **prefix_meta(model)}, projection=projection)
+    return PrefixPrompt(kv, {**meta, "init_kind": start.kind, **prefix_meta(model)}, projection=projection,
+                        scaled_steps=scaled_steps)
 
 
 class PrefixTuning(FrozenModelMethod):
@@ -51,15 +53,17 @@ class PrefixTuning(FrozenModelMethod):
     @classmethod
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
               label_input: str) -> "PrefixTuning":
+        how = {"projection": tcfg.prefix_projection, "scaled_steps": tcfg.prefix_scaled_steps}
         if pcfg.init == "file":
-            prompt = start_from(model, pcfg, tcfg.prefix_projection)
+            prompt = start_from(model, pcfg, **how)
         else:
-            prompt = init_prefix(model, tok, pcfg, init_text, tcfg.seed, projection=tcfg.prefix_projection)
+            prompt = init_prefix(model, tok, pcfg, init_text, tcfg.seed, **how)
         return cls(model, tok, prompt.to(model.device))
 
     @staticmethod
     def default_lr(loss: str) -> float:
-        # The soft prompt's rates, not yet tuned for prefixes (whose values are larger than embeddings).
+        # The soft prompt's rates. With scaled steps (the default) a step moves each layer's keys and
+        # values by about this fraction of their size; without, by this much, whatever their size.
         return 1e-2 if loss == "classes" else 3e-2
 
     def embeds(self) -> PrefixPrompt | ComputedPrefix:
