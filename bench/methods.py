@@ -15,6 +15,8 @@ and full fine-tuning, on three classification tasks, over several seeds, at one 
   as `group_by_length` makes them and its logits are kept only where the loss reads them: the same
   loss as the guide's loop, less CPU time.
 - Full fine-tuning (`full`): `train(method="full")` on a copy of the model, its default lr 2e-5.
+- Ablation, asked for by name only: `sp:prefix-plain`, the prefix with PEFT's plain steps
+  (`--no-prefix-scaled-steps`), to measure what scaled steps change on the same machine.
 
 Every method is scored by the same rank classification over the label words on the whole dev set
 (PEFT's prompts are read into softprompt's objects, whose logits equal PEFT's forward: tests/
@@ -51,6 +53,8 @@ from softprompt.training.train import default_init_text, train  # noqa: E402
 
 SP_METHODS = ("sp:prompt", "sp:prefix", "sp:ptuning", "sp:residual")
 PEFT_METHODS = ("peft:prompt", "peft:prefix", "peft:ptuning")
+# Ablations: a softprompt method with one default turned off (not among the methods compared by default).
+ABLATIONS = {"sp:prefix-plain": ("prefix", {"prefix_scaled_steps": False})}  # PEFT's plain steps
 METHODS = (*SP_METHODS, *PEFT_METHODS, "full")
 PEFT_LR = 3e-2  # the task guide's one rate for all three prompt-based methods
 PEFT_GUIDE = "https://github.com/huggingface/peft/blob/main/docs/source/task_guides/prompt_based_methods.md"
@@ -58,12 +62,12 @@ PEFT_GUIDE = "https://github.com/huggingface/peft/blob/main/docs/source/task_gui
 
 def run_softprompt(method: str, model, tok, dcfg, splits, args, seed: int) -> dict:
     fmt, train_ex, eval_ex = splits
-    name = method.split(":")[1] if ":" in method else method
+    name, off = ABLATIONS.get(method, (method.split(":")[1] if ":" in method else method, {}))
     base = copy.deepcopy(model) if name == "full" else model  # full fine-tuning changes the weights
     with tempfile.TemporaryDirectory() as tmp:
         summary = train(ModelConfig(device=str(args.device)), dcfg, PromptConfig(virtual_tokens=args.P),
                         TrainConfig(out=tmp, method=name, max_steps=args.steps, batch_size=args.batch_size,
-                                    eval_every=0, save_every=0, seed=seed, eval_untuned=False),
+                                    eval_every=0, save_every=0, seed=seed, eval_untuned=False, **off),
                         model=base, tok=tok, quiet=True, splits=(fmt, train_ex, eval_ex))
         cfg = json.loads((Path(tmp) / "run_config.json").read_text())
     del base
@@ -147,7 +151,7 @@ def summarise(rows: list[dict]) -> dict:
     out: dict = {}
     for task in sorted({r["task"] for r in rows}):
         cells = {}
-        for method in METHODS:
+        for method in (*METHODS, *ABLATIONS):
             accs = [r["accuracy"] for r in rows if r["task"] == task and r["method"] == method]
             if accs:
                 cells[method] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -157,10 +161,11 @@ def summarise(rows: list[dict]) -> dict:
         gap = {}
         if "sp:prompt" in cells and "full" in cells:
             lo, hi = cells["sp:prompt"]["mean"], cells["full"]["mean"]
-            gap = {m: (cells[m]["mean"] - lo) / (hi - lo) if hi != lo else None for m in SP_METHODS if m in cells}
+            gap = {m: (cells[m]["mean"] - lo) / (hi - lo) if hi != lo else None for m in (*SP_METHODS, *ABLATIONS)
+                   if m in cells}
         out[task] = {"methods": cells, "best_peft": best_peft,
-                     "vs_best_peft_points": {m: 100 * (cells[m]["mean"] - peft[best_peft]) for m in SP_METHODS
-                                             if m in cells and best_peft},
+                     "vs_best_peft_points": {m: 100 * (cells[m]["mean"] - peft[best_peft])
+                                             for m in (*SP_METHODS, *ABLATIONS) if m in cells and best_peft},
                      "gap_closed": gap}
     return out
 
@@ -182,7 +187,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "ag_news"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *ABLATIONS])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
