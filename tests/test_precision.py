@@ -190,10 +190,10 @@ def test_a_half_precision_cpu_base_trains_with_float32_attention(dtype, llama_di
         return kernel(q, k, *a, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    kv = run.params[0]  # the prefix [L, 2, kv_heads, P, d], fp32; moved off the half grid the text init left it on
-    with torch.no_grad():
+    kv = run.params[0]  # the prefix's parameter [L, 2, kv_heads, P, d] (kv / scale), fp32; moved off the half
+    with torch.no_grad():  # grid the text init left it on
         kv.add_(1e-3 * torch.randn_like(kv))
-    first = kv[0, 0, 0].detach().clone()  # layer 0's keys, key/value head 0: [P, d]
+    first = run.method.prompt.key_values()[0, 0, 0].detach().clone()  # layer 0's keys, key/value head 0: [P, d]
     assert not torch.equal(first.to(getattr(torch, dtype)).float(), first)  # rounding would change them
     # Every attention call of a training step in float32 (the case where only keys and values carry
     # a gradient is checked on the kernel itself, in the test above), the prefix's keys unrounded.
