@@ -2,7 +2,7 @@
 unless the run asks for something only a soft prompt has.
 
 Why a prefix: in bench/methods.py (SmolLM2-135M; SST-2, AG News and RTE; 300 steps at batch 8;
-README "The prompt methods against PEFT's") it was the best prompt method by 3 to 10 points on AG
+README "The prompt methods against PEFT's") it was the best prompt method by 3 to 11 points on AG
 News and RTE and within a point of the best on SST-2, and published results agree across tasks and
 sizes (P-tuning v2; PEFT's MetaMathQA benchmark: prefix 41.6% against prompt tuning's 23.4-34.3%).
 On language modelling (bench/lm_methods.py, train's defaults with keep-best) the two were within
