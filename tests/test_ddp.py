@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from softprompt.base.models import load_model
@@ -65,8 +66,6 @@ def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tm
 
 def test_two_processes_report_to_tensorboard_and_both_exit_cleanly(llama_dir, countries_csv, tmp_path):
     """--report-to under torchrun: the main process logs, every process exits 0."""
-    import pytest
-
     pytest.importorskip("tensorboard")
     out = tmp_path / "OUT"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -70,3 +70,11 @@ def log(acc, trackers: list[str], rec: dict[str, Any]) -> None:
         values = {f"{split}/{k}": v for k, v in rec.items()
                   if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         acc.log(values, step=rec.get("step"))
+
+
+def finish(acc) -> None:
+    """Close the trackers, and only them: accelerate's end_training would also destroy the process
+    group, which the other processes' barrier after this still needs (the command line ends the
+    group: cli.end_process_group)."""
+    for tracker in acc.trackers:
+        tracker.finish()

@@ -463,10 +463,7 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
         summary = round_floats(summary)
         write_json(run.out / "summary.json", summary)
         plot_metrics(run.out)
-        # accelerate's end_training would also destroy the process group, which the other processes'
-        # barrier below still needs; the command line ends the group (cli.end_process_group).
-        for tracker in run.acc.trackers:
-            tracker.finish()
+        tracking.finish(run.acc)
     run.acc.wait_for_everyone()
     return summary
 
