@@ -277,6 +277,50 @@ def test_config_replay_keeps_the_method(llama_dir, countries_csv, tmp_path):
     assert torch.equal(load_prompt(tmp_path / "a").key_values(), load_prompt(tmp_path / "b").key_values())
 
 
+def test_a_record_from_before_scaled_steps_replays_and_resumes_with_plain_steps(llama_dir, countries_csv, tmp_path,
+                                                                               capsys):
+    """A prefix run recorded before --prefix-scaled-steps (its run_config.json lacks the field) took
+    plain steps: `--config` replays it so, and `--resume` continues it so, where today's default
+    would load its keys and values as kv / scale under Adam moments of kv; asking for scaled steps
+    there is refused in one line."""
+    import json
+
+    from softprompt.cli import main
+    from softprompt.training.train import train
+
+    train(*train_cfgs(llama_dir, countries_csv, tmp_path / "full", prefix_scaled_steps=False), quiet=True)
+    train(*train_cfgs(llama_dir, countries_csv, tmp_path / "old", prefix_scaled_steps=False), stop_after=5,
+          quiet=True)
+    record = tmp_path / "old" / "run_config.json"
+    cfg = json.loads(record.read_text())
+    del cfg["TrainConfig"]["prefix_scaled_steps"]  # as train wrote it before 8a499ea
+    record.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["train", "--config", str(record), "--resume", "--out", str(tmp_path / "old"),
+                 "--prefix-scaled-steps"]) == 2
+    err = capsys.readouterr().err
+    assert "--prefix-scaled-steps True (was False)" in err.splitlines()[-1] and "Traceback" not in err
+    assert main(["train", "--config", str(record), "--out", str(tmp_path / "replay")]) == 0
+    assert main(["train", "--config", str(record), "--resume", "--out", str(tmp_path / "old")]) == 0
+    want = load_prompt(tmp_path / "full").key_values()
+    for run in ("replay", "old"):
+        assert json.loads((tmp_path / run / "run_config.json").read_text())["TrainConfig"]["prefix_scaled_steps"] is False
+        assert torch.equal(load_prompt(tmp_path / run).key_values(), want)
+    assert losses(tmp_path / "old") == losses(tmp_path / "full")
+
+
+def test_only_a_prefix_run_s_record_is_read_as_plain_steps():
+    from softprompt.core.config import as_it_ran
+
+    old = {"forward_path_taken": "kv", "TrainConfig": {"method": "prefix", "lr": 0.01}}
+    assert as_it_ran(old)["TrainConfig"] == {"method": "prefix", "lr": 0.01, "prefix_scaled_steps": False}
+    assert "prefix_scaled_steps" not in old["TrainConfig"]  # the caller's mapping is left as it was
+    for same in ({"forward_path_taken": "kv", "TrainConfig": {"method": "prefix", "prefix_scaled_steps": True}},
+                 {"forward_path_taken": "packed", "TrainConfig": {"method": "prompt"}},
+                 {"TrainConfig": {"method": "prefix"}}):  # a hand-written file: today's default
+        assert as_it_ran(same) == same
+
+
 def test_train_with_gradient_checkpointing_equals_without(llama_dir, countries_csv, tmp_path):
     from softprompt.training.train import train
 

@@ -8,7 +8,8 @@ named after the command holds its other flags (`eval: {prompt: runs/sst2, batch_
 The file's values become the command's defaults, which is why a flag always wins. Other top-level
 keys are ignored (run_config.json also records what ran: device, world_size, ...), and so are the
 sections of config classes this command does not take; an unknown key inside a section, a value
-of the wrong type, or a misspelt `...Config` section is refused with one line naming it.
+of the wrong type, or a misspelt `...Config` section is refused with one line naming it. A run's
+record replays as that run ran, even where a default has changed since (config.as_it_ran).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .core.config import CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig
+from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig,
+                          as_it_ran)
 from .core.utils import SoftpromptError, short
 
 SECTIONS = {cls.__name__: cls for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig,
@@ -138,4 +140,4 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
 
 def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.Namespace) -> None:
     """Make the values of `args.config` the defaults of the command's `parser`."""
-    parser.set_defaults(**command_defaults(read_config(args.config), args.config, command, args))
+    parser.set_defaults(**command_defaults(as_it_ran(read_config(args.config)), args.config, command, args))

@@ -515,3 +515,16 @@ def from_args(cls: type, ns: argparse.Namespace) -> Any:
 
 def to_dict(*configs: Any) -> dict[str, Any]:
     return {type(c).__name__: dataclasses.asdict(c) for c in configs}
+
+
+def as_it_ran(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's run_config.json with the fields it predates filled in as that run ran, where today's
+    default would run otherwise, so that `--config` replays it and `--resume` compares with it:
+    a prefix trained before --prefix-scaled-steps (8a499ea) took plain steps. A record is told from
+    a hand-written config file by its `forward_path_taken`, which train wrote before any prefix."""
+    train = record.get("TrainConfig")
+    if "forward_path_taken" not in record or not isinstance(train, dict):
+        return record
+    if train.get("method") == "prefix" and "prefix_scaled_steps" not in train:
+        return {**record, "TrainConfig": {**train, "prefix_scaled_steps": False}}
+    return record

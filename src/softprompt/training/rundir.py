@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..core.config import flag
+from ..core.config import as_it_ran, flag
 from ..core.utils import SoftpromptError, atomic_dir, read_json, short
 
 CHECKPOINT = "checkpoint"
@@ -90,6 +90,7 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
     recorded = read_json(path)
     if not isinstance(recorded, dict):
         raise SoftpromptError(f"--resume: {path} must hold a JSON object")
+    recorded = as_it_ran(recorded)
     changed = [f"{flag(k)} {short(v)} (was {short(was[k])})"
                for section, fields in configs.items() if isinstance(was := recorded.get(section), dict)
                for k, v in fields.items() if k not in HOW_FLAGS and k in was and was[k] != v]
