@@ -28,9 +28,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
+def _run(cmd: list[str], cwd: Path) -> str:
     r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r.stdout
 
 
 def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tmp_path):
@@ -42,8 +43,9 @@ def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tm
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
     # --standalone: a private rendezvous on a free port, so parallel runs cannot collide on 29500.
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "softprompt", *args, "--out", str(two)], tmp_path)
+    printed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "softprompt", *args, "--out", str(two)], tmp_path)
+    assert len([line for line in printed.splitlines() if '"final_eval"' in line]) == 1  # one process prints
 
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
@@ -62,6 +64,35 @@ def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tm
     assert moved > 1e-3, f"training barely moved the prompt ({moved:.3g})"
     assert moved > 100 * diff
     assert torch.isfinite(p2).all()
+
+
+def test_the_python_api_under_torchrun_trains_what_one_process_does(llama_dir, countries_csv, tmp_path):
+    """`torchrun script.py` calling softprompt.train: each process trains its share of the global batch
+    and gets the run's summary (the main process's, which rank 1 once lacked); the script ends its own
+    process group, as the README says."""
+    import softprompt
+
+    kw = dict(model=str(llama_dir), data=str(countries_csv), template="Country: {country}\nFacts:",
+              target=" capital={capital}", device="cpu", dtype="float32", batch_size=4, max_steps=4, eval_every=0,
+              save_every=0, virtual_tokens=3, init="vocab", eval_fraction=0.0)
+    script = tmp_path / "train_two.py"
+    script.write_text(f"""import json, sys
+import torch.distributed as dist
+import softprompt
+
+summary = softprompt.train(**{kw!r}, out=sys.argv[1])
+print(json.dumps(summary))
+dist.destroy_process_group()
+""")
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                str(tmp_path / "OUT2")], tmp_path)
+    got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    written = json.loads((tmp_path / "OUT2" / "summary.json").read_text())
+    assert got == [written, written] and written["world_size"] == 2 and written["steps"] == 4
+    one = softprompt.train(**kw, out=str(tmp_path / "OUT1"))
+    assert one["world_size"] == 1 and one["steps"] == 4
+    p1, p2 = (load_prompt(tmp_path / out).embeds.detach() for out in ("OUT1", "OUT2"))
+    assert (p1 - p2).abs().max().item() <= 1e-5
 
 
 def test_two_processes_report_to_tensorboard_and_both_exit_cleanly(llama_dir, countries_csv, tmp_path):

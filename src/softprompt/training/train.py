@@ -465,14 +465,20 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
         plot_metrics(run.out)
         tracking.finish(run.acc)
     run.acc.wait_for_everyone()
+    if run.acc.num_processes > 1:  # a Python caller gets the run's summary on every process, not only the main one
+        from accelerate.utils import broadcast_object_list
+
+        summary = broadcast_object_list([summary])[0]
     return summary
 
 
 # ---------------------------------------------------------------- the `train` command
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     s = train(*(from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig)))
-    if "final_eval" in s:
+    if PartialState().is_main_process:  # every process has the summary; one prints it
         keys = ("method", "steps", "train_seconds", "tokens_per_second", "final_eval", "best_eval_metric", "best_eval_accuracy",
                 "best_eval_loss", "base_weights_unchanged", "prompt_dir")
         print(json.dumps({k: s[k] for k in keys if k in s}))
