@@ -47,7 +47,9 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("softprompt.training.train", "train a soft prompt", "Train a soft prompt on a frozen model.",
+    "train": Command("softprompt.training.train", "train a prompt: a prefix (the default) or a soft prompt",
+                     "Train a prompt on a frozen model: per-layer keys and values (--method prefix, what auto "
+                     "trains), a soft prompt (prompt, ptuning, residual), or fine-tune every weight (full).",
                      functions=("run",), flags=("softprompt.flags", "train_arguments", "check_train")),
     "eval": Command("softprompt.evaluation.evaluate", "score a prompt (or the untuned model) on data",
                     "Held-out loss, perplexity and (with --labels) rank-classification accuracy.",
@@ -59,15 +61,16 @@ COMMANDS: dict[str, Command] = {
                      "Serve many soft prompts from one frozen model over HTTP: OpenAI-compatible /v1/completions "
                      "and /v1/chat/completions (model = prompt name), /v1/classify, /v1/models, /health, /metrics; "
                      "API docs at /docs. Needs the serve extra."),
-    "export-peft": Command("softprompt.prompts.peft_io", "write a prompt as a PEFT prompt-tuning adapter",
+    "export-peft": Command("softprompt.prompts.peft_io",
+                           "write a prompt as a PEFT adapter (PromptTuning, or PrefixTuning for a prefix)",
                            functions=("add_export_arguments", "run_export")),
     "import-peft": Command("softprompt.prompts.peft_io",
-                           "convert a PEFT prompt-tuning adapter into a softprompt folder",
+                           "convert a PEFT PromptTuning, PrefixTuning or P-tuning adapter into a softprompt folder",
                            functions=("add_import_arguments", "run_import")),
     "push": Command("softprompt.prompts.hub_push",
                     "upload a prompt to the Hugging Face Hub (softprompt + PEFT layout + card)",
                     "Upload a prompt folder to a Hub model repository: softprompt's files and the run's records, "
-                    "PEFT's prompt-tuning adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
+                    "PEFT's adapter layout (PeftModel.from_pretrained(base, REPO_ID) works) and a "
                     "model card. Log in first (huggingface-cli login, or HF_TOKEN). Every command that takes a "
                     "prompt folder also takes hf://REPO_ID[@REVISION]."),
     "lm-eval": Command("softprompt.evaluation.lmeval", "score a prompt on lm-evaluation-harness tasks",
@@ -87,12 +90,13 @@ COMMANDS: dict[str, Command] = {
                         "each prompt's accuracy, the best single one, and the ensemble's by majority vote and by "
                         "mean log-probability.",
                         functions=("run",), flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
-    "inspect": Command("softprompt.evaluation.interpret", "nearest vocabulary tokens of each virtual token",
+    "inspect": Command("softprompt.evaluation.interpret",
+                       "nearest vocabulary tokens of each virtual token; a prefix's per-layer norms",
                        "For each virtual token of a prompt, its nearest vocabulary tokens by cosine similarity to "
                        "the model's input embeddings; for a prefix (per-layer keys and values), each layer's key "
                        "and value norms beside the model's own for a fixed text."),
     "demo": Command("softprompt.demo", "train and compare a prompt on the built-in model, offline",
-                    "Offline demo: train a soft prompt on the built-in model and the bundled countries data, then "
+                    "Offline demo: train a prompt on the built-in model and the bundled countries data, then "
                     "compare held-out loss and generations."),
 }
 
