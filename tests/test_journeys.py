@@ -108,11 +108,15 @@ def test_the_readme_requests_answer_for_every_kind(server, runs):
         "model": "chat", "messages": [{"role": "user", "content": "Act as a poet."}], "max_tokens": 4})
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["choices"][0]["message"]["content"], str)
-    r = httpx.post(server + "/v1/classify", timeout=120,
-                   json={"task": "sst2", "text": "Review: a wonderful, moving film\nSentiment:"})
+    r = httpx.post(server + "/v1/classify", timeout=120, json={"task": "sst2", "text": "a wonderful, moving film"})
     assert r.status_code == 200, r.text
     probs = r.json()
     assert json.dumps(probs).count("positive") and json.dumps(probs).count("negative")
+    # The text filled sst2's template, as the README says: the tokens of the formatted input, sent as it is
+    # to /v1/completions (which applies no template).
+    whole = httpx.post(server + "/v1/completions", timeout=120, json={
+        "model": "sst2", "prompt": "Review: a wonderful, moving film\nSentiment:", "max_tokens": 1}).json()
+    assert probs["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
     r = httpx.post(server + "/v1/completions", timeout=120, json={
         "model": "acts", "prompt": "Act as a chef.\nPrompt:", "max_tokens": 3, "logprobs": 1})
     lp = r.json()["choices"][0]["logprobs"]

@@ -137,7 +137,8 @@ class ChatCompletionRequest(Sampling):
 
 class ClassifyRequest(Body):
     task: Text = Field(description="a loaded soft prompt's name (or the base model's name)")
-    text: Text = Field(description="the input, formatted as the prompt was trained on (e.g. 'Review: ...\\nSentiment:')")
+    text: Text = Field(description="the input; a task whose prompt records a template of one column (e.g. "
+                           "'Review: {sentence}\\nSentiment:') takes the text of that column, which fills it")
     labels: list[Text] | None = Field(None, description="label words (default: the prompt's own, from its training)")
 
 
