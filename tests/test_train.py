@@ -61,6 +61,16 @@ def test_resume_equals_uninterrupted(llama_dir, countries_csv, tmp_path):
     lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in ls]
     assert strip(la) == strip(lb)
+    # The records a user (and `push`'s model card) reads keep the untuned model's and the last scores,
+    # also when a finished run is resumed again and evaluates nothing more.
+    for _ in range(2):
+        sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+        for key in ("final_eval", "untuned_eval"):
+            assert sb[key] == full[key] and full[key] is not None, key
+        # (the prompt's record as the metrics log rounds it: 6 significant digits)
+        assert load_prompt(tmp_path / "b").meta["eval"] == pytest.approx(load_prompt(tmp_path / "a").meta["eval"],
+                                                                         rel=1e-5)
+        train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False, resume=True), quiet=True)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bloom"])

@@ -121,6 +121,22 @@ def start_metrics(out: Path, keep_until: int | None) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def recorded_evals(out: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the untuned model's evaluation, the latest one of the prompt) in a resumed run's metrics log,
+    which start_metrics cut back to its checkpoint, as the loop made them: the summary and the saved
+    prompt keep them when --resume evaluates nothing more (a run resumed after its last step)."""
+    untuned = last = None
+    path = out / METRICS
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rec = json.loads(line)
+        scores = {k: v for k, v in rec.items() if k not in ("step", "split", "seconds")}
+        if rec.get("split") == "eval_untuned":
+            untuned = scores
+        elif rec.get("split") == "eval":
+            last = scores
+    return untuned, last
+
+
 def append_metrics(out: Path, rec: dict[str, Any]) -> None:
     with open(out / METRICS, "a") as f:
         f.write(json.dumps(rec) + "\n")

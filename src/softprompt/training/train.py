@@ -47,7 +47,7 @@ from . import trackers as tracking
 from .auto_method import resolve_method
 from .methods import METHODS, Method
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
-                     plot_metrics, save_checkpoint, start_metrics)
+                     plot_metrics, recorded_evals, save_checkpoint, start_metrics)
 
 
 def default_init_text(fmt: Formatter) -> str:
@@ -383,7 +383,7 @@ def train(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
 def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
     """The training loop of a set-up run, to its end or to `stop_after` steps."""
     cfg, state = run.cfg, run.state
-    untuned = None
+    untuned, last_eval = recorded_evals(run.out) if cfg.resume and run.main else (None, None)
     if cfg.eval_untuned and run.eval_ex and not cfg.resume:
         untuned = evaluate_tasks(run.model, run.tok, None, run.fmt, run.eval_ex, batch_size=max(cfg.batch_size, 16),
                            progress=run.main and not quiet)
@@ -392,7 +392,7 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
     # Closed on the way out of an error too: else its last state prints after the error line.
     with tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet,
               dynamic_ncols=True) as bar:
-        last_eval, stopped_early = None, False
+        stopped_early = False
         stream = batches(run)
         while state["step"] < run.total:
             t0 = time.perf_counter()
