@@ -453,7 +453,7 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
                    **best_eval(run),
                    "final_eval": last_eval, "untuned_eval": untuned,
                    # The evaluations above ran on the base as trained (bf16 where auto chose it on a CPU);
-                   # `softprompt eval` runs in float32 on a CPU, so its figures can differ in the 4th digit.
+                   # `softprompt eval` runs in float32 on a CPU, so its figures differ (by rows, on small sets).
                    "eval_dtype": str(run.model.dtype).replace("torch.", ""), "world_size": run.acc.num_processes,
                    "forward_path": run.path, "prompt_dir": str(run.method.saved_in(run.out))}
         if run.graphed is not None:
