@@ -100,6 +100,12 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [x["method"] for x in rows] == ["zero-shot", "k-shot", "prompt"]
     assert all(x["eval"]["tokens"] == rows[0]["eval"]["tokens"] for x in rows)  # same scored tokens
+    # The prompt's run replays bit for bit: its record names the dtype compare trained in, not auto's
+    # (bf16 for a soft prompt on a CPU with native bf16).
+    record = out / "prompt" / "run_config.json"
+    assert json.loads(record.read_text())["ModelConfig"]["dtype"] == "float32"
+    assert main(["train", "--config", str(record), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "prompt.safetensors").read_bytes() == (out / "prompt" / "prompt.safetensors").read_bytes()
     assert main(["compare", "--model", str(llama_dir), "--data", str(countries_csv), "--text-col", "country",
                  "--methods", "prompt,nope", "--out", str(tmp_path / "bad")]) == 2
     assert "unknown --methods" in capsys.readouterr().err

@@ -41,8 +41,8 @@ import torch
 
 from ..base.families import check_positions
 from ..base.models import load_model
-from ..core.config import (COMPARE_METHODS, ENCODER_METHODS, CompareConfig, DataConfig, ModelConfig, PromptConfig,
-                           TrainConfig, add_args, from_args, to_dict)
+from ..core.config import (COMPARE_METHODS, DTYPES, ENCODER_METHODS, CompareConfig, DataConfig, ModelConfig,
+                           PromptConfig, TrainConfig, add_args, from_args, to_dict)
 from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
 from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
@@ -159,9 +159,13 @@ def trained_row(kind, mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, t
     fmt, train_ex, eval_ex = split
     pcfg, cfg = method_configs(kind, pcfg, tcfg, ccfg, run_dir)
     trained = copy.deepcopy(model) if kind.changes_model else model  # the other rows keep the frozen base
+    # Every row trains on the one base compare loaded (auto is float32 on a CPU, for full fine-tuning); the
+    # run's record names that dtype, or `train --config RUN/run_config.json` would replay it in auto's.
+    dtype = str(model.dtype).replace("torch.", "")
+    ran = replace(mcfg, dtype=dtype) if mcfg.dtype == "auto" and dtype in DTYPES else mcfg
     with PeakMemory(model.device) as tmem:
         t0 = time.perf_counter()
-        s = train(mcfg, dcfg, pcfg, cfg, model=trained, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
+        s = train(ran, dcfg, pcfg, cfg, model=trained, tok=tok, quiet=quiet, splits=(fmt, train_ex, []))
         wall = round(time.perf_counter() - t0, 2)
     del trained
     release_memory()
