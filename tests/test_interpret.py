@@ -40,6 +40,12 @@ def test_inspect_cli(llama_dir, tmp_path, capsys):
     assert r["virtual_tokens"] == 2 and len(r["tokens"][0]["nearest"]) == 2
     assert main(["inspect", str(tmp_path / "p"), "--model", str(llama_dir)]) == 0
     assert "norm" in capsys.readouterr().out
+    # A run's config file names the model, as it does for eval and generate (not the built-in default).
+    record = tmp_path / "run_config.json"
+    record.write_text(json.dumps({"ModelConfig": {"model": str(llama_dir), "dtype": "auto", "device": "cpu",
+                                                  "quantize": "none"}, "forward_path_taken": "kv"}))
+    assert main(["inspect", "--config", str(record), str(tmp_path / "p"), "--top-k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(llama_dir)
 
 
 def test_inspect_prefix_reports_per_layer_norms(model_dir, tmp_path, capsys):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base.models import load_model
-from ..core.config import ModelConfig
+from ..core.config import ModelConfig, add_args
 from ..core.prompt_protocol import embeds_for
 from ..core.utils import SoftpromptError
 from ..prompts.prefix import KIND as PREFIX
@@ -71,8 +71,7 @@ def format_inspection(r: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder or hf://REPO_ID[@REV]")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="the model the prompt was trained for")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_args(parser, ModelConfig, skip=("dtype", "quantize"))  # --model, --device: as a run's --config records them
     parser.add_argument("--top-k", type=int, default=5, help="neighbours per virtual token (not for a prefix, "
                                                              "which shows per-layer key/value norms)")
     parser.add_argument("--json", action="store_true", help="print JSON")
