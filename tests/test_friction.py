@@ -57,6 +57,20 @@ def test_eval_takes_the_prompts_recorded_template_and_labels(trained, llama_dir,
     assert other["loss"] != recorded["loss"]
 
 
+def test_a_split_of_a_local_file_is_refused_not_ignored(trained, llama_dir, capsys):
+    """`eval --config RUN/run_config.json --split validation` on a run trained from local files scored
+    its training file: a local file is read whole, so --split named rows it never read."""
+    out, data = trained
+    for argv in (["eval", "--prompt", str(out)], ["eval", "--config", str(out / "run_config.json"), "--prompt",
+                                                  str(out)], ["train", "--template", TEMPLATE, "--out", str(out / "x")]):
+        capsys.readouterr()
+        assert main([*argv, "--model", str(llama_dir), "--data", str(data), "--split", "validation"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--split validation: --data {data} is a local file, read whole (a Hub dataset has "
+                            "splits); give the file of the rows you mean as --data"), err
+        assert "Traceback" not in err and not (out / "x").exists()
+
+
 def test_ensemble_takes_the_first_prompts_recorded_settings(trained, llama_dir, capsys):
     out, data = trained
     base = ["ensemble", "--model", str(llama_dir), "--data", str(data), str(out), str(out), "--json"]

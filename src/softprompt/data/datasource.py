@@ -65,6 +65,9 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
         return
     if not path.is_file():
         raise SoftpromptError(f"missing data file: {path}")
+    if split not in ("", "train"):  # read_rows reads a file whole: --split would be silently ignored
+        raise SoftpromptError(f"--split {split}: {what} {path} is a local file, read whole (a Hub dataset has "
+                              f"splits); give the file of the rows you mean as {what}")
     try:
         with open(path, "rb") as f:
             f.read(1)
