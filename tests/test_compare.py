@@ -105,7 +105,8 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     record = out / "prompt" / "run_config.json"
     assert json.loads(record.read_text())["ModelConfig"]["dtype"] == "float32"
     assert main(["train", "--config", str(record), "--out", str(tmp_path / "again")]) == 0
-    assert (tmp_path / "again" / "prompt.safetensors").read_bytes() == (out / "prompt" / "prompt.safetensors").read_bytes()
+    again, first = (p / "prompt.safetensors" for p in (tmp_path / "again", out / "prompt"))
+    assert again.read_bytes() == first.read_bytes()
     assert main(["compare", "--model", str(llama_dir), "--data", str(countries_csv), "--text-col", "country",
                  "--methods", "prompt,nope", "--out", str(tmp_path / "bad")]) == 2
     assert "unknown --methods" in capsys.readouterr().err

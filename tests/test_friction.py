@@ -61,8 +61,9 @@ def test_a_split_of_a_local_file_is_refused_not_ignored(trained, llama_dir, caps
     """`eval --config RUN/run_config.json --split validation` on a run trained from local files scored
     its training file: a local file is read whole, so --split named rows it never read."""
     out, data = trained
-    for argv in (["eval", "--prompt", str(out)], ["eval", "--config", str(out / "run_config.json"), "--prompt",
-                                                  str(out)], ["train", "--template", TEMPLATE, "--out", str(out / "x")]):
+    record = str(out / "run_config.json")
+    for argv in (["eval", "--prompt", str(out)], ["eval", "--config", record, "--prompt", str(out)],
+                 ["train", "--template", TEMPLATE, "--out", str(out / "x")]):
         capsys.readouterr()
         assert main([*argv, "--model", str(llama_dir), "--data", str(data), "--split", "validation"]) == 2
         err = capsys.readouterr().err.strip()

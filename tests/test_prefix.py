@@ -304,7 +304,8 @@ def test_a_record_from_before_scaled_steps_replays_and_resumes_with_plain_steps(
     assert main(["train", "--config", str(record), "--resume", "--out", str(tmp_path / "old")]) == 0
     want = load_prompt(tmp_path / "full").key_values()
     for run in ("replay", "old"):
-        assert json.loads((tmp_path / run / "run_config.json").read_text())["TrainConfig"]["prefix_scaled_steps"] is False
+        recorded = json.loads((tmp_path / run / "run_config.json").read_text())["TrainConfig"]
+        assert recorded["prefix_scaled_steps"] is False
         assert torch.equal(load_prompt(tmp_path / run).key_values(), want)
     assert losses(tmp_path / "old") == losses(tmp_path / "full")
 

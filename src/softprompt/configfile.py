@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig, TrainConfig,
-                          as_it_ran)
+from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, ServeConfig,
+                          TrainConfig, as_it_ran)
 from .core.utils import SoftpromptError, short
 
 SECTIONS = {cls.__name__: cls for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig,
