@@ -72,6 +72,20 @@ def test_a_split_of_a_local_file_is_refused_not_ignored(trained, llama_dir, caps
         assert "Traceback" not in err and not (out / "x").exists()
 
 
+def test_a_full_fine_tuning_run_given_as_a_prompt_points_to_its_model(trained, llama_dir, tmp_path, capsys):
+    _, data = trained
+    full = tmp_path / "full"
+    assert main(["train", "--method", "full", "--model", str(llama_dir), "--data", str(data), "--template", TEMPLATE,
+                 "--labels", "no,yes", "--label-col", "europe", "--max-steps", "1", "--batch-size", "4",
+                 "--eval-every", "0", "--save-every", "0", "--out", str(full)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--prompt", str(full), "--model", str(llama_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{full} is a --method full run, which holds a fine-tuned model, not a prompt: pass "
+                        f"--model {full / 'model'} (and no prompt)"), err
+    assert main(["eval", "--model", str(full / "model"), "--data", str(data), "--template", TEMPLATE]) == 0
+
+
 def test_ensemble_takes_the_first_prompts_recorded_settings(trained, llama_dir, capsys):
     out, data = trained
     base = ["ensemble", "--model", str(llama_dir), "--data", str(data), str(out), str(out), "--json"]

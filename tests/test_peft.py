@@ -177,6 +177,14 @@ def test_import_rejects_non_prompt_tuning_adapter(tmp_path, capsys):
     _no_output(out)
 
 
+def test_import_of_a_softprompt_folder_says_what_it_is(tmp_path, capsys):
+    src = save_prompt(SoftPrompt(torch.zeros(3, 32)), tmp_path / "ours", {})
+    out = tmp_path / "out"
+    assert cli_main(["import-peft", str(src), str(out)]) == 2
+    assert f"{src} is a softprompt folder already" in capsys.readouterr().err
+    _no_output(out)
+
+
 def test_import_rejects_corrupt_adapter_weights(tmp_path, capsys):
     src = tmp_path / "peft"
     src.mkdir()

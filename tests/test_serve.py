@@ -194,7 +194,7 @@ ERRORS = [
     ("/v1/completions", {"model": "facts", "prompt": "x", "logprobs": 6}, 400, "logprobs: Input should be less"),
     ("/v1/chat/completions", {"model": "facts", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "unknown"),
-    ("/v1/classify", {"task": "facts", "text": "x"}, 400, "at least two label words"),
+    ("/v1/classify", {"task": "facts", "text": "x"}, 400, "at least two label words (this task has none of its own)"),
     ("/v1/classify", {"task": "reviews", "text": ""}, 400, "text is empty"),
     ("/v1/classify", {"task": "nope", "text": "x", "labels": ["a", "b"]}, 404, "unknown model 'nope'"),
     ("/v1/classify", {"task": "facts", "text": "x", "labels": ["a", "a"]}, 400, "distinct"),
@@ -211,6 +211,11 @@ def test_errors_are_json_naming_the_problem(srv, path, body, status, msg):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert msg in err["message"] and err["type"]
+
+
+def test_one_label_sent_is_refused_without_blaming_the_task(srv):
+    r = srv.client.post("/v1/classify", json={"task": "reviews", "text": "x", "labels": ["a"]})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "labels: give at least two label words"
 
 
 def test_chat_without_template_is_a_clear_400(srv, monkeypatch):
@@ -351,6 +356,8 @@ def test_admin_token_load_and_unload(srv, monkeypatch):
     got = c.post("/v1/completions", json={"model": "new", "prompt": TEXTS[3], "max_tokens": 6}).json()
     assert got["choices"][0]["text"] == ref(srv, "new", srv.tok(TEXTS[3]).input_ids, 6)
     assert c.post("/v1/admin/prompts", json=body, headers=auth).status_code == 409
+    base = c.post("/v1/admin/prompts", json={"name": "tiny-base", "path": str(good), "replace": True}, headers=auth)
+    assert base.status_code == 409 and "is the base model's name" in base.json()["error"]["message"]
     bad = c.post("/v1/admin/prompts", json={"name": "w", "path": str(wrong)}, headers=auth)
     assert bad.status_code == 400 and "hidden size 40 but the model's is 32" in bad.json()["error"]["message"]
     pk = c.post("/v1/admin/prompts", json={"name": "p", "path": str(srv.root / "pickled")}, headers=auth)

@@ -128,6 +128,9 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     check_dest(out, "OUT", overwrite, IMPORT_FILES, local_sources(peft_dir))
     peft_dir = download(peft_dir) if is_hub(peft_dir) else Path(peft_dir)
     check_dest(out, "OUT", overwrite, IMPORT_FILES, (peft_dir,))
+    if not (peft_dir / ADAPTER_CONFIG).is_file() and (peft_dir / WEIGHTS_FILE).is_file():
+        raise SoftpromptError(f"{peft_dir} is a softprompt folder already ({WEIGHTS_FILE}), not a PEFT adapter: "
+                              "use it as it is (export-peft writes PEFT's layout)")
     cfg = read_json(peft_dir / ADAPTER_CONFIG)
     if not isinstance(cfg, dict):
         raise SoftpromptError(f"{peft_dir / ADAPTER_CONFIG} must hold a JSON object, got {type(cfg).__name__}")

@@ -27,7 +27,7 @@ from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
 from .hub import download, is_hub
 from .prefix import PrefixPrompt
-from .recorded import CONFIG_FILE, WEIGHTS_FILE, peft_adapter_error
+from .recorded import CONFIG_FILE, WEIGHTS_FILE, missing_prompt_error
 
 FORMAT = "softprompt/1"
 TENSOR_NAME = "prompt_embeddings"
@@ -158,9 +158,7 @@ def load_prompt(path: str | Path, model=None) -> "SoftPrompt | PrefixPrompt":
     path = download(path) if is_hub(path) else Path(path)
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():
-        if (path / "adapter_model.safetensors").is_file() or (path / "adapter_config.json").is_file():
-            raise peft_adapter_error(path)
-        raise SoftpromptError(f"missing prompt file: {weights}")
+        raise missing_prompt_error(weights.parent, weights)
     config = weights.parent / CONFIG_FILE
     if config.exists() and not config.is_file():  # a folder or a FIFO (reading one would wait forever)
         raise SoftpromptError(f"{config} is not a regular file")

@@ -34,11 +34,20 @@ def read_meta(prompt: str | Path) -> dict[str, Any]:
     path = download(prompt) if is_hub(prompt) else Path(prompt)
     folder = path.parent if path.suffix == ".safetensors" else path
     if not (folder / WEIGHTS_FILE).is_file() and not path.is_file():
-        if (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_config.json").is_file():
-            raise peft_adapter_error(folder)
-        raise SoftpromptError(f"missing prompt file: {folder / WEIGHTS_FILE}")
+        raise missing_prompt_error(folder, folder / WEIGHTS_FILE)
     meta = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
     return meta if isinstance(meta, dict) else {}
+
+
+def missing_prompt_error(folder: Path, weights: Path) -> SoftpromptError:
+    """What to say of a folder without a prompt file, given where a prompt folder goes: a PEFT adapter
+    (peft_adapter_error), a `train --method full` run (its model is a --model), or nothing of ours."""
+    if (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_config.json").is_file():
+        return peft_adapter_error(folder)
+    if (folder / "model" / "config.json").is_file():
+        return SoftpromptError(f"{folder} is a --method full run, which holds a fine-tuned model, not a prompt: "
+                               f"pass --model {folder / 'model'} (and no prompt)")
+    return SoftpromptError(f"missing prompt file: {weights}")
 
 
 def peft_adapter_error(path: Path) -> SoftpromptError:

@@ -36,7 +36,8 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     entry = ctx.registry.get(req.task, "task")
     labels = req.labels if req.labels is not None else list(entry.meta.get("labels") or [])
     if len(labels) < 2:
-        raise ApiError(400, "labels: give at least two label words (this task has none of its own)", "labels")
+        raise ApiError(400, "labels: give at least two label words" + (
+            " (this task has none of its own)" if req.labels is None else ""), "labels")
     if len(labels) > 64 or len(set(labels)) != len(labels) or any(not w.strip() for w in labels):
         raise ApiError(400, "labels must be 2 to 64 distinct non-empty words", "labels")
     if sum(map(len, labels)) > ctx.cfg.max_input_tokens * 64:  # as encode: do not even tokenise absurd labels
