@@ -53,6 +53,10 @@ def test_resume_equals_uninterrupted(llama_dir, countries_csv, tmp_path):
     full = train(*_cfgs(llama_dir, countries_csv, tmp_path / "a", keep_best=False), quiet=True)
     part = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False), stop_after=5, quiet=True)
     assert part == {"interrupted_at": 5}  # checkpoint at step 4 is the latest; steps 5.. redone
+    # Before the first evaluation (step 6) there is no best score: strict JSON's null, not -Infinity.
+    text = (tmp_path / "b" / "checkpoint" / "state.json").read_text()
+    state = json.loads(text, parse_constant=lambda c: pytest.fail(f"state.json is not strict JSON: {c}"))
+    assert state["step"] == 4 and state["best"] is None
     resumed = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False, resume=True), quiet=True)
     assert resumed["steps"] == full["steps"] == 12
     a, b = load_prompt(tmp_path / "a").embeds, load_prompt(tmp_path / "b").embeds
@@ -312,13 +316,17 @@ def test_schedule_is_transformers_entered_one_step_in(schedule, warmup):
 
 def test_resume_of_a_checkpoint_saved_before_the_shifted_schedule(llama_dir, countries_csv, tmp_path):
     """Checkpoints written before train.make_scheduler counted the scheduler one step fewer (same
-    learning rate in the optimiser): resuming one still gives the uninterrupted run's prompt."""
+    learning rate in the optimiser), and before state.json was strict JSON: resuming one still gives
+    the uninterrupted run's prompt."""
     full = train(*_cfgs(llama_dir, countries_csv, tmp_path / "a", keep_best=False), quiet=True)
     train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False), stop_after=5, quiet=True)
     f = tmp_path / "b" / "checkpoint" / "scheduler.pt"
     sd = torch.load(f, weights_only=True)
     sd["last_epoch"] -= 1  # the old layout: last_epoch == step
     torch.save(sd, f)
+    state = f.parent / "state.json"  # and no best score yet written as Python's -Infinity
+    state.write_text(state.read_text().replace('"best": null', '"best": -Infinity'))
+    assert "-Infinity" in state.read_text()
     resumed = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False, resume=True), quiet=True)
     assert resumed["steps"] == full["steps"]
     assert torch.equal(load_prompt(tmp_path / "a").embeds, load_prompt(tmp_path / "b").embeds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import pickle
 import shutil
@@ -150,7 +151,9 @@ def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: 
         method.save_checkpoint(tmp, meta)
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save(sched.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
+        # Strict JSON (jq, other languages): no best score yet is null, not Python's -Infinity.
+        best = None if state["best"] == -math.inf else state["best"]
+        (tmp / "state.json").write_text(json.dumps({**state, "best": best}, allow_nan=False))
 
 
 def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
@@ -168,6 +171,8 @@ def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise SoftpromptError(f"--resume: {ckpt / 'state.json'} holds no step count")
+    if state.get("best") is None:  # null: no evaluation yet (older checkpoints wrote -Infinity, which reads as -inf)
+        state["best"] = -math.inf
     if sched.last_epoch == state["step"]:  # saved before the schedule was entered one step in (train.make_scheduler)
         sched.last_epoch += 1
     return state
