@@ -356,8 +356,8 @@ def test_admin_token_load_and_unload(srv, monkeypatch):
     got = c.post("/v1/completions", json={"model": "new", "prompt": TEXTS[3], "max_tokens": 6}).json()
     assert got["choices"][0]["text"] == ref(srv, "new", srv.tok(TEXTS[3]).input_ids, 6)
     assert c.post("/v1/admin/prompts", json=body, headers=auth).status_code == 409
-    base = c.post("/v1/admin/prompts", json={"name": "tiny-base", "path": str(good), "replace": True}, headers=auth)
-    assert base.status_code == 409 and "is the base model's name" in base.json()["error"]["message"]
+    base = c.post("/v1/admin/prompts", json={"name": "tiny-base", "path": str(good)}, headers=auth)
+    assert base.status_code == 400 and "is the base model's name" in base.json()["error"]["message"]
     bad = c.post("/v1/admin/prompts", json={"name": "w", "path": str(wrong)}, headers=auth)
     assert bad.status_code == 400 and "hidden size 40 but the model's is 32" in bad.json()["error"]["message"]
     pk = c.post("/v1/admin/prompts", json={"name": "p", "path": str(srv.root / "pickled")}, headers=auth)

@@ -36,7 +36,7 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)], route_
              summary="Load a prompt folder from the server's disk (safetensors only, hidden size checked)")
 def load(req: LoadPromptRequest, ctx: Ctx):
     if req.name == ctx.registry.base_name:  # neither unloadable nor replaceable: a 409's advice would not help
-        raise ApiError(409, f"{req.name!r} is the base model's name: load the prompt under another name", "name")
+        raise ApiError(400, f"{req.name!r} is the base model's name: load the prompt under another name", "name")
     if req.name in ctx.registry.items and not req.replace:  # before reading the file
         raise ApiError(409, f"a model named {req.name!r} is already loaded: unload it first, or send "
                             "replace: true", "name")
