@@ -256,10 +256,12 @@ class Results:
     """A result file written row by row: each `add` rewrites the whole JSON atomically, so a time
     limit loses the row in progress, not the file. `head` is provenance() plus the bench's settings."""
 
-    def __init__(self, path: str | Path, head: dict[str, Any], key: str | None = "rows"):
+    def __init__(self, path: str | Path, head: dict[str, Any], key: str | None = "rows",
+                 rows: list[dict[str, Any]] | None = None):
+        """`rows`: a resumed file's rows, kept from the first write on."""
         self.path, self.doc, self.key = Path(path), {**provenance(), **head}, key
         if key:
-            self.doc[key] = []
+            self.doc[key] = list(rows or [])
         self.save()
 
     def add(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ training never saw. Tasks (common.task_data): `acts` (awesome-chatgpt-prompts) a
 (quotable.io's quotes with their authors), two corpora; more seeds, not more tuning, decide.
 
 Rows are written one by one; the summary (each method's mean held-out loss per task, and the
-prefix's difference to each other method, per seed) after every run.
+prefix's difference to each other method, per seed) after every run. The bench resumes: the rows
+already in --out (of the same model, steps and eval limit) are kept, each with its commit and CPU.
 
     python bench/lm_methods.py                                   # both tasks, prefix and prompt, seeds 0 1
     python bench/lm_methods.py --model DIR --steps 2 --seeds 0 --eval-limit 8 --out /tmp/l.json   # dry run
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results, softprompt, task_data  # noqa: E402
 
 TASKS = ("acts", "quotes")
+SAME_RUN = ("model", "steps", "eval_limit")  # what rows of one --out must share to be summarised together
 
 
 def task_run(args, task: str, method: str, seed: int, work: Path) -> dict:
@@ -84,16 +86,26 @@ def main() -> None:
     ap.add_argument("--note", default="", help="recorded as is: e.g. what else ran on the machine")
     ap.add_argument("--out", default=str(RESULTS / "lm_methods.json"))
     args = ap.parse_args()
-    res = Results(args.out, {"bench": "lm_methods", "args": vars(args), "note": args.note,
-                             "flags": "train's defaults but --max-steps, --seed, --save-every 0, --no-eval-untuned"})
-    rows: list[dict] = []
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if old and any(old.get("args", {}).get(k) != getattr(args, k) for k in SAME_RUN):
+        was = ", ".join(f"{k} {old.get('args', {}).get(k)}" for k in SAME_RUN)
+        sys.exit(f"--out {args.out} holds rows of another run ({was}): choose another --out")
+    rows: list[dict] = old.get("rows", [])
+    notes = old.get("notes", [old["note"]] if old.get("note") else []) + ([args.note] if args.note else [])
+    res = Results(args.out, {"bench": "lm_methods", "args": vars(args), "notes": notes,
+                             "flags": "train's defaults but --max-steps, --seed, --save-every 0, --no-eval-untuned"},
+                  rows=rows)
+    done = {(r["task"], r["method"], r["seed"]) for r in rows}
+    res.set(summary=summarise(rows, args.tasks, args.methods))
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
             for task in args.tasks:
                 for method in args.methods:
-                    r = res.add(task_run(args, task, method, seed, Path(work)))
-                    rows.append(r)
-                    res.set(summary=summarise(rows, args.tasks, args.methods))
+                    if (task, method, seed) in done:
+                        continue
+                    r = res.add({**task_run(args, task, method, seed, Path(work)), "commit": res.doc["commit"],
+                                 "cpu_model": res.doc["machine"].get("cpu_model")})  # a resumed file spans runs
+                    res.set(summary=summarise(res.doc["rows"], args.tasks, args.methods))
                     print(f"seed {seed} {task} {method} ({r['dtype']}): {r['train_seconds']:.0f} s, best held-out "
                           f"{r['best_eval_loss']}, dev loss {r['dev_loss']:.4f} (float32)", flush=True)
     for task, s in res.doc["summary"].items():
