@@ -103,3 +103,5 @@ def test_shipped_example_configs_are_valid_train_configs(name):
         cfg = from_args(cls, args)
         for key, value in read_config(path).get(cls.__name__, {}).items():
             assert getattr(cfg, key) == value, (cls.__name__, key)
+    if name != "sst2.yaml":  # PEFT's PromptTuning recipes, whose figures are a soft prompt's: not auto's prefix
+        assert from_args(TrainConfig, args).method == "prompt"

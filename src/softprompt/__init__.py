@@ -4,7 +4,7 @@
     softprompt.train(data="rows.jsonl", template="Review: {text}\\nSentiment:", labels="negative,positive",
                      out="runs/sst2", max_steps=100)
     softprompt.evaluate(prompt="runs/sst2", data="test.jsonl", template=..., labels=...)
-    softprompt.generate(["Act as a travel guide."], prompt="runs/acts")
+    softprompt.generate(["travel guide"], prompt="runs/acts")
     model = softprompt.SoftPromptModel.from_pretrained(base, "runs/acts")  # forward, generate, save_pretrained
     from softprompt import PromptTuningConfig, get_peft_model             # PEFT's recipe, run by softprompt
 
