@@ -28,3 +28,14 @@ def test_demo_trains_the_default_method_and_compares_generations(tmp_path):
     assert tuned != baseline  # the tuned rows are decoded with the prefix, not without a prompt
     cfg = json.loads((tmp_path / "demo" / "run_config.json").read_text())
     assert cfg["TrainConfig"]["method"] == "prefix" and cfg["method_reason"].startswith("auto:")
+    # Run again (`make demo` twice), it replaces its own last run; another run's folder it refuses at once.
+    r = subprocess.run([SP, "demo", "--max-steps", "2", "--out", str(tmp_path / "demo")], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "summary.json").write_text("{}")
+    r = subprocess.run([SP, "demo", "--out", str(tmp_path / "other")], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 2 and "already holds files that no demo wrote: pass --overwrite" in r.stderr
+    assert "Loading" not in r.stderr  # refused before the model loads

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .base.models import cpu_bf16_method, load_model
 from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .core.utils import SoftpromptError, read_json
 from .core.prompt_protocol import forward_input
 from .data.formatting import load_splits
 from .generation.decode import PromptKV
@@ -37,9 +38,23 @@ def demo_configs(out: str = "runs/demo", max_steps: int = 120, model: str = "smo
     return mcfg, dcfg, pcfg, tcfg
 
 
+def previous_demo(out: Path) -> bool:
+    """Whether `out` holds a run this command wrote: its record trained on the bundled countries."""
+    try:
+        return read_json(out / "run_config.json")["DataConfig"]["data"] == str(EXAMPLE_DATA)
+    except (SoftpromptError, OSError, KeyError, TypeError):  # no record, or not a demo's
+        return False
+
+
 def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135m-instruct",
          show: int = 6, overwrite: bool = False) -> dict:
-    mcfg, dcfg, pcfg, tcfg = demo_configs(out, max_steps, model, overwrite)
+    # Run again (`make demo` twice), the demo replaces its own last run; anything else in --out it
+    # leaves alone, and says so before the model loads.
+    used = Path(out).is_dir() and any(Path(out).iterdir())
+    if used and not (overwrite or previous_demo(Path(out))):
+        raise SoftpromptError(f"--out {out} already holds files that no demo wrote: pass --overwrite to replace "
+                              "a run there, or choose another --out")
+    mcfg, dcfg, pcfg, tcfg = demo_configs(out, max_steps, model, overwrite or used)
     t0 = time.perf_counter()
     m, tok = load_model(mcfg, cpu_bf16=cpu_bf16_method(resolve_method(pcfg, tcfg)[0].method))  # as train loads it
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
@@ -73,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder")
     parser.add_argument("--max-steps", type=int, default=120, help="training steps")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the built-in one)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous demo run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (a previous "
+                                                                 "demo's is replaced without it)")
 
 
 def run(args: argparse.Namespace) -> int:
