@@ -306,6 +306,21 @@ def test_D3_generate_64_bit_seed_is_one_line(llama_dir, run_dir, capsys):
     one_error_line(capsys, f"--seed {2 ** 64 - 1}", "4294967295")
 
 
+@pytest.mark.parametrize("device,words", [("tpu", "is not a device name"), ("meta", "holds no values"),
+                                          ("cuda:99", "CUDA device")])  # none here; not 100 on a GPU machine
+def test_D3_a_device_this_machine_lacks_is_one_line(llama_dir, data_csv, tmp_path, device, words, capsys):
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--device", device)) == 2
+    one_error_line(capsys, f"--device {device}", words)
+    assert main(["eval", "--model", str(llama_dir), "--device", device, "--data", str(data_csv), *CLS]) == 2
+    one_error_line(capsys, f"--device {device}", words)
+
+
+def test_D3_full_fine_tuning_of_a_quantized_base_is_one_line(llama_dir, data_csv, tmp_path, capsys):
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--method", "full", "--quantize", "8bit")) == 2
+    one_error_line(capsys, "--method full trains every weight, and a --quantize 8bit base")
+    assert not (tmp_path / "run").exists()
+
+
 def test_D3_train_huge_lr_is_one_line(llama_dir, data_csv, tmp_path, capsys):
     assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--lr", "1e308")) == 2
     one_error_line(capsys, "--lr")

@@ -61,9 +61,22 @@ def load_gguf(path: Path, dtype: torch.dtype):
 
 
 def resolve_device(device: str) -> torch.device:
+    """--device as a torch device, refused in one line where this machine has none such (before any load)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SoftpromptError(f"--device {device} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "meta":  # holds shapes only: nothing can be computed on it
+        raise SoftpromptError("--device meta holds no values: use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        built = "" if torch.version.cuda else ", a build without CUDA"
+        raise SoftpromptError(f"--device {device}: no CUDA device here (torch {torch.__version__}{built}); "
+                              "use --device cpu or auto")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise SoftpromptError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def resolve_dtype(name: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype:

@@ -175,6 +175,9 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
     check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)
     tcfg, method_reason = resolve_method(pcfg, tcfg)
+    if tcfg.method == "full" and mcfg.quantize != "none":  # before the model loads
+        raise SoftpromptError(f"--method full trains every weight, and a --quantize {mcfg.quantize} base holds "
+                              "integer weights that take no gradient: drop --quantize, or train a prompt")
     check_init(pcfg, tcfg.method)
     trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
     acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
