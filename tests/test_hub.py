@@ -64,6 +64,26 @@ def test_upload_layout_and_card(run_dir, llama_dir, tmp_path):
     assert torch.equal(model.prompt_encoder["default"].embedding.weight.detach(), ours)
 
 
+def test_card_scores_the_prompt_it_uploads_and_names_the_base_given(run_dir, tmp_path):
+    """Under keep-best the uploaded prompt is the best step's, while summary.json's final_eval is the
+    last step's: the card shows the prompt's own scores. --base-model names the card's base too."""
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    summary = json.loads((run / "summary.json").read_text())
+    kept = load_prompt(run).meta["eval"]
+    summary["final_eval"] = {**kept, "accuracy": 0.123, "loss": 9.875}  # a later, worse step than the kept one
+    (run / "summary.json").write_text(json.dumps(summary))
+    card = ModelCard.load(prepare_upload(run, tmp_path / "up", "someone/x", base_model="org/base") / "README.md")
+    untuned = summary["untuned_eval"]["accuracy"]
+    assert f"| accuracy | {100 * untuned:.2f}% | {100 * kept['accuracy']:.2f}% |" in card.text
+    assert "12.30%" not in card.text and "9.875" not in card.text
+    held_out = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert held_out["accuracy"] == round(kept["accuracy"], 4)
+    assert card.data.base_model == "org/base" and "from_pretrained('org/base'" in card.text
+
+
 def _cache(root, repo_id, folder, ref="main", sha="a" * 40):
     """huggingface_hub's cache layout: models--org--name/{refs/REF, snapshots/SHA/...}."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

@@ -132,11 +132,17 @@ def dataset_id(spec: str) -> str:
     return name if is_dataset_id(name) and not Path(spec).expanduser().exists() else ""
 
 
+def kept_eval(meta: dict[str, Any], summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The held-out scores of the prompt uploaded: its own record (the best step's under keep-best),
+    else the run's last evaluation (summary.json's final_eval, which keep-best may not have kept)."""
+    return meta.get("eval") or (summary or {}).get("final_eval") or {}
+
+
 def eval_results(meta: dict[str, Any], summary: dict[str, Any] | None, data_cfg: dict[str, Any]) -> list:
     """The tuned prompt's held-out metrics as the Hub's model-index entries."""
     from huggingface_hub import EvalResult
 
-    tuned = (summary or {}).get("final_eval") or meta.get("eval") or {}
+    tuned = kept_eval(meta, summary)
     spec = str(data_cfg.get("data", ""))
     name = dataset_id(spec) or Path(spec).name or "held-out data"
     split = data_cfg.get("eval_split") or None
@@ -147,7 +153,7 @@ def eval_results(meta: dict[str, Any], summary: dict[str, Any] | None, data_cfg:
 
 
 def metric_rows(meta: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
-    tuned = (summary or {}).get("final_eval") or meta.get("eval") or {}
+    tuned = kept_eval(meta, summary)
     untuned = (summary or {}).get("untuned_eval") or {}
     fmt = lambda m, k: (f"{100 * m[k]:.2f}%" if k == "accuracy" else f"{m[k]:.4f}") if k in m else ""
     return [f"| {k} | {fmt(untuned, k)} | {fmt(tuned, k)} |" for k in ("accuracy", "loss", "perplexity") if k in tuned]
@@ -170,7 +176,8 @@ def prepare_upload(prompt_dir: str | Path, out: str | Path, repo_id: str, base_m
         for f in peft.iterdir():
             f.rename(tmp / f.name)
         peft.rmdir()
-        (tmp / "README.md").write_text(model_card(meta, summary if isinstance(summary, dict) else None, repo_id))
+        card_meta = {**meta, "model": base_model} if base_model else meta  # --base-model names the card's base too
+        (tmp / "README.md").write_text(model_card(card_meta, summary if isinstance(summary, dict) else None, repo_id))
     return Path(out)
 
 
