@@ -85,6 +85,23 @@ def test_missing_and_unsupported_files(tmp_path, capsys):
     assert "expected a .yaml, .yml or .json file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command,section,message", [
+    ("eval", "eval:\n  prompt: 5\n", "eval.prompt: expected str, got int 5"),
+    ("generate", "generate:\n  compare: 'no'\n", "generate.compare: expected bool, got str 'no'"),
+    ("serve", "serve:\n  prompt: a=runs/a\n", "serve.prompt: expected a list, got str 'a=runs/a'"),
+    ("serve", "serve:\n  prompt: [a=runs/a, {b: runs/b}]\n", "serve.prompt.1: expected str, got dict {'b': 'runs/b'}"),
+    ("eval", "eval:\n  batch_size: many\n", "eval.batch_size: expected int, got 'many'"),
+])
+def test_a_command_section_s_values_are_checked_like_its_flags(command, section, message, tmp_path, capsys):
+    """A command's own section once passed any value on: an int where a path goes was a traceback, the
+    string 'no' turned a switch on, and a string where a list goes was read letter by letter."""
+    f = tmp_path / "c.yaml"
+    f.write_text(section)
+    assert main([command, "--config", str(f), *(["hi"] if command == "generate" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"--config {f}: {message}") and len(err) == 1, err
+
+
 @pytest.mark.parametrize("name", ["sst2.yaml", "awesome-chatgpt-prompts.yaml", "bloomz-560m-classic.yaml"])
 def test_shipped_example_configs_are_valid_train_configs(name):
     """Every key of the examples is a flag of `train`, of its type, and the configs pass their checks."""

@@ -106,8 +106,28 @@ def check_value(where: str, typ: type, value: Any) -> None:
         raise SoftpromptError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {short(value)}")
 
 
-def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The flag defaults `cfg` (a read config file) sets for `command`, whose first parse gave `args`."""
+def check_flag_value(where: str, action: argparse.Action | None, value: Any) -> None:
+    """A command section's value as its flag takes it: a switch a bool, a repeated or multi-valued flag
+    a list (each item as one value), any other flag one value of its type (a string where the flag
+    parses one: argparse's `type` reads a string default as it reads argv)."""
+    if action is None:
+        return
+    one = action.type if action.type in (int, float) else str
+    if action.nargs == 0:  # --flag / --no-flag
+        check_value(where, bool, value)
+    elif action.nargs in ("+", "*") or isinstance(action.default, list):
+        if not isinstance(value, list):
+            raise SoftpromptError(f"{where}: expected a list, got {type(value).__name__} {short(value)}")
+        for i, item in enumerate(value):
+            check_value(f"{where}.{i}", one, item)
+    else:
+        check_value(where, one, value)
+
+
+def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argparse.Namespace,
+                     actions: dict[str, argparse.Action] | None = None) -> dict[str, Any]:
+    """The flag defaults `cfg` (a read config file) sets for `command`, whose first parse gave `args`;
+    `actions` (flag dest -> its argparse action) checks the values of the command's own section."""
     fields: dict[str, str] = getattr(args, "config_fields", {})  # flag dest -> its config class (config.add_args)
     flags = set(vars(args)) - NOT_FLAGS - set(fields)
     out: dict[str, Any] = {}
@@ -132,6 +152,7 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
                 if key not in flags:
                     raise SoftpromptError(f"{where}: unknown key {short(key)} (flags of {command} that no config "
                                           f"section holds: {', '.join(sorted(flags)) or 'none'})")
+                check_flag_value(f"{where}.{key}", (actions or {}).get(key), value)
                 out[key] = value
         elif section.endswith("Config"):  # meant as a section, but misspelt
             raise SoftpromptError(f"--config {path}: unknown section {short(section)} (known: {', '.join(SECTIONS)})")
@@ -140,4 +161,5 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
 
 def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.Namespace) -> None:
     """Make the values of `args.config` the defaults of the command's `parser`."""
-    parser.set_defaults(**command_defaults(as_it_ran(read_config(args.config)), args.config, command, args))
+    actions = {a.dest: a for a in parser._actions}  # argparse keeps its actions in no public attribute
+    parser.set_defaults(**command_defaults(as_it_ran(read_config(args.config)), args.config, command, args, actions))
