@@ -249,3 +249,14 @@ def test_lm_eval_command_on_a_prefix_train_wrote(llama_dir, tmp_path, capsys):
     ours = eval_prompt(ModelConfig(model=str(llama_dir), device="cpu"), DataConfig(data=str(data)), str(pre))
     print(f"lm_eval acc {acc['acc,none']:.4f}, softprompt eval {ours['accuracy']:.4f} on 24 rows")
     assert ours["n"] == 24 and round(acc["acc,none"] * 24, 3) == round(ours["accuracy"] * 24, 3)
+    # The untuned model, as the model's docstring allows (lm_eval reads `none` as Python's None), and
+    # model_args it cannot read refused in one line.
+    assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},prompt=none,device=cpu", "--tasks",
+                 "countries_europe", "--include_path", str(tmp_path / "tasks"), "--limit", "4"]) == 0
+    for bad, words in (("chat=maybe", "chat=maybe: expected true or false"),
+                       ("max_length=abc", "max_length=abc: expected a whole number")):
+        capsys.readouterr()
+        assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},prompt={pre},{bad}", "--tasks",
+                     "countries_europe", "--include_path", str(tmp_path / "tasks")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert words in err[-1] and not any(l.startswith("Traceback") for l in err), err

@@ -24,6 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig
+from ..core.utils import SoftpromptError
 from ..core.prompt_protocol import forward_input
 from ..data.batching import Example, collate, pad_id
 from ..data.formatting import chat_wrap
@@ -31,6 +32,18 @@ from ..forward.hidden import logits, supervised
 from ..generation.decode import PromptKV
 from ..generation.generate import generate_batch
 from ..prompts.prompt import load_prompt
+
+
+SWITCH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def switch_arg(name: str, value: Any) -> bool | None:
+    """A --model_args switch as lm_eval hands it over (a bool, or the string it did not convert)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if str(value).lower() not in SWITCH:
+        raise SoftpromptError(f"--model_args {name}={value}: expected true or false")
+    return SWITCH[str(value).lower()]
 
 
 @register_model("softprompt")
@@ -43,8 +56,12 @@ class SoftpromptLM(LM):
                  device: str | None = None, batch_size: int | str = 16, chat: bool | None = None,
                  max_length: int = 2048, **_: Any):
         super().__init__()
+        chat = switch_arg("chat", chat)
+        if not str(max_length).isdigit() or int(max_length) < 1:
+            raise SoftpromptError(f"--model_args max_length={max_length}: expected a whole number of tokens")
         self.model, self.tok = load_model(ModelConfig(model=str(pretrained), dtype=dtype, device=device or "auto"))
-        sp = None if str(prompt) in ("", "none") else load_prompt(str(prompt), self.model)
+        # lm_eval reads `prompt=none` (and `None`) as Python's None
+        sp = None if prompt is None or str(prompt) in ("", "none", "None") else load_prompt(str(prompt), self.model)
         if sp is not None:  # scored, never trained here
             sp = sp.to(self.model.device).requires_grad_(False)
         # [P, H] input embeddings, or a prefix itself (its keys and values are the text's cache)
