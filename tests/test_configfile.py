@@ -91,6 +91,8 @@ def test_missing_and_unsupported_files(tmp_path, capsys):
     ("serve", "serve:\n  prompt: a=runs/a\n", "serve.prompt: expected a list, got str 'a=runs/a'"),
     ("serve", "serve:\n  prompt: [a=runs/a, {b: runs/b}]\n", "serve.prompt.1: expected str, got dict {'b': 'runs/b'}"),
     ("eval", "eval:\n  batch_size: many\n", "eval.batch_size: expected int, got 'many'"),
+    ("serve", "serve:\n  version: true\n", "serve: unknown key 'version' (flags of serve that no config section "
+                                              "holds: prompt)"),
 ])
 def test_a_command_section_s_values_are_checked_like_its_flags(command, section, message, tmp_path, capsys):
     """A command's own section once passed any value on: an int where a path goes was a traceback, the

@@ -26,7 +26,7 @@ from .core.utils import SoftpromptError, short
 SECTIONS = {cls.__name__: cls for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig,
                                           GenerateConfig, ServeConfig)}
 # Namespace entries that are no flag of the command's own.
-NOT_FLAGS = {"cmd", "config", "config_fields"}
+NOT_FLAGS = {"cmd", "config", "config_fields", "version"}  # version: the top-level --version
 # A config file holds tens of values; nested aliases (a "billion laughs" file) expand to billions.
 MAX_YAML_NODES = 10_000
 

@@ -86,7 +86,7 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder")
-    parser.add_argument("--max-steps", type=int, default=120, help="training steps")
+    parser.add_argument("--max-steps", type=int, default=120, help="training steps (0: one pass over the data)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the built-in one)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (a previous "
                                                                  "demo's is replaced without it)")
