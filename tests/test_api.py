@@ -73,6 +73,10 @@ def test_errors_name_keyword_arguments_not_flags():
         softprompt.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs prompt_tuning_init_text"):
         softprompt.PromptTuningConfig(prompt_tuning_init="TEXT")
+    loaded = torch.nn.Linear(1, 1)  # stands for a loaded model: refused before it is used
+    for given in ({"quantize": "8bit"}, {"dtype": "float32"}):
+        with pytest.raises(TypeError, match=f"{next(iter(given))}= loads model= by name; model= is already loaded"):
+            softprompt.train(model=loaded, tokenizer=object(), **given)
     for config in (softprompt.PromptTuningConfig, softprompt.PrefixTuningConfig):  # their shared base's checks
         with pytest.raises(ValueError, match="num_transformer_submodules: decoder-only models have 1"):
             config(num_transformer_submodules=2)

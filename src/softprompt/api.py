@@ -66,6 +66,11 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
         return None, None
     if tokenizer is None:
         raise TypeError("model= is a loaded model: pass its tokenizer= too (or give model= as a name or folder)")
+    # They say how to load a model by name; a loaded one is used as it is (run_config.json would record them).
+    given = [k for k, off in (("dtype", "auto"), ("quantize", "none")) if kwargs.get(k, off) != off]
+    if given:
+        raise TypeError(f"{given[0]}= loads model= by name; model= is already loaded, so load it as you want it "
+                        "(or give model= as a name)")
     # A SoftPromptModel's frozen base (an HF model's own `base_model` is its decoder without the head).
     base = model.get_base_model() if hasattr(model, "prompts") and hasattr(model, "get_base_model") else model
     kwargs["model"] = str(getattr(base, "name_or_path", "") or "model")
