@@ -75,12 +75,16 @@ def test_card_scores_the_prompt_it_uploads_and_names_the_base_given(run_dir, tmp
     kept = load_prompt(run).meta["eval"]
     summary["final_eval"] = {**kept, "accuracy": 0.123, "loss": 9.875}  # a later, worse step than the kept one
     (run / "summary.json").write_text(json.dumps(summary))
+    meta = json.loads((run / "prompt_config.json").read_text())
+    meta["config"]["DataConfig"]["eval_data"] = "/somewhere/dev.csv"  # the held-out rows' own file
+    (run / "prompt_config.json").write_text(json.dumps(meta))
     card = ModelCard.load(prepare_upload(run, tmp_path / "up", "someone/x", base_model="org/base") / "README.md")
     untuned = summary["untuned_eval"]["accuracy"]
     assert f"| accuracy | {100 * untuned:.2f}% | {100 * kept['accuracy']:.2f}% |" in card.text
     assert "12.30%" not in card.text and "9.875" not in card.text
     held_out = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert held_out["accuracy"] == round(kept["accuracy"], 4)
+    assert {r.dataset_name for r in card.data.eval_results} == {"dev.csv"}
     assert card.data.base_model == "org/base" and "from_pretrained('org/base'" in card.text
 
 

@@ -143,7 +143,7 @@ def eval_results(meta: dict[str, Any], summary: dict[str, Any] | None, data_cfg:
     from huggingface_hub import EvalResult
 
     tuned = kept_eval(meta, summary)
-    spec = str(data_cfg.get("data", ""))
+    spec = str(data_cfg.get("eval_data") or data_cfg.get("data", ""))  # where the held-out rows came from
     name = dataset_id(spec) or Path(spec).name or "held-out data"
     split = data_cfg.get("eval_split") or None
     task = "text-classification" if meta.get("task") == "classify" else "text-generation"
