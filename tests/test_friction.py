@@ -86,6 +86,24 @@ def test_a_full_fine_tuning_run_given_as_a_prompt_points_to_its_model(trained, l
     assert main(["eval", "--model", str(full / "model"), "--data", str(data), "--template", TEMPLATE]) == 0
 
 
+def test_no_chat_turns_off_a_prompt_s_recorded_chat_flag(trained, llama_dir, tmp_path, capsys):
+    """A flag still wins over the prompt's record, --no-chat too (it was read as 'not given')."""
+    import softprompt
+
+    _, data = trained
+    chat = tmp_path / "chat"
+    assert main(["train", "--model", str(llama_dir), "--data", str(data), "--template", TEMPLATE, "--labels", "no,yes",
+                 "--label-col", "europe", "--chat", "--method", "prompt", "--virtual-tokens", "3", "--max-steps", "2",
+                 "--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--out", str(chat)]) == 0
+    base = ["eval", "--model", str(llama_dir), "--data", str(data), "--prompt", str(chat), "--limit", "6", "--json"]
+    recorded, on, off = (run_json(capsys, base + extra) for extra in ([], ["--chat"], ["--no-chat"]))
+    assert recorded == on and off["lm_loss"] != on["lm_loss"]
+    kw = dict(model=str(llama_dir), data=str(data), limit=6)
+    # (the command prints 6 significant digits; the API returns the float)
+    assert softprompt.evaluate(str(chat), **kw)["lm_loss"] == pytest.approx(on["lm_loss"], rel=1e-5)
+    assert softprompt.evaluate(str(chat), chat=False, **kw)["lm_loss"] == pytest.approx(off["lm_loss"], rel=1e-5)
+
+
 def test_ensemble_takes_the_first_prompts_recorded_settings(trained, llama_dir, capsys):
     out, data = trained
     base = ["ensemble", "--model", str(llama_dir), "--data", str(data), str(out), str(out), "--json"]

@@ -100,12 +100,15 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     mcfg, dcfg = split_kwargs("evaluate", kwargs, (ModelConfig, DataConfig))
+    if "chat" not in kwargs:  # as the prompt was trained (recorded.with_recorded); chat=False turns it off
+        dcfg = dataclasses.replace(dcfg, chat=None)
     with python_errors():
         return eval_prompt(mcfg, dcfg, "none" if prompt is None else str(prompt), batch_size, model=base, tok=tok)
 
 
 def generate(texts: str | list[str], prompt: Any = None, *, model: Any = "smollm2-135m-instruct",
-             tokenizer: Any = None, compare: bool = False, chat: bool = False, **kwargs: Any) -> list[dict[str, str]]:
+             tokenizer: Any = None, compare: bool = False, chat: bool | None = None,
+             **kwargs: Any) -> list[dict[str, str]]:
     """Continue each text ({"input", "tuned" or "baseline"} per text; both with compare=True), as
     `softprompt generate` does. Keywords: max_new_tokens=, sample=, temperature=, top_p=,
     repetition_penalty=, seed=."""

@@ -83,6 +83,7 @@ def check_train(args: argparse.Namespace) -> None:
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
     add_args(parser, DataConfig, skip=SCORING_SKIP)
+    parser.set_defaults(chat=None)  # --chat / --no-chat, else as the prompt was trained (recorded.with_recorded)
     parser.add_argument("--prompt", default="none",
                         help="prompt folder or hf://REPO_ID[@REV], or 'none' for the untuned model; the template, "
                              "target, labels and chat flag its prompt_config.json records are the defaults of those "
@@ -104,6 +105,7 @@ def check_eval(args: argparse.Namespace) -> None:
 def ensemble_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
     add_args(parser, DataConfig, skip=SCORING_SKIP)
+    parser.set_defaults(chat=None)  # --chat / --no-chat, else as the first prompt was trained
     parser.add_argument("prompts", nargs="+", metavar="DIR",
                         help="prompt folders or hf://REPO_ID[@REV] (two or more); the first one's recorded template, "
                              "labels and chat flag are the defaults of those flags")
@@ -128,8 +130,8 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="", help="prompt folder or hf://REPO_ID[@REV] (default: none, the "
                                                      "untuned model)")
     parser.add_argument("--compare", action="store_true", help="show the untuned model's output beside the tuned one")
-    parser.add_argument("--chat", action="store_true", help="wrap TEXT in the model's chat template (default: as "
-                                                            "the prompt was trained)")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap TEXT in the model's chat template, or not (default: as the prompt was trained)")
     # dest: not DataConfig's `template` (a generate namespace is no DataConfig's)
     parser.add_argument("--template", dest="input_template", default=None,
                         help="template each TEXT fills, e.g. 'Review: {sentence}\\nSentiment:' (one column: TEXT fills "

@@ -93,7 +93,7 @@ def read_conversations(path: str) -> list[list[dict[str, str]]]:
 
 
 def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prompt: str = "",
-                 compare: bool = False, chat: bool = False, model=None, tok=None, template: str | None = None,
+                 compare: bool = False, chat: bool | None = None, model=None, tok=None, template: str | None = None,
                  system: str = "", conversations: list[list[dict[str, str]]] | None = None) -> list[dict[str, str]]:
     """Continuations of `texts` (or replies to `conversations`); with `compare`, the untuned model's
     beside the tuned one's. `template`: each text's template (None: the prompt's recorded one, "":
@@ -115,7 +115,7 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
     sp = load_prompt(prompt, model) if prompt and prompt != "none" else None
     p = forward_input(sp)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
     p = p.detach() if isinstance(p, torch.Tensor) else p
-    chat = chat or bool(meta.get("chat"))
+    chat = bool(meta.get("chat")) if chat is None else chat  # None: as the prompt was trained
     if conversations:
         encoded = [encode_messages(tok, c, system) for c in conversations]
         shown = [c[-1]["content"] for c in conversations]

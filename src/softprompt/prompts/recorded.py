@@ -91,8 +91,8 @@ def with_recorded(fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
         out["labels"] = rec["labels"]
         if fields.get("label_col", DEFAULT_LABEL_COL) == DEFAULT_LABEL_COL and rec.get("label_col"):
             out["label_col"] = rec["label_col"]
-    if "chat" in fields:
-        out["chat"] = bool(fields["chat"] or rec.get("chat", False))
+    if "chat" in fields:  # None: no --chat/--no-chat given (the scoring commands), so the record's
+        out["chat"] = bool(rec.get("chat", False)) if fields["chat"] is None else bool(fields["chat"])
     return out
 
 
@@ -100,7 +100,9 @@ def data_config(args: argparse.Namespace, prompt: str) -> DataConfig:
     """A command's DataConfig, the prompt's recorded reading filling what no flag gave (before the
     config's own checks: --labels alone needs the recorded --template)."""
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig) if hasattr(args, f.name)}
-    return DataConfig(**(with_recorded(fields, read_meta(prompt)) if prompt not in ("", "none") else fields))
+    if prompt in ("", "none"):  # no record: chat only where --chat asks
+        return DataConfig(**{**fields, **({"chat": bool(fields["chat"])} if "chat" in fields else {})})
+    return DataConfig(**with_recorded(fields, read_meta(prompt)))
 
 
 def template_fields(template: str) -> list[str]:
