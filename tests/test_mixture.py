@@ -70,6 +70,20 @@ def test_train_reports_each_task_and_their_mean(countries_csv, llama_dir, tmp_pa
     assert rc["TrainConfig"]["loss"] == "classes"  # one-token label words in every task
     meta = json.loads((tmp_path / "mix" / "prompt_config.json").read_text())
     assert meta["labels"] == ["N", "Y"]  # the recorded reading is the first task's, for eval and generate
+    # push's model card says it is a mixture: every task's data, template and label words, the mean
+    # labelled as such, then each task's own scores.
+    from softprompt.prompts.hub_push import prepare_upload
+
+    card = (prepare_upload(tmp_path / "mix", tmp_path / "up", "someone/mix") / "README.md").read_text()
+    name = countries_csv.name
+    assert f"| data | a mixture of 2 tasks: `{name}`, `{name}` |" in card
+    assert "| label words, task 1 | N, Y |" in card and "| label words, task 2 | F, T |" in card
+    assert "Template, task 2 (each row's columns fill the braces):\n\n```text\nCapital: {capital}" in card
+    acc = ev["accuracy"]
+    assert f"| accuracy (mean over the tasks) |  | {100 * acc:.2f}% |" in card
+    assert "held-out accuracy (mean over 2 tasks)" in card
+    for task, scores in tasks.items():
+        assert f"| accuracy, task {task} |  | {100 * scores['accuracy']:.2f}% |" in card
 
 
 def test_mix_on_the_command_line_and_bad_tasks(countries_csv, llama_dir, tmp_path, capsys):

