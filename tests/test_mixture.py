@@ -65,6 +65,10 @@ def test_train_reports_each_task_and_their_mean(countries_csv, llama_dir, tmp_pa
     assert len(tasks) == 2 and all(t["n"] == 6 for t in tasks.values())
     assert ev["accuracy"] == pytest.approx(sum(t["accuracy"] for t in tasks.values()) / 2)
     assert ev["n"] == 12
+    from softprompt.evaluation.evaluate import format_eval  # the progress line: the mean is not the pooled counts
+
+    assert f"accuracy {100 * ev['accuracy']:.2f}% (mean over 2 tasks)" in format_eval(ev)
+    assert "(3 of 6)" in format_eval({**ev, "tasks": {}, "accuracy": 0.5, "correct": 3, "n": 6})
     rc = json.loads((tmp_path / "mix" / "run_config.json").read_text())
     assert rc["DataConfig"]["mix"] == [{"data": str(countries_csv), **CAPITAL}]
     assert rc["TrainConfig"]["loss"] == "classes"  # one-token label words in every task

@@ -138,9 +138,10 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
 
 def format_eval(m: dict[str, Any]) -> str:
     if "accuracy" in m:
-        return (f"loss {m['loss']:.4f} (over the label words)  accuracy {100 * m['accuracy']:.2f}% ({m['correct']} "
-                f"of {m['n']})  lm loss {m['lm_loss']:.4f}  perplexity {m['perplexity']:.3f} ({m['tokens']} label "
-                "tokens)")
+        # A mixture's accuracy is the mean over its tasks, which the pooled counts are not.
+        rows = f"mean over {len(m['tasks'])} tasks" if m.get("tasks") else f"{m['correct']} of {m['n']}"
+        return (f"loss {m['loss']:.4f} (over the label words)  accuracy {100 * m['accuracy']:.2f}% ({rows})  "
+                f"lm loss {m['lm_loss']:.4f}  perplexity {m['perplexity']:.3f} ({m['tokens']} label tokens)")
     return f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
 
 
