@@ -58,7 +58,7 @@ def demo(out: str = "runs/demo", max_steps: int = 120, model: str = "smollm2-135
     t0 = time.perf_counter()
     m, tok = load_model(mcfg, cpu_bf16=cpu_bf16_method(resolve_method(pcfg, tcfg)[0].method))  # as train loads it
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
-    print(f"model {mcfg.model} ({sum(p.numel() for p in m.parameters()) / 1e6:.0f}M params, frozen); "
+    print(f"model {mcfg.model} ({sum(p.numel() for p in m.parameters()) / 1e6:.3g}M params, frozen); "
           f"{len(train_ex)} training / {len(eval_ex)} held-out examples from {EXAMPLE_DATA.name}")
     summary = train(mcfg, dcfg, pcfg, tcfg, model=m, tok=tok)
     prompt = load_prompt(out, m)
