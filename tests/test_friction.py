@@ -102,6 +102,19 @@ def test_no_chat_turns_off_a_prompt_s_recorded_chat_flag(trained, llama_dir, tmp
     # (the command prints 6 significant digits; the API returns the float)
     assert softprompt.evaluate(str(chat), **kw)["lm_loss"] == pytest.approx(on["lm_loss"], rel=1e-5)
     assert softprompt.evaluate(str(chat), chat=False, **kw)["lm_loss"] == pytest.approx(off["lm_loss"], rel=1e-5)
+    # ensemble reads every prompt as the first one: a chat prompt beside a plain one needs the choice said.
+    out, _ = trained
+    both = ["ensemble", "--model", str(llama_dir), "--data", str(data), str(out), str(chat), "--limit", "6", "--json"]
+    capsys.readouterr()
+    assert main(both) == 2
+    assert f"{chat} was trained through the chat template and {out} was not: pass --chat or --no-chat" in \
+        capsys.readouterr().err
+    assert run_json(capsys, both + ["--no-chat"])["n"] == 6
+    # generate's conversations take the chat template: --raw or --template beside them is refused.
+    msgs = tmp_path / "m.jsonl"
+    msgs.write_text(json.dumps({"messages": [{"role": "user", "content": "Chile?"}]}) + "\n")
+    assert main(["generate", "--model", str(llama_dir), "--prompt", str(chat), "--messages", str(msgs), "--raw"]) == 2
+    assert "--messages takes each conversation through the chat template" in capsys.readouterr().err
 
 
 def test_ensemble_takes_the_first_prompts_recorded_settings(trained, llama_dir, capsys):

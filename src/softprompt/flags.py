@@ -14,7 +14,7 @@ from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig,
                      from_args, unescape)
 from .core.utils import SoftpromptError
 from .data.datasource import check_source
-from .prompts.recorded import data_config, read_meta, template_fields
+from .prompts.recorded import data_config, read_meta, recorded_data, template_fields
 from .prompts.transfer import adopt
 
 # eval and ensemble score --data itself, one task
@@ -117,8 +117,12 @@ def check_ensemble(args: argparse.Namespace) -> None:
     from_args(ModelConfig, args)
     if len(args.prompts) < 2:
         raise SoftpromptError("ensemble needs at least two prompt folders")
-    for p in args.prompts[1:]:
-        read_meta(p)
+    chats = {p: bool(recorded_data(read_meta(p)).get("chat")) for p in args.prompts}
+    if args.chat is None and len(set(chats.values())) > 1:  # every prompt reads the rows as the first one does
+        on = [p for p, c in chats.items() if c]
+        off = [p for p, c in chats.items() if not c]
+        raise SoftpromptError(f"{on[0]} was trained through the chat template and {off[0]} was not: pass --chat or "
+                              "--no-chat to score every prompt one way")
     check_data(data_config(args, args.prompts[0]), eval_too=False)
 
 
@@ -162,3 +166,5 @@ def check_generate(args: argparse.Namespace) -> None:
         raise SoftpromptError(f"--messages: missing file: {args.messages}")
     if not args.texts and not args.messages:
         raise SoftpromptError("give at least one TEXT to continue (or --messages FILE)")
+    if args.messages and (args.raw or args.input_template is not None):  # conversations take the chat template
+        raise SoftpromptError("--messages takes each conversation through the chat template: drop --raw/--template")
