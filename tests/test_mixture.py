@@ -127,3 +127,19 @@ def test_a_mixture_prompt_starts_a_task_with_init_from(countries_csv, llama_dir,
     s = train(m, one, PromptConfig(init_from=str(tmp_path / "mix")), TrainConfig(out=str(tmp_path / "one"), **t),
               quiet=True)
     assert s["steps"] == 1 and load_prompt(tmp_path / "one").length == 3  # the mixture's P adopted
+
+
+def test_a_chat_task_beside_a_templated_one(countries_csv, llama_dir, tmp_path, capsys):
+    """The first task's `messages` column is found by itself; a --mix task with its own template read
+    that found column as its own and was refused for a --messages-col nobody gave."""
+    from journey_helpers import write_chats
+    from softprompt.cli import main
+
+    chats = write_chats(tmp_path / "chats.jsonl", 12)
+    task = json.dumps({"data": str(countries_csv), **EUROPE})
+    assert main(["train", "--model", str(llama_dir), "--data", str(chats), "--mix", task, "--max-steps", "1",
+                 "--batch-size", "4", "--eval-every", "0", "--virtual-tokens", "3", "--eval-limit", "4",
+                 "--out", str(tmp_path / "mix")]) == 0, capsys.readouterr().err
+    tasks = json.loads((tmp_path / "mix" / "summary.json").read_text())["final_eval"]["tasks"]
+    second = f"2:{countries_csv.name}"
+    assert list(tasks) == ["1:chats.jsonl", second] and "accuracy" in tasks[second]

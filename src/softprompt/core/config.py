@@ -193,7 +193,12 @@ class DataConfig:
         """Task i of the mixture (0: the flags' own) as a DataConfig of one task."""
         if i == 0:
             return dataclasses.replace(self, mix=[])
-        fields = {"eval_data": "", "eval_split": "", **self.mix[i - 1], "mix": []}
+        task = self.mix[i - 1]
+        # A task that says how it reads its rows reads them so alone: none of the first task's way (a
+        # `messages` column found there, say) carries over to clash with it.
+        reading = {k: "" for k in ("template", "target", "text_col", "messages_col")
+                   if any(r in task for r in ("template", "text_col", "messages_col"))}
+        fields = {"eval_data": "", "eval_split": "", **reading, **task, "mix": []}
         try:
             return dataclasses.replace(self, **fields)
         except SoftpromptError as e:
