@@ -139,6 +139,27 @@ def test_generate_formats_text_with_the_recorded_template(trained, llama_dir, ca
     assert bare[0]["tuned"] == untemplated[0]["tuned"]
 
 
+def test_the_python_generate_takes_what_the_command_takes(trained, llama_dir, tmp_path, capsys):
+    """softprompt.generate's template=, system= and messages= give the command's --raw, --system and
+    --messages answers."""
+    import softprompt
+
+    out, _ = trained
+    base = ["generate", "--model", str(llama_dir), "--prompt", str(out), "--max-new-tokens", "5", "--json"]
+    kw = dict(prompt=str(out), model=str(llama_dir), max_new_tokens=5)
+    assert softprompt.generate("Chile", **kw) == run_json(capsys, base + ["Chile"])
+    raw = run_json(capsys, base + ["--raw", "Country: Chile"])
+    assert softprompt.generate("Country: Chile", template="", **kw) == raw
+    assert softprompt.generate("Chile", system="Be brief.", **kw) == run_json(capsys, base + ["--system", "Be brief.",
+                                                                                              "Chile"])
+    conv = [{"role": "user", "content": "Chile?"}]
+    msgs = tmp_path / "m.jsonl"
+    msgs.write_text(json.dumps({"messages": conv}) + "\n")
+    assert softprompt.generate(messages=[conv], **kw) == run_json(capsys, base + ["--messages", str(msgs)])
+    with pytest.raises(TypeError, match="messages must be a list of conversations"):
+        softprompt.generate(messages=[{"role": "user", "content": "x"}], **kw)
+
+
 def test_generate_template_of_several_columns_takes_json(trained, llama_dir, capsys):
     out, _ = trained
     base = ["generate", "--model", str(llama_dir), "--prompt", str(out), "--max-new-tokens", "4", "--json"]

@@ -106,21 +106,32 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
         return eval_prompt(mcfg, dcfg, "none" if prompt is None else str(prompt), batch_size, model=base, tok=tok)
 
 
-def generate(texts: str | list[str], prompt: Any = None, *, model: Any = "smollm2-135m-instruct",
-             tokenizer: Any = None, compare: bool = False, chat: bool | None = None,
+def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = "smollm2-135m-instruct",
+             tokenizer: Any = None, compare: bool = False, chat: bool | None = None, template: str | None = None,
+             system: str = "", messages: list[list[dict[str, str]]] | None = None,
              **kwargs: Any) -> list[dict[str, str]]:
     """Continue each text ({"input", "tuned" or "baseline"} per text; both with compare=True), as
-    `softprompt generate` does. Keywords: max_new_tokens=, sample=, temperature=, top_p=,
-    repetition_penalty=, seed=."""
+    `softprompt generate` does: `template` fills each text into it (None: the prompt's recorded one,
+    "": the text as it is), `system` goes before each input through the chat template, and
+    `messages` (conversations of {"role", "content"}) replace the texts. Keywords: max_new_tokens=,
+    sample=, temperature=, top_p=, repetition_penalty=, seed=."""
     from .generation.generate import generate_cmd
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("generate(): texts must be a string or a list of strings")
+    if not (template is None or isinstance(template, str)) or not isinstance(system, str):
+        raise TypeError("generate(): template must be a string or None, and system a string")
+    if messages is not None and not (isinstance(messages, list) and all(
+            isinstance(c, list) and c and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                              and isinstance(m.get("content"), str) for m in c) for c in messages)):
+        raise TypeError("generate(): messages must be a list of conversations, each a list of {'role': str, "
+                        "'content': str}")
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     mcfg, gcfg = split_kwargs("generate", kwargs, (ModelConfig, GenerateConfig))
     with python_errors():
-        return generate_cmd(mcfg, gcfg, texts, "" if prompt is None else str(prompt), compare, chat, base, tok)
+        return generate_cmd(mcfg, gcfg, texts, "" if prompt is None else str(prompt), compare, chat, base, tok,
+                            template=template, system=system, conversations=messages)
 
 
 def load_prompt(path: str | Path, model: Any = None):
