@@ -88,6 +88,18 @@ def test_card_scores_the_prompt_it_uploads_and_names_the_base_given(run_dir, tmp
     assert card.data.base_model == "org/base" and "from_pretrained('org/base'" in card.text
 
 
+def test_a_hub_uri_folded_by_a_path_is_named_as_written():
+    """serve's loader wraps `--prompt NAME=hf://...` in a Path, which folds "//": the error still names
+    hf://REPO@REV."""
+    from pathlib import Path
+
+    from softprompt.core.utils import SoftpromptError
+    from softprompt.prompts.hub import download
+
+    with pytest.raises(SoftpromptError, match=r"^cannot download prompt hf://someone/not-cached@v2 from the Hug"):
+        download(Path("hf://someone/not-cached@v2"))
+
+
 def _cache(root, repo_id, folder, ref="main", sha="a" * 40):
     """huggingface_hub's cache layout: models--org--name/{refs/REF, snapshots/SHA/...}."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

@@ -42,8 +42,9 @@ def download(spec: str | Path) -> Path:
     try:
         return Path(snapshot_download(repo, revision=rev, allow_patterns=PROMPT_FILES))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as e:
+        uri = f"hf://{repo}" + (f"@{rev}" if rev else "")  # as written, also where a Path folded its "//"
         raise SoftpromptError(
-            f"cannot download prompt {spec} from the Hugging Face Hub (offline or unreachable, unknown repository "
+            f"cannot download prompt {uri} from the Hugging Face Hub (offline or unreachable, unknown repository "
             f"or revision, and not in the local cache: {first_line(e)}); pass a local prompt folder instead") from None
 
 

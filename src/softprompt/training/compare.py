@@ -276,7 +276,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             "inference / example"] + (["accuracy", "loss"] if cls else ["held-out loss", "perplexity"])
     lines = [f"Model `{result['model']}`, {result['train_examples']} training examples from `{result['data']}`, "
              f"scored on {result['eval_examples']} examples of `{result['eval_data']}` ({result['device']}, "
-             f"{result['threads']} threads). Memory: {result['memory_note']}.", "",
+             f"{result['threads']} thread{'s' if result['threads'] != 1 else ''}). Memory: {result['memory_note']}.",
+             "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in result["rows"]:
         q = r["eval"]
