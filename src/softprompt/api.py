@@ -115,16 +115,14 @@ def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = "s
     "": the text as it is), `system` goes before each input through the chat template, and
     `messages` (conversations of {"role", "content"}) replace the texts. Keywords: max_new_tokens=,
     sample=, temperature=, top_p=, repetition_penalty=, seed=."""
-    from .generation.generate import generate_cmd
+    from .generation.generate import generate_cmd, is_conversation
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("generate(): texts must be a string or a list of strings")
     if not (template is None or isinstance(template, str)) or not isinstance(system, str):
         raise TypeError("generate(): template must be a string or None, and system a string")
-    if messages is not None and not (isinstance(messages, list) and all(
-            isinstance(c, list) and c and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                              and isinstance(m.get("content"), str) for m in c) for c in messages)):
+    if messages is not None and not (isinstance(messages, list) and all(map(is_conversation, messages))):
         raise TypeError("generate(): messages must be a list of conversations, each a list of {'role': str, "
                         "'content': str}")
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)

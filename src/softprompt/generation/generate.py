@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +73,12 @@ def apply_template(template: str, text: str, n: int) -> str:
         raise SoftpromptError(f"--template {template!r} at TEXT {n}: {type(e).__name__}: {e}") from None
 
 
+def is_conversation(msgs: Any) -> bool:
+    """A non-empty list of {"role": str, "content": str} turns (what --messages and messages= take)."""
+    return isinstance(msgs, list) and bool(msgs) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+
+
 def read_conversations(path: str) -> list[list[dict[str, str]]]:
     """--messages FILE: one {"messages": [{role, content}, ...]} object per line."""
     from ..data.datasource import read_json_rows
@@ -82,8 +89,7 @@ def read_conversations(path: str) -> list[list[dict[str, str]]]:
     convs = []
     for i, r in enumerate(rows):
         msgs = r.get("messages")
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                        and isinstance(m.get("content"), str) for m in msgs)):
+        if not is_conversation(msgs):
             raise SoftpromptError(f"--messages {path} line {i + 1}: expected {{\"messages\": [{{\"role\": str, "
                                   "\"content\": str}, ...]}")
         convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])

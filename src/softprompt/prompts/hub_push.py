@@ -9,7 +9,6 @@ writes that upload into a folder instead. Reading `hf://` prompts is hub.py's, b
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -148,16 +147,9 @@ def label_list(labels: Any) -> str:
 
 
 def mix_tasks(data_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tasks a --mix run trained on besides its first (the record's --mix entries, each a mapping
-    or its JSON text)."""
-    out = []
-    for task in data_cfg.get("mix") or []:
-        try:
-            task = json.loads(task) if isinstance(task, str) else task
-        except ValueError:
-            continue
-        out += [task] if isinstance(task, dict) else []
-    return out
+    """The tasks a --mix run trained on besides its first: the record's --mix entries, mappings as
+    DataConfig's parse_task made them."""
+    return [task for task in data_cfg.get("mix") or [] if isinstance(task, dict)]
 
 
 def kept_eval(meta: dict[str, Any], summary: dict[str, Any] | None) -> dict[str, Any]:
