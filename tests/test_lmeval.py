@@ -254,7 +254,8 @@ def test_lm_eval_command_on_a_prefix_train_wrote(llama_dir, tmp_path, capsys):
     assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},prompt=none,device=cpu", "--tasks",
                  "countries_europe", "--include_path", str(tmp_path / "tasks"), "--limit", "4"]) == 0
     for bad, words in (("chat=maybe", "chat=maybe: expected true or false"),
-                       ("max_length=abc", "max_length=abc: expected a whole number")):
+                       ("max_length=abc", "max_length=abc: expected a whole number"),
+                       ("promt=x", "unknown key(s) promt")):
         capsys.readouterr()
         assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},prompt={pre},{bad}", "--tasks",
                      "countries_europe", "--include_path", str(tmp_path / "tasks")]) == 2

@@ -54,8 +54,11 @@ class SoftpromptLM(LM):
 
     def __init__(self, pretrained: str = "smollm2-135m-instruct", prompt: str = "none", dtype: str = "float32",
                  device: str | None = None, batch_size: int | str = 16, chat: bool | None = None,
-                 max_length: int = 2048, **_: Any):
+                 max_length: int = 2048, max_batch_size: Any = None, **unknown: Any):  # max_batch_size: lm_eval's, unused
         super().__init__()
+        if unknown:  # a misspelt key (`promt=DIR`) would otherwise score the untuned model without a word
+            raise SoftpromptError(f"--model_args: unknown key(s) {', '.join(sorted(unknown))} (this model takes "
+                                  "pretrained, prompt, dtype, device, batch_size, chat and max_length)")
         chat = switch_arg("chat", chat)
         if not str(max_length).isdigit() or int(max_length) < 1:
             raise SoftpromptError(f"--model_args max_length={max_length}: expected a whole number of tokens")
