@@ -459,3 +459,29 @@ def test_peft_prefix_tuning_config_drop_in(llama_dir, tmp_path):
     assert softprompt.get_softprompt_model(model, method="prefix", tokenizer=tok).prompt.scale is not None
     with pytest.raises(ValueError, match="prefix_scaled_steps=False is for method='prefix'"):
         softprompt.get_softprompt_model(model, tokenizer=tok, prefix_scaled_steps=False)
+
+
+def test_a_loaded_model_s_run_replays_from_its_record_in_its_dtype(llama_dir, tmp_path):
+    """softprompt.train on a model the caller loaded records that model's dtype, so that the command
+    replaying the record (`train --config RUN/run_config.json`) loads the base so and trains the same
+    prompt; it recorded `auto`, which on a CPU with bf16 matmuls trains a prompt in bf16."""
+    from softprompt.cli import main
+
+    model, tok = load_model(str(llama_dir))  # float32
+    args = dict(data=str(_data(tmp_path, 8)), eval_fraction=0.0, **IO, virtual_tokens=3, method="prompt",
+                init="random", batch_size=4, max_steps=3, save_every=3, eval_untuned=False)
+    softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), **args)
+    record = json.loads((tmp_path / "api" / "run_config.json").read_text())
+    assert (record["ModelConfig"]["dtype"], record["ModelConfig"]["model"]) == ("float32", str(llama_dir))
+    assert main(["train", "--config", str(tmp_path / "api" / "run_config.json"), "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "run_config.json").read_text())["dtype"] == "float32"
+    api, cli = (softprompt.load_prompt(tmp_path / d).embeds for d in ("api", "cli"))
+    assert torch.equal(api, cli)
+    # A run recorded before this (dtype auto, resolved to float32) resumes through the API as it ran.
+    record["ModelConfig"]["dtype"] = "auto"
+    (tmp_path / "api" / "run_config.json").write_text(json.dumps(record))
+    assert softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), resume=True, **args)["steps"] == 3
+    # What a resume may not change is named in Python's words; the command it suggests stays a command.
+    with pytest.raises(ValueError, match=r"max_steps 4 \(was 3\); resume it with its own settings "
+                                                     r"\(`softprompt train --config .* --resume --out .*`\) or start a new out"):
+        softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), resume=True, **{**args, "max_steps": 4})

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, get_type_hints
 
-from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .core.config import DTYPES, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
 from .core.utils import SoftpromptError
 
 
@@ -23,8 +23,11 @@ class ConfigError(SoftpromptError, ValueError):
 
 
 def python_words(message: str) -> str:
-    """A CLI message in Python's words: `--batch-size` becomes `batch_size`."""
-    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+    """A CLI message in Python's words: --batch-size becomes batch_size, except in a command quoted
+    in backticks, which stays a command."""
+    parts = message.split("`")
+    parts[::2] = [re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), p) for p in parts[::2]]
+    return "`".join(parts)
 
 
 @contextmanager
@@ -74,6 +77,15 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
     # A SoftPromptModel's frozen base (an HF model's own `base_model` is its decoder without the head).
     base = model.get_base_model() if hasattr(model, "prompts") and hasattr(model, "get_base_model") else model
     kwargs["model"] = str(getattr(base, "name_or_path", "") or "model")
+    # Recorded as loaded, so that `train --config RUN/run_config.json` loads the base so too (auto may
+    # choose another dtype, as compare's rows found).
+    from .base.quantize import quantized_bits
+
+    dtype = str(getattr(base, "dtype", "")).replace("torch.", "")
+    if dtype in DTYPES:
+        kwargs["dtype"] = dtype
+    if bits := quantized_bits(base):
+        kwargs["quantize"] = f"{bits}bit"
     return base, tokenizer
 
 

@@ -94,10 +94,16 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
     recorded = as_it_ran(recorded)
     changed = [f"{flag(k)} {short(v)} (was {short(was[k])})"
                for section, fields in configs.items() if isinstance(was := recorded.get(section), dict)
-               for k, v in fields.items() if k not in HOW_FLAGS and k in was and was[k] != v]
+               for k, v in fields.items() if k not in HOW_FLAGS and k in was and not same_value(k, v, was[k], recorded)]
     if changed:
         raise SoftpromptError(f"--resume: the run in {out} was defined otherwise: {'; '.join(changed)}; resume it with "
-                              f"its own settings (train --config {path} --resume --out {out}) or start a new --out")
+                              f"its own settings (`softprompt train --config {path} --resume --out {out}`) or start a new --out")
+
+
+def same_value(key: str, now: Any, was: Any, recorded: dict[str, Any]) -> bool:
+    """A resumed run's field as recorded; --dtype auto also as what it resolved to (the API records a
+    loaded model's own dtype, where runs before it recorded auto)."""
+    return now == was or (key == "dtype" and was == "auto" and recorded.get("dtype") == now)
 
 
 def _is_run_file(name: str) -> bool:
