@@ -1,6 +1,4 @@
 """`python -m softprompt` is the `softprompt` command."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -5,12 +5,14 @@ flags from flags.py instead, which imports no torch and sits above the command m
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
 status 2; so is an OSError the system raises (a full disk, a folder that cannot be written).
-Under torchrun every process destroys its process group before it exits (end_process_group).
+Under torchrun every process destroys its process group (end_process_group) and leaves without
+interpreter teardown (entry).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -185,5 +187,24 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def entry() -> NoReturn:
+    """The `softprompt` program (its console script, `python -m softprompt`): main's exit status.
+    A process torchrun started leaves without interpreter teardown (os._exit, its output flushed).
+    There, destroy_process_group is not enough: with --shard fsdp, torch's DTensor caches keep the
+    device mesh and with it the group, and gloo's worker threads, torn down after Python, can abort a
+    process that has finished its work (SIGABRT, "terminate called without an active exception",
+    about one run in six under load; pytorch#179291). The caches are several and private."""
+    status = main()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_torchelastic_launched():
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status or 0)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
