@@ -483,5 +483,5 @@ def test_a_loaded_model_s_run_replays_from_its_record_in_its_dtype(llama_dir, tm
     assert softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), resume=True, **args)["steps"] == 3
     # What a resume may not change is named in Python's words; the command it suggests stays a command.
     with pytest.raises(ValueError, match=r"max_steps 4 \(was 3\); resume it with its own settings "
-                                                     r"\(`softprompt train --config .* --resume --out .*`\) or start a new out"):
+                                         r"\(`softprompt train --config .* --resume --out .*`\) or start a new out"):
         softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), resume=True, **{**args, "max_steps": 4})

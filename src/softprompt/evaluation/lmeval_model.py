@@ -54,7 +54,7 @@ class SoftpromptLM(LM):
 
     def __init__(self, pretrained: str = "smollm2-135m-instruct", prompt: str = "none", dtype: str = "float32",
                  device: str | None = None, batch_size: int | str = 16, chat: bool | None = None,
-                 max_length: int = 2048, max_batch_size: Any = None, **unknown: Any):  # max_batch_size: lm_eval's, unused
+                 max_length: int = 2048, max_batch_size: Any = None, **unknown: Any):  # max_batch_size: unused
         super().__init__()
         if unknown:  # a misspelt key (`promt=DIR`) would otherwise score the untuned model without a word
             raise SoftpromptError(f"--model_args: unknown key(s) {', '.join(sorted(unknown))} (this model takes "

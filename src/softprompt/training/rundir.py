@@ -97,7 +97,8 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
                for k, v in fields.items() if k not in HOW_FLAGS and k in was and not same_value(k, v, was[k], recorded)]
     if changed:
         raise SoftpromptError(f"--resume: the run in {out} was defined otherwise: {'; '.join(changed)}; resume it with "
-                              f"its own settings (`softprompt train --config {path} --resume --out {out}`) or start a new --out")
+                              f"its own settings (`softprompt train --config {path} --resume --out {out}`) "
+                              "or start a new --out")
 
 
 def same_value(key: str, now: Any, was: Any, recorded: dict[str, Any]) -> bool:
