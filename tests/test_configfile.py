@@ -104,6 +104,30 @@ def test_a_command_section_s_values_are_checked_like_its_flags(command, section,
     assert err[-1].endswith(f"--config {f}: {message}") and len(err) == 1, err
 
 
+@pytest.mark.parametrize("command,section,message", [
+    ("ensemble", "ensemble:\n  prompts: [runs/a, runs/b]\n", "missing prompt file: runs/a/prompt.safetensors"),
+    ("inspect", "inspect:\n  prompt_dir: runs/a\n", "missing prompt file: runs/a/prompt.safetensors"),
+    ("ensemble", "ensemble:\n  json: true\n", "ensemble: the following arguments are required: DIR"),
+])
+def test_a_config_file_gives_what_a_command_requires(command, section, message, tmp_path, capsys):
+    """A flag or argument the command requires (ensemble's DIRs, inspect's DIR, lm-eval's --tasks)
+    comes from the file too: argparse asked for it before the file was read. Still asked for where
+    neither gives it."""
+    f = tmp_path / "c.yaml"
+    f.write_text(section)
+    assert main([command, "--config", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(message) and len(err) == 1, err
+
+
+def test_lm_eval_tasks_from_a_config_file(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    f = tmp_path / "c.yaml"
+    f.write_text("lm-eval:\n  tasks: no_such_task\n  model_args: prompt=none\n")
+    assert main(["lm-eval", "--config", str(f)]) == 2
+    assert "--tasks: unknown lm_eval task(s) no_such_task" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["sst2.yaml", "awesome-chatgpt-prompts.yaml", "bloomz-560m-classic.yaml"])
 def test_shipped_example_configs_are_valid_train_configs(name):
     """Every key of the examples is a flag of `train`, of its type, and the configs pass their checks."""

@@ -147,12 +147,15 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and argv[0] in COMMANDS else ""  # the top-level parser has no options but --help and --version
     ap, parsers = build_parsers(only=name)
-    args = ap.parse_args(argv)
-    if args.config:  # the file's values become defaults, then argv is parsed again over them
-        from .configfile import apply_config
+    if name and any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        # The file's values become defaults, then argv is parsed again over them; the first look
+        # leaves out the flags the command requires, which the file may give.
+        from .configfile import apply_config, parse_leniently
 
-        apply_config(parsers[args.cmd], args.cmd, args)
-        args = ap.parse_args(argv)
+        first = parse_leniently(ap, parsers[name], argv)
+        if first.config:
+            apply_config(parsers[name], name, first)
+    args = ap.parse_args(argv)
     COMMANDS[args.cmd].check(args)  # the command's inputs, before its module (torch, transformers) loads
     return COMMANDS[args.cmd].load()[-1](args)
 

@@ -162,4 +162,20 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
 def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.Namespace) -> None:
     """Make the values of `args.config` the defaults of the command's `parser`."""
     actions = {a.dest: a for a in parser._actions}  # argparse keeps its actions in no public attribute
-    parser.set_defaults(**command_defaults(as_it_ran(read_config(args.config)), args.config, command, args, actions))
+    defaults = command_defaults(as_it_ran(read_config(args.config)), args.config, command, args, actions)
+    parser.set_defaults(**defaults)
+    for dest in defaults:  # a flag the command requires (lm-eval's --tasks, ensemble's DIRs), given by the file
+        actions[dest].required = False
+
+
+def parse_leniently(top: argparse.ArgumentParser, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argv parsed by `top` with the flags its command's `parser` requires left optional: the first
+    look, for --config, whose file may give them."""
+    required = [a for a in parser._actions if a.required]
+    for a in required:
+        a.required = False
+    try:
+        return top.parse_args(argv)
+    finally:
+        for a in required:
+            a.required = True

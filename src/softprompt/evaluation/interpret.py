@@ -22,6 +22,7 @@ from ..core.prompt_protocol import embeds_for
 from ..core.utils import SoftpromptError
 from ..prompts.prefix import KIND as PREFIX
 from ..prompts.prompt import load_prompt
+from ..prompts.recorded import read_meta
 from .prefix_norms import format_prefix, inspect_prefix
 
 
@@ -48,6 +49,7 @@ def inspect_prompt(model, tok, prompt: torch.Tensor, k: int = 5) -> dict[str, An
 
 def inspect_cmd(prompt_dir: str, model_name: str, k: int = 5, device: str = "cpu", model=None, tok=None) -> dict:
     if model is None:
+        read_meta(prompt_dir)  # a folder without a prompt is refused before the model loads
         model, tok = load_model(ModelConfig(model=model_name, device=device))
     sp = load_prompt(prompt_dir, model)  # a prefix's layer and head counts checked against the model's
     if sp.kind == PREFIX:
