@@ -428,6 +428,17 @@ def test_import_peft_prefix_with_projection(tok_dir, tmp_path):
     with torch.no_grad():
         s, n = batch_loss(base, ours, b)
     assert abs(float(s / n) - float(ref)) < TOL
+    # An adapter made on a Hub model (its base a Hub id, unreadable offline): the import cannot learn the
+    # hidden size, which a prefix does not hold, and every command refused the folder as "hidden size 0".
+    # Its cache's geometry is checked against the model it is loaded with, and then it is that model's.
+    cfg_file = tmp_path / "peft" / "adapter_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace(str(tmp_path / "base"), "someone/not-on-this-machine"))
+    import_peft(tmp_path / "peft", tmp_path / "hub")
+    ours = load_prompt(tmp_path / "hub", base)
+    assert ours.hidden_size == base.config.hidden_size
+    with torch.no_grad():
+        s, n = batch_loss(base, ours, b)
+    assert abs(float(s / n) - float(ref)) < TOL
 
 
 def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
@@ -444,6 +455,11 @@ def test_import_refuses_other_adapters_and_misfits(tok_dir, tmp_path):
     with pytest.raises(SoftpromptError, match="key/value heads"):
         import_peft(tmp_path / "peft", tmp_path / "o1", str(tmp_path / "other"))
     assert not (tmp_path / "o1").exists()
+    # Exported for another base it does not fit: refused, where it wrote an adapter that PEFT failed on.
+    with pytest.raises(SoftpromptError, match=r"--base-model .*other' does not fit this prefix: num_key_value_heads "
+                                              r"\d+ \(the model's: 4\)"):
+        export_peft(tmp_path / "p", tmp_path / "e1", base_model=str(tmp_path / "other"))
+    assert not (tmp_path / "e1").exists()
     cfg_file = tmp_path / "peft" / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**cfg, "peft_type": "LORA"}))

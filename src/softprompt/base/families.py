@@ -133,6 +133,15 @@ def layer_and_head_counts(config: dict) -> tuple[int | None, int | None]:
     return layers, heads
 
 
+def config_geometry(config: dict) -> dict[str, int | None]:
+    """What a prompt must match in a config.json's dict: the hidden size (a soft prompt's width), and
+    the layers, key/value heads and head dim (a prefix's cache); None where the config does not say."""
+    layers, heads = layer_and_head_counts(config)
+    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    return {"hidden_size": hidden, "num_layers": layers, "num_key_value_heads": kv_head_count(config),
+            "head_dim": config.get("head_dim") or (hidden // heads if hidden and heads else None)}
+
+
 def kv_head_count(config: dict) -> int | None:
     """Key/value heads from a config.json's dict: num_key_value_heads under grouped-query attention
     (PEFT's prefix layout uses it), else every attention head has its own (BLOOM, GPT-2...)."""

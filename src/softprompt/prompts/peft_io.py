@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..base.families import kv_head_count, layer_and_head_counts
+from ..base.families import config_geometry, kv_head_count, layer_and_head_counts
 from ..base.models import cache_root
 from ..core.config import BUILTIN_MODEL
 from ..core.inits import peft_init
@@ -51,6 +51,23 @@ def model_geometry(name: str) -> dict:
     return {"num_layers": layers, "num_attention_heads": heads}
 
 
+def check_base_model(prompt, name: str) -> None:
+    """--base-model, where its config can be read, fits the prompt (a soft prompt's width; a prefix's
+    layers, key/value heads and head dim): PEFT would otherwise fail on the adapter written here."""
+    cfg = model_config(name)
+    if not cfg:
+        return
+    if prompt.kind == peft_prefix.KIND:
+        L, _, heads, _, d = prompt.key_values().shape
+        ours = {"num_layers": L, "num_key_value_heads": heads, "head_dim": d}
+    else:
+        ours = {"hidden_size": prompt.hidden_size}
+    theirs = config_geometry(cfg)
+    differ = [f"{k} {v} (the model's: {theirs[k]})" for k, v in ours.items() if theirs[k] is not None and theirs[k] != v]
+    if differ:
+        raise SoftpromptError(f"--base-model {short(name)} does not fit this {prompt.kind}: {', '.join(differ)}")
+
+
 def export_prefix(prompt, out: str | Path, model: str, geometry: dict) -> Path:
     """A prefix -> PEFT PREFIX_TUNING adapter folder (atomically); `geometry`: model_geometry's."""
     from safetensors.torch import save_file
@@ -84,6 +101,8 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
     # A Hub id that AutoPeftModelForCausalLM can resolve (the built-in model's original), not our alias;
     # the geometry read from the recorded model, which is local, unless another base is named.
     model = base_model or hub_model_id(recorded)
+    if base_model:
+        check_base_model(prompt, base_model)
     geometry = model_geometry(recorded if model == hub_model_id(recorded) else model)
     if prompt.kind == peft_prefix.KIND:
         return export_prefix(prompt, out, model, geometry)

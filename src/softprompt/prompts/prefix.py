@@ -146,6 +146,8 @@ class PrefixPrompt(nn.Module):
             raise SoftpromptError(f"{weights}: '{TENSOR_NAME}' holds {bad} NaN or infinite value(s)")
         if model is not None:
             check_geometry((t.shape[0], t.shape[2], t.shape[4]), model, f"prefix {weights.parent}", meta.get("model"))
+            if not meta.get("hidden_size"):  # imported from PEFT without a readable base: its cache fits this model
+                meta = {**meta, "hidden_size": hidden_size(model)}
         return cls(t, meta)
 
 

@@ -74,16 +74,12 @@ def local_geometry(model: str) -> dict[str, Any] | None:
 def check_base(meta: dict[str, Any], spec: str, model: str) -> None:
     """A source recorded for another geometry than a local --model's config.json is refused before the
     model loads; other bases are checked once loaded (prompt.load_source)."""
-    from ..base.families import kv_head_count, layer_and_head_counts
+    from ..base.families import config_geometry
 
     cfg = local_geometry(model)
     if cfg is None:
         return
-    layers, heads = layer_and_head_counts(cfg)
-    mine = {"hidden_size": cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model"), "num_layers": layers,
-            "num_key_value_heads": kv_head_count(cfg),
-            "head_dim": cfg.get("head_dim") or (cfg.get("hidden_size") // heads if cfg.get("hidden_size") and heads
-                                                else None)}
+    mine = config_geometry(cfg)
     differ = [f"{k} {meta[k]} (the model's: {v})" for k, v in mine.items()
               if v is not None and isinstance(meta.get(k), int) and meta[k] != v]
     if differ:
