@@ -50,8 +50,8 @@ def test_models_health_openapi_metrics(srv):
     h = c.get("/health")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["prompts"] == 3
     paths = c.get("/openapi.json").json()["paths"]
-    for p in ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/health", "/metrics",
-              "/v1/admin/prompts", "/v1/admin/prompts/{name}"):
+    for p in ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/v1/models/{model}", "/health",
+              "/metrics", "/v1/admin/prompts", "/v1/admin/prompts/{name}"):
         assert p in paths
     assert "max_tokens" in json.dumps(c.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"])
     assert c.get("/docs").status_code == 200
@@ -79,6 +79,10 @@ def test_openai_client_completions_chat_and_streaming(srv):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["tiny-base", "facts", "reviews", "acts"]
+    got = client.models.retrieve("reviews")  # OpenAI's retrieve call, which clients use to check a name
+    assert (got.id, got.virtual_tokens, got.labels) == ("reviews", 7, ["negative", "positive"])
+    with pytest.raises(openai.NotFoundError, match="unknown model 'nope'"):
+        client.models.retrieve("nope")
     ids = srv.tok(TEXTS[1]).input_ids
     want = ref(srv, "reviews", ids, 10)
     c = client.completions.create(model="reviews", prompt=TEXTS[1], max_tokens=10, temperature=0)

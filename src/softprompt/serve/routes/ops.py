@@ -1,4 +1,5 @@
-"""Operations: GET (or HEAD) /v1/models (OpenAI's model list), /health (liveness) and /metrics (Prometheus)."""
+"""Operations: GET (or HEAD) /v1/models (OpenAI's model list) and /v1/models/{id}, /health (liveness) and
+/metrics (Prometheus)."""
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -15,6 +16,13 @@ router = APIRouter(route_class=ParsedBodyRoute)
                   summary="The loaded prompts and the base model")
 async def models(ctx: Ctx):
     return {"object": "list", "data": [ctx.model_card(e) for e in ctx.registry.items.values()]}
+
+
+@router.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"], tags=["openai"],
+                  summary="One loaded prompt (or the base model) as /v1/models lists it; 404 if none has the name")
+async def model(model: str, ctx: Ctx):
+    # OpenAI's "retrieve model", which clients call to check a name (`client.models.retrieve(name)`).
+    return ctx.model_card(ctx.registry.get(model))
 
 
 @router.api_route("/health", methods=["GET", "HEAD"], tags=["ops"],
