@@ -339,3 +339,35 @@ def test_auto_method_s_torch_free_lists_match_what_a_prefix_takes():
     from softprompt.training.prefix_method import PrefixTuning
 
     assert auto_method.PREFIX_INITS == ("auto", *PrefixTuning.inits) and auto_method.DEEP_PATHS == DEEP_PATHS
+
+
+def test_a_relative_model_path_is_recorded_as_a_path_from_anywhere(llama_dir, countries_csv, tmp_path, monkeypatch,
+                                                                    capsys):
+    """`--model FOLDER` typed relative records the folder's absolute path: the run replays from another
+    folder, export-peft's base_model_name_or_path finds it, and a command given the folder by another
+    path does not warn that the prompt was trained for another base. A run recorded before (the path as
+    typed) still resumes."""
+    from softprompt.cli import main
+
+    monkeypatch.chdir(llama_dir.parent)
+    args = ["train", "--model", llama_dir.name, "--data", str(countries_csv), "--template", "Country: {country}\\nFacts:",
+            "--target", " capital={capital}", "--method", "prompt", "--max-steps", "2", "--warmup-steps", "0",
+            "--batch-size", "4", "--virtual-tokens", "3", "--eval-fraction", "0", "--no-eval-untuned",
+            "--save-every", "2", "--device", "cpu", "--dtype", "float32"]
+    run = tmp_path / "run"
+    assert main([*args, "--out", str(run)]) == 0
+    record = json.loads((run / "run_config.json").read_text())
+    assert record["ModelConfig"]["model"] == json.loads((run / "prompt_config.json").read_text())["model"] == str(llama_dir)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(run / "run_config.json"), "--out", str(tmp_path / "again")]) == 0
+    assert torch.equal(load_prompt(run).embeds, load_prompt(tmp_path / "again").embeds)
+    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llama_dir)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(llama_dir), "--prompt", str(run), "--data", str(countries_csv), "--limit", "4",
+                 "--device", "cpu"]) == 0
+    assert "trained for" not in capsys.readouterr().err
+    record["ModelConfig"]["model"] = llama_dir.name  # as runs recorded it before
+    (run / "run_config.json").write_text(json.dumps(record))
+    monkeypatch.chdir(llama_dir.parent)
+    assert main([*args, "--out", str(run), "--resume"]) == 0

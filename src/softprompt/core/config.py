@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import string
 import sys
 from dataclasses import dataclass, field
@@ -123,6 +124,10 @@ class ModelConfig:
     def __post_init__(self):
         require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         check_fields(self)
+        if not os.path.isabs(self.model) and os.path.exists(self.model):
+            # A local folder or file as a path from anywhere: a run's record replays, a prompt names its base
+            # (export-peft's base_model_name_or_path) and is checked against it, from any other folder.
+            self.model = os.path.abspath(self.model)
 
 
 # The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).

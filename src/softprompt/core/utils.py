@@ -171,3 +171,11 @@ def seed_everything(seed: int) -> None:
 
 def count_params(module: "torch.nn.Module", trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two --model names for one model: equal, or one folder or file reached by two paths."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

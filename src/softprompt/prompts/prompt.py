@@ -22,7 +22,7 @@ from ..base.families import hidden_size
 from ..core.config import PromptConfig
 from ..core.inits import INITS, InitInputs, resolve
 from ..core.prompt_protocol import KeyValues, Prompt
-from ..core.utils import SoftpromptError, default_mode, read_json, short
+from ..core.utils import SoftpromptError, default_mode, read_json, same_model, short
 from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
 from .hub import download, is_hub
@@ -209,14 +209,6 @@ def is_text(v: Any) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def same_model(a: str, b: str) -> bool:
-    """Two --model names for one model: equal, or one folder or file reached by two paths."""
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def warn_other_base(trained_for: str | None, model, what: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import as_it_ran, flag
-from ..core.utils import SoftpromptError, atomic_dir, read_json, short
+from ..core.utils import SoftpromptError, atomic_dir, read_json, same_model, short
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -103,8 +103,10 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
 
 def same_value(key: str, now: Any, was: Any, recorded: dict[str, Any]) -> bool:
     """A resumed run's field as recorded; --dtype auto also as what it resolved to (the API records a
-    loaded model's own dtype, where runs before it recorded auto)."""
-    return now == was or (key == "dtype" and was == "auto" and recorded.get("dtype") == now)
+    loaded model's own dtype, where runs before it recorded auto), and --model's folder by either path
+    (runs before ModelConfig made it absolute recorded it as typed)."""
+    return (now == was or (key == "dtype" and was == "auto" and recorded.get("dtype") == now)
+            or (key == "model" and isinstance(was, str) and same_model(now, was)))
 
 
 def _is_run_file(name: str) -> bool:
