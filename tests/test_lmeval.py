@@ -10,6 +10,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig  # noqa: E402
+from softprompt.core.utils import SoftpromptError  # noqa: E402
 from softprompt.evaluation.evaluate import eval_prompt  # noqa: E402
 from softprompt.evaluation.lmeval_model import SoftpromptLM  # noqa: E402
 from softprompt.forward.classify import continuation_logprobs  # noqa: E402
@@ -202,7 +203,7 @@ def test_the_prompt_s_positions_come_out_of_max_length(llama_dir, tmp_path, monk
                         lambda model, tok, rows, cfg, kv: (fed.extend(rows), [[1]] * len(rows))[1])
     lm.generate_until([Instance(request_type="generate_until", doc={}, arguments=(text, {"max_gen_toks": 2}), idx=0)])
     assert fed[0][1] == lm.context_ids(text)[-(10 - 4 - 2):]
-    with pytest.raises(ValueError, match="max_length=4 leaves no room for text after the prompt's 4 virtual"):
+    with pytest.raises(SoftpromptError, match="max_length=4 leaves no room for text after the prompt's 4 virtual"):
         SoftpromptLM(pretrained=str(llama_dir), prompt=str(tmp_path / "p"), device="cpu", max_length=4)
 
 
@@ -255,7 +256,8 @@ def test_lm_eval_command_on_a_prefix_train_wrote(llama_dir, tmp_path, capsys):
                  "countries_europe", "--include_path", str(tmp_path / "tasks"), "--limit", "4"]) == 0
     for bad, words in (("chat=maybe", "chat=maybe: expected true or false"),
                        ("max_length=abc", "max_length=abc: expected a whole number"),
-                       ("promt=x", "unknown key(s) promt")):
+                       ("promt=x", "unknown key(s) promt"),
+                       ("max_length=2", "max_length=2 leaves no room for text after the prompt's 3 virtual tokens")):
         capsys.readouterr()
         assert main(["lm-eval", "--model_args", f"pretrained={llama_dir},prompt={pre},{bad}", "--tasks",
                      "countries_europe", "--include_path", str(tmp_path / "tasks")]) == 2
