@@ -69,6 +69,8 @@ def test_errors_name_keyword_arguments_not_flags():
     assert "--" not in str(e.value)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         softprompt.evaluate(batch_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'eval_limit'"):  # train's; eval scores every row
+        softprompt.evaluate(data="rows.csv", eval_limit=5)
     with pytest.raises(ValueError, match="num_virtual_tokens must be at least 1"):
         softprompt.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs prompt_tuning_init_text"):
@@ -82,6 +84,17 @@ def test_errors_name_keyword_arguments_not_flags():
             config(num_transformer_submodules=2)
         with pytest.raises(ValueError, match="softprompt tunes causal LMs only"):
             config(task_type="SEQ_2_SEQ_LM")
+
+
+def test_data_is_checked_as_the_commands_check_it(tmp_path):
+    """A split of a local file (read whole) was recorded by the API and refused by the command, so the
+    API's run_config.json did not replay; both now refuse it, before any model loads."""
+    data = _data(tmp_path)
+    for call in (lambda: softprompt.train(data=str(data), split="validation", out=str(tmp_path / "r")),
+                 lambda: softprompt.evaluate(data=str(data), split="validation")):
+        with pytest.raises(ValueError, match=f"^split validation: data {data} is a local file, read whole"):
+            call()
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------- SoftPromptModel against the commands

@@ -94,9 +94,12 @@ def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwar
     flags (data=, template=, target=, labels=, virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
     from .training.train import train as run_train
 
+    from .flags import check_data
+
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     configs = split_kwargs("train", kwargs, (ModelConfig, DataConfig, PromptConfig, TrainConfig))
     with python_errors():
+        check_data(configs[1])  # the command's checks of its data (a local file's split, its columns)
         return run_train(*configs, model=base, tok=tok, quiet=True)
 
 
@@ -110,8 +113,16 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
         raise TypeError(f"evaluate(): batch_size must be int, not {type(batch_size).__name__}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+    from .data.datasource import check_source
+    from .flags import SCORING_SKIP
+
+    for name in SCORING_SKIP:  # train's held-out rows: eval scores every row of data= (as the command has no such flags)
+        if name in kwargs:
+            raise TypeError(f"evaluate() got an unexpected keyword argument {name!r}")
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     mcfg, dcfg = split_kwargs("evaluate", kwargs, (ModelConfig, DataConfig))
+    with python_errors():
+        check_source(dcfg.data, "data", [], dcfg.split, dcfg.data_config)  # a local file's split, before loading
     if "chat" not in kwargs:  # as the prompt was trained (recorded.with_recorded); chat=False turns it off
         dcfg = dataclasses.replace(dcfg, chat=None)
     with python_errors():
