@@ -26,6 +26,9 @@ CASES = [
     (DataConfig, {"template": "{x}", "labels": "yes"}, "--labels needs at least two comma-separated words"),
     (DataConfig, {"template": "{x}", "labels": "yes,no,yes"}, "names a word twice"),
     (DataConfig, {"labels": "no,yes", "text_col": "t"}, "--labels needs --template"),
+    (DataConfig, {"template": "{x}", "target": " {y}", "labels": "no,yes"}, "--labels makes a classifier (a label "
+                                                                             "word after --template) and --target"),
+    (DataConfig, {"template": "{x}", "text_col": "t"}, "--text-col is the input where no --template builds one"),
     (PromptConfig, {"virtual_tokens": 0}, "--virtual-tokens must be at least 1 (got 0)"),
     (PromptConfig, {"init": "zeros"}, "unknown --init 'zeros': use auto, random"),
     (PromptConfig, {"init": "file"}, "--init file needs --init-file DIR"),
@@ -95,3 +98,24 @@ def test_cli_reports_config_errors_in_one_line(argv, msg, tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("softprompt: error: ") and msg in err[0], err
     assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_a_mix_task_s_target_or_labels_say_what_kind_of_task_it_is():
+    """A --mix task that gives a target generates and one that gives labels classifies, whatever the first
+    task is: the first task's label words used to win over the task's own target without a word."""
+    d = DataConfig(data="a.csv", template="{x}", labels="no,yes", mix=[{"data": "b.csv", "template": "{q}",
+                                                                        "target": " {a}"}])
+    assert (d.task_config(1).labels, d.task_config(1).target) == ("", " {a}")
+    d = DataConfig(data="a.csv", template="{q}", target=" {a}", mix=[{"data": "b.csv", "labels": "no,yes"}])
+    assert (d.task_config(1).template, d.task_config(1).labels, d.task_config(1).target) == ("{q}", "no,yes", "")
+
+
+def test_labels_given_read_a_generation_prompt_s_template_as_a_classifier():
+    """eval --labels on a prompt that records a template and a target takes the template alone: with
+    the target too, the two would be refused together for a --target nobody typed."""
+    from softprompt.prompts.recorded import with_recorded
+
+    given = {"template": "", "target": "", "text_col": "", "messages_col": "", "labels": "no,yes"}
+    out = with_recorded(given, {"template": "{x}", "target": " {y}"})
+    assert (out["template"], out["target"], out["labels"]) == ("{x}", "", "no,yes")
+    DataConfig(**out)

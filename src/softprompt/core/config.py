@@ -181,6 +181,11 @@ class DataConfig:
                 f"--eval-split {self.eval_split!r} is the training --split: evaluate on another split")
         require(not (self.messages_col and (self.template or self.text_col)),
                 "--messages-col trains on whole conversations: give it without --template or --text-col")
+        # Each would be dropped without a word: the label words win over a target, a template over a column.
+        require(not (self.labels and self.target), "--labels makes a classifier (a label word after --template) and "
+                                                   "--target a text to generate after it: give one of them")
+        require(not (self.text_col and self.template), "--text-col is the input where no --template builds one: give "
+                                                        "one of them")
         require(0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
         check_template("template", self.template)
         check_template("target", self.target)
@@ -203,7 +208,10 @@ class DataConfig:
         # `messages` column found there, say) carries over to clash with it.
         reading = {k: "" for k in ("template", "target", "text_col", "messages_col")
                    if any(r in task for r in ("template", "text_col", "messages_col"))}
-        fields = {"eval_data": "", "eval_split": "", **reading, **task, "mix": []}
+        # A target makes it a generation task, labels a classification one, whatever the first task is.
+        kind = {"labels": ""} if "target" in task and "labels" not in task else \
+            {"target": ""} if "labels" in task and "target" not in task else {}
+        fields = {"eval_data": "", "eval_split": "", **reading, **kind, **task, "mix": []}
         try:
             return dataclasses.replace(self, **fields)
         except SoftpromptError as e:

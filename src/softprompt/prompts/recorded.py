@@ -83,8 +83,8 @@ def with_recorded(fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     recorded reading, labels and chat flag filled in where the user gave none."""
     rec = recorded_data(meta)
     out = dict(fields)
-    if not any(fields.get(k) for k in READING):
-        out.update({k: rec[k] for k in READING if rec.get(k)})
+    if not any(fields.get(k) for k in READING):  # labels given read the recorded template as a classifier's
+        out.update({k: rec[k] for k in READING if rec.get(k) and not (k == "target" and fields.get("labels"))})
     # Label words make sense only for a template read as a classification input (no target, no text column).
     classifies = out.get("template") and not any(out.get(k) for k in ("target", "text_col", "messages_col"))
     if not fields.get("labels") and rec.get("labels") and classifies:
