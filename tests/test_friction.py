@@ -467,3 +467,23 @@ def test_generate_takes_a_system_message_and_conversations(llama_dir, tmp_path, 
     capsys.readouterr()
     assert main(base + ["--messages", str(convs), "hello"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_ensemble_refuses_prompts_that_read_rows_otherwise(trained, llama_dir, tmp_path, capsys):
+    """Every prompt is scored with the first one's template and label words: a prompt that recorded
+    others was scored on rows it was not trained to read, without a word."""
+    import shutil
+
+    out, data = trained
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    meta = json.loads((other / "prompt_config.json").read_text())
+    meta["labels"] = ["maybe", "sure"]
+    meta["config"]["DataConfig"]["labels"] = "maybe,sure"
+    (other / "prompt_config.json").write_text(json.dumps(meta))
+    base = ["ensemble", "--model", str(llama_dir), "--data", str(data), str(out), str(other), "--json"]
+    capsys.readouterr()
+    assert main(base) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{out} records labels 'no,yes' and {other} 'maybe,sure': pass "
+                                                    "--labels to score every prompt one way")
+    assert run_json(capsys, base + ["--labels", "no,yes", "--label-col", "europe"])["n"] > 0

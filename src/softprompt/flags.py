@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 
 from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
-                     from_args, unescape)
-from .core.utils import SoftpromptError
+                     flag, from_args, unescape)
+from .core.utils import SoftpromptError, short
 from .data.datasource import check_source
 from .prompts.recorded import data_config, read_meta, recorded_data, template_fields
 from .prompts.transfer import adopt
@@ -118,12 +118,21 @@ def check_ensemble(args: argparse.Namespace) -> None:
     from_args(ModelConfig, args)
     if len(args.prompts) < 2:
         raise SoftpromptError("ensemble needs at least two prompt folders")
-    chats = {p: bool(recorded_data(read_meta(p)).get("chat")) for p in args.prompts}
+    records = {p: recorded_data(read_meta(p)) for p in args.prompts}
+    chats = {p: bool(r.get("chat")) for p, r in records.items()}
     if args.chat is None and len(set(chats.values())) > 1:  # every prompt reads the rows as the first one does
         on = [p for p, c in chats.items() if c]
         off = [p for p, c in chats.items() if not c]
         raise SoftpromptError(f"{on[0]} was trained through the chat template and {off[0]} was not: pass --chat or "
                               "--no-chat to score every prompt one way")
+    for key in ("template", "labels"):  # the first prompt's, silently, for prompts that recorded others
+        if getattr(args, key, "") or (key == "template" and (args.text_col or args.messages_col)):
+            continue
+        first, *rest = args.prompts
+        other = next((p for p in rest if records[p].get(key, "") != records[first].get(key, "")), None)
+        if other is not None:
+            raise SoftpromptError(f"{first} records {key} {short(records[first].get(key, ''))} and {other} "
+                                  f"{short(records[other].get(key, ''))}: pass {flag(key)} to score every prompt one way")
     check_data(data_config(args, args.prompts[0]), eval_too=False)
 
 
