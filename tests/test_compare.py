@@ -110,6 +110,17 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     assert main(["compare", "--model", str(llama_dir), "--data", str(countries_csv), "--text-col", "country",
                  "--methods", "prompt,nope", "--out", str(tmp_path / "bad")]) == 2
     assert "unknown --methods" in capsys.readouterr().err
+    # --init-from: the source's length is the rows' (their names and the record said --virtual-tokens'
+    # default), and a source that cannot start a method is refused before anything is scored or written.
+    args = ["compare", "--model", str(llama_dir), "--device", "cpu", "--data", str(countries_csv), "--template",
+            "Country: {country}\\nCapital:", "--target", " {capital}", "--eval-limit", "8", "--max-length", "32",
+            "--max-steps", "1", "--batch-size", "4", "--methods", "untuned,prompt"]
+    assert main([*args, "--init-from", str(out / "prompt"), "--out", str(tmp_path / "from")]) == 0
+    result = json.loads((tmp_path / "from" / "compare.json").read_text())
+    assert result["rows"][1]["name"] == "prompt tuning (P=2)" and result["config"]["PromptConfig"]["virtual_tokens"] == 2
+    capsys.readouterr()
+    assert main([*args, "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "none")]) == 2
+    assert "--init-from" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("cmd", ["compare", "ensemble", "inspect"])

@@ -47,6 +47,7 @@ from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_p
 from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
 from ..evaluation.evaluate import evaluate
+from ..prompts.transfer import adopt
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
 from .train import default_init_text, train
@@ -194,18 +195,24 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     methods = ccfg.method_list
     # A previous comparison in --out is replaced, file by file; anything else there is the user's.
     check_dest(ccfg.out, "--out", True, {"compare.json", "compare.md", "compare.png", *COMPARE_METHODS})
+    # --init-from starts every prompt method: its source exists and is of a kind each can start from
+    # (train's checks, before the model loads), and its length is theirs.
+    P = pcfg.virtual_tokens
+    for name in methods if pcfg.init_from else ():
+        if name in METHODS and name != "full":
+            P = adopt(pcfg, name, mcfg.model).virtual_tokens
     if model is None:
         model, tok = load_model(mcfg)
     resident(model)
     seed_everything(tcfg.seed)
     positions = any(m in EMBEDDING_METHODS for m in methods)
     if positions:
-        check_positions(model, pcfg.virtual_tokens)  # before the data is read
+        check_positions(model, P)  # before the data is read
     fmt, train_ex, eval_ex = load_splits(dcfg, tok, tcfg.seed)
     if not eval_ex:
         raise SoftpromptError("compare needs held-out data: --eval-data FILE or --eval-fraction > 0")
     if positions:
-        check_positions(model, pcfg.virtual_tokens, max(len(e.ids) for e in train_ex + eval_ex))
+        check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     out = Path(ccfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bs = ccfg.eval_batch_size
@@ -215,7 +222,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     rows = []
 
     def row(method: str, **kw: Any) -> dict[str, Any]:
-        r = {"method": method, "name": LABELS[method].format(k=ccfg.k_shot, P=pcfg.virtual_tokens),
+        r = {"method": method, "name": LABELS[method].format(k=ccfg.k_shot, P=P),
              "trainable_params": 0, "artifact": None, "artifact_bytes": 0, "train_seconds": 0.0,
              "train_peak_mb": None, **kw}
         r["ms_per_example"] = 1000 * r["eval_seconds"] / len(eval_ex)  # unrounded: tiny models score in microseconds
@@ -248,7 +255,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
               "device": str(model.device), "threads": torch.get_num_threads(),
               "memory_note": "CUDA max_memory_allocated" if model.device.type == "cuda" else
               "peak process RSS above the phase's start, sampled every 10 ms",
-              "config": to_dict(mcfg, dcfg, pcfg, tcfg, ccfg), "rows": rows}
+              "config": to_dict(mcfg, dcfg, replace(pcfg, virtual_tokens=P), tcfg, ccfg), "rows": rows}
     write_json(out / "compare.json", result)
     atomic_write_text(out / "compare.md", markdown_table(result))
     plot_compare(result, out / "compare.png")
