@@ -117,7 +117,8 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
             "--max-steps", "1", "--batch-size", "4", "--methods", "untuned,prompt"]
     assert main([*args, "--init-from", str(out / "prompt"), "--out", str(tmp_path / "from")]) == 0
     result = json.loads((tmp_path / "from" / "compare.json").read_text())
-    assert result["rows"][1]["name"] == "prompt tuning (P=2)" and result["config"]["PromptConfig"]["virtual_tokens"] == 2
+    assert result["rows"][1]["name"] == "prompt tuning (P=2)"
+    assert result["config"]["PromptConfig"]["virtual_tokens"] == 2
     capsys.readouterr()
     assert main([*args, "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "none")]) == 2
     assert "--init-from" in capsys.readouterr().err and not (tmp_path / "none").exists()

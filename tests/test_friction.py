@@ -71,11 +71,11 @@ def test_a_split_of_a_local_file_is_refused_not_ignored(trained, llama_dir, caps
                             "splits); give the file of the rows you mean as --data"), err
         assert "Traceback" not in err and not (out / "x").exists()
     # So is --eval-split of a local --eval-data file, which train recorded and ignored.
-    assert main(["train", "--template", TEMPLATE, "--out", str(out / "x"), "--model", str(llama_dir), "--data", str(data),
-                 "--eval-data", str(data), "--eval-split", "test"]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"--eval-split test: --eval-data {data} is a local file, read whole "
-                                                    "(a Hub dataset has splits); give the file of the rows you mean as "
-                                                    "--eval-data")
+    assert main(["train", "--template", TEMPLATE, "--out", str(out / "x"), "--model", str(llama_dir),
+                 "--data", str(data), "--eval-data", str(data), "--eval-split", "test"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--eval-split test: --eval-data {data} is a local file, read "
+                                                    "whole (a Hub dataset has splits); give the file of the rows you "
+                                                    "mean as --eval-data")
     assert not (out / "x").exists()
 
 

@@ -350,19 +350,22 @@ def test_a_relative_model_path_is_recorded_as_a_path_from_anywhere(llama_dir, co
     from softprompt.cli import main
 
     monkeypatch.chdir(llama_dir.parent)
-    args = ["train", "--model", llama_dir.name, "--data", str(countries_csv), "--template", "Country: {country}\\nFacts:",
-            "--target", " capital={capital}", "--method", "prompt", "--max-steps", "2", "--warmup-steps", "0",
+    args = ["train", "--model", llama_dir.name, "--data", str(countries_csv),
+            "--template", "Country: {country}\\nFacts:", "--target", " capital={capital}", "--method", "prompt",
+            "--max-steps", "2", "--warmup-steps", "0",
             "--batch-size", "4", "--virtual-tokens", "3", "--eval-fraction", "0", "--no-eval-untuned",
             "--save-every", "2", "--device", "cpu", "--dtype", "float32"]
     run = tmp_path / "run"
     assert main([*args, "--out", str(run)]) == 0
     record = json.loads((run / "run_config.json").read_text())
-    assert record["ModelConfig"]["model"] == json.loads((run / "prompt_config.json").read_text())["model"] == str(llama_dir)
+    meta = json.loads((run / "prompt_config.json").read_text())
+    assert record["ModelConfig"]["model"] == meta["model"] == str(llama_dir)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", str(run / "run_config.json"), "--out", str(tmp_path / "again")]) == 0
     assert torch.equal(load_prompt(run).embeds, load_prompt(tmp_path / "again").embeds)
     assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llama_dir)
+    adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(llama_dir)
     capsys.readouterr()
     assert main(["eval", "--model", str(llama_dir), "--prompt", str(run), "--data", str(countries_csv), "--limit", "4",
                  "--device", "cpu"]) == 0

@@ -116,7 +116,7 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
     from .data.datasource import check_source
     from .flags import SCORING_SKIP
 
-    for name in SCORING_SKIP:  # train's held-out rows: eval scores every row of data= (as the command has no such flags)
+    for name in SCORING_SKIP:  # train's held-out rows: eval scores every row of data= (the command has no such flags)
         if name in kwargs:
             raise TypeError(f"evaluate() got an unexpected keyword argument {name!r}")
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)

@@ -168,7 +168,8 @@ def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.N
         actions[dest].required = False
 
 
-def parse_leniently(top: argparse.ArgumentParser, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def parse_leniently(top: argparse.ArgumentParser, parser: argparse.ArgumentParser,
+                    argv: list[str]) -> argparse.Namespace:
     """argv parsed by `top` with the flags its command's `parser` requires left optional: the first
     look, for --config, whose file may give them."""
     required = [a for a in parser._actions if a.required]

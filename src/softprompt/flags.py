@@ -132,7 +132,8 @@ def check_ensemble(args: argparse.Namespace) -> None:
         other = next((p for p in rest if records[p].get(key, "") != records[first].get(key, "")), None)
         if other is not None:
             raise SoftpromptError(f"{first} records {key} {short(records[first].get(key, ''))} and {other} "
-                                  f"{short(records[other].get(key, ''))}: pass {flag(key)} to score every prompt one way")
+                                  f"{short(records[other].get(key, ''))}: pass {flag(key)} to score every prompt "
+                                  "one way")
     check_data(data_config(args, args.prompts[0]), eval_too=False)
 
 

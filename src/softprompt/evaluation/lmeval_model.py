@@ -80,8 +80,8 @@ class SoftpromptLM(LM):
         # The prompt's P positions come before the text in the same window, so the text gets the rest.
         self.text_length = self.max_length - (sp.length if sp is not None else 0)
         if self.text_length < 1:
-            raise SoftpromptError(f"--model_args max_length={self.max_length} leaves no room for text after the prompt's "
-                             f"{sp.length} virtual tokens: raise max_length")
+            raise SoftpromptError(f"--model_args max_length={self.max_length} leaves no room for text after the "
+                                  f"prompt's {sp.length} virtual tokens: raise max_length")
 
     # ------------------------------------------------------------ tokenising as softprompt does
 

@@ -63,7 +63,8 @@ def check_base_model(prompt, name: str) -> None:
     else:
         ours = {"hidden_size": prompt.hidden_size}
     theirs = config_geometry(cfg)
-    differ = [f"{k} {v} (the model's: {theirs[k]})" for k, v in ours.items() if theirs[k] is not None and theirs[k] != v]
+    differ = [f"{k} {v} (the model's: {theirs[k]})" for k, v in ours.items()
+              if theirs[k] is not None and theirs[k] != v]
     if differ:
         raise SoftpromptError(f"--base-model {short(name)} does not fit this {prompt.kind}: {', '.join(differ)}")
 
