@@ -92,9 +92,8 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
 def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Train a soft prompt into `out=` and return the run summary. Keywords: the `train` command's
     flags (data=, template=, target=, labels=, virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
-    from .training.train import train as run_train
-
     from .flags import check_data
+    from .training.train import train as run_train
 
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     configs = split_kwargs("train", kwargs, (ModelConfig, DataConfig, PromptConfig, TrainConfig))
@@ -121,11 +120,10 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
             raise TypeError(f"evaluate() got an unexpected keyword argument {name!r}")
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     mcfg, dcfg = split_kwargs("evaluate", kwargs, (ModelConfig, DataConfig))
-    with python_errors():
-        check_source(dcfg.data, "data", [], dcfg.split, dcfg.data_config)  # a local file's split, before loading
     if "chat" not in kwargs:  # as the prompt was trained (recorded.with_recorded); chat=False turns it off
         dcfg = dataclasses.replace(dcfg, chat=None)
     with python_errors():
+        check_source(dcfg.data, "data", [], dcfg.split, dcfg.data_config)  # a local file's split, before loading
         return eval_prompt(mcfg, dcfg, "none" if prompt is None else str(prompt), batch_size, model=base, tok=tok)
 
 

@@ -142,6 +142,13 @@ def config_geometry(config: dict) -> dict[str, int | None]:
             "head_dim": config.get("head_dim") or (hidden // heads if hidden and heads else None)}
 
 
+def geometry_mismatches(ours: dict[str, int], config: dict) -> list[str]:
+    """"KEY VALUE (the model's: OTHER)" for each of `ours` (config_geometry's keys) that a config.json's
+    dict says otherwise."""
+    theirs = config_geometry(config)
+    return [f"{k} {v} (the model's: {theirs[k]})" for k, v in ours.items() if theirs[k] is not None and theirs[k] != v]
+
+
 def kv_head_count(config: dict) -> int | None:
     """Key/value heads from a config.json's dict: num_key_value_heads under grouped-query attention
     (PEFT's prefix layout uses it), else every attention head has its own (BLOOM, GPT-2...)."""

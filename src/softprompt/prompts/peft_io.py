@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..base.families import config_geometry, kv_head_count, layer_and_head_counts
+from ..base.families import config_geometry, geometry_mismatches, layer_and_head_counts
 from ..base.models import cache_root
 from ..core.config import BUILTIN_MODEL
 from ..core.inits import peft_init
@@ -62,9 +62,7 @@ def check_base_model(prompt, name: str) -> None:
         ours = {"num_layers": L, "num_key_value_heads": heads, "head_dim": d}
     else:
         ours = {"hidden_size": prompt.hidden_size}
-    theirs = config_geometry(cfg)
-    differ = [f"{k} {v} (the model's: {theirs[k]})" for k, v in ours.items()
-              if theirs[k] is not None and theirs[k] != v]
+    differ = geometry_mismatches(ours, cfg)
     if differ:
         raise SoftpromptError(f"--base-model {short(name)} does not fit this {prompt.kind}: {', '.join(differ)}")
 
@@ -199,8 +197,8 @@ def import_prefix(cfg: dict, peft_dir: Path, weights: Path, out: str | Path, mod
     from safetensors.torch import save_file
 
     base = model_config(model)
-    geometry = ({"num_layers": layer_and_head_counts(base)[0], "num_key_value_heads": kv_head_count(base)}
-                if base else {})
+    geometry = {k: v for k, v in config_geometry(base).items() if k in ("num_layers", "num_key_value_heads")} \
+        if base else {}
     kv, meta = peft_prefix.read_adapter(cfg, weights, peft_dir / ADAPTER_CONFIG, geometry)
     ours = peft_dir / "softprompt_config.json"
     record = read_json(ours) if ours.is_file() else {"init": "peft"}

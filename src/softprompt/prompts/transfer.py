@@ -74,14 +74,14 @@ def local_geometry(model: str) -> dict[str, Any] | None:
 def check_base(meta: dict[str, Any], spec: str, model: str) -> None:
     """A source recorded for another geometry than a local --model's config.json is refused before the
     model loads; other bases are checked once loaded (prompt.load_source)."""
-    from ..base.families import config_geometry
+    from ..base.families import geometry_mismatches
 
     cfg = local_geometry(model)
     if cfg is None:
         return
-    mine = config_geometry(cfg)
-    differ = [f"{k} {meta[k]} (the model's: {v})" for k, v in mine.items()
-              if v is not None and isinstance(meta.get(k), int) and meta[k] != v]
+    recorded = {k: meta[k] for k in ("hidden_size", "num_layers", "num_key_value_heads", "head_dim")
+                if isinstance(meta.get(k), int)}
+    differ = geometry_mismatches(recorded, cfg)
     if differ:
         raise SoftpromptError(f"{FLAG} {short(spec)} was trained for another base ({short(meta.get('model'))}): "
                               f"{', '.join(differ)}")
