@@ -76,17 +76,20 @@ def test_the_python_api_under_torchrun_trains_what_one_process_does(llama_dir, c
               target=" capital={capital}", device="cpu", dtype="float32", batch_size=4, max_steps=4, eval_every=0,
               save_every=0, virtual_tokens=3, init="vocab", eval_fraction=0.0)
     script = tmp_path / "train_two.py"
-    script.write_text(f"""import json, sys
+    # Each process writes its own file: two ranks printing to one pipe interleave their lines when stdout is
+    # unbuffered (PYTHONUNBUFFERED=1 makes print's text and its newline two writes), as CI once saw.
+    script.write_text(f"""import json, os, sys
 import torch.distributed as dist
 import softprompt
 
 summary = softprompt.train(**{kw!r}, out=sys.argv[1])
-print(json.dumps(summary))
+with open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(summary, f)
 dist.destroy_process_group()
 """)
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                str(tmp_path / "OUT2")], tmp_path)
-    got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+          str(tmp_path / "OUT2"), str(tmp_path)], tmp_path)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     written = json.loads((tmp_path / "OUT2" / "summary.json").read_text())
     assert got == [written, written] and written["world_size"] == 2 and written["steps"] == 4
     one = softprompt.train(**kw, out=str(tmp_path / "OUT1"))
