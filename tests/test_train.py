@@ -2,6 +2,7 @@
 the shared-prefix path follows the straightforward one, and bad input leaves nothing behind."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -341,16 +342,18 @@ def test_auto_method_s_torch_free_lists_match_what_a_prefix_takes():
     assert auto_method.PREFIX_INITS == ("auto", *PrefixTuning.inits) and auto_method.DEEP_PATHS == DEEP_PATHS
 
 
-def test_a_relative_model_path_is_recorded_as_a_path_from_anywhere(llama_dir, countries_csv, tmp_path, monkeypatch,
-                                                                    capsys):
-    """`--model FOLDER` typed relative records the folder's absolute path: the run replays from another
-    folder, export-peft's base_model_name_or_path finds it, and a command given the folder by another
-    path does not warn that the prompt was trained for another base. A run recorded before (the path as
-    typed) still resumes."""
+def test_relative_model_and_data_paths_are_recorded_as_paths_from_anywhere(llama_dir, countries_csv, tmp_path,
+                                                                           monkeypatch, capsys):
+    """`--model FOLDER` and `--data FILE` (a --mix task's too) typed relative record their absolute paths:
+    the run replays from another folder, export-peft's base_model_name_or_path finds the base, and a
+    command given the folder by another path does not warn that the prompt was trained for another base.
+    A run recorded before (the paths as typed) still resumes."""
     from softprompt.cli import main
 
     monkeypatch.chdir(llama_dir.parent)
-    args = ["train", "--model", llama_dir.name, "--data", str(countries_csv),
+    data = os.path.relpath(countries_csv)
+    task = {"data": data, "template": "Capital: {capital}\\nCountry:", "target": " {country}"}
+    args = ["train", "--model", llama_dir.name, "--data", data, "--mix", json.dumps(task),
             "--template", "Country: {country}\\nFacts:", "--target", " capital={capital}", "--method", "prompt",
             "--max-steps", "2", "--warmup-steps", "0",
             "--batch-size", "4", "--virtual-tokens", "3", "--eval-fraction", "0", "--no-eval-untuned",
@@ -360,6 +363,7 @@ def test_a_relative_model_path_is_recorded_as_a_path_from_anywhere(llama_dir, co
     record = json.loads((run / "run_config.json").read_text())
     meta = json.loads((run / "prompt_config.json").read_text())
     assert record["ModelConfig"]["model"] == meta["model"] == str(llama_dir)
+    assert record["DataConfig"]["data"] == record["DataConfig"]["mix"][0]["data"] == str(countries_csv)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", str(run / "run_config.json"), "--out", str(tmp_path / "again")]) == 0
     assert torch.equal(load_prompt(run).embeds, load_prompt(tmp_path / "again").embeds)
@@ -370,7 +374,8 @@ def test_a_relative_model_path_is_recorded_as_a_path_from_anywhere(llama_dir, co
     assert main(["eval", "--model", str(llama_dir), "--prompt", str(run), "--data", str(countries_csv), "--limit", "4",
                  "--device", "cpu"]) == 0
     assert "trained for" not in capsys.readouterr().err
-    record["ModelConfig"]["model"] = llama_dir.name  # as runs recorded it before
+    record["ModelConfig"]["model"] = llama_dir.name  # as runs recorded them before
+    record["DataConfig"]["data"] = record["DataConfig"]["mix"][0]["data"] = data
     (run / "run_config.json").write_text(json.dumps(record))
     monkeypatch.chdir(llama_dir.parent)
     assert main([*args, "--out", str(run), "--resume"]) == 0

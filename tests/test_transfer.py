@@ -148,10 +148,11 @@ def test_journey_source_then_init_from_on_the_cli(llama_dir, countries_csv, tmp_
     assert dst.returncode == 0, dst.stderr[-2000:]
     assert [json.loads(r.stdout.strip().splitlines()[-1])["method"] for r in (src, dst)] == ["prompt", "prefix"]
     rc = json.loads((tmp_path / "dst" / "run_config.json").read_text())
-    assert rc["PromptConfig"]["init_from"] == "src" and rc["PromptConfig"]["virtual_tokens"] == 3
+    # Recorded as a path from anywhere, so the record replays from any folder.
+    assert rc["PromptConfig"]["init_from"] == str(tmp_path / "src") and rc["PromptConfig"]["virtual_tokens"] == 3
     assert load_prompt(tmp_path / "dst").kind == "prefix"
     bad = cli("train", *common, "--method", "prompt", "--init-from", "dst", "--out", "bad", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--init-from 'dst' is a prefix" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and f"--init-from '{tmp_path / 'dst'}' is a prefix" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 

@@ -13,14 +13,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import string
 import sys
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from . import inits
-from .utils import SoftpromptError, short
+from .utils import SoftpromptError, local_path, short
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 ENCODERS = ("mlp", "lstm")  # --method ptuning's --encoder choices (prompts/ptuning_encoder.PromptEncoder)
@@ -124,10 +123,8 @@ class ModelConfig:
     def __post_init__(self):
         require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         check_fields(self)
-        if not os.path.isabs(self.model) and os.path.exists(self.model):
-            # A local folder or file as a path from anywhere: a run's record replays, a prompt names its base
-            # (export-peft's base_model_name_or_path) and is checked against it, from any other folder.
-            self.model = os.path.abspath(self.model)
+        # export-peft's base_model_name_or_path and the check of a prompt against its base read it too.
+        self.model = local_path(self.model)
 
 
 # The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
@@ -172,6 +169,7 @@ class DataConfig:
         "label words; evaluation reports every task and their mean"), "repeat": True})
 
     def __post_init__(self):
+        self.data, self.eval_data = local_path(self.data), local_path(self.eval_data)
         self.mix = [parse_task(t, i + 2) for i, t in enumerate(self.mix)]
         for i in range(len(self.mix)):
             self.task_config(i + 1)  # its own checks, each naming its flag
@@ -236,7 +234,7 @@ def parse_task(task: Any, number: int) -> dict[str, Any]:
     for k, v in task.items():
         want = int if k in ("limit", "eval_limit") else str
         require(isinstance(v, want) and not isinstance(v, bool), f"{where}: {k} must be {want.__name__}, got {short(v)}")
-    return dict(task)
+    return {k: local_path(v) if k in ("data", "eval_data") else v for k, v in task.items()}
 
 
 @dataclass
@@ -254,6 +252,7 @@ class PromptConfig:
 
     def __post_init__(self):
         inits.check(self.init)
+        self.init_file, self.init_from = local_path(self.init_file), local_path(self.init_from)
         check_fields(self, {"virtual_tokens": 1})
         check_text(self, "init_text", "init_from")
         require(self.init != "file" or bool(self.init_file), "--init file needs --init-file DIR")

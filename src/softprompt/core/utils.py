@@ -173,8 +173,14 @@ def count_params(module: "torch.nn.Module", trainable_only: bool = False) -> int
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def local_path(name: str) -> str:
+    """An existing local file or folder given relative as its absolute path, anything else (a Hub id,
+    a missing path) as given: a run's record then replays, and a prompt names its base, from any folder."""
+    return os.path.abspath(name) if name and not os.path.isabs(name) and os.path.exists(name) else name
+
+
 def same_model(a: str, b: str) -> bool:
-    """Two --model names for one model: equal, or one folder or file reached by two paths."""
+    """Two names for one model or data source: equal, or one folder or file reached by two paths."""
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()

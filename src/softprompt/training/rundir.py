@@ -24,6 +24,8 @@ METRICS = "metrics.jsonl"
 # Everything a run writes into its folder (the prompt or the fine-tuned model, records, checkpoint).
 RUN_CONFIG = "run_config.json"
 # Flags that say how a run is carried out, not what it computes: a resumed run may change them.
+# Fields that hold a local path, which the configs record as absolute (core.utils.local_path).
+PATH_FIELDS = ("model", "data", "eval_data", "init_file", "init_from")
 HOW_FLAGS = {"device", "out", "resume", "overwrite", "report_to", "log_every", "save_every", "eval_untuned",
              "forward_path", "gradient_checkpointing"}
 RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METRICS, "summary.json", "loss.png",
@@ -103,10 +105,18 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
 
 def same_value(key: str, now: Any, was: Any, recorded: dict[str, Any]) -> bool:
     """A resumed run's field as recorded; --dtype auto also as what it resolved to (the API records a
-    loaded model's own dtype, where runs before it recorded auto), and --model's folder by either path
-    (runs before ModelConfig made it absolute recorded it as typed)."""
+    loaded model's own dtype, where runs before it recorded auto), and a local path by either spelling
+    (runs before the configs made them absolute recorded them as typed)."""
     return (now == was or (key == "dtype" and was == "auto" and recorded.get("dtype") == now)
-            or (key == "model" and isinstance(was, str) and same_model(now, was)))
+            or (key in PATH_FIELDS and isinstance(was, str) and same_model(now, was))
+            or (key == "mix" and isinstance(was, list) and len(was) == len(now)
+                and all(same_task(n, w, recorded) for n, w in zip(now, was))))
+
+
+def same_task(now: dict[str, Any], was: Any, recorded: dict[str, Any]) -> bool:
+    """One --mix task as recorded, its paths compared as same_value compares the flags'."""
+    return isinstance(was, dict) and was.keys() == now.keys() and all(same_value(k, v, was[k], recorded)
+                                                                     for k, v in now.items())
 
 
 def _is_run_file(name: str) -> bool:
