@@ -58,6 +58,36 @@ notes: anything at the top level is ignored
     assert json.loads(capsys.readouterr().out)["n"] == 5
 
 
+def test_a_data_source_typed_over_the_file_drops_the_file_s_split_of_its_own(llama_dir, countries_csv, tmp_path,
+                                                                             capsys):
+    """A file's split, config and eval split describe its own data source (examples/sst2.yaml: a Hub
+    dataset's validation split). `--data`/`--eval-data` typed over it read their own rows: the documented
+    offline override of local files is not refused for a split they do not have. The same flags typed,
+    or set in one file beside a local file, are refused: a local file is read whole."""
+    hub = tmp_path / "hub.yaml"
+    hub.write_text(f"""
+ModelConfig: {{model: {llama_dir}, device: cpu}}
+DataConfig: {{data: someone/dataset, data_config: cfg, split: "train[:90%]", eval_split: validation,
+              template: "{{country}}"}}
+PromptConfig: {{virtual_tokens: 3}}
+TrainConfig: {{out: {tmp_path / "run"}, max_steps: 1, batch_size: 2, method: prompt, eval_untuned: false}}
+""")
+    local = ["--data", str(countries_csv), "--eval-data", str(countries_csv), "--eval-limit", "2"]
+    assert main(["train", "--config", str(hub), *local]) == 0
+    data = json.loads((tmp_path / "run" / "run_config.json").read_text())["DataConfig"]
+    assert (data["split"], data["data_config"], data["eval_split"]) == ("train", "", "")
+    for extra, flag in ((["--eval-split", "validation"], "--eval-split validation: --eval-data"),
+                        (["--split", "train[:90%]"], "--split train[:90%]: --data")):
+        capsys.readouterr()
+        assert main(["train", "--config", str(hub), *local, *extra, "--out", str(tmp_path / "x")]) == 2
+        assert f"{flag} {countries_csv} is a local file, read whole" in capsys.readouterr().err
+    both = tmp_path / "both.yaml"
+    both.write_text(f"DataConfig: {{data: {countries_csv}, eval_data: {countries_csv}, eval_split: test}}\n")
+    assert main(["train", "--config", str(both), "--model", str(llama_dir), "--template", "{country}",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--eval-split test: --eval-data" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("text,msg", [
     ('{"DataConfig": {"dataa": "x.csv"}}', "--config {f}: DataConfig: unknown key 'dataa' (known: "),
     ('{"DataConfig": {"max_length": "many"}}', "--config {f}: DataConfig.max_length: expected int, got 'many'"),

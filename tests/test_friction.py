@@ -70,6 +70,13 @@ def test_a_split_of_a_local_file_is_refused_not_ignored(trained, llama_dir, caps
         assert err.endswith(f"--split validation: --data {data} is a local file, read whole (a Hub dataset has "
                             "splits); give the file of the rows you mean as --data"), err
         assert "Traceback" not in err and not (out / "x").exists()
+    # So is --eval-split of a local --eval-data file, which train recorded and ignored.
+    assert main(["train", "--template", TEMPLATE, "--out", str(out / "x"), "--model", str(llama_dir),
+                 "--data", str(data), "--eval-data", str(data), "--eval-split", "test"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--eval-split test: --eval-data {data} is a local file, read "
+                                                    "whole (a Hub dataset has splits); give the file of the rows you "
+                                                    "mean as --eval-data")
+    assert not (out / "x").exists()
 
 
 def test_a_full_fine_tuning_run_given_as_a_prompt_points_to_its_model(trained, llama_dir, tmp_path, capsys):

@@ -159,10 +159,30 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
     return out
 
 
+# Flags that describe the file's own data source: a --data or --eval-data typed over the file names another
+# source, which these would misread (examples/sst2.yaml's eval_split is the Hub dataset's, and its offline
+# override gives a local dev file, read whole).
+SOURCE_BOUND = {"data": ("split", "data_config", "data_files", "eval_split"), "eval_data": ("eval_split",)}
+
+
+def drop_source_bound(defaults: dict[str, Any], args: argparse.Namespace, actions: dict[str, argparse.Action]) -> None:
+    """Leave out of `defaults` the file's flags bound to a data source that the command line replaces
+    (`args`: the first parse, with the parser's own defaults), unless the command line gives them too."""
+    def typed(dest: str) -> bool:
+        return dest in actions and getattr(args, dest, None) != actions[dest].default
+
+    for source, bound in SOURCE_BOUND.items():
+        if typed(source) and getattr(args, source) != defaults.get(source):
+            for dest in bound:
+                if not typed(dest):
+                    defaults.pop(dest, None)
+
+
 def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.Namespace) -> None:
     """Make the values of `args.config` the defaults of the command's `parser`."""
     actions = {a.dest: a for a in parser._actions}  # argparse keeps its actions in no public attribute
     defaults = command_defaults(as_it_ran(read_config(args.config)), args.config, command, args, actions)
+    drop_source_bound(defaults, args, actions)
     parser.set_defaults(**defaults)
     for dest in defaults:  # a flag the command requires (lm-eval's --tasks, ensemble's DIRs), given by the file
         actions[dest].required = False

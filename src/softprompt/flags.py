@@ -41,7 +41,8 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
         try:
             check_source(task.data, "--data", needed_columns(task), task.split, task.data_config)
             if eval_too and task.eval_data:
-                check_source(task.eval_data, "--eval-data", needed_columns(task))
+                check_source(task.eval_data, "--eval-data", needed_columns(task), task.eval_split,
+                             split_flag="--eval-split")
         except SoftpromptError as e:
             raise SoftpromptError(f"{where}{e}") from None
 

@@ -53,7 +53,7 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
 
 
 def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "train",
-                 config: str = "") -> None:
+                 config: str = "", split_flag: str = "--split") -> None:
     """What can be told of a data source cheaply, before any model loads: a local file exists and
     is readable and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later
     row that lacks one). A Hub dataset is only looked at when read."""
@@ -66,7 +66,7 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
     if not path.is_file():
         raise SoftpromptError(f"missing data file: {path}")
     if split not in ("", "train"):  # read_rows reads a file whole: --split would be silently ignored
-        raise SoftpromptError(f"--split {split}: {what} {path} is a local file, read whole (a Hub dataset has "
+        raise SoftpromptError(f"{split_flag} {split}: {what} {path} is a local file, read whole (a Hub dataset has "
                               f"splits); give the file of the rows you mean as {what}")
     try:
         with open(path, "rb") as f:
