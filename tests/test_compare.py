@@ -188,3 +188,13 @@ def test_compare_prefix_ptuning_residual_rows(llama_dir, countries_csv, tmp_path
         assert label in md
     assert [x["method"] for x in json.loads((out / "compare.json").read_text())["rows"]] == list(rows)
     assert (out / "compare.png").stat().st_size > 100
+
+
+def test_compare_does_not_offer_a_task_mixture(capsys):
+    """compare scores every method on one split of one task: --help does not list --mix, and the
+    flag is refused as unknown, before anything loads."""
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--data" in (text := capsys.readouterr().out) and "--mix" not in text
+    assert main(["compare", "--mix", '{"data": "x.csv"}']) == 2
+    assert "unrecognized arguments: --mix" in capsys.readouterr().err

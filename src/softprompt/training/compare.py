@@ -346,8 +346,9 @@ def load_result(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- the `compare` command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for cls in (ModelConfig, DataConfig, PromptConfig):
-        add_args(parser, cls)
+    add_args(parser, ModelConfig)
+    add_args(parser, DataConfig, skip=("mix",))  # every method is scored on one split of one task
+    add_args(parser, PromptConfig)
     # The methods' own flags are left at their defaults (--prefix-projection with the default method,
     # prompt, would be refused anyway).
     add_args(parser, TrainConfig, skip=("out", "method", "resume", "overwrite", "keep_best", "save_every",
