@@ -253,8 +253,9 @@ def test_train_prefix_learns_leaves_base_untouched_and_resumes(projection, scale
     assert saved.kind == "prefix" and not saved.projection  # the MLP folded away
     run_cfg = json.loads((tmp_path / "a" / "run_config.json").read_text())
     assert run_cfg["TrainConfig"]["method"] == "prefix" and run_cfg["forward_path_taken"] == "kv"
+    # The MLP takes plain steps, whatever was asked, and the record says so.
     assert (run_cfg["TrainConfig"]["prefix_projection"], run_cfg["TrainConfig"]["prefix_scaled_steps"]) == (
-        projection, scaled)
+        projection, scaled and not projection)
     part = train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", **how), stop_after=5, quiet=True)
     assert part == {"interrupted_at": 5}
     train(*train_cfgs(llama_dir, countries_csv, tmp_path / "b", **how, resume=True), quiet=True)
@@ -316,6 +317,10 @@ def test_only_a_prefix_run_s_record_is_read_as_plain_steps():
     old = {"forward_path_taken": "kv", "TrainConfig": {"method": "prefix", "lr": 0.01}}
     assert as_it_ran(old)["TrainConfig"] == {"method": "prefix", "lr": 0.01, "prefix_scaled_steps": False}
     assert "prefix_scaled_steps" not in old["TrainConfig"]  # the caller's mapping is left as it was
+    # A projection run recorded before the record said false took plain steps too.
+    mlp = {"forward_path_taken": "kv", "TrainConfig": {"method": "prefix", "prefix_projection": True,
+                                                       "prefix_scaled_steps": True}}
+    assert as_it_ran(mlp)["TrainConfig"]["prefix_scaled_steps"] is False
     for same in ({"forward_path_taken": "kv", "TrainConfig": {"method": "prefix", "prefix_scaled_steps": True}},
                  {"forward_path_taken": "packed", "TrainConfig": {"method": "prompt"}},
                  {"TrainConfig": {"method": "prefix"}}):  # a hand-written file: today's default

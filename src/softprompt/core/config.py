@@ -362,6 +362,8 @@ class TrainConfig:
                 f"--prefix-projection is for --method prefix (got --method {self.method})")
         require(self.prefix_scaled_steps or self.method in ("auto", "prefix"),
                 f"--no-prefix-scaled-steps is for --method prefix (got --method {self.method})")
+        if self.prefix_projection:  # its MLP takes plain steps (PrefixPrompt): the record says how it trained
+            self.prefix_scaled_steps = False
         encoded = self.method in ENCODER_METHODS
         require(self.encoder == "auto" or self.method == "ptuning",
                 f"--encoder is for --method ptuning (got --method {self.method})")
@@ -542,6 +544,7 @@ def as_it_ran(record: dict[str, Any]) -> dict[str, Any]:
     train = record.get("TrainConfig")
     if "forward_path_taken" not in record or not isinstance(train, dict):
         return record
-    if train.get("method") == "prefix" and "prefix_scaled_steps" not in train:
+    # ... and one with --prefix-projection, recorded with the default true before it was recorded false.
+    if train.get("method") == "prefix" and ("prefix_scaled_steps" not in train or train.get("prefix_projection")):
         return {**record, "TrainConfig": {**train, "prefix_scaled_steps": False}}
     return record
