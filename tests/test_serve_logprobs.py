@@ -263,3 +263,29 @@ def greedy_pair(lp, contexts: list[str]) -> tuple[str, str]:
             if out and lp.tok(ctx + text).input_ids == head + out:
                 return ctx, text
     raise AssertionError("no greedy continuation tokenises back to itself")
+
+
+def test_a_character_split_across_tokens_reads_as_its_bytes(tok_dir):
+    """A byte-level BPE token that holds part of a character (an emoji is four bytes, four tokens of the
+    tiny tokenizer) reads as OpenAI's `bytes:\\xf0...`, not U+FFFD; chat's `bytes` are each token's own,
+    so joined they spell the text; legacy text_offset counts the characters before each token."""
+    from transformers import AutoTokenizer
+
+    from softprompt.serve.logprobs import chat_logprobs, completion_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    text = "Hi \U0001F60A caf\u00e9 ok"
+    ids = tok(text).input_ids
+    n = len(ids)
+    tops = [[(ids[k], -0.5), (ids[(k + 1) % n], -1.5)] for k in range(n)]
+    chat = chat_logprobs(tok, [], ids, [-0.5] * n, tops)["content"]
+    assert b"".join(bytes(c["bytes"]) for c in chat) == text.encode("utf-8")
+    shown = [c["token"] for c in chat]
+    assert not any("\ufffd" in t for t in shown) and "bytes:\\xf0" in "".join(shown)
+    assert [c["top_logprobs"][0]["token"] for c in chat] == shown  # the same token reads alike as an alternative
+    legacy = completion_logprobs(tok, ids, 0, 1, [-0.5] * (n - 1), tops[1:], 0)
+    assert legacy["tokens"] == shown
+    for token, at in zip(legacy["tokens"], legacy["text_offset"]):
+        if not token.startswith("bytes:"):
+            assert text[at:at + len(token)] == token, (token, at)
+    assert legacy["text_offset"][-1] + len(legacy["tokens"][-1]) == len(text)
