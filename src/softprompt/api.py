@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, get_type_hints
 
 from .core.config import DTYPES, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
-from .core.utils import SoftpromptError
+from .core.utils import SoftpromptError, dtype_name
 
 
 class ConfigError(SoftpromptError, ValueError):
@@ -81,7 +81,7 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
     # choose another dtype, as compare's rows found).
     from .base.quantize import quantized_bits
 
-    dtype = str(getattr(base, "dtype", "")).replace("torch.", "")
+    dtype = dtype_name(getattr(base, "dtype", ""))
     if dtype in DTYPES:
         kwargs["dtype"] = dtype
     if bits := quantized_bits(base):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import BUILTIN_MODEL, ModelConfig
-from ..core.utils import SoftpromptError, atomic_dir
+from ..core.utils import SoftpromptError, atomic_dir, dtype_name
 from .families import decoder_layers
 from .quantize import keep_cpu_kernels_in_range, quantization_config
 
@@ -126,7 +126,7 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str]:
 
 def dtype_reason(asked: str, model, method: str = "prefix") -> str:
     """One line for run_config.json: which dtype a run training `method` runs its base in, and why."""
-    dtype = str(model.dtype).replace("torch.", "")
+    dtype = dtype_name(model.dtype)
     if asked != "auto":
         return f"{dtype}: asked for with --dtype"
     if model.device.type == "cuda":

@@ -169,6 +169,11 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
 
 
+def dtype_name(dtype: Any) -> str:
+    """A torch dtype as its --dtype flag names it: torch.bfloat16 -> bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
 def count_params(module: "torch.nn.Module", trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -43,7 +43,7 @@ from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import (COMPARE_METHODS, DTYPES, ENCODER_METHODS, CompareConfig, DataConfig, ModelConfig,
                            PromptConfig, TrainConfig, add_args, from_args, to_dict)
-from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, seed_everything, write_json
+from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, dtype_name, seed_everything, write_json
 from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
 from ..evaluation.evaluate import evaluate
@@ -162,7 +162,7 @@ def trained_row(kind, mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, t
     trained = copy.deepcopy(model) if kind.changes_model else model  # the other rows keep the frozen base
     # Every row trains on the one base compare loaded (auto is float32 on a CPU, for full fine-tuning); the
     # run's record names that dtype, or `train --config RUN/run_config.json` would replay it in auto's.
-    dtype = str(model.dtype).replace("torch.", "")
+    dtype = dtype_name(model.dtype)
     ran = replace(mcfg, dtype=dtype) if mcfg.dtype == "auto" and dtype in DTYPES else mcfg
     with PeakMemory(model.device) as tmem:
         t0 = time.perf_counter()

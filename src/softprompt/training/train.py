@@ -32,7 +32,7 @@ from ..base.shard import local_bytes, shard_decoder
 from ..base.training_setup import prepare_for_training
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from ..core.inits import resolve
-from ..core.utils import SoftpromptError, count_params, round_floats, seed_everything, weights_hash, write_json
+from ..core.utils import SoftpromptError, count_params, dtype_name, round_floats, seed_everything, weights_hash, write_json
 from ..data.batching import Batch, Example, batch_order, collate, pad_id
 from ..data.formatting import Formatter
 from ..data.mixture import load_data
@@ -266,7 +266,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "world_size": acc.num_processes, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
             "total_steps": total, "truncated": fmt.truncated, "method_reason": method_reason,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
-            "dtype": str(model.dtype).replace("torch.", ""),
+            "dtype": dtype_name(model.dtype),
             "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method),
             **prepared,
             "base_bytes_per_process": local_bytes(model)}
@@ -457,7 +457,7 @@ def finish(run: Run, last_eval: dict[str, float] | None, stopped_early: bool,
                    "final_eval": last_eval, "untuned_eval": untuned,
                    # The evaluations above ran on the base as trained (bf16 where auto chose it on a CPU);
                    # `softprompt eval` runs in float32 on a CPU, so its figures differ (by rows, on small sets).
-                   "eval_dtype": str(run.model.dtype).replace("torch.", ""), "world_size": run.acc.num_processes,
+                   "eval_dtype": dtype_name(run.model.dtype), "world_size": run.acc.num_processes,
                    "forward_path": run.path, "prompt_dir": str(run.method.saved_in(run.out))}
         if run.graphed is not None:
             g = run.graphed
