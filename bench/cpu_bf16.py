@@ -23,7 +23,7 @@ and within 0.5 points. The JSON is written row by row, its summary after every r
 
     python bench/cpu_bf16.py --methods prompt prefix --seeds 0 1 2 --out bench/results/cpu_bf16.json
     python bench/cpu_bf16.py --tasks rte ag_news --hidden --tokens --out /tmp/t.json   # quality only
-    python bench/cpu_bf16.py --model DIR --steps 2 --eval-limit 8 --seeds 0 --hidden 64 --tokens 16 \
+    python bench/cpu_bf16.py --model DIR --steps 2 --eval-limit 8 --train-limit 64 --seeds 0 --hidden 64 --tokens 16 \
         --out /tmp/b.json                                        # dry run on a small model folder
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
     t = time.perf_counter()
     softprompt("train", "--method", method, "--data", spec["data"], *common, "--dtype", dtype, "--batch-size", "8",
                "--max-steps", str(args.steps), "--eval-every", "0", "--eval-fraction", "0", "--save-every", "0",
-               "--no-eval-untuned", "--seed", str(seed), "--out", str(out))
+               "--no-eval-untuned", "--seed", str(seed), "--limit", str(args.train_limit), "--out", str(out))
     wall = time.perf_counter() - t
     summary = json.loads((out / "summary.json").read_text())
 
@@ -104,7 +104,7 @@ def task_run(args, task: str, method: str, dtype: str, seed: int, work: Path) ->
                                      "--dtype", scored_in, "--limit", str(args.eval_limit), "--json"))
 
     row = {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
-           "train_seconds": summary["train_seconds"], "train_wall_seconds": wall}
+           "train_limit": args.train_limit, "train_seconds": summary["train_seconds"], "train_wall_seconds": wall}
     if classify:
         dev = score(dtype)
         # What `softprompt eval` gives a bf16-trained prompt by default on a CPU: --dtype auto scores in float32.
@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="*", default=[64, 128, 256, 576, 1024, 2048],
                     help="matmul rows' hidden sizes (none: skip them)")
     ap.add_argument("--eval-limit", type=int, default=0, help="score the first N dev rows (0 = all)")
+    ap.add_argument("--train-limit", type=int, default=0, help="training rows (0 = all; small only for a dry run, "
+                                                               "whose whole SST-2 would take most of its time)")
     ap.add_argument("--tokens", type=int, nargs="*", default=[64, 128, 512],
                     help="attention rows' lengths (none: skip them)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="the dtypes to train in")
@@ -189,7 +191,8 @@ def earlier_runs(args) -> list[dict]:
         for r in doc["rows"]:
             redone = r.get("dtype") in args.dtypes and r.get("seed") in args.seeds
             if (r.get("dtype") in DTYPES and not redone and r["kind"] in args.tasks
-                    and r["method"] in args.methods and r["steps"] == args.steps):
+                    and r["method"] in args.methods and r["steps"] == args.steps
+                    and r.get("train_limit", 0) == args.train_limit):
                 if r["dtype"] == "float32" and "dev_accuracy" in r:
                     r = {"dev_accuracy_float32": r["dev_accuracy"], **r}  # scored in its own dtype, float32
                 here = f"{Path(path).name} at {', '.join(sorted(c for c in commits if c))}"
