@@ -112,7 +112,7 @@ def test_mix_on_the_command_line_and_bad_tasks(countries_csv, llama_dir, tmp_pat
         assert msg in err and err.count("\n") == 1, err
     assert main(["compare", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "{country}",
                  "--mix", task, "--out", str(tmp_path / "c")]) == 2
-    assert "compare runs one task" in capsys.readouterr().err
+    assert "unrecognized arguments: --mix" in capsys.readouterr().err
 
 
 def test_a_mixture_prompt_starts_a_task_with_init_from(countries_csv, llama_dir, tmp_path):
@@ -143,3 +143,22 @@ def test_a_chat_task_beside_a_templated_one(countries_csv, llama_dir, tmp_path, 
     tasks = json.loads((tmp_path / "mix" / "summary.json").read_text())["final_eval"]["tasks"]
     second = f"2:{countries_csv.name}"
     assert list(tasks) == ["1:chats.jsonl", second] and "accuracy" in tasks[second]
+
+
+def test_language_modelling_tasks_beside_a_classifier(countries_csv, llama_dir, tmp_path, capsys):
+    """A --mix task read as a text column or as conversations is language modelling: it does not take
+    the first task's label words (it was refused: "--labels needs --template")."""
+    from journey_helpers import write_chats
+    from softprompt.cli import main
+
+    chats = write_chats(tmp_path / "chats.jsonl", 12)
+    tasks = [json.dumps({"data": str(countries_csv), "text_col": "capital"}),
+             json.dumps({"data": str(chats), "messages_col": "messages"})]
+    assert main(["train", "--model", str(llama_dir), "--data", str(countries_csv), "--template", EUROPE["template"],
+                 "--labels", "N,Y", "--label-col", "europe", "--mix", tasks[0], "--mix", tasks[1], "--max-steps", "1",
+                 "--batch-size", "4", "--eval-every", "0", "--virtual-tokens", "3", "--eval-limit", "4",
+                 "--out", str(tmp_path / "mix")]) == 0, capsys.readouterr().err
+    scores = json.loads((tmp_path / "mix" / "summary.json").read_text())["final_eval"]["tasks"]
+    assert list(scores) == [f"1:{countries_csv.name}", f"2:{countries_csv.name}", "3:chats.jsonl"]
+    assert "accuracy" in scores[f"1:{countries_csv.name}"]
+    assert not any("accuracy" in scores[k] for k in list(scores)[1:])

@@ -206,9 +206,11 @@ class DataConfig:
         # `messages` column found there, say) carries over to clash with it.
         reading = {k: "" for k in ("template", "target", "text_col", "messages_col")
                    if any(r in task for r in ("template", "text_col", "messages_col"))}
-        # A target makes it a generation task, labels a classification one, whatever the first task is.
-        kind = {"labels": ""} if "target" in task and "labels" not in task else \
-            {"target": ""} if "labels" in task and "target" not in task else {}
+        # A target makes it a generation task, labels a classification one, and a text or messages column
+        # one of language modelling (neither), whatever the first task is.
+        lm = "text_col" in task or "messages_col" in task
+        drop = {"labels", "target"} if lm else {"labels"} if "target" in task else {"target"} if "labels" in task else set()
+        kind = {k: "" for k in drop - task.keys()}
         fields = {"eval_data": "", "eval_split": "", **reading, **kind, **task, "mix": []}
         try:
             return dataclasses.replace(self, **fields)
