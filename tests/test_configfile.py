@@ -88,14 +88,30 @@ TrainConfig: {{out: {tmp_path / "run"}, max_steps: 1, batch_size: 2, method: pro
     assert "--eval-split test: --eval-data" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_mix_typed_over_a_file_s_mixture_replaces_it(llama_dir, countries_csv, tmp_path):
+    """Flags override the file: a --mix typed is the mixture, where argparse appended it to the file's."""
+    task = {"data": str(countries_csv), "template": "{capital}", "labels": "no,yes", "label_col": "europe"}
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps({"DataConfig": {"mix": [task, task]}}))
+    argv = _train_argv(llama_dir, countries_csv, tmp_path / "run")
+    argv[argv.index("--max-steps") + 1] = "1"
+    assert main([*argv, "--config", str(f), "--mix", json.dumps({**task, "template": "{country}"})]) == 0
+    mix = json.loads((tmp_path / "run" / "run_config.json").read_text())["DataConfig"]["mix"]
+    assert [t["template"] for t in mix] == ["{country}"]
+
+
 @pytest.mark.parametrize("text,msg", [
     ('{"DataConfig": {"dataa": "x.csv"}}', "--config {f}: DataConfig: unknown key 'dataa' (known: "),
     ('{"DataConfig": {"max_length": "many"}}', "--config {f}: DataConfig.max_length: expected int, got 'many'"),
     ('{"DataConfig": {"max_length": 2.5}}', "--config {f}: DataConfig.max_length: expected int, got float 2.5"),
     ('{"DataConfig": {"chat": "false"}}', "--config {f}: DataConfig.chat: expected bool, got str 'false'"),
+    ('{"DataConfig": {"mix": {"data": "x.csv"}}}', "--config {f}: DataConfig.mix: expected list, got dict {{'data': "),
     ('{"DataConfig": [1]}', "--config {f}: DataConfig: expected a mapping"),
     ('{"TrainingConfig": {}}', "--config {f}: unknown section 'TrainingConfig' (known: ModelConfig, "),
     ('{"eval": {"promt": "x"}}', "--config {f}: eval: unknown key 'promt'"),
+    # A misspelt command section was ignored, and eval scored the untuned model; notes stay free.
+    ('{"evaluate": {"prompt": "x"}, "notes": {"by": "me"}}', "--config {f}: unknown section 'evaluate' (a "
+     "command's flags sit under its name: train, eval, generate"),
     ('[1, 2]', "--config {f}: expected a mapping of sections"),
     ('{"DataConfig": ', "--config: corrupt JSON in {f}"),
 ])

@@ -154,7 +154,7 @@ def run(argv: list[str] | None = None) -> int:
 
         first = parse_leniently(ap, parsers[name], argv)
         if first.config:
-            apply_config(parsers[name], name, first)
+            apply_config(parsers[name], name, first, tuple(COMMANDS))
     args = ap.parse_args(argv)
     COMMANDS[args.cmd].check(args)  # the command's inputs, before its module (torch, transformers) loads
     return COMMANDS[args.cmd].load()[-1](args)

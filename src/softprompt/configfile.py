@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -101,7 +102,7 @@ def check_value(where: str, typ: type, value: Any) -> None:
             raise SoftpromptError(f"{where}: expected {typ.__name__}, got {short(value)}") from None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
-          str: isinstance(value, str)}.get(typ, True)
+          str: isinstance(value, str), list: isinstance(value, list)}.get(typ, True)
     if not ok:
         raise SoftpromptError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {short(value)}")
 
@@ -125,9 +126,11 @@ def check_flag_value(where: str, action: argparse.Action | None, value: Any) -> 
 
 
 def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argparse.Namespace,
-                     actions: dict[str, argparse.Action] | None = None) -> dict[str, Any]:
+                     actions: dict[str, argparse.Action] | None = None,
+                     commands: tuple[str, ...] = ()) -> dict[str, Any]:
     """The flag defaults `cfg` (a read config file) sets for `command`, whose first parse gave `args`;
-    `actions` (flag dest -> its argparse action) checks the values of the command's own section."""
+    `actions` (flag dest -> its argparse action) checks the values of the command's own section;
+    `commands`, every command's name, tells a misspelt command section from the file's notes."""
     fields: dict[str, str] = getattr(args, "config_fields", {})  # flag dest -> its config class (config.add_args)
     flags = set(vars(args)) - NOT_FLAGS - set(fields)
     out: dict[str, Any] = {}
@@ -156,7 +159,16 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
                 out[key] = value
         elif section.endswith("Config"):  # meant as a section, but misspelt
             raise SoftpromptError(f"--config {path}: unknown section {short(section)} (known: {', '.join(SECTIONS)})")
+        elif isinstance(values, dict) and section not in commands and misspelt(section, commands):
+            # `evaluate:` or `EVAL:` for eval's section: ignored, eval scored the untuned model
+            raise SoftpromptError(f"--config {path}: unknown section {short(section)} (a command's flags sit under "
+                                  f"its name: {', '.join(commands)})")
     return out
+
+
+def misspelt(section: str, commands: tuple[str, ...]) -> bool:
+    """A mapping named like a command, but not one: other top-level keys are the file's own notes."""
+    return bool(difflib.get_close_matches(section.lower().replace("_", "-"), commands, n=1, cutoff=0.6))
 
 
 # Flags that describe the file's own data source: a --data or --eval-data typed over the file names another
@@ -165,12 +177,15 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
 SOURCE_BOUND = {"data": ("split", "data_config", "data_files", "eval_split"), "eval_data": ("eval_split",)}
 
 
-def drop_source_bound(defaults: dict[str, Any], args: argparse.Namespace, actions: dict[str, argparse.Action]) -> None:
-    """Leave out of `defaults` the file's flags bound to a data source that the command line replaces
-    (`args`: the first parse, with the parser's own defaults), unless the command line gives them too."""
+def drop_overridden(defaults: dict[str, Any], args: argparse.Namespace, actions: dict[str, argparse.Action]) -> None:
+    """Leave out of `defaults` what the command line replaces (`args`: the first parse, with the
+    parser's own defaults): a repeated flag's list (argparse would append the typed values to the
+    file's), and the file's flags bound to a data source typed over it, unless typed too."""
     def typed(dest: str) -> bool:
         return dest in actions and getattr(args, dest, None) != actions[dest].default
 
+    for dest in [d for d in defaults if typed(d) and isinstance(actions[d].default, list)]:
+        del defaults[dest]  # --mix typed is the mixture, not more tasks after the file's
     for source, bound in SOURCE_BOUND.items():
         if typed(source) and getattr(args, source) != defaults.get(source):
             for dest in bound:
@@ -178,11 +193,12 @@ def drop_source_bound(defaults: dict[str, Any], args: argparse.Namespace, action
                     defaults.pop(dest, None)
 
 
-def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.Namespace) -> None:
+def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.Namespace,
+                 commands: tuple[str, ...] = ()) -> None:
     """Make the values of `args.config` the defaults of the command's `parser`."""
     actions = {a.dest: a for a in parser._actions}  # argparse keeps its actions in no public attribute
-    defaults = command_defaults(as_it_ran(read_config(args.config)), args.config, command, args, actions)
-    drop_source_bound(defaults, args, actions)
+    defaults = command_defaults(as_it_ran(read_config(args.config)), args.config, command, args, actions, commands)
+    drop_overridden(defaults, args, actions)
     parser.set_defaults(**defaults)
     for dest in defaults:  # a flag the command requires (lm-eval's --tasks, ensemble's DIRs), given by the file
         actions[dest].required = False
