@@ -147,6 +147,13 @@ def test_generate_equals_softprompt_generate_on_a_mixed_batch(model_dir, tmp_pat
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     s1, s2, s3 = (sp.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.5, seed=s) for s in (0, 0, 1))
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    # Greedy ignores the sampling knobs, as HF's generate does; a bad value is a ValueError in Python's words.
+    assert torch.equal(sp.generate(**enc, max_new_tokens=8, temperature=0.0, top_p=0.0),
+                       sp.generate(**enc, max_new_tokens=8))
+    with pytest.raises(ValueError, match="^max_new_tokens must be at least 1"):
+        sp.generate(**enc, max_new_tokens=0)
+    with pytest.raises(ValueError, match="^temperature must be > 0"):
+        sp.generate(**enc, do_sample=True, temperature=0.0)
     # OpenAI's penalties, as `softprompt generate` applies them.
     pen = dict(max_new_tokens=8, presence_penalty=1.5, frequency_penalty=1.0, repetition_penalty=1.3)
     ref = softprompt.generate(TEXTS, prompt=tmp_path / "prompt", model=model, tokenizer=tok, **pen)

@@ -262,13 +262,18 @@ class SoftPromptModel(nn.Module):
                             "frequency_penalty, seed, eos_token_id)")
         if input_ids is None or input_ids.ndim != 2:
             raise ValueError("generate() needs input_ids of shape [batch, tokens]")
+        from .api import python_errors
+
         tok = self.get_tokenizer()
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        cfg = GenerateConfig(max_new_tokens=max_new_tokens, sample=bool(do_sample),
-                             temperature=1.0 if temperature is None else temperature,
-                             top_p=1.0 if top_p is None else top_p,
-                             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
-                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
+        if not do_sample:  # as HF's generate: greedy decoding ignores them (temperature=0.0 means greedy there)
+            temperature = top_p = None
+        with python_errors():  # ValueError naming the keyword
+            cfg = GenerateConfig(max_new_tokens=max_new_tokens, sample=bool(do_sample),
+                                 temperature=1.0 if temperature is None else temperature,
+                                 top_p=1.0 if top_p is None else top_p,
+                                 repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
         p = forward_input(self.prompt)  # under no_grad: the soft prompt's [P, H], or the prefix
         rows = [(p, ids[m.bool()].tolist()) for ids, m in zip(input_ids, mask)]
         engine = decode_batch_for(self.base_model, tok)
