@@ -147,6 +147,12 @@ def test_generate_equals_softprompt_generate_on_a_mixed_batch(model_dir, tmp_pat
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     s1, s2, s3 = (sp.generate(**enc, max_new_tokens=8, do_sample=True, temperature=1.5, seed=s) for s in (0, 0, 1))
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    # Sampled with compare: each text's tuned and baseline rows draw as they do alone (one seed per text).
+    knobs = dict(model=model, tokenizer=tok, max_new_tokens=8, sample=True, temperature=1.5, seed=5)
+    both = softprompt.generate(TEXTS, prompt=tmp_path / "prompt", compare=True, **knobs)
+    assert [r["tuned"] for r in both] == [r["tuned"] for r in softprompt.generate(TEXTS, prompt=tmp_path / "prompt",
+                                                                                   **knobs)]
+    assert [r["baseline"] for r in both] == [r["baseline"] for r in softprompt.generate(TEXTS, **knobs)]
     # Greedy ignores the sampling knobs, as HF's generate does; a bad value is a ValueError in Python's words.
     assert torch.equal(sp.generate(**enc, max_new_tokens=8, temperature=0.0, top_p=0.0),
                        sp.generate(**enc, max_new_tokens=8))

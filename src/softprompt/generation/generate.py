@@ -23,13 +23,14 @@ from .static_decode import decode_batch_for
 
 
 def generate_batch(model, tok, rows: list[tuple[torch.Tensor | None, list[int]]], cfg: GenerateConfig,
-                   kv: PromptKV | None = None, engine=None) -> list[list[int]]:
+                   kv: PromptKV | None = None, engine=None, seeds: list[int] | None = None) -> list[list[int]]:
     """Generate for rows of (soft prompt [P, H] or None, input token ids); returns new token ids.
-    `engine`: an idle decode engine to reuse (its CUDA graphs are captured once, not per call)."""
+    `engine`: an idle decode engine to reuse (its CUDA graphs are captured once, not per call);
+    `seeds`: each sampled row's (default cfg.seed + its index)."""
     if not rows:
         return []
     dec = engine if engine is not None else decode_batch_for(model, tok, kv)
-    ids = dec.add(rows, cfg)
+    ids = dec.add(rows, cfg, seeds=seeds)
     while not dec.finished:
         dec.step()
     rows = [dec.pop(i) for i in ids]
@@ -130,7 +131,10 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
         shown = texts
     variants = [("baseline", None), ("tuned", p)] if compare else [("tuned" if p is not None else "baseline", p)]
     rows = [(q, ids) for ids in encoded for _, q in variants]
-    outs = generate_batch(model, tok, rows, gcfg, PromptKV(model))  # baseline and tuned share one batch
+    # Baseline and tuned share one batch, and each text's seed (cfg.seed + its index): a sampled tuned
+    # text is the one drawn without --compare, and the baseline beside it draws from the same generator.
+    seeds = [gcfg.seed + i for i in range(len(encoded)) for _ in variants]
+    outs = generate_batch(model, tok, rows, gcfg, PromptKV(model), seeds=seeds)
     res = []
     for i, t in enumerate(shown):
         r = {"input": t}
