@@ -165,6 +165,15 @@ def test_the_python_generate_takes_what_the_command_takes(trained, llama_dir, tm
     assert softprompt.generate(messages=[conv], **kw) == run_json(capsys, base + ["--messages", str(msgs)])
     with pytest.raises(TypeError, match="messages must be a list of conversations"):
         softprompt.generate(messages=[{"role": "user", "content": "x"}], **kw)
+    # The command's refusals, in Python's words: a template beside messages was ignored, and a malformed
+    # one was said to name no columns.
+    from softprompt.api import ConfigError
+
+    for bad in (dict(messages=[conv], template="{x}"), dict(texts="Chile", messages=[conv])):
+        with pytest.raises(ConfigError, match="^messages go through the chat template"):
+            softprompt.generate(**bad, **kw)
+    with pytest.raises(ConfigError, match="^template"):
+        softprompt.generate("Chile", template="{a", **kw)
 
 
 def test_generate_template_of_several_columns_takes_json(trained, llama_dir, capsys):

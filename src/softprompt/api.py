@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, get_type_hints
 
-from .core.config import DTYPES, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig
+from .core.config import DTYPES, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, check_template
 from .core.utils import SoftpromptError, dtype_name
 
 
@@ -146,6 +146,13 @@ def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = "s
     if messages is not None and not (isinstance(messages, list) and all(map(is_conversation, messages))):
         raise TypeError("generate(): messages must be a list of conversations, each a list of {'role': str, "
                         "'content': str}")
+    # The command's checks (flags.check_generate), in the API's words, before a model loads.
+    if messages is not None and (texts or template is not None):
+        raise ConfigError("messages go through the chat template, in place of texts: give them without texts "
+                          "and template")
+    with python_errors():
+        if template:
+            check_template("template", template)
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
     mcfg, gcfg = split_kwargs("generate", kwargs, (ModelConfig, GenerateConfig))
     with python_errors():
