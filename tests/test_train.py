@@ -222,6 +222,25 @@ def test_auto_loss_falls_back_to_lm_when_label_tokens_differ_by_row(model_dir, t
               model=model, tok=tok, quiet=True)
 
 
+def test_resume_after_a_save_killed_between_its_renames(llama_dir, countries_csv, tmp_path):
+    """A kill inside atomic_dir's replace left the new checkpoint in .checkpoint.tmp-*, the one before
+    in .checkpoint.old-* and no checkpoint/: --resume said "no checkpoint" beside two whole copies.
+    It resumes from the new one, and no killed save's folder stays behind (a partial one neither)."""
+    import shutil
+
+    full = train(*_cfgs(llama_dir, countries_csv, tmp_path / "a", keep_best=False), quiet=True)
+    train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False), stop_after=5, quiet=True)
+    b = tmp_path / "b"
+    shutil.copytree(b / "checkpoint", b / ".checkpoint.tmp-new")
+    os.replace(b / "checkpoint", b / ".checkpoint.old-was")
+    (b / ".checkpoint.tmp-part").mkdir()
+    (b / ".checkpoint.tmp-part" / "optimizer.pt").write_bytes(b"cut short")
+    resumed = train(*_cfgs(llama_dir, countries_csv, b, keep_best=False, resume=True), quiet=True)
+    assert resumed["steps"] == full["steps"] == 12
+    assert torch.equal(load_prompt(tmp_path / "a").embeds, load_prompt(b).embeds)
+    assert (b / "checkpoint" / "state.json").is_file() and not list(b.glob(".checkpoint.*"))
+
+
 def test_used_out_is_refused_unless_resume_or_overwrite(llama_dir, countries_csv, tmp_path, capsys):
     """Issue 17 row 10: a folder holding a finished run is not overwritten silently; --overwrite
     replaces all of it (no old checkpoint left beside the new prompt); --resume continues it."""

@@ -39,7 +39,7 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise SoftpromptError(f"--out {out} is a file, not a folder")
     used = out.is_dir() and any(out.iterdir())
     if resume:
-        if not (out / CHECKPOINT / "state.json").is_file():
+        if saved_checkpoint(out) is None:
             raise SoftpromptError(f"--resume: no checkpoint in {out / CHECKPOINT}")
     elif used and not overwrite:
         raise SoftpromptError(f"--out {out} already holds files (a previous run?): pass --resume to continue it, "
@@ -175,11 +175,30 @@ def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: 
         (tmp / "state.json").write_text(json.dumps({**state, "best": best}, allow_nan=False))
 
 
+def saved_checkpoint(out: Path) -> Path | None:
+    """The run's checkpoint folder: `checkpoint/`, or where a save killed between atomic_dir's two
+    renames left it (its state.json is written last, so a folder that has one is whole): the new one
+    still in `.checkpoint.tmp-*`, else the one before in `.checkpoint.old-*`."""
+    whole = [p for p in (out / CHECKPOINT, *sorted(out.glob(f".{CHECKPOINT}.tmp-*")),
+                         *sorted(out.glob(f".{CHECKPOINT}.old-*"))) if (p / "state.json").is_file()]
+    return whole[0] if whole else None
+
+
+def tidy_checkpoint(out: Path) -> None:
+    """Put a checkpoint a killed save left beside `checkpoint/` back in its place, and remove the
+    other folders killed saves left (the main process, once every process has loaded it)."""
+    found = saved_checkpoint(out)
+    if found is not None and found != out / CHECKPOINT and not (out / CHECKPOINT).exists():
+        os.replace(found, out / CHECKPOINT)
+    for p in [*out.glob(f".{CHECKPOINT}.tmp-*"), *out.glob(f".{CHECKPOINT}.old-*")]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
     """Restore what save_checkpoint wrote; return the loop state (step, best score, ...)."""
     import torch
 
-    ckpt = out / CHECKPOINT
+    ckpt = saved_checkpoint(out) or out / CHECKPOINT
     state = read_json(ckpt / "state.json")
     method.load_checkpoint(ckpt)
     try:

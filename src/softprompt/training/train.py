@@ -47,7 +47,7 @@ from . import trackers as tracking
 from .auto_method import resolve_method
 from .methods import METHODS, Method
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
-                     plot_metrics, recorded_evals, save_checkpoint, start_metrics)
+                     plot_metrics, recorded_evals, save_checkpoint, start_metrics, tidy_checkpoint)
 
 
 def default_init_text(fmt: Formatter) -> str:
@@ -259,6 +259,8 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     if run.main:
         if tcfg.overwrite:
             clear_run(run.out)
+        if tcfg.resume:
+            tidy_checkpoint(run.out)
         run.out.mkdir(parents=True, exist_ok=True)
         # Replayable (`train --config RUN/run_config.json --out NEW`): how --out was treated is not the run's.
         record = {
