@@ -194,3 +194,23 @@ def test_shipped_example_configs_are_valid_train_configs(name):
             assert getattr(cfg, key) == value, (cls.__name__, key)
     if name != "sst2.yaml":  # PEFT's PromptTuning recipes, whose figures are a soft prompt's: not auto's prefix
         assert from_args(TrainConfig, args).method == "prompt"
+
+
+def test_a_command_section_key_is_its_flag_s_name(tmp_path, capsys):
+    """generate's `template:` is --template (its dest is input_template, which the section took alone);
+    `no_chat:` is no key: --no-chat is chat's false, which `chat: false` says."""
+    from softprompt.cli import build_parsers
+    from softprompt.configfile import apply_config
+
+    f = tmp_path / "g.yaml"
+    f.write_text("generate:\n  template: 'Country: {country}'\n  raw: false\n")
+    ap, parsers = build_parsers("generate")
+    argv = ["generate", "--config", str(f), "Chile"]
+    apply_config(parsers["generate"], "generate", ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    assert (args.input_template, args.raw) == ("Country: {country}", False)
+    f.write_text("generate:\n  no_chat: true\n")
+    assert main(["generate", "--config", str(f), "Chile"]) == 2
+    err = capsys.readouterr().err
+    assert "generate: unknown key 'no_chat' (flags of generate that no config section holds: " in err
+    assert " template," in err and "input_template" not in err

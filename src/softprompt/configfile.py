@@ -149,20 +149,33 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
                 if fields.get(key) == section:
                     out[key] = value
         elif section == command:
-            if not isinstance(values, dict):
-                raise SoftpromptError(f"{where}: expected a mapping of the command's flags")
-            for key, value in values.items():
-                if key not in flags:
-                    raise SoftpromptError(f"{where}: unknown key {short(key)} (flags of {command} that no config "
-                                          f"section holds: {', '.join(sorted(flags)) or 'none'})")
-                check_flag_value(f"{where}.{key}", (actions or {}).get(key), value)
-                out[key] = value
+            out.update(command_section(values, where, command, flags, actions or {}))
         elif section.endswith("Config"):  # meant as a section, but misspelt
             raise SoftpromptError(f"--config {path}: unknown section {short(section)} (known: {', '.join(SECTIONS)})")
         elif isinstance(values, dict) and section not in commands and misspelt(section, commands):
             # `evaluate:` or `EVAL:` for eval's section: ignored, eval scored the untuned model
             raise SoftpromptError(f"--config {path}: unknown section {short(section)} (a command's flags sit under "
                                   f"its name: {', '.join(commands)})")
+    return out
+
+
+def command_section(values: Any, where: str, command: str, flags: set[str],
+                    actions: dict[str, argparse.Action]) -> dict[str, Any]:
+    """The command's own section as flag defaults (dest -> value), each key a flag's name as it is
+    spelt (generate's `template` for --template, whose dest is input_template) or its dest."""
+    if not isinstance(values, dict):
+        raise SoftpromptError(f"{where}: expected a mapping of the command's flags")
+    spelt = {o[2:].replace("-", "_"): a.dest for a in actions.values() for o in a.option_strings
+             if o.startswith("--") and not o.startswith("--no-") and a.dest in flags}  # --no-x: x's false
+    out = {}
+    for key, value in values.items():
+        dest = key if key in flags else spelt.get(key, key)
+        if dest not in flags:
+            names = sorted(set(spelt) | (flags - set(spelt.values()))) if spelt else sorted(flags)
+            raise SoftpromptError(f"{where}: unknown key {short(key)} (flags of {command} that no config "
+                                  f"section holds: {', '.join(names) or 'none'})")
+        check_flag_value(f"{where}.{key}", actions.get(dest), value)
+        out[dest] = value
     return out
 
 
