@@ -20,6 +20,7 @@ def test_demo_trains_the_default_method_and_compares_generations(tmp_path):
     r = subprocess.run([SP, "demo", "--max-steps", "3", "--out", str(tmp_path / "demo")], env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "--warmup-steps" not in r.stderr  # a flag demo does not have
     out = r.stdout
     assert "held-out loss of the untuned model" in out and "held-out loss with the tuned prompt" in out
     baseline = [l.split(":", 1)[1] for l in out.splitlines() if l.startswith("--- baseline:")]

@@ -88,9 +88,15 @@ def test_a_full_fine_tuning_run_given_as_a_prompt_points_to_its_model(trained, l
     capsys.readouterr()
     assert main(["eval", "--prompt", str(full), "--model", str(llama_dir), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"{full} is a --method full run, which holds a fine-tuned model, not a prompt: pass "
-                        f"--model {full / 'model'} (and no prompt)"), err
+    assert err.endswith(f"{full} is a full fine-tuning run (`train --method full`), which holds a fine-tuned model, "
+                        f"not a prompt: pass --model {full / 'model'} (and no prompt)"), err
     assert main(["eval", "--model", str(full / "model"), "--data", str(data), "--template", TEMPLATE]) == 0
+    # In the API's words, the command stays a command.
+    import softprompt
+    from softprompt.api import ConfigError
+
+    with pytest.raises(ConfigError, match=r"run \(`train --method full`\), which .* pass model "):
+        softprompt.evaluate(str(full), model=str(llama_dir), data=str(data), template=TEMPLATE)
 
 
 def test_no_chat_turns_off_a_prompt_s_recorded_chat_flag(trained, llama_dir, tmp_path, capsys):

@@ -33,7 +33,9 @@ def demo_configs(out: str = "runs/demo", max_steps: int = 120, model: str = "smo
                       eval_fraction=0.15, max_length=64)
     pcfg = PromptConfig(virtual_tokens=20, init="text",
                         init_text="Give the country's capital, continent and main language as key=value pairs.")
-    tcfg = TrainConfig(out=out, lr=3e-2, batch_size=8, max_steps=max_steps, warmup_steps=10, eval_every=40,
+    # A tenth of a short run warms up (demo has no --warmup-steps for train's warning to name).
+    warmup = min(10, max_steps // 10) if max_steps else 10
+    tcfg = TrainConfig(out=out, lr=3e-2, batch_size=8, max_steps=max_steps, warmup_steps=warmup, eval_every=40,
                        save_every=40, seed=0, overwrite=overwrite)
     return mcfg, dcfg, pcfg, tcfg
 

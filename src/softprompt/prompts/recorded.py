@@ -45,8 +45,9 @@ def missing_prompt_error(folder: Path, weights: Path) -> SoftpromptError:
     if (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_config.json").is_file():
         return peft_adapter_error(folder)
     if (folder / "model" / "config.json").is_file():
-        return SoftpromptError(f"{folder} is a --method full run, which holds a fine-tuned model, not a prompt: "
-                               f"pass --model {folder / 'model'} (and no prompt)")
+        # The command quoted whole, so that the API's wording (api.python_words) keeps it a command.
+        return SoftpromptError(f"{folder} is a full fine-tuning run (`train --method full`), which holds a fine-tuned "
+                               f"model, not a prompt: pass --model {folder / 'model'} (and no prompt)")
     return SoftpromptError(f"missing prompt file: {weights}")
 
 
