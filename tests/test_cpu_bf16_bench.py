@@ -11,11 +11,14 @@ import pytest
 from conftest import run_bench
 
 
+SMALL = ["--steps", "2", "--eval-limit", "8", "--train-limit", "64"]  # a dry run's sizes
+
+
 @pytest.mark.slow
 def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     out = tmp_path / "b.json"
     r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "ag_news", "acts",
-                  "--methods", "prefix", "--seeds", "0", "--steps", "2", "--eval-limit", "8", "--train-limit", "64", "--hidden", "64",
+                  "--methods", "prefix", "--seeds", "0", *SMALL, "--hidden", "64",
                   "--tokens", "16", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -47,7 +50,7 @@ def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     # bf16 alone, paired with the float32 run above (a change that touches bf16 only)
     again = tmp_path / "again.json"
     r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "--methods", "prefix", "--seeds", "0",
-                  "--steps", "2", "--eval-limit", "8", "--train-limit", "64", "--hidden", "--tokens", "--dtypes", "bfloat16",
+                  *SMALL, "--hidden", "--tokens", "--dtypes", "bfloat16",
                   "--pair-with", str(out), "--out", str(again))
     assert r.returncode == 0, r.stderr[-3000:]
     doc2 = json.loads(again.read_text())
@@ -61,7 +64,7 @@ def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     # a second seed, both dtypes, added to the first one's pair: the summary spans seeds 0 and 1
     more = tmp_path / "more.json"
     r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "--methods", "prefix", "--seeds", "1",
-                  "--steps", "2", "--eval-limit", "8", "--train-limit", "64", "--hidden", "--tokens", "--pair-with", str(again),
+                  *SMALL, "--hidden", "--tokens", "--pair-with", str(again),
                   "--out", str(more))
     assert r.returncode == 0, r.stderr[-3000:]
     doc3 = json.loads(more.read_text())

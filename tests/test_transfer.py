@@ -152,7 +152,8 @@ def test_journey_source_then_init_from_on_the_cli(llama_dir, countries_csv, tmp_
     assert rc["PromptConfig"]["init_from"] == str(tmp_path / "src") and rc["PromptConfig"]["virtual_tokens"] == 3
     assert load_prompt(tmp_path / "dst").kind == "prefix"
     bad = cli("train", *common, "--method", "prompt", "--init-from", "dst", "--out", "bad", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and f"--init-from '{tmp_path / 'dst'}' is a prefix" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert f"--init-from '{tmp_path / 'dst'}' is a prefix" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 

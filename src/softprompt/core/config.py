@@ -209,7 +209,8 @@ class DataConfig:
         # A target makes it a generation task, labels a classification one, and a text or messages column
         # one of language modelling (neither), whatever the first task is.
         lm = "text_col" in task or "messages_col" in task
-        drop = {"labels", "target"} if lm else {"labels"} if "target" in task else {"target"} if "labels" in task else set()
+        drop = ({"labels", "target"} if lm else {"labels"} if "target" in task else {"target"} if "labels" in task
+                else set())
         kind = {k: "" for k in drop - task.keys()}
         fields = {"eval_data": "", "eval_split": "", **reading, **kind, **task, "mix": []}
         try:

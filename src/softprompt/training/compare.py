@@ -43,7 +43,8 @@ from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import (COMPARE_METHODS, DTYPES, ENCODER_METHODS, CompareConfig, DataConfig, ModelConfig,
                            PromptConfig, TrainConfig, add_args, from_args, to_dict)
-from ..core.utils import SoftpromptError, atomic_write_text, check_dest, count_params, dtype_name, seed_everything, write_json
+from ..core.utils import (SoftpromptError, atomic_write_text, check_dest, count_params, dtype_name, seed_everything,
+                          write_json)
 from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
 from ..evaluation.evaluate import evaluate

@@ -32,7 +32,8 @@ from ..base.shard import local_bytes, shard_decoder
 from ..base.training_setup import prepare_for_training
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
 from ..core.inits import resolve
-from ..core.utils import SoftpromptError, count_params, dtype_name, round_floats, seed_everything, weights_hash, write_json
+from ..core.utils import (SoftpromptError, count_params, dtype_name, round_floats, seed_everything, weights_hash,
+                          write_json)
 from ..data.batching import Batch, Example, batch_order, collate, pad_id
 from ..data.formatting import Formatter
 from ..data.mixture import load_data
