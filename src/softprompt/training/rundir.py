@@ -21,13 +21,13 @@ from ..core.utils import SoftpromptError, atomic_dir, read_json, same_model, sho
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
-# Everything a run writes into its folder (the prompt or the fine-tuned model, records, checkpoint).
 RUN_CONFIG = "run_config.json"
 # Flags that say how a run is carried out, not what it computes: a resumed run may change them.
-# Fields that hold a local path, which the configs record as absolute (core.utils.local_path).
-PATH_FIELDS = ("model", "data", "eval_data", "init_file", "init_from")
 HOW_FLAGS = {"device", "out", "resume", "overwrite", "report_to", "log_every", "save_every", "eval_untuned",
              "forward_path", "gradient_checkpointing"}
+# Fields that hold a local path, which the configs record as absolute (core.utils.local_path).
+PATH_FIELDS = ("model", "data", "eval_data", "init_file", "init_from")
+# Everything a run writes into its folder (the prompt or the fine-tuned model, records, checkpoint).
 RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METRICS, "summary.json", "loss.png",
              CHECKPOINT, "model", "tensorboard", "wandb", "mlflow",  # the last three: --report-to's trackers
              "encoder.safetensors"}  # --keep-encoder's (encoder_method.ENCODER_FILE)
