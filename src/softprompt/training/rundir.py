@@ -175,12 +175,16 @@ def save_checkpoint(out: Path, method, opt, sched, state: dict[str, Any], meta: 
         (tmp / "state.json").write_text(json.dumps({**state, "best": best}, allow_nan=False))
 
 
+def killed_saves(out: Path) -> list[Path]:
+    """The folders saves of the checkpoint left when killed (atomic_dir's `.checkpoint.tmp-*`, the new
+    one, and `.checkpoint.old-*`, the one before), as _is_run_file counts them: the new ones first."""
+    return sorted(out.glob(f".{CHECKPOINT}.*"), key=lambda p: (".old-" in p.name, p.name))
+
+
 def saved_checkpoint(out: Path) -> Path | None:
     """The run's checkpoint folder: `checkpoint/`, or where a save killed between atomic_dir's two
-    renames left it (its state.json is written last, so a folder that has one is whole): the new one
-    still in `.checkpoint.tmp-*`, else the one before in `.checkpoint.old-*`."""
-    whole = [p for p in (out / CHECKPOINT, *sorted(out.glob(f".{CHECKPOINT}.tmp-*")),
-                         *sorted(out.glob(f".{CHECKPOINT}.old-*"))) if (p / "state.json").is_file()]
+    renames left it (its state.json is written last, so a folder that has one is whole)."""
+    whole = [p for p in (out / CHECKPOINT, *killed_saves(out)) if (p / "state.json").is_file()]
     return whole[0] if whole else None
 
 
@@ -190,7 +194,7 @@ def tidy_checkpoint(out: Path) -> None:
     found = saved_checkpoint(out)
     if found is not None and found != out / CHECKPOINT and not (out / CHECKPOINT).exists():
         os.replace(found, out / CHECKPOINT)
-    for p in [*out.glob(f".{CHECKPOINT}.tmp-*"), *out.glob(f".{CHECKPOINT}.old-*")]:
+    for p in killed_saves(out):
         shutil.rmtree(p, ignore_errors=True)
 
 
