@@ -45,9 +45,10 @@ class Pieces:
             return bytes(self.byte_of[c] for c in piece)
         return None
 
-    def shown(self, token_id: int, text: str) -> tuple[str, list[int]]:
-        """(token, bytes) as OpenAI gives them: the token's text, or `bytes:\\x..` for part of a character."""
-        raw = self.raw(token_id)
+    @staticmethod
+    def shown(raw: bytes | None, text: str) -> tuple[str, list[int]]:
+        """(token, bytes) as OpenAI gives them, from a token's own bytes (Pieces.raw) and its text in
+        context: that text, or `bytes:\\x..` for part of a character."""
         if raw is None:
             return text, list(text.encode("utf-8"))
         try:
@@ -82,10 +83,10 @@ def completion_logprobs(tok, seq: list[int], first: int, scored: int, lps: list[
         k = i - scored
         alts = tops[k] if k >= 0 else []
         texts = pieces.at(seq[:i], [seq[i]] + [t for t, _ in alts])
-        token = pieces.shown(seq[i], texts[0])[0]
+        raw = pieces.raw(seq[i])
+        token = pieces.shown(raw, texts[0])[0]
         out["tokens"].append(token)
         out["text_offset"].append(offset)
-        raw = pieces.raw(seq[i])
         offset += len(chars.decode(raw) if raw is not None else texts[0])
         if k < 0:
             out["token_logprobs"].append(None)
@@ -94,7 +95,7 @@ def completion_logprobs(tok, seq: list[int], first: int, scored: int, lps: list[
         out["token_logprobs"].append(lps[k])
         top: dict[str, float] = {}
         for text, (t, lp) in zip(texts[1:], alts):
-            top.setdefault(pieces.shown(t, text)[0], lp)  # two ids may read alike: keep the more probable
+            top.setdefault(pieces.shown(pieces.raw(t), text)[0], lp)  # two ids may read alike: keep the more probable
         top.setdefault(token, lps[k])  # OpenAI: the chosen token is always among them
         out["top_logprobs"].append(top)
     return out
@@ -108,7 +109,7 @@ def chat_logprobs(tok, ids: list[int], gen: list[int], lps: list[float],
     for k, t in enumerate(gen):
         alts = tops[k]
         texts = pieces.at(ids + gen[:k], [t] + [a for a, _ in alts])
-        shown = [pieces.shown(i, x) for i, x in zip([t] + [a for a, _ in alts], texts)]
+        shown = [pieces.shown(pieces.raw(i), x) for i, x in zip([t] + [a for a, _ in alts], texts)]
         content.append({"token": shown[0][0], "logprob": lps[k], "bytes": shown[0][1],
                         "top_logprobs": [{"token": x, "logprob": lp, "bytes": b}
                                          for (x, b), (_, lp) in zip(shown[1:], alts)]})
