@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,27 @@ def test_errors_name_keyword_arguments_not_flags():
             config(num_transformer_submodules=2)
         with pytest.raises(ValueError, match="softprompt tunes causal LMs only"):
             config(task_type="SEQ_2_SEQ_LM")
+
+
+def test_warnings_are_python_warnings_in_python_words(llama_dir, tmp_path, capsys):
+    """A SoftpromptWarning names the keyword (warmup_steps, not --warmup-steps) and goes through Python's
+    warnings, so a caller can catch it, make it an error or silence it; no CLI line is printed."""
+    model, tok = load_model(str(llama_dir))
+    args = dict(model=model, tokenizer=tok, data=str(_data(tmp_path, 8)), eval_fraction=0.0, **IO, virtual_tokens=3,
+                method="prompt", init="random", batch_size=4, max_steps=3, save_every=0, eval_untuned=False)
+    capsys.readouterr()
+    with pytest.warns(softprompt.SoftpromptWarning) as seen:
+        softprompt.train(out=str(tmp_path / "a"), **args)
+    assert [str(w.message) for w in seen] == ["the default warm-up of 10 steps is longer than the run's 3 steps: "
+                                              "the rate reaches 27% of lr (give warmup_steps 0 or so)"]
+    assert "warning" not in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", softprompt.SoftpromptWarning)
+        with pytest.raises(softprompt.SoftpromptWarning, match=r"of lr \(give warmup_steps 0 or so\)$"):
+            softprompt.train(out=str(tmp_path / "b"), **args)
+        warnings.simplefilter("ignore", softprompt.SoftpromptWarning)
+        assert softprompt.train(out=str(tmp_path / "c"), **args)["steps"] == 3
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_data_is_checked_as_the_commands_check_it(tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 from softprompt.cli import main
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.core.utils import SoftpromptWarning
 from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.training.train import train
 
@@ -443,12 +444,11 @@ def test_L8_null_text_is_skipped_with_a_warning(llama_dir, tmp_path, capsys):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, tok = load_model(str(llama_dir))
     for how in ({"text_col": "sentence"}, {"template": "Review: {sentence}\\nSentiment:", "labels": "no,yes"}):
-        capsys.readouterr()
-        _, train_ex, eval_ex = load_splits(DataConfig(data=str(p), eval_fraction=0, **how), tok, seed=0)
+        with pytest.warns(SoftpromptWarning) as seen:
+            _, train_ex, eval_ex = load_splits(DataConfig(data=str(p), eval_fraction=0, **how), tok, seed=0)
         assert len(train_ex) == 10 and not any("None" in e.text for e in train_ex)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("[softprompt] warning: skipped 2 row(s) of ")
-        assert "null in sentence (rows [3, 7])" in err[0], err
+        assert len(seen) == 1 and str(seen[0].message).startswith("skipped 2 row(s) of ")
+        assert "null in sentence (rows [3, 7])" in str(seen[0].message)
     p.write_text("".join(json.dumps({"sentence": None}) + "\n" for _ in range(3)))
     assert main(["train", "--model", str(llama_dir), "--data", str(p), "--text-col", "sentence", "--eval-fraction",
                  "0", "--out", str(tmp_path / "run")]) == 2

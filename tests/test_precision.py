@@ -3,6 +3,7 @@ its gradient and its optimiser state in float32. Losses and prompt gradients aga
 base within stated tolerances, gradients reaching only the prompt, and float16 training through
 loss scaling."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from softprompt.base.models import cpu_has_native_half, cpu_trains_bf16, load_model, resolve_dtype
 from softprompt.core.config import DataConfig, ModelConfig
+from softprompt.core.utils import SoftpromptWarning
 from softprompt.data.batching import collate
 from softprompt.data.formatting import Formatter
 from softprompt.forward.hidden import batch_loss
@@ -83,12 +85,14 @@ def test_cpu_half_precision_support_is_read_from_the_cpu_flags(dtype):
     assert cpu_has_native_half(dtype, "processor\t: 0\n")  # no flags to read: no warning
 
 
-def test_half_precision_on_a_cpu_without_it_warns_and_float32_does_not(capsys):
-    resolve_dtype("float32", torch.device("cpu"))
-    assert capsys.readouterr().err == ""
-    resolve_dtype("bfloat16", torch.device("cpu"))
-    err = capsys.readouterr().err
-    assert ("tens of times slower" in err) != cpu_has_native_half(torch.bfloat16), err
+def test_half_precision_on_a_cpu_without_it_warns_and_float32_does_not():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        resolve_dtype("float32", torch.device("cpu"))
+        assert seen == []
+        resolve_dtype("bfloat16", torch.device("cpu"))
+    said = [str(w.message) for w in seen if issubclass(w.category, SoftpromptWarning)]
+    assert (len(said) == 1 and "tens of times slower" in said[0]) != cpu_has_native_half(torch.bfloat16), said
 
 
 def test_run_config_records_the_dtype_and_why(llama_dir, countries_csv, tmp_path):

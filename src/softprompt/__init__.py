@@ -47,7 +47,7 @@ _LAZY = {
     "PromptTuningInit": "softprompt.peft_compat",
     "TaskType": "softprompt.peft_compat", "get_peft_model": "softprompt.peft_compat",
     "PeftModel": "softprompt.peft_compat",
-    "SoftpromptError": "softprompt.core.utils",
+    "SoftpromptError": "softprompt.core.utils", "SoftpromptWarning": "softprompt.core.utils",
 }
 __all__ = ["__version__", *_LAZY]
 _CALLABLE = ("train", "evaluate", "generate")  # command modules, callable as the API (see above)

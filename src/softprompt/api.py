@@ -4,18 +4,19 @@ flags, Python exceptions instead of CLI lines.
 Each keyword is a field of the config dataclasses the command fills from its flags (config.py:
 `batch_size=` is `--batch-size`), so the two never drift apart. An unknown keyword or a value of
 the wrong type is a TypeError, a bad value a ValueError (`ConfigError`, also a SoftpromptError),
-whose message names the keyword rather than the flag.
+whose message names the keyword rather than the flag; so does a SoftpromptWarning's.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, get_type_hints
 
 from .core.config import DTYPES, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, check_template
-from .core.utils import SoftpromptError, dtype_name
+from .core.utils import SoftpromptError, SoftpromptWarning, dtype_name
 
 
 class ConfigError(SoftpromptError, ValueError):
@@ -32,13 +33,26 @@ def python_words(message: str) -> str:
 
 @contextmanager
 def python_errors() -> Iterator[None]:
-    """SoftpromptErrors raised inside, phrased for Python callers (as ConfigError when it is a value)."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except SoftpromptError as e:
-        raise ConfigError(python_words(str(e))) from None
+    """SoftpromptErrors raised inside, phrased for Python callers (as ConfigError when it is a value),
+    and so are SoftpromptWarnings, shown as the caller's filters say (not thread-safe: Python's warnings
+    state is global)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, SoftpromptWarning):
+                message = category(python_words(str(message)))
+            shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        try:
+            yield
+        except ConfigError:
+            raise
+        except SoftpromptError as e:
+            raise ConfigError(python_words(str(e))) from None
+        except SoftpromptWarning as w:  # the caller's filter made it an error
+            raise type(w)(python_words(str(w))) from None
 
 
 def split_kwargs(func: str, kwargs: dict[str, Any], classes: tuple[type, ...]) -> list[Any]:

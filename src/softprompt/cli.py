@@ -5,6 +5,7 @@ flags from flags.py instead, which imports no torch and sits above the command m
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
 status 2; so is an OSError the system raises (a full disk, a folder that cannot be written).
+A SoftpromptWarning is one `[softprompt] warning:` line, each time it is raised.
 Under torchrun every process destroys its process group (end_process_group) and leaves without
 interpreter teardown (entry).
 """
@@ -14,10 +15,12 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
-from .core.utils import SoftpromptError
+from .core.utils import SoftpromptError, SoftpromptWarning
 
 MAX_ERROR = 2000  # characters of an error message printed
 
@@ -160,15 +163,37 @@ def run(argv: list[str] | None = None) -> int:
     return COMMANDS[args.cmd].load()[-1](args)
 
 
+def one_line(msg: str) -> str:
+    """A message as one line whatever it quotes (a column name or a path may hold a newline)."""
+    if len(msg) > MAX_ERROR:  # a value quoted whole (a config file's) can be megabytes
+        msg = f"{msg[:MAX_ERROR]}... ({len(msg)} characters)"
+    return msg.replace("\r", "\\r").replace("\n", "\\n")
+
+
+@contextmanager
+def warning_lines() -> Iterator[None]:
+    """SoftpromptWarnings printed as `[softprompt] warning: ...` lines, every time (not once per place,
+    Python's default); other libraries' warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SoftpromptWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, SoftpromptWarning):
+                print("[softprompt] warning: " + one_line(str(message)), file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(argv)
+        with warning_lines():
+            return run(argv)
     except SoftpromptError as e:
-        # One line whatever the message quotes (a column name or a path may hold a newline).
-        msg = str(e)
-        if len(msg) > MAX_ERROR:  # a value quoted whole (a config file's) can be megabytes
-            msg = f"{msg[:MAX_ERROR]}... ({len(msg)} characters)"
-        print("softprompt: error: " + msg.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+        print("softprompt: error: " + one_line(str(e)), file=sys.stderr)
         return 2
     except OSError as e:  # the disk or the system, not a bug: full, read-only, gone (one line, as any error)
         where = f": {e.filename}" if e.filename else ""

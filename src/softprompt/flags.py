@@ -75,7 +75,7 @@ def check_train(args: argparse.Namespace) -> None:
     train = resolve_method(prompt, train)[0]
     adopt(prompt, train.method, model.model)  # --init-from's source: there, of a kind this method can start from
     if train.max_steps:
-        check_warmup(train, train.max_steps, warn=False)  # refuse early; the run warns
+        check_warmup(train, train.max_steps, warns=False)  # refuse early; the run warns
     check_data(data)
 
 

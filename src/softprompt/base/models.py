@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from ..core.config import BUILTIN_MODEL, ModelConfig
-from ..core.utils import SoftpromptError, atomic_dir, dtype_name
+from ..core.utils import SoftpromptError, atomic_dir, dtype_name, warn
 from .families import decoder_layers
 from .quantize import keep_cpu_kernels_in_range, quantization_config
 
@@ -93,9 +92,8 @@ def resolve_dtype(name: str, device: torch.device, cpu_bf16: bool = False) -> to
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_half(dtype):
         # measured here (AVX2): the bf16 input-gradient matmul runs at 0.3 GFLOP/s against ~100 in
         # fp32, and the built-in model trains 40x slower; a user asking for it should know
-        print(f"[softprompt] warning: --dtype {name} on a CPU without native {name} matmuls "
-              f"(no {' or '.join(HALF_CPU_FLAGS[dtype])}): training runs tens of times slower than "
-              f"float32; --quantize 8bit|4bit saves memory at float32 speed", file=sys.stderr)
+        warn(f"--dtype {name} on a CPU without native {name} matmuls (no {' or '.join(HALF_CPU_FLAGS[dtype])}): "
+             "training runs tens of times slower than float32; --quantize 8bit|4bit saves memory at float32 speed")
     return dtype
 
 

@@ -14,12 +14,11 @@ import dataclasses
 import json
 import math
 import string
-import sys
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from . import inits
-from .utils import SoftpromptError, local_path, short
+from .utils import SoftpromptError, local_path, short, warn
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 ENCODERS = ("mlp", "lstm")  # --method ptuning's --encoder choices (prompts/ptuning_encoder.PromptEncoder)
@@ -380,9 +379,9 @@ class TrainConfig:
                 "--resume continues the run in --out and --overwrite replaces it: give one of them")
 
 
-def check_warmup(cfg: TrainConfig, total: int, warn: bool = True) -> None:
+def check_warmup(cfg: TrainConfig, total: int, warns: bool = True) -> None:
     """A warm-up longer than the run never reaches the peak rate (10 of 20 warm-up steps: half of it).
-    One asked for is refused; the default one only warned about (`warn`: the command line's early
+    One asked for is refused; the default one only warned about (`warns`: the command line's early
     check leaves that to the run, which knows its step count), so short runs keep working."""
     if cfg.warmup_steps <= total:
         return
@@ -390,10 +389,9 @@ def check_warmup(cfg: TrainConfig, total: int, warn: bool = True) -> None:
     if cfg.warmup_steps != TrainConfig.__dataclass_fields__["warmup_steps"].default:
         raise SoftpromptError(f"--warmup-steps {cfg.warmup_steps} is longer than the run's {total} steps: the rate "
                               f"would reach only {peak:.0f}% of --lr; give --warmup-steps {total} or less")
-    if warn:
-        print(f"[softprompt] warning: the default warm-up of {cfg.warmup_steps} steps is longer than the run's "
-              f"{total} steps: the rate reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)",
-              file=sys.stderr)
+    if warns:
+        warn(f"the default warm-up of {cfg.warmup_steps} steps is longer than the run's {total} steps: the rate "
+             f"reaches {peak:.0f}% of --lr (give --warmup-steps {max(total // 10, 0)} or so)")
 
 
 @dataclass

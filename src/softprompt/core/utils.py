@@ -1,7 +1,8 @@
 """Small shared helpers: the user-facing error type, atomic output, hashing and seeding.
 
 Every problem caused by the user's input is raised as `SoftpromptError`; the CLI prints its
-message as one line and exits non-zero. Outputs are written to a temporary sibling first and
+message as one line and exits non-zero. What the user may want to change while the work goes on is
+a `SoftpromptWarning` (Python's warnings: filterable by Python callers, one line in the CLI). Outputs are written to a temporary sibling first and
 renamed into place, so an interrupted or failed command never leaves a half-written artifact.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import reprlib
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -23,6 +25,15 @@ if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads this modu
 
 class SoftpromptError(Exception):
     """An error the user can fix: bad path, column, shape, file... The message says what and where."""
+
+
+class SoftpromptWarning(UserWarning):
+    """A choice the user may want to change, though the work goes on: a slow dtype, skipped rows."""
+
+
+def warn(message: str) -> None:
+    """Warn in the CLI's words (flags); the CLI prints it as one line, the Python API rewords it."""
+    warnings.warn(message, SoftpromptWarning, stacklevel=3)
 
 
 def default_mode(path: str | os.PathLike) -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..core.utils import SoftpromptError
+from ..core.utils import SoftpromptError, warn
 
 LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
 ARROW_EXTS = {".parquet", ".arrow"}
@@ -124,8 +124,7 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     if bad and not rows:
         raise SoftpromptError(f"{path}: wrong number of fields in every row (expected {len(fields)})")
     if bad:  # real files have the odd broken row (awesome-chatgpt-prompts row 210): skip it, say so
-        print(f"[softprompt] warning: skipped {len(bad)} row(s) of {path} with the wrong number of fields "
-              f"(rows {bad[:5]})", file=sys.stderr)
+        warn(f"skipped {len(bad)} row(s) of {path} with the wrong number of fields (rows {bad[:5]})")
     return rows
 
 

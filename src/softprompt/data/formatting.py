@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from ..core.config import DataConfig, is_unicode, unescape
-from ..core.utils import SoftpromptError
+from ..core.utils import SoftpromptError, warn
 from .batching import Example
 from .chat import chat_example
 from .datasource import column_names, read_rows, take
@@ -199,8 +199,7 @@ class Formatter:
         if nulls and not out:
             raise SoftpromptError(f"no usable examples in {where}: every row holds null in {cols}")
         if nulls:  # as read_table reports rows with the wrong number of fields
-            print(f"[softprompt] warning: skipped {len(nulls)} row(s) of {where} with null in {cols} "
-                  f"(rows {sorted(nulls)[:5]})", file=sys.stderr)
+            warn(f"skipped {len(nulls)} row(s) of {where} with null in {cols} (rows {sorted(nulls)[:5]})")
         if not out:
             raise SoftpromptError(f"no usable examples in {where} (every row tokenised to nothing"
                                   + (", or to no assistant token within --max-length)" if self.dropped else ")"))
@@ -248,6 +247,5 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0,
     train = fmt.encode_rows(take(rows, order), cfg.data, [i + 1 for i in order])
     evals = fmt.encode_rows(take(eval_rows, eval_order), eval_name, [i + 1 for i in eval_order]) if eval_order else []
     if fmt.dropped:
-        print(f"[softprompt] warning: skipped {fmt.dropped} conversation(s) with no assistant token within "
-              f"--max-length {cfg.max_length}", file=sys.stderr)
+        warn(f"skipped {fmt.dropped} conversation(s) with no assistant token within --max-length {cfg.max_length}")
     return fmt, train, evals

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..base.families import hidden_size
 from ..core.config import PromptConfig
 from ..core.inits import INITS, InitInputs, resolve
 from ..core.prompt_protocol import KeyValues, Prompt
-from ..core.utils import SoftpromptError, default_mode, read_json, same_model, short
+from ..core.utils import SoftpromptError, default_mode, read_json, same_model, short, warn
 from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
 from .hub import download, is_hub
@@ -216,8 +215,8 @@ def warn_other_base(trained_for: str | None, model, what: str) -> None:
     sizes match (check_fits), so it loads, but its vectors were learnt in another model's space."""
     name = getattr(model, "softprompt_model", None)  # the --model name load_model was given
     if trained_for and name and not same_model(trained_for, name):
-        print(f"[softprompt] warning: {what} was trained for {short(trained_for)}, not {short(name)}: the hidden sizes "
-              "match, but its vectors were learnt for the other model", file=sys.stderr)
+        warn(f"{what} was trained for {short(trained_for)}, not {short(name)}: the hidden sizes match, but its "
+             "vectors were learnt for the other model")
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:

@@ -12,7 +12,6 @@ what they hold in common through frozen_method.py.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +21,7 @@ import torch
 from ..base.models import load_model
 from ..core.config import FULL_FT_LR, ModelConfig, PromptConfig, TrainConfig
 from ..core.prompt_protocol import Prompt
-from ..core.utils import SoftpromptError, atomic_dir, count_params, write_json
+from ..core.utils import SoftpromptError, atomic_dir, count_params, warn, write_json
 from .prefix_method import PrefixTuning
 from .prompt_method import PromptTuning
 from .ptuning_method import PTuning
@@ -81,8 +80,7 @@ class FullFineTuning:
     def setup(cls, model, tok, pcfg: PromptConfig, tcfg: TrainConfig, label_words: list[str], init_text: str,
               label_input: str) -> "FullFineTuning":
         if tcfg.lr > 1e-3:
-            print(f"[softprompt] warning: --lr {tcfg.lr} is a prompt-tuning rate; full fine-tuning wants ~1e-5..5e-5",
-                  file=sys.stderr)
+            warn(f"--lr {tcfg.lr} is a prompt-tuning rate; full fine-tuning wants ~1e-5..5e-5")
         model.requires_grad_(True)
         return cls(model, tok)
 
