@@ -97,6 +97,25 @@ def test_truncation_keeps_target_and_cue(tiny):
     assert tok.decode(e.ids[:e.loss_start]).endswith("Sentiment:")
 
 
+@pytest.mark.parametrize("how", [dict(template="Review: {s}\\nSentiment:", labels="negative,positive"),
+                                 dict(template="Q: {s}\\nA:", target=" {t}"), dict(text_col="s")])
+def test_rows_tokenised_in_chunks_equal_the_rows_one_by_one(tiny, monkeypatch, how):
+    """encode_rows tokenises its rows a chunk at a time (each side of a chunk in one call); every Example
+    is the one encode gives that row alone (whose contents the tests above check), cut rows and all."""
+    import softprompt.data.formatting as formatting
+
+    _, tok = tiny
+    rows = [{"s": "word " * (i * 7 % 23), "t": "an answer " * (i % 4 + 1), "label": i % 2} for i in range(11)]
+    cfg = DataConfig(max_length=24, **how)
+    want = Formatter(cfg, tok)
+    ref = [e for e in map(want.encode, rows) if e.ids]  # an empty row is left out
+    monkeypatch.setattr(formatting, "ENCODE_CHUNK", 3)
+    fmt = Formatter(cfg, tok)
+    got = fmt.encode_rows(rows, "rows", list(range(1, 12)))
+    assert [(e.ids, e.loss_start, e.label, e.text) for e in got] == [(e.ids, e.loss_start, e.label, e.text) for e in ref]
+    assert fmt.truncated == want.truncated > 0
+
+
 def test_chat_template_wraps_input(tiny):
     _, tok = tiny
     fmt = Formatter(DataConfig(template="{q}", labels="no,yes", chat=True), tok)

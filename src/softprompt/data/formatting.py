@@ -39,6 +39,20 @@ def chat_wrap(tok, text: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
+ENCODE_CHUNK = 4096  # rows tokenised per call: batch speed, without holding every row's encodings at once
+
+
+@dataclass
+class Texts:
+    """A row's texts before tokenising (Formatter.texts)."""
+
+    text: str            # the input as the row gives it (Example.text)
+    rendered: str        # the input as tokenised (through the chat template under --chat)
+    target: str | None   # the label word or the filled --target; None: language modelling
+    label: int           # the class index, -1 without labels
+    where: str           # the row, for error messages
+
+
 @dataclass
 class Formatter:
     """Turns rows into tokenised Examples according to a DataConfig."""
@@ -151,48 +165,64 @@ class Formatter:
             self.truncated += cut
             self.dropped += ex is None
             return ex
+        return self.encode_texts([self.texts(row, where)])[0]
+
+    def texts(self, row: dict, where: str) -> Texts:
+        """What `row` becomes before tokenising: its input (as given and as rendered), and its target
+        text (the label word, or the filled --target; None for language modelling)."""
         text = self.input_text(row, where)
         if not is_unicode(text):  # JSON may escape a lone surrogate ("\ud800"); no tokenizer takes one
             raise SoftpromptError(f"the input at {where} is not valid Unicode text: {text!r}")
-        max_len = self.cfg.max_length
-        if self.task == "lm":
-            ids = self.tokenize_rendered(self.render_input(text))
-            if len(ids) > max_len:
-                ids, self.truncated = ids[:max_len], self.truncated + 1
-            return Example(ids, 0, -1, text)
-        rendered = self.render_input(text)
-        prompt_ids = self.tokenize_rendered(rendered)
-        label = -1
+        rendered, label, tgt = self.render_input(text), -1, None
         if self.task == "classify":
             label = self.label_index(row[self.cfg.label_col], where)
-            tgt = self.tok(self.label_text(label, rendered), add_special_tokens=False).input_ids
-        else:
-            tgt_text = self.fill(self.target, "--target", row, where)
-            if not is_unicode(tgt_text):
-                raise SoftpromptError(f"the target at {where} is not valid Unicode text: {tgt_text!r}")
-            tgt = self.tok(tgt_text, add_special_tokens=False).input_ids
-            if self.tok.eos_token_id is not None:
-                tgt = tgt + [self.tok.eos_token_id]  # teach the model to stop
+            tgt = self.label_text(label, rendered)
+        elif self.task == "target":
+            tgt = self.fill(self.target, "--target", row, where)
+            if not is_unicode(tgt):
+                raise SoftpromptError(f"the target at {where} is not valid Unicode text: {tgt!r}")
+        return Texts(text, rendered, tgt, label, where)
+
+    def encode_texts(self, rows: list[Texts]) -> list[Example]:
+        """Examples of `rows`, tokenised in one call per side: the fast tokenizer's batch call, without
+        the ~0.3 ms of Python per call that made reading SST-2's 67k rows take ~20 s."""
+        prompts = self.tok([t.rendered for t in rows], add_special_tokens=not self.cfg.chat).input_ids
+        tgts = [t for t in rows if t.target is not None]
+        tgt_ids = iter(self.tok([t.target for t in tgts], add_special_tokens=False).input_ids if tgts else [])
+        return [self.example(t, ids, next(tgt_ids) if t.target is not None else None) for t, ids in zip(rows, prompts)]
+
+    def example(self, t: Texts, prompt_ids: list[int], tgt: list[int] | None) -> Example:
+        """One row's Example from its tokens, cut to --max-length (a cut row counts in `truncated`)."""
+        max_len = self.cfg.max_length
+        if tgt is None:  # language modelling
+            if len(prompt_ids) > max_len:
+                prompt_ids, self.truncated = prompt_ids[:max_len], self.truncated + 1
+            return Example(prompt_ids, 0, -1, t.text)
+        if self.task == "target" and self.tok.eos_token_id is not None:
+            tgt = tgt + [self.tok.eos_token_id]  # teach the model to stop
         if len(prompt_ids) + len(tgt) > max_len:
             self.truncated += 1
             tgt = tgt[: max(1, max_len // 2)]
             # Keep the end of the input: it holds the cue ("Sentiment:") the target follows.
             prompt_ids = prompt_ids[len(prompt_ids) + len(tgt) - max_len:] if max_len > len(tgt) else []
         if not tgt:
-            raise SoftpromptError(f"empty target at {where}")
-        return Example(prompt_ids + tgt, len(prompt_ids), label, text)
+            raise SoftpromptError(f"empty target at {t.where}")
+        return Example(prompt_ids + tgt, len(prompt_ids), t.label, t.text)
 
     def encode_rows(self, rows: Iterable[dict], where: str, numbers: list[int]) -> list[Example]:
         """Examples of `rows`; `numbers`: their 1-based row numbers in the file, for error messages."""
-        out, nulls = [], []
+        out, nulls, texts = [], [], []
         for r, n in zip(rows, numbers):
             self.check_columns(r, f"{where} row {n}")
             if self.null_columns(r):
                 nulls.append(n)
-                continue
-            ex = self.encode(r, f"{where} row {n}")
-            if ex is not None and len(ex.ids):
-                out.append(ex)
+            elif self.task == "chat":
+                out.append(self.encode(r, f"{where} row {n}"))
+            else:
+                texts.append(self.texts(r, f"{where} row {n}"))
+        for i in range(0, len(texts), ENCODE_CHUNK):
+            out += self.encode_texts(texts[i:i + ENCODE_CHUNK])
+        out = [ex for ex in out if ex is not None and len(ex.ids)]
         if not numbers:
             raise SoftpromptError(f"no rows in {where}")
         cols = ", ".join(dict.fromkeys(self.text_cols))
