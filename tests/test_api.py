@@ -117,6 +117,11 @@ def test_data_is_checked_as_the_commands_check_it(tmp_path):
         with pytest.raises(ValueError, match=f"^split validation: data {data} is a local file, read whole"):
             call()
     assert not (tmp_path / "r").exists()
+    # A column the template names and the file lacks: refused before the model (here, none) would load.
+    missing = dict(model=str(tmp_path / "no-model"), data=str(data), template="Review: {sentence}\nSentiment:")
+    for call in (lambda: softprompt.train(**missing, out=str(tmp_path / "r")), lambda: softprompt.evaluate(**missing)):
+        with pytest.raises(ValueError, match=r"column 'sentence' not found in .*rows.jsonl"):
+            call()
 
 
 # ---------------------------------------------------------------- SoftPromptModel against the commands

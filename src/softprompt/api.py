@@ -8,6 +8,7 @@ whose message names the keyword rather than the flag; so does a SoftpromptWarnin
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import warnings
@@ -126,8 +127,8 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
         raise TypeError(f"evaluate(): batch_size must be int, not {type(batch_size).__name__}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-    from .data.datasource import check_source
-    from .flags import SCORING_SKIP
+    from .flags import SCORING_SKIP, check_data
+    from .prompts.recorded import data_config
 
     for name in SCORING_SKIP:  # train's held-out rows: eval scores every row of data= (the command has no such flags)
         if name in kwargs:
@@ -137,7 +138,10 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
     if "chat" not in kwargs:  # as the prompt was trained (recorded.with_recorded); chat=False turns it off
         dcfg = dataclasses.replace(dcfg, chat=None)
     with python_errors():
-        check_source(dcfg.data, "data", [], dcfg.split, dcfg.data_config)  # a local file's split, before loading
+        # The command's checks (flags.check_eval), before a model loads: a local file's split, and the
+        # columns its reading needs (the prompt's recorded template where none is given).
+        named = "none" if prompt is None else str(prompt)
+        check_data(data_config(argparse.Namespace(**dataclasses.asdict(dcfg)), named), eval_too=False)
         return eval_prompt(mcfg, dcfg, "none" if prompt is None else str(prompt), batch_size, model=base, tok=tok)
 
 
