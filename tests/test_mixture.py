@@ -162,3 +162,9 @@ def test_language_modelling_tasks_beside_a_classifier(countries_csv, llama_dir, 
     assert list(scores) == [f"1:{countries_csv.name}", f"2:{countries_csv.name}", "3:chats.jsonl"]
     assert "accuracy" in scores[f"1:{countries_csv.name}"]
     assert not any("accuracy" in scores[k] for k in list(scores)[1:])
+    # The mean is of one quantity: the classifier's vocabulary loss (lm_loss) beside the others' (loss),
+    # not its label-word loss; keep-best compares runs by it.
+    final = json.loads((tmp_path / "mix" / "summary.json").read_text())["final_eval"]
+    vocab = [scores[f"1:{countries_csv.name}"]["lm_loss"]] + [scores[k]["loss"] for k in list(scores)[1:]]
+    assert final["loss"] == pytest.approx(sum(vocab) / 3, rel=1e-5)
+    assert f"({final['tokens']} tokens, mean over 3 tasks)" in capsys.readouterr().err

@@ -116,6 +116,10 @@ def evaluate_tasks(model, tok, prompt, fmt, examples: list[Example], **kw: Any) 
     per = {fmt.name_of(f): evaluate(model, tok, prompt, f, ex, **kw) for f, ex in parts}
     out: dict[str, Any] = {k: sum(m[k] for m in per.values()) / len(per) for k in MEANS
                            if all(k in m for m in per.values())}
+    if len({"accuracy" in m for m in per.values()}) > 1:
+        # A classifier's loss is over its label words, a language-modelling task's over the vocabulary:
+        # beside each other, the mean (keep-best's score) is of every task's vocabulary loss.
+        out["loss"] = sum(m.get("lm_loss", m["loss"]) for m in per.values()) / len(per)
     out.update({k: sum(m[k] for m in per.values()) for k in SUMS if all(k in m for m in per.values())})
     return {**out, "tasks": per}
 
@@ -142,7 +146,8 @@ def format_eval(m: dict[str, Any]) -> str:
         rows = f"mean over {len(m['tasks'])} tasks" if m.get("tasks") else f"{m['correct']} of {m['n']}"
         return (f"loss {m['loss']:.4f} (over the label words)  accuracy {100 * m['accuracy']:.2f}% ({rows})  "
                 f"lm loss {m['lm_loss']:.4f}  perplexity {m['perplexity']:.3f} ({m['tokens']} label tokens)")
-    return f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens)"
+    over = f", mean over {len(m['tasks'])} tasks" if m.get("tasks") else ""
+    return f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['tokens']} tokens{over})"
 
 
 def run(args: argparse.Namespace) -> int:
