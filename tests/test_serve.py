@@ -170,6 +170,14 @@ def test_classify_matches_direct_scoring(srv):
     # Labels default to the prompt's own (recorded when it was trained).
     d = srv.client.post("/v1/classify", json={"task": "reviews", "text": text}).json()
     assert set(d["scores"]) == {"negative", "positive"}
+    # A template of one column given with the request fills it with the text (another task of a
+    # mixture's prompt, or the base model): the same input, so the same scores.
+    t = srv.client.post("/v1/classify", json={"task": "reviews", "text": "a dull film", "labels": labels,
+                                              "template": "Review: {review}\\nSentiment:"}).json()
+    assert t["scores"] == body["scores"] and t["usage"] == body["usage"]
+    for bad in ("Premise: {a}\nHypothesis: {b}", "no column"):
+        r = srv.client.post("/v1/classify", json={"task": "reviews", "text": "x", "template": bad})
+        assert r.status_code == 400 and "must name exactly one column" in r.json()["error"]["message"], r.text
 
 
 def test_sampling_is_seeded_per_request(srv):

@@ -140,6 +140,9 @@ class ClassifyRequest(Body):
     text: Text = Field(description="the input; a task whose prompt records a template of one column (e.g. "
                            "'Review: {sentence}\\nSentiment:') takes the text of that column, which fills it")
     labels: list[Text] | None = Field(None, description="label words (default: the prompt's own, from its training)")
+    template: Text | None = Field(None, description="a template of one column that the text fills instead of the "
+                                  "prompt's own (another task of a prompt trained on a mixture; a template for the "
+                                  "base model); '' sends the text as it is")
 
 
 class LoadPromptRequest(Body):

@@ -32,7 +32,7 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     """The label whose tokens the model finds most probable after the text (with the task's prompt);
     `scores` are log-probabilities of each label's tokens, `probabilities` their softmax. When the
     task's prompt records a template of one column ("Review: {sentence}\nSentiment:"), the text
-    fills that column first, as in training."""
+    fills that column first, as in training; `template` gives another one ('': none)."""
     entry = ctx.registry.get(req.task, "task")
     labels = req.labels if req.labels is not None else list(entry.meta.get("labels") or [])
     if len(labels) < 2:
@@ -42,7 +42,13 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
         raise ApiError(400, "labels must be 2 to 64 distinct non-empty words", "labels")
     if sum(map(len, labels)) > ctx.cfg.max_input_tokens * 64:  # as encode: do not even tokenise absurd labels
         raise ApiError(400, f"labels are too long ({sum(map(len, labels))} characters)", "labels")
-    ids, cands = await run_in_threadpool(tokenized, ctx, entry, req.text, labels)  # off the event loop
+    # A recorded template of several columns leaves the text as it is (the client formats it); one
+    # given here must be of one column, or '' for none.
+    if req.template and fill_one(req.template, "") is None:
+        raise ApiError(400, f"template {req.template[:200]!r} must name exactly one column, as {{sentence}} (or "
+                            "be '' for the text as it is)", "template")
+    template = entry.meta.get("template") if req.template is None else req.template
+    ids, cands = await run_in_threadpool(tokenized, ctx, entry, req.text, labels, template)  # off the event loop
     ctx.fits(entry, ids, max(len(c) for c in cands), "text")
     within_budget(ctx, ids, cands)
     job = ClassifyJob(entry.tensor, ids, candidates=cands)
@@ -56,13 +62,14 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
             "usage": {"prompt_tokens": len(ids)}}
 
 
-def tokenized(ctx: ServerContext, entry: Loaded, text: str, labels: list[str]) -> tuple[list[int], list[list[int]]]:
-    """The text's input ids (chat-wrapped for a chat prompt) and each label's token ids after it,
-    each label within --max-input-tokens."""
+def tokenized(ctx: ServerContext, entry: Loaded, text: str, labels: list[str],
+              template: str | None) -> tuple[list[int], list[list[int]]]:
+    """The text's input ids (filling `template`, chat-wrapped for a chat prompt) and each label's token
+    ids after it, each label within --max-input-tokens."""
     if not text:
         raise ApiError(400, "text is empty: give at least one token of input", "text")
-    # The task's recorded template of one column takes the raw text, as its prompt was trained.
-    filled = fill_one(entry.meta.get("template"), text)
+    # A recorded template of one column takes the raw text, as the prompt was trained.
+    filled = fill_one(template, text)
     text = text if filled is None else filled
     if entry.meta.get("chat"):
         msgs = [{"role": "user", "content": text}]
