@@ -222,6 +222,26 @@ metric_list:
 """
 
 
+def test_local_tasks_are_indexed_without_lm_eval_s_own():
+    """Tasks all found in --include_path as plain tasks are read from there alone; any other name (a
+    built-in task, or a group whose members may be built in) indexes lm_eval's own tasks too."""
+    from softprompt.evaluation.lmeval import task_manager
+
+    made = []
+
+    class Manager:
+        def __init__(self, include_path=None, include_defaults=True):
+            made.append(include_defaults)
+            self.all_subtasks = ["mine", "other"] + (["hellaswag"] if include_defaults else [])
+
+    assert task_manager(Manager, ["mine", "other"], "tasks").all_subtasks == ["mine", "other"] and made == [False]
+    made.clear()
+    assert "hellaswag" in task_manager(Manager, ["mine", "hellaswag"], "tasks").all_subtasks and made == [False, True]
+    made.clear()
+    task_manager(Manager, ["hellaswag"], None)
+    assert made == [True]
+
+
 def test_lm_eval_command_on_a_prefix_train_wrote(llama_dir, tmp_path, capsys):
     """The journey: `train --method prefix` (two steps) on the tiny Llama, then `lm-eval` on its folder
     with a local multiple-choice task: lm_eval's acc is `softprompt eval`'s accuracy on the same rows."""

@@ -39,6 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for lm_eval's sampling of few-shot examples")
 
 
+def task_manager(manager_class: Any, tasks: list[str], include_path: str | None) -> Any:
+    """lm_eval's index of the tasks. Tasks that are all plain tasks of --include_path are read from that
+    folder alone: indexing lm_eval's own ~14k task files took ~25 s of every run on a 2-core CPU."""
+    if include_path:
+        local = manager_class(include_path=include_path, include_defaults=False)
+        if all(t in local.all_subtasks for t in tasks):
+            return local
+    return manager_class(include_path=include_path)
+
+
 def evaluate_tasks(model_args: str, tasks: list[str], include_path: str | None = None, **kw: Any) -> dict[str, Any]:
     """lm_eval's simple_evaluate with the `softprompt` model."""
     try:
@@ -49,7 +59,7 @@ def evaluate_tasks(model_args: str, tasks: list[str], include_path: str | None =
 
     from . import lmeval_model  # noqa: F401  (registers the model)
 
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(TaskManager, tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise SoftpromptError(f"--tasks: unknown lm_eval task(s) {', '.join(unknown)}"
@@ -86,3 +96,4 @@ def run(args: argparse.Namespace) -> int:
         for task in res.get("configs", {}) if samples else ():
             tracker.save_results_samples(task_name=task, samples=samples[task])
     return 0
+
