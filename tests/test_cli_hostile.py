@@ -516,3 +516,32 @@ def test_a_new_prefix_from_python_refuses_an_init_it_cannot_make(llama_dir):
     base, tok = load_model(str(llama_dir))
     with pytest.raises(ValueError, match="init vocab: a new prefix starts from text .* or random"):
         get_softprompt_model(base, method="prefix", init="vocab", virtual_tokens=4, tokenizer=tok)
+
+
+def test_scoring_rows_past_a_learnt_position_table_is_one_line(tok_dir, tmp_path, capsys):
+    """GPT-2 learns a table of 32 positions: train refused a prompt and rows past it, while eval and
+    ensemble (and the API's evaluate) indexed past the table, a torch IndexError. They refuse too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import softprompt
+    from families import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    gpt2 = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tok), tok.pad_token_id, tok.eos_token_id,
+                                                 n_positions=32)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    for path, words in ((short, 2), (long, 40)):
+        path.write_text("".join(json.dumps({"country": "land " * words, "europe": i % 2}) + "\n" for i in range(8)))
+    assert main(train_argv(gpt2, short, tmp_path / "p", "--method", "prompt")) == 0
+    capsys.readouterr()
+    for argv in (["eval", "--model", str(gpt2), "--prompt", str(tmp_path / "p"), "--data", str(long)],
+                 ["ensemble", "--model", str(gpt2), "--data", str(long), str(tmp_path / "p"), str(tmp_path / "p")]):
+        assert main(argv) == 2
+        one_error_line(capsys, "the prompt's 3 virtual token(s) + ", "exceed the model's 32 positions: use a smaller "
+                                                                    "--max-length")
+    assert main(["eval", "--model", str(gpt2), "--prompt", str(tmp_path / "p"), "--data", str(long),
+                 "--max-length", "24"]) == 0  # cut to fit: 3 + 24 + a label token
+    with pytest.raises(ValueError, match="exceed the model's 32 positions: use a smaller max_length$"):
+        softprompt.evaluate(str(tmp_path / "p"), model=str(gpt2), data=str(long))

@@ -94,11 +94,15 @@ def max_positions(model) -> int | None:
     return None
 
 
-def check_positions(model, virtual_tokens: int, tokens: int = 0) -> None:
+def check_positions(model, virtual_tokens: int, tokens: int = 0, scoring: bool = False) -> None:
     """The prompt and the longest example (`tokens`) fit the model's positions together; checked
-    before training allocates anything for them (100000 virtual tokens once ran out of memory)."""
+    before training allocates anything for them (100000 virtual tokens once ran out of memory), and
+    before a scoring command (`scoring`: its prompt is made) runs rows past learnt position tables."""
     limit = max_positions(model)
     if limit is not None and virtual_tokens + max(tokens, 1) > limit:
+        if scoring:
+            raise SoftpromptError(f"the prompt's {virtual_tokens} virtual token(s) + {max(tokens, 1)} token(s) of the "
+                                  f"longest row exceed the model's {limit} positions: use a smaller --max-length")
         raise SoftpromptError(f"--virtual-tokens {virtual_tokens} + {max(tokens, 1)} token(s) of the longest example "
                               f"exceed the model's {limit} positions: use fewer --virtual-tokens or a smaller "
                               "--max-length")

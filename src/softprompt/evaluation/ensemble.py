@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import forward_input, is_prompt
@@ -25,6 +26,7 @@ from ..data.batching import Example, pad_id
 from ..data.formatting import Formatter, load_splits
 from ..forward.classify import label_scores, row_candidates
 from ..prompts.prompt import load_prompt
+from .evaluate import longest_row
 
 MAX_ROWS = 64  # rows (prompt, example) per forward pass
 
@@ -77,8 +79,10 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
     if model is None:
         model, tok = load_model(mcfg)
     # Soft prompts as their [P, H] embeddings (they share batches); a prefix as itself.
-    prompts = [forward_input(load_prompt(d, model)) for d in prompt_dirs]
+    loaded = [load_prompt(d, model) for d in prompt_dirs]
+    prompts = [forward_input(p) for p in loaded]
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
+    check_positions(model, max(p.length for p in loaded), longest_row(fmt, rows), scoring=True)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")
     scores = ensemble_scores(model, prompts, fmt, rows, progress=progress)

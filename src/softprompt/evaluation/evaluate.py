@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import forward_input, is_prompt
@@ -124,6 +125,14 @@ def evaluate_tasks(model, tok, prompt, fmt, examples: list[Example], **kw: Any) 
     return {**out, "tasks": per}
 
 
+def longest_row(fmt, rows: list[Example]) -> int:
+    """Tokens of the longest row as it is scored: a classifier's input followed by its longest label word."""
+    longest = max(len(e.ids) for e in rows)
+    labelled = [e for e in rows if fmt.of(e).label_words]
+    cands = row_candidates(fmt, labelled)
+    return max([longest] + [e.loss_start + max(map(len, c)) for e, c in zip(labelled, cands)])
+
+
 def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
                 model=None, tok=None) -> dict[str, Any]:
     """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`; the
@@ -134,6 +143,7 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
         model, tok = load_model(mcfg)
     p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
+    check_positions(model, 0 if p is None else p.length, longest_row(fmt, rows), scoring=True)
     return {"prompt": prompt, "model": mcfg.model, "data": dcfg.data,
             **evaluate(model, tok, p, fmt, rows, batch_size=batch_size, progress=True)}
 
