@@ -123,3 +123,26 @@ def test_one_batch_equals_alone_on_the_builtin_model():
     for k, p in enumerate(prompts):
         alone = example_scores(model, tok, lambda p=p: p, fmt, ex)
         assert torch.allclose(together[k], alone, atol=2e-4), (together[k] - alone).abs().max()
+
+
+def test_a_template_with_a_written_or_a_real_newline_is_one_template(llama_dir, countries_csv, tmp_path, capsys):
+    """A flag's written "\\n" and a config file's (or Python's) newline train the same prompt; resume and
+    ensemble compared the two spellings as strings and refused."""
+    import softprompt
+    from softprompt.prompts.prompt import load_prompt
+
+    common = dict(model=str(llama_dir), data=str(countries_csv), labels="no,yes", label_col="europe", virtual_tokens=3,
+                  max_steps=2, batch_size=4, eval_every=0, eval_untuned=False, method="prompt", warmup_steps=0)
+    argv = ["train", *[x for k, v in common.items() if k != "eval_untuned"
+                       for x in (f"--{k.replace('_', '-')}", str(v))], "--no-eval-untuned"]
+    assert main(argv + ["--template", "Country: {country}\\nEurope:", "--out", str(tmp_path / "flag")]) == 0
+    softprompt.train(**common, template="Country: {country}\nEurope:", out=str(tmp_path / "py"))
+    assert torch.equal(load_prompt(tmp_path / "flag").embeds, load_prompt(tmp_path / "py").embeds)
+    # the finished run resumed with the other spelling: accepted (nothing left to train)
+    assert softprompt.train(**common, template="Country: {country}\nEurope:", out=str(tmp_path / "flag"),
+                            resume=True)["steps"] == 2
+    capsys.readouterr()
+    assert main(["ensemble", "--model", str(llama_dir), "--data", str(countries_csv), "--label-col", "europe",
+                 "--limit", "8", "--json", str(tmp_path / "flag"), str(tmp_path / "py")]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 8

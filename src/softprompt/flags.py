@@ -129,7 +129,8 @@ def check_ensemble(args: argparse.Namespace) -> None:
         if getattr(args, key, "") or (key == "template" and (args.text_col or args.messages_col)):
             continue
         first, *rest = args.prompts
-        other = next((p for p in rest if records[p].get(key, "") != records[first].get(key, "")), None)
+        spelt = {p: unescape(records[p].get(key, "")) for p in args.prompts}  # "\\n" written or a newline: one template
+        other = next((p for p in rest if spelt[p] != spelt[first]), None)
         if other is not None:
             raise SoftpromptError(f"{first} records {key} {short(records[first].get(key, ''))} and {other} "
                                   f"{short(records[other].get(key, ''))}: pass {flag(key)} to score every prompt "

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..core.config import as_it_ran, flag
+from ..core.config import as_it_ran, flag, unescape
 from ..core.utils import SoftpromptError, atomic_dir, read_json, same_model, short
 
 CHECKPOINT = "checkpoint"
@@ -105,10 +105,13 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
 
 def same_value(key: str, now: Any, was: Any, recorded: dict[str, Any]) -> bool:
     """A resumed run's field as recorded; --dtype auto also as what it resolved to (the API records a
-    loaded model's own dtype, where runs before it recorded auto), and a local path by either spelling
-    (runs before the configs made them absolute recorded them as typed)."""
+    loaded model's own dtype, where runs before it recorded auto), a local path by either spelling
+    (runs before the configs made them absolute recorded them as typed), and a template with a written
+    or a real newline (a flag's "\\n", a config file's or Python's newline: one template)."""
     return (now == was or (key == "dtype" and was == "auto" and recorded.get("dtype") == now)
             or (key in PATH_FIELDS and isinstance(was, str) and same_model(now, was))
+            or (key in ("template", "target") and isinstance(now, str) and isinstance(was, str)
+                and unescape(now) == unescape(was))
             or (key == "mix" and isinstance(was, list) and len(was) == len(now)
                 and all(same_task(n, w, recorded) for n, w in zip(now, was))))
 
