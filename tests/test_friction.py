@@ -190,7 +190,17 @@ def test_generate_template_of_several_columns_takes_json(trained, llama_dir, cap
     assert two[0]["tuned"] == same[0]["tuned"]
     capsys.readouterr()
     assert main(base + ["--template", "{a} and {b}", "Chile"]) == 2
-    assert "names the columns a, b" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "names the columns a, b" in err and err.rstrip().endswith("or --template '' to send it as it is")
+    assert run_json(capsys, base + ["--template", "", "Chile and Peru"]) == same  # the advice, followed
+    # In Python the advice names the keyword, and following it works (the API has no `raw`).
+    import softprompt
+    from softprompt.api import ConfigError
+
+    kw = dict(prompt=str(out), model=str(llama_dir), max_new_tokens=4)
+    with pytest.raises(ConfigError, match="or template '' to send it as it is$"):
+        softprompt.generate(["Chile"], template="{a} and {b}", **kw)
+    assert softprompt.generate(["Chile and Peru"], template="", **kw)[0]["tuned"] == same[0]["tuned"]
 
 
 def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):

@@ -67,7 +67,7 @@ def apply_template(template: str, text: str, n: int) -> str:
         row = None
     if not isinstance(row, dict) or any(c not in row for c in cols):
         raise SoftpromptError(f"the template {template!r} names the columns {', '.join(cols)}: give TEXT {n} as a "
-                              "JSON object with them, or --template '{input}' (or --raw) to send it as it is")
+                              "JSON object with them, or --template '' to send it as it is")
     try:
         return unescape(template).format_map(row)
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
