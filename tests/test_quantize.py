@@ -133,3 +133,35 @@ def test_missing_backend_is_one_clear_error(llama_dir, monkeypatch):
         load_model(ModelConfig(model=str(llama_dir), device="cpu", quantize="8bit"))
     with pytest.raises(SoftpromptError, match="unknown --quantize"):
         ModelConfig(quantize="3bit")
+
+
+@needs_bnb
+def test_a_loaded_base_quantised_otherwise_than_the_flag_warns_that_its_record_cannot_replay(llama_dir, countries_csv,
+                                                                                             tmp_path):
+    """softprompt.train on a base the caller loaded in 4 bits records quantize 4bit; `train --config` then
+    loads NF4 with double quantization. A base loaded so trains without a word; one loaded as FP4
+    (BitsAndBytesConfig's default) is said to replay on another base."""
+    import warnings
+
+    import softprompt
+    from softprompt.base.quantize import quantization_config
+    from softprompt.core.utils import SoftpromptWarning
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    args = dict(tokenizer=tok, data=str(countries_csv), template="Country: {country}\nEurope:", labels="no,yes",
+                label_col="europe", method="prompt", virtual_tokens=3, max_steps=1, warmup_steps=0, batch_size=4,
+                eval_every=0, eval_untuned=False, eval_fraction=0.0, save_every=0)
+    for name, cfg in (("flag", quantization_config("4bit", torch.float32)), ("fp4", BitsAndBytesConfig(load_in_4bit=True))):
+        base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            softprompt.train(model=base, out=str(tmp_path / name), **args)
+        said = [str(w.message) for w in seen if issubclass(w.category, SoftpromptWarning)]
+        assert json.loads((tmp_path / name / "run_config.json").read_text())["ModelConfig"]["quantize"] == "4bit"
+        if name == "flag":
+            assert said == []
+        else:
+            assert len(said) == 1 and said[0].startswith("model= is quantised otherwise than quantize='4bit' loads a "
+                                                         "model (bnb_4bit_quant_type fp4, not nf4; "
+                                                         "bnb_4bit_use_double_quant False, not True)"), said

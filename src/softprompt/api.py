@@ -104,6 +104,19 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> t
     return base, tokenizer
 
 
+def warn_unlike_record(base: Any) -> None:
+    """A loaded base quantised otherwise than the record's quantize= loads one (FP4, no double
+    quantization...): its run trains, but run_config.json cannot replay it."""
+    from .base.quantize import quantized_bits, unlike_flag
+
+    if base is not None and (unlike := unlike_flag(base)):
+        bits = quantized_bits(base)
+        warnings.warn(SoftpromptWarning(
+            f"model= is quantised otherwise than quantize='{bits}bit' loads a model ({'; '.join(unlike)}): "
+            f"run_config.json records quantize {bits}bit, so `softprompt train --config` would replay the run "
+            "on another base"), stacklevel=3)
+
+
 def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Train a soft prompt into `out=` and return the run summary. Keywords: the `train` command's
     flags (data=, template=, target=, labels=, virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
@@ -111,6 +124,7 @@ def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwar
     from .training.train import train as run_train
 
     base, tok = model_and_tokenizer(model, tokenizer, kwargs)
+    warn_unlike_record(base)
     configs = split_kwargs("train", kwargs, (ModelConfig, DataConfig, PromptConfig, TrainConfig))
     with python_errors():
         check_data(configs[1])  # the command's checks of its data (a local file's split, its columns)

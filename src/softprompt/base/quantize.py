@@ -77,6 +77,17 @@ def quantized_bits(model) -> int | None:
     return 8 if getattr(qc, "load_in_8bit", False) else 4 if getattr(qc, "load_in_4bit", False) else None
 
 
+def unlike_flag(model) -> list[str]:
+    """How a quantised model's bitsandbytes settings differ from what its `--quantize` loads (NF4 with
+    double quantization...): `name value, not other`, [] when they agree."""
+    bits = quantized_bits(model)
+    if bits is None:
+        return []
+    got = model.hf_quantizer.quantization_config.to_dict()
+    ours = quantization_config(f"{bits}bit", model.dtype).to_dict()
+    return [f"{k} {got.get(k)}, not {v}" for k, v in ours.items() if got.get(k) != v]
+
+
 def weight_bytes(model) -> int:
     """Bytes the model's parameters and buffers occupy as stored (quantized weights at their size)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
