@@ -80,6 +80,11 @@ def test_named_config_and_eval_split_of_a_dataset_repository(tmp_path, tok):
     # The eval side's --split: `eval` reads one split of the dataset.
     _, dev, _ = load_splits(_cfg(f"{repo}:sst2", split="validation", eval_fraction=0), tok)
     assert sorted(_ids(dev)) == sorted(_ids(ref_dev))
+    # A split the local folder lacks is said to be the folder's, not the Hub's (no Hub was asked).
+    with pytest.raises(SoftpromptError) as e:
+        load_splits(_cfg(f"{repo}:sst2", split="test", eval_fraction=0), tok)
+    assert str(e.value).startswith(f"cannot load the folder '{repo}' (config 'sst2', split 'test'): ")
+    assert "Hub" not in str(e.value) and "'validation'" in str(e.value)
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -185,9 +185,11 @@ def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
     try:
         return datasets.load_dataset(name, config or None, data_files=files, split=split)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError, ValueError) as e:
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        if Path(name).is_dir():  # a local folder of split files: no Hub was asked
+            raise SoftpromptError(f"cannot load the folder {what}: {why}") from None
         raise SoftpromptError(
-            f"cannot load dataset {what} from the Hugging Face Hub (unreachable or unknown: "
-            f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); pass a local "
+            f"cannot load dataset {what} from the Hugging Face Hub (unreachable or unknown: {why}); pass a local "
             ".csv/.tsv/.json/.jsonl/.parquet/.arrow file instead") from None
 
 
