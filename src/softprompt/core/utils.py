@@ -2,8 +2,9 @@
 
 Every problem caused by the user's input is raised as `SoftpromptError`; the CLI prints its
 message as one line and exits non-zero. What the user may want to change while the work goes on is
-a `SoftpromptWarning` (Python's warnings: filterable by Python callers, one line in the CLI). Outputs are written to a temporary sibling first and
-renamed into place, so an interrupted or failed command never leaves a half-written artifact.
+a `SoftpromptWarning` (Python's warnings: filterable by Python callers, one line in the CLI).
+Outputs are written to a temporary sibling first and renamed into place, so an interrupted or
+failed command never leaves a half-written artifact.
 """
 from __future__ import annotations
 
