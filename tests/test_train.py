@@ -289,6 +289,10 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(llama_dir, countries_csv,
     resume = TrainConfig(**{**t.__dict__, "resume": True})
     with pytest.raises(SoftpromptError, match=r"defined otherwise: --virtual-tokens 6 \(was 4\)"):  # issue 27 N8
         train(m, d, PromptConfig(virtual_tokens=6, init="vocab"), resume, quiet=True)
+    # A value that auto (here lr 0: the method's own rate) chose is said to be auto's choice, not the user's.
+    with pytest.raises(SoftpromptError, match=r"defined otherwise: --lr [0-9.e-]+ \(was 0\.05; --lr 0\.0 chose it "
+                                              r"for this run\); resume it"):
+        train(m, d, p, TrainConfig(**{**resume.__dict__, "lr": 0.0}), quiet=True)
     (out / "run_config.json").unlink()  # a run without its record: the checkpoint's own shape check
     with pytest.raises(SoftpromptError, match=r"holds a prompt of shape \[4, 32\], this run's is \[6, 32\]"):
         train(m, d, PromptConfig(virtual_tokens=6, init="vocab"), resume, quiet=True)

@@ -83,10 +83,13 @@ class RunLock:
         self.release()
 
 
-def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
+def check_same_run(out: Path, configs: dict[str, dict[str, Any]],
+                   asked: dict[str, dict[str, Any]] | None = None) -> None:
     """--resume continues the run in `out` as it was defined: refuse any change of what it computes
     (data, template, labels, prompt, rate, schedule...), naming every changed flag. `configs`: this
-    run's resolved config sections, as run_config.json records them."""
+    run's resolved config sections, as run_config.json records them; `asked`: the same before `auto`
+    was resolved, so that a value auto chose for the changed run is said to be auto's choice."""
+    asked = asked or {}
     path = out / RUN_CONFIG
     if not path.is_file():  # a run from before run_config.json: nothing to compare with
         return
@@ -94,7 +97,9 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]]) -> None:
     if not isinstance(recorded, dict):
         raise SoftpromptError(f"--resume: {path} must hold a JSON object")
     recorded = as_it_ran(recorded)
-    changed = [f"{flag(k)} {short(v)} (was {short(was[k])})"
+    changed = [f"{flag(k)} {short(v)} (was {short(was[k])}"
+               + (f"; {flag(k)} {short(asked[section][k])} chose it for this run)"
+                  if k in asked.get(section, {}) and asked[section][k] != v else ")")
                for section, fields in configs.items() if isinstance(was := recorded.get(section), dict)
                for k, v in fields.items() if k not in HOW_FLAGS and k in was and not same_value(k, v, was[k], recorded)]
     if changed:
