@@ -115,15 +115,22 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def plain_fields(template: str) -> bool:
+    """Every {...} of a parsing template is a bare name, without !conversion or :format."""
+    return all(not conv and not spec for _, col, spec, conv in string.Formatter().parse(template) if col is not None)
+
+
 def fill_one(template: Any, text: str) -> str | None:
     """`template` with its one column filled by `text` ("Review: {sentence}\\nSentiment:" and "fine"
-    -> "Review: fine\\nSentiment:"); None when it is not a template of exactly one plain column. A
-    written "\\n" is a newline, as train reads templates (config.unescape)."""
+    -> "Review: fine\\nSentiment:"); None when it is not a template of exactly one plain column (no
+    !conversion or :format: "{x:>400000000}" would pad the text to any size, and a request or a
+    downloaded prompt may carry one). A written "\\n" is a newline, as train reads templates
+    (config.unescape)."""
     if not isinstance(template, str) or not template:
         return None
     template = unescape(template)
     names = template_fields(template)
-    if len(names) != 1 or not names[0].isidentifier():
+    if len(names) != 1 or not names[0].isidentifier() or not plain_fields(template):
         return None
     try:
         return template.format_map({names[0]: text})

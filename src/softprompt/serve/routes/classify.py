@@ -45,8 +45,8 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     # A recorded template of several columns leaves the text as it is (the client formats it); one
     # given here must be of one column, or '' for none.
     if req.template and fill_one(req.template, "") is None:
-        raise ApiError(400, f"template {req.template[:200]!r} must name exactly one column, as {{sentence}} (or "
-                            "be '' for the text as it is)", "template")
+        raise ApiError(400, f"template {req.template[:200]!r} must name exactly one column, as a plain {{sentence}} "
+                            "(no !conversion or :format), or be '' for the text as it is", "template")
     template = entry.meta.get("template") if req.template is None else req.template
     ids, cands = await run_in_threadpool(tokenized, ctx, entry, req.text, labels, template)  # off the event loop
     ctx.fits(entry, ids, max(len(c) for c in cands), "text")
