@@ -28,24 +28,28 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
+def _run(cmd: list[str], cwd: Path, stderr: bool = False) -> str | tuple[str, str]:
     r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    return r.stdout
+    return (r.stdout, r.stderr) if stderr else r.stdout
 
 
 def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tmp_path):
+    """torchrun's plain command on a CPU machine (--device auto: each process once ran alone as the main
+    one, and the two fought over --out); one process prints the summary and each warning."""
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv),
             "--template", "Country: {country}\nFacts:", "--target", " capital={capital}",
-            "--device", "cpu", "--dtype", "float32",
+            "--dtype", "float32",
             "--batch-size", "4", "--max-steps", "4", "--eval-every", "0", "--save-every", "0",
             "--virtual-tokens", "3", "--init", "vocab", "--eval-fraction", "0"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
     # --standalone: a private rendezvous on a free port, so parallel runs cannot collide on 29500.
-    printed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "softprompt", *args, "--out", str(two)], tmp_path)
+    printed, said = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "softprompt", *args, "--out", str(two)], tmp_path, stderr=True)
     assert len([line for line in printed.splitlines() if '"final_eval"' in line]) == 1  # one process prints
+    warned = [line for line in said.splitlines() if line.startswith("[softprompt] warning: ")]
+    assert len(warned) == 1 and "default warm-up of 10 steps" in warned[0], said[-3000:]  # 4 steps
 
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())

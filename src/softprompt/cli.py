@@ -5,7 +5,7 @@ flags from flags.py instead, which imports no torch and sits above the command m
 Only the chosen command's module is imported (`softprompt --help` loads no torch). Errors the
 user can fix, argparse's included, are printed as one line (`softprompt: error: ...`) with exit
 status 2; so is an OSError the system raises (a full disk, a folder that cannot be written).
-A SoftpromptWarning is one `[softprompt] warning:` line, each time it is raised.
+A SoftpromptWarning is one `[softprompt] warning:` line, each time it is raised (by the main process).
 Under torchrun every process destroys its process group (end_process_group) and leaves without
 interpreter teardown (entry).
 """
@@ -173,14 +173,17 @@ def one_line(msg: str) -> str:
 @contextmanager
 def warning_lines() -> Iterator[None]:
     """SoftpromptWarnings printed as `[softprompt] warning: ...` lines, every time (not once per place,
-    Python's default); other libraries' warnings as Python shows them."""
+    Python's default), by the main process alone under torchrun (every process reads the same data
+    and settings, so each would say the same); other libraries' warnings as Python shows them."""
+    main_process = os.environ.get("RANK", "0") == "0"
     with warnings.catch_warnings():
         warnings.simplefilter("always", SoftpromptWarning)
         shown = warnings.showwarning
 
         def show(message, category, *args: Any, **kwargs: Any) -> None:
             if issubclass(category, SoftpromptWarning):
-                print("[softprompt] warning: " + one_line(str(message)), file=sys.stderr)
+                if main_process:
+                    print("[softprompt] warning: " + one_line(str(message)), file=sys.stderr)
             else:
                 shown(message, category, *args, **kwargs)
 

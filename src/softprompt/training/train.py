@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..base.families import check_positions
-from ..base.models import cpu_bf16_method, dtype_reason, load_model, set_checkpointing
+from ..base.models import cpu_bf16_method, dtype_reason, load_model, resolve_device, set_checkpointing
 from ..base.shard import local_bytes, shard_decoder
 from ..base.training_setup import prepare_for_training
 from ..core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args, to_dict
@@ -181,7 +181,9 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
                               "integer weights that take no gradient: drop --quantize, or train a prompt")
     check_init(pcfg, tcfg.method)
     trackers = tracking.names(tcfg.report_to)  # before the model loads: an extra not installed fails at once
-    acc = Accelerator(cpu=mcfg.device == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
+    # On the CPU (--device cpu, or auto without CUDA): accelerate then joins torchrun's processes over
+    # gloo; not told so, each process found no GPU, ran alone as the main one, and two took --out's lock.
+    acc = Accelerator(cpu=resolve_device(mcfg.device).type == "cpu", gradient_accumulation_steps=tcfg.grad_accum,
                       **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
     lock = RunLock(Path(tcfg.out)) if acc.is_main_process else None
     try:
