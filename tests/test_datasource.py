@@ -85,6 +85,14 @@ def test_named_config_and_eval_split_of_a_dataset_repository(tmp_path, tok):
         load_splits(_cfg(f"{repo}:sst2", split="test", eval_fraction=0), tok)
     assert str(e.value).startswith(f"cannot load the folder '{repo}' (config 'sst2', split 'test'): ")
     assert "Hub" not in str(e.value) and "'validation'" in str(e.value)
+    # A folder whose files hold other columns: one line, not datasets' DatasetGenerationError traceback.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text('{"t": "good", "label": 1}\n')
+    (mixed / "b.jsonl").write_text('{"text": "x", "n": [1, 2]}\n')
+    with pytest.raises(SoftpromptError, match=r"^cannot read '.*mixed' \(split 'train'\) as one table of rows "
+                                              r"\(CastError: .*\): do its files share their columns\?$"):
+        load_splits(_cfg(str(mixed), eval_fraction=0), tok)
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -184,6 +184,11 @@ def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
     what = f"{name!r} (" + (f"config {config!r}, " if config else "") + f"split {split!r})"
     try:
         return datasets.load_dataset(name, config or None, data_files=files, split=split)
+    except datasets.exceptions.DatasetBuildError as e:  # files read but not made one table (columns differ...)
+        cause = e.__cause__ or e
+        why = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+        raise SoftpromptError(f"cannot read {what} as one table of rows ({type(cause).__name__}: {why}): do its "
+                              "files share their columns?") from None
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError, ValueError) as e:
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         if Path(name).is_dir():  # a local folder of split files: no Hub was asked
