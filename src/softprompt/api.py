@@ -156,7 +156,7 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
         # columns its reading needs (the prompt's recorded template where none is given).
         named = "none" if prompt is None else str(prompt)
         check_data(data_config(argparse.Namespace(**dataclasses.asdict(dcfg)), named), eval_too=False)
-        return eval_prompt(mcfg, dcfg, "none" if prompt is None else str(prompt), batch_size, model=base, tok=tok)
+        return eval_prompt(mcfg, dcfg, named, batch_size, model=base, tok=tok)
 
 
 def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = "smollm2-135m-instruct",
