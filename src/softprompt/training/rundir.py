@@ -97,15 +97,20 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]],
     if not isinstance(recorded, dict):
         raise SoftpromptError(f"--resume: {path} must hold a JSON object")
     recorded = as_it_ran(recorded)
-    changed = [f"{flag(k)} {short(v)} (was {short(was[k])}"
-               + (f"; {flag(k)} {short(asked[section][k])} chose it for this run)"
-                  if k in asked.get(section, {}) and asked[section][k] != v else ")")
+    changed = [change(k, v, was[k], asked.get(section, {}).get(k, v))
                for section, fields in configs.items() if isinstance(was := recorded.get(section), dict)
                for k, v in fields.items() if k not in HOW_FLAGS and k in was and not same_value(k, v, was[k], recorded)]
     if changed:
         raise SoftpromptError(f"--resume: the run in {out} was defined otherwise: {'; '.join(changed)}; resume it with "
                               f"its own settings (`softprompt train --config {path} --resume --out {out}`) "
                               "or start a new --out")
+
+
+def change(key: str, now: Any, was: Any, typed: Any) -> str:
+    """One changed flag as the refusal names it; `typed`, the value before auto was resolved, when it
+    differs from `now`, chose it."""
+    chose = f"; {flag(key)} {short(typed)} chose it for this run" if typed != now else ""
+    return f"{flag(key)} {short(now)} (was {short(was)}{chose})"
 
 
 def same_value(key: str, now: Any, was: Any, recorded: dict[str, Any]) -> bool:

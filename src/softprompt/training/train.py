@@ -215,7 +215,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
     check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
-    asked = to_dict(mcfg, dcfg, pcfg, tcfg)
+    asked = to_dict(mcfg, dcfg, pcfg, tcfg) if tcfg.resume else None  # before auto is resolved
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex)  # the saved config records what ran
     if tcfg.resume:
         check_same_run(Path(tcfg.out), to_dict(mcfg, dcfg, pcfg, tcfg), asked)
