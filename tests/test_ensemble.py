@@ -146,3 +146,17 @@ def test_a_template_with_a_written_or_a_real_newline_is_one_template(llama_dir, 
                  "--limit", "8", "--json", str(tmp_path / "flag"), str(tmp_path / "py")]) == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == 8
+
+
+def test_label_words_spelt_with_a_written_or_a_real_newline_are_two_sets(llama_dir, countries_csv, tmp_path, capsys):
+    """Only a template reads a written "\\n" as a newline; label words are read as written, so two prompts
+    whose words differ so were trained on different words and are not scored as one reading."""
+    dirs = []
+    for k, words in enumerate((["no", "yes\\nindeed"], ["no", "yes\nindeed"])):
+        d = tmp_path / f"p{k}"
+        save_prompt(SoftPrompt(torch.randn(2, 32) * 0.2), d, {"model": str(llama_dir), "template": "{country}",
+                                                               "labels": words, "label_col": "europe"})
+        dirs.append(str(d))
+    assert main(["ensemble", "--model", str(llama_dir), "--data", str(countries_csv), *dirs]) == 2
+    err = capsys.readouterr().err
+    assert "records labels " in err and "pass --labels to score every prompt one way" in err, err

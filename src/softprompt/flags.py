@@ -129,7 +129,8 @@ def check_ensemble(args: argparse.Namespace) -> None:
         if getattr(args, key, "") or (key == "template" and (args.text_col or args.messages_col)):
             continue
         first, *rest = args.prompts
-        spelt = {p: unescape(records[p].get(key, "")) for p in args.prompts}  # "\\n" written or a newline: one template
+        # A template's "\\n" written or a real newline: one template (label words are read as written)
+        spelt = {p: (unescape if key == "template" else str)(records[p].get(key, "")) for p in args.prompts}
         other = next((p for p in rest if spelt[p] != spelt[first]), None)
         if other is not None:
             raise SoftpromptError(f"{first} records {key} {short(records[first].get(key, ''))} and {other} "
