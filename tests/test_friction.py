@@ -4,11 +4,14 @@ interop, lm-eval's flags and chat generation."""
 from __future__ import annotations
 
 import json
+import types
+import warnings
 
 import pytest
 import torch
 
 from softprompt.cli import main
+from softprompt.core.utils import SoftpromptWarning
 
 TEMPLATE = "Country: {country}\\nEurope:"
 
@@ -405,6 +408,32 @@ def test_export_and_push_write_one_adapter_config_with_a_hub_base_model(tmp_path
     assert exported["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     pushed = json.loads((prepare_upload(d, tmp_path / "up", "me/p") / "adapter_config.json").read_text())
     assert pushed == exported
+
+
+def test_import_reads_back_the_built_in_model_that_export_named_by_its_hub_id(tmp_path):
+    # export-peft names the built-in model by its Hub id; importing our own export records it as
+    # exported, so the round-tripped prompt is not "trained for another model" on the built-in.
+    from softprompt.prompts.peft_io import export_peft, import_peft
+    from softprompt.prompts.prefix import PrefixPrompt
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt, warn_other_base
+
+    builtin = {"model": "smollm2-135m-instruct", "init": "random"}
+    soft = save_prompt(SoftPrompt(torch.zeros(2, 8)), tmp_path / "soft", builtin)
+    prefix = save_prompt(PrefixPrompt(torch.zeros(30, 2, 3, 1, 64)), tmp_path / "prefix", builtin)
+    for d in (soft, prefix):
+        back = import_peft(export_peft(d, tmp_path / f"{d.name}-peft"), tmp_path / f"{d.name}-back")
+        assert json.loads((back / "prompt_config.json").read_text())["model"] == "smollm2-135m-instruct", d
+    # PEFT's own adapter for that Hub id keeps it; and the two names are one model to the other-base warning
+    peft_dir = tmp_path / "soft-peft"
+    (peft_dir / "softprompt_config.json").unlink()
+    back = import_peft(peft_dir, tmp_path / "peft-back")
+    assert json.loads((back / "prompt_config.json").read_text())["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    builtin_model = types.SimpleNamespace(softprompt_model="smollm2-135m-instruct")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_other_base("HuggingFaceTB/SmolLM2-135M-Instruct", builtin_model, "prompt p")
+    with pytest.warns(SoftpromptWarning, match="was trained for 'other/model'"):
+        warn_other_base("other/model", builtin_model, "prompt p")
 
 
 @pytest.mark.parametrize("data", ["/home/someone/private/dev.tsv", "stanfordnlp/sst2", "nyu-mll/glue:sst2"])

@@ -161,9 +161,13 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
             raise SoftpromptError(f"{peft_dir}: adapter_model.bin is a pickle file, which softprompt does not "
                                   "read; re-save the adapter with safe_serialization=True")
         raise SoftpromptError(f"missing adapter file: {weights}")
+    ours = peft_dir / OURS
+    meta = read_json(ours) if ours.is_file() else {"init": "peft"}
+    if not isinstance(meta, dict):
+        raise SoftpromptError(f"{ours} must hold a JSON object, got {type(meta).__name__}")
+    model = model_name or imported_base(cfg, meta)
     if cfg["peft_type"] == peft_prefix.PEFT_TYPE:
-        return import_prefix(cfg, peft_dir, weights, out, model_name or cfg.get("base_model_name_or_path") or "",
-                             source)
+        return import_prefix(cfg, weights, out, model, meta, source)
     ptuning = cfg["peft_type"] == peft_ptuning.PEFT_TYPE
     t = peft_ptuning.read_adapter(cfg, weights) if ptuning else read_prompt_tensor(weights, "adapter")
     subs = cfg.get("num_transformer_submodules") or 1  # PEFT leaves null until a model sets it
@@ -176,12 +180,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
                               f"got {short(P)}")
     if t.shape[0] != P:
         raise SoftpromptError(f"{weights}: prompt_embeddings has shape {list(t.shape)}, expected [{P}, hidden]")
-    ours = peft_dir / OURS
-    meta = read_json(ours) if ours.is_file() else {"init": "peft"}
-    if not isinstance(meta, dict):
-        raise SoftpromptError(f"{ours} must hold a JSON object, got {type(meta).__name__}")
-    meta.update({"format": FORMAT, "kind": SoftPrompt.kind,
-                 "model": model_name or cfg.get("base_model_name_or_path") or "",  # PEFT may write null
+    meta.update({"format": FORMAT, "kind": SoftPrompt.kind, "model": model,
                  "num_virtual_tokens": t.shape[0], "hidden_size": t.shape[1], "imported_from": source})
     if ptuning:  # the prompt its encoder produced; the encoder itself is not kept
         meta.setdefault("method", "ptuning")
@@ -191,7 +190,16 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     return Path(out)
 
 
-def import_prefix(cfg: dict, peft_dir: Path, weights: Path, out: str | Path, model: str, source: str) -> Path:
+def imported_base(cfg: dict, record: dict) -> str:
+    """The base an imported adapter was trained on: its base_model_name_or_path (PEFT may write null),
+    under our own name where our export wrote it (export-peft records the built-in model by its Hub id,
+    and the round trip would otherwise record it as another model)."""
+    base = cfg.get("base_model_name_or_path") or ""
+    ours = record.get("model")
+    return ours if isinstance(ours, str) and ours and hub_model_id(ours) == base else str(base)
+
+
+def import_prefix(cfg: dict, weights: Path, out: str | Path, model: str, record: dict, source: str) -> Path:
     """A PEFT PREFIX_TUNING adapter -> prefix folder (atomically); checked against the base model's
     layer and key/value head counts when its config can be read."""
     from safetensors.torch import save_file
@@ -199,9 +207,7 @@ def import_prefix(cfg: dict, peft_dir: Path, weights: Path, out: str | Path, mod
     base = model_config(model)
     geometry = {k: v for k, v in config_geometry(base).items() if k in ("num_layers", "num_key_value_heads")} \
         if base else {}
-    kv, meta = peft_prefix.read_adapter(cfg, weights, peft_dir / ADAPTER_CONFIG, geometry)
-    ours = peft_dir / "softprompt_config.json"
-    record = read_json(ours) if ours.is_file() else {"init": "peft"}
+    kv, meta = peft_prefix.read_adapter(cfg, weights, weights.parent / ADAPTER_CONFIG, geometry)
     record.update({"format": FORMAT, **meta, "model": model, "num_virtual_tokens": kv.shape[3],
                    "hidden_size": base.get("hidden_size") or record.get("hidden_size"), "imported_from": source})
     with atomic_dir(out) as tmp:

@@ -24,7 +24,7 @@ from ..core.prompt_protocol import KeyValues, Prompt
 from ..core.utils import SoftpromptError, default_mode, read_json, same_model, short, warn
 from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
-from .hub import download, is_hub
+from .hub import download, hub_model_id, is_hub
 from .prefix import PrefixPrompt
 from .recorded import CONFIG_FILE, WEIGHTS_FILE, missing_prompt_error
 
@@ -214,7 +214,8 @@ def warn_other_base(trained_for: str | None, model, what: str) -> None:
     """One warning line when a prompt recorded for another base model is used on this one: the hidden
     sizes match (check_fits), so it loads, but its vectors were learnt in another model's space."""
     name = getattr(model, "softprompt_model", None)  # the --model name load_model was given
-    if trained_for and name and not same_model(trained_for, name):
+    # The built-in model and its Hub id (which export-peft writes for it) name one model.
+    if trained_for and name and not same_model(hub_model_id(trained_for), hub_model_id(name)):
         warn(f"{what} was trained for {short(trained_for)}, not {short(name)}: the hidden sizes match, but its "
              "vectors were learnt for the other model")
 
