@@ -132,6 +132,9 @@ def test_forward_loss_equals_softprompt_eval(model_dir, tmp_path):
     sp = softprompt.get_softprompt_model(model, virtual_tokens=5, init="random", tokenizer=tok, seed=1)
     sp.save_pretrained(tmp_path / "prompt")
     ref = softprompt.evaluate(prompt=tmp_path / "prompt", model=model, tokenizer=tok, data=str(data), **IO)
+    # Without model=, the base the prompt records is loaded by its name: the same loss.
+    assert softprompt.evaluate(prompt=tmp_path / "prompt", data=str(data), **IO)["loss"] == pytest.approx(ref["loss"],
+                                                                                                         abs=1e-6)
     batch, _ = _batch(tok, data, **IO)
     with torch.no_grad():
         out = sp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)

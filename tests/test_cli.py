@@ -36,20 +36,33 @@ def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, caps
                "--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--out", str(out), "--device", "cpu"])
     assert rc == 0 and (out / "prompt.safetensors").is_file()
     capsys.readouterr()
-    assert main(["eval", "--model", str(llama_dir), *data, "--prompt", str(out), "--json"]) == 0
+    # No --model: the base the prompt was trained on (the built-in would refuse this prompt's width).
+    assert main(["eval", *data, "--prompt", str(out), "--json"]) == 0
     tuned = json.loads(capsys.readouterr().out)
     assert main(["eval", "--model", str(llama_dir), *data, "--prompt", "none", "--json"]) == 0
     base = json.loads(capsys.readouterr().out)
     for m in (tuned, base):
         assert set(m) >= {"loss", "perplexity", "accuracy"} and m["n"] == 194
     assert tuned["loss"] != base["loss"]
-    assert main(["generate", "--model", str(llama_dir), "--prompt", str(out), "--compare", "--max-new-tokens",
-                 "5", "--json", "Country: Chile\nEurope:"]) == 0
+    assert main(["generate", "--prompt", str(out), "--compare", "--max-new-tokens", "5", "--json",
+                 "Country: Chile\nEurope:"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res[0]) == {"input", "baseline", "tuned"}
     assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
     assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "prompt.safetensors").read_bytes() != b""
+    # The installed command, as a user runs it: the imported prompt's base is the adapter's.
+    r = subprocess.run([sys.executable, "-m", "softprompt", "eval", *data, "--prompt", str(tmp_path / "back"),
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout) == {**tuned, "prompt": str(tmp_path / "back")}, r.stderr[-2000:]
+    # A base recorded as a path that is not on this machine is named, before any model loads.
+    meta = json.loads((out / "prompt_config.json").read_text())
+    (out / "prompt_config.json").write_text(json.dumps({**meta, "model": str(tmp_path / "moved")}))
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was trained on '{tmp_path / 'moved'}', which is not on this machine: pass --model" in err, err
+    assert main(["inspect", str(out), "--model", str(llama_dir), "--json"]) == 0
 
 
 @pytest.mark.parametrize("argv,msg", [

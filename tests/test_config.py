@@ -119,3 +119,30 @@ def test_labels_given_read_a_generation_prompt_s_template_as_a_classifier():
     out = with_recorded(given, {"template": "{x}", "target": " {y}"})
     assert (out["template"], out["target"], out["labels"]) == ("{x}", "", "no,yes")
     DataConfig(**out)
+
+
+def test_the_base_defaults_to_the_prompt_s_as_it_was_quantised(tmp_path):
+    """--model and --quantize unset (None): the record's base and its quantisation; a --model given
+    loads that model unquantised unless --quantize says otherwise; no prompt: the built-in."""
+    import argparse
+    import json
+
+    from softprompt.prompts.recorded import fill_base
+
+    prompt = tmp_path / "p"
+    prompt.mkdir()
+    (prompt / "prompt.safetensors").write_bytes(b"")  # read_meta reads the record only
+    (prompt / "prompt_config.json").write_text(json.dumps(
+        {"model": "org/base", "config": {"ModelConfig": {"model": "org/base", "quantize": "4bit"}}}))
+
+    def filled(prompt_path, **given):
+        args = argparse.Namespace(**{"model": None, "quantize": None, **given})
+        fill_base(args, prompt_path)
+        return args.model, args.quantize
+
+    assert filled(str(prompt)) == ("org/base", "4bit")
+    assert filled(str(prompt), quantize="8bit") == ("org/base", "8bit")
+    assert filled(str(prompt), model="other/base") == ("other/base", "none")
+    assert filled("none") == filled("") == ("smollm2-135m-instruct", "none")
+    (prompt / "prompt_config.json").write_text(json.dumps({"init": "peft"}))  # a record naming no base
+    assert filled(str(prompt)) == ("smollm2-135m-instruct", "none")

@@ -35,7 +35,7 @@ metric_list:
 
 def _prompt(model, tok, out, labels=("negative", "positive")):
     sp = init_prompt(model, tok, PromptConfig(virtual_tokens=4, init="labels"), list(labels), seed=1)
-    save_prompt(sp, out, {"model": "test", "chat": False})
+    save_prompt(sp, out, {"model": model.softprompt_model, "chat": False})  # the name load_model was given
     return sp.embeds.detach()
 
 
@@ -48,7 +48,9 @@ def test_loglikelihood_is_softprompts_scoring(llama_dir, tmp_path):
     from softprompt.base.models import load_model
 
     _prompt(*load_model(str(llama_dir)), tmp_path / "p")
-    lm = SoftpromptLM(pretrained=str(llama_dir), prompt=str(tmp_path / "p"), device="cpu", batch_size=2)
+    # No pretrained=: the base the prompt was trained on (the built-in's width would refuse it)
+    lm = SoftpromptLM(prompt=str(tmp_path / "p"), device="cpu", batch_size=2)
+    assert lm.model.softprompt_model == str(llama_dir)
     pairs = [("Country: France\nFacts:", " capital=Paris"), ("Review: a dull film\nSentiment:", " negative"),
              ("Act as a teacher.", "\nPrompt: explain things"), ("Country: Peru", " and more")]
     got = lm.loglikelihood([_req(c, t) for c, t in pairs])

@@ -77,8 +77,17 @@ def split_kwargs(func: str, kwargs: dict[str, Any], classes: tuple[type, ...]) -
         return [cls(**{k: v for k, v in kwargs.items() if fields[k] is cls}) for cls in classes]
 
 
-def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """`model` as a name (loaded by the command) or an already loaded model, with its tokenizer."""
+def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any], prompt: Any = None) -> tuple[Any, Any]:
+    """`model` as a name (loaded by the command) or an already loaded model, with its tokenizer; None
+    is the base `prompt` was trained on (and quantize= as it was, unless given), else the built-in."""
+    if model is None:
+        from .prompts.recorded import base_for
+
+        if tokenizer is not None:
+            raise TypeError("tokenizer= goes with a loaded model=: pass that model too")
+        with python_errors():
+            model, quantize = base_for("" if prompt is None else str(prompt))
+        kwargs.setdefault("quantize", quantize)
     if isinstance(model, (str, Path)):
         kwargs["model"] = str(model)
         return None, None
@@ -131,10 +140,11 @@ def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwar
         return run_train(*configs, model=base, tok=tok, quiet=True)
 
 
-def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokenizer: Any = None,
+def evaluate(prompt: Any = None, *, model: Any = None, tokenizer: Any = None,
              batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
     """Held-out loss, perplexity (and accuracy with labels=) of `prompt` (a folder, `hf://REPO`, or
-    None for the untuned model) on every row of `data=`. Keywords: the `eval` command's flags."""
+    None for the untuned model) on every row of `data=`, on `model` (default: the base the prompt was
+    trained on; the built-in without a prompt). Keywords: the `eval` command's flags."""
     from .evaluation.evaluate import eval_prompt
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):
@@ -147,7 +157,7 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
     for name in SCORING_SKIP:  # train's held-out rows: eval scores every row of data= (the command has no such flags)
         if name in kwargs:
             raise TypeError(f"evaluate() got an unexpected keyword argument {name!r}")
-    base, tok = model_and_tokenizer(model, tokenizer, kwargs)
+    base, tok = model_and_tokenizer(model, tokenizer, kwargs, prompt)
     mcfg, dcfg = split_kwargs("evaluate", kwargs, (ModelConfig, DataConfig))
     if "chat" not in kwargs:  # as the prompt was trained (recorded.with_recorded); chat=False turns it off
         dcfg = dataclasses.replace(dcfg, chat=None)
@@ -159,14 +169,15 @@ def evaluate(prompt: Any = None, *, model: Any = "smollm2-135m-instruct", tokeni
         return eval_prompt(mcfg, dcfg, named, batch_size, model=base, tok=tok)
 
 
-def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = "smollm2-135m-instruct",
+def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = None,
              tokenizer: Any = None, compare: bool = False, chat: bool | None = None, template: str | None = None,
              system: str = "", messages: list[list[dict[str, str]]] | None = None,
              **kwargs: Any) -> list[dict[str, str]]:
     """Continue each text ({"input", "tuned" or "baseline"} per text; both with compare=True), as
     `softprompt generate` does: `template` fills each text into it (None: the prompt's recorded one,
     "": the text as it is), `system` goes before each input through the chat template, and
-    `messages` (conversations of {"role", "content"}) replace the texts. Keywords: max_new_tokens=,
+    `messages` (conversations of {"role", "content"}) replace the texts. `model` is, by default, the
+    base the prompt was trained on (the built-in without a prompt). Keywords: max_new_tokens=,
     sample=, temperature=, top_p=, repetition_penalty=, seed=."""
     from .generation.generate import generate_cmd, is_conversation
 
@@ -185,7 +196,7 @@ def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = "s
     with python_errors():
         if template:
             check_template("template", template)
-    base, tok = model_and_tokenizer(model, tokenizer, kwargs)
+    base, tok = model_and_tokenizer(model, tokenizer, kwargs, prompt)
     mcfg, gcfg = split_kwargs("generate", kwargs, (ModelConfig, GenerateConfig))
     with python_errors():
         return generate_cmd(mcfg, gcfg, texts, "" if prompt is None else str(prompt), compare, chat, base, tok,

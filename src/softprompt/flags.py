@@ -14,7 +14,7 @@ from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig,
                      flag, from_args, unescape)
 from .core.utils import SoftpromptError, short
 from .data.datasource import check_source
-from .prompts.recorded import data_config, read_meta, recorded_data, template_fields
+from .prompts.recorded import base_flags, data_config, fill_base, read_meta, recorded_data, template_fields
 from .prompts.transfer import adopt
 
 # eval and ensemble score --data itself, one task
@@ -83,6 +83,7 @@ def check_train(args: argparse.Namespace) -> None:
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
+    base_flags(parser)
     add_args(parser, DataConfig, skip=SCORING_SKIP)
     parser.set_defaults(chat=None)  # --chat / --no-chat, else as the prompt was trained (recorded.with_recorded)
     parser.add_argument("--prompt", default="none",
@@ -95,6 +96,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_eval(args: argparse.Namespace) -> None:
+    fill_base(args, args.prompt)
     from_args(ModelConfig, args)
     if args.batch_size < 1:
         raise SoftpromptError(f"--batch-size must be >= 1 (got {args.batch_size})")
@@ -105,6 +107,7 @@ def check_eval(args: argparse.Namespace) -> None:
 
 def ensemble_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
+    base_flags(parser)  # the first prompt's
     add_args(parser, DataConfig, skip=SCORING_SKIP)
     parser.set_defaults(chat=None)  # --chat / --no-chat, else as the first prompt was trained
     parser.add_argument("prompts", nargs="+", metavar="DIR",
@@ -115,9 +118,10 @@ def ensemble_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_ensemble(args: argparse.Namespace) -> None:
-    from_args(ModelConfig, args)
     if len(args.prompts) < 2:
         raise SoftpromptError("ensemble needs at least two prompt folders")
+    fill_base(args, args.prompts[0])
+    from_args(ModelConfig, args)
     records = {p: recorded_data(read_meta(p)) for p in args.prompts}
     chats = {p: bool(r.get("chat")) for p, r in records.items()}
     if args.chat is None and len(set(chats.values())) > 1:  # every prompt reads the rows as the first one does
@@ -143,6 +147,7 @@ def check_ensemble(args: argparse.Namespace) -> None:
 
 def generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
+    base_flags(parser)
     add_args(parser, GenerateConfig)
     parser.add_argument("--prompt", default="", help="prompt folder or hf://REPO_ID[@REV] (default: none, the "
                                                      "untuned model)")
@@ -165,6 +170,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_generate(args: argparse.Namespace) -> None:
+    fill_base(args, args.prompt if prompt_given(args.prompt) else "")
     from_args(ModelConfig, args)
     from_args(GenerateConfig, args)
     if args.raw and args.input_template is not None:

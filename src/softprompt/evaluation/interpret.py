@@ -22,7 +22,7 @@ from ..core.prompt_protocol import embeds_for
 from ..core.utils import SoftpromptError
 from ..prompts.prefix import KIND as PREFIX
 from ..prompts.prompt import load_prompt
-from ..prompts.recorded import read_meta
+from ..prompts.recorded import base_flags, fill_base, read_meta
 from .prefix_norms import format_prefix, inspect_prefix
 
 
@@ -74,6 +74,7 @@ def format_inspection(r: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt_dir", metavar="DIR", help="prompt folder or hf://REPO_ID[@REV]")
     add_args(parser, ModelConfig, skip=("dtype", "quantize"))  # --model, --device: as a run's --config records them
+    base_flags(parser)
     parser.add_argument("--top-k", type=int, default=5, help="neighbours per virtual token (not for a prefix, "
                                                              "which shows per-layer key/value norms)")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -82,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise SoftpromptError(f"--top-k must be >= 1 (got {args.top_k})")
+    fill_base(args, args.prompt_dir)
     r = inspect_cmd(args.prompt_dir, args.model, args.top_k, args.device)
     print(json.dumps(r, indent=2)) if args.json else print(format_inspection(r), end="")
     return 0

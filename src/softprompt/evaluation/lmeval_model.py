@@ -32,6 +32,7 @@ from ..forward.hidden import logits, supervised
 from ..generation.decode import PromptKV
 from ..generation.generate import generate_batch
 from ..prompts.prompt import load_prompt
+from ..prompts.recorded import base_for
 
 
 SWITCH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -48,11 +49,11 @@ def switch_arg(name: str, value: Any) -> bool | None:
 
 @register_model("softprompt")
 class SoftpromptLM(LM):
-    """`pretrained`: a softprompt --model (Hub id, folder, .gguf, built-in); `prompt`: a prompt folder,
-    hf://REPO_ID[@REV] or none; `chat`: wrap contexts in the chat template (default: as the prompt
-    was trained)."""
+    """`pretrained`: a softprompt --model (Hub id, folder, .gguf, built-in; default: the base the
+    prompt was trained on, else the built-in); `prompt`: a prompt folder, hf://REPO_ID[@REV] or
+    none; `chat`: wrap contexts in the chat template (default: as the prompt was trained)."""
 
-    def __init__(self, pretrained: str = "smollm2-135m-instruct", prompt: str = "none", dtype: str = "float32",
+    def __init__(self, pretrained: str | None = None, prompt: str = "none", dtype: str = "float32",
                  device: str | None = None, batch_size: int | str = 16, chat: bool | None = None,
                  max_length: int = 2048, max_batch_size: Any = None, **unknown: Any):  # max_batch_size: unused
         super().__init__()
@@ -62,9 +63,12 @@ class SoftpromptLM(LM):
         chat = switch_arg("chat", chat)
         if not str(max_length).isdigit() or int(max_length) < 1:
             raise SoftpromptError(f"--model_args max_length={max_length}: expected a whole number of tokens")
-        self.model, self.tok = load_model(ModelConfig(model=str(pretrained), dtype=dtype, device=device or "auto"))
         # lm_eval reads `prompt=none` (and `None`) as Python's None
-        sp = None if prompt is None or str(prompt) in ("", "none", "None") else load_prompt(str(prompt), self.model)
+        prompt = "" if prompt is None or str(prompt) in ("", "none", "None") else str(prompt)
+        pretrained, bits = base_for(prompt) if pretrained is None else (str(pretrained), "none")
+        self.model, self.tok = load_model(ModelConfig(model=pretrained, dtype=dtype, device=device or "auto",
+                                                      quantize=bits))
+        sp = load_prompt(prompt, self.model) if prompt else None
         if sp is not None:  # scored, never trained here
             sp = sp.to(self.model.device).requires_grad_(False)
         # [P, H] input embeddings, or a prefix itself (its keys and values are the text's cache)

@@ -5,6 +5,9 @@ messages column), the label words and their column, and whether inputs went thro
 template. `eval`, `ensemble` and `generate` start from those; a flag given on the command line
 still wins. How a row is read is taken as a whole: a user who gives --template, --text-col or
 --messages-col reads rows their own way, and none of the prompt's reading is mixed in.
+
+The base model it was trained on (and how it was quantised) is likewise the default --model of
+every command that loads a model for a prompt, as PEFT's AutoPeftModel loads an adapter's base.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from ..core.config import DataConfig, unescape
+from ..core.config import BUILTIN_MODEL, QUANTIZE, DataConfig, unescape
 from ..core.utils import SoftpromptError, read_json, short
 
 # A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
@@ -95,6 +98,50 @@ def with_recorded(fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
     if "chat" in fields:  # None: no --chat/--no-chat given (the scoring commands), so the record's
         out["chat"] = bool(rec.get("chat", False)) if fields["chat"] is None else bool(fields["chat"])
     return out
+
+
+def recorded_base(meta: dict[str, Any]) -> tuple[str, str]:
+    """(model, quantize) a prompt records it was trained on; ("", "none") for a record naming no model."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    section = config.get("ModelConfig") if isinstance(config.get("ModelConfig"), dict) else {}
+    model = meta.get("model") or section.get("model")
+    quantize = section.get("quantize")
+    return (model if isinstance(model, str) else "", quantize if quantize in QUANTIZE else "none")
+
+
+def base_for(prompt: str) -> tuple[str, str]:
+    """(model, quantize) to load for `prompt` when none is named: the base it was trained on, else
+    the built-in model. A base recorded as a local path that is not on this machine is refused (a
+    prompt downloaded from someone else's, or a model folder since moved)."""
+    model, quantize = recorded_base(read_meta(prompt)) if prompt not in ("", "none") else ("", "none")
+    if not model:
+        return BUILTIN_MODEL, "none"
+    if Path(model).expanduser().is_absolute() and not Path(model).expanduser().exists():
+        raise SoftpromptError(f"{prompt} was trained on {short(model)}, which is not on this machine: pass --model "
+                              "to name its base")
+    return model, quantize
+
+
+def base_flags(parser: argparse.ArgumentParser) -> None:
+    """--model and --quantize default to the prompt's base (filled in by fill_base)."""
+    parser.set_defaults(model=None, quantize=None)
+    for action in parser._actions:
+        if action.dest == "model":
+            action.help = (f"Hub id, local folder, .gguf file, or the built-in '{BUILTIN_MODEL}' (default: the base "
+                           "the prompt was trained on, as its prompt_config.json records it; without a prompt, the "
+                           "built-in)")
+        elif action.dest == "quantize":
+            action.help = ("hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes; needs pip install "
+                           "'softprompt[quant]'); default: as the prompt's base was trained when --model is not "
+                           "given, else none")
+
+
+def fill_base(args: argparse.Namespace, prompt: str) -> None:
+    """--model and --quantize where neither a flag nor a config file gave them: `prompt`'s base."""
+    model, quantize = base_for(prompt) if args.model is None else (args.model, "none")
+    args.model = model
+    if getattr(args, "quantize", "") is None:
+        args.quantize = quantize
 
 
 def data_config(args: argparse.Namespace, prompt: str) -> DataConfig:

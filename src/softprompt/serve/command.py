@@ -15,10 +15,12 @@ from pathlib import Path
 
 from ..core.config import ModelConfig, ServeConfig, add_args, from_args
 from ..core.utils import SoftpromptError
+from ..prompts.recorded import base_flags, fill_base
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_args(parser, ModelConfig)
+    base_flags(parser)  # the first --prompt's
     add_args(parser, ServeConfig)
     parser.add_argument("--prompt", action="append", default=[], metavar="NAME=DIR",
                         help="a prompt folder to serve under NAME (repeatable)")
@@ -27,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve the prompts from one frozen model over HTTP until interrupted."""
     require_extra()
-    mcfg, scfg = from_args(ModelConfig, args), from_args(ServeConfig, args)
     prompts = parse_prompt_specs(args.prompt)
+    fill_base(args, next(iter(prompts.values()), ""))
+    mcfg, scfg = from_args(ModelConfig, args), from_args(ServeConfig, args)
     if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
         scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
     from ..base.models import load_model
