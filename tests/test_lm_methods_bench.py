@@ -32,13 +32,12 @@ def test_dry_run_scores_each_method_on_the_held_out_fifth(llama_dir, tmp_path):
     # the two corpora's held-out rows differ: the same prompt scores differently on them
     assert doc["rows"][2]["dev_tokens"] != prefix["dev_tokens"]
     # It resumes: the rows already in --out are kept as they are, and only the missing ones run.
-    r = run_bench("lm_methods.py", "--model", str(llama_dir), "--tasks", "acts", "--seeds", "0", "1",
-                  "--steps", "2", "--eval-limit", "8", "--out", str(out))
+    r = run_bench("lm_methods.py", "--model", str(llama_dir), "--tasks", "acts", "--methods", "prefix", "--seeds",
+                  "0", "1", "--steps", "2", "--eval-limit", "8", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(out.read_text())
     assert again["rows"][:4] == doc["rows"]
-    assert [(x["task"], x["method"], x["seed"]) for x in again["rows"][4:]] == [("acts", "prefix", 1),
-                                                                               ("acts", "prompt", 1)]
+    assert [(x["task"], x["method"], x["seed"]) for x in again["rows"][4:]] == [("acts", "prefix", 1)]
     assert all(x["commit"] == again["commit"] and x["cpu_model"] for x in again["rows"][4:])
     assert again["summary"]["acts"]["seeds"] == [0, 1]
     # Rows of another setting are not mixed in.
