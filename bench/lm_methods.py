@@ -57,7 +57,10 @@ def task_run(args, task: str, method: str, seed: int, work: Path) -> dict:
 
 def summarise(rows: list[dict], tasks: list[str], methods: list[str]) -> dict:
     """{task: {"mean_dev_loss": {method: mean}, "prefix_minus": {method: {"mean", "per_seed"}}}} over the
-    seeds every method of the task has run."""
+    seeds every method of the task has run. The tasks and methods asked for and those already in the
+    rows: a resumed file's summary is the file's, not only its last run's."""
+    tasks = list(dict.fromkeys([*tasks, *(r["task"] for r in rows)]))
+    methods = list(dict.fromkeys([*methods, *(r["method"] for r in rows)]))
     out: dict = {}
     for task in tasks:
         by = {(r["method"], r["seed"]): r["dev_loss"] for r in rows if r["task"] == task}

@@ -39,7 +39,8 @@ def test_dry_run_scores_each_method_on_the_held_out_fifth(llama_dir, tmp_path):
     assert again["rows"][:4] == doc["rows"]
     assert [(x["task"], x["method"], x["seed"]) for x in again["rows"][4:]] == [("acts", "prefix", 1)]
     assert all(x["commit"] == again["commit"] and x["cpu_model"] for x in again["rows"][4:])
-    assert again["summary"]["acts"]["seeds"] == [0, 1]
+    # The summary is the file's: quotes and prompt too, over the seeds both methods have run.
+    assert set(again["summary"]) == {"acts", "quotes"} and again["summary"]["acts"] == doc["summary"]["acts"]
     # Rows of another setting are not mixed in.
     r = run_bench("lm_methods.py", "--model", str(llama_dir), "--tasks", "acts", "--seeds", "0", "--steps", "3",
                   "--eval-limit", "8", "--out", str(out))
