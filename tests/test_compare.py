@@ -119,6 +119,17 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     result = json.loads((tmp_path / "from" / "compare.json").read_text())
     assert result["rows"][1]["name"] == "prompt tuning (P=2)"
     assert result["config"]["PromptConfig"]["virtual_tokens"] == 2
+    # Each row takes --init-from and --forward-path where its method takes them: full fine-tuning has no
+    # prompt to start, and a prefix no input embeddings to prepend (its path is its own, kv).
+    both = [*args[:-1], "prompt,prefix,full", "--ft-steps", "1", "--forward-path", "concat"]
+    assert main([*both, "--init-from", str(out / "prompt"), "--out", str(tmp_path / "all")]) == 0
+    rows = json.loads((tmp_path / "all" / "compare.json").read_text())["rows"]
+    source = str(out / "prompt")
+    assert [(x["method"], x.get("init"), x.get("init_from")) for x in rows] == [
+        ("prompt", "file", source), ("prefix", "file", source), ("full", None, None)]
+    taken = {m: json.loads((tmp_path / "all" / m / "run_config.json").read_text())["forward_path_taken"]
+             for m in ("prompt", "prefix")}
+    assert taken == {"prompt": "concat", "prefix": "kv"}
     capsys.readouterr()
     assert main([*args, "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "none")]) == 2
     assert "--init-from" in capsys.readouterr().err and not (tmp_path / "none").exists()

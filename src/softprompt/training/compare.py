@@ -48,6 +48,7 @@ from ..core.utils import (SoftpromptError, atomic_write_text, check_dest, count_
 from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
 from ..evaluation.evaluate import evaluate
+from ..forward.paths import DEEP_PATHS
 from ..prompts.transfer import adopt
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
@@ -133,7 +134,8 @@ def method_configs(kind, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: CompareCon
                    run_dir: Path) -> tuple[PromptConfig, TrainConfig]:
     """The prompt and train configs method `kind` runs with in the comparison: the shared flags, its
     own rate, its own flags at their defaults unless they are its, its own start where --init is
-    not one it takes."""
+    not one it takes (full fine-tuning: without --init-from, as it has no prompt), and its own path
+    where --forward-path is not one it takes (a prefix has no input embeddings to pack or prepend)."""
     name = kind.name
     # --out is the comparison's own folder: its per-method runs are replaced on a rerun.
     cfg = replace(tcfg, out=str(run_dir), method=name, eval_untuned=False, keep_best=False, save_every=0,
@@ -143,9 +145,12 @@ def method_configs(kind, pcfg: PromptConfig, tcfg: TrainConfig, ccfg: CompareCon
                   encoder=tcfg.encoder if name == "ptuning" else "auto",
                   encoder_hidden_size=tcfg.encoder_hidden_size if name in ENCODER_METHODS else 0,
                   keep_encoder=tcfg.keep_encoder and name in ENCODER_METHODS)
+    if name == "prefix" and cfg.forward_path not in DEEP_PATHS:
+        cfg = replace(cfg, forward_path="auto")
     if name == "full":  # full fine-tuning has its own rate, steps and batch size
         cfg = replace(cfg, lr=ccfg.ft_lr, max_steps=ccfg.ft_steps or tcfg.max_steps,
                       batch_size=ccfg.ft_batch_size or tcfg.batch_size)
+        pcfg = replace(pcfg, init_from="")
     elif name != "prompt":  # 0: train resolves the method's default_lr
         cfg = replace(cfg, lr=0.0)
     takes = getattr(kind, "inits", None)  # None: every --init (prompt tuning; full fine-tuning has no prompt)
@@ -175,11 +180,12 @@ def trained_row(kind, mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, t
     m, sec, mem = timed_eval(resident(scored), tok, prompt, fmt, eval_ex, ccfg.eval_batch_size)
     del scored
     artifact = kind.artifact(run_dir)
+    # How the prompt started, as its prompt_config.json records it (none for full fine-tuning)
+    start = {"init": "file", "init_from": pcfg.init_from} if pcfg.init_from else {"init": pcfg.init}
     return dict(eval=m, eval_seconds=sec, eval_peak_mb=mem, train_peak_mb=tmem.extra_mb,
                 trainable_params=s["trainable_params"], train_seconds=s["train_seconds"], train_wall_seconds=wall,
                 steps=s["steps"], lr=s["lr"], artifact=str(artifact), artifact_bytes=_bytes(artifact),
-                **({} if kind.changes_model else {"init": pcfg.init}),
-                **({} if kind.changes_model else {"base_weights_unchanged": s["base_weights_unchanged"]}))
+                **({} if kind.changes_model else {**start, "base_weights_unchanged": s["base_weights_unchanged"]}))
 
 
 def _bytes(path: Path) -> int:
