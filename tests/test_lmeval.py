@@ -285,3 +285,29 @@ def test_lm_eval_command_on_a_prefix_train_wrote(llama_dir, tmp_path, capsys):
                      "countries_europe", "--include_path", str(tmp_path / "tasks")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert words in err[-1] and not any(l.startswith("Traceback") for l in err), err
+
+
+def test_the_window_is_the_model_s_length_and_cannot_pass_it(tok_dir, tmp_path):
+    """GPT-2 learns a table of its positions: a text longer than it scores in windows of the model's
+    own length by default (2048 indexed past a 32-position table: a torch IndexError), and a larger
+    max_length is refused in one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from families import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    gpt2 = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tok), tok.pad_token_id, tok.eos_token_id,
+                                                 n_positions=32)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    lm = SoftpromptLM(pretrained=str(gpt2), device="cpu")
+    assert lm.max_length == 32
+    text = "Country: France\nFacts: capital=Paris; continent=Europe; language=French. " * 6
+    assert len(lm.continuation_ids(text)) > 64
+    rolled = lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,),
+                                                idx=0)])
+    assert len(rolled) == 1 and rolled[0] < 0
+    assert lm.loglikelihood([_req(text, " Paris")])[0][0] < 0  # the context's end that fits
+    with pytest.raises(SoftpromptError, match="max_length=64 exceeds the model's 32 positions: give at most 32"):
+        SoftpromptLM(pretrained=str(gpt2), device="cpu", max_length=64)
+    assert SoftpromptLM(pretrained=str(gpt2), device="cpu", max_length="16").max_length == 16

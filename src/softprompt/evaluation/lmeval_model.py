@@ -22,6 +22,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..base.families import max_positions
 from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig
 from ..core.utils import SoftpromptError
@@ -35,6 +36,7 @@ from ..prompts.prompt import load_prompt
 from ..prompts.recorded import base_for
 
 
+DEFAULT_MAX_LENGTH = 2048  # lm_eval's HF model's, for a model without a position limit (ALiBi)
 SWITCH = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -47,6 +49,19 @@ def switch_arg(name: str, value: Any) -> bool | None:
     return SWITCH[str(value).lower()]
 
 
+def window_length(model, asked: int | str | None) -> int:
+    """The positions a scored window takes, prompt included: `max_length` as asked, which the model's
+    position table must hold (GPT-2's learnt one is indexed past otherwise), or by default the
+    model's own length, as lm_eval's HF model takes it (2048 where the model sets none)."""
+    limit = max_positions(model)
+    if asked is None:
+        return limit or DEFAULT_MAX_LENGTH
+    if limit and int(asked) > limit:
+        raise SoftpromptError(f"--model_args max_length={asked} exceeds the model's {limit} positions: give at most "
+                              f"{limit} (the default)")
+    return int(asked)
+
+
 @register_model("softprompt")
 class SoftpromptLM(LM):
     """`pretrained`: a softprompt --model (Hub id, folder, .gguf, built-in; default: the base the
@@ -55,13 +70,13 @@ class SoftpromptLM(LM):
 
     def __init__(self, pretrained: str | None = None, prompt: str = "none", dtype: str = "float32",
                  device: str | None = None, batch_size: int | str = 16, chat: bool | None = None,
-                 max_length: int = 2048, max_batch_size: Any = None, **unknown: Any):  # max_batch_size: unused
+                 max_length: int | None = None, max_batch_size: Any = None, **unknown: Any):  # max_batch_size: unused
         super().__init__()
         if unknown:  # a misspelt key (`promt=DIR`) would otherwise score the untuned model without a word
             raise SoftpromptError(f"--model_args: unknown key(s) {', '.join(sorted(unknown))} (this model takes "
                                   "pretrained, prompt, dtype, device, batch_size, chat and max_length)")
         chat = switch_arg("chat", chat)
-        if not str(max_length).isdigit() or int(max_length) < 1:
+        if max_length is not None and (not str(max_length).isdigit() or int(max_length) < 1):
             raise SoftpromptError(f"--model_args max_length={max_length}: expected a whole number of tokens")
         # lm_eval reads `prompt=none` (and `None`) as Python's None
         prompt = "" if prompt is None or str(prompt) in ("", "none", "None") else str(prompt)
@@ -80,7 +95,7 @@ class SoftpromptLM(LM):
         self.start = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         self.kv = PromptKV(self.model)  # the prompt's keys and values, computed once for every generate_until
         self.batch = int(batch_size) if str(batch_size).isdigit() else 16
-        self.max_length = int(max_length)
+        self.max_length = window_length(self.model, max_length)
         # The prompt's P positions come before the text in the same window, so the text gets the rest.
         self.text_length = self.max_length - (sp.length if sp is not None else 0)
         if self.text_length < 1:
