@@ -80,6 +80,12 @@ def test_errors_name_keyword_arguments_not_flags():
     for given in ({"quantize": "8bit"}, {"dtype": "float32"}):
         with pytest.raises(TypeError, match=f"{next(iter(given))}= loads model= by name; model= is already loaded"):
             softprompt.train(model=loaded, tokenizer=object(), **given)
+    # A tokenizer beside a model given by name (or by the prompt's record) would go unused
+    for call in (lambda: softprompt.evaluate(model="some/model", tokenizer=object(), data="rows.csv"),
+                 lambda: softprompt.generate("hi", tokenizer=object()),
+                 lambda: softprompt.train(model="some/model", tokenizer=object())):
+        with pytest.raises(TypeError, match="tokenizer= goes with a loaded model="):
+            call()
     for config in (softprompt.PromptTuningConfig, softprompt.PrefixTuningConfig):  # their shared base's checks
         with pytest.raises(ValueError, match="num_transformer_submodules: decoder-only models have 1"):
             config(num_transformer_submodules=2)

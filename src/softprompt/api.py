@@ -80,11 +80,12 @@ def split_kwargs(func: str, kwargs: dict[str, Any], classes: tuple[type, ...]) -
 def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any], prompt: Any = None) -> tuple[Any, Any]:
     """`model` as a name (loaded by the command) or an already loaded model, with its tokenizer; None
     is the base `prompt` was trained on (and quantize= as it was, unless given), else the built-in."""
+    if tokenizer is not None and (model is None or isinstance(model, (str, Path))):  # it would go unused
+        raise TypeError("tokenizer= goes with a loaded model=: a model given by name (or the prompt's base) loads "
+                        "its own tokenizer")
     if model is None:
         from .prompts.recorded import base_for
 
-        if tokenizer is not None:
-            raise TypeError("tokenizer= goes with a loaded model=: pass that model too")
         with python_errors():
             model, quantize = base_for("" if prompt is None else str(prompt))
         kwargs.setdefault("quantize", quantize)
