@@ -161,6 +161,15 @@ def test_forward_loss_equals_softprompt_eval(model_dir, tmp_path):
     assert abs(float(untuned) - softprompt.evaluate(model=model, tokenizer=tok, data=str(data), **IO)["loss"]) < 1e-6
 
 
+def test_a_prompt_saved_from_python_records_its_base_from_any_folder(llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(llama_dir.parent)  # the model loaded by a relative name, as a script may
+    base = AutoModelForCausalLM.from_pretrained(llama_dir.name)
+    softprompt.get_softprompt_model(base, virtual_tokens=2, init="random").save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "prompt_config.json").read_text())["model"] == str(llama_dir)
+
+
 def test_generate_equals_softprompt_generate_on_a_mixed_batch(model_dir, tmp_path):
     model, tok = load_model(str(model_dir))
     sp = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=2)

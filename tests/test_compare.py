@@ -133,6 +133,8 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     capsys.readouterr()
     assert main([*args, "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "none")]) == 2
     assert "--init-from" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main([*args[:-1], "untuned,full", "--init-from", str(out / "prompt"), "--out", str(tmp_path / "none")]) == 2
+    assert "--methods untuned,full trains none" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("cmd", ["compare", "ensemble", "inspect"])

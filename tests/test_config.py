@@ -146,3 +146,5 @@ def test_the_base_defaults_to_the_prompt_s_as_it_was_quantised(tmp_path):
     assert filled("none") == filled("") == ("smollm2-135m-instruct", "none")
     (prompt / "prompt_config.json").write_text(json.dumps({"init": "peft"}))  # a record naming no base
     assert filled(str(prompt)) == ("smollm2-135m-instruct", "none")
+    with pytest.raises(SoftpromptError, match="--model is empty"):  # not the current folder
+        ModelConfig(model="")

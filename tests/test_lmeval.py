@@ -311,3 +311,14 @@ def test_the_window_is_the_model_s_length_and_cannot_pass_it(tok_dir, tmp_path):
     with pytest.raises(SoftpromptError, match="max_length=64 exceeds the model's 32 positions: give at most 32"):
         SoftpromptLM(pretrained=str(gpt2), device="cpu", max_length=64)
     assert SoftpromptLM(pretrained=str(gpt2), device="cpu", max_length="16").max_length == 16
+
+
+def test_a_missing_base_names_model_args_and_lm_eval_s_own_model_flag_is_not_taken(llama_dir, tmp_path, capsys):
+    from softprompt.cli import main
+
+    save_prompt(SoftPrompt(torch.zeros(2, 32)), tmp_path / "p", {"model": str(tmp_path / "moved")})
+    with pytest.raises(SoftpromptError, match="not on this machine: name its base with --model_args pretrained="):
+        SoftpromptLM(prompt=str(tmp_path / "p"), device="cpu")
+    # lm_eval's --model is another flag: not an abbreviation of --model_args here
+    assert main(["lm-eval", "--model", "hf", "--model_args", f"pretrained={llama_dir}", "--tasks", "t"]) == 2
+    assert "unrecognized arguments: --model hf" in capsys.readouterr().err

@@ -120,6 +120,9 @@ class ModelConfig:
                         choices=list(QUANTIZE))
 
     def __post_init__(self):
+        # "" would be read as the current folder (a model folder run from inside it loads in the prompt's stead)
+        require(isinstance(self.model, str) and bool(self.model.strip()),
+                "--model is empty: name a Hub id, a local folder, a .gguf file or the built-in model")
         require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         check_fields(self)
         # export-peft's base_model_name_or_path and the check of a prompt against its base read it too.

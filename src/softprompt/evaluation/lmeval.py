@@ -16,7 +16,9 @@ from ..core.utils import SoftpromptError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # lm_eval's own flag names, so that a command line moves between the two unchanged.
+    # lm_eval's own flag names, so that a command line moves between the two unchanged; no abbreviations,
+    # as lm_eval's --model (which this command does not take) would otherwise be read as --model_args.
+    parser.allow_abbrev = False
     parser.add_argument("--model_args", default="", help="pretrained=MODEL,prompt=DIR or hf://REPO_ID (and dtype=, "
                                                          "device=, chat=, max_length=)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")

@@ -80,7 +80,8 @@ class SoftpromptLM(LM):
             raise SoftpromptError(f"--model_args max_length={max_length}: expected a whole number of tokens")
         # lm_eval reads `prompt=none` (and `None`) as Python's None
         prompt = "" if prompt is None or str(prompt) in ("", "none", "None") else str(prompt)
-        pretrained, bits = base_for(prompt) if pretrained is None else (str(pretrained), "none")
+        pretrained, bits = (base_for(prompt, "--model_args pretrained=MODEL") if pretrained in (None, "")
+                            else (str(pretrained), "none"))
         self.model, self.tok = load_model(ModelConfig(model=pretrained, dtype=dtype, device=device or "auto",
                                                       quantize=bits))
         sp = load_prompt(prompt, self.model) if prompt else None

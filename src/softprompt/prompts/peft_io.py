@@ -18,7 +18,7 @@ from ..base.families import config_geometry, geometry_mismatches, layer_and_head
 from ..base.models import cache_root
 from ..core.config import BUILTIN_MODEL
 from ..core.inits import peft_init
-from ..core.utils import SoftpromptError, atomic_dir, check_dest, read_json, short
+from ..core.utils import SoftpromptError, atomic_dir, check_dest, local_path, read_json, short
 from . import peft_prefix, peft_ptuning
 from .hub import download, hub_model_id, is_hub
 from .prefix import TENSOR_NAME as PREFIX_TENSOR
@@ -165,7 +165,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
     meta = read_json(ours) if ours.is_file() else {"init": "peft"}
     if not isinstance(meta, dict):
         raise SoftpromptError(f"{ours} must hold a JSON object, got {type(meta).__name__}")
-    model = model_name or imported_base(cfg, meta)
+    model = local_path(model_name or imported_base(cfg, meta))  # a folder named from here: from any folder
     if cfg["peft_type"] == peft_prefix.PEFT_TYPE:
         return import_prefix(cfg, weights, out, model, meta, source)
     ptuning = cfg["peft_type"] == peft_ptuning.PEFT_TYPE

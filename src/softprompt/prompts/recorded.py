@@ -35,6 +35,8 @@ def read_meta(prompt: str | Path) -> dict[str, Any]:
     from .hub import download, is_hub
 
     path = download(prompt) if is_hub(prompt) else Path(prompt)
+    if path.is_file() and path.suffix != ".safetensors":  # prompt_config.json itself, say
+        raise SoftpromptError(f"{path} is not a prompt: give the prompt's folder (or its .safetensors file)")
     folder = path.parent if path.suffix == ".safetensors" else path
     if not (folder / WEIGHTS_FILE).is_file() and not path.is_file():
         raise missing_prompt_error(folder, folder / WEIGHTS_FILE)
@@ -109,16 +111,17 @@ def recorded_base(meta: dict[str, Any]) -> tuple[str, str]:
     return (model if isinstance(model, str) else "", quantize if quantize in QUANTIZE else "none")
 
 
-def base_for(prompt: str) -> tuple[str, str]:
+def base_for(prompt: str, flag: str = "--model") -> tuple[str, str]:
     """(model, quantize) to load for `prompt` when none is named: the base it was trained on, else
     the built-in model. A base recorded as a local path that is not on this machine is refused (a
-    prompt downloaded from someone else's, or a model folder since moved)."""
+    prompt downloaded from someone else's, or a model folder since moved), naming the `flag` that
+    names another."""
     model, quantize = recorded_base(read_meta(prompt)) if prompt not in ("", "none") else ("", "none")
     if not model:
         return BUILTIN_MODEL, "none"
     if Path(model).expanduser().is_absolute() and not Path(model).expanduser().exists():
-        raise SoftpromptError(f"{prompt} was trained on {short(model)}, which is not on this machine: pass --model "
-                              "to name its base")
+        raise SoftpromptError(f"{prompt} was trained on {short(model)}, which is not on this machine: name its "
+                              f"base with {flag}")
     return model, quantize
 
 
