@@ -61,7 +61,8 @@ def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, caps
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{out} was trained on '{tmp_path / 'moved'}', which is not on this machine: name its base with --model" in err, err
+    moved = tmp_path / "moved"
+    assert f"{out} was trained on '{moved}', which is not on this machine: name its base with --model" in err, err
     assert main(["inspect", str(out), "--model", str(llama_dir), "--json"]) == 0
     capsys.readouterr()
     assert main(["generate", "--prompt", str(out / "prompt_config.json"), "hi"]) == 2  # a file, not the prompt
