@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
-                     flag, from_args, unescape)
+                     flag, from_args, reword, unescape)
 from .core.utils import SoftpromptError, short
 from .data.datasource import check_source
 from .prompts.recorded import base_flags, data_config, fill_base, read_meta, recorded_data, template_fields
@@ -49,10 +49,8 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
 
 def limit_help(parser: argparse.ArgumentParser) -> None:
     """--limit's help as a scoring command reads it (DataConfig's speaks of training rows)."""
-    for action in parser._actions:
-        if action.dest == "limit":
-            action.help = ("score at most the first N rows of --data, in file order (0 = all), as train's "
-                           "--eval-limit takes the first N held-out rows")
+    reword(parser, "limit", "score at most the first N rows of --data, in file order (0 = all), as train's "
+                            "--eval-limit takes the first N held-out rows")
 
 
 def prompt_given(prompt: str) -> bool:

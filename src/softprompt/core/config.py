@@ -532,6 +532,13 @@ def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] =
                                choices=f.metadata.get("choices"))
 
 
+def reword(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
+    """The help of the flag that fills `dest`, as a command reads it (add_args wrote the field's own)."""
+    for action in parser._actions:
+        if action.dest == dest:
+            action.help = text
+
+
 def from_args(cls: type, ns: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
 

@@ -17,7 +17,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from ..core.config import BUILTIN_MODEL, QUANTIZE, DataConfig, unescape
+from ..core.config import BUILTIN_MODEL, QUANTIZE, DataConfig, reword, unescape
 from ..core.utils import SoftpromptError, read_json, short
 
 # A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
@@ -128,15 +128,12 @@ def base_for(prompt: str, flag: str = "--model") -> tuple[str, str]:
 def base_flags(parser: argparse.ArgumentParser) -> None:
     """--model and --quantize default to the prompt's base (filled in by fill_base)."""
     parser.set_defaults(model=None, quantize=None)
-    for action in parser._actions:
-        if action.dest == "model":
-            action.help = (f"Hub id, local folder, .gguf file, or the built-in '{BUILTIN_MODEL}' (default: the base "
-                           "the prompt was trained on, as its prompt_config.json records it; without a prompt, the "
-                           "built-in)")
-        elif action.dest == "quantize":
-            action.help = ("hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes; needs pip install "
-                           "'softprompt[quant]'); default: as the prompt's base was trained when --model is not "
-                           "given, else none")
+    reword(parser, "model", f"Hub id, local folder, .gguf file, or the built-in '{BUILTIN_MODEL}' (default: the base "
+                            "the prompt was trained on, as its prompt_config.json records it; without a prompt, the "
+                            "built-in)")
+    reword(parser, "quantize", "hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes; needs pip install "
+                               "'softprompt[quant]'); default: as the prompt's base was trained when --model is not "
+                               "given, else none")
 
 
 def fill_base(args: argparse.Namespace, prompt: str) -> None:
