@@ -168,7 +168,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_generate(args: argparse.Namespace) -> None:
-    fill_base(args, args.prompt if prompt_given(args.prompt) else "")
+    fill_base(args, args.prompt)
     from_args(ModelConfig, args)
     from_args(GenerateConfig, args)
     if args.raw and args.input_template is not None:

@@ -205,12 +205,12 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     # --init-from starts every prompt method: its source exists and is of a kind each can start from
     # (train's checks, before the model loads), and its length is theirs.
     P = pcfg.virtual_tokens
-    if pcfg.init_from and not any(name in METHODS and name != "full" for name in methods):
+    prompt_methods = [name for name in methods if name in METHODS and name != "full"]
+    if pcfg.init_from and not prompt_methods:
         raise SoftpromptError(f"--init-from starts a prompt, and --methods {','.join(methods)} trains none: add "
                               "prompt, prefix, ptuning or residual")
-    for name in methods if pcfg.init_from else ():
-        if name in METHODS and name != "full":
-            P = adopt(pcfg, name, mcfg.model).virtual_tokens
+    for name in prompt_methods if pcfg.init_from else ():
+        P = adopt(pcfg, name, mcfg.model).virtual_tokens
     if model is None:
         model, tok = load_model(mcfg)
     resident(model)
