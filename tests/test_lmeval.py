@@ -165,11 +165,15 @@ def test_a_soft_prompt_and_its_prefix_score_and_generate_the_same(model_dir, tmp
     meta = {"model": str(model_dir), "chat": False}
     save_prompt(soft, tmp_path / "soft", meta)
     save_prompt(PrefixPrompt(prompt_key_values(model, soft.embeds), prefix_meta(model)), tmp_path / "pre", meta)
-    lms = [SoftpromptLM(pretrained=str(model_dir), prompt=str(tmp_path / p), device="cpu", batch_size=2,
-                        max_length=8) for p in ("soft", "pre")]
+    def both(max_length):
+        return [SoftpromptLM(pretrained=str(model_dir), prompt=str(tmp_path / p), device="cpu", batch_size=2,
+                             max_length=max_length) for p in ("soft", "pre")]
+
+    lms = both(None)  # the model's own length: each pair's continuation fits whole
     assert lms[1].prompt.kind == "prefix"
     lls = [[s for s, _ in lm.loglikelihood([_req(c, t) for c, t in PAIRS])] for lm in lms]
     assert lls[1] == pytest.approx(lls[0], abs=1e-5)
+    lms = both(8)  # 4 positions of text: several windows of each text rolled, and a context's end kept
     texts = ["Country: France\nFacts: capital=Paris; continent=Europe", "Act as a teacher."]
     rolled = [lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0)
                                         for t in texts]) for lm in lms]
@@ -308,6 +312,10 @@ def test_the_window_is_the_model_s_length_and_cannot_pass_it(tok_dir, tmp_path):
                                                 idx=0)])
     assert len(rolled) == 1 and rolled[0] < 0
     assert lm.loglikelihood([_req(text, " Paris")])[0][0] < 0  # the context's end that fits
+    # a continuation itself longer than the window cannot be scored whole: refused (it was an IndexError)
+    with pytest.raises(SoftpromptError, match=r"a continuation of \d+ tokens does not fit the 32 positions that "
+                                              "max_length=32 leaves for text"):
+        lm.loglikelihood([_req("Country:", text)])
     with pytest.raises(SoftpromptError, match="max_length=64 exceeds the model's 32 positions: give at most 32"):
         SoftpromptLM(pretrained=str(gpt2), device="cpu", max_length=64)
     assert SoftpromptLM(pretrained=str(gpt2), device="cpu", max_length="16").max_length == 16

@@ -139,7 +139,12 @@ class SoftpromptLM(LM):
 
     def window(self, context: list[int], continuation: list[int]) -> Example:
         """The row scored: the continuation whole and as much of the context's end as fits beside it
-        and the prompt in `max_length` positions (at least one context token, which predicts the first)."""
+        and the prompt in `max_length` positions (at least one context token, which predicts the first).
+        A continuation longer than that is refused: its start would pass the model's positions."""
+        if len(continuation) > self.text_length:
+            raise SoftpromptError(f"a continuation of {len(continuation)} tokens does not fit the {self.text_length} "
+                                  f"positions that max_length={self.max_length} leaves for text: raise --model_args "
+                                  "max_length, up to the model's length")
         keep = max(1, self.text_length - len(continuation))
         return Example(context[-keep:] + continuation, len(context[-keep:]))
 
