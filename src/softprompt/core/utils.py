@@ -49,8 +49,9 @@ def default_mode(path: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; on success it replaces `dest` in one rename. A `dest`
-    that is not a folder is refused (a file is never renamed away), and nothing is left beside it."""
-    dest = Path(dest)
+    that is not a folder is refused (a file is never renamed away), and nothing is left beside it.
+    A `dest` that is a link names the folder written: the link stays, as `train --out` writes through it."""
+    dest = Path(dest).resolve() if Path(dest).is_symlink() else Path(dest)
     if dest.exists() and not dest.is_dir():
         raise SoftpromptError(f"{dest} is a file, not a folder")
     if dest.exists() and not overwrite:
@@ -68,7 +69,11 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
             if not overwrite or not dest.is_dir():
                 raise SoftpromptError(f"{dest} already exists" if dest.is_dir() else f"{dest} is a file, not a folder")
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old)  # a folder onto the empty one mkdtemp made
+            try:
+                os.replace(dest, old)  # a folder onto the empty one mkdtemp made
+            except OSError:
+                old.rmdir()
+                raise
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
