@@ -101,6 +101,17 @@ def test_N1_export_peft_refuses_out_at_the_source(run_copy, where, capsys):
     assert tree(run_copy.parent) == before
 
 
+@pytest.mark.parametrize("flags", [["--init-from"], ["--method", "prompt", "--init", "file", "--init-file"]])
+def test_train_refuses_an_out_at_the_prompt_it_starts_from(llama_dir, data_csv, run_copy, flags, capsys):
+    """`train --init-from SRC --out SRC --overwrite` deleted the prompt it started from, and its record
+    then named itself as its source (hunt 8); an --out inside the source, or around it, is refused too."""
+    before = tree(run_copy.parent)
+    for out in (run_copy, run_copy / "sub", run_copy.parent):
+        assert main(train_argv(llama_dir, data_csv, out, "--overwrite", *flags, str(run_copy))) == 2
+        one_error_line(capsys, f"--out {out}", "the source", str(run_copy))
+    assert tree(run_copy.parent) == before
+
+
 def test_N1_import_peft_refuses_a_finished_run_and_the_source(run_dir, run_copy, tmp_path, capsys):
     peft = tmp_path / "peft"
     assert main(["export-peft", str(run_dir), str(peft)]) == 0

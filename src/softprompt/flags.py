@@ -69,7 +69,7 @@ def check_train(args: argparse.Namespace) -> None:
     from .training.rundir import check_out
 
     model, data, prompt, train = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig))
-    check_out(Path(train.out), train.resume, train.overwrite)
+    check_out(Path(train.out), train.resume, train.overwrite, (prompt.init_from, prompt.init_file))
     train = resolve_method(prompt, train)[0]
     adopt(prompt, train.method, model.model)  # --init-from's source: there, of a kind this method can start from
     if train.max_steps:

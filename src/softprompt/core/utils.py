@@ -83,6 +83,18 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         raise
 
 
+def check_apart(out: str | os.PathLike, flag: str, sources: tuple[str | os.PathLike, ...]) -> None:
+    """Refuse an output folder that is a source the command reads, is inside one or holds one: replacing
+    it would destroy what is read (local paths only; a Hub source is never written)."""
+    o = Path(out).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if o == s or s in o.parents or o in s.parents:
+            where = "is" if o == s else ("is inside" if s in o.parents else "holds")
+            raise SoftpromptError(f"{flag} {out} {where} the source {src}: writing it would destroy what is read; "
+                                  f"choose another {flag}")
+
+
 def check_dest(out: str | os.PathLike, flag: str, overwrite: bool, own: set[str],
                sources: tuple[str | os.PathLike, ...] = ()) -> None:
     """Refuse an output folder whose replacement would destroy something, before any work: a file;
@@ -91,13 +103,7 @@ def check_dest(out: str | os.PathLike, flag: str, overwrite: bool, own: set[str]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SoftpromptError(f"{flag} {out} is a file, not a folder")
-    o = out.resolve()
-    for src in sources:
-        s = Path(src).resolve()
-        if o == s or s in o.parents or o in s.parents:
-            where = "is" if o == s else ("is inside" if s in o.parents else "holds")
-            raise SoftpromptError(f"{flag} {out} {where} the source {src}: writing it would destroy what is read; "
-                                  f"choose another {flag}")
+    check_apart(out, flag, sources)
     used = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if used and not overwrite:
         raise SoftpromptError(f"{flag} {out} already holds files ({', '.join(used[:3])}): pass --overwrite to "

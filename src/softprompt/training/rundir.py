@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import as_it_ran, flag, unescape
-from ..core.utils import SoftpromptError, atomic_dir, read_json, same_model, short
+from ..core.utils import SoftpromptError, atomic_dir, check_apart, read_json, same_model, short
+from ..prompts.hub import is_hub
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -33,10 +34,12 @@ RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METR
              "encoder.safetensors"}  # --keep-encoder's (encoder_method.ENCODER_FILE)
 
 
-def check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a used --out unless told what to do with it; before any work, so nothing is lost."""
+def check_out(out: Path, resume: bool, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
+    """Refuse a used --out unless told what to do with it, and one that is, holds or lies inside a
+    prompt the run starts from (`sources`); before any work, so nothing is lost."""
     if out.exists() and not out.is_dir():
         raise SoftpromptError(f"--out {out} is a file, not a folder")
+    check_apart(out, "--out", tuple(s for s in sources if s and not is_hub(s)))
     used = out.is_dir() and any(out.iterdir())
     if resume:
         if saved_checkpoint(out) is None:

@@ -174,7 +174,7 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
     from accelerate import Accelerator
 
     mcfg, dcfg, pcfg, tcfg = (replace(c) for c in (mcfg, dcfg, pcfg, tcfg))  # their checks, after any change
-    check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite)
+    check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite, (pcfg.init_from, pcfg.init_file))
     tcfg, method_reason = resolve_method(pcfg, tcfg)
     if tcfg.method == "full" and mcfg.quantize != "none":  # before the model loads
         raise SoftpromptError(f"--method full trains every weight, and a --quantize {mcfg.quantize} base holds "
