@@ -158,6 +158,18 @@ def test_D10_compare_refuses_an_out_holding_other_files(llama_dir, data_csv, tmp
     assert tree(keep) == {"t.txt": b"x"}
 
 
+def test_compare_checks_its_data_before_the_model_loads(data_csv, tmp_path, capsys):
+    """A missing file, a missing column or no --data at all: one line before any model loads (here a
+    --model that does not exist, which would be named first otherwise). compare loaded the base first."""
+    cmd = ["compare", "--model", str(tmp_path / "no-model"), *CLS, "--out", str(tmp_path / "cmp")]
+    for data, words in ((["--data", str(tmp_path / "nope.csv")], "missing data file"),
+                        (["--data", str(data_csv), "--template", "{nocol}"], "column 'nocol' not found"),
+                        ([], "no data given")):
+        assert main([*cmd, *data]) == 2
+        one_error_line(capsys, words)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_path, capsys):
     f = tmp_path / "existing_file"
     f.write_text("mine")

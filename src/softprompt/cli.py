@@ -88,7 +88,8 @@ COMMANDS: dict[str, Command] = {
                        "report trainable parameters, artifact size, peak memory, training time, inference time per "
                        "example and quality as compare.md, compare.json and compare.png in --out. Prompt tuning "
                        "takes the train flags (--max-steps, --lr, ...); full fine-tuning the same ones with "
-                       "--ft-lr/--ft-steps/--ft-batch-size."),
+                       "--ft-lr/--ft-steps/--ft-batch-size.",
+                       functions=("run",), flags=("softprompt.flags", "compare_arguments", "check_compare")),
     "ensemble": Command("softprompt.evaluation.ensemble",
                         "score K prompts together: each alone, majority vote, mean log-prob",
                         "Score every row of --data with K prompt folders in one batch per group of rows; report "

@@ -1,5 +1,5 @@
-"""The flags of the commands that load a model (train, eval, generate, ensemble) and the checks of
-them that need no model, apart from the commands' own code: cli.py parses and prints --help with
+"""The flags of the commands that load a model (train, eval, generate, ensemble, compare) and the
+checks of them that need no model, apart from the commands' own code: cli.py parses and prints --help with
 this module alone (no torch, no transformers), and runs the checks before it imports the command,
 so a bad flag, config file, --out, prompt folder or data path is one line within a second, not
 after the model has loaded.
@@ -10,8 +10,8 @@ import argparse
 import re
 from pathlib import Path
 
-from .core.config import (DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args, check_warmup,
-                     flag, from_args, reword, unescape)
+from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
+                          check_warmup, flag, from_args, reword, unescape)
 from .core.utils import SoftpromptError, short
 from .data.datasource import check_source
 from .prompts.recorded import base_flags, data_config, fill_base, read_meta, recorded_data, template_fields
@@ -74,6 +74,27 @@ def check_train(args: argparse.Namespace) -> None:
     adopt(prompt, train.method, model.model)  # --init-from's source: there, of a kind this method can start from
     if train.max_steps:
         check_warmup(train, train.max_steps, warns=False)  # refuse early; the run warns
+    check_data(data)
+
+
+# ---------------------------------------------------------------- compare
+
+def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    add_args(parser, ModelConfig)
+    add_args(parser, DataConfig, skip=("mix",))  # every method is scored on one split of one task
+    add_args(parser, PromptConfig)
+    # The methods' own flags are left at their defaults (--prefix-projection with the default method,
+    # prompt, would be refused anyway).
+    add_args(parser, TrainConfig, skip=("out", "method", "resume", "overwrite", "keep_best", "save_every",
+                                        "eval_every", "patience", "eval_untuned", "prefix_projection",
+                                        "prefix_scaled_steps", "encoder", "encoder_hidden_size", "keep_encoder"))
+    add_args(parser, CompareConfig)
+
+
+def check_compare(args: argparse.Namespace) -> None:
+    """Every flag's own check, then the data each row reads (compare itself checks --out and --init-from
+    before its model loads)."""
+    data = [from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig)][1]
     check_data(data)
 
 

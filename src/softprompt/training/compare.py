@@ -42,7 +42,7 @@ import torch
 from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import (COMPARE_METHODS, DTYPES, ENCODER_METHODS, CompareConfig, DataConfig, ModelConfig,
-                           PromptConfig, TrainConfig, add_args, from_args, to_dict)
+                           PromptConfig, TrainConfig, from_args, to_dict)
 from ..core.utils import (SoftpromptError, atomic_write_text, check_dest, count_params, dtype_name, seed_everything,
                           write_json)
 from ..data.batching import Example
@@ -353,20 +353,7 @@ def load_result(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "compare.json").read_text())
 
 
-# ---------------------------------------------------------------- the `compare` command
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_args(parser, ModelConfig)
-    add_args(parser, DataConfig, skip=("mix",))  # every method is scored on one split of one task
-    add_args(parser, PromptConfig)
-    # The methods' own flags are left at their defaults (--prefix-projection with the default method,
-    # prompt, would be refused anyway).
-    add_args(parser, TrainConfig, skip=("out", "method", "resume", "overwrite", "keep_best", "save_every",
-                                        "eval_every", "patience", "eval_untuned", "prefix_projection",
-                                        "prefix_scaled_steps", "encoder",
-                                        "encoder_hidden_size", "keep_encoder"))
-    add_args(parser, CompareConfig)
-
+# ---------------------------------------------------------------- the `compare` command (its flags: flags.py)
 
 def run(args: argparse.Namespace) -> int:
     # --out is the comparison's folder; each method's run folder is made inside it.
