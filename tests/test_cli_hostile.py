@@ -8,7 +8,7 @@ import torch
 
 from softprompt.cli import main
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.core.utils import SoftpromptWarning
+from softprompt.core.utils import SoftpromptError, SoftpromptWarning
 from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt
 from softprompt.training.train import train
 
@@ -170,6 +170,28 @@ def test_compare_checks_its_data_before_the_model_loads(data_csv, tmp_path, caps
     assert not (tmp_path / "cmp").exists()
 
 
+def test_data_read_no_way_names_its_columns_before_the_model_loads(data_csv, tmp_path, capsys):
+    """`train --data FILE` alone loaded the model, then said "say how to read each row" without the
+    file's columns; it is now said first, with them. A data folder (read only when loaded) and a file
+    with a `label` column are said the same way, the latter with --labels."""
+    from softprompt.data.formatting import load_splits
+
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run"), "--data"]
+    assert main([*argv, str(data_csv)]) == 2
+    one_error_line(capsys, f"say how to read each row of {data_csv} (columns: 'country', 'capital', 'europe'): "
+                           "--template 'text with {column}', --text-col COLUMN or --messages-col COLUMN")
+    labelled = tmp_path / "l.csv"
+    labelled.write_text("sentence,label\ngood,1\n")
+    assert main([*argv, str(labelled)]) == 2
+    one_error_line(capsys, "(columns: 'sentence', 'label')", "--labels WORD,WORD to classify by its 'label' column")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(data_csv, folder / "train.csv")
+    with pytest.raises(SoftpromptError, match=f"say how to read each row of {folder} .columns: 'country', "):
+        load_splits(DataConfig(data=str(folder)), tok=None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_path, capsys):
     f = tmp_path / "existing_file"
     f.write_text("mine")
@@ -178,7 +200,7 @@ def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_p
         one_error_line(capsys, "is a file, not a folder")
     assert f.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["existing_file"]
     # The library's atomic folder itself refuses a file and leaves no hidden sibling.
-    from softprompt.core.utils import SoftpromptError, atomic_dir
+    from softprompt.core.utils import atomic_dir
 
     with pytest.raises(SoftpromptError, match="is a file"):
         with atomic_dir(f) as tmp:

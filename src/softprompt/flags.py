@@ -23,10 +23,11 @@ SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split", "mix")
 
 # ---------------------------------------------------------------- shared checks
 
-def needed_columns(cfg: DataConfig) -> list[str]:
-    """The columns each row needs (as formatting.Formatter.columns), [] when a `messages` column is looked for."""
+def needed_columns(cfg: DataConfig) -> list[str] | None:
+    """The columns each row needs (as formatting.Formatter.columns); None where no flag says how to read
+    a row (a `messages` column is looked for)."""
     if not (cfg.template or cfg.text_col or cfg.messages_col):
-        return []
+        return None
     fields = template_fields(unescape(cfg.template)) + template_fields(unescape(cfg.target))
     cols = [re.split(r"[.\[]", f)[0] for f in fields]
     cols += [cfg.text_col] if cfg.text_col and not cfg.template else []

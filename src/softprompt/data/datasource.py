@@ -56,7 +56,8 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
                  config: str = "", split_flag: str = "--split") -> None:
     """What can be told of a data source cheaply, before any model loads: a local file exists and
     is readable and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later
-    row that lacks one). A Hub dataset is only looked at when read."""
+    row that lacks one), or a `messages` column where `columns` is None (no flag says how to read a
+    row). A Hub dataset is only looked at when read."""
     if not spec:
         raise SoftpromptError(f"no data given: pass {what} FILE_OR_DATASET_ID")
     name = spec if Path(spec).expanduser().exists() else split_spec(spec, config)[0]
@@ -74,6 +75,8 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
     except OSError as e:
         raise SoftpromptError(f"cannot read {what} {path}: {e.strerror or e}") from None
     row = first_row(path)
+    if columns is None and row is not None and "messages" not in row:
+        raise reading_error(path, list(row))
     missing = [c for c in columns or [] if row is not None and c not in row]
     if missing:
         have = ", ".join(map(repr, list(row)[:10])) + (", ..." if len(row) > 10 else "")
@@ -196,6 +199,15 @@ def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
         raise SoftpromptError(
             f"cannot load dataset {what} from the Hugging Face Hub (unreachable or unknown: {why}); pass a local "
             ".csv/.tsv/.json/.jsonl/.parquet/.arrow file instead") from None
+
+
+def reading_error(where: str | Path, columns: list[str]) -> SoftpromptError:
+    """No flag says how to read a row of `where`, and it has no `messages` column: the flags, with its columns."""
+    have = ", ".join(map(repr, columns[:10])) + (", ..." if len(columns) > 10 else "")
+    return SoftpromptError(f"say how to read each row of {where} (columns: {have}): --template 'text with "
+                           "{column}', --text-col COLUMN or --messages-col COLUMN"
+                           + (" (and --labels WORD,WORD to classify by its 'label' column)" if "label" in columns
+                              else ""))
 
 
 def column_names(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -20,7 +20,7 @@ from ..core.config import DataConfig, is_unicode, unescape
 from ..core.utils import SoftpromptError, warn
 from .batching import Example
 from .chat import chat_example
-from .datasource import column_names, read_rows, take
+from .datasource import column_names, read_rows, reading_error, take
 from .labels import label_text
 
 __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
@@ -237,12 +237,15 @@ class Formatter:
 
 
 def resolve_columns(cfg: DataConfig, rows) -> DataConfig:
-    """A `messages` column trains a chat prompt when nothing else says how to read a row."""
-    if not (cfg.template or cfg.text_col or cfg.messages_col) and "messages" in column_names(rows):
-        print("[softprompt] reading the 'messages' column as chat conversations (as --messages-col messages): "
-              "through the model's chat template, the loss on the assistant turns", file=sys.stderr)
-        return replace(cfg, messages_col="messages")
-    return cfg
+    """A `messages` column trains a chat prompt when nothing else says how to read a row; without
+    one, the rows' columns are named in the error."""
+    if cfg.template or cfg.text_col or cfg.messages_col:
+        return cfg
+    if "messages" not in column_names(rows):
+        raise reading_error(cfg.data, column_names(rows))
+    print("[softprompt] reading the 'messages' column as chat conversations (as --messages-col messages): "
+          "through the model's chat template, the loss on the assistant turns", file=sys.stderr)
+    return replace(cfg, messages_col="messages")
 
 
 def load_splits(cfg: DataConfig, tok, seed: int = 0,
