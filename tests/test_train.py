@@ -3,6 +3,8 @@ the shared-prefix path follows the straightforward one, and bad input leaves not
 import copy
 import json
 import os
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -226,8 +228,6 @@ def test_resume_after_a_save_killed_between_its_renames(llama_dir, countries_csv
     """A kill inside atomic_dir's replace left the new checkpoint in .checkpoint.tmp-*, the one before
     in .checkpoint.old-* and no checkpoint/: --resume said "no checkpoint" beside two whole copies.
     It resumes from the new one, and no killed save's folder stays behind (a partial one neither)."""
-    import shutil
-
     full = train(*_cfgs(llama_dir, countries_csv, tmp_path / "a", keep_best=False), quiet=True)
     train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False), stop_after=5, quiet=True)
     b = tmp_path / "b"
@@ -260,6 +260,14 @@ def test_used_out_is_refused_unless_resume_or_overwrite(llama_dir, countries_csv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("softprompt: error: --out ") and "already holds files" in err[0]
     assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # untouched
+    # A run stopped before its first checkpoint: --resume, which it cannot take, is not advised.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(out / "run_config.json", stopped / "run_config.json")
+    (stopped / "metrics.jsonl").write_text("")
+    with pytest.raises(SoftpromptError, match=r"with no checkpoint to resume\?\): pass --overwrite") as e:
+        train(m, d, p, replace(t, out=str(stopped)), quiet=True)
+    assert "--resume" not in str(e.value)
 
     # --overwrite: a new run with another prompt length and no checkpoint replaces every old file.
     p6 = PromptConfig(virtual_tokens=6, init="vocab")

@@ -45,6 +45,9 @@ def check_out(out: Path, resume: bool, overwrite: bool, sources: tuple[str, ...]
         if saved_checkpoint(out) is None:
             raise SoftpromptError(f"--resume: no checkpoint in {out / CHECKPOINT}")
     elif used and not overwrite:
+        if saved_checkpoint(out) is None:  # an interrupted run before its first checkpoint, say: --resume cannot help
+            raise SoftpromptError(f"--out {out} already holds files (a previous run, with no checkpoint to resume?): "
+                                  "pass --overwrite to replace it, or choose another --out")
         raise SoftpromptError(f"--out {out} already holds files (a previous run?): pass --resume to continue it, "
                               "--overwrite to replace it, or choose another --out")
     elif used:
