@@ -107,6 +107,13 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     assert main(["train", "--config", str(record), "--out", str(tmp_path / "again")]) == 0
     again, first = (p / "prompt.safetensors" for p in (tmp_path / "again", out / "prompt"))
     assert again.read_bytes() == first.read_bytes()
+    # So do the prompt's own record and the comparison's (their sections sit under `config`): compare
+    # --config compare.json read no section, loaded the model and then said "no data given".
+    assert main(["train", "--config", str(out / "prompt" / "prompt_config.json"), "--out", str(tmp_path / "p2")]) == 0
+    assert (tmp_path / "p2" / "prompt.safetensors").read_bytes() == first.read_bytes()
+    assert main(["compare", "--config", str(out / "compare.json"), "--out", str(tmp_path / "cmp2")]) == 0
+    replayed = json.loads((tmp_path / "cmp2" / "compare.json").read_text())["rows"]
+    assert [x["eval"]["loss"] for x in replayed] == [x["eval"]["loss"] for x in rows]
     assert main(["compare", "--model", str(llama_dir), "--data", str(countries_csv), "--text-col", "country",
                  "--methods", "prompt,nope", "--out", str(tmp_path / "bad")]) == 2
     assert "unknown --methods" in capsys.readouterr().err

@@ -3,7 +3,8 @@ overriding the file.
 
 A file holds sections named after the config dataclasses, as a run's `run_config.json` writes
 them (`ModelConfig`, `DataConfig`, `PromptConfig`, `TrainConfig`, ...), each mapping field names
-to values, so `softprompt train --config RUN/run_config.json --out NEW` replays a run. A section
+to values, so `softprompt train --config RUN/run_config.json --out NEW` replays a run; so do a
+prompt's prompt_config.json and a comparison's compare.json, which hold them under `config`. A section
 named after the command holds its other flags (`eval: {prompt: runs/sst2, batch_size: 32}`).
 The file's values become the command's defaults, which is why a flag always wins. Other top-level
 keys are ignored (run_config.json also records what ran: device, world_size, ...), and so are the
@@ -88,6 +89,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise SoftpromptError(f"--config {path}: expected a .yaml, .yml or .json file")
     if not isinstance(obj, dict):
         raise SoftpromptError(f"--config {path}: expected a mapping of sections (ModelConfig, DataConfig, ...)")
+    nested = obj.get("config")
+    if isinstance(nested, dict) and not SECTIONS.keys() & obj.keys() and SECTIONS.keys() & nested.keys():
+        return nested  # compare.json and prompt_config.json record their run's sections under `config`
     return obj
 
 
