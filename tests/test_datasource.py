@@ -54,6 +54,29 @@ def test_parquet_arrow_and_builder_files_equal_jsonl(tmp_path, tok):
     assert list(take(rows, [3, 1])) == [ROWS[3], ROWS[1]]
 
 
+def test_builder_files_are_recorded_absolute_and_each_pattern_must_match(tmp_path, tok, monkeypatch, capsys):
+    """`--data parquet --data-files 'parts/*.parquet'` was recorded as typed, so the run's record read
+    nothing from another folder; a pattern matching no file was said to be a schema or Hub problem,
+    after the model had loaded. (A Hub dataset's --data-files are its repository's: left as given.)"""
+    from softprompt.cli import main
+    from softprompt.core.config import DataConfig
+
+    (tmp_path / "parts").mkdir()
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "parts" / "a.parquet"))
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(data="parquet", data_files="parts/*.parquet", text_col="sentence")
+    assert cfg.data_files == str(tmp_path / "parts" / "*.parquet")
+    assert DataConfig(data="org/set", data_files="data/*.parquet").data_files == "data/*.parquet"
+    monkeypatch.chdir(tmp_path / "parts")  # the record, read from elsewhere
+    assert len(load_splits(cfg, tok)[1]) == len(ROWS) - 3
+    for files, words in (("nothing/*.parquet", f"--data-files {tmp_path}/parts/nothing/*.parquet: no file matches"),
+                         ("", "--data parquet reads the files that --data-files names")):
+        assert main(["train", "--model", str(tmp_path / "no-model"), "--data", "parquet", "--data-files", files,
+                     "--text-col", "sentence", "--out", str(tmp_path / "run")]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _hub_style_folder(root):
     """A dataset repository as the Hub holds one: data files per config and split, the configs
     declared in the README's YAML header."""

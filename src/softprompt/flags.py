@@ -13,7 +13,7 @@ from pathlib import Path
 from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                           check_warmup, flag, from_args, reword, unescape)
 from .core.utils import SoftpromptError, short
-from .data.datasource import check_source
+from .data.datasource import check_files, check_source
 from .prompts.recorded import base_flags, data_config, fill_base, read_meta, recorded_data, template_fields
 from .prompts.transfer import adopt
 
@@ -40,6 +40,7 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
     for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
         where = f"--mix task {k + 1}: " if k else ""
         try:
+            check_files(task.data, task.data_files)
             check_source(task.data, "--data", needed_columns(task), task.split, task.data_config)
             if eval_too and task.eval_data:
                 check_source(task.eval_data, "--eval-data", needed_columns(task), task.eval_split,

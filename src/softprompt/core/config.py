@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from . import inits
-from .utils import SoftpromptError, local_path, short, warn
+from .utils import SoftpromptError, local_path, local_patterns, short, warn
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 ENCODERS = ("mlp", "lstm")  # --method ptuning's --encoder choices (prompts/ptuning_encoder.PromptEncoder)
@@ -130,6 +130,8 @@ class ModelConfig:
 
 
 # The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
+# datasets' builders that read local files (`--data csv --data-files 'parts/*.csv'`), where --data names no source.
+FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas", "xml")
 MIX_KEYS = ("data", "data_config", "data_files", "split", "template", "target", "text_col", "labels", "label_col",
             "messages_col", "eval_data", "eval_split", "limit", "eval_limit")
 
@@ -172,6 +174,8 @@ class DataConfig:
 
     def __post_init__(self):
         self.data, self.eval_data = local_path(self.data), local_path(self.eval_data)
+        if self.data in FILE_BUILDERS:  # then --data-files are this machine's files (a Hub repo's are its own)
+            self.data_files = local_patterns(self.data_files)
         self.mix = [parse_task(t, i + 2) for i, t in enumerate(self.mix)]
         for i in range(len(self.mix)):
             self.task_config(i + 1)  # its own checks, each naming its flag

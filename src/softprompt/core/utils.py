@@ -207,6 +207,11 @@ def local_path(name: str) -> str:
     return os.path.abspath(name) if name and not os.path.isabs(name) and os.path.exists(name) else name
 
 
+def local_patterns(names: str) -> str:
+    """Comma-separated local files or glob patterns, each made absolute (a pattern may match nothing yet)."""
+    return ",".join(os.path.abspath(os.path.expanduser(n.strip())) for n in names.split(",") if n.strip())
+
+
 def same_model(a: str, b: str) -> bool:
     """Two names for one model or data source: equal, or one folder or file reached by two paths."""
     if a == b:

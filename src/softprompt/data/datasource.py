@@ -9,11 +9,14 @@ never held a second time as Python lists. formatting.py indexes either kind the 
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..core.config import FILE_BUILDERS
 from ..core.utils import SoftpromptError, warn
 
 LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
@@ -26,6 +29,20 @@ def split_spec(spec: str, config: str = "") -> tuple[str, str]:
     if sep and config and inline != config:
         raise SoftpromptError(f"--data {spec!r} names config {inline!r} but --data-config says {config!r}")
     return (name, inline or config) if sep else (spec, config)
+
+
+def check_files(spec: str, data_files: str) -> None:
+    """Each --data-files pattern of a file builder (`--data csv`) matches a file; a Hub dataset's are
+    its repository's, looked at when read."""
+    if spec not in FILE_BUILDERS:
+        return
+    patterns = [p.strip() for p in data_files.split(",") if p.strip()]
+    if not patterns:
+        raise SoftpromptError(f"--data {spec} reads the files that --data-files names: give them "
+                              f"(--data-files 'train-*.{spec}')")
+    for pattern in patterns:
+        if not glob.glob(os.path.expanduser(pattern), recursive=True):
+            raise SoftpromptError(f"--data-files {pattern}: no file matches")
 
 
 def is_local(spec: str) -> bool:
