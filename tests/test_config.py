@@ -148,3 +148,23 @@ def test_the_base_defaults_to_the_prompt_s_as_it_was_quantised(tmp_path):
     assert filled(str(prompt)) == ("smollm2-135m-instruct", "none")
     with pytest.raises(SoftpromptError, match="--model is empty"):  # not the current folder
         ModelConfig(model="")
+
+
+def test_a_config_file_reads_a_leading_tilde_as_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands ~ in a config file: `out: ~/runs/x` made a folder named ~ in the working one,
+    while `data: ~/d.csv` read the home's. Every path key now reads it as the home folder."""
+    from softprompt.cli import Command, run
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    seen = []
+    monkeypatch.setattr(Command, "check", lambda self, args: None)
+    monkeypatch.setattr(Command, "load", lambda self: (lambda args: seen.append(args) or 0,))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ModelConfig: {model: ~/m}\nDataConfig: {data: ~/d.csv, template: '~/{a}'}\n"
+                   "TrainConfig: {out: ~/runs/x}\nensemble: {prompts: [~/a, ~/b]}\n")
+    assert run(["train", "--config", str(cfg)]) == 0
+    assert (seen[0].model, seen[0].data, seen[0].out) == (f"{home}/m", f"{home}/d.csv", f"{home}/runs/x")
+    assert seen[0].template == "~/{a}"  # not a path
+    assert run(["ensemble", "--config", str(cfg), "--data", "d.csv"]) == 0
+    assert seen[1].prompts == [f"{home}/a", f"{home}/b"]

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -27,6 +28,10 @@ from .core.utils import SoftpromptError, short
 
 SECTIONS = {cls.__name__: cls for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig,
                                           GenerateConfig, ServeConfig)}
+# Flag dests whose values are local paths: a file's leading ~ is the home folder, as a shell reads it in a flag
+# (without it `out: ~/runs/x` made a folder named ~ in the working one, while `data: ~/x.csv` read the home's).
+HOME_KEYS = {"model", "data", "eval_data", "init_file", "init_from", "out", "prompt", "prompts", "prompt_dir",
+             "peft_dir", "base_model", "local_dir", "output_path", "include_path"}
 # Namespace entries that are no flag of the command's own.
 NOT_FLAGS = {"cmd", "config", "config_fields", "version"}  # version: the top-level --version
 # A config file holds tens of values; nested aliases (a "billion laughs" file) expand to billions.
@@ -210,11 +215,19 @@ def drop_overridden(defaults: dict[str, Any], args: argparse.Namespace, actions:
                     defaults.pop(dest, None)
 
 
+def at_home(value: Any) -> Any:
+    """A path (or a list of them) with a leading ~ read as the home folder."""
+    if isinstance(value, list):
+        return [at_home(v) for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 def apply_config(parser: argparse.ArgumentParser, command: str, args: argparse.Namespace,
                  commands: tuple[str, ...] = ()) -> None:
     """Make the values of `args.config` the defaults of the command's `parser`."""
     actions = {a.dest: a for a in parser._actions}  # argparse keeps its actions in no public attribute
     defaults = command_defaults(as_it_ran(read_config(args.config)), args.config, command, args, actions, commands)
+    defaults = {k: at_home(v) if k in HOME_KEYS else v for k, v in defaults.items()}
     drop_overridden(defaults, args, actions)
     parser.set_defaults(**defaults)
     for dest in defaults:  # a flag the command requires (lm-eval's --tasks, ensemble's DIRs), given by the file
