@@ -144,6 +144,24 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     assert "--methods untuned,full trains none" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
+def test_an_interrupted_comparison_leaves_no_summary_of_the_one_before(llama_dir, countries_csv, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A comparison run again into its --out and stopped while a row trained left the old compare.json
+    and compare.md naming prompt files that the new run had already deleted (hunt 8)."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", str(llama_dir), "--device", "cpu", "--data", str(countries_csv), "--template",
+            "Country: {country}\\nCapital:", "--target", " {capital}", "--eval-limit", "4", "--max-length", "32",
+            "--max-steps", "1", "--batch-size", "4", "--methods", "untuned,prompt", "--out", str(out)]
+    assert main(argv) == 0 and (out / "compare.json").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("softprompt.training.compare.trained_row", interrupted)
+    assert main(argv) == 130
+    assert not any((out / name).exists() for name in ("compare.json", "compare.md", "compare.png"))
+
+
 @pytest.mark.parametrize("cmd", ["compare", "ensemble", "inspect"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:

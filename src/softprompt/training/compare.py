@@ -58,6 +58,7 @@ LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineeri
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",
           "prefix": "prefix tuning (P={P})", "ptuning": "P-tuning (P={P})",
           "residual": "residual prompt tuning (P={P})", "full": "full fine-tuning"}
+SUMMARY_FILES = ("compare.json", "compare.md", "compare.png")  # written once every row is done
 # The trained methods whose prompt occupies P input positions (a prefix's keys and values take none).
 EMBEDDING_METHODS = ("prompt", "ptuning", "residual")
 
@@ -201,7 +202,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
         raise SoftpromptError("compare runs one task: give it without --mix")
     methods = ccfg.method_list
     # A previous comparison in --out is replaced, file by file; anything else there is the user's.
-    check_dest(ccfg.out, "--out", True, {"compare.json", "compare.md", "compare.png", *COMPARE_METHODS})
+    check_dest(ccfg.out, "--out", True, {*SUMMARY_FILES, *COMPARE_METHODS})
     # --init-from starts every prompt method: its source exists and is of a kind each can start from
     # (train's checks, before the model loads), and its length is theirs.
     P = pcfg.virtual_tokens
@@ -225,6 +226,8 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
         check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     out = Path(ccfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in SUMMARY_FILES:  # a previous comparison's: its rows are replaced one by one from here on, and
+        (out / name).unlink(missing_ok=True)  # an interrupted run must not leave it naming them
     bs = ccfg.eval_batch_size
     instruction = (ccfg.instruction or default_instruction(fmt)).replace("\\n", "\n")
     say = (lambda *a: None) if quiet else (lambda *a: print("[compare]", *a, flush=True))
