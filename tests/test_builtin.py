@@ -50,3 +50,18 @@ def test_short_training_on_awesome_prompts(smol, tmp_path):
     s = train(m, d, p, t, model=model, tok=tok, quiet=True)
     assert s["base_weights_unchanged"] and s["steps"] == 6
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_the_first_use_s_conversion_note_is_on_stderr(llama_dir, tmp_path, monkeypatch, capsys):
+    """The one-time conversion's note went to stdout, the first line of `eval --json`, `train`'s summary
+    and export-peft's path on a fresh cache (hunt 8): what scripts read broke once per machine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.base import models
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "load_gguf", lambda path, dtype: (AutoModelForCausalLM.from_pretrained(llama_dir),
+                                                                  AutoTokenizer.from_pretrained(llama_dir)))
+    dest = models.builtin_model_dir()
+    out, err = capsys.readouterr()
+    assert (dest / "model.safetensors").is_file() and out == "" and "converting the built-in GGUF model" in err

