@@ -10,6 +10,7 @@ from softprompt.cli import main
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.core.utils import SoftpromptError, SoftpromptWarning
 from softprompt.prompts.prompt import SoftPrompt, load_prompt, save_prompt
+from softprompt.training.rundir import saved_checkpoint
 from softprompt.training.train import train
 
 
@@ -296,6 +297,33 @@ def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
     assert err[-1].startswith("softprompt: error: --out ") and not any("Traceback" in l for l in err), err
     assert ("in use by another train run" in err[-1]) or ("already holds files" in err[-1])
     assert load_prompt(out).length == 3
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(llama_dir, data_csv, tmp_path):
+    """SIGTERM (timeout, Slurm, docker stop) ended `softprompt train` with no word and none of the
+    cleanup Ctrl-C runs (hunt 8): now one line, exit 143, and a whole checkpoint to resume from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "softprompt", *train_argv(llama_dir, data_csv, out)]
+    argv[argv.index("--max-steps") + 1] = "100000"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([*argv, "--save-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = proc.wait(timeout=300), proc.stderr.read().strip().splitlines()
+    assert rc == 143 and err[-1] == "softprompt: interrupted (SIGTERM)", err[-3:]
+    assert not any("Traceback" in line for line in err)
+    assert saved_checkpoint(out) is not None  # whole: what --resume reads
+    # A save the signal stopped may leave its temporary checkpoint folder, as a kill does: --resume tidies it.
+    assert all(p.name.startswith(".checkpoint.") for p in (*out.iterdir(), *tmp_path.iterdir()) if p.name[0] == ".")
 
 
 # ---------------------------------------------------------------- N10: prompts longer than the model

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -203,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"softprompt: error: {e.strerror or e}{where}".replace("\n", "\\n")[:MAX_ERROR], file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("softprompt: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("softprompt: interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         end_process_group()
 
@@ -219,6 +220,16 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's stop, `timeout`, `docker stop`) taken as Ctrl-C is: every cleanup runs
+    (a run's lock, atomic writes' temporary folders) and one line says so. Killed by it, a command
+    had left with no word and none of that."""
+
+
+def terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated
+
+
 def entry() -> NoReturn:
     """The `softprompt` program (its console script, `python -m softprompt`): main's exit status.
     A process torchrun started leaves without interpreter teardown (os._exit, its output flushed).
@@ -226,6 +237,7 @@ def entry() -> NoReturn:
     device mesh and with it the group, and gloo's worker threads, torn down after Python, can abort a
     process that has finished its work (SIGABRT, "terminate called without an active exception",
     about one run in six under load; pytorch#179291). The caches are several and private."""
+    signal.signal(signal.SIGTERM, terminated)  # `serve` sets its own once its server runs
     status = main()
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_torchelastic_launched():
