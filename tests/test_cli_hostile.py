@@ -243,6 +243,16 @@ def half_run(llama_dir, data_csv, tmp_path):
     return out
 
 
+def test_a_run_stopped_before_its_first_prompt_is_named_so_where_a_prompt_goes(half_run, capsys):
+    """eval, generate, inspect and export-peft said "missing prompt file" of a run stopped before it
+    saved a prompt, though its checkpoint resumes it (hunt 8)."""
+    assert not (half_run / "prompt.safetensors").exists() and (half_run / "checkpoint").is_dir()
+    for argv in (["inspect", str(half_run)], ["export-peft", str(half_run), str(half_run.parent / "x")]):
+        assert main(argv) == 2
+        one_error_line(capsys, f"{half_run} is a train run stopped before it saved a prompt: `softprompt train "
+                               f"--config {half_run / 'run_config.json'} --resume --out {half_run}` continues it")
+
+
 def test_N8_resume_refuses_changed_settings(llama_dir, data_csv, half_run, capsys):
     before = tree(half_run)
     base = ["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(data_csv), "--virtual-tokens", "3",

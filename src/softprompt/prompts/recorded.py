@@ -23,6 +23,7 @@ from ..core.utils import SoftpromptError, read_json, short
 # A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
 WEIGHTS_FILE = "prompt.safetensors"
 CONFIG_FILE = "prompt_config.json"
+RUN_RECORD = "run_config.json"  # a train run's record (training/rundir.py writes it)
 READING = ("template", "target", "text_col", "messages_col")  # how a row becomes an input: all or nothing
 DEFAULT_LABEL_COL = "label"  # DataConfig's default
 # The PEFT adapter types import-peft converts into prompts (peft_io.py); any other is not a prompt.
@@ -46,13 +47,18 @@ def read_meta(prompt: str | Path) -> dict[str, Any]:
 
 def missing_prompt_error(folder: Path, weights: Path) -> SoftpromptError:
     """What to say of a folder without a prompt file, given where a prompt folder goes: a PEFT adapter
-    (peft_adapter_error), a `train --method full` run (its model is a --model), or nothing of ours."""
+    (peft_adapter_error), a `train --method full` run (its model is a --model), a run stopped before
+    its first prompt (its checkpoint resumes), or nothing of ours."""
     if (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_config.json").is_file():
         return peft_adapter_error(folder)
     if (folder / "model" / "config.json").is_file():
         # The command quoted whole, so that the API's wording (api.python_words) keeps it a command.
         return SoftpromptError(f"{folder} is a full fine-tuning run (`train --method full`), which holds a fine-tuned "
                                f"model, not a prompt: pass --model {folder / 'model'} (and no prompt)")
+    if (folder / RUN_RECORD).is_file():  # a train run stopped before it saved a prompt
+        resume = (f": `softprompt train --config {folder / RUN_RECORD} --resume --out {folder}` continues it"
+                  if (folder / "checkpoint").is_dir() else "")
+        return SoftpromptError(f"{folder} is a train run stopped before it saved a prompt{resume}")
     return SoftpromptError(f"missing prompt file: {weights}")
 
 
