@@ -97,6 +97,9 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
     assert rc == 0
     table = capsys.readouterr().out
     assert "held-out loss" in table and "perplexity" in table and "1-shot" in table
+    # each row's work is said before it starts (the scoring of the k-shot row took minutes without a word)
+    assert "[compare] prompt engineering, 1-shot: scoring 8 held-out rows" in table
+    assert "[compare] prompt tuning (P=2): training, then scoring 8 held-out rows" in table
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [x["method"] for x in rows] == ["zero-shot", "k-shot", "prompt"]
     assert all(x["eval"]["tokens"] == rows[0]["eval"]["tokens"] for x in rows)  # same scored tokens

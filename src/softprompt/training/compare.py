@@ -245,7 +245,9 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             + f"loss {q['loss']:.4f}  ({r['ms_per_example']:.2f} ms/example, {r['train_seconds']} s training)")
         return r
 
-    for method in methods:
+    for method in methods:  # each row's work said before it starts: scoring hundreds of rows takes minutes
+        say(f"{LABELS[method].format(k=ccfg.k_shot, P=P)}: {'training, then ' if method in METHODS else ''}"
+            f"scoring {len(eval_ex)} held-out rows")
         if method == "untuned":
             m, sec, mem = timed_eval(model, tok, None, fmt, eval_ex, bs)
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem)
