@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ACTS, RESULTS, ROOT, Results, count_flops  # noqa: E402
+from common import ACTS, RESULTS, ROOT, Results, count_flops, entry  # noqa: E402
 
 SCRIPTS = {"peft": "classic_peft_script.py", "softprompt": "classic_softprompt_script.py"}
 
@@ -173,4 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

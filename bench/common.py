@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import torch
 
@@ -356,3 +356,16 @@ def softprompt(*args: str) -> str:
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
+
+
+def entry(main: Callable[[], int | None]) -> NoReturn:
+    """A bench script's entry point: main's status, and a SoftpromptError (a bad flag, a missing model)
+    as the one line softprompt's own commands print, not a traceback."""
+    from softprompt.core.utils import SoftpromptError
+
+    try:
+        status = main()
+    except SoftpromptError as e:
+        print(f"softprompt: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, softprompt, task_data  # noqa: E402
+from common import RESULTS, Results, entry, softprompt, task_data  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("float32", "bfloat16", "bfloat16_in_float32")  # attention_ms modes
@@ -234,4 +234,4 @@ def summarise(runs: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

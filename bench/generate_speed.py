@@ -78,7 +78,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ACTS, RESULTS, PeakMemory, Results, device_and_dtype, load_bench_model, sync  # noqa: E402
+from common import ACTS, PeakMemory, RESULTS, Results, device_and_dtype, entry, load_bench_model, sync  # noqa: E402
 
 from softprompt.core.config import GenerateConfig, PromptConfig  # noqa: E402
 from softprompt.data.formatting import read_rows  # noqa: E402
@@ -544,4 +544,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results  # noqa: E402
+from common import RESULTS, Results, entry  # noqa: E402
 
 from softprompt.base.cpu_linear import onednn_linear, resolve_kernel  # noqa: E402
 from softprompt.base.models import cpu_vendor  # noqa: E402
@@ -107,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, softprompt, task_data  # noqa: E402
+from common import RESULTS, Results, entry, softprompt, task_data  # noqa: E402
 
 TASKS = ("acts", "quotes")
 SAME_RUN = ("model", "steps", "eval_limit")  # what rows of one --out must share to be summarised together
@@ -117,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import Results, attn_implementation  # noqa: E402
+from common import Results, attn_implementation, entry  # noqa: E402
 from serve_common import MachineLoad, describe_load, make_prompts, percentile  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -210,4 +210,4 @@ def print_report(a, report: dict, batched: dict, single: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

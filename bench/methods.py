@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, attn_implementation, load_bench_model, provenance, task_data, write_result  # noqa: E402
+from common import (RESULTS, attn_implementation, entry, load_bench_model, provenance, task_data,  # noqa: E402
+                    write_result)
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.data.batching import batch_order, collate, pad_id  # noqa: E402
@@ -234,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, attn_implementation, device_and_dtype, load_bench_model, sync  # noqa: E402
+from common import Results, attn_implementation, device_and_dtype, entry, load_bench_model, sync  # noqa: E402
 from train_speed import TASK_CHOICES, Path_, batches_for, initial, kernels, task_examples  # noqa: E402
 
 from softprompt.base.cpu_linear import KERNELS  # noqa: E402
@@ -137,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED, provenance, write_result  # noqa: E402
+from common import RESULTS, SHARED, entry, provenance, write_result  # noqa: E402
 
 # A setting's name -> the train/eval flags that give its base.
 BASES = {"none": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"],
@@ -107,4 +107,4 @@ def matmul_rates() -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

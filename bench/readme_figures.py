@@ -24,6 +24,7 @@ that holds a digit outside its links (dtype names such as bf16 aside) is an unba
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -152,6 +153,7 @@ def check(text: str, root: Path = ROOT) -> list[str]:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; any other flag is refused
     found = check((ROOT / "README.md").read_text())
     print("\n".join(found) or "every README figure is backed by its result file")
     sys.exit(1 if found else 0)

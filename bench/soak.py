@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from common import Results  # noqa: E402
+from common import Results, entry  # noqa: E402
 from serve_common import MachineLoad, describe_load, make_prompts, percentile, scrape  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -366,4 +366,4 @@ def finish(res: Results, r: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

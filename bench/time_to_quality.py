@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, SHARED, Results, attn_implementation, device_and_dtype, load_bench_model,  # noqa: E402
-                    provenance, sync, write_result)
+from common import (RESULTS, Results, SHARED, attn_implementation, device_and_dtype, entry,  # noqa: E402
+                    load_bench_model, provenance, sync, write_result)
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.data.batching import collate, pad_id  # noqa: E402
@@ -185,4 +185,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ACTS, RESULTS, SST2, PeakMemory, Results, count_flops, device_and_dtype, fmt_row,  # noqa: E402
-                    load_bench_model, matmul_peak_gflops, median, sync)
+from common import (ACTS, PeakMemory, RESULTS, Results, SST2, count_flops, device_and_dtype, entry,  # noqa: E402
+                    fmt_row, load_bench_model, matmul_peak_gflops, median, sync)
 
 from softprompt.base.cpu_linear import KERNELS, resolve_kernel, use_linear_kernel  # noqa: E402
 from softprompt.base.families import kv_geometry  # noqa: E402
@@ -603,4 +603,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, SHARED, Results, device_and_dtype, fmt_row, load_bench_model,  # noqa: E402
+from common import (RESULTS, Results, SHARED, device_and_dtype, entry, fmt_row, load_bench_model,  # noqa: E402
                     write_jsonl)
 
 from softprompt.core.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
@@ -186,4 +186,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)
