@@ -46,3 +46,17 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     # The loss read off the scores agrees with the separate loss pass for mixed candidates too.
     got, ref = evaluate(model, tok, lambda: p, fmt, ex), eval_loss(model, tok, lambda: p, ex)
     assert got["tokens"] == ref["tokens"] and abs(got["lm_loss"] - ref["loss"]) / ref["loss"] < 1e-5
+
+
+def test_a_progress_bar_is_drawn_only_for_rows_it_scores(tiny, capsys):
+    """Label words of several tokens each: every evaluation first drew an empty `classify: 0it` bar
+    for the single-token rows there were none of (hunt 8)."""
+    from softprompt.forward.classify import label_scores
+
+    model, tok = tiny
+    rows = [(None, tok("Review: a dull film\nSentiment:").input_ids)] * 2
+    cands = [[tok(" negative really").input_ids, tok(" positive really").input_ids]] * 2
+    assert all(len(c) > 1 for c in cands[0])
+    label_scores(model, rows, cands, pad=0, progress=True)
+    err = capsys.readouterr().err
+    assert "classify" in err and "0it" not in err

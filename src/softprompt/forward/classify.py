@@ -163,8 +163,8 @@ def label_scores(model, rows: list[Row], cands: list[list[list[int]]], pad: int,
     scores = torch.full((N, C), -torch.inf)
     single = [i for i in range(N) if all(len(w) == 1 for w in cands[i])]
     lengths = [len(ids) for _, ids in rows]
-    for idx in tqdm(_batches([lengths[i] for i in single], batch_size), desc="classify", disable=not progress,
-                    leave=False):
+    for idx in tqdm(_batches([lengths[i] for i in single], batch_size), desc="classify",
+                    disable=not progress or not single, leave=False):
         idx = [single[j] for j in idx]
         lp = next_logprobs(model, [rows[i] for i in idx], pad, path).float().cpu()
         for j, i in enumerate(idx):
