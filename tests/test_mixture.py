@@ -99,7 +99,8 @@ def test_mix_on_the_command_line_and_bad_tasks(countries_csv, llama_dir, tmp_pat
     task = json.dumps({"data": str(countries_csv), **CAPITAL})
     assert main([*base, "--mix", task, "--mix", task, "--out", str(tmp_path / "a")]) == 0
     rc = json.loads((tmp_path / "a" / "run_config.json").read_text())
-    assert len(rc["DataConfig"]["mix"]) == 2 and rc["train_examples"] == 3 * 175
+    # each task's 194 rows: --eval-limit 4 holds out 4 of them, and the other 190 train
+    assert len(rc["DataConfig"]["mix"]) == 2 and rc["train_examples"] == 3 * 190
     capsys.readouterr()
     bad = {"not json": "--mix task 2: not a JSON object",
            json.dumps({"template": "x"}): "--mix task 2: needs its own \"data\"",

@@ -2,6 +2,7 @@
 the shared-prefix path follows the straightforward one, and bad input leaves nothing behind."""
 import copy
 import json
+import math
 import os
 import shutil
 from dataclasses import replace
@@ -410,3 +411,45 @@ def test_relative_model_and_data_paths_are_recorded_as_paths_from_anywhere(llama
     (run / "run_config.json").write_text(json.dumps(record))
     monkeypatch.chdir(llama_dir.parent)
     assert main([*args, "--out", str(run), "--resume"]) == 0
+
+
+def test_the_run_says_its_plan_and_scores_a_large_held_out_set_less_often(llama_dir, countries_csv, tmp_path,
+                                                                           capsys):
+    """Before its first step a run says what it will do (a long run on a large file was silent for
+    minutes, hunt 9); --eval-every auto is every 50 steps, or as seldom as keeps scoring the held-out
+    rows to about a fifth of the run, and the record holds the number it chose."""
+    from softprompt.cli import main
+    from softprompt.training.train import eval_stride
+
+    assert (eval_stride(8, 87), eval_stride(8, 1000), eval_stride(16, 1000), eval_stride(8, 240)) == (50, 209, 105, 50)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(llama_dir), "--device", "cpu", "--data", str(countries_csv), "--template",
+                 "Country: {country}\\nEurope:", "--labels", "no,yes", "--label-col", "europe", "--max-steps", "2",
+                 "--batch-size", "4", "--warmup-steps", "0", "--out", str(out)]) == 0
+    record = json.loads((out / "run_config.json").read_text())
+    n_train, n_eval = record["train_examples"], record["eval_examples"]
+    assert record["TrainConfig"]["eval_every"] == 50
+    assert (f"training prefix (classification) on {n_train} rows, {n_eval} held out, scored every 50 steps: "
+            f"2 steps at batch 4 ({2 / math.ceil(n_train / 4):.2g} epochs)") in capsys.readouterr().err
+
+
+def test_resume_refuses_data_that_now_gives_other_rows_and_replays_an_old_large_hold_out(llama_dir, countries_csv,
+                                                                                          tmp_path):
+    """A run whose data file changed since gave other batches on --resume without a word: the rows it
+    gives are compared with the record's. A record from before at most 1000 rows were held out replays
+    (and resumes) holding out as many as it did."""
+    from softprompt.core.config import as_it_ran
+
+    data = tmp_path / "data.csv"
+    shutil.copy(countries_csv, data)
+    m, d, p, t = _cfgs(llama_dir, data, tmp_path / "run", max_steps=4, eval_every=0, save_every=2)
+    assert train(m, d, p, t, stop_after=2, quiet=True) == {"interrupted_at": 2}
+    with open(data, "a") as f:
+        f.write("Atlantis,Poseidonia,Europe,1\n")
+    with pytest.raises(SoftpromptError, match=r"the data now gives \d+ training and \d+ held-out rows, and the run"):
+        train(m, d, p, replace(t, resume=True), quiet=True)
+    record = {"forward_path_taken": "kv", "TrainConfig": {"method": "prompt"}, "eval_examples": 6735,
+              "DataConfig": {"data": "big.csv", "eval_data": "", "eval_split": "", "eval_limit": 0, "mix": []}}
+    assert as_it_ran(record)["DataConfig"]["eval_limit"] == 6735
+    for later in ({"eval_examples": 1000}, {"DataConfig": {**record["DataConfig"], "eval_data": "dev.csv"}}):
+        assert as_it_ran({**record, **later}).get("DataConfig", {}).get("eval_limit") == 0

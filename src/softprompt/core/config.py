@@ -130,6 +130,10 @@ class ModelConfig:
 
 
 # The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
+EVAL_EVERY = 50  # steps between evaluations where scoring the held-out rows is cheap (--eval-every auto)
+# Rows held out of --data by default (--eval-fraction of a large file, else): enough to tell prompts apart,
+# few enough to score every --eval-every steps. Every row beyond them trains.
+HELD_OUT_MAX = 1000
 # datasets' builders that read local files (`--data csv --data-files 'parts/*.csv'`), where --data names no source.
 FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas", "xml")
 MIX_KEYS = ("data", "data_config", "data_files", "split", "template", "target", "text_col", "labels", "label_col",
@@ -152,13 +156,15 @@ class DataConfig:
     label_col: str = opt("label", "column holding the label (an index into --labels or the word itself)")
     max_length: int = opt(256, "truncate each example to this many tokens (virtual tokens not counted)")
     eval_data: str = opt("", "held-out file or dataset id; default: hold out --eval-fraction of --data")
-    eval_fraction: float = opt(0.1, "fraction of --data held out for evaluation when --eval-data is not given")
+    eval_fraction: float = opt(0.1, "fraction of --data held out for evaluation when --eval-data is not given, "
+                                    f"at most --eval-limit rows ({HELD_OUT_MAX} when it is 0)")
     split: str = opt("train", "split to read from a Hub dataset")
     eval_split: str = opt("", "split for evaluation: of --eval-data (default: validation when --split is train, "
                               "else --split), or without --eval-data of --data itself instead of holding rows out")
     limit: int = opt(0, "use at most this many training rows (0 = all), taken after a seeded shuffle")
-    eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all): the first N of --eval-data or "
-                             "--eval-split in file order (as eval --limit N), or N of the rows held out of --data")
+    eval_limit: int = opt(0, "use at most this many evaluation rows (0 = all of --eval-data, at most "
+                             f"{HELD_OUT_MAX} held out of --data): the first N of --eval-data or --eval-split in "
+                             "file order (as eval --limit N), or N rows held out of --data (the rest train)")
     chat: bool = opt(False, "wrap the input in the model's chat template (instruct models)")
     messages_col: str = opt("", "column of chat turns ([{role, content}, ...], as OpenAI's fine-tuning files): "
                                 "trains through the model's chat template with the loss on the assistant turns "
@@ -287,7 +293,9 @@ class TrainConfig:
     loss: str = opt("auto", "lm: cross-entropy over the vocabulary; classes: over the label words only "
                     "(auto: classes for classification with one-token label words, lm otherwise)",
                     choices=["auto", "lm", "classes"])
-    eval_every: int = opt(50, "evaluate on held-out data every N steps (0 = only at the end)")
+    eval_every: int = opt(-1, f"evaluate on held-out data every N steps (0 = only at the end; -1 = auto: every "
+                              f"{EVAL_EVERY} steps, or less often where scoring the held-out rows would take over a "
+                              "fifth of the run's time)")
     patience: int = opt(0, "stop after N evaluations without improvement (0 = never)")
     keep_best: bool = opt(True, "save the prompt with the best held-out score, not the last one")
     save_every: int = opt(50, "write a resumable checkpoint every N steps (0 = never)")
@@ -358,7 +366,7 @@ class TrainConfig:
         require(not self.lr > MAX_LR, f"--lr {self.lr}: must be at most {MAX_LR:g}")
         check_seed(self.seed)
         check_fields(self, {"epochs": 0, "max_steps": 0, "weight_decay": 0, "warmup_steps": 0, "grad_clip": 0,
-                            "eval_every": 0, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1,
+                            "eval_every": -1, "patience": 0, "save_every": 0, "log_every": 1, "grad_accum": 1,
                             "encoder_hidden_size": 0})
         require(self.batch_size >= self.grad_accum,
                 f"--grad-accum {self.grad_accum} needs --batch-size >= {self.grad_accum} (one row per micro-batch)")
@@ -554,11 +562,17 @@ def to_dict(*configs: Any) -> dict[str, Any]:
 def as_it_ran(record: dict[str, Any]) -> dict[str, Any]:
     """A run's run_config.json with the fields it predates filled in as that run ran, where today's
     default would run otherwise, so that `--config` replays it and `--resume` compares with it:
-    a prefix trained before --prefix-scaled-steps (8a499ea) took plain steps. A record is told from
+    a prefix trained before --prefix-scaled-steps (8a499ea) took plain steps; a run that held out
+    more than HELD_OUT_MAX rows of its --data held out that many (--eval-limit). A record is told from
     a hand-written config file by its `forward_path_taken`, which train wrote before any prefix."""
-    train = record.get("TrainConfig")
+    train, data = record.get("TrainConfig"), record.get("DataConfig")
     if "forward_path_taken" not in record or not isinstance(train, dict):
         return record
+    # ... one that held out a tenth of a large file, before at most HELD_OUT_MAX rows were: as many again.
+    held = record.get("eval_examples")
+    if (isinstance(data, dict) and not any(data.get(k) for k in ("eval_data", "eval_split", "eval_limit", "mix"))
+            and isinstance(held, int) and held > HELD_OUT_MAX):
+        record = {**record, "DataConfig": {**data, "eval_limit": held}}
     # ... and one with --prefix-projection, recorded with the default true before it was recorded false.
     if train.get("method") == "prefix" and ("prefix_scaled_steps" not in train or train.get("prefix_projection")):
         return {**record, "TrainConfig": {**train, "prefix_scaled_steps": False}}

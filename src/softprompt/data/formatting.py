@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
-from ..core.config import DataConfig, is_unicode, unescape
+from ..core.config import HELD_OUT_MAX, DataConfig, is_unicode, unescape
 from ..core.utils import SoftpromptError, warn
 from .batching import Example
 from .chat import chat_example
@@ -267,7 +267,7 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0,
                      else read_rows(cfg.data, split, cfg.data_config, cfg.data_files))
         eval_order = list(range(len(eval_rows)))
     elif cfg.eval_fraction > 0:
-        n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
+        n_eval = min(max(1, int(round(len(rows) * cfg.eval_fraction))), cfg.eval_limit or HELD_OUT_MAX)
         if n_eval >= len(rows):
             raise SoftpromptError(f"{cfg.data} has {len(rows)} rows: too few to hold out --eval-fraction {cfg.eval_fraction}")
         eval_rows, eval_order, order = rows, order[:n_eval], order[n_eval:]

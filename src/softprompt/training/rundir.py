@@ -90,11 +90,12 @@ class RunLock:
 
 
 def check_same_run(out: Path, configs: dict[str, dict[str, Any]],
-                   asked: dict[str, dict[str, Any]] | None = None) -> None:
+                   asked: dict[str, dict[str, Any]] | None = None, rows: tuple[int, int] | None = None) -> None:
     """--resume continues the run in `out` as it was defined: refuse any change of what it computes
-    (data, template, labels, prompt, rate, schedule...), naming every changed flag. `configs`: this
-    run's resolved config sections, as run_config.json records them; `asked`: the same before `auto`
-    was resolved, so that a value auto chose for the changed run is said to be auto's choice."""
+    (data, template, labels, prompt, rate, schedule...), naming every changed flag, and data that now
+    gives other (training, held-out) `rows`. `configs`: this run's resolved config sections, as
+    run_config.json records them; `asked`: the same before `auto` was resolved, so that a value auto
+    chose for the changed run is said to be auto's choice."""
     asked = asked or {}
     path = out / RUN_CONFIG
     if not path.is_file():  # a run from before run_config.json: nothing to compare with
@@ -110,6 +111,10 @@ def check_same_run(out: Path, configs: dict[str, dict[str, Any]],
         raise SoftpromptError(f"--resume: the run in {out} was defined otherwise: {'; '.join(changed)}; resume it with "
                               f"its own settings (`softprompt train --config {path} --resume --out {out}`) "
                               "or start a new --out")
+    had = (recorded.get("train_examples"), recorded.get("eval_examples"))
+    if rows is not None and all(isinstance(n, int) for n in had) and had != rows:
+        raise SoftpromptError(f"--resume: the data now gives {rows[0]} training and {rows[1]} held-out rows, and the "
+                              f"run in {out} had {had[0]} and {had[1]}: its files changed since; start a new --out")
 
 
 def change(key: str, now: Any, was: Any, typed: Any) -> str:
