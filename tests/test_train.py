@@ -61,6 +61,8 @@ def test_resume_equals_uninterrupted(llama_dir, countries_csv, tmp_path):
     text = (tmp_path / "b" / "checkpoint" / "state.json").read_text()
     state = json.loads(text, parse_constant=lambda c: pytest.fail(f"state.json is not strict JSON: {c}"))
     assert state["step"] == 4 and state["best"] is None
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a kill or a full disk mid-write: a traceback on resume
+        f.write('{"step": 5, "split": "tr')
     resumed = train(*_cfgs(llama_dir, countries_csv, tmp_path / "b", keep_best=False, resume=True), quiet=True)
     assert resumed["steps"] == full["steps"] == 12
     a, b = load_prompt(tmp_path / "a").embeds, load_prompt(tmp_path / "b").embeds

@@ -156,12 +156,28 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """A metrics log's (line, record) pairs. A last line cut short (a kill or a full disk mid-write)
+    is left out: its step comes after the checkpoint, so it is redone."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                break
+            raise SoftpromptError(f"{path} line {n} is not a JSON record: mend or remove it") from None
+        out.append((line, rec if isinstance(rec, dict) else {}))
+    return out
+
+
 def start_metrics(out: Path, keep_until: int | None) -> None:
     """A fresh metrics log, or on resume the old one cut back to the checkpoint's step (the steps
     after it are redone)."""
     path = out / METRICS
-    kept = [line for line in (path.read_text().splitlines() if keep_until is not None and path.exists() else [])
-            if json.loads(line).get("step", 0) <= keep_until]
+    kept = [line for line, rec in (metric_lines(path) if keep_until is not None else [])
+            if rec.get("step", 0) <= keep_until]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -170,9 +186,7 @@ def recorded_evals(out: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | N
     which start_metrics cut back to its checkpoint, as the loop made them: the summary and the saved
     prompt keep them when --resume evaluates nothing more (a run resumed after its last step)."""
     untuned = last = None
-    path = out / METRICS
-    for line in path.read_text().splitlines() if path.exists() else []:
-        rec = json.loads(line)
+    for _, rec in metric_lines(out / METRICS):
         scores = {k: v for k, v in rec.items() if k not in ("step", "split", "seconds")}
         if rec.get("split") == "eval_untuned":
             untuned = scores
