@@ -108,6 +108,10 @@ def test_mix_typed_over_a_file_s_mixture_replaces_it(llama_dir, countries_csv, t
     ('{"DataConfig": {"mix": {"data": "x.csv"}}}', "--config {f}: DataConfig.mix: expected list, got dict {{'data': "),
     ('{"DataConfig": [1]}', "--config {f}: DataConfig: expected a mapping"),
     ('{"TrainingConfig": {}}', "--config {f}: unknown section 'TrainingConfig' (known: ModelConfig, "),
+    # spelt otherwise, a section was ignored without a word and its values (max_length: 3) unused
+    ('{"data_config": {"max_length": 3}}', "--config {f}: unknown section 'data_config' (DataConfig? known: "),
+    ('{"Data": {"max_length": 3}}', "--config {f}: unknown section 'Data' (DataConfig? known: "),
+    ('{"modelconfig": {}}', "--config {f}: unknown section 'modelconfig' (ModelConfig? known: "),
     ('{"eval": {"promt": "x"}}', "--config {f}: eval: unknown key 'promt'"),
     # A misspelt command section was ignored, and eval scored the untuned model; notes stay free.
     ('{"evaluate": {"prompt": "x"}, "notes": {"by": "me"}}', "--config {f}: unknown section 'evaluate' (a "

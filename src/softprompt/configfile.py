@@ -159,8 +159,11 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
                     out[key] = value
         elif section == command:
             out.update(command_section(values, where, command, flags, actions or {}))
-        elif section.endswith("Config"):  # meant as a section, but misspelt
-            raise SoftpromptError(f"--config {path}: unknown section {short(section)} (known: {', '.join(SECTIONS)})")
+        elif section.endswith("Config") or (isinstance(values, dict) and section not in commands
+                                            and meant_section(section)):  # meant as a section, but misspelt
+            meant = f"{meant_section(section)}? " if meant_section(section) else ""
+            raise SoftpromptError(f"--config {path}: unknown section {short(section)} ({meant}known: "
+                                  f"{', '.join(SECTIONS)})")
         elif isinstance(values, dict) and section not in commands and misspelt(section, commands):
             # `evaluate:` or `EVAL:` for eval's section: ignored, eval scored the untuned model
             raise SoftpromptError(f"--config {path}: unknown section {short(section)} (a command's flags sit under "
@@ -186,6 +189,12 @@ def command_section(values: Any, where: str, command: str, flags: set[str],
         check_flag_value(f"{where}.{key}", actions.get(dest), value)
         out[dest] = value
     return out
+
+
+def meant_section(section: str) -> str | None:
+    """The config section a key spelt otherwise names (`data_config`, `modelconfig`, `Data`), if any."""
+    bare = section.lower().replace("_", "").replace("-", "").removesuffix("config")
+    return next((name for name in SECTIONS if name.lower().removesuffix("config") == bare), None)
 
 
 def misspelt(section: str, commands: tuple[str, ...]) -> bool:
