@@ -141,6 +141,8 @@ def test_compare_cli_generation_data(llama_dir, countries_csv, tmp_path, capsys)
              for m in ("prompt", "prefix")}
     assert taken == {"prompt": "concat", "prefix": "kv"}
     capsys.readouterr()
+    assert main([*args, "--init-from", str(out / "prompt"), "--out", str(out)]) == 2  # its prompt row replaced it
+    assert f"--out {out} holds the source {out / 'prompt'}" in capsys.readouterr().err
     assert main([*args, "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "none")]) == 2
     assert "--init-from" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert main([*args[:-1], "untuned,full", "--init-from", str(out / "prompt"), "--out", str(tmp_path / "none")]) == 2

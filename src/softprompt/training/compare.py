@@ -49,6 +49,7 @@ from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
 from ..evaluation.evaluate import evaluate
 from ..forward.paths import DEEP_PATHS
+from ..prompts.hub import is_hub
 from ..prompts.transfer import adopt
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
@@ -201,8 +202,10 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     if dcfg.mix:  # every method is scored on one split of one task
         raise SoftpromptError("compare runs one task: give it without --mix")
     methods = ccfg.method_list
-    # A previous comparison in --out is replaced, file by file; anything else there is the user's.
-    check_dest(ccfg.out, "--out", True, {*SUMMARY_FILES, *COMPARE_METHODS})
+    # A previous comparison in --out is replaced, file by file; anything else there is the user's, and
+    # --init-from's prompt may not be there (a row would replace it while the later rows read it).
+    check_dest(ccfg.out, "--out", True, {*SUMMARY_FILES, *COMPARE_METHODS},
+               tuple(s for s in (pcfg.init_from,) if s and not is_hub(s)))
     # --init-from starts every prompt method: its source exists and is of a kind each can start from
     # (train's checks, before the model loads), and its length is theirs.
     P = pcfg.virtual_tokens
