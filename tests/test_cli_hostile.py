@@ -215,7 +215,8 @@ def test_L10_export_peft_refuses_a_file_and_leaves_nothing_behind(run_dir, tmp_p
 
 def test_export_and_import_write_through_a_linked_folder(run_dir, tmp_path, capsys):
     """OUT may be a link to a folder, as `train --out` may: the folder it names is written and the link
-    stays. It was "Is a directory: OUT", and each try left an empty .OUT.old-* folder beside it."""
+    stays. It was "Is a directory: OUT", and each try left an empty .OUT.old-* folder beside it. Under a
+    file, OUT is refused in words that say so."""
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to("real")
     assert main(["export-peft", str(run_dir), str(tmp_path / "link")]) == 0
@@ -225,6 +226,9 @@ def test_export_and_import_write_through_a_linked_folder(run_dir, tmp_path, caps
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "adapter_config.json").is_file()
     assert (tmp_path / "link2").is_symlink() and (tmp_path / "real2" / "prompt.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "link2", "real", "real2"]
+    (tmp_path / "afile").write_text("x")
+    assert main(["export-peft", str(run_dir), str(tmp_path / "afile" / "sub")]) == 2  # was "File exists: afile"
+    one_error_line(capsys, f"cannot write {tmp_path / 'afile' / 'sub'}: a file stands where a folder of its path goes")
 
 
 # ---------------------------------------------------------------- N8: --resume with other settings

@@ -56,7 +56,10 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         raise SoftpromptError(f"{dest} is a file, not a folder")
     if dest.exists() and not overwrite:
         raise SoftpromptError(f"{dest} already exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # "File exists: a" named no folder of the path
+        raise SoftpromptError(f"cannot write {dest}: a file stands where a folder of its path goes") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
