@@ -14,7 +14,8 @@ from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig
                           check_warmup, flag, from_args, reword, unescape)
 from .core.utils import SoftpromptError, short
 from .data.datasource import check_files, check_source
-from .prompts.recorded import base_flags, data_config, fill_base, read_meta, recorded_data, template_fields
+from .prompts.recorded import (base_flags, data_config, fill_base, prompt_given, read_meta, recorded_data,
+                               template_fields)
 from .prompts.transfer import adopt
 
 # eval and ensemble score --data itself, one task
@@ -53,10 +54,6 @@ def limit_help(parser: argparse.ArgumentParser) -> None:
     """--limit's help as a scoring command reads it (DataConfig's speaks of training rows)."""
     reword(parser, "limit", "score at most the first N rows of --data, in file order (0 = all), as train's "
                             "--eval-limit takes the first N held-out rows")
-
-
-def prompt_given(prompt: str) -> bool:
-    return bool(prompt) and prompt != "none"
 
 
 # ---------------------------------------------------------------- train

@@ -25,7 +25,7 @@ from ..data.formatting import Formatter, load_splits
 from ..forward.classify import label_scores, row_candidates
 from ..forward.hidden import row_logprobs
 from ..prompts.prompt import load_prompt
-from ..prompts.recorded import data_config, read_meta, with_recorded
+from ..prompts.recorded import data_config, prompt_given, read_meta, with_recorded
 
 
 def prompt_input(prompt):
@@ -137,11 +137,11 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
                 model=None, tok=None) -> dict[str, Any]:
     """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`; the
     prompt's recorded template, target, labels and chat flag are the defaults of `dcfg`'s."""
-    if prompt not in ("", "none"):
+    if prompt_given(prompt):
         dcfg = DataConfig(**with_recorded(asdict(dcfg), read_meta(prompt)))
     if model is None:
         model, tok = load_model(mcfg)
-    p = None if prompt in ("", "none") else load_prompt(prompt, model).to(model.device)
+    p = load_prompt(prompt, model).to(model.device) if prompt_given(prompt) else None
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     check_positions(model, 0 if p is None else p.length, longest_row(fmt, rows), scoring=True)
     return {"prompt": prompt, "model": mcfg.model, "data": dcfg.data,

@@ -17,7 +17,7 @@ from ..core.utils import SoftpromptError
 from ..data.chat import render
 from ..data.formatting import unescape
 from ..prompts.prompt import load_prompt
-from ..prompts.recorded import fill_one, read_meta, recorded_data, template_fields
+from ..prompts.recorded import fill_one, prompt_given, read_meta, recorded_data, template_fields
 from .decode import PromptKV
 from .static_decode import decode_batch_for
 
@@ -112,14 +112,14 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
     bad = [i + 1 for i, t in enumerate(texts) if not is_unicode(t)]
     if bad:
         raise SoftpromptError(f"TEXT {bad[0]} is not valid Unicode text: {texts[bad[0] - 1]!r}")
-    if compare and not prompt:
+    if compare and not prompt_given(prompt):  # `none` is the untuned model: it would be compared with itself
         raise SoftpromptError("--compare needs --prompt DIR")
-    meta = read_meta(prompt) if prompt and prompt != "none" else {}
+    meta = read_meta(prompt) if prompt_given(prompt) else {}
     template = recorded_data(meta).get("template", "") if template is None else template
     inputs = [apply_template(template, t, i + 1) if template else t for i, t in enumerate(texts)]
     if model is None:
         model, tok = load_model(mcfg)
-    sp = load_prompt(prompt, model) if prompt and prompt != "none" else None
+    sp = load_prompt(prompt, model) if prompt_given(prompt) else None
     p = forward_input(sp)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
     p = p.detach() if isinstance(p, torch.Tensor) else p
     chat = bool(meta.get("chat")) if chat is None else chat  # None: as the prompt was trained

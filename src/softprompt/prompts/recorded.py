@@ -30,6 +30,11 @@ DEFAULT_LABEL_COL = "label"  # DataConfig's default
 PEFT_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
+def prompt_given(prompt: str) -> bool:
+    """A --prompt naming a prompt: not empty, nor `none` (the untuned model)."""
+    return bool(prompt) and prompt != "none"
+
+
 def read_meta(prompt: str | Path) -> dict[str, Any]:
     """prompt_config.json of a prompt folder (or of a .safetensors file's folder, or hf://REPO_ID),
     without reading the tensor; {} when there is none (a bare tensor, an imported adapter)."""
@@ -122,7 +127,7 @@ def base_for(prompt: str, flag: str = "--model") -> tuple[str, str]:
     the built-in model. A base recorded as a local path that is not on this machine is refused (a
     prompt downloaded from someone else's, or a model folder since moved), naming the `flag` that
     names another."""
-    model, quantize = recorded_base(read_meta(prompt)) if prompt not in ("", "none") else ("", "none")
+    model, quantize = recorded_base(read_meta(prompt)) if prompt_given(prompt) else ("", "none")
     if not model:
         return BUILTIN_MODEL, "none"
     if Path(model).expanduser().is_absolute() and not Path(model).expanduser().exists():
@@ -154,7 +159,7 @@ def data_config(args: argparse.Namespace, prompt: str) -> DataConfig:
     """A command's DataConfig, the prompt's recorded reading filling what no flag gave (before the
     config's own checks: --labels alone needs the recorded --template)."""
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig) if hasattr(args, f.name)}
-    if prompt in ("", "none"):  # no record: chat only where --chat asks
+    if not prompt_given(prompt):  # no record: chat only where --chat asks
         return DataConfig(**{**fields, **({"chat": bool(fields["chat"])} if "chat" in fields else {})})
     return DataConfig(**with_recorded(fields, read_meta(prompt)))
 
