@@ -112,7 +112,8 @@ INITS: dict[str, Init] = {
     "file": Init(file_init, "RANDOM", "the prompt saved in --init-file"),
 }
 CHOICES = (AUTO, *INITS)
-HELP = ("initialisation: auto (labels for classification, text otherwise); "
+HELP = ("initialisation: auto (a prefix, the default method, starts from a text's keys and values; a soft prompt "
+        "from the label words for classification, else from a text); "
         + "; ".join(f"{name}: {init.help}" for name, init in INITS.items()))
 
 
