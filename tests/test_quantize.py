@@ -150,8 +150,8 @@ def test_a_loaded_base_quantised_otherwise_than_the_flag_warns_that_its_record_c
 
     tok = AutoTokenizer.from_pretrained(llama_dir)
     args = dict(tokenizer=tok, data=str(countries_csv), template="Country: {country}\nEurope:", labels="no,yes",
-                label_col="europe", method="prompt", virtual_tokens=3, max_steps=1, warmup_steps=0, batch_size=4,
-                eval_every=0, eval_untuned=False, eval_fraction=0.0, save_every=0)
+                label_col="europe", method="prompt", loss="lm", virtual_tokens=3, max_steps=1, warmup_steps=0,
+                batch_size=4, eval_every=0, eval_untuned=False, eval_fraction=0.0, save_every=0)
     loads = {"flag": quantization_config("4bit", torch.float32), "fp4": BitsAndBytesConfig(load_in_4bit=True)}
     for name, cfg in loads.items():
         base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)

@@ -431,7 +431,9 @@ def test_the_run_says_its_plan_and_scores_a_large_held_out_set_less_often(llama_
     record = json.loads((out / "run_config.json").read_text())
     n_train, n_eval = record["train_examples"], record["eval_examples"]
     assert record["TrainConfig"]["eval_every"] == 50
-    assert (f"training prefix (classification) on {n_train} rows, {n_eval} held out, scored every 50 steps: "
+    loss, lr = record["TrainConfig"]["loss"], record["TrainConfig"]["lr"]
+    assert (f"training prefix (classification, {loss} loss, lr {lr:g}) on {n_train} rows, {n_eval} held out, "
+            "scored every 50 steps: "
             f"2 steps at batch 4 ({2 / math.ceil(n_train / 4):.2g} epochs)") in capsys.readouterr().err
 
 
@@ -455,3 +457,18 @@ def test_resume_refuses_data_that_now_gives_other_rows_and_replays_an_old_large_
     assert as_it_ran(record)["DataConfig"]["eval_limit"] == 6735
     for later in ({"eval_examples": 1000}, {"DataConfig": {**record["DataConfig"], "eval_data": "dev.csv"}}):
         assert as_it_ran({**record, **later}).get("DataConfig", {}).get("eval_limit") == 0
+
+
+def test_label_words_of_several_tokens_say_why_the_loss_is_the_vocabulary_s(llama_dir, countries_csv, tmp_path):
+    """RTE's not_entailment or AG News's Sci/Tech switched --loss auto to the vocabulary loss (and its
+    lr) without a word (hunt 9)."""
+    from softprompt.core.utils import SoftpromptWarning
+
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "run", max_steps=1, eval_every=0, warmup_steps=0)
+    d = DataConfig(data=str(countries_csv), template="Country: {country}\\nEurope:", labels="no way,yes indeed",
+                   label_col="europe")
+    with pytest.warns(SoftpromptWarning, match="a label word is several tokens .* so the loss is the whole "
+                                               "vocabulary's"):
+        s = train(m, d, p, t, quiet=True)
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["TrainConfig"]["loss"] == "lm"
+    assert s["steps"] == 1

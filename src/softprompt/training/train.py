@@ -33,8 +33,8 @@ from ..base.training_setup import prepare_for_training
 from ..core.config import (EVAL_EVERY, DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args,
                            to_dict)
 from ..core.inits import resolve
-from ..core.utils import (SoftpromptError, count_params, dtype_name, round_floats, seed_everything, weights_hash,
-                          write_json)
+from ..core.utils import (SoftpromptError, count_params, dtype_name, round_floats, seed_everything, warn,
+                          weights_hash, write_json)
 from ..data.batching import Batch, Example, batch_order, collate, pad_id
 from ..data.formatting import Formatter
 from ..data.mixture import load_data
@@ -114,6 +114,10 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
         # words, tokenised the same after every input (what class_token_ids demands).
         single = fmt.task == "classify" and task_class_ids(fmt, train_ex) is not None
         tcfg = replace(tcfg, loss="classes" if single else "lm")
+        if fmt.task == "classify" and not single:
+            warn("--loss auto: a label word is several tokens (or tokenised otherwise after some inputs), so the "
+                 "loss is the whole vocabulary's (lm); label words of one token each train over themselves alone "
+                 "(--loss classes)")
     if tcfg.lr == 0:
         tcfg = replace(tcfg, lr=METHODS[tcfg.method].default_lr(tcfg.loss))
     if tcfg.eval_every < 0:
@@ -367,7 +371,8 @@ def plan(run: Run) -> str:
     cfg = run.cfg
     scored = f"scored every {cfg.eval_every} steps" if cfg.eval_every else "scored at the end"
     held = f"{len(run.eval_ex)} held out, {scored}" if run.eval_ex else "none held out"
-    return (f"training {cfg.method} ({TASKS.get(run.fmt.task, run.fmt.task)}) on {len(run.train_ex)} rows, {held}: "
+    return (f"training {cfg.method} ({TASKS.get(run.fmt.task, run.fmt.task)}, {cfg.loss} loss, lr {cfg.lr:g}) on "
+            f"{len(run.train_ex)} rows, {held}: "
             f"{run.total} steps at batch {cfg.batch_size} ({(epochs := run.total / run.per_epoch):.2g} "
             f"epoch{'' if epochs == 1 else 's'})")
 
