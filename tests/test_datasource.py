@@ -145,3 +145,16 @@ def test_a_corrupt_parquet_file(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(SoftpromptError, match="cannot read .*bad.parquet"):
         read_rows(str(tmp_path / "bad.parquet"))
+
+
+def test_eval_split_of_a_local_file_is_refused_it_held_out_every_training_row(tmp_path, tok, capsys):
+    """A local file is read whole, so --eval-split validation "held out" the training rows themselves
+    (eval_examples equal to train_examples, hunt 9); eval --split is refused so, and train's too now."""
+    from softprompt.cli import main
+
+    data = _jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(SoftpromptError, match="--eval-split validation: --data .* is a local file, read whole"):
+        load_splits(_cfg(data, eval_split="validation"), tok)
+    assert main(["train", "--model", str(tmp_path / "no-model"), "--data", str(data), "--template", "{sentence}",
+                 "--eval-split", "validation", "--out", str(tmp_path / "run")]) == 2
+    assert "--eval-split validation: --data" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -46,6 +46,9 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
             if eval_too and task.eval_data:
                 check_source(task.eval_data, "--eval-data", needed_columns(task), task.eval_split,
                              split_flag="--eval-split")
+            elif eval_too and task.eval_split:  # --data's other split: a local file has none
+                check_source(task.data, "--data", needed_columns(task), task.eval_split, task.data_config,
+                             split_flag="--eval-split")
         except SoftpromptError as e:
             raise SoftpromptError(f"{where}{e}") from None
 

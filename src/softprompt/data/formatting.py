@@ -14,6 +14,7 @@ import random
 import string
 import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.config import HELD_OUT_MAX, DataConfig, is_unicode, unescape
@@ -260,6 +261,9 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0,
     if shuffle:
         random.Random(seed).shuffle(order)
     eval_name = cfg.eval_data or (f"{cfg.data} ({cfg.eval_split})" if cfg.eval_split else f"{cfg.data} (held out)")
+    if cfg.eval_split and not cfg.eval_data and Path(cfg.data).expanduser().is_file():  # it "held out" every row
+        raise SoftpromptError(f"--eval-split {cfg.eval_split}: --data {cfg.data} is a local file, read whole (a Hub "
+                              "dataset has splits); give its held-out rows as --eval-data FILE")
     if cfg.eval_data or cfg.eval_split:
         split = cfg.eval_split or ("validation" if cfg.split == "train" else cfg.split)
         # --eval-data's own config and files are not --data's; the same dataset's other split shares them.
