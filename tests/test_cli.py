@@ -46,8 +46,12 @@ def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, caps
     assert tuned["loss"] != base["loss"]
     assert main(["generate", "--prompt", str(out), "--compare", "--max-new-tokens", "5", "--json",
                  "Country: Chile\nEurope:"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    got = capsys.readouterr()
+    res = json.loads(got.out)
     assert set(res[0]) == {"input", "baseline", "tuned"}
+    # a classifier's free text is not its prediction, which a user took for a failed prompt (hunt 9)
+    assert f"[softprompt] warning: {out} was trained to choose among its label words (no, yes), not to write " \
+           "text: `softprompt eval`" in got.err
     assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
     assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "prompt.safetensors").read_bytes() != b""

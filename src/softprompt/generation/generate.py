@@ -13,7 +13,7 @@ import torch
 from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode
 from ..core.prompt_protocol import forward_input
-from ..core.utils import SoftpromptError
+from ..core.utils import SoftpromptError, warn
 from ..data.chat import render
 from ..data.formatting import unescape
 from ..prompts.prompt import load_prompt
@@ -115,6 +115,9 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
     if compare and not prompt_given(prompt):  # `none` is the untuned model: it would be compared with itself
         raise SoftpromptError("--compare needs --prompt DIR")
     meta = read_meta(prompt) if prompt_given(prompt) else {}
+    if meta.get("task") == "classify" and isinstance(meta.get("labels"), list):  # its tuned text looked like a failure
+        warn(f"{prompt} was trained to choose among its label words ({', '.join(map(str, meta['labels']))}), not "
+             "to write text: `softprompt eval` (or the server's /v1/classify) gives its prediction")
     template = recorded_data(meta).get("template", "") if template is None else template
     inputs = [apply_template(template, t, i + 1) if template else t for i, t in enumerate(texts)]
     if model is None:
