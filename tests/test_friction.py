@@ -355,7 +355,8 @@ def test_inputs_are_checked_before_torch_is_imported(case, tmp_path):
         "missing_data": (["train", "--data", str(tmp_path / "no.tsv"), "--template", "{sentence}"],
                          "missing data file"),
         "bad_column": (["train", "--data", str(data), "--template", "{sentense}", "--out", str(tmp_path / "new")],
-                       f"column 'sentense' not found in {data} row 1 (columns: 'sentence', 'label')"),
+                       f"column 'sentense' not found in {data} row 1 (columns: 'sentence', 'label'); a CSV/TSV "
+                       "file's row 1 names its columns: add one if it holds data"),
         "eval_prompt": (["eval", "--data", str(data), "--prompt", str(tmp_path / "nope")], "missing prompt file"),
     }[case]
     code = ("import sys\nfrom softprompt.cli import main\n"

@@ -97,7 +97,9 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
     missing = [c for c in columns or [] if row is not None and c not in row]
     if missing:
         have = ", ".join(map(repr, list(row)[:10])) + (", ..." if len(row) > 10 else "")
-        raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {have})")
+        header = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data"
+                  if path.suffix.lower() in (".csv", ".tsv") else "")
+        raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {have}){header}")
 
 
 def first_row(path: Path) -> dict[str, Any] | None:
