@@ -251,13 +251,17 @@ def test_eval_limit_takes_the_rows_train_eval_limit_takes(trained, llama_dir, tm
     assert got["loss"] == pytest.approx(final["loss"], rel=1e-4) and got["correct"] == final["correct"]
 
 
-def test_eval_limit_help_speaks_of_scored_rows():
+def test_eval_help_speaks_of_scored_rows():
+    """eval's and ensemble's --help spoke of training: --text-col "train on this plain text column",
+    --dtype "the soft prompt and its optimiser state stay float32" (hunt 9)."""
     from softprompt.cli import build_parsers
 
     for cmd in ("eval", "ensemble"):
         parser = build_parsers(cmd)[1][cmd]
-        (limit,) = [a for a in parser._actions if a.dest == "limit"]
-        assert "training" not in limit.help and "first" in limit.help
+        helps = {a.dest: a.help or "" for a in parser._actions}
+        assert "first" in helps["limit"] and "score" in helps["text_col"] and "scored" in helps["messages_col"]
+        assert "training" not in helps["limit"] and "train on" not in helps["text_col"], helps
+        assert "trains" not in helps["messages_col"] and "optimiser" not in helps["dtype"], helps
 
 
 def test_classification_loss_is_over_the_label_words(tiny):

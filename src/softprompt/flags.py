@@ -53,10 +53,17 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
             raise SoftpromptError(f"{where}{e}") from None
 
 
-def limit_help(parser: argparse.ArgumentParser) -> None:
-    """--limit's help as a scoring command reads it (DataConfig's speaks of training rows)."""
+def scoring_help(parser: argparse.ArgumentParser) -> None:
+    """The data and model flags' help as a scoring command reads them (the configs' speak of training)."""
     reword(parser, "limit", "score at most the first N rows of --data, in file order (0 = all), as train's "
                             "--eval-limit takes the first N held-out rows")
+    reword(parser, "text_col", "score this plain text column as language modelling")
+    reword(parser, "messages_col", "column of chat turns ([{role, content}, ...]): scored through the model's chat "
+                                   "template on the assistant turns (default: a 'messages' column, when no "
+                                   "--template or --text-col is given)")
+    reword(parser, "dtype", "the base's dtype: auto (bfloat16 on GPUs that support it, float32 elsewhere), float32, "
+                            "bfloat16 or float16 (default: %(default)r)")
+    reword(parser, "batch_size", "examples per forward pass (default: %(default)s)")
 
 
 # ---------------------------------------------------------------- train
@@ -113,7 +120,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "flags")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    limit_help(parser)
+    scoring_help(parser)
 
 
 def check_eval(args: argparse.Namespace) -> None:
@@ -135,7 +142,7 @@ def ensemble_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt folders or hf://REPO_ID[@REV] (two or more); the first one's recorded template, "
                              "labels and chat flag are the defaults of those flags")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    limit_help(parser)
+    scoring_help(parser)
 
 
 def check_ensemble(args: argparse.Namespace) -> None:
