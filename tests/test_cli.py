@@ -82,7 +82,8 @@ def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, caps
     (["import-peft", "/no/adapter", "OUT"], "missing file: /no/adapter/adapter_config.json"),
     (["generate", "--model", "/no/model/dir", "hello"], "missing model path"),
     # `none` is the untuned model: it was compared with itself, its text printed twice (once as tuned)
-    (["generate", "--model", "/no/model/dir", "--prompt", "none", "--compare", "hello"], "--compare needs --prompt DIR"),
+    (["generate", "--model", "/no/model/dir", "--prompt", "none", "--compare", "hello"],
+     "--compare needs --prompt DIR"),
     (["train", "--model", "no-such-org/no-such-model", "--data", "d.csv", "--text-col", "t"],
      "cannot load model 'no-such-org/no-such-model' from the Hugging Face Hub"),
 ])
