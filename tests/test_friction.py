@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from softprompt.cli import main
-from softprompt.core.utils import SoftpromptWarning
+from softprompt.core.utils import SoftpromptError, SoftpromptWarning
 
 TEMPLATE = "Country: {country}\\nEurope:"
 
@@ -195,6 +195,11 @@ def test_generate_template_of_several_columns_takes_json(trained, llama_dir, cap
     assert main(base + ["--template", "{a} and {b}", "Chile"]) == 2
     err = capsys.readouterr().err
     assert "names the columns a, b" in err and err.rstrip().endswith("or --template '' to send it as it is")
+    # A recorded template is quoted as typed: repr() showed a flag's \n as \\n, which failed when copied.
+    from softprompt.generation.generate import apply_template
+
+    with pytest.raises(SoftpromptError, match=r"^the template '\{a\}\\n\{b\}' names the columns a, b"):
+        apply_template("{a}\\n{b}", "Chile", 1)
     assert run_json(capsys, base + ["--template", "", "Chile and Peru"]) == same  # the advice, followed
     # In Python the advice names the keyword, and following it works (the API has no `raw`).
     import softprompt

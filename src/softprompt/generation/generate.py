@@ -65,13 +65,14 @@ def apply_template(template: str, text: str, n: int) -> str:
         row = json.loads(text)
     except json.JSONDecodeError:
         row = None
+    # Quoted as typed in a flag: repr() doubled the backslash of a flag's \n, and a copy of it then failed.
     if not isinstance(row, dict) or any(c not in row for c in cols):
-        raise SoftpromptError(f"the template {template!r} names the columns {', '.join(cols)}: give TEXT {n} as a "
+        raise SoftpromptError(f"the template '{template}' names the columns {', '.join(cols)}: give TEXT {n} as a "
                               "JSON object with them, or --template '' to send it as it is")
     try:
         return unescape(template).format_map(row)
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
-        raise SoftpromptError(f"--template {template!r} at TEXT {n}: {type(e).__name__}: {e}") from None
+        raise SoftpromptError(f"--template '{template}' at TEXT {n}: {type(e).__name__}: {e}") from None
 
 
 def is_conversation(msgs: Any) -> bool:
