@@ -38,7 +38,10 @@ def test_train_eval_generate_peft_cycle(llama_dir, countries_csv, tmp_path, caps
     capsys.readouterr()
     # No --model: the base the prompt was trained on (the built-in would refuse this prompt's width).
     assert main(["eval", *data, "--prompt", str(out), "--json"]) == 0
-    tuned = json.loads(capsys.readouterr().out)
+    got = capsys.readouterr()
+    tuned = json.loads(got.out)
+    # its own training file: said so, since a newcomer's first check scored learnt rows (hunt 9)
+    assert f"[softprompt] warning: --data {countries_csv} is the data {out} was trained on" in got.err
     assert main(["eval", "--model", str(llama_dir), *data, "--prompt", "none", "--json"]) == 0
     base = json.loads(capsys.readouterr().out)
     for m in (tuned, base):

@@ -19,7 +19,7 @@ from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import forward_input, is_prompt
-from ..core.utils import SoftpromptError, round_floats
+from ..core.utils import SoftpromptError, round_floats, same_model, warn
 from ..data.batching import Example, collate, eval_batches, pad_id
 from ..data.formatting import Formatter, load_splits
 from ..forward.classify import label_scores, row_candidates
@@ -133,12 +133,24 @@ def longest_row(fmt, rows: list[Example]) -> int:
     return max([longest] + [e.loss_start + max(map(len, c)) for e, c in zip(labelled, cands)])
 
 
+def warn_trained_on(prompt: str, meta: dict[str, Any], dcfg: DataConfig) -> None:
+    """Warn where --data is the split the prompt was trained on: most of its rows were learnt, and the
+    score says little of other text (a newcomer's first check is often the training file)."""
+    trained = (meta.get("config") or {}).get("DataConfig") if isinstance(meta.get("config"), dict) else None
+    if isinstance(trained, dict) and isinstance(trained.get("data"), str) and same_model(dcfg.data, trained["data"]) \
+            and dcfg.split == trained.get("split", "train"):
+        warn(f"--data {dcfg.data} is the data {prompt} was trained on (all but any rows it held out): its score "
+             "says little of other text; score held-out rows, such as the run's --eval-data")
+
+
 def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
                 model=None, tok=None) -> dict[str, Any]:
     """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`; the
     prompt's recorded template, target, labels and chat flag are the defaults of `dcfg`'s."""
     if prompt_given(prompt):
-        dcfg = DataConfig(**with_recorded(asdict(dcfg), read_meta(prompt)))
+        meta = read_meta(prompt)
+        dcfg = DataConfig(**with_recorded(asdict(dcfg), meta))
+        warn_trained_on(prompt, meta, dcfg)
     if model is None:
         model, tok = load_model(mcfg)
     p = load_prompt(prompt, model).to(model.device) if prompt_given(prompt) else None
