@@ -127,6 +127,15 @@ def test_a_bad_file_is_one_error_line(tmp_path, capsys, text, msg):
     assert len(err) == 1 and err[0].startswith("softprompt: error: " + msg.format(f=f)), err
 
 
+def test_a_second_config_file_is_refused(tmp_path, capsys):
+    """argparse kept the last --config alone: the first file's values were dropped without a word."""
+    f = tmp_path / "c.yaml"
+    f.write_text("DataConfig: {max_length: 3}\n")
+    assert main(["eval", "--config", str(f), f"--config={f}", "--text-col", "t"]) == 2
+    assert capsys.readouterr().err.strip() == "softprompt: error: eval: give --config once (the second file " \
+                                              "replaced the first)"
+
+
 def test_missing_and_unsupported_files(tmp_path, capsys):
     assert main(["eval", "--config", str(tmp_path / "no.yaml")]) == 2
     assert "--config: missing file" in capsys.readouterr().err

@@ -152,7 +152,10 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and argv[0] in COMMANDS else ""  # the top-level parser has no options but --help and --version
     ap, parsers = build_parsers(only=name)
-    if name and any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    files = [a for a in argv[1:] if a == "--config" or a.startswith("--config=")]
+    if len(files) > 1:  # argparse kept the last file alone, without a word
+        raise SoftpromptError(f"{name}: give --config once (the second file replaced the first)")
+    if name and files:
         # The file's values become defaults, then argv is parsed again over them; the first look
         # leaves out the flags the command requires, which the file may give.
         from .configfile import apply_config, parse_leniently
