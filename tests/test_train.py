@@ -472,3 +472,14 @@ def test_label_words_of_several_tokens_say_why_the_loss_is_the_vocabulary_s(llam
         s = train(m, d, p, t, quiet=True)
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["TrainConfig"]["loss"] == "lm"
     assert s["steps"] == 1
+
+
+def test_a_label_word_no_training_row_has_is_warned_of(llama_dir, countries_csv, tmp_path):
+    """--labels a,b,c on 0/1 data trained and scored a 3-way classifier without a word (hunt 9)."""
+    from softprompt.core.utils import SoftpromptWarning
+
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "run", max_steps=1, eval_every=0, warmup_steps=0)
+    d = DataConfig(data=str(countries_csv), template="Country: {country}\\nEurope:", labels="no,yes,maybe",
+                   label_col="europe")
+    with pytest.warns(SoftpromptWarning, match="no training row has the label word.s. 'maybe', yet each is a class"):
+        train(m, d, p, replace(t, loss="lm"), quiet=True)

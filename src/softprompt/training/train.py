@@ -125,6 +125,17 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
     return pcfg, tcfg
 
 
+def warn_unseen_labels(fmt, train_ex: list[Example]) -> None:
+    """A label word no training row has (--labels a,b,c on 0/1 data) is still a class every row is
+    scored against, learnt from nothing."""
+    for f, rows in fmt.parts(train_ex):
+        seen = {e.label for e in rows}
+        unseen = [w for i, w in enumerate(f.label_words) if i not in seen]
+        if f.label_words and unseen:
+            warn(f"no training row has the label word(s) {', '.join(map(repr, unseen))}, yet each is a class every "
+                 f"row is scored against: does --labels match the values of --label-col {f.cfg.label_col!r}?")
+
+
 def mixture_obstacle(fmt) -> str | None:
     """Why a --mix run's step is not graphed: the graph's label-word loss holds one set of words."""
     return "a task mixture (each task has its own label words)" if fmt.cfg.mix else None
@@ -229,6 +240,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     fmt, train_ex, eval_ex = splits if splits is not None else load_data(dcfg, tok, tcfg.seed)
     check_positions(model, P, max(len(e.ids) for e in train_ex + eval_ex))
     dcfg = fmt.cfg  # as resolved for the rows: a `messages` column found, chat data made a chat prompt
+    warn_unseen_labels(fmt, train_ex)
     asked = to_dict(mcfg, dcfg, pcfg, tcfg) if tcfg.resume else None  # before auto is resolved
     pcfg, tcfg = resolve_auto(pcfg, tcfg, fmt, train_ex, len(eval_ex))  # the saved config records what ran
     if tcfg.resume:
