@@ -96,10 +96,9 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
         raise reading_error(path, list(row))
     missing = [c for c in columns or [] if row is not None and c not in row]
     if missing:
-        have = ", ".join(map(repr, list(row)[:10])) + (", ..." if len(row) > 10 else "")
         header = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data"
                   if path.suffix.lower() in (".csv", ".tsv") else "")
-        raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {have}){header}")
+        raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {column_list(row)}){header}")
 
 
 def first_row(path: Path) -> dict[str, Any] | None:
@@ -220,11 +219,16 @@ def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
             ".csv/.tsv/.json/.jsonl/.parquet/.arrow file instead") from None
 
 
+def column_list(columns: Iterable[str]) -> str:
+    """Columns as an error names them: the first ten, quoted."""
+    names = list(columns)
+    return ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+
+
 def reading_error(where: str | Path, columns: list[str]) -> SoftpromptError:
     """No flag says how to read a row of `where`, and it has no `messages` column: the flags, with its columns."""
-    have = ", ".join(map(repr, columns[:10])) + (", ..." if len(columns) > 10 else "")
-    return SoftpromptError(f"say how to read each row of {where} (columns: {have}): --template 'text with "
-                           "{column}', --text-col COLUMN or --messages-col COLUMN"
+    return SoftpromptError(f"say how to read each row of {where} (columns: {column_list(columns)}): --template "
+                           "'text with {column}', --text-col COLUMN or --messages-col COLUMN"
                            + (" (and --labels WORD,WORD to classify by its 'label' column)" if "label" in columns
                               else ""))
 

@@ -21,7 +21,7 @@ from ..core.config import HELD_OUT_MAX, DataConfig, is_unicode, unescape
 from ..core.utils import SoftpromptError, warn
 from .batching import Example
 from .chat import chat_example
-from .datasource import column_names, read_rows, reading_error, take
+from .datasource import column_list, column_names, read_rows, reading_error, take
 from .labels import label_text
 
 __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
@@ -117,8 +117,7 @@ class Formatter:
     def check_columns(self, row: dict, where: str) -> None:
         for col in self.needed:
             if col not in row:
-                have = ", ".join(map(repr, list(row)[:10])) + (", ..." if len(row) > 10 else "")
-                raise SoftpromptError(f"column {col!r} not found in {where} (columns: {have})")
+                raise SoftpromptError(f"column {col!r} not found in {where} (columns: {column_list(row)})")
 
     def input_text(self, row: dict, where: str = "") -> str:
         if not self.template:

@@ -25,7 +25,7 @@ from ..data.formatting import Formatter, load_splits
 from ..forward.classify import label_scores, row_candidates
 from ..forward.hidden import row_logprobs
 from ..prompts.prompt import load_prompt
-from ..prompts.recorded import data_config, prompt_given, read_meta, with_recorded
+from ..prompts.recorded import data_config, prompt_given, read_meta, recorded_section, with_recorded
 
 
 def prompt_input(prompt):
@@ -136,8 +136,8 @@ def longest_row(fmt, rows: list[Example]) -> int:
 def warn_trained_on(prompt: str, meta: dict[str, Any], dcfg: DataConfig) -> None:
     """Warn where --data is the split the prompt was trained on: most of its rows were learnt, and the
     score says little of other text (a newcomer's first check is often the training file)."""
-    trained = (meta.get("config") or {}).get("DataConfig") if isinstance(meta.get("config"), dict) else None
-    if isinstance(trained, dict) and isinstance(trained.get("data"), str) and same_model(dcfg.data, trained["data"]) \
+    trained = recorded_section(meta, "DataConfig")
+    if isinstance(trained.get("data"), str) and same_model(dcfg.data, trained["data"]) \
             and dcfg.split == trained.get("split", "train"):
         warn(f"--data {dcfg.data} is the data {prompt} was trained on (all but any rows it held out): its score "
              "says little of other text; score held-out rows, such as the run's --eval-data")

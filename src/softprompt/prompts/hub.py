@@ -24,6 +24,11 @@ def is_hub(spec: str | Path) -> bool:
     return str(spec).startswith(("hf://", "hf:/"))
 
 
+def local_sources(*specs: str | Path) -> tuple[str | Path, ...]:
+    """The sources given that are folders or files on this machine: not hf://, nor empty (no source)."""
+    return tuple(s for s in specs if s and not is_hub(s))
+
+
 def parse(spec: str | Path) -> tuple[str, str | None]:
     """`hf://org/name@rev` as ("org/name", "rev")."""
     rest = str(spec).split(":/", 1)[1].lstrip("/")

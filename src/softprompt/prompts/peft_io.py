@@ -20,7 +20,7 @@ from ..core.config import BUILTIN_MODEL
 from ..core.inits import peft_init
 from ..core.utils import SoftpromptError, atomic_dir, check_dest, local_path, read_json, short
 from . import peft_prefix, peft_ptuning
-from .hub import download, hub_model_id, is_hub
+from .hub import download, hub_model_id, is_hub, local_sources
 from .prefix import TENSOR_NAME as PREFIX_TENSOR
 from .prompt import CONFIG_FILE, FORMAT, TENSOR_NAME, WEIGHTS_FILE, SoftPrompt, load_prompt, read_prompt_tensor
 from .recorded import PEFT_PROMPT_TYPES
@@ -77,13 +77,6 @@ def export_prefix(prompt, out: str | Path, model: str, geometry: dict) -> Path:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "softprompt_config.json").write_text(json.dumps(prompt.meta, indent=2, default=str) + "\n")
     return Path(out)
-
-
-def local_sources(*specs: str | Path) -> tuple[str | Path, ...]:
-    """The sources that are folders or files on this machine (not hf://)."""
-    from .hub import is_hub
-
-    return tuple(s for s in specs if not is_hub(s))
 
 
 def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None = None,

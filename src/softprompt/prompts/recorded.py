@@ -81,11 +81,18 @@ def peft_adapter_error(path: Path) -> SoftpromptError:
     return SoftpromptError(f"{path} is a PEFT adapter: convert it with `softprompt import-peft {path} OUT`")
 
 
+def recorded_section(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """One section (`DataConfig`, `ModelConfig`...) of the resolved config a prompt records; {} where
+    it records none (older prompts, imported adapters)."""
+    config = meta.get("config")
+    section = config.get(name) if isinstance(config, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
 def recorded_data(meta: dict[str, Any]) -> dict[str, Any]:
     """The DataConfig fields a prompt records: its config's DataConfig section, else the top-level
     keys that older prompts and imported adapters carry."""
-    section = (meta.get("config") or {}).get("DataConfig") if isinstance(meta.get("config"), dict) else None
-    rec = dict(section) if isinstance(section, dict) else {}
+    rec = dict(recorded_section(meta, "DataConfig"))
     for key in ("template", "target", "text_col", "label_col", "chat"):
         if key not in rec and key in meta:
             rec[key] = meta[key]
@@ -115,8 +122,7 @@ def with_recorded(fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
 
 def recorded_base(meta: dict[str, Any]) -> tuple[str, str]:
     """(model, quantize) a prompt records it was trained on; ("", "none") for a record naming no model."""
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    section = config.get("ModelConfig") if isinstance(config.get("ModelConfig"), dict) else {}
+    section = recorded_section(meta, "ModelConfig")
     model = meta.get("model") or section.get("model")
     quantize = section.get("quantize")
     return (model if isinstance(model, str) else "", quantize if quantize in QUANTIZE else "none")

@@ -49,7 +49,7 @@ from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
 from ..evaluation.evaluate import evaluate
 from ..forward.paths import DEEP_PATHS
-from ..prompts.hub import is_hub
+from ..prompts.hub import local_sources
 from ..prompts.transfer import adopt
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
@@ -204,8 +204,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     methods = ccfg.method_list
     # A previous comparison in --out is replaced, file by file; anything else there is the user's, and
     # --init-from's prompt may not be there (a row would replace it while the later rows read it).
-    check_dest(ccfg.out, "--out", True, {*SUMMARY_FILES, *COMPARE_METHODS},
-               tuple(s for s in (pcfg.init_from,) if s and not is_hub(s)))
+    check_dest(ccfg.out, "--out", True, {*SUMMARY_FILES, *COMPARE_METHODS}, local_sources(pcfg.init_from))
     # --init-from starts every prompt method: its source exists and is of a kind each can start from
     # (train's checks, before the model loads), and its length is theirs.
     P = pcfg.virtual_tokens
@@ -237,8 +236,11 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
     say(f"{len(train_ex)} training / {len(eval_ex)} held-out examples; methods: {', '.join(methods)}")
     rows = []
 
+    def title(method: str) -> str:
+        return LABELS[method].format(k=ccfg.k_shot, P=P)
+
     def row(method: str, **kw: Any) -> dict[str, Any]:
-        r = {"method": method, "name": LABELS[method].format(k=ccfg.k_shot, P=P),
+        r = {"method": method, "name": title(method),
              "trainable_params": 0, "artifact": None, "artifact_bytes": 0, "train_seconds": 0.0,
              "train_peak_mb": None, **kw}
         r["ms_per_example"] = 1000 * r["eval_seconds"] / len(eval_ex)  # unrounded: tiny models score in microseconds
@@ -249,8 +251,7 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
         return r
 
     for method in methods:  # each row's work said before it starts: scoring hundreds of rows takes minutes
-        say(f"{LABELS[method].format(k=ccfg.k_shot, P=P)}: {'training, then ' if method in METHODS else ''}"
-            f"scoring {len(eval_ex)} held-out rows")
+        say(f"{title(method)}: {'training, then ' if method in METHODS else ''}scoring {len(eval_ex)} held-out rows")
         if method == "untuned":
             m, sec, mem = timed_eval(model, tok, None, fmt, eval_ex, bs)
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem)

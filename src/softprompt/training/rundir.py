@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core.config import as_it_ran, flag, unescape
 from ..core.utils import SoftpromptError, atomic_dir, check_apart, read_json, same_model, short
-from ..prompts.hub import is_hub
+from ..prompts.hub import local_sources
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -39,7 +39,7 @@ def check_out(out: Path, resume: bool, overwrite: bool, sources: tuple[str, ...]
     prompt the run starts from (`sources`); before any work, so nothing is lost."""
     if out.exists() and not out.is_dir():
         raise SoftpromptError(f"--out {out} is a file, not a folder")
-    check_apart(out, "--out", tuple(s for s in sources if s and not is_hub(s)))
+    check_apart(out, "--out", local_sources(*sources))
     used = out.is_dir() and any(out.iterdir())
     if resume:
         if saved_checkpoint(out) is None:
