@@ -145,6 +145,7 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
     out: dict[str, Any] = {}
     for section, values in cfg.items():
         where = f"--config {path}: {section}"
+        meant = meant_section(section)
         if section in SECTIONS:
             cls = SECTIONS[section]
             if not isinstance(values, dict):
@@ -159,11 +160,10 @@ def command_defaults(cfg: dict[str, Any], path: str, command: str, args: argpars
                     out[key] = value
         elif section == command:
             out.update(command_section(values, where, command, flags, actions or {}))
-        elif section.endswith("Config") or (isinstance(values, dict) and section not in commands
-                                            and meant_section(section)):  # meant as a section, but misspelt
-            meant = f"{meant_section(section)}? " if meant_section(section) else ""
-            raise SoftpromptError(f"--config {path}: unknown section {short(section)} ({meant}known: "
-                                  f"{', '.join(SECTIONS)})")
+        elif section.endswith("Config") or (meant and isinstance(values, dict) and section not in commands):
+            # meant as a section, but misspelt
+            raise SoftpromptError(f"--config {path}: unknown section {short(section)} ({f'{meant}? ' if meant else ''}"
+                                  f"known: {', '.join(SECTIONS)})")
         elif isinstance(values, dict) and section not in commands and misspelt(section, commands):
             # `evaluate:` or `EVAL:` for eval's section: ignored, eval scored the untuned model
             raise SoftpromptError(f"--config {path}: unknown section {short(section)} (a command's flags sit under "

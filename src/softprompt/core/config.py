@@ -129,13 +129,13 @@ class ModelConfig:
         self.model = local_path(self.model)
 
 
-# The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
 EVAL_EVERY = 50  # steps between evaluations where scoring the held-out rows is cheap (--eval-every auto)
 # Rows held out of --data by default (--eval-fraction of a large file, else): enough to tell prompts apart,
 # few enough to score every --eval-every steps. Every row beyond them trains.
 HELD_OUT_MAX = 1000
 # datasets' builders that read local files (`--data csv --data-files 'parts/*.csv'`), where --data names no source.
 FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas", "xml")
+# The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
 MIX_KEYS = ("data", "data_config", "data_files", "split", "template", "target", "text_col", "labels", "label_col",
             "messages_col", "eval_data", "eval_split", "limit", "eval_limit")
 
