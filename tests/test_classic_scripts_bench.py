@@ -26,14 +26,14 @@ def test_work_per_step_counts_padding_for_peft_and_real_tokens_for_the_twin(tmp_
     seen = []
     draw = classic_scripts.recipe_batches
     monkeypatch.setattr(classic_scripts, "recipe_batches", lambda *a: seen.append(draw(*a)) or seen[-1])
-    work = classic_scripts.work_per_step(argparse.Namespace(rows=8, max_steps=2), tmp_path)
+    work = classic_scripts.work_per_step(argparse.Namespace(rows=4, max_steps=1), tmp_path)  # one batch of 4
 
     peft_batches, ours = seen
-    assert len(peft_batches) == len(ours) == 2
+    assert len(peft_batches) == len(ours) == 1 and len(ours[0]["input_ids"]) == 4
     for a, b in zip(peft_batches, ours):
         assert all(a[k].equal(b[k]) for k in ("input_ids", "attention_mask", "labels"))
-    padded = sum(b["input_ids"].numel() + 4 * len(b["input_ids"]) for b in ours) / 2
-    packed = sum(int(b["attention_mask"].sum()) - len(b["input_ids"]) + 4 for b in ours) / 2
+    padded = sum(b["input_ids"].numel() + 4 * len(b["input_ids"]) for b in ours)
+    packed = sum(int(b["attention_mask"].sum()) - len(b["input_ids"]) + 4 for b in ours)
     assert work["peft"]["decoder_tokens_per_step"] == padded
     assert work["softprompt"]["decoder_tokens_per_step"] == packed < padded
     assert work["softprompt"]["route"] == "packed"

@@ -1,7 +1,8 @@
 """bench/cpu_bf16.py's dry run on the tiny Llama: the matmul and attention rows, one SST-2 and one
 awesome-chatgpt-prompts (held-out loss) row per dtype through the command line (one method, to keep
-it short), and the summary computed from them; then bf16 alone, paired with that file's float32 run
-(--pair-with), and a second seed added to that (--pair-with copies the seeds it does not redo).
+it short), and the summary computed from them; then, in this process with the training runs faked,
+bf16 alone paired with that file's float32 run (--pair-with), and a second seed added to that
+(--pair-with copies the seeds it does not redo).
 AG News, a classifier as SST-2 is, runs through the same rows; its own part is the split of its
 training-side file into a fixed dev part, checked without a run."""
 from __future__ import annotations
@@ -36,7 +37,7 @@ def test_ag_news_holds_out_the_same_thousand_rows_for_every_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
+def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "b.json"
     r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "acts",
                   "--methods", "prefix", "--seeds", "0", *SMALL, "--hidden", "64",
@@ -68,30 +69,47 @@ def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path):
     assert lm[0]["dev_tokens"] == lm[1]["dev_tokens"]
     s = doc["summary"]["acts"]["prefix"]
     assert s["bf16_minus_fp32_loss"] == pytest.approx(lm[1]["dev_loss"] - lm[0]["dev_loss"])
-    # bf16 alone, paired with the float32 run above (a change that touches bf16 only)
-    again = tmp_path / "again.json"
-    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "--methods", "prefix", "--seeds", "0",
-                  *SMALL, "--hidden", "--tokens", "--dtypes", "bfloat16",
-                  "--pair-with", str(out), "--out", str(again))
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc2 = json.loads(again.read_text())
-    old, new = doc2["rows"]
+    # --pair-with, in this process: the training runs are faked (the real ones ran above), so that what
+    # is checked is how rows are paired and copied, not another few minutes of training.
+    again = pair_again(tmp_path, monkeypatch, "--dtypes", "bfloat16", "--pair-with", str(out), "--out",
+                       str(tmp_path / "again.json"))
+    old, new = again["rows"]
     assert old["dtype"] == "float32" and old["from"].startswith("b.json at ")
     assert old["dev_accuracy"] == runs[0]["dev_accuracy"] == old["dev_accuracy_float32"]
-    assert "bf16_minus_fp32_points_scored_in_float32" in doc2["summary"]["sst2"]["prefix"]
+    assert old["train_seconds"] == runs[0]["train_seconds"]
+    assert "bf16_minus_fp32_points_scored_in_float32" in again["summary"]["sst2"]["prefix"]
     assert new["dtype"] == "bfloat16" and "from" not in new
-    s = doc2["summary"]["sst2"]["prefix"]
+    s = again["summary"]["sst2"]["prefix"]
     assert s["bf16_train_speedup"] == pytest.approx(old["train_seconds"] / new["train_seconds"])
+    assert s["per_seed_points"]["0"] == pytest.approx(100 * (new["dev_accuracy"] - old["dev_accuracy"]))
     # a second seed, both dtypes, added to the first one's pair: the summary spans seeds 0 and 1
-    more = tmp_path / "more.json"
-    r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "--methods", "prefix", "--seeds", "1",
-                  *SMALL, "--hidden", "--tokens", "--pair-with", str(again),
-                  "--out", str(more))
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc3 = json.loads(more.read_text())
-    assert [(x["seed"], x["dtype"]) for x in doc3["rows"]] == [(0, "float32"), (0, "bfloat16"), (1, "float32"),
+    more = pair_again(tmp_path, monkeypatch, "--seeds", "1", "--pair-with", str(tmp_path / "again.json"),
+                      "--out", str(tmp_path / "more.json"))
+    assert [(x["seed"], x["dtype"]) for x in more["rows"]] == [(0, "float32"), (0, "bfloat16"), (1, "float32"),
                                                                (1, "bfloat16")]
-    assert doc3["rows"][0]["from"] == old["from"] and doc3["rows"][1]["from"].startswith("again.json at ")
-    s = doc3["summary"]["sst2"]["prefix"]
-    assert set(s["per_seed_points"]) == {"0", "1"} and s["per_seed_points"]["0"] == doc2["summary"]["sst2"]["prefix"][
-        "per_seed_points"]["0"]
+    assert more["rows"][0]["from"] == old["from"] and more["rows"][1]["from"].startswith("again.json at ")
+    s = more["summary"]["sst2"]["prefix"]
+    assert set(s["per_seed_points"]) == {"0", "1"}
+    assert s["per_seed_points"]["0"] == again["summary"]["sst2"]["prefix"]["per_seed_points"]["0"]
+    # another step count pairs with nothing: the old runs are not copied in
+    other = pair_again(tmp_path, monkeypatch, "--dtypes", "bfloat16", "--steps", "3", "--pair-with",
+                       str(out), "--out", str(tmp_path / "other.json"))
+    assert [x["dtype"] for x in other["rows"]] == ["bfloat16"] and other["summary"] == {}
+
+
+def pair_again(tmp_path, monkeypatch, *argv: str) -> dict:
+    """bench/cpu_bf16.py's main in this process on SST-2's prefix rows, each training run faked as one
+    that trained in 1 s (bf16) or 2 s (float32) and scored 0.5 plus a hundredth per seed."""
+    import cpu_bf16
+
+    def fake_run(args, task, method, dtype, seed, work):
+        acc = 0.5 + seed / 100 + (dtype == "bfloat16") / 1000
+        return {"kind": task, "method": method, "dtype": dtype, "seed": seed, "steps": args.steps,
+                "train_limit": args.train_limit, "train_seconds": 1.0 if dtype == "bfloat16" else 2.0,
+                "dev_accuracy": acc, "dev_rows": 8, "dev_accuracy_float32": acc}
+
+    monkeypatch.setattr(cpu_bf16, "task_run", fake_run)
+    base = ["--tasks", "sst2", "--methods", "prefix", "--seeds", "0", *SMALL, "--hidden", "--tokens"]
+    monkeypatch.setattr(sys, "argv", ["bench/cpu_bf16.py", *base, *argv])
+    cpu_bf16.main()
+    return json.loads(open(argv[argv.index("--out") + 1]).read())

@@ -1,6 +1,7 @@
 """A sharded frozen base (`--shard fsdp`): 2 processes (torchrun, gloo on CPU), each holding half of
 every decoder layer, train the same prompt as 1 process with the whole model and the same global
-batch, on the packed and the prompt-KV paths. Real CLI subprocesses, as in test_ddp.py."""
+batch, on the packed and the prompt-KV paths. The sharded runs are real CLI subprocesses, as in
+test_ddp.py; the one-process reference runs in the test's process."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 from softprompt.base.models import load_model
 from softprompt.core.config import PromptConfig, TrainConfig
 from softprompt.prompts.prompt import init_prompt, load_prompt
-from test_ddp import _run
+from test_ddp import _run, one_process
 
 
 @pytest.mark.parametrize("path", ["packed", "kv"])
@@ -22,7 +23,7 @@ def test_two_sharded_processes_train_the_same_prompt_as_one(path, llama_dir, cou
             "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
             "--virtual-tokens", "3", "--init", "vocab", "--eval-fraction", "0", "--no-eval-untuned"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
-    _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
+    one_process(args, one)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "softprompt", *args, "--shard", "fsdp", "--out", str(two)], tmp_path)
 
@@ -64,7 +65,7 @@ def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, proje
     if projection:
         args += ["--prefix-projection"]  # the MLP's weights all-reduced too, its buffer broadcast
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
-    _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
+    one_process(args, one)
     # The command as its console script runs it, with a mark printed at interpreter teardown: a process
     # torchrun started skips teardown (cli.entry), where gloo threads that FSDP's meshes keep alive
     # could abort it after its work is done (pytorch#179291; about one run of this test in six).

@@ -373,7 +373,7 @@ def test_cli_train_ptuning_then_eval(tmp_path):
 def test_two_processes_train_the_same_encoder_as_one(llama_dir, countries_csv, tmp_path):
     """The encoder's gradient is all-reduced as a soft prompt's is: `torchrun --nproc_per_node 2`
     (gloo on CPU) gives the prompt one process gives with the same global batch."""
-    from test_ddp import _run
+    from test_ddp import _run, one_process
 
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "Country: {country}\nFacts:",
             "--target", " capital={capital}", "--device", "cpu", "--dtype", "float32", "--batch-size", "4",
@@ -381,7 +381,7 @@ def test_two_processes_train_the_same_encoder_as_one(llama_dir, countries_csv, t
             "--eval-every", "0", "--save-every", "0", "--virtual-tokens", "3", "--init", "vocab",
             "--eval-fraction", "0", "--method", "ptuning", "--encoder", "lstm", "--lr", "1e-2"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
-    _run([sys.executable, "-m", "softprompt", *args, "--out", str(one)], tmp_path)
+    one_process(args, one)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "softprompt", *args, "--out", str(two)], tmp_path)
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
