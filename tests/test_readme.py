@@ -1,5 +1,6 @@
 """The README is executable: every shell and Python example in it runs here, in its offline variant,
-with small step counts, through the installed `softprompt` command.
+with small step counts: `serve` as the installed command, the others each in a process of its own
+forked from one that has imported torch (tests/forked.py; the command's console-script entry point).
 
 The README's examples read Hub datasets; the comment under each (`#   local: FLAGS (instead of the
 first two flags)`) gives the same run on local files, and that is what runs here. Step counts and
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHARED
+from forked import Forker
 from journey_helpers import free_port, write_chats
 
 pytestmark = pytest.mark.slow
@@ -293,24 +295,26 @@ def test_every_readme_example_runs_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     server, ran = None, []
+    forker = Forker(env)  # each command a forked child of one interpreter that imported torch once
 
     def start(cmd: Cmd):
         nonlocal server
-        if cmd.text.startswith("softprompt serve"):
+        if cmd.text.startswith("softprompt serve"):  # the server alone is the installed command itself
             server = start_server(offline(cmd), work, env)
             ran.append(cmd.text)
             return lambda: None
         if cmd.lang == "python":
-            argv = [sys.executable, "-c", python_offline(cmd, server[1] if server else None)]
+            argv, child = ["python"], forker.start(work, code=python_offline(cmd, server[1] if server else None))
         else:
             argv = offline(cmd)
-        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert Path(argv[0]).name == "softprompt", f"README line {cmd.line}: run {argv[0]} in a subprocess"
+            child = forker.start(work, argv=argv)
 
         def wait():
-            _, err = proc.communicate(timeout=900)
-            assert proc.returncode == 0, (f"README line {cmd.line} failed (exit {proc.returncode}): {cmd.text}\n"
-                                          f"ran: {shlex.join(argv) if cmd.lang == 'bash' else 'python'}\n"
-                                          f"{err[-3000:]}")
+            done = child()
+            assert done.code == 0, (f"README line {cmd.line} failed (exit {done.code}): {cmd.text}\n"
+                                    f"ran: {shlex.join(argv) if cmd.lang == 'bash' else 'python'}\n"
+                                    f"{done.stderr[-3000:]}")
             ran.append(cmd.text)
 
         return wait
@@ -318,6 +322,7 @@ def test_every_readme_example_runs_offline(tmp_path):
     try:
         in_order_two_at_a_time([c for c in commands(README.read_text()) if not skip_reason(c)], start)
     finally:
+        forker.close()
         if server is not None:
             server[0].terminate()
             server[0].wait(30)
