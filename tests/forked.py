@@ -10,7 +10,7 @@ the installed command itself (tests/test_journeys.py) start it for real.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +21,8 @@ from pathlib import Path
 # with the child's exit status. stdin closed: its children still running are killed.
 PARENT = r'''
 import atexit, json, os, signal, sys, time, traceback
-import torch, transformers.modeling_utils, peft  # noqa: F401  imported before any fork; nothing computed
+for name in sys.argv[1:]:  # imported before any fork; nothing computed
+    __import__(name)
 
 def child(req):
     os.chdir(req["cwd"])
@@ -82,10 +83,11 @@ class Done:
 class Forker:
     """start(argv or code, cwd) -> a wait() that returns Done; close() ends the parent."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str],
+                 preload: tuple[str, ...] = ("torch", "transformers.modeling_utils", "peft")):
         self.tmp = Path(tempfile.mkdtemp(prefix="forked-"))
         self.log = open(self.tmp / "parent.err", "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", PARENT], env=env, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", PARENT, *preload], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.n = 0
 
@@ -114,3 +116,4 @@ class Forker:
         self.proc.stdin.close()
         self.proc.wait(60)
         self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
