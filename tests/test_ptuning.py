@@ -340,7 +340,7 @@ def test_a_trained_ptuning_prompt_exports_as_peft_prompt_tuning(llama_dir, count
 # ---------------------------------------------------------------- the command, as a user runs it
 
 @pytest.mark.slow
-def test_cli_train_ptuning_then_eval(tmp_path):
+def test_cli_train_ptuning_then_eval(tmp_path, monkeypatch, capsys):
     from conftest import SHARED
 
     sp = str(Path(sys.executable).parent / "softprompt")
@@ -364,8 +364,11 @@ def test_cli_train_ptuning_then_eval(tmp_path):
     assert (tmp_path / "run" / ENCODER_FILE).is_file()
     meta = json.loads((tmp_path / "run" / "prompt_config.json").read_text())
     assert (meta["kind"], meta["method"], meta["encoder"]) == ("prompt", "ptuning", "lstm")
-    r = run("eval", "--prompt", "run", "--data", str(sst2 / "dev.tsv"), "--limit", "8", "--json")
-    scores = json.loads(r.stdout.strip().splitlines()[-1])
+    from softprompt.cli import main  # eval in this process: the installed command trained the folder above
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--prompt", "run", "--data", str(sst2 / "dev.tsv"), "--limit", "8", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["prompt"] == "run" and 0 <= scores["accuracy"] <= 1
 
 
