@@ -157,4 +157,5 @@ def test_eval_split_of_a_local_file_is_refused_it_held_out_every_training_row(tm
         load_splits(_cfg(data, eval_split="validation"), tok)
     assert main(["train", "--model", str(tmp_path / "no-model"), "--data", str(data), "--template", "{sentence}",
                  "--eval-split", "validation", "--out", str(tmp_path / "run")]) == 2
-    assert "--eval-split validation: --data" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err  # the same words as load_splits': the held-out rows go in --eval-data
+    assert "--eval-split validation: --data" in err and "--eval-data FILE" in err and not (tmp_path / "run").exists()

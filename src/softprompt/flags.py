@@ -103,9 +103,8 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
 def check_compare(args: argparse.Namespace) -> None:
     """Every flag's own check, then the data each row reads (compare itself checks --out and --init-from
     before its model loads)."""
-    model, data, prompt, train, compare = (from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig,
-                                                                             TrainConfig, CompareConfig))
-    check_data(data)
+    configs = {cls: from_args(cls, args) for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, CompareConfig)}
+    check_data(configs[DataConfig])
 
 
 # ---------------------------------------------------------------- eval

@@ -84,8 +84,7 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
     if not path.is_file():
         raise SoftpromptError(f"missing data file: {path}")
     if split not in ("", "train"):  # read_rows reads a file whole: --split would be silently ignored
-        raise SoftpromptError(f"{split_flag} {split}: {what} {path} is a local file, read whole (a Hub dataset has "
-                              f"splits); give the file of the rows you mean as {what}")
+        raise local_split_error(split_flag, split, what, path)
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -99,6 +98,15 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
         header = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data"
                   if path.suffix.lower() in (".csv", ".tsv") else "")
         raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {column_list(row)}){header}")
+
+
+def local_split_error(split_flag: str, split: str, what: str, path: str | Path) -> SoftpromptError:
+    """A split asked of a local file, which is read whole: for --eval-split of --data, every training row
+    would be "held out" (train's check and load_splits', for the Python API, say it alike)."""
+    fix = ("give its held-out rows as --eval-data FILE" if (split_flag, what) == ("--eval-split", "--data")
+           else f"give the file of the rows you mean as {what}")
+    return SoftpromptError(f"{split_flag} {split}: {what} {path} is a local file, read whole (a Hub dataset has "
+                           f"splits); {fix}")
 
 
 def first_row(path: Path) -> dict[str, Any] | None:

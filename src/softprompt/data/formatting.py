@@ -21,7 +21,7 @@ from ..core.config import HELD_OUT_MAX, DataConfig, is_unicode, unescape
 from ..core.utils import SoftpromptError, warn
 from .batching import Example
 from .chat import chat_example
-from .datasource import column_list, column_names, read_rows, reading_error, take
+from .datasource import column_list, column_names, local_split_error, read_rows, reading_error, take
 from .labels import label_text
 
 __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
@@ -261,8 +261,7 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0,
         random.Random(seed).shuffle(order)
     eval_name = cfg.eval_data or (f"{cfg.data} ({cfg.eval_split})" if cfg.eval_split else f"{cfg.data} (held out)")
     if cfg.eval_split and not cfg.eval_data and Path(cfg.data).expanduser().is_file():  # it "held out" every row
-        raise SoftpromptError(f"--eval-split {cfg.eval_split}: --data {cfg.data} is a local file, read whole (a Hub "
-                              "dataset has splits); give its held-out rows as --eval-data FILE")
+        raise local_split_error("--eval-split", cfg.eval_split, "--data", cfg.data)
     if cfg.eval_data or cfg.eval_split:
         split = cfg.eval_split or ("validation" if cfg.split == "train" else cfg.split)
         # --eval-data's own config and files are not --data's; the same dataset's other split shares them.
