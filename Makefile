@@ -23,10 +23,10 @@ demo: setup
 	$(BIN)/softprompt demo
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 -n auto --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
 
 # Prompt length / init ablations and the prompt ensemble on SST-2 (~45 min on 2 cores).
 ablations: setup

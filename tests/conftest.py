@@ -122,10 +122,13 @@ def countries_csv(tmp_path) -> Path:
     return p
 
 
-# The files that take minutes, longest first. xdist hands out whole files (`--dist loadfile`) in
-# collection order; starting these first keeps one worker from running a long file alone at the end.
-LONGEST_FIRST = ["test_readme.py", "test_gpu_check.py", "test_journeys.py", "test_fsdp.py", "test_api.py",
-                 "test_ptuning.py"]
+# The files that take a minute or more of a full run, longest first (their summed `--durations`, 2026-12-07).
+# xdist hands out whole files (`--dist loadfile`) in collection order only under `--no-loadscope-reorder`
+# (the Makefile's): by default it starts the files with the most tests first, which left a one-test file
+# of a minute or more for the end while the other worker sat idle.
+LONGEST_FIRST = ["test_journeys.py", "test_readme.py", "test_gpu_check.py", "test_fsdp.py", "test_cpu_bf16_bench.py",
+                 "test_demo.py", "test_classic_scripts_bench.py", "test_ddp.py", "test_lm_methods_bench.py",
+                 "test_compare.py", "test_transfer_bench.py", "test_ptuning.py", "test_api.py"]
 
 
 def pytest_collection_modifyitems(config, items):
