@@ -137,7 +137,7 @@ TS="$PY bench/train_speed.py --device $DEVICE --dtype $DTYPE --limit $LIMIT --fl
 # (torch, CUDA, the matmul peak) ~15 s. Three timed paths alternate (PEFT, PEFT at its best, softprompt).
 first_steps() {  # priority order: a step cut by the call's budget loses the least that matters
     geometries
-    $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+    # No version print of its own (a process start): each result's "machine" records torch, transformers, peft
     # ~100 s: 150 steps x 3 paths (~55 s), ~25 warm-up shapes per path (~15 s), the float64 check
     # (4 paths x 5 steps) and start-up. 300 steps would need ~185 s and leave no room for the 1B target.
     step train_smol 130 $TS --model "random:$WORK/tok" --task sst2 --steps $SMOL_STEPS --check-steps $CHECK_STEPS --out "$OUT/train_speed_smollm2-135m-geometry_$TAG.json"
@@ -187,13 +187,14 @@ pack() {
     done
 }
 
-dry_prep() {  # the inputs first and second unpack on the GPU, made here from local files, tiny
+dry_prep() {  # HALF: the inputs first and second unpack on the GPU, made here from local files, tiny
     local m=$BUILTIN
     rm -rf "$WORK/data" "$WORK/tok" "$WORK/smol" "$WORK/llama1b" && mkdir -p "$WORK/data/sst2" "$WORK/data/awesome-chatgpt-prompts" "$WORK/tok"
     head -n 300 ../shared/data/sst2/train.tsv > "$WORK/data/sst2/train.tsv" && cp ../shared/data/sst2/dev.tsv "$WORK/data/sst2/"
     cp ../shared/data/awesome-chatgpt-prompts/prompts.csv "$WORK/data/awesome-chatgpt-prompts/"
     cp "$m"/{chat_template.jinja,generation_config.json,tokenizer.json,tokenizer_config.json} "$WORK/tok/" || return 1
     llama_config "$WORK/tok" "64 128 2 4 2 16 49152"   # the "SmolLM2 geometry", tiny
+    [ "$1" = first ] && return 0   # only second's generation step reads the "built-in model"
     mkdir -p "$WORK/smol" && cp "$WORK"/tok/* "$WORK/smol/"       # the "built-in model": tiny random weights
     $PY -c "
 import sys, torch; from transformers import AutoConfig, AutoModelForCausalLM
@@ -232,7 +233,7 @@ m, t = load_gguf(Path(sys.argv[1]), torch.float32); m.save_pretrained(sys.argv[2
     ;;
 dry-run)  # [first|second]: one call only (the test runs the two side by side, one per core)
     echo "measuring: $(show_commit /nonexistent)"
-    dry_prep || { echo "ERROR: dry-run preparation failed" >&2; exit 1; }
+    dry_prep "${2:-both}" || { echo "ERROR: dry-run preparation failed" >&2; exit 1; }
     case "${2:-both}" in first|both) budget $FIRST_CALL_S; first_steps ;; esac
     case "${2:-both}" in second|both) T0=$(date +%s); budget $SECOND_CALL_S; second_steps ;; esac
     finish "dry-run-${2:-both}"
