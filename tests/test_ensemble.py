@@ -36,12 +36,17 @@ def test_one_batch_equals_each_prompt_alone(tiny, kind, tmp_path, monkeypatch):
     torch.manual_seed(0)
     prompts = [torch.randn(P, model.config.hidden_size) * 0.2 for P in (2, 3, 5)]
     seen = []
-    real = classify.mixed_hidden
-    monkeypatch.setattr(classify, "mixed_hidden", lambda m, ps, seqs: seen.append({id(p) for p in ps}) or
-                        real(m, ps, seqs))
+    if kind == "single":  # one forward over [prompt ; row] for each row
+        real = classify.mixed_hidden
+        monkeypatch.setattr(classify, "mixed_hidden", lambda m, ps, seqs: seen.append({p.shape[0] for p in ps}) or
+                            real(m, ps, seqs))
+    else:  # each row once after its prompt's keys and values, then its label words
+        real = classify.rows_continuations
+        monkeypatch.setattr(classify, "rows_continuations", lambda m, pre, *a: seen.append({p[1] for p in pre}) or
+                            real(m, pre, *a))
     together = ensemble_scores(model, prompts, fmt, ex)
-    # every forward pass holds rows of all K prompts
-    assert seen and all(s == {id(p) for p in prompts} for s in seen)
+    # every forward pass holds rows of all K prompts (told apart by their lengths)
+    assert seen and all(s == {2, 3, 5} for s in seen)
     for k, p in enumerate(prompts):
         alone = example_scores(model, tok, lambda p=p: p, fmt, ex, batch_size=7)
         assert torch.allclose(together[k], alone, atol=1e-5), (k, (together[k] - alone).abs().max())

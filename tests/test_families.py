@@ -109,3 +109,48 @@ def test_mixed_prompt_generation_equals_one_at_a_time(family_dirs, name):
     alone = [generate_batch(model, tok, [r], cfg)[0] for r in rows]
     assert batched == alone
     assert len({tuple(o) for o in alone}) > 2  # premise: the prompts change what the model writes
+
+
+def _reference_label_logprob(model, prompt, ids: list[int], cand: list[int]) -> float:
+    """log p(cand | prompt, ids) from one plain forward of the model over [prompt ; ids ; cand]: a soft
+    prompt as input embeddings, a prefix as the past keys and values PEFT gives the model."""
+    from transformers import DynamicCache
+
+    from softprompt.prompts.prefix import PrefixPrompt
+
+    seq = torch.tensor([ids + cand])
+    if isinstance(prompt, PrefixPrompt):
+        P = prompt.length
+        out = model(input_ids=seq, attention_mask=torch.ones(1, P + seq.shape[1], dtype=torch.long),
+                    cache=DynamicCache(ddp_cache_data=prompt.past_key_values(model)))
+        z = out.logits[0]
+    else:
+        P = 0 if prompt is None else prompt.shape[0]
+        x = model.get_input_embeddings()(seq)
+        z = model(inputs_embeds=x if prompt is None else torch.cat([prompt[None], x], 1)).logits[0, P:]
+    lp = torch.log_softmax(z.double(), -1)
+    return float(sum(lp[len(ids) - 1 + t, c] for t, c in enumerate(cand)))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_multi_token_label_scores_equal_one_forward_per_candidate(family_dirs, name):
+    """Label words of several tokens are scored with each row run once and its candidates over that
+    row's cache: the same log-probabilities as a plain forward over [prompt ; row ; candidate] for each
+    candidate, for rows with no prompt, a soft prompt and a prefix side by side in one call."""
+    from softprompt.forward.classify import label_scores
+    from softprompt.prompts.prefix import PrefixPrompt, prefix_meta, prompt_key_values
+
+    model, tok = _load(family_dirs, name)
+    torch.manual_seed(4)
+    soft = torch.randn(P, model.config.hidden_size) * 0.5
+    prefix = PrefixPrompt(prompt_key_values(model, torch.randn(3, model.config.hidden_size) * 0.5), prefix_meta(model))
+    words = [tok(w, add_special_tokens=False).input_ids for w in (" not entailment", " yes", " maybe so, yes")]
+    assert len({len(w) for w in words}) == 3 and min(map(len, words)) >= 1
+    rows = [(p, tok(t).input_ids) for p in (None, soft, prefix) for t in TEXTS]
+    cands = [words[: 2 + k % 2] for k in range(len(rows))]  # rows with 2 and with 3 candidates
+    with torch.no_grad():
+        got = label_scores(model, rows, cands, tok.pad_token_id, batch_size=4)
+        ref = [[_reference_label_logprob(model, p, ids, c) for c in cs] for (p, ids), cs in zip(rows, cands)]
+    for i, r in enumerate(ref):
+        assert got[i, :len(r)].tolist() == pytest.approx(r, abs=1e-4, rel=1e-5), (i, got[i].tolist(), r)
+        assert len(r) == 3 or got[i, 2] == -torch.inf

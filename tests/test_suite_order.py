@@ -2,7 +2,6 @@
 so that neither pytest-xdist worker ends the run alone on a file of minutes while the other idles."""
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 from types import SimpleNamespace

@@ -4,9 +4,11 @@ One rule for a label word's tokens (labels.py) and one scorer, used by evaluatio
 ensembles, the server's /v1/classify and training's label-word loss:
 - the scorer: log-probability of each candidate's tokens after each row's input, every row with
   its own soft prompt (or none). Single-token candidates need one forward pass over the inputs
-  (the next-token distribution holds them all); multi-token ones one pass per (row, candidate),
-  summing the candidate's token log-probabilities. A batch whose rows share one prompt takes the
+  (the next-token distribution holds them all): a batch whose rows share one prompt takes the
   shared-prefix forward; rows with different prompts (ensembles) run each as [prompt ; text].
+  Multi-token candidates (RTE's " not_entailment") sum their tokens' log-probabilities: each row
+  runs once after its prompt's keys and values, and its candidates run together over that cache
+  (`rows_continuations`), not the row once per candidate.
 `token_logprobs` reads the same states token by token (with the most probable tokens at each
 position): the server's OpenAI `logprobs` and `echo`.
 """
@@ -15,10 +17,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..base.families import needs_contiguous_rows
 from ..core.utils import SoftpromptError
 from ..data.batching import Example, collate
 from ..data.labels import label_token_ids
-from .hidden import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
+from .hidden import (CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, prompt_layers, row_logprobs,
+                     supervised)
+from .prefill import extend, prefill, repeat_rows
 
 Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, input token ids)
 
@@ -127,6 +132,31 @@ def continuation_logprobs(model, rows: list[Row], conts: list[list[int]], pad: i
     return torch.zeros(len(rows), dtype=lp.dtype, device=lp.device).index_add_(0, bi, lp)
 
 
+def rows_continuations(model, prefixes: list, rows: list[list[int]], conts: list[list[list[int]]],
+                       pad: int) -> list[torch.Tensor]:
+    """Per row b, the summed log-probability [C_b] of each continuation conts[b][c] right after the
+    row's input ids rows[b] (non-empty), the row after its prompt's keys and values prefixes[b]
+    ((layers, P) or None). The rows run once, as one left-padded batch (prefill.py); then every
+    (row, continuation) pair runs together over a copy of its row's cache, right-padded."""
+    pre = prefill(model, prefixes, rows, pad)
+    dev = pre.mask.device
+    index = torch.tensor([b for b, cs in enumerate(conts) for _ in cs], device=dev)
+    flat = [c for cs in conts for c in cs]
+    N, L = len(flat), max(len(c) for c in flat)
+    y = torch.full((N, L), pad, dtype=torch.long, device=dev)
+    valid = torch.zeros(N, L, dtype=torch.bool, device=dev)
+    for n, toks in enumerate(flat):
+        y[n, :len(toks)] = torch.tensor(toks, device=dev)
+        valid[n, :len(toks)] = True
+    states = pre.last[:, -1:].index_select(0, index)  # [N, 1, H]: predicts each continuation's first token
+    if L > 1:  # token t of a continuation is predicted by the state of its token t-1
+        states = torch.cat([states, extend(model, repeat_rows(pre, index), y[:, :-1], valid[:, :-1]).last], 1)
+    lp = torch.log_softmax(logits(model, states[valid]), -1).gather(1, y[valid][:, None])[:, 0]
+    sums = torch.zeros(N, dtype=lp.dtype, device=dev).index_add_(
+        0, torch.arange(N, device=dev)[:, None].expand(N, L)[valid], lp)
+    return list(sums.split([len(cs) for cs in conts]))
+
+
 @torch.no_grad()
 def token_logprobs(model, rows: list[Row], conts: list[list[int]], pad: int, top: int = 0,
                    path: str = "auto") -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
@@ -169,12 +199,33 @@ def label_scores(model, rows: list[Row], cands: list[list[list[int]]], pad: int,
         lp = next_logprobs(model, [rows[i] for i in idx], pad, path).float().cpu()
         for j, i in enumerate(idx):
             scores[i, :len(cands[i])] = lp[j, [w[0] for w in cands[i]]]
-    multi = set(range(N)) - set(single)
-    pairs = [(i, k) for i in sorted(multi) for k in range(len(cands[i]))]
-    for idx in tqdm(_batches([lengths[i] + len(cands[i][k]) for i, k in pairs], batch_size), desc="classify",
-                    disable=not progress or not pairs, leave=False):
-        chunk = [pairs[j] for j in idx]
-        s = continuation_logprobs(model, [rows[i] for i, _ in chunk], [cands[i][k] for i, k in chunk], pad, path)
-        for (i, k), v in zip(chunk, s.float().cpu()):
-            scores[i, k] = v
+    multi = sorted(set(range(N)) - set(single))
+    for i, v in multi_token_scores(model, rows, cands, multi, pad, batch_size, path, progress).items():
+        scores[i, :len(v)] = v
     return scores
+
+
+def multi_token_scores(model, rows: list[Row], cands: list[list[list[int]]], which: list[int], pad: int,
+                       batch_size: int, path: str, progress: bool) -> dict[int, torch.Tensor]:
+    """{row i: its candidates' log-probabilities [C_i]} for the rows `which`: each row runs once and
+    its candidates over its cache (rows_continuations), a batch of rows at a time."""
+    kv: dict[int, tuple[list, int]] = {}  # each prompt's keys and values, computed once (id -> layers, P)
+
+    def prefix(p):
+        if id(p) not in kv:
+            kv[id(p)] = prompt_layers(model, p)
+        return kv[id(p)] if kv[id(p)][1] else None
+
+    out = {}
+    for i in [i for i in which if not rows[i][1]]:  # no input ids: the candidates follow the prompt as text
+        out[i] = continuation_logprobs(model, [rows[i]] * len(cands[i]), cands[i], pad, path).float().cpu()
+    which = [i for i in which if rows[i][1]]
+    one = needs_contiguous_rows(model)  # such a family's rows are prefilled one at a time
+    for idx in tqdm(_batches([len(rows[i][1]) for i in which], 1 if one else batch_size), desc="classify",
+                    disable=not progress or not which, leave=False):
+        idx = [which[j] for j in idx]
+        sums = rows_continuations(model, [prefix(rows[i][0]) for i in idx], [rows[i][1] for i in idx],
+                                  [cands[i] for i in idx], pad)
+        out.update({i: s.float().cpu() for i, s in zip(idx, sums)})
+    return out
+

@@ -2,7 +2,7 @@
 reused, one batch mixes rows with different prompts (or none), rows join a running batch between
 steps and leave it as soon as they finish.
 
-Row layout (left padding, holes masked out):
+Row layout (forward/prefill.py; left padding, holes masked out):
     [pad .. prompt_i keys/values | pad .. text_i] then generated tokens
 Positions continue from each row's own prompt length, so every row sees exactly what it would
 see alone; greedy outputs match one-request-at-a-time decoding token for token. Rows that join
@@ -18,16 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-
 import torch.nn.functional as F
 
-from ..base.families import decoder, max_positions, needs_contiguous_rows, takes_position_ids
+from ..base.families import max_positions, needs_contiguous_rows
 from ..core.config import GenerateConfig
 from ..core.prompt_protocol import is_prompt
 from ..core.utils import SoftpromptError
 from ..data.batching import pad_id
-from ..forward.hidden import logits, prefix_kv
+from ..forward.hidden import logits, prompt_layers
+from ..forward.prefill import Prefilled, extend, prefill
 from .sampling import Sampling, pick
 
 
@@ -55,11 +54,7 @@ class PromptKV:
             return None
         key = id(prompt)
         if key not in self.store or self.store[key].source is not prompt:
-            if is_prompt(prompt):  # its own keys and values, whatever its kind
-                layers, P = prompt.past_key_values(self.model), prompt.length
-            else:
-                dtype = self.model.get_input_embeddings().weight.dtype
-                layers, P = prefix_kv(self.model, prompt.to(self.model.device, dtype))[0], prompt.shape[0]
+            layers, P = prompt_layers(self.model, prompt)
             self.store[key] = PrefixState([(k.detach(), v.detach()) for k, v in layers], P, prompt)
         return self.store[key]
 
@@ -137,7 +132,6 @@ class DecodeBatch:
         self.kv = kv or PromptKV(model)
         self.dev = model.device
         self.pad, self.eos = pad_id(tok), eos_ids(model, tok)
-        self.with_pos = takes_position_ids(model)  # BLOOM derives positions (ALiBi) from the mask instead
         self.limit = max_positions(model)
         self.live: Group | None = None
         self.joining: list[Group] = []
@@ -189,36 +183,8 @@ class DecodeBatch:
         return [s.id for s in states]
 
     def prefill(self, states: list[Row], prefixes: list[PrefixState | None], texts: list[list[int]]) -> Group:
-        B, dev = len(texts), self.dev
-        plen = [s.length if s else 0 for s in prefixes]
-        Pm, Tm = max(plen), max(len(t) for t in texts)
-        ids = torch.full((B, Tm), self.pad, dtype=torch.long)
-        mask = torch.zeros(B, Pm + Tm, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids[i, Tm - len(t):] = torch.tensor(t)
-            mask[i, Pm - plen[i]:Pm] = 1
-            mask[i, Pm + Tm - len(t):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        cache = DynamicCache()
-        if Pm:
-            ref = next(s for s in prefixes if s)
-            layers = []
-            for li, (k0, v0) in enumerate(ref.layers):
-                K = k0.new_zeros(B, k0.shape[1], Pm, k0.shape[3])
-                V = v0.new_zeros(B, v0.shape[1], Pm, v0.shape[3])
-                for i, s in enumerate(prefixes):
-                    if s:
-                        K[i, :, Pm - s.length:] = s.layers[li][0][0]
-                        V[i, :, Pm - s.length:] = s.layers[li][1][0]
-                layers.append((K, V))
-            cache = DynamicCache(ddp_cache_data=layers)
-        # Each row's positions count only its own real tokens (prompt included).
-        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, Pm:]
-        kw = {"position_ids": pos} if self.with_pos else {}
-        out = decoder(self.model)(inputs_embeds=self.model.get_input_embeddings()(ids), attention_mask=mask,
-                                  cache=cache, use_cache=True, **kw)
-        layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-        return Group(states, layers, mask, pos[:, -1], logits(self.model, out.last_hidden_state[:, -1]))
+        pre = prefill(self.model, [(s.layers, s.length) if s else None for s in prefixes], texts, self.pad)
+        return Group(states, pre.layers, pre.mask, pre.pos, logits(self.model, pre.last[:, -1]))
 
     def stop(self, row_id: int) -> None:
         """End a row now (its caller saw a stop string, or its client left): it leaves at the next step."""
@@ -246,14 +212,9 @@ class DecodeBatch:
     def _forward_live(self) -> None:
         """Feed the live rows' last tokens: one new column of cache and fresh logits."""
         g = self.live
-        g.mask = torch.cat([g.mask, g.mask.new_ones(g.mask.shape[0], 1)], 1)
-        g.pos = g.pos + 1
-        kw = {"position_ids": g.pos[:, None]} if self.with_pos else {}
-        out = decoder(self.model)(inputs_embeds=self.model.get_input_embeddings()(g.fed[:, None]),
-                                  attention_mask=g.mask, cache=DynamicCache(ddp_cache_data=g.layers),
-                                  use_cache=True, **kw)
-        g.layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-        g.z = logits(self.model, out.last_hidden_state[:, -1])
+        out = extend(self.model, Prefilled(g.layers, g.mask, g.pos, g.z), g.fed[:, None])
+        g.layers, g.mask, g.pos = out.layers, out.mask, out.pos
+        g.z = logits(self.model, out.last[:, -1])
 
     @torch.no_grad()
     def step(self) -> dict[int, int]:
