@@ -1,7 +1,8 @@
-"""Every supported model family, as a tiny random model (tests/families.py), passes the same four
+"""Every supported model family, as a tiny random model (tests/families.py), passes the same five
 checks: the prompt path equals the hand-built `inputs_embeds` reference (and its loss equals
 transformers' own), a zero-length prompt equals the base model, an exported prompt gives PEFT the
-same logits, and mixed-prompt generation over rows of different lengths equals one at a time."""
+same logits, mixed-prompt generation over rows of different lengths equals one at a time, and
+label words of several tokens score as one plain forward per word does."""
 import pytest
 import torch
 
