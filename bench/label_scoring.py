@@ -3,8 +3,8 @@ own sequence (softprompt before 2026-12-07, and what a per-candidate loop over P
 softprompt's `label_scores` (each row once, its label words over its cache: forward/prefill.py).
 
 RTE's validation rows with the README's labels (" entailment" is 2 tokens here, " not_entailment"
-5), after a random soft prompt and after a random prefix; the two ways alternate, each timed
-`--repeats` times after an untimed warm-up call; the scores must agree (max difference, same argmax).
+5), after a random soft prompt and after a random prefix; after an untimed call each, the two ways
+alternate for `--repeats` rounds (medians); the scores must agree (max difference, same argmax).
 
     python bench/label_scoring.py                       # the built-in model, 64 rows (~8 min on 2 cores)
     python bench/label_scoring.py --rows 16 --repeats 1   # a quick look
@@ -44,16 +44,19 @@ def per_pair(model, rows, cands, pad: int, batch_size: int) -> torch.Tensor:
     return scores
 
 
-def timed(f, device, repeats: int) -> tuple[float, torch.Tensor]:
-    out = f()  # warm-up, untimed
-    times = []
+def timed_side_by_side(ways: dict, device, repeats: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Median seconds of each way and its scores: one untimed call each, then `repeats` rounds in which
+    every way runs once, so that a drift in the machine's speed falls on all of them alike."""
+    out = {name: f() for name, f in ways.items()}
+    times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = f()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return median(times), out
+        for name, f in ways.items():
+            sync(device)
+            t = time.perf_counter()
+            out[name] = f()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: median(ts) for name, ts in times.items()}, out
 
 
 def main() -> None:
@@ -79,13 +82,16 @@ def main() -> None:
     res = Results(args.out, {"bench": "label_scoring", "model": args.model, "args": vars(args),
                              "device": str(device), "dtype": str(dtype), "task": "rte", "labels": LABELS,
                              "label_tokens": sorted({len(w) for c in cands for w in c}),
-                             "warmup": "one untimed call per way and prompt; medians of --repeats calls"})
+                             "warmup": "one untimed call per way and prompt; medians of --repeats rounds, "
+                                       "the ways alternating"})
     pad = pad_id(tok)
     with torch.no_grad():
         for kind, p in prompts.items():
             rows = [(p, e.ids[:e.loss_start]) for e in examples]
-            before, old = timed(lambda: per_pair(model, rows, cands, pad, args.batch_size), device, args.repeats)
-            after, new = timed(lambda: label_scores(model, rows, cands, pad, args.batch_size), device, args.repeats)
+            secs, got = timed_side_by_side({
+                "per_pair": lambda: per_pair(model, rows, cands, pad, args.batch_size),
+                "label_scores": lambda: label_scores(model, rows, cands, pad, args.batch_size)}, device, args.repeats)
+            (before, after), (old, new) = secs.values(), got.values()
             r = res.add({"prompt_kind": kind, "rows": len(rows), "text_tokens": sum(len(x[1]) for x in rows),
                          "per_pair_s": before, "label_scores_s": after, "speedup": before / after,
                          "max_abs_diff": float((old - new).abs().max()),
