@@ -26,7 +26,7 @@ class Prefilled:
     layers: KeyValues   # the batch's cache [B, heads, L, d]
     mask: torch.Tensor  # [B, L]: 1 where a row has a real prompt or text token
     pos: torch.Tensor   # [B]: the position of each row's last token
-    last: torch.Tensor  # [B, T, H]: hidden states of the tokens this call fed (prefill: the texts)
+    last: torch.Tensor | None  # [B, T, H]: hidden states of the tokens the call fed (None: not kept)
 
 
 def prefill(model, prefixes: list[tuple[KeyValues, int] | None], texts: list[list[int]], pad: int) -> Prefilled:
@@ -77,7 +77,7 @@ def extend(model, state: Prefilled, ids: torch.Tensor, valid: torch.Tensor | Non
 
 
 def repeat_rows(state: Prefilled, index: torch.Tensor) -> Prefilled:
-    """The rows of `state` picked (and repeated) by index [N]: a row once per candidate that follows it."""
+    """The rows of `state` picked (and repeated) by index [N], hidden states not kept: a row once per
+    candidate that follows it."""
     return Prefilled([(k.index_select(0, index), v.index_select(0, index)) for k, v in state.layers],
-                     state.mask.index_select(0, index), state.pos.index_select(0, index),
-                     state.last.index_select(0, index))
+                     state.mask.index_select(0, index), state.pos.index_select(0, index), None)

@@ -212,7 +212,7 @@ class DecodeBatch:
     def _forward_live(self) -> None:
         """Feed the live rows' last tokens: one new column of cache and fresh logits."""
         g = self.live
-        out = extend(self.model, Prefilled(g.layers, g.mask, g.pos, g.z), g.fed[:, None])
+        out = extend(self.model, Prefilled(g.layers, g.mask, g.pos, None), g.fed[:, None])
         g.layers, g.mask, g.pos = out.layers, out.mask, out.pos
         g.z = logits(self.model, out.last[:, -1])
 
