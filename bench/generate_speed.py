@@ -83,7 +83,8 @@ from common import ACTS, PeakMemory, RESULTS, Results, device_and_dtype, entry, 
 from softprompt.core.config import GenerateConfig, PromptConfig  # noqa: E402
 from softprompt.data.formatting import read_rows  # noqa: E402
 from softprompt.forward.cuda_graphs import capturable_attention  # noqa: E402
-from softprompt.generation.decode import DecodeBatch, PromptKV, eos_ids  # noqa: E402
+from softprompt.forward.prefill import PromptKV  # noqa: E402
+from softprompt.generation.decode import DecodeBatch, eos_ids  # noqa: E402
 from softprompt.generation.generate import generate_batch  # noqa: E402
 from softprompt.generation.static_decode import StaticDecodeBatch, decode_batch_for  # noqa: E402
 from softprompt.prompts.prefix import PrefixPrompt, prefix_meta, prompt_key_values  # noqa: E402

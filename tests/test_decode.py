@@ -3,7 +3,8 @@ their own settings give exactly what each gives alone."""
 import torch
 
 from softprompt.core.config import GenerateConfig
-from softprompt.generation.decode import DecodeBatch, PromptKV
+from softprompt.forward.prefill import PromptKV
+from softprompt.generation.decode import DecodeBatch
 from softprompt.generation.generate import generate_batch
 
 

@@ -42,7 +42,7 @@ def test_one_batch_equals_each_prompt_alone(tiny, kind, tmp_path, monkeypatch):
                             real(m, ps, seqs))
     else:  # each row once after its prompt's keys and values, then its label words
         real = classify.rows_continuations
-        monkeypatch.setattr(classify, "rows_continuations", lambda m, pre, *a: seen.append({p[1] for p in pre}) or
+        monkeypatch.setattr(classify, "rows_continuations", lambda m, pre, *a: seen.append({p.length for p in pre}) or
                             real(m, pre, *a))
     together = ensemble_scores(model, prompts, fmt, ex)
     # every forward pass holds rows of all K prompts (told apart by their lengths)

@@ -3,7 +3,7 @@ and the no-prompt path equals transformers' own greedy generate."""
 import torch
 
 from softprompt.core.config import GenerateConfig
-from softprompt.generation.decode import PromptKV
+from softprompt.forward.prefill import PromptKV
 from softprompt.generation.generate import generate_batch
 
 

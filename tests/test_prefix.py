@@ -497,7 +497,7 @@ def test_generate_with_a_prefix_equals_peft_greedy(family, tok_dir, tmp_path):
     forward pass, re-run on the whole sequence each step. (PEFT 0.21.2's own generate() parts from its
     forward after the first token on transformers 5.24, so it is not the reference.)"""
     from softprompt.core.config import GenerateConfig
-    from softprompt.generation.decode import PromptKV
+    from softprompt.forward.prefill import PromptKV
     from softprompt.generation.generate import generate_batch
 
     model, tok = tiny(family, tok_dir)

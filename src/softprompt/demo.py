@@ -16,7 +16,7 @@ from .core.config import DataConfig, GenerateConfig, ModelConfig, PromptConfig, 
 from .core.utils import SoftpromptError, read_json
 from .core.prompt_protocol import forward_input
 from .data.formatting import load_splits
-from .generation.decode import PromptKV
+from .forward.prefill import PromptKV
 from .generation.generate import encode_for_generation, generate_batch
 from .prompts.prompt import load_prompt
 from .training.auto_method import resolve_method

@@ -30,7 +30,7 @@ from ..core.prompt_protocol import forward_input
 from ..data.batching import Example, collate, pad_id
 from ..data.formatting import chat_wrap
 from ..forward.hidden import logits, supervised
-from ..generation.decode import PromptKV
+from ..forward.prefill import PromptKV
 from ..generation.generate import generate_batch
 from ..prompts.prompt import load_prompt
 from ..prompts.recorded import base_for

@@ -21,9 +21,8 @@ from ..base.families import needs_contiguous_rows
 from ..core.utils import SoftpromptError
 from ..data.batching import Example, collate
 from ..data.labels import label_token_ids
-from .hidden import (CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, prompt_layers, row_logprobs,
-                     supervised)
-from .prefill import extend, prefill, repeat_rows
+from .hidden import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
+from .prefill import PrefixState, PromptKV, extend, prefill, repeat_rows
 
 Row = tuple[torch.Tensor | None, list[int]]  # (soft prompt [P, H] or None, input token ids)
 
@@ -132,11 +131,11 @@ def continuation_logprobs(model, rows: list[Row], conts: list[list[int]], pad: i
     return torch.zeros(len(rows), dtype=lp.dtype, device=lp.device).index_add_(0, bi, lp)
 
 
-def rows_continuations(model, prefixes: list, rows: list[list[int]], conts: list[list[list[int]]],
-                       pad: int) -> list[torch.Tensor]:
+def rows_continuations(model, prefixes: list[PrefixState | None], rows: list[list[int]],
+                       conts: list[list[list[int]]], pad: int) -> list[torch.Tensor]:
     """Per row b, the summed log-probability [C_b] of each continuation conts[b][c] right after the
     row's input ids rows[b] (non-empty), the row after its prompt's keys and values prefixes[b]
-    ((layers, P) or None). The rows run once, as one left-padded batch (prefill.py); then every
+    (PromptKV.get's; None: no prompt). The rows run once, as one left-padded batch (prefill.py); then every
     (row, continuation) pair runs together over a copy of its row's cache, right-padded."""
     pre = prefill(model, prefixes, rows, pad)
     dev = pre.mask.device
@@ -209,13 +208,7 @@ def multi_token_scores(model, rows: list[Row], cands: list[list[list[int]]], whi
                        batch_size: int, path: str, progress: bool) -> dict[int, torch.Tensor]:
     """{row i: its candidates' log-probabilities [C_i]} for the rows `which`: each row runs once and
     its candidates over its cache (rows_continuations), a batch of rows at a time."""
-    kv: dict[int, tuple[list, int]] = {}  # each prompt's keys and values, computed once (id -> layers, P)
-
-    def prefix(p):
-        if id(p) not in kv:
-            kv[id(p)] = prompt_layers(model, p)
-        return kv[id(p)] if kv[id(p)][1] else None
-
+    kv = PromptKV(model)  # each prompt's keys and values, computed once
     out = {}
     for i in [i for i in which if not rows[i][1]]:  # no input ids: the candidates follow the prompt as text
         out[i] = continuation_logprobs(model, [rows[i]] * len(cands[i]), cands[i], pad, path).float().cpu()
@@ -224,7 +217,7 @@ def multi_token_scores(model, rows: list[Row], cands: list[list[list[int]]], whi
     for idx in tqdm(_batches([len(rows[i][1]) for i in which], 1 if one else batch_size), desc="classify",
                     disable=not progress or not which, leave=False):
         idx = [which[j] for j in idx]
-        sums = rows_continuations(model, [prefix(rows[i][0]) for i in idx], [rows[i][1] for i in idx],
+        sums = rows_continuations(model, [kv.get(rows[i][0]) for i in idx], [rows[i][1] for i in idx],
                                   [cands[i] for i in idx], pad)
         out.update({i: s.float().cpu() for i, s in zip(idx, sums)})
     return out

@@ -46,17 +46,6 @@ def prefix_kv(model, prompt: torch.Tensor):
     return layers, out.last_hidden_state[:, -1]
 
 
-def prompt_layers(model, prompt) -> tuple[list, int]:
-    """A prompt's per-layer (keys, values) [1, heads, P, d] and its length P, whatever its kind: a
-    Prompt's own, or those its [P, H] embeddings leave when run alone; ([], 0) without a prompt."""
-    if prompt is None or (not is_prompt(prompt) and prompt.shape[0] == 0):
-        return [], 0
-    if is_prompt(prompt):
-        return prompt.past_key_values(model), prompt.length
-    dtype = model.get_input_embeddings().weight.dtype
-    return prefix_kv(model, prompt.to(model.device, dtype))[0], prompt.shape[0]
-
-
 def expand_kv(layers, batch: int) -> DynamicCache:
     # expand() is a view: no copy, and backward sums the rows' gradients into the shared prefix.
     return DynamicCache(ddp_cache_data=[(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]))

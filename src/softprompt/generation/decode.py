@@ -22,50 +22,11 @@ import torch.nn.functional as F
 
 from ..base.families import max_positions, needs_contiguous_rows
 from ..core.config import GenerateConfig
-from ..core.prompt_protocol import is_prompt
 from ..core.utils import SoftpromptError
 from ..data.batching import pad_id
-from ..forward.hidden import logits, prompt_layers
-from ..forward.prefill import Prefilled, extend, prefill
+from ..forward.hidden import logits
+from ..forward.prefill import Prefilled, PrefixState, PromptKV, extend, prefill
 from .sampling import Sampling, pick
-
-
-@dataclass
-class PrefixState:
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [1, heads, P, d]
-    length: int
-    # The prompt tensor itself: keeps it alive so that its id() cannot be reused by another tensor
-    # while this entry exists (a server loads and unloads prompts at run time).
-    source: torch.Tensor | None = None
-
-
-class PromptKV:
-    """Per-prompt KV caches, computed on first use and kept (a prompt is a few KB; its KV a few MB).
-    Not thread-safe: the server touches it from its one scheduler thread only."""
-
-    def __init__(self, model):
-        self.model = model
-        self.store: dict[int, PrefixState] = {}
-
-    @torch.no_grad()
-    def get(self, prompt) -> PrefixState | None:
-        """The cached state of `prompt` (a Prompt or its [P, H] embeddings; None: no prompt)."""
-        if prompt is None or (not is_prompt(prompt) and prompt.shape[0] == 0):
-            return None
-        key = id(prompt)
-        if key not in self.store or self.store[key].source is not prompt:
-            layers, P = prompt_layers(self.model, prompt)
-            self.store[key] = PrefixState([(k.detach(), v.detach()) for k, v in layers], P, prompt)
-        return self.store[key]
-
-    def drop(self, prompt: torch.Tensor) -> None:
-        self.store.pop(id(prompt), None)
-
-    def retain(self, prompts: list[torch.Tensor]) -> None:
-        """Forget every cached prompt not in `prompts` (the server's unloaded ones)."""
-        keep = {id(p): p for p in prompts}
-        for key in [k for k, s in self.store.items() if keep.get(k) is not s.source]:
-            del self.store[key]
 
 
 @dataclass(eq=False)
@@ -183,7 +144,7 @@ class DecodeBatch:
         return [s.id for s in states]
 
     def prefill(self, states: list[Row], prefixes: list[PrefixState | None], texts: list[list[int]]) -> Group:
-        pre = prefill(self.model, [(s.layers, s.length) if s else None for s in prefixes], texts, self.pad)
+        pre = prefill(self.model, prefixes, texts, self.pad)
         return Group(states, pre.layers, pre.mask, pre.pos, logits(self.model, pre.last[:, -1]))
 
     def stop(self, row_id: int) -> None:

@@ -18,7 +18,7 @@ from ..data.chat import render
 from ..data.formatting import unescape
 from ..prompts.prompt import load_prompt
 from ..prompts.recorded import fill_one, prompt_given, read_meta, recorded_data, template_fields
-from .decode import PromptKV
+from ..forward.prefill import PromptKV
 from .static_decode import decode_batch_for
 
 

@@ -35,7 +35,8 @@ import torch
 
 from ..data.batching import pad_id
 from ..forward.classify import label_scores, token_logprobs
-from ..generation.decode import DecodeBatch, PromptKV
+from ..forward.prefill import PromptKV
+from ..generation.decode import DecodeBatch
 from ..generation.static_decode import decode_batch_for
 from .jobs import ClassifyJob, GenJob, Job, QueueFull, ScoreJob
 
