@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,31 @@ SHARED = ROOT.parent / "shared" / "data"
 EXAMPLES = ROOT / "src" / "softprompt" / "examples" / "countries.jsonl"
 
 
-def run_bench(script: str, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """bench/<script> in a fresh process, on this checkout's sources and the shared data: how the
-    benchmark dry runs are tested (the scripts import softprompt from src/ without an install)."""
+@pytest.fixture(scope="session")
+def fork_python():
+    """A `python` whose commands fork from one interpreter of this worker's that imported torch,
+    transformers and peft (tests/fork_server.py): a dry run's dozen interpreters skip ~4-10 s each."""
+    from fork_server import ForkServer
+
+    server = ForkServer(dict(os.environ))
+    yield str(server.python)
+    fresh = server.fresh()
+    server.close()
+    assert not fresh, f"commands the fork server ran in a fresh interpreter, each ~4-10 s slower: {fresh}"
+
+
+@pytest.fixture(scope="session")
+def run_bench(fork_python):
+    """run_bench(script, *argv): bench/<script> in a process of its own, on this checkout's sources and
+    the shared data: how the benchmark dry runs are tested (the scripts import softprompt from src/
+    without an install). The commands a bench starts (`python -m softprompt ...`) fork too."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SOFTPROMPT_SHARED_DATA": str(SHARED)}
-    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+
+    def run(script: str, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([fork_python, str(ROOT / "bench" / script), *argv], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    return run
 
 
 def _corpus() -> list[str]:
@@ -122,13 +140,13 @@ def countries_csv(tmp_path) -> Path:
     return p
 
 
-# The files that take a minute or more of a full run, longest first (their summed `--durations`, 2026-12-07).
+# The files that take 20 s or more of a full run, longest first (their summed `--durations`, 2026-12-07).
 # xdist hands out whole files (`--dist loadfile`) in collection order only under `--no-loadscope-reorder`
 # (the Makefile's): by default it starts the files with the most tests first, which left a one-test file
 # of a minute or more for the end while the other worker sat idle.
-LONGEST_FIRST = ["test_journeys.py", "test_readme.py", "test_gpu_check.py", "test_fsdp.py", "test_cpu_bf16_bench.py",
-                 "test_demo.py", "test_classic_scripts_bench.py", "test_ddp.py", "test_lm_methods_bench.py",
-                 "test_compare.py", "test_transfer_bench.py", "test_ptuning.py", "test_api.py"]
+LONGEST_FIRST = ["test_readme.py", "test_journeys.py", "test_fsdp.py", "test_gpu_check.py", "test_ptuning.py",
+                 "test_classic_scripts_bench.py", "test_ddp.py", "test_demo.py", "test_compare.py", "test_api.py",
+                 "test_builtin.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -340,7 +340,7 @@ def test_trainer_with_gradient_checkpointing_trains_the_same_prompt(model_dir, t
 # ---------------------------------------------------------------- the classic script and its twin
 
 @pytest.mark.slow
-def test_classic_scripts_run_a_few_steps(tmp_path):
+def test_classic_scripts_run_a_few_steps(fork_python, tmp_path):
     """The classic PEFT script and its softprompt twin, a few steps each, run side by side (two cores)."""
     pytest.importorskip("peft")
     data = ROOT.parent / "shared" / "data" / "awesome-chatgpt-prompts" / "prompts.csv"
@@ -351,7 +351,7 @@ def test_classic_scripts_run_a_few_steps(tmp_path):
         out = tmp_path / script.removesuffix(".py")
         out.mkdir()
         procs[script] = (out, subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / script), "--max-steps", "2", "--rows", "16", "--out",
+            [fork_python, str(ROOT / "examples" / script), "--max-steps", "2", "--rows", "16", "--out",
              str(out / "adapter"), "--max-new-tokens", "6", "--json", str(out / "r.json")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for script, (out, proc) in procs.items():

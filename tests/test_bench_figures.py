@@ -80,11 +80,9 @@ def test_the_check_wants_the_files_provenance(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["methods.py", "transfer.py"])
-def test_a_bench_script_says_a_bad_input_in_one_line(script, tmp_path):
+def test_a_bench_script_says_a_bad_input_in_one_line(script, run_bench, tmp_path):
     """The benches that run softprompt in their own process ended a SoftpromptError (a missing model,
     too many positions) in a traceback; common.entry prints the one line the commands print."""
-    from conftest import run_bench
-
     r = run_bench(script, "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o.json"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == f"softprompt: error: missing model path: {tmp_path / 'none'}"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_bench
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -37,7 +37,7 @@ def test_ag_news_holds_out_the_same_thousand_rows_for_every_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_writes_every_row_and_the_summary(llama_dir, tmp_path, monkeypatch):
+def test_dry_run_writes_every_row_and_the_summary(run_bench, llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "b.json"
     r = run_bench("cpu_bf16.py", "--model", str(llama_dir), "--tasks", "sst2", "acts",
                   "--methods", "prefix", "--seeds", "0", *SMALL, "--hidden", "64",

@@ -9,14 +9,14 @@ import json
 
 import pytest
 
-from conftest import SHARED, run_bench
+from conftest import SHARED
 
 PREFIX_PATHS = {"softprompt-prefix/per-task", "softprompt-prefix/mixed", "softprompt-both/mixed"}
 PATHS = {"peft", "hf/per-task", "hf-static/per-task", "softprompt/per-task", "softprompt/mixed", "hf/mixed",
          "hf-static/mixed", "peft/one-adapter", "plain"} | PREFIX_PATHS
 
 
-def dry_run(model_dir, out, repeats: int, *extra: str) -> dict:
+def dry_run(run_bench, model_dir, out, repeats: int, *extra: str) -> dict:
     pytest.importorskip("peft")
     if not (SHARED / "awesome-chatgpt-prompts" / "prompts.csv").is_file():
         pytest.skip(f"no {SHARED / 'awesome-chatgpt-prompts'}")
@@ -29,8 +29,8 @@ def dry_run(model_dir, out, repeats: int, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def result(llama_dir, tmp_path_factory) -> dict:
-    return dry_run(llama_dir, tmp_path_factory.mktemp("gen") / "r.json", repeats=2)
+def result(run_bench, llama_dir, tmp_path_factory) -> dict:
+    return dry_run(run_bench, llama_dir, tmp_path_factory.mktemp("gen") / "r.json", repeats=2)
 
 
 def test_every_path_is_warmed_then_timed_each_round(result):
@@ -94,10 +94,10 @@ def test_converted_prefixes_give_the_prompts_tokens(result):
     assert result["prefix"] is True
 
 
-def test_a_rival_that_cannot_run_is_recorded_not_fatal(bloom_dir, tmp_path):
+def test_a_rival_that_cannot_run_is_recorded_not_fatal(run_bench, bloom_dir, tmp_path):
     """BLOOM has no SDPA (every path runs its eager attention) and PEFT's prompt-tuning generate
     fails on it (peft 0.21.2): the bench still measures the rest and says why PEFT is missing."""
-    r = dry_run(bloom_dir, tmp_path / "r.json", 1, "--no-prefix")
+    r = dry_run(run_bench, bloom_dir, tmp_path / "r.json", 1, "--no-prefix")
     assert r["attn_implementation"] == "eager" == r["checks"]["attn_implementation_after"]
     for name in ("peft", "peft/one-adapter"):
         assert (name in r["paths"]) != (name in r.get("failed_paths", {}))

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -92,12 +91,12 @@ def test_the_gpu_calls_install_nothing_from_the_network():
 
 
 @pytest.mark.slow
-def test_the_dry_run_runs_every_step_on_cpu(tmp_path):
+def test_the_dry_run_runs_every_step_on_cpu(fork_python, tmp_path):
     # The two calls side by side, one per core (each step is mostly one process's start-up)
     runs = {half: subprocess.Popen(["bash", str(SCRIPT), "dry-run", half], cwd=ROOT, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    env={**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / half),
-                                        "PY": sys.executable})
+                                        "PY": fork_python})
             for half in ("first", "second")}
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     for half, proc in runs.items():

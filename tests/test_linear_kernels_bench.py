@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from conftest import run_bench
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-def test_every_shape_is_timed_and_checked_with_both_kernels(llama_dir, tmp_path):
+def test_every_shape_is_timed_and_checked_with_both_kernels(run_bench, llama_dir, tmp_path):
     from transformers import AutoConfig
 
     out = tmp_path / "k.json"

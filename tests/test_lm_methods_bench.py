@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_bench
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -34,7 +34,7 @@ def test_each_corpus_holds_out_its_own_fixed_fifth(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_scores_each_method_on_the_held_out_fifth(llama_dir, tmp_path, monkeypatch):
+def test_dry_run_scores_each_method_on_the_held_out_fifth(run_bench, llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "l.json"
     r = run_bench("lm_methods.py", "--model", str(llama_dir), "--tasks", "acts", "--seeds", "0",
                   "--steps", "2", "--eval-limit", "8", "--out", str(out))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED, run_bench
+from conftest import ROOT, SHARED
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -17,7 +17,7 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def result(llama_dir, tmp_path_factory) -> dict:
+def result(run_bench, llama_dir, tmp_path_factory) -> dict:
     pytest.importorskip("peft")
     if not (SHARED / "sst2" / "train.tsv").is_file():
         pytest.skip(f"no {SHARED / 'sst2'}")

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, run_bench
+from conftest import ROOT, SHARED
 from families import LAYERS
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -22,7 +22,7 @@ STEPS, CHECK_STEPS, BATCH = 3, 2, 4
 
 
 @pytest.fixture(scope="module")
-def result(llama_dir, tmp_path_factory) -> dict:
+def result(run_bench, llama_dir, tmp_path_factory) -> dict:
     pytest.importorskip("peft")
     if not (SHARED / "sst2" / "train.tsv").is_file():
         pytest.skip(f"no {SHARED / 'sst2'}")

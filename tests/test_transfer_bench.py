@@ -9,21 +9,21 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_bench
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 from transfer import summarise  # noqa: E402
 
 
-def dry_run(llama_dir, tmp_path, *extra: str):
+def dry_run(run_bench, llama_dir, tmp_path, *extra: str):
     return run_bench("transfer.py", "--model", f"random:{llama_dir}", "--device", "cpu", "--methods", "prompt",
                      "--steps", "1", "--source-steps", "1", "--source-limit", "16", "--sizes", "8", "--eval-limit", "4",
                      "--seeds", "0", "--max-length", "48", "--virtual-tokens", "2", "--batch-size", "4",
                      "--out", str(tmp_path / "t.json"), "--workdir", str(tmp_path / "w"), *extra)
 
 
-def test_dry_run_writes_every_row_and_resumes(llama_dir, tmp_path):
-    first = dry_run(llama_dir, tmp_path)
+def test_dry_run_writes_every_row_and_resumes(run_bench, llama_dir, tmp_path):
+    first = dry_run(run_bench, llama_dir, tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert [(r["method"], r["rows"], r["init"], r["seed"]) for r in rows] == \
@@ -31,7 +31,7 @@ def test_dry_run_writes_every_row_and_resumes(llama_dir, tmp_path):
     assert all(r["train_examples"] == 8 and 0 <= r["accuracy"] <= 1 for r in rows)
     mix = json.loads((tmp_path / "w" / "source_mixture_prompt" / "run_config.json").read_text())
     assert len(mix["DataConfig"]["mix"]) == 1 and mix["train_examples"] == 32  # each task capped at 16 rows
-    again = dry_run(llama_dir, tmp_path)
+    again = dry_run(run_bench, llama_dir, tmp_path)
     assert again.returncode == 0 and '"init": "fresh"' not in again.stdout  # nothing measured twice
     doc = json.loads((tmp_path / "t.json").read_text())
     assert doc["rows"] == rows
@@ -41,8 +41,8 @@ def test_dry_run_writes_every_row_and_resumes(llama_dir, tmp_path):
     assert "prompt         8   mixture" in again.stdout
 
 
-def test_inits_split_the_grid_and_train_only_the_sources_they_need(llama_dir, tmp_path):
-    proc = dry_run(llama_dir, tmp_path, "--inits", "fresh", "mixture")
+def test_inits_split_the_grid_and_train_only_the_sources_they_need(run_bench, llama_dir, tmp_path):
+    proc = dry_run(run_bench, llama_dir, tmp_path, "--inits", "fresh", "mixture")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert [r["init"] for r in rows] == ["fresh", "mixture"]
