@@ -6,6 +6,10 @@ it: to `serve` (then the HTTP requests the README shows), hot load, `eval`, `gen
 `export-peft` (then PEFT's own loader), `push --local-dir` and `--config` replay. Unit and parity
 tests passed while `serve` refused every generation prompt `train` writes; these tests run the
 commands the way a user does, so that a break between two parts fails here.
+
+Every command runs once as the installed program; its repeats for the other kinds run as
+`python -m softprompt` forked from an interpreter that has imported torch (tests/fork_server.py),
+still a process of its own with its own exit status and output.
 """
 from __future__ import annotations
 
@@ -35,23 +39,26 @@ KINDS = {
 }
 
 
-def sp(*args, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def sp(*args, cwd: Path, check: bool = True, timeout: int = 900, python: str | None = None
+       ) -> subprocess.CompletedProcess:
+    """The installed command, or with `python` given, `python -m softprompt` (the same entry point)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([SP, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    argv = [SP] if python is None else [python, "-m", "softprompt"]
+    r = subprocess.run([*argv, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"softprompt {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
     return r
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, fork_python) -> Path:
     """One folder per prompt kind, each written by `softprompt train` in a subprocess."""
     root = tmp_path_factory.mktemp("journeys")
     chats = write_chats(root / "chats.jsonl", 40)
     calls = [("train", *[str(chats) if f == "CHATS" else f for f in flags], *FEW, "--out", root / "runs" / name)
              for name, flags in KINDS.items()]
     sp(*calls[0], cwd=root)  # alone: the first run may convert the built-in model into its cache
-    two_at_a_time(lambda *a: sp(*a, cwd=root), calls[1:])
+    two_at_a_time(lambda *a: sp(*a, cwd=root, python=fork_python), calls[1:])
     return root
 
 
@@ -138,31 +145,32 @@ def test_streaming_equals_the_whole_answer(server):
     assert "".join(parts) == whole
 
 
-def test_eval_generate_and_replay_take_the_run_folders(runs):
+def test_eval_generate_and_replay_take_the_run_folders(runs, fork_python):
     # The prompt's recorded template and labels are eval's defaults: the user gives data and prompt.
     out = sp("eval", "--prompt", "runs/sst2", "--data", SST2 / "dev.tsv", "--limit", "8", "--json", cwd=runs)
     scored = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0 <= scored["accuracy"] <= 1
     # generate fills the recorded one-column template ("Act as a {act}.\nPrompt:") with the text.
-    filled, raw = two_at_a_time(lambda *a: sp(*a, cwd=runs), [
-        ("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "travel guide"),
-        ("generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--raw", "Act as a travel guide.\nPrompt:")])
+    filled, raw = two_at_a_time(lambda python, *a: sp(*a, cwd=runs, python=python), [
+        (None, "generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "travel guide"),
+        (fork_python, "generate", "--prompt", "runs/acts", "--max-new-tokens", "4", "--raw",
+         "Act as a travel guide.\nPrompt:")])
     # The two print their inputs as given; the continuations (after the "===" line) are the same.
     assert filled.stdout.strip() and filled.stdout.splitlines()[1:] == raw.stdout.splitlines()[1:]
     # --config replay of a run gives the same prompt bytes (a prefix, trained with scaled steps by default).
     recorded = json.loads((runs / "runs" / "acts" / "run_config.json").read_text())["TrainConfig"]
     assert (recorded["method"], recorded["prefix_scaled_steps"]) == ("prefix", True)
-    sp("train", "--config", "runs/acts/run_config.json", "--out", "runs/acts-again", cwd=runs)
+    sp("train", "--config", "runs/acts/run_config.json", "--out", "runs/acts-again", cwd=runs, python=fork_python)
     a, b = (runs / "runs" / d / "prompt.safetensors" for d in ("acts", "acts-again"))
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_every_kind_evaluates_and_generates_from_its_folder(runs):
+def test_every_kind_evaluates_and_generates_from_its_folder(runs, fork_python):
     """eval and generate take each kind's folder with nothing but data or text: the recorded reading
     (template, target, text column, chat) is the default."""
     data = {"sst2": SST2 / "dev.tsv", "acts": ACTS, "lm": ACTS, "chat": runs / "chats.jsonl"}
     text = {"sst2": "a moving film", "acts": "poet", "lm": "I want you to", "chat": "Act as a poet."}
-    outs = two_at_a_time(lambda *a: sp(*a, cwd=runs), [
+    outs = two_at_a_time(lambda *a: sp(*a, cwd=runs, python=fork_python), [
         call for name in KINDS for call in (
             ("eval", "--prompt", f"runs/{name}", "--data", data[name], "--limit", "4", "--json"),
             ("generate", "--prompt", f"runs/{name}", "--max-new-tokens", "3", text[name]))])
@@ -172,7 +180,7 @@ def test_every_kind_evaluates_and_generates_from_its_folder(runs):
         assert "tuned" in generated.stdout, (name, generated.stdout)
 
 
-def test_export_push_and_peft_read_what_train_wrote(runs):
+def test_export_push_and_peft_read_what_train_wrote(runs, fork_python):
     """Every kind's folder goes to PEFT's layout (export-peft, push --local-dir), and PEFT's own
     loader reads back the prompt bit for bit."""
     import torch
@@ -183,9 +191,11 @@ def test_export_push_and_peft_read_what_train_wrote(runs):
     from softprompt.prompts.prompt import load_prompt
 
     base, tok = load_model("smollm2-135m-instruct")
-    two_at_a_time(lambda *a: sp(*a, cwd=runs), [
-        call for name in KINDS for call in (("export-peft", f"runs/{name}", f"runs/{name}-peft"),
-                                            ("push", f"runs/{name}", f"me/{name}", "--local-dir", f"runs/{name}-hub"))])
+    calls = [call for name in KINDS for call in (
+        ("export-peft", f"runs/{name}", f"runs/{name}-peft"),
+        ("push", f"runs/{name}", f"me/{name}", "--local-dir", f"runs/{name}-hub"))]
+    two_at_a_time(lambda *a: sp(*a, cwd=runs), calls[:2])  # each command once as the installed program
+    two_at_a_time(lambda *a: sp(*a, cwd=runs, python=fork_python), calls[2:])
     kinds = set()
     for name in KINDS:
         prompt = load_prompt(runs / "runs" / name)

@@ -1,6 +1,7 @@
 """The README is executable: every shell and Python example in it runs here, in its offline variant,
 with small step counts: `serve` as the installed command, the others each in a process of its own
-forked from one that has imported torch (tests/forked.py; the command's console-script entry point).
+forked from one that has imported torch (`python -m softprompt`, the console script's entry point,
+or `python -c EXAMPLE`, through tests/fork_server.py).
 
 The README's examples read Hub datasets; the comment under each (`#   local: FLAGS (instead of the
 first two flags)`) gives the same run on local files, and that is what runs here. Step counts and
@@ -23,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHARED
-from forked import Forker
 from journey_helpers import free_port, write_chats
 
 pytestmark = pytest.mark.slow
@@ -284,7 +284,7 @@ def test_in_order_two_at_a_time_keeps_readme_order_per_run_folder():
                       "start 5", "end 5", "start 6", "end 6", "start 7", "end 7"], events
 
 
-def test_every_readme_example_runs_offline(tmp_path):
+def test_every_readme_example_runs_offline(fork_python, tmp_path):
     (tmp_path / "shared").symlink_to(SHARED.parent)
     work = tmp_path / "repo"
     work.mkdir()
@@ -294,8 +294,8 @@ def test_every_readme_example_runs_offline(tmp_path):
     write_rows(work / "test.jsonl", SHARED / "sst2" / "dev.tsv")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server, ran = None, []
-    forker = Forker(env)  # each command a forked child of one interpreter that imported torch once
+    server, ran, logs = None, [], tmp_path / "logs"
+    logs.mkdir()
 
     def start(cmd: Cmd):
         nonlocal server
@@ -304,17 +304,20 @@ def test_every_readme_example_runs_offline(tmp_path):
             ran.append(cmd.text)
             return lambda: None
         if cmd.lang == "python":
-            argv, child = ["python"], forker.start(work, code=python_offline(cmd, server[1] if server else None))
+            argv = ["python", "-c", python_offline(cmd, server[1] if server else None)]
         else:
             argv = offline(cmd)
             assert Path(argv[0]).name == "softprompt", f"README line {cmd.line}: run {argv[0]} in a subprocess"
-            child = forker.start(work, argv=argv)
+            argv = ["python", "-m", "softprompt", *argv[1:]]  # the console script's entry point
+        with open(logs / f"{cmd.line}.err", "w") as err:  # a file: a full pipe would stall a command run beside
+            child = subprocess.Popen([fork_python, *argv[1:]], cwd=work, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=err)
 
         def wait():
-            done = child()
-            assert done.code == 0, (f"README line {cmd.line} failed (exit {done.code}): {cmd.text}\n"
-                                    f"ran: {shlex.join(argv) if cmd.lang == 'bash' else 'python'}\n"
-                                    f"{done.stderr[-3000:]}")
+            code = child.wait(900)
+            assert code == 0, (f"README line {cmd.line} failed (exit {code}): {cmd.text}\n"
+                               f"ran: {shlex.join(argv) if cmd.lang == 'bash' else 'python'}\n"
+                               f"{(logs / f'{cmd.line}.err').read_text()[-3000:]}")
             ran.append(cmd.text)
 
         return wait
@@ -322,7 +325,6 @@ def test_every_readme_example_runs_offline(tmp_path):
     try:
         in_order_two_at_a_time([c for c in commands(README.read_text()) if not skip_reason(c)], start)
     finally:
-        forker.close()
         if server is not None:
             server[0].terminate()
             server[0].wait(30)
