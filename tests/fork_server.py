@@ -27,12 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-# Environment variables read while torch, transformers, peft or huggingface_hub import: a child whose
-# values differ from the server's would run with the server's, so it runs in a fresh interpreter.
-IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS", "TORCH", "PYTORCH", "CUDA", "NVIDIA",
-                   "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "PEFT", "ACCELERATE", "BITSANDBYTES",
-                   "LD_", "XDG_", "HOME", "TMPDIR", "TEMP", "TMP", "LANG", "LC_")
+# Environment variables read while the interpreter starts or torch, transformers or huggingface_hub
+# import (threads, caches, Hub settings): a child whose values differ from the server's would run with
+# the server's, so it runs in a fresh interpreter. Not here: what is read later, when a feature is used
+# (accelerate's, tokenizers' parallelism), and Intel OpenMP's KMP_ (torch's CPU wheel uses GNU OpenMP;
+# scikit-learn sets one on import, which would otherwise depend on what a test imported before).
+IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "GOMP_", "OPENBLAS", "TORCH", "PYTORCH", "CUDA", "NVIDIA", "HF_",
+                   "HUGGINGFACE", "TRANSFORMERS", "LD_", "XDG_", "HOME", "TMPDIR", "TEMP", "TMP", "LANG", "LC_")
 ENV_HANDLED = {"PYTHONPATH", "PYTHONUNBUFFERED"}  # applied per child, as a fresh interpreter applies them
+# What torchrun sets for its workers, read when a process group or the elastic agent starts, not on import.
+RUNTIME_ENV = ("TORCHELASTIC_", "TORCH_ELASTIC_", "TORCH_NCCL_")
 
 # The shim: stdlib only, started with -IS so that it takes milliseconds. Its fds 0-2 go to the
 # server with the request; it then relays signals to the child and exits as the child did.
@@ -67,10 +71,12 @@ def why_not_forked(argv: list[str], env: dict[str, str], startup_env: dict[str, 
     """Why a fork would not run this command as a fresh interpreter would, or None. startup_env: the
     server's environment before it imported anything; set_on_import: what its imports added (a caller
     that has imported torch passes torch's own value on)."""
+    argv = argv[1:] if argv[:1] == ["-u"] else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-m", "-c")) or (argv[0] in ("-m", "-c")
                                                                                 and len(argv) < 2):
-        return f"a command line other than SCRIPT, -m MODULE or -c CODE: {argv[:2]}"
-    keys = {k for k in {*env, *startup_env} if k.startswith(IMPORT_TIME_ENV) and k not in ENV_HANDLED}
+        return f"a command line other than [-u] SCRIPT, -m MODULE or -c CODE: {argv[:2]}"
+    keys = {k for k in {*env, *startup_env}
+            if k.startswith(IMPORT_TIME_ENV) and not k.startswith(RUNTIME_ENV) and k not in ENV_HANDLED}
     same = {k: (startup_env.get(k), set_on_import.get(k, startup_env.get(k))) for k in keys}
     if differ := sorted(k for k in keys if env.get(k) not in same[k]):
         return f"its environment differs from the server's in {differ}"
@@ -95,12 +101,13 @@ def run_child(req: dict, base_path: list[str], set_on_import: dict[str, str]) ->
     os.environ.clear()
     os.environ.update({**req["env"], **set_on_import})
     sys.stdin = open(0, closefd=False)
-    if req["env"].get("PYTHONUNBUFFERED"):  # python -u: every write reaches the fd at once
+    unbuffered = req["argv"][:1] == ["-u"]
+    argv = req["argv"][unbuffered:]
+    if unbuffered or req["env"].get("PYTHONUNBUFFERED"):  # every write reaches the fd at once
         sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True,
                                                    encoding=old.encoding, errors=old.errors)
                                   for fd, old in ((1, sys.stdout), (2, sys.stderr)))
     sys.executable = req["shim"]
-    argv = req["argv"]
     extra = [os.path.abspath(p) for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     code = 0
     try:

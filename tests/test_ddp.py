@@ -1,12 +1,12 @@
 """Data-parallel equivalence: `torchrun --nproc_per_node 2` (Accelerate, gloo on CPU) trains the same
-prompt as one process with the same global batch. The 2-process runs are real CLI subprocesses; the
-one-process reference runs the same command line in the test's process."""
+prompt as one process with the same global batch. The 2-process runs are real CLI subprocesses (torchrun
+and its workers forked from one interpreter that imported torch: tests/fork_server.py); the one-process
+reference runs the same command line in the test's process."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,7 @@ def one_process(args: list[str], out: Path) -> None:
     assert main([*args, "--out", str(out)]) == 0
 
 
-def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tmp_path):
+def test_two_processes_train_the_same_prompt_as_one(fork_python, llama_dir, countries_csv, tmp_path):
     """torchrun's plain command on a CPU machine (--device auto: each process once ran alone as the main
     one, and the two fought over --out); one process prints the summary and each warning."""
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv),
@@ -54,7 +54,7 @@ def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tm
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     one_process(args, one)
     # --standalone: a private rendezvous on a free port, so parallel runs cannot collide on 29500.
-    printed, said = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    printed, said = _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "softprompt", *args, "--out", str(two)], tmp_path, stderr=True)
     assert len([line for line in printed.splitlines() if '"final_eval"' in line]) == 1  # one process prints
     warned = [line for line in said.splitlines() if line.startswith("[softprompt] warning: ")]
@@ -79,7 +79,7 @@ def test_two_processes_train_the_same_prompt_as_one(llama_dir, countries_csv, tm
     assert torch.isfinite(p2).all()
 
 
-def test_the_python_api_under_torchrun_trains_what_one_process_does(llama_dir, countries_csv, tmp_path):
+def test_the_python_api_under_torchrun_trains_what_one_process_does(fork_python, llama_dir, countries_csv, tmp_path):
     """`torchrun script.py` calling softprompt.train: each process trains its share of the global batch
     and gets the run's summary (the main process's, which rank 1 once lacked); the script ends its own
     process group, as the README says."""
@@ -100,7 +100,7 @@ with open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".json"), "w")
     json.dump(summary, f)
 dist.destroy_process_group()
 """)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
           str(tmp_path / "OUT2"), str(tmp_path)], tmp_path)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     written = json.loads((tmp_path / "OUT2" / "summary.json").read_text())
@@ -111,11 +111,11 @@ dist.destroy_process_group()
     assert (p1 - p2).abs().max().item() <= 1e-5
 
 
-def test_two_processes_report_to_tensorboard_and_both_exit_cleanly(llama_dir, countries_csv, tmp_path):
+def test_two_processes_report_to_tensorboard_and_both_exit_cleanly(fork_python, llama_dir, countries_csv, tmp_path):
     """--report-to under torchrun: the main process logs, every process exits 0."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "OUT"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "softprompt", "train", "--model", str(llama_dir), "--data", str(countries_csv),
           "--template", "Country: {country}\nFacts:", "--target", " capital={capital}", "--device", "cpu",
           "--batch-size", "4", "--max-steps", "2", "--eval-every", "0", "--save-every", "0",

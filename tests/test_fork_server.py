@@ -53,6 +53,10 @@ def test_a_script_and_a_module_see_what_a_fresh_interpreter_sets(server, tmp_pat
     assert r.stdout == f"{tmp_path} 1\nmod ['{tmp_path / 'script.py'}']\n", r.stderr
     r = run(server, "-m", "mod", "--flag", cwd=tmp_path, env=env)
     assert r.stdout == f"__main__ ['{tmp_path / 'lib' / 'mod.py'}', '--flag']\n", r.stderr
+    # -u (torchrun starts its workers so), torchrun's own variables and one scikit-learn sets on import fork
+    worker = {**os.environ, "TORCHELASTIC_RUN_ID": "x", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+              "KMP_DUPLICATE_LIB_OK": "True"}
+    assert run(server, "-u", "-c", "import sys; print(sys.stdout.write_through)", env=worker).stdout == "True\n"
     # a child's own commands go through the server too
     nested = ("import subprocess, sys\n"
               "print(subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True).stdout)")
@@ -62,11 +66,11 @@ def test_a_script_and_a_module_see_what_a_fresh_interpreter_sets(server, tmp_pat
 
 def test_what_a_fork_would_run_differently_runs_fresh(server):
     # an option it does not emulate, and a variable read while torch or the Hub client import
-    assert run(server, "-u", "-c", "import sys; print(sys.executable)").stdout == f"{sys.executable}\n"
+    assert run(server, "-X", "dev", "-c", "import sys; print(sys.executable)").stdout == f"{sys.executable}\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1"}
     assert run(server, "-c", "import sys; print(sys.executable)", env=env).stdout == f"{sys.executable}\n"
     fresh = server.fresh()
-    assert len(fresh) == 2 and "other than SCRIPT" in fresh[0] and "['HF_HUB_OFFLINE']" in fresh[1], fresh
+    assert len(fresh) == 2 and "other than [-u] SCRIPT" in fresh[0] and "['HF_HUB_OFFLINE']" in fresh[1], fresh
 
 
 def test_signals_reach_the_child_and_a_killed_caller_kills_it(server, tmp_path):

@@ -5,7 +5,6 @@ test_ddp.py; the one-process reference runs in the test's process."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -16,7 +15,7 @@ from test_ddp import _run, one_process
 
 
 @pytest.mark.parametrize("path", ["packed", "kv"])
-def test_two_sharded_processes_train_the_same_prompt_as_one(path, llama_dir, countries_csv, tmp_path):
+def test_two_sharded_processes_train_the_same_prompt_as_one(fork_python, path, llama_dir, countries_csv, tmp_path):
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv),
             "--template", "Country: {country}\nFacts:", "--target", " capital={capital}", "--forward-path", path,
             "--device", "cpu", "--dtype", "float32",
@@ -24,7 +23,7 @@ def test_two_sharded_processes_train_the_same_prompt_as_one(path, llama_dir, cou
             "--virtual-tokens", "3", "--init", "vocab", "--eval-fraction", "0", "--no-eval-untuned"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     one_process(args, one)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "softprompt", *args, "--shard", "fsdp", "--out", str(two)], tmp_path)
 
     c1 = json.loads((one / "run_config.json").read_text())
@@ -50,8 +49,8 @@ TEXT = "Name the capital."
 
 @pytest.mark.parametrize("method,projection", [("prefix", True), ("prefix", False), ("ptuning", False),
                                                ("residual", False)])
-def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, projection, llama_dir, countries_csv,
-                                                                   tmp_path):
+def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(fork_python, method, projection, llama_dir,
+                                                                   countries_csv, tmp_path):
     """The other prompt methods under --shard fsdp: what trains (a prefix's keys and values, scaled by
     default, or through its MLP; an encoder) is replicated and its gradient all-reduced, so 2 sharded
     processes train what 1 does."""
@@ -71,7 +70,7 @@ def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(method, proje
     # could abort it after its work is done (pytorch#179291; about one run of this test in six).
     (tmp_path / "command.py").write_text("import atexit\natexit.register(print, 'TEARDOWN', flush=True)\n"
                                          "from softprompt.cli import entry\nentry()\n")
-    printed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    printed = _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(tmp_path / "command.py"), *args, "--shard", "fsdp", "--out", str(two)], tmp_path)
     assert '"steps": 3' in printed and "TEARDOWN" not in printed
 

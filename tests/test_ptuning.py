@@ -373,7 +373,7 @@ def test_cli_train_ptuning_then_eval(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_encoder_as_one(llama_dir, countries_csv, tmp_path):
+def test_two_processes_train_the_same_encoder_as_one(fork_python, llama_dir, countries_csv, tmp_path):
     """The encoder's gradient is all-reduced as a soft prompt's is: `torchrun --nproc_per_node 2`
     (gloo on CPU) gives the prompt one process gives with the same global batch."""
     from test_ddp import _run, one_process
@@ -385,7 +385,7 @@ def test_two_processes_train_the_same_encoder_as_one(llama_dir, countries_csv, t
             "--eval-fraction", "0", "--method", "ptuning", "--encoder", "lstm", "--lr", "1e-2"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     one_process(args, one)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "softprompt", *args, "--out", str(two)], tmp_path)
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
