@@ -144,8 +144,8 @@ def countries_csv(tmp_path) -> Path:
 # xdist hands out whole files (`--dist loadfile`) in collection order only under `--no-loadscope-reorder`
 # (the Makefile's): by default it starts the files with the most tests first, which left a one-test file
 # of a minute or more for the end while the other worker sat idle.
-LONGEST_FIRST = ["test_readme.py", "test_journeys.py", "test_fsdp.py", "test_gpu_check.py", "test_ptuning.py",
-                 "test_classic_scripts_bench.py", "test_ddp.py", "test_demo.py", "test_compare.py", "test_api.py",
+LONGEST_FIRST = ["test_readme.py", "test_journeys.py", "test_gpu_check.py", "test_classic_scripts_bench.py",
+                 "test_serve_fuzz.py", "test_demo.py", "test_compare.py", "test_api.py", "test_ptuning.py",
                  "test_builtin.py"]
 
 
