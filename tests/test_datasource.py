@@ -1,8 +1,11 @@
 """Data through `datasets`: parquet and arrow files, a builder over --data-files, a Hub-style dataset
 folder with named configs (NAME:CONFIG / --data-config) and splits (--split, --eval-split), all
 giving the same examples as the same rows in a JSONL file; Arrow data stays Arrow (no second copy
-as Python lists); offline, a Hub id is one error line."""
+as Python lists); offline, a Hub id is one error line, said before any model loads."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -159,3 +162,38 @@ def test_eval_split_of_a_local_file_is_refused_it_held_out_every_training_row(tm
                  "--eval-split", "validation", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err  # the same words as load_splits': the held-out rows go in --eval-data
     assert "--eval-split validation: --data" in err and "--eval-data FILE" in err and not (tmp_path / "run").exists()
+
+
+def test_a_hub_dataset_or_builder_is_read_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A Hub id was read only after the model loaded, so an unknown or unreachable dataset, a split it
+    lacks or a column the template names but it lacks was said a model load later (and, with the Hub
+    unreachable, after `datasets`' retries). Each is now one line before any model loads: here a
+    --model that does not exist, which would be named first otherwise."""
+    from softprompt.cli import main
+
+    (tmp_path / "parts").mkdir()
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "parts" / "a.parquet"))
+    capsys.readouterr()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # as conftest sets it: no request leaves this machine
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run")]
+    builder = ["--data", "parquet", "--data-files", str(tmp_path / "parts" / "a.parquet")]
+    for flags, words in (
+            (["--data", "nobody/nothing", "--template", "{text}"],
+             "cannot load dataset 'nobody/nothing' (split 'train') from the Hugging Face Hub"),
+            ([*builder, "--template", "Review: {sentense}"],
+             "column 'sentense' not found in parquet (columns: 'sentence', 'label')"),
+            ([*builder, "--template", "{sentence}", "--eval-split", "validation"], "split 'validation'"),
+            (builder, "say how to read each row of parquet (columns: 'sentence', 'label')")):
+        assert main([*argv, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        said = [line for line in err.splitlines() if line.startswith("softprompt:")]  # not `datasets`' progress
+        assert len(said) == 1 and words in said[0] and "no-model" not in err and "Traceback" not in err, (flags, err)
+    assert not (tmp_path / "run").exists()
+    # what passes the check trains as before: the model is then the first thing that fails
+    assert main([*argv, *builder, "--template", "{sentence}"]) == 2
+    assert "no-model" in capsys.readouterr().err
+    # the installed command on the built-in model, as a user meets it: no weights are loaded
+    r = subprocess.run([str(Path(sys.executable).parent / "softprompt"), "train", "--data", "nobody/nothing",
+                        "--template", "{text}", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    said = "softprompt: error: cannot load dataset 'nobody/nothing'"
+    assert r.returncode == 2 and "Loading" not in r.stderr and r.stderr.startswith(said), r.stderr

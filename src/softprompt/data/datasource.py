@@ -70,16 +70,21 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
 
 
 def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "train",
-                 config: str = "", split_flag: str = "--split") -> None:
-    """What can be told of a data source cheaply, before any model loads: a local file exists and
-    is readable and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later
-    row that lacks one), or a `messages` column where `columns` is None (no flag says how to read a
-    row). A Hub dataset is only looked at when read."""
+                 config: str = "", split_flag: str = "--split", data_files: str = "") -> None:
+    """What can be told of a data source before any model loads: a local file exists and is readable
+    and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later row that lacks
+    one), or a `messages` column where `columns` is None (no flag says how to read a row). A Hub
+    dataset (or a builder's --data-files) is read here, as the run would read it after the model
+    loaded: `datasets` keeps it in its cache, so the run's own read costs little. A local folder is
+    only looked at when read."""
     if not spec:
         raise SoftpromptError(f"no data given: pass {what} FILE_OR_DATASET_ID")
-    name = spec if Path(spec).expanduser().exists() else split_spec(spec, config)[0]
+    name, config = (spec, config) if Path(spec).expanduser().exists() else split_spec(spec, config)
     path = Path(name).expanduser()
-    if not is_local(name) or path.is_dir():
+    if path.is_dir():
+        return
+    if not is_local(name):
+        check_columns(name, columns, read_hub(name, split, config, data_files).column_names)
         return
     if not path.is_file():
         raise SoftpromptError(f"missing data file: {path}")
@@ -91,13 +96,20 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
     except OSError as e:
         raise SoftpromptError(f"cannot read {what} {path}: {e.strerror or e}") from None
     row = first_row(path)
-    if columns is None and row is not None and "messages" not in row:
-        raise reading_error(path, list(row))
-    missing = [c for c in columns or [] if row is not None and c not in row]
-    if missing:
+    if row is not None:
         header = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data"
                   if path.suffix.lower() in (".csv", ".tsv") else "")
-        raise SoftpromptError(f"column {missing[0]!r} not found in {path} row 1 (columns: {column_list(row)}){header}")
+        check_columns(path, columns, list(row), " row 1", header)
+
+
+def check_columns(where: str | Path, columns: list[str] | None, found: list[str], row: str = "",
+                  hint: str = "") -> None:
+    """`columns` are all among `found`; None: no flag says how to read a row, so a `messages` column must be."""
+    if columns is None and "messages" not in found:
+        raise reading_error(where, found)
+    missing = [c for c in columns or [] if c not in found]
+    if missing:
+        raise SoftpromptError(f"column {missing[0]!r} not found in {where}{row} (columns: {column_list(found)}){hint}")
 
 
 def local_split_error(split_flag: str, split: str, what: str, path: str | Path) -> SoftpromptError:
