@@ -294,7 +294,7 @@ def test_every_readme_example_runs_offline(fork_python, tmp_path):
     write_rows(work / "test.jsonl", SHARED / "sst2" / "dev.tsv")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server, ran, logs = None, [], tmp_path / "logs"
+    server, ran, children, logs = None, [], [], tmp_path / "logs"
     logs.mkdir()
 
     def start(cmd: Cmd):
@@ -309,15 +309,17 @@ def test_every_readme_example_runs_offline(fork_python, tmp_path):
             argv = offline(cmd)
             assert Path(argv[0]).name == "softprompt", f"README line {cmd.line}: run {argv[0]} in a subprocess"
             argv = ["python", "-m", "softprompt", *argv[1:]]  # the console script's entry point
-        with open(logs / f"{cmd.line}.err", "w") as err:  # a file: a full pipe would stall a command run beside
+        log = logs / f"{len(children)}-line{cmd.line}.err"  # a file: a full pipe would stall a command run beside
+        with open(log, "w") as err:
             child = subprocess.Popen([fork_python, *argv[1:]], cwd=work, env=env, stdout=subprocess.DEVNULL,
                                      stderr=err)
+        children.append(child)
 
         def wait():
             code = child.wait(900)
             assert code == 0, (f"README line {cmd.line} failed (exit {code}): {cmd.text}\n"
                                f"ran: {shlex.join(argv) if cmd.lang == 'bash' else 'python'}\n"
-                               f"{(logs / f'{cmd.line}.err').read_text()[-3000:]}")
+                               f"{log.read_text()[-3000:]}")
             ran.append(cmd.text)
 
         return wait
@@ -325,6 +327,9 @@ def test_every_readme_example_runs_offline(fork_python, tmp_path):
     try:
         in_order_two_at_a_time([c for c in commands(README.read_text()) if not skip_reason(c)], start)
     finally:
+        for child in children:  # one past its time, or left running by a failure (its shim killed, so is it)
+            child.kill()
+            child.wait()
         if server is not None:
             server[0].terminate()
             server[0].wait(30)
