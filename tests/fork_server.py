@@ -12,13 +12,15 @@ differs from the server's in a variable read while those packages import (thread
 settings), execs the real interpreter instead. The server imports and never computes, so no thread
 pool exists to be broken by a fork.
 
-Run as `python fork_server.py SOCKET PACKAGE...`; tests use `ForkServer`.
+`ForkServer` starts the server (`serve`) in a process of its own and writes its shim; tests use the
+`fork_python` fixture (conftest.py), the shim's path.
 """
 from __future__ import annotations
 
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -174,53 +176,62 @@ def serve(path: str, startup_path: list[str], startup_env: dict[str, str]) -> No
                 return
             if key.data == "accept":
                 conn, _ = listener.accept()
-                try:
-                    req, fds = recv_request(conn)
-                except (ConnectionError, OSError, ValueError):
-                    conn.close()
-                    continue
-                if why := why_not_forked(req["argv"], req["env"], startup_env, set_on_import):
-                    print(f"fork_server: {req['argv'][:2]} runs in a fresh interpreter: {why}", file=sys.stderr,
-                          flush=True)
-                    conn.sendall(b'{"exec": true}\n')
-                    conn.close()
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                sys.stdout.flush()
-                pid = os.fork()
-                if pid == 0:
-                    sel.close()
-                    listener.close()
-                    for other in children.values():
-                        other.close()
-                    for i, fd in enumerate(fds):
-                        os.dup2(fd, i)
-                        os.close(fd)
-                    conn.close()
-                    run_child(req, base_path, set_on_import)
-                for fd in fds:  # the child holds them now; kept here they would hold the caller's pipes open
-                    os.close(fd)
-                children[pid] = conn
-                sel.register(conn, selectors.EVENT_READ, pid)
-                conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+                if (pid := start(conn, startup_env, set_on_import, base_path, [sel, listener, *children.values()])):
+                    children[pid] = conn
+                    sel.register(conn, selectors.EVENT_READ, pid)
             elif isinstance(key.data, int) and key.data in children:  # the shim went away: so does its child
                 os.kill(key.data, signal.SIGKILL)
-        while children:
+        reap(children, sel)
+
+
+def start(conn: socket.socket, startup_env: dict[str, str], set_on_import: dict[str, str], base_path: list[str],
+          to_close: list) -> int | None:
+    """One shim's request: its child's pid, told to the shim; or None (told to exec python itself)."""
+    try:
+        req, fds = recv_request(conn)
+    except (ConnectionError, OSError, ValueError):
+        conn.close()
+        return None
+    if why := why_not_forked(req["argv"], req["env"], startup_env, set_on_import):
+        print(f"fork_server: {req['argv'][:2]} runs in a fresh interpreter: {why}", file=sys.stderr, flush=True)
+        conn.sendall(b'{"exec": true}\n')
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        return None
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        for held in to_close:
+            held.close()
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i)
+            os.close(fd)
+        conn.close()
+        run_child(req, base_path, set_on_import)
+    for fd in fds:  # the child holds them now; kept here they would hold the caller's pipes open
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    return pid
+
+
+def reap(children: dict[int, socket.socket], sel: selectors.BaseSelector) -> None:
+    """Each child that has ended: its exit status to its shim."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        conn = children.pop(pid, None)
+        if conn is not None:
+            sel.unregister(conn)
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if not pid:
-                break
-            conn = children.pop(pid, None)
-            if conn is not None:
-                sel.unregister(conn)
-                try:
-                    conn.sendall(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
-                except OSError:
-                    pass
-                conn.close()
+                conn.sendall(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+            except OSError:  # its shim was killed
+                pass
+            conn.close()
 
 
 class ForkServer:
@@ -254,8 +265,6 @@ class ForkServer:
         self.log.close()
         for _ in range(50):  # the last children's shims may still be exiting
             try:
-                import shutil
-
                 shutil.rmtree(self.tmp)
                 return
             except OSError:
