@@ -29,7 +29,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path, stderr: bool = False) -> str | tuple[str, str]:
+def torchrun(python: str, *args: str, cwd: Path, stderr: bool = False) -> str | tuple[str, str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS`: its stdout (and stderr)."""
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return (r.stdout, r.stderr) if stderr else r.stdout
@@ -54,8 +56,7 @@ def test_two_processes_train_the_same_prompt_as_one(fork_python, llama_dir, coun
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     one_process(args, one)
     # --standalone: a private rendezvous on a free port, so parallel runs cannot collide on 29500.
-    printed, said = _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "softprompt", *args, "--out", str(two)], tmp_path, stderr=True)
+    printed, said = torchrun(fork_python, "-m", "softprompt", *args, "--out", str(two), cwd=tmp_path, stderr=True)
     assert len([line for line in printed.splitlines() if '"final_eval"' in line]) == 1  # one process prints
     warned = [line for line in said.splitlines() if line.startswith("[softprompt] warning: ")]
     assert len(warned) == 1 and "default warm-up of 10 steps" in warned[0], said[-3000:]  # 4 steps
@@ -100,8 +101,7 @@ with open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".json"), "w")
     json.dump(summary, f)
 dist.destroy_process_group()
 """)
-    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-          str(tmp_path / "OUT2"), str(tmp_path)], tmp_path)
+    torchrun(fork_python, str(script), str(tmp_path / "OUT2"), str(tmp_path), cwd=tmp_path)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     written = json.loads((tmp_path / "OUT2" / "summary.json").read_text())
     assert got == [written, written] and written["world_size"] == 2 and written["steps"] == 4
@@ -115,12 +115,11 @@ def test_two_processes_report_to_tensorboard_and_both_exit_cleanly(fork_python, 
     """--report-to under torchrun: the main process logs, every process exits 0."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "OUT"
-    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "softprompt", "train", "--model", str(llama_dir), "--data", str(countries_csv),
-          "--template", "Country: {country}\nFacts:", "--target", " capital={capital}", "--device", "cpu",
-          "--batch-size", "4", "--max-steps", "2", "--eval-every", "0", "--save-every", "0",
-          "--virtual-tokens", "3", "--eval-fraction", "0", "--no-eval-untuned", "--report-to", "tensorboard",
-          "--out", str(out)], tmp_path)
+    torchrun(fork_python, "-m", "softprompt", "train", "--model", str(llama_dir), "--data", str(countries_csv),
+             "--template", "Country: {country}\nFacts:", "--target", " capital={capital}", "--device", "cpu",
+             "--batch-size", "4", "--max-steps", "2", "--eval-every", "0", "--save-every", "0",
+             "--virtual-tokens", "3", "--eval-fraction", "0", "--no-eval-untuned", "--report-to", "tensorboard",
+             "--out", str(out), cwd=tmp_path)
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     # events.out.tfevents.TIME.HOST.PID.N (the scalars', and the hparams' in a folder of its own): one process logs
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))

@@ -11,7 +11,7 @@ import pytest
 from softprompt.base.models import load_model
 from softprompt.core.config import PromptConfig, TrainConfig
 from softprompt.prompts.prompt import init_prompt, load_prompt
-from test_ddp import _run, one_process
+from test_ddp import one_process, torchrun
 
 
 @pytest.mark.parametrize("path", ["packed", "kv"])
@@ -23,8 +23,7 @@ def test_two_sharded_processes_train_the_same_prompt_as_one(fork_python, path, l
             "--virtual-tokens", "3", "--init", "vocab", "--eval-fraction", "0", "--no-eval-untuned"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     one_process(args, one)
-    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "softprompt", *args, "--shard", "fsdp", "--out", str(two)], tmp_path)
+    torchrun(fork_python, "-m", "softprompt", *args, "--shard", "fsdp", "--out", str(two), cwd=tmp_path)
 
     c1 = json.loads((one / "run_config.json").read_text())
     c2 = json.loads((two / "run_config.json").read_text())
@@ -70,8 +69,8 @@ def test_sharded_processes_train_the_same_prefix_or_encoder_as_one(fork_python, 
     # could abort it after its work is done (pytorch#179291; about one run of this test in six).
     (tmp_path / "command.py").write_text("import atexit\natexit.register(print, 'TEARDOWN', flush=True)\n"
                                          "from softprompt.cli import entry\nentry()\n")
-    printed = _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(tmp_path / "command.py"), *args, "--shard", "fsdp", "--out", str(two)], tmp_path)
+    printed = torchrun(fork_python, str(tmp_path / "command.py"), *args, "--shard", "fsdp", "--out", str(two),
+                       cwd=tmp_path)
     assert '"steps": 3' in printed and "TEARDOWN" not in printed
 
     c2 = json.loads((two / "run_config.json").read_text())

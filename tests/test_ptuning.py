@@ -376,7 +376,7 @@ def test_cli_train_ptuning_then_eval(tmp_path, monkeypatch, capsys):
 def test_two_processes_train_the_same_encoder_as_one(fork_python, llama_dir, countries_csv, tmp_path):
     """The encoder's gradient is all-reduced as a soft prompt's is: `torchrun --nproc_per_node 2`
     (gloo on CPU) gives the prompt one process gives with the same global batch."""
-    from test_ddp import _run, one_process
+    from test_ddp import one_process, torchrun
 
     args = ["train", "--model", str(llama_dir), "--data", str(countries_csv), "--template", "Country: {country}\nFacts:",
             "--target", " capital={capital}", "--device", "cpu", "--dtype", "float32", "--batch-size", "4",
@@ -385,8 +385,7 @@ def test_two_processes_train_the_same_encoder_as_one(fork_python, llama_dir, cou
             "--eval-fraction", "0", "--method", "ptuning", "--encoder", "lstm", "--lr", "1e-2"]
     one, two = tmp_path / "OUT1", tmp_path / "OUT2"
     one_process(args, one)
-    _run([fork_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "softprompt", *args, "--out", str(two)], tmp_path)
+    torchrun(fork_python, "-m", "softprompt", *args, "--out", str(two), cwd=tmp_path)
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
     p1, p2 = load_prompt(one).embeds.detach(), load_prompt(two).embeds.detach()
