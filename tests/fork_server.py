@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 # Environment variables read while the interpreter starts or torch, transformers or huggingface_hub
@@ -68,12 +69,21 @@ sys.exit(code)
 '''
 
 
-def why_not_forked(argv: list[str], env: dict[str, str], startup_env: dict[str, str],
-                   set_on_import: dict[str, str]) -> str | None:
-    """Why a fork would not run this command as a fresh interpreter would, or None. startup_env: the
-    server's environment before it imported anything; set_on_import: what its imports added (a caller
-    that has imported torch passes torch's own value on)."""
-    argv = argv[1:] if argv[:1] == ["-u"] else argv
+def unbuffered(argv: list[str]) -> tuple[bool, list[str]]:
+    """`python -u ARGV` as (True, ARGV); any other command line as (False, itself)."""
+    return (True, argv[1:]) if argv[:1] == ["-u"] else (False, argv)
+
+
+def pythonpath(env: Mapping[str, str], cwd: str) -> list[str]:
+    """env's PYTHONPATH entries, made absolute as an interpreter started in `cwd` reads them."""
+    return [os.path.abspath(os.path.join(cwd, p)) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
+def why_not_forked(req: dict, startup_env: dict[str, str], set_on_import: dict[str, str]) -> str | None:
+    """Why a fork would not run this request's command as a fresh interpreter would, or None.
+    startup_env: the server's environment before it imported anything; set_on_import: what its
+    imports added (a caller that has imported torch passes torch's own value on)."""
+    env, argv = req["env"], unbuffered(req["argv"])[1]
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-m", "-c")) or (argv[0] in ("-m", "-c")
                                                                                 and len(argv) < 2):
         return f"a command line other than [-u] SCRIPT, -m MODULE or -c CODE: {argv[:2]}"
@@ -85,7 +95,7 @@ def why_not_forked(argv: list[str], env: dict[str, str], startup_env: dict[str, 
     # a folder on the child's PYTHONPATH that holds its own copy of a preloaded package would be shadowed
     preloaded = {name for name in sys.modules if "." not in name} & {"torch", "transformers", "peft",
                                                                        "huggingface_hub", "tokenizers"}
-    shadowed = [os.path.join(p, name) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p
+    shadowed = [os.path.join(p, name) for p in pythonpath(env, req["cwd"])
                 for name in preloaded if os.path.isdir(os.path.join(p, name))]
     return f"its PYTHONPATH holds its own {shadowed}" if shadowed else None
 
@@ -103,14 +113,13 @@ def run_child(req: dict, base_path: list[str], set_on_import: dict[str, str]) ->
     os.environ.clear()
     os.environ.update({**req["env"], **set_on_import})
     sys.stdin = open(0, closefd=False)
-    unbuffered = req["argv"][:1] == ["-u"]
-    argv = req["argv"][unbuffered:]
-    if unbuffered or req["env"].get("PYTHONUNBUFFERED"):  # every write reaches the fd at once
+    dash_u, argv = unbuffered(req["argv"])
+    if dash_u or req["env"].get("PYTHONUNBUFFERED"):  # every write reaches the fd at once
         sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True,
                                                    encoding=old.encoding, errors=old.errors)
                                   for fd, old in ((1, sys.stdout), (2, sys.stderr)))
     sys.executable = req["shim"]
-    extra = [os.path.abspath(p) for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    extra = pythonpath(req["env"], req["cwd"])
     code = 0
     try:
         if argv[0] == "-c":
@@ -158,7 +167,7 @@ def serve(path: str, startup_path: list[str], startup_env: dict[str, str]) -> No
     """Accept shims until stdin closes; then kill what still runs. startup_path and startup_env: the
     server's sys.path (less its first entry) and environment before it imported anything."""
     set_on_import = {k: v for k, v in os.environ.items() if k not in startup_env}
-    own = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    own = set(pythonpath(os.environ, os.getcwd()))
     base_path = [p for p in startup_path if os.path.abspath(p) not in own]
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
@@ -192,7 +201,7 @@ def start(conn: socket.socket, startup_env: dict[str, str], set_on_import: dict[
     except (ConnectionError, OSError, ValueError):
         conn.close()
         return None
-    if why := why_not_forked(req["argv"], req["env"], startup_env, set_on_import):
+    if why := why_not_forked(req, startup_env, set_on_import):
         print(f"fork_server: {req['argv'][:2]} runs in a fresh interpreter: {why}", file=sys.stderr, flush=True)
         conn.sendall(b'{"exec": true}\n')
         conn.close()
