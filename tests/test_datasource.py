@@ -13,7 +13,7 @@ import pytest
 
 from softprompt.core.config import DataConfig
 from softprompt.core.utils import SoftpromptError
-from softprompt.data.datasource import read_rows, take
+from softprompt.data.datasource import check_source, read_rows, take
 from softprompt.data.formatting import load_splits
 
 ROWS = [{"sentence": f"film number {i} was {'good' if i % 3 else 'bad'}", "label": int(i % 3 != 0)} for i in range(30)]
@@ -197,3 +197,64 @@ def test_a_hub_dataset_or_builder_is_read_before_the_model_loads(tmp_path, monke
                         "--template", "{text}", "--out", str(tmp_path / "run")], capture_output=True, text=True)
     said = "softprompt: error: cannot load dataset 'nobody/nothing'"
     assert r.returncode == 2 and "Loading" not in r.stderr and r.stderr.startswith(said), r.stderr
+
+
+def _table(path, rows, header: bool, sep: str = "\t"):
+    lines = ([sep.join(rows[0])] if header else []) + [sep.join(str(v) for v in r.values()) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("ext,sep", [(".tsv", "\t"), (".csv", ",")])
+def test_columns_names_a_header_less_table_and_it_reads_as_the_headed_one(tmp_path, tok, ext, sep):
+    """A header-less CSV/TSV file (AG News as shared here: text, then the label) could not be read at all:
+    row 1 became the column names. --columns names them, for --data and --eval-data alike."""
+    headed = load_splits(_cfg(_table(tmp_path / f"h{ext}", ROWS, True, sep),
+                              eval_data=str(_table(tmp_path / f"hd{ext}", DEV, True, sep))), tok, seed=1)
+    bare = load_splits(_cfg(_table(tmp_path / f"b{ext}", ROWS, False, sep), columns="sentence,label",
+                            eval_data=str(_table(tmp_path / f"bd{ext}", DEV, False, sep))), tok, seed=1)
+    assert _ids(bare[1]) == _ids(headed[1]) and _ids(bare[2]) == _ids(headed[2]) and len(bare[1]) == len(ROWS)
+    with pytest.raises(SoftpromptError, match="column 'sentence' not found .*row 1 names its columns: add one if it "
+                                              "holds data, or name them with --columns"):
+        check_source(str(tmp_path / f"b{ext}"), columns=["sentence", "label"])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"columns": "text,,label"}, "--columns 'text,,label' has an empty name"),
+    ({"columns": "text,text"}, "--columns 'text,text' names a column twice"),
+    ({"columns": "text,label", "data": "d.jsonl"}, "--columns names the columns of a header-less .csv/.tsv file, "
+                                                   "and --data 'd.jsonl' is not one"),
+    ({"columns": "text,label", "data": "org/set", "eval_data": "e.json"}, "and --data 'org/set' and --eval-data "
+                                                                        "'e.json' are not one"),
+])
+def test_columns_refused_with_one_line(kw, msg):
+    with pytest.raises(SoftpromptError) as e:
+        DataConfig(template="{text}", **{"data": "d.tsv", **kw})
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_columns_against_a_file_it_does_not_fit_is_said_before_the_model_loads(tmp_path, capsys):
+    from softprompt.cli import main
+
+    bare, headed = _table(tmp_path / "b.tsv", ROWS, False), _table(tmp_path / "h.tsv", ROWS, True)
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run"), "--template", "{text}"]
+    for flags, words in ((["--data", str(bare), "--columns", "text,label,source"],
+                          "b.tsv row 1 has 2 field(s), and --columns names 3 (text, label, source)"),
+                         (["--data", str(headed), "--columns", "sentence,label", "--template", "{sentence}"],
+                          "h.tsv has a header row (sentence, label): leave out --columns"),
+                         (["--data", str(bare), "--columns", "sentence,label"],
+                          "column 'text' not found in ")):
+        assert main([*argv, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "no-model" not in err, (flags, err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mixture_task_reading_its_own_file_does_not_take_the_flags_columns():
+    """--columns names the columns of one file: a --mix task with a JSONL file of its own was refused for
+    the first task's --columns, and one with a header-less file names its own."""
+    cfg = DataConfig(data="a.tsv", columns="text,label", template="{text}", labels="no,yes",
+                     mix=['{"data": "b.jsonl", "template": "{x}", "labels": "no,yes"}',
+                          '{"data": "c.csv", "columns": "x,label", "template": "{x}", "labels": "no,yes"}'])
+    assert [(t.data, t.header) for t in cfg.tasks()] == [("a.tsv", ["text", "label"]), ("b.jsonl", None),
+                                                         ("c.csv", ["x", "label"])]

@@ -212,3 +212,17 @@ def test_export_push_and_peft_read_what_train_wrote(runs, fork_python):
         assert cfg["peft_type"] == peft_type and cfg["num_virtual_tokens"] == ours.shape[0]
         assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert kinds == {"prompt", "prefix"}  # sst2 (--init labels) a soft prompt; the others the default prefix
+
+
+def test_a_header_less_file_trains_and_evaluates_with_columns(runs, fork_python):
+    """AG News as shared here is a header-less TSV (the text, then the label's name): its row 1 was taken
+    for column names, so no flag could read it. --columns names them for train and for eval."""
+    ag = SHARED / "ag_news" / "alps_dev_10k.tsv"
+    reading = ["--data", ag, "--columns", "text,label", "--template", r"Article: {text}\nTopic:"]
+    sp("train", *reading, "--labels", "World,Sports,Business,Sci/Tech", *FEW, "--limit", "16",
+       "--out", "runs/ag", cwd=runs, python=fork_python)
+    record = json.loads((runs / "runs" / "ag" / "run_config.json").read_text())
+    assert (record["DataConfig"]["columns"], record["train_examples"], record["eval_examples"]) == ("text,label", 16, 8)
+    out = sp("eval", "--prompt", "runs/ag", *reading[:4], "--limit", "8", "--json", cwd=runs, python=fork_python)
+    scored = json.loads(out.stdout.strip().splitlines()[-1])
+    assert scored["n"] == 8 and 0 <= scored["accuracy"] <= 1, scored

@@ -43,13 +43,13 @@ def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
         try:
             check_files(task.data, task.data_files)
             check_source(task.data, "--data", needed_columns(task), task.split, task.data_config,
-                         data_files=task.data_files)
+                         data_files=task.data_files, header=task.header)
             if eval_too and task.eval_data:
                 check_source(task.eval_data, "--eval-data", needed_columns(task), task.eval_split,
-                             split_flag="--eval-split")
+                             split_flag="--eval-split", header=task.header)
             elif eval_too and task.eval_split:  # --data's other split: a local file has none
                 check_source(task.data, "--data", needed_columns(task), task.eval_split, task.data_config,
-                             split_flag="--eval-split", data_files=task.data_files)
+                             split_flag="--eval-split", data_files=task.data_files, header=task.header)
         except SoftpromptError as e:
             raise SoftpromptError(f"{where}{e}") from None
 

@@ -136,7 +136,7 @@ HELD_OUT_MAX = 1000
 # datasets' builders that read local files (`--data csv --data-files 'parts/*.csv'`), where --data names no source.
 FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas", "xml")
 # The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
-MIX_KEYS = ("data", "data_config", "data_files", "split", "template", "target", "text_col", "labels", "label_col",
+MIX_KEYS = ("data", "data_config", "data_files", "columns", "split", "template", "target", "text_col", "labels", "label_col",
             "messages_col", "eval_data", "eval_split", "limit", "eval_limit")
 
 
@@ -149,6 +149,8 @@ class DataConfig:
                                "NAME:CONFIG)")
     data_files: str = opt("", "comma-separated files or glob patterns that --data reads (a Hub dataset's files, or "
                               "local ones for a builder: --data parquet --data-files 'train-*.parquet')")
+    columns: str = opt("", "comma-separated names for the columns of a header-less .csv/.tsv --data or --eval-data "
+                           "(row 1 is then a row of data), e.g. text,label")
     template: str = opt("", "input template naming columns in braces, e.g. 'Review: {sentence}\\nSentiment:'")
     target: str = opt("", "target template appended after --template (loss on target tokens only)")
     text_col: str = opt("", "train on this plain text column as language modelling (the classic recipe)")
@@ -186,7 +188,8 @@ class DataConfig:
         for i in range(len(self.mix)):
             self.task_config(i + 1)  # its own checks, each naming its flag
         check_fields(self, {"max_length": 1, "limit": 0, "eval_limit": 0})
-        check_text(self, "template", "target", "text_col", "labels", "label_col", "messages_col")
+        check_text(self, "columns", "template", "target", "text_col", "labels", "label_col", "messages_col")
+        self.check_header()
         require(bool(self.eval_data) or not self.eval_split or self.eval_split != self.split,
                 f"--eval-split {self.eval_split!r} is the training --split: evaluate on another split")
         require(not (self.messages_col and (self.template or self.text_col)),
@@ -209,6 +212,24 @@ class DataConfig:
     def label_words(self) -> list[str]:
         return [w.strip() for w in self.labels.split(",") if w.strip()]
 
+    @property
+    def header(self) -> list[str] | None:
+        """--columns as names, or None: each CSV/TSV file's row 1 names its columns."""
+        return [c.strip() for c in self.columns.split(",")] if self.columns else None
+
+    def check_header(self) -> None:
+        """--columns names each column once, and a CSV/TSV file is there to take the names: the csv module reads
+        header-less tables, and a Hub dataset or a JSON file names its own columns."""
+        if not self.columns:
+            return
+        names = self.header
+        require(all(names), f"--columns {self.columns!r} has an empty name: give NAME,NAME,...")
+        require(len(set(names)) == len(names), f"--columns {self.columns!r} names a column twice")
+        files = [f for f in (self.data, self.eval_data) if f]
+        require(not files or any(f.lower().endswith((".csv", ".tsv")) for f in files),
+                f"--columns names the columns of a header-less .csv/.tsv file, and --data {self.data!r}"
+                + (f" and --eval-data {self.eval_data!r} are" if self.eval_data else " is") + " not one")
+
     def task_config(self, i: int) -> "DataConfig":
         """Task i of the mixture (0: the flags' own) as a DataConfig of one task."""
         if i == 0:
@@ -224,7 +245,9 @@ class DataConfig:
         drop = ({"labels", "target"} if lm else {"labels"} if "target" in task else {"target"} if "labels" in task
                 else set())
         kind = {k: "" for k in drop - task.keys()}
-        fields = {"eval_data": "", "eval_split": "", **reading, **kind, **task, "mix": []}
+        # Names for header-less columns belong to a file: a task that reads its own file names its own.
+        own = {"columns": ""} if "data" in task else {}
+        fields = {"eval_data": "", "eval_split": "", **own, **reading, **kind, **task, "mix": []}
         try:
             return dataclasses.replace(self, **fields)
         except SoftpromptError as e:

@@ -50,8 +50,10 @@ def is_local(spec: str) -> bool:
     return (path.suffix.lower() in LOCAL_EXTS | ARROW_EXTS or path.exists() or spec.startswith((".", "/", "~")))
 
 
-def read_rows(spec: str, split: str = "train", config: str = "", data_files: str = "") -> Sequence[dict[str, Any]]:
-    """Rows of a local file (by extension), a local folder, or a Hub dataset's split."""
+def read_rows(spec: str, split: str = "train", config: str = "", data_files: str = "",
+              header: list[str] | None = None) -> Sequence[dict[str, Any]]:
+    """Rows of a local file (by extension), a local folder, or a Hub dataset's split; `header` names the
+    columns of a header-less CSV/TSV file (--columns)."""
     if not spec:
         raise SoftpromptError("no data given: pass --data FILE_OR_DATASET_ID")
     name, config = (spec, config) if Path(spec).expanduser().exists() else split_spec(spec, config)
@@ -60,7 +62,7 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
         if not path.is_file():
             raise SoftpromptError(f"missing data file: {path}")
         ext = path.suffix.lower()
-        rows = (read_arrow(path) if ext in ARROW_EXTS else read_table(path) if ext in (".csv", ".tsv")
+        rows = (read_arrow(path) if ext in ARROW_EXTS else read_table(path, header) if ext in (".csv", ".tsv")
                 else read_json_rows(path))
     else:
         rows = read_hub(name, split, config, data_files)
@@ -70,13 +72,14 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
 
 
 def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "train",
-                 config: str = "", split_flag: str = "--split", data_files: str = "") -> None:
+                 config: str = "", split_flag: str = "--split", data_files: str = "",
+                 header: list[str] | None = None) -> None:
     """What can be told of a data source before any model loads: a local file exists and is readable
     and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later row that lacks
     one), or a `messages` column where `columns` is None (no flag says how to read a row). A Hub
     dataset (or a builder's --data-files) is read here, as the run would read it after the model
     loaded: `datasets` keeps it in its cache, so the run's own read costs little. A local folder is
-    only looked at when read."""
+    only looked at when read. `header`: the names of a header-less CSV/TSV file's columns (--columns)."""
     if not spec:
         raise SoftpromptError(f"no data given: pass {what} FILE_OR_DATASET_ID")
     name, config = (spec, config) if Path(spec).expanduser().exists() else split_spec(spec, config)
@@ -95,11 +98,30 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
             f.read(1)
     except OSError as e:
         raise SoftpromptError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    row = first_row(path)
+    table = path.suffix.lower() in (".csv", ".tsv")
+    if table and header:
+        check_header(path, header)
+    row = first_row(path, header if table else None)
     if row is not None:
-        header = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data"
-                  if path.suffix.lower() in (".csv", ".tsv") else "")
-        check_columns(path, columns, list(row), " row 1", header)
+        hint = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data, or name them with --columns"
+                if table and not header else "")
+        check_columns(path, columns, list(row), "" if header else " row 1", hint)
+
+
+def check_header(path: Path, header: list[str]) -> None:
+    """A header-less file's row 1 has as many fields as --columns names, and is not a header itself."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            first = next(table_reader(f, path.suffix.lower()), None)
+    except (UnicodeDecodeError, csv.Error, OSError):
+        return  # the full read says what is wrong, and where
+    if first is None:
+        return
+    if [v.strip() for v in first] == header:
+        raise SoftpromptError(f"{path} has a header row ({', '.join(first)}): leave out --columns")
+    if len(first) != len(header):
+        raise SoftpromptError(f"{path} row 1 has {len(first)} field(s), and --columns names {len(header)} "
+                              f"({', '.join(header)})")
 
 
 def check_columns(where: str | Path, columns: list[str] | None, found: list[str], row: str = "",
@@ -121,15 +143,23 @@ def local_split_error(split_flag: str, split: str, what: str, path: str | Path) 
                            f"splits); {fix}")
 
 
-def first_row(path: Path) -> dict[str, Any] | None:
-    """The first row of a CSV/TSV/JSONL file, or None where it takes more than one line to tell."""
+def table_reader(f, ext: str, dicts: bool = False, header: list[str] | None = None):
+    """CSV, or TSV as in GLUE: no quoting at all (sentences contain bare quotes); rows as lists, or as
+    dicts keyed by `header` (None: by row 1)."""
+    tsv = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if ext == ".tsv" else {}
+    return csv.DictReader(f, fieldnames=header, **tsv) if dicts else csv.reader(f, **tsv)
+
+
+def first_row(path: Path, header: list[str] | None = None) -> dict[str, Any] | None:
+    """The first row of a CSV/TSV/JSONL file (a CSV/TSV's column names: `header`, or its row 1), or None
+    where it takes more than one line to tell."""
     ext = path.suffix.lower()
+    if header:
+        return dict.fromkeys(header)
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             if ext in (".csv", ".tsv"):
-                reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
-                          else csv.DictReader(f))
-                return dict.fromkeys(reader.fieldnames or []) or None
+                return dict.fromkeys(table_reader(f, ext, dicts=True).fieldnames or []) or None
             if ext == ".jsonl":
                 line = next((line for line in f if line.strip()), "")
                 row = json.loads(line) if line else None
@@ -139,17 +169,16 @@ def first_row(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def read_table(path: Path) -> list[dict[str, Any]]:
-    """CSV, or TSV as in GLUE: no quoting at all (sentences contain bare quotes). Read from the file
-    as it streams, skipping (and naming) rows with the wrong number of fields."""
+def read_table(path: Path, header: list[str] | None = None) -> list[dict[str, Any]]:
+    """A CSV/TSV file (table_reader), its columns named by row 1 or by `header`. Read from the file as
+    it streams, skipping (and naming) rows with the wrong number of fields."""
     csv.field_size_limit(sys.maxsize)  # some prompts run to 100k+ characters
     ext = path.suffix.lower()
     rows, bad = [], []
     try:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
         with open(path, encoding="utf-8-sig", newline="") as f:  # quoted fields may span lines
-            reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv"
-                      else csv.DictReader(f))
+            reader = table_reader(f, ext, dicts=True, header=header)
             for i, r in enumerate(reader):
                 if None in r or any(v is None for v in r.values()):
                     bad.append(i + 1)

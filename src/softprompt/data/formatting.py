@@ -254,7 +254,7 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0,
     or a held-out fraction. Rows are taken by index, so a Hub or Arrow dataset is never copied.
     `shuffle`: the training rows' order (and so --limit's choice) is seeded; without it they stay in
     file order, as scoring commands take them (--limit N: the first N rows, as --eval-limit takes)."""
-    rows = read_rows(cfg.data, cfg.split, cfg.data_config, cfg.data_files)
+    rows = read_rows(cfg.data, cfg.split, cfg.data_config, cfg.data_files, cfg.header)
     fmt = Formatter(resolve_columns(cfg, rows), tok)
     order = list(range(len(rows)))  # shuffled as row numbers, so that errors name the file's rows
     if shuffle:
@@ -265,8 +265,8 @@ def load_splits(cfg: DataConfig, tok, seed: int = 0,
     if cfg.eval_data or cfg.eval_split:
         split = cfg.eval_split or ("validation" if cfg.split == "train" else cfg.split)
         # --eval-data's own config and files are not --data's; the same dataset's other split shares them.
-        eval_rows = (read_rows(cfg.eval_data, split) if cfg.eval_data
-                     else read_rows(cfg.data, split, cfg.data_config, cfg.data_files))
+        eval_rows = (read_rows(cfg.eval_data, split, header=cfg.header) if cfg.eval_data
+                     else read_rows(cfg.data, split, cfg.data_config, cfg.data_files, cfg.header))
         eval_order = list(range(len(eval_rows)))
     elif cfg.eval_fraction > 0:
         n_eval = min(max(1, int(round(len(rows) * cfg.eval_fraction))), cfg.eval_limit or HELD_OUT_MAX)
