@@ -136,8 +136,8 @@ HELD_OUT_MAX = 1000
 # datasets' builders that read local files (`--data csv --data-files 'parts/*.csv'`), where --data names no source.
 FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas", "xml")
 # The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
-MIX_KEYS = ("data", "data_config", "data_files", "columns", "split", "template", "target", "text_col", "labels", "label_col",
-            "messages_col", "eval_data", "eval_split", "limit", "eval_limit")
+MIX_KEYS = ("data", "data_config", "data_files", "columns", "split", "template", "target", "text_col", "labels",
+            "label_col", "messages_col", "eval_data", "eval_split", "limit", "eval_limit")
 
 
 @dataclass
