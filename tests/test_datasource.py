@@ -258,3 +258,69 @@ def test_a_mixture_task_reading_its_own_file_does_not_take_the_flags_columns():
                           '{"data": "c.csv", "columns": "x,label", "template": "{x}", "labels": "no,yes"}'])
     assert [(t.data, t.header) for t in cfg.tasks()] == [("a.tsv", ["text", "label"]), ("b.jsonl", None),
                                                          ("c.csv", ["x", "label"])]
+
+
+def _bad_sources(tmp: Path) -> list[tuple[list[str], str]]:
+    """(flags, the words of their one error line) for data the run could not read (hunt 10), each made here."""
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "latin1.jsonl").write_bytes(b'{"sentence": "caf\xe9", "label": 1}\n')
+    for folder, name in (("d_empty", "empty.jsonl"), ("d_latin1", "latin1.jsonl")):
+        (tmp / folder).mkdir()
+        (tmp / folder / name).write_bytes((tmp / name).read_bytes())
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp / "d.parquet"))
+    (tmp / "d.json").write_text(json.dumps(ROWS))
+    (tmp / "header.csv").write_text("sentence,label\n")
+    (tmp / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:5]) + "{oops\n")
+    words = [{**r, "label": ["neg", "pos"][r["label"]]} for r in ROWS]
+    (tmp / "words.jsonl").write_text("".join(json.dumps(r) + "\n" for r in words))
+    late = [dict(r, label=1) for r in ROWS[:3]] + [dict(ROWS[3], label=3)] + ROWS[4:]
+    (tmp / "late.jsonl").write_text("".join(json.dumps(r) + "\n" for r in late))
+    (tmp / "d.csv").write_text("sentence,label\n" + "".join(f"{r['sentence']},{r['label']}\n" for r in ROWS))
+    (tmp / "d.tsv").write_text("sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in ROWS))
+    (tmp / "d.txt").write_text("a film\n")
+    return [
+        (["--data", "json", "--data-files", str(tmp / "empty.jsonl")], "no rows in 'json' (split 'train')"),
+        (["--data", str(tmp / "d_empty")], "no rows in '"),
+        (["--data", "json", "--data-files", str(tmp / "latin1.jsonl")], "Invalid UTF8 sequence"),
+        (["--data", str(tmp / "d_latin1")], "(is it UTF-8 text?)"),
+        (["--data", str(tmp / "d.json"), "--template", "{text}"], "column 'text' not found in "
+                                                                  f"{tmp / 'd.json'} (columns: 'sentence', 'label')"),
+        (["--data", str(tmp / "d.parquet"), "--template", "{text}"],
+         f"column 'text' not found in {tmp / 'd.parquet'} ("),
+        (["--data", str(tmp / "header.csv")], f"no rows in {tmp / 'header.csv'}"),
+        (["--data", str(tmp / "broken.jsonl")], "corrupt JSONL in "),
+        (["--data", str(tmp / "words.jsonl")], "unknown label 'neg' at "),
+        (["--data", str(tmp / "late.jsonl")], f"unknown label 3 at {tmp / 'late.jsonl'} row 4: expected one of"),
+        (["--data", str(tmp / "d.txt")], "a file of type '.txt' is not read"),
+        (["--data", str(tmp / "d.csv"), "--data-files", str(tmp / "d.csv")], "is a local file, read whole"),
+        (["--data", "parquet", "--data-files", str(tmp / "d.csv")], "cannot read the --data-files of 'parquet'"),
+    ]
+
+
+def test_data_the_run_could_not_read_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """Hunt 10: an empty or non-UTF-8 JSON file read through `datasets` ended in a StopIteration or a
+    UnicodeDecodeError traceback (the second after the model loaded); a misspelt column in a .json or
+    .parquet file, an empty, broken or non-UTF-8 local file and label values that are not the label
+    words were each said only after the model loaded (and named a row the shuffle met first); a .txt or
+    .gz file was read as JSON. Each is now one line, before any model loads (a --model that does not
+    exist would be named first otherwise), and names the first bad row in file order."""
+    from softprompt.cli import main
+
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run"), "--template",
+            "Review: {sentence}", "--labels", "negative,positive"]
+    for flags, words in _bad_sources(tmp_path):
+        assert main([*argv, *flags]) == 2, flags
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("softprompt:")]
+        assert len(said) == 1 and words in said[0] and "no-model" not in said[0], (flags, said)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_builder_s_parse_error_is_not_blamed_on_columns_or_the_hub(tmp_path):
+    # A TSV read as CSV: row 1 of data has no comma, the next has one (a second field).
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\nplain\t1\nno wit , only gags\t0\n")
+    with pytest.raises(SoftpromptError) as e:
+        read_rows("csv", data_files=str(tmp_path / "d.tsv"))
+    assert "ParserError" in str(e.value) and "share their columns" not in str(e.value)
+    with pytest.raises(SoftpromptError) as e:
+        read_rows("parquet", data_files=str(tmp_path / "d.tsv"))
+    assert str(e.value).startswith("cannot read the --data-files of 'parquet'") and "Hub" not in str(e.value)

@@ -40,16 +40,17 @@ def needed_columns(cfg: DataConfig) -> list[str] | None:
 def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
     for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
         where = f"--mix task {k + 1}: " if k else ""
+        read = {"columns": needed_columns(task), "header": task.header,
+                "labels": (task.label_col, task.label_words) if task.labels else None}
         try:
             check_files(task.data, task.data_files)
-            check_source(task.data, "--data", needed_columns(task), task.split, task.data_config,
-                         data_files=task.data_files, header=task.header)
+            check_source(task.data, "--data", split=task.split, config=task.data_config, data_files=task.data_files,
+                         **read)
             if eval_too and task.eval_data:
-                check_source(task.eval_data, "--eval-data", needed_columns(task), task.eval_split,
-                             split_flag="--eval-split", header=task.header)
+                check_source(task.eval_data, "--eval-data", split=task.eval_split, split_flag="--eval-split", **read)
             elif eval_too and task.eval_split:  # --data's other split: a local file has none
-                check_source(task.data, "--data", needed_columns(task), task.eval_split, task.data_config,
-                             split_flag="--eval-split", data_files=task.data_files, header=task.header)
+                check_source(task.data, "--data", split=task.eval_split, config=task.data_config,
+                             split_flag="--eval-split", data_files=task.data_files, **read)
         except SoftpromptError as e:
             raise SoftpromptError(f"{where}{e}") from None
 

@@ -13,11 +13,13 @@ import glob
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..core.config import FILE_BUILDERS
-from ..core.utils import SoftpromptError, warn
+from ..core.utils import SoftpromptError, SoftpromptWarning, warn
+from .labels import label_index
 
 LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
 ARROW_EXTS = {".parquet", ".arrow"}
@@ -62,6 +64,10 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
         if not path.is_file():
             raise SoftpromptError(f"missing data file: {path}")
         ext = path.suffix.lower()
+        if ext not in LOCAL_EXTS | ARROW_EXTS:
+            raise SoftpromptError(f"{path}: a file of type {ext or '(none)'!r} is not read (.csv, .tsv, .json, .jsonl, "
+                                  ".parquet, .arrow are); `datasets` builders read others: `--data text --data-files "
+                                  "FILE` (a row per line), `--data csv --data-files FILE.csv.gz` (compressed)")
         rows = (read_arrow(path) if ext in ARROW_EXTS else read_table(path, header) if ext in (".csv", ".tsv")
                 else read_json_rows(path))
     else:
@@ -73,39 +79,66 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
 
 def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "train",
                  config: str = "", split_flag: str = "--split", data_files: str = "",
-                 header: list[str] | None = None) -> None:
-    """What can be told of a data source before any model loads: a local file exists and is readable
-    and, for CSV/TSV/JSONL, its first row has `columns` (the full read names any later row that lacks
-    one), or a `messages` column where `columns` is None (no flag says how to read a row). A Hub
-    dataset (or a builder's --data-files) is read here, as the run would read it after the model
-    loaded: `datasets` keeps it in its cache, so the run's own read costs little. A local folder is
-    only looked at when read. `header`: the names of a header-less CSV/TSV file's columns (--columns)."""
+                 header: list[str] | None = None, labels: tuple[str, list[str]] | None = None) -> None:
+    """What can be told of a data source before any model loads, by reading it as the run will: it
+    exists and reads (UTF-8, well-formed, with rows), has `columns` (or a `messages` column where
+    `columns` is None: no flag says how to read a row), and every value of its label column names a
+    class (`labels`: the column and the label words). A Hub dataset or a folder goes through
+    `datasets`, which keeps it in its cache for the run's own read; a local file is read again by the
+    run (little next to loading a model). `header`: a header-less CSV/TSV file's column names."""
     if not spec:
         raise SoftpromptError(f"no data given: pass {what} FILE_OR_DATASET_ID")
-    name, config = (spec, config) if Path(spec).expanduser().exists() else split_spec(spec, config)
+    name = spec if Path(spec).expanduser().exists() else split_spec(spec, config)[0]
     path = Path(name).expanduser()
-    if path.is_dir():
-        return
-    if not is_local(name):
-        check_columns(name, columns, read_hub(name, split, config, data_files).column_names)
-        return
+    local_file = is_local(name) and not path.is_dir()
+    if local_file:
+        check_local_file(path, what, split, split_flag, header, data_files)
+    with warnings.catch_warnings():  # what the read warns of (a skipped row), the run's own read says
+        warnings.simplefilter("ignore", SoftpromptWarning)
+        rows = read_rows(spec, split, config, data_files, header)
+    where = str(path) if local_file or path.is_dir() else name
+    table = local_file and path.suffix.lower() in (".csv", ".tsv") and not header
+    hint = "; a CSV/TSV file's row 1 names its columns: add one if it holds data, or name them with --columns"
+    check_columns(where, columns, column_names(rows), " row 1" if table else "", hint if table else "")
+    if labels is not None:
+        check_labels(rows, where, *labels)
+
+
+def check_local_file(path: Path, what: str, split: str, split_flag: str, header: list[str] | None,
+                     data_files: str) -> None:
+    """A local file is there and readable, and no flag asks of it what a file read whole cannot do."""
     if not path.is_file():
         raise SoftpromptError(f"missing data file: {path}")
     if split not in ("", "train"):  # read_rows reads a file whole: --split would be silently ignored
         raise local_split_error(split_flag, split, what, path)
+    if data_files:
+        raise SoftpromptError(f"--data-files names the files of a builder (--data csv) or of a Hub dataset: {what} "
+                              f"{path} is a local file, read whole")
     try:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as e:
         raise SoftpromptError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    table = path.suffix.lower() in (".csv", ".tsv")
-    if table and header:
+    if header and path.suffix.lower() in (".csv", ".tsv"):
         check_header(path, header)
-    row = first_row(path, header if table else None)
-    if row is not None:
-        hint = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data, or name them with --columns"
-                if table and not header else "")
-        check_columns(path, columns, list(row), "" if header else " row 1", hint)
+
+
+def check_labels(rows: Sequence[dict[str, Any]], where: str, column: str, words: list[str]) -> None:
+    """Every label value names one of `words` (or is an index into them); the first row that does not is
+    named, as the run's own read would name it. A null value is a row the run skips (and says so)."""
+    values = rows.unique(column) if hasattr(rows, "unique") else {str(r.get(column)) for r in rows}
+    for value in values:
+        if value is not None and value != "None":
+            try:
+                label_index(words, value, where)
+            except SoftpromptError:
+                break
+    else:
+        return
+    cells = rows[column] if hasattr(rows, "unique") else [r.get(column) for r in rows]
+    for i, value in enumerate(cells):
+        if value is not None:
+            label_index(words, value, f"{where} row {i + 1}")
 
 
 def check_header(path: Path, header: list[str]) -> None:
@@ -148,25 +181,6 @@ def table_reader(f, ext: str, dicts: bool = False, header: list[str] | None = No
     dicts keyed by `header` (None: by row 1)."""
     tsv = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if ext == ".tsv" else {}
     return csv.DictReader(f, fieldnames=header, **tsv) if dicts else csv.reader(f, **tsv)
-
-
-def first_row(path: Path, header: list[str] | None = None) -> dict[str, Any] | None:
-    """The first row of a CSV/TSV/JSONL file (a CSV/TSV's column names: `header`, or its row 1), or None
-    where it takes more than one line to tell."""
-    ext = path.suffix.lower()
-    if header:
-        return dict.fromkeys(header)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            if ext in (".csv", ".tsv"):
-                return dict.fromkeys(table_reader(f, ext, dicts=True).fieldnames or []) or None
-            if ext == ".jsonl":
-                line = next((line for line in f if line.strip()), "")
-                row = json.loads(line) if line else None
-                return row if isinstance(row, dict) else None
-    except (UnicodeDecodeError, csv.Error, json.JSONDecodeError, OSError):
-        return None  # the full read says what is wrong, and where
-    return None
 
 
 def read_table(path: Path, header: list[str] | None = None) -> list[dict[str, Any]]:
@@ -252,20 +266,41 @@ def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
     name = spec
     files = [f.strip() for f in data_files.split(",") if f.strip()] or None
     what = f"{name!r} (" + (f"config {config!r}, " if config else "") + f"split {split!r})"
+    local = name in FILE_BUILDERS or Path(name).is_dir()
     try:
-        return datasets.load_dataset(name, config or None, data_files=files, split=split)
+        ds = datasets.load_dataset(name, config or None, data_files=files, split=split)
     except datasets.exceptions.DatasetBuildError as e:  # files read but not made one table (columns differ...)
         cause = e.__cause__ or e
         why = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
-        raise SoftpromptError(f"cannot read {what} as one table of rows ({type(cause).__name__}: {why}): do its "
-                              "files share their columns?") from None
+        # Only a cast between the files' schemas is about their columns (a parse error is a file's own).
+        shared = ": do its files share their columns?" if type(cause).__name__ == "CastError" else ""
+        raise SoftpromptError(f"cannot read {what} as one table of rows ({type(cause).__name__}: {why}){shared}"
+                              ) from None
+    except StopIteration:  # datasets' json builder on an empty file
+        raise SoftpromptError(f"no rows in {what}") from None
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError, ValueError) as e:
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        if Path(name).is_dir():  # a local folder of split files: no Hub was asked
-            raise SoftpromptError(f"cannot load the folder {what}: {why}") from None
+        if local:  # local files or a local folder of split files: no Hub was asked
+            source = f"read the --data-files of {what}" if name in FILE_BUILDERS else f"load the folder {what}"
+            raise SoftpromptError(f"cannot {source}: {why}") from None
         raise SoftpromptError(
             f"cannot load dataset {what} from the Hugging Face Hub (unreachable or unknown: {why}); pass a local "
             ".csv/.tsv/.json/.jsonl/.parquet/.arrow file instead") from None
+    if local:
+        check_utf8(ds, what)
+    return ds
+
+
+def check_utf8(ds, what: str) -> None:
+    """pyarrow's JSON reader keeps bytes that are not UTF-8 in a string column, which then fail when a row
+    is read, long after the model loaded; a full validation finds them at once (local files only: a Hub
+    dataset's may be large, and its parquet files are checked as they are written)."""
+    import pyarrow as pa
+
+    try:
+        ds.data.table.validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise SoftpromptError(f"cannot read {what}: {str(e).splitlines()[0][:200]} (is it UTF-8 text?)") from None
 
 
 def column_list(columns: Iterable[str]) -> str:

@@ -22,7 +22,7 @@ from ..core.utils import SoftpromptError, warn
 from .batching import Example
 from .chat import chat_example
 from .datasource import column_list, column_names, local_split_error, read_rows, reading_error, take
-from .labels import label_text
+from .labels import label_index, label_text
 
 __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
 
@@ -141,19 +141,6 @@ class Formatter:
     def label_text(self, k: int, rendered_input: str) -> str:
         return label_text(self.label_words[k], rendered_input)
 
-    def label_index(self, value: Any, where: str) -> int:
-        s = str(value).strip()
-        if s in self.label_words:
-            return self.label_words.index(s)
-        try:
-            k = int(float(s))
-        except (ValueError, OverflowError):  # not a number, or "inf"
-            k = -1
-        if 0 <= k < len(self.label_words) and float(s) == k:
-            return k
-        raise SoftpromptError(f"unknown label {value!r} at {where}: expected one of {self.label_words} "
-                              f"or an index 0..{len(self.label_words) - 1}")
-
     def label_ids(self, rendered_input: str = " ") -> list[list[int]]:
         return [self.tok(self.label_text(k, rendered_input), add_special_tokens=False).input_ids
                 for k in range(len(self.label_words))]
@@ -175,7 +162,7 @@ class Formatter:
             raise SoftpromptError(f"the input at {where} is not valid Unicode text: {text!r}")
         rendered, label, tgt = self.render_input(text), -1, None
         if self.task == "classify":
-            label = self.label_index(row[self.cfg.label_col], where)
+            label = label_index(self.label_words, row[self.cfg.label_col], where)
             tgt = self.label_text(label, rendered)
         elif self.task == "target":
             tgt = self.fill(self.target, "--target", row, where)
