@@ -267,7 +267,7 @@ def test_N6_forged_control_tokens_reach_the_model_as_text(hs, monkeypatch):
     assert len(submitted) == 2 and all(eos not in j.ids and hs.tok.pad_token_id not in j.ids for j in submitted)
 
 
-@pytest.mark.parametrize("role", ["", "tool", "developer", "root", "System"])
+@pytest.mark.parametrize("role", ["", "tool", "function", "root", "System"])
 def test_N6_L5_unknown_roles_are_refused(hs, role):
     r = hs.client.post("/v1/chat/completions", json={"model": "facts", "messages": [{"role": role, "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role", r.text

@@ -3,6 +3,7 @@ against a decoder written by hand, replacing a loaded prompt under a live stream
 start-up line of the installed `softprompt serve`."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -194,3 +195,23 @@ def test_installed_serve_prints_what_it_serves_and_where(llama_dir, tmp_path):
         proc.terminate()
         proc.wait(30)
         reader.join(5)
+
+
+def test_what_openai_clients_send_as_null_or_newer_fields_is_taken(ps):
+    """Hunt 10: `n: null` and `top_p: null` (OpenAI documents both as nullable; the openai client sends
+    null for `top_p=None`) were 400s while every other sampling field took null; so were a message's
+    `name` (LangChain sends it), the `developer` role (OpenAI's newer name for system instructions)
+    and `parallel_tool_calls`. Each now answers as the request without it (developer as system)."""
+    def answer(path: str, **body) -> list:
+        r = ps.client.post(path, json={"model": "facts", "max_tokens": 6, **body})
+        assert r.status_code == 200, r.text
+        return [{k: v for k, v in c.items() if k != "index"} for c in r.json()["choices"]]
+
+    plain = answer("/v1/completions", prompt=TEXT)
+    assert answer("/v1/completions", prompt=TEXT, n=None, top_p=None) == plain and len(plain) == 1
+    chat = functools.partial(answer, "/v1/chat/completions", logprobs=True)  # log-probabilities tell inputs apart
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Peru?"}]
+    said = chat(messages=system)
+    assert chat(messages=[{**system[0], "role": "developer"}, system[1]]) == said
+    assert chat(messages=[system[0], {**system[1], "name": "ana"}], parallel_tool_calls=False, n=None) == said
+    assert chat(messages=[{**system[0], "role": "user"}, system[1]]) != said  # the role is rendered

@@ -6,7 +6,8 @@ a field of OpenAI's API that this server does not implement (`logit_bias`, `tool
 holds the value that means "off", which some clients always send. Types are strict (pydantic's
 strict mode): "2", true and 1.0 are not integers, "yes" is not a boolean. Numbers must be finite
 and sampling settings within the bounds past which they only overflow the scores. A chat message's
-role is one the chat templates know. Every string must be valid Unicode: a lone surrogate (JSON
+role is one the chat templates know (OpenAI's `developer` is their `system`). Fields OpenAI documents as
+nullable take null as their default. Every string must be valid Unicode: a lone surrogate (JSON
 allows "\\ud800") would fail the tokenizer.
 """
 from __future__ import annotations
@@ -44,6 +45,12 @@ def few_enough(messages: Any) -> Any:
     return messages
 
 
+def null_is(default: Any) -> BeforeValidator:
+    """JSON null as the field's default: OpenAI documents these fields as nullable, and clients that forward
+    an unset option (`top_p=None`) send null."""
+    return BeforeValidator(lambda v: default if v is None else v)
+
+
 def unsupported(*off: Any) -> Any:
     """An OpenAI field this server does not implement: refused unless absent, null or one of `off`."""
     shown = " or ".join(json.dumps(v) for v in off)
@@ -76,8 +83,9 @@ class Sampling(Body):
     max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default 16; capped by the server)")
     temperature: float | None = Field(None, ge=0, le=10, allow_inf_nan=False,
                                       description="0 or absent: greedy; > 0: sampling")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling threshold (sampling only)")
-    n: int = Field(1, ge=1, description="choices per prompt")
+    top_p: Annotated[float, null_is(1.0)] = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                                                  description="nucleus sampling threshold (sampling only; null: 1)")
+    n: Annotated[int, null_is(1)] = Field(1, ge=1, description="choices per prompt (null: 1)")
     stop: Text | list[Text] | None = Field(None, description="up to 4 strings that end a choice (not included)")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
                              description="sampling seed (64-bit); choice k uses seed + k")
@@ -117,8 +125,11 @@ class TextPart(Body):
 
 
 class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"] = Field(description="the roles chat templates know")
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="the roles chat templates know; OpenAI's developer role is their system role")
     content: Text | list[TextPart] = Field(description="text, or OpenAI's list of {type: 'text', text} parts")
+    name: Text | None = Field(None, description="the participant's name: taken, not rendered (chat templates have "
+                                                "no place for it)")
 
 
 class ChatCompletionRequest(Sampling):
@@ -133,6 +144,7 @@ class ChatCompletionRequest(Sampling):
     functions: Any = unsupported([])
     function_call: Any = unsupported("none")
     response_format: Any = unsupported({"type": "text"})
+    parallel_tool_calls: bool | None = Field(None, description="taken, with nothing to do: no tools are served")
 
 
 class ClassifyRequest(Body):

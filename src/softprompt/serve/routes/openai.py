@@ -195,8 +195,10 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Reques
 
 
 def messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The request's messages as the chat template takes them (a list of text parts joined)."""
-    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+    """The request's messages as the chat template takes them (a list of text parts joined; the
+    developer role, OpenAI's newer name for instructions, as system)."""
+    return [{"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
             for m in req.messages]
 
 
