@@ -483,3 +483,34 @@ def test_a_label_word_no_training_row_has_is_warned_of(llama_dir, countries_csv,
                    label_col="europe")
     with pytest.warns(SoftpromptWarning, match="no training row has the label word.s. 'maybe', yet each is a class"):
         train(m, d, p, replace(t, loss="lm"), quiet=True)
+
+
+def test_the_built_in_model_s_cache_folder_is_recorded_as_the_built_in(llama_dir, countries_csv, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Hunt 10: a prompt trained from Python on the built-in model loaded from its own cache folder recorded
+    that path (one machine's cache: nothing on another, where a pushed prompt goes), and serving or
+    evaluating it on the built-in by name warned that it was trained for another model. The folder is now
+    recorded as the built-in's name, and a prompt that recorded the path does not warn either."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import softprompt
+    from softprompt.cli import main
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+    shutil.copytree(llama_dir, cached)  # a tiny stand-in: the same files the conversion writes
+    base = AutoModelForCausalLM.from_pretrained(cached)
+    softprompt.train(model=base, tokenizer=AutoTokenizer.from_pretrained(cached), data=str(countries_csv),
+                     template="Country: {country}\\nFacts:", target=" capital={capital}", max_steps=1,
+                     warmup_steps=0, batch_size=4, virtual_tokens=3, eval_fraction=0, out=str(tmp_path / "run"))
+    meta = json.loads((tmp_path / "run" / "prompt_config.json").read_text())
+    assert meta["model"] == "smollm2-135m-instruct"
+    meta["model"] = str(cached)  # as such runs recorded it before
+    (tmp_path / "old").mkdir()
+    shutil.copy(tmp_path / "run" / "prompt.safetensors", tmp_path / "old")
+    (tmp_path / "old" / "prompt_config.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    for prompt in ("run", "old"):
+        assert main(["eval", "--model", "smollm2-135m-instruct", "--prompt", str(tmp_path / prompt), "--data",
+                     str(countries_csv), "--limit", "4", "--device", "cpu"]) == 0
+        assert "trained for" not in capsys.readouterr().err, prompt

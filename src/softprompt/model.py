@@ -22,9 +22,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from .base.training_setup import prepare_for_training
-from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig
+from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig, model_name
 from .core.prompt_protocol import Prompt, forward_input
-from .core.utils import local_path
 from .data.batching import Batch
 from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
 from .forward.paths import choose_path
@@ -308,7 +307,7 @@ class SoftPromptModel(nn.Module):
         if self.prompt is None:
             raise ValueError("save_pretrained: no active prompt to save")
         out = Path(save_directory)
-        name = str(self.prompt.meta.get("model") or local_path(self.name_or_path))
+        name = str(self.prompt.meta.get("model") or model_name(self.name_or_path))
         save_prompt(without_projection(self.prompt), out, {"model": name})  # as `train --method prefix` saves
         with tempfile.TemporaryDirectory() as tmp:
             peft = export_peft(out, Path(tmp) / "peft", hub_model_id(name))
@@ -357,6 +356,6 @@ def get_softprompt_model(base_model, config: PromptConfig | None = None, tokeniz
                                  scaled_steps=prefix_scaled_steps)
         else:
             prompt = init_prompt(base_model, tok, config, default_text=text, seed=seed)
-    prompt.meta["model"] = local_path(model.name_or_path)  # from any folder, as train records it
+    prompt.meta["model"] = model_name(model.name_or_path)  # from any folder, as train records it
     model.add_prompt(DEFAULT, prompt.to(model.device))
     return model

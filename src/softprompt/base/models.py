@@ -8,22 +8,17 @@ in the dtype `--dtype` names and, with `--quantize`, with 8- or 4-bit linear lay
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from ..core.config import BUILTIN_MODEL, ModelConfig
-from ..core.utils import SoftpromptError, atomic_dir, dtype_name, warn
+from ..core.utils import SoftpromptError, atomic_dir, cache_root, dtype_name, warn
 from .families import decoder_layers
 from .quantize import keep_cpu_kernels_in_range, quantization_config
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
 
 
 def builtin_model_dir() -> Path:

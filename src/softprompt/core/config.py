@@ -18,9 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from . import inits
-from .utils import SoftpromptError, local_path, local_patterns, short, warn
+from .utils import SoftpromptError, cache_root, local_path, local_patterns, same_model, short, warn
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+
+
+def model_name(name: str) -> str:
+    """A --model as runs record it: a local path made absolute, and the built-in model's own cache folder
+    by the built-in's name (one machine's cache path names nothing on another, where a pushed prompt goes)."""
+    name = local_path(name)
+    if name and name != BUILTIN_MODEL and same_model(name, str(cache_root() / "models" / BUILTIN_MODEL)):
+        return BUILTIN_MODEL
+    return name
 ENCODERS = ("mlp", "lstm")  # --method ptuning's --encoder choices (prompts/ptuning_encoder.PromptEncoder)
 ENCODER_METHODS = ("ptuning", "residual")  # methods whose prompt an encoder produces (training/encoder_method.py)
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
@@ -126,7 +135,7 @@ class ModelConfig:
         require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         check_fields(self)
         # export-peft's base_model_name_or_path and the check of a prompt against its base read it too.
-        self.model = local_path(self.model)
+        self.model = model_name(self.model)
 
 
 EVAL_EVERY = 50  # steps between evaluations where scoring the held-out rows is cheap (--eval-every auto)

@@ -210,6 +210,11 @@ def local_path(name: str) -> str:
     return os.path.abspath(name) if name and not os.path.isabs(name) and os.path.exists(name) else name
 
 
+def cache_root() -> Path:
+    """softprompt's own cache (the built-in model's conversion): SOFTPROMPT_CACHE, else ~/.cache/softprompt."""
+    return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
+
+
 def local_patterns(names: str) -> str:
     """Comma-separated local files or glob patterns, each made absolute (a pattern may match nothing yet)."""
     return ",".join(os.path.abspath(os.path.expanduser(n.strip())) for n in names.split(",") if n.strip())

@@ -15,10 +15,9 @@ import json
 from pathlib import Path
 
 from ..base.families import config_geometry, geometry_mismatches, layer_and_head_counts
-from ..base.models import cache_root
 from ..core.config import BUILTIN_MODEL
 from ..core.inits import peft_init
-from ..core.utils import SoftpromptError, atomic_dir, check_dest, local_path, read_json, short
+from ..core.utils import SoftpromptError, atomic_dir, cache_root, check_dest, local_path, read_json, short
 from . import peft_prefix, peft_ptuning
 from .hub import download, hub_model_id, is_hub, local_sources
 from .prefix import TENSOR_NAME as PREFIX_TENSOR
