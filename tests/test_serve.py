@@ -429,3 +429,16 @@ def test_serve_command_refuses_bad_timeouts_before_loading(flag, value, msg, tmp
     add_arguments(parser)
     cfg = from_args(ServeConfig, parser.parse_args(["--read-timeout", "2.5", "--shutdown-timeout", "0"]))
     assert (cfg.read_timeout, cfg.shutdown_timeout) == (2.5, 0.0)
+
+
+def test_serve_reads_every_prompt_folder_before_the_model_loads(tmp_path, capsys):
+    """Hunt 10: a typo in the second --prompt was found only after the model loaded (the first prompt's
+    folder is read early: it names the base). Every folder is now read first; a --model that does not
+    exist would be named otherwise."""
+    from softprompt.cli import main
+
+    good = save_prompt(SoftPrompt(torch.zeros(2, 32)), tmp_path / "good", {})
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--prompt", f"a={good}", "--prompt",
+                 f"b={tmp_path / 'typo'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"missing prompt file: {tmp_path / 'typo'}" in err and "no-model" not in err, err

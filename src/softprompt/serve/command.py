@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..core.config import ModelConfig, ServeConfig, add_args, from_args
 from ..core.utils import SoftpromptError
-from ..prompts.recorded import base_flags, fill_base
+from ..prompts.recorded import base_flags, fill_base, read_meta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     """Serve the prompts from one frozen model over HTTP until interrupted."""
     require_extra()
     prompts = parse_prompt_specs(args.prompt)
+    for path in prompts.values():  # each folder's record read before the model loads (a typo in the third)
+        read_meta(path)
     fill_base(args, next(iter(prompts.values()), ""))
     mcfg, scfg = from_args(ModelConfig, args), from_args(ServeConfig, args)
     if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
