@@ -442,3 +442,19 @@ def test_serve_reads_every_prompt_folder_before_the_model_loads(tmp_path, capsys
                  f"b={tmp_path / 'typo'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"missing prompt file: {tmp_path / 'typo'}" in err and "no-model" not in err, err
+
+
+def test_admin_load_of_a_prompt_for_another_base_says_so_to_the_client(srv, monkeypatch):
+    """Hunt 10: a prompt recorded for another base of the same hidden size loaded with a plain 201 (the
+    warning went to the server's log alone); the answer now carries it. A prompt of this base has none."""
+    c, H, auth = srv.client, srv.model.config.hidden_size, {"Authorization": f"Bearer {TOKEN}"}
+    monkeypatch.setattr(srv.model, "softprompt_model", "tiny", raising=False)  # as load_model names it
+    for name, model in (("mine", "tiny"), ("theirs", "someone/other-model")):
+        path = save_prompt(SoftPrompt(torch.zeros(2, H)), srv.root / name, {"model": model})
+        r = c.post("/v1/admin/prompts", json={"name": name, "path": str(path)}, headers=auth)
+        assert r.status_code == 201, r.text
+        said = r.json().get("warnings", [])
+        assert said == ([] if model == "tiny" else [f"prompt {path} was trained for 'someone/other-model', not "
+                                                    "'tiny': the hidden sizes match, but its vectors were learnt "
+                                                    "for the other model"]), said
+        assert c.delete(f"/v1/admin/prompts/{name}", headers=auth).status_code == 200

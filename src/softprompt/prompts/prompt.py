@@ -213,11 +213,20 @@ def is_text(v: Any) -> bool:
 def warn_other_base(trained_for: str | None, model, what: str) -> None:
     """One warning line when a prompt recorded for another base model is used on this one: the hidden
     sizes match (check_fits), so it loads, but its vectors were learnt in another model's space."""
+    said = other_base(trained_for, model, what)
+    if said:
+        warn(said)
+
+
+def other_base(trained_for: str | None, model, what: str) -> str | None:
+    """What warn_other_base says of a prompt recorded for another base than `model`; None for its own
+    (the server's admin load answers it to the client too)."""
     name = getattr(model, "softprompt_model", None)  # the --model name load_model was given
     # The built-in model, its Hub id (which export-peft writes for it) and its cache folder name one model.
     if trained_for and name and not same_model(*(hub_model_id(model_name(n)) for n in (trained_for, name))):
-        warn(f"{what} was trained for {short(trained_for)}, not {short(name)}: the hidden sizes match, but its "
-             "vectors were learnt for the other model")
+        return (f"{what} was trained for {short(trained_for)}, not {short(name)}: the hidden sizes match, but its "
+                "vectors were learnt for the other model")
+    return None
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:

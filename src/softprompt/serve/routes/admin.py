@@ -2,7 +2,8 @@
 
 Off unless the server was started with a token (--admin-token or SOFTPROMPT_ADMIN_TOKEN); the
 token is compared in constant time. Only safetensors files are read, and a prompt's hidden size
-is checked against the model before it is served. A load with `replace: true` swaps a loaded
+is checked against the model before it is served; one recorded for another base of the same
+hidden size loads with a `warnings` list in the answer. A load with `replace: true` swaps a loaded
 name's prompt atomically (requests already queued with the old one finish with it).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hmac
 from fastapi import APIRouter, Depends, Request
 
 from ...core.utils import SoftpromptError
+from ...prompts.prompt import other_base
 from ..context import Ctx
 from ..metrics import ParsedBodyRoute
 from ..protocol import ApiError, LoadPromptRequest
@@ -41,9 +43,13 @@ def load(req: LoadPromptRequest, ctx: Ctx):
         raise ApiError(409, f"a model named {req.name!r} is already loaded: unload it first, or send "
                             "replace: true", "name")
     try:
-        return ctx.model_card(ctx.registry.add(req.name, req.path, replace=req.replace))
+        entry = ctx.registry.add(req.name, req.path, replace=req.replace)
     except SoftpromptError as e:
         raise ApiError(400, str(e), "path") from None
+    # A prompt of another base with this one's hidden size loads (as `serve --prompt` warns and loads it);
+    # the warning went to the server's log alone, and the client saw a prompt like any other.
+    said = other_base(entry.meta.get("model"), ctx.model, f"prompt {req.path}")
+    return {**ctx.model_card(entry), **({"warnings": [said]} if said else {})}
 
 
 @router.delete("/v1/admin/prompts/{name}", summary="Unload a prompt (requests already queued with it still finish)")
