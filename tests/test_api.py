@@ -103,15 +103,29 @@ def test_warnings_are_python_warnings_in_python_words(llama_dir, tmp_path, capsy
     with pytest.warns(softprompt.SoftpromptWarning) as seen:
         softprompt.train(out=str(tmp_path / "a"), **args)
     assert [str(w.message) for w in seen] == ["the default warm-up of 10 steps is longer than the run's 3 steps: "
-                                              "the rate reaches 27% of lr (give warmup_steps 0 or so)"]
+                                              "the rate reaches 27% of lr (give warmup_steps=0 or so)"]
+    assert seen[0].filename == __file__  # the caller's line, not softprompt's (hunt 10)
     assert "warning" not in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("error", softprompt.SoftpromptWarning)
-        with pytest.raises(softprompt.SoftpromptWarning, match=r"of lr \(give warmup_steps 0 or so\)$"):
+        with pytest.raises(softprompt.SoftpromptWarning, match=r"of lr \(give warmup_steps=0 or so\)$"):
             softprompt.train(out=str(tmp_path / "b"), **args)
         warnings.simplefilter("ignore", softprompt.SoftpromptWarning)
         assert softprompt.train(out=str(tmp_path / "c"), **args)["steps"] == 3
     assert "warning" not in capsys.readouterr().err
+
+
+def test_messages_name_keywords_not_flags_or_their_placeholders(tmp_path):
+    """Hunt 10: errors said "pass data FILE_OR_DATASET_ID", "pass overwrite to replace it" and "give at least
+    one TEXT to continue (or messages FILE)", CLI words for a Python caller."""
+    with pytest.raises(ValueError, match=r"^no data given: pass data=FILE_OR_DATASET_ID$"):
+        softprompt.evaluate(prompt="none", model=str(tmp_path / "no-model"))
+    with pytest.raises(ValueError, match=r"give at least one text to continue \(or messages=, a list of"):
+        softprompt.generate([])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"pass overwrite=True to replace it, or choose another out$"):
+        softprompt.train(data=str(_data(tmp_path)), template="{country}", out=str(tmp_path / "run"))
 
 
 def test_data_is_checked_as_the_commands_check_it(tmp_path):
@@ -553,6 +567,6 @@ def test_a_loaded_model_s_run_replays_from_its_record_in_its_dtype(llama_dir, tm
     (tmp_path / "api" / "run_config.json").write_text(json.dumps(record))
     assert softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), resume=True, **args)["steps"] == 3
     # What a resume may not change is named in Python's words; the command it suggests stays a command.
-    with pytest.raises(ValueError, match=r"max_steps 4 \(was 3\); resume it with its own settings "
+    with pytest.raises(ValueError, match=r"max_steps=4 \(was 3\); resume it with its own settings "
                                          r"\(`softprompt train --config .* --resume --out .*`\) or start a new out"):
         softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), resume=True, **{**args, "max_steps": 4})

@@ -239,3 +239,15 @@ def test_label_word_logits_of_a_half_precision_base_are_computed_in_float32(dtyp
     assert h.grad.dtype == w.dtype and torch.allclose(h.grad.float(), w[rows].float().sum(0).expand_as(h), rtol=1e-2)
     # the whole vocabulary stays in the base's dtype (a [V, H] float32 copy per call is what it avoids)
     assert torch.equal(logits(model, h.detach()), (h.detach() @ w.T).float())
+
+
+def test_a_handed_in_model_s_run_does_not_say_its_dtype_was_asked_for(llama_dir, countries_csv, tmp_path):
+    """Hunt 10: softprompt.train(model=<loaded>) records the model's dtype (so that --config replays it),
+    and run_config.json said "float32: asked for with --dtype", which nobody passed."""
+    model, tok = load_model(ModelConfig(model=str(llama_dir), device="cpu", dtype="float32"))
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "run", max_steps=2, eval_every=0, save_every=0,
+                       keep_best=False, eval_untuned=False)
+    m.dtype = "float32"  # what the API records for a loaded float32 model
+    setup(m, d, p, t, model=model, tok=tok)
+    rc = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert rc["dtype_reason"] == "float32: the model's own, as it was handed in", rc["dtype_reason"]

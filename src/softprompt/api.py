@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +26,28 @@ class ConfigError(SoftpromptError, ValueError):
     """A keyword argument's value is wrong; the message names the keyword."""
 
 
+PACKAGE = str(Path(__file__).parent) + os.sep
+# A flag in a message, with the value after it where that is a placeholder (FILE) or a number.
+FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ([A-Z][A-Z_]*\b|-?[0-9][0-9.e-]*\b))?")
+# Flags that take no value: in Python, a keyword set to True (--no-X: X=False).
+SWITCHES = {f.name for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig)
+            for f in dataclasses.fields(cls) if f.type in ("bool", bool)}
+
+
 def python_words(message: str) -> str:
-    """A CLI message in Python's words: --batch-size becomes batch_size, except in a command quoted
-    in backticks, which stays a command."""
+    """A CLI message in Python's words: `--batch-size 8` becomes batch_size=8, `--data FILE` data=FILE,
+    `--resume` resume=True and any other --flag its keyword, except in a command quoted in backticks,
+    which stays a command."""
+    def keyword(m: re.Match) -> str:
+        no, name, value = m.group(1), m.group(2).replace("-", "_"), m.group(3)
+        if value is not None:
+            return f"{name}={value}"
+        if name in SWITCHES:
+            return f"{name}={not no}"
+        return (no or "").replace("-", "_") + name
+
     parts = message.split("`")
-    parts[::2] = [re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), p) for p in parts[::2]]
+    parts[::2] = [FLAG.sub(keyword, p) for p in parts[::2]]
     return "`".join(parts)
 
 
@@ -40,10 +59,11 @@ def python_errors() -> Iterator[None]:
     with warnings.catch_warnings():
         shown = warnings.showwarning
 
-        def show(message, category, *args: Any, **kwargs: Any) -> None:
+        def show(message, category, filename, lineno, *args: Any, **kwargs: Any) -> None:
             if issubclass(category, SoftpromptWarning):
                 message = category(python_words(str(message)))
-            shown(message, category, *args, **kwargs)
+                filename, lineno = caller_line() or (filename, lineno)
+            shown(message, category, filename, lineno, *args, **kwargs)
 
         warnings.showwarning = show
         try:
@@ -54,6 +74,22 @@ def python_errors() -> Iterator[None]:
             raise ConfigError(python_words(str(e))) from None
         except SoftpromptWarning as w:  # the caller's filter made it an error
             raise type(w)(python_words(str(w))) from None
+
+
+def caller_line() -> tuple[str, int] | None:
+    """The caller's own line that called into softprompt, where a warning of the API points (the line
+    inside softprompt that warned means nothing to the caller); None outside such a call."""
+    frame, inside = sys._getframe(1), False
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name == warnings.__file__:  # the machinery between softprompt's warn() and this hook
+            pass
+        elif name.startswith(PACKAGE):
+            inside = True
+        elif inside:  # past the warnings machinery and softprompt's own frames
+            return name, frame.f_lineno
+        frame = frame.f_back
+    return None
 
 
 def split_kwargs(func: str, kwargs: dict[str, Any], classes: tuple[type, ...]) -> list[Any]:
@@ -191,6 +227,8 @@ def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = No
         raise TypeError("generate(): messages must be a list of conversations, each a list of {'role': str, "
                         "'content': str}")
     # The command's checks (flags.check_generate), in the API's words, before a model loads.
+    if messages is None and not texts:
+        raise ConfigError("generate(): give at least one text to continue (or messages=, a list of conversations)")
     if messages is not None and (texts or template is not None):
         raise ConfigError("messages go through the chat template, in place of texts: give them without texts "
                           "and template")

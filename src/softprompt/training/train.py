@@ -225,6 +225,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     """setup's work once --out is held: load, resolve, initialise, restore, record."""
     seed_everything(tcfg.seed)
     pcfg = adopt(pcfg, tcfg.method, mcfg.model)  # --init-from: its checks that need no model, its P
+    handed_in = model is not None  # loaded by the caller (the Python API, compare): its dtype is the caller's
     if model is None:
         model, tok = load_model(mcfg, cpu_bf16=cpu_bf16_method(tcfg.method))
     if pcfg.init_from:  # the source fits this base (hidden size, layers, heads) before the data is read
@@ -299,7 +300,8 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "total_steps": total, "truncated": fmt.truncated, "method_reason": method_reason,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": dtype_name(model.dtype),
-            "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method),
+            "dtype_reason": (f"{dtype_name(model.dtype)}: the model's own, as it was handed in" if handed_in
+                             else dtype_reason(mcfg.dtype, model, tcfg.method)),
             **prepared,
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
