@@ -17,6 +17,10 @@ CASES = [
     (DataConfig, {"max_length": 0}, "--max-length must be at least 1 (got 0)"),
     (DataConfig, {"eval_fraction": 1.0}, "--eval-fraction must be in [0, 1)"),
     (DataConfig, {"eval_fraction": NAN}, "--eval-fraction must be a finite number"),
+    # hunt 10: the fraction was dropped without a word where the held-out rows come from elsewhere
+    (DataConfig, {"eval_fraction": 0.2, "eval_data": "dev.csv"}, "--eval-fraction 0.2 holds rows out of --data "
+                                                                 "where no --eval-data or --eval-split is given"),
+    (DataConfig, {"eval_fraction": 0.3, "eval_split": "validation"}, "--eval-fraction 0.3 holds rows out"),
     (DataConfig, {"limit": -1}, "--limit must be at least 0"),
     (DataConfig, {"template": "{sentence"}, "--template '{sentence': expected '}' before end of string"),
     (DataConfig, {"target": "x}"}, "--target 'x}': Single '}' encountered"),

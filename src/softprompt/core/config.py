@@ -142,6 +142,7 @@ EVAL_EVERY = 50  # steps between evaluations where scoring the held-out rows is 
 # Rows held out of --data by default (--eval-fraction of a large file, else): enough to tell prompts apart,
 # few enough to score every --eval-every steps. Every row beyond them trains.
 HELD_OUT_MAX = 1000
+HELD_OUT_FRACTION = 0.1  # --eval-fraction's default
 # datasets' builders that read local files (`--data csv --data-files 'parts/*.csv'`), where --data names no source.
 FILE_BUILDERS = ("csv", "json", "parquet", "text", "arrow", "pandas", "xml")
 # The DataConfig fields a --mix task sets for itself (the rest are shared: --max-length, --chat, ...).
@@ -167,7 +168,7 @@ class DataConfig:
     label_col: str = opt("label", "column holding the label (an index into --labels or the word itself)")
     max_length: int = opt(256, "truncate each example to this many tokens (virtual tokens not counted)")
     eval_data: str = opt("", "held-out file or dataset id; default: hold out --eval-fraction of --data")
-    eval_fraction: float = opt(0.1, "fraction of --data held out for evaluation when --eval-data is not given, "
+    eval_fraction: float = opt(HELD_OUT_FRACTION, "fraction of --data held out for evaluation when --eval-data is not given, "
                                     f"at most --eval-limit rows ({HELD_OUT_MAX} when it is 0)")
     split: str = opt("train", "split to read from a Hub dataset")
     eval_split: str = opt("", "split for evaluation: of --eval-data (default: validation when --split is train, "
@@ -209,6 +210,10 @@ class DataConfig:
         require(not (self.text_col and self.template), "--text-col is the input where no --template builds one: give "
                                                         "one of them")
         require(0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
+        # Dropped without a word otherwise: held-out rows come from one place.
+        require(self.eval_fraction in (0, HELD_OUT_FRACTION) or not (self.eval_data or self.eval_split),
+                f"--eval-fraction {self.eval_fraction} holds rows out of --data where no --eval-data or --eval-split "
+                "is given: give one of them")
         check_template("template", self.template)
         check_template("target", self.target)
         words = self.label_words
