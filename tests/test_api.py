@@ -122,6 +122,13 @@ def test_messages_name_keywords_not_flags_or_their_placeholders(tmp_path):
         softprompt.evaluate(prompt="none", model=str(tmp_path / "no-model"))
     with pytest.raises(ValueError, match=r"give at least one text to continue \(or messages=, a list of"):
         softprompt.generate([])
+    with pytest.raises(ValueError, match=r"^generate\(\): messages= holds no conversation"):
+        softprompt.generate(messages=[])
+    from softprompt.api import python_words  # a flag's value where it is one: a choice, a number, a placeholder
+    assert python_words("--loss auto: ... (--loss classes); --quantize 8bit, --lr 1e-2, --labels makes, "
+                        "--resume to go, --no-prefix-scaled-steps") == (
+        "loss='auto': ... (loss='classes'); quantize='8bit', lr=1e-2, labels makes, resume=True to go, "
+        "prefix_scaled_steps=False")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run_config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"pass overwrite=True to replace it, or choose another out$"):

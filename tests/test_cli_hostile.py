@@ -616,7 +616,7 @@ def test_a_new_prefix_from_python_refuses_an_init_it_cannot_make(llama_dir):
     from softprompt.base.models import load_model
 
     base, tok = load_model(str(llama_dir))
-    with pytest.raises(ValueError, match="init vocab: a new prefix starts from text .* or random"):
+    with pytest.raises(ValueError, match="init='vocab': a new prefix starts from text .* or random"):
         get_softprompt_model(base, method="prefix", init="vocab", virtual_tokens=4, tokenizer=tok)
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from softprompt.core.config import DataConfig
-from softprompt.core.utils import SoftpromptError
+from softprompt.core.utils import SoftpromptError, SoftpromptWarning
 from softprompt.data.datasource import check_source, read_rows, take
 from softprompt.data.formatting import load_splits
 
@@ -236,12 +236,10 @@ def test_columns_refused_with_one_line(kw, msg):
 def test_columns_against_a_file_it_does_not_fit_is_said_before_the_model_loads(tmp_path, capsys):
     from softprompt.cli import main
 
-    bare, headed = _table(tmp_path / "b.tsv", ROWS, False), _table(tmp_path / "h.tsv", ROWS, True)
+    bare = _table(tmp_path / "b.tsv", ROWS, False)
     argv = ["train", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run"), "--template", "{text}"]
     for flags, words in ((["--data", str(bare), "--columns", "text,label,source"],
                           "b.tsv row 1 has 2 field(s), and --columns names 3 (text, label, source)"),
-                         (["--data", str(headed), "--columns", "sentence,label", "--template", "{sentence}"],
-                          "h.tsv has a header row (sentence, label): leave out --columns"),
                          (["--data", str(bare), "--columns", "sentence,label"],
                           "column 'text' not found in ")):
         assert main([*argv, *flags]) == 2, flags
@@ -324,3 +322,48 @@ def test_a_file_builder_s_parse_error_is_not_blamed_on_columns_or_the_hub(tmp_pa
     with pytest.raises(SoftpromptError) as e:
         read_rows("parquet", data_files=str(tmp_path / "d.tsv"))
     assert str(e.value).startswith("cannot read the --data-files of 'parquet'") and "Hub" not in str(e.value)
+
+
+def test_what_the_early_read_refused_wrongly_is_read_as_the_run_reads_it(tmp_path, tok):
+    """Hunt 11 on the early read: an --eval-data folder was read at split '' (the run reads validation); a
+    row the run skips (null text) was refused for its label while a null label passed and failed after the
+    model loaded (the run now skips it too); a bad label past eval --limit's rows refused the file; a --mix
+    task with its own file inherited --data-files; a header-less file's blank first line and a headed
+    --eval-data beside a header-less --data were refused under --columns."""
+    from softprompt.flags import check_data
+
+    repo = _hub_style_folder(tmp_path / "glue")
+    train = _jsonl(tmp_path / "t.jsonl", ROWS)
+    check_data(_cfg(train, eval_data=f"{repo}:sst2"))  # its validation split, as load_splits reads it
+    assert len(load_splits(_cfg(train, eval_data=f"{repo}:sst2"), tok)[2]) == len(DEV)
+    nulls = ROWS[:5] + [{"sentence": None, "label": "???"}, {"sentence": "unlabelled", "label": None}] + ROWS[5:]
+    data = _jsonl(tmp_path / "nulls.jsonl", nulls)
+    check_data(_cfg(data))
+    with pytest.warns(SoftpromptWarning, match=r"skipped 2 row\(s\) of .* with null in sentence, label "
+                                               r"\(rows \[6, 7\]"):
+        assert len(load_splits(_cfg(data, eval_fraction=0), tok)[1]) == len(ROWS)
+    late = _jsonl(tmp_path / "late.jsonl", ROWS + [{"sentence": "meh", "label": "neutral"}])
+    check_data(_cfg(late, limit=8), eval_too=False, scoring=True)  # eval --limit 8 scores rows 1-8 only
+    with pytest.raises(SoftpromptError, match=f"unknown label 'neutral' at {late} row 31"):
+        check_data(_cfg(late, limit=8))  # train draws its --limit rows from all of them
+    mixed = DataConfig(data="json", data_files=str(train), template="{sentence}", labels="negative,positive",
+                       mix=[json.dumps({"data": str(_table(tmp_path / "h.tsv", ROWS, True)), "template": "{sentence}",
+                                        "labels": "negative,positive"})])
+    check_data(mixed)
+    bare = tmp_path / "blank.tsv"
+    bare.write_text("\n" + _table(tmp_path / "b.tsv", ROWS, False).read_text())
+    headed = _table(tmp_path / "hd.tsv", DEV, True)
+    cfg = _cfg(bare, columns="sentence,label", eval_data=str(headed))
+    check_data(cfg)
+    _, tr, ev = load_splits(cfg, tok)
+    assert len(tr) == len(ROWS) and len(ev) == len(DEV)  # hd.tsv's header row, equal to --columns, is no row
+
+
+def test_a_later_json_row_without_a_column_is_named_before_the_model_loads(tmp_path):
+    from softprompt.flags import check_data
+
+    data = _jsonl(tmp_path / "d.jsonl", ROWS[:4] + [{"label": 1}] + ROWS[4:])
+    with pytest.raises(SoftpromptError, match=f"column 'sentence' not found in {data} row 5 \\(columns: 'label'\\)"):
+        check_data(_cfg(data))
+    with pytest.raises(SoftpromptError, match=r"column 'sentence' not found in .*h.tsv \(columns named by --columns: "):
+        check_data(_cfg(_table(tmp_path / "h.tsv", ROWS, True), columns="text,label"))

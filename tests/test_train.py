@@ -509,8 +509,19 @@ def test_the_built_in_model_s_cache_folder_is_recorded_as_the_built_in(llama_dir
     (tmp_path / "old").mkdir()
     shutil.copy(tmp_path / "run" / "prompt.safetensors", tmp_path / "old")
     (tmp_path / "old" / "prompt_config.json").write_text(json.dumps(meta))
+    # hunt 11: and one trained on another machine, whose cache path is not on this one
+    shutil.copytree(tmp_path / "old", tmp_path / "alice")
+    (tmp_path / "alice" / "prompt_config.json").write_text(json.dumps(
+        {**meta, "model": "/home/alice/.cache/softprompt/models/smollm2-135m-instruct"}))
     capsys.readouterr()
-    for prompt in ("run", "old"):
+    for prompt in ("run", "old", "alice"):
         assert main(["eval", "--model", "smollm2-135m-instruct", "--prompt", str(tmp_path / prompt), "--data",
                      str(countries_csv), "--limit", "4", "--device", "cpu"]) == 0
         assert "trained for" not in capsys.readouterr().err, prompt
+        # without --model: the base it records, the built-in
+        assert main(["eval", "--prompt", str(tmp_path / prompt), "--data", str(countries_csv), "--limit", "4",
+                     "--device", "cpu"]) == 0, capsys.readouterr().err
+        # export-peft names the built-in by its Hub id, as PEFT users elsewhere resolve it (hunt 11)
+        assert main(["export-peft", str(tmp_path / prompt), str(tmp_path / f"{prompt}-peft")]) == 0
+        adapter = json.loads((tmp_path / f"{prompt}-peft" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct", prompt

@@ -27,24 +27,36 @@ class ConfigError(SoftpromptError, ValueError):
 
 
 PACKAGE = str(Path(__file__).parent) + os.sep
-# A flag in a message, with the value after it where that is a placeholder (FILE) or a number.
-FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ([A-Z][A-Z_]*\b|-?[0-9][0-9.e-]*\b))?")
+# A flag in a message, with the word after it: a value where it is a placeholder (FILE), a number or
+# one of the flag's choices (--loss classes); prose otherwise (--labels makes a classifier).
+FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ([A-Z][A-Z_]*\b|-?[0-9][0-9.e-]*\b|[a-z0-9][a-z0-9_.-]*\b))?")
+CONFIGS = (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig)
 # Flags that take no value: in Python, a keyword set to True (--no-X: X=False).
-SWITCHES = {f.name for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig)
-            for f in dataclasses.fields(cls) if f.type in ("bool", bool)}
+SWITCHES = {f.name for cls in CONFIGS for f in dataclasses.fields(cls) if f.type in ("bool", bool)}
+CHOICES = {f.name: set(map(str, f.metadata["choices"])) for cls in CONFIGS for f in dataclasses.fields(cls)
+           if f.metadata.get("choices")}
+
+
+def is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def python_words(message: str) -> str:
     """A CLI message in Python's words: `--batch-size 8` becomes batch_size=8, `--data FILE` data=FILE,
-    `--resume` resume=True and any other --flag its keyword, except in a command quoted in backticks,
-    which stays a command."""
+    `--loss classes` loss='classes', `--resume` resume=True and any other --flag its keyword, except in
+    a command quoted in backticks, which stays a command."""
     def keyword(m: re.Match) -> str:
         no, name, value = m.group(1), m.group(2).replace("-", "_"), m.group(3)
-        if value is not None:
+        if value in CHOICES.get(name, ()):
+            return f"{name}={value!r}"
+        if value is not None and (value.isupper() or is_number(value)):
             return f"{name}={value}"
-        if name in SWITCHES:
-            return f"{name}={not no}"
-        return (no or "").replace("-", "_") + name
+        said = f"{name}={not no}" if name in SWITCHES else (no or "").replace("-", "_") + name
+        return said if value is None else f"{said} {value}"  # prose after the flag
 
     parts = message.split("`")
     parts[::2] = [FLAG.sub(keyword, p) for p in parts[::2]]
@@ -202,7 +214,7 @@ def evaluate(prompt: Any = None, *, model: Any = None, tokenizer: Any = None,
         # The command's checks (flags.check_eval), before a model loads: a local file's split, and the
         # columns its reading needs (the prompt's recorded template where none is given).
         named = "none" if prompt is None else str(prompt)
-        check_data(data_config(argparse.Namespace(**dataclasses.asdict(dcfg)), named), eval_too=False)
+        check_data(data_config(argparse.Namespace(**dataclasses.asdict(dcfg)), named), eval_too=False, scoring=True)
         return eval_prompt(mcfg, dcfg, named, batch_size, model=base, tok=tok)
 
 
@@ -229,6 +241,8 @@ def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = No
     # The command's checks (flags.check_generate), in the API's words, before a model loads.
     if messages is None and not texts:
         raise ConfigError("generate(): give at least one text to continue (or messages=, a list of conversations)")
+    if messages is not None and not messages:
+        raise ConfigError("generate(): messages= holds no conversation: give at least one")
     if messages is not None and (texts or template is not None):
         raise ConfigError("messages go through the chat template, in place of texts: give them without texts "
                           "and template")

@@ -37,17 +37,22 @@ def needed_columns(cfg: DataConfig) -> list[str] | None:
     return list(dict.fromkeys(cols))
 
 
-def check_data(cfg: DataConfig, eval_too: bool = True) -> None:
+def check_data(cfg: DataConfig, eval_too: bool = True, scoring: bool = False) -> None:
+    """Every source the run reads, read before the model loads (datasource.check_source). `scoring`: a
+    scoring command (eval, ensemble), which scores the first --limit rows of --data in file order."""
     for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
         where = f"--mix task {k + 1}: " if k else ""
         read = {"columns": needed_columns(task), "header": task.header,
                 "labels": (task.label_col, task.label_words) if task.labels else None}
+        # The split load_splits reads of --eval-data, or of --data for its --eval-split.
+        held_out = task.eval_split or ("validation" if task.split == "train" else task.split)
         try:
             check_files(task.data, task.data_files)
             check_source(task.data, "--data", split=task.split, config=task.data_config, data_files=task.data_files,
-                         **read)
+                         first=task.limit if scoring else 0, **read)
             if eval_too and task.eval_data:
-                check_source(task.eval_data, "--eval-data", split=task.eval_split, split_flag="--eval-split", **read)
+                check_source(task.eval_data, "--eval-data", split=task.eval_split, split_flag="--eval-split",
+                             read_split=held_out, **read)
             elif eval_too and task.eval_split:  # --data's other split: a local file has none
                 check_source(task.data, "--data", split=task.eval_split, config=task.data_config,
                              split_flag="--eval-split", data_files=task.data_files, **read)
@@ -130,7 +135,7 @@ def check_eval(args: argparse.Namespace) -> None:
     from_args(ModelConfig, args)
     if args.batch_size < 1:
         raise SoftpromptError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    check_data(data_config(args, args.prompt), eval_too=False)
+    check_data(data_config(args, args.prompt), eval_too=False, scoring=True)
 
 
 # ---------------------------------------------------------------- ensemble
@@ -170,7 +175,7 @@ def check_ensemble(args: argparse.Namespace) -> None:
             raise SoftpromptError(f"{first} records {key} {short(records[first].get(key, ''))} and {other} "
                                   f"{short(records[other].get(key, ''))}: pass {flag(key)} to score every prompt "
                                   "one way")
-    check_data(data_config(args, args.prompts[0]), eval_too=False)
+    check_data(data_config(args, args.prompts[0]), eval_too=False, scoring=True)
 
 
 # ---------------------------------------------------------------- generate

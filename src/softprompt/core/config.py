@@ -13,8 +13,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from . import inits
@@ -27,9 +29,12 @@ def model_name(name: str) -> str:
     """A --model as runs record it: a local path made absolute, and the built-in model's own cache folder
     by the built-in's name (one machine's cache path names nothing on another, where a pushed prompt goes)."""
     name = local_path(name)
-    if name and name != BUILTIN_MODEL and same_model(name, str(cache_root() / "models" / BUILTIN_MODEL)):
-        return BUILTIN_MODEL
-    return name
+    if not name or name == BUILTIN_MODEL:
+        return name
+    ours = same_model(name, str(cache_root() / "models" / BUILTIN_MODEL))
+    # Another machine's cache (a prompt trained there): a path not on this one, in the cache's layout.
+    theirs = not os.path.exists(os.path.expanduser(name)) and Path(name).parts[-2:] == ("models", BUILTIN_MODEL)
+    return BUILTIN_MODEL if ours or theirs else name
 ENCODERS = ("mlp", "lstm")  # --method ptuning's --encoder choices (prompts/ptuning_encoder.PromptEncoder)
 ENCODER_METHODS = ("ptuning", "residual")  # methods whose prompt an encoder produces (training/encoder_method.py)
 FULL_FT_LR = 2e-5  # full fine-tuning's default rate: `train --method full` (auto) and `compare --ft-lr`
@@ -259,8 +264,9 @@ class DataConfig:
         drop = ({"labels", "target"} if lm else {"labels"} if "target" in task else {"target"} if "labels" in task
                 else set())
         kind = {k: "" for k in drop - task.keys()}
-        # Names for header-less columns belong to a file: a task that reads its own file names its own.
-        own = {"columns": ""} if "data" in task else {}
+        # How a file is read belongs to that file: a task that reads its own names its own (its builder's
+        # files, its dataset's configuration, a header-less table's columns).
+        own = {"columns": "", "data_files": "", "data_config": ""} if "data" in task else {}
         fields = {"eval_data": "", "eval_split": "", **own, **reading, **kind, **task, "mix": []}
         try:
             return dataclasses.replace(self, **fields)

@@ -67,7 +67,8 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
         if ext not in LOCAL_EXTS | ARROW_EXTS:
             raise SoftpromptError(f"{path}: a file of type {ext or '(none)'!r} is not read (.csv, .tsv, .json, .jsonl, "
                                   ".parquet, .arrow are); `datasets` builders read others: `--data text --data-files "
-                                  "FILE` (a row per line), `--data csv --data-files FILE.csv.gz` (compressed)")
+                                  "FILE` (a row per line), `--data json --data-files FILE` (JSON by another name), "
+                                  "`--data csv --data-files FILE.csv.gz` (compressed)")
         rows = (read_arrow(path) if ext in ARROW_EXTS else read_table(path, header) if ext in (".csv", ".tsv")
                 else read_json_rows(path))
     else:
@@ -77,15 +78,18 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
     return rows
 
 
-def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "train",
+def check_source(spec: str, what: str = "--data", columns: list[str] | None = None, split: str = "",
                  config: str = "", split_flag: str = "--split", data_files: str = "",
-                 header: list[str] | None = None, labels: tuple[str, list[str]] | None = None) -> None:
+                 header: list[str] | None = None, labels: tuple[str, list[str]] | None = None,
+                 read_split: str = "train", first: int = 0) -> None:
     """What can be told of a data source before any model loads, by reading it as the run will: it
-    exists and reads (UTF-8, well-formed, with rows), has `columns` (or a `messages` column where
-    `columns` is None: no flag says how to read a row), and every value of its label column names a
-    class (`labels`: the column and the label words). A Hub dataset or a folder goes through
-    `datasets`, which keeps it in its cache for the run's own read; a local file is read again by the
-    run (little next to loading a model). `header`: a header-less CSV/TSV file's column names."""
+    exists and reads (UTF-8, well-formed, with rows), every row has `columns` (or a `messages` column
+    where `columns` is None: no flag says how to read a row), and every label value names a class
+    (`labels`: the column and the label words), but in rows the run skips (a null in `columns`).
+    `split`: the split asked for (a local file has none), else `read_split` is read; `first` > 0: only
+    the first rows in file order are scored (eval --limit), so only they are checked. A Hub dataset or a
+    folder goes through `datasets`, which keeps it in its cache for the run's own read; a local file is
+    read again by the run (little next to loading a model). `header`: a header-less CSV/TSV's names."""
     if not spec:
         raise SoftpromptError(f"no data given: pass {what} FILE_OR_DATASET_ID")
     name = spec if Path(spec).expanduser().exists() else split_spec(spec, config)[0]
@@ -95,13 +99,20 @@ def check_source(spec: str, what: str = "--data", columns: list[str] | None = No
         check_local_file(path, what, split, split_flag, header, data_files)
     with warnings.catch_warnings():  # what the read warns of (a skipped row), the run's own read says
         warnings.simplefilter("ignore", SoftpromptWarning)
-        rows = read_rows(spec, split, config, data_files, header)
+        rows = read_rows(spec, split or read_split, config, data_files, header)
     where = str(path) if local_file or path.is_dir() else name
-    table = local_file and path.suffix.lower() in (".csv", ".tsv") and not header
-    hint = "; a CSV/TSV file's row 1 names its columns: add one if it holds data, or name them with --columns"
-    check_columns(where, columns, column_names(rows), " row 1" if table else "", hint if table else "")
+    table = local_file and path.suffix.lower() in (".csv", ".tsv")
+    hint = ("; a CSV/TSV file's row 1 names its columns: add one if it holds data, or name them with --columns"
+            if table and not header else "")
+    check_columns(where, columns, column_names(rows), " row 1" if table and not header else "", hint,
+                  "columns named by --columns" if table and header else "columns")
+    if isinstance(rows, list) and columns:  # JSON rows each have their own keys (an Arrow table has one schema)
+        lacking = next(((i, r) for i, r in enumerate(rows[:first or None]) if not all(c in r for c in columns)), None)
+        if lacking is not None:
+            i, row = lacking
+            check_columns(where, columns, list(row), f" row {i + 1}")
     if labels is not None:
-        check_labels(rows, where, *labels)
+        check_labels(rows, where, *labels, skipped=columns or [], first=first)
 
 
 def check_local_file(path: Path, what: str, split: str, split_flag: str, header: list[str] | None,
@@ -123,48 +134,48 @@ def check_local_file(path: Path, what: str, split: str, split_flag: str, header:
         check_header(path, header)
 
 
-def check_labels(rows: Sequence[dict[str, Any]], where: str, column: str, words: list[str]) -> None:
-    """Every label value names one of `words` (or is an index into them); the first row that does not is
-    named, as the run's own read would name it. A null value is a row the run skips (and says so)."""
-    values = rows.unique(column) if hasattr(rows, "unique") else {str(r.get(column)) for r in rows}
-    for value in values:
-        if value is not None and value != "None":
-            try:
-                label_index(words, value, where)
-            except SoftpromptError:
-                break
-    else:
-        return
-    cells = rows[column] if hasattr(rows, "unique") else [r.get(column) for r in rows]
-    for i, value in enumerate(cells):
-        if value is not None:
-            label_index(words, value, f"{where} row {i + 1}")
+def check_labels(rows: Sequence[dict[str, Any]], where: str, column: str, words: list[str],
+                 skipped: list[str], first: int = 0) -> None:
+    """Every label value names one of `words` (or is an index into them), as the run reads it: the first
+    row that does not is named, but for rows the run skips (a null in a column of `skipped`, the label's
+    too); `first` > 0: only the first rows. A table's distinct values are looked at first (Arrow's
+    unique), so a valid column costs one pass."""
+    if not first:
+        values = rows.unique(column) if hasattr(rows, "unique") else {str(r.get(column)) for r in rows}
+        try:
+            for value in values:
+                if value is not None and value != "None":
+                    label_index(words, value, where)
+            return
+        except SoftpromptError:
+            pass  # the row to name, below
+    n = min(first, len(rows)) if first else len(rows)
+    for i, row in enumerate(take(rows, list(range(n)))):
+        if all(row.get(c) is not None for c in {*skipped, column}):
+            label_index(words, row[column], f"{where} row {i + 1}")
 
 
 def check_header(path: Path, header: list[str]) -> None:
-    """A header-less file's row 1 has as many fields as --columns names, and is not a header itself."""
+    """A header-less file's first row has as many fields as --columns names (a row equal to the names is
+    a header, which the read skips, so that one --columns serves a headed --eval-data too)."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            first = next(table_reader(f, path.suffix.lower()), None)
+            first = next((row for row in table_reader(f, path.suffix.lower()) if row), None)
     except (UnicodeDecodeError, csv.Error, OSError):
         return  # the full read says what is wrong, and where
-    if first is None:
-        return
-    if [v.strip() for v in first] == header:
-        raise SoftpromptError(f"{path} has a header row ({', '.join(first)}): leave out --columns")
-    if len(first) != len(header):
+    if first is not None and len(first) != len(header):
         raise SoftpromptError(f"{path} row 1 has {len(first)} field(s), and --columns names {len(header)} "
                               f"({', '.join(header)})")
 
 
 def check_columns(where: str | Path, columns: list[str] | None, found: list[str], row: str = "",
-                  hint: str = "") -> None:
+                  hint: str = "", named: str = "columns") -> None:
     """`columns` are all among `found`; None: no flag says how to read a row, so a `messages` column must be."""
     if columns is None and "messages" not in found:
         raise reading_error(where, found)
     missing = [c for c in columns or [] if c not in found]
     if missing:
-        raise SoftpromptError(f"column {missing[0]!r} not found in {where}{row} (columns: {column_list(found)}){hint}")
+        raise SoftpromptError(f"column {missing[0]!r} not found in {where}{row} ({named}: {column_list(found)}){hint}")
 
 
 def local_split_error(split_flag: str, split: str, what: str, path: str | Path) -> SoftpromptError:
@@ -193,9 +204,12 @@ def read_table(path: Path, header: list[str] | None = None) -> list[dict[str, An
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
         with open(path, encoding="utf-8-sig", newline="") as f:  # quoted fields may span lines
             reader = table_reader(f, ext, dicts=True, header=header)
+            named = 0  # a header row naming the columns as --columns does: skipped, not a row of data
             for i, r in enumerate(reader):
-                if None in r or any(v is None for v in r.values()):
-                    bad.append(i + 1)
+                if header and i == 0 and [str(v).strip() for v in r.values()] == header:
+                    named = 1
+                elif None in r or any(v is None for v in r.values()):
+                    bad.append(i + 1 - named)
                 else:
                     rows.append(r)
             fields = reader.fieldnames

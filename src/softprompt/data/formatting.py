@@ -110,9 +110,10 @@ class Formatter:
         return cols + ([self.cfg.text_col] if self.cfg.text_col and not self.template else [])
 
     def null_columns(self, row: dict) -> list[str]:
-        """Text columns this row leaves null (JSON null, a missing Arrow value): such a row is skipped,
-        not trained on as the text "None" or as an empty value."""
-        return [c for c in self.text_cols if row.get(c) is None]
+        """Text columns, and a classifier's label column, this row leaves null (JSON null, a missing Arrow
+        value): such a row is skipped, not trained on as the text "None" or an unlabelled row."""
+        label = [self.cfg.label_col] if self.task == "classify" else []
+        return [c for c in self.text_cols + label if row.get(c) is None]
 
     def check_columns(self, row: dict, where: str) -> None:
         for col in self.needed:
@@ -198,11 +199,12 @@ class Formatter:
 
     def encode_rows(self, rows: Iterable[dict], where: str, numbers: list[int]) -> list[Example]:
         """Examples of `rows`; `numbers`: their 1-based row numbers in the file, for error messages."""
-        out, nulls, texts = [], [], []
+        out, nulls, texts, null_cols = [], [], [], {}
         for r, n in zip(rows, numbers):
             self.check_columns(r, f"{where} row {n}")
             if self.null_columns(r):
                 nulls.append(n)
+                null_cols.update(dict.fromkeys(self.null_columns(r)))
             elif self.task == "chat":
                 out.append(self.encode(r, f"{where} row {n}"))
             else:
@@ -212,7 +214,7 @@ class Formatter:
         out = [ex for ex in out if ex is not None and len(ex.ids)]
         if not numbers:
             raise SoftpromptError(f"no rows in {where}")
-        cols = ", ".join(dict.fromkeys(self.text_cols))
+        cols = ", ".join(null_cols)  # the columns found null, in the order met
         if nulls and not out:
             raise SoftpromptError(f"no usable examples in {where}: every row holds null in {cols}")
         if nulls:  # as read_table reports rows with the wrong number of fields

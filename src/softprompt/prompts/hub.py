@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.config import BUILTIN_MODEL, model_name
 from ..core.utils import SoftpromptError
 
 SCHEME = "hf://"
@@ -61,5 +62,6 @@ BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def hub_model_id(name: str) -> str:
-    """The Hub id PEFT and the Hub know a --model by: the built-in model's is its original repository."""
-    return BUILTIN_HUB_ID if name == "smollm2-135m-instruct" else name
+    """The Hub id PEFT and the Hub know a --model by: the built-in model's (by its name or its cache
+    folder, as prompts trained from Python recorded it) is its original repository."""
+    return BUILTIN_HUB_ID if model_name(name) == BUILTIN_MODEL else name

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..base.families import config_geometry, geometry_mismatches, layer_and_head_counts
-from ..core.config import BUILTIN_MODEL
+from ..core.config import BUILTIN_MODEL, model_name
 from ..core.inits import peft_init
 from ..core.utils import SoftpromptError, atomic_dir, cache_root, check_dest, local_path, read_json, short
 from . import peft_prefix, peft_ptuning
@@ -94,7 +94,7 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
     model = base_model or hub_model_id(recorded)
     if base_model:
         check_base_model(prompt, base_model)
-    geometry = model_geometry(recorded if model == hub_model_id(recorded) else model)
+    geometry = model_geometry(model_name(recorded) if model == hub_model_id(recorded) else model)
     if prompt.kind == peft_prefix.KIND:
         return export_prefix(prompt, out, model, geometry)
     embeds = prompt.input_embeds()

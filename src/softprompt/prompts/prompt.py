@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..base.families import hidden_size
-from ..core.config import PromptConfig, model_name
+from ..core.config import PromptConfig
 from ..core.inits import INITS, InitInputs, resolve
 from ..core.prompt_protocol import KeyValues, Prompt
 from ..core.utils import SoftpromptError, default_mode, read_json, same_model, short, warn
@@ -223,7 +223,7 @@ def other_base(trained_for: str | None, model, what: str) -> str | None:
     (the server's admin load answers it to the client too)."""
     name = getattr(model, "softprompt_model", None)  # the --model name load_model was given
     # The built-in model, its Hub id (which export-peft writes for it) and its cache folder name one model.
-    if trained_for and name and not same_model(*(hub_model_id(model_name(n)) for n in (trained_for, name))):
+    if trained_for and name and not same_model(hub_model_id(trained_for), hub_model_id(name)):
         return (f"{what} was trained for {short(trained_for)}, not {short(name)}: the hidden sizes match, but its "
                 "vectors were learnt for the other model")
     return None

@@ -17,7 +17,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from ..core.config import BUILTIN_MODEL, QUANTIZE, DataConfig, reword, unescape
+from ..core.config import BUILTIN_MODEL, QUANTIZE, DataConfig, model_name, reword, unescape
 from ..core.utils import SoftpromptError, read_json, short
 
 # A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
@@ -125,7 +125,8 @@ def recorded_base(meta: dict[str, Any]) -> tuple[str, str]:
     section = recorded_section(meta, "ModelConfig")
     model = meta.get("model") or section.get("model")
     quantize = section.get("quantize")
-    return (model if isinstance(model, str) else "", quantize if quantize in QUANTIZE else "none")
+    # model_name: the built-in's cache folder (this machine's or another's) is the built-in
+    return (model_name(model) if isinstance(model, str) else "", quantize if quantize in QUANTIZE else "none")
 
 
 def base_for(prompt: str, flag: str = "--model") -> tuple[str, str]:
