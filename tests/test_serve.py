@@ -458,3 +458,20 @@ def test_admin_load_of_a_prompt_for_another_base_says_so_to_the_client(srv, monk
                                                     "'tiny': the hidden sizes match, but its vectors were learnt "
                                                     "for the other model"]), said
         assert c.delete(f"/v1/admin/prompts/{name}", headers=auth).status_code == 200
+
+
+def test_serve_refuses_a_prompt_of_another_width_before_the_model_loads(llama_dir, tmp_path, capsys, monkeypatch):
+    """Hunt 11: a --prompt whose record gives another hidden size was refused only after the model loaded
+    (minutes for a large base); the base's config.json, where it is on this machine, says it first."""
+    import softprompt.base.models as models
+    from softprompt.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    wide = save_prompt(SoftPrompt(torch.zeros(2, 40)), tmp_path / "wide", {"model": "someone/wide"})
+    assert main(["serve", "--model", str(llama_dir), "--prompt", f"w={wide}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt {wide} has hidden size 40 but the model's is 32 (it was trained for " \
+                                   "someone/wide)" in err, err

@@ -30,10 +30,19 @@ def run(args: argparse.Namespace) -> int:
     """Serve the prompts from one frozen model over HTTP until interrupted."""
     require_extra()
     prompts = parse_prompt_specs(args.prompt)
-    for path in prompts.values():  # each folder's record read before the model loads (a typo in the third)
-        read_meta(path)
+    # Each folder's record read before the model loads (a typo in the third), its hidden size checked
+    # against the base's config where that is on this machine (registry.add checks it again, loaded).
+    metas = {path: read_meta(path) for path in prompts.values()}
     fill_base(args, next(iter(prompts.values()), ""))
     mcfg, scfg = from_args(ModelConfig, args), from_args(ServeConfig, args)
+    from ..prompts.peft_io import model_config
+
+    base = model_config(mcfg.model)
+    width = base.get("hidden_size", base.get("n_embd"))
+    for path, meta in metas.items():
+        if isinstance(width, int) and isinstance(meta.get("hidden_size"), int) and meta["hidden_size"] != width:
+            raise SoftpromptError(f"prompt {path} has hidden size {meta['hidden_size']} but the model's is {width}"
+                                  + (f" (it was trained for {meta['model']})" if meta.get("model") else ""))
     if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
         scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
     from ..base.models import load_model
