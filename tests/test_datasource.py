@@ -13,7 +13,8 @@ import pytest
 
 from softprompt.core.config import DataConfig
 from softprompt.core.utils import SoftpromptError, SoftpromptWarning
-from softprompt.data.datasource import check_source, read_rows, take
+from softprompt.data.datasource import read_rows, take
+from softprompt.data.precheck import check_source
 from softprompt.data.formatting import load_splits
 
 ROWS = [{"sentence": f"film number {i} was {'good' if i % 3 else 'bad'}", "label": int(i % 3 != 0)} for i in range(30)]

@@ -13,7 +13,7 @@ from pathlib import Path
 from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                           check_warmup, flag, from_args, reword, unescape)
 from .core.utils import SoftpromptError, short
-from .data.datasource import check_files, check_source
+from .data.precheck import check_files, check_source
 from .prompts.recorded import (base_flags, data_config, fill_base, prompt_given, read_meta, recorded_data,
                                template_fields)
 from .prompts.transfer import adopt
@@ -38,7 +38,7 @@ def needed_columns(cfg: DataConfig) -> list[str] | None:
 
 
 def check_data(cfg: DataConfig, eval_too: bool = True, scoring: bool = False) -> None:
-    """Every source the run reads, read before the model loads (datasource.check_source). `scoring`: a
+    """Every source the run reads, read before the model loads (precheck.check_source). `scoring`: a
     scoring command (eval, ensemble), which scores the first --limit rows of --data in file order."""
     for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
         where = f"--mix task {k + 1}: " if k else ""
