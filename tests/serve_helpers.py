@@ -89,7 +89,9 @@ def held_step(sched, monkeypatch):
         out = orig()
         if not stepped.is_set():
             stepped.set()
-            go.wait(20)
+            # The test sets `go` once what it sends is queued; the limit only ends a hang. 20 s was too
+            # short on a loaded machine (CI beside other work: the step went on before a request joined).
+            go.wait(90)
         return out
 
     monkeypatch.setattr(engine, "step", step)
