@@ -475,3 +475,18 @@ def test_serve_refuses_a_prompt_of_another_width_before_the_model_loads(llama_di
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"prompt {wide} has hidden size 40 but the model's is 32 (it was trained for " \
                                    "someone/wide)" in err, err
+
+
+def test_classify_with_a_task_trained_on_several_columns_asks_for_the_formatted_text(srv, monkeypatch):
+    """Hunt 12: an RTE prompt (template of premise and hypothesis) scored a bare text with a 200: not the
+    input it was trained on, and a confident answer that meant nothing. It is a 400 naming the columns;
+    the formatted text with template '' is scored as given."""
+    entry = srv.app.state.registry.items["reviews"]
+    template = "Premise: {premise}\\nHypothesis: {hypothesis}\\nAnswer:"
+    monkeypatch.setitem(entry.meta, "template", template)
+    r = srv.client.post("/v1/classify", json={"task": "reviews", "text": "A man is sleeping."})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text", r.text
+    assert "trained on a template of the columns premise, hypothesis" in r.json()["error"]["message"]
+    text = "Premise: A man is sleeping.\nHypothesis: A man rests.\nAnswer:"
+    ok = srv.client.post("/v1/classify", json={"task": "reviews", "text": text, "template": ""})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == len(srv.tok(text).input_ids), ok.text

@@ -467,9 +467,12 @@ def test_label_words_of_several_tokens_say_why_the_loss_is_the_vocabulary_s(llam
     m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "run", max_steps=1, eval_every=0, warmup_steps=0)
     d = DataConfig(data=str(countries_csv), template="Country: {country}\\nEurope:", labels="no way,yes indeed",
                    label_col="europe")
-    with pytest.warns(SoftpromptWarning, match="a label word is several tokens .* so the loss is the whole "
-                                               "vocabulary's"):
+    # ... and name them (hunt 12: which of AG News's four words was it?)
+    with pytest.warns(SoftpromptWarning, match=r"label words of several tokens \('no way' \(\d tokens\), 'yes indeed' "
+                                               r"\(\d tokens\)\), so the loss is the whole vocabulary's"):
         s = train(m, d, p, t, quiet=True)
+    with pytest.raises(SoftpromptError, match=r"--loss classes needs label words that are one token each: 'no way' "):
+        train(m, d, p, replace(t, loss="classes", out=str(tmp_path / "classes")), quiet=True)
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["TrainConfig"]["loss"] == "lm"
     assert s["steps"] == 1
 

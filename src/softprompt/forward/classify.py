@@ -65,6 +65,18 @@ def single_token_classes(fmt, examples: list[Example]) -> torch.Tensor | None:
     return torch.tensor([c[0] for c in next(iter(sets))])
 
 
+def several_token_words(fmt, examples: list[Example]) -> str:
+    """The label words of several tokens, as a message names them ("'Sci/Tech' (3 tokens)"), after the
+    first input of each task (a word may tokenise otherwise after another input)."""
+    named = {}
+    for f, rows in fmt.parts(examples):
+        if rows:
+            for word, ids in zip(f.label_words, label_token_ids(f.tok, f.label_words, f.render_input(rows[0].text))):
+                if len(ids) != 1:
+                    named[word] = f"{word!r} ({len(ids)} tokens)"
+    return ", ".join(named.values())
+
+
 def class_token_ids(fmt, examples: list[Example]) -> torch.Tensor:
     """task_class_ids, or the one-line error that says why there are none."""
     ids = task_class_ids(fmt, examples)
@@ -77,8 +89,8 @@ def class_token_ids(fmt, examples: list[Example]) -> torch.Tensor:
     if len(sets) > 1:
         raise SoftpromptError("--loss classes: the label words tokenise differently after different inputs "
                               "(e.g. some inputs end in a space); make the template end the same way for all rows")
-    raise SoftpromptError("--loss classes needs label words that are one token each "
-                          f"(got {[len(c) for c in next(iter(sets))]} tokens)")
+    raise SoftpromptError("--loss classes needs label words that are one token each: "
+                          + several_token_words(fmt, examples))
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:

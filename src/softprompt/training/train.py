@@ -39,7 +39,7 @@ from ..data.batching import Batch, Example, batch_order, collate, pad_id
 from ..data.formatting import Formatter
 from ..data.mixture import load_data
 from ..evaluation.evaluate import evaluate_tasks, format_eval
-from ..forward.classify import class_token_ids, task_class_ids
+from ..forward.classify import class_token_ids, several_token_words, task_class_ids
 from ..forward.cuda_graphs import GraphedStep
 from ..forward.hidden import batch_loss
 from ..forward.paths import choose_path
@@ -115,9 +115,11 @@ def resolve_auto(pcfg: PromptConfig, tcfg: TrainConfig, fmt: Formatter, train_ex
         single = fmt.task == "classify" and task_class_ids(fmt, train_ex) is not None
         tcfg = replace(tcfg, loss="classes" if single else "lm")
         if fmt.task == "classify" and not single:
-            warn("--loss auto: a label word is several tokens (or tokenised otherwise after some inputs), so the "
-                 "loss is the whole vocabulary's (lm); label words of one token each train over themselves alone "
-                 "(--loss classes)")
+            several = several_token_words(fmt, train_ex)
+            why = (f"label words of several tokens ({several})" if several else
+                   "label words tokenised otherwise after some inputs")
+            warn(f"--loss auto: {why}, so the loss is the whole vocabulary's (lm); label words of one token each "
+                 "train over themselves alone (--loss classes)")
     if tcfg.lr == 0:
         tcfg = replace(tcfg, lr=METHODS[tcfg.method].default_lr(tcfg.loss))
     if tcfg.eval_every < 0:

@@ -16,7 +16,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...data.labels import label_token_ids
-from ...prompts.recorded import fill_one
+from ...core.config import unescape
+from ...prompts.recorded import fill_one, template_fields
 from ..chat_input import render
 from ..context import Ctx, ServerContext
 from ..jobs import ClassifyJob
@@ -42,12 +43,16 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
         raise ApiError(400, "labels must be 2 to 64 distinct non-empty words", "labels")
     if sum(map(len, labels)) > ctx.cfg.max_input_tokens * 64:  # as encode: do not even tokenise absurd labels
         raise ApiError(400, f"labels are too long ({sum(map(len, labels))} characters)", "labels")
-    # A recorded template of several columns leaves the text as it is (the client formats it); one
-    # given here must be of one column, or '' for none.
+    # A template given here must be of one column, or '' for none (the client formatted the text).
     if req.template and fill_one(req.template, "") is None:
         raise ApiError(400, f"template {req.template[:200]!r} must name exactly one column, as a plain {{sentence}} "
                             "(no !conversion or :format), or be '' for the text as it is", "template")
     template = entry.meta.get("template") if req.template is None else req.template
+    columns = template_fields(unescape(template)) if isinstance(template, str) else []
+    if req.template is None and len(columns) > 1:  # the bare text is not what the prompt was trained on
+        raise ApiError(400, f"task {req.task!r} was trained on a template of the columns {', '.join(columns)} "
+                            f"({template[:200]!r}): send the text formatted as it, with template '' (the text as "
+                            "it is)", "text")
     ids, cands = await run_in_threadpool(tokenized, ctx, entry, req.text, labels, template)  # off the event loop
     ctx.fits(entry, ids, max(len(c) for c in cands), "text")
     within_budget(ctx, ids, cands)
