@@ -3,6 +3,7 @@ folder with named configs (NAME:CONFIG / --data-config) and splits (--split, --e
 giving the same examples as the same rows in a JSONL file; Arrow data stays Arrow (no second copy
 as Python lists); offline, a Hub id is one error line, said before any model loads."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,27 @@ def test_a_later_json_row_without_a_column_is_named_before_the_model_loads(tmp_p
         check_data(_cfg(data))
     with pytest.raises(SoftpromptError, match=r"column 'sentence' not found in .*h.tsv \(columns named by --columns: "):
         check_data(_cfg(_table(tmp_path / "h.tsv", ROWS, True), columns="text,label"))
+
+
+def test_labels_map_the_data_s_values_to_other_words(tmp_path, tok):
+    """Hunt 12: RTE's labels are the strings entailment and not_entailment (2 and 5 tokens), so the README's
+    --labels entailment,not_entailment trained over the whole vocabulary and learnt the majority class; the
+    benches rewrote the files to yes/no. --labels VALUE=WORD maps a value to a word: the same Examples as
+    the rewritten file, the values checked before the model loads."""
+    from softprompt.flags import check_data
+
+    words = [{**r, "label": ["entailment", "not_entailment"][r["label"]]} for r in ROWS]
+    mapped = DataConfig(data=str(_jsonl(tmp_path / "w.jsonl", words)), template="Review: {sentence}\\nSentiment:",
+                        labels="entailment=yes , not_entailment=no", eval_fraction=0)
+    assert (mapped.label_words, mapped.label_values) == (["yes", "no"], ["entailment", "not_entailment"])
+    ref = load_splits(replace(mapped, data=str(_jsonl(tmp_path / "i.jsonl", ROWS)), labels="yes,no"), tok)[1]
+    assert _ids(load_splits(mapped, tok)[1]) == _ids(ref)
+    check_data(mapped)
+    odd = _jsonl(tmp_path / "odd.jsonl", words[:3] + [{"sentence": "x", "label": "neutral"}])
+    with pytest.raises(SoftpromptError, match=r"unknown label 'neutral' at .*odd.jsonl row 4: expected one of "
+                                              r"\['entailment', 'not_entailment'\]"):
+        check_data(replace(mapped, data=str(odd)))
+    for labels, words in (("a=yes,b=", "neither empty"), ("a=yes,a=no", "names a value twice"),
+                          ("a=yes,b=yes", "names a word twice")):
+        with pytest.raises(SoftpromptError, match=words):
+            DataConfig(template="{x}", labels=labels)

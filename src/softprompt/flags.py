@@ -43,7 +43,7 @@ def check_data(cfg: DataConfig, eval_too: bool = True, scoring: bool = False) ->
     for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
         where = f"--mix task {k + 1}: " if k else ""
         read = {"columns": needed_columns(task), "header": task.header,
-                "labels": (task.label_col, task.label_words) if task.labels else None}
+                "labels": (task.label_col, task.label_values) if task.labels else None}
         # The split load_splits reads of --eval-data, or of --data for its --eval-split.
         held_out = task.eval_split or ("validation" if task.split == "train" else task.split)
         try:

@@ -169,7 +169,9 @@ class DataConfig:
     template: str = opt("", "input template naming columns in braces, e.g. 'Review: {sentence}\\nSentiment:'")
     target: str = opt("", "target template appended after --template (loss on target tokens only)")
     text_col: str = opt("", "train on this plain text column as language modelling (the classic recipe)")
-    labels: str = opt("", "comma-separated label words; the row's --label-col value picks the target word")
+    labels: str = opt("", "comma-separated label words; the row's --label-col value picks the target word (the "
+                          "word itself or its index); VALUE=WORD maps a value of the data to another word, e.g. "
+                          "entailment=yes,not_entailment=no (one-token words train over themselves alone)")
     label_col: str = opt("label", "column holding the label (an index into --labels or the word itself)")
     max_length: int = opt(256, "truncate each example to this many tokens (virtual tokens not counted)")
     eval_data: str = opt("", "held-out file or dataset id; default: hold out --eval-fraction of --data")
@@ -225,11 +227,25 @@ class DataConfig:
         if self.labels:
             require(len(words) >= 2, f"--labels needs at least two comma-separated words (got {self.labels!r})")
             require(len(set(words)) == len(words), f"--labels {self.labels!r} names a word twice")
+            require(all(self.label_values) and all(words),
+                    f"--labels {self.labels!r}: each item is WORD or VALUE=WORD, neither empty")
+            require(len(set(self.label_values)) == len(words), f"--labels {self.labels!r} names a value twice")
             require(bool(self.template), "--labels needs --template (the input the label word follows)")
 
     @property
     def label_words(self) -> list[str]:
-        return [w.strip() for w in self.labels.split(",") if w.strip()]
+        """The words a row's label becomes (after VALUE=, where one is given)."""
+        return [word.strip() if sep else value.strip() for value, sep, word in
+                (item.partition("=") for item in self.label_items)]
+
+    @property
+    def label_values(self) -> list[str]:
+        """The label column's values, in --labels' order: each word's, or the VALUE of VALUE=WORD."""
+        return [item.partition("=")[0].strip() for item in self.label_items]
+
+    @property
+    def label_items(self) -> list[str]:
+        return [item for item in self.labels.split(",") if item.strip()]
 
     @property
     def header(self) -> list[str] | None:

@@ -61,6 +61,7 @@ class Formatter:
     cfg: DataConfig
     tok: Any
     label_words: list[str] = field(default_factory=list)
+    label_values: list[str] = field(default_factory=list)  # what the label column holds (--labels VALUE=WORD)
     truncated: int = 0
     dropped: int = 0  # conversations with no assistant token within --max-length
 
@@ -71,6 +72,7 @@ class Formatter:
         self.template = unescape(c.template)
         self.target = unescape(c.target)
         self.label_words = c.label_words
+        self.label_values = c.label_values
         if not (self.template or c.text_col or c.messages_col):
             raise SoftpromptError("say how to read each row: --text-col COLUMN, --template 'text with {column}' "
                                   "or --messages-col COLUMN")
@@ -163,7 +165,7 @@ class Formatter:
             raise SoftpromptError(f"the input at {where} is not valid Unicode text: {text!r}")
         rendered, label, tgt = self.render_input(text), -1, None
         if self.task == "classify":
-            label = label_index(self.label_words, row[self.cfg.label_col], where)
+            label = label_index(self.label_values, row[self.cfg.label_col], where)
             tgt = self.label_text(label, rendered)
         elif self.task == "target":
             tgt = self.fill(self.target, "--target", row, where)

@@ -22,7 +22,8 @@ def label_token_ids(tok, words: list[str], rendered_input: str) -> list[list[int
 
 
 def label_index(words: list[str], value: Any, where: str) -> int:
-    """The class a label column's value names: one of `words`, or an index into them (1 and 1.0 alike)."""
+    """The class a label column's value names: one of `words` (the label values, where --labels maps
+    VALUE=WORD), or an index into them (1 and 1.0 alike)."""
     s = str(value).strip()
     if s in words:
         return words.index(s)
