@@ -528,3 +528,25 @@ def test_the_built_in_model_s_cache_folder_is_recorded_as_the_built_in(llama_dir
         assert main(["export-peft", str(tmp_path / prompt), str(tmp_path / f"{prompt}-peft")]) == 0
         adapter = json.loads((tmp_path / f"{prompt}-peft" / "adapter_config.json").read_text())
         assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct", prompt
+
+
+def test_the_loss_plot_compares_one_measure_and_names_the_method(llama_dir, countries_csv, tmp_path):
+    """Hunt 12: loss.png drew the vocabulary loss a run trained on beside the held-out label-word loss as
+    one "cross-entropy", titled "soft prompt training" for a prefix, without the untuned accuracy; and
+    the plan line said "scored every 50 steps" of a 30-step run."""
+    from softprompt.training.rundir import plotted
+    from softprompt.training.train import plan, setup
+
+    m, d, p, t = _cfgs(llama_dir, countries_csv, tmp_path / "run", max_steps=3, eval_every=50, warmup_steps=0)
+    d = DataConfig(data=str(countries_csv), template="Country: {country}\\nEurope:", labels="no way,yes indeed",
+                   label_col="europe", eval_limit=4)
+    t, p = replace(t, method="prefix", loss="lm", eval_untuned=True), replace(p, init="text")
+    run = setup(m, d, p, t)
+    run.lock.release()  # only its plan is wanted
+    assert "scored at the end: 3 steps" in plan(run)
+    train(m, d, p, replace(t, overwrite=True), quiet=True)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    drawn = plotted(tmp_path / "run")
+    assert drawn["title"] == "prefix training (lm loss)"
+    assert drawn["held_out"] == [(r["step"], r["lm_loss"]) for r in evals if r["split"] == "eval"]
+    assert drawn["untuned_accuracy"] == 100 * next(r["accuracy"] for r in evals if r["split"] == "eval_untuned")

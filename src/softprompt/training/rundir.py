@@ -258,6 +258,25 @@ def load_checkpoint(out: Path, method, opt, sched) -> dict[str, Any]:
     return state
 
 
+def plotted(out: Path) -> dict[str, Any]:
+    """What loss.png draws from a run folder: train and held-out losses of one measure (a run trained on
+    the vocabulary loss is compared with the held-out vocabulary loss, not the label-word one), the
+    held-out accuracy, and the untuned model's (step 0), under a title naming the method."""
+    recs = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
+    record = read_json(out / RUN_CONFIG) if (out / RUN_CONFIG).is_file() else {}
+    train_cfg = record.get("TrainConfig", {}) if isinstance(record, dict) else {}
+    tr = [r for r in recs if r["split"] == "train"]
+    ev = [r for r in recs if r["split"] == "eval"]
+    untuned = next((r for r in recs if r["split"] == "eval_untuned"), None)
+    key = "lm_loss" if train_cfg.get("loss") == "lm" and ev and "lm_loss" in ev[0] else "loss"
+    method, loss = train_cfg.get("method", "prompt"), train_cfg.get("loss", "")
+    return {"title": f"{method} training" + (f" ({loss} loss)" if loss else ""),
+            "train": [(r["step"], r["loss"]) for r in tr],
+            "held_out": [(r["step"], r[key]) for r in ev if key in r],
+            "accuracy": [(r["step"], 100 * r["accuracy"]) for r in ev if "accuracy" in r],
+            "untuned_accuracy": 100 * untuned["accuracy"] if untuned and "accuracy" in untuned else None}
+
+
 def plot_metrics(out: Path) -> Path | None:
     """loss.png: training loss and held-out metrics against steps (skipped without matplotlib)."""
     try:
@@ -267,20 +286,21 @@ def plot_metrics(out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    recs = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
-    tr = [r for r in recs if r["split"] == "train"]
-    ev = [r for r in recs if r["split"] == "eval"]
-    fig, ax = plt.subplots(1, 2 if ev and "accuracy" in ev[0] else 1, figsize=(10, 4), squeeze=False)
+    p = plotted(out)
+    fig, ax = plt.subplots(1, 2 if p["accuracy"] else 1, figsize=(10, 4), squeeze=False)
     a = ax[0][0]
-    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss", alpha=0.7)
-    if ev:
-        a.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="held-out loss")
+    if p["train"]:
+        a.plot(*zip(*p["train"]), label="train loss", alpha=0.7)
+    if p["held_out"]:
+        a.plot(*zip(*p["held_out"]), "o-", label="held-out loss")
     a.set_xlabel("step"), a.set_ylabel("cross-entropy"), a.legend(), a.grid(alpha=0.3)
-    a.set_title("soft prompt training")
-    if ev and "accuracy" in ev[0]:
+    a.set_title(p["title"])
+    if p["accuracy"]:
         b = ax[0][1]
-        b.plot([r["step"] for r in ev], [100 * r["accuracy"] for r in ev], "o-", color="tab:green")
-        b.set_xlabel("step"), b.set_ylabel("held-out accuracy (%)"), b.grid(alpha=0.3)
+        b.plot(*zip(*p["accuracy"]), "o-", color="tab:green", label="tuned")
+        if p["untuned_accuracy"] is not None:
+            b.axhline(p["untuned_accuracy"], ls="--", color="gray", label="untuned")
+        b.set_xlabel("step"), b.set_ylabel("held-out accuracy (%)"), b.legend(), b.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out / ".loss.png.tmp.png"
     fig.savefig(tmp, dpi=110)

@@ -385,7 +385,8 @@ TASKS = {"classify": "classification", "target": "input/target generation", "lm"
 def plan(run: Run) -> str:
     """What the run will do, said before it starts: long runs on large files were silent for minutes."""
     cfg, epochs = run.cfg, run.total / run.per_epoch
-    scored = f"scored every {cfg.eval_every} steps" if cfg.eval_every else "scored at the end"
+    # A stride past the run's end scores at the end alone (hunt 12: "every 50 steps" of a 30-step run).
+    scored = f"scored every {cfg.eval_every} steps" if 0 < cfg.eval_every < run.total else "scored at the end"
     held = f"{len(run.eval_ex)} held out, {scored}" if run.eval_ex else "none held out"
     return (f"training {cfg.method} ({TASKS.get(run.fmt.task, run.fmt.task)}, {cfg.loss} loss, lr {cfg.lr:g}) on "
             f"{len(run.train_ex)} rows, {held}: {run.total} steps at batch {cfg.batch_size} ({epochs:.2g} "
