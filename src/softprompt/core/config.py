@@ -175,8 +175,8 @@ class DataConfig:
     label_col: str = opt("label", "column holding the label (an index into --labels or the word itself)")
     max_length: int = opt(256, "truncate each example to this many tokens (virtual tokens not counted)")
     eval_data: str = opt("", "held-out file or dataset id; default: hold out --eval-fraction of --data")
-    eval_fraction: float = opt(HELD_OUT_FRACTION, "fraction of --data held out for evaluation when --eval-data is not given, "
-                                    f"at most --eval-limit rows ({HELD_OUT_MAX} when it is 0)")
+    eval_fraction: float = opt(HELD_OUT_FRACTION, "fraction of --data held out for evaluation when --eval-data is "
+                                                  f"not given, at most --eval-limit rows ({HELD_OUT_MAX} when it is 0)")
     split: str = opt("train", "split to read from a Hub dataset")
     eval_split: str = opt("", "split for evaluation: of --eval-data (default: validation when --split is train, "
                               "else --split), or without --eval-data of --data itself instead of holding rows out")
