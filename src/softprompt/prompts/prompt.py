@@ -230,7 +230,11 @@ def other_base(trained_for: str | None, model, what: str) -> str | None:
 
 
 def check_fits(hidden: int, model, what: str, trained_for: str | None = None) -> None:
-    H = hidden_size(model)
-    if hidden != H:
+    check_width(hidden, hidden_size(model), what, trained_for)
+
+
+def check_width(hidden: int, width: int, what: str, trained_for: str | None = None) -> None:
+    """A prompt of `hidden` wide against a model `width` wide (loaded, or as its config.json says)."""
+    if hidden != width:
         extra = f" (it was trained for {trained_for})" if trained_for else ""
-        raise SoftpromptError(f"{what} has hidden size {hidden} but the model's is {H}{extra}")
+        raise SoftpromptError(f"{what} has hidden size {hidden} but the model's is {width}{extra}")

@@ -35,14 +35,14 @@ def run(args: argparse.Namespace) -> int:
     metas = {path: read_meta(path) for path in prompts.values()}
     fill_base(args, next(iter(prompts.values()), ""))
     mcfg, scfg = from_args(ModelConfig, args), from_args(ServeConfig, args)
+    from ..base.families import config_geometry
     from ..prompts.peft_io import model_config
+    from ..prompts.prompt import check_width
 
-    base = model_config(mcfg.model)
-    width = base.get("hidden_size", base.get("n_embd"))
+    width = config_geometry(model_config(mcfg.model))["hidden_size"]
     for path, meta in metas.items():
-        if isinstance(width, int) and isinstance(meta.get("hidden_size"), int) and meta["hidden_size"] != width:
-            raise SoftpromptError(f"prompt {path} has hidden size {meta['hidden_size']} but the model's is {width}"
-                                  + (f" (it was trained for {meta['model']})" if meta.get("model") else ""))
+        if isinstance(width, int) and isinstance(meta.get("hidden_size"), int):
+            check_width(meta["hidden_size"], width, f"prompt {path}", meta.get("model"))
     if not scfg.admin_token and os.environ.get("SOFTPROMPT_ADMIN_TOKEN"):
         scfg = replace(scfg, admin_token=os.environ["SOFTPROMPT_ADMIN_TOKEN"])
     from ..base.models import load_model
