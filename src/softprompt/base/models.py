@@ -118,9 +118,12 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> set[str]:
     return cpu_flags(cpuinfo) & set(HALF_CPU_FLAGS[torch.bfloat16])
 
 
-def dtype_reason(asked: str, model, method: str = "prefix") -> str:
-    """One line for run_config.json: which dtype a run training `method` runs its base in, and why."""
+def dtype_reason(asked: str, model, method: str = "prefix", handed_in: bool = False) -> str:
+    """One line for run_config.json: which dtype a run training `method` runs its base in, and why.
+    `handed_in`: the caller loaded the model (the Python API records its dtype as if asked for)."""
     dtype = dtype_name(model.dtype)
+    if handed_in:
+        return f"{dtype}: the model's own, as it was handed in"
     if asked != "auto":
         return f"{dtype}: asked for with --dtype"
     if model.device.type == "cuda":

@@ -302,8 +302,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
             "total_steps": total, "truncated": fmt.truncated, "method_reason": method_reason,
             "forward_path_taken": path, "forward_path_reason": why, "device": str(acc.device),
             "dtype": dtype_name(model.dtype),
-            "dtype_reason": (f"{dtype_name(model.dtype)}: the model's own, as it was handed in" if handed_in
-                             else dtype_reason(mcfg.dtype, model, tcfg.method)),
+            "dtype_reason": dtype_reason(mcfg.dtype, model, tcfg.method, handed_in),
             **prepared,
             "base_bytes_per_process": local_bytes(model)}
         write_json(run.out / RUN_CONFIG, record)
