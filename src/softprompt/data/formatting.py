@@ -204,9 +204,10 @@ class Formatter:
         out, nulls, texts, null_cols = [], [], [], {}
         for r, n in zip(rows, numbers):
             self.check_columns(r, f"{where} row {n}")
-            if self.null_columns(r):
+            null = self.null_columns(r)
+            if null:
                 nulls.append(n)
-                null_cols.update(dict.fromkeys(self.null_columns(r)))
+                null_cols.update(dict.fromkeys(null))
             elif self.task == "chat":
                 out.append(self.encode(r, f"{where} row {n}"))
             else:
