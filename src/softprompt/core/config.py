@@ -206,7 +206,7 @@ class DataConfig:
             self.task_config(i + 1)  # its own checks, each naming its flag
         check_fields(self, {"max_length": 1, "limit": 0, "eval_limit": 0})
         check_text(self, "columns", "template", "target", "text_col", "labels", "label_col", "messages_col")
-        self.check_header()
+        self.check_column_names()
         require(bool(self.eval_data) or not self.eval_split or self.eval_split != self.split,
                 f"--eval-split {self.eval_split!r} is the training --split: evaluate on another split")
         require(not (self.messages_col and (self.template or self.text_col)),
@@ -252,7 +252,7 @@ class DataConfig:
         """--columns as names, or None: each CSV/TSV file's row 1 names its columns."""
         return [c.strip() for c in self.columns.split(",")] if self.columns else None
 
-    def check_header(self) -> None:
+    def check_column_names(self) -> None:
         """--columns names each column once, and a CSV/TSV file is there to take the names: the csv module reads
         header-less tables, and a Hub dataset or a JSON file names its own columns."""
         if not self.columns:
