@@ -209,6 +209,15 @@ def test_generate_template_of_several_columns_takes_json(trained, llama_dir, cap
     with pytest.raises(ConfigError, match="or template '' to send it as it is$"):
         softprompt.generate(["Chile"], template="{a} and {b}", **kw)
     assert softprompt.generate(["Chile and Peru"], template="", **kw)[0]["tuned"] == same[0]["tuned"]
+    # ... and a dict of the columns fills them, as the JSON object does on the command line.
+    row = {"b": "Peru", "a": "Chile"}
+    assert softprompt.generate(row, template="{a} and {b}", **kw) == [{"input": row, "tuned": same[0]["tuned"]}]
+    with pytest.raises(ConfigError, match="^the template '{a} and {b}' names the columns a, b; TEXT 1 lacks b: give"):
+        softprompt.generate([{"a": "Chile"}], template="{a} and {b}", **kw)
+    with pytest.raises(ConfigError, match="^TEXT 1 holds columns, but no template fills them: give a template of"):
+        softprompt.generate([row], template="", **kw)
+    with pytest.raises(TypeError, match="^generate\\(\\): texts must be a string, a dict"):
+        softprompt.generate([{1: "Chile"}], template="{a} and {b}", **kw)
 
 
 def test_server_classify_applies_the_recorded_template(llama_dir, tmp_path):

@@ -124,6 +124,10 @@ def test_the_readme_requests_answer_for_every_kind(server, runs):
     whole = httpx.post(server + "/v1/completions", timeout=120, json={
         "model": "sst2", "prompt": "Review: a wonderful, moving film\nSentiment:", "max_tokens": 1}).json()
     assert probs["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    # The text as an object of the recorded template's columns (what an RTE task takes) fills it the same way.
+    r = httpx.post(server + "/v1/classify", timeout=120,
+                   json={"task": "sst2", "text": {"sentence": "a wonderful, moving film"}})
+    assert r.status_code == 200 and r.json()["scores"] == probs["scores"], r.text
     r = httpx.post(server + "/v1/completions", timeout=120, json={
         "model": "acts", "prompt": "Act as a chef.\nPrompt:", "max_tokens": 3, "logprobs": 1})
     lp = r.json()["choices"][0]["logprobs"]

@@ -487,6 +487,32 @@ def test_classify_with_a_task_trained_on_several_columns_asks_for_the_formatted_
     r = srv.client.post("/v1/classify", json={"task": "reviews", "text": "A man is sleeping."})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text", r.text
     assert "trained on a template of the columns premise, hypothesis" in r.json()["error"]["message"]
+    assert 'send text as an object of them ({"premise": ..., "hypothesis": ...})' in r.json()["error"]["message"]
     text = "Premise: A man is sleeping.\nHypothesis: A man rests.\nAnswer:"
     ok = srv.client.post("/v1/classify", json={"task": "reviews", "text": text, "template": ""})
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == len(srv.tok(text).input_ids), ok.text
+
+
+def test_classify_takes_an_object_of_a_templates_columns(srv, monkeypatch):
+    """A task of several columns takes them as an object, filled through its recorded template as train
+    fills a row: the same scores as the text the client formats itself. A missing column, an object for
+    a task with no template, and a template with a :format spec are 400s naming the field."""
+    entry = srv.app.state.registry.items["reviews"]
+    monkeypatch.setitem(entry.meta, "template", "Premise: {premise}\\nHypothesis: {hypothesis}\\nAnswer:")
+    text = "Premise: A man is sleeping.\nHypothesis: A man rests.\nAnswer:"
+    formatted = srv.client.post("/v1/classify", json={"task": "reviews", "text": text, "template": ""}).json()
+    row = {"hypothesis": "A man rests.", "premise": "A man is sleeping."}
+    r = srv.client.post("/v1/classify", json={"task": "reviews", "text": row})
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"] == formatted["scores"] and r.json()["usage"] == formatted["usage"]
+    own = srv.client.post("/v1/classify", json={"task": "reviews", "text": row, "template": "{premise}? {hypothesis}"})
+    assert own.status_code == 200 and own.json()["usage"]["prompt_tokens"] == len(
+        srv.tok("A man is sleeping.? A man rests.").input_ids), own.text
+    for body, param, words in [
+            ({"text": {"premise": "x"}}, "text", "text lacks the column 'hypothesis'"),
+            ({"text": row, "template": ""}, "text", "but no template names them"),
+            ({"text": row, "template": "{premise:>9} {hypothesis}"}, "template", "plain columns only"),
+            ({"text": {"premise": "x", "hypothesis": 3}}, "text", "text.hypothesis: Input should be a valid string")]:
+        bad = srv.client.post("/v1/classify", json={"task": "reviews", **body})
+        err = bad.json()["error"]
+        assert bad.status_code == 400 and words in err["message"] and err["param"] == param, bad.text

@@ -218,21 +218,23 @@ def evaluate(prompt: Any = None, *, model: Any = None, tokenizer: Any = None,
         return eval_prompt(mcfg, dcfg, named, batch_size, model=base, tok=tok)
 
 
-def generate(texts: str | list[str] = (), prompt: Any = None, *, model: Any = None,
-             tokenizer: Any = None, compare: bool = False, chat: bool | None = None, template: str | None = None,
-             system: str = "", messages: list[list[dict[str, str]]] | None = None,
+def generate(texts: str | dict[str, Any] | list[str | dict[str, Any]] = (), prompt: Any = None, *,
+             model: Any = None, tokenizer: Any = None, compare: bool = False, chat: bool | None = None,
+             template: str | None = None, system: str = "", messages: list[list[dict[str, str]]] | None = None,
              **kwargs: Any) -> list[dict[str, str]]:
     """Continue each text ({"input", "tuned" or "baseline"} per text; both with compare=True), as
     `softprompt generate` does: `template` fills each text into it (None: the prompt's recorded one,
-    "": the text as it is), `system` goes before each input through the chat template, and
-    `messages` (conversations of {"role", "content"}) replace the texts. `model` is, by default, the
-    base the prompt was trained on (the built-in without a prompt). Keywords: max_new_tokens=,
-    sample=, temperature=, top_p=, repetition_penalty=, seed=."""
+    "": the text as it is), a dict of columns ({"premise": ..., "hypothesis": ...}) fills a template of
+    several, `system` goes before each input through the chat template, and `messages` (conversations
+    of {"role", "content"}) replace the texts. `model` is, by default, the base the prompt was trained
+    on (the built-in without a prompt). Keywords: max_new_tokens=, sample=, temperature=, top_p=,
+    repetition_penalty=, seed=."""
     from .generation.generate import generate_cmd, is_conversation
 
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError("generate(): texts must be a string or a list of strings")
+    texts = [texts] if isinstance(texts, (str, dict)) else list(texts)
+    if not all(isinstance(t, str) or (isinstance(t, dict) and all(isinstance(k, str) for k in t)) for t in texts):
+        raise TypeError("generate(): texts must be a string, a dict of a template's columns ({'premise': ..., "
+                        "'hypothesis': ...}) or a list of them")
     if not (template is None or isinstance(template, str)) or not isinstance(system, str):
         raise TypeError("generate(): template must be a string or None, and system a string")
     if messages is not None and not (isinstance(messages, list) and all(map(is_conversation, messages))):

@@ -54,21 +54,26 @@ def encode_messages(tok, messages: list[dict[str, str]], system: str = "") -> li
     return tok(render(tok, turns, generation_prompt=True), add_special_tokens=False).input_ids
 
 
-def apply_template(template: str, text: str, n: int) -> str:
-    """TEXT n through the template: its one column filled with the text, or its columns from a JSON
-    object ('{"premise": ..., "hypothesis": ...}')."""
-    filled = fill_one(template, text)
+def apply_template(template: str, text: str | dict[str, Any], n: int) -> str:
+    """TEXT n through the template: its one column filled with the text, or its columns from an
+    object ({"premise": ..., "hypothesis": ...}: a JSON object on the command line, a dict from Python)."""
+    filled = fill_one(template, text) if isinstance(text, str) else None
     if filled is not None:
         return filled
     cols = template_fields(template)
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError:
-        row = None
+    row = text
+    if isinstance(text, str):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            row = None
     # Quoted as typed in a flag: repr() doubled the backslash of a flag's \n, and a copy of it then failed.
     if not isinstance(row, dict) or any(c not in row for c in cols):
-        raise SoftpromptError(f"the template '{template}' names the columns {', '.join(cols)}: give TEXT {n} as a "
-                              "JSON object with them, or --template '' to send it as it is")
+        lacks = [c for c in cols if c not in row] if isinstance(row, dict) else []
+        raise SoftpromptError(f"the template '{template}' names the columns {', '.join(cols)}"
+                              + (f"; TEXT {n} lacks {', '.join(lacks)}" if lacks else "")
+                              + f": give TEXT {n} as a JSON object (a dict from Python) with them, or --template '' "
+                              "to send it as it is")
     try:
         return unescape(template).format_map(row)
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
@@ -100,17 +105,17 @@ def read_conversations(path: str) -> list[list[dict[str, str]]]:
     return convs
 
 
-def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prompt: str = "",
+def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str | dict[str, Any]], prompt: str = "",
                  compare: bool = False, chat: bool | None = None, model=None, tok=None, template: str | None = None,
                  system: str = "", conversations: list[list[dict[str, str]]] | None = None) -> list[dict[str, str]]:
-    """Continuations of `texts` (or replies to `conversations`); with `compare`, the untuned model's
-    beside the tuned one's. `template`: each text's template (None: the prompt's recorded one, "":
+    """Continuations of `texts` (or replies to `conversations`); a text may be an object of a template's
+    columns. With `compare`, the untuned model's beside the tuned one's. `template`: each text's template (None: the prompt's recorded one, "":
     none); `system`: a system message before each input (through the chat template)."""
     if not texts and not conversations:
         raise SoftpromptError("give at least one TEXT to continue (or --messages FILE)")
     if texts and conversations:
         raise SoftpromptError("give TEXT arguments or --messages FILE, not both")
-    bad = [i + 1 for i, t in enumerate(texts) if not is_unicode(t)]
+    bad = [i + 1 for i, t in enumerate(texts) if isinstance(t, str) and not is_unicode(t)]
     if bad:
         raise SoftpromptError(f"TEXT {bad[0]} is not valid Unicode text: {texts[bad[0] - 1]!r}")
     if compare and not prompt_given(prompt):  # `none` is the untuned model: it would be compared with itself
@@ -120,6 +125,9 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str], prom
         warn(f"{prompt} was trained to choose among its label words ({', '.join(map(str, meta['labels']))}), not "
              "to write text: `softprompt eval` (or the server's /v1/classify) gives its prediction")
     template = recorded_data(meta).get("template", "") if template is None else template
+    objects = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str)]
+    if objects and not template:
+        raise SoftpromptError(f"TEXT {objects[0]} holds columns, but no template fills them: give a --template of its columns")
     inputs = [apply_template(template, t, i + 1) if template else t for i, t in enumerate(texts)]
     if model is None:
         model, tok = load_model(mcfg)

@@ -201,3 +201,22 @@ def fill_one(template: Any, text: str) -> str | None:
         return template.format_map({names[0]: text})
     except (KeyError, IndexError, ValueError, TypeError, AttributeError):
         return None
+
+
+def fill_columns(template: Any, row: dict[str, Any]) -> str | None:
+    """`template` with each of its columns filled from `row` ({"premise": ..., "hypothesis": ...}), as
+    train fills a row; None when it is not a template of plain columns (fill_one says why) or `row`
+    lacks one of them or holds a null, a list or an object there (a training row of those is skipped
+    or refused, so no prompt was trained on how Python prints them)."""
+    if not isinstance(template, str) or not template or not isinstance(row, dict):
+        return None
+    template = unescape(template)
+    names = template_fields(template)
+    if not names or not plain_fields(template) or not all(n.isidentifier() for n in names):
+        return None
+    if any(not isinstance(row.get(n), (str, int, float)) for n in names):
+        return None
+    try:
+        return template.format_map({n: row[n] for n in names})
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError):
+        return None

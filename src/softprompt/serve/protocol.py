@@ -149,12 +149,15 @@ class ChatCompletionRequest(Sampling):
 
 class ClassifyRequest(Body):
     task: Text = Field(description="a loaded soft prompt's name (or the base model's name)")
-    text: Text = Field(description="the input; a task whose prompt records a template of one column (e.g. "
-                           "'Review: {sentence}\\nSentiment:') takes the text of that column, which fills it")
+    text: Text | dict[str, Text] = Field(
+        description="the input; a task whose prompt records a template of one column (e.g. 'Review: "
+                    "{sentence}\\nSentiment:') takes the text of that column, which fills it; one of several columns "
+                    "takes an object of them ({\"premise\": ..., \"hypothesis\": ...})")
     labels: list[Text] | None = Field(None, description="label words (default: the prompt's own, from its training)")
-    template: Text | None = Field(None, description="a template of one column that the text fills instead of the "
-                                  "prompt's own (another task of a prompt trained on a mixture; a template for the "
-                                  "base model); '' sends the text as it is")
+    template: Text | None = Field(None, description="a template that the text fills instead of the prompt's own "
+                                  "(another task of a prompt trained on a mixture; a template for the base model): "
+                                  "of one column for a string text, of the object's columns for an object; '' sends "
+                                  "the text as it is")
 
 
 class LoadPromptRequest(Body):
@@ -212,8 +215,10 @@ def field_path(error: dict) -> list:
     pydantic's union-branch tags ('str', 'list[str]'...) and the leading 'body'."""
     names = {n for cls in _models(Body) for n in cls.model_fields}
     loc = list(error.get("loc", ()))
-    keep = [x for x in loc[:-1] if isinstance(x, int) or x in names]
-    last = loc[-1:] if loc and (isinstance(loc[-1], int) or loc[-1] in names
+    # A key of an object field (a classify text's column) follows its branch tag 'dict[str,...]'.
+    keys = {i + 1 for i, x in enumerate(loc) if isinstance(x, str) and x.startswith("dict[")}
+    keep = [x for i, x in enumerate(loc[:-1]) if isinstance(x, int) or x in names or i in keys]
+    last = loc[-1:] if loc and (isinstance(loc[-1], int) or loc[-1] in names or len(loc) - 1 in keys
                                 or error.get("type") == "extra_forbidden") else []
     return keep + last
 

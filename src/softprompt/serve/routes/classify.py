@@ -10,14 +10,16 @@ between decode steps, so decoding rows wait for one chunk, not the whole request
 """
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...data.labels import label_token_ids
 from ...core.config import unescape
-from ...prompts.recorded import fill_one, template_fields
+from ...prompts.recorded import fill_columns, fill_one, template_fields
 from ..chat_input import render
 from ..context import Ctx, ServerContext
 from ..jobs import ClassifyJob
@@ -43,17 +45,13 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
         raise ApiError(400, "labels must be 2 to 64 distinct non-empty words", "labels")
     if sum(map(len, labels)) > ctx.cfg.max_input_tokens * 64:  # as encode: do not even tokenise absurd labels
         raise ApiError(400, f"labels are too long ({sum(map(len, labels))} characters)", "labels")
-    # A template given here must be of one column, or '' for none (the client formatted the text).
-    if req.template and fill_one(req.template, "") is None:
-        raise ApiError(400, f"template {req.template[:200]!r} must name exactly one column, as a plain {{sentence}} "
-                            "(no !conversion or :format), or be '' for the text as it is", "template")
     template = entry.meta.get("template") if req.template is None else req.template
-    columns = template_fields(unescape(template)) if isinstance(template, str) else []
-    if req.template is None and len(columns) > 1:  # the bare text is not what the prompt was trained on
-        raise ApiError(400, f"task {req.task!r} was trained on a template of the columns {', '.join(columns)} "
-                            f"({template[:200]!r}): send the text formatted as it, with template '' (the text as "
-                            "it is)", "text")
-    ids, cands = await run_in_threadpool(tokenized, ctx, entry, req.text, labels, template)  # off the event loop
+    if isinstance(req.text, str):
+        one_column(req.task, req.template, template)
+        text = req.text
+    else:  # an object fills the template's columns, and the filled text is sent as it is
+        text, template = filled_columns(req.task, template, req.text), ""
+    ids, cands = await run_in_threadpool(tokenized, ctx, entry, text, labels, template)  # off the event loop
     ctx.fits(entry, ids, max(len(c) for c in cands), "text")
     within_budget(ctx, ids, cands)
     job = ClassifyJob(entry.tensor, ids, candidates=cands)
@@ -65,6 +63,36 @@ async def classify(req: ClassifyRequest, ctx: Ctx, request: Request):
     return {"task": req.task, "label": labels[best], "scores": dict(zip(labels, scores)),
             "probabilities": {w: math.exp(s - m) / z for w, s in zip(labels, scores)},
             "usage": {"prompt_tokens": len(ids)}}
+
+
+def one_column(task: str, given: str | None, template: Any) -> None:
+    """A string text fills a template of one column, or none ('' given): refuse a template of several
+    (the bare text is not what the prompt was trained on; an object of columns fills those)."""
+    if given and fill_one(given, "") is None:
+        raise ApiError(400, f"template {given[:200]!r} must name exactly one column, as a plain {{sentence}} "
+                            "(no !conversion or :format), or be '' for the text as it is; a text object of columns "
+                            "fills a template of several", "template")
+    columns = template_fields(unescape(template)) if isinstance(template, str) else []
+    if given is None and len(columns) > 1:
+        raise ApiError(400, f"task {task!r} was trained on a template of the columns {', '.join(columns)} "
+                            f"({template[:200]!r}): send text as an object of them "
+                            f"({{{', '.join(f'{json.dumps(c)}: ...' for c in columns[:8])}}}), or formatted as the "
+                            "template with template '' (the text as it is)", "text")
+
+
+def filled_columns(task: str, template: Any, row: dict[str, str]) -> str:
+    """A text object's columns through the template (the task's recorded one, or the request's)."""
+    columns = template_fields(unescape(template)) if isinstance(template, str) else []
+    if not columns:
+        raise ApiError(400, f"text is an object of columns, but no template names them (task {task!r} records "
+                            "none, or template '' was given): give a template of them, or text as a string", "text")
+    filled = fill_columns(template, row)
+    if filled is None:
+        lacks = [c for c in columns if c not in row]
+        raise ApiError(400, f"text lacks the column {lacks[0]!r} of the template {template[:200]!r}" if lacks else
+                            f"the template {template[:200]!r} takes plain columns only ({{premise}}: no !conversion "
+                            "or :format)", "text" if lacks else "template")
+    return filled
 
 
 def tokenized(ctx: ServerContext, entry: Loaded, text: str, labels: list[str],
