@@ -260,6 +260,27 @@ def test_a_mixture_task_reading_its_own_file_does_not_take_the_flags_columns():
                                                          ("c.csv", ["x", "label"])]
 
 
+def test_a_prompt_trained_with_columns_reads_a_header_less_file_as_its_training_file(tmp_path, tok):
+    """eval of a prompt trained on a header-less file (AG News as shared here) took that file's row 1 for
+    column names unless --columns was given again. A file header-less as the training file was (row 1
+    lacks the reading's columns, with as many fields as the names) now takes the recorded names; a headed
+    file, one of another width, and --columns given stay as they were."""
+    from softprompt.prompts.recorded import recorded_columns
+
+    meta = {"config": {"DataConfig": {"columns": "sentence,label", "template": "{sentence}", "labels": "neg,pos"}}}
+    bare = _table(tmp_path / "bare.tsv", ROWS, False)
+    with pytest.warns(SoftpromptWarning, match="reading .*bare.tsv without a header, its columns named sentence,label "
+                                               "as the prompt's training data was"):
+        taken = recorded_columns(_cfg(bare), meta)
+    assert taken.header == ["sentence", "label"]
+    headed = load_splits(_cfg(_table(tmp_path / "headed.tsv", ROWS, True)), tok, seed=1)
+    assert _ids(load_splits(taken, tok, seed=1)[1]) == _ids(headed[1])
+    wide = tmp_path / "wide.tsv"
+    wide.write_text("".join(f"{r['sentence']}\t{r['label']}\tx\n" for r in ROWS))
+    for unchanged in (_cfg(tmp_path / "headed.tsv"), _cfg(wide), _cfg(bare, columns="label,sentence")):
+        assert recorded_columns(unchanged, meta) == unchanged, unchanged
+
+
 def _bad_sources(tmp: Path) -> list[tuple[list[str], str]]:
     """(flags, the words of their one error line) for data the run could not read (hunt 10), each made here."""
     (tmp / "empty.jsonl").write_text("")

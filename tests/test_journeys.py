@@ -230,3 +230,7 @@ def test_a_header_less_file_trains_and_evaluates_with_columns(runs, fork_python)
     out = sp("eval", "--prompt", "runs/ag", *reading[:4], "--limit", "8", "--json", cwd=runs, python=fork_python)
     scored = json.loads(out.stdout.strip().splitlines()[-1])
     assert scored["n"] == 8 and 0 <= scored["accuracy"] <= 1, scored
+    # The same file without --columns: the prompt's recorded names read it, as they read its training file.
+    again = sp("eval", "--prompt", "runs/ag", "--data", ag, "--limit", "8", "--json", cwd=runs, python=fork_python)
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == scored
+    assert "without a header, its columns named text,label as the prompt's training data was" in again.stderr

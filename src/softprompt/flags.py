@@ -7,15 +7,13 @@ after the model has loaded.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                           check_warmup, flag, from_args, reword, unescape)
 from .core.utils import SoftpromptError, short
 from .data.precheck import check_files, check_source
-from .prompts.recorded import (base_flags, data_config, fill_base, prompt_given, read_meta, recorded_data,
-                               template_fields)
+from .prompts.recorded import base_flags, data_config, fill_base, prompt_given, read_meta, recorded_data
 from .prompts.transfer import adopt
 
 # eval and ensemble score --data itself, one task
@@ -24,25 +22,12 @@ SCORING_SKIP = ("eval_data", "eval_fraction", "eval_limit", "eval_split", "mix")
 
 # ---------------------------------------------------------------- shared checks
 
-def needed_columns(cfg: DataConfig) -> list[str] | None:
-    """The columns each row needs (as formatting.Formatter.columns); None where no flag says how to read
-    a row (a `messages` column is looked for)."""
-    if not (cfg.template or cfg.text_col or cfg.messages_col):
-        return None
-    fields = template_fields(unescape(cfg.template)) + template_fields(unescape(cfg.target))
-    cols = [re.split(r"[.\[]", f)[0] for f in fields]
-    cols += [cfg.text_col] if cfg.text_col and not cfg.template else []
-    cols += [cfg.messages_col] if cfg.messages_col else []
-    cols += [cfg.label_col] if cfg.labels else []
-    return list(dict.fromkeys(cols))
-
-
 def check_data(cfg: DataConfig, eval_too: bool = True, scoring: bool = False) -> None:
     """Every source the run reads, read before the model loads (precheck.check_source). `scoring`: a
     scoring command (eval, ensemble), which scores the first --limit rows of --data in file order."""
     for k, task in enumerate(cfg.tasks() if cfg.mix else [cfg]):  # each task of a --mix mixture by its own flags
         where = f"--mix task {k + 1}: " if k else ""
-        read = {"columns": needed_columns(task), "header": task.header,
+        read = {"columns": task.needed_columns(), "header": task.header,
                 "labels": (task.label_col, task.label_values) if task.labels else None}
         # The split load_splits reads of --eval-data, or of --data for its --eval-split.
         held_out = task.eval_split or ("validation" if task.split == "train" else task.split)

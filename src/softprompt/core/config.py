@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,15 @@ def is_unicode(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template fills, in order, once each; [] when it does not parse."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError:
+        return []
+    return list(dict.fromkeys(names))
 
 
 def unescape(s: str) -> str:
@@ -264,6 +274,18 @@ class DataConfig:
         require(not files or any(f.lower().endswith((".csv", ".tsv")) for f in files),
                 f"--columns names the columns of a header-less .csv/.tsv file, and --data {self.data!r}"
                 + (f" and --eval-data {self.eval_data!r} are" if self.eval_data else " is") + " not one")
+
+    def needed_columns(self) -> list[str] | None:
+        """The columns each row needs (as formatting.Formatter.columns); None where no flag says how to read
+        a row (a `messages` column is looked for)."""
+        if not (self.template or self.text_col or self.messages_col):
+            return None
+        fields = template_fields(unescape(self.template)) + template_fields(unescape(self.target))
+        cols = [re.split(r"[.\[]", f)[0] for f in fields]
+        cols += [self.text_col] if self.text_col and not self.template else []
+        cols += [self.messages_col] if self.messages_col else []
+        cols += [self.label_col] if self.labels else []
+        return list(dict.fromkeys(cols))
 
     def task_config(self, i: int) -> "DataConfig":
         """Task i of the mixture (0: the flags' own) as a DataConfig of one task."""

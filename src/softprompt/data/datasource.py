@@ -76,6 +76,16 @@ def table_reader(f, ext: str, dicts: bool = False, header: list[str] | None = No
     return csv.DictReader(f, fieldnames=header, **tsv) if dicts else csv.reader(f, **tsv)
 
 
+def first_row(path: Path) -> list[str] | None:
+    """A CSV/TSV file's first non-blank row as its fields; None when there is none or it does not read
+    (the full read says what is wrong, and where)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return next((row for row in table_reader(f, path.suffix.lower()) if row), None)
+    except (UnicodeDecodeError, csv.Error, OSError):
+        return None
+
+
 def read_table(path: Path, header: list[str] | None = None) -> list[dict[str, Any]]:
     """A CSV/TSV file (table_reader), its columns named by row 1 or by `header`. Read from the file as
     it streams, skipping (and naming) rows with the wrong number of fields."""

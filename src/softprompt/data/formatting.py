@@ -11,13 +11,12 @@ Four ways to turn a row into a training example:
 from __future__ import annotations
 
 import random
-import string
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..core.config import HELD_OUT_MAX, DataConfig, is_unicode, unescape
+from ..core.config import HELD_OUT_MAX, DataConfig, is_unicode, template_fields, unescape
 from ..core.utils import SoftpromptError, warn
 from .batching import Example
 from .chat import chat_example
@@ -28,10 +27,6 @@ __all__ = ["Formatter", "load_splits", "read_rows", "chat_wrap", "unescape"]
 
 
 # ---------------------------------------------------------------- formatting
-
-def template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
-
 
 def chat_wrap(tok, text: str) -> str:
     """`text` as the user's turn in the model's chat template, ready for the assistant's answer."""

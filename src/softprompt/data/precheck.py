@@ -6,7 +6,6 @@ scores, which split it reads) are the run's, said before minutes of loading a la
 """
 from __future__ import annotations
 
-import csv
 import glob
 import os
 import warnings
@@ -15,8 +14,8 @@ from typing import Any, Sequence
 
 from ..core.config import FILE_BUILDERS
 from ..core.utils import SoftpromptError, SoftpromptWarning
-from .datasource import (column_list, column_names, is_local, local_split_error, read_rows, reading_error, split_spec,
-                         table_reader, take)
+from .datasource import (column_list, column_names, first_row, is_local, local_split_error, read_rows, reading_error,
+                         split_spec, take)
 from .labels import label_index
 
 
@@ -114,11 +113,7 @@ def check_labels(rows: Sequence[dict[str, Any]], where: str, column: str, words:
 def check_header(path: Path, header: list[str]) -> None:
     """A header-less file's first row has as many fields as --columns names (a row equal to the names is
     a header, which the read skips, so that one --columns serves a headed --eval-data too)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            first = next((row for row in table_reader(f, path.suffix.lower()) if row), None)
-    except (UnicodeDecodeError, csv.Error, OSError):
-        return  # the full read says what is wrong, and where
+    first = first_row(path)
     if first is not None and len(first) != len(header):
         raise SoftpromptError(f"{path} row 1 has {len(first)} field(s), and --columns names {len(header)} "
                               f"({', '.join(header)})")

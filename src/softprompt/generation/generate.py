@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from ..base.models import load_model
-from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode
+from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode, template_fields
 from ..core.prompt_protocol import forward_input
 from ..core.utils import SoftpromptError, warn
 from ..data.chat import render
 from ..data.formatting import unescape
 from ..prompts.prompt import load_prompt
-from ..prompts.recorded import fill_one, prompt_given, read_meta, recorded_data, template_fields
+from ..prompts.recorded import fill_one, prompt_given, read_meta, recorded_data
 from ..forward.prefill import PromptKV
 from .static_decode import decode_batch_for
 

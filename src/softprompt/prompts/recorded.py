@@ -17,8 +17,9 @@ import string
 from pathlib import Path
 from typing import Any
 
-from ..core.config import BUILTIN_MODEL, QUANTIZE, DataConfig, model_name, reword, unescape
-from ..core.utils import SoftpromptError, read_json, short
+from ..core.config import BUILTIN_MODEL, QUANTIZE, DataConfig, model_name, reword, template_fields, unescape
+from ..core.utils import SoftpromptError, read_json, short, warn
+from ..data.datasource import first_row
 
 # A prompt folder's two files (prompt.py writes them; named here so that reading the config imports no torch).
 WEIGHTS_FILE = "prompt.safetensors"
@@ -168,16 +169,26 @@ def data_config(args: argparse.Namespace, prompt: str) -> DataConfig:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig) if hasattr(args, f.name)}
     if not prompt_given(prompt):  # no record: chat only where --chat asks
         return DataConfig(**{**fields, **({"chat": bool(fields["chat"])} if "chat" in fields else {})})
-    return DataConfig(**with_recorded(fields, read_meta(prompt)))
+    meta = read_meta(prompt)
+    return recorded_columns(DataConfig(**with_recorded(fields, meta)), meta)
 
 
-def template_fields(template: str) -> list[str]:
-    """The column names a template fills, in order, once each; [] when it does not parse."""
-    try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-    except ValueError:
-        return []
-    return list(dict.fromkeys(names))
+def recorded_columns(cfg: DataConfig, meta: dict[str, Any]) -> DataConfig:
+    """`cfg` reading its --data with the names the prompt's own training file took from --columns, where
+    that file is header-less as the training file was: a .csv/.tsv whose row 1 lacks a column the
+    reading needs and has as many fields as the names. A headed file is read by its own row 1."""
+    names = recorded_section(meta, "DataConfig").get("columns")
+    path = Path(cfg.data).expanduser()
+    if cfg.columns or cfg.mix or not isinstance(names, str) or not names or path.suffix.lower() not in (".csv", ".tsv"):
+        return cfg
+    header, needed = [n.strip() for n in names.split(",")], cfg.needed_columns() or []
+    row = first_row(path) if path.is_file() else None
+    if row is None or not needed or not set(needed) <= set(header) or set(needed) <= {f.strip() for f in row} \
+            or len(row) != len(header):
+        return cfg
+    warn(f"reading {cfg.data} without a header, its columns named {names} as the prompt's training data was "
+         f"(--columns {names}; give --columns to name them otherwise)")
+    return dataclasses.replace(cfg, columns=names)
 
 
 def plain_fields(template: str) -> bool:

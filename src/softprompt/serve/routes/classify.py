@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from ...core.config import template_fields, unescape
 from ...data.labels import label_token_ids
-from ...core.config import unescape
-from ...prompts.recorded import fill_columns, fill_one, template_fields
+from ...prompts.recorded import fill_columns, fill_one
 from ..chat_input import render
 from ..context import Ctx, ServerContext
 from ..jobs import ClassifyJob
