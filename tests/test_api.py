@@ -182,6 +182,25 @@ def test_forward_loss_equals_softprompt_eval(model_dir, tmp_path):
     assert abs(float(untuned) - softprompt.evaluate(model=model, tokenizer=tok, data=str(data), **IO)["loss"]) < 1e-6
 
 
+def test_evaluate_reads_a_header_less_file_with_the_prompts_recorded_columns(model_dir, tmp_path):
+    """evaluate() checked the file with the prompt's recorded --columns but scored it without them: row 1
+    became the column names after the model had loaded. It scores the file as the command does."""
+    model, tok = load_model(str(model_dir))
+    rows = [json.loads(line) for line in _data(tmp_path).read_text().splitlines()]
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok, seed=1)
+    sp.save_pretrained(tmp_path / "prompt")
+    record = tmp_path / "prompt" / "prompt_config.json"
+    meta = json.loads(record.read_text())
+    reading = {"template": IO["template"], "target": IO["target"], "columns": "country,capital,language"}
+    record.write_text(json.dumps({**meta, "config": {"DataConfig": reading}}))
+    bare = tmp_path / "bare.csv"
+    bare.write_text("".join(f"{r['country']},{r['capital']},{r['language']}\n" for r in rows))
+    ref = softprompt.evaluate(prompt=tmp_path / "prompt", model=model, tokenizer=tok, data=str(tmp_path / "rows.jsonl"))
+    with pytest.warns(softprompt.SoftpromptWarning, match="without a header, its columns named country,capital"):
+        got = softprompt.evaluate(prompt=tmp_path / "prompt", model=model, tokenizer=tok, data=str(bare))
+    assert (got["loss"], got["tokens"]) == (ref["loss"], ref["tokens"]) and ref["tokens"] > 0
+
+
 def test_a_prompt_saved_from_python_records_its_base_from_any_folder(llama_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -214,7 +214,8 @@ def evaluate(prompt: Any = None, *, model: Any = None, tokenizer: Any = None,
         # The command's checks (flags.check_eval), before a model loads: a local file's split, and the
         # columns its reading needs (the prompt's recorded template where none is given).
         named = "none" if prompt is None else str(prompt)
-        check_data(data_config(argparse.Namespace(**dataclasses.asdict(dcfg)), named), eval_too=False, scoring=True)
+        dcfg = data_config(argparse.Namespace(**dataclasses.asdict(dcfg)), named)
+        check_data(dcfg, eval_too=False, scoring=True)
         return eval_prompt(mcfg, dcfg, named, batch_size, model=base, tok=tok)
 
 
