@@ -188,3 +188,34 @@ def test_card_names_the_method(method, named, tag, run_dir, llama_dir, tmp_path)
         assert "inputs_embeds" in card.text and "cache=cache" not in card.text  # a soft prompt's example
     prompt_card = ModelCard.load(prepare_upload(run_dir, tmp_path / "up2", "someone/y") / "README.md")
     assert "| method | prompt tuning (`--method prompt`) |" in prompt_card.text
+
+
+def test_a_hub_host_that_does_not_resolve_runs_offline():
+    """Only a failed lookup turns the libraries offline: an offline variable given either way, or a proxy
+    (which resolves for the client), leaves them as they are."""
+    from softprompt.core.offline import offline_where_unresolvable
+
+    env = {"HF_ENDPOINT": "https://hub.invalid"}  # .invalid never resolves (RFC 2606)
+    assert offline_where_unresolvable(env) and env["HF_HUB_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == "1"
+    for kept in ({"HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "0"},
+                 {"HF_ENDPOINT": "https://hub.invalid", "https_proxy": "http://proxy:3128"},
+                 {"HF_ENDPOINT": "https://localhost"}):
+        before = dict(kept)
+        assert not offline_where_unresolvable(kept) and kept == before, kept
+
+
+def test_the_command_without_network_or_offline_variables_says_one_line(tmp_path):
+    """Offline without HF_HUB_OFFLINE, `train --data ORG/NAME` printed ten of huggingface_hub's
+    "Retrying in 8s" lines over 25 s before its error (a Hub --model: 50 s); now the error line alone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE") and "proxy" not in k.lower()}
+    env["HF_ENDPOINT"] = "https://hub.invalid"
+    r = subprocess.run([str(Path(sys.executable).parent / "softprompt"), "train", "--data", "nobody/nothing",
+                        "--template", "{text}", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    said = "softprompt: error: cannot load dataset 'nobody/nothing'"
+    assert r.returncode == 2 and r.stderr.startswith(said) and r.stderr.count("\n") == 1, r.stderr
