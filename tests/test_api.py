@@ -126,9 +126,9 @@ def test_messages_name_keywords_not_flags_or_their_placeholders(tmp_path):
         softprompt.generate(messages=[])
     from softprompt.api import python_words  # a flag's value where it is one: a choice, a number, a placeholder
     assert python_words("--loss auto: ... (--loss classes); --quantize 8bit, --lr 1e-2, --labels makes, "
-                        "--resume to go, --no-prefix-scaled-steps") == (
+                        "--resume to go, --no-prefix-scaled-steps, --dtype bfloat16 asks") == (
         "loss='auto': ... (loss='classes'); quantize='8bit', lr=1e-2, labels makes, resume=True to go, "
-        "prefix_scaled_steps=False")
+        "prefix_scaled_steps=False, dtype='bfloat16' asks")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run_config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"pass overwrite=True to replace it, or choose another out$"):

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn
 
-from .core.offline import offline_where_unresolvable
 from .core.utils import SoftpromptError, SoftpromptWarning
 
 MAX_ERROR = 2000  # characters of an error message printed
@@ -165,6 +164,8 @@ def run(argv: list[str] | None = None) -> int:
         if first.config:
             apply_config(parsers[name], name, first, tuple(COMMANDS))
     args = ap.parse_args(argv)
+    from .core.offline import offline_where_unresolvable
+
     offline_where_unresolvable()  # before a check or command imports the Hub's libraries
     COMMANDS[args.cmd].check(args)  # the command's inputs, before its module (torch, transformers) loads
     return COMMANDS[args.cmd].load()[-1](args)

@@ -137,7 +137,7 @@ class ModelConfig:
     dtype: str = opt("auto", "the frozen base's dtype: auto (bfloat16 on GPUs that support it, and for training a "
                              "soft prompt or a prefix (--method prompt|prefix) on CPUs with native bf16 matmuls; "
                              "float32 elsewhere), float32, bfloat16 or float16; the soft prompt and its optimiser "
-                             "state stay float32")
+                             "state stay float32", choices=list(DTYPES))
     device: str = opt("auto", "cpu, cuda, cuda:1... ('auto' picks cuda when present)")
     quantize: str = opt("none", "hold the frozen base's linear layers in 8 or 4 bits (bitsandbytes: 8bit is "
                                 "LLM.int8(), 4bit is NF4); needs pip install 'softprompt[quant]'",
