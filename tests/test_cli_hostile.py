@@ -454,6 +454,44 @@ def test_D3_full_disk_is_one_line(llama_dir, data_csv, tmp_path, monkeypatch, ca
     one_error_line(capsys, "No space left on device", "metrics.jsonl")
 
 
+@pytest.fixture
+def file_size_limit():
+    """Writes past 4 KB fail as on a full disk (RLIMIT_FSIZE: EFBIG, its SIGXFSZ ignored); restored after."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.fixture
+def big_prompt(tmp_path):
+    return save_prompt(SoftPrompt(torch.randn(64, 32)), tmp_path / "src", {})  # 8 KB of weights
+
+
+def test_a_failed_tensor_write_is_one_line(tmp_path, big_prompt, file_size_limit, capsys):
+    """Hunt 14: a full disk during a checkpoint (torch.save: RuntimeError "unexpected pos") or a prompt
+    or PEFT export (safetensors: SafetensorError "I/O error") ended in a traceback: only an OSError was
+    one line. Each is now the one line, naming what was written, and leaves no temporary file."""
+    from softprompt.core.utils import atomic_dir
+
+    assert main(["export-peft", str(big_prompt), str(tmp_path / "peft")]) == 2
+    one_error_line(capsys, f"cannot write {tmp_path / 'peft'} (is the disk full?): ", "I/O error")
+    with pytest.raises(SoftpromptError, match=r"prompt.safetensors \(is the disk full\?\): .*I/O error"):
+        save_prompt(SoftPrompt(torch.randn(64, 32)), tmp_path / "again", {})
+    with pytest.raises(SoftpromptError, match=r"checkpoint \(is the disk full\?\): "):
+        with atomic_dir(tmp_path / "checkpoint") as tmp:
+            torch.save({"w": torch.randn(64, 32)}, tmp / "optimizer.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "src"]
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == []
+
+
 def test_D3_import_peft_of_a_list_config_is_one_line(tmp_path, capsys):
     from safetensors.torch import save_file
 

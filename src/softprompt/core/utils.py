@@ -81,9 +81,26 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failed = write_error(e, dest)
+        if failed is not None:
+            raise failed from None
         raise
+
+
+def write_error(e: BaseException, path: str | os.PathLike) -> SoftpromptError | None:
+    """A tensor writer's failure to write under `path` as the user's one-line error; None for any other
+    exception. torch.save raises RuntimeError ("unexpected pos", "PytorchStreamWriter failed") and
+    safetensors a SafetensorError ("I/O error: No space left on device") where open() would raise the
+    OSError that the CLI prints as one line: a full disk, a quota, a file size limit."""
+    text = str(e).strip()
+    torch_write = isinstance(e, RuntimeError) and any(
+        w in text for w in ("unexpected pos", "PytorchStreamWriter failed", "file write failed"))
+    if not torch_write and not (type(e).__name__ == "SafetensorError" and "I/O error" in text):
+        return None
+    first = (text.splitlines() or [type(e).__name__])[0]
+    return SoftpromptError(f"cannot write {path} (is the disk full?): {first[:200]}")
 
 
 def check_apart(out: str | os.PathLike, flag: str, sources: tuple[str | os.PathLike, ...]) -> None:

@@ -21,7 +21,7 @@ from ..base.families import hidden_size
 from ..core.config import PromptConfig
 from ..core.inits import INITS, InitInputs, resolve
 from ..core.prompt_protocol import KeyValues, Prompt
-from ..core.utils import SoftpromptError, default_mode, read_json, same_model, short, warn
+from ..core.utils import SoftpromptError, default_mode, read_json, same_model, short, warn, write_error
 from ..data.labels import label_token_ids
 from ..forward.hidden import prefix_kv
 from .hub import download, hub_model_id, is_hub
@@ -123,6 +123,11 @@ def save_prompt(prompt: SoftPrompt, out: str | Path, meta: dict[str, Any]) -> Pa
         default_mode(tmp_w)  # safetensors writes 0600
         os.replace(tmp_w, out / WEIGHTS_FILE)
         os.replace(tmp_c, out / CONFIG_FILE)
+    except Exception as e:  # safetensors' SafetensorError: a failed write, where open() raises OSError
+        failed = write_error(e, out / WEIGHTS_FILE)
+        if failed is None:
+            raise
+        raise failed from None
     finally:
         for t in (tmp_w, tmp_c):
             t.unlink(missing_ok=True)

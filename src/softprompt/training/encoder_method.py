@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.config import PromptConfig, TrainConfig
-from ..core.utils import SoftpromptError, default_mode
+from ..core.utils import SoftpromptError, default_mode, write_error
 from ..forward.hidden import prefix_kv
 from ..prompts.prompt import TENSOR_NAME, SoftPrompt, init_prompt, save_prompt
 from .frozen_method import FrozenModelMethod
@@ -87,6 +87,11 @@ def save_encoder(prompt: EncodedPrompt, folder: Path) -> None:
         save_file(prompt.encoder_tensors(), str(tmp))
         default_mode(tmp)  # safetensors writes 0600
         os.replace(tmp, folder / ENCODER_FILE)
+    except Exception as e:  # safetensors' SafetensorError: a failed write, where open() raises OSError
+        failed = write_error(e, folder / ENCODER_FILE)
+        if failed is None:
+            raise
+        raise failed from None
     finally:
         tmp.unlink(missing_ok=True)
 
