@@ -281,6 +281,28 @@ def test_shutdown_stops_accepting_then_finishes_or_cancels_in_flight_work(hs, mo
         assert not run.thread.is_alive() and not sched.alive
 
 
+def test_ctrl_c_again_ends_the_requests_in_flight_at_once(hs, monkeypatch):
+    """Hunt 14: a second Ctrl-C (uvicorn's force-exit) cut streams mid-chunk, printed tracebacks and
+    could abort the process. It now ends the requests in flight as the shutdown deadline does: a 503
+    now, not after the 30 s deadline, and the server then stops as after any graceful shutdown."""
+    prompts = {"facts": str(hs.root / "facts")}
+    with running(hs.model, hs.tok, prompts, replace(CFG, shutdown_timeout=30)) as (app, run):
+        sched = app.state.scheduler
+        gate, entered, _ = gated(sched, monkeypatch)
+        body = {"model": "facts", "prompt": "Country: Peru", "max_tokens": 6}
+        ts, out = in_threads(lambda b: httpx.post(run.url + "/v1/completions", json=b, timeout=60), [body])
+        assert entered.wait(20)
+        run.server.handle_exit(signal.SIGINT, None)
+        wait_until(lambda: refused(run.port), "the listening socket closes")
+        run.server.handle_exit(signal.SIGINT, None)
+        ts[0].join(20)
+        assert not ts[0].is_alive(), "the request waited for the 30 s deadline"
+        assert out[0].status_code == 503 and out[0].json()["error"]["code"] == "shutting_down", out[0].text
+        gate.set()
+        run.thread.join(30)
+        assert not run.thread.is_alive() and not sched.alive and not run.server.force_exit
+
+
 def test_sigterm_exits_0(llama_dir, tmp_path):
     """`softprompt serve` in its own process: SIGTERM ends it gracefully with exit status 0."""
     with socket.socket() as s:

@@ -22,8 +22,10 @@ counted in the metrics as any /health, and not written to the access log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import os
 import signal
 import socket
 import threading
@@ -150,11 +152,24 @@ class Server(uvicorn.Server):
     """uvicorn's server, which tells the app when a graceful shutdown's deadline has passed, and
     prints `banner` once it accepts connections."""
     banner: str | None = None
+    loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started and self.banner:
             print(self.banner, flush=True)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """Ctrl-C during the graceful shutdown ends the requests in flight now, as its deadline would (a
+        503, or an error event and [DONE] on a stream). uvicorn's own force-exit left the scheduler
+        thread mid-step: tracebacks, cut streams, and now and then an abort at exit (hunt 14)."""
+        if self.should_exit and sig == signal.SIGINT and self.loop is not None:
+            os.write(2, b"[softprompt] Ctrl-C again: ending the requests in flight now\n")  # safe in a handler
+            with contextlib.suppress(RuntimeError):  # the loop already closed: nothing is in flight
+                self.loop.call_soon_threadsafe(self.config.app.state.ctx.stopping.set)
+            return
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         ctx = self.config.app.state.ctx
