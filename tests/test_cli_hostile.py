@@ -284,6 +284,11 @@ def test_N9_second_train_on_a_held_out_fails(llama_dir, data_csv, tmp_path, caps
     assert main(train_argv(llama_dir, data_csv, out)) == 2
     one_error_line(capsys, str(out), "in use by another train run")
     assert tree(out) == {}
+    # ... once it has written files too: it said "pass --overwrite to replace it" of a live run (hunt 14).
+    (out / "run_config.json").write_text("{}")
+    assert main(train_argv(llama_dir, data_csv, out)) == 2
+    one_error_line(capsys, str(out), "in use by another train run")
+    (out / "run_config.json").unlink()
     held.release()
     assert main(train_argv(llama_dir, data_csv, out)) == 0
     assert (out / "prompt.safetensors").is_file()
@@ -291,6 +296,35 @@ def test_N9_second_train_on_a_held_out_fails(llama_dir, data_csv, tmp_path, caps
     assert main(train_argv(llama_dir, data_csv, tmp_path / "bad", "--label-col", "nope")) == 2
     one_error_line(capsys, "column 'nope' not found")
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_out_inside_a_folder_another_run_replaces_is_refused(llama_dir, data_csv, tmp_path, capsys):
+    """Hunt 14: `train --out A/checkpoint/sub` was accepted, and run A's next checkpoint (a folder
+    replaced whole) deleted it without a word; so would A's --overwrite. Refused before any work."""
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "A", "--save-every", "1")) == 0
+    for inside in ("checkpoint/sub", "checkpoint", "tensorboard/x/y"):
+        assert main(train_argv(llama_dir, data_csv, tmp_path / "A" / inside)) == 2, inside
+        line = one_error_line(capsys, f"lies inside {tmp_path / 'A' / inside.split('/')[0]}, which the run in "
+                                      f"{tmp_path / 'A'} replaces")
+        assert "choose an --out outside it" in line
+    assert not (tmp_path / "A" / "checkpoint" / "sub").exists() and not (tmp_path / "A" / "tensorboard").exists()
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "A" / "beside")) == 0  # a folder of its own is fine
+
+
+def test_an_out_that_takes_no_file_is_refused_before_the_model_loads(data_csv, tmp_path, capsys, monkeypatch):
+    """Hunt 14: an existing read-only --out (a mount) opened, and the run failed only after the model had
+    loaded, naming a temporary file. The folder is tried with a file first."""
+    import errno
+
+    from softprompt.training import rundir
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    (tmp_path / "ro").mkdir()
+    assert main(train_argv(tmp_path / "no-model", data_csv, tmp_path / "ro")) == 2
+    one_error_line(capsys, f"--out {tmp_path / 'ro'}: cannot write into the folder (Read-only file system)")
 
 
 def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):

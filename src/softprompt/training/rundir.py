@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,16 @@ RUN_FILES = {"prompt.safetensors", "prompt_config.json", "run_config.json", METR
              "encoder.safetensors"}  # --keep-encoder's (encoder_method.ENCODER_FILE)
 
 
-def check_out(out: Path, resume: bool, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
-    """Refuse a used --out unless told what to do with it, and one that is, holds or lies inside a
-    prompt the run starts from (`sources`); before any work, so nothing is lost."""
+def check_out(out: Path, resume: bool, overwrite: bool, sources: tuple[str, ...] = (), held: bool = False) -> None:
+    """Refuse a used --out unless told what to do with it, one that another train holds, and one that
+    is, holds or lies inside a prompt the run starts from (`sources`); before any work, so nothing is
+    lost. `held`: this run holds the folder's RunLock already (on its main process)."""
     if out.exists() and not out.is_dir():
         raise SoftpromptError(f"--out {out} is a file, not a folder")
     check_apart(out, "--out", local_sources(*sources))
+    check_not_owned(out)
+    if not held and out.is_dir() and in_use(out):  # before "holds files": --overwrite is no advice for a live run
+        raise in_use_error(out)
     used = out.is_dir() and any(out.iterdir())
     if resume:
         if saved_checkpoint(out) is None:
@@ -55,6 +60,36 @@ def check_out(out: Path, resume: bool, overwrite: bool, sources: tuple[str, ...]
         if foreign:
             raise SoftpromptError(f"--overwrite: {out} holds {', '.join(foreign[:3])}, which no run writes; "
                                   "not deleting it (remove it yourself, or choose another --out)")
+
+
+def check_not_owned(out: Path) -> None:
+    """Refuse an --out that is, or lies inside, a folder another run writes whole (its checkpoint at
+    each save, any of its RUN_FILES on --overwrite): that run would delete this one without a word."""
+    path = out.resolve()
+    owned = next((a for a in (path, *path.parents) if a.name in RUN_FILES and (a.parent / RUN_CONFIG).is_file()
+                  and a.parent != path), None)
+    if owned is not None:
+        raise SoftpromptError(f"--out {out} lies inside {owned}, which the run in {owned.parent} replaces (its "
+                              f"{owned.name}/ at each save or on --overwrite): choose an --out outside it")
+
+
+def in_use(out: Path) -> bool:
+    """Another process holds `out`'s RunLock (a train running there)."""
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock taken to look
+
+
+def in_use_error(out: Path) -> SoftpromptError:
+    return SoftpromptError(f"--out {out} is in use by another train run: wait for it to end, or choose another --out")
 
 
 class RunLock:
@@ -74,9 +109,13 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise SoftpromptError(f"--out {out} is in use by another train run: wait for it to end, "
-                                  "or choose another --out") from None
+            raise in_use_error(out) from None
         self.fd = fd
+        try:  # a folder that opens but takes no file (a read-only mount) failed only after the model loaded
+            os.unlink(tempfile.mkstemp(prefix=f".{RUN_CONFIG}.probe-", dir=out)[1])  # a run file's sibling, if left
+        except OSError as e:
+            self.release(failed=True)
+            raise SoftpromptError(f"--out {out}: cannot write into the folder ({e.strerror or e})") from None
 
     def release(self, failed: bool = False) -> None:
         if self.fd is not None:
