@@ -65,3 +65,36 @@ def test_the_first_use_s_conversion_note_is_on_stderr(llama_dir, tmp_path, monke
     dest = models.builtin_model_dir()
     out, err = capsys.readouterr()
     assert (dest / "model.safetensors").is_file() and out == "" and "converting the built-in GGUF model" in err
+
+
+def test_an_unwritable_cache_is_said_before_converting_and_abandoned_conversions_go(llama_dir, tmp_path, monkeypatch):
+    """Hunt 14: a cache that cannot be written (a service user's missing home) failed after the half-minute
+    conversion, on every run, naming no way out; a conversion killed midway left its ~0.5 GB temporary
+    folder for good. The cache is tried first, and temporary folders over an hour old are removed."""
+    import os
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.base import models
+    from softprompt.core.utils import SoftpromptError
+
+    converted = []
+    monkeypatch.setattr(models, "load_gguf", lambda path, dtype: converted.append(1) or (
+        AutoModelForCausalLM.from_pretrained(llama_dir), AutoTokenizer.from_pretrained(llama_dir)))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "file" / "cache"))  # under a file: nothing is written
+    with pytest.raises(SoftpromptError, match=r"^cannot write the model cache .*file/cache/models \(Not a directory\)"
+                                              r".*set SOFTPROMPT_CACHE to a writable folder$"):
+        models.builtin_model_dir()
+    assert converted == []
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(cache))
+    old, fresh = (cache / "models" / f".{models.BUILTIN_MODEL}.tmp-{k}" for k in ("old", "fresh"))
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half")
+    os.utime(old, (time.time() - 2 * models.STALE_AFTER_S,) * 2)
+    dest = models.builtin_model_dir()
+    assert converted == [1] and (dest / "model.safetensors").is_file()
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [fresh.name, models.BUILTIN_MODEL]

