@@ -325,6 +325,10 @@ def test_L3_a_body_that_is_not_plain_json_gets_415(hs):
         assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error", r.text
     ok = hs.client.post("/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
     assert ok.status_code == 200, ok.text
+    # No Content-Type at all (requests.post(url, data=json.dumps(...))): JSON, as check_media says (hunt 14).
+    bare = httpx.post(hs.run.url + "/v1/completions", content=body)
+    assert "content-type" not in bare.request.headers and bare.status_code == 200, bare.text
+    assert bare.json()["choices"] == ok.json()["choices"]
 
 
 @pytest.mark.parametrize("path", ["/health", "/v1/models", "/metrics"])

@@ -154,8 +154,12 @@ class RequestGuard:
 
 def check_media(scope) -> None:
     """Refuse (415) a body that is not plain JSON: the app would read it as JSON anyway and answer
-    something about a 'valid dictionary' or UTF-8. A body without a Content-Type is taken as JSON."""
+    something about a 'valid dictionary' or UTF-8. A body without a Content-Type is taken as JSON
+    (`requests.post(url, data=json.dumps(...))` sends none): the header is added for FastAPI, which
+    otherwise leaves such a body unparsed."""
     h = dict(scope["headers"])
+    if b"content-type" not in h:
+        scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
     enc = h.get(b"content-encoding", b"").decode("latin-1").strip().lower()
     if enc not in ("", "identity"):
         raise ApiError(415, f"Content-Encoding {enc!r} is not supported: send the JSON body uncompressed",
