@@ -327,6 +327,20 @@ def test_an_out_that_takes_no_file_is_refused_before_the_model_loads(data_csv, t
     one_error_line(capsys, f"--out {tmp_path / 'ro'}: cannot write into the folder (Read-only file system)")
 
 
+def test_a_log_file_gets_lines_not_progress_bars(llama_dir, data_csv, tmp_path, capsys, monkeypatch):
+    """Hunt 14: with stderr in a file (nohup, a batch job), every redraw of tqdm's bars was kept: carriage
+    returns and cursor moves, the held-out lines glued behind them. Off a terminal there are no bars,
+    and a plain progress line stands for the training bar (every PROGRESS_EVERY_S; here every step)."""
+    import softprompt.training.train as train_module
+
+    monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0)
+    assert main(train_argv(llama_dir, data_csv, tmp_path / "run", "--eval-every", "1", "--eval-untuned")) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err, repr(err[:500])
+    assert [line.split(":")[0] for line in err.splitlines() if line.startswith("step 1/2:")] == ["step 1/2"], err
+    assert any(line.startswith("untuned model held-out:") for line in err.splitlines()), err
+
+
 def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
     """Started together, exactly one of two `softprompt train` processes on one --out succeeds; the
     other exits 2 with one line, whichever way they interleave."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import BUILTIN_MODEL, ModelConfig
-from ..core.utils import SoftpromptError, atomic_dir, cache_root, dtype_name, warn
+from ..core.utils import SoftpromptError, atomic_dir, cache_root, dtype_name, live_output, warn
 from .families import decoder_layers
 from .quantize import keep_cpu_kernels_in_range, quantization_config
 
@@ -217,6 +217,10 @@ def load_model(cfg: ModelConfig | str, cpu_bf16: bool = False):
     (cpu_bf16_method; resolve_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not live_output():  # transformers' "Loading weights" bar, as ours (utils.live_output)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if isinstance(cfg, str):
         cfg = ModelConfig(model=cfg)
     device = resolve_device(cfg.device)

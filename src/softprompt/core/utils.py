@@ -15,6 +15,7 @@ import os
 import random
 import reprlib
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -35,6 +36,13 @@ class SoftpromptWarning(UserWarning):
 def warn(message: str) -> None:
     """Warn in the CLI's words (flags); the CLI prints it as one line, the Python API rewords it."""
     warnings.warn(message, SoftpromptWarning, stacklevel=3)
+
+
+def live_output() -> bool:
+    """Progress bars can redraw in place: stderr is a terminal, or this is a notebook. Written to a log
+    file (nohup, a batch job), each redraw was kept, carriage returns and cursor moves glued to the
+    lines around them."""
+    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def default_mode(path: str | os.PathLike) -> None:

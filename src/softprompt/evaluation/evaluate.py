@@ -19,7 +19,7 @@ from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import forward_input, is_prompt
-from ..core.utils import SoftpromptError, round_floats, same_model, warn
+from ..core.utils import SoftpromptError, live_output, round_floats, same_model, warn
 from ..data.batching import Example, collate, eval_batches, pad_id
 from ..data.formatting import Formatter, load_splits
 from ..forward.classify import label_scores, row_candidates
@@ -43,7 +43,8 @@ def eval_loss(model, tok, prompt, examples: list[Example], batch_size: int = 16,
     dev = model.device
     p = prompt_input(prompt)
     total, count = 0.0, 0.0
-    for idx in tqdm(eval_batches(examples, batch_size), desc="eval loss", disable=not progress, leave=False):
+    for idx in tqdm(eval_batches(examples, batch_size), desc="eval loss", disable=not progress or not live_output(),
+                    leave=False):
         batch = collate([examples[i] for i in idx], pad_id(tok)).to(dev)
         s, n = row_logprobs(model, p, batch, path)
         total -= float(s.sum())

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..base.families import needs_contiguous_rows
-from ..core.utils import SoftpromptError
+from ..core.utils import SoftpromptError, live_output
 from ..data.batching import Example, collate
 from ..data.labels import label_token_ids
 from .hidden import CHUNK_ELEMENTS, logits, mixed_hidden, next_token_logprobs, row_logprobs, supervised
@@ -205,7 +205,7 @@ def label_scores(model, rows: list[Row], cands: list[list[list[int]]], pad: int,
     single = [i for i in range(N) if all(len(w) == 1 for w in cands[i])]
     lengths = [len(ids) for _, ids in rows]
     for idx in tqdm(_batches([lengths[i] for i in single], batch_size), desc="classify",
-                    disable=not progress or not single, leave=False):
+                    disable=not progress or not single or not live_output(), leave=False):
         idx = [single[j] for j in idx]
         lp = next_logprobs(model, [rows[i] for i in idx], pad, path).float().cpu()
         for j, i in enumerate(idx):
@@ -227,7 +227,7 @@ def multi_token_scores(model, rows: list[Row], cands: list[list[list[int]]], whi
     which = [i for i in which if rows[i][1]]
     one = needs_contiguous_rows(model)  # such a family's rows are prefilled one at a time
     for idx in tqdm(_batches([len(rows[i][1]) for i in which], 1 if one else batch_size), desc="classify",
-                    disable=not progress or not which, leave=False):
+                    disable=not progress or not which or not live_output(), leave=False):
         idx = [which[j] for j in idx]
         sums = rows_continuations(model, [kv.get(rows[i][0]) for i in idx], [rows[i][1] for i in idx],
                                   [cands[i] for i in idx], pad)

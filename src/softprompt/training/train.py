@@ -33,8 +33,8 @@ from ..base.training_setup import prepare_for_training
 from ..core.config import (EVAL_EVERY, DataConfig, ModelConfig, PromptConfig, TrainConfig, check_warmup, from_args,
                            to_dict)
 from ..core.inits import resolve
-from ..core.utils import (SoftpromptError, count_params, dtype_name, round_floats, seed_everything, warn,
-                          weights_hash, write_json)
+from ..core.utils import (SoftpromptError, count_params, dtype_name, live_output, round_floats, seed_everything,
+                          warn, weights_hash, write_json)
 from ..data.batching import Batch, Example, batch_order, collate, pad_id
 from ..data.formatting import Formatter
 from ..data.mixture import load_data
@@ -50,6 +50,9 @@ from .auto_method import resolve_method
 from .methods import METHODS, Method
 from .rundir import (RUN_CONFIG, RunLock, append_metrics, check_out, check_same_run, clear_run, load_checkpoint,
                      plot_metrics, recorded_evals, save_checkpoint, start_metrics, tidy_checkpoint)
+
+
+PROGRESS_EVERY_S = 60  # off a terminal (a log file), a progress line this often in place of the bar
 
 
 def default_init_text(fmt: Formatter) -> str:
@@ -444,9 +447,10 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
         run.log({"step": 0, "split": "eval_untuned", **untuned})
         say(run, f"untuned model held-out: {format_eval(untuned)}")
     # Closed on the way out of an error too: else its last state prints after the error line.
-    with tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet,
+    live = live_output()  # else (a log file) a line a minute stands for the bar
+    with tqdm(total=run.total, initial=state["step"], desc="train", disable=not run.main or quiet or not live,
               dynamic_ncols=True) as bar:
-        stopped_early = False
+        stopped_early, said_at = False, time.monotonic()
         stream = batches(run)
         while state["step"] < run.total:
             t0 = time.perf_counter()
@@ -457,6 +461,10 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
             state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
             bar.update(1)
+            if not live and time.monotonic() - said_at >= PROGRESS_EVERY_S and step < run.total:
+                said_at = time.monotonic()
+                say(run, f"step {step}/{run.total}: loss {train_loss:.4f}, "
+                         f"{state['tokens'] / max(elapsed, 1e-9):.0f} tokens/s")
             if step % cfg.log_every == 0 or step == run.total:
                 run.log({"step": step, "split": "train", "loss": train_loss, "lr": run.sched.get_last_lr()[0],
                          "tokens": state["tokens"], "seconds": round(elapsed, 3)})
