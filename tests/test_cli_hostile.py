@@ -341,6 +341,22 @@ def test_a_log_file_gets_lines_not_progress_bars(llama_dir, data_csv, tmp_path, 
     assert any(line.startswith("untuned model held-out:") for line in err.splitlines()), err
 
 
+def test_a_reader_that_leaves_ends_the_command_quietly(llama_dir, capsys, monkeypatch):
+    """Hunt 14: `softprompt generate ... | head -c1` said "softprompt: error: Broken pipe" and exited 2;
+    a Unix filter whose reader left ends quietly, with SIGPIPE's status (128 + 13)."""
+    import errno
+    import io
+    import sys
+
+    class Gone(io.TextIOBase):
+        def write(self, s):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert main(["generate", "--model", str(llama_dir), "--device", "cpu", "--max-new-tokens", "2", "Chile"]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
 def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
     """Started together, exactly one of two `softprompt train` processes on one --out succeeds; the
     other exits 2 with one line, whichever way they interleave."""

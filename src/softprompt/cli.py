@@ -12,6 +12,7 @@ interpreter teardown (entry).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -206,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     except SoftpromptError as e:
         print("softprompt: error: " + one_line(str(e)), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `softprompt generate ... | head`: the reader left, as Unix filters end, quietly
+        with contextlib.suppress(OSError, ValueError):  # no second error when stdout is flushed at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:  # the disk or the system, not a bug: full, read-only, gone (one line, as any error)
         where = f": {e.filename}" if e.filename else ""
         print(f"softprompt: error: {e.strerror or e}{where}".replace("\n", "\\n")[:MAX_ERROR], file=sys.stderr)
