@@ -357,6 +357,19 @@ def test_a_reader_that_leaves_ends_the_command_quietly(llama_dir, capsys, monkey
     assert "error" not in capsys.readouterr().err
 
 
+def test_a_pipe_given_as_a_file_is_named_a_pipe(llama_dir, tmp_path, capsys):
+    """Hunt 14: `--data <(head dev.tsv)` or `--messages /dev/stdin` said "missing file" of a path that is
+    there: a pipe, which softprompt cannot read twice (its check, then the run). Said so."""
+    import os
+
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    for argv, what in ((["eval", "--data", str(fifo), "--text-col", "t"], "data file"),
+                       (["generate", "--messages", str(fifo)], "--messages file")):
+        assert main([*argv, "--model", str(llama_dir), "--device", "cpu"]) == 2
+        one_error_line(capsys, f"{what} {fifo} is a pipe or a device, not a file", "write it to a file first")
+
+
 def test_N9_two_installed_commands_on_one_out(llama_dir, data_csv, tmp_path):
     """Started together, exactly one of two `softprompt train` processes on one --out succeeds; the
     other exits 2 with one line, whichever way they interleave."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .core.config import (CompareConfig, DataConfig, GenerateConfig, ModelConfig, PromptConfig, TrainConfig, add_args,
                           check_warmup, flag, from_args, reword, unescape)
-from .core.utils import SoftpromptError, short
+from .core.utils import SoftpromptError, missing_file, short
 from .data.precheck import check_files, check_source
 from .prompts.recorded import base_flags, data_config, fill_base, prompt_given, read_meta, recorded_data
 from .prompts.transfer import adopt
@@ -202,7 +202,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if prompt_given(args.prompt):
         read_meta(args.prompt)
     if args.messages and not Path(args.messages).is_file():
-        raise SoftpromptError(f"--messages: missing file: {args.messages}")
+        raise missing_file(args.messages, "--messages file")
     if not args.texts and not args.messages:
         raise SoftpromptError("give at least one TEXT to continue (or --messages FILE)")
     if args.messages and (args.raw or args.input_template is not None):  # conversations take the chat template

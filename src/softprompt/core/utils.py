@@ -182,10 +182,21 @@ def round_floats(obj: Any, digits: int = 6) -> Any:
     return obj
 
 
+def missing_file(path: str | os.PathLike, what: str = "file") -> SoftpromptError:
+    """What to say of a path where a file goes and none is: missing, or a pipe (`<(...)`, /dev/stdin),
+    which can be read once, where softprompt reads its files twice (a check before the model loads,
+    then the run's own read)."""
+    p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():
+        return SoftpromptError(f"{what} {path} is a pipe or a device, not a file: softprompt reads a file twice (a "
+                               "check before the model loads, then the run), so write it to a file first")
+    return SoftpromptError(f"missing {what}: {path}")
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise SoftpromptError(f"missing file: {path}")
+        raise missing_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

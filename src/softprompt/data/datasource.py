@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..core.config import FILE_BUILDERS
-from ..core.utils import SoftpromptError, warn
+from ..core.utils import SoftpromptError, missing_file, warn
 
 LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
 ARROW_EXTS = {".parquet", ".arrow"}
@@ -44,7 +44,7 @@ def read_rows(spec: str, split: str = "train", config: str = "", data_files: str
     path = Path(name).expanduser()
     if is_local(name) and not path.is_dir():
         if not path.is_file():
-            raise SoftpromptError(f"missing data file: {path}")
+            raise missing_file(path, "data file")
         ext = path.suffix.lower()
         if ext not in LOCAL_EXTS | ARROW_EXTS:
             raise SoftpromptError(f"{path}: a file of type {ext or '(none)'!r} is not read (.csv, .tsv, .json, .jsonl, "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.config import FILE_BUILDERS
-from ..core.utils import SoftpromptError, SoftpromptWarning
+from ..core.utils import SoftpromptError, SoftpromptWarning, missing_file
 from .datasource import (column_list, column_names, first_row, is_local, local_split_error, read_rows, reading_error,
                          split_spec, take)
 from .labels import label_index
@@ -74,7 +74,7 @@ def check_local_file(path: Path, what: str, split: str, split_flag: str, header:
                      data_files: str) -> None:
     """A local file is there and readable, and no flag asks of it what a file read whole cannot do."""
     if not path.is_file():
-        raise SoftpromptError(f"missing data file: {path}")
+        raise missing_file(path, "data file")
     if split not in ("", "train"):  # read_rows reads a file whole: --split would be silently ignored
         raise local_split_error(split_flag, split, what, path)
     if data_files:

@@ -13,7 +13,7 @@ import torch
 from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode, template_fields
 from ..core.prompt_protocol import forward_input
-from ..core.utils import SoftpromptError, warn
+from ..core.utils import SoftpromptError, missing_file, warn
 from ..data.chat import render
 from ..data.formatting import unescape
 from ..prompts.prompt import load_prompt
@@ -92,7 +92,7 @@ def read_conversations(path: str) -> list[list[dict[str, str]]]:
 
     rows = read_json_rows(Path(path)) if Path(path).is_file() else None
     if rows is None:
-        raise SoftpromptError(f"--messages: missing file: {path}")
+        raise missing_file(path, "--messages file")
     convs = []
     for i, r in enumerate(rows):
         msgs = r.get("messages")
