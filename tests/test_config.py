@@ -63,6 +63,7 @@ CASES = [
     (ServeConfig, {"read_timeout": 0.0}, "--read-timeout must be a finite number of seconds > 0"),
     (ServeConfig, {"shutdown_timeout": -1.0}, "--shutdown-timeout must be a finite number of seconds >= 0"),
     (ServeConfig, {"admin_token": "\ud800"}, r"--admin-token '\ud800' is not valid Unicode"),
+    (ServeConfig, {"host": " "}, "--host is empty: give an address"),  # hunt 14: "" bound every interface
 ]
 
 
@@ -83,6 +84,7 @@ def test_defaults_and_good_values_pass():
     for cls in (ModelConfig, DataConfig, PromptConfig, TrainConfig, GenerateConfig, CompareConfig, ServeConfig):
         cls()
     ServeConfig(max_batch=1, max_queue=1, batch_wait_ms=0.0, port=0, shutdown_timeout=0.0)
+    assert ServeConfig(host="[::1]").host == "::1"  # a URL's bracketed IPv6 form, as other tools take it
     DataConfig(template="Review: {sentence}\\nSentiment: {{literal}}", labels="negative, positive")
     PromptConfig(init="file", init_file="runs/p")
     assert DataConfig(labels=" a,, b ", template="{x}").label_words == ["a", "b"]

@@ -582,6 +582,11 @@ class ServeConfig:
                             "max_new_tokens": 1, "default_max_tokens": 1, "max_body_bytes": 1, "max_n": 1,
                             "retry_after": 0, "max_connections": 1})
         check_text(self, "host", "admin_token")
+        # "" binds every interface (an unset --host "$HOST" exposed the server); [::1] is a URL's form of ::1.
+        require(bool(self.host.strip()), "--host is empty: give an address (127.0.0.1, the default; 0.0.0.0 for "
+                                         "every interface)")
+        if self.host.startswith("[") and self.host.endswith("]"):
+            self.host = self.host[1:-1]
         require(self.port <= 65535, f"--port must be at most 65535 (got {self.port})")
         require(self.read_timeout > 0,
                 f"--read-timeout must be a finite number of seconds > 0 (got {self.read_timeout})")
