@@ -1,5 +1,5 @@
-"""Prompt ensembling: K prompts (of different lengths) scored together in one batch give each
-prompt's scores alone; majority vote and mean log-probability are combined correctly."""
+"""Prompt ensembling: K prompts (of different lengths) scored over one model give each prompt's scores
+alone; majority vote and mean log-probability are combined correctly."""
 import json
 
 import pytest
@@ -21,7 +21,9 @@ LABELS = {"multi": ("Continent:", "Europe,Asia,Africa,Oceania,North America,Sout
 
 
 @pytest.mark.parametrize("kind", ["multi", "single"])
-def test_one_batch_equals_each_prompt_alone(tiny, kind, tmp_path, monkeypatch):
+def test_each_prompt_scores_as_alone_in_batches_of_its_own(tiny, kind, tmp_path, monkeypatch):
+    """Batches that mixed several soft prompts' rows ran each prompt's tokens again in every row, ~1.3x
+    slower than scoring each prompt alone (hunt 13): each forward pass now holds one prompt's rows."""
     model, tok = tiny
     cue, labels, col = LABELS[kind]
     rows = [json.loads(l) for l in EXAMPLES.read_text().splitlines()][:20]
@@ -36,17 +38,14 @@ def test_one_batch_equals_each_prompt_alone(tiny, kind, tmp_path, monkeypatch):
     torch.manual_seed(0)
     prompts = [torch.randn(P, model.config.hidden_size) * 0.2 for P in (2, 3, 5)]
     seen = []
-    if kind == "single":  # one forward over [prompt ; row] for each row
-        real = classify.mixed_hidden
-        monkeypatch.setattr(classify, "mixed_hidden", lambda m, ps, seqs: seen.append({p.shape[0] for p in ps}) or
-                            real(m, ps, seqs))
-    else:  # each row once after its prompt's keys and values, then its label words
-        real = classify.rows_continuations
-        monkeypatch.setattr(classify, "rows_continuations", lambda m, pre, *a: seen.append({p.length for p in pre}) or
-                            real(m, pre, *a))
+    real = classify.next_logprobs if kind == "single" else classify.rows_continuations
+    name = "next_logprobs" if kind == "single" else "rows_continuations"
+    # single: rows of (prompt [P, H], ids); multi: each row's prompt keys and values (their .length)
+    length = (lambda r: r[0].shape[0]) if kind == "single" else (lambda r: r.length)
+    monkeypatch.setattr(classify, name, lambda m, rows, *a: seen.append({length(r) for r in rows}) or real(m, rows, *a))
     together = ensemble_scores(model, prompts, fmt, ex)
-    # every forward pass holds rows of all K prompts (told apart by their lengths)
-    assert seen and all(s == {2, 3, 5} for s in seen)
+    # each forward pass holds one prompt's rows (told apart by their lengths), and every prompt is scored
+    assert len(seen) >= 3 and all(len(s) == 1 for s in seen) and set().union(*seen) == {2, 3, 5}, seen
     for k, p in enumerate(prompts):
         alone = example_scores(model, tok, lambda p=p: p, fmt, ex, batch_size=7)
         assert torch.allclose(together[k], alone, atol=1e-5), (k, (together[k] - alone).abs().max())
@@ -91,7 +90,8 @@ def test_vote_and_mean_logprob_on_constructed_scores():
     assert p["vote"].tolist() == [1, 1, 2]
     assert p["mean_logprob"].tolist() == [0, 1, 2]
     r = ensemble_report(s, torch.tensor([0, 1, 2]), ["a", "b", "c"])
-    assert [x["accuracy"] for x in r["prompts"]] == pytest.approx([1 / 3, 2 / 3, 1 / 3])
+    # exact, from counts (hunt 13: float32's 0.7350000143051147 in --json), with each prompt's count
+    assert [(x["accuracy"], x["correct"]) for x in r["prompts"]] == [(1 / 3, 1), (2 / 3, 2), (1 / 3, 1)]
     assert r["best_single"]["prompt"] == "b"
     assert r["majority_vote_accuracy"] == pytest.approx(2 / 3) and r["mean_logprob_accuracy"] == 1.0
 

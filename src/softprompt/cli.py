@@ -94,7 +94,7 @@ COMMANDS: dict[str, Command] = {
                        functions=("run",), flags=("softprompt.flags", "compare_arguments", "check_compare")),
     "ensemble": Command("softprompt.evaluation.ensemble",
                         "score K prompts together: each alone, majority vote, mean log-prob",
-                        "Score every row of --data with K prompt folders in one batch per group of rows; report "
+                        "Score every row of --data with K prompt folders over one loaded model; report "
                         "each prompt's accuracy, the best single one, and the ensemble's by majority vote and by "
                         "mean log-probability.",
                         functions=("run",), flags=("softprompt.flags", "ensemble_arguments", "check_ensemble")),
