@@ -60,3 +60,35 @@ def test_a_progress_bar_is_drawn_only_for_rows_it_scores(tiny, capsys):
     label_scores(model, rows, cands, pad=0, progress=True)
     err = capsys.readouterr().err
     assert "classify" in err and "0it" not in err
+
+
+def test_eval_says_where_it_scores_otherwise_than_train_did(llama_dir, tmp_path):
+    """Hunt 13: on a CPU with native bf16, train scored its held-out rows on a bfloat16 base and eval on a
+    float32 one, with another --max-length: 52 of 64 against the 53 of 64 train printed, and nothing said
+    why. eval says so, naming the flags that score as train did; alike settings say nothing."""
+    import json
+    import warnings
+
+    from softprompt.core.config import ModelConfig
+    from softprompt.core.utils import SoftpromptWarning
+    from softprompt.evaluation.evaluate import eval_prompt
+    from softprompt.prompts.prompt import SoftPrompt, save_prompt
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in map(json.loads, EXAMPLES.read_text().splitlines()[:6])))
+    reading = {"template": "Country: {country}\nCapital:", "target": " {capital}"}
+    dcfg = DataConfig(data=str(rows), **reading)
+
+    def scored(dtype, max_length):
+        meta = {"eval": {"loss": 1.0}, "dtype": dtype, "config": {"DataConfig": {**reading, "max_length": max_length}}}
+        prompt = save_prompt(SoftPrompt(torch.zeros(2, 32)), tmp_path / f"{dtype}-{max_length}", meta)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            eval_prompt(ModelConfig(model=str(llama_dir), device="cpu"), dcfg, str(prompt))
+        return [str(w.message) for w in seen if issubclass(w.category, SoftpromptWarning)]
+
+    said = scored("bfloat16", 4)
+    assert any("in float32, where train ran it in bfloat16 and at --max-length 256, where train cut rows at 4" in s
+               and s.endswith("(give --dtype bfloat16 --max-length 4 to score as train did)") for s in said), said
+    assert not any("score as train did" in s for s in scored("float32", 256)), "alike settings said something"
+    assert not any("score as train did" in s for s in scored("float32", 100)), "a length that cuts no row matters not"

@@ -19,7 +19,7 @@ from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import forward_input, is_prompt
-from ..core.utils import SoftpromptError, live_output, round_floats, same_model, warn
+from ..core.utils import SoftpromptError, dtype_name, live_output, round_floats, same_model, warn
 from ..data.batching import Example, collate, eval_batches, pad_id
 from ..data.formatting import Formatter, load_splits
 from ..forward.classify import label_scores, row_candidates
@@ -144,6 +144,29 @@ def warn_trained_on(prompt: str, meta: dict[str, Any], dcfg: DataConfig) -> None
              "says little of other text; score held-out rows, such as the run's --eval-data")
 
 
+def warn_unlike_training(prompt: str, meta: dict[str, Any], model, fmt: Formatter, rows: list[Example],
+                         max_length: int) -> None:
+    """Say where this scoring differs from train's own scoring of the prompt's held-out rows, whose
+    figures it printed: the base's dtype (on a CPU with native bf16, train's `auto` picks bfloat16 for a
+    prompt or a prefix, scoring keeps float32) or a --max-length that cuts these rows otherwise. Each
+    changes the figures a little (hunt 13: 52 of 64 here against train's 53 of 64)."""
+    if not isinstance(meta.get("eval"), dict):  # train printed no held-out figures
+        return
+    diffs, flags = [], []
+    trained, now = meta.get("dtype"), dtype_name(model.dtype)
+    if isinstance(trained, str) and trained != now:
+        diffs.append(f"in {now}, where train ran it in {trained}")
+        flags.append(f"--dtype {trained}")
+    length = recorded_section(meta, "DataConfig").get("max_length")
+    if isinstance(length, int) and not isinstance(length, bool) and rows and (
+            (max_length > length and max(len(e.ids) for e in rows) > length) or (max_length < length and fmt.truncated)):
+        diffs.append(f"at --max-length {max_length}, where train cut rows at {length}")
+        flags.append(f"--max-length {length}")
+    if diffs:
+        warn(f"scoring {prompt} {' and '.join(diffs)}: the figures may differ a little from those train printed "
+             f"(give {' '.join(flags)} to score as train did)")
+
+
 def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch_size: int = 16,
                 model=None, tok=None) -> dict[str, Any]:
     """Score `prompt` (a folder, or 'none' for the untuned model) on every row of `dcfg.data`; the
@@ -157,6 +180,8 @@ def eval_prompt(mcfg: ModelConfig, dcfg: DataConfig, prompt: str = "none", batch
     p = load_prompt(prompt, model).to(model.device) if prompt_given(prompt) else None
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     check_positions(model, 0 if p is None else p.length, longest_row(fmt, rows), scoring=True)
+    if prompt_given(prompt):
+        warn_unlike_training(prompt, meta, model, fmt, rows, dcfg.max_length)
     return {"prompt": prompt, "model": mcfg.model, "data": dcfg.data,
             **evaluate(model, tok, p, fmt, rows, batch_size=batch_size, progress=True)}
 

@@ -270,6 +270,7 @@ def build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, m
     method.distribute(acc)
     meta = {"model": mcfg.model, "template": dcfg.template, "target": dcfg.target, "text_col": dcfg.text_col,
             "labels": dcfg.label_words, "label_col": dcfg.label_col, "chat": dcfg.chat, "task": fmt.task,
+            "dtype": dtype_name(model.dtype),  # what its held-out figures were scored in (eval compares)
             "config": to_dict(mcfg, dcfg, pcfg, tcfg)}
     state = {"step": 0, "best": -math.inf, "bad_evals": 0, "train_seconds": 0.0, "tokens": 0}
     hash_before = weights_hash(model)  # before any sharding
