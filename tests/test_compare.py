@@ -241,3 +241,14 @@ def test_compare_does_not_offer_a_task_mixture(capsys):
     assert "--data" in (text := capsys.readouterr().out) and "--mix" not in text
     assert main(["compare", "--mix", '{"data": "x.csv"}']) == 2
     assert "unrecognized arguments: --mix" in capsys.readouterr().err
+
+
+def test_compare_help_says_the_dtype_its_rows_run_in():
+    """Hunt 13: compare's --dtype help was train's ("auto: bfloat16 ... for training a soft prompt or a
+    prefix on CPUs with native bf16"), but one float32 base serves every row on a CPU."""
+    from softprompt.cli import build_parsers
+
+    _, parsers = build_parsers(only="compare")
+    text = " ".join(parsers["compare"].format_help().split())
+    assert "one for every row: auto (bfloat16 on GPUs that support it, float32 elsewhere" in text
+    assert "on CPUs with native bf16 matmuls" not in text

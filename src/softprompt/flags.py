@@ -90,6 +90,11 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
                                         "eval_every", "patience", "eval_untuned", "prefix_projection",
                                         "prefix_scaled_steps", "encoder", "encoder_hidden_size", "keep_encoder"))
     add_args(parser, CompareConfig)
+    # One base serves every row, full fine-tuning's included: train's CPU rule for bf16 does not apply.
+    reword(parser, "dtype", "the base's dtype, one for every row: auto (bfloat16 on GPUs that support it, float32 "
+                            "elsewhere, so a row may differ a little from `train` on a CPU with native bf16, which "
+                            "trains a prompt or a prefix in bfloat16), float32, bfloat16 or float16 "
+                            "(default: %(default)r)")
 
 
 def check_compare(args: argparse.Namespace) -> None:
