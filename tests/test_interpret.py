@@ -63,7 +63,12 @@ def test_inspect_prefix_reports_per_layer_norms(model_dir, tmp_path, capsys):
         prefix.kv[1, 0] *= 7
     save_prompt(prefix, tmp_path / "pre", {"model": str(model_dir)})
     assert main(["inspect", str(tmp_path / "pre"), "--model", str(model_dir), "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
+    r, err = json.loads((seen := capsys.readouterr()).out), seen.err
+    assert "--top-k" not in err
+    # --top-k given for a prefix was ignored without a word (hunt 13): said, and the norms shown as before.
+    assert main(["inspect", str(tmp_path / "pre"), "--model", str(model_dir), "--json", "--top-k", "3"]) == 0
+    again = capsys.readouterr()
+    assert json.loads(again.out) == r and "warning: --top-k is for a soft prompt's nearest tokens" in again.err
     kv = load_file(str(tmp_path / "pre" / "prompt.safetensors"))["prefix_key_values"]  # [L, 2, heads, P, d]
     L, _, heads, P, d = kv.shape
     assert (r["kind"], r["virtual_tokens"], r["layers"], r["kv_heads"], r["head_dim"]) == ("prefix", 3, L, heads, d)

@@ -543,7 +543,9 @@ def test_the_loss_plot_compares_one_measure_and_names_the_method(llama_dir, coun
     t, p = replace(t, method="prefix", loss="lm", eval_untuned=True), replace(p, init="text")
     run = setup(m, d, p, t)
     run.lock.release()  # only its plan is wanted
-    assert "scored at the end: 3 steps" in plan(run)
+    assert "scored at the end: 3 steps" in plan(run) and "no checkpoints" not in plan(run)
+    run.method.resumable = False  # as ptuning and residual without --keep-encoder: --save-every did nothing, unsaid
+    assert plan(run).endswith("; no checkpoints: an interrupted run starts over")
     train(m, d, p, replace(t, overwrite=True), quiet=True)
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     drawn = plotted(tmp_path / "run")

@@ -391,9 +391,13 @@ def plan(run: Run) -> str:
     # A stride past the run's end scores at the end alone (hunt 12: "every 50 steps" of a 30-step run).
     scored = f"scored every {cfg.eval_every} steps" if 0 < cfg.eval_every < run.total else "scored at the end"
     held = f"{len(run.eval_ex)} held out, {scored}" if run.eval_ex else "none held out"
+    # hunt 13: --save-every did nothing, unsaid, for a method that writes no checkpoint
+    unsaved = "" if not cfg.save_every or run.method.resumable else (
+        "; no checkpoints" + (" (--keep-encoder writes them)" if cfg.method in ("ptuning", "residual") else "")
+        + ": an interrupted run starts over")
     return (f"training {cfg.method} ({TASKS.get(run.fmt.task, run.fmt.task)}, {cfg.loss} loss, lr {cfg.lr:g}) on "
             f"{len(run.train_ex)} rows, {held}: {run.total} steps at batch {cfg.batch_size} ({epochs:.2g} "
-            f"epoch{'' if epochs == 1 else 's'})")
+            f"epoch{'' if epochs == 1 else 's'}){unsaved}")
 
 
 def say(run: Run, line: str) -> None:
