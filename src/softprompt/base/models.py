@@ -57,7 +57,9 @@ def writable_cache(dest: Path) -> None:
 
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.unlink(tempfile.mkstemp(prefix=f".{dest.name}.tmp-probe-", dir=dest.parent)[1])
+        probe, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-probe-", dir=dest.parent)
+        os.close(probe)
+        os.unlink(name)
     except OSError as e:
         raise SoftpromptError(f"cannot write the model cache {dest.parent} ({e.strerror or e}), where the built-in "
                               "model is converted once (~0.5 GB): set SOFTPROMPT_CACHE to a writable folder") from None

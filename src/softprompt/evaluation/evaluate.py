@@ -158,8 +158,9 @@ def warn_unlike_training(prompt: str, meta: dict[str, Any], model, fmt: Formatte
         diffs.append(f"in {now}, where train ran it in {trained}")
         flags.append(f"--dtype {trained}")
     length = recorded_section(meta, "DataConfig").get("max_length")
-    if isinstance(length, int) and not isinstance(length, bool) and rows and (
-            (max_length > length and max(len(e.ids) for e in rows) > length) or (max_length < length and fmt.truncated)):
+    longest = max((len(e.ids) for e in rows), default=0)
+    if isinstance(length, int) and not isinstance(length, bool) and (
+            (max_length > length and longest > length) or (max_length < length and fmt.truncated)):
         diffs.append(f"at --max-length {max_length}, where train cut rows at {length}")
         flags.append(f"--max-length {length}")
     if diffs:

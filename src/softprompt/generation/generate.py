@@ -109,8 +109,9 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str | dict
                  compare: bool = False, chat: bool | None = None, model=None, tok=None, template: str | None = None,
                  system: str = "", conversations: list[list[dict[str, str]]] | None = None) -> list[dict[str, str]]:
     """Continuations of `texts` (or replies to `conversations`); a text may be an object of a template's
-    columns. With `compare`, the untuned model's beside the tuned one's. `template`: each text's template (None: the prompt's recorded one, "":
-    none); `system`: a system message before each input (through the chat template)."""
+    columns. With `compare`, the untuned model's beside the tuned one's. `template`: each text's
+    template (None: the prompt's recorded one, "": none); `system`: a system message before each input
+    (through the chat template)."""
     if not texts and not conversations:
         raise SoftpromptError("give at least one TEXT to continue (or --messages FILE)")
     if texts and conversations:
@@ -127,7 +128,8 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str | dict
     template = recorded_data(meta).get("template", "") if template is None else template
     objects = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str)]
     if objects and not template:
-        raise SoftpromptError(f"TEXT {objects[0]} holds columns, but no template fills them: give a --template of its columns")
+        raise SoftpromptError(f"TEXT {objects[0]} holds columns, but no template fills them: give a --template of "
+                              "its columns")
     inputs = [apply_template(template, t, i + 1) if template else t for i, t in enumerate(texts)]
     if model is None:
         model, tok = load_model(mcfg)

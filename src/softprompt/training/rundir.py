@@ -66,8 +66,8 @@ def check_not_owned(out: Path) -> None:
     """Refuse an --out that is, or lies inside, a folder another run writes whole (its checkpoint at
     each save, any of its RUN_FILES on --overwrite): that run would delete this one without a word."""
     path = out.resolve()
-    owned = next((a for a in (path, *path.parents) if a.name in RUN_FILES and (a.parent / RUN_CONFIG).is_file()
-                  and a.parent != path), None)
+    owned = next((a for a in (path, *path.parents) if a.name in RUN_FILES and (a.parent / RUN_CONFIG).is_file()),
+                 None)
     if owned is not None:
         raise SoftpromptError(f"--out {out} lies inside {owned}, which the run in {owned.parent} replaces (its "
                               f"{owned.name}/ at each save or on --overwrite): choose an --out outside it")
@@ -112,7 +112,9 @@ class RunLock:
             raise in_use_error(out) from None
         self.fd = fd
         try:  # a folder that opens but takes no file (a read-only mount) failed only after the model loaded
-            os.unlink(tempfile.mkstemp(prefix=f".{RUN_CONFIG}.probe-", dir=out)[1])  # a run file's sibling, if left
+            probe, name = tempfile.mkstemp(prefix=f".{RUN_CONFIG}.probe-", dir=out)  # a run file's sibling, if left
+            os.close(probe)
+            os.unlink(name)
         except OSError as e:
             self.release(failed=True)
             raise SoftpromptError(f"--out {out}: cannot write into the folder ({e.strerror or e})") from None
