@@ -48,11 +48,13 @@ def test_label_candidates_are_per_row(tiny, tmp_path):
     assert got["tokens"] == ref["tokens"] and abs(got["lm_loss"] - ref["loss"]) / ref["loss"] < 1e-5
 
 
-def test_a_progress_bar_is_drawn_only_for_rows_it_scores(tiny, capsys):
+def test_a_progress_bar_is_drawn_only_for_rows_it_scores(tiny, capsys, monkeypatch):
     """Label words of several tokens each: every evaluation first drew an empty `classify: 0it` bar
-    for the single-token rows there were none of (hunt 8)."""
+    for the single-token rows there were none of (hunt 8). On a terminal: off one, no bar is drawn."""
+    from softprompt.forward import classify
     from softprompt.forward.classify import label_scores
 
+    monkeypatch.setattr(classify, "live_output", lambda: True)
     model, tok = tiny
     rows = [(None, tok("Review: a dull film\nSentiment:").input_ids)] * 2
     cands = [[tok(" negative really").input_ids, tok(" positive really").input_ids]] * 2
