@@ -254,51 +254,38 @@ def refused(port: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("finish", [True, False], ids=["finishes", "deadline"])
-def test_shutdown_stops_accepting_then_finishes_or_cancels_in_flight_work(hs, monkeypatch, finish):
-    """What SIGTERM does to a running server (uvicorn's own handler, called here directly):
-    the socket closes at once; a request in flight finishes, or is cancelled at the deadline."""
+@pytest.mark.parametrize("ending", ["finishes", "deadline", "ctrl-c again"])
+def test_shutdown_stops_accepting_then_finishes_or_cancels_in_flight_work(hs, monkeypatch, ending):
+    """What SIGTERM does to a running server (uvicorn's own handler, called here directly): the socket
+    closes at once; a request in flight finishes, or is cancelled at the deadline. A second Ctrl-C
+    (uvicorn's force-exit: cut streams, tracebacks, now and then an abort; hunt 14) ends it as the
+    deadline does, at once: a 503, not after the 30 s deadline."""
     prompts = {"facts": str(hs.root / "facts")}
-    with running(hs.model, hs.tok, prompts, replace(CFG, shutdown_timeout=30 if finish else 0.5)) as (app, run):
-        sched = app.state.scheduler
-        gate, entered, _ = gated(sched, monkeypatch)
-        body = {"model": "facts", "prompt": "Country: Peru", "max_tokens": 6}
-        ts, out = in_threads(lambda b: httpx.post(run.url + "/v1/completions", json=b, timeout=30), [body])
-        assert entered.wait(20)
-        run.server.handle_exit(signal.SIGTERM, None)
-        wait_until(lambda: refused(run.port), "the listening socket closes")
-        if finish:
-            gate.set()
-            ts[0].join(30)
-            alone = hs.client.post("/v1/completions", json=body).json()  # the module's server, same prompt
-            assert out[0].status_code == 200 and out[0].json()["choices"] == alone["choices"]
-        else:
-            ts[0].join(30)  # the deadline passes with the job held: the request is cancelled
-            assert out[0] is None or out[0].status_code >= 400
-            gate.set()
-            wait_until(lambda: sched.stats["cancelled_jobs"] == 1, "the cancelled job is dropped")
-        run.thread.join(30)
-        assert not run.thread.is_alive() and not sched.alive
-
-
-def test_ctrl_c_again_ends_the_requests_in_flight_at_once(hs, monkeypatch):
-    """Hunt 14: a second Ctrl-C (uvicorn's force-exit) cut streams mid-chunk, printed tracebacks and
-    could abort the process. It now ends the requests in flight as the shutdown deadline does: a 503
-    now, not after the 30 s deadline, and the server then stops as after any graceful shutdown."""
-    prompts = {"facts": str(hs.root / "facts")}
-    with running(hs.model, hs.tok, prompts, replace(CFG, shutdown_timeout=30)) as (app, run):
+    with running(hs.model, hs.tok, prompts, replace(CFG, shutdown_timeout=0.5 if ending == "deadline" else 30)) as (
+            app, run):
         sched = app.state.scheduler
         gate, entered, _ = gated(sched, monkeypatch)
         body = {"model": "facts", "prompt": "Country: Peru", "max_tokens": 6}
         ts, out = in_threads(lambda b: httpx.post(run.url + "/v1/completions", json=b, timeout=60), [body])
         assert entered.wait(20)
-        run.server.handle_exit(signal.SIGINT, None)
+        run.server.handle_exit(signal.SIGINT if ending == "ctrl-c again" else signal.SIGTERM, None)
         wait_until(lambda: refused(run.port), "the listening socket closes")
-        run.server.handle_exit(signal.SIGINT, None)
-        ts[0].join(20)
-        assert not ts[0].is_alive(), "the request waited for the 30 s deadline"
-        assert out[0].status_code == 503 and out[0].json()["error"]["code"] == "shutting_down", out[0].text
-        gate.set()
+        if ending == "finishes":
+            gate.set()
+            ts[0].join(30)
+            alone = hs.client.post("/v1/completions", json=body).json()  # the module's server, same prompt
+            assert out[0].status_code == 200 and out[0].json()["choices"] == alone["choices"]
+        elif ending == "deadline":
+            ts[0].join(30)  # the deadline passes with the job held: the request is cancelled
+            assert out[0] is None or out[0].status_code >= 400
+            gate.set()
+            wait_until(lambda: sched.stats["cancelled_jobs"] == 1, "the cancelled job is dropped")
+        else:
+            run.server.handle_exit(signal.SIGINT, None)
+            ts[0].join(20)
+            assert not ts[0].is_alive(), "the request waited for the 30 s deadline"
+            assert out[0].status_code == 503 and out[0].json()["error"]["code"] == "shutting_down", out[0].text
+            gate.set()
         run.thread.join(30)
         assert not run.thread.is_alive() and not sched.alive and not run.server.force_exit
 
