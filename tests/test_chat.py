@@ -58,11 +58,21 @@ def test_truncation_keeps_whole_tokens_and_drops_rows_with_no_answer_left(tok):
     ([], "expected a non-empty list"),
     ([{"role": "user", "content": "hi"}], "no assistant turn"),
     ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "turn 1: expected"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "turn 1: expected"),
     ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
 ])
 def test_bad_messages_name_the_row_and_turn(tok_dir, messages, msg):
     with pytest.raises(SoftpromptError, match=msg):
         chat_example(AutoTokenizer.from_pretrained(tok_dir), messages, 100, "f.jsonl row 3")
+
+
+def test_a_content_of_text_parts_trains_as_its_text(tok):
+    """OpenAI's content form, a list of {"type": "text", "text"} parts (what the server takes, and what a
+    file exported from an OpenAI chat log holds), was refused in training data: it reads as its text."""
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:4]}, {"type": "text", "text": m["content"][4:]}]}
+             for m in TALK]
+    (a, _), (b, _) = chat_example(tok, parts, 10_000, "row 1"), chat_example(tok, TALK, 10_000, "row 1")
+    assert (a.ids, a.spans) == (b.ids, b.spans)
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tok_dir):

@@ -172,6 +172,11 @@ def test_the_python_generate_takes_what_the_command_takes(trained, llama_dir, tm
     msgs = tmp_path / "m.jsonl"
     msgs.write_text(json.dumps({"messages": conv}) + "\n")
     assert softprompt.generate(messages=[conv], **kw) == run_json(capsys, base + ["--messages", str(msgs)])
+    # OpenAI's content of text parts, as the server takes it: the same answer, from a file and from Python.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Chi"}, {"type": "text", "text": "le?"}]}]
+    msgs.write_text(json.dumps({"messages": parts}) + "\n")
+    assert softprompt.generate(messages=[parts], **kw) == run_json(capsys, base + ["--messages", str(msgs)]) == \
+        softprompt.generate(messages=[conv], **kw)
     with pytest.raises(TypeError, match="messages must be a list of conversations"):
         softprompt.generate(messages=[{"role": "user", "content": "x"}], **kw)
     # The command's refusals, in Python's words: a template beside messages was ignored, and a malformed

@@ -18,17 +18,30 @@ from .batching import Example
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
+def text_content(content: Any) -> str | None:
+    """A turn's content as text: a string, or OpenAI's list of {"type": "text", "text": str} parts
+    joined (as the server takes them: a file exported from an OpenAI chat log holds that form); None
+    for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
 def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise SoftpromptError(f"messages at {where}: expected a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise SoftpromptError(f"messages at {where}, turn {i + 1}: expected {{\"role\": str, \"content\": str}}")
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and text_content(m.get("content")) is not None):
+            raise SoftpromptError(f"messages at {where}, turn {i + 1}: expected {{\"role\": str, \"content\": str "
+                                  "(or a list of {\"type\": \"text\", \"text\": str} parts)}")
         if m["role"] not in ROLES:
             raise SoftpromptError(f"messages at {where}, turn {i + 1}: unknown role {m['role']!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise SoftpromptError(f"messages at {where}: no assistant turn to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": m["role"], "content": text_content(m["content"])} for m in messages]
 
 
 def render(tok, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:

@@ -14,7 +14,7 @@ from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode, template_fields
 from ..core.prompt_protocol import forward_input
 from ..core.utils import SoftpromptError, missing_file, warn
-from ..data.chat import render
+from ..data.chat import render, text_content
 from ..data.formatting import unescape
 from ..prompts.prompt import load_prompt
 from ..prompts.recorded import fill_one, prompt_given, read_meta, recorded_data
@@ -81,9 +81,11 @@ def apply_template(template: str, text: str | dict[str, Any], n: int) -> str:
 
 
 def is_conversation(msgs: Any) -> bool:
-    """A non-empty list of {"role": str, "content": str} turns (what --messages and messages= take)."""
+    """A non-empty list of {"role": str, "content": str or text parts} turns (what --messages and
+    messages= take)."""
     return isinstance(msgs, list) and bool(msgs) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+        isinstance(m, dict) and isinstance(m.get("role"), str) and text_content(m.get("content")) is not None
+        for m in msgs)
 
 
 def read_conversations(path: str) -> list[list[dict[str, str]]]:
@@ -137,7 +139,8 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str | dict
     p = forward_input(sp)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
     p = p.detach() if isinstance(p, torch.Tensor) else p
     chat = bool(meta.get("chat")) if chat is None else chat  # None: as the prompt was trained
-    if conversations:
+    if conversations:  # a content of text parts (OpenAI's form) as its text
+        conversations = [[{"role": m["role"], "content": text_content(m["content"])} for m in c] for c in conversations]
         encoded = [encode_messages(tok, c, system) for c in conversations]
         shown = [c[-1]["content"] for c in conversations]
     else:
