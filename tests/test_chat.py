@@ -60,6 +60,7 @@ def test_truncation_keeps_whole_tokens_and_drops_rows_with_no_answer_left(tok):
     ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "turn 1: expected"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "turn 1: expected"),
     ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
+    ([{"role": "assistant", "content": "x"}], "the first turn is the assistant's"),  # hunt 15: a traceback
 ])
 def test_bad_messages_name_the_row_and_turn(tok_dir, messages, msg):
     with pytest.raises(SoftpromptError, match=msg):
@@ -72,7 +73,7 @@ def test_a_content_of_text_parts_trains_as_its_text(tok):
     parts = [{**m, "content": [{"type": "text", "text": m["content"][:4]}, {"type": "text", "text": m["content"][4:]}]}
              for m in TALK]
     (a, _), (b, _) = chat_example(tok, parts, 10_000, "row 1"), chat_example(tok, TALK, 10_000, "row 1")
-    assert (a.ids, a.spans) == (b.ids, b.spans)
+    assert (a.ids, a.spans, a.text) == (b.ids, b.spans, b.text)  # hunt 15: .text was the parts list
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tok_dir):

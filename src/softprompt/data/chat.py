@@ -41,6 +41,9 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise SoftpromptError(f"messages at {where}, turn {i + 1}: unknown role {m['role']!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise SoftpromptError(f"messages at {where}: no assistant turn to learn from")
+    if messages[0]["role"] == "assistant":  # chat templates render nothing before it to answer
+        raise SoftpromptError(f"messages at {where}: the first turn is the assistant's: a conversation starts with a "
+                              "system or user turn")
     return [{"role": m["role"], "content": text_content(m["content"])} for m in messages]
 
 
@@ -68,7 +71,8 @@ def assistant_spans(tok, messages: list[dict[str, str]], where: str) -> tuple[st
 def chat_example(tok, messages: Any, max_length: int, where: str) -> tuple[Example | None, bool]:
     """The conversation as one Example (ids, supervised token spans), cut to `max_length` tokens; and
     whether it was cut. None when no assistant token is left within `max_length`."""
-    text, spans = assistant_spans(tok, check_messages(messages, where), where)
+    messages = check_messages(messages, where)  # contents as text (text parts joined)
+    text, spans = assistant_spans(tok, messages, where)
     ids: list[int] = []
     supervised: list[tuple[int, int]] = []
     at = 0
