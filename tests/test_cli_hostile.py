@@ -315,13 +315,12 @@ def test_an_out_that_takes_no_file_is_refused_before_the_model_loads(data_csv, t
     """Hunt 14: an existing read-only --out (a mount) opened, and the run failed only after the model had
     loaded, naming a temporary file. The folder is tried with a file first."""
     import errno
-
-    from softprompt.training import rundir
+    import tempfile
 
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     (tmp_path / "ro").mkdir()
     assert main(train_argv(tmp_path / "no-model", data_csv, tmp_path / "ro")) == 2
     one_error_line(capsys, f"--out {tmp_path / 'ro'}: cannot write into the folder (Read-only file system)")

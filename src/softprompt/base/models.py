@@ -8,14 +8,13 @@ in the dtype `--dtype` names and, with `--quantize`, with 8- or 4-bit linear lay
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from ..core.config import BUILTIN_MODEL, ModelConfig
-from ..core.utils import SoftpromptError, atomic_dir, cache_root, dtype_name, live_output, warn
+from ..core.utils import SoftpromptError, atomic_dir, cache_root, dtype_name, live_output, probe_write, warn
 from .families import decoder_layers
 from .quantize import keep_cpu_kernels_in_range, quantization_config
 
@@ -52,14 +51,11 @@ def writable_cache(dest: Path) -> None:
     unwritable cache (a service user without a home, a read-only root) failed after it, on every run.
     Temporary folders that a killed conversion left (hundreds of MB each) are removed."""
     import shutil
-    import tempfile
     import time
 
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        probe, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-probe-", dir=dest.parent)
-        os.close(probe)
-        os.unlink(name)
+        probe_write(dest.parent, f".{dest.name}.tmp-probe-")
     except OSError as e:
         raise SoftpromptError(f"cannot write the model cache {dest.parent} ({e.strerror or e}), where the built-in "
                               "model is converted once (~0.5 GB): set SOFTPROMPT_CACHE to a writable folder") from None

@@ -97,6 +97,14 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         raise
 
 
+def probe_write(folder: Path, prefix: str) -> None:
+    """Create and remove one empty file in `folder` (named `prefix`...), so that a folder that opens but
+    takes no file (a read-only mount, a full disk) raises its OSError before any long work."""
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=folder)
+    os.close(fd)
+    os.unlink(name)
+
+
 def write_error(e: BaseException, path: str | os.PathLike) -> SoftpromptError | None:
     """A tensor writer's failure to write under `path` as the user's one-line error; None for any other
     exception. torch.save raises RuntimeError ("unexpected pos", "PytorchStreamWriter failed") and

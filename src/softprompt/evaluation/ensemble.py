@@ -57,9 +57,10 @@ def ensemble_report(scores: torch.Tensor, gold: torch.Tensor, names: list[str]) 
     preds = combine(scores)
     n = max(int(gold.numel()), 1)
     # From counts, as eval's: 147 of 200 is 0.735, not float32's 0.7350000143051147.
-    acc = lambda p: int((p == gold).sum()) / n
-    singles = [{"prompt": name, "accuracy": acc(preds["single"][k]), "correct": int((preds["single"][k] == gold).sum())}
-               for k, name in enumerate(names)]
+    correct = lambda p: int((p == gold).sum())
+    acc = lambda p: correct(p) / n
+    singles = [{"prompt": name, "accuracy": c / n, "correct": c}
+               for name, c in zip(names, map(correct, preds["single"]))]
     best = max(singles, key=lambda s: s["accuracy"])
     return {"n": int(gold.numel()), "prompts": singles, "best_single": best,
             "mean_single_accuracy": sum(s["accuracy"] for s in singles) / len(singles),

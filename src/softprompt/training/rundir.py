@@ -13,12 +13,11 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..core.config import as_it_ran, flag, unescape
-from ..core.utils import SoftpromptError, atomic_dir, check_apart, read_json, same_model, short
+from ..core.utils import SoftpromptError, atomic_dir, check_apart, probe_write, read_json, same_model, short
 from ..prompts.hub import local_sources
 
 CHECKPOINT = "checkpoint"
@@ -112,9 +111,7 @@ class RunLock:
             raise in_use_error(out) from None
         self.fd = fd
         try:  # a folder that opens but takes no file (a read-only mount) failed only after the model loaded
-            probe, name = tempfile.mkstemp(prefix=f".{RUN_CONFIG}.probe-", dir=out)  # a run file's sibling, if left
-            os.close(probe)
-            os.unlink(name)
+            probe_write(out, f".{RUN_CONFIG}.probe-")  # named as a run file's sibling, should it be left
         except OSError as e:
             self.release(failed=True)
             raise SoftpromptError(f"--out {out}: cannot write into the folder ({e.strerror or e})") from None

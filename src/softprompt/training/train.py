@@ -464,12 +464,12 @@ def loop(run: Run, stop_after: int, quiet: bool) -> dict[str, Any]:
             state["tokens"] += tokens
             # Optimiser-step time only: evaluation and checkpoints are not training throughput.
             state["train_seconds"] = elapsed = state["train_seconds"] + time.perf_counter() - t0
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.0f}")
+            tok_s = f"{state['tokens'] / max(elapsed, 1e-9):.0f}"
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=tok_s)
             bar.update(1)
             if not live and time.monotonic() - said_at >= PROGRESS_EVERY_S and step < run.total:
                 said_at = time.monotonic()
-                say(run, f"step {step}/{run.total}: loss {train_loss:.4f}, "
-                         f"{state['tokens'] / max(elapsed, 1e-9):.0f} tokens/s")
+                say(run, f"step {step}/{run.total}: loss {train_loss:.4f}, {tok_s} tokens/s")
             if step % cfg.log_every == 0 or step == run.total:
                 run.log({"step": step, "split": "train", "loss": train_loss, "lr": run.sched.get_last_lr()[0],
                          "tokens": state["tokens"], "seconds": round(elapsed, 3)})
