@@ -147,3 +147,36 @@ def test_every_command_ends_the_process_group_it_ran_under(llama_dir, tmp_path, 
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def test_a_rank_without_the_lock_does_not_take_the_holders_files_for_another_run(llama_dir, countries_csv,
+                                                                                tmp_path, monkeypatch):
+    """CI, once: rank 1 re-checked --out while rank 0, the lock's holder, had its write probe in it, and
+    refused "--out already holds files". Made certain here: the holder's probe sits in --out when the
+    other rank's Accelerator returns."""
+    import accelerate
+
+    from softprompt.core.config import DataConfig, ModelConfig, TrainConfig
+    from softprompt.training import train as train_mod
+
+    out = tmp_path / "run"
+
+    class OtherRank:  # what accelerate gives rank 1 once rank 0 has taken the lock and probes the folder
+        is_main_process = False
+
+        def __init__(self, **kwargs):
+            out.mkdir()
+            (out / ".run_config.json.probe-x").write_text("")
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args):
+        raise Reached
+
+    monkeypatch.setattr(accelerate, "Accelerator", OtherRank)
+    monkeypatch.setattr(train_mod, "build_run", reached)
+    cfgs = (ModelConfig(model=str(llama_dir), device="cpu"), DataConfig(data=str(countries_csv), template="{country}"),
+            PromptConfig(), TrainConfig(out=str(out)))
+    with pytest.raises(Reached):
+        train_mod.setup(*cfgs)

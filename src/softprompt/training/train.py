@@ -217,7 +217,9 @@ def setup(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: TrainCo
                       **({"log_with": trackers, "project_dir": tcfg.out} if trackers else {}))
     lock = RunLock(Path(tcfg.out)) if acc.is_main_process else None
     try:
-        check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite, held=True)  # again, now that no other run can write
+        if lock is not None:  # again, now that no other run can write; by the holder alone, as the other
+            # ranks would find the holder's own files (its write probe, say) and take them for another run's
+            check_out(Path(tcfg.out), tcfg.resume, tcfg.overwrite, held=True)
         run = build_run(acc, lock, trackers, mcfg, dcfg, pcfg, tcfg, model, tok, splits, method_reason)
     except BaseException:
         if lock is not None:
