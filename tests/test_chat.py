@@ -102,3 +102,49 @@ def test_messages_file_loss_equals_hf_loss_on_assistant_labels(llama_dir, tmp_pa
         hf = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.targets).loss
     assert ours["tokens"] == int((b.targets[:, 1:] != -100).sum()) and ours["tokens"] > 0
     assert ours["loss"] == pytest.approx(float(hf), rel=1e-5)
+
+
+def test_training_generate_and_the_server_encode_a_conversation_alike(tok):
+    """Hunt 15: the server rendered `developer` as `system` and took a content's `<|im_end|>` as text,
+    while training and `generate` rendered `<|im_start|>developer` and took it as the control token: a
+    prompt trained on such data was served another input than it learnt. Now one encoding: the
+    training example's tokens before its first answer are what generate and the server feed the model."""
+    from softprompt.data.chat import as_turns
+    from softprompt.generation.generate import encode_messages
+    from softprompt.serve.chat_input import chat_ids
+
+    for question in [[{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"}],
+                     [{"role": "user", "content": "say <|im_end|> or <eos> please"}]]:
+        answered = question + [{"role": "assistant", "content": "Paris <|im_end|>."}]
+        ex, _ = chat_example(tok, answered, 10_000, "row 1")
+        served = chat_ids(tok, [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in question],
+                          "messages")
+        assert encode_messages(tok, as_turns(question)) == served == ex.ids[:ex.spans[0][0]]
+    system = [{"role": "system", "content": "Be terse."}, *answered[-2:]]
+    assert chat_example(tok, [{**system[0], "role": "developer"}, *system[1:]], 10_000, "r")[0].ids == \
+        chat_example(tok, system, 10_000, "r")[0].ids
+    # The content's control-token text is text: one <|im_end|> per turn, from the template alone.
+    ex, _ = chat_example(tok, answered, 10_000, "row 1")
+    assert tok.decode(ex.ids) == tok.apply_chat_template(answered, tokenize=False)
+    if "<|im_end|>" in tok.get_vocab():
+        own = tok.apply_chat_template([{**m, "content": "x"} for m in answered], tokenize=False).count("<|im_end|>")
+        assert ex.ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == own
+        assert tok.decode(ex.ids[slice(*ex.spans[0])]) == "Paris <|im_end|>.<|im_end|>\n"
+    assert tok.convert_tokens_to_ids("<eos>") not in ex.ids
+
+
+@pytest.mark.parametrize("role", ["tool", "narrator", "System"])
+def test_every_tool_takes_the_same_roles(tok, role, tmp_path):
+    """Hunt 15: training took `tool`, the server refused it, and generate took any role at all."""
+    import softprompt
+    from softprompt.generation.generate import read_conversations
+
+    turns = [{"role": role, "content": "x"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(SoftpromptError, match=f"turn 1: unknown role '{role}'"):
+        chat_example(tok, [*turns, {"role": "assistant", "content": "y"}], 100, "row 1")
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(SoftpromptError, match=f"line 1: turn 1: unknown role '{role}'"):
+        read_conversations(str(f))
+    with pytest.raises(TypeError, match=rf"messages\[0\]: turn 1: unknown role '{role}'"):
+        softprompt.generate(messages=[turns])

@@ -230,7 +230,8 @@ def generate(texts: str | dict[str, Any] | list[str | dict[str, Any]] = (), prom
     of {"role", "content"}) replace the texts. `model` is, by default, the base the prompt was trained
     on (the built-in without a prompt). Keywords: max_new_tokens=, sample=, temperature=, top_p=,
     repetition_penalty=, seed=."""
-    from .generation.generate import generate_cmd, is_conversation
+    from .data.chat import conversation_problem
+    from .generation.generate import generate_cmd
 
     texts = [texts] if isinstance(texts, (str, dict)) else list(texts)
     if not all(isinstance(t, str) or (isinstance(t, dict) and all(isinstance(k, str) for k in t)) for t in texts):
@@ -238,9 +239,13 @@ def generate(texts: str | dict[str, Any] | list[str | dict[str, Any]] = (), prom
                         "'hypothesis': ...}) or a list of them")
     if not (template is None or isinstance(template, str)) or not isinstance(system, str):
         raise TypeError("generate(): template must be a string or None, and system a string")
-    if messages is not None and not (isinstance(messages, list) and all(map(is_conversation, messages))):
+    if messages is not None and not isinstance(messages, list):
         raise TypeError("generate(): messages must be a list of conversations, each a list of {'role': str, "
                         "'content': str}")
+    problem = next((f"messages[{i}]: {p}" for i, c in enumerate(messages or []) if (p := conversation_problem(c))), None)
+    if problem:
+        raise TypeError(f"generate(): messages must be a list of conversations, each a list of {{'role': str, "
+                        f"'content': str}}; {problem}")
     # The command's checks (flags.check_generate), in the API's words, before a model loads.
     if messages is None and not texts:
         raise ConfigError("generate(): give at least one text to continue (or messages=, a list of conversations)")

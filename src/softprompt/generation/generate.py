@@ -14,7 +14,7 @@ from ..base.models import load_model
 from ..core.config import GenerateConfig, ModelConfig, from_args, is_unicode, template_fields
 from ..core.prompt_protocol import forward_input
 from ..core.utils import SoftpromptError, missing_file, warn
-from ..data.chat import render, text_content
+from ..data.chat import as_turns, conversation_ids, conversation_problem
 from ..data.formatting import unescape
 from ..prompts.prompt import load_prompt
 from ..prompts.recorded import fill_one, prompt_given, read_meta, recorded_data
@@ -47,11 +47,11 @@ def encode_for_generation(tok, text: str, chat: bool = False, system: str = "") 
 
 
 def encode_messages(tok, messages: list[dict[str, str]], system: str = "") -> list[int]:
-    """A conversation through the model's chat template, ready for the assistant's next turn."""
+    """Checked turns through the model's chat template, ready for the assistant's next turn (the
+    server's encoding: data.chat.conversation_ids)."""
     if not getattr(tok, "chat_template", None):
         raise SoftpromptError("--chat: this model's tokenizer has no chat template")
-    turns = ([{"role": "system", "content": system}] if system else []) + messages
-    return tok(render(tok, turns, generation_prompt=True), add_special_tokens=False).input_ids
+    return conversation_ids(tok, ([{"role": "system", "content": system}] if system else []) + messages)
 
 
 def apply_template(template: str, text: str | dict[str, Any], n: int) -> str:
@@ -80,14 +80,6 @@ def apply_template(template: str, text: str | dict[str, Any], n: int) -> str:
         raise SoftpromptError(f"--template '{template}' at TEXT {n}: {type(e).__name__}: {e}") from None
 
 
-def is_conversation(msgs: Any) -> bool:
-    """A non-empty list of {"role": str, "content": str or text parts} turns (what --messages and
-    messages= take)."""
-    return isinstance(msgs, list) and bool(msgs) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and text_content(m.get("content")) is not None
-        for m in msgs)
-
-
 def read_conversations(path: str) -> list[list[dict[str, str]]]:
     """--messages FILE: one {"messages": [{role, content}, ...]} object per line."""
     from ..data.datasource import read_json_rows
@@ -97,11 +89,11 @@ def read_conversations(path: str) -> list[list[dict[str, str]]]:
         raise missing_file(path, "--messages file")
     convs = []
     for i, r in enumerate(rows):
-        msgs = r.get("messages")
-        if not is_conversation(msgs):
-            raise SoftpromptError(f"--messages {path} line {i + 1}: expected {{\"messages\": [{{\"role\": str, "
-                                  "\"content\": str}, ...]}")
-        convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+        problem = conversation_problem(r["messages"]) if "messages" in r else \
+            'expected {"messages": [{"role": str, "content": str}, ...]}'
+        if problem:
+            raise SoftpromptError(f"--messages {path} line {i + 1}: {problem}")
+        convs.append(r["messages"])
     if not convs:
         raise SoftpromptError(f"--messages {path}: no conversations")
     return convs
@@ -139,8 +131,8 @@ def generate_cmd(mcfg: ModelConfig, gcfg: GenerateConfig, texts: list[str | dict
     p = forward_input(sp)  # [P, H], or a prefix itself (its keys and values are the decoder's cache)
     p = p.detach() if isinstance(p, torch.Tensor) else p
     chat = bool(meta.get("chat")) if chat is None else chat  # None: as the prompt was trained
-    if conversations:  # a content of text parts (OpenAI's form) as its text
-        conversations = [[{"role": m["role"], "content": text_content(m["content"])} for m in c] for c in conversations]
+    if conversations:  # as every tool takes them: text parts joined, developer as system
+        conversations = [as_turns(c) for c in conversations]
         encoded = [encode_messages(tok, c, system) for c in conversations]
         shown = [c[-1]["content"] for c in conversations]
     else:

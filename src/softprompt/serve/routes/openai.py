@@ -26,6 +26,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...core.utils import SoftpromptError
+from ...data.chat import as_turns
 from ..context import Ctx, Hold, ServerContext, shutting_down
 from ..jobs import GenJob, ScoreJob
 from ..logprobs import chat_logprobs, completion_logprobs
@@ -195,11 +196,9 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Ctx, request: Reques
 
 
 def messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The request's messages as the chat template takes them (a list of text parts joined; the
-    developer role, OpenAI's newer name for instructions, as system)."""
-    return [{"role": "system" if m.role == "developer" else m.role,
-             "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-            for m in req.messages]
+    """The request's messages as every tool takes them (data.chat.as_turns: text parts joined, the
+    developer role as system)."""
+    return as_turns([m.model_dump() for m in req.messages])
 
 
 def make_jobs(ctx: ServerContext, entry: Loaded, inputs: list[list[int]], n: int, p: dict[str, Any],
