@@ -13,7 +13,8 @@ from softprompt.cli import main
 from softprompt.core.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.core.utils import SoftpromptError, count_params, weights_hash
 from softprompt.data.formatting import load_splits
-from softprompt.training.compare import build_context, compare, pick_shots, shot_text, with_context
+from softprompt.training.compare import compare
+from softprompt.training.engineering import build_context, pick_shots, shot_text, with_context
 from softprompt.training.train import train
 
 
@@ -252,3 +253,39 @@ def test_compare_help_says_the_dtype_its_rows_run_in():
     text = " ".join(parsers["compare"].format_help().split())
     assert "one for every row: auto (bfloat16 on GPUs that support it, float32 elsewhere" in text
     assert "on CPUs with native bf16 matmuls" not in text
+
+
+def _chat_rows(n: int) -> list[dict]:
+    capitals = [("France", "Paris"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Spain", "Madrid"), ("Italy", "Rome")]
+    return [{"messages": [{"role": "system", "content": "Answer like a pirate."},
+                          {"role": "user", "content": f"Capital of {c}?"}, {"role": "assistant", "content": f"Arr, {a}."},
+                          {"role": "user", "content": "And its country?"}, {"role": "assistant", "content": f"Arr, {c}."}]}
+            for c, a in (capitals * n)[:n]]
+
+
+def test_prompt_engineering_on_chat_rows_scores_their_own_answers(llama_dir, tmp_path):
+    """Hunt 15: on chat data the zero- and k-shot rows scored the second user turn and the chat markup
+    (48 tokens where the other rows scored 26), dropped the row's system message for the template's
+    default, and showed k-shot questions without their answers."""
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(20)))
+    m, _, p, t, c = _cls_cfgs(llama_dir, f, tmp_path / "cmp", methods="untuned,zero-shot,k-shot")
+    d = DataConfig(data=str(f), eval_fraction=0.25, max_length=93)  # some rows lose their 2nd answer, some keep part
+    result = compare(m, d, p, t, c, quiet=True)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert result["task"] == "chat"
+    assert rows["zero-shot"]["eval"]["tokens"] == rows["k-shot"]["eval"]["tokens"] == rows["untuned"]["eval"]["tokens"]
+    turns = [json.loads(line) for line in (tmp_path / "cmp" / "k-shot" / "context.jsonl").read_text().splitlines()]
+    assert turns[0]["role"] == "system" and [t["role"] for t in turns[1:]] == ["user", "assistant"] * 4  # 2 shots
+    assert all(t["content"].startswith("Arr, ") for t in turns[2::2])  # the shots' answers are shown
+
+    # One row: the instruction joins the row's own system message, and the scored ids are the row's.
+    from softprompt.training.engineering import chat_context, chat_with_context
+
+    model, tok = load_model(str(llama_dir))
+    fmt, train_ex, eval_ex = load_splits(d, tok)
+    for row in eval_ex:
+        ex = chat_with_context(fmt, row, chat_context("Be brief.", train_ex[:2]))
+        assert [ex.ids[a:b] for a, b in ex.spans] == [row.ids[a:b] for a, b in row.spans]
+        assert ex.messages[0] == {"role": "system", "content": "Be brief.\n\nAnswer like a pirate."}
+    assert any(len(r.spans) == 1 for r in eval_ex) and any(len(r.spans) == 2 for r in eval_ex)

@@ -24,6 +24,7 @@ class Example:
     text: str = ""          # the input part, for display and generation
     spans: tuple[tuple[int, int], ...] = ()  # supervised [start, end) ranges instead of ids[loss_start:] (chat)
     task: int = 0           # its task in a mixture (mixture.py), which holds its label words
+    messages: tuple[dict[str, str], ...] = ()  # a chat row's checked turns (compare puts context before them)
 
 
 @dataclass

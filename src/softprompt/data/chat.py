@@ -158,4 +158,4 @@ def chat_example(tok, messages: Any, max_length: int, where: str) -> tuple[Examp
     if not supervised:
         return None, cut
     first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
-    return Example(ids, supervised[0][0], -1, first_user, tuple(supervised)), cut
+    return Example(ids, supervised[0][0], -1, first_user, tuple(supervised), messages=tuple(messages)), cut

@@ -4,7 +4,8 @@ model, one data split and one evaluation.
 Rows (any subset, `--methods`):
 - untuned: the bare input, no instruction (what `train` reports as "untuned");
 - zero-shot: a written instruction before the input;
-- k-shot: the instruction plus K training examples with their answers, in the same template;
+- k-shot: the instruction plus K training examples with their answers, in the same template (on chat
+  data, earlier conversations: engineering.py);
 - prompt: prompt tuning by the core trainer (`train(method="prompt")`), at --lr (0: its default);
 - prefix, ptuning, residual: prefix tuning, P-tuning and residual prompt tuning by the same trainer,
   each at its own default rate (Method.default_lr: --lr is a soft prompt's rate, far from an
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -53,7 +53,8 @@ from ..prompts.hub import local_sources
 from ..prompts.transfer import adopt
 from .measure import PeakMemory, release_memory, resident
 from .methods import METHODS
-from .train import default_init_text, train
+from .engineering import default_instruction, engineered, pick_shots
+from .train import train
 
 LABELS = {"untuned": "untuned model, bare input", "zero-shot": "prompt engineering, zero-shot",
           "k-shot": "prompt engineering, {k}-shot", "prompt": "prompt tuning (P={P})",
@@ -75,59 +76,6 @@ def timed_eval(model, tok, prompt, fmt: Formatter, examples: list[Example], batc
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     return m, seconds, mem.extra_mb
-
-
-# ---------------------------------------------------------------- prompt engineering
-
-def default_instruction(fmt: Formatter) -> str:
-    if fmt.task == "classify":
-        return default_init_text(fmt)
-    return "Write what follows each input, in the style of the examples."
-
-
-def shot_text(fmt: Formatter, tok, ex: Example) -> str:
-    """A training example rendered with the template and its gold answer, as the model should continue."""
-    if fmt.task == "classify":
-        return ex.text + fmt.label_text(ex.label, ex.text)
-    if fmt.task == "target":
-        tgt = ex.ids[ex.loss_start:]
-        if tgt and tgt[-1] == tok.eos_token_id:
-            tgt = tgt[:-1]
-        return ex.text + tok.decode(tgt)
-    return ex.text
-
-
-def pick_shots(fmt: Formatter, train_ex: list[Example], k: int, seed: int) -> list[Example]:
-    """K training examples, seeded; for classification taken round-robin over the labels, so that a
-    small K does not show only one class (which would bias the model towards it), then shuffled."""
-    order = list(range(len(train_ex)))
-    random.Random(seed).shuffle(order)
-    if fmt.task != "classify":
-        return [train_ex[i] for i in order[:k]]
-    buckets = [[i for i in order if train_ex[i].label == c] for c in range(len(fmt.label_words))]
-    picked: list[int] = []
-    while len(picked) < min(k, len(train_ex)):
-        for b in buckets:
-            if b and len(picked) < k:
-                picked.append(b.pop(0))
-    # Shuffled, so that the last shot (which small models tend to copy) is not always the same label.
-    random.Random(seed + 1).shuffle(picked)
-    return [train_ex[i] for i in picked]
-
-
-def build_context(instruction: str, shots: list[str]) -> str:
-    return "".join(part + "\n\n" for part in ([instruction] if instruction else []) + shots)
-
-
-def with_context(fmt: Formatter, ex: Example, context: str) -> Example:
-    """`ex` with `context` before its input; the supervised tokens (target or label) stay the same."""
-    text = context + ex.text
-    ids = fmt.tokenize_rendered(fmt.render_input(text))
-    if fmt.task == "lm":  # score the text, not the context: supervise from where the ids leave the context's
-        ctx = fmt.tokenize_rendered(fmt.render_input(context))
-        n = next((i for i, (a, b) in enumerate(zip(ids, ctx)) if a != b), min(len(ids), len(ctx)))
-        return Example(ids, n, ex.label, text)
-    return Example(ids + ex.ids[ex.loss_start:], len(ids), ex.label, text)
 
 
 # ---------------------------------------------------------------- the runner
@@ -256,15 +204,13 @@ def compare(mcfg: ModelConfig, dcfg: DataConfig, pcfg: PromptConfig, tcfg: Train
             m, sec, mem = timed_eval(model, tok, None, fmt, eval_ex, bs)
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem)
         elif method in ("zero-shot", "k-shot"):
-            shots = [shot_text(fmt, tok, e) for e in pick_shots(fmt, train_ex, ccfg.k_shot, tcfg.seed)] \
-                if method == "k-shot" else []
-            context = build_context(instruction, shots)
-            path = out / method / "context.txt"  # the whole "artifact" of prompt engineering
+            shots = pick_shots(fmt, train_ex, ccfg.k_shot, tcfg.seed) if method == "k-shot" else []
+            context, exs, size = engineered(fmt, tok, instruction, shots, eval_ex)
+            path = out / method / ("context.jsonl" if fmt.task == "chat" else "context.txt")  # its whole artifact
             atomic_write_text(path, context)
-            exs = [with_context(fmt, e, context) for e in eval_ex]
             m, sec, mem = timed_eval(model, tok, None, fmt, exs, bs)
             row(method, eval=m, eval_seconds=sec, eval_peak_mb=mem, artifact=str(path),
-                artifact_bytes=_bytes(path), context_tokens=len(tok(context, add_special_tokens=False).input_ids))
+                artifact_bytes=_bytes(path), context_tokens=size)
         else:  # a trained method: prompt, prefix, ptuning, residual or full
             row(method, **trained_row(METHODS[method], mcfg, dcfg, pcfg, tcfg, ccfg, model, tok, quiet,
                                       (fmt, train_ex, eval_ex), out / method))
