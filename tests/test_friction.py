@@ -525,6 +525,28 @@ def test_a_messages_column_taken_by_default_is_said(tok_dir, tmp_path, capsys):
     assert "reading the 'messages' column as chat conversations" in capsys.readouterr().err
 
 
+def test_a_column_of_turns_is_not_filled_into_a_template_and_a_text_column_is_not_read_as_turns(tok_dir, tmp_path):
+    """Hunt 15: `--template "Q: {messages}"` trained on the list's Python text ("Q: [{'role': ..."), and
+    `--messages-col text` on a column of strings named a shuffled row, not the column or what it held."""
+    from transformers import AutoTokenizer
+
+    from softprompt.core.config import DataConfig
+    from softprompt.data.formatting import load_splits
+
+    data = tmp_path / "chat.jsonl"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    data.write_text((json.dumps({"messages": conv, "text": "plain", "meta": {"a": 1}}) + "\n") * 4)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    with pytest.raises(SoftpromptError, match=r"column 'messages' holds a list, not text \(chat turns train with "
+                                              "--messages-col and no --template\)"):
+        load_splits(DataConfig(data=str(data), template="Q: {messages}", eval_fraction=0), tok)
+    with pytest.raises(SoftpromptError, match="--target ' {meta}' at .*column 'meta' holds a dict, not text"):
+        load_splits(DataConfig(data=str(data), template="{text}", target=" {meta}", eval_fraction=0), tok)
+    with pytest.raises(SoftpromptError, match="column 'text': expected a non-empty list of {role, content} turns, "
+                                              "not a str"):
+        load_splits(DataConfig(data=str(data), messages_col="text", eval_fraction=0), tok)
+
+
 def test_generate_takes_a_system_message_and_conversations(llama_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 

@@ -330,3 +330,13 @@ def test_a_missing_base_names_model_args_and_lm_eval_s_own_model_flag_is_not_tak
     # lm_eval's --model is another flag: not an abbreviation of --model_args here
     assert main(["lm-eval", "--model", "hf", "--model_args", f"pretrained={llama_dir}", "--tasks", "t"]) == 2
     assert "unrecognized arguments: --model hf" in capsys.readouterr().err
+
+
+def test_chat_true_beside_apply_chat_template_is_refused(llama_dir, capsys):
+    """Hunt 15: `--model_args chat=true --apply_chat_template` put lm_eval's rendered chat through the
+    template again, inside a second user turn (exact match 0.5 -> 0), without a word."""
+    from softprompt.cli import main
+
+    args = ["lm-eval", "--model_args", f"pretrained={llama_dir},chat=True", "--tasks", "t", "--apply_chat_template"]
+    assert main(args) == 2
+    assert "--model_args chat=true would wrap that rendering again" in capsys.readouterr().err

@@ -56,7 +56,8 @@ def as_turns(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 def conversation_problem(messages: Any) -> str | None:
     """What is wrong with a conversation's turns, or None."""
     if not isinstance(messages, list) or not messages:
-        return "expected a non-empty list of {role, content} turns"
+        return "expected a non-empty list of {role, content} turns" + \
+            ("" if isinstance(messages, list) else f", not a {type(messages).__name__}")
     return next((f"turn {i + 1}: {p}" for i, m in enumerate(messages) if (p := turn_problem(m))), None)
 
 

@@ -10,6 +10,7 @@ Four ways to turn a row into a training example:
 """
 from __future__ import annotations
 
+import functools
 import random
 import sys
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,12 @@ def chat_wrap(tok, text: str) -> str:
     if not getattr(tok, "chat_template", None):
         raise SoftpromptError("--chat: this model's tokenizer has no chat template")
     return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+@functools.lru_cache(maxsize=64)
+def template_columns(template: str) -> tuple[str, ...]:
+    """The columns a template fills (plain {name}s, as checked); once per template, as asked every row."""
+    return tuple(template_fields(template))
 
 
 ENCODE_CHUNK = 4096  # rows tokenised per call: batch speed, without holding every row's encodings at once
@@ -125,9 +132,15 @@ class Formatter:
     def fill(self, template: str, flag: str, row: dict, where: str) -> str:
         """`template` with `row`'s values; a value the template cannot format is the user's error."""
         try:
-            return template.format_map({k: "" if v is None else v for k, v in row.items()})
+            filled = template.format_map({k: "" if v is None else v for k, v in row.items()})
         except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
             raise SoftpromptError(f"{flag} {template!r} at {where}: {type(e).__name__}: {e}") from None
+        whole = next((c for c in template_columns(template) if isinstance(row.get(c), (list, dict))), None)
+        if whole is not None:  # it would train on the Python text of the list: "[{'role': ..."
+            hint = " (chat turns train with --messages-col and no --template)" if isinstance(row[whole], list) else ""
+            raise SoftpromptError(f"{flag} {template!r} at {where}: column '{whole}' holds a "
+                                  f"{type(row[whole]).__name__}, not text{hint}")
+        return filled
 
     def render_input(self, text: str) -> str:
         return chat_wrap(self.tok, text) if self.cfg.chat else text
@@ -146,7 +159,8 @@ class Formatter:
     def encode(self, row: dict, where: str = "") -> Example | None:
         self.check_columns(row, where)
         if self.task == "chat":
-            ex, cut = chat_example(self.tok, row[self.cfg.messages_col], self.cfg.max_length, where)
+            col = self.cfg.messages_col
+            ex, cut = chat_example(self.tok, row[col], self.cfg.max_length, f"{where}, column '{col}'")
             self.truncated += cut
             self.dropped += ex is None
             return ex

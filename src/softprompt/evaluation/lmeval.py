@@ -76,8 +76,12 @@ def run(args: argparse.Namespace) -> int:
     if args.log_samples and not args.output_path:
         raise SoftpromptError("--log_samples needs --output_path (where lm_eval writes the samples)")
     model_args = args.model_args
-    if args.apply_chat_template and "chat=" not in model_args:  # lm_eval renders the template: not twice
+    asked = dict(a.split("=", 1) for a in model_args.split(",") if "=" in a)
+    if args.apply_chat_template and "chat" not in asked:  # lm_eval renders the template: not twice
         model_args = ",".join(a for a in (model_args, "chat=False") if a)
+    elif args.apply_chat_template and asked["chat"].lower() in ("true", "yes", "1"):  # lmeval_model.SWITCH's
+        raise SoftpromptError("--apply_chat_template renders each context through the chat template, and "
+                              "--model_args chat=true would wrap that rendering again: give one of them")
     tracker = None
     if args.output_path:
         from lm_eval.loggers import EvaluationTracker
