@@ -61,8 +61,12 @@ def test_corrupt_and_missing_prompt_files(tmp_path):
     (d / "prompt.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(SoftpromptError, match="corrupt prompt file .*prompt.safetensors"):
         load_prompt(d)
-    with pytest.raises(SoftpromptError, match="missing prompt file"):
+    # A mistyped folder is said to be missing, not only its file
+    with pytest.raises(SoftpromptError, match=r"missing prompt file: .*nowhere/prompt.safetensors \(no folder "):
         load_prompt(tmp_path / "nowhere")
+    (d / "prompt.safetensors").unlink()
+    with pytest.raises(SoftpromptError, match=r"missing prompt file: .*p/prompt.safetensors$"):
+        load_prompt(d)
 
 
 def test_init_flag_choices_and_error_come_from_the_table(tiny):

@@ -65,7 +65,7 @@ def missing_prompt_error(folder: Path, weights: Path) -> SoftpromptError:
         resume = (f": `softprompt train --config {folder / RUN_RECORD} --resume --out {folder}` continues it"
                   if (folder / "checkpoint").is_dir() else "")
         return SoftpromptError(f"{folder} is a train run stopped before it saved a prompt{resume}")
-    return SoftpromptError(f"missing prompt file: {weights}")
+    return SoftpromptError(f"missing prompt file: {weights}" + ("" if folder.is_dir() else f" (no folder {folder})"))
 
 
 def peft_adapter_error(path: Path) -> SoftpromptError:
