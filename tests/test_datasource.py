@@ -132,6 +132,15 @@ def test_named_config_and_eval_split_of_a_dataset_repository(tmp_path, tok):
     with pytest.raises(SoftpromptError, match=r"^cannot read '.*mixed' \(split 'train'\) as one table of rows "
                                               r"\(CastError: .*\): do its files share their columns\?$"):
         load_splits(_cfg(str(mixed), eval_fraction=0), tok)
+    # A folder of files of two types: datasets read the commonest type's alone, without a word.
+    (mixed / "b.jsonl").unlink()
+    (mixed / "a.jsonl").write_text('{"sentence": "good", "label": 1}\n')
+    (mixed / "c.csv").write_text("sentence,label\nbad,0\n")
+    (mixed / "dataset_info.json").write_text("{}")  # datasets' metadata is no data file
+    with pytest.raises(SoftpromptError, match=r"folder .*mixed holds data files of several types \(a.jsonl, c.csv\)"):
+        check_source(str(mixed))
+    (mixed / "c.csv").unlink()
+    assert len(load_splits(_cfg(str(mixed), eval_fraction=0), tok)[1]) == 1
 
 
 @pytest.mark.parametrize("kw,msg", [

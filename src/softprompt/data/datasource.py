@@ -19,6 +19,7 @@ from ..core.utils import SoftpromptError, missing_file, warn
 
 LOCAL_EXTS = {".csv", ".tsv", ".json", ".jsonl"}
 ARROW_EXTS = {".parquet", ".arrow"}
+DATASET_METADATA = {"dataset_info.json", "dataset_infos.json", "state.json"}  # datasets' own, not rows
 
 
 def split_spec(spec: str, config: str = "") -> tuple[str, str]:
@@ -173,6 +174,8 @@ def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
     files = [f.strip() for f in data_files.split(",") if f.strip()] or None
     what = f"{name!r} (" + (f"config {config!r}, " if config else "") + f"split {split!r})"
     local = name in FILE_BUILDERS or Path(name).is_dir()
+    if Path(name).is_dir() and not files:
+        check_one_kind(Path(name))
     try:
         ds = datasets.load_dataset(name, config or None, data_files=files, split=split)
     except datasets.exceptions.DatasetBuildError as e:  # files read but not made one table (columns differ...)
@@ -195,6 +198,26 @@ def read_hub(spec: str, split: str, config: str = "", data_files: str = ""):
     if local:
         check_utf8(ds, what)
     return ds
+
+
+def check_one_kind(folder: Path) -> None:
+    """datasets reads the files of a folder's commonest type and skips the others without a word (a
+    folder of a.csv and b.jsonl gave a.csv's rows alone): a folder of data files of several types is
+    refused, naming one of each."""
+    card = folder / "README.md"
+    if card.is_file() and "configs:" in card.read_text(errors="replace"):  # its card names the files to read
+        return
+    kinds: dict[str, str] = {}
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        ext = ".json" if f.suffix.lower() == ".jsonl" else f.suffix.lower()  # one builder reads both
+        if f.is_file() and ext in LOCAL_EXTS | ARROW_EXTS | {".txt"} and not rel.parts[0].startswith(".") \
+                and f.name not in DATASET_METADATA:
+            kinds.setdefault(ext, str(rel))
+    if len(kinds) > 1:
+        raise SoftpromptError(f"the folder {folder} holds data files of several types ({', '.join(kinds.values())}), "
+                              "and only those of one type would be read: give one file, or --data-files naming files of "
+                              "one type")
 
 
 def check_utf8(ds, what: str) -> None:
