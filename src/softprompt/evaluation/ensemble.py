@@ -22,11 +22,11 @@ from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
 from ..core.prompt_protocol import forward_input
 from ..core.utils import SoftpromptError
-from ..data.batching import Example, pad_id
+from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
-from ..forward.classify import label_scores, row_candidates
+from ..forward.classify import row_candidates
 from ..prompts.prompt import load_prompt
-from .evaluate import longest_row
+from .evaluate import example_scores, longest_row
 
 MAX_ROWS = 64  # rows per forward pass (measured: 64 scored 200 SST-2 rows ~10% faster than eval's 16)
 
@@ -36,9 +36,8 @@ def ensemble_scores(model, prompts: list, fmt: Formatter, examples: list[Example
     """Log-probability [K, N, C] of every label word after every example under every prompt (each a
     [P, H] soft prompt or a prefix Prompt), each prompt in batches of its own."""
     cands = row_candidates(fmt, examples)
-    pad = pad_id(fmt.tok)
-    return torch.stack([label_scores(model, [(p, e.ids[:e.loss_start]) for e in examples], cands, pad, MAX_ROWS,
-                                     progress=progress) for p in prompts])
+    return torch.stack([example_scores(model, fmt.tok, p, fmt, examples, MAX_ROWS, progress=progress, cands=cands)
+                        for p in prompts])
 
 
 def combine(scores: torch.Tensor) -> dict[str, torch.Tensor]:

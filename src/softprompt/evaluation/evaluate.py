@@ -29,10 +29,11 @@ from ..prompts.recorded import data_config, prompt_given, read_meta, recorded_se
 
 
 def prompt_input(prompt):
-    """What the scorers take: a Prompt's forward input (prompt_protocol.forward_input), or what a
-    callable returning the [P, H] embeddings gives (a data-parallel wrapper), or None."""
-    if prompt is None:
-        return None
+    """What the scorers take: a Prompt's forward input (prompt_protocol.forward_input), a [P, H]
+    tensor as it is, or what a callable returning the [P, H] embeddings gives (a data-parallel
+    wrapper), or None."""
+    if prompt is None or isinstance(prompt, torch.Tensor):
+        return prompt
     return forward_input(prompt) if is_prompt(prompt) else prompt()
 
 
