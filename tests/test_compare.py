@@ -257,9 +257,12 @@ def test_compare_help_says_the_dtype_its_rows_run_in():
 
 def _chat_rows(n: int) -> list[dict]:
     capitals = [("France", "Paris"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Spain", "Madrid"), ("Italy", "Rome")]
-    return [{"messages": [{"role": "system", "content": "Answer like a pirate."},
-                          {"role": "user", "content": f"Capital of {c}?"}, {"role": "assistant", "content": f"Arr, {a}."},
-                          {"role": "user", "content": "And its country?"}, {"role": "assistant", "content": f"Arr, {c}."}]}
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    return [{"messages": [turn("system", "Answer like a pirate."), turn("user", f"Capital of {c}?"),
+                          turn("assistant", f"Arr, {a}."), turn("user", "And its country?"),
+                          turn("assistant", f"Arr, {c}.")]}
             for c, a in (capitals * n)[:n]]
 
 

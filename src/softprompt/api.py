@@ -242,7 +242,8 @@ def generate(texts: str | dict[str, Any] | list[str | dict[str, Any]] = (), prom
     if messages is not None and not isinstance(messages, list):
         raise TypeError("generate(): messages must be a list of conversations, each a list of {'role': str, "
                         "'content': str}")
-    problem = next((f"messages[{i}]: {p}" for i, c in enumerate(messages or []) if (p := conversation_problem(c))), None)
+    problem = next((f"messages[{i}]: {p}" for i, c in enumerate(messages or []) if (p := conversation_problem(c))),
+                   None)
     if problem:
         raise TypeError(f"generate(): messages must be a list of conversations, each a list of {{'role': str, "
                         f"'content': str}}; {problem}")

@@ -76,6 +76,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 
 
 def render(tok, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    """Checked turns through the tokenizer's chat template; what it refuses is one error line."""
     if not getattr(tok, "chat_template", None):
         raise SoftpromptError("this model's tokenizer has no chat template, which messages need")
     try:

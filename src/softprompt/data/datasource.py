@@ -216,8 +216,8 @@ def check_one_kind(folder: Path) -> None:
             kinds.setdefault(ext, str(rel))
     if len(kinds) > 1:
         raise SoftpromptError(f"the folder {folder} holds data files of several types ({', '.join(kinds.values())}), "
-                              "and only those of one type would be read: give one file, or --data-files naming files of "
-                              "one type")
+                              "and only those of one type would be read: give one file, or --data-files naming "
+                              "files of one type")
 
 
 def check_utf8(ds, what: str) -> None:

@@ -102,7 +102,8 @@ def engineered(fmt: Formatter, tok, instruction: str, shots: list[Example],
     and its length in tokens."""
     if fmt.task != "chat":
         context = build_context(instruction, [shot_text(fmt, tok, e) for e in shots])
-        return context, [with_context(fmt, e, context) for e in rows], len(tok(context, add_special_tokens=False).input_ids)
+        size = len(tok(context, add_special_tokens=False).input_ids)
+        return context, [with_context(fmt, e, context) for e in rows], size
     turns = chat_context(instruction, shots)
     saved = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in turns)
     size = len(tok(render(tok, turns), add_special_tokens=False).input_ids) if turns else 0
