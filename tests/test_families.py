@@ -155,3 +155,35 @@ def test_multi_token_label_scores_equal_one_forward_per_candidate(family_dirs, n
     for i, r in enumerate(ref):
         assert got[i, :len(r)].tolist() == pytest.approx(r, abs=1e-4, rel=1e-5), (i, got[i].tolist(), r)
         assert len(r) == 3 or got[i, 2] == -torch.inf
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_left_padded_row_reads_as_it_does_alone(family_dirs, name):
+    """Hunt 16: SoftPromptModel.forward (the Trainer path) on a left-padded batch numbered positions by
+    index, so the pads between the prompt and a row's text moved the text away from the prompt, and a
+    row's logits and loss changed with its batch (by 3.0 on the built-in model). Every family, soft
+    prompt and prefix: a left-padded row's logits and loss are its own alone."""
+    from softprompt.model import SoftPromptModel
+    from softprompt.prompts.prefix import PrefixPrompt, prefix_meta, prompt_key_values
+    from softprompt.prompts.prompt import SoftPrompt
+
+    model, tok = _load(family_dirs, name)
+    torch.manual_seed(3)
+    soft = torch.randn(P, model.config.hidden_size) * 0.2
+    rows = [tok(t).input_ids for t in (TEXTS[0], TEXTS[2])]
+    T = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    right_ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    right_mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    real = mask[1].bool()
+    assert not real.all()  # the premise: row 1 is left-padded
+    for prompt in (SoftPrompt(soft), PrefixPrompt(prompt_key_values(model, soft), prefix_meta(model))):
+        sp = SoftPromptModel(model, prompt, tokenizer=tok)
+        with torch.no_grad():
+            both = sp(input_ids=ids, attention_mask=mask, labels=ids, return_logits=True)
+            alone = sp(input_ids=ids[1:, real], labels=ids[1:, real], return_logits=True)
+            right = sp(input_ids=right_ids, attention_mask=right_mask, labels=right_ids)
+        assert torch.allclose(both.logits[1, real], alone.logits[0], atol=1e-4, rtol=1e-4), \
+            (type(prompt).__name__, (both.logits[1, real] - alone.logits[0]).abs().max())
+        assert float(both.loss) == pytest.approx(float(right.loss), rel=1e-5)  # as the batch right-padded

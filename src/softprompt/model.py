@@ -42,6 +42,18 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(builtin_model_dir() if name == BUILTIN_MODEL else name)
 
 
+def real_tokens_first(mask: torch.Tensor) -> torch.Tensor | None:
+    """Per row, the token order [B, T] that puts its real tokens first (in their order), where some row
+    is padded otherwise (left padding, common for decoders); None where every row is right-padded.
+    The prompt goes right before a row's first real token: left pads between them were positions
+    (transformers numbers by index; a sliding window counts them), and a row's logits changed with
+    its batch."""
+    pad = (mask == 0).to(torch.int8)
+    if not bool((pad[:, 1:] < pad[:, :-1]).any()):  # no real token after a pad
+        return None
+    return pad.argsort(dim=1, stable=True)
+
+
 class SoftPromptModel(nn.Module):
     """A frozen causal LM (`base_model`) and named soft prompts, one of them active."""
 
@@ -220,6 +232,10 @@ class SoftPromptModel(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+        order = real_tokens_first(mask)  # [B, T], or None: every row is right-padded already
+        if order is not None:
+            input_ids, mask = input_ids.gather(1, order), mask.gather(1, order)
+            labels = None if labels is None else labels.to(order.device).gather(1, order)
         p = forward_input(self.prompt)  # [P, H] with its gradient, or a prefix itself (its keys and values)
         path = self.forward_path
         if p is not None:  # checkpointed layers drop the cache that carries a soft prompt's keys: concat then
@@ -235,6 +251,8 @@ class SoftPromptModel(nn.Module):
         if labels is None or return_logits:
             h, _ = text_hidden(self.base_model, p, input_ids, mask, path)  # [B, T, H]
             out_logits = vocab_logits(self.base_model, h)
+            if order is not None:  # back where the caller's tokens are
+                out_logits = out_logits.gather(1, order.argsort(1)[..., None].expand_as(out_logits))
         return CausalLMOutput(loss=loss, logits=out_logits)
 
     @torch.no_grad()
