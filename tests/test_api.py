@@ -463,6 +463,32 @@ def test_from_pretrained_reads_a_peft_adapter_folder(llama_dir, tmp_path):
         softprompt.SoftPromptModel.from_pretrained(model, tmp_path / "nothing")
 
 
+def test_a_peft_wrapped_base_is_refused_where_a_model_is_handed_in(llama_dir, tmp_path):
+    """Hunt 16: a peft.PeftModel (LoRA or prompt tuning) as the base was taken, then failed deep in the
+    forward pass (AttributeError: 'CausalLMOutputWithPast' object has no attribute 'last_hidden_state')."""
+    import peft
+
+    model, tok = load_model(str(llama_dir))
+    sp = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok, seed=6)
+    sp.save_pretrained(tmp_path / "p")
+    lora = peft.get_peft_model(load_model(str(llama_dir))[0], peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "Country: Chile"}\n' * 4)
+    refused = "model is a PEFT model .*: pass its base model, peft_model.get_base_model"
+    with pytest.raises(TypeError, match=refused):
+        softprompt.SoftPromptModel.from_pretrained(lora, tmp_path / "p", tokenizer=tok)
+    with pytest.raises(TypeError, match=refused):
+        softprompt.get_peft_model(lora, softprompt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(TypeError, match=refused):
+        softprompt.evaluate(tmp_path / "p", model=lora, tokenizer=tok, data=str(rows), text_col="text")
+    with pytest.raises(TypeError, match=refused):
+        softprompt.train(model=lora, tokenizer=tok, data=str(rows), text_col="text", out=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    # Its base is a model as any other
+    sp = softprompt.SoftPromptModel.from_pretrained(lora.get_base_model(), tmp_path / "p", tokenizer=tok)
+    assert sp(input_ids=tok(["Country: Chile"], return_tensors="pt").input_ids).logits.isfinite().all()
+
+
 def test_a_prefix_folder_works_through_softprompt_model(model_dir, tmp_path):
     """A prompt `train --method prefix` writes, held by SoftPromptModel: its loss is `softprompt eval`'s,
     its tokens `softprompt generate`'s, and save_pretrained writes what PEFT reads back as PrefixTuning

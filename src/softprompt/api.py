@@ -149,6 +149,9 @@ def model_and_tokenizer(model: Any, tokenizer: Any, kwargs: dict[str, Any], prom
                         "(or give model= as a name)")
     # A SoftPromptModel's frozen base (an HF model's own `base_model` is its decoder without the head).
     base = model.get_base_model() if hasattr(model, "prompts") and hasattr(model, "get_base_model") else model
+    from .base.models import check_loaded_base
+
+    check_loaded_base(base)
     kwargs["model"] = str(getattr(base, "name_or_path", "") or "model")
     # Recorded as loaded, so that `train --config RUN/run_config.json` loads the base so too (auto may
     # choose another dtype, as compare's rows found).

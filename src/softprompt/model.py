@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from .base.models import check_loaded_base
 from .base.training_setup import prepare_for_training
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig, model_name
 from .core.prompt_protocol import Prompt, forward_input
@@ -67,6 +68,7 @@ class SoftPromptModel(nn.Module):
         from .api import python_errors
 
         super().__init__()
+        check_loaded_base(base_model)
         self.base_model = base_model
         base_model.requires_grad_(False)
         with python_errors():  # as train prepares its base: attention, linear kernel, MLP

@@ -209,6 +209,15 @@ def cpu_has_native_half(dtype: torch.dtype, cpuinfo: str | None = None) -> bool:
     return any(f in flags for f in HALF_CPU_FLAGS[dtype] + arm)
 
 
+def check_loaded_base(model) -> None:
+    """A model handed in from Python is a plain causal LM: a PEFT-wrapped one (a PeftModel, a LoRA
+    model) failed deep in the forward pass, where its `base_model` is not the decoder stack; and a
+    PEFT prompt under ours would stack two prompts without a word."""
+    if type(model).__module__.split(".")[0] == "peft":
+        raise TypeError(f"model is a PEFT model ({type(model).__name__}): pass its base model, "
+                        "peft_model.get_base_model() (or, for LoRA, peft_model.merge_and_unload() to keep its change)")
+
+
 def load_model(cfg: ModelConfig | str, cpu_bf16: bool = False):
     """Return (model, tokenizer): frozen, eval mode, on the configured device, with a pad token.
     `cpu_bf16`: the base stays frozen under a method `auto` may train in bf16 on a CPU
