@@ -622,3 +622,20 @@ def test_a_loaded_model_s_run_replays_from_its_record_in_its_dtype(llama_dir, tm
     with pytest.raises(ValueError, match=r"max_steps=4 \(was 3\); resume it with its own settings "
                                          r"\(`softprompt train --config .* --resume --out .*`\) or start a new out"):
         softprompt.train(model=model, tokenizer=tok, out=str(tmp_path / "api"), resume=True, **{**args, "max_steps": 4})
+
+
+def test_help_and_signature_of_the_callable_commands_are_the_api_functions():
+    """Hunt 17: help(softprompt.train) printed the module's inner train(mcfg, dcfg, pcfg, tcfg, ...) and
+    inspect.signature gave (*args, **kwargs); the API's docstrings said a soft prompt trains by default."""
+    import inspect
+    import pydoc
+
+    from softprompt import api
+
+    for name in ("train", "evaluate", "generate"):
+        fn = getattr(softprompt, name)
+        assert inspect.signature(fn) == inspect.signature(getattr(api, name))
+        shown = " ".join(pydoc.render_doc(fn, renderer=pydoc.plaintext).split())
+        assert f"softprompt.{name}(" in shown and " ".join(getattr(api, name).__doc__.split()) in shown
+    assert "a prefix by default" in api.train.__doc__ and "frequency_penalty=" in api.generate.__doc__
+    assert callable(softprompt.train.setup)  # still the command's module

@@ -54,11 +54,21 @@ _CALLABLE = ("train", "evaluate", "generate")  # command modules, callable as th
 
 
 class _CallableModule(types.ModuleType):
-    """softprompt.train & co.: still the command's module (its functions, monkeypatching), callable as the API."""
+    """softprompt.train & co.: still the command's module (its functions, monkeypatching), callable as
+    the API; inspect.signature and help() show the API function's (help printed the module's inner
+    train(mcfg, dcfg, pcfg, tcfg), and the signature was (*args, **kwargs))."""
+
+    def api_function(self) -> Any:
+        return getattr(importlib.import_module("softprompt.api"), self.__name__.rpartition(".")[2])
+
+    @property
+    def __signature__(self) -> Any:
+        import inspect
+
+        return inspect.signature(self.api_function())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        api = importlib.import_module("softprompt.api")
-        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
+        return self.api_function()(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
@@ -69,8 +79,14 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
     module = importlib.import_module(_LAZY[name])
     if name in _CALLABLE:  # the command module itself, callable as the API function of its name
+        import inspect
+
         if type(module) is types.ModuleType:
             module.__class__ = _CallableModule
+            # help(softprompt.train) shows the module: the function's words first
+            api = module.api_function()
+            module.__doc__ = f"softprompt.{name}{module.__signature__}\n\n{inspect.cleandoc(api.__doc__ or '')}" \
+                             f"\n\n{module.__doc__ or ''}"
         value = module
     else:
         value = getattr(module, name)

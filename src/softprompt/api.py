@@ -179,8 +179,10 @@ def warn_unlike_record(base: Any) -> None:
 
 
 def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
-    """Train a soft prompt into `out=` and return the run summary. Keywords: the `train` command's
-    flags (data=, template=, target=, labels=, virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
+    """Train a prompt into `out=` and return the run summary: a prefix by default (method='auto'),
+    a soft prompt with method='prompt'. `model` is a name or folder, or a loaded model with its
+    `tokenizer`. Keywords: the `train` command's flags (data=, template=, target=, labels=, method=,
+    virtual_tokens=, init=, lr=, max_steps=, out=, ...)."""
     from .flags import check_data
     from .training.train import train as run_train
 
@@ -195,8 +197,9 @@ def train(*, model: Any = "smollm2-135m-instruct", tokenizer: Any = None, **kwar
 def evaluate(prompt: Any = None, *, model: Any = None, tokenizer: Any = None,
              batch_size: int = 16, **kwargs: Any) -> dict[str, Any]:
     """Held-out loss, perplexity (and accuracy with labels=) of `prompt` (a folder, `hf://REPO`, or
-    None for the untuned model) on every row of `data=`, on `model` (default: the base the prompt was
-    trained on; the built-in without a prompt). Keywords: the `eval` command's flags."""
+    None for the untuned model) on every row of `data=` (the first `limit=` rows), on `model`
+    (default: the base the prompt was trained on; the built-in without a prompt). Keywords: the
+    `eval` command's flags."""
     from .evaluation.evaluate import eval_prompt
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):
@@ -232,7 +235,7 @@ def generate(texts: str | dict[str, Any] | list[str | dict[str, Any]] = (), prom
     several, `system` goes before each input through the chat template, and `messages` (conversations
     of {"role", "content"}) replace the texts. `model` is, by default, the base the prompt was trained
     on (the built-in without a prompt). Keywords: max_new_tokens=, sample=, temperature=, top_p=,
-    repetition_penalty=, seed=."""
+    repetition_penalty=, presence_penalty=, frequency_penalty=, seed=."""
     from .data.chat import conversation_problem
     from .generation.generate import generate_cmd
 
@@ -269,9 +272,10 @@ def generate(texts: str | dict[str, Any] | list[str | dict[str, Any]] = (), prom
 
 
 def load_prompt(path: str | Path, model: Any = None):
-    """A prompt (prompt.SoftPrompt: `.embeds` [P, H], `.meta`) from a softprompt folder, a
-    .safetensors file, `hf://REPO_ID[@REV]` or a PEFT prompt-tuning adapter folder; checked against
-    `model` when given."""
+    """A prompt from a softprompt folder, a .safetensors file, `hf://REPO_ID[@REV]` or a PEFT prompt
+    adapter folder (prompt tuning, prefix tuning, P-tuning), checked against `model` when given: a
+    soft prompt (prompt.SoftPrompt: `.embeds` [P, H], `.meta`), or a prefix (prefix.PrefixPrompt:
+    `.key_values()` [L, 2, kv heads, P, head dim], `.meta`), what `train` writes by default."""
     import tempfile
 
     from .prompts.peft_io import ADAPTER_CONFIG, import_peft
