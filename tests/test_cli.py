@@ -1,5 +1,6 @@
 """The command line: --help of every command, the full train/eval/generate/PEFT cycle on a tiny
 model, and one clear error line with a non-zero exit for bad input."""
+import argparse
 import json
 import subprocess
 import sys
@@ -21,6 +22,9 @@ def test_help_of_every_command(cmd, capsys):
     for action in build_parser()._subparsers._group_actions[0].choices[cmd]._actions:
         if action.option_strings and action.help is None:
             pytest.fail(f"{cmd} {action.option_strings} has no help text")
+        # Hunt 17: --keep-best and --eval-untuned did not say they are on unless turned off
+        if isinstance(action, argparse.BooleanOptionalAction) and action.default is True:
+            assert "on by default" in action.help, (cmd, action.option_strings)
 
 
 def test_console_script_help():

@@ -624,7 +624,7 @@ def add_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] =
         helptext = f.metadata.get("help", "") + (f" (default: {f.default!r})" if f.default != "" else "")
         if typ is bool:
             group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f.metadata.get("help", ""))
+                               help=f.metadata.get("help", "") + (" (on by default)" if f.default is True else ""))
         else:
             group.add_argument(name, dest=f.name, type=typ, default=f.default, help=helptext,
                                choices=f.metadata.get("choices"))
