@@ -363,6 +363,35 @@ def test_trainer_trains_the_prompt_softprompt_train_trains(llama_dir, tmp_path):
     assert (ours - start).abs().max() > 1e-3  # both moved the prompt, the same way
 
 
+def test_the_trainer_s_evaluation_gets_logits_and_the_loss_of_one_pass(llama_dir, tmp_path):
+    """Hunt 16: forward returned logits=None whenever labels came, so the Trainer's compute_metrics and
+    predict() got an empty tuple where PEFT gives [N, T, V]. In eval mode both come from one pass."""
+    from transformers import Trainer, TrainingArguments
+
+    model, tok = load_model(str(llama_dir))
+    batch, rows = _batch(tok, _data(tmp_path, 6), **IO)
+    pm = softprompt.get_softprompt_model(model, virtual_tokens=4, init="random", tokenizer=tok, seed=2)
+    with torch.no_grad():
+        fast = pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
+        assert fast.logits is None  # training mode: the labelled positions alone
+        pm.eval()
+        both = pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
+    assert both.logits.shape == (*batch.input_ids.shape, model.config.vocab_size)
+    assert float(both.loss) == pytest.approx(float(fast.loss), rel=1e-5)
+    feats = [{"input_ids": i, "attention_mask": m, "labels": l}
+             for i, m, l in zip(batch.input_ids, batch.attention_mask, batch.targets)]
+    stack = lambda fs: {k: torch.stack([f[k] for f in fs]) for k in fs[0]}
+    seen = []
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_eval_batch_size=len(rows), report_to=[],
+                             use_cpu=True)
+    trainer = Trainer(model=pm, args=args, eval_dataset=feats, data_collator=stack,
+                      compute_metrics=lambda p: seen.append(p.predictions.shape) or {"n": len(p.predictions)})
+    metrics = trainer.evaluate()
+    assert seen == [(len(rows), batch.input_ids.shape[1], model.config.vocab_size)] and metrics["eval_n"] == len(rows)
+    assert metrics["eval_loss"] == pytest.approx(float(both.loss), rel=1e-4)
+    assert trainer.predict(feats).predictions.shape == seen[0]
+
+
 def test_trainer_with_gradient_checkpointing_trains_the_same_prompt(model_dir, tmp_path, capsys):
     """BLOOM (its prompt keys shared through a cache, which checkpointed layers drop: concat instead)
     and Llama (packed); the prompt after 2 steps equals the one trained without checkpointing."""

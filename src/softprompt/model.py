@@ -26,7 +26,7 @@ from .base.training_setup import prepare_for_training
 from .core.config import BUILTIN_MODEL, GenerateConfig, PromptConfig, model_name
 from .core.prompt_protocol import Prompt, forward_input
 from .data.batching import Batch
-from .forward.hidden import batch_loss, logits as vocab_logits, text_hidden
+from .forward.hidden import batch_loss, logits as vocab_logits, predictor_states, text_hidden, token_losses
 from .forward.paths import choose_path
 from .prompts.prefix import init_prefix, without_projection
 from .prompts.prompt import check_fits, init_prompt, save_prompt
@@ -226,8 +226,9 @@ class SoftPromptModel(nn.Module):
         predicts token t+1); with a prompt, token 0 is predicted too (by the last virtual token).
         `loss` (with `labels` [B, T], -100 = ignore): mean cross-entropy of every label token, token
         0 included, as PEFT's prompt tuning computes it; labels under attention_mask 0 are ignored.
-        With labels the logits are computed only at the labelled positions and not returned
-        (`return_logits=True` returns them too, at the cost of a second pass)."""
+        With labels in training mode the logits are computed only at the labelled positions and not
+        returned (`return_logits=True` returns them too); in eval mode (the Trainer's evaluation and
+        predict) they are returned with the loss, from the same pass (`return_logits=False`: not)."""
         unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ("return_dict", "use_cache"))
         if unused:
             raise TypeError(f"SoftPromptModel.forward() does not take {unused[0]}")
@@ -244,17 +245,21 @@ class SoftPromptModel(nn.Module):
             path = choose_path(self.base_model, path, rows=mask, checkpointing=self.is_gradient_checkpointing,
                                deep=p is self.prompt).path
         loss = out_logits = None
-        if labels is not None:
-            targets = labels.to(input_ids.device).masked_fill(mask == 0, -100)
-            zeros = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-            batch = Batch(input_ids, mask, targets, zeros - 1, zeros)
-            total, n = batch_loss(self.base_model, p, batch, path)
-            loss = total / max(n, 1)
-        if labels is None or return_logits:
-            h, _ = text_hidden(self.base_model, p, input_ids, mask, path)  # [B, T, H]
+        targets = None if labels is None else labels.to(input_ids.device).masked_fill(mask == 0, -100)
+        # In eval mode the logits come with the loss, as HF's models give them: the Trainer's
+        # compute_metrics and predict() got an empty tuple (training keeps the labelled-only logits).
+        if labels is None or (not self.training if return_logits is None else return_logits):
+            h, last = text_hidden(self.base_model, p, input_ids, mask, path)  # [B, T, H], one pass for both
             out_logits = vocab_logits(self.base_model, h)
             if order is not None:  # back where the caller's tokens are
                 out_logits = out_logits.gather(1, order.argsort(1)[..., None].expand_as(out_logits))
+            if targets is not None:
+                states, y, _ = predictor_states(h, last, targets)
+                loss = token_losses(self.base_model, states, y).sum() / max(y.numel(), 1)
+        else:
+            zeros = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            total, n = batch_loss(self.base_model, p, Batch(input_ids, mask, targets, zeros - 1, zeros), path)
+            loss = total / max(n, 1)
         return CausalLMOutput(loss=loss, logits=out_logits)
 
     @torch.no_grad()

@@ -259,15 +259,21 @@ def supervised(model, prompt, batch, path: str = "auto"):
     keep = needed_inputs(batch.targets, batch.attention_mask)  # [B, T'], T' < T
     T = keep.shape[1]
     h, last = text_hidden(model, prompt, batch.input_ids[:, :T], keep.long(), path)
+    return predictor_states(h, last, batch.targets)
+
+
+def predictor_states(h: torch.Tensor, last: torch.Tensor | None, targets: torch.Tensor):
+    """Predictor states [N, H], targets [N] and row index [N] of every supervised token, from the
+    text's states h [B, T', H] and the prompt's last state ([1 or B, H]; None: nothing predicts token 0)."""
     # States for tokens 0..T' (the last one predicted by the last kept input).
     first = last.expand(h.shape[0], -1)[:, None] if last is not None else h.new_zeros(h.shape[0], 1, h.shape[2])
     # [B, T'+1, H]; T' keeps at least one column, so rows of one token would give one state too many
-    states = torch.cat([first, h], dim=1)[:, :batch.targets.shape[1]]
-    sel = batch.targets[:, :states.shape[1]] != -100
+    states = torch.cat([first, h], dim=1)[:, :targets.shape[1]]
+    sel = targets[:, :states.shape[1]] != -100
     if last is None:
         sel[:, 0] = False  # nothing predicts the first token without a prompt
     rows = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
-    return states[sel], batch.targets[:, :states.shape[1]][sel], rows
+    return states[sel], targets[:, :states.shape[1]][sel], rows
 
 
 def batch_loss(model, prompt, batch, path: str = "auto", class_ids: torch.Tensor | None = None):
