@@ -35,6 +35,9 @@ ap.add_argument("--data", default=str(DATA))
 ap.add_argument("--out", default="runs/classic_prompt", help="where the adapter is saved")
 ap.add_argument("--json", default="", help="also write the results to this file")
 args = ap.parse_args()
+if not Path(args.data).is_file():  # before the model loads
+    ap.error(f"--data {args.data}: no such file (awesome-chatgpt-prompts' prompts.csv, from "
+             "https://huggingface.co/datasets/fka/awesome-chatgpt-prompts)")
 torch.manual_seed(0)
 
 model_name_or_path = str(builtin_model_dir())  # the built-in model's cached folder

@@ -392,6 +392,38 @@ def test_the_trainer_s_evaluation_gets_logits_and_the_loss_of_one_pass(llama_dir
     assert trainer.predict(feats).predictions.shape == seen[0]
 
 
+def test_trainer_checkpoints_hold_the_prompt_with_the_callback(llama_dir, tmp_path, capsys):
+    """Hunt 16: a Trainer checkpoint of a SoftPromptModel held model.safetensors alone (the Trainer saves a
+    model that is not a PreTrainedModel as its state dict), which no command nor PEFT read, and the
+    commands said "missing prompt file". With SavePromptCallback each checkpoint is a prompt folder."""
+    import peft
+    from transformers import Trainer, TrainingArguments
+
+    from softprompt.cli import main
+
+    model, tok = load_model(str(llama_dir))
+    data = _data(tmp_path, 6)
+    batch, rows = _batch(tok, data, **IO)
+    feats = [{"input_ids": i, "attention_mask": m, "labels": l}
+             for i, m, l in zip(batch.input_ids, batch.attention_mask, batch.targets)]
+    stack = lambda fs: {k: torch.stack([f[k] for f in fs]) for k in fs[0]}
+    for name, callbacks in (("plain", []), ("saved", [softprompt.SavePromptCallback()])):
+        pm = softprompt.get_softprompt_model(model, virtual_tokens=3, init="random", tokenizer=tok, seed=1)
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=2, save_steps=2, report_to=[],
+                                 per_device_train_batch_size=len(feats), use_cpu=True, learning_rate=1e-2)
+        Trainer(model=pm, args=args, train_dataset=feats, data_collator=stack, callbacks=callbacks).train()
+    ckpt = tmp_path / "plain" / "checkpoint-2"
+    assert main(["eval", "--prompt", str(ckpt), "--data", str(data), "--template", IO["template"]]) == 2
+    assert "is a transformers Trainer checkpoint" in capsys.readouterr().err
+    ckpt = tmp_path / "saved" / "checkpoint-2"
+    assert torch.equal(softprompt.load_prompt(ckpt).embeds, pm.prompt.embeds.detach())
+    assert main(["eval", "--prompt", str(ckpt), "--data", str(data), "--template", IO["template"], "--target",
+                 IO["target"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] > 0
+    theirs = peft.PeftModel.from_pretrained(load_model(str(llama_dir))[0], str(ckpt))
+    assert torch.equal(theirs.prompt_encoder["default"].embedding.weight.detach(), pm.prompt.embeds.detach())
+
+
 def test_trainer_with_gradient_checkpointing_trains_the_same_prompt(model_dir, tmp_path, capsys):
     """BLOOM (its prompt keys shared through a cache, which checkpointed layers drop: concat instead)
     and Llama (packed); the prompt after 2 steps equals the one trained without checkpointing."""

@@ -144,6 +144,21 @@ def test_peft_trained_prompt_imports_with_same_logits(model_dir, tmp_path):
     assert again.meta["init"] == prompt.meta["init"] == "peft"
 
 
+def test_a_peft_adapter_s_init_survives_import_and_export(llama_dir, tmp_path):
+    """Hunt 16: a PEFT TEXT-initialised adapter, imported and exported again, said RANDOM and no text."""
+    from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+
+    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                             prompt_tuning_init_text="Country facts", tokenizer_name_or_path=str(llama_dir))
+    get_peft_model(_base(llama_dir), cfg).save_pretrained(tmp_path / "peft")
+    back = export_peft(import_peft(tmp_path / "peft", tmp_path / "ours", model_name=str(llama_dir)), tmp_path / "again")
+    said = json.loads((back / "adapter_config.json").read_text())
+    assert (said["prompt_tuning_init"], said["prompt_tuning_init_text"]) == ("TEXT", "Country facts")
+    again = PeftModel.from_pretrained(_base(llama_dir), str(back))  # PEFT reads what it said
+    assert torch.equal(again.prompt_encoder["default"].embedding.weight,
+                       load_file(str(tmp_path / "peft" / ADAPTER_WEIGHTS))[TENSOR_NAME])
+
+
 def test_roundtrip_of_a_softprompt_prompt_is_bit_exact(tmp_path, llama_dir):
     torch.manual_seed(4)
     prompt = SoftPrompt(torch.randn(7, 32) * 0.05, {"init": "text", "init_text": "Country facts"})

@@ -46,7 +46,7 @@ _LAZY = {
     "PromptTuningConfig": "softprompt.peft_compat", "PrefixTuningConfig": "softprompt.peft_compat",
     "PromptTuningInit": "softprompt.peft_compat",
     "TaskType": "softprompt.peft_compat", "get_peft_model": "softprompt.peft_compat",
-    "PeftModel": "softprompt.peft_compat",
+    "PeftModel": "softprompt.peft_compat", "SavePromptCallback": "softprompt.trainer_callback",
     "SoftpromptError": "softprompt.core.utils", "SoftpromptWarning": "softprompt.core.utils",
 }
 __all__ = ["__version__", *_LAZY]

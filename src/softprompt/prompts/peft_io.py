@@ -103,6 +103,8 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
                               "PEFT prompt tuning")
     meta = prompt.meta
     init = meta.get("init", "random")
+    said = meta.get("peft_init")  # an imported PEFT adapter's own init, kept through the round trip
+    text = init == "text" or said == "TEXT"
     cfg = {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
@@ -111,9 +113,9 @@ def export_peft(prompt_dir: str | Path, out: str | Path, base_model: str | None 
         "token_dim": prompt.hidden_size,
         "num_transformer_submodules": 1,
         **geometry,
-        "prompt_tuning_init": peft_init(init),
-        "prompt_tuning_init_text": meta.get("init_text") if init == "text" else None,
-        "tokenizer_name_or_path": model if init == "text" else None,
+        "prompt_tuning_init": said if isinstance(said, str) else peft_init(init),
+        "prompt_tuning_init_text": meta.get("init_text") if text else None,
+        "tokenizer_name_or_path": model if text else None,
         "tokenizer_kwargs": None,
         "inference_mode": True,
         "revision": None,
@@ -154,7 +156,9 @@ def import_peft(peft_dir: str | Path, out: str | Path, model_name: str | None = 
                                   "read; re-save the adapter with safe_serialization=True")
         raise SoftpromptError(f"missing adapter file: {weights}")
     ours = peft_dir / OURS
-    meta = read_json(ours) if ours.is_file() else {"init": "peft"}
+    # PEFT's own adapter: its init said as PEFT said it, so that export-peft writes it back (TEXT came back RANDOM)
+    said = {"peft_init": cfg.get("prompt_tuning_init"), "init_text": cfg.get("prompt_tuning_init_text")}
+    meta = read_json(ours) if ours.is_file() else {"init": "peft", **{k: v for k, v in said.items() if v}}
     if not isinstance(meta, dict):
         raise SoftpromptError(f"{ours} must hold a JSON object, got {type(meta).__name__}")
     model = local_path(model_name or imported_base(cfg, meta))  # a folder named from here: from any folder

@@ -61,6 +61,11 @@ def missing_prompt_error(folder: Path, weights: Path) -> SoftpromptError:
         # The command quoted whole, so that the API's wording (api.python_words) keeps it a command.
         return SoftpromptError(f"{folder} is a full fine-tuning run (`train --method full`), which holds a fine-tuned "
                                f"model, not a prompt: pass --model {folder / 'model'} (and no prompt)")
+    if (folder / "trainer_state.json").is_file():  # a transformers Trainer checkpoint of a SoftPromptModel
+        return SoftpromptError(f"{folder} is a transformers Trainer checkpoint, which holds the training state (for "
+                               "resume_from_checkpoint), not a prompt: pass callbacks=[softprompt.SavePromptCallback()] "
+                               "to the Trainer to save the prompt in each checkpoint, or model.save_pretrained(DIR) "
+                               "after training")
     if (folder / RUN_RECORD).is_file():  # a train run stopped before it saved a prompt
         resume = (f": `softprompt train --config {folder / RUN_RECORD} --resume --out {folder}` continues it"
                   if (folder / "checkpoint").is_dir() else "")
