@@ -21,6 +21,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -117,12 +118,14 @@ async def completion_scores(ctx: ServerContext, entry: Loaded, inputs: list[list
                             hold: Hold | None = None) -> list[dict]:
     """Each choice's legacy logprobs: its generated tokens (the end-of-sequence token included, when
     one ended it: a max_tokens 1 scoring request then still gets one token after the prompt), after
-    the prompt's tokens with echo (the first one null: nothing is scored before it)."""
+    the prompt's tokens with echo (the first one null where nothing is scored before it: a soft
+    prompt's last virtual token predicts it, as `eval` and PEFT score it; a prefix or none does not)."""
+    first_scored = 0 if isinstance(entry.tensor, torch.Tensor) and entry.tensor.shape[0] else 1
     seqs, starts = [], []
     for i, r in enumerate(res):
         ids = inputs[i // req.n]
         seqs.append(ids + r["tokens"] + ([r["eos"]] if r["eos"] is not None else []))
-        starts.append(1 if req.echo else len(ids))
+        starts.append(first_scored if req.echo else len(ids))
     scores = await score(ctx, entry, [(s[:k], s[k:]) for s, k in zip(seqs, starts)], req.logprobs, request,
                          queue_param(ctx, len(inputs)), hold)
     out = []
