@@ -110,7 +110,7 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any] | None, repo_id: st
 
 
 # The card's PEFT example after PeftModel.from_pretrained, for a soft prompt and for a prefix.
-PROMPT_USE = ["# With transformers 5, PeftModel.generate() gives wrong tokens for prompt tuning (peft 0.21);",
+PROMPT_USE = ["# With peft 0.21, PeftModel.generate() gives wrong tokens for prompt tuning (fixed in peft 0.22);",
               "# the base model's generate() on the prompt's embeddings followed by the text's gives softprompt's:",
               "enc = tok([\"...\"], return_tensors=\"pt\")  # several rows: left-pad them",
               "prompt = model.get_prompt(batch_size=enc.input_ids.shape[0]).to(base.dtype)",
@@ -118,7 +118,7 @@ PROMPT_USE = ["# With transformers 5, PeftModel.generate() gives wrong tokens fo
               "mask = torch.cat([enc.attention_mask.new_ones(prompt.shape[:2]), enc.attention_mask], dim=1)",
               "new = base.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40)",
               "print(tok.batch_decode(new, skip_special_tokens=True))"]
-PREFIX_USE = ["# With transformers 5, PeftModel.generate() gives wrong tokens for prefix tuning (peft 0.21);",
+PREFIX_USE = ["# With peft 0.21, PeftModel.generate() gives wrong tokens for prefix tuning (fixed in peft 0.22);",
               "# the base model's generate() with the prefix as its cache gives softprompt's. It takes a cache",
               "# to hold input_ids' first positions: P placeholder ids stand for the prefix (never run).",
               "enc = tok([\"...\"], return_tensors=\"pt\")  # several rows: left-pad them",
