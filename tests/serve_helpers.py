@@ -80,6 +80,9 @@ def gated(sched, monkeypatch):
 def held_step(sched, monkeypatch):
     """Hold the engine's next step until `go` is set (`stepped` is set once it has run); records
     the engine's rows (live and joining) at every step."""
+    # An earlier test's request still decoding would take the held first step (CI, once: the request
+    # meant to join it waited one more step, and the continuous-batching test saw sizes [1, 1, ...]).
+    wait_until(lambda: sched.batch.finished and not sched.depth, "an idle scheduler")
     stepped, go, sizes = threading.Event(), threading.Event(), []
     engine = sched.batch.engine
     orig = engine.step

@@ -164,8 +164,9 @@ def test_a_command_section_s_values_are_checked_like_its_flags(command, section,
 
 
 @pytest.mark.parametrize("command,section,message", [
-    ("ensemble", "ensemble:\n  prompts: [runs/a, runs/b]\n", "missing prompt file: runs/a/prompt.safetensors"),
-    ("inspect", "inspect:\n  prompt_dir: runs/a\n", "missing prompt file: runs/a/prompt.safetensors"),
+    ("ensemble", "ensemble:\n  prompts: [runs/a, runs/b]\n",
+     "missing prompt file: runs/a/prompt.safetensors (no folder runs/a)"),
+    ("inspect", "inspect:\n  prompt_dir: runs/a\n", "missing prompt file: runs/a/prompt.safetensors (no folder runs/a)"),
     ("ensemble", "ensemble:\n  json: true\n", "ensemble: the following arguments are required: DIR"),
 ])
 def test_a_config_file_gives_what_a_command_requires(command, section, message, tmp_path, capsys):
