@@ -245,11 +245,9 @@ def generate(texts: str | dict[str, Any] | list[str | dict[str, Any]] = (), prom
                         "'hypothesis': ...}) or a list of them")
     if not (template is None or isinstance(template, str)) or not isinstance(system, str):
         raise TypeError("generate(): template must be a string or None, and system a string")
-    if messages is not None and not isinstance(messages, list):
-        raise TypeError("generate(): messages must be a list of conversations, each a list of {'role': str, "
-                        "'content': str}")
-    problem = next((f"messages[{i}]: {p}" for i, c in enumerate(messages or []) if (p := conversation_problem(c))),
-                   None)
+    problem = None if messages is None or isinstance(messages, list) else f"not a {type(messages).__name__}"
+    problem = problem or next((f"messages[{i}]: {p}" for i, c in enumerate(messages or [])
+                               if (p := conversation_problem(c))), None)
     if problem:
         raise TypeError(f"generate(): messages must be a list of conversations, each a list of {{'role': str, "
                         f"'content': str}}; {problem}")

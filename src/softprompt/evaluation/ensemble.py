@@ -20,7 +20,6 @@ import torch
 from ..base.families import check_positions
 from ..base.models import load_model
 from ..core.config import DataConfig, ModelConfig, from_args
-from ..core.prompt_protocol import forward_input
 from ..core.utils import SoftpromptError
 from ..data.batching import Example
 from ..data.formatting import Formatter, load_splits
@@ -34,7 +33,7 @@ MAX_ROWS = 64  # rows per forward pass (measured: 64 scored 200 SST-2 rows ~10% 
 def ensemble_scores(model, prompts: list, fmt: Formatter, examples: list[Example],
                     progress: bool = False) -> torch.Tensor:
     """Log-probability [K, N, C] of every label word after every example under every prompt (each a
-    [P, H] soft prompt or a prefix Prompt), each prompt in batches of its own."""
+    Prompt, or a soft prompt's [P, H] embeddings), each prompt in batches of its own."""
     cands = row_candidates(fmt, examples)
     return torch.stack([example_scores(model, fmt.tok, p, fmt, examples, MAX_ROWS, progress=progress, cands=cands)
                         for p in prompts])
@@ -73,14 +72,12 @@ def ensemble_cmd(mcfg: ModelConfig, dcfg: DataConfig, prompt_dirs: list[str], mo
         raise SoftpromptError("ensemble needs at least two prompt folders")
     if model is None:
         model, tok = load_model(mcfg)
-    # Soft prompts as their [P, H] embeddings (they share batches); a prefix as itself.
     loaded = [load_prompt(d, model) for d in prompt_dirs]
-    prompts = [forward_input(p) for p in loaded]
     fmt, rows, _ = load_splits(replace(dcfg, eval_fraction=0.0, eval_data="", eval_split=""), tok, shuffle=False)
     check_positions(model, max(p.length for p in loaded), longest_row(fmt, rows), scoring=True)
     if fmt.task != "classify":
         raise SoftpromptError("ensemble scores classification data: give --labels (and --template)")
-    scores = ensemble_scores(model, prompts, fmt, rows, progress=progress)
+    scores = ensemble_scores(model, loaded, fmt, rows, progress=progress)
     gold = torch.tensor([e.label for e in rows])
     return {"model": mcfg.model, "data": dcfg.data, **ensemble_report(scores, gold, [str(Path(d)) for d in prompt_dirs])}
 
